@@ -1,0 +1,210 @@
+"""`tinyllava-med`: one verb per job, each a thin call into a subpackage.
+
+    tinyllava-med serve                                   # demo model, SQLite under ./data, :8000
+    tinyllava-med ask CT_small.dcm "Which organ is shown?" --json
+    tinyllava-med convert ./llava-med-v1.5-mistral-7b ./data/models/llava-med
+    tinyllava-med demo-model                              # train the bundled demo (<5 min, CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tinyllava_med import __version__
+
+QUANT_CHOICES = ["none", "8bit", "4bit", "cpu-int8"]
+
+
+def _not_yet(verb: str, issue: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"tinyllava-med {verb}: not yet available ({issue})", file=sys.stderr)
+        return 2
+
+    return run
+
+
+# --- verbs -------------------------------------------------------------------------------------
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from tinyllava_med.imaging import ImagingError, load_study_file
+    from tinyllava_med.model.generate import SamplingParams, generate
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"error: no such file: {path}", file=sys.stderr)
+        return 2
+    try:
+        study = load_study_file(path.read_bytes(), frame=args.frame)
+    except ImagingError as e:
+        print(f"error: {path.name}: {e.message}", file=sys.stderr)
+        return 2
+    lm = _load_model_for_cli(args)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+    )
+    ans = generate(lm, [study.image], [args.question], params)[0]
+    if args.json:
+        out = {
+            "answer": ans.text,
+            **lm.info,
+            "latency_ms": round(ans.latency_ms, 2),
+            "tokens": {"prompt": ans.prompt_tokens, "completion": ans.new_tokens},
+            "finish_reason": ans.finish_reason,
+            "image": {"kind": study.kind, "frame": study.frame, "n_frames": study.n_frames},
+        }
+        print(json.dumps(out))
+    else:
+        print(ans.text)
+    return 0
+
+
+def _load_model_for_cli(args: argparse.Namespace) -> Any:
+    from tinyllava_med.model.load import load_model
+
+    quant = None if args.quant in (None, "auto") else args.quant
+    if args.model == "demo":
+        from tinyllava_med.training.demo import ensure_demo_model
+
+        ensure_demo_model()
+    return load_model(args.model, quant=quant, device=args.device, dtype=args.dtype)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tinyllava_med.model.convert import convert_checkpoint
+
+    out = convert_checkpoint(
+        args.src,
+        args.dst,
+        source_format=args.source_format,
+        vision_tower_path=args.vision_tower,
+        vision_weights=args.vision_weights,
+    )
+    print(f"converted {args.src} -> {out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_cmd == "phantom":
+        from tinyllava_med.training.phantom import generate_phantom
+
+        summary = generate_phantom(Path(args.out), n=args.n, seed=args.seed)
+        print(json.dumps(summary.to_dict() if hasattr(summary, "to_dict") else vars(summary)))
+        return 0
+    return _not_yet(f"data {args.data_cmd}", "training issue")(args)
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from tinyllava_med.training.demo import build_demo_model
+
+    out = build_demo_model(Path(args.out) if args.out else None, force=True)
+    print(f"demo model written to {out}")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser, default_model: str | None = "demo") -> None:
+    p.add_argument("--model", default=default_model, help="variant name, folder or hub id")
+    p.add_argument("--quant", choices=[*QUANT_CHOICES, "auto"], default="auto",
+                   help="quantization at load time (default: the variant's own)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinyllava-med",
+        description="Serve, convert, train, quantize and evaluate small medical LLaVA models.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, help: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=fn)
+        return p
+
+    p = verb("serve", "run the REST server and web client (default: demo model, SQLite)",
+             _not_yet("serve", "server issue"))
+    _model_args(p)
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+
+    p = verb("ask", "answer one question about one DICOM/PNG/JPEG file", cmd_ask)
+    p.add_argument("file")
+    p.add_argument("question")
+    _model_args(p)
+    p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = verb("convert", "convert an original LLaVA-Med / TinyLLaVA checkpoint to the served format",
+             cmd_convert)
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--from", dest="source_format", default=None,
+                   choices=["llava_mistral", "llava", "tiny_llava", "tinyllava"])
+    p.add_argument("--vision-tower", default=None, help="folder of the original vision tower")
+    p.add_argument("--vision-weights", default="checkpoint", choices=["checkpoint", "tower"])
+
+    p = verb("quantize", "write a quantized checkpoint (nf4, int8, cpu-int8)",
+             _not_yet("quantize", "quantization issue"))
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--method", choices=["nf4", "int8", "cpu-int8"], required=True)
+
+    p = verb("train", "run one training stage", _not_yet("train", "training issue"))
+    p.add_argument("--stage", choices=["alignment", "instruct", "downstream"], required=True)
+    p.add_argument("--config", required=True)
+
+    p = verb("memory", "measure static and dynamic memory", _not_yet("memory", "quantization issue"))
+    _model_args(p)
+    p.add_argument("--paper-table", action="store_true")
+    p.add_argument("--json", default=None)
+
+    p = verb("eval", "generate answers, score them, judge them", _not_yet("eval", "evaluation issue"))
+    p.add_argument("eval_cmd", choices=["generate", "score", "judge", "compare"])
+
+    p = verb("data", "download, convert or synthesise datasets", cmd_data)
+    p.add_argument("data_cmd", choices=["download", "convert", "phantom"])
+    p.add_argument("--out", default="./data/phantom")
+    p.add_argument("--n", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = verb("demo-model", "train the bundled demo model on PhantomVQA", cmd_demo_model)
+    p.add_argument("--out", default=None)
+
+    p = verb("db", "database migrations", _not_yet("db", "server issue"))
+    p.add_argument("db_cmd", choices=["upgrade"])
+
+    p = verb("apikey", "manage API keys", _not_yet("apikey", "server issue"))
+    p.add_argument("apikey_cmd", choices=["create"])
+    p.add_argument("--role", choices=["pacs", "radiologist", "admin"], required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""`eval generate`: answer a VQA question file with a model, one jsonl line per question.
+
+Reads LLaVA-Med / VQA-RAD conversation files (`conversations` or the misspelt `conversatons`,
+`<image>` anywhere in the question) and LLaVA-Med's `qa50` jsonl (`question_id`, `text`,
+`image`). Writes `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}` like
+LLaVA-Med. Batched, greedy by default, resumable; a failed item is written as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from tinyllava_med.model.generate import SamplingParams, generate
+from tinyllava_med.model.load import LoadedModel
+from tinyllava_med.model.prompts import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: str
+    image: str
+    text: str  # the question without the image placeholder
+
+
+def read_questions(path: str | Path) -> list[Question]:
+    """Questions of a conversation json (list) or a qa50-style jsonl file."""
+    raw = Path(path).read_text()
+    if raw.lstrip().startswith("["):
+        entries = json.loads(raw)
+    else:
+        entries = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    out = []
+    for e in entries:
+        convs = e.get("conversations", e.get("conversatons"))
+        if convs is not None:
+            first = next(c for c in convs if c.get("from") in ("human", "user"))
+            text, qid = first["value"], e["id"]
+        elif "text" in e:
+            text, qid = e["text"], e.get("question_id", e.get("id"))
+        else:
+            raise ValueError(f"entry {e.get('id')!r} of {path} has neither conversations nor text")
+        out.append(Question(str(qid), e["image"], text.replace(IMAGE_TOKEN, "").strip()))
+    return out
+
+
+def answered_ids(out_path: Path) -> set[str]:
+    """Question ids already written (successfully) to `out_path`, for resuming."""
+    if not out_path.is_file():
+        return set()
+    done = set()
+    for line in out_path.read_text().splitlines():
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash; the question is asked again
+        if not item.get("metadata", {}).get("failed"):
+            done.add(str(item["question_id"]))
+    return done
+
+
+def generate_answers(
+    lm: LoadedModel,
+    questions_path: str | Path,
+    images_dir: str | Path,
+    out_path: str | Path,
+    *,
+    params: SamplingParams = SamplingParams(max_new_tokens=64),
+    batch_size: int = 16,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Answer every question not yet in `out_path`; returns counts (answered, failed, skipped)."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    questions = read_questions(questions_path)[:limit]
+    done = answered_ids(out)
+    todo = [q for q in questions if q.question_id not in done]
+    counts = {"answered": 0, "failed": 0, "skipped": len(questions) - len(todo)}
+    meta_base: dict[str, Any] = {**lm.info, "decoding": asdict(params)}
+    with open(out, "a") as f, tqdm(total=len(todo), disable=not progress, desc="answers") as bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            images: list[Image.Image | None] = []
+            for q in batch:
+                try:
+                    with Image.open(Path(images_dir) / q.image) as im:
+                        images.append(im.convert("RGB"))
+                except (OSError, ValueError) as e:
+                    log.warning("question %s: image unreadable: %s", q.question_id, e)
+                    images.append(None)
+            ok = [(q, im) for q, im in zip(batch, images, strict=True) if im is not None]
+            answers = generate(lm, [im for _, im in ok], [q.text for q, _ in ok], params)
+            by_id = {q.question_id: a for (q, _), a in zip(ok, answers, strict=True)}
+            for q in batch:
+                ans = by_id.get(q.question_id)
+                meta = dict(meta_base)
+                if ans is None:
+                    meta.update(failed=True, error="image unreadable")
+                    counts["failed"] += 1
+                else:
+                    meta.update(
+                        latency_ms=round(ans.latency_ms / len(ok), 3),
+                        prompt_tokens=ans.prompt_tokens,
+                        new_tokens=ans.new_tokens,
+                        finish_reason=ans.finish_reason,
+                    )
+                    counts["answered"] += 1
+                line = {
+                    "question_id": q.question_id,
+                    "prompt": q.text,
+                    "text": ans.text if ans else "",
+                    "answer_id": uuid.uuid4().hex,
+                    "model_id": lm.name,
+                    "metadata": meta,
+                }
+                f.write(json.dumps(line) + "\n")
+            f.flush()
+            bar.update(len(batch))
+    return counts

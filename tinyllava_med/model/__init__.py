@@ -1,0 +1,1 @@
+"""Model core: loading, conversion, variant registry, prompts and generation."""

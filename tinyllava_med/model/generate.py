@@ -1,0 +1,216 @@
+"""Answer generation: batched (left padding), greedy by default, with a per-token callback.
+
+The functions here know nothing about HTTP: they take PIL images and question strings, build
+each variant's prompt, run one `generate` for the whole batch and return `Answer`s. A token
+callback (row, text delta) makes streaming (SSE) and cancellation possible for callers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from queue import Queue
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from transformers.generation.streamers import BaseStreamer
+
+from tinyllava_med.model.load import LoadedModel
+from tinyllava_med.model.prompts import build_prompt, stop_strings
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+    def key(self) -> tuple[float, float]:
+        """Requests with the same key can share one `generate` call."""
+        return (self.temperature, self.top_p)
+
+
+@dataclass
+class Answer:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    latency_ms: float
+    finish_reason: Literal["stop", "length", "cancelled"]
+
+
+class GenerationCancelled(Exception):
+    pass
+
+
+TokenCallback = Callable[[int, str], None]  # (row, text delta)
+
+
+class _RowStreamer(BaseStreamer):
+    """Fans the batch's new tokens out per row as decoded text deltas; can stop generation."""
+
+    def __init__(self, tokenizer: Any, n_rows: int, eos_ids: set[int], on_token: TokenCallback,
+                 should_stop: Callable[[], bool] | None) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[list[int]] = [[] for _ in range(n_rows)]
+        self.sent: list[str] = [""] * n_rows
+        self.done = [False] * n_rows
+        self.eos_ids = eos_ids
+        self.on_token = on_token
+        self.should_stop = should_stop
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt ids
+            self.prompt_seen = True
+            return
+        if self.should_stop is not None and self.should_stop():
+            raise GenerationCancelled()
+        for row, tok in enumerate(value.reshape(len(self.ids), -1)[:, -1].tolist()):
+            if self.done[row]:
+                continue
+            if tok in self.eos_ids:
+                self.done[row] = True
+                continue
+            self.ids[row].append(tok)
+            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+                continue
+            delta, self.sent[row] = text[len(self.sent[row]):], text
+            if delta:
+                self.on_token(row, delta)
+
+    def end(self) -> None:
+        pass
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate(
+    lm: LoadedModel,
+    images: list[Image.Image],
+    questions: list[str],
+    params: SamplingParams | list[SamplingParams] = SamplingParams(),
+    *,
+    on_token: TokenCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[Answer]:
+    """One answer per (image, question), generated in one batch.
+
+    `params` may differ per row in `max_new_tokens` only (each row is cut to its own limit);
+    rows that share one call must share temperature and top-p.
+    """
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+    if not images:
+        return []
+    per_row = params if isinstance(params, list) else [params] * len(images)
+    if len({p.key() for p in per_row}) != 1:
+        raise ValueError("rows of one batch must share temperature and top_p")
+    first = per_row[0]
+    max_new = max(p.max_new_tokens for p in per_row)
+
+    tok = lm.processor.tokenizer
+    prompts = [build_prompt(lm.template, q) for q in questions]
+    inputs = lm.processor(
+        images=[im.convert("RGB") for im in images], text=prompts, padding=True, return_tensors="pt"
+    ).to(lm.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(lm.model.dtype)
+    prompt_lens = inputs["attention_mask"].sum(dim=1).tolist()
+
+    eos_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen_eos = lm.model.generation_config.eos_token_id
+    eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    stops = tuple(s for s in stop_strings(lm.template) if s not in (tok.eos_token,))
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new,
+        do_sample=first.temperature > 0,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        eos_token_id=sorted(eos_ids) or None,
+    )
+    if first.temperature > 0:
+        kwargs.update(temperature=first.temperature, top_p=first.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stops:
+        kwargs.update(stop_strings=list(stops), tokenizer=tok)
+    if on_token is not None or should_stop is not None:
+        kwargs["streamer"] = _RowStreamer(
+            tok, len(images), eos_ids, on_token or (lambda r, d: None), should_stop
+        )
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = lm.model.generate(**inputs, **kwargs)
+    latency_ms = (time.perf_counter() - start) * 1000.0
+
+    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+    answers = []
+    for row, ids in enumerate(new):
+        limit = per_row[row].max_new_tokens
+        finish: Literal["stop", "length", "cancelled"] = "length"
+        kept: list[int] = []
+        for t in ids[:limit]:
+            if t in eos_ids:
+                finish = "stop"
+                break
+            kept.append(t)
+        text = tok.decode(kept, skip_special_tokens=True)
+        text, hit = _cut_at_stop(text, stops)
+        if hit:
+            finish = "stop"
+        answers.append(
+            Answer(
+                text=text.strip(),
+                prompt_tokens=int(prompt_lens[row]),
+                new_tokens=len(kept),
+                latency_ms=latency_ms,
+                finish_reason=finish,
+            )
+        )
+    return answers
+
+
+def stream(
+    lm: LoadedModel,
+    image: Image.Image,
+    question: str,
+    params: SamplingParams = SamplingParams(),
+) -> Iterator[str | Answer]:
+    """Yield text deltas as they are generated, then the final `Answer`."""
+    q: Queue[tuple[str, Any]] = Queue()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            ans = generate(
+                lm, [image], [question], params,
+                on_token=lambda _row, delta: q.put(("delta", delta)),
+                should_stop=stop.is_set,
+            )[0]
+            q.put(("answer", ans))
+        except BaseException as e:  # handed to the consumer, re-raised there
+            q.put(("error", e))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "delta":
+                yield value
+            elif kind == "answer":
+                yield value
+                return
+            else:
+                raise value
+    finally:
+        stop.set()
+        thread.join()

@@ -1,0 +1,180 @@
+"""Load a served-format checkpoint (folder, registry variant or hub id) for inference.
+
+One entry point, `load_model`, returns a `LoadedModel`: the transformers model and processor
+plus everything a stored answer must record (name, variant, quantization, template, version).
+Quantization at load time (`8bit`, `4bit`, `cpu-int8`) is delegated to `tinyllava_med.quantize`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from tinyllava_med import __version__
+from tinyllava_med.model.meta import ServedMeta
+from tinyllava_med.model.registry import QUANTS, VARIANTS, Variant, get_variant, is_variant_name
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The name is neither a folder, a known variant with a local checkpoint, nor reachable."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # LlavaForConditionalGeneration (possibly quantized)
+    processor: Any  # LlavaProcessor
+    name: str
+    path: str
+    variant: str | None
+    quantization: str
+    template: str
+    device: torch.device
+    dtype: torch.dtype
+    meta: ServedMeta = field(default_factory=ServedMeta)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What every stored answer records about the model that produced it."""
+        return {
+            "model": self.name,
+            "variant": self.variant or self.name,
+            "quantization": self.quantization,
+            "template": self.template,
+            "model_version": self.meta.version,
+            "server_version": __version__,
+        }
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("TINYLLAVA_MED_DATA_DIR", "./data"))
+
+
+def variant_dir(variant: Variant, data_dir: Path | None = None) -> Path:
+    """Where a variant's served-format base checkpoint lives under the data directory."""
+    return (data_dir or default_data_dir()) / "models" / variant.base
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype and dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}, auto")
+        return DTYPES[dtype]
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _attn_implementation(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def resolve(name_or_path: str, data_dir: Path | None = None) -> tuple[str, Variant | None]:
+    """Map a user's `--model` to (folder or hub id, variant). Folders win over variant names."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser()), None
+    if is_variant_name(name_or_path):
+        variant = get_variant(name_or_path)
+        folder = variant_dir(variant, data_dir)
+        if not folder.is_dir():
+            if variant.name == "demo":
+                raise ModelNotFoundError(
+                    f"the demo model is not built yet at {folder}; run `tinyllava-med demo-model`"
+                )
+            how = (
+                f"`tinyllava-med convert <downloaded {variant.source}> {folder}`"
+                if variant.source
+                else f"`tinyllava-med train ...` with its output at {folder}"
+            )
+            raise ModelNotFoundError(
+                f"variant {variant.name!r} has no served checkpoint at {folder}; make it with {how}"
+            )
+        return str(folder), variant
+    if "/" in name_or_path and not name_or_path.startswith((".", "/")):
+        return name_or_path, None  # a hub id: from_pretrained fetches it when the hub is reachable
+    raise ModelNotFoundError(
+        f"model {name_or_path!r} is neither a folder nor a known variant "
+        f"(known variants: {', '.join(sorted(VARIANTS))})"
+    )
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    quant: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    data_dir: Path | None = None,
+) -> LoadedModel:
+    """Load model + processor. `quant=None` takes the variant's (or the folder's) own setting."""
+    path, variant = resolve(name_or_path, data_dir)
+    meta = ServedMeta.load(path) if Path(path).is_dir() else None
+    meta = meta or ServedMeta()
+    if quant is None:
+        quant = variant.quantization if variant else "none"
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quantization {quant!r}; known: {', '.join(QUANTS)}")
+    stored_quant = meta.quantization
+    if stored_quant != "none" and quant not in ("none", stored_quant):
+        raise ValueError(
+            f"{path} is already quantized ({stored_quant}); it cannot be loaded as {quant}"
+        )
+    effective_quant = stored_quant if stored_quant != "none" else quant
+
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+
+    from tinyllava_med.quantize.runtime import load_weights
+
+    model = load_weights(
+        path,
+        quant=effective_quant,
+        stored_quant=stored_quant,
+        device=dev,
+        dtype=torch_dtype,
+        attn_implementation=_attn_implementation(dev),
+    )
+    model.eval()
+    name = variant.name if variant else (meta.name or meta.variant or Path(path).name)
+    log.info("loaded model %s (%s, %s) on %s", name, effective_quant, torch_dtype, dev)
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        name=name,
+        path=path,
+        variant=variant.name if variant else meta.variant,
+        quantization=effective_quant,
+        template=variant.template if variant else meta.template,
+        device=dev,
+        dtype=torch_dtype,
+        meta=meta,
+    )
+
+
+def load_plain(path: str, *, device: torch.device, dtype: torch.dtype, **kwargs: Any) -> Any:
+    """`from_pretrained` for an unquantized served checkpoint."""
+    return AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, device_map={"": str(device)} if device.type != "cpu" else None, **kwargs
+    )

@@ -1,0 +1,56 @@
+"""`tinyllava_med.json`: what a served-format checkpoint folder says about itself.
+
+Every folder that `convert`, `train`, `quantize` or `demo-model` writes carries this file next to
+the transformers files. The loader reads the prompt template and provenance from it, so a
+stored answer can always say which model, variant, quantization and version produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from tinyllava_med import __version__
+
+META_FILE = "tinyllava_med.json"
+
+
+class ServedMeta(BaseModel):
+    template: str = "v1"
+    name: str | None = None  # human name, e.g. "demo" or "tinyllava-med-f"
+    variant: str | None = None  # registry name when this folder is a registry variant
+    quantization: str = "none"  # none | 8bit | 4bit | cpu-int8 (as stored on disk)
+    source_format: str = "served"  # llava_mistral | llava | tiny_llava | tinyllava | served
+    source_hash: str | None = None  # sha256 over the source checkpoint's files
+    vision_weights: str | None = None  # "checkpoint" or "tower": where the vision tower came from
+    training: dict[str, Any] | None = None  # config + data hashes when trained here
+    clinical_use: bool = False
+    notes: str | None = None
+    version: str = Field(default=__version__)  # tinyllava-med version that wrote the folder
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / META_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ServedMeta | None:
+        path = Path(folder) / META_FILE
+        if not path.is_file():
+            return None
+        return cls.model_validate(json.loads(path.read_text()))
+
+
+def hash_files(paths: list[Path]) -> str:
+    """sha256 over the names and bytes of `paths` (sorted), for provenance records."""
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()

@@ -1,0 +1,152 @@
+"""Prompt templates: the exact text each original model was fed, and its chat template.
+
+`build_prompt(template, question)` returns the string the original code tokenized (with one
+`<image>` placeholder). `CHAT_TEMPLATES` are the Jinja templates written into converted
+processors so `apply_chat_template` produces that same string.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Template = Literal["v1", "phi", "mistral_instruct", "llava_v1_med", "plain"]
+TEMPLATES: tuple[str, ...] = get_args(Template)
+
+IMAGE_TOKEN = "<image>"
+
+V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# LLaVA-Med v1.0 (`llava` on LLaMA) used the same system line, `###` separators and roles.
+MED_V1_SYSTEM = V1_SYSTEM
+
+_STOP: dict[str, tuple[str, ...]] = {
+    "v1": ("</s>",),
+    "phi": ("<|endoftext|>",),
+    "mistral_instruct": ("</s>",),
+    "llava_v1_med": ("###",),
+    "plain": ("\n",),
+}
+
+
+def _turn_text(question: str) -> str:
+    """The user turn as the originals built it: image first, then a newline, then the question."""
+    question = question.replace(IMAGE_TOKEN, "").strip()
+    return f"{IMAGE_TOKEN}\n{question}"
+
+
+def conversation_segments(
+    template: str, turns: list[tuple[str, str | None]]
+) -> list[tuple[str, bool]]:
+    """The conversation as (text, is_answer) pieces; joined, they are the original's text.
+
+    `turns` are (question, answer) pairs; the last answer may be None (the prompt to answer).
+    The image is attached to the first user turn, as in the originals. Training supervises
+    exactly the `is_answer` pieces (the answer and its end-of-turn marker).
+    """
+    if template not in _STOP:
+        raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+    if template == "plain":
+        if len(turns) != 1:
+            raise ValueError("the 'plain' template has exactly one turn")
+        q, a = turns[0]
+        return [(IMAGE_TOKEN, False)] + ([(a + "\n", True)] if a is not None else [])
+    segs: list[tuple[str, bool]] = []
+    for i, (q, a) in enumerate(turns):
+        q = _turn_text(q) if i == 0 else q.replace(IMAGE_TOKEN, "").strip()
+        if template in ("v1", "phi"):
+            user = (V1_SYSTEM + " " if i == 0 else "") + f"USER: {q} ASSISTANT:"
+            answer = f" {a}{_STOP[template][0]}"
+        elif template == "mistral_instruct":
+            user = f"[INST] {q} [/INST]"
+            answer = f" {a} </s>"
+        else:  # llava_v1_med
+            user = (MED_V1_SYSTEM + "###" if i == 0 else "") + f"Human: {q}###Assistant:"
+            answer = f" {a}###"
+        segs.append((user, False))
+        if a is not None:
+            segs.append((answer, True))
+        elif i != len(turns) - 1:
+            raise ValueError("only the last turn may be unanswered")
+    return segs
+
+
+def build_prompt(template: str, question: str, history: list[tuple[str, str]] | None = None) -> str:
+    """The text the original code fed the model for one image and `question`.
+
+    `history` is earlier (question, answer) turns of the same conversation.
+    """
+    turns: list[tuple[str, str | None]] = [*(history or []), (question, None)]
+    return "".join(text for text, _ in conversation_segments(template, turns))
+
+
+def stop_strings(template: str) -> tuple[str, ...]:
+    """Strings that end an answer for this template (besides the tokenizer's EOS)."""
+    if template not in _STOP:
+        raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+    return _STOP[template]
+
+
+def _jinja_user(text_expr: str) -> str:
+    # Content may be a string or a list of {"type": "image"} / {"type": "text"} parts;
+    # the image placeholder always comes first, followed by a newline, as in the originals.
+    return (
+        "{%- set ns = namespace(text='', image=false) -%}"
+        "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{%- set ns.image = true -%}"
+        "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{%- if ns.image -%}{%- set ns.text = '<image>' + '\\n' + ns.text | trim -%}{%- endif -%}"
+        + text_expr
+    )
+
+
+def chat_template(template: str) -> str:
+    """A Jinja chat template that renders `build_prompt`'s text from chat messages."""
+    if template in ("v1", "phi"):
+        eos = _STOP[template][0]
+        return (
+            "{{- '" + V1_SYSTEM + " ' -}}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            + _jinja_user("{{- 'USER: ' + ns.text + ' ASSISTANT:' -}}")
+            + "{%- elif message['role'] == 'assistant' -%}"
+            "{%- set ns2 = namespace(text='') -%}"
+            "{%- if message['content'] is string -%}{%- set ns2.text = message['content'] -%}"
+            "{%- else -%}{%- for part in message['content'] -%}{%- if part['type'] == 'text' -%}"
+            "{%- set ns2.text = ns2.text + part['text'] -%}{%- endif -%}{%- endfor -%}{%- endif -%}"
+            "{{- ' ' + ns2.text + '" + eos + "' -}}"
+            "{%- endif -%}{%- endfor -%}"
+        )
+    if template == "mistral_instruct":
+        return (
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            + _jinja_user("{{- '[INST] ' + ns.text + ' [/INST]' -}}")
+            + "{%- elif message['role'] == 'assistant' -%}"
+            "{%- set ns2 = namespace(text='') -%}"
+            "{%- if message['content'] is string -%}{%- set ns2.text = message['content'] -%}"
+            "{%- else -%}{%- for part in message['content'] -%}{%- if part['type'] == 'text' -%}"
+            "{%- set ns2.text = ns2.text + part['text'] -%}{%- endif -%}{%- endfor -%}{%- endif -%}"
+            "{{- ' ' + ns2.text + ' </s>' -}}"
+            "{%- endif -%}{%- endfor -%}"
+        )
+    if template == "llava_v1_med":
+        return (
+            "{{- '" + MED_V1_SYSTEM + "###' -}}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            + _jinja_user("{{- 'Human: ' + ns.text + '###Assistant:' -}}")
+            + "{%- elif message['role'] == 'assistant' -%}"
+            "{%- set ns2 = namespace(text='') -%}"
+            "{%- if message['content'] is string -%}{%- set ns2.text = message['content'] -%}"
+            "{%- else -%}{%- for part in message['content'] -%}{%- if part['type'] == 'text' -%}"
+            "{%- set ns2.text = ns2.text + part['text'] -%}{%- endif -%}{%- endfor -%}{%- endif -%}"
+            "{{- ' ' + ns2.text + '###' -}}"
+            "{%- endif -%}{%- endfor -%}"
+        )
+    if template == "plain":
+        return "{{- '<image>' -}}"
+    raise ValueError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")

@@ -1,0 +1,101 @@
+"""Training configuration: one validated `TrainConfig` per stage, read from YAML, flags override.
+
+What a stage trains is data, not code: each component (vision tower, projector, language
+model) is `frozen`, `full` or `lora`, optionally with its own learning rate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+Stage = Literal["alignment", "instruct", "downstream"]
+Mode = Literal["frozen", "full", "lora"]
+COMPONENTS = ("vision_tower", "projector", "language_model")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class Component(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Mode = "full"
+    learning_rate: float | None = None
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj", "fc1", "fc2", "out_proj", "dense"]
+    )
+    qlora: bool = False  # 4-bit NF4 base (bitsandbytes) under the adapters
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stage: Stage
+    model: str  # served-format folder or variant name
+    data_path: str
+    image_folder: str
+    output_dir: str
+    template: str | None = None  # default: the model's own
+    vision_tower: Component = Component(mode="frozen")
+    projector: Component = Component(mode="full")
+    language_model: Component = Component(mode="full")
+    lora: LoraSettings = LoraSettings()
+    learning_rate: float = 2e-5
+    per_device_train_batch_size: int = 32
+    gradient_accumulation_steps: int = 2
+    num_train_epochs: float = 1
+    max_steps: int = -1
+    max_time_s: float | None = None  # stop cleanly after this many seconds of training
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    model_max_length: int = 2048
+    turns_per_sample: int = 1  # >1 merges questions about one image into one conversation
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    seed: int = 42
+    report_to: list[str] = Field(default_factory=lambda: ["none"])
+    deepspeed: str | None = None  # path to a ZeRO json (see configs/)
+    dataloader_num_workers: int = 0
+    use_cpu: bool | None = None  # default: CPU when no GPU is visible
+    disable_tqdm: bool | None = None
+    resume_from_checkpoint: str | bool | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return cls.model_validate(data)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """`language_model.mode=lora` style overrides into nested dicts."""
+    parts = key.split(".")
+    for p in parts[:-1]:
+        data = data.setdefault(p, {})
+    data[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` flags; values are parsed as YAML scalars (numbers, booleans, lists)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip().lstrip("-").replace("-", "_")] = yaml.safe_load(value)
+    return out

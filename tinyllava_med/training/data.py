@@ -1,0 +1,177 @@
+"""Training data: LLaVA conversation files -> token ids, labels and pixel values.
+
+Reads the LLaVA format (`{"id", "image", "conversations": [{"from": "human"|"gpt", ...}]}`, also
+the misspelt `conversatons` key of public files), loads images lazily from an image folder with
+the served processor (the same pad-to-square preprocessing as serving), and supervises only the
+assistant's answers: every other label is -100.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from tinyllava_med.model.prompts import IMAGE_TOKEN, conversation_segments
+
+IGNORE_INDEX = -100
+
+
+def read_conversations(path: str | Path) -> list[dict[str, Any]]:
+    """Entries of a LLaVA json (list) or jsonl file, with `conversations` normalised."""
+    text = Path(path).read_text()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        entries = json.loads(text)
+    else:
+        entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for e in entries:
+        if "conversations" not in e and "conversatons" in e:
+            e["conversations"] = e.pop("conversatons")
+        if "conversations" not in e:
+            raise ValueError(f"entry {e.get('id')!r} of {path} has no 'conversations'")
+    return entries
+
+
+def turns_of(entry: dict[str, Any]) -> list[tuple[str, str]]:
+    """(question, answer) pairs of an entry; a trailing unanswered question is dropped."""
+    convs = entry["conversations"]
+    turns = []
+    for i in range(0, len(convs) - 1, 2):
+        h, g = convs[i], convs[i + 1]
+        if h.get("from") not in ("human", "user") or g.get("from") not in ("gpt", "assistant"):
+            raise ValueError(
+                f"entry {entry.get('id')!r}: expected human/gpt turns, got "
+                f"{h.get('from')!r}/{g.get('from')!r} at {i}"
+            )
+        turns.append((h["value"], g["value"]))
+    return turns
+
+
+def group_by_image(
+    entries: Sequence[dict[str, Any]], turns_per_sample: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Merge single-question entries of the same image into multi-turn conversations.
+
+    One image encode then trains several questions; questions are shuffled per image so no
+    fixed order can be learned.
+    """
+    rng = random.Random(seed)
+    by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for e in entries:
+        by_image[e["image"]].append(e)
+    out = []
+    for image, group in by_image.items():
+        group = list(group)
+        rng.shuffle(group)
+        for i in range(0, len(group), turns_per_sample):
+            chunk = group[i : i + turns_per_sample]
+            convs = []
+            for j, e in enumerate(chunk):
+                for k, msg in enumerate(e["conversations"]):
+                    value = msg["value"]
+                    if j > 0 and k == 0:
+                        value = value.replace(IMAGE_TOKEN, "").strip()
+                    convs.append({"from": msg["from"], "value": value})
+            out.append({"id": chunk[0]["id"], "image": image, "conversations": convs})
+    rng.shuffle(out)
+    return out
+
+
+def encode_conversation(
+    tokenizer: Any,
+    template: str,
+    turns: list[tuple[str, str]],
+    num_image_tokens: int,
+    max_length: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels (answers only) for one conversation with one image."""
+    ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    for text, is_answer in conversation_segments(template, list(turns)):
+        text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens)
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
+    if max_length is not None and len(ids) > max_length:
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if ids[:max_length].count(image_id) != num_image_tokens:
+            raise ValueError(f"max_length {max_length} cuts into the image tokens")
+        ids, labels = ids[:max_length], labels[:max_length]
+    return ids, labels
+
+
+class ConversationDataset(Dataset):
+    """Lazy dataset over LLaVA conversation entries; images are read when an item is asked for."""
+
+    def __init__(
+        self,
+        entries: Sequence[dict[str, Any]],
+        image_folder: str | Path,
+        processor: Any,
+        template: str,
+        max_length: int | None = 2048,
+    ) -> None:
+        self.entries = list(entries)
+        self.image_folder = Path(image_folder)
+        self.processor = processor
+        self.template = template
+        self.max_length = max_length
+        self.num_image_tokens = num_image_tokens(processor)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        e = self.entries[i]
+        ids, labels = encode_conversation(
+            self.processor.tokenizer, self.template, turns_of(e), self.num_image_tokens,
+            self.max_length,
+        )
+        with Image.open(self.image_folder / e["image"]) as im:
+            pixels = self.processor.image_processor(im.convert("RGB"), return_tensors="pt")
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixels["pixel_values"][0],
+        }
+
+
+def num_image_tokens(processor: Any) -> int:
+    """How many `<image>` tokens the processor expands one image into."""
+    ip = processor.image_processor
+    size = ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size
+    h = size.get("height") or size.get("shortest_edge")
+    w = size.get("width") or size.get("shortest_edge")
+    n = (h // processor.patch_size) * (w // processor.patch_size)
+    n += processor.num_additional_image_tokens
+    return n - 1 if processor.vision_feature_select_strategy == "default" else n
+
+
+class Collator:
+    """Right-pads a batch; pads get label -100 and attention mask 0."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        n = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), n), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), n), dtype=torch.long)
+        for r, it in enumerate(items):
+            k = len(it["input_ids"])
+            ids[r, :k], labels[r, :k], mask[r, :k] = it["input_ids"], it["labels"], 1
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        }

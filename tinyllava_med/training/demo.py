@@ -1,0 +1,174 @@
+"""The bundled demo model: a tiny LLaVA trained from scratch on PhantomVQA on the CPU.
+
+`build_demo_model` generates PhantomVQA, builds a fresh tiny model and tokenizer, trains it with
+the ordinary `train` code path (one `downstream` stage, everything trainable), scores it on the
+PhantomVQA test split and writes a served-format folder with a model card. `ensure_demo_model`
+builds it once, under a file lock, and reuses it afterwards. Synthetic: not for clinical use.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tinyllava_med.model.load import default_data_dir, load_model, variant_dir
+from tinyllava_med.model.meta import ServedMeta
+from tinyllava_med.model.prompts import V1_SYSTEM
+from tinyllava_med.model.registry import get_variant
+from tinyllava_med.model.tiny import TinyShape, build_tiny_llava, save_served
+from tinyllava_med.training.config import Component, TrainConfig
+from tinyllava_med.training.data import read_conversations, turns_of
+from tinyllava_med.training.phantom import generate_phantom
+from tinyllava_med.training.trainer import run_stage
+
+log = logging.getLogger(__name__)
+
+DEMO_SHAPE = TinyShape(initializer_range=0.06)
+DEMO_SEED = 1234
+DEMO_IMAGES = 6000
+DEMO_TRAIN = dict(
+    learning_rate=1e-3,
+    per_device_train_batch_size=16,
+    gradient_accumulation_steps=1,
+    max_steps=2400,
+    max_time_s=230.0,
+    warmup_ratio=0.04,
+    weight_decay=0.0,
+    turns_per_sample=4,
+    logging_steps=50,
+    save_steps=100_000,
+    model_max_length=512,
+)
+
+MODEL_CARD = """# TinyLLaVA-Med demo model (synthetic)
+
+**Not for clinical use.** This model was trained in a few minutes on the CPU on PhantomVQA,
+synthetic greyscale phantoms (chest radiographs, head and abdominal CT slices, knee MRI) made
+by `tinyllava-med data phantom`. It knows nothing about real patients or real images; it exists
+so the server, the web client and the pipeline can be tried with no download.
+
+- Architecture: SigLIP-style vision tower ({vision_layers} layers, hidden {vision_hidden}, patch
+  {patch_size} on {image_size} px) + `mlp2x_gelu` projector + LLaMA-style LLM ({text_layers} layers,
+  hidden {text_hidden}), byte-level BPE tokenizer trained locally, prompt template `v1`.
+- Trained with: `tinyllava-med demo-model` ({seconds:.0f} s of training, {steps} steps).
+- PhantomVQA test split (seed {seed}): {scores}
+"""
+
+
+def demo_texts(entries: list[dict[str, Any]]) -> Iterator[str]:
+    """Text the demo tokenizer is trained on: the template's fixed words plus every Q and A."""
+    yield V1_SYSTEM + " USER: ASSISTANT:"
+    for e in entries:
+        for q, a in turns_of(e):
+            yield q
+            yield " " + a
+
+
+def build_demo_model(
+    out: Path | None = None,
+    *,
+    force: bool = False,
+    work_dir: Path | None = None,
+    n_images: int = DEMO_IMAGES,
+    train_overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train the demo model into `out` (default: the data dir's `models/demo`)."""
+    out = out or variant_dir(get_variant("demo"))
+    if out.is_dir() and not force:
+        return out
+    work = work_dir or out.parent / ".demo-build"
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.monotonic()
+    phantom = work / "phantom"
+    generate_phantom(phantom, n=n_images, seed=DEMO_SEED)
+    train_entries = read_conversations(phantom / "train.json")
+    model, processor = build_tiny_llava(demo_texts(train_entries), DEMO_SHAPE, seed=DEMO_SEED)
+    init = save_served(
+        model, processor, work / "init",
+        ServedMeta(template="v1", name="demo", variant="demo", notes="synthetic; not for clinical use"),
+    )
+    settings: dict[str, Any] = {**DEMO_TRAIN, **(train_overrides or {})}
+    cfg = TrainConfig(
+        stage="downstream",
+        model=str(init),
+        data_path=str(phantom / "train.json"),
+        image_folder=str(phantom / "images"),
+        output_dir=str(work / "trained"),
+        vision_tower=Component(mode="full"),
+        projector=Component(mode="full"),
+        language_model=Component(mode="full"),
+        seed=DEMO_SEED,
+        disable_tqdm=not progress,
+        **settings,
+    )
+    t_train = time.monotonic()
+    trained = run_stage(cfg)
+    train_seconds = time.monotonic() - t_train
+    shutil.rmtree(trained / "checkpoints", ignore_errors=True)
+
+    scores = evaluate_demo(trained, phantom, progress=progress)
+    state = json.loads((trained / "training_state.json").read_text()) if (
+        trained / "training_state.json"
+    ).is_file() else {}
+    card = MODEL_CARD.format(
+        **DEMO_SHAPE.__dict__, seconds=train_seconds, steps=state.get("global_step", "?"),
+        seed=DEMO_SEED, scores=json.dumps(scores["summary"]),
+    )
+    (trained / "README.md").write_text(card)
+    (trained / "demo_eval.json").write_text(
+        json.dumps({**scores, "train_seconds": train_seconds,
+                    "total_seconds": time.monotonic() - t0}, indent=2) + "\n"
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(trained), str(out))
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def evaluate_demo(model_dir: Path, phantom: Path, *, progress: bool = False,
+                  limit: int | None = None) -> dict[str, Any]:
+    """Closed accuracy and open recall (LLaVA-Med definitions) on a PhantomVQA test split."""
+    from tinyllava_med.eval.generate import generate_answers
+    from tinyllava_med.eval.metrics import score_files
+
+    lm = load_model(str(model_dir), quant="none", device="cpu")
+    answers = model_dir / "phantom_test_answers.jsonl"
+    answers.unlink(missing_ok=True)
+    generate_answers(lm, phantom / "test.json", phantom / "images", answers,
+                     batch_size=64, limit=limit, progress=progress)
+    report = score_files(phantom / "test.json", answers)
+    answers.unlink(missing_ok=True)
+    return report.to_dict()
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_demo_model(data_dir: Path | None = None, *, progress: bool = True) -> Path:
+    """The demo model's folder, trained first if it does not exist yet (once, under a lock)."""
+    out = variant_dir(get_variant("demo"), data_dir or default_data_dir())
+    if out.is_dir():
+        return out
+    with _lock(out.parent / ".demo.lock"):
+        if not out.is_dir():
+            log.warning("building the demo model on first use (a few minutes on the CPU)")
+            build_demo_model(out, progress=progress)
+    return out

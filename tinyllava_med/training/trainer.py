@@ -1,0 +1,234 @@
+"""Run one training stage with HF `Trainer`; write a served-format checkpoint at the end.
+
+DeepSpeed ZeRO-2/3, FSDP, multi-GPU and multi-node come from `accelerate launch` / `deepspeed`
+around `tinyllava-med train`, with no code here. LoRA / QLoRA use PEFT and are merged into a
+plain served checkpoint when the stage ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from tinyllava_med.model.load import resolve
+from tinyllava_med.model.meta import ServedMeta, hash_files
+from tinyllava_med.training.config import COMPONENTS, TrainConfig
+from tinyllava_med.training.data import (
+    Collator,
+    ConversationDataset,
+    group_by_image,
+    read_conversations,
+)
+
+log = logging.getLogger(__name__)
+
+# transformers 5 LLaVA module paths of each trainable component.
+COMPONENT_PATHS = {
+    "vision_tower": "model.vision_tower",
+    "projector": "model.multi_modal_projector",
+    "language_model": "model.language_model",
+}
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training cleanly (and saves) once `seconds` of training have passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if time.monotonic() - self.start > self.seconds:
+            control.should_training_stop = True
+
+
+def _component_of(param_name: str) -> str | None:
+    name = param_name.removeprefix("base_model.model.")
+    for comp, path in COMPONENT_PATHS.items():
+        if name.startswith(path + ".") or name.startswith(path.removeprefix("model.") + "."):
+            return comp
+    if name.startswith("lm_head."):
+        return "language_model"
+    return None
+
+
+def _load_for_training(cfg: TrainConfig) -> tuple[Any, Any, ServedMeta]:
+    path, _variant = resolve(cfg.model)
+    meta = ServedMeta.load(path) or ServedMeta()
+    processor = AutoProcessor.from_pretrained(path)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if cfg.lora.qlora:
+        from tinyllava_med.quantize.runtime import bnb_config, make_4bit_inputs_contiguous
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        kwargs["quantization_config"] = bnb_config("4bit", device)
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        make_4bit_inputs_contiguous(model)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    return model, processor, meta
+
+
+def _apply_modes(model: Any, cfg: TrainConfig) -> Any:
+    """Freeze / unfreeze components and wrap LoRA components with PEFT adapters."""
+    modes = {c: getattr(cfg, c).mode for c in COMPONENTS}
+    lora_comps = [c for c, m in modes.items() if m == "lora"]
+    if lora_comps:
+        from peft import LoraConfig, get_peft_model
+
+        if cfg.lora.qlora:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.gradient_checkpointing
+            )
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        targets = sorted(set(cfg.lora.target_modules) & names)
+        prefixes = "|".join(COMPONENT_PATHS[c].replace(".", r"\.") for c in lora_comps)
+        regex = rf"^(?:{prefixes})\..*\.(?:{'|'.join(targets)})$"
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                target_modules=regex, bias="none",
+            ),
+        )
+    for name, param in model.named_parameters():
+        comp = _component_of(name)
+        mode = modes.get(comp, "frozen") if comp else "frozen"
+        if mode == "full":
+            param.requires_grad = True
+        elif mode == "frozen" or "lora_" not in name:
+            param.requires_grad = False
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n_train == 0:
+        raise ValueError("nothing to train: every component is frozen")
+    log.info("trainable parameters: %d", n_train)
+    return model
+
+
+class StageTrainer(Trainer):
+    """`Trainer` with one optimizer parameter group per component learning rate."""
+
+    def __init__(self, *args: Any, component_lrs: dict[str, float | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.component_lrs = component_lrs
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is None and any(v is not None for v in self.component_lrs.values()):
+            groups: dict[float, list[torch.nn.Parameter]] = {}
+            for name, p in self.model.named_parameters():
+                if not p.requires_grad:
+                    continue
+                comp = _component_of(name)
+                lr = self.component_lrs.get(comp or "") or self.args.learning_rate
+                groups.setdefault(lr, []).append(p)
+            opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            params = [
+                {"params": ps, "lr": lr, "weight_decay": self.args.weight_decay}
+                for lr, ps in groups.items()
+            ]
+            self.optimizer = opt_cls(params, **opt_kwargs)
+            return self.optimizer
+        return super().create_optimizer()
+
+
+def training_arguments(cfg: TrainConfig) -> TrainingArguments:
+    use_cpu = cfg.use_cpu if cfg.use_cpu is not None else not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_ratio=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        report_to=cfg.report_to,
+        deepspeed=cfg.deepspeed,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        remove_unused_columns=False,
+        use_cpu=use_cpu,
+        disable_tqdm=cfg.disable_tqdm if cfg.disable_tqdm is not None else False,
+    )
+
+
+def run_stage(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Train one stage as `cfg` says; returns the served-format output folder."""
+    model, processor, meta = _load_for_training(cfg)
+    template = cfg.template or meta.template
+    entries = read_conversations(cfg.data_path)
+    if cfg.turns_per_sample > 1:
+        entries = group_by_image(entries, cfg.turns_per_sample, seed=cfg.seed)
+    dataset = ConversationDataset(
+        entries, cfg.image_folder, processor, template, max_length=cfg.model_max_length
+    )
+    model = _apply_modes(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    callbacks = list(callbacks or [])
+    if cfg.max_time_s:
+        callbacks.append(TimeLimit(cfg.max_time_s))
+    trainer = StageTrainer(
+        model=model,
+        args=training_arguments(cfg),
+        train_dataset=dataset,
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        callbacks=callbacks,
+        component_lrs={c: getattr(cfg, c).learning_rate for c in COMPONENTS},
+    )
+    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    return save_stage_output(trainer.model, processor, cfg, meta, template)
+
+
+def save_stage_output(model: Any, processor: Any, cfg: TrainConfig, meta: ServedMeta,
+                      template: str) -> Path:
+    """Merge adapters if any, then write weights, processor and provenance."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.config.use_cache = True
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    data_files = [Path(cfg.data_path)]
+    ServedMeta(
+        template=template,
+        name=meta.name,
+        variant=meta.variant,
+        source_format="served",
+        source_hash=meta.source_hash,
+        vision_weights=meta.vision_weights,
+        training={
+            "stage": cfg.stage,
+            "config": cfg.model_dump(mode="json"),
+            "data_hash": hash_files(data_files),
+            "previous": meta.training,
+        },
+        notes=meta.notes,
+    ).save(out)
+    return out
