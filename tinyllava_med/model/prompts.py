@@ -7,6 +7,7 @@ processors so `apply_chat_template` produces that same string.
 
 from __future__ import annotations
 
+import json
 from typing import Literal, get_args
 
 Template = Literal["v1", "phi", "mistral_instruct", "llava_v1_med", "plain"]
@@ -88,6 +89,11 @@ def stop_strings(template: str) -> tuple[str, ...]:
     return _STOP[template]
 
 
+def _lit(text: str) -> str:
+    """A Jinja string literal for `text` (Jinja accepts JSON's double-quoted escapes)."""
+    return json.dumps(text)
+
+
 def _jinja_user(text_expr: str) -> str:
     # Content may be a string or a list of {"type": "image"} / {"type": "text"} parts;
     # the image placeholder always comes first, followed by a newline, as in the originals.
@@ -108,7 +114,7 @@ def chat_template(template: str) -> str:
     if template in ("v1", "phi"):
         eos = _STOP[template][0]
         return (
-            "{{- '" + V1_SYSTEM + " ' -}}"
+            "{{- " + _lit(V1_SYSTEM + " ") + " -}}"
             "{%- for message in messages -%}"
             "{%- if message['role'] == 'user' -%}"
             + _jinja_user("{{- 'USER: ' + ns.text + ' ASSISTANT:' -}}")
@@ -135,7 +141,7 @@ def chat_template(template: str) -> str:
         )
     if template == "llava_v1_med":
         return (
-            "{{- '" + MED_V1_SYSTEM + "###' -}}"
+            "{{- " + _lit(MED_V1_SYSTEM + "###") + " -}}"
             "{%- for message in messages -%}"
             "{%- if message['role'] == 'user' -%}"
             + _jinja_user("{{- 'Human: ' + ns.text + '###Assistant:' -}}")

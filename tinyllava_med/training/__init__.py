@@ -1,0 +1,1 @@
+"""Training pipeline: datasets, stages, LoRA/QLoRA, data conversion and the PhantomVQA set."""
