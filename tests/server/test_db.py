@@ -1,0 +1,490 @@
+"""Database layer on real SQLite and real PostgreSQL: migrations match the models and round-trip,
+data access keeps its rules (report history, signing), API keys store only hashes, audit rows
+are written, and the auth dependencies answer 401/403 and audit the denial."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Annotated
+
+import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import inspect, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from tinyllava_med import __version__
+from tinyllava_med.server import auth
+from tinyllava_med.server.db import crud, migrate
+from tinyllava_med.server.db.models import ApiKey, AuditEvent, Base, Image, Report, ReportEdit
+from tinyllava_med.server.db.session import make_engine, normalize_database_url, session_factory
+from tinyllava_med.server.errors import install_error_handlers
+from tinyllava_med.server.settings import Settings
+
+SHA_A = hashlib.sha256(b"a").hexdigest()
+SHA_B = hashlib.sha256(b"b").hexdigest()
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_defaults_are_local_and_secure(tmp_path: Path) -> None:
+    s = Settings(data_dir=tmp_path)
+    assert s.database_url == f"sqlite:///{tmp_path.resolve()}/tinyllava_med.db"
+    assert s.images_dir == tmp_path.resolve() / "images"
+    assert (s.model, s.quant, s.host, s.port) == ("demo", None, "127.0.0.1", 8000)
+    assert s.auth_disabled is False and s.allow_remote_image_urls is False
+    assert s.max_upload_bytes == 64 * 1024 * 1024 and s.max_question_chars == 2000
+    assert (s.max_new_tokens, s.default_max_new_tokens) == (512, 128)
+    assert (s.max_batch_size, s.batch_window_ms, s.max_queue) == (8, 10.0, 64)
+
+
+def test_settings_environment_then_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TINYLLAVA_MED_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TINYLLAVA_MED_PORT", "9001")
+    monkeypatch.setenv("TINYLLAVA_MED_QUANT", "4bit")
+    monkeypatch.setenv("TINYLLAVA_MED_TEST_POSTGRES_URL", "not a setting: ignored")
+    s = Settings()
+    assert (s.port, s.quant, s.data_dir) == (9001, "4bit", tmp_path.resolve())
+    s = Settings(port=9002, quant="auto", database_url="postgresql://u:p@db/tlm")  # type: ignore[arg-type]
+    assert (s.port, s.quant, s.database_url) == (9002, None, "postgresql://u:p@db/tlm")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"quant": "3bit"},
+        {"port": 0},
+        {"database_url": "mysql://u:p@h/db"},
+        {"max_new_tokens": 64, "default_max_new_tokens": 128},
+        {"prot": 8000},  # a misspelt override is an error, not ignored
+    ],
+)
+def test_settings_refuse_bad_values(overrides: dict[str, object], tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        Settings(data_dir=tmp_path, **overrides)  # type: ignore[arg-type]
+
+
+def test_postgresql_urls_use_psycopg3() -> None:
+    assert normalize_database_url("postgresql://u@h/d").drivername == "postgresql+psycopg"
+    assert normalize_database_url("postgres://u@h/d").drivername == "postgresql+psycopg"
+    with pytest.raises(ValueError, match="unsupported database"):
+        normalize_database_url("mysql://u@h/d")
+
+
+# --- migrations --------------------------------------------------------------------------------
+
+
+def test_head_matches_models(database_url: str) -> None:
+    assert migrate.current_revision(database_url) is None
+    migrate.upgrade(database_url)
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0001"
+    assert migrate.check_models_match_migrations(database_url) == []
+
+
+def test_downgrade_to_base_and_upgrade_round_trips(database_url: str) -> None:
+    migrate.upgrade(database_url)
+    migrate.downgrade(database_url, "base")
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            assert set(inspect(conn).get_table_names()) == {"alembic_version"}
+    finally:
+        engine.dispose()
+    assert migrate.current_revision(database_url) is None
+    diffs = migrate.check_models_match_migrations(database_url)
+    assert {d[1].name for d in diffs if d[0] == "add_table"} == set(Base.metadata.tables)
+    migrate.upgrade(database_url)
+    assert migrate.check_models_match_migrations(database_url) == []
+
+
+def test_drift_is_reported(migrated_url: str) -> None:
+    engine = make_engine(migrated_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DROP INDEX ix_studies_modality"))
+    finally:
+        engine.dispose()
+    diffs = migrate.check_models_match_migrations(migrated_url)
+    assert [d[0] for d in diffs] == ["add_index"]
+
+
+# --- studies and images ------------------------------------------------------------------------
+
+
+def test_studies_and_images(db_engine: Engine) -> None:
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        ct = crud.create_study(
+            s, StudyInstanceUID="1.2.3", Modality="CT", StudyDate="20240131", description="head"
+        )
+        mr = crud.create_study(s, StudyDate="not a date")
+        first = crud.add_image(s, study=ct, sha256=SHA_A, kind="dicom", size_bytes=10, rows=512)
+        second = crud.add_image(
+            s,
+            study=ct,
+            sha256=SHA_B,
+            kind="png",
+            size_bytes=20,
+            safe_metadata={"Modality": "CT", "window": [40, 400]},
+        )
+        crud.add_image(s, study=mr, sha256=SHA_A, kind="dicom", size_bytes=10, Modality="MR")
+        assert (first.n, second.n) == (0, 1)
+        ct_id, mr_id = ct.id, mr.id
+
+    with Session_() as s:
+        study = crud.get_study(s, ct_id)
+    assert study is not None  # read after the session closed: images were loaded with it
+    assert study.StudyDate == date(2024, 1, 31) and study.status == "received"
+    assert [(i.n, i.kind) for i in study.images] == [(0, "dicom"), (1, "png")]
+    assert study.images[1].safe_metadata == {"Modality": "CT", "window": [40, 400]}
+    assert study.created_at.tzinfo is not None and study.created_at.utcoffset() == timedelta(0)
+
+    with Session_() as s:
+        mr_study = crud.get_study(s, mr_id)
+        assert mr_study is not None
+        assert mr_study.StudyDate is None and mr_study.Modality == "MR"  # from its first image
+        assert crud.get_study(s, "no-such-id") is None
+        assert [x.id for x in crud.list_studies(s, limit=10)] == [mr_id, ct_id]
+        assert [x.id for x in crud.list_studies(s, limit=10, modality="CT")] == [ct_id]
+        assert [x.id for x in crud.list_studies(s, limit=1, offset=1)] == [ct_id]
+        assert (crud.count_studies(s), crud.count_studies(s, modality="MR")) == (2, 1)
+        image = crud.get_image(s, ct_id, 1)
+        assert image is not None and image.sha256 == SHA_B
+        assert crud.get_image(s, ct_id, 2) is None
+        with pytest.raises(ValueError, match="limit"):
+            crud.list_studies(s, limit=0)
+
+
+def test_image_index_is_unique_within_a_study(db_session: Session) -> None:
+    study = crud.create_study(db_session)
+    crud.add_image(db_session, study=study, sha256=SHA_A, kind="png", size_bytes=1)
+    with pytest.raises(IntegrityError):
+        crud.add_image(db_session, study=study, sha256=SHA_B, kind="png", size_bytes=1, n=0)
+
+
+def test_foreign_keys_are_enforced(db_session: Session) -> None:
+    db_session.add(Image(study_id="missing", n=0, sha256=SHA_A, kind="png", size_bytes=1))
+    with pytest.raises(IntegrityError):
+        db_session.flush()
+
+
+def test_check_constraints_are_enforced(db_session: Session) -> None:
+    study = crud.create_study(db_session)
+    db_session.add(Image(study_id=study.id, n=0, sha256=SHA_A, kind="gif", size_bytes=1))
+    with pytest.raises(IntegrityError):
+        db_session.flush()
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+
+def _report(s: Session) -> Report:
+    study = crud.create_study(s, Modality="CT")
+    image = crud.add_image(s, study=study, sha256=SHA_A, kind="dicom", size_bytes=1)
+    return crud.create_report(
+        s,
+        study=study,
+        image=image,
+        question="Is there a fracture?",
+        answer="No fracture.",
+        model="demo",
+        variant="demo",
+        quantization="none",
+        model_version="abc123",
+        latency_ms=12.5,
+        prompt_tokens=30,
+        completion_tokens=4,
+        created_by="key-1",
+    )
+
+
+def test_report_records_provenance(db_engine: Engine) -> None:
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        report_id = _report(s).id
+    with Session_() as s:
+        r = crud.get_report(s, report_id)
+        assert r is not None
+        assert (r.answer, r.text, r.status) == ("No fracture.", "No fracture.", "draft")
+        assert (r.model, r.variant, r.quantization, r.model_version) == (
+            "demo",
+            "demo",
+            "none",
+            "abc123",
+        )
+        assert r.server_version == __version__
+        assert (r.latency_ms, r.prompt_tokens, r.completion_tokens) == (12.5, 30, 4)
+        assert r.study.status == "reported"
+
+
+def test_report_edit_history_and_signing(db_engine: Engine) -> None:
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        report = _report(s)
+        report_id = report.id
+        crud.update_report(s, report, text="No acute fracture.", actor="rad-1")
+        crud.update_report(s, report, text="No acute fracture.", actor="rad-1")  # no change
+        with pytest.raises(crud.InvalidReportUpdate):
+            crud.update_report(s, report, text="  ", status="final", actor="rad-1")
+        crud.update_report(s, report, status="final", actor="rad-2")
+
+    with Session_.begin() as s:
+        signed = crud.get_report(s, report_id)
+        assert signed is not None
+        assert (signed.status, signed.text, signed.answer) == (
+            "final",
+            "No acute fracture.",
+            "No fracture.",  # the model's original answer never changes
+        )
+        assert signed.signed_by == "rad-2" and signed.signed_at is not None
+        assert signed.study.status == "signed"
+        edits = [
+            (e.previous_text, e.new_text, e.previous_status, e.new_status, e.edited_by)
+            for e in signed.edits
+        ]
+        assert edits == [
+            ("No fracture.", "No acute fracture.", "draft", "draft", "rad-1"),
+            ("No acute fracture.", "No acute fracture.", "draft", "final", "rad-2"),
+        ]
+        with pytest.raises(crud.ReportFinalized):
+            crud.update_report(s, signed, text="changed", actor="rad-1")
+        with pytest.raises(crud.ReportFinalized):
+            crud.update_report(s, signed, status="draft", actor="admin")
+
+    with Session_() as s:
+        reloaded = crud.get_report(s, report_id)
+        assert reloaded is not None and reloaded.text == "No acute fracture."
+        assert s.scalar(select(ReportEdit.id).where(ReportEdit.new_text == "changed")) is None
+        assert [r.id for r in crud.list_reports(s, status="final")] == [report_id]
+        assert crud.list_reports(s, status="draft") == []
+        assert crud.count_reports(s, study_id=reloaded.study_id) == 1
+
+
+def test_report_image_must_belong_to_the_study(db_session: Session) -> None:
+    other = crud.create_study(db_session)
+    image = crud.add_image(db_session, study=other, sha256=SHA_A, kind="png", size_bytes=1)
+    with pytest.raises(ValueError, match="another study"):
+        crud.create_report(
+            db_session,
+            study=crud.create_study(db_session),
+            image=image,
+            question="q",
+            answer="a",
+            model="demo",
+            quantization="none",
+        )
+
+
+# --- API keys ----------------------------------------------------------------------------------
+
+
+def test_api_key_stores_only_its_hash(db_engine: Engine) -> None:
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        row, key = auth.create_api_key(s, role="radiologist", name="reading room 1")
+        key_id = row.id
+    assert key.startswith(f"tlm_{row.prefix}_") and len(row.prefix) == 8
+    with db_engine.connect() as conn:
+        stored = conn.execute(text("SELECT * FROM api_keys")).mappings().one()
+    assert stored["key_hash"] == hashlib.sha256(key.encode()).hexdigest()
+    secret_part = key.split("_", 2)[2]
+    assert not any(secret_part in str(v) for v in stored.values())
+
+    with Session_.begin() as s:
+        found = auth.verify_api_key(s, key)
+        assert found is not None and (found.id, found.role) == (key_id, "radiologist")
+        assert found.last_used_at is not None
+        assert auth.verify_api_key(s, key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+        assert auth.verify_api_key(s, "tlm_00000000_" + "x" * 43) is None
+        assert auth.verify_api_key(s, "not a key") is None
+        assert auth.verify_api_key(s, "") is None
+
+    with Session_.begin() as s:
+        row2 = auth.get_api_key(s, key_id)
+        assert row2 is not None
+        auth.revoke_api_key(s, row2)
+    with Session_.begin() as s:
+        assert auth.verify_api_key(s, key) is None
+        assert auth.list_api_keys(s) == []
+        assert [k.id for k in auth.list_api_keys(s, include_revoked=True)] == [key_id]
+
+    with Session_() as s, pytest.raises(ValueError, match="role"):
+        auth.create_api_key(s, role="root", name="x")  # type: ignore[arg-type]
+
+
+def test_first_admin_key_only_once(db_engine: Engine) -> None:
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        key = auth.ensure_first_admin_key(s)
+    assert key is not None
+    with Session_.begin() as s:
+        assert auth.ensure_first_admin_key(s) is None
+        row = auth.verify_api_key(s, key)
+        assert row is not None and row.role == "admin"
+        auth.revoke_api_key(s, row)
+    with Session_.begin() as s:  # a revoked key still counts: no new admin key appears
+        assert auth.ensure_first_admin_key(s) is None
+        assert s.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None))) is None
+
+
+@pytest.mark.postgres
+def test_first_admin_key_is_created_once_under_concurrency(postgres_url: str) -> None:
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    Session_ = session_factory(engine)
+    results: list[str | None] = []
+    try:
+        with Session_() as first:
+            results.append(auth.ensure_first_admin_key(first))  # holds the table lock
+
+            def second() -> None:
+                with Session_.begin() as s:
+                    results.append(auth.ensure_first_admin_key(s))
+
+            t = threading.Thread(target=second)
+            t.start()
+            t.join(0.5)
+            assert t.is_alive()  # waiting for the first transaction
+            first.commit()
+        t.join(10)
+        assert results[0] is not None and results[1] is None
+        with Session_() as s:
+            assert len(auth.list_api_keys(s)) == 1
+    finally:
+        engine.dispose()
+
+
+def test_roles_grow_by_inclusion() -> None:
+    assert auth.has_permission("pacs", "study.upload")
+    assert auth.has_permission("pacs", "question.ask")
+    assert not auth.has_permission("pacs", "report.sign")
+    assert auth.has_permission("radiologist", "report.sign")
+    assert not auth.has_permission("radiologist", "apikey.manage")
+    assert auth.has_permission("admin", "apikey.manage")
+    assert auth.has_permission("admin", "radiologist") and not auth.has_permission("pacs", "admin")
+    assert auth.ROLE_PERMISSIONS["pacs"] < auth.ROLE_PERMISSIONS["radiologist"]
+    with pytest.raises(ValueError):
+        auth.require("report.delete")  # type: ignore[arg-type]
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+
+def test_audit_rows_are_written(db_engine: Engine) -> None:
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        crud.audit(
+            s,
+            actor="key-1",
+            action="study.read",
+            resource_type="study",
+            resource_id="s-1",
+            outcome="ok",
+            status_code=200,
+            detail={"images": 2},
+        )
+        crud.audit(
+            s,
+            actor="anonymous",
+            action="study.read",
+            resource_type="study",
+            resource_id="s-2",
+            outcome="not_found",
+            status_code=404,
+        )
+        with pytest.raises(ValueError, match="patient identifier"):
+            crud.audit(
+                s,
+                actor="key-1",
+                action="study.upload",
+                resource_type="study",
+                resource_id=None,
+                outcome="ok",
+                status_code=201,
+                detail={"files": [{"PatientName": "DOE^JOHN"}]},
+            )
+    with Session_() as s:
+        events = crud.list_audit_events(s)
+        assert [(e.actor, e.outcome, e.status_code, e.detail) for e in events] == [
+            ("anonymous", "not_found", 404, None),
+            ("key-1", "ok", 200, {"images": 2}),
+        ]
+        assert [e.resource_id for e in crud.list_audit_events(s, actor="key-1")] == ["s-1"]
+        assert events[0].at <= datetime.now(timezone.utc)
+
+
+def test_jobs_can_be_enqueued(db_session: Session) -> None:
+    study = crud.create_study(db_session)
+    job = crud.enqueue_job(db_session, kind="answer", payload={"report": "r"}, study_id=study.id)
+    assert (job.status, job.attempts, job.max_attempts, job.payload) == (
+        "queued",
+        0,
+        3,
+        {"report": "r"},
+    )
+    assert job.id is not None and job.run_after <= datetime.now(timezone.utc)
+
+
+# --- FastAPI dependencies ----------------------------------------------------------------------
+
+
+def _app(engine: Engine, tmp_path: Path, *, auth_disabled: bool = False) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+    app.state.settings = Settings(data_dir=tmp_path, auth_disabled=auth_disabled)
+    app.state.session_factory = session_factory(engine)
+
+    @app.get("/v1/reports/{report_id}")
+    def read(
+        report_id: str, p: Annotated[auth.Principal, Depends(auth.require("report.read"))]
+    ) -> dict[str, str]:
+        return {"role": p.role}
+
+    @app.patch("/v1/reports/{report_id}")
+    def sign(
+        report_id: str, p: Annotated[auth.Principal, Depends(auth.require("report.sign"))]
+    ) -> dict[str, str]:
+        return {"actor": p.actor}
+
+    return app
+
+
+def test_require_answers_401_403_and_audits(db_engine: Engine, tmp_path: Path) -> None:
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        pacs_row, pacs = auth.create_api_key(s, role="pacs", name="pacs")
+        rad_row, rad = auth.create_api_key(s, role="radiologist", name="rad")
+        pacs_id, rad_id = pacs_row.id, rad_row.id
+
+    client = TestClient(_app(db_engine, tmp_path))
+    r = client.get("/v1/reports/1")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert client.get("/v1/reports/1", headers={"X-API-Key": "tlm_bad"}).status_code == 401
+    ok = client.get("/v1/reports/1", headers={"Authorization": f"Bearer {pacs}"})
+    assert ok.status_code == 200 and ok.json() == {"role": "pacs"}
+    r = client.patch("/v1/reports/1", headers={"X-API-Key": pacs})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    r = client.patch("/v1/reports/1", headers={"X-API-Key": rad})
+    assert r.status_code == 200 and r.json() == {"actor": rad_id}
+
+    with Session_() as s:
+        denied = s.scalars(
+            select(AuditEvent).where(AuditEvent.outcome == "denied").order_by(AuditEvent.id)
+        ).all()
+        assert [(e.actor, e.action, e.status_code, e.resource_id) for e in denied] == [
+            ("anonymous", "auth.authenticate", 401, "GET /v1/reports/{report_id}"),
+            ("anonymous", "auth.authenticate", 401, "GET /v1/reports/{report_id}"),
+            (pacs_id, "report.sign", 403, "PATCH /v1/reports/{report_id}"),
+        ]
+
+    open_client = TestClient(_app(db_engine, tmp_path, auth_disabled=True))
+    assert open_client.patch("/v1/reports/1").json() == {"actor": "anonymous"}

@@ -1,0 +1,1 @@
+"""The FastAPI server: app factory, routers, schemas, settings, auth, metrics, database and web client."""

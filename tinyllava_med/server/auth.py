@@ -1,0 +1,285 @@
+"""API keys and roles: key creation, hashing and verification, who may do what, and the FastAPI
+dependencies that enforce it.
+
+A key reads `tlm_<prefix>_<secret>`: the 8-hex-digit prefix finds the row and is safe to show
+(`apikey list`, logs); only the sha256 of the whole key is stored, compared in constant time.
+The key itself is shown once, when created.
+
+Roles grow by inclusion: `pacs` uploads studies, asks questions and reads; `radiologist` also
+edits and signs reports; `admin` also manages keys and reads the audit log.
+
+    principal: Annotated[Principal, Depends(require("report.sign"))]   # in a route
+
+The dependencies read `request.app.state.settings` (`Settings`) and
+`request.app.state.session_factory` (`db.session_factory(engine)`), both set by the app factory.
+Denials (401/403) are written to the audit log in their own transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated, Literal, get_args
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tinyllava_med.server.db.crud import audit
+from tinyllava_med.server.db.models import ROLES, ApiKey, Role, utcnow
+from tinyllava_med.server.errors import APIError
+
+log = logging.getLogger(__name__)
+
+Permission = Literal[
+    "study.upload",
+    "study.read",
+    "question.ask",
+    "report.read",
+    "report.edit",
+    "report.sign",
+    "apikey.manage",
+    "audit.read",
+]
+PERMISSIONS: tuple[str, ...] = get_args(Permission)
+
+_PACS: frozenset[Permission] = frozenset(
+    {"study.upload", "study.read", "question.ask", "report.read"}
+)
+_RADIOLOGIST: frozenset[Permission] = _PACS | {"report.edit", "report.sign"}
+_ADMIN: frozenset[Permission] = _RADIOLOGIST | {"apikey.manage", "audit.read"}
+ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
+    "pacs": _PACS,
+    "radiologist": _RADIOLOGIST,
+    "admin": _ADMIN,
+}
+
+_GRANTS: dict[str, frozenset[str]] = {role: frozenset(p) for role, p in ROLE_PERMISSIONS.items()}
+
+KEY_SCHEME = "tlm"
+_KEY_RE = re.compile(rf"^{KEY_SCHEME}_([0-9a-f]{{8}})_[A-Za-z0-9_-]{{32,128}}$")
+_DUMMY_HASH = "0" * 64  # compared against when no row matches, so timing does not tell
+# last_used_at is written at most this often per key: not one write per request.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+ANONYMOUS = "anonymous"
+
+
+# --- key primitives ----------------------------------------------------------------------------
+
+
+def generate_api_key() -> tuple[str, str]:
+    """A new `(prefix, key)`; the key is `tlm_<prefix>_<43 url-safe characters>`."""
+    prefix = secrets.token_hex(4)
+    return prefix, f"{KEY_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def parse_api_key(key: str) -> str | None:
+    """The prefix of a well-formed key, else None."""
+    m = _KEY_RE.match(key)
+    return m.group(1) if m else None
+
+
+# --- roles -------------------------------------------------------------------------------------
+
+
+def has_permission(role: str, needed: str) -> bool:
+    """`needed` is a permission (`"report.sign"`) or a role (`"radiologist"`: that role's
+    permissions are all needed)."""
+    granted = _GRANTS.get(role, frozenset())
+    if needed in ROLES:
+        return _GRANTS[needed] <= granted
+    if needed in PERMISSIONS:
+        return needed in granted
+    raise ValueError(f"unknown role or permission {needed!r}")
+
+
+# --- persistence -------------------------------------------------------------------------------
+
+
+def create_api_key(session: Session, *, role: Role, name: str) -> tuple[ApiKey, str]:
+    """Store a new key's hash and return `(row, key)`; the key is not kept anywhere."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    name = name.strip()
+    if not 1 <= len(name) <= 128:
+        raise ValueError("the key's name must be 1 to 128 characters")
+    for _ in range(5):
+        prefix, key = generate_api_key()
+        if session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix)) is None:
+            break
+    else:  # pragma: no cover - 5 collisions in 2**32
+        raise RuntimeError("could not find a free key prefix")
+    row = ApiKey(name=name, role=role, prefix=prefix, key_hash=hash_api_key(key))
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def verify_api_key(session: Session, secret: str) -> ApiKey | None:
+    """The active key row for `secret`, or None (unknown, malformed or revoked).
+
+    The sha256 is compared in constant time; `last_used_at` is refreshed (at most once a
+    minute). The caller commits.
+    """
+    prefix = parse_api_key(secret) if len(secret) <= 256 else None
+    row = None
+    if prefix is not None:
+        row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+    expected = row.key_hash if row is not None else _DUMMY_HASH
+    matches = hmac.compare_digest(hash_api_key(secret), expected)
+    if row is None or not matches or row.revoked_at is not None:
+        return None
+    now = utcnow()
+    if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
+        row.last_used_at = now
+        session.flush()
+    return row
+
+
+def get_api_key(session: Session, key_id: str) -> ApiKey | None:
+    return session.get(ApiKey, key_id)
+
+
+def list_api_keys(session: Session, *, include_revoked: bool = False) -> list[ApiKey]:
+    stmt = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if not include_revoked:
+        stmt = stmt.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(stmt))
+
+
+def revoke_api_key(session: Session, key: ApiKey) -> ApiKey:
+    """Revoke `key` (idempotent: the first revocation time is kept)."""
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        session.flush()
+    return key
+
+
+def ensure_first_admin_key(session: Session) -> str | None:
+    """Create an admin key when no key exists at all and return it (show it once); else None.
+
+    On PostgreSQL the table is locked for the check, so two workers starting together cannot
+    both create one. The caller commits.
+    """
+    bind = session.get_bind()
+    if bind.dialect.name == "postgresql":
+        session.connection().exec_driver_sql("LOCK TABLE api_keys IN SHARE ROW EXCLUSIVE MODE")
+    if session.scalar(select(func.count()).select_from(ApiKey)):
+        return None
+    _, key = create_api_key(session, role="admin", name="first admin")
+    log.warning("created the first admin API key (prefix %s); it is shown once", key[4:12])
+    return key
+
+
+# --- FastAPI dependencies ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an API key's id and role (or `anonymous` when auth is disabled)."""
+
+    key_id: str
+    role: Role
+    name: str
+
+    @property
+    def actor(self) -> str:
+        return self.key_id
+
+    def can(self, needed: str) -> bool:
+        return has_permission(self.role, needed)
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer tlm_...")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="tlm_...")
+
+
+def _audit_denied(
+    request: Request, *, actor: str, action: str, status_code: int, detail: dict[str, str]
+) -> None:
+    route = request.scope.get("route")
+    path = getattr(route, "path", None) or "unmatched"
+    with request.app.state.session_factory.begin() as session:
+        audit(
+            session,
+            actor=actor,
+            action=action,
+            resource_type="route",
+            resource_id=f"{request.method} {path}",
+            outcome="denied",
+            status_code=status_code,
+            detail=detail,
+        )
+
+
+def get_principal(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    x_api_key: Annotated[str | None, Depends(_api_key_header)],
+) -> Principal:
+    """The caller, from `Authorization: Bearer <key>` or `X-API-Key: <key>`; 401 otherwise."""
+    if request.app.state.settings.auth_disabled:
+        return Principal(key_id=ANONYMOUS, role="admin", name="authentication disabled")
+    key = bearer.credentials if bearer is not None else x_api_key
+    principal = None
+    if key:
+        with request.app.state.session_factory.begin() as session:
+            row = verify_api_key(session, key)
+            if row is not None:
+                principal = Principal(key_id=row.id, role=row.role, name=row.name)
+    if principal is not None:
+        return principal
+    reason = "invalid" if key else "missing"
+    _audit_denied(
+        request,
+        actor=ANONYMOUS,
+        action="auth.authenticate",
+        status_code=401,
+        detail={"reason": f"{reason} API key"},
+    )
+    raise APIError(
+        401,
+        "unauthorized",
+        f"{reason} API key: send `Authorization: Bearer tlm_...` or `X-API-Key: tlm_...`",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def require(needed: Role | Permission) -> Callable[..., Principal]:
+    """A dependency that lets the call through when the caller's role grants `needed` (a
+    permission, or every permission of a role), else answers 403 and audits the denial."""
+    if needed not in ROLES and needed not in PERMISSIONS:
+        raise ValueError(f"unknown role or permission {needed!r}")
+
+    def dependency(request: Request, principal: CurrentPrincipal) -> Principal:
+        if principal.can(needed):
+            return principal
+        _audit_denied(
+            request,
+            actor=principal.actor,
+            action=needed,
+            status_code=403,
+            detail={"role": principal.role, "needed": needed},
+        )
+        raise APIError(
+            403,
+            "forbidden",
+            f"this action needs {needed!r}; the key's role {principal.role!r} does not grant it",
+        )
+
+    dependency.__name__ = f"require_{needed.replace('.', '_')}"
+    return dependency

@@ -1,0 +1,452 @@
+"""Data access for studies, images, reports, audit events and jobs, and the rules they keep.
+
+Every function takes the session first, identifiers positionally, everything else by keyword.
+Functions `flush` (so ids and defaults are set) but never commit: the caller owns the
+transaction, so an action and its audit event are stored together or not at all.
+
+Report rules: `answer` (the model's output) never changes; `text` starts as a copy of it and is
+edited; every change is kept as a `ReportEdit`; a `final` (signed) report is frozen.
+API keys live in `tinyllava_med.server.auth` (creation, hashing, verification, roles).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session, selectinload
+
+from tinyllava_med import __version__
+from tinyllava_med.server.db.models import (
+    IMAGE_KINDS,
+    OUTCOMES,
+    REPORT_STATUSES,
+    AuditEvent,
+    Image,
+    ImageKind,
+    Job,
+    Outcome,
+    Report,
+    ReportEdit,
+    ReportStatus,
+    Study,
+    utcnow,
+)
+
+MAX_PAGE = 1000
+
+
+# --- domain errors: the app maps them to HTTP once (`status`, `code` are the suggestion) -----
+
+
+class DomainError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class ReportFinalized(DomainError):
+    """A signed report was asked to change."""
+
+    status = 409
+    code = "report_final"
+
+
+class InvalidReportUpdate(DomainError):
+    status = 422
+    code = "invalid_report_update"
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def parse_dicom_date(value: date | str | None) -> date | None:
+    """DICOM DA (`YYYYMMDD`, or `YYYY-MM-DD`) -> date. A malformed date in a received file is
+    dropped (None) rather than refusing the study; an empty value is None."""
+    if value is None or isinstance(value, date):
+        return value
+    s = value.strip().replace("-", "").replace(".", "")
+    if len(s) != 8 or not s.isdigit():
+        return None
+    try:
+        return date(int(s[:4]), int(s[4:6]), int(s[6:]))
+    except ValueError:
+        return None
+
+
+def _page(stmt: Select[Any], limit: int, offset: int) -> Select[Any]:
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must be in 1..{MAX_PAGE}, got {limit}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return stmt.limit(limit).offset(offset)
+
+
+# --- studies and images ------------------------------------------------------------------------
+
+
+def create_study(
+    session: Session,
+    *,
+    StudyInstanceUID: str | None = None,
+    AccessionNumber: str | None = None,
+    Modality: str | None = None,
+    BodyPartExamined: str | None = None,
+    StudyDate: date | str | None = None,
+    description: str | None = None,
+) -> Study:
+    study = Study(
+        StudyInstanceUID=StudyInstanceUID or None,
+        AccessionNumber=AccessionNumber or None,
+        Modality=Modality or None,
+        BodyPartExamined=BodyPartExamined or None,
+        StudyDate=parse_dicom_date(StudyDate),
+        description=description or None,
+        images=[],
+        reports=[],
+    )
+    session.add(study)
+    session.flush()
+    return study
+
+
+def get_study(session: Session, study_id: str) -> Study | None:
+    """The study with its images loaded (they stay readable after the session closes)."""
+    stmt = select(Study).where(Study.id == study_id).options(selectinload(Study.images))
+    return session.scalars(stmt).one_or_none()
+
+
+def _studies_filter(stmt: Select[Any], modality: str | None) -> Select[Any]:
+    return stmt.where(Study.Modality == modality) if modality else stmt
+
+
+def list_studies(
+    session: Session, *, limit: int = 50, offset: int = 0, modality: str | None = None
+) -> list[Study]:
+    """Newest first, images loaded."""
+    stmt = select(Study).options(selectinload(Study.images))
+    stmt = _studies_filter(stmt, modality).order_by(Study.created_at.desc(), Study.id.desc())
+    return list(session.scalars(_page(stmt, limit, offset)))
+
+
+def count_studies(session: Session, *, modality: str | None = None) -> int:
+    stmt = _studies_filter(select(func.count()).select_from(Study), modality)
+    return int(session.scalar(stmt) or 0)
+
+
+def add_image(
+    session: Session,
+    *,
+    study: Study,
+    sha256: str,
+    kind: ImageKind,
+    size_bytes: int,
+    n: int | None = None,
+    SOPInstanceUID: str | None = None,
+    SeriesInstanceUID: str | None = None,
+    SOPClassUID: str | None = None,
+    Modality: str | None = None,
+    rows: int | None = None,
+    columns: int | None = None,
+    n_frames: int = 1,
+    safe_metadata: Mapping[str, Any] | None = None,
+) -> Image:
+    """Append an image to `study` (`n` = next index unless given). The file itself is stored
+    by `ImageStore.put`; this records its sha256. A study without a modality takes the first
+    image's."""
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"image kind must be one of {', '.join(IMAGE_KINDS)}, got {kind!r}")
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError("sha256 must be 64 lowercase hex characters")
+    if n is None:
+        last = session.scalar(select(func.max(Image.n)).where(Image.study_id == study.id))
+        n = 0 if last is None else last + 1
+    image = Image(
+        study=study,
+        n=n,
+        sha256=sha256,
+        kind=kind,
+        size_bytes=size_bytes,
+        SOPInstanceUID=SOPInstanceUID or None,
+        SeriesInstanceUID=SeriesInstanceUID or None,
+        SOPClassUID=SOPClassUID or None,
+        Modality=Modality or None,
+        rows=rows,
+        columns=columns,
+        n_frames=n_frames,
+        safe_metadata=dict(safe_metadata or {}),
+    )
+    if study.Modality is None and Modality:
+        study.Modality = Modality
+    session.add(image)
+    session.flush()
+    return image
+
+
+def get_image(session: Session, study_id: str, n: int) -> Image | None:
+    stmt = select(Image).where(Image.study_id == study_id, Image.n == n)
+    return session.scalars(stmt).one_or_none()
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+
+def create_report(
+    session: Session,
+    *,
+    study: Study,
+    question: str,
+    answer: str,
+    model: str,
+    quantization: str,
+    image: Image | None = None,
+    variant: str | None = None,
+    model_version: str | None = None,
+    server_version: str = __version__,
+    latency_ms: float | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    created_by: str | None = None,
+) -> Report:
+    """A draft report whose editable `text` starts as the model's `answer`."""
+    if image is not None and image.study_id != study.id:
+        raise ValueError("the image belongs to another study")
+    report = Report(
+        study=study,
+        image=image,
+        question=question,
+        answer=answer,
+        text=answer,
+        status="draft",
+        model=model,
+        variant=variant,
+        quantization=quantization,
+        model_version=model_version,
+        server_version=server_version,
+        latency_ms=latency_ms,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        created_by=created_by,
+    )
+    if study.status == "received":
+        study.status = "reported"
+    session.add(report)
+    session.flush()
+    return report
+
+
+def get_report(session: Session, report_id: str) -> Report | None:
+    return session.get(Report, report_id)
+
+
+def _reports_filter(
+    stmt: Select[Any], status: ReportStatus | None, study_id: str | None
+) -> Select[Any]:
+    if status is not None:
+        stmt = stmt.where(Report.status == status)
+    if study_id is not None:
+        stmt = stmt.where(Report.study_id == study_id)
+    return stmt
+
+
+def list_reports(
+    session: Session,
+    *,
+    status: ReportStatus | None = None,
+    study_id: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[Report]:
+    """Newest first."""
+    stmt = _reports_filter(select(Report), status, study_id)
+    stmt = stmt.order_by(Report.created_at.desc(), Report.id.desc())
+    return list(session.scalars(_page(stmt, limit, offset)))
+
+
+def count_reports(
+    session: Session, *, status: ReportStatus | None = None, study_id: str | None = None
+) -> int:
+    stmt = _reports_filter(select(func.count()).select_from(Report), status, study_id)
+    return int(session.scalar(stmt) or 0)
+
+
+def update_report(
+    session: Session,
+    report: Report,
+    *,
+    text: str | None = None,
+    status: ReportStatus | None = None,
+    actor: str,
+) -> Report:
+    """Edit a draft's text and/or sign it (`status="final"`), recording a `ReportEdit`.
+
+    Raises `ReportFinalized` if the report is already final (it cannot be edited or returned
+    to draft) and `InvalidReportUpdate` for an unknown status or signing an empty text.
+    Permission to edit or sign is checked by the caller (see `auth.require`).
+    """
+    if status is not None and status not in REPORT_STATUSES:
+        raise InvalidReportUpdate(
+            f"status must be one of {', '.join(REPORT_STATUSES)}, got {status!r}"
+        )
+    # Re-read under a row lock (PostgreSQL), so two concurrent edits cannot both pass the
+    # "not final" check; SQLite serializes writers anyway.
+    session.refresh(report, with_for_update=True)
+    if report.status == "final":
+        raise ReportFinalized(
+            "the report is signed (final); it can no longer be edited",
+            detail={"report_id": report.id, "signed_at": _iso(report.signed_at)},
+        )
+    new_text = report.text if text is None else text
+    new_status = report.status if status is None else status
+    if new_status == "final" and not new_text.strip():
+        raise InvalidReportUpdate("an empty report cannot be signed")
+    if new_text == report.text and new_status == report.status:
+        return report  # nothing changed, nothing to record
+    session.add(
+        ReportEdit(
+            report=report,
+            previous_text=report.text,
+            new_text=new_text,
+            previous_status=report.status,
+            new_status=new_status,
+            edited_by=actor,
+        )
+    )
+    now = utcnow()
+    report.text = new_text
+    report.updated_at = now
+    if new_status == "final":
+        report.status = "final"
+        report.signed_by = actor
+        report.signed_at = now
+        report.study.status = "signed"
+    session.flush()
+    return report
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+# --- audit -------------------------------------------------------------------------------------
+
+_PATIENT_KEYS = ("patient", "accessionnumber", "otherpatient", "issuerofpatient")
+
+
+def _check_no_patient_keys(value: Any, path: str = "detail") -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            norm = str(k).lower().replace("_", "").replace("-", "")
+            if norm.startswith(_PATIENT_KEYS):
+                raise ValueError(f"{path}: key {k!r} looks like a patient identifier")
+            _check_no_patient_keys(v, f"{path}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_no_patient_keys(v, f"{path}[{i}]")
+
+
+def audit(
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    resource_type: str,
+    resource_id: str | None,
+    outcome: Outcome,
+    status_code: int,
+    detail: Mapping[str, Any] | None = None,
+) -> AuditEvent:
+    """Record one audit event. `detail` must not carry patient identifiers: keys such as
+    `PatientName` or `AccessionNumber` are refused (ValueError)."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+    _check_no_patient_keys(detail)
+    event = AuditEvent(
+        actor=actor,
+        action=action,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        outcome=outcome,
+        status_code=status_code,
+        detail=dict(detail) if detail is not None else None,
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+def list_audit_events(
+    session: Session,
+    *,
+    actor: str | None = None,
+    action: str | None = None,
+    resource_type: str | None = None,
+    resource_id: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[AuditEvent]:
+    """Newest first."""
+    stmt = select(AuditEvent)
+    for column, value in (
+        (AuditEvent.actor, actor),
+        (AuditEvent.action, action),
+        (AuditEvent.resource_type, resource_type),
+        (AuditEvent.resource_id, resource_id),
+    ):
+        if value is not None:
+            stmt = stmt.where(column == value)
+    stmt = stmt.order_by(AuditEvent.id.desc())
+    return list(session.scalars(_page(stmt, limit, offset)))
+
+
+# --- jobs (claimed by workers in a later issue) ------------------------------------------------
+
+
+def enqueue_job(
+    session: Session,
+    *,
+    kind: str,
+    payload: Mapping[str, Any] | None = None,
+    study_id: str | None = None,
+    max_attempts: int = 3,
+) -> Job:
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    job = Job(
+        kind=kind,
+        payload=dict(payload or {}),
+        study_id=study_id,
+        max_attempts=max_attempts,
+        status="queued",
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+__all__ = [
+    "DomainError",
+    "InvalidReportUpdate",
+    "ReportFinalized",
+    "add_image",
+    "audit",
+    "count_reports",
+    "count_studies",
+    "create_report",
+    "create_study",
+    "enqueue_job",
+    "get_image",
+    "get_report",
+    "get_study",
+    "list_audit_events",
+    "list_reports",
+    "list_studies",
+    "parse_dicom_date",
+    "update_report",
+]

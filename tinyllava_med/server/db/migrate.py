@@ -1,0 +1,117 @@
+"""Run Alembic migrations from code, and check that the models and the migrations agree.
+
+    upgrade("sqlite:///data/tinyllava_med.db")        # what `tinyllava-med db upgrade` does
+    assert check_models_match_migrations(url) == []    # after upgrading to head
+
+Migrations are a separate step, never a side effect of import or of starting the app. The
+Alembic environment is the repository's `migrations/` folder, found from this file's location
+(`<repo>/tinyllava_med/server/db/migrate.py` -> `<repo>/migrations`); an installed wheel would
+have to ship it as package data. No `alembic.ini` is read here, so the caller's logging setup
+is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import CheckConstraint, inspect, text
+from sqlalchemy.engine import URL, Connection
+
+from tinyllava_med.server.db.models import Base
+from tinyllava_med.server.db.session import make_engine
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+MIGRATIONS_DIR = REPO_ROOT / "migrations"
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic config for `migrations/`, bound to `connection` when given."""
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise MigrationError(
+            f"Alembic environment not found at {MIGRATIONS_DIR}: run from a source checkout "
+            "(an installed wheel does not ship migrations/)"
+        )
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("path_separator", "os")
+    cfg.attributes["configure_logger"] = False
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+@contextmanager
+def _migration_connection(database_url: str | URL) -> Iterator[Connection]:
+    # SQLite: foreign keys OFF while migrating (batch mode rebuilds tables), then verified.
+    engine = make_engine(database_url, sqlite_foreign_keys=False)
+    try:
+        with engine.begin() as conn:
+            yield conn
+            if conn.dialect.name == "sqlite":
+                bad = conn.execute(text("PRAGMA foreign_key_check")).fetchall()
+                if bad:
+                    raise MigrationError(f"foreign key violations after migrating: {bad[:5]}")
+    finally:
+        engine.dispose()
+
+
+def upgrade(database_url: str | URL, revision: str = "head") -> None:
+    with _migration_connection(database_url) as conn:
+        command.upgrade(alembic_config(conn), revision)
+
+
+def downgrade(database_url: str | URL, revision: str = "base") -> None:
+    with _migration_connection(database_url) as conn:
+        command.downgrade(alembic_config(conn), revision)
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(database_url: str | URL) -> str | None:
+    """The database's revision; None for a database never migrated."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def check_models_match_migrations(database_url: str | URL) -> list[Any]:
+    """Differences between `models.py` and the migrated database, as Alembic's autogenerate
+    diff entries (`("add_column", ...)`, `[("modify_type", ...)]`), plus
+    `("check_constraints", table, in_models, in_database)` for CHECK constraints, which
+    autogenerate does not compare. Empty when they agree. Upgrade the database first."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            diffs: list[Any] = list(compare_metadata(ctx, Base.metadata))
+            inspector = inspect(conn)
+            existing = set(inspector.get_table_names())
+            for table in Base.metadata.sorted_tables:
+                if table.name not in existing:
+                    continue  # already reported as add_table
+                wanted = sorted(
+                    str(c.name) for c in table.constraints if isinstance(c, CheckConstraint)
+                )
+                found = sorted(str(c["name"]) for c in inspector.get_check_constraints(table.name))
+                if wanted != found:
+                    diffs.append(("check_constraints", table.name, wanted, found))
+            return diffs
+    finally:
+        engine.dispose()

@@ -1,0 +1,82 @@
+"""Engines and sessions: one place that knows how SQLite and PostgreSQL differ at connect time.
+
+    engine = make_engine(settings.database_url)     # built by the app's lifespan, never at import
+    Session = session_factory(engine)
+    with Session.begin() as session:                 # commits on success, rolls back on error
+        crud.create_study(session, Modality="CT")
+
+SQLite: `check_same_thread=False` (FastAPI runs sync code in a thread pool), WAL journal (readers
+do not block the writer), foreign keys ON, and a busy timeout. PostgreSQL: `pool_pre_ping`, so a
+restarted database costs one retry, not a 500. `postgresql://` URLs use psycopg 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def normalize_database_url(url: str | URL) -> URL:
+    """`postgres://` and `postgresql://` -> `postgresql+psycopg://` (psycopg 3 is the driver
+    installed); anything that is neither SQLite nor PostgreSQL is refused."""
+    u = make_url(url) if isinstance(url, str) else url
+    if u.drivername in ("postgres", "postgresql"):
+        u = u.set(drivername="postgresql+psycopg")
+    if u.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(
+            f"unsupported database {u.get_backend_name()!r}: expected sqlite or postgresql"
+        )
+    return u
+
+
+def make_engine(url: str | URL, *, sqlite_foreign_keys: bool = True, echo: bool = False) -> Engine:
+    """An engine for `url`. For a SQLite file, its folder is created if missing.
+
+    `sqlite_foreign_keys=False` is for migrations only: SQLite batch mode rebuilds a table by
+    dropping and renaming it, which with foreign keys ON would cascade-delete child rows.
+    """
+    u = normalize_database_url(url)
+    if u.get_backend_name() == "sqlite":
+        return _sqlite_engine(u, foreign_keys=sqlite_foreign_keys, echo=echo)
+    return create_engine(u, pool_pre_ping=True, echo=echo)
+
+
+def _sqlite_engine(u: URL, *, foreign_keys: bool, echo: bool) -> Engine:
+    memory = u.database in (None, "", ":memory:") or "mode=memory" in str(u.query)
+    if not memory:
+        Path(u.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        u,
+        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+        echo=echo,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; fewer fsyncs
+            cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+        finally:
+            cursor.close()
+
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions whose objects stay readable after commit (responses are built after it)."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def ping(engine: Engine) -> None:
+    """Raise if the database cannot answer a trivial query (for `/readyz`)."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))

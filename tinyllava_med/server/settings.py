@@ -1,0 +1,117 @@
+"""The server's one validated configuration: `TINYLLAVA_MED_*` environment variables, flags override.
+
+    TINYLLAVA_MED_DATA_DIR=/srv/tlm TINYLLAVA_MED_QUANT=4bit tinyllava-med serve
+    Settings(model="tinyllava-med-fq4", port=9000)      # what the CLI builds from its flags
+
+With no configuration at all: the bundled demo model, SQLite under `./data`, 127.0.0.1:8000,
+authentication on. Everything the server reads from the environment is a field here; nothing
+else in the package reads `os.environ` for server configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tinyllava_med.model.registry import Quant
+
+MiB = 1024 * 1024
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+SUPPORTED_DATABASES = ("sqlite", "postgresql")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TINYLLAVA_MED_",
+        extra="forbid",  # a misspelt override (`Settings(prot=1)`) is an error, not ignored
+        validate_default=True,
+    )
+
+    # --- storage -------------------------------------------------------------------------------
+    data_dir: Path = Field(
+        default=Path("./data"), description="SQLite database, stored images, models"
+    )
+    database_url: str = Field(
+        default="", description="SQLAlchemy URL; default: sqlite:///{data_dir}/tinyllava_med.db"
+    )
+
+    # --- model ---------------------------------------------------------------------------------
+    model: str = Field(default="demo", min_length=1, description="variant name, folder or hub id")
+    quant: Quant | None = Field(default=None, description="None: the variant's own quantization")
+    device: str = Field(default="auto", min_length=1, description="auto, cpu, cuda, cuda:1 ...")
+    dtype: Dtype = "auto"
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    # --- limits (bad input gets a 4xx naming the limit) ----------------------------------------
+    max_upload_bytes: int = Field(default=64 * MiB, gt=0, description="per request body")
+    max_files_per_upload: int = Field(default=64, gt=0)
+    max_pixels: int = Field(default=8192 * 8192, gt=0, description="rows x columns of one frame")
+    max_frames: int = Field(default=1024, gt=0, description="frames in one multi-frame DICOM")
+    max_question_chars: int = Field(default=2000, gt=0)
+    max_new_tokens: int = Field(default=512, gt=0, description="the most a request may ask for")
+    default_max_new_tokens: int = Field(
+        default=128, gt=0, description="when a request does not say"
+    )
+    request_timeout_s: float = Field(default=120.0, gt=0)
+
+    # --- batching ------------------------------------------------------------------------------
+    max_batch_size: int = Field(default=8, gt=0)
+    batch_window_ms: float = Field(default=10.0, ge=0)
+    max_queue: int = Field(default=64, gt=0, description="waiting requests before 503")
+
+    # --- operations ----------------------------------------------------------------------------
+    readiness_probe_interval_s: float = Field(
+        default=10.0, gt=0, description="database check period"
+    )
+    auth_disabled: bool = Field(default=False, description="only for local experiments")
+    allow_remote_image_urls: bool = Field(
+        default=False, description="chat image_url: data URIs only"
+    )
+    log_level: LogLevel = "INFO"
+
+    @field_validator("quant", mode="before")
+    @classmethod
+    def _auto_quant(cls, v: Any) -> Any:
+        # The CLI's `--quant auto` and an empty environment variable both mean "variant default".
+        return None if v in ("auto", "") else v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, v: Path) -> Path:
+        # Resolved once, so a later chdir cannot move the database or the images.
+        return v.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'tinyllava_med.db'}"
+        scheme = self.database_url.split(":", 1)[0].split("+", 1)[0]
+        if scheme == "postgres":
+            scheme = "postgresql"
+        if scheme not in SUPPORTED_DATABASES:
+            raise ValueError(
+                f"database_url: expected a sqlite:// or postgresql:// URL, got scheme {scheme!r}"
+            )
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                f"max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+    @property
+    def images_dir(self) -> Path:
+        """Where uploaded image files live, content-addressed by sha256."""
+        return self.data_dir / "images"
