@@ -1,9 +1,9 @@
 """`tinyllava-med`: one verb per job, each a thin call into a subpackage.
 
-    tinyllava-med serve                                   # demo model, SQLite under ./data, :8000
-    tinyllava-med ask CT_small.dcm "Which organ is shown?" --json
-    tinyllava-med convert ./llava-med-v1.5-mistral-7b ./data/models/llava-med
-    tinyllava-med demo-model                              # train the bundled demo (<5 min, CPU)
+tinyllava-med serve                                   # demo model, SQLite under ./data, :8000
+tinyllava-med ask CT_small.dcm "Which organ is shown?" --json
+tinyllava-med convert ./llava-med-v1.5-mistral-7b ./data/models/llava-med
+tinyllava-med demo-model                              # train the bundled demo (<5 min, CPU)
 """
 
 from __future__ import annotations
@@ -101,6 +101,74 @@ def cmd_data(args: argparse.Namespace) -> int:
     return _not_yet(f"data {args.data_cmd}", "training issue")(args)
 
 
+def _server_settings(args: argparse.Namespace) -> Any:
+    from tinyllava_med.server.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    for flag, field in [
+        ("model", "model"),
+        ("database_url", "database_url"),
+        ("host", "host"),
+        ("port", "port"),
+        ("device", "device"),
+        ("dtype", "dtype"),
+    ]:
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[field] = value
+    if getattr(args, "quant", None) not in (None, "auto"):
+        overrides["quant"] = args.quant
+    return Settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tinyllava_med.server.app import create_app
+
+    settings = _server_settings(args)
+    app = create_app(settings)
+    print(
+        f"serving on http://{settings.host}:{settings.port} (model: {settings.model}, "
+        f"database: {settings.database_url.split('://', 1)[0]})",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10
+    )
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from tinyllava_med.server.db.migrate import upgrade
+
+    settings = _server_settings(args)
+    upgrade(settings.database_url)
+    print("database is at the latest revision")
+    return 0
+
+
+def cmd_apikey(args: argparse.Namespace) -> int:
+    from tinyllava_med.server.auth import create_api_key
+    from tinyllava_med.server.db.migrate import upgrade
+    from tinyllava_med.server.db.session import make_engine, session_factory
+
+    settings = _server_settings(args)
+    if settings.database_url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        with session_factory(engine).begin() as session:
+            row, key = create_api_key(session, role=args.role, name=args.name)
+            print(f"created {row.role} key {row.id} (shown once):")
+    finally:
+        engine.dispose()
+    print(key)
+    return 0
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from tinyllava_med.training.demo import build_demo_model
 
@@ -114,10 +182,14 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 
 def _model_args(p: argparse.ArgumentParser, default_model: str | None = "demo") -> None:
     p.add_argument("--model", default=default_model, help="variant name, folder or hub id")
-    p.add_argument("--quant", choices=[*QUANT_CHOICES, "auto"], default="auto",
-                   help="quantization at load time (default: the variant's own)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--quant",
+        choices=[*QUANT_CHOICES, "auto"],
+        default="auto",
+        help="quantization at load time (default: the variant's own)",
+    )
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,14 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name: str, help: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    def verb(
+        name: str, help: str, fn: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=fn)
         return p
 
-    p = verb("serve", "run the REST server and web client (default: demo model, SQLite)",
-             _not_yet("serve", "server issue"))
-    _model_args(p)
+    p = verb("serve", "run the REST server and web client (default: demo model, SQLite)", cmd_serve)
+    _model_args(p, default_model=None)
     p.add_argument("--database-url", default=None)
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
@@ -151,17 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = verb("convert", "convert an original LLaVA-Med / TinyLLaVA checkpoint to the served format",
-             cmd_convert)
+    p = verb(
+        "convert",
+        "convert an original LLaVA-Med / TinyLLaVA checkpoint to the served format",
+        cmd_convert,
+    )
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--from", dest="source_format", default=None,
-                   choices=["llava_mistral", "llava", "tiny_llava", "tinyllava"])
+    p.add_argument(
+        "--from",
+        dest="source_format",
+        default=None,
+        choices=["llava_mistral", "llava", "tiny_llava", "tinyllava"],
+    )
     p.add_argument("--vision-tower", default=None, help="folder of the original vision tower")
     p.add_argument("--vision-weights", default="checkpoint", choices=["checkpoint", "tower"])
 
-    p = verb("quantize", "write a quantized checkpoint (nf4, int8, cpu-int8)",
-             _not_yet("quantize", "quantization issue"))
+    p = verb(
+        "quantize",
+        "write a quantized checkpoint (nf4, int8, cpu-int8)",
+        _not_yet("quantize", "quantization issue"),
+    )
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--method", choices=["nf4", "int8", "cpu-int8"], required=True)
@@ -170,12 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["alignment", "instruct", "downstream"], required=True)
     p.add_argument("--config", required=True)
 
-    p = verb("memory", "measure static and dynamic memory", _not_yet("memory", "quantization issue"))
+    p = verb(
+        "memory", "measure static and dynamic memory", _not_yet("memory", "quantization issue")
+    )
     _model_args(p)
     p.add_argument("--paper-table", action="store_true")
     p.add_argument("--json", default=None)
 
-    p = verb("eval", "generate answers, score them, judge them", _not_yet("eval", "evaluation issue"))
+    p = verb(
+        "eval", "generate answers, score them, judge them", _not_yet("eval", "evaluation issue")
+    )
     p.add_argument("eval_cmd", choices=["generate", "score", "judge", "compare"])
 
     p = verb("data", "download, convert or synthesise datasets", cmd_data)
@@ -187,12 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("demo-model", "train the bundled demo model on PhantomVQA", cmd_demo_model)
     p.add_argument("--out", default=None)
 
-    p = verb("db", "database migrations", _not_yet("db", "server issue"))
+    p = verb("db", "database migrations", cmd_db)
     p.add_argument("db_cmd", choices=["upgrade"])
+    p.add_argument("--database-url", default=None)
 
-    p = verb("apikey", "manage API keys", _not_yet("apikey", "server issue"))
+    p = verb("apikey", "manage API keys", cmd_apikey)
     p.add_argument("apikey_cmd", choices=["create"])
     p.add_argument("--role", choices=["pacs", "radiologist", "admin"], required=True)
+    p.add_argument("--name", default="")
+    p.add_argument("--database-url", default=None)
     return parser
 
 

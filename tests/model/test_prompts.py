@@ -26,7 +26,10 @@ def test_v1_literal():
 
 
 def test_mistral_instruct_literal():
-    assert build_prompt("mistral_instruct", "What modality?") == "[INST] <image>\nWhat modality? [/INST]"
+    assert (
+        build_prompt("mistral_instruct", "What modality?")
+        == "[INST] <image>\nWhat modality? [/INST]"
+    )
     assert (
         build_prompt("mistral_instruct", "And the organ?", [("What modality?", "CT")])
         == "[INST] <image>\nWhat modality? [/INST] CT </s>[INST] And the organ? [/INST]"
@@ -52,7 +55,10 @@ def test_chat_template_renders_build_prompt(template):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     tpl = env.from_string(chat_template(template))
     messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What modality?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "What modality?"}],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "CT"}]},
         {"role": "user", "content": [{"type": "text", "text": "Which organ?"}]},
     ]
@@ -64,3 +70,16 @@ def test_chat_template_renders_build_prompt(template):
 def test_unknown_template():
     with pytest.raises(ValueError, match="known: v1"):
         build_prompt("chatml", "q")
+
+
+def test_llava_med_v1_literal():
+    """LLaVA-Med v1.0 `simple`: example exchange, image after the question, prompt ends at ###."""
+    assert build_prompt("llava_v1_med", "What is shown?") == (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the human's questions.###Human: Hi!"
+        "###Assistant: Hi there!  How can I help you today?\n###Human: What is shown?\n"
+        "<im_start><image><im_end>###"
+    )
+    from tinyllava_med.model.prompts import clean_answer
+
+    assert clean_answer("llava_v1_med", "Assistant: a chest x-ray") == "a chest x-ray"

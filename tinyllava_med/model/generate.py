@@ -19,7 +19,7 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from tinyllava_med.model.load import LoadedModel
-from tinyllava_med.model.prompts import build_prompt, stop_strings
+from tinyllava_med.model.prompts import build_prompt, clean_answer, stop_strings
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,14 @@ TokenCallback = Callable[[int, str], None]  # (row, text delta)
 class _RowStreamer(BaseStreamer):
     """Fans the batch's new tokens out per row as decoded text deltas; can stop generation."""
 
-    def __init__(self, tokenizer: Any, n_rows: int, eos_ids: set[int], on_token: TokenCallback,
-                 should_stop: Callable[[], bool] | None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        n_rows: int,
+        eos_ids: set[int],
+        on_token: TokenCallback,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.ids: list[list[int]] = [[] for _ in range(n_rows)]
         self.sent: list[str] = [""] * n_rows
@@ -76,15 +82,19 @@ class _RowStreamer(BaseStreamer):
                 self.done[row] = True
                 continue
             self.ids[row].append(tok)
-            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-                continue
-            delta, self.sent[row] = text[len(self.sent[row]):], text
-            if delta:
-                self.on_token(row, delta)
+            self._emit(row, final=False)
+
+    def _emit(self, row: int, *, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait
+            return
+        delta, self.sent[row] = text[len(self.sent[row]) :], text
+        if delta:
+            self.on_token(row, delta)
 
     def end(self) -> None:
-        pass
+        for row in range(len(self.ids)):
+            self._emit(row, final=True)
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -127,7 +137,9 @@ def generate(
 
     eos_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     gen_eos = lm.model.generation_config.eos_token_id
-    eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    eos_ids |= set(
+        gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+    )
     stops = tuple(s for s in stop_strings(lm.template) if s not in (tok.eos_token,))
     kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new,
@@ -151,7 +163,7 @@ def generate(
         out = lm.model.generate(**inputs, **kwargs)
     latency_ms = (time.perf_counter() - start) * 1000.0
 
-    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+    new = out[:, inputs["input_ids"].shape[1] :].tolist()
     answers = []
     for row, ids in enumerate(new):
         limit = per_row[row].max_new_tokens
@@ -168,7 +180,7 @@ def generate(
             finish = "stop"
         answers.append(
             Answer(
-                text=text.strip(),
+                text=clean_answer(lm.template, text),
                 prompt_tokens=int(prompt_lens[row]),
                 new_tokens=len(kept),
                 latency_ms=latency_ms,
@@ -191,7 +203,10 @@ def stream(
     def work() -> None:
         try:
             ans = generate(
-                lm, [image], [question], params,
+                lm,
+                [image],
+                [question],
+                params,
                 on_token=lambda _row, delta: q.put(("delta", delta)),
                 should_stop=stop.is_set,
             )[0]

@@ -143,7 +143,7 @@ def load_model(
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path, backend="pil")  # PIL bicubic = the originals
     processor.tokenizer.padding_side = "left"
 
     from tinyllava_med.quantize.runtime import load_weights

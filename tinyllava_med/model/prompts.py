@@ -19,8 +19,17 @@ V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-# LLaVA-Med v1.0 (`llava` on LLaMA) used the same system line, `###` separators and roles.
-MED_V1_SYSTEM = V1_SYSTEM
+# LLaVA-Med v1.0 (`llava` on LLaMA, `--conv-mode simple`): "human" in the system line, a fixed
+# example exchange, the image after the question wrapped in <im_start>/<im_end>, and a prompt
+# that ends with the separator: the model writes "Assistant:" itself.
+MED_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+MED_V1_PREAMBLE = (
+    MED_V1_SYSTEM + "###Human: Hi!###Assistant: Hi there!  How can I help you today?\n"
+)
+MED_V1_IMAGE = "<im_start>" + IMAGE_TOKEN + "<im_end>"
 
 _STOP: dict[str, tuple[str, ...]] = {
     "v1": ("</s>",),
@@ -62,9 +71,13 @@ def conversation_segments(
         elif template == "mistral_instruct":
             user = f"[INST] {q} [/INST]"
             answer = f" {a} </s>"
-        else:  # llava_v1_med
-            user = (MED_V1_SYSTEM + "###" if i == 0 else "") + f"Human: {q}###Assistant:"
-            answer = f" {a}###"
+        else:  # llava_v1_med: the image follows the question
+            if i == 0:
+                plain = q.replace(IMAGE_TOKEN, "").strip()
+                user = f"{MED_V1_PREAMBLE}###Human: {plain}\n{MED_V1_IMAGE}###"
+            else:
+                user = f"Human: {q}###"
+            answer = f"Assistant: {a}###"
         segs.append((user, False))
         if a is not None:
             segs.append((answer, True))
@@ -82,6 +95,14 @@ def build_prompt(template: str, question: str, history: list[tuple[str, str]] | 
     return "".join(text for text, _ in conversation_segments(template, turns))
 
 
+def clean_answer(template: str, text: str) -> str:
+    """The answer as a reader wants it: without the role name a template lets the model write."""
+    text = text.strip()
+    if template == "llava_v1_med" and text.startswith("Assistant:"):
+        text = text.removeprefix("Assistant:").strip()
+    return text
+
+
 def stop_strings(template: str) -> tuple[str, ...]:
     """Strings that end an answer for this template (besides the tokenizer's EOS)."""
     if template not in _STOP:
@@ -94,9 +115,10 @@ def _lit(text: str) -> str:
     return json.dumps(text)
 
 
-def _jinja_user(text_expr: str) -> str:
-    # Content may be a string or a list of {"type": "image"} / {"type": "text"} parts;
-    # the image placeholder always comes first, followed by a newline, as in the originals.
+def _jinja_user(text_expr: str, image: str | None = None) -> str:
+    # Content may be a string or a list of {"type": "image"} / {"type": "text"} parts. The image
+    # placeholder comes first, then a newline (as in the originals), unless `image` (a Jinja
+    # literal) says what to append after the text instead.
     return (
         "{%- set ns = namespace(text='', image=false) -%}"
         "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
@@ -104,7 +126,13 @@ def _jinja_user(text_expr: str) -> str:
         "{%- if part['type'] == 'image' -%}{%- set ns.image = true -%}"
         "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}"
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
-        "{%- if ns.image -%}{%- set ns.text = '<image>' + '\\n' + ns.text | trim -%}{%- endif -%}"
+        + (
+            "{%- if ns.image -%}{%- set ns.text = '<image>' + '\\n' + ns.text | trim -%}{%- endif -%}"
+            if image is None
+            else "{%- if ns.image -%}{%- set ns.text = ns.text | trim + "
+            + image
+            + " -%}{%- endif -%}"
+        )
         + text_expr
     )
 
@@ -141,16 +169,16 @@ def chat_template(template: str) -> str:
         )
     if template == "llava_v1_med":
         return (
-            "{{- " + _lit(MED_V1_SYSTEM + "###") + " -}}"
+            "{{- " + _lit(MED_V1_PREAMBLE + "###") + " -}}"
             "{%- for message in messages -%}"
             "{%- if message['role'] == 'user' -%}"
-            + _jinja_user("{{- 'Human: ' + ns.text + '###Assistant:' -}}")
+            + _jinja_user("{{- 'Human: ' + ns.text + '###' -}}", image=_lit("\n" + MED_V1_IMAGE))
             + "{%- elif message['role'] == 'assistant' -%}"
             "{%- set ns2 = namespace(text='') -%}"
             "{%- if message['content'] is string -%}{%- set ns2.text = message['content'] -%}"
             "{%- else -%}{%- for part in message['content'] -%}{%- if part['type'] == 'text' -%}"
             "{%- set ns2.text = ns2.text + part['text'] -%}{%- endif -%}{%- endfor -%}{%- endif -%}"
-            "{{- ' ' + ns2.text + '###' -}}"
+            "{{- 'Assistant: ' + ns2.text + '###' -}}"
             "{%- endif -%}{%- endfor -%}"
         )
     if template == "plain":

@@ -98,7 +98,7 @@ def tiny_llava_config(shape: TinyShape, tokenizer: PreTrainedTokenizerFast) -> L
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_index=int(tokenizer.convert_tokens_to_ids("<image>")),  # type: ignore[arg-type]
         projector_hidden_act="gelu",
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",

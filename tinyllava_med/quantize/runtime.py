@@ -55,7 +55,7 @@ def make_4bit_inputs_contiguous(model: nn.Module) -> int:
     return n
 
 
-def quantize_cpu_int8(model: nn.Module) -> nn.Module:
+def quantize_cpu_int8(model: Any) -> Any:
     """PyTorch dynamic int8 on the language model's linears (weights int8, activations fp32)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -95,6 +95,6 @@ def load_weights(
         model = quantize_cpu_int8(model)
         if stored_quant == "cpu-int8":
             state = torch.load(Path(path) / CPU_INT8_FILE, weights_only=False)
-            model.model.language_model.load_state_dict(state)
+            model.model.language_model.load_state_dict(state)  # type: ignore[union-attr]
         return model
     return load_plain(path, device=device, dtype=dtype, **kwargs)

@@ -30,8 +30,19 @@ class LoraSettings(BaseModel):
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                 "down_proj", "fc1", "fc2", "out_proj", "dense"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "fc1",
+            "fc2",
+            "out_proj",
+            "dense",
+        ]
     )
     qlora: bool = False  # 4-bit NF4 base (bitsandbytes) under the adapters
 

@@ -132,7 +132,10 @@ class ConversationDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         e = self.entries[i]
         ids, labels = encode_conversation(
-            self.processor.tokenizer, self.template, turns_of(e), self.num_image_tokens,
+            self.processor.tokenizer,
+            self.template,
+            turns_of(e),
+            self.num_image_tokens,
             self.max_length,
         )
         with Image.open(self.image_folder / e["image"]) as im:

@@ -41,7 +41,7 @@ DEMO_TRAIN = dict(
     max_time_s=230.0,
     warmup_ratio=0.04,
     weight_decay=0.0,
-    turns_per_sample=4,
+    turns_per_sample=8,
     logging_steps=50,
     save_steps=100_000,
     model_max_length=512,
@@ -92,8 +92,12 @@ def build_demo_model(
     train_entries = read_conversations(phantom / "train.json")
     model, processor = build_tiny_llava(demo_texts(train_entries), DEMO_SHAPE, seed=DEMO_SEED)
     init = save_served(
-        model, processor, work / "init",
-        ServedMeta(template="v1", name="demo", variant="demo", notes="synthetic; not for clinical use"),
+        model,
+        processor,
+        work / "init",
+        ServedMeta(
+            template="v1", name="demo", variant="demo", notes="synthetic; not for clinical use"
+        ),
     )
     settings: dict[str, Any] = {**DEMO_TRAIN, **(train_overrides or {})}
     cfg = TrainConfig(
@@ -115,17 +119,25 @@ def build_demo_model(
     shutil.rmtree(trained / "checkpoints", ignore_errors=True)
 
     scores = evaluate_demo(trained, phantom, progress=progress)
-    state = json.loads((trained / "training_state.json").read_text()) if (
-        trained / "training_state.json"
-    ).is_file() else {}
+    state = (
+        json.loads((trained / "training_state.json").read_text())
+        if (trained / "training_state.json").is_file()
+        else {}
+    )
     card = MODEL_CARD.format(
-        **DEMO_SHAPE.__dict__, seconds=train_seconds, steps=state.get("global_step", "?"),
-        seed=DEMO_SEED, scores=json.dumps(scores["summary"]),
+        **DEMO_SHAPE.__dict__,
+        seconds=train_seconds,
+        steps=state.get("global_step", "?"),
+        seed=DEMO_SEED,
+        scores=json.dumps(scores["summary"]),
     )
     (trained / "README.md").write_text(card)
     (trained / "demo_eval.json").write_text(
-        json.dumps({**scores, "train_seconds": train_seconds,
-                    "total_seconds": time.monotonic() - t0}, indent=2) + "\n"
+        json.dumps(
+            {**scores, "train_seconds": train_seconds, "total_seconds": time.monotonic() - t0},
+            indent=2,
+        )
+        + "\n"
     )
     if out.exists():
         shutil.rmtree(out)
@@ -135,8 +147,9 @@ def build_demo_model(
     return out
 
 
-def evaluate_demo(model_dir: Path, phantom: Path, *, progress: bool = False,
-                  limit: int | None = None) -> dict[str, Any]:
+def evaluate_demo(
+    model_dir: Path, phantom: Path, *, progress: bool = False, limit: int | None = None
+) -> dict[str, Any]:
     """Closed accuracy and open recall (LLaVA-Med definitions) on a PhantomVQA test split."""
     from tinyllava_med.eval.generate import generate_answers
     from tinyllava_med.eval.metrics import score_files
@@ -144,11 +157,25 @@ def evaluate_demo(model_dir: Path, phantom: Path, *, progress: bool = False,
     lm = load_model(str(model_dir), quant="none", device="cpu")
     answers = model_dir / "phantom_test_answers.jsonl"
     answers.unlink(missing_ok=True)
-    generate_answers(lm, phantom / "test.json", phantom / "images", answers,
-                     batch_size=64, limit=limit, progress=progress)
-    report = score_files(phantom / "test.json", answers)
+    generate_answers(
+        lm,
+        phantom / "test.json",
+        phantom / "images",
+        answers,
+        batch_size=64,
+        limit=limit,
+        progress=progress,
+    )
+    report = score_files(phantom / "test.json", answers).to_dict()
     answers.unlink(missing_ok=True)
-    return report.to_dict()
+    by_type = report["by_answer_type"]
+    report["summary"] = {
+        "closed_accuracy": by_type["CLOSED"]["accuracy"],
+        "closed_strict_accuracy": by_type["CLOSED"]["strict_accuracy"],
+        "open_recall": by_type["OPEN"]["recall"],
+        "open_exact_match": by_type["OPEN"]["exact_match"],
+    }
+    return report
 
 
 @contextmanager

@@ -98,14 +98,15 @@ QUESTION_TYPES: tuple[str, ...] = (
     "side",
     "count",
 )
-# question_type -> answer_type -> allowed answers. Yes/no and left/right are CLOSED (VQA-RAD).
+# question_type -> answer_type -> allowed answers. Yes/no questions are CLOSED; "which side"
+# (left/right) is OPEN, because LLaVA-Med's closed metric only scores yes/no answers.
 ANSWER_VOCAB: dict[str, dict[str, frozenset[str]]] = {
     "modality": {"OPEN": frozenset(MODALITIES), "CLOSED": frozenset(YES_NO)},
     "organ": {"OPEN": frozenset(ORGANS), "CLOSED": frozenset(YES_NO)},
     "abnormal": {"CLOSED": frozenset(YES_NO)},
     "finding": {"OPEN": frozenset(FINDINGS)},
     "presence": {"CLOSED": frozenset(YES_NO)},
-    "side": {"CLOSED": frozenset(YES_NO) | frozenset(SIDES)},
+    "side": {"CLOSED": frozenset(YES_NO), "OPEN": frozenset(SIDES)},
     "count": {"OPEN": frozenset(COUNTS)},
 }
 
@@ -654,7 +655,7 @@ def make_questions(case: PhantomCase, rng: np.random.Generator) -> list[PhantomQ
         words = {"f": "nodules" if plural else finding, "be": "are" if plural else "is"}
         words["Be"] = words["be"].capitalize()
         text = _pick(rng, _SIDE_CHOICE[finding]).format(**words)
-        qs.append(PhantomQuestion("side", "CLOSED", text, case.side))
+        qs.append(PhantomQuestion("side", "OPEN", text, case.side))
         asked_side = _pick(rng, SIDES)
         text = _pick(rng, _SIDE_YES_NO[finding]).format(s=asked_side, **words)
         qs.append(PhantomQuestion("side", "CLOSED", text, yes_no(asked_side == case.side)))

@@ -8,6 +8,7 @@ plain served checkpoint when the stage ends.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def _component_of(param_name: str) -> str | None:
 def _load_for_training(cfg: TrainConfig) -> tuple[Any, Any, ServedMeta]:
     path, _variant = resolve(cfg.model)
     meta = ServedMeta.load(path) or ServedMeta()
-    processor = AutoProcessor.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path, backend="pil")  # PIL bicubic = the originals
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if cfg.lora.qlora:
         from tinyllava_med.quantize.runtime import bnb_config, make_4bit_inputs_contiguous
@@ -96,15 +97,20 @@ def _apply_modes(model: Any, cfg: TrainConfig) -> Any:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=cfg.gradient_checkpointing
             )
-        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        names = {
+            n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+        }
         targets = sorted(set(cfg.lora.target_modules) & names)
         prefixes = "|".join(COMPONENT_PATHS[c].replace(".", r"\.") for c in lora_comps)
         regex = rf"^(?:{prefixes})\..*\.(?:{'|'.join(targets)})$"
         model = get_peft_model(
             model,
             LoraConfig(
-                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                target_modules=regex, bias="none",
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=regex,
+                bias="none",
             ),
         )
     for name, param in model.named_parameters():
@@ -121,23 +127,63 @@ def _apply_modes(model: Any, cfg: TrainConfig) -> Any:
     return model
 
 
-class StageTrainer(Trainer):
-    """`Trainer` with one optimizer parameter group per component learning rate."""
+def budget_cosine(
+    optimizer: Any, *, max_steps: int, warmup_ratio: float, budget_s: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine over training progress, where progress is the larger of the step
+    fraction and the time fraction: under a wall-clock budget the rate still decays to zero
+    by the end, however fast this machine turns out to be."""
+    start = time.monotonic()
 
-    def __init__(self, *args: Any, component_lrs: dict[str, float | None], **kwargs: Any) -> None:
+    def factor(step: int) -> float:
+        progress = max(step / max(max_steps, 1), (time.monotonic() - start) / budget_s)
+        progress = min(progress, 1.0)
+        if progress < warmup_ratio:
+            return max(progress / warmup_ratio, 1e-3)
+        return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup_ratio) / (1 - warmup_ratio)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class StageTrainer(Trainer):
+    """`Trainer` with one optimizer parameter group per component learning rate, and a
+    time-aware cosine schedule when the stage has a wall-clock budget."""
+
+    def __init__(
+        self,
+        *args: Any,
+        component_lrs: dict[str, float | None],
+        budget_s: float | None = None,
+        warmup_ratio: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.component_lrs = component_lrs
+        self.budget_s = budget_s
+        self.warmup_ratio = warmup_ratio
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self.budget_s and self.lr_scheduler is None:
+            self.lr_scheduler = budget_cosine(
+                optimizer or self.optimizer,
+                max_steps=num_training_steps,
+                warmup_ratio=self.warmup_ratio,
+                budget_s=self.budget_s,
+            )
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.optimizer is None and any(v is not None for v in self.component_lrs.values()):
             groups: dict[float, list[torch.nn.Parameter]] = {}
-            for name, p in self.model.named_parameters():
+            net: Any = self.model
+            for name, p in net.named_parameters():
                 if not p.requires_grad:
                     continue
                 comp = _component_of(name)
                 lr = self.component_lrs.get(comp or "") or self.args.learning_rate
                 groups.setdefault(lr, []).append(p)
-            opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, net)
             params = [
                 {"params": ps, "lr": lr, "weight_decay": self.args.weight_decay}
                 for lr, ps in groups.items()
@@ -156,7 +202,7 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
-        warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio in transformers 5
         lr_scheduler_type=cfg.lr_scheduler_type,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
@@ -200,13 +246,16 @@ def run_stage(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) 
         data_collator=Collator(processor.tokenizer.pad_token_id),
         callbacks=callbacks,
         component_lrs={c: getattr(cfg, c).learning_rate for c in COMPONENTS},
+        budget_s=cfg.max_time_s,
+        warmup_ratio=cfg.warmup_ratio,
     )
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     return save_stage_output(trainer.model, processor, cfg, meta, template)
 
 
-def save_stage_output(model: Any, processor: Any, cfg: TrainConfig, meta: ServedMeta,
-                      template: str) -> Path:
+def save_stage_output(
+    model: Any, processor: Any, cfg: TrainConfig, meta: ServedMeta, template: str
+) -> Path:
     """Merge adapters if any, then write weights, processor and provenance."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()

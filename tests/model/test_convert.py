@@ -1,0 +1,554 @@
+"""`convert` and the served processor against tiny checkpoints in the originals' exact formats.
+
+Each case writes a tiny original checkpoint (config fields, weight names, files, tower folder,
+tokenizer as the original code saved them), converts it, loads it with the Auto classes, and
+compares next-token logits with the same weights run by hand the original way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaTokenizer
+
+from tinyllava_med.model.convert import ConversionError, convert_checkpoint, detect_format
+from tinyllava_med.model.meta import ServedMeta
+from tinyllava_med.model.processor import (
+    ImageProcessorSpec,
+    build_image_processor,
+    build_processor,
+    image_token_count,
+)
+from tinyllava_med.model.prompts import build_prompt
+
+try:  # tests/model may or may not be a package
+    from . import original_formats as of
+except ImportError:
+    import original_formats as of  # type: ignore[no-redef]
+
+QUESTION = "Is there a nodule in the left lung?"
+BUILDERS = {
+    "llava_mistral": of.build_llava_med_v15,
+    "llava": of.build_llava_med_v10,
+    "tiny_llava_llama": lambda root: of.build_tiny_llava(root, "llama"),
+    "tiny_llava_phi": lambda root: of.build_tiny_llava(root, "phi"),
+    "tiny_llava_stablelm": lambda root: of.build_tiny_llava(root, "stablelm"),
+    "tinyllava": of.build_factory,
+}
+
+
+class Workshop:
+    """Builds each original once and converts it once per option set."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.originals: dict[str, of.Original] = {}
+        self.converted: dict[tuple, Path] = {}
+
+    def original(self, case: str) -> of.Original:
+        if case not in self.originals:
+            self.originals[case] = BUILDERS[case](self.root / "src" / case)
+        return self.originals[case]
+
+    def convert(self, case: str, **options: object) -> tuple[of.Original, Path]:
+        orig = self.original(case)
+        key = (case, tuple(sorted(options.items())))
+        if key not in self.converted:
+            dst = self.root / "served" / f"{case}-{len(self.converted)}"
+            if case == "llava_mistral":  # config names the hub id; the tower is a local folder
+                options.setdefault("vision_tower_path", orig.tower_folder)
+            self.converted[key] = convert_checkpoint(orig.folder, dst, **options)  # type: ignore[arg-type]
+        return orig, self.converted[key]
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> Workshop:
+    return Workshop(tmp_path_factory.mktemp("convert"))
+
+
+def sample_image(width: int = 23, height: int = 14, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def _load(dst: Path) -> tuple[torch.nn.Module, object]:
+    model = AutoModelForImageTextToText.from_pretrained(dst, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(dst)
+
+
+def _served_inputs(processor, template: str, question: str = QUESTION, image=None):
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == build_prompt(template, question)
+    return processor(text=text, images=image or sample_image(), return_tensors="pt")
+
+
+def _collapse(ids: list[int], image_id: int, marker: int = of.IMAGE_TOKEN_INDEX) -> list[int]:
+    """Served ids with the run of image tokens written as the originals' single marker."""
+    out: list[int] = []
+    for t in ids:
+        if t == image_id:
+            if not out or out[-1] != marker:
+                out.append(marker)
+        else:
+            out.append(t)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits: converted model == original arrangement
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["llava_mistral", "tiny_llava_llama", "tiny_llava_phi", "tiny_llava_stablelm", "tinyllava"],
+)
+def test_logits_match_original(shop: Workshop, case: str) -> None:
+    orig, dst = shop.convert(case)
+    model, processor = _load(dst)
+    inputs = _served_inputs(processor, orig.template)
+    ids = of.tokenizer_image_token(build_prompt(orig.template, QUESTION), orig.encode, orig.bos_id)
+    image_id = model.config.image_token_id
+    assert _collapse(inputs["input_ids"][0].tolist(), image_id) == ids
+
+    with torch.no_grad():
+        served = model(**inputs).logits[0, -1]
+    reference = of.original_logits(orig, ids, of.original_pixels(orig, sample_image()))
+    vocab = reference.shape[0]
+    assert (served[:vocab] - reference).abs().max().item() < 1e-5
+    assert served.argmax().item() == reference.argmax().item()
+    # The image matters: another image moves the logits far beyond the tolerance.
+    other = of.original_logits(orig, ids, of.original_pixels(orig, sample_image(seed=1)))
+    assert (other - reference).abs().max().item() > 1e-3
+
+
+def test_llava_med_v10_logits(shop: Workshop) -> None:
+    """LLaVA-Med v1.0: question first, then `<im_start>` + patches + `<im_end>`, whole prompt
+    tokenized at once, patch-token embeddings replaced by the linear projector's output; the
+    image is not padded (CLIP shortest edge + centre crop only)."""
+    orig, dst = shop.convert("llava")
+    model, processor = _load(dst)
+    start = (
+        of.V1_MED_SYSTEM + "###Human: Hi!###Assistant: Hi there!  How can I help you today?\n###"
+        f"Human: {QUESTION}\n<im_start>"
+    )
+    end = "<im_end>###"
+    patches = (orig.image_size // 4) ** 2
+    reference_ids = orig.encode(start + "<im_patch>" * patches + end)
+    patch_id = orig.encode("<im_patch>")[1]
+    served = processor(text=start + "<image>" + end, images=sample_image(), return_tensors="pt")
+    image_id = model.config.image_token_id
+    expected = [image_id if t == patch_id else t for t in reference_ids]
+    assert served["input_ids"][0].tolist() == expected
+
+    with torch.no_grad():
+        logits = model(**served).logits[0, -1]
+    pixels = of.original_pixels(orig, sample_image())
+    assert torch.allclose(served["pixel_values"], pixels, atol=1e-6)
+    reference = of.original_logits(orig, reference_ids, pixels, tower="tower", image_id=patch_id)
+    assert (logits[: reference.shape[0]] - reference).abs().max().item() < 1e-5
+    meta = ServedMeta.load(dst)
+    assert meta is not None and meta.vision_weights == "tower" and meta.template == "llava_v1_med"
+
+
+@pytest.mark.parametrize("case", ["tiny_llava_llama", "tinyllava"])
+def test_vision_weights_from_tower_folder(shop: Workshop, case: str) -> None:
+    """`vision_weights="tower"` serves what the original code ran (tower read from its folder);
+    the default serves the checkpoint's (fine-tuned) tower: both exact, and they differ."""
+    orig, dst = shop.convert(case, vision_weights="tower", vision_tower_path=_tower_dir(shop, case))
+    model, processor = _load(dst)
+    inputs = _served_inputs(processor, orig.template)
+    ids = of.tokenizer_image_token(build_prompt(orig.template, QUESTION), orig.encode, orig.bos_id)
+    pixels = of.original_pixels(orig, sample_image())
+    with torch.no_grad():
+        served = model(**inputs).logits[0, -1]
+    from_tower = of.original_logits(orig, ids, pixels, tower="tower")
+    vocab = from_tower.shape[0]
+    assert (served[:vocab] - from_tower).abs().max().item() < 1e-5
+    if case == "tiny_llava_llama":
+        from_checkpoint = of.original_logits(orig, ids, pixels, tower="checkpoint")
+        assert (from_checkpoint - from_tower).abs().max().item() > 1e-3
+        assert model.config.vision_config.num_hidden_layers == 2  # 3-layer tower minus the last
+    meta = ServedMeta.load(dst)
+    assert meta is not None and meta.vision_weights == "tower"
+
+
+def _tower_dir(shop: Workshop, case: str) -> Path:
+    orig = shop.original(case)
+    if case != "tinyllava":
+        return orig.tower_folder
+    folder = shop.root / "factory-siglip-tower"  # Factory names a hub id: give the tower locally
+    if not folder.exists():
+        written = of.write_tower_folder(folder, orig.tower_config, seed=99)
+        orig.tower_from_folder = written
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# What the served folder says about itself
+
+
+def test_served_config_and_meta(shop: Workshop) -> None:
+    orig, dst = shop.convert("tiny_llava_llama")
+    config = json.loads((dst / "config.json").read_text())
+    assert config["vision_feature_layer"] == -1
+    assert config["vision_feature_select_strategy"] == "full"
+    assert config["vision_config"]["num_hidden_layers"] == 2
+    assert config["vision_config"]["vision_use_head"] is False
+    assert config["projector_hidden_act"] == "gelu"
+    meta = ServedMeta.load(dst)
+    assert meta is not None
+    assert (meta.template, meta.source_format, meta.vision_weights) == (
+        "v1",
+        "tiny_llava",
+        "checkpoint",
+    )
+    assert meta.source_hash and meta.source_hash.startswith("sha256:")
+    assert "2 layers of 3" in (meta.notes or "")
+    processor = AutoProcessor.from_pretrained(dst)
+    assert processor.tokenizer.padding_side == "left"
+    assert processor.tokenizer.pad_token is not None
+
+    _, mistral = shop.convert("llava_mistral")
+    config = json.loads((mistral / "config.json").read_text())
+    assert (
+        config["vision_feature_layer"] == -2
+        and config["vision_feature_select_strategy"] == "default"
+    )
+    assert config["text_config"]["vocab_size"] % 64 == 0
+    assert config["image_seq_length"] == 16  # 16 px / patch 4, CLS dropped
+
+
+def test_vocabulary_padding(shop: Workshop) -> None:
+    orig, dst = shop.convert("llava_mistral")
+    model, processor = _load(dst)
+    vocab = orig.llm.config.vocab_size
+    image_id = model.config.image_token_id
+    assert image_id == vocab  # appended after the sentencepiece vocabulary
+    embed = model.get_input_embeddings().weight
+    assert embed.shape[0] % 64 == 0 and embed.shape[0] > vocab
+    mean = orig.llm.get_input_embeddings().weight.mean(0)
+    assert torch.allclose(embed[vocab:], mean.expand(embed.shape[0] - vocab, -1), atol=1e-6)
+    # Phi-2 / StableLM-2 style: rows beyond the tokenizer already; <image> takes one, no growth.
+    orig, dst = shop.convert("tiny_llava_phi")
+    config = json.loads((dst / "config.json").read_text())
+    assert config["text_config"]["vocab_size"] == orig.llm.config.vocab_size
+
+
+def test_dtype_kept_or_cast(shop: Workshop) -> None:
+    _, dst = shop.convert("tiny_llava_phi", dtype="bf16")
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    assert dtypes == {"BF16"}
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+    _, dst = shop.convert("tiny_llava_phi")
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_detect_format(shop: Workshop) -> None:
+    expected = {
+        "llava_mistral": "llava_mistral",
+        "llava": "llava",
+        "tiny_llava_phi": "tiny_llava",
+        "tiny_llava_stablelm": "tiny_llava",
+        "tinyllava": "tinyllava",
+    }
+    for case, fmt in expected.items():
+        assert detect_format(shop.original(case).folder) == fmt
+    _, dst = shop.convert("tiny_llava_phi")
+    assert detect_format(dst) == "served"
+    with pytest.raises(ConversionError, match="already in the served format"):
+        convert_checkpoint(dst, shop.root / "again")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every weight exactly once
+
+
+def _copy(shop: Workshop, case: str, name: str) -> Path:
+    folder = shop.root / name
+    shutil.copytree(shop.original(case).folder, folder)
+    return folder
+
+
+def _edit_safetensors(folder: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(folder.glob("model-*.safetensors")):
+        state = load_file(str(path))
+        edit(state, path.name)
+        save_file(state, str(path), metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    weight_map = {}
+    for path in sorted(folder.glob("model-*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            weight_map |= dict.fromkeys(f.keys(), path.name)
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_leftover_weight_fails_naming_it(shop: Workshop) -> None:
+    folder = _copy(shop, "llava_mistral", "leftover")
+
+    def add(state, name):
+        if name.startswith("model-00001"):
+            state["model.mm_projector.4.weight"] = torch.zeros(2, 2)
+            state["vision_resampler.probe"] = torch.zeros(2)
+
+    _edit_safetensors(folder, add)
+    with pytest.raises(ConversionError, match=r"vision_resampler\.probe"):
+        convert_checkpoint(
+            folder,
+            shop.root / "leftover-out",
+            vision_tower_path=shop.original("llava_mistral").tower_folder,
+        )
+
+    def drop_resampler(state, name):
+        state.pop("vision_resampler.probe", None)
+
+    _edit_safetensors(folder, drop_resampler)
+    with pytest.raises(ConversionError, match=r"model\.mm_projector\.4\.weight"):
+        convert_checkpoint(
+            folder,
+            shop.root / "leftover-out",
+            vision_tower_path=shop.original("llava_mistral").tower_folder,
+        )
+
+
+def test_missing_weight_fails_naming_it(shop: Workshop) -> None:
+    folder = _copy(shop, "llava_mistral", "missing")
+
+    def drop(state, name):
+        state.pop("model.mm_projector.2.bias", None)
+        state.pop("model.layers.1.mlp.up_proj.weight", None)
+
+    _edit_safetensors(folder, drop)
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(
+            folder,
+            shop.root / "missing-out",
+            vision_tower_path=shop.original("llava_mistral").tower_folder,
+        )
+    assert "model.multi_modal_projector.linear_2.bias" in str(error.value)
+    assert "model.language_model.layers.1.mlp.up_proj.weight" in str(error.value)
+
+
+def test_tower_with_wrong_layer_count_fails(shop: Workshop) -> None:
+    folder = _copy(shop, "tiny_llava_llama", "wrong-layers")
+    config = json.loads((folder / "config.json").read_text())
+    tower = shop.root / "siglip-4-layers"
+    of.write_tower_folder(tower, of.tiny_siglip_config(layers=4), seed=5)
+    config["mm_vision_tower"] = str(tower)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="2 layers, expected 3"):
+        convert_checkpoint(folder, shop.root / "wrong-layers-out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization around the image
+
+
+def test_prompt_ids_multi_turn_llava_med(shop: Workshop) -> None:
+    """LLaVA-Med's fast legacy tokenizer prepends `▁` after every special token (also `</s>`)."""
+    orig, dst = shop.convert("llava_mistral")
+    processor = AutoProcessor.from_pretrained(dst)
+    history = [("What is this image?", "A chest x-ray.")]
+    prompt = build_prompt("mistral_instruct", QUESTION, history)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": history[0][0]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": history[0][1]}]},
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}]},
+    ]
+    assert processor.apply_chat_template(messages, tokenize=False) == prompt
+    served = processor(text=prompt, images=sample_image(), return_tensors="pt")["input_ids"][
+        0
+    ].tolist()
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    original = of.tokenizer_image_token(prompt, orig.encode, orig.bos_id)
+    assert _collapse(served, image_id) == original
+    tokens = processor.tokenizer.convert_ids_to_tokens(served)
+    at = tokens.index("<image>")
+    assert (
+        tokens[0] == "<s>"
+        and tokens[1].startswith("▁")
+        and tokens[at - 1] == "▁"
+        and tokens[at + 16 : at + 18] == ["▁", "<0x0A>"]
+    )
+
+
+def test_prompt_ids_tinyllava_single_turn_and_multi_turn_gap(shop: Workshop) -> None:
+    """TinyLLaVA used the slow LlamaTokenizer with `legacy: false`, called once per chunk: every
+    chunk starts with `▁`, but a piece after `</s>` inside a chunk does not. Single-turn prompts
+    match exactly; in multi-turn prompts the served tokenizer has one extra `▁` after each `</s>`."""
+    orig, dst = shop.convert("tiny_llava_llama")
+    processor = AutoProcessor.from_pretrained(dst)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    slow_legacy_false = LlamaTokenizer.from_pretrained(orig.folder)  # prepend_scheme "first"
+
+    def original(prompt: str) -> list[int]:
+        return of.tokenizer_image_token(
+            prompt, lambda c: slow_legacy_false(c).input_ids, orig.bos_id
+        )
+
+    single = build_prompt("v1", QUESTION)
+    served = processor(text=single, images=sample_image(), return_tensors="pt")["input_ids"][
+        0
+    ].tolist()
+    assert _collapse(served, image_id) == original(single)
+
+    multi = build_prompt("v1", QUESTION, [("What is this image?", "A chest x-ray.")])
+    served = processor(text=multi, images=sample_image(), return_tensors="pt")["input_ids"][
+        0
+    ].tolist()
+    served = _collapse(served, image_id)
+    want = original(multi)
+    eos = served.index(processor.tokenizer.eos_token_id)
+    assert served[: eos + 1] == want[: eos + 1]  # identical up to and including the first </s>
+    # After </s> the served text starts with a dummy prefix ("▁USER"), the original's did not.
+    assert served == of.tokenizer_image_token(multi, orig.encode, orig.bos_id)
+    assert processor.tokenizer.convert_ids_to_tokens(served[eos + 1])[0] == "▁"
+    assert slow_legacy_false.convert_ids_to_tokens(want[eos + 1])[0] != "▁"
+
+
+# ---------------------------------------------------------------------------------------------
+# The processor
+
+
+@pytest.mark.parametrize(
+    ("spec", "pad"),
+    [
+        ("clip", True),
+        ("siglip", True),
+        ("clip", False),
+        (
+            ImageProcessorSpec(
+                (0.2, 0.3, 0.4), (0.5, 0.6, 0.7), center_crop=False, cls_token=False
+            ),
+            True,
+        ),
+    ],
+)
+def test_image_processor_matches_expand2square_reference(spec, pad: bool) -> None:
+    from tinyllava_med.model.processor import VISION_SPECS
+
+    resolved = VISION_SPECS[spec] if isinstance(spec, str) else spec
+    processor = build_image_processor(resolved, 32, pad=pad)
+    for size in [(45, 20), (17, 40), (32, 32)]:
+        image = sample_image(*size, seed=sum(size))
+        got = processor(image, return_tensors="pt")["pixel_values"]
+        want = of.reference_pixels(
+            image,
+            resolved.image_mean,
+            resolved.image_std,
+            32,
+            center_crop=resolved.center_crop,
+            pad=pad,
+        )
+        assert got.shape == (1, 3, 32, 32)
+        assert torch.allclose(got, want, atol=1e-5), (spec, pad, size)
+
+
+def test_processor_image_token_counts() -> None:
+    assert image_token_count(336, 14, cls_token=True, strategy="default") == 576
+    assert image_token_count(384, 14, cls_token=False, strategy="full") == 729
+    assert image_token_count(384, 14, cls_token=False, strategy="default") == 728  # Factory "patch"
+    assert image_token_count(64, 16, cls_token=False, strategy="full") == 16  # the bundled demo
+
+
+def test_build_processor_round_trip(tmp_path: Path) -> None:
+    from tinyllava_med.model.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(of.CORPUS * 3, vocab_size=400)
+    processor = build_processor(
+        tokenizer, template="v1", vision="siglip", image_size=64, num_image_tokens=16
+    )
+    assert processor.patch_size == 16
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    out = loaded(
+        text=build_prompt("v1", QUESTION), images=sample_image(70, 50), return_tensors="pt"
+    )
+    assert out["pixel_values"].shape == (1, 3, 64, 64)
+    assert int((out["input_ids"] == loaded.image_token_id).sum()) == 16
+    with pytest.raises(ValueError, match="image tokens"):
+        build_processor(
+            tokenizer,
+            template="v1",
+            vision="clip",
+            image_size=336,
+            patch_size=14,
+            num_image_tokens=729,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Real shapes, from the released configs (no weights: the model is built on the meta device)
+
+LLAVA_MED_V15_CONFIG = {
+    "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral",
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None, "vocab_size": 32000,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+    "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu",
+    "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_hidden_size": 1024,
+    "image_aspect_ratio": "pad", "mm_use_im_start_end": False, "mm_patch_merge_type": "flat",
+}  # fmt: skip
+TINYLLAVA_15B_CONFIG = {
+    "architectures": ["TinyLlavaLlamaForCausalLM"], "model_type": "tiny_llava",
+    "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-05, "vocab_size": 32000, "tie_word_embeddings": False,
+    "mm_vision_tower": "/home/authors/models/siglip-so400m-patch14-384",
+    "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_hidden_size": 1152,
+    "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "fmt", "tokens", "layers", "template"),
+    [
+        (LLAVA_MED_V15_CONFIG, "llava_mistral", 576, 24, "mistral_instruct"),
+        (TINYLLAVA_15B_CONFIG, "tiny_llava", 729, 26, "v1"),
+    ],
+)
+def test_real_shaped_plans(tmp_path: Path, config, fmt, tokens, layers, template) -> None:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from tinyllava_med.model.convert_formats import (
+        format_of_config,
+        plan_conversion,
+        served_vision_config,
+    )
+
+    assert format_of_config(config) == fmt
+    plan = plan_conversion(fmt, config, tmp_path)
+    assert plan.template == template and plan.pad
+    count = image_token_count(
+        plan.image_size,
+        plan.patch_size,
+        cls_token=plan.image_spec.cls_token,
+        strategy=plan.strategy,
+    )
+    assert count == tokens
+    keep = plan.vision_config["num_hidden_layers"] - int(plan.drop_last_layer)
+    assert keep == layers
+    vision = served_vision_config(plan, keep, use_head=False)
+    llava = LlavaConfig(
+        vision_config=vision,
+        text_config=plan.text_config,
+        vision_feature_layer=plan.feature_layer,
+        vision_feature_select_strategy=plan.strategy,
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(llava)
+    params = sum(p.numel() for p in model.parameters())
+    assert 7.4e9 < params < 7.7e9 if fmt == "llava_mistral" else 1.4e9 < params < 1.6e9

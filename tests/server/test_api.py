@@ -1,0 +1,241 @@
+"""The REST API end to end: real tiny model, real DICOM files, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from sqlalchemy import select
+
+from tinyllava_med.server.db.models import AuditEvent, Report, ReportEdit
+
+CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
+
+
+def png_bytes(size=(48, 40), color=80) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def upload(api, *files, role="pacs"):
+    return api.post(
+        "/v1/studies",
+        headers=api.h(role),
+        files=[("files", (name, data, ctype)) for name, data, ctype in files],
+    )
+
+
+def upload_ct(api):
+    r = upload(api, ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def assert_error(r, status, code=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and {"code", "message", "detail"} <= set(body["error"])
+    if code:
+        assert body["error"]["code"] == code, body
+
+
+def test_health_ready_metrics_need_no_key(api):
+    assert api.get("/healthz").json()["status"] == "ok"
+    r = api.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json()["checks"] == {"model": "ok", "database": "ok"}
+    assert "tinyllava_med_model_info" in api.get("/metrics").text
+
+
+def test_upload_ask_edit_sign_flow(api):
+    study = upload_ct(api)
+    ds = pydicom.dcmread(CT_SMALL)
+    assert study["StudyInstanceUID"] == ds.StudyInstanceUID
+    assert study["Modality"] == "CT"
+    assert study["images"][0]["kind"] == "dicom"
+    assert str(ds.PatientName) not in json.dumps(study)
+    assert ds.PatientID not in json.dumps(study)
+
+    r = api.get(f"/v1/studies/{study['id']}/images/0", headers=api.h("pacs"))
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    lung = api.get(f"/v1/studies/{study['id']}/images/0?window=lung", headers=api.h("pacs"))
+    assert lung.status_code == 200 and lung.content != r.content
+
+    r = api.post(
+        f"/v1/studies/{study['id']}/questions",
+        headers=api.h("pacs"),
+        json={"question": "Which organ is shown?", "max_new_tokens": 5},
+    )
+    assert r.status_code == 201, r.text
+    report = r.json()
+    for key in (
+        "id",
+        "answer",
+        "text",
+        "status",
+        "model",
+        "variant",
+        "quantization",
+        "latency_ms",
+        "tokens",
+    ):
+        assert key in report
+    assert report["status"] == "draft" and report["text"] == report["answer"]
+    assert report["model"] == "tiny-test" and report["quantization"] == "none"
+    assert 0 < report["tokens"]["completion"] <= 5
+
+    # pacs may not edit; radiologist edits, then signs
+    rid = report["id"]
+    assert_error(
+        api.patch(f"/v1/reports/{rid}", headers=api.h("pacs"), json={"text": "x"}), 403, "forbidden"
+    )
+    r = api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"text": "No acute findings."})
+    assert r.status_code == 200 and r.json()["text"] == "No acute findings."
+    assert r.json()["answer"] == report["answer"]
+    r = api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200 and r.json()["status"] == "final" and r.json()["signed_by"]
+    assert_error(api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"text": "changed"}), 409)
+
+    listed = api.get("/v1/reports?status=final", headers=api.h("pacs")).json()
+    assert listed["count"] == 1 and listed["data"][0]["id"] == rid
+    assert api.get("/v1/studies", headers=api.h("pacs")).json()["count"] == 1
+
+    with api.app.state.session_factory() as s:
+        row = s.get(Report, rid)
+        assert row.answer == report["answer"] and row.text == "No acute findings."
+        assert row.model == "tiny-test" and row.server_version
+        assert len(s.scalars(select(ReportEdit).where(ReportEdit.report_id == rid)).all()) == 2
+        actions = {e.action for e in s.scalars(select(AuditEvent)).all()}
+        assert {
+            "study.upload",
+            "image.read",
+            "question.ask",
+            "report.edit",
+            "report.sign",
+            "report.list",
+            "study.list",
+        } <= actions
+        denied = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "denied")).all()
+        assert denied, "the 403 must be audited"
+
+
+def test_auth_is_required(api):
+    assert_error(api.get("/v1/studies"), 401, "unauthorized")
+    assert_error(api.get("/v1/studies", headers={"Authorization": "Bearer tlm_nope"}), 401)
+    assert_error(api.post("/v1/apikeys", headers=api.h("radiologist"), json={"role": "admin"}), 403)
+
+
+def test_one_shot_ask_with_png(api):
+    r = api.post(
+        "/v1/ask",
+        headers=api.h("pacs"),
+        files={"file": ("x.png", png_bytes(), "image/png")},
+        data={"question": "Is there a fracture?", "max_new_tokens": "4"},
+    )
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["study"]["images"][0]["kind"] == "png"
+    assert body["report"]["study_id"] == body["study"]["id"]
+
+
+def test_stream_sends_tokens_then_stores_report(sqlite_api):
+    api = sqlite_api
+    study = upload_ct(api)
+    with api.stream(
+        "POST",
+        f"/v1/studies/{study['id']}/questions?stream=true",
+        headers=api.h("pacs"),
+        json={"question": "Describe the findings.", "max_new_tokens": 6},
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = "".join(r.iter_text())
+    events = [b for b in raw.split("\n\n") if b.strip()]
+    kinds = [e.split("\n")[0].removeprefix("event: ") for e in events]
+    assert kinds[-1] == "report" and set(kinds[:-1]) <= {"token"}
+    report = json.loads(events[-1].split("data: ", 1)[1])
+    tokens = "".join(json.loads(e.split("data: ", 1)[1])["text"] for e in events[:-1])
+    assert tokens.strip() == report["answer"]
+    stored = api.get(f"/v1/reports/{report['id']}", headers=api.h("pacs")).json()
+    assert stored["answer"] == report["answer"]
+
+
+@pytest.mark.parametrize(
+    "name,data,ctype,status,code",
+    [
+        ("junk.bin", b"\x00\x01not an image at all" * 10, "application/octet-stream", 415, None),
+        ("cut.dcm", CT_SMALL.read_bytes()[:3000], "application/dicom", 400, None),
+        ("empty.dcm", b"", "application/dicom", 400, "empty_file"),
+    ],
+)
+def test_bad_files_are_4xx_and_store_nothing(sqlite_api, name, data, ctype, status, code):
+    api = sqlite_api
+    before = api.get("/v1/studies", headers=api.h("pacs")).json()["count"]
+    r = upload(api, ("good.png", png_bytes(), "image/png"), (name, data, ctype))
+    assert 400 <= r.status_code < 500
+    assert_error(r, status, code)
+    assert api.get("/v1/studies", headers=api.h("pacs")).json()["count"] == before
+
+
+def test_png_decompression_bomb_is_413(sqlite_api):
+    buf = io.BytesIO()
+    Image.new("1", (40000, 40000)).save(buf, format="PNG")
+    r = upload(sqlite_api, ("bomb.png", buf.getvalue(), "image/png"))
+    assert_error(r, 413)
+
+
+def test_request_validation(sqlite_api):
+    api = sqlite_api
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    assert_error(api.post(url, headers=api.h(), json={}), 422, "invalid_request")
+    assert_error(api.post(url, headers=api.h(), json={"question": 5, "image_index": "x"}), 422)
+    assert_error(
+        api.post(url, headers=api.h(), json={"question": "q" * 5000}), 422, "question_too_long"
+    )
+    assert_error(
+        api.post(url, headers=api.h(), json={"question": "q", "max_new_tokens": 10**6}),
+        422,
+        "max_new_tokens_too_large",
+    )
+    assert_error(
+        api.post(url, headers=api.h(), json={"question": "q", "image_index": 3}),
+        404,
+        "image_not_found",
+    )
+    assert_error(
+        api.post("/v1/studies/nope/questions", headers=api.h(), json={"question": "q"}),
+        404,
+        "study_not_found",
+    )
+    assert_error(
+        api.post(
+            url,
+            headers=api.h(),
+            content=b"{not json",
+        ),
+        422,
+    )
+    assert_error(api.get("/v1/reports/nope", headers=api.h()), 404, "report_not_found")
+    assert_error(upload(api), 422)
+    assert_error(
+        api.get(f"/v1/studies/{study['id']}/images/0?window=rainbow", headers=api.h()), 422
+    )
+
+
+def test_queue_full_is_503_with_retry_after(sqlite_api):
+    api = sqlite_api
+    study = upload_ct(api)
+    api.app.state.engine.max_queue = 0  # every slot taken
+    r = api.post(f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "q"})
+    assert_error(r, 503, "queue_full")
+    assert r.headers["Retry-After"]
+    assert (
+        'tinyllava_med_rejected_requests_total{reason="queue_full"} 1.0' in api.get("/metrics").text
+    )

@@ -1,0 +1,143 @@
+"""The served processor: the one place that builds tokenizer + image processor + chat template.
+
+`build_processor` returns a transformers `LlavaProcessor` that reproduces what the original code
+fed its vision tower and LLM (FIDELITY.md):
+
+- images: `LlavaImageProcessorPil`, padded to a centred square with colour `int(mean * 255)`
+  (the originals' `expand2square`, `image_aspect_ratio: pad`), then CLIP-style (shortest edge +
+  centre crop) or SigLIP-style (resize to a square) bicubic resize, rescale and normalise;
+- text: the chat template of `prompts.chat_template(template)`, and `<image>` expanded to as many
+  placeholder tokens as the tower yields features (576 for CLIP-336 without CLS, 729 for
+  SigLIP-384, 16 for the bundled demo's 64 px / patch 16 tower).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from tokenizers import AddedToken
+from transformers import LlavaImageProcessorPil, LlavaProcessor, PreTrainedTokenizerBase
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+from tinyllava_med.model.prompts import IMAGE_TOKEN, chat_template
+
+SelectStrategy = Literal["default", "full"]
+
+
+@dataclass(frozen=True)
+class ImageProcessorSpec:
+    """How an original vision tower saw its input (apart from the size, which varies per tower)."""
+
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    center_crop: bool  # True: resize shortest edge + centre crop (CLIP); False: resize to a square
+    cls_token: bool  # the tower's output starts with a CLS token (CLIP) that is not a patch
+    resample: int = PILImageResampling.BICUBIC
+
+
+CLIP_SPEC = ImageProcessorSpec(tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD), True, True)
+SIGLIP_SPEC = ImageProcessorSpec((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False, False)
+VISION_SPECS: dict[str, ImageProcessorSpec] = {"clip": CLIP_SPEC, "siglip": SIGLIP_SPEC}
+
+
+def add_image_token(tokenizer: PreTrainedTokenizerBase, token: str = IMAGE_TOKEN) -> int:
+    """Make `token` a special, never-split token of `tokenizer` (added if missing); return its id."""
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens(
+            [AddedToken(token, special=True, normalized=False)], special_tokens=True
+        )
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(token_id, int)
+    return token_id
+
+
+def image_token_count(
+    image_size: int, patch_size: int, *, cls_token: bool, strategy: SelectStrategy
+) -> int:
+    """Features the tower + `vision_feature_select_strategy` yield (as `LlavaProcessor` counts them)."""
+    count = (image_size // patch_size) ** 2 + int(cls_token)
+    return count - 1 if strategy == "default" else count
+
+
+def _patch_size_for(
+    image_size: int, num_image_tokens: int, *, cls_token: bool, strategy: SelectStrategy
+) -> int:
+    grid_tokens = num_image_tokens - int(cls_token) + int(strategy == "default")
+    side = math.isqrt(max(grid_tokens, 0))
+    if side < 1 or side * side != grid_tokens or image_size % side:
+        raise ValueError(
+            f"{num_image_tokens} image tokens do not fit a square patch grid on {image_size} px "
+            f"(cls_token={cls_token}, strategy={strategy!r}); pass patch_size instead"
+        )
+    return image_size // side
+
+
+def build_image_processor(
+    spec: ImageProcessorSpec, image_size: int, *, pad: bool = True
+) -> LlavaImageProcessorPil:
+    """The PIL image processor for one tower: pad to square (mean colour), resize, normalise."""
+    square = {"height": image_size, "width": image_size}
+    return LlavaImageProcessorPil(
+        do_convert_rgb=True,
+        do_pad=pad,
+        do_resize=True,
+        size={"shortest_edge": image_size} if spec.center_crop else dict(square),
+        resample=spec.resample,
+        do_center_crop=spec.center_crop,
+        crop_size=dict(square),
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(spec.image_mean),
+        image_std=list(spec.image_std),
+    )
+
+
+def build_processor(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    template: str,
+    vision: Literal["clip", "siglip"] | ImageProcessorSpec,
+    image_size: int,
+    patch_size: int | None = None,
+    num_image_tokens: int | None = None,
+    vision_feature_select_strategy: SelectStrategy | None = None,
+    pad: bool = True,
+    image_token: str = IMAGE_TOKEN,
+) -> LlavaProcessor:
+    """The served `LlavaProcessor` for a tower of `image_size` px.
+
+    Give `patch_size` or `num_image_tokens` (or both, which must agree). The select strategy
+    defaults to the model's: `"default"` (drop the CLS token) for CLIP, `"full"` for SigLIP;
+    it must equal the model config's `vision_feature_select_strategy`. `pad=False` skips the
+    pad-to-square step (originals without `image_aspect_ratio: pad`). `image_token` is added to
+    `tokenizer` as a special token if missing.
+    """
+    spec = VISION_SPECS[vision] if isinstance(vision, str) else vision
+    strategy: SelectStrategy = vision_feature_select_strategy or (
+        "default" if spec.cls_token else "full"
+    )
+    if patch_size is None:
+        if num_image_tokens is None:
+            raise ValueError("build_processor needs patch_size or num_image_tokens")
+        patch_size = _patch_size_for(
+            image_size, num_image_tokens, cls_token=spec.cls_token, strategy=strategy
+        )
+    count = image_token_count(image_size, patch_size, cls_token=spec.cls_token, strategy=strategy)
+    if num_image_tokens is not None and count != num_image_tokens:
+        raise ValueError(
+            f"image tokens: expected {num_image_tokens}, but {image_size} px / patch {patch_size} "
+            f"(cls_token={spec.cls_token}, strategy={strategy!r}) gives {count}"
+        )
+    add_image_token(tokenizer, image_token)
+    return LlavaProcessor(
+        image_processor=build_image_processor(spec, image_size, pad=pad),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=chat_template(template),
+        image_token=image_token,
+        num_additional_image_tokens=int(spec.cls_token),
+    )

@@ -1,0 +1,203 @@
+"""The app factory: `create_app(settings)` builds the FastAPI app and its lifespan.
+
+The lifespan opens the database (running migrations for the SQLite default), creates the first
+admin key on an empty database (printed once), and loads the model in a background thread so
+`/healthz` answers at once while `/readyz` waits for the model. Everything lives on `app.state`;
+nothing is module-level.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tinyllava_med import __version__
+from tinyllava_med.model.load import LoadedModel
+from tinyllava_med.server.auth import ensure_first_admin_key
+from tinyllava_med.server.db.session import make_engine, session_factory
+from tinyllava_med.server.engine import BatchingEngine
+from tinyllava_med.server.errors import error_body, install_error_handlers
+from tinyllava_med.server.metrics import Metrics
+from tinyllava_med.server.routes import health, keys, questions, reports, studies
+from tinyllava_med.server.settings import Settings
+from tinyllava_med.server.storage import ImageStore
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """413 in the error shape when a request body is larger than `limit` bytes."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._reject(send)
+            return
+        seen = 0
+        sent_response = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal sent_response
+            if message["type"] == "http.response.start":
+                sent_response = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not sent_response:
+                await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        import json
+
+        body = json.dumps(
+            error_body(
+                "payload_too_large",
+                f"the request body is larger than {self.limit} bytes",
+                {"limit_bytes": self.limit},
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _load_model(app: FastAPI, settings: Settings) -> None:
+    """Background: build the demo if needed, load the model, start the engine."""
+    from tinyllava_med.model.load import load_model
+
+    try:
+        if settings.model == "demo":
+            from tinyllava_med.training.demo import ensure_demo_model
+
+            ensure_demo_model(settings.data_dir)
+        lm = load_model(
+            settings.model,
+            quant=settings.quant,
+            device=settings.device,
+            dtype=settings.dtype,
+            data_dir=settings.data_dir,
+        )
+        _start_engine(app, lm)
+    except Exception as e:  # /readyz reports it; the reason goes to the log
+        app.state.load_error = f"{type(e).__name__}: {e}"
+        log.exception("could not load the model %s", settings.model)
+
+
+def _start_engine(app: FastAPI, lm: LoadedModel) -> None:
+    app.state.engine.start(lm)
+    app.state.metrics.set_model(lm.info)
+    log.info("model ready: %s", lm.info)
+
+
+def create_app(settings: Settings | None = None, *, model: LoadedModel | None = None) -> FastAPI:
+    """The server. `model` (tests, embedding) skips loading `settings.model` from disk."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if settings.database_url.startswith("sqlite"):
+            from tinyllava_med.server.db.migrate import upgrade
+
+            upgrade(settings.database_url)  # the embedded default migrates itself
+        db_engine = make_engine(settings.database_url)
+        app.state.db_engine = db_engine
+        app.state.session_factory = session_factory(db_engine)
+        with app.state.session_factory.begin() as session:
+            first_key = ensure_first_admin_key(session)
+        if first_key is not None:
+            print(
+                f"Created the first admin API key (shown once, store it now):\n{first_key}",
+                file=sys.stderr,
+                flush=True,
+            )
+            app.state.first_admin_key = first_key
+        app.state.store = ImageStore(settings.images_dir)
+        app.state.engine = BatchingEngine(
+            max_batch_size=settings.max_batch_size,
+            batch_window_ms=settings.batch_window_ms,
+            max_queue=settings.max_queue,
+            metrics=app.state.metrics,
+        )
+        if model is not None:
+            _start_engine(app, model)
+        else:
+            threading.Thread(
+                target=_load_model, args=(app, settings), name="model-loader", daemon=True
+            ).start()
+        try:
+            yield
+        finally:
+            app.state.shutting_down = True
+            app.state.engine.shutdown()
+            db_engine.dispose()
+
+    app = FastAPI(
+        title="TinyLLaVA-Med server",
+        version=__version__,
+        description="Questions about DICOM / PNG / JPEG studies, answered by small medical "
+        "LLaVA models; reports stored, edited and signed. Errors: "
+        '`{"error": {"code", "message", "detail"}}`.',
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.load_error = None
+    app.state.shutting_down = False
+    app.state.first_admin_key = None
+    install_error_handlers(app)
+    for router in (health.router, studies.router, questions.router, reports.router, keys.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Any:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        m = request.app.state.metrics
+        m.requests.labels(request.method, path, str(response.status_code)).inc()
+        m.request_seconds.labels(request.method, path).observe(time.perf_counter() - start)
+        return response
+
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    return app

@@ -1,0 +1,51 @@
+"""Typed FastAPI dependencies: settings, database session, engine, image store, principals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from tinyllava_med.server.auth import Principal, require
+from tinyllava_med.server.engine import BatchingEngine
+from tinyllava_med.server.metrics import Metrics
+from tinyllava_med.server.settings import Settings
+from tinyllava_med.server.storage import ImageStore
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One transaction per request: committed when the route returns, rolled back on error."""
+    with request.app.state.session_factory.begin() as session:
+        yield session
+
+
+def get_engine(request: Request) -> BatchingEngine:
+    return request.app.state.engine
+
+
+def get_store(request: Request) -> ImageStore:
+    return request.app.state.store
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+EngineDep = Annotated[BatchingEngine, Depends(get_engine)]
+StoreDep = Annotated[ImageStore, Depends(get_store)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+Uploader = Annotated[Principal, Depends(require("study.upload"))]
+StudyReader = Annotated[Principal, Depends(require("study.read"))]
+Asker = Annotated[Principal, Depends(require("question.ask"))]
+ReportReader = Annotated[Principal, Depends(require("report.read"))]
+ReportEditor = Annotated[Principal, Depends(require("report.edit"))]
+KeyAdmin = Annotated[Principal, Depends(require("apikey.manage"))]

@@ -1,0 +1,252 @@
+"""The inference engine: one object that batches concurrent requests into one `generate`.
+
+Requests wait in a bounded queue; a worker thread collects up to `max_batch_size` requests
+that share sampling settings within a short window, runs one left-padded `generate`, and
+resolves each request's future. Tokens reach streaming callers through per-request callbacks;
+a cancelled request is dropped from its batch, and a batch whose requests are all cancelled
+stops generating. The engine knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+from tinyllava_med.model.generate import Answer, GenerationCancelled, SamplingParams, generate
+from tinyllava_med.model.load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class EngineBusy(Exception):
+    """The queue is full; the caller should retry later."""
+
+
+class EngineNotReady(Exception):
+    """No model is loaded (still loading, failed, or shutting down)."""
+
+
+class EngineMetrics(Protocol):
+    def on_batch(self, size: int, seconds: float, new_tokens: int) -> None: ...
+    def on_queue(self, depth: int) -> None: ...
+    def on_first_token(self, seconds: float) -> None: ...
+
+
+@dataclass
+class _Request:
+    image: Image.Image
+    question: str
+    params: SamplingParams
+    on_token: Callable[[str], None] | None
+    future: Future[Answer] = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: bool = False
+
+
+class BatchingEngine:
+    def __init__(
+        self,
+        *,
+        max_batch_size: int = 8,
+        batch_window_ms: float = 10.0,
+        max_queue: int = 64,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self.lm: LoadedModel | None = None
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_ms / 1000.0
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._pending = 0  # queued + running, guarded by _lock
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.last_probe_ok: float | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.lm = None
+
+    @property
+    def ready(self) -> bool:
+        return self.lm is not None and not self._stopping.is_set()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    def is_full(self) -> bool:
+        return self._pending >= self.max_queue
+
+    # --- requests --------------------------------------------------------------------------
+
+    def submit(
+        self,
+        image: Image.Image,
+        question: str,
+        params: SamplingParams,
+        on_token: Callable[[str], None] | None = None,
+    ) -> _Request:
+        if not self.ready:
+            raise EngineNotReady("the model is not loaded")
+        with self._lock:
+            if self._pending >= self.max_queue:
+                raise EngineBusy(f"the queue is full ({self.max_queue} requests)")
+            self._pending += 1
+            depth = self._pending
+        if self.metrics:
+            self.metrics.on_queue(depth)
+        req = _Request(image, question, params, on_token)
+        self._queue.put(req)
+        return req
+
+    async def generate(
+        self,
+        image: Image.Image,
+        question: str,
+        params: SamplingParams,
+        on_token: Callable[[str], None] | None = None,
+    ) -> Answer:
+        """Submit and await; cancelling the awaiting task cancels the request."""
+        req = self.submit(image, question, params, on_token)
+        try:
+            return await asyncio.wrap_future(req.future)
+        except asyncio.CancelledError:
+            req.cancelled.set()
+            raise
+
+    def probe(self, timeout: float = 30.0) -> bool:
+        """A one-token answer through the queue: proves the model really generates."""
+        img = Image.new("RGB", (32, 32), (127, 127, 127))
+        try:
+            req = self.submit(img, "ok?", SamplingParams(max_new_tokens=1))
+            req.future.result(timeout)
+        except Exception as e:  # readiness reports it; the reason goes to the log
+            log.warning("readiness probe failed: %s", e)
+            return False
+        self.last_probe_ok = time.monotonic()
+        return True
+
+    # --- worker ----------------------------------------------------------------------------
+
+    def _collect(self, first: _Request) -> list[_Request]:
+        batch = [first]
+        deadline = time.perf_counter() + self.batch_window_s
+        leftovers: list[_Request | None] = []
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                nxt = (
+                    self._queue.get(timeout=max(remaining, 0))
+                    if remaining > 0
+                    else (self._queue.get_nowait())
+                )
+            except queue.Empty:
+                break
+            if nxt is None or nxt.params.key() != first.params.key():
+                leftovers.append(nxt)  # other settings (or shutdown) wait for the next batch
+                if nxt is None:
+                    break
+                continue
+            batch.append(nxt)
+        for item in leftovers:
+            self._queue.put(item)
+        return batch
+
+    def _finish(self, reqs: list[_Request]) -> None:
+        with self._lock:
+            self._pending -= len(reqs)
+            depth = self._pending
+        if self.metrics:
+            self.metrics.on_queue(depth)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = self._collect(first)
+            live = [r for r in batch if not r.cancelled.is_set()]
+            for r in batch:
+                if r.cancelled.is_set():
+                    r.future.cancel()
+            if not live:
+                self._finish(batch)
+                continue
+            self._run(live)
+            self._finish(batch)
+        # fail whatever is still queued
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and not item.future.done():
+                item.future.set_exception(EngineNotReady("the server is shutting down"))
+
+    def _run(self, live: list[_Request]) -> None:
+        assert self.lm is not None
+
+        def on_token(row: int, delta: str) -> None:
+            r = live[row]
+            if not r.first_token:
+                r.first_token = True
+                if self.metrics:
+                    self.metrics.on_first_token(time.perf_counter() - r.submitted)
+            if r.on_token is not None and not r.cancelled.is_set():
+                r.on_token(delta)
+
+        start = time.perf_counter()
+        try:
+            answers = generate(
+                self.lm,
+                [r.image for r in live],
+                [r.question for r in live],
+                [r.params for r in live],
+                on_token=on_token,
+                should_stop=lambda: all(r.cancelled.is_set() for r in live),
+            )
+        except GenerationCancelled:
+            for r in live:
+                r.future.cancel()
+            return
+        except Exception as e:  # handed to each waiting request
+            log.exception("generation failed for a batch of %d", len(live))
+            for r in live:
+                if not r.future.done():
+                    r.future.set_exception(e)
+            return
+        if self.metrics:
+            self.metrics.on_batch(
+                len(live), time.perf_counter() - start, sum(a.new_tokens for a in answers)
+            )
+        for r, a in zip(live, answers, strict=True):
+            if r.cancelled.is_set():
+                r.future.cancel()
+            elif not r.future.done():
+                r.future.set_result(a)
+
+
+def engine_info(engine: BatchingEngine) -> dict[str, Any]:
+    return engine.lm.info if engine.lm is not None else {}

@@ -1,0 +1,131 @@
+"""The one error shape, `{"error": {"code", "message", "detail"}}`, and its exception handlers.
+
+Domain errors (imaging, engine, database rules) are mapped to HTTP once, here. Messages never
+carry patient identifiers: they describe what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tinyllava_med.server.db.crud import DomainError
+from tinyllava_med.server.db.models import Outcome
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.detail = detail
+        self.headers = headers
+
+
+def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "detail": detail}}
+
+
+def _response(
+    status: int, code: str, message: str, detail: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, detail), status_code=status, headers=headers)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+def _audit_failure(request: Request, status: int, code: str) -> None:
+    """Record a failed access in its own transaction (the route's own was rolled back).
+
+    Routes that touch a study or report put `(actor, action, resource_type, resource_id)` on
+    `request.state.audit` first; failures before that (auth) are audited by `auth`.
+    """
+    ctx = getattr(request.state, "audit", None)
+    if ctx is None:
+        return
+    actor, action, resource_type, resource_id = ctx
+    outcome: Outcome = {404: "not_found", 401: "denied", 403: "denied"}.get(  # type: ignore[assignment]
+        status, "error" if status >= 500 else "invalid"
+    )
+    try:
+        from tinyllava_med.server.db.crud import audit
+
+        with request.app.state.session_factory.begin() as session:
+            audit(
+                session,
+                actor=actor,
+                action=action,
+                resource_type=resource_type,
+                resource_id=resource_id,
+                outcome=outcome,
+                status_code=status,
+                detail={"code": code},
+            )
+    except Exception:  # the response still goes out; the failure to audit is logged
+        log.exception("could not write the audit event for a failed %s", action)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        _audit_failure(request, exc.status, exc.code)
+        return _response(exc.status, exc.code, exc.message, exc.detail, exc.headers)
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
+        _audit_failure(request, exc.status, exc.code)
+        return _response(exc.status, exc.code, exc.message, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return _response(422, "invalid_request", "the request does not match the schema", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return _response(exc.status_code, code, message, None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error(
+            "unhandled %s on %s %s",
+            type(exc).__name__,
+            request.method,
+            request.url.path,
+            exc_info=exc,
+        )
+        _audit_failure(request, 500, "internal_error")
+        return _response(500, "internal_error", "an internal error occurred; it has been logged")

@@ -1,0 +1,172 @@
+"""Prometheus metrics: one registry per app, names with units, labels without patient data.
+
+Names follow vLLM where they overlap (`time_to_first_token_seconds`, `generation_tokens_total`,
+`num_requests_waiting`) with the `tinyllava_med_` prefix. GPU memory comes from NVML (used /
+total per device, as DCGM's framebuffer gauges) and from the torch allocator (allocated,
+reserved, peak); without a GPU those series are absent, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+PREFIX = "tinyllava_med_"
+
+
+class GpuCollector(Collector):
+    """GPU memory at scrape time: NVML per device and the torch CUDA allocator."""
+
+    def __init__(self) -> None:
+        self._nvml = False
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = True
+        except Exception as e:  # no driver / no library: GPU series are simply absent
+            log.debug("NVML unavailable: %s", e)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self._nvml:
+            import pynvml
+
+            used = GaugeMetricFamily(
+                PREFIX + "gpu_memory_used_bytes", "GPU memory used (NVML)", labels=["gpu"]
+            )
+            total = GaugeMetricFamily(
+                PREFIX + "gpu_memory_total_bytes", "GPU memory total (NVML)", labels=["gpu"]
+            )
+            try:
+                for i in range(pynvml.nvmlDeviceGetCount()):
+                    info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
+                    used.add_metric([str(i)], float(info.used))
+                    total.add_metric([str(i)], float(info.total))
+                yield used
+                yield total
+            except Exception as e:
+                log.warning("NVML read failed: %s", e)
+        try:
+            import torch
+        except ImportError:
+            return
+        if not torch.cuda.is_available():
+            return
+        fams = {
+            "allocated": GaugeMetricFamily(
+                PREFIX + "torch_cuda_allocated_bytes", "torch allocator: allocated", labels=["gpu"]
+            ),
+            "reserved": GaugeMetricFamily(
+                PREFIX + "torch_cuda_reserved_bytes", "torch allocator: reserved", labels=["gpu"]
+            ),
+            "peak": GaugeMetricFamily(
+                PREFIX + "torch_cuda_peak_allocated_bytes",
+                "torch allocator: peak allocated",
+                labels=["gpu"],
+            ),
+        }
+        for i in range(torch.cuda.device_count()):
+            fams["allocated"].add_metric([str(i)], float(torch.cuda.memory_allocated(i)))
+            fams["reserved"].add_metric([str(i)], float(torch.cuda.memory_reserved(i)))
+            fams["peak"].add_metric([str(i)], float(torch.cuda.max_memory_allocated(i)))
+        yield from fams.values()
+
+
+class Metrics:
+    """All of the server's metrics, on a registry of its own (no global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        r.register(GpuCollector())
+        self.requests = Counter(
+            PREFIX + "http_requests_total",
+            "HTTP requests",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            PREFIX + "http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time from submission to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Time from submission to the full answer",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Generated tokens", registry=r
+        )
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens", registry=r)
+        self.waiting = Gauge(
+            PREFIX + "num_requests_waiting", "Requests queued or running in the engine", registry=r
+        )
+        self.batch_size = Histogram(
+            PREFIX + "batch_size",
+            "Requests per generate call",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            PREFIX + "batch_duration_seconds",
+            "Duration of one batched generate call",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            PREFIX + "rejected_requests", "Requests rejected", ["reason"], registry=r
+        )
+        self.model_info = Gauge(
+            PREFIX + "model_info",
+            "The served model (value 1)",
+            ["model", "variant", "quantization"],
+            registry=r,
+        )
+        self.model_ready = Gauge(PREFIX + "model_ready", "1 when the model answers", registry=r)
+
+    # EngineMetrics protocol
+    def on_batch(self, size: int, seconds: float, new_tokens: int) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+        self.generation_tokens.inc(new_tokens)
+
+    def on_queue(self, depth: int) -> None:
+        self.waiting.set(depth)
+
+    def on_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def set_model(self, info: dict[str, Any]) -> None:
+        self.model_info.clear()
+        self.model_info.labels(
+            str(info.get("model")), str(info.get("variant")), str(info.get("quantization"))
+        ).set(1)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,64 @@
+"""`/healthz` (the process is alive), `/readyz` (model answers, database reachable), `/metrics`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from tinyllava_med import __version__
+from tinyllava_med.server.db.session import ping
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok", "version": __version__}
+
+
+def _db_ok(request: Request) -> bool:
+    try:
+        ping(request.app.state.db_engine)
+        return True
+    except Exception:
+        return False
+
+
+@router.get("/readyz", responses={503: {"description": "not ready"}})
+async def readyz(request: Request) -> JSONResponse:
+    """Ready when the model is loaded, a one-token probe passed recently, and the DB answers."""
+    state = request.app.state
+    settings = state.settings
+    engine = state.engine
+    checks: dict[str, Any] = {"model": "loading", "database": "unknown"}
+    if state.load_error is not None:
+        checks["model"] = "failed"
+    elif engine.ready:
+        fresh = engine.last_probe_ok is not None and (
+            time.monotonic() - engine.last_probe_ok < settings.readiness_probe_interval_s
+        )
+        ok = fresh or await run_in_threadpool(engine.probe)
+        checks["model"] = "ok" if ok else "probe_failed"
+    if state.shutting_down:
+        checks["model"] = "shutting_down"
+    checks["database"] = "ok" if await run_in_threadpool(_db_ok, request) else "unreachable"
+    ready = checks["model"] == "ok" and checks["database"] == "ok"
+    state.metrics.model_ready.set(1 if ready else 0)
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "checks": checks,
+        **({"model": engine.lm.info} if engine.lm is not None else {}),
+    }
+    return JSONResponse(
+        body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"}
+    )
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

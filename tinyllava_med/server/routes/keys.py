@@ -1,0 +1,46 @@
+"""`/v1/apikeys`: admins create keys (shown once) and revoke them."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from tinyllava_med.server import auth
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.deps import KeyAdmin, SessionDep
+from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.schemas import ApiKeyCreate, ApiKeyCreated
+
+router = APIRouter(prefix="/v1/apikeys", tags=["keys"])
+
+
+@router.post("", status_code=201, response_model=ApiKeyCreated)
+def create_key(session: SessionDep, body: ApiKeyCreate, principal: KeyAdmin) -> ApiKeyCreated:
+    row, key = auth.create_api_key(session, role=body.role, name=body.name)
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="apikey.create",
+        resource_type="apikey",
+        resource_id=row.id,
+        outcome="ok",
+        status_code=201,
+        detail={"role": body.role},
+    )
+    return ApiKeyCreated(id=row.id, role=row.role, name=row.name, key=key)
+
+
+@router.delete("/{key_id}", status_code=204)
+def revoke_key(session: SessionDep, key_id: str, principal: KeyAdmin) -> None:
+    row = auth.get_api_key(session, key_id)
+    if row is None:
+        raise APIError(404, "apikey_not_found", "no API key with this id")
+    auth.revoke_api_key(session, row)
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="apikey.revoke",
+        resource_type="apikey",
+        resource_id=row.id,
+        outcome="ok",
+        status_code=204,
+    )

@@ -1,0 +1,95 @@
+"""`/v1/reports`: list, read, edit and sign the answers stored as reports."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.deps import ReportEditor, ReportReader, SessionDep
+from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.schemas import ReportList, ReportPublic, ReportUpdate
+from tinyllava_med.server.serving import report_public
+
+router = APIRouter(prefix="/v1/reports", tags=["reports"])
+
+
+def load_report(session: SessionDep, report_id: str, actor: str, action: str) -> crud.Report:
+    report = crud.get_report(session, report_id)
+    if report is None:
+        crud.audit(
+            session,
+            actor=actor,
+            action=action,
+            resource_type="report",
+            resource_id=report_id,
+            outcome="not_found",
+            status_code=404,
+        )
+        raise APIError(404, "report_not_found", "no report with this id")
+    return report
+
+
+@router.get("", response_model=ReportList)
+def list_reports(
+    session: SessionDep,
+    principal: ReportReader,
+    status: Literal["draft", "final"] | None = None,
+    study_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ReportList:
+    rows = crud.list_reports(session, status=status, study_id=study_id, limit=limit, offset=offset)
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="report.list",
+        resource_type="report",
+        resource_id=None,
+        outcome="ok",
+        status_code=200,
+        detail={"count": len(rows)},
+    )
+    return ReportList(
+        data=[report_public(r) for r in rows],
+        count=crud.count_reports(session, status=status, study_id=study_id),
+    )
+
+
+@router.get("/{report_id}", response_model=ReportPublic)
+def get_report(session: SessionDep, report_id: str, principal: ReportReader) -> ReportPublic:
+    report = load_report(session, report_id, principal.actor, "report.read")
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="report.read",
+        resource_type="report",
+        resource_id=report.id,
+        outcome="ok",
+        status_code=200,
+    )
+    return report_public(report)
+
+
+@router.patch("/{report_id}", response_model=ReportPublic)
+def update_report(
+    session: SessionDep, report_id: str, body: ReportUpdate, principal: ReportEditor
+) -> ReportPublic:
+    if body.text is None and body.status is None:
+        raise APIError(422, "empty_update", "send `text`, `status` or both")
+    report = load_report(session, report_id, principal.actor, "report.edit")
+    action = "report.sign" if body.status == "final" else "report.edit"
+    crud.update_report(session, report, text=body.text, status=body.status, actor=principal.actor)
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action=action,
+        resource_type="report",
+        resource_id=report.id,
+        outcome="ok",
+        status_code=200,
+    )
+    session.flush()
+    session.refresh(report)
+    return report_public(report)

@@ -1,0 +1,131 @@
+"""`/v1/studies`: upload DICOM / PNG / JPEG files, list and read studies, render images."""
+
+from __future__ import annotations
+
+import io
+from typing import Annotated
+
+from fastapi import APIRouter, File, Query, UploadFile
+from fastapi.responses import Response
+
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.deps import SessionDep, SettingsDep, StoreDep, StudyReader, Uploader
+from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.schemas import StudyList, StudyPublic
+from tinyllava_med.server.serving import Upload, image_of, ingest, render, study_public
+
+router = APIRouter(prefix="/v1/studies", tags=["studies"])
+
+
+def load_study(session: SessionDep, study_id: str, actor: str, action: str) -> crud.Study:
+    study = crud.get_study(session, study_id)
+    if study is None:
+        crud.audit(
+            session,
+            actor=actor,
+            action=action,
+            resource_type="study",
+            resource_id=study_id,
+            outcome="not_found",
+            status_code=404,
+        )
+        raise APIError(404, "study_not_found", "no study with this id")
+    return study
+
+
+@router.post("", status_code=201, response_model=StudyPublic)
+async def upload_study(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    principal: Uploader,
+    files: Annotated[list[UploadFile], File(description="DICOM Part 10, PNG or JPEG")],
+) -> StudyPublic:
+    uploads = [Upload(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
+    study = ingest(session, store, settings, uploads)
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="study.upload",
+        resource_type="study",
+        resource_id=study.id,
+        outcome="ok",
+        status_code=201,
+        detail={"files": len(uploads)},
+    )
+    return study_public(study)
+
+
+@router.get("", response_model=StudyList)
+def list_studies(
+    session: SessionDep,
+    principal: StudyReader,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    modality: str | None = None,
+) -> StudyList:
+    studies = crud.list_studies(session, limit=limit, offset=offset, modality=modality)
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="study.list",
+        resource_type="study",
+        resource_id=None,
+        outcome="ok",
+        status_code=200,
+        detail={"count": len(studies)},
+    )
+    return StudyList(
+        data=[study_public(s, len(s.reports)) for s in studies],
+        count=crud.count_studies(session, modality=modality),
+    )
+
+
+@router.get("/{study_id}", response_model=StudyPublic)
+def get_study(session: SessionDep, study_id: str, principal: StudyReader) -> StudyPublic:
+    study = load_study(session, study_id, principal.actor, "study.read")
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="study.read",
+        resource_type="study",
+        resource_id=study.id,
+        outcome="ok",
+        status_code=200,
+    )
+    return study_public(study, len(study.reports))
+
+
+@router.get(
+    "/{study_id}/images/{index}",
+    responses={200: {"content": {"image/png": {}}, "description": "the rendered image"}},
+    response_class=Response,
+)
+def get_image(
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    study_id: str,
+    index: int,
+    principal: StudyReader,
+    window: Annotated[str | None, Query(description="soft-tissue, lung, bone, brain, ...")] = None,
+    frame: Annotated[int | None, Query(ge=0)] = None,
+) -> Response:
+    study = load_study(session, study_id, principal.actor, "image.read")
+    image = image_of(study, index)
+    pil = render(store, image, settings, frame=frame, window=window)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="image.read",
+        resource_type="study",
+        resource_id=study.id,
+        outcome="ok",
+        status_code=200,
+        detail={"image": index},
+    )
+    return Response(
+        buf.getvalue(), media_type="image/png", headers={"Cache-Control": "private, max-age=300"}
+    )

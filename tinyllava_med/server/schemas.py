@@ -1,0 +1,107 @@
+"""Pydantic schemas of the REST API (requests in, public objects out)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ReportStatus = Literal["draft", "final"]
+
+
+class ImagePublic(BaseModel):
+    index: int
+    kind: Literal["dicom", "png", "jpeg"]
+    sha256: str
+    Modality: str | None = None
+    SOPInstanceUID: str | None = None
+    SeriesInstanceUID: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    n_frames: int = 1
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    url: str
+
+
+class StudyPublic(BaseModel):
+    id: str
+    created_at: datetime
+    StudyInstanceUID: str | None = None
+    AccessionNumber: str | None = None
+    Modality: str | None = None
+    BodyPartExamined: str | None = None
+    StudyDate: str | None = None
+    images: list[ImagePublic]
+    reports: int = 0
+
+
+class StudyList(BaseModel):
+    data: list[StudyPublic]
+    count: int
+
+
+class QuestionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1)
+    image_index: int = Field(default=0, ge=0)
+    frame: int | None = Field(default=None, ge=0)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class Tokens(BaseModel):
+    prompt: int
+    completion: int
+
+
+class ReportPublic(BaseModel):
+    id: str
+    study_id: str
+    image_index: int | None
+    question: str
+    answer: str
+    text: str
+    status: ReportStatus
+    model: str
+    variant: str | None
+    quantization: str
+    model_version: str | None = None
+    server_version: str | None = None
+    latency_ms: float
+    tokens: Tokens
+    finish_reason: str | None = None
+    created_at: datetime
+    updated_at: datetime | None = None
+    signed_by: str | None = None
+    signed_at: datetime | None = None
+
+
+class ReportList(BaseModel):
+    data: list[ReportPublic]
+    count: int
+
+
+class ReportUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    status: ReportStatus | None = None
+
+
+class AskResponse(BaseModel):
+    study: StudyPublic
+    report: ReportPublic
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["pacs", "radiologist", "admin"]
+    name: str = Field(default="", max_length=200)
+
+
+class ApiKeyCreated(BaseModel):
+    id: str
+    role: str
+    name: str
+    key: str  # shown once

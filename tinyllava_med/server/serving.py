@@ -1,0 +1,221 @@
+"""What the routes do, without HTTP: ingest uploaded files, pick the image for a question,
+store answers as reports, and turn database rows into public schemas.
+
+Every uploaded file is decoded and validated before anything is stored, so a bad file in a
+multi-file upload rejects the whole upload and leaves the database and the image store as they
+were. Imaging errors become 4xx `APIError`s here, with messages free of patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image as PILImage
+from sqlalchemy.orm import Session
+
+from tinyllava_med.imaging import ImageLimits, ImagingError, StudyFile, load_study_file
+from tinyllava_med.model.generate import Answer
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.models import Image, Report, Study
+from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.schemas import ImagePublic, ReportPublic, StudyPublic, Tokens
+from tinyllava_med.server.settings import Settings
+from tinyllava_med.server.storage import ImageStore
+
+log = logging.getLogger(__name__)
+
+# ImagingError.code -> HTTP status
+_IMAGING_STATUS = {
+    "not_dicom": 415,
+    "unsupported_format": 415,
+    "unsupported_transfer_syntax": 415,
+    "too_large": 413,
+    "decompression_bomb": 413,
+    "bad_frame": 422,
+    "bad_window": 422,
+}
+
+
+def limits_of(settings: Settings) -> ImageLimits:
+    return ImageLimits(max_pixels=settings.max_pixels, max_frames=settings.max_frames)
+
+
+def imaging_error(e: ImagingError, filename: str | None = None) -> APIError:
+    status = _IMAGING_STATUS.get(e.code, 400)
+    detail: dict[str, Any] = {"imaging_code": e.code}
+    if filename is not None:
+        detail["file"] = filename
+    return APIError(status, e.code, e.message, detail)
+
+
+@dataclass
+class Upload:
+    filename: str
+    data: bytes
+
+
+def decode_upload(upload: Upload, settings: Settings) -> StudyFile:
+    if not upload.data:
+        raise APIError(400, "empty_file", "the uploaded file is empty", {"file": upload.filename})
+    try:
+        return load_study_file(upload.data, limits=limits_of(settings))
+    except ImagingError as e:
+        raise imaging_error(e, upload.filename) from e
+
+
+def ingest(session: Session, store: ImageStore, settings: Settings, uploads: list[Upload]) -> Study:
+    """Decode every upload, then store them as one new study."""
+    if not uploads:
+        raise APIError(422, "no_files", "send one or more files in the multipart field `files`")
+    if len(uploads) > settings.max_files_per_upload:
+        raise APIError(
+            413,
+            "too_many_files",
+            f"at most {settings.max_files_per_upload} files per upload, got {len(uploads)}",
+        )
+    decoded = [decode_upload(u, settings) for u in uploads]
+    first = next((d.metadata for d in decoded if d.kind == "dicom"), decoded[0].metadata)
+    study = crud.create_study(
+        session,
+        StudyInstanceUID=first.StudyInstanceUID,
+        AccessionNumber=first.AccessionNumber,
+        Modality=first.Modality,
+        BodyPartExamined=first.BodyPartExamined,
+        StudyDate=first.StudyDate,
+        description=getattr(first, "StudyDescription", None),
+    )
+    for upload, d in zip(uploads, decoded, strict=True):
+        sha = store.put(upload.data)
+        m = d.metadata
+        crud.add_image(
+            session,
+            study=study,
+            sha256=sha,
+            kind=d.kind,
+            size_bytes=len(upload.data),
+            SOPInstanceUID=m.SOPInstanceUID,
+            SeriesInstanceUID=m.SeriesInstanceUID,
+            SOPClassUID=m.SOPClassUID,
+            Modality=m.Modality,
+            rows=d.image.height if m.Rows is None else m.Rows,
+            columns=d.image.width if m.Columns is None else m.Columns,
+            n_frames=d.n_frames,
+            safe_metadata=m.to_dict(),
+        )
+    session.flush()
+    session.refresh(study)
+    return study
+
+
+def image_of(study: Study, index: int) -> Image:
+    for im in study.images:
+        if im.n == index:
+            return im
+    raise APIError(
+        404,
+        "image_not_found",
+        f"study has {len(study.images)} image(s) (indices 0..{len(study.images) - 1}); "
+        f"no image {index}",
+    )
+
+
+def render(
+    store: ImageStore,
+    image: Image,
+    settings: Settings,
+    *,
+    frame: int | None = None,
+    window: str | None = None,
+) -> PILImage.Image:
+    """The image as the model (or a viewer, with `window`) sees it."""
+    try:
+        return load_study_file(
+            store.get(image.sha256), frame=frame, window=window, limits=limits_of(settings)
+        ).image
+    except ImagingError as e:
+        raise imaging_error(e) from e
+    except FileNotFoundError as e:
+        raise APIError(410, "image_missing", "the stored image file is missing") from e
+
+
+def save_report(
+    session: Session,
+    *,
+    study: Study,
+    image: Image,
+    question: str,
+    answer: Answer,
+    info: dict[str, Any],
+    actor: str,
+    latency_ms: float,
+) -> Report:
+    return crud.create_report(
+        session,
+        study=study,
+        image=image,
+        question=question,
+        answer=answer.text,
+        model=str(info.get("model")),
+        variant=info.get("variant"),
+        quantization=str(info.get("quantization")),
+        model_version=info.get("model_version"),
+        latency_ms=latency_ms,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.new_tokens,
+        created_by=actor,
+    )
+
+
+def image_public(study_id: str, im: Image) -> ImagePublic:
+    return ImagePublic(
+        index=im.n,
+        kind=im.kind,
+        sha256=im.sha256,
+        Modality=im.Modality,
+        SOPInstanceUID=im.SOPInstanceUID,
+        SeriesInstanceUID=im.SeriesInstanceUID,
+        rows=im.rows,
+        columns=im.columns,
+        n_frames=im.n_frames,
+        metadata=im.safe_metadata or {},
+        url=f"/v1/studies/{study_id}/images/{im.n}",
+    )
+
+
+def study_public(study: Study, reports: int = 0) -> StudyPublic:
+    return StudyPublic(
+        id=study.id,
+        created_at=study.created_at,
+        StudyInstanceUID=study.StudyInstanceUID,
+        AccessionNumber=study.AccessionNumber,
+        Modality=study.Modality,
+        BodyPartExamined=study.BodyPartExamined,
+        StudyDate=study.StudyDate.isoformat() if study.StudyDate else None,
+        images=[image_public(study.id, im) for im in sorted(study.images, key=lambda i: i.n)],
+        reports=reports,
+    )
+
+
+def report_public(r: Report) -> ReportPublic:
+    return ReportPublic(
+        id=r.id,
+        study_id=r.study_id,
+        image_index=r.image.n if r.image is not None else None,
+        question=r.question,
+        answer=r.answer,
+        text=r.text,
+        status=r.status,
+        model=r.model,
+        variant=r.variant,
+        quantization=r.quantization,
+        model_version=r.model_version,
+        server_version=r.server_version,
+        latency_ms=r.latency_ms or 0.0,
+        tokens=Tokens(prompt=r.prompt_tokens or 0, completion=r.completion_tokens or 0),
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+        signed_by=r.signed_by,
+        signed_at=r.signed_at,
+    )
