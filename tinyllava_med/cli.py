@@ -91,6 +91,87 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tinyllava_med.training.config import TrainConfig, parse_overrides
+    from tinyllava_med.training.trainer import run_stage
+
+    overrides = parse_overrides(args.set or [])
+    overrides["stage"] = args.stage
+    for flag in (
+        "model",
+        "data_path",
+        "image_folder",
+        "output_dir",
+        "max_steps",
+        "resume_from_checkpoint",
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[flag] = {"true": True, "false": False}.get(str(value).lower(), value)
+    cfg = TrainConfig.from_yaml(args.config, **overrides)
+    out = run_stage(cfg)
+    print(f"stage {cfg.stage} done: served checkpoint at {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.eval_cmd == "generate":
+        from tinyllava_med.eval.generate import generate_answers
+        from tinyllava_med.model.generate import SamplingParams
+
+        lm = _load_model_for_cli(args)
+        counts = generate_answers(
+            lm,
+            args.questions,
+            args.images,
+            args.out,
+            params=SamplingParams(
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+            ),
+            batch_size=args.batch_size,
+            limit=args.limit,
+        )
+        print(json.dumps(counts))
+        return 1 if counts["failed"] else 0
+    if args.eval_cmd == "score":
+        from tinyllava_med.eval.metrics import score_files
+        from tinyllava_med.eval.report import write_report
+
+        report = score_files(args.gt, args.pred, args.candidates)
+        write_report(report, args.json, args.markdown)
+        print(report.to_markdown())
+        return 0
+    if args.eval_cmd == "judge":
+        from tinyllava_med.eval.judge import judge_markdown, run_judge
+
+        summary = run_judge(
+            args.questions,
+            args.answers,
+            args.reference,
+            endpoint=args.endpoint,
+            model=args.judge_model,
+            out_path=args.out,
+            cache_dir=args.cache_dir,
+            api_key_env=args.api_key_env,
+            max_rps=args.max_rps,
+        )
+        print(judge_markdown(summary))
+        return 0
+    from tinyllava_med.eval.compare import compare_variants
+
+    out = compare_variants(
+        args.variants,
+        questions=args.questions,
+        images=args.images,
+        out_dir=Path(args.out_dir),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print(out.read_text())
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "phantom":
         from tinyllava_med.training.phantom import generate_phantom
@@ -249,9 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--method", choices=["nf4", "int8", "cpu-int8"], required=True)
 
-    p = verb("train", "run one training stage", _not_yet("train", "training issue"))
+    p = verb(
+        "train",
+        "run one training stage (HF Trainer; wrap in `accelerate launch` for GPUs)",
+        cmd_train,
+    )
     p.add_argument("--stage", choices=["alignment", "instruct", "downstream"], required=True)
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="YAML file, or a shipped config name")
+    p.add_argument("--model", default=None)
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--image-folder", default=None)
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument(
+        "--resume",
+        dest="resume_from_checkpoint",
+        default=None,
+        help="checkpoint folder, or 'true' for the latest in output_dir",
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. language_model.mode=lora lora.r=16",
+    )
 
     p = verb(
         "memory", "measure static and dynamic memory", _not_yet("memory", "quantization issue")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Stage = Literal["alignment", "instruct", "downstream"]
 Mode = Literal["frozen", "full", "lora"]
@@ -85,9 +85,21 @@ class TrainConfig(BaseModel):
     disable_tqdm: bool | None = None
     resume_from_checkpoint: str | bool | None = None
 
+    @field_validator("deepspeed")
+    @classmethod
+    def _shipped_deepspeed(cls, v: str | None) -> str | None:
+        """`zero2` / `zero3` name the ZeRO configs shipped in `training/configs/`."""
+        if v in ("zero2", "zero3"):
+            return str(CONFIG_DIR / f"{v}.json")
+        return v
+
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        """Read a config file (or a shipped config by name, e.g. `tinyllava-1.5b-instruct`)."""
+        path = Path(path)
+        if not path.is_file() and (CONFIG_DIR / f"{path.name}.yaml").is_file():
+            path = CONFIG_DIR / f"{path.name}.yaml"
+        data = yaml.safe_load(path.read_text()) or {}
         for key, value in overrides.items():
             _set_dotted(data, key, value)
         return cls.model_validate(data)

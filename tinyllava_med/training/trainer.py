@@ -208,7 +208,7 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         max_grad_norm=cfg.max_grad_norm,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,

@@ -1,0 +1,231 @@
+"""Training: supervised tokens, the three stages end to end, resume, LoRA merge, demo path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tinyllava_med.model.load import load_model
+from tinyllava_med.model.meta import ServedMeta
+from tinyllava_med.training.config import TrainConfig
+from tinyllava_med.training.data import (
+    IGNORE_INDEX,
+    ConversationDataset,
+    encode_conversation,
+    read_conversations,
+    turns_of,
+)
+from tinyllava_med.training.trainer import run_stage
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(tmp_path_factory) -> Path:
+    """A tiny LLaVA-format dataset: multi-turn, one entry with the misspelt key."""
+    root = tmp_path_factory.mktemp("vqa")
+    (root / "images").mkdir()
+    entries = []
+    for i in range(12):
+        name = f"im{i}.png"
+        Image.new("L", (40, 32), 20 * i).save(root / "images" / name)
+        key = "conversatons" if i == 0 else "conversations"
+        entries.append(
+            {
+                "id": f"q{i}",
+                "image": name,
+                key: [
+                    {"from": "human", "value": "<image>\nIs there a fracture?"},
+                    {"from": "gpt", "value": "yes" if i % 2 else "no"},
+                    {"from": "human", "value": "Which organ is shown?"},
+                    {"from": "gpt", "value": "chest x-ray"},
+                ],
+            }
+        )
+    (root / "train.json").write_text(json.dumps(entries))
+    return root
+
+
+def test_only_answers_are_supervised(tiny_lm, vqa_dir):
+    tok = tiny_lm.processor.tokenizer
+    entries = read_conversations(vqa_dir / "train.json")
+    assert "conversations" in entries[0]  # the misspelt key is read too
+    ids, labels = encode_conversation(tok, "v1", turns_of(entries[1]), num_image_tokens=16)
+    assert len(ids) == len(labels)
+    supervised = [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+    text = tok.decode(supervised)
+    assert text == " yes</s> chest x-ray</s>"
+    # and everything else is the prompt, which contains the 16 image tokens once
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert ids.count(image_id) == 16
+    assert all(lab == IGNORE_INDEX for t, lab in zip(ids, labels, strict=True) if t == image_id)
+
+
+def test_dataset_item_matches_processor(tiny_lm, vqa_dir):
+    ds = ConversationDataset(
+        read_conversations(vqa_dir / "train.json"), vqa_dir / "images", tiny_lm.processor, "v1"
+    )
+    item = ds[3]
+    n_img = (item["input_ids"] == tiny_lm.model.config.image_token_id).sum().item()
+    assert n_img == ds.num_image_tokens == 16
+    assert item["pixel_values"].shape == (3, 32, 32)
+
+
+def _cfg(stage, model, vqa_dir, out, **kw) -> TrainConfig:
+    base = dict(
+        stage=stage,
+        model=str(model),
+        data_path=str(vqa_dir / "train.json"),
+        image_folder=str(vqa_dir / "images"),
+        output_dir=str(out),
+        learning_rate=1e-3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=3,
+        logging_steps=1,
+        save_steps=100,
+        disable_tqdm=True,
+        model_max_length=256,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_three_stages_end_to_end(tiny_model_dir, vqa_dir, tmp_path):
+    before = load_model(str(tiny_model_dir), device="cpu").model.state_dict()
+    a = run_stage(
+        _cfg(
+            "alignment",
+            tiny_model_dir,
+            vqa_dir,
+            tmp_path / "a",
+            vision_tower={"mode": "frozen"},
+            projector={"mode": "full"},
+            language_model={"mode": "frozen"},
+        )
+    )
+    after_a = load_model(str(a), device="cpu").model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after_a[k])}
+    assert changed and all(k.startswith("model.multi_modal_projector") for k in changed)
+
+    b = run_stage(
+        _cfg(
+            "instruct",
+            a,
+            vqa_dir,
+            tmp_path / "b",
+            language_model={"mode": "lora"},
+            projector={"mode": "full", "learning_rate": 5e-4},
+            lora={"r": 4, "alpha": 8},
+            turns_per_sample=2,
+        )
+    )
+    after_b = load_model(str(b), device="cpu").model.state_dict()
+    assert not any("lora_" in k for k in after_b), "adapters are merged into plain weights"
+    assert not torch.equal(
+        after_a["model.language_model.layers.0.self_attn.q_proj.weight"],
+        after_b["model.language_model.layers.0.self_attn.q_proj.weight"],
+    )
+
+    c = run_stage(_cfg("downstream", b, vqa_dir, tmp_path / "c", vision_tower={"mode": "full"}))
+    lm = load_model(str(c), device="cpu")
+    meta = ServedMeta.load(c)
+    assert meta.training["stage"] == "downstream"
+    assert meta.training["previous"]["stage"] == "instruct"
+    assert meta.training["data_hash"].startswith("sha256:")
+    from tinyllava_med.model.generate import SamplingParams, generate
+
+    ans = generate(
+        lm,
+        [Image.new("L", (32, 32), 90)],
+        ["Is there a fracture?"],
+        SamplingParams(max_new_tokens=3),
+    )[0]
+    assert ans.new_tokens >= 1
+
+
+def test_resume_from_checkpoint(tiny_model_dir, vqa_dir, tmp_path):
+    out = tmp_path / "r"
+    run_stage(
+        _cfg(
+            "downstream",
+            tiny_model_dir,
+            vqa_dir,
+            out,
+            max_steps=2,
+            save_steps=2,
+            save_total_limit=None,
+        )
+    )
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    run_stage(
+        _cfg(
+            "downstream",
+            tiny_model_dir,
+            vqa_dir,
+            out,
+            max_steps=4,
+            save_steps=2,
+            save_total_limit=None,
+            resume_from_checkpoint=True,
+        )
+    )
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [h["step"] for h in state["log_history"] if "loss" in h][:2] == [1, 2]
+
+
+def test_lora_merge_keeps_outputs(tiny_model_dir, vqa_dir):
+    from peft import LoraConfig, get_peft_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    model = get_peft_model(
+        lm.model,
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"]),
+    )
+    inputs = lm.processor(
+        images=[Image.new("RGB", (32, 32), (9, 9, 9))],
+        text=["USER: <image>\nq ASSISTANT:"],
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        with_adapter = model(**inputs).logits
+        merged = model.merge_and_unload()(**inputs).logits
+    assert torch.allclose(with_adapter, merged, atol=1e-5)
+
+
+def test_nothing_to_train_is_an_error(tiny_model_dir, vqa_dir, tmp_path):
+    frozen = {"mode": "frozen"}
+    with pytest.raises(ValueError, match="nothing to train"):
+        run_stage(
+            _cfg(
+                "alignment",
+                tiny_model_dir,
+                vqa_dir,
+                tmp_path / "x",
+                vision_tower=frozen,
+                projector=frozen,
+                language_model=frozen,
+            )
+        )
+
+
+def test_shipped_configs_reproduce_the_recipe():
+    from tinyllava_med.training.config import CONFIG_DIR
+
+    epochs = {}
+    for stage in ("alignment", "instruct", "downstream"):
+        cfg = TrainConfig.from_yaml(f"tinyllava-1.5b-{stage}", deepspeed="zero3")
+        assert (
+            cfg.learning_rate,
+            cfg.per_device_train_batch_size,
+            cfg.gradient_accumulation_steps,
+        ) == (2e-5, 32, 2)
+        assert cfg.bf16 and cfg.gradient_checkpointing and cfg.lr_scheduler_type == "cosine"
+        assert cfg.warmup_ratio == 0.03 and cfg.model_max_length == 2048
+        assert cfg.language_model.mode == cfg.vision_tower.mode == "full"
+        assert Path(cfg.deepspeed) == CONFIG_DIR / "zero3.json"
+        epochs[stage] = cfg.num_train_epochs
+    assert epochs == {"alignment": 1, "instruct": 10, "downstream": 18}
