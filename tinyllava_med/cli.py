@@ -176,10 +176,49 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "phantom":
         from tinyllava_med.training.phantom import generate_phantom
 
-        summary = generate_phantom(Path(args.out), n=args.n, seed=args.seed)
-        print(json.dumps(summary.to_dict() if hasattr(summary, "to_dict") else vars(summary)))
+        summary = generate_phantom(Path(args.out or "./data/phantom"), n=args.n, seed=args.seed)
+        print(json.dumps(summary.to_dict()))
         return 0
-    return _not_yet(f"data {args.data_cmd}", "training issue")(args)
+    from tinyllava_med.training.datasets import (
+        DatasetLayoutError,
+        DownloadError,
+        convert_dataset,
+        download_llava_med,
+    )
+
+    if args.data_cmd == "download":
+        try:
+            report = download_llava_med(
+                args.what,
+                args.out or "./data/llava_med",
+                base_url=args.base_url,
+                images=args.images,
+                verify=not args.no_verify,
+            )
+        except DownloadError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(report.to_dict()))
+        return 0
+    if len(args.paths) != 2 or not args.dataset:
+        print(
+            "usage: tinyllava-med data convert --dataset {vqa-rad,slake,pathvqa} SRC DST",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        summary = convert_dataset(
+            args.dataset,
+            args.paths[0],
+            args.paths[1],
+            link=args.link,
+            lang=None if args.lang == "all" else args.lang,
+        )
+    except (DatasetLayoutError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary.to_dict()))
+    return 0
 
 
 def _server_settings(args: argparse.Namespace) -> Any:
@@ -369,9 +408,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("data", "download, convert or synthesise datasets", cmd_data)
     p.add_argument("data_cmd", choices=["download", "convert", "phantom"])
-    p.add_argument("--out", default="./data/phantom")
-    p.add_argument("--n", type=int, default=6000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("paths", nargs="*", help="convert: SRC DST")
+    p.add_argument("--out", default=None, help="phantom / download folder")
+    p.add_argument("--n", type=int, default=6000, help="phantom: number of images")
+    p.add_argument("--seed", type=int, default=0, help="phantom: seed")
+    p.add_argument(
+        "--what",
+        nargs="+",
+        default=["eval"],
+        choices=[
+            "alignment",
+            "instruct-60k",
+            "instruct-60k-inline",
+            "instruct-10k",
+            "fig-captions",
+            "eval",
+            "image-urls",
+        ],
+    )
+    p.add_argument("--images", action="store_true", help="download: also fetch PMC figures")
+    p.add_argument("--base-url", default=None)
+    p.add_argument("--no-verify", action="store_true", help="download: skip sha256")
+    p.add_argument("--dataset", choices=["vqa-rad", "slake", "pathvqa"], default=None)
+    p.add_argument("--link", action="store_true", help="convert: hard-link images")
+    p.add_argument("--lang", default="en", help="convert (SLAKE): en, zh or all")
 
     p = verb("demo-model", "train the bundled demo model on PhantomVQA", cmd_demo_model)
     p.add_argument("--out", default=None)

@@ -81,6 +81,7 @@ class TrainConfig(BaseModel):
     report_to: list[str] = Field(default_factory=lambda: ["none"])
     deepspeed: str | None = None  # path to a ZeRO json (see configs/)
     dataloader_num_workers: int = 0
+    cache_dataset: bool = False  # keep encoded items in memory (small data sets, many epochs)
     use_cpu: bool | None = None  # default: CPU when no GPU is visible
     disable_tqdm: bool | None = None
     resume_from_checkpoint: str | bool | None = None

@@ -118,8 +118,10 @@ class ConversationDataset(Dataset):
         processor: Any,
         template: str,
         max_length: int | None = 2048,
+        cache: bool = False,
     ) -> None:
         self.entries = list(entries)
+        self._cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache else None
         self.image_folder = Path(image_folder)
         self.processor = processor
         self.template = template
@@ -130,6 +132,14 @@ class ConversationDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        item = self._encode(i)
+        if self._cache is not None:
+            self._cache[i] = item
+        return item
+
+    def _encode(self, i: int) -> dict[str, torch.Tensor]:
         e = self.entries[i]
         ids, labels = encode_conversation(
             self.processor.tokenizer,

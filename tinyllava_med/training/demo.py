@@ -45,6 +45,7 @@ DEMO_TRAIN = dict(
     logging_steps=50,
     save_steps=100_000,
     model_max_length=512,
+    cache_dataset=True,
 )
 
 MODEL_CARD = """# TinyLLaVA-Med demo model (synthetic)

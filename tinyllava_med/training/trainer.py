@@ -231,7 +231,12 @@ def run_stage(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) 
     if cfg.turns_per_sample > 1:
         entries = group_by_image(entries, cfg.turns_per_sample, seed=cfg.seed)
     dataset = ConversationDataset(
-        entries, cfg.image_folder, processor, template, max_length=cfg.model_max_length
+        entries,
+        cfg.image_folder,
+        processor,
+        template,
+        max_length=cfg.model_max_length,
+        cache=cfg.cache_dataset,
     )
     model = _apply_modes(model, cfg)
     if cfg.gradient_checkpointing:

@@ -1,0 +1,115 @@
+"""The batching engine on the real tiny model: batching, queue limits, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from PIL import Image
+
+from tinyllava_med.model.generate import SamplingParams, generate
+from tinyllava_med.server.engine import BatchingEngine, EngineBusy, EngineNotReady
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.first_tokens = 0
+        self.depths: list[int] = []
+
+    def on_batch(self, size, seconds, new_tokens):
+        self.batches.append(size)
+
+    def on_queue(self, depth):
+        self.depths.append(depth)
+
+    def on_first_token(self, seconds):
+        self.first_tokens += 1
+
+
+@pytest.fixture
+def engine(tiny_lm):
+    rec = Recorder()
+    eng = BatchingEngine(max_batch_size=8, batch_window_ms=50, max_queue=16, metrics=rec)
+    eng.start(tiny_lm)
+    yield eng, rec
+    eng.shutdown()
+
+
+def _img(v: int) -> Image.Image:
+    return Image.new("RGB", (32, 32), (v, v, v))
+
+
+def test_concurrent_requests_share_a_batch_and_match_single_answers(engine, tiny_lm):
+    eng, rec = engine
+    params = SamplingParams(max_new_tokens=5)
+    questions = [f"Question number {i}?" for i in range(6)]
+
+    async def run():
+        return await asyncio.gather(
+            *(eng.generate(_img(20 * i), q, params) for i, q in enumerate(questions))
+        )
+
+    answers = asyncio.run(run())
+    assert max(rec.batches) > 1, f"expected batching, got batch sizes {rec.batches}"
+    alone = [
+        generate(tiny_lm, [_img(20 * i)], [q], params)[0].text for i, q in enumerate(questions)
+    ]
+    assert [a.text for a in answers] == alone
+    assert rec.first_tokens == 6
+    assert rec.depths[-1] == 0
+
+
+def test_queue_full_raises_busy(tiny_lm):
+    eng = BatchingEngine(max_batch_size=1, batch_window_ms=0, max_queue=2)
+    eng.start(tiny_lm)
+    try:
+        slow = SamplingParams(max_new_tokens=64)
+        reqs = [eng.submit(_img(1), "q", slow), eng.submit(_img(2), "q", slow)]
+        with pytest.raises(EngineBusy):
+            eng.submit(_img(3), "q", slow)
+        for r in reqs:
+            r.future.result(timeout=60)
+        assert not eng.is_full()
+    finally:
+        eng.shutdown()
+
+
+def test_cancelled_request_stops_and_others_complete(engine):
+    eng, rec = engine
+    deltas: list[str] = []
+
+    async def run():
+        long = asyncio.ensure_future(
+            eng.generate(
+                _img(5),
+                "tell me everything",
+                SamplingParams(max_new_tokens=200),
+                on_token=deltas.append,
+            )
+        )
+        short = asyncio.ensure_future(eng.generate(_img(9), "q", SamplingParams(max_new_tokens=3)))
+        while not deltas:
+            await asyncio.sleep(0.005)
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        return await short
+
+    start = time.perf_counter()
+    short_answer = asyncio.run(run())
+    assert short_answer.new_tokens <= 3
+    assert len(deltas) < 200
+    assert time.perf_counter() - start < 60
+
+
+def test_not_ready_without_model():
+    eng = BatchingEngine()
+    with pytest.raises(EngineNotReady):
+        eng.submit(_img(1), "q", SamplingParams())
+
+
+def test_probe(engine):
+    eng, _ = engine
+    assert eng.probe() and eng.last_probe_ok is not None

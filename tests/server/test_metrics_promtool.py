@@ -1,0 +1,47 @@
+"""`/metrics` is valid Prometheus exposition (checked by the real `promtool`)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from pydicom.data import get_testdata_file
+
+CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
+
+
+def test_promtool_accepts_metrics(sqlite_api):
+    api = sqlite_api
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is required (Debian package `prometheus`; .ci/run installs it)"
+    r = api.post(
+        "/v1/studies",
+        headers=api.h("pacs"),
+        files=[("files", ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))],
+    )
+    study = r.json()["id"]
+    api.post(
+        f"/v1/studies/{study}/questions",
+        headers=api.h(),
+        json={"question": "q", "max_new_tokens": 3},
+    )
+    api.get("/v1/studies")  # a 401, counted by status
+    text = api.get("/metrics").text
+    for name in (
+        "tinyllava_med_http_requests_total",
+        "tinyllava_med_time_to_first_token_seconds",
+        "tinyllava_med_generation_tokens_total",
+        "tinyllava_med_num_requests_waiting",
+        "tinyllava_med_batch_size",
+        "tinyllava_med_model_info",
+        "process_resident_memory_bytes",
+    ):
+        assert name in text, name
+    assert 'status="401"' in text and 'route="/v1/studies/{study_id}/questions"' in text
+    assert "gpu_memory" not in text  # no GPU here: absent, not failing
+    assert study not in text  # no resource ids (or patient data) in labels
+    done = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
