@@ -207,7 +207,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        summary = convert_dataset(
+        converted = convert_dataset(
             args.dataset,
             args.paths[0],
             args.paths[1],
@@ -217,7 +217,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     except (DatasetLayoutError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary.to_dict()))
+    print(json.dumps(converted.to_dict()))
     return 0
 
 

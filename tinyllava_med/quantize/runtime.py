@@ -1,34 +1,48 @@
 """Quantized loading: turn a served checkpoint into an 8-bit, 4-bit or CPU-int8 model.
 
-The vision tower, the projector and `lm_head` stay in higher precision by default (transformers 5
-module paths: a bare `multi_modal_projector` would silently match nothing). On CPU, bitsandbytes'
-4-bit kernel ignores input strides, so every `Linear4bit` gets a pre-hook making inputs contiguous.
+Either the folder is stored quantized (`tinyllava_med.json` says `4bit` / `8bit` / `cpu-int8`,
+written by `quantize.export`) or an unquantized folder is quantized while loading, as the paper
+did. The vision tower, the projector and `lm_head` stay in higher precision by default
+(`quantize.skip`). On CPUs with AVX-512-bf16, bitsandbytes' 4-bit kernel ignores input strides,
+so every `Linear4bit` gets a pre-hook making its inputs contiguous.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-# Module paths (transformers 5 LLaVA) kept out of quantization: small, and quality-critical.
-DEFAULT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-CPU_INT8_FILE = "cpu_int8_state.pt"
+from tinyllava_med.quantize.cpu_int8 import load_cpu_int8, quantize_cpu_int8
+from tinyllava_med.quantize.skip import DEFAULT_SKIP_MODULES, skip_list
+
+__all__ = ["DEFAULT_SKIP_MODULES", "bnb_config", "load_weights", "make_4bit_inputs_contiguous"]
 
 
-def bnb_config(quant: str, device: torch.device, skip: list[str] | None = None) -> Any:
+def bnb_config(
+    quant: str,
+    device: torch.device | None = None,
+    skip: Sequence[str] | None = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> Any:
+    """bitsandbytes settings of the paper: nf4 + double quant (fp16 compute on CUDA), LLM.int8."""
     from transformers import BitsAndBytesConfig
 
-    skip = list(DEFAULT_SKIP_MODULES if skip is None else skip)
+    skip = skip_list(skip)
     if quant == "4bit":
+        if compute_dtype is None:
+            cuda = device is None or device.type == "cuda"
+            compute_dtype = torch.float16 if cuda else torch.bfloat16
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float16 if device.type == "cuda" else torch.bfloat16,
+            bnb_4bit_compute_dtype=compute_dtype,
             llm_int8_skip_modules=skip,
         )
     if quant == "8bit":
@@ -55,15 +69,30 @@ def make_4bit_inputs_contiguous(model: nn.Module) -> int:
     return n
 
 
-def quantize_cpu_int8(model: Any) -> Any:
-    """PyTorch dynamic int8 on the language model's linears (weights int8, activations fp32)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lm = model.model.language_model
-        model.model.language_model = torch.ao.quantization.quantize_dynamic(
-            lm, {nn.Linear}, dtype=torch.qint8
-        )
-    return model
+def unify_float_params(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast every floating parameter (the unquantized ones) to `dtype`; returns how many.
+
+    transformers 5 loads a stored bitsandbytes checkpoint with its 16-bit weights as stored but
+    biases in the requested dtype, which breaks e.g. the fp16-stored tower on a fp32 CPU.
+    """
+    n = 0
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            n += 1
+    return n
+
+
+def _not_cast_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quiet_bnb_warnings() -> None:
+    """bitsandbytes 8-bit logs a cast warning on every call on CPU: keep it out of the logs."""
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if _not_cast_notice not in logger.filters:
+        logger.addFilter(_not_cast_notice)
 
 
 def load_weights(
@@ -80,21 +109,19 @@ def load_weights(
 
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
     if quant in ("4bit", "8bit"):
-        warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-        warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
+        quiet_bnb_warnings()
         if stored_quant == "none":
             kwargs["quantization_config"] = bnb_config(quant, device)
         compute = torch.float16 if device.type == "cuda" else torch.float32
         model = load_plain(path, device=device, dtype=compute, **kwargs)
+        unify_float_params(model, compute)
         make_4bit_inputs_contiguous(model)
         return model
     if quant == "cpu-int8":
         if device.type != "cpu":
             raise ValueError("cpu-int8 runs on the CPU only; use --quant 8bit or 4bit on a GPU")
-        model = load_plain(path, device=device, dtype=torch.float32, **kwargs)
-        model = quantize_cpu_int8(model)
         if stored_quant == "cpu-int8":
-            state = torch.load(Path(path) / CPU_INT8_FILE, weights_only=False)
-            model.model.language_model.load_state_dict(state)  # type: ignore[union-attr]
-        return model
+            return load_cpu_int8(path, attn_implementation=attn_implementation)
+        model = load_plain(path, device=device, dtype=torch.float32, **kwargs)
+        return quantize_cpu_int8(model)
     return load_plain(path, device=device, dtype=dtype, **kwargs)
