@@ -455,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its messages may quote PHI values
     return int(args.func(args) or 0)
 
 

@@ -229,3 +229,43 @@ def test_shipped_configs_reproduce_the_recipe():
         assert Path(cfg.deepspeed) == CONFIG_DIR / "zero3.json"
         epochs[stage] = cfg.num_train_epochs
     assert epochs == {"alignment": 1, "instruct": 10, "downstream": 18}
+
+
+def test_packed_questions_have_single_turn_logits(tiny_lm, vqa_dir):
+    """Packing several questions about one image gives each answer exactly the logits it gets
+    when asked alone (block-diagonal mask, positions restarting after the shared prefix)."""
+    from tinyllava_med.training.data import Collator, group_by_image
+
+    entries = read_conversations(vqa_dir / "train.json")
+    singles = [{**e, "conversations": e["conversations"][:2]} for e in entries[:1]]
+    singles.append(
+        {
+            **entries[0],
+            "id": "b",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhich organ is shown?"},
+                {"from": "gpt", "value": "chest x-ray"},
+            ],
+        }
+    )
+    packed = group_by_image(singles, turns_per_sample=2)
+    assert len(packed) == 1
+    proc, model = tiny_lm.processor, tiny_lm.model
+    col = Collator(proc.tokenizer.pad_token_id)
+    ds_packed = ConversationDataset(packed, vqa_dir / "images", proc, "v1", pack=True)
+    item = ds_packed[0]
+    assert "segment_ids" in item and int(item["segment_ids"].max()) == 2
+    with torch.no_grad():
+        batch = col([item])
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        got = out[batch["labels"][0] != IGNORE_INDEX]  # logits at the answer tokens
+        alone = []
+        for e in singles:
+            ds = ConversationDataset([e], vqa_dir / "images", proc, "v1")
+            b = col([ds[0]])
+            logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits[0]
+            alone.append(logits[b["labels"][0] != IGNORE_INDEX])
+    # packing order follows the shuffle; compare as a set of rows
+    want = torch.cat(alone)
+    assert got.shape == want.shape
+    assert any(torch.allclose(got, torch.cat(alone[::s]), atol=1e-4) for s in (1, -1))

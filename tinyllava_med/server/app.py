@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -131,6 +132,9 @@ def _start_engine(app: FastAPI, lm: LoadedModel) -> None:
 def create_app(settings: Settings | None = None, *, model: LoadedModel | None = None) -> FastAPI:
     """The server. `model` (tests, embedding) skips loading `settings.model` from disk."""
     settings = settings or Settings()
+    # pydicom's validation messages can quote element values (names, IDs): keep them out.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -74,6 +74,7 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     model_max_length: int = 2048
     turns_per_sample: int = 1  # >1 merges questions about one image into one conversation
+    pack_turns: bool = False  # merged questions see the image but not each other (packing)
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2

@@ -108,6 +108,52 @@ def encode_conversation(
     return ids, labels
 
 
+def encode_packed(
+    tokenizer: Any,
+    template: str,
+    turns: list[tuple[str, str]],
+    num_image_tokens: int,
+) -> tuple[list[int], list[int], list[int], list[int]] | None:
+    """Several questions about one image as one sequence with the maths of single turns.
+
+    The shared prefix (system text, image tokens, the newline after them) is followed by each
+    question and answer as its own segment. Returns ids, labels, segment ids (0 = prefix, k =
+    question k) and position ids (each segment restarts right after the prefix); the collator
+    turns the segments into a block-diagonal causal mask, so a question sees the prefix and
+    itself only, exactly as at inference. Returns None when the template does not put the
+    image first, or when splitting changes the tokens (then train on separate samples).
+    """
+    marker = IMAGE_TOKEN + "\n"
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prefix_ids: list[int] | None = None
+    ids: list[int] = []
+    labels: list[int] = []
+    segs: list[int] = []
+    pos: list[int] = []
+    for k, (q, a) in enumerate(turns, start=1):
+        (user, _), (answer, _) = conversation_segments(template, [(q, a)])
+        cut = user.find(marker)
+        if cut < 0:
+            return None
+        prefix, rest = user[: cut + len(marker)], user[cut + len(marker) :]
+        expand = prefix.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens)
+        if prefix_ids is None:
+            prefix_ids = bos + tokenizer(expand, add_special_tokens=False)["input_ids"]
+            ids, labels = list(prefix_ids), [IGNORE_INDEX] * len(prefix_ids)
+            segs, pos = [0] * len(prefix_ids), list(range(len(prefix_ids)))
+        rest_ids = tokenizer(rest, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(expand + rest, add_special_tokens=False)["input_ids"]
+        if bos + whole != prefix_ids + rest_ids:
+            return None
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        n = len(rest_ids) + len(answer_ids)
+        ids += rest_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(rest_ids) + answer_ids
+        segs += [k] * n
+        pos += list(range(len(prefix_ids), len(prefix_ids) + n))
+    return ids, labels, segs, pos
+
+
 class ConversationDataset(Dataset):
     """Lazy dataset over LLaVA conversation entries; images are read when an item is asked for."""
 
@@ -119,7 +165,9 @@ class ConversationDataset(Dataset):
         template: str,
         max_length: int | None = 2048,
         cache: bool = False,
+        pack: bool = False,
     ) -> None:
+        self.pack = pack
         self.entries = list(entries)
         self._cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache else None
         self.image_folder = Path(image_folder)
@@ -141,20 +189,24 @@ class ConversationDataset(Dataset):
 
     def _encode(self, i: int) -> dict[str, torch.Tensor]:
         e = self.entries[i]
-        ids, labels = encode_conversation(
-            self.processor.tokenizer,
-            self.template,
-            turns_of(e),
-            self.num_image_tokens,
-            self.max_length,
-        )
+        tok, turns = self.processor.tokenizer, turns_of(e)
         with Image.open(self.image_folder / e["image"]) as im:
             pixels = self.processor.image_processor(im.convert("RGB"), return_tensors="pt")
-        return {
-            "input_ids": torch.tensor(ids),
-            "labels": torch.tensor(labels),
-            "pixel_values": pixels["pixel_values"][0],
-        }
+        item = {"pixel_values": pixels["pixel_values"][0]}
+        packed = None
+        if self.pack and len(turns) > 1:
+            packed = encode_packed(tok, self.template, turns, self.num_image_tokens)
+        if packed is not None:
+            ids, labels, segs, pos = packed
+            item["segment_ids"] = torch.tensor(segs)
+            item["position_ids"] = torch.tensor(pos)
+        else:
+            ids, labels = encode_conversation(
+                tok, self.template, turns, self.num_image_tokens, self.max_length
+            )
+        item["input_ids"] = torch.tensor(ids)
+        item["labels"] = torch.tensor(labels)
+        return item
 
 
 def num_image_tokens(processor: Any) -> int:
@@ -169,7 +221,11 @@ def num_image_tokens(processor: Any) -> int:
 
 
 class Collator:
-    """Right-pads a batch; pads get label -100 and attention mask 0."""
+    """Right-pads a batch; pads get label -100 and attention mask 0.
+
+    Packed items (with `segment_ids`) get a 4D boolean mask instead: causal, and a token of
+    question k attends to the shared prefix and to question k only.
+    """
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
@@ -182,9 +238,24 @@ class Collator:
         for r, it in enumerate(items):
             k = len(it["input_ids"])
             ids[r, :k], labels[r, :k], mask[r, :k] = it["input_ids"], it["labels"], 1
-        return {
+        batch = {
             "input_ids": ids,
             "labels": labels,
             "attention_mask": mask,
             "pixel_values": torch.stack([it["pixel_values"] for it in items]),
         }
+        if any("segment_ids" in it for it in items):
+            segs = torch.full((len(items), n), -1, dtype=torch.long)
+            pos = torch.zeros((len(items), n), dtype=torch.long)
+            for r, it in enumerate(items):
+                k = len(it["input_ids"])
+                segs[r, :k] = it.get("segment_ids", torch.zeros(k, dtype=torch.long))
+                pos[r, :k] = it.get("position_ids", torch.arange(k))
+            same = (segs[:, :, None] == segs[:, None, :]) | (segs[:, None, :] == 0)
+            causal = torch.ones((n, n), dtype=torch.bool).tril()
+            valid = (segs >= 0)[:, None, :] & (segs >= 0)[:, :, None]
+            # a padded query row keeps one key (itself) so attention has no empty row
+            allowed = (same & causal & valid) | torch.eye(n, dtype=torch.bool)
+            batch["attention_mask"] = allowed[:, None, :, :]
+            batch["position_ids"] = pos
+        return batch

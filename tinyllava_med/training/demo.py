@@ -46,6 +46,7 @@ DEMO_TRAIN = dict(
     save_steps=100_000,
     model_max_length=512,
     cache_dataset=True,
+    pack_turns=True,
 )
 
 MODEL_CARD = """# TinyLLaVA-Med demo model (synthetic)

@@ -237,6 +237,7 @@ def run_stage(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) 
         template,
         max_length=cfg.model_max_length,
         cache=cfg.cache_dataset,
+        pack=cfg.pack_turns,
     )
     model = _apply_modes(model, cfg)
     if cfg.gradient_checkpointing:

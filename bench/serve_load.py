@@ -1,0 +1,205 @@
+"""Load benchmark: dynamic batching vs one request at a time, same model, same run.
+
+    python bench/serve_load.py                       # demo model, 1/4/16 clients
+    python bench/serve_load.py --model PATH --requests 64 --max-new-tokens 16
+
+Starts `tinyllava-med serve` twice on loopback with a fresh data dir each: once with the
+batching engine (max batch 16) and once as the baseline (max batch 1: the reference work's
+model-worker style), uploads pydicom's CT_small.dcm, then at 1, 4 and 16 concurrent clients
+sends questions and measures requests/s and p50/p95 latency. Prints a table with the ratios
+and writes `bench/results/serve_load.{md,json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from pydicom.data import get_testdata_file
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, model: str, max_batch: int, data_dir: Path) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TINYLLAVA_MED_DATA_DIR": str(data_dir),
+            "TINYLLAVA_MED_MAX_BATCH_SIZE": str(max_batch),
+            "TINYLLAVA_MED_BATCH_WINDOW_MS": "10",
+            "TINYLLAVA_MED_MAX_QUEUE": "256",
+        }
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tinyllava_med.cli",
+                "serve",
+                "--model",
+                model,
+                "--port",
+                str(self.port),
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.key = ""
+        assert self.proc.stderr is not None
+        deadline = time.time() + 120
+        while time.time() < deadline and not self.key:
+            line = self.proc.stderr.readline()
+            if m := re.match(r"^(tlm_\S+)$", line.strip()):
+                self.key = m.group(1)
+        if not self.key:
+            raise RuntimeError("the server did not print its first admin key")
+        self.url = f"http://127.0.0.1:{self.port}"
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("the server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+async def load(
+    url: str, key: str, study: str, clients: int, requests: int, max_new_tokens: int
+) -> dict[str, float]:
+    headers = {"Authorization": f"Bearer {key}"}
+    latencies: list[float] = []
+    todo = list(range(requests))
+
+    async def client(c: httpx.AsyncClient) -> None:
+        while todo:
+            i = todo.pop()
+            t = time.perf_counter()
+            r = await c.post(
+                f"{url}/v1/studies/{study}/questions",
+                headers=headers,
+                json={
+                    "question": f"Question {i}: describe the findings.",
+                    "max_new_tokens": max_new_tokens,
+                },
+            )
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t)
+
+    async with httpx.AsyncClient(timeout=300) as c:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=20)
+    return {
+        "clients": clients,
+        "requests": requests,
+        "rps": requests / wall,
+        "p50_s": statistics.median(latencies),
+        "p95_s": q[18],
+    }
+
+
+def run(model: str, requests: int, max_new_tokens: int, levels: list[int]) -> dict:
+    ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+    out: dict[str, list[dict[str, float]]] = {}
+    for name, max_batch in (("batched", 16), ("baseline", 1)):
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp)
+            demo = Path(os.environ.get("TINYLLAVA_MED_DATA_DIR", "./data")) / "models" / "demo"
+            if model == "demo" and demo.is_dir():
+                (data / "models").mkdir()
+                os.symlink(demo.resolve(), data / "models" / "demo")
+            server = Server(model, max_batch, data)
+            try:
+                h = {"Authorization": f"Bearer {server.key}"}
+                study = httpx.post(
+                    f"{server.url}/v1/studies",
+                    headers=h,
+                    timeout=60,
+                    files=[("files", ("ct.dcm", ct, "application/dicom"))],
+                ).json()["id"]
+                asyncio.run(load(server.url, server.key, study, 2, 4, max_new_tokens))  # warm
+                out[name] = [
+                    asyncio.run(
+                        load(server.url, server.key, study, c, max(requests, c * 2), max_new_tokens)
+                    )
+                    for c in levels
+                ]
+            finally:
+                server.stop()
+    return out
+
+
+def table(res: dict, levels: list[int]) -> str:
+    single = res["baseline"][0]["p50_s"]
+    lines = [
+        "| clients | baseline req/s | batched req/s | ratio | baseline p95 s | batched p95 s "
+        "| batched p95 / single-request p50 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, c in enumerate(levels):
+        b, d = res["baseline"][i], res["batched"][i]
+        lines.append(
+            f"| {c} | {b['rps']:.2f} | {d['rps']:.2f} | {d['rps'] / b['rps']:.2f}x | "
+            f"{b['p95_s']:.3f} | {d['p95_s']:.3f} | {d['p95_s'] / single:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    args = ap.parse_args()
+    res = run(args.model, args.requests, args.max_new_tokens, args.levels)
+    md = table(res, args.levels)
+    print(md)
+    RESULTS.mkdir(exist_ok=True)
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    header = (
+        f"# Serving load: dynamic batching vs one request at a time\n\n"
+        f"Command: `python bench/serve_load.py --model {args.model} --requests "
+        f"{args.requests} --max-new-tokens {args.max_new_tokens}`\n\n"
+        f"Machine: {cpu}, {os.cpu_count()} cores, CPU only. Same model, same run; "
+        f"baseline = max batch 1.\n\n"
+    )
+    (RESULTS / "serve_load.md").write_text(header + md + "\n")
+    (RESULTS / "serve_load.json").write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

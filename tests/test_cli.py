@@ -1,0 +1,177 @@
+"""The `tinyllava-med` command as a user runs it (subprocesses, real files, tiny model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from pydicom.data import get_testdata_file
+
+CT_SMALL = get_testdata_file("CT_small.dcm", download=False)
+VERBS = [
+    "serve",
+    "ask",
+    "convert",
+    "quantize",
+    "train",
+    "memory",
+    "eval",
+    "data",
+    "demo-model",
+    "db",
+    "apikey",
+]
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300):
+    return subprocess.run(
+        [sys.executable, "-m", "tinyllava_med.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+def test_help_lists_every_verb():
+    out = cli("--help")
+    assert out.returncode == 0
+    for verb in VERBS:
+        assert verb in out.stdout, verb
+
+
+def test_ask_ct_small_json(tiny_model_dir):
+    out = cli(
+        "ask",
+        CT_SMALL,
+        "Which organ is shown?",
+        "--model",
+        str(tiny_model_dir),
+        "--json",
+        "--max-new-tokens",
+        "4",
+    )
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("answer", "model", "variant", "quantization", "latency_ms", "tokens"):
+        assert key in body
+    assert body["quantization"] == "none" and body["image"]["kind"] == "dicom"
+    assert 1 <= body["tokens"]["completion"] <= 4
+
+
+def test_ask_png_plain_and_bad_file(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "x.png"
+    Image.new("L", (50, 30), 100).save(png)
+    out = cli(
+        "ask",
+        str(png),
+        "Is there a fracture?",
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "3",
+    )
+    assert out.returncode == 0, out.stderr
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"DICM but not really" * 10)
+    out = cli("ask", str(bad), "q", "--model", str(tiny_model_dir))
+    assert out.returncode == 2 and "error: bad.dcm" in out.stderr
+    out = cli("ask", CT_SMALL, "q", "--model", "no-such-variant")
+    assert out.returncode != 0 and "known variants" in out.stderr
+
+
+def test_db_upgrade_and_apikey_create(tmp_path):
+    env = {"TINYLLAVA_MED_DATA_DIR": str(tmp_path)}
+    assert cli("db", "upgrade", env=env).returncode == 0
+    out = cli("apikey", "create", "--role", "radiologist", env=env)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip().splitlines()[-1]
+    assert key.startswith("tlm_") and " " not in key
+    assert (tmp_path / "tinyllava_med.db").is_file()
+
+
+def test_phantom_generate_score_round_trip(tiny_model_dir, tmp_path):
+    ph = tmp_path / "ph"
+    out = cli("data", "phantom", "--out", str(ph), "--n", "10", "--seed", "7")
+    assert out.returncode == 0, out.stderr
+    answers = tmp_path / "answers.jsonl"
+    out = cli(
+        "eval",
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--questions",
+        str(ph / "test.json"),
+        "--images",
+        str(ph / "images"),
+        "--out",
+        str(answers),
+        "--max-new-tokens",
+        "3",
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(x) for x in answers.read_text().splitlines()]
+    gt = json.loads((ph / "test.json").read_text())
+    assert {x["question_id"] for x in lines} == {e["id"] for e in gt}
+    assert all(x["metadata"]["quantization"] == "none" for x in lines)
+    # resumable: a second run answers nothing new
+    out = cli(
+        "eval",
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--questions",
+        str(ph / "test.json"),
+        "--images",
+        str(ph / "images"),
+        "--out",
+        str(answers),
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1])["skipped"] == len(gt)
+    # drop one answer: the scorer reports it missing instead of shifting the pairs
+    answers.write_text("\n".join(json.dumps(x) for x in lines[1:]) + "\n")
+    scores = tmp_path / "scores.json"
+    out = cli(
+        "eval",
+        "score",
+        "--gt",
+        str(ph / "test.json"),
+        "--pred",
+        str(answers),
+        "--json",
+        str(scores),
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(scores.read_text())["missing"] == [lines[0]["question_id"]]
+
+
+def test_train_cli_overrides(tiny_model_dir, tmp_path):
+    ph = tmp_path / "ph"
+    assert cli("data", "phantom", "--out", str(ph), "--n", "6", "--seed", "1").returncode == 0
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text(
+        f"stage: instruct\nmodel: {tiny_model_dir}\ndata_path: {ph / 'train.json'}\n"
+        f"image_folder: {ph / 'images'}\noutput_dir: {tmp_path / 'out'}\n"
+        "per_device_train_batch_size: 4\ngradient_accumulation_steps: 1\nlearning_rate: 1e-3\n"
+    )
+    out = cli(
+        "train",
+        "--stage",
+        "instruct",
+        "--config",
+        str(cfg),
+        "--max-steps",
+        "2",
+        "--set",
+        "language_model.mode=lora",
+        "lora.r=4",
+        "disable_tqdm=true",
+    )
+    assert out.returncode == 0, out.stderr
+    meta = json.loads((tmp_path / "out" / "tinyllava_med.json").read_text())
+    assert meta["training"]["config"]["language_model"]["mode"] == "lora"
+    assert meta["training"]["config"]["max_steps"] == 2
