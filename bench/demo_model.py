@@ -32,7 +32,7 @@ def main() -> None:
         unseen_dir = Path(tmp) / "unseen"
         generate_phantom(unseen_dir, n=1500, seed=UNSEEN_SEED, test_fraction=0.99)
         unseen = evaluate_demo(out, unseen_dir)
-    rows = {"own test split (seed %d)" % DEMO_SEED: own, "unseen seed %d" % UNSEEN_SEED: unseen}
+    rows = {f"own test split (seed {DEMO_SEED})": own, f"unseen seed {UNSEEN_SEED}": unseen}
     cpu = next(
         (
             ln.split(":", 1)[1].strip()
