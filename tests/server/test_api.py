@@ -239,3 +239,38 @@ def test_queue_full_is_503_with_retry_after(sqlite_api):
     assert (
         'tinyllava_med_rejected_requests_total{reason="queue_full"} 1.0' in api.get("/metrics").text
     )
+
+
+def test_readyz_is_503_until_a_model_loads(tmp_path, sqlite_url):
+    from fastapi.testclient import TestClient
+
+    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.settings import Settings
+
+    settings = Settings(
+        data_dir=tmp_path / "d", database_url=sqlite_url, model=str(tmp_path / "no-such-model")
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        assert client.get("/healthz").status_code == 200
+        deadline = 50
+        while deadline and client.app.state.load_error is None:
+            import time
+
+            time.sleep(0.1)
+            deadline -= 1
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert r.json()["checks"]["model"] == "failed"
+        key = client.app.state.first_admin_key
+        study = client.post(
+            "/v1/studies",
+            headers={"Authorization": f"Bearer {key}"},
+            files=[("files", ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))],
+        )
+        assert study.status_code == 201  # storing studies does not need the model
+        r = client.post(
+            f"/v1/studies/{study.json()['id']}/questions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"question": "q"},
+        )
+        assert_error(r, 503, "model_not_ready")

@@ -27,6 +27,9 @@ class Recorder:
     def on_first_token(self, seconds):
         self.first_tokens += 1
 
+    def on_cancel(self, n):
+        self.cancelled = getattr(self, "cancelled", 0) + n
+
 
 @pytest.fixture
 def engine(tiny_lm):

@@ -39,6 +39,7 @@ class EngineMetrics(Protocol):
     def on_batch(self, size: int, seconds: float, new_tokens: int) -> None: ...
     def on_queue(self, depth: int) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
+    def on_cancel(self, n: int) -> None: ...
 
 
 @dataclass
@@ -191,6 +192,8 @@ class BatchingEngine:
             for r in batch:
                 if r.cancelled.is_set():
                     r.future.cancel()
+            if self.metrics and len(live) < len(batch):
+                self.metrics.on_cancel(len(batch) - len(live))
             if not live:
                 self._finish(batch)
                 continue
@@ -230,6 +233,8 @@ class BatchingEngine:
         except GenerationCancelled:
             for r in live:
                 r.future.cancel()
+            if self.metrics:
+                self.metrics.on_cancel(len(live))
             return
         except Exception as e:  # handed to each waiting request
             log.exception("generation failed for a batch of %d", len(live))
@@ -244,6 +249,8 @@ class BatchingEngine:
         for r, a in zip(live, answers, strict=True):
             if r.cancelled.is_set():
                 r.future.cancel()
+                if self.metrics:
+                    self.metrics.on_cancel(1)
             elif not r.future.done():
                 r.future.set_result(a)
 

@@ -139,6 +139,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.cancelled = Counter(
+            PREFIX + "cancelled_requests",
+            "Requests cancelled (client gone) before they finished",
+            registry=r,
+        )
         self.rejected = Counter(
             PREFIX + "rejected_requests", "Requests rejected", ["reason"], registry=r
         )
@@ -161,6 +166,9 @@ class Metrics:
 
     def on_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
+
+    def on_cancel(self, n: int) -> None:
+        self.cancelled.inc(n)
 
     def set_model(self, info: dict[str, Any]) -> None:
         self.model_info.clear()

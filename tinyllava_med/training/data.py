@@ -126,6 +126,7 @@ def encode_packed(
     marker = IMAGE_TOKEN + "\n"
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prefix_ids: list[int] | None = None
+    checked = False
     ids: list[int] = []
     labels: list[int] = []
     segs: list[int] = []
@@ -142,9 +143,11 @@ def encode_packed(
             ids, labels = list(prefix_ids), [IGNORE_INDEX] * len(prefix_ids)
             segs, pos = [0] * len(prefix_ids), list(range(len(prefix_ids)))
         rest_ids = tokenizer(rest, add_special_tokens=False)["input_ids"]
-        whole = tokenizer(expand + rest, add_special_tokens=False)["input_ids"]
-        if bos + whole != prefix_ids + rest_ids:
-            return None
+        if not checked:  # the split must not change the tokens (checked once per sample)
+            whole = tokenizer(expand + rest, add_special_tokens=False)["input_ids"]
+            if bos + whole != prefix_ids + rest_ids:
+                return None
+            checked = True
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         n = len(rest_ids) + len(answer_ids)
         ids += rest_ids + answer_ids
@@ -178,6 +181,13 @@ class ConversationDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def preload(self) -> None:
+        """Encode every item now (with `cache=True`), so training steps only collate."""
+        if self._cache is None:
+            raise ValueError("preload needs cache=True")
+        for i in range(len(self)):
+            self[i]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if self._cache is not None and i in self._cache:

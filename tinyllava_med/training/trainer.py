@@ -239,6 +239,8 @@ def run_stage(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) 
         cache=cfg.cache_dataset,
         pack=cfg.pack_turns,
     )
+    if cfg.cache_dataset:
+        dataset.preload()
     model = _apply_modes(model, cfg)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False

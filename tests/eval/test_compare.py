@@ -1,0 +1,30 @@
+"""`eval compare`: several variants of one model scored on one PhantomVQA split, one table."""
+
+from __future__ import annotations
+
+import json
+
+from tinyllava_med.eval.compare import compare_variants
+from tinyllava_med.training.phantom import generate_phantom
+
+
+def test_compare_writes_table_json_and_chart(tiny_model_dir, tmp_path):
+    ph = tmp_path / "ph"
+    generate_phantom(ph, n=6, seed=3)
+    md = compare_variants(
+        [str(tiny_model_dir), f"{tiny_model_dir}:cpu-int8"],
+        questions=ph / "test.json",
+        images=ph / "images",
+        out_dir=tmp_path / "cmp",
+        max_new_tokens=3,
+    )
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["quantization"] for r in rows] == ["none", "cpu-int8"]
+    n = len(json.loads((ph / "test.json").read_text()))
+    for r in rows:
+        assert r["n_closed"] + r["n_open"] == n and r["missing"] == 0
+        assert 0.0 <= r["closed_accuracy"] <= 1.0 and r["static_memory_bytes"] > 0
+    assert rows[1]["static_memory_bytes"] < rows[0]["static_memory_bytes"]
+    text = md.read_text()
+    assert "cpu-int8" in text and text.count("\n") == 4
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000

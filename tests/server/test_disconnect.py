@@ -1,0 +1,77 @@
+"""A streaming client that goes away: its request is cancelled in the engine, nothing stored."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import uvicorn
+from pydicom.data import get_testdata_file
+
+from tinyllava_med.server.app import create_app
+from tinyllava_med.server.db.migrate import upgrade
+from tinyllava_med.server.settings import Settings
+
+CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_disconnect_cancels_generation(tmp_path, sqlite_url, tiny_lm):
+    upgrade(sqlite_url)
+    app = create_app(Settings(data_dir=tmp_path / "d", database_url=sqlite_url), model=tiny_lm)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        h = {"Authorization": f"Bearer {app.state.first_admin_key}"}
+        study = httpx.post(
+            f"{base}/v1/studies",
+            headers=h,
+            timeout=30,
+            files=[("files", ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))],
+        ).json()["id"]
+        tokens_before = _metric(base, "tinyllava_med_generation_tokens_total")
+        with httpx.stream(
+            "POST",
+            f"{base}/v1/studies/{study}/questions?stream=true",
+            headers=h,
+            json={"question": "Describe everything.", "max_new_tokens": 400},
+            timeout=30,
+        ) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("event: token"):
+                    break  # one token seen: now hang up
+        for _ in range(200):
+            if app.state.engine.queue_depth == 0:
+                break
+            time.sleep(0.05)
+        assert app.state.engine.queue_depth == 0
+        assert _metric(base, "tinyllava_med_cancelled_requests_total") == 1
+        assert _metric(base, "tinyllava_med_generation_tokens_total") == tokens_before
+        reports = httpx.get(f"{base}/v1/reports", headers=h, timeout=30).json()
+        assert reports["count"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
