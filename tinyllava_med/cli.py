@@ -281,7 +281,7 @@ def cmd_apikey(args: argparse.Namespace) -> int:
     engine = make_engine(settings.database_url)
     try:
         with session_factory(engine).begin() as session:
-            row, key = create_api_key(session, role=args.role, name=args.name)
+            row, key = create_api_key(session, role=args.role, name=args.name or f"{args.role} key")
             print(f"created {row.role} key {row.id} (shown once):")
     finally:
         engine.dispose()
@@ -401,10 +401,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-table", action="store_true")
     p.add_argument("--json", default=None)
 
-    p = verb(
-        "eval", "generate answers, score them, judge them", _not_yet("eval", "evaluation issue")
+    p = verb("eval", "VQA evaluation: generate answers, score, judge, compare variants", cmd_eval)
+    ev = p.add_subparsers(dest="eval_cmd", required=True, metavar="STEP")
+    g = ev.add_parser("generate", help="answer a question file (LLaVA-Med answers jsonl)")
+    _model_args(g)
+    g.add_argument("--questions", required=True, help="conversation json or qa50 jsonl")
+    g.add_argument("--images", required=True, help="image folder")
+    g.add_argument("--out", required=True, help="answers jsonl (resumed if it exists)")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--limit", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    sc = ev.add_parser("score", help="LLaVA-Med metrics (+ strict variants), paired by id")
+    sc.add_argument("--gt", required=True)
+    sc.add_argument("--pred", required=True)
+    sc.add_argument("--candidates", default=None)
+    sc.add_argument("--json", default=None)
+    sc.add_argument("--markdown", default=None)
+    j = ev.add_parser("judge", help="LLaVA-Med GPT-4 protocol on an OpenAI-compatible endpoint")
+    j.add_argument("--questions", required=True)
+    j.add_argument("--answers", required=True)
+    j.add_argument("--reference", default=None)
+    j.add_argument("--endpoint", required=True)
+    j.add_argument("--model", dest="judge_model", required=True)
+    j.add_argument("--out", required=True)
+    j.add_argument("--cache-dir", default="./data/judge-cache")
+    j.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    j.add_argument("--max-rps", type=float, default=1.0)
+    c = ev.add_parser("compare", help="generate + score several variants, one table")
+    c.add_argument(
+        "--variants",
+        nargs="+",
+        required=True,
+        help="NAME_OR_PATH[:QUANT] ..., e.g. demo demo:4bit demo:cpu-int8",
     )
-    p.add_argument("eval_cmd", choices=["generate", "score", "judge", "compare"])
+    c.add_argument("--questions", required=True)
+    c.add_argument("--images", required=True)
+    c.add_argument("--out-dir", required=True)
+    c.add_argument("--limit", type=int, default=None)
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--max-new-tokens", type=int, default=16)
 
     p = verb("data", "download, convert or synthesise datasets", cmd_data)
     p.add_argument("data_cmd", choices=["download", "convert", "phantom"])
@@ -443,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("apikey", "manage API keys", cmd_apikey)
     p.add_argument("apikey_cmd", choices=["create"])
     p.add_argument("--role", choices=["pacs", "radiologist", "admin"], required=True)
-    p.add_argument("--name", default="")
+    p.add_argument("--name", default=None, help="a label for the key (default: the role)")
     p.add_argument("--database-url", default=None)
     return parser
 

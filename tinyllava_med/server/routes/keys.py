@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1/apikeys", tags=["keys"])
 
 @router.post("", status_code=201, response_model=ApiKeyCreated)
 def create_key(session: SessionDep, body: ApiKeyCreate, principal: KeyAdmin) -> ApiKeyCreated:
-    row, key = auth.create_api_key(session, role=body.role, name=body.name)
+    row, key = auth.create_api_key(session, role=body.role, name=body.name or f"{body.role} key")
     crud.audit(
         session,
         actor=principal.actor,
