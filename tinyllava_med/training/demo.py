@@ -78,7 +78,7 @@ def build_demo_model(
     *,
     force: bool = False,
     work_dir: Path | None = None,
-    n_images: int = DEMO_IMAGES,
+    n_images: int | None = None,
     train_overrides: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Path:
@@ -90,7 +90,7 @@ def build_demo_model(
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.monotonic()
     phantom = work / "phantom"
-    generate_phantom(phantom, n=n_images, seed=DEMO_SEED)
+    generate_phantom(phantom, n=n_images or DEMO_IMAGES, seed=DEMO_SEED)
     train_entries = read_conversations(phantom / "train.json")
     model, processor = build_tiny_llava(demo_texts(train_entries), DEMO_SHAPE, seed=DEMO_SEED)
     init = save_served(
