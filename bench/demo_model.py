@@ -24,6 +24,7 @@ UNSEEN_SEED = 98765
 
 
 def main() -> None:
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         out = build_demo_model(Path(tmp) / "demo", force=True, progress=False)
@@ -46,7 +47,7 @@ def main() -> None:
         "",
         "Command: `python bench/demo_model.py` (the same code as `tinyllava-med demo-model`)",
         f"Machine: {cpu}, {os.cpu_count()} cores, CPU only, load average before start "
-        f"{os.getloadavg()[0]:.2f}.",
+        f"{load_before:.2f}.",
         f"Wall time end to end: {total:.0f} s (training {own['train_seconds']:.0f} s).",
         "",
         "| split | closed accuracy % | closed strict % | open recall % | open strict EM % |",
