@@ -49,28 +49,27 @@ class Server:
             "TINYLLAVA_MED_BATCH_WINDOW_MS": "10",
             "TINYLLAVA_MED_MAX_QUEUE": "256",
         }
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tinyllava_med.cli",
-                "serve",
-                "--model",
-                model,
-                "--port",
-                str(self.port),
-            ],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # the server's log goes to a file: a pipe nobody reads fills up and blocks the server
+        self.log_path = data_dir / "server.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
+        cmd = [
+            sys.executable,
+            "-m",
+            "tinyllava_med.cli",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(self.port),
+        ]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=self.log)
         self.key = ""
-        assert self.proc.stderr is not None
         deadline = time.time() + 120
         while time.time() < deadline and not self.key:
-            line = self.proc.stderr.readline()
-            if m := re.match(r"^(tlm_\S+)$", line.strip()):
-                self.key = m.group(1)
+            time.sleep(0.2)
+            for line in self.log_path.read_text().splitlines():
+                if m := re.match(r"^(tlm_\S+)$", line.strip()):
+                    self.key = m.group(1)
         if not self.key:
             raise RuntimeError("the server did not print its first admin key")
         self.url = f"http://127.0.0.1:{self.port}"
@@ -85,7 +84,10 @@ class Server:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(30)
+        try:
+            self.proc.wait(30)
+        finally:
+            self.log.close()
 
 
 async def load(

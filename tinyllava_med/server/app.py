@@ -27,7 +27,7 @@ from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
 from tinyllava_med.server.metrics import Metrics
-from tinyllava_med.server.routes import health, keys, questions, reports, studies
+from tinyllava_med.server.routes import health, keys, questions, reports, studies, web
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 
@@ -189,7 +189,14 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     app.state.shutting_down = False
     app.state.first_admin_key = None
     install_error_handlers(app)
-    for router in (health.router, studies.router, questions.router, reports.router, keys.router):
+    for router in (
+        health.router,
+        studies.router,
+        questions.router,
+        reports.router,
+        keys.router,
+        web.router,
+    ):
         app.include_router(router)
 
     @app.middleware("http")

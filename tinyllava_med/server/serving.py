@@ -123,7 +123,7 @@ def image_of(study: Study, index: int) -> Image:
 
 def render(
     store: ImageStore,
-    image: Image,
+    sha256: str,
     settings: Settings,
     *,
     frame: int | None = None,
@@ -132,7 +132,7 @@ def render(
     """The image as the model (or a viewer, with `window`) sees it."""
     try:
         return load_study_file(
-            store.get(image.sha256), frame=frame, window=window, limits=limits_of(settings)
+            store.get(sha256), frame=frame, window=window, limits=limits_of(settings)
         ).image
     except ImagingError as e:
         raise imaging_error(e) from e

@@ -20,7 +20,7 @@ from PIL import Image as PILImage
 
 from tinyllava_med.model.generate import Answer, SamplingParams
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.deps import Asker, EngineDep, SessionDep, SettingsDep, StoreDep
+from tinyllava_med.server.deps import Asker, EngineDep, SettingsDep, StoreDep
 from tinyllava_med.server.engine import BatchingEngine, EngineBusy, EngineNotReady
 from tinyllava_med.server.errors import APIError, error_body
 from tinyllava_med.server.schemas import AskResponse, QuestionCreate, ReportPublic
@@ -101,10 +101,50 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
 
 
+def _store_answer(
+    request: Request,
+    *,
+    study_id: str,
+    image_id: str,
+    question: str,
+    ans: Answer,
+    info: dict[str, Any],
+    actor: str,
+    latency_ms: float,
+    stream: bool = False,
+) -> ReportPublic:
+    """Save the answer as a report (and audit it) in a short transaction of its own."""
+    with request.app.state.session_factory.begin() as s:
+        study = crud.get_study(s, study_id)
+        assert study is not None  # it existed when the question came in; studies stay
+        image = next(i for i in study.images if i.id == image_id)
+        report = save_report(
+            s,
+            study=study,
+            image=image,
+            question=question,
+            answer=ans,
+            info=info,
+            actor=actor,
+            latency_ms=latency_ms,
+        )
+        crud.audit(
+            s,
+            actor=actor,
+            action="question.ask",
+            resource_type="study",
+            resource_id=study_id,
+            outcome="ok",
+            status_code=201,
+            detail={"report_id": report.id, **({"stream": True} if stream else {})},
+        )
+        s.flush()
+        return report_public(report)
+
+
 @router.post("/v1/studies/{study_id}/questions", status_code=201, response_model=ReportPublic)
 async def ask_about_study(
     request: Request,
-    session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
     engine: EngineDep,
@@ -113,43 +153,32 @@ async def ask_about_study(
     principal: Asker,
     stream: Annotated[bool, Query(description="stream tokens as server-sent events")] = False,
 ) -> Any:
+    """No database connection is held while the model works: the study is read in one short
+    transaction and the report written in another."""
     request.state.audit = (principal.actor, "question.ask", "study", study_id)
     params = sampling(body, settings)
     check_capacity(engine, settings, request)
-    study = crud.get_study(session, study_id)
-    if study is None:
-        raise APIError(404, "study_not_found", "no study with this id")
-    image = image_of(study, body.image_index)
-    pil = await run_in_threadpool(render, store, image, settings, frame=body.frame)
+    with request.app.state.session_factory() as s:
+        study = crud.get_study(s, study_id)
+        if study is None:
+            raise APIError(404, "study_not_found", "no study with this id")
+        image = image_of(study, body.image_index)
+        image_id, sha256 = image.id, image.sha256
+    pil = await run_in_threadpool(render, store, sha256, settings, frame=body.frame)
     info = engine.lm.info if engine.lm is not None else {}
-    start = time.perf_counter()
+    question, start = body.question, time.perf_counter()
     if not stream:
-        ans = await answer(engine, settings, pil, body.question, params)
-        report = save_report(
-            session,
-            study=study,
-            image=image,
-            question=body.question,
-            answer=ans,
+        ans = await answer(engine, settings, pil, question, params)
+        return _store_answer(
+            request,
+            study_id=study_id,
+            image_id=image_id,
+            question=question,
+            ans=ans,
             info=info,
             actor=principal.actor,
             latency_ms=(time.perf_counter() - start) * 1000,
         )
-        crud.audit(
-            session,
-            actor=principal.actor,
-            action="question.ask",
-            resource_type="study",
-            resource_id=study.id,
-            outcome="ok",
-            status_code=201,
-            detail={"report_id": report.id},
-        )
-        session.flush()
-        return report_public(report)
-
-    image_id, question = image.id, body.question
-    factory = request.app.state.session_factory
 
     async def events() -> AsyncIterator[bytes]:
         queue: asyncio.Queue[str] = asyncio.Queue()
@@ -177,34 +206,18 @@ async def ask_about_study(
             except APIError as e:
                 yield _sse("error", error_body(e.code, e.message, e.detail))
                 return
-            latency = (time.perf_counter() - start) * 1000
-            with factory.begin() as s:
-                st = crud.get_study(s, study_id)
-                assert st is not None  # it existed a moment ago and studies are never deleted
-                img = next(i for i in st.images if i.id == image_id)
-                report = save_report(
-                    s,
-                    study=st,
-                    image=img,
-                    question=question,
-                    answer=ans,
-                    info=info,
-                    actor=principal.actor,
-                    latency_ms=latency,
-                )
-                crud.audit(
-                    s,
-                    actor=principal.actor,
-                    action="question.ask",
-                    resource_type="study",
-                    resource_id=study_id,
-                    outcome="ok",
-                    status_code=201,
-                    detail={"report_id": report.id, "stream": True},
-                )
-                s.flush()
-                public = report_public(report).model_dump(mode="json")
-            yield _sse("report", public)
+            report = _store_answer(
+                request,
+                study_id=study_id,
+                image_id=image_id,
+                question=question,
+                ans=ans,
+                info=info,
+                actor=principal.actor,
+                latency_ms=(time.perf_counter() - start) * 1000,
+                stream=True,
+            )
+            yield _sse("report", report.model_dump(mode="json"))
         finally:
             if not task.done():  # the client went away: cancel the request in the engine
                 task.cancel()
@@ -220,7 +233,6 @@ async def ask_about_study(
 @router.post("/v1/ask", status_code=201, response_model=AskResponse)
 async def ask_one_shot(
     request: Request,
-    session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
     engine: EngineDep,
@@ -234,31 +246,33 @@ async def ask_one_shot(
     params = sampling(QuestionCreate(question=question, max_new_tokens=max_new_tokens), settings)
     check_capacity(engine, settings, request)
     upload = Upload(file.filename or "file", await file.read())
-    study = ingest(session, store, settings, [upload])
-    image = study.images[0]
-    pil = await run_in_threadpool(render, store, image, settings)
+    with request.app.state.session_factory.begin() as s:
+        study = ingest(s, store, settings, [upload])
+        crud.audit(
+            s,
+            actor=principal.actor,
+            action="study.upload",
+            resource_type="study",
+            resource_id=study.id,
+            outcome="ok",
+            status_code=201,
+            detail={"files": 1},
+        )
+        study_id, image_id, sha256 = study.id, study.images[0].id, study.images[0].sha256
+    pil = await run_in_threadpool(render, store, sha256, settings)
     start = time.perf_counter()
     ans = await answer(engine, settings, pil, question, params)
-    report = save_report(
-        session,
-        study=study,
-        image=image,
+    report = _store_answer(
+        request,
+        study_id=study_id,
+        image_id=image_id,
         question=question,
-        answer=ans,
+        ans=ans,
         info=engine.lm.info if engine.lm else {},
         actor=principal.actor,
         latency_ms=(time.perf_counter() - start) * 1000,
     )
-    crud.audit(
-        session,
-        actor=principal.actor,
-        action="question.ask",
-        resource_type="study",
-        resource_id=study.id,
-        outcome="ok",
-        status_code=201,
-        detail={"report_id": report.id},
-    )
-    session.flush()
-    session.refresh(study)
-    return AskResponse(study=study_public(study, 1), report=report_public(report))
+    with request.app.state.session_factory() as s:
+        stored = crud.get_study(s, study_id)
+        assert stored is not None
+        return AskResponse(study=study_public(stored, 1), report=report)

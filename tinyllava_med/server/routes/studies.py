@@ -113,7 +113,7 @@ def get_image(
 ) -> Response:
     study = load_study(session, study_id, principal.actor, "image.read")
     image = image_of(study, index)
-    pil = render(store, image, settings, frame=frame, window=window)
+    pil = render(store, image.sha256, settings, frame=frame, window=window)
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
     crud.audit(

@@ -1,0 +1,457 @@
+"""The radiologist web client, driven in real headless Chromium (Playwright, sync API).
+
+The real app (tiny model, SQLite) runs under uvicorn on 127.0.0.1 in a thread; Chromium is
+Debian's `/usr/bin/chromium` (`.ci/run` installs it; `playwright install` is never used). Each
+view is saved as a screenshot to the test's tmp folder; with `TINYLLAVA_MED_DOCS_SCREENSHOTS=1`
+also to `docs/screenshots/web-*.png` (the README shows them), so a plain run changes no file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from pydicom.data import get_testdata_file
+
+from tinyllava_med.server.app import create_app
+from tinyllava_med.server.db.migrate import upgrade
+from tinyllava_med.server.settings import Settings
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
+DOCS_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+T = 20_000  # ms: generous on 2 shared cores; the happy path takes well under a second per step
+
+
+class LiveServer:
+    def __init__(self, app: Any, base: str) -> None:
+        self.app = app
+        self.base = base
+        self.key = app.state.first_admin_key
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(
+            self.base + path, headers={"Authorization": f"Bearer {self.key}"}, timeout=30
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _serve(tmp: Path, lm: Any) -> Iterator[LiveServer]:
+    url = f"sqlite:///{tmp}/web.db"
+    upgrade(url)
+    settings = Settings(
+        data_dir=tmp / "data",
+        database_url=url,
+        model="tiny" if lm is not None else "no-such-model",  # None: loading fails
+        batch_window_ms=5,
+        default_max_new_tokens=24,
+    )
+    app = create_app(settings, model=lm)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", ws="none")
+    )
+    thread = threading.Thread(target=server.run, name="web-client-server", daemon=True)
+    thread.start()
+    try:
+        for _ in range(400):
+            if server.started:
+                break
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        yield LiveServer(app, f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory, tiny_lm) -> Iterator[LiveServer]:
+    """The tiny model under the demo model's name, as `tinyllava-med serve` runs by default."""
+    lm = dataclasses.replace(tiny_lm, name="demo", variant="demo")
+    with _serve(tmp_path_factory.mktemp("web-demo"), lm) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Iterator[Any]:
+    """One Chromium (fresh profile) for the module; each test opens its own tab."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"Chromium is missing at {CHROMIUM}: the web client tests need it (they do not "
+            "skip). `.ci/run` installs it: apt-get install -y chromium"
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright package is missing: pip install -e '.[dev]' (.ci/run does)")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 820},
+            device_scale_factor=1,
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def page(browser) -> Iterator[Any]:
+    """A new tab (its own sessionStorage: signed out) that records script errors."""
+    tab = browser.new_page()
+    tab.set_default_timeout(T)
+    problems: list[str] = []
+    tab.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    tab.on(
+        "console",
+        lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None,
+    )
+    tab.problems = problems  # type: ignore[attr-defined]
+    yield tab
+    tab.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def _shot(page: Any, shots: Path, name: str, *, full_page: bool = False) -> None:
+    """The view as a PNG in the tmp folder, and a palette copy (< 200 KB) for the README."""
+    from PIL import Image
+
+    path = shots / f"web-{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    if not os.environ.get("TINYLLAVA_MED_DOCS_SCREENSHOTS"):
+        return
+    DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
+    rgb = Image.open(path).convert("RGB")
+    for colours in (256, 160, 96):  # a noisy image needs fewer colours to stay small
+        rgb.quantize(colours, dither=Image.Dither.NONE).save(DOCS_SHOTS / path.name, optimize=True)
+        size = (DOCS_SHOTS / path.name).stat().st_size
+        if size < 200_000:
+            break
+    assert size < 200_000, f"{path.name} is {size} bytes; README screenshots stay under 200 KB"
+
+
+def _sign_in(page: Any, server: LiveServer, key: str | None = None) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(server.base + "/")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    page.get_by_label("API key").fill(key or server.key)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+
+
+def _errors_from_4xx_are_expected(problems: list[str]) -> list[str]:
+    # Chromium logs every failed fetch ("Failed to load resource: ... 415"): those are the
+    # errors the test provokes on purpose. Anything else (CSP violations, exceptions) is not.
+    return [p for p in problems if "Failed to load resource" not in p]
+
+
+def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
+    from playwright.sync_api import expect
+
+    server = demo_server
+    page.goto(server.base + "/")
+    expect(page.locator("#demo-warning")).to_be_visible()
+    expect(page.locator("#demo-warning")).to_contain_text("not for clinical use")
+    _shot(page, shots, "signin")
+
+    # Sign in: the key is kept in sessionStorage only.
+    _sign_in(page, server)
+    expect(page.get_by_role("heading", name="Worklist")).to_be_focused()
+    assert page.evaluate("sessionStorage.getItem('tinyllava_med.api_key')") == server.key
+    assert page.evaluate("localStorage.length") == 0
+
+    # Upload CT_small.dcm: it appears in the worklist with no report yet.
+    page.get_by_label("Upload a study").set_input_files(str(CT_SMALL))
+    page.get_by_role("button", name="Upload", exact=True).click()
+    expect(page.locator("#upload-status")).to_contain_text("Uploaded: CT")
+    rows = page.locator("#worklist-body tr")
+    expect(rows).to_have_count(1)
+    expect(rows.first.locator(".badge")).to_have_text("None")
+    page.get_by_label("Modality").select_option("MR")
+    expect(rows).to_have_count(0)
+    expect(page.locator("#worklist-empty")).to_be_visible()
+    page.get_by_label("Modality").select_option("CT")
+    expect(rows).to_have_count(1)
+    _shot(page, shots, "worklist")
+
+    # Open the study: the image is a blob: URL fetched with the key.
+    rows.first.get_by_role("link").click()
+    expect(page.get_by_role("heading", level=1)).to_contain_text("CT")
+    image = page.locator("#study-image")
+    expect(image).to_have_attribute("src", _starts_with("blob:"))
+    expect(page.locator("#window-field")).to_be_visible()
+    expect(page.locator("#frame-field")).to_be_hidden()  # one frame
+    before = image.get_attribute("src")
+    page.locator("label[for='window-lung']").click()
+    expect(page.get_by_role("radio", name="Lung")).to_be_checked()
+    expect(image).to_have_attribute("data-window", "lung")
+    expect(image).to_have_attribute("alt", _contains("lung window"))
+    assert image.get_attribute("src") != before
+    assert image.evaluate("img => img.naturalWidth") > 0
+
+    # Ask: the answer streams into the live region, then the stored report shows up.
+    page.evaluate(
+        """() => {
+            const out = document.getElementById('answer-stream');
+            window.__seen = [];
+            new MutationObserver(() => window.__seen.push([out.dataset.state,
+                out.textContent.length])).observe(out, {childList: true, subtree: true,
+                characterData: true});
+        }"""
+    )
+    page.get_by_label("Question about the shown image").fill("Is there a nodule in the left lung?")
+    page.get_by_role("button", name="Ask", exact=True).click()
+    history = page.locator("#history .history-item")
+    expect(history).to_have_count(1)
+    expect(page.locator("#ask-status")).to_have_text("Answer stored as a draft report.")
+    seen = page.evaluate("window.__seen")
+    assert any(state == "streaming" and n > 0 for state, n in seen), seen
+    streamed = page.locator("#answer-stream").inner_text()
+    assert streamed.strip(), "the tiny model's answer is empty"
+    expect(page.locator("#answer-stream")).to_have_attribute("aria-live", "polite")
+    expect(history.first.locator(".badge")).to_have_text("Draft")
+    report_id = history.first.get_attribute("data-report-id")
+    stored = server.get(f"/v1/reports/{report_id}").json()
+    assert stored["answer"].strip() == streamed.strip()
+    assert stored["model"] == "demo"
+    expect(page.locator("#model-answer")).to_have_text(stored["answer"])
+    _shot(page, shots, "study", full_page=True)
+
+    # Keyboard: the window presets are one radio group (arrow keys move the choice).
+    page.get_by_role("radio", name="Lung").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.get_by_role("radio", name="Bone")).to_be_checked()
+    expect(image).to_have_attribute("data-window", "bone")
+    unlabeled = page.evaluate(
+        """() => [...document.querySelectorAll('input, select, textarea, button')]
+            .filter(c => !(c.labels && c.labels.length) && !c.getAttribute('aria-label')
+                    && !c.textContent.trim())
+            .map(c => c.id || c.outerHTML)"""
+    )
+    assert unlabeled == [], unlabeled
+
+    # Edit and save the draft: the model's answer stays beside the edited text.
+    edited = "No nodule seen. Lungs clear. (edited by the radiologist)"
+    page.get_by_label("Report text (draft)").fill(edited)
+    expect(page.locator("#report-status")).to_have_text("Unsaved changes")
+    page.get_by_role("button", name="Save draft").click()
+    expect(page.locator("#report-status")).to_have_text("Draft saved.")
+    saved = server.get(f"/v1/reports/{report_id}").json()
+    assert (saved["text"], saved["status"], saved["answer"]) == (edited, "draft", stored["answer"])
+
+    # Sign, with a confirmation dialog; Cancel first, then confirm.
+    page.get_by_role("button", name="Sign report…").click()
+    dialog = page.get_by_role("dialog", name="Sign this report?")
+    expect(dialog).to_be_visible()
+    _shot(page, shots, "sign-dialog")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+    assert server.get(f"/v1/reports/{report_id}").json()["status"] == "draft"
+    page.get_by_role("button", name="Sign report…").click()
+    dialog.get_by_role("button", name="Sign report", exact=True).click()
+    expect(page.locator("#report-final")).to_be_visible()
+    expect(page.locator("#report-final-text")).to_have_text(edited)
+    expect(page.locator("#report-signed-by")).to_contain_text("by API key")
+    expect(page.locator("#report-edit")).to_be_hidden()
+    signed = server.get(f"/v1/reports/{report_id}").json()
+    assert signed["status"] == "final" and signed["signed_by"] and signed["signed_at"]
+
+    # Reload: still signed in (sessionStorage), the report is shown signed and read-only.
+    page.reload()
+    expect(page.locator("#report-badge")).to_have_text("Final")
+    expect(page.locator("#report-final-text")).to_have_text(edited)
+    expect(page.locator("#report-signed-by")).to_contain_text(signed["signed_by"])
+    expect(page.locator("#model-answer")).to_have_text(stored["answer"])
+    expect(page.get_by_label("Report text (draft)")).to_be_hidden()
+    expect(page.locator("#history .history-item .badge")).to_have_text(["Final"])
+    _shot(page, shots, "report-signed", full_page=True)
+
+    # Back in the worklist the study reads "Final"; signing out forgets the key.
+    page.get_by_role("link", name="← Worklist").click()
+    expect(page.locator("#worklist-body tr .badge")).to_have_text(["Final"])
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert page.evaluate("sessionStorage.getItem('tinyllava_med.api_key')") is None
+    assert page.problems == [], page.problems  # no script errors, no CSP violations
+
+
+def test_errors_are_shown_with_message_and_code(page, demo_server, shots):
+    from playwright.sync_api import expect
+
+    server = demo_server
+    page.goto(server.base + "/")
+    alert = page.locator("#alerts")
+    expect(alert).to_have_attribute("role", "alert")
+
+    # A wrong key: the sign-in form says so and stays.
+    _sign_in(page, server, key="tlm_00000000_" + "x" * 43)
+    expect(alert).to_contain_text("not valid")
+    expect(alert.locator(".error-code")).to_have_text("unauthorized")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+    # A radiologist's key (made by the admin) signs in.
+    made = httpx.post(
+        server.base + "/v1/apikeys",
+        headers={"Authorization": f"Bearer {server.key}"},
+        json={"role": "radiologist", "name": "web test radiologist"},
+        timeout=30,
+    ).json()
+    page.get_by_label("API key").fill(made["key"])
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    expect(alert).to_be_empty()
+
+    # A bad upload (random bytes): message and code, nothing added.
+    count = server.get("/v1/studies").json()["count"]
+    page.get_by_label("Upload a study").set_input_files(
+        files=[{"name": "noise.dcm", "mimeType": "application/dicom", "buffer": os.urandom(4096)}]
+    )
+    page.get_by_role("button", name="Upload", exact=True).click()
+    expect(alert).to_contain_text("Upload failed")
+    code = alert.locator(".error-code").inner_text()
+    assert code in {"not_dicom", "unsupported_format"}, code
+    expect(alert).to_contain_text("Only DICOM Part 10, PNG and JPEG files are accepted.")
+    assert server.get("/v1/studies").json()["count"] == count
+    _shot(page, shots, "upload-error")
+    page.get_by_role("button", name="Dismiss the error message").click()
+    expect(alert).to_be_empty()
+
+    # The key is revoked mid-session: the next call is a 401, back to sign-in with the reason.
+    revoked = httpx.delete(
+        f"{server.base}/v1/apikeys/{made['id']}",
+        headers={"Authorization": f"Bearer {server.key}"},
+        timeout=30,
+    )
+    assert revoked.status_code == 204
+    page.get_by_role("button", name="Refresh").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    expect(alert).to_contain_text("Sign in again")
+    expect(alert.locator(".error-code")).to_have_text("unauthorized")
+    assert page.evaluate("sessionStorage.getItem('tinyllava_med.api_key')") is None
+    assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
+
+
+def test_security_headers_and_static_files(demo_server):
+    r = httpx.get(demo_server.base + "/", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp and "http" not in csp
+    assert r.headers["x-content-type-options"] == "nosniff"
+    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        s = httpx.get(f"{demo_server.base}/static/{name}", timeout=30)
+        assert s.status_code == 200 and s.headers["content-type"].startswith(kind)
+        assert s.headers["content-security-policy"] == csp
+    for bad in ("index.html", "..%2Fapp.py", "nope.js"):
+        e = httpx.get(f"{demo_server.base}/static/{bad}", timeout=30)
+        assert e.status_code == 404 and e.json()["error"]["code"] == "not_found"
+    html = r.text
+    assert "<script>" not in html and " style=" not in html and "://" not in html.split("<body")[0]
+
+
+def test_images_and_frames_of_a_multi_image_study(page, tmp_path, tiny_lm, shots):
+    """A study of two MR files (one of 10 frames): image and frame selectors, no CT windows;
+    a model that is not `demo` gets no demo warning."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        files = [
+            ("files", (name, Path(get_testdata_file(name, download=False)).read_bytes()))
+            for name in ("MR_small.dcm", "emri_small.dcm")
+        ]
+        study = httpx.post(
+            server.base + "/v1/studies",
+            headers={"Authorization": f"Bearer {server.key}"},
+            files=files,
+            timeout=30,
+        ).json()
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        expect(page.locator("#model-line")).to_contain_text("tiny-test")
+        expect(page.locator("#demo-warning")).to_be_hidden()
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        image = page.locator("#study-image")
+        expect(image).to_have_attribute("src", _starts_with("blob:"))
+        expect(page.locator("#window-field")).to_be_hidden()  # MR: no CT presets
+        expect(page.locator("#frame-field")).to_be_hidden()  # image 1 has one frame
+        select = page.get_by_role("combobox", name="Image")
+        expect(select.locator("option")).to_have_count(2)
+        assert "10 frames" in select.locator("option").nth(1).inner_text()
+        select.select_option(index=1)
+        expect(page.locator("#frame-field")).to_be_visible()
+        expect(page.locator("#frame-value")).to_have_text("1 / 10")
+        page.get_by_label("Frame").focus()
+        page.keyboard.press("End")
+        expect(page.locator("#frame-value")).to_have_text("10 / 10")
+        expect(image).to_have_attribute("data-frame", "9")
+        expect(image).to_have_attribute("alt", _contains("frame 10 of 10"))
+        _shot(page, shots, "multiframe")
+        assert page.problems == [], page.problems
+
+
+def test_model_unavailable_says_retry(page, tmp_path):
+    """No model (it failed to load): asking is a 503 and the page says to retry."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, None) as server:
+        study = httpx.post(
+            server.base + "/v1/studies",
+            headers={"Authorization": f"Bearer {server.key}"},
+            files=[("files", ("ct.dcm", CT_SMALL.read_bytes()))],
+            timeout=30,
+        ).json()
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        expect(page.locator("#model-state")).to_have_text("Model failed to load")
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        page.get_by_label("Question about the shown image").fill("Any fracture?")
+        page.get_by_role("button", name="Ask", exact=True).click()
+        alert = page.locator("#alerts")
+        expect(alert.locator(".error-code")).to_have_text("model_not_ready")
+        expect(alert).to_contain_text("retry later")
+        expect(alert).to_contain_text("Retry in 5 s.")
+        expect(page.locator("#history-empty")).to_be_visible()
+
+
+def _starts_with(prefix: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(prefix))
+
+
+def _contains(part: str) -> re.Pattern[str]:
+    return re.compile(re.escape(part))

@@ -1,0 +1,967 @@
+// TinyLLaVA-Med reading room: worklist, image viewer, streamed questions, report editing and
+// signing. Plain browser JavaScript, no build step. All text from the server is put in the page
+// with textContent (never innerHTML). The API key lives in sessionStorage only.
+"use strict";
+
+(() => {
+  const KEY_STORAGE = "tinyllava_med.api_key";
+  const WINDOWS = [
+    ["default", "Default"],
+    ["soft-tissue", "Soft tissue"],
+    ["lung", "Lung"],
+    ["bone", "Bone"],
+    ["brain", "Brain"],
+  ];
+  const PAGE_SIZE = 50;
+
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    key: sessionStorage.getItem(KEY_STORAGE),
+    studies: [],
+    studyCount: 0,
+    study: null,
+    imageIndex: 0,
+    frame: 0,
+    window: "default",
+    imageSeq: 0,
+    imageUrl: null,
+    reports: [],
+    reportId: null,
+    streaming: null, // AbortController while an answer streams
+    modelTimer: null,
+    nav: 0, // navigation counter: a view's late results are dropped once the user moved on
+  };
+
+  // --- API ------------------------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, code, message, detail = null, retryAfter = null) {
+      super(message);
+      this.status = status;
+      this.code = code;
+      this.detail = detail;
+      this.retryAfter = retryAfter;
+    }
+  }
+
+  async function errorOf(response) {
+    let code = `http_${response.status}`;
+    let message = response.statusText || "the request failed";
+    let detail = null;
+    try {
+      const body = await response.json();
+      if (body && body.error) {
+        code = body.error.code || code;
+        message = body.error.message || message;
+        detail = body.error.detail ?? null;
+      }
+    } catch (_) {
+      // not JSON (a proxy's page): keep the status line
+    }
+    return new ApiError(response.status, code, message, detail, response.headers.get("Retry-After"));
+  }
+
+  async function api(path, { method = "GET", json, body, raw = false, signal } = {}) {
+    const headers = new Headers();
+    if (state.key) headers.set("Authorization", `Bearer ${state.key}`);
+    let payload = body;
+    if (json !== undefined) {
+      headers.set("Content-Type", "application/json");
+      payload = JSON.stringify(json);
+    }
+    let response;
+    try {
+      response = await fetch(path, { method, headers, body: payload, cache: "no-store", signal });
+    } catch (e) {
+      if (e && e.name === "AbortError") throw e;
+      throw new ApiError(0, "network_error", "the server cannot be reached");
+    }
+    if (!response.ok) throw await errorOf(response);
+    if (raw) return response;
+    if (response.status === 204) return null;
+    return response.json();
+  }
+
+  // --- messages -------------------------------------------------------------------------------
+
+  function hintFor(err) {
+    switch (err.status) {
+      case 0:
+        return "Check the network connection, then retry.";
+      case 403:
+        return "Your key's role does not allow this action.";
+      case 413:
+        return "The upload is too large for this server. Send fewer or smaller files.";
+      case 415:
+        return "Only DICOM Part 10, PNG and JPEG files are accepted.";
+      case 503: {
+        const wait = err.retryAfter ? ` in ${err.retryAfter} s` : " in a few seconds";
+        return err.code === "queue_full"
+          ? `The server is busy. Retry${wait}.`
+          : `The model is loading or unavailable. Retry${wait}.`;
+      }
+      case 504:
+        return "The model took too long. Retry, or ask a shorter question.";
+      default:
+        return "";
+    }
+  }
+
+  function clearError() {
+    $("alerts").replaceChildren();
+  }
+
+  // Show `err` (an ApiError or any Error) in the alert region; a 401 signs out.
+  function showError(err, context) {
+    if (err && err.name === "AbortError") return;
+    if (err instanceof ApiError && err.status === 401) {
+      signOut(`Your API key was not accepted (${err.message}). Sign in again.`, err.code);
+      return;
+    }
+    const box = document.createElement("div");
+    box.className = "alert";
+    const text = document.createElement("p");
+    const strong = document.createElement("strong");
+    strong.textContent = context ? `${context}: ` : "Error: ";
+    text.append(strong, err && err.message ? err.message : String(err));
+    if (err instanceof ApiError) {
+      const code = document.createElement("code");
+      code.className = "error-code";
+      code.textContent = err.code;
+      text.append(" ", code);
+      const hint = hintFor(err);
+      if (hint) {
+        const h = document.createElement("span");
+        h.className = "hint";
+        h.textContent = ` ${hint}`;
+        text.append(h);
+      }
+    }
+    const close = document.createElement("button");
+    close.type = "button";
+    close.className = "btn btn-small";
+    close.textContent = "Dismiss";
+    close.setAttribute("aria-label", "Dismiss the error message");
+    close.addEventListener("click", clearError);
+    box.append(text, close);
+    $("alerts").replaceChildren(box);
+  }
+
+  function setStatus(id, text) {
+    $(id).textContent = text;
+  }
+
+  // --- formatting -----------------------------------------------------------------------------
+
+  const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
+
+  function when(iso) {
+    if (!iso) return "";
+    // The database may drop the zone; the server always stores UTC.
+    const s = /(?:[zZ]|[+-]\d\d:?\d\d)$/.test(iso) ? iso : `${iso}Z`;
+    const d = new Date(s);
+    return Number.isNaN(d.getTime()) ? iso : dateFormat.format(d);
+  }
+
+  function studyDate(s) {
+    return s.StudyDate || "—";
+  }
+
+  function studyLabel(s) {
+    const modality = s.Modality || "Unknown modality";
+    return s.BodyPartExamined ? `${modality} · ${s.BodyPartExamined}` : modality;
+  }
+
+  const STATUS_TEXT = { none: "None", draft: "Draft", final: "Final" };
+
+  function badge(status) {
+    const b = document.createElement("span");
+    b.className = "badge";
+    b.dataset.status = status;
+    b.textContent = STATUS_TEXT[status] || status;
+    return b;
+  }
+
+  function el(tag, text, className) {
+    const e = document.createElement(tag);
+    if (text !== undefined && text !== null) e.textContent = text;
+    if (className) e.className = className;
+    return e;
+  }
+
+  // --- views and routing ----------------------------------------------------------------------
+
+  const VIEWS = ["signin", "worklist", "study"];
+  const TITLES = { signin: "Sign in", worklist: "Worklist", study: "Study" };
+
+  function showView(name, { focus = true } = {}) {
+    for (const v of VIEWS) $(`view-${v}`).hidden = v !== name;
+    const signedIn = name !== "signin";
+    $("topnav").hidden = !signedIn;
+    $("session").hidden = !signedIn;
+    if (name === "worklist") $("nav-worklist").setAttribute("aria-current", "page");
+    else $("nav-worklist").removeAttribute("aria-current");
+    document.title = `${TITLES[name]} · TinyLLaVA-Med reading room`;
+    if (!focus) return;
+    if (name === "signin") $("api-key").focus();
+    else $(`${name}-title`).focus();
+  }
+
+  async function route() {
+    state.nav += 1;
+    if (!state.key) {
+      showView("signin");
+      return;
+    }
+    $("key-label").textContent = keyLabel(state.key);
+    const m = location.hash.match(/^#\/study\/([A-Za-z0-9_-]+)$/);
+    if (m) await openStudy(m[1]);
+    else await openWorklist();
+  }
+
+  function keyLabel(key) {
+    const m = key.match(/^tlm_([0-9a-f]{8})_/);
+    return m ? `Key ${m[1]}` : "Signed in";
+  }
+
+  // --- sign in / out --------------------------------------------------------------------------
+
+  async function signIn(event) {
+    event.preventDefault();
+    const key = $("api-key").value.trim();
+    clearError();
+    if (!key) {
+      showError(new Error("enter your API key"), "Sign in");
+      $("api-key").focus();
+      return;
+    }
+    $("signin-submit").disabled = true;
+    setStatus("signin-status", "Checking the key…");
+    state.key = key;
+    try {
+      await api("/v1/studies?limit=1");
+      sessionStorage.setItem(KEY_STORAGE, key);
+      $("api-key").value = "";
+      setStatus("signin-status", "");
+      await route();
+    } catch (err) {
+      state.key = null;
+      setStatus("signin-status", "");
+      if (err instanceof ApiError && err.status === 401) {
+        // Not showError: a 401 there means "signed out", here it means "try another key".
+        const box = el("div", null, "alert");
+        const p = el("p");
+        p.append(el("strong", "Sign in: "), "this API key is not valid or was revoked. ");
+        p.append(el("code", err.code, "error-code"));
+        box.append(p);
+        $("alerts").replaceChildren(box);
+      } else {
+        showError(err, "Sign in");
+      }
+      $("api-key").focus();
+    } finally {
+      $("signin-submit").disabled = false;
+    }
+  }
+
+  function signOut(message, code) {
+    if (state.streaming) state.streaming.abort();
+    sessionStorage.removeItem(KEY_STORAGE);
+    state.key = null;
+    state.study = null;
+    state.studies = [];
+    state.reports = [];
+    releaseImage();
+    clearError();
+    if (message) {
+      const box = el("div", null, "alert");
+      const p = el("p");
+      p.append(el("strong", "Signed out: "), message);
+      if (code) p.append(" ", el("code", code, "error-code"));
+      box.append(p);
+      $("alerts").replaceChildren(box);
+    } else {
+      setStatus("signin-status", "You are signed out.");
+    }
+    showView("signin");
+  }
+
+  // --- model info (footer) --------------------------------------------------------------------
+
+  async function refreshModel() {
+    clearTimeout(state.modelTimer);
+    let body = null;
+    try {
+      const r = await fetch("/readyz", { cache: "no-store" });
+      body = await r.json();
+    } catch (_) {
+      body = null;
+    }
+    const line = $("model-line");
+    const badgeEl = $("model-state");
+    const info = body && body.model;
+    const ready = body && body.status === "ready";
+    const modelState = body && body.checks ? body.checks.model : "unreachable";
+    if (info) {
+      const parts = [info.model];
+      if (info.variant && info.variant !== info.model) parts.push(info.variant);
+      parts.push(`quantization ${info.quantization}`);
+      if (info.model_version) parts.push(`version ${info.model_version}`);
+      line.textContent = `Model: ${parts.join(" · ")}${ready ? "" : ` (${modelState})`}`;
+    } else {
+      line.textContent = `Model: ${modelState === "failed" ? "failed to load" : modelState}`;
+    }
+    const isDemo = !!info && (info.model === "demo" || info.variant === "demo");
+    $("demo-warning").hidden = !isDemo;
+    badgeEl.dataset.state = ready ? "ready" : modelState === "failed" ? "failed" : "loading";
+    badgeEl.textContent = ready
+      ? `Model ready${isDemo ? " (demo)" : ""}`
+      : modelState === "failed"
+        ? "Model failed to load"
+        : "Model loading…";
+    if (!ready) state.modelTimer = setTimeout(refreshModel, 5000);
+  }
+
+  // --- worklist -------------------------------------------------------------------------------
+
+  async function openWorklist() {
+    showView("worklist");
+    releaseImage();
+    state.study = null;
+    await loadWorklist(false);
+  }
+
+  async function loadWorklist(append) {
+    const nav = state.nav;
+    const params = new URLSearchParams({
+      limit: String(PAGE_SIZE),
+      offset: String(append ? state.studies.length : 0),
+    });
+    const modality = $("filter-modality").value;
+    if (modality) params.set("modality", modality);
+    $("worklist-table").setAttribute("aria-busy", "true");
+    try {
+      const list = await api(`/v1/studies?${params}`);
+      if (nav !== state.nav) return;
+      state.studies = append ? state.studies.concat(list.data) : list.data;
+      state.studyCount = list.count;
+      renderWorklist(list.data, append);
+      await loadStatuses(list.data);
+    } catch (err) {
+      showError(err, "Loading the worklist");
+    } finally {
+      $("worklist-table").setAttribute("aria-busy", "false");
+    }
+  }
+
+  function renderWorklist(rows, append) {
+    const body = $("worklist-body");
+    if (!append) body.replaceChildren();
+    for (const s of rows) {
+      const tr = document.createElement("tr");
+      tr.dataset.studyId = s.id;
+      const first = document.createElement("td");
+      const link = el("a", `${studyLabel(s)} study`, "study-link");
+      link.href = `#/study/${encodeURIComponent(s.id)}`;
+      link.setAttribute("aria-label",
+        `${studyLabel(s)} study, study date ${studyDate(s)}, received ${when(s.created_at)}`);
+      first.append(link);
+      const status = el("td", null, "status-cell");
+      status.append(s.reports > 0 ? el("span", "…", "muted") : badge("none"));
+      tr.append(
+        first,
+        el("td", studyDate(s)),
+        el("td", s.AccessionNumber || "—"),
+        el("td", String(s.images.length), "num"),
+        el("td", when(s.created_at)),
+        status,
+      );
+      body.append(tr);
+    }
+    const modality = $("filter-modality").value;
+    $("worklist-count").textContent =
+      `${state.studyCount} ${state.studyCount === 1 ? "study" : "studies"}` +
+      (modality ? ` with modality ${modality}` : "");
+    $("worklist-empty").hidden = state.studies.length > 0;
+    $("worklist-more").hidden = state.studies.length >= state.studyCount;
+  }
+
+  // none / draft / final per study: a study with any draft still needs work.
+  async function loadStatuses(rows) {
+    const pending = rows.filter((s) => s.reports > 0);
+    const worker = async () => {
+      while (pending.length) {
+        const s = pending.shift();
+        let status = "none";
+        try {
+          const params = new URLSearchParams({ study_id: s.id, status: "draft", limit: "1" });
+          const drafts = await api(`/v1/reports?${params}`);
+          status = drafts.count > 0 ? "draft" : "final";
+        } catch (err) {
+          if (err instanceof ApiError && err.status === 401) throw err;
+          status = "unknown";
+        }
+        const row = $("worklist-body").querySelector(`tr[data-study-id="${CSS.escape(s.id)}"]`);
+        if (row) row.querySelector(".status-cell").replaceChildren(badge(status));
+      }
+    };
+    await Promise.all([worker(), worker(), worker(), worker()]);
+  }
+
+  async function upload(event) {
+    event.preventDefault();
+    clearError();
+    const files = $("upload-files").files;
+    if (!files || files.length === 0) {
+      showError(new Error("choose one or more DICOM, PNG or JPEG files first"), "Upload");
+      $("upload-files").focus();
+      return;
+    }
+    const form = new FormData();
+    for (const f of files) form.append("files", f, f.name);
+    $("upload-submit").disabled = true;
+    setStatus("upload-status", `Uploading ${files.length} file${files.length === 1 ? "" : "s"}…`);
+    try {
+      const study = await api("/v1/studies", { method: "POST", body: form });
+      $("upload-form").reset();
+      const status = $("upload-status");
+      status.replaceChildren(
+        `Uploaded: ${studyLabel(study)} with ${study.images.length} image${study.images.length === 1 ? "" : "s"}. `,
+      );
+      const open = el("a", "Open the study", "study-link");
+      open.href = `#/study/${encodeURIComponent(study.id)}`;
+      status.append(open);
+      await loadWorklist(false);
+    } catch (err) {
+      setStatus("upload-status", "");
+      showError(err, "Upload failed");
+    } finally {
+      $("upload-submit").disabled = false;
+    }
+  }
+
+  // --- study: image ---------------------------------------------------------------------------
+
+  async function openStudy(id) {
+    const nav = state.nav;
+    showView("study", { focus: false });
+    clearError();
+    releaseImage();
+    state.study = null;
+    state.reports = [];
+    state.reportId = null;
+    $("study-title").textContent = "Study";
+    $("study-meta").replaceChildren();
+    $("history").replaceChildren();
+    $("report-card").hidden = true;
+    $("ask-submit").disabled = true; // until the study is here
+    resetAnswer();
+    let study;
+    try {
+      study = await api(`/v1/studies/${encodeURIComponent(id)}`);
+      if (nav !== state.nav) return;
+    } catch (err) {
+      if (nav !== state.nav) return;
+      $("viewer-placeholder").textContent = "The study could not be opened.";
+      showError(err, "Opening the study");
+      $("study-title").focus();
+      return;
+    }
+    state.study = study;
+    state.imageIndex = study.images.length ? study.images[0].index : 0;
+    state.frame = 0;
+    state.window = "default";
+    renderStudyHead(study);
+    renderImageControls();
+    $("ask-submit").disabled = false;
+    $("study-title").focus();
+    await Promise.all([loadImage(), loadReports()]);
+  }
+
+  function currentImage() {
+    const s = state.study;
+    if (!s) return null;
+    return s.images.find((i) => i.index === state.imageIndex) || s.images[0] || null;
+  }
+
+  function isCT() {
+    const im = currentImage();
+    return ((im && im.Modality) || (state.study && state.study.Modality) || "") === "CT";
+  }
+
+  function renderStudyHead(s) {
+    $("study-title").textContent = `${studyLabel(s)} study`;
+    document.title = `${studyLabel(s)} study · TinyLLaVA-Med reading room`;
+    const meta = $("study-meta");
+    meta.replaceChildren();
+    const add = (term, value) => {
+      if (value === null || value === undefined || value === "") return;
+      const div = el("div");
+      div.append(el("dt", term), el("dd", String(value)));
+      meta.append(div);
+    };
+    add("Study date", s.StudyDate);
+    add("Accession", s.AccessionNumber);
+    add("Images", s.images.length);
+    add("Received", when(s.created_at));
+  }
+
+  function renderImageControls() {
+    const s = state.study;
+    const select = $("image-select");
+    select.replaceChildren();
+    for (const im of s.images) {
+      const size = im.rows && im.columns ? `, ${im.columns}×${im.rows}` : "";
+      const frames = im.n_frames > 1 ? `, ${im.n_frames} frames` : "";
+      const opt = el("option", `Image ${im.index + 1} of ${s.images.length} (${im.Modality || im.kind}${size}${frames})`);
+      opt.value = String(im.index);
+      select.append(opt);
+    }
+    select.value = String(state.imageIndex);
+    $("image-field").hidden = s.images.length <= 1;
+
+    const options = $("window-options");
+    if (!options.childElementCount) {
+      for (const [value, label] of WINDOWS) {
+        const id = `window-${value}`;
+        const input = document.createElement("input");
+        input.type = "radio";
+        input.name = "window";
+        input.id = id;
+        input.value = value;
+        const lab = el("label", label);
+        lab.htmlFor = id;
+        options.append(input, lab);
+      }
+    }
+    $(`window-${state.window}`).checked = true;
+    $("window-field").hidden = !isCT();
+
+    const im = currentImage();
+    const n = im ? im.n_frames : 1;
+    const range = $("frame-range");
+    range.max = String(Math.max(1, n));
+    range.value = String(state.frame + 1);
+    $("frame-field").hidden = n <= 1;
+    updateFrameOutput();
+  }
+
+  function updateFrameOutput() {
+    const im = currentImage();
+    const n = im ? im.n_frames : 1;
+    $("frame-value").textContent = `${state.frame + 1} / ${n}`;
+  }
+
+  function imageQuery() {
+    const params = new URLSearchParams();
+    if (isCT() && state.window !== "default") params.set("window", state.window);
+    const im = currentImage();
+    if (im && im.n_frames > 1) params.set("frame", String(state.frame));
+    const q = params.toString();
+    return q ? `?${q}` : "";
+  }
+
+  function releaseImage() {
+    state.imageSeq += 1;
+    if (state.imageUrl) URL.revokeObjectURL(state.imageUrl);
+    state.imageUrl = null;
+    const img = $("study-image");
+    img.removeAttribute("src");
+    img.hidden = true;
+    $("viewer-placeholder").hidden = false;
+    $("viewer-placeholder").textContent = "Loading image…";
+    $("viewer-caption").textContent = "";
+  }
+
+  async function loadImage() {
+    const s = state.study;
+    const im = currentImage();
+    if (!s || !im) return;
+    const seq = ++state.imageSeq;
+    const stage = $("viewer-stage");
+    stage.setAttribute("aria-busy", "true");
+    try {
+      const r = await api(`/v1/studies/${encodeURIComponent(s.id)}/images/${im.index}${imageQuery()}`, { raw: true });
+      const blob = await r.blob();
+      if (seq !== state.imageSeq) return; // a newer request won
+      const url = URL.createObjectURL(blob);
+      const img = $("study-image");
+      await new Promise((resolve) => {
+        img.onload = resolve;
+        img.onerror = resolve;
+        img.src = url;
+      });
+      if (state.imageUrl) URL.revokeObjectURL(state.imageUrl);
+      state.imageUrl = url;
+      const windowName = isCT() ? WINDOWS.find(([v]) => v === state.window)[1].toLowerCase() : null;
+      const frameText = im.n_frames > 1 ? `, frame ${state.frame + 1} of ${im.n_frames}` : "";
+      img.alt = `${im.Modality || im.kind} image ${im.index + 1} of ${s.images.length}${frameText}` +
+        (windowName ? `, ${windowName} window` : "");
+      img.dataset.window = isCT() ? state.window : "";
+      img.dataset.frame = String(state.frame);
+      img.hidden = false;
+      $("viewer-placeholder").hidden = true;
+      const size = im.rows && im.columns ? `${im.columns} × ${im.rows}` : "";
+      $("viewer-caption").textContent = [
+        `Image ${im.index + 1} / ${s.images.length}`,
+        im.n_frames > 1 ? `Frame ${state.frame + 1} / ${im.n_frames}` : null,
+        windowName ? `Window: ${windowName}` : null,
+        size,
+      ].filter(Boolean).join("  ·  ");
+    } catch (err) {
+      if (seq !== state.imageSeq) return;
+      $("viewer-placeholder").hidden = false;
+      $("viewer-placeholder").textContent = "The image could not be shown.";
+      showError(err, "Loading the image");
+    } finally {
+      if (seq === state.imageSeq) stage.setAttribute("aria-busy", "false");
+    }
+  }
+
+  let frameTimer = null;
+
+  function onFrameInput() {
+    state.frame = Number($("frame-range").value) - 1;
+    updateFrameOutput();
+    clearTimeout(frameTimer);
+    frameTimer = setTimeout(loadImage, 120);
+  }
+
+  // --- study: questions (streamed) ------------------------------------------------------------
+
+  function resetAnswer() {
+    const out = $("answer-stream");
+    out.replaceChildren();
+    out.dataset.state = "idle";
+    out.setAttribute("aria-busy", "false");
+    setStatus("ask-status", "");
+  }
+
+  function parseEvent(block) {
+    let event = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith(":")) continue;
+      const i = line.indexOf(":");
+      const field = i < 0 ? line : line.slice(0, i);
+      let value = i < 0 ? "" : line.slice(i + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") event = value;
+      else if (field === "data") data.push(value);
+    }
+    return { event, data: data.join("\n") };
+  }
+
+  const STREAM_STATUS = { queue_full: 503, model_not_ready: 503, timeout: 504 };
+
+  async function ask(event) {
+    event.preventDefault();
+    const s = state.study;
+    if (!s || state.streaming) return;
+    const question = $("question").value.trim();
+    clearError();
+    if (!question) {
+      showError(new Error("type a question first"), "Ask");
+      $("question").focus();
+      return;
+    }
+    const im = currentImage();
+    const body = { question, image_index: im ? im.index : 0 };
+    if (im && im.n_frames > 1) body.frame = state.frame;
+
+    const out = $("answer-stream");
+    out.replaceChildren();
+    out.dataset.state = "streaming";
+    out.setAttribute("aria-busy", "true");
+    setStatus("ask-status", "Waiting for the model…");
+    const controller = new AbortController();
+    state.streaming = controller;
+    $("ask-submit").disabled = true;
+    $("ask-stop").hidden = false;
+    let report = null;
+    let tokens = 0;
+    try {
+      const r = await api(`/v1/studies/${encodeURIComponent(s.id)}/questions?stream=true`, {
+        method: "POST",
+        json: body,
+        raw: true,
+        signal: controller.signal,
+      });
+      const reader = r.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      const handle = (block) => {
+        const { event: kind, data } = parseEvent(block);
+        if (!data) return;
+        const payload = JSON.parse(data);
+        if (kind === "token") {
+          tokens += 1;
+          if (tokens === 1) setStatus("ask-status", "Answering…");
+          out.append(payload.text);
+          out.dataset.tokens = String(tokens);
+        } else if (kind === "report") {
+          report = payload;
+        } else if (kind === "error") {
+          const e = payload.error || {};
+          throw new ApiError(STREAM_STATUS[e.code] || 500, e.code || "stream_error",
+            e.message || "the answer failed", e.detail ?? null);
+        }
+      };
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (value) buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + 2);
+          handle(block);
+        }
+        if (done) break;
+      }
+      if (buffer.trim()) handle(buffer);
+      if (!report) throw new ApiError(502, "stream_incomplete", "the answer stream ended before the report was stored");
+      out.replaceChildren(report.answer);
+      out.dataset.state = "done";
+      setStatus("ask-status", "Answer stored as a draft report.");
+      $("question").value = "";
+      state.reports = [report, ...state.reports.filter((x) => x.id !== report.id)];
+      renderHistory();
+      selectReport(report.id);
+    } catch (err) {
+      out.dataset.state = "error";
+      if (err && err.name === "AbortError") {
+        setStatus("ask-status", "Stopped. Nothing was stored.");
+      } else {
+        setStatus("ask-status", "");
+        showError(err, "Asking the model");
+      }
+    } finally {
+      out.setAttribute("aria-busy", "false");
+      state.streaming = null;
+      $("ask-submit").disabled = false;
+      $("ask-stop").hidden = true;
+    }
+  }
+
+  // --- study: reports -------------------------------------------------------------------------
+
+  async function loadReports() {
+    const s = state.study;
+    if (!s) return;
+    try {
+      const params = new URLSearchParams({ study_id: s.id, limit: "500" });
+      const list = await api(`/v1/reports?${params}`);
+      if (state.study !== s) return;
+      state.reports = list.data;
+      renderHistory();
+      if (state.reports.length) selectReport(state.reports[0].id);
+    } catch (err) {
+      showError(err, "Loading the reports");
+    }
+  }
+
+  function renderHistory() {
+    const list = $("history");
+    list.replaceChildren();
+    $("history-empty").hidden = state.reports.length > 0;
+    for (const r of state.reports) {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "history-item";
+      button.dataset.reportId = r.id;
+      if (r.id === state.reportId) button.setAttribute("aria-current", "true");
+      const top = el("span", null, "history-top");
+      top.append(el("span", when(r.created_at), "history-time"), badge(r.status));
+      const q = el("span", r.question, "history-question");
+      const a = el("span", r.text, "history-answer");
+      button.append(top, q, a);
+      button.setAttribute("aria-label",
+        `${STATUS_TEXT[r.status]} report, ${when(r.created_at)}: ${r.question}`);
+      button.addEventListener("click", () => {
+        if (isDirty() && !window.confirm("Discard the unsaved changes to this report?")) return;
+        selectReport(r.id);
+        $("report-title").scrollIntoView({ block: "nearest" });
+        $("report-card").focus();
+      });
+      li.append(button);
+      list.append(li);
+    }
+  }
+
+  function currentReport() {
+    return state.reports.find((r) => r.id === state.reportId) || null;
+  }
+
+  function isDirty() {
+    const r = currentReport();
+    return !!r && r.status === "draft" && $("report-text").value !== r.text;
+  }
+
+  function selectReport(id) {
+    state.reportId = id;
+    const r = currentReport();
+    for (const b of $("history").querySelectorAll(".history-item")) {
+      if (b.dataset.reportId === id) b.setAttribute("aria-current", "true");
+      else b.removeAttribute("aria-current");
+    }
+    const card = $("report-card");
+    card.hidden = !r;
+    if (!r) return;
+    card.tabIndex = -1;
+    const b = $("report-badge");
+    b.dataset.status = r.status;
+    b.textContent = STATUS_TEXT[r.status];
+    $("report-question").textContent = r.question;
+    $("model-answer").textContent = r.answer || "(empty answer)";
+    const final = r.status === "final";
+    $("report-edit").hidden = final;
+    $("report-final").hidden = !final;
+    setStatus("report-status", "");
+    if (final) {
+      $("report-final-text").textContent = r.text;
+      const by = $("report-signed-by");
+      by.replaceChildren(
+        el("strong", `Signed ${when(r.signed_at) || "(date unknown)"}`),
+        " · read-only",
+        el("code", `by API key ${r.signed_by || "unknown"}`),
+      );
+    } else {
+      $("report-text").value = r.text;
+    }
+    const prov = [
+      `Model ${r.model}`,
+      r.variant && r.variant !== r.model ? `variant ${r.variant}` : null,
+      `quantization ${r.quantization}`,
+      r.model_version ? `model version ${r.model_version}` : null,
+      `${Math.round(r.latency_ms)} ms`,
+      `${r.tokens.completion} tokens`,
+      r.image_index !== null && r.image_index !== undefined ? `image ${r.image_index + 1}` : null,
+      `asked ${when(r.created_at)}`,
+      edited(r) ? `edited ${when(r.updated_at)}` : null,
+    ].filter(Boolean);
+    $("report-provenance").textContent = prov.join(" · ");
+  }
+
+  function edited(r) {
+    if (!r.updated_at) return false;
+    const t = (iso) => new Date(/(?:[zZ]|[+-]\d\d:?\d\d)$/.test(iso) ? iso : `${iso}Z`).getTime();
+    return t(r.updated_at) - t(r.created_at) > 1000;
+  }
+
+  function replaceReport(updated) {
+    state.reports = state.reports.map((r) => (r.id === updated.id ? updated : r));
+    renderHistory();
+    selectReport(updated.id);
+  }
+
+  async function saveReport() {
+    const r = currentReport();
+    if (!r) return;
+    clearError();
+    $("report-save").disabled = true;
+    setStatus("report-status", "Saving…");
+    try {
+      const updated = await api(`/v1/reports/${encodeURIComponent(r.id)}`, {
+        method: "PATCH",
+        json: { text: $("report-text").value },
+      });
+      replaceReport(updated);
+      setStatus("report-status", "Draft saved.");
+    } catch (err) {
+      setStatus("report-status", "");
+      showError(err, "Saving the report");
+    } finally {
+      $("report-save").disabled = false;
+    }
+  }
+
+  function askToSign() {
+    const r = currentReport();
+    if (!r) return;
+    clearError();
+    if (!$("report-text").value.trim()) {
+      showError(new Error("an empty report cannot be signed; write the report text first"), "Sign");
+      $("report-text").focus();
+      return;
+    }
+    $("sign-dialog").returnValue = "";
+    $("sign-dialog").showModal();
+  }
+
+  async function signReport() {
+    const r = currentReport();
+    if (!r) return;
+    $("report-sign").disabled = true;
+    setStatus("report-status", "Signing…");
+    try {
+      const text = $("report-text").value;
+      const json = text !== r.text ? { text, status: "final" } : { status: "final" };
+      const updated = await api(`/v1/reports/${encodeURIComponent(r.id)}`, { method: "PATCH", json });
+      replaceReport(updated);
+      setStatus("report-status", "");
+      setStatus("ask-status", "Report signed.");
+      $("report-title").focus();
+    } catch (err) {
+      setStatus("report-status", "");
+      showError(err, "Signing the report");
+    } finally {
+      $("report-sign").disabled = false;
+    }
+  }
+
+  // --- wiring ---------------------------------------------------------------------------------
+
+  function wire() {
+    $("signin-form").addEventListener("submit", signIn);
+    $("sign-out").addEventListener("click", () => signOut());
+    $("upload-form").addEventListener("submit", upload);
+    $("filter-modality").addEventListener("change", () => loadWorklist(false));
+    $("filter-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      loadWorklist(false);
+    });
+    $("worklist-refresh").addEventListener("click", () => loadWorklist(false));
+    $("worklist-more").addEventListener("click", () => loadWorklist(true));
+    $("image-select").addEventListener("change", () => {
+      state.imageIndex = Number($("image-select").value);
+      state.frame = 0;
+      renderImageControls();
+      loadImage();
+    });
+    $("window-options").addEventListener("change", (e) => {
+      if (e.target && e.target.name === "window") {
+        state.window = e.target.value;
+        loadImage();
+      }
+    });
+    $("frame-range").addEventListener("input", onFrameInput);
+    $("ask-form").addEventListener("submit", ask);
+    $("question").addEventListener("keydown", (e) => {
+      // Ctrl/Cmd+Enter asks; Enter alone makes a new line.
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("ask-form").requestSubmit();
+    });
+    $("ask-stop").addEventListener("click", () => state.streaming && state.streaming.abort());
+    $("report-save").addEventListener("click", saveReport);
+    $("report-sign").addEventListener("click", askToSign);
+    $("report-text").addEventListener("input", () => {
+      setStatus("report-status", isDirty() ? "Unsaved changes" : "");
+    });
+    $("sign-dialog").addEventListener("close", () => {
+      if ($("sign-dialog").returnValue === "confirm") signReport();
+      else $("report-sign").focus();
+    });
+    window.addEventListener("hashchange", () => {
+      if (state.streaming) state.streaming.abort();
+      route();
+    });
+    window.addEventListener("beforeunload", (e) => {
+      if (isDirty()) e.preventDefault();
+    });
+  }
+
+  wire();
+  refreshModel();
+  route();
+})();
