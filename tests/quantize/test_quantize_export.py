@@ -1,0 +1,120 @@
+"""`quantize_checkpoint`: folders that `load_model` loads with no flags, smaller, close to fp32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from quant_helpers import CASES, answer_logits, answers, case_images, cosine
+from safetensors import safe_open
+
+from tinyllava_med.model.generate import SamplingParams, generate
+from tinyllava_med.model.load import load_model
+from tinyllava_med.model.meta import ServedMeta
+from tinyllava_med.quantize.cpu_int8 import CPU_INT8_FILE, quantize_cpu_int8
+from tinyllava_med.quantize.export import quantize_checkpoint
+
+STORED = {"nf4": "4bit", "int8": "8bit", "cpu-int8": "cpu-int8"}
+WEIGHTS = {"nf4": "model.safetensors", "int8": "model.safetensors", "cpu-int8": CPU_INT8_FILE}
+
+
+@pytest.fixture(scope="module")
+def fp32_peaked(peaked_model_dir: Path):
+    lm = load_model(str(peaked_model_dir), device="cpu")
+    return lm, answer_logits(lm), answers(lm)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", "cpu-int8"])
+def test_round_trip_on_tiny_model(tiny_model_dir: Path, tmp_path: Path, method: str) -> None:
+    dst = quantize_checkpoint(tiny_model_dir, tmp_path / method, method=method)
+    lm = load_model(str(dst), device="cpu")  # no flags: the folder says how it is stored
+    assert lm.quantization == STORED[method] == ServedMeta.load(dst).quantization
+    assert lm.info["quantization"] == STORED[method] and lm.template == "v1"
+    out = generate(lm, case_images()[:2], ["Is there a fracture?"] * 2, SamplingParams(6))
+    assert all(a.new_tokens > 0 for a in out)
+    fp32_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
+    assert (dst / WEIGHTS[method]).stat().st_size < 0.8 * fp32_bytes
+    assert (dst / "tokenizer.json").read_bytes() == (tiny_model_dir / "tokenizer.json").read_bytes()
+
+
+def test_peaked_model_is_a_meaningful_reference(fp32_peaked, tiny_model_dir: Path) -> None:
+    lm, logits, said = fp32_peaked
+    assert said == [a.strip() for _, a in CASES]  # the answer depends on the image
+    assert logits.softmax(-1).max(-1).values.min() > 0.9  # confident at every answer token
+    untrained = answer_logits(load_model(str(tiny_model_dir), device="cpu"))
+    assert cosine(logits, untrained) < 0.5  # the similarity tests below can fail
+
+
+@pytest.mark.parametrize(
+    ("method", "min_cosine"), [("nf4", 0.97), ("int8", 0.99), ("cpu-int8", 0.99)]
+)
+def test_quantized_logits_and_answers_match_fp32(
+    fp32_peaked, peaked_model_dir: Path, tmp_path: Path, method: str, min_cosine: float
+) -> None:
+    _, ref_logits, ref_answers = fp32_peaked
+    lm = load_model(str(quantize_checkpoint(peaked_model_dir, tmp_path / "q", method=method)))
+    assert cosine(answer_logits(lm), ref_logits) >= min_cosine
+    assert answers(lm) == ref_answers
+
+
+def test_cpu_int8_saved_equals_in_memory(peaked_model_dir: Path, tmp_path: Path) -> None:
+    in_memory = load_model(str(peaked_model_dir), device="cpu")
+    quantize_cpu_int8(in_memory.model)
+    dst = quantize_checkpoint(peaked_model_dir, tmp_path / "c8", method="cpu-int8")
+    loaded = load_model(str(dst), device="cpu")
+    assert torch.equal(answer_logits(loaded), answer_logits(in_memory))
+
+
+def test_cpu_int8_stores_int8_weights_and_no_fp32_copies(
+    peaked_model_dir: Path, tmp_path: Path
+) -> None:
+    dst = quantize_checkpoint(peaked_model_dir, tmp_path / "c8", method="cpu-int8")
+    with safe_open(str(dst / CPU_INT8_FILE), framework="pt") as f:
+        quantized = json.loads(f.metadata()["quantized_modules"])
+        keys = set(f.keys())
+        assert quantized and all(n.startswith("model.language_model.layers.") for n in quantized)
+        for name in quantized:
+            assert f.get_tensor(f"{name}.qweight").dtype == torch.int8
+            assert f"{name}.weight" not in keys
+        assert f.get_tensor("lm_head.weight").dtype == torch.float32  # skipped: kept as is
+    assert not (dst / "model.safetensors").exists()  # from_pretrained cannot misread it
+
+
+def test_skip_modules_are_a_parameter(peaked_model_dir: Path, tmp_path: Path) -> None:
+    dst = quantize_checkpoint(
+        peaked_model_dir, tmp_path / "c8", method="cpu-int8", skip_modules=["lm_head"]
+    )
+    with safe_open(str(dst / CPU_INT8_FILE), framework="pt") as f:
+        quantized = json.loads(f.metadata()["quantized_modules"])
+    assert "model.multi_modal_projector.linear_1" in quantized
+    assert any(n.startswith("model.vision_tower.") for n in quantized)
+    assert "lm_head" not in quantized
+
+
+def test_bare_module_names_are_refused(peaked_model_dir: Path, tmp_path: Path) -> None:
+    # transformers 5 paths: "multi_modal_projector" alone would silently match nothing
+    with pytest.raises(ValueError, match="match no module"):
+        quantize_checkpoint(
+            peaked_model_dir, tmp_path / "x", method="nf4", skip_modules=["multi_modal_projector"]
+        )
+
+
+def test_quantized_folders_are_not_quantized_again(tiny_model_dir: Path, tmp_path: Path) -> None:
+    dst = quantize_checkpoint(tiny_model_dir, tmp_path / "q8", method="int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_checkpoint(dst, tmp_path / "again", method="nf4")
+    with pytest.raises(ValueError, match="already quantized"):
+        load_model(str(dst), quant="4bit", device="cpu")
+
+
+def test_quantize_command(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    from tinyllava_med.quantize.commands import quantize_command
+
+    assert quantize_command(str(tiny_model_dir), str(tmp_path / "q"), method="cpu-int8") == 0
+    assert "written to" in capsys.readouterr().out
+    bad = quantize_command(
+        str(tiny_model_dir), str(tmp_path / "x"), method="nf4", skip_modules=["projector"]
+    )
+    assert bad == 2 and "match no module" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+"""Memory: measured static/dynamic bytes, computed bytes equal to measured, the paper table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tinyllava_med.model.load import load_model
+from tinyllava_med.quantize.estimate import computed_memory, quantized_linear_bytes
+from tinyllava_med.quantize.memory import measure_memory
+from tinyllava_med.quantize.table import PAPER_VARIANTS, markdown, paper_table, write_table
+
+QUANTS = ["none", "4bit", "8bit", "cpu-int8"]
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model_dir: Path) -> dict[str, dict]:
+    return {
+        q: measure_memory(str(tiny_model_dir), quant=q, new_tokens=4, device="cpu") for q in QUANTS
+    }
+
+
+def test_measurement_is_positive_and_json(measured) -> None:
+    for quant, r in measured.items():
+        assert r["quantization"] == quant and r["device"] == "cpu" and r["source"] == "measured"
+        assert r["static_bytes"] > 0 and r["dynamic_bytes"] >= r["static_bytes"]
+        assert r["generated_tokens"] > 0
+        json.dumps(r)
+    assert measured["4bit"]["static_bytes"] < measured["none"]["static_bytes"]
+    assert measured["cpu-int8"]["static_bytes"] < measured["none"]["static_bytes"]
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_computed_static_equals_measured(tiny_model_dir: Path, measured, quant: str) -> None:
+    config = load_model(str(tiny_model_dir), device="cpu").model.config
+    assert (
+        computed_memory(config, quant, device="cpu")["static_bytes"]
+        == (measured[quant]["static_bytes"])
+    )
+
+
+def test_quantized_linear_bytes() -> None:
+    n = 4096 * 14336
+    assert quantized_linear_bytes(4096, 14336, "4bit") / n == pytest.approx(0.5 + 1 / 64, rel=1e-3)
+    assert quantized_linear_bytes(4096, 14336, "8bit") == n + 4 * 4096
+
+
+@pytest.fixture(scope="module")
+def table() -> dict:
+    return paper_table(measure=False)
+
+
+def test_paper_table_rows(table) -> None:
+    rows = {(r["variant"], r["quantization"], r["device"]): r for r in table["rows"]}
+    assert {v for v, _, d in rows if d == "cuda"} == set(PAPER_VARIANTS)
+    assert ("tinyllava-med-f", "cpu-int8", "cpu") in rows
+    assert all(r["source"] == "computed" for r in rows.values())
+    fq4 = rows["tinyllava-med-fq4", "4bit", "cuda"]
+    q4 = rows["llava-med-q4", "4bit", "cuda"]
+    assert fq4["static_reduction_pct"] > 85 and fq4["dynamic_reduction_pct"] > 85
+    assert 60 < q4["static_reduction_pct"] < 75 and 60 < q4["dynamic_reduction_pct"] < 75
+    assert (fq4["paper_static_reduction_pct"], q4["paper_dynamic_reduction_pct"]) == (90.0, 65.0)
+    for r in rows.values():
+        assert r["dynamic_bytes"] > r["static_bytes"] > 0
+    order = [("llava-med", "none"), ("llava-med-q8", "8bit"), ("llava-med-q4", "4bit")]
+    sizes = [rows[v, q, "cuda"]["static_bytes"] for v, q in [*order, ("tinyllava-med-f", "none")]]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_paper_table_files(table, tmp_path: Path) -> None:
+    write_table(
+        table,
+        json_path=tmp_path / "t.json",
+        md_path=tmp_path / "t.md",
+        png_path=tmp_path / "t.png",
+    )
+    assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["variant"] == PAPER_VARIANTS[0]
+    assert "| tinyllava-med-fq4 | 4bit |" in (tmp_path / "t.md").read_text()
+    assert "-90% / -89%" in markdown(table)
+    with Image.open(tmp_path / "t.png") as png:
+        assert png.size[0] > 500 and png.size[1] > 200
+
+
+def test_memory_command(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    from tinyllava_med.quantize.commands import memory_command
+
+    out = tmp_path / "m.json"
+    assert (
+        memory_command(model=str(tiny_model_dir), quant="4bit", new_tokens=2, json_path=str(out))
+        == 0
+    )
+    assert json.loads(out.read_text())["quantization"] == "4bit"
+    assert "static" in capsys.readouterr().out
+    assert memory_command(model=str(tmp_path / "missing"), quant=None) == 2

@@ -1,0 +1,101 @@
+"""Quantizing while loading an unquantized folder (as the paper did), and the 4-bit stride fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from quant_helpers import answer_logits, answers, cosine
+
+from tinyllava_med.model.load import load_model
+from tinyllava_med.quantize.export import quantize_checkpoint
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def reference(peaked_model_dir: Path):
+    lm = load_model(str(peaked_model_dir), device="cpu")
+    return answer_logits(lm), answers(lm)
+
+
+def _hooked(model) -> tuple[int, int]:
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    return len(layers), sum(bool(getattr(m, "_tlm_contig", False)) for m in layers)
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit", "cpu-int8"])
+def test_load_time_quantization(peaked_model_dir: Path, reference, quant: str) -> None:
+    lm = load_model(str(peaked_model_dir), quant=quant, device="cpu")
+    assert lm.quantization == quant
+    assert cosine(answer_logits(lm), reference[0]) >= 0.97
+    assert answers(lm) == reference[1]
+    if quant == "4bit":
+        n, hooked = _hooked(lm.model)
+        assert n > 0 and hooked == n
+        assert type(lm.model.model.multi_modal_projector.linear_1) is torch.nn.Linear  # skipped
+
+
+def test_stored_4bit_models_get_the_stride_fix(peaked_model_dir: Path, tmp_path: Path) -> None:
+    lm = load_model(str(quantize_checkpoint(peaked_model_dir, tmp_path / "q4", method="nf4")))
+    n, hooked = _hooked(lm.model)
+    assert n > 0 and hooked == n
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    return torch.empty(shape, device="meta").stride()
+
+
+def _ignore_strides(module, args):
+    """What bitsandbytes' AVX-512-bf16 4-bit kernel did: read the input's memory as if it were
+    contiguous. (The projector's first linear gets a transposed, non-contiguous input.)"""
+    x = args[0]
+    return (x.as_strided(x.shape, _contiguous_strides(x.shape), x.storage_offset()), *args[1:])
+
+
+def _projector_4bit(peaked_model_dir: Path, tmp_path: Path):
+    dst = quantize_checkpoint(
+        peaked_model_dir, tmp_path / "p4", method="nf4", skip_modules=["lm_head"]
+    )
+    lm = load_model(str(dst))
+    linear_1 = lm.model.model.multi_modal_projector.linear_1
+    assert isinstance(linear_1, bnb.nn.Linear4bit)
+    return lm, linear_1
+
+
+def test_stride_fix_keeps_a_quantized_projector_correct(
+    peaked_model_dir: Path, tmp_path: Path, reference
+) -> None:
+    lm, linear_1 = _projector_4bit(peaked_model_dir, tmp_path)
+    linear_1.register_forward_pre_hook(_ignore_strides)  # runs after the fix: sees contiguous
+    assert cosine(answer_logits(lm), reference[0]) >= 0.97
+    assert answers(lm) == reference[1]
+
+
+def test_stride_bug_without_the_fix_degrades_answers(
+    peaked_model_dir: Path, tmp_path: Path, reference
+) -> None:
+    lm, linear_1 = _projector_4bit(peaked_model_dir, tmp_path)
+    linear_1.register_forward_pre_hook(_ignore_strides, prepend=True)  # before the fix
+    assert cosine(answer_logits(lm), reference[0]) < 0.9
+    assert answers(lm) != reference[1]
+
+
+@pytest.mark.skipif(
+    not bnb.functional.has_avx512bf16(),
+    reason="bitsandbytes' stride-ignoring 4-bit kernel only runs on CPUs with AVX-512-bf16",
+)
+def test_real_kernel_without_the_fix_degrades(peaked_model_dir: Path, reference) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from tinyllava_med.quantize.runtime import bnb_config
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        peaked_model_dir,
+        dtype=torch.float32,
+        quantization_config=bnb_config("4bit", torch.device("cpu"), skip=["lm_head"]),
+    )
+    lm = load_model(str(peaked_model_dir), device="cpu")
+    lm.model = model.eval()  # no pre-hooks
+    assert cosine(answer_logits(lm), reference[0]) < 0.9

@@ -1,0 +1,74 @@
+"""What the `quantize` and `memory` verbs of the CLI do: thin calls with printed results.
+
+tinyllava-med quantize ./data/models/tinyllava-med-f ./data/models/tinyllava-med-fq4 --method nf4
+tinyllava-med memory --model tinyllava-med-fq4 --json fq4.json
+tinyllava-med memory --paper-table --json t.json --png t.png       # measures on CPU: ~10 min
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tinyllava_med.quantize.export import Method, quantize_checkpoint
+
+GIB = 1024**3
+
+
+def quantize_command(
+    src: str, dst: str, *, method: Method, skip_modules: Sequence[str] | None = None
+) -> int:
+    try:
+        out = quantize_checkpoint(src, dst, method=method, skip_modules=skip_modules)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{method} checkpoint written to {out}")
+    return 0
+
+
+def memory_command(
+    *,
+    model: str | None,
+    quant: str | None = None,
+    device: str | None = None,
+    batch: int = 1,
+    new_tokens: int = 32,
+    paper_table: bool = False,
+    measure: bool = True,
+    json_path: str | None = None,
+    md_path: str | None = None,
+    png_path: str | None = None,
+) -> int:
+    """`memory --model M --quant Q` (one measurement) or `memory --paper-table` (the table)."""
+    if paper_table:
+        from tinyllava_med.quantize.table import markdown, write_table
+        from tinyllava_med.quantize.table import paper_table as build
+
+        table = build(measure=measure, batch=batch, new_tokens=new_tokens)
+        write_table(table, json_path=json_path, md_path=md_path, png_path=png_path)
+        print(markdown(table))
+        return 0
+    if not model:
+        print("error: give --model (or --paper-table)", file=sys.stderr)
+        return 2
+    from tinyllava_med.quantize.memory import measure_memory
+
+    try:
+        result = measure_memory(
+            model, quant=quant, batch=batch, new_tokens=new_tokens, device=device
+        )
+    except (ValueError, FileNotFoundError) as e:  # ModelNotFoundError is a FileNotFoundError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"{result['variant']} ({result['quantization']}, {result['device']}): "
+        f"static {result['static_bytes'] / GIB:.3f} GiB, "
+        f"dynamic {result['dynamic_bytes'] / GIB:.3f} GiB "
+        f"(batch {batch}, {new_tokens} new tokens)"
+    )
+    return 0

@@ -1,0 +1,123 @@
+"""`quantize SRC DST --method {nf4,int8,cpu-int8}`: write a quantized served-format checkpoint.
+
+The folder written loads with `load_model(DST)` and no flags: `tinyllava_med.json` records the
+quantization (`4bit`, `8bit`, `cpu-int8`) and the processor files are copied unchanged.
+
+- `nf4`: bitsandbytes 4-bit NF4 with double quantization and fp16 compute (the paper's
+  TinyLLaVA-Med-FQ4 / LLaVA-Med-Q4; on CPU bitsandbytes computes in bf16). Saved before any
+  forward pass: a 4-bit model saved after one is corrupt unless double quantization is on.
+- `int8`: bitsandbytes LLM.int8 (FQ8 / Q8).
+- `cpu-int8`: dynamic int8 linears for CPU-only sites, in the format of `quantize.cpu_int8`.
+
+Modules in `skip_modules` (default `quantize.skip.DEFAULT_SKIP_MODULES`) keep 16-bit weights
+(fp32 for cpu-int8, which computes in fp32); a pattern that matches no module is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tinyllava_med import __version__
+from tinyllava_med.model.meta import META_FILE, ServedMeta
+from tinyllava_med.model.registry import VARIANTS
+from tinyllava_med.quantize.cpu_int8 import CPU_INT8_FILE, quantize_cpu_int8, save_cpu_int8
+from tinyllava_med.quantize.runtime import bnb_config, quiet_bnb_warnings
+from tinyllava_med.quantize.skip import check_skip_patterns, skip_list
+
+Method = Literal["nf4", "int8", "cpu-int8"]
+STORED_QUANT: dict[str, str] = {"nf4": "4bit", "int8": "8bit", "cpu-int8": "cpu-int8"}
+# Written by the model's save_pretrained / our own format, never copied from the source.
+_WEIGHT_FILES = ("config.json", "generation_config.json", META_FILE, CPU_INT8_FILE)
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt")
+
+
+def _copy_processor_files(src: Path, dst: Path) -> None:
+    for item in src.iterdir():
+        weights = item.name in _WEIGHT_FILES or item.name.endswith(_WEIGHT_SUFFIXES)
+        if item.is_file() and not weights:
+            shutil.copy2(item, dst / item.name)
+
+
+def _empty_model(src: Path) -> Any:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with init_empty_weights():
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(src))
+
+
+def _quantized_variant(meta: ServedMeta, quant: str) -> str | None:
+    """The registry name of the quantized twin (`tinyllava-med-f` + 4bit -> `-fq4`), if any."""
+    base = VARIANTS[meta.variant].base if meta.variant in VARIANTS else None
+    match = [v.name for v in VARIANTS.values() if v.base == base and v.quantization == quant]
+    return match[0] if base and match else meta.variant
+
+
+def _umask_modes(folder: Path) -> None:
+    """safetensors writes 0600 whatever the umask; give every file the umask's mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in folder.iterdir():
+        if item.is_file():
+            item.chmod(0o666 & ~umask)
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    method: Method,
+    skip_modules: Sequence[str] | None = None,
+) -> Path:
+    """Quantize the unquantized served checkpoint `src` (folder or variant name) into `dst`."""
+    from transformers import AutoModelForImageTextToText
+
+    from tinyllava_med.model.load import resolve
+
+    if method not in STORED_QUANT:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(STORED_QUANT)}")
+    src_path = Path(resolve(str(src))[0])
+    dst_path = Path(dst)
+    if dst_path.resolve() == src_path.resolve():
+        raise ValueError("quantize writes a new folder: DST must differ from SRC")
+    meta = ServedMeta.load(src_path) or ServedMeta(name=src_path.name)
+    if meta.quantization != "none":
+        raise ValueError(f"{src_path} is already quantized ({meta.quantization})")
+    skip = skip_list(skip_modules)
+    check_skip_patterns(_empty_model(src_path), skip)
+    dst_path.mkdir(parents=True, exist_ok=True)
+    quant = STORED_QUANT[method]
+
+    if method == "cpu-int8":
+        model = AutoModelForImageTextToText.from_pretrained(src_path, dtype=torch.float32)
+        quantize_cpu_int8(model, skip)
+        model.config.save_pretrained(dst_path)
+        model.generation_config.save_pretrained(dst_path)
+        save_cpu_int8(model, dst_path)
+    else:
+        quiet_bnb_warnings()
+        config = bnb_config(quant, skip=skip, compute_dtype=torch.float16)
+        model = AutoModelForImageTextToText.from_pretrained(
+            src_path, dtype=torch.float16, quantization_config=config
+        )
+        model.save_pretrained(dst_path)  # before any forward pass (see the module docstring)
+
+    _copy_processor_files(src_path, dst_path)
+    note = f"quantized by tinyllava-med ({method}; kept in higher precision: {', '.join(skip)})"
+    out_meta = meta.model_copy(
+        update={
+            "quantization": quant,
+            "variant": _quantized_variant(meta, quant),
+            "notes": f"{meta.notes}; {note}" if meta.notes else note,
+            "version": __version__,
+        }
+    )
+    out_meta.save(dst_path)
+    _umask_modes(dst_path)
+    return dst_path
