@@ -175,3 +175,27 @@ def test_train_cli_overrides(tiny_model_dir, tmp_path):
     meta = json.loads((tmp_path / "out" / "tinyllava_med.json").read_text())
     assert meta["training"]["config"]["language_model"]["mode"] == "lora"
     assert meta["training"]["config"]["max_steps"] == 2
+
+
+def test_quantize_then_ask_and_memory(tiny_model_dir, tmp_path):
+    for method, quant in (("cpu-int8", "cpu-int8"), ("nf4", "4bit")):
+        dst = tmp_path / method
+        out = cli("quantize", str(tiny_model_dir), str(dst), "--method", method)
+        assert out.returncode == 0, out.stderr
+        out = cli(
+            "ask",
+            CT_SMALL,
+            "Is there a fracture?",
+            "--model",
+            str(dst),
+            "--json",
+            "--max-new-tokens",
+            "3",
+        )
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1])["quantization"] == quant
+    report = tmp_path / "mem.json"
+    out = cli("memory", "--model", str(tiny_model_dir), "--new-tokens", "4", "--json", str(report))
+    assert out.returncode == 0, out.stderr
+    mem = json.loads(report.read_text())
+    assert mem["static_bytes"] > 0 and mem["dynamic_bytes"] > 0

@@ -91,6 +91,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tinyllava_med.quantize.commands import quantize_command
+
+    return quantize_command(args.src, args.dst, method=args.method, skip_modules=args.skip)
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from tinyllava_med.quantize.commands import memory_command
+
+    return memory_command(
+        model=None if args.paper_table else args.model,
+        quant=None if args.quant in (None, "auto") else args.quant,
+        device=args.device,
+        batch=args.batch,
+        new_tokens=args.new_tokens,
+        paper_table=args.paper_table,
+        measure=not args.computed_only,
+        json_path=args.json,
+        md_path=args.markdown,
+        png_path=args.png,
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tinyllava_med.training.config import TrainConfig, parse_overrides
     from tinyllava_med.training.trainer import run_stage
@@ -363,11 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb(
         "quantize",
         "write a quantized checkpoint (nf4, int8, cpu-int8)",
-        _not_yet("quantize", "quantization issue"),
+        cmd_quantize,
     )
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--method", choices=["nf4", "int8", "cpu-int8"], required=True)
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=None,
+        metavar="MODULE",
+        help="module paths kept in higher precision (default: vision tower, projector, lm_head)",
+    )
 
     p = verb(
         "train",
@@ -394,12 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any config field, e.g. language_model.mode=lora lora.r=16",
     )
 
-    p = verb(
-        "memory", "measure static and dynamic memory", _not_yet("memory", "quantization issue")
-    )
+    p = verb("memory", "measure static and dynamic memory", cmd_memory)
     _model_args(p)
     p.add_argument("--paper-table", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--png", default=None, help="paper table: bar chart")
+    p.add_argument(
+        "--computed-only",
+        action="store_true",
+        help="paper table: compute every row from shapes, measure nothing",
+    )
 
     p = verb("eval", "VQA evaluation: generate answers, score, judge, compare variants", cmd_eval)
     ev = p.add_subparsers(dest="eval_cmd", required=True, metavar="STEP")
