@@ -274,3 +274,15 @@ def test_readyz_is_503_until_a_model_loads(tmp_path, sqlite_url):
             json={"question": "q"},
         )
         assert_error(r, 503, "model_not_ready")
+
+
+def test_failed_accesses_are_audited(sqlite_api):
+    api = sqlite_api
+    assert_error(api.get("/v1/studies/nope", headers=api.h("pacs")), 404, "study_not_found")
+    assert_error(api.get("/v1/reports/nope", headers=api.h("pacs")), 404, "report_not_found")
+    with api.app.state.session_factory() as s:
+        rows = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "not_found")).all()
+        assert {(r.action, r.resource_type, r.resource_id) for r in rows} == {
+            ("study.read", "study", "nope"),
+            ("report.read", "report", "nope"),
+        }

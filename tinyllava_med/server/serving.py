@@ -109,6 +109,20 @@ def ingest(session: Session, store: ImageStore, settings: Settings, uploads: lis
     return study
 
 
+def load_audited(
+    request: Any, session: Session, kind: str, resource_id: str, *, actor: str, action: str
+) -> Any:
+    """The study or report `resource_id`, or a 404. Failures are audited by the error handler
+    in a transaction of their own (this request's is rolled back), so the route sets the
+    audit context before it looks."""
+    request.state.audit = (actor, action, kind, resource_id)
+    getter = {"study": crud.get_study, "report": crud.get_report}[kind]
+    found = getter(session, resource_id)
+    if found is None:
+        raise APIError(404, f"{kind}_not_found", f"no {kind} with this id")
+    return found
+
+
 def image_of(study: Study, index: int) -> Image:
     for im in study.images:
         if im.n == index:

@@ -4,31 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.deps import ReportEditor, ReportReader, SessionDep
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.schemas import ReportList, ReportPublic, ReportUpdate
-from tinyllava_med.server.serving import report_public
+from tinyllava_med.server.serving import load_audited, report_public
 
 router = APIRouter(prefix="/v1/reports", tags=["reports"])
-
-
-def load_report(session: SessionDep, report_id: str, actor: str, action: str) -> crud.Report:
-    report = crud.get_report(session, report_id)
-    if report is None:
-        crud.audit(
-            session,
-            actor=actor,
-            action=action,
-            resource_type="report",
-            resource_id=report_id,
-            outcome="not_found",
-            status_code=404,
-        )
-        raise APIError(404, "report_not_found", "no report with this id")
-    return report
 
 
 @router.get("", response_model=ReportList)
@@ -58,8 +42,12 @@ def list_reports(
 
 
 @router.get("/{report_id}", response_model=ReportPublic)
-def get_report(session: SessionDep, report_id: str, principal: ReportReader) -> ReportPublic:
-    report = load_report(session, report_id, principal.actor, "report.read")
+def get_report(
+    request: Request, session: SessionDep, report_id: str, principal: ReportReader
+) -> ReportPublic:
+    report = load_audited(
+        request, session, "report", report_id, actor=principal.actor, action="report.read"
+    )
     crud.audit(
         session,
         actor=principal.actor,
@@ -74,11 +62,17 @@ def get_report(session: SessionDep, report_id: str, principal: ReportReader) -> 
 
 @router.patch("/{report_id}", response_model=ReportPublic)
 def update_report(
-    session: SessionDep, report_id: str, body: ReportUpdate, principal: ReportEditor
+    request: Request,
+    session: SessionDep,
+    report_id: str,
+    body: ReportUpdate,
+    principal: ReportEditor,
 ) -> ReportPublic:
     if body.text is None and body.status is None:
         raise APIError(422, "empty_update", "send `text`, `status` or both")
-    report = load_report(session, report_id, principal.actor, "report.edit")
+    report = load_audited(
+        request, session, "report", report_id, actor=principal.actor, action="report.edit"
+    )
     action = "report.sign" if body.status == "final" else "report.edit"
     crud.update_report(session, report, text=body.text, status=body.status, actor=principal.actor)
     crud.audit(

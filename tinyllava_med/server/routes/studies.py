@@ -5,32 +5,22 @@ from __future__ import annotations
 import io
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.deps import SessionDep, SettingsDep, StoreDep, StudyReader, Uploader
-from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.schemas import StudyList, StudyPublic
-from tinyllava_med.server.serving import Upload, image_of, ingest, render, study_public
+from tinyllava_med.server.serving import (
+    Upload,
+    image_of,
+    ingest,
+    load_audited,
+    render,
+    study_public,
+)
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
-
-
-def load_study(session: SessionDep, study_id: str, actor: str, action: str) -> crud.Study:
-    study = crud.get_study(session, study_id)
-    if study is None:
-        crud.audit(
-            session,
-            actor=actor,
-            action=action,
-            resource_type="study",
-            resource_id=study_id,
-            outcome="not_found",
-            status_code=404,
-        )
-        raise APIError(404, "study_not_found", "no study with this id")
-    return study
 
 
 @router.post("", status_code=201, response_model=StudyPublic)
@@ -82,8 +72,12 @@ def list_studies(
 
 
 @router.get("/{study_id}", response_model=StudyPublic)
-def get_study(session: SessionDep, study_id: str, principal: StudyReader) -> StudyPublic:
-    study = load_study(session, study_id, principal.actor, "study.read")
+def get_study(
+    request: Request, session: SessionDep, study_id: str, principal: StudyReader
+) -> StudyPublic:
+    study = load_audited(
+        request, session, "study", study_id, actor=principal.actor, action="study.read"
+    )
     crud.audit(
         session,
         actor=principal.actor,
@@ -102,6 +96,7 @@ def get_study(session: SessionDep, study_id: str, principal: StudyReader) -> Stu
     response_class=Response,
 )
 def get_image(
+    request: Request,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -111,7 +106,9 @@ def get_image(
     window: Annotated[str | None, Query(description="soft-tissue, lung, bone, brain, ...")] = None,
     frame: Annotated[int | None, Query(ge=0)] = None,
 ) -> Response:
-    study = load_study(session, study_id, principal.actor, "image.read")
+    study = load_audited(
+        request, session, "study", study_id, actor=principal.actor, action="image.read"
+    )
     image = image_of(study, index)
     pil = render(store, image.sha256, settings, frame=frame, window=window)
     buf = io.BytesIO()
