@@ -2,7 +2,8 @@
 
 tinyllava-med quantize ./data/models/tinyllava-med-f ./data/models/tinyllava-med-fq4 --method nf4
 tinyllava-med memory --model tinyllava-med-fq4 --json fq4.json
-tinyllava-med memory --paper-table --json t.json --png t.png       # measures on CPU: ~10 min
+tinyllava-med memory --paper-table --json t.json --markdown t.md --png t.png  # ~4 min (CPU)
+tinyllava-med memory --paper-table --computed-only                 # seconds
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ against LLaVA-Med fp16 (computed), beside the paper's (FQ4 -90% static / -89% dy
 -67% / -65%). Output: a dict (JSON), a Markdown table and a PNG bar chart.
 
     python -m tinyllava_med.quantize.table --json t.json --md t.md --png t.png     # measures
-    python -m tinyllava_med.quantize.table --no-measure --md t.md                  # seconds
+    python -m tinyllava_med.quantize.table --computed-only --md t.md               # seconds
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def write_table(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--no-measure", action="store_true", help="computed rows only (seconds)")
+    p.add_argument("--computed-only", action="store_true", help="compute every row, measure none")
     p.add_argument("--measure-quants", default="none,cpu-int8")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png")
     a = p.parse_args(argv)
     table = paper_table(
-        measure=not a.no_measure,
+        measure=not a.computed_only,
         measure_quants=[q for q in a.measure_quants.split(",") if q],
         batch=a.batch,
         new_tokens=a.new_tokens,
