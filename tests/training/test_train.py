@@ -269,3 +269,28 @@ def test_packed_questions_have_single_turn_logits(tiny_lm, vqa_dir):
     want = torch.cat(alone)
     assert got.shape == want.shape
     assert any(torch.allclose(got, torch.cat(alone[::s]), atol=1e-4) for s in (1, -1))
+
+
+def test_qlora_stage_writes_a_plain_checkpoint(tiny_model_dir, vqa_dir, tmp_path):
+    """4-bit base under LoRA adapters; the adapters are merged into the full-precision base."""
+    out = run_stage(
+        _cfg(
+            "instruct",
+            tiny_model_dir,
+            vqa_dir,
+            tmp_path / "q",
+            language_model={"mode": "lora"},
+            projector={"mode": "frozen"},
+            lora={"r": 4, "alpha": 8, "qlora": True},
+            max_steps=2,
+        )
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    lm = load_model(str(out), device="cpu")
+    assert lm.quantization == "none"
+    base = load_model(str(tiny_model_dir), device="cpu").model.state_dict()
+    merged = lm.model.state_dict()
+    assert set(merged) == set(base)
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert merged[key].dtype == torch.float32 and not torch.equal(merged[key], base[key])

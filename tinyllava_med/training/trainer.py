@@ -261,11 +261,29 @@ def run_stage(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) 
     return save_stage_output(trainer.model, processor, cfg, meta, template)
 
 
+def _merge_into_full_precision(peft_model: Any, cfg: TrainConfig) -> Any:
+    import tempfile
+
+    from peft import PeftModel
+
+    path, _variant = resolve(cfg.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)  # the adapters only
+        base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        return PeftModel.from_pretrained(base, tmp).merge_and_unload()
+
+
 def save_stage_output(
     model: Any, processor: Any, cfg: TrainConfig, meta: ServedMeta, template: str
 ) -> Path:
-    """Merge adapters if any, then write weights, processor and provenance."""
-    if hasattr(model, "merge_and_unload"):
+    """Merge adapters if any, then write weights, processor and provenance.
+
+    QLoRA adapters are merged into the base reloaded in full precision (not into its 4-bit
+    copy), so the output is a plain served checkpoint, as with LoRA.
+    """
+    if cfg.lora.qlora and hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
+        model = _merge_into_full_precision(model, cfg)
+    elif hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.config.use_cache = True
     out = Path(cfg.output_dir)
