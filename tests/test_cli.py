@@ -99,38 +99,30 @@ def test_phantom_generate_score_round_trip(tiny_model_dir, tmp_path):
     out = cli("data", "phantom", "--out", str(ph), "--n", "10", "--seed", "7")
     assert out.returncode == 0, out.stderr
     answers = tmp_path / "answers.jsonl"
-    out = cli(
-        "eval",
-        "generate",
-        "--model",
-        str(tiny_model_dir),
-        "--questions",
-        str(ph / "test.json"),
-        "--images",
-        str(ph / "images"),
-        "--out",
-        str(answers),
-        "--max-new-tokens",
-        "3",
-    )
+
+    def eval_generate(*extra: str):
+        return cli(
+            "eval",
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--questions",
+            str(ph / "test.json"),
+            "--images",
+            str(ph / "images"),
+            "--out",
+            str(answers),
+            *extra,
+        )
+
+    out = eval_generate("--max-new-tokens", "3")
     assert out.returncode == 0, out.stderr
     lines = [json.loads(x) for x in answers.read_text().splitlines()]
     gt = json.loads((ph / "test.json").read_text())
     assert {x["question_id"] for x in lines} == {e["id"] for e in gt}
     assert all(x["metadata"]["quantization"] == "none" for x in lines)
     # resumable: a second run answers nothing new
-    out = cli(
-        "eval",
-        "generate",
-        "--model",
-        str(tiny_model_dir),
-        "--questions",
-        str(ph / "test.json"),
-        "--images",
-        str(ph / "images"),
-        "--out",
-        str(answers),
-    )
+    out = eval_generate()
     assert json.loads(out.stdout.strip().splitlines()[-1])["skipped"] == len(gt)
     # drop one answer: the scorer reports it missing instead of shifting the pairs
     answers.write_text("\n".join(json.dumps(x) for x in lines[1:]) + "\n")

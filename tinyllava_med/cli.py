@@ -22,14 +22,6 @@ from tinyllava_med import __version__
 QUANT_CHOICES = ["none", "8bit", "4bit", "cpu-int8"]
 
 
-def _not_yet(verb: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"tinyllava-med {verb}: not yet available ({issue})", file=sys.stderr)
-        return 2
-
-    return run
-
-
 # --- verbs -------------------------------------------------------------------------------------
 
 

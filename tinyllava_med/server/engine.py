@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from PIL import Image
 
@@ -253,7 +253,3 @@ class BatchingEngine:
                     self.metrics.on_cancel(1)
             elif not r.future.done():
                 r.future.set_result(a)
-
-
-def engine_info(engine: BatchingEngine) -> dict[str, Any]:
-    return engine.lm.info if engine.lm is not None else {}
