@@ -4,45 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pydicom
 import pytest
+from api_helpers import CT_SMALL, assert_error, png_bytes, upload, upload_ct
 from PIL import Image
-from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from tinyllava_med.server.db.models import AuditEvent, Report, ReportEdit
-
-CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
-
-
-def png_bytes(size=(48, 40), color=80) -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def upload(api, *files, role="pacs"):
-    return api.post(
-        "/v1/studies",
-        headers=api.h(role),
-        files=[("files", (name, data, ctype)) for name, data, ctype in files],
-    )
-
-
-def upload_ct(api):
-    r = upload(api, ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def assert_error(r, status, code=None):
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and {"code", "message", "detail"} <= set(body["error"])
-    if code:
-        assert body["error"]["code"] == code, body
 
 
 def test_health_ready_metrics_need_no_key(api):

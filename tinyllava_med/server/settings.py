@@ -75,6 +75,17 @@ class Settings(BaseSettings):
         default=False, description="chat image_url: data URIs only"
     )
     log_level: LogLevel = "INFO"
+    gradio: bool = Field(
+        default=False, description="mount the Gradio demo at /demo (an API key asks each question)"
+    )
+
+    # --- hospital integration ------------------------------------------------------------------
+    institution_name: str = Field(
+        default="Unspecified institution",
+        min_length=1,
+        max_length=64,
+        description="in SRs (institution, verifying organization) and FHIR (performer)",
+    )
 
     @field_validator("quant", mode="before")
     @classmethod

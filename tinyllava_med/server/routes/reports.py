@@ -5,10 +5,22 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from sqlalchemy.orm import Session
 
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.deps import ReportEditor, ReportReader, SessionDep
+from tinyllava_med.server.db.models import Report
+from tinyllava_med.server.deps import (
+    ReportEditor,
+    ReportReader,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+)
+from tinyllava_med.server.dicom_sr import report_sr, signer_name
 from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.fhir import MEDIA_TYPE as FHIR_MEDIA_TYPE
+from tinyllava_med.server.fhir import build_diagnostic_report
 from tinyllava_med.server.schemas import ReportList, ReportPublic, ReportUpdate
 from tinyllava_med.server.serving import load_audited, report_public
 
@@ -87,3 +99,64 @@ def update_report(
     session.flush()
     session.refresh(report)
     return report_public(report)
+
+
+def _export(request: Request, session: Session, report_id: str, actor: str, form: str) -> Report:
+    report = load_audited(
+        request, session, "report", report_id, actor=actor, action=f"report.export_{form}"
+    )
+    crud.audit(
+        session,
+        actor=actor,
+        action=f"report.export_{form}",
+        resource_type="report",
+        resource_id=report.id,
+        outcome="ok",
+        status_code=200,
+    )
+    return report
+
+
+@router.get(
+    "/{report_id}/sr",
+    response_class=Response,
+    responses={200: {"content": {"application/dicom": {}}, "description": "DICOM SR, Part 10"}},
+)
+def get_report_sr(
+    request: Request,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    report_id: str,
+    principal: ReportReader,
+) -> Response:
+    """The report as a DICOM Comprehensive SR (409 when its image is PNG/JPEG)."""
+    report = _export(request, session, report_id, principal.actor, "sr")
+    data = report_sr(session, store, report, settings.institution_name)
+    return Response(
+        data,
+        media_type="application/dicom",
+        headers={"Content-Disposition": f'attachment; filename="report-{report.id}.dcm"'},
+    )
+
+
+@router.get(
+    "/{report_id}/fhir",
+    response_class=Response,
+    responses={200: {"content": {FHIR_MEDIA_TYPE: {}}, "description": "FHIR DiagnosticReport"}},
+)
+def get_report_fhir(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    report_id: str,
+    principal: ReportReader,
+) -> Response:
+    """The report as a FHIR R4B DiagnosticReport."""
+    report = _export(request, session, report_id, principal.actor, "fhir")
+    resource = build_diagnostic_report(
+        report,
+        signer_name=signer_name(session, report),
+        institution=settings.institution_name,
+    )
+    return Response(resource.model_dump_json(), media_type=FHIR_MEDIA_TYPE)

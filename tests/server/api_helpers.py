@@ -1,0 +1,78 @@
+"""Helpers the server tests share: test files, uploads, the error-shape check, a live server."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
+MR_SMALL = Path(get_testdata_file("MR_small.dcm", download=False))
+
+
+def png_bytes(size=(48, 40), color=80) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def upload(api, *files, role="pacs"):
+    return api.post(
+        "/v1/studies",
+        headers=api.h(role),
+        files=[("files", (name, data, ctype)) for name, data, ctype in files],
+    )
+
+
+def upload_ct(api):
+    r = upload(api, ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def assert_error(r, status, code=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and {"code", "message", "detail"} <= set(body["error"])
+    if code:
+        assert body["error"]["code"] == code, body
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def live_server(app, ready_path: str = "/readyz", timeout_s: float = 60) -> Iterator[str]:
+    """Run `app` on real uvicorn on a loopback port; yields its base URL once `ready_path`
+    answers 200, and stops the server afterwards."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                if httpx.get(base + ready_path, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"{base}{ready_path} never answered 200"
+            time.sleep(0.1)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,0 +1,166 @@
+"""A report as a DICOM Comprehensive SR (highdicom), for the PACS.
+
+The SR follows the shape of TID 2000 (Basic Diagnostic Imaging Report): the model is the observer
+(a device: name, variant and quantization as model name, version as serial number), the
+question is the clinical information, the report text is the finding, inferred from the source
+image (referenced by SOP Class / Instance UID), and an edited report keeps the model's unedited
+answer as a comment.
+
+Patient and study attributes are copied by highdicom from the source DICOM (so the PACS files
+the SR under the same patient and study); a PNG/JPEG study has no DICOM source and gets no SR.
+
+A draft is PARTIAL / PRELIMINARY / UNVERIFIED; a signed report is COMPLETE / FINAL / VERIFIED
+with the signer as verifying observer. UIDs derive from the report id and its last change, so
+the same report state always gives the same SR instance and every edit gives a new one.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+from sqlalchemy.orm import Session
+
+from tinyllava_med import __version__
+from tinyllava_med.server.db.models import ApiKey, Report
+from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.storage import ImageStore
+
+MANUFACTURER = "TinyLLaVA-Med server"
+CLINICAL_INFORMATION = hd.sr.CodedConcept("55752-0", "LN", "Clinical information")
+SR_SERIES_NUMBER = 990  # high, so viewers list the AI series after the acquired ones
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Who signed: the key's display name (never a patient's)."""
+
+    name: str
+    organization: str
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _text(value: str) -> str:
+    """DICOM text values allow CR, LF, TAB (and ESC for ISO 2022, unused with UTF-8) only."""
+    return _CONTROL.sub("", value)
+
+
+def _person_name(name: str) -> str:
+    # PN components are separated by '^'; keep the display name in the family-name component.
+    cleaned = "".join(c for c in name if c.isprintable() and c not in "^=\\")
+    return (cleaned[:63] or "Unknown") + "^"  # one component: the trailing '^' says so
+
+
+def build_sr(
+    report: Report,
+    source: pydicom.Dataset,
+    *,
+    signer: Signer | None = None,
+    institution: str | None = None,
+) -> hd.sr.ComprehensiveSR:
+    """The SR of `report`, whose image is the DICOM `source` (read without pixels is enough)."""
+    version = report.updated_at.isoformat()
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=["tinyllava-med device", report.model]),
+        name=report.model[:64],
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{report.variant or report.model} ({report.quantization})"[:64],
+        serial_number=(report.model_version or "unknown")[:64],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device
+    )
+    root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport, template_id="2000")
+    root.ContentSequence = [*observer]
+    findings = hd.sr.ContainerContentItem(
+        name=codes.DCM.Findings, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    question = hd.sr.TextContentItem(
+        name=CLINICAL_INFORMATION,
+        value=_text(report.question),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    finding = hd.sr.TextContentItem(
+        name=codes.DCM.Finding,
+        value=_text(report.text),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    finding.ContentSequence = [
+        hd.sr.ImageContentItem(
+            name=codes.DCM.BestIllustrationOfFinding,
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+        )
+    ]
+    findings.ContentSequence = [question, finding]
+    if report.text != report.answer:
+        findings.ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=_text(f"Unedited model answer: {report.answer}"),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    root.ContentSequence.append(findings)
+
+    signed = report.status == "final" and signer is not None
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[source],
+        content=root,
+        series_instance_uid=generate_uid(entropy_srcs=["tinyllava-med sr series", report.id]),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=generate_uid(entropy_srcs=["tinyllava-med sr", report.id, version]),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=signed,
+        is_final=signed,
+        is_verified=signed,
+        institution_name=institution,
+        verifying_observer_name=_person_name(signer.name) if signed and signer else None,
+        verifying_organization=signer.organization if signed and signer else None,
+    )
+    sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: reports are not ASCII-only
+    sr.SeriesDescription = "AI report (TinyLLaVA-Med)"
+    sr.SoftwareVersions = __version__
+    sr.ContentDate = report.updated_at.strftime("%Y%m%d")
+    sr.ContentTime = report.updated_at.strftime("%H%M%S")
+    return sr
+
+
+def to_bytes(ds: pydicom.Dataset) -> bytes:
+    """DICOM Part 10 bytes (preamble, file meta, explicit VR little endian)."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def signer_name(session: Session, report: Report) -> str | None:
+    """The display name of the key that signed `report` (keys are named for their holder)."""
+    if report.signed_by is None:
+        return None
+    key = session.get(ApiKey, report.signed_by)
+    return key.name if key is not None else report.signed_by
+
+
+def report_sr(session: Session, store: ImageStore, report: Report, institution: str) -> bytes:
+    """The SR of a stored report as Part 10 bytes; 409 when its image is not DICOM."""
+    image = report.image
+    if image is None or image.kind != "dicom":
+        raise APIError(
+            409,
+            "no_dicom_source",
+            "this report's image is not a DICOM instance, so there is no study to attach an "
+            "SR to; use the FHIR or JSON form",
+        )
+    source = pydicom.dcmread(store.path(image.sha256), stop_before_pixels=True)
+    name = signer_name(session, report)
+    signer = Signer(name, institution) if name is not None else None
+    return to_bytes(build_sr(report, source, signer=signer, institution=institution))
