@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
+from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, TM
 from sqlalchemy.orm import Session
 
 from tinyllava_med import __version__
@@ -78,7 +80,7 @@ def build_sr(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device
     )
     root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport, template_id="2000")
-    root.ContentSequence = [*observer]
+    root.ContentSequence = Sequence(list(observer))
     findings = hd.sr.ContainerContentItem(
         name=codes.DCM.Findings, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
@@ -92,15 +94,17 @@ def build_sr(
         value=_text(report.text),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    finding.ContentSequence = [
-        hd.sr.ImageContentItem(
-            name=codes.DCM.BestIllustrationOfFinding,
-            referenced_sop_class_uid=source.SOPClassUID,
-            referenced_sop_instance_uid=source.SOPInstanceUID,
-            relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
-        )
-    ]
-    findings.ContentSequence = [question, finding]
+    finding.ContentSequence = Sequence(
+        [
+            hd.sr.ImageContentItem(
+                name=codes.DCM.BestIllustrationOfFinding,
+                referenced_sop_class_uid=source.SOPClassUID,
+                referenced_sop_instance_uid=source.SOPInstanceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+            )
+        ]
+    )
+    findings.ContentSequence = Sequence([question, finding])
     if report.text != report.answer:
         findings.ContentSequence.append(
             hd.sr.TextContentItem(
@@ -130,8 +134,8 @@ def build_sr(
     sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: reports are not ASCII-only
     sr.SeriesDescription = "AI report (TinyLLaVA-Med)"
     sr.SoftwareVersions = __version__
-    sr.ContentDate = report.updated_at.strftime("%Y%m%d")
-    sr.ContentTime = report.updated_at.strftime("%H%M%S")
+    sr.ContentDate = DA(report.updated_at.date())
+    sr.ContentTime = TM(report.updated_at.time().replace(microsecond=0))
     return sr
 
 

@@ -56,7 +56,7 @@ def build_diagnostic_report(
             {"type": {"text": "server version"}, "value": report.server_version},
         ],
     }
-    observation = {
+    observation: dict[str, Any] = {
         "resourceType": "Observation",
         "id": "finding",
         "status": status,
