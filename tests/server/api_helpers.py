@@ -76,3 +76,33 @@ def live_server(app, ready_path: str = "/readyz", timeout_s: float = 60) -> Iter
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def multipart_related(*parts: bytes, part_type: str = "application/dicom", boundary="b0undary"):
+    """A STOW-RS body and its Content-Type."""
+    body = (
+        b"".join(
+            b"--"
+            + boundary.encode()
+            + b"\r\nContent-Type: "
+            + part_type.encode()
+            + b"\r\n\r\n"
+            + p
+            + b"\r\n"
+            for p in parts
+        )
+        + b"--"
+        + boundary.encode()
+        + b"--\r\n"
+    )
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def wait_for(predicate, timeout_s: float = 60, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)

@@ -26,8 +26,18 @@ from tinyllava_med.server.auth import ensure_first_admin_key
 from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
+from tinyllava_med.server.jobs import JobRunner
 from tinyllava_med.server.metrics import Metrics
-from tinyllava_med.server.routes import health, keys, questions, reports, studies, web
+from tinyllava_med.server.routes import (
+    dicomweb,
+    health,
+    jobs,
+    keys,
+    questions,
+    reports,
+    studies,
+    web,
+)
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 
@@ -168,10 +178,13 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
             threading.Thread(
                 target=_load_model, args=(app, settings), name="model-loader", daemon=True
             ).start()
+        runner = JobRunner(app, settings.job_workers)
+        runner.start()
         try:
             yield
         finally:
             app.state.shutting_down = True
+            runner.stop()
             app.state.engine.shutdown()
             db_engine.dispose()
 
@@ -194,6 +207,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         studies.router,
         questions.router,
         reports.router,
+        jobs.router,
+        dicomweb.router,
         keys.router,
         web.router,
     ):
@@ -211,4 +226,8 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         return response
 
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    if settings.gradio:  # imports Gradio only when the demo is asked for
+        from tinyllava_med.server.gradio_demo import mount_demo
+
+        mount_demo(app)
     return app

@@ -154,6 +154,12 @@ class Metrics:
             registry=r,
         )
         self.model_ready = Gauge(PREFIX + "model_ready", "1 when the model answers", registry=r)
+        self.jobs = Counter(
+            PREFIX + "jobs",
+            "Background job runs by kind and outcome (done, retry, failed)",
+            ["kind", "outcome"],
+            registry=r,
+        )
 
     # EngineMetrics protocol
     def on_batch(self, size: int, seconds: float, new_tokens: int) -> None:

@@ -105,3 +105,22 @@ class ApiKeyCreated(BaseModel):
     role: str
     name: str
     key: str  # shown once
+
+
+class JobPublic(BaseModel):
+    id: int
+    kind: str
+    status: Literal["queued", "running", "done", "failed"]
+    study_id: str | None
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    result: dict[str, Any] | None = Field(description="e.g. {report_id} once done")
+    run_after: datetime
+    created_at: datetime
+    updated_at: datetime
+
+
+class JobList(BaseModel):
+    data: list[JobPublic]
+    count: int

@@ -76,37 +76,47 @@ def ingest(session: Session, store: ImageStore, settings: Settings, uploads: lis
             f"at most {settings.max_files_per_upload} files per upload, got {len(uploads)}",
         )
     decoded = [decode_upload(u, settings) for u in uploads]
-    first = next((d.metadata for d in decoded if d.kind == "dicom"), decoded[0].metadata)
-    study = crud.create_study(
-        session,
-        StudyInstanceUID=first.StudyInstanceUID,
-        AccessionNumber=first.AccessionNumber,
-        Modality=first.Modality,
-        BodyPartExamined=first.BodyPartExamined,
-        StudyDate=first.StudyDate,
-        description=getattr(first, "StudyDescription", None),
-    )
+    first = next((d for d in decoded if d.kind == "dicom"), decoded[0])
+    study = create_study_of(session, first)
     for upload, d in zip(uploads, decoded, strict=True):
-        sha = store.put(upload.data)
-        m = d.metadata
-        crud.add_image(
-            session,
-            study=study,
-            sha256=sha,
-            kind=d.kind,
-            size_bytes=len(upload.data),
-            SOPInstanceUID=m.SOPInstanceUID,
-            SeriesInstanceUID=m.SeriesInstanceUID,
-            SOPClassUID=m.SOPClassUID,
-            Modality=m.Modality,
-            rows=d.image.height if m.Rows is None else m.Rows,
-            columns=d.image.width if m.Columns is None else m.Columns,
-            n_frames=d.n_frames,
-            safe_metadata=m.to_dict(),
-        )
+        add_file(session, store, study, upload.data, d)
     session.flush()
     session.refresh(study)
     return study
+
+
+def create_study_of(session: Session, d: StudyFile) -> Study:
+    """A new study carrying the study-level attributes of `d`."""
+    m = d.metadata
+    return crud.create_study(
+        session,
+        StudyInstanceUID=m.StudyInstanceUID,
+        AccessionNumber=m.AccessionNumber,
+        Modality=m.Modality,
+        BodyPartExamined=m.BodyPartExamined,
+        StudyDate=m.StudyDate,
+        description=getattr(m, "StudyDescription", None),
+    )
+
+
+def add_file(session: Session, store: ImageStore, study: Study, data: bytes, d: StudyFile) -> Image:
+    """Store one decoded file and append it to `study` as its next image."""
+    m = d.metadata
+    return crud.add_image(
+        session,
+        study=study,
+        sha256=store.put(data),
+        kind=d.kind,
+        size_bytes=len(data),
+        SOPInstanceUID=m.SOPInstanceUID,
+        SeriesInstanceUID=m.SeriesInstanceUID,
+        SOPClassUID=m.SOPClassUID,
+        Modality=m.Modality,
+        rows=d.image.height if m.Rows is None else m.Rows,
+        columns=d.image.width if m.Columns is None else m.Columns,
+        n_frames=d.n_frames,
+        safe_metadata=m.to_dict(),
+    )
 
 
 def load_audited(

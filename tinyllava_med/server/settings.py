@@ -86,6 +86,29 @@ class Settings(BaseSettings):
         max_length=64,
         description="in SRs (institution, verifying organization) and FHIR (performer)",
     )
+    auto_report_prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description='question asked of every study stored over STOW-RS, by modality ("*": any '
+        'other), e.g. {"CT": "Describe the findings."}; empty: no automatic reports',
+    )
+    auto_report_delay_s: float = Field(
+        default=2.0, ge=0, description="wait for more instances of a study before answering"
+    )
+    job_workers: int = Field(default=1, ge=0, description="job threads in this process (0: none)")
+    job_max_attempts: int = Field(default=3, ge=1)
+    job_retry_base_s: float = Field(default=5.0, ge=0, description="backoff: base * 2^attempt")
+    job_lease_s: float = Field(
+        default=600.0, gt=0, description="a running job whose worker is silent this long is retried"
+    )
+    job_poll_s: float = Field(default=1.0, gt=0)
+    dicomweb_push_url: str | None = Field(
+        default=None,
+        description="DICOMweb base URL that receives the SR of every automatic "
+        "report and of every signed report (STOW-RS), e.g. http://pacs:8042/dicom-web",
+    )
+    dicomweb_push_headers: dict[str, str] = Field(
+        default_factory=dict, description='e.g. {"Authorization": "Basic ..."}'
+    )
 
     @field_validator("quant", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from tinyllava_med.server.dicom_sr import report_sr, signer_name
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.fhir import MEDIA_TYPE as FHIR_MEDIA_TYPE
 from tinyllava_med.server.fhir import build_diagnostic_report
+from tinyllava_med.server.jobs import schedule_push
 from tinyllava_med.server.schemas import ReportList, ReportPublic, ReportUpdate
 from tinyllava_med.server.serving import load_audited, report_public
 
@@ -79,6 +80,7 @@ def update_report(
     report_id: str,
     body: ReportUpdate,
     principal: ReportEditor,
+    settings: SettingsDep,
 ) -> ReportPublic:
     if body.text is None and body.status is None:
         raise APIError(422, "empty_update", "send `text`, `status` or both")
@@ -86,7 +88,10 @@ def update_report(
         request, session, "report", report_id, actor=principal.actor, action="report.edit"
     )
     action = "report.sign" if body.status == "final" else "report.edit"
+    was_final = report.status == "final"
     crud.update_report(session, report, text=body.text, status=body.status, actor=principal.actor)
+    if report.status == "final" and not was_final:
+        schedule_push(session, settings, report)  # the PACS gets the signed SR
     crud.audit(
         session,
         actor=principal.actor,

@@ -1,0 +1,279 @@
+"""STOW-RS in, the jobs it queues, and the job queue itself (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import io
+import threading
+from datetime import timedelta
+
+import pydicom
+import pytest
+from api_helpers import (
+    CT_SMALL,
+    MR_SMALL,
+    assert_error,
+    live_server,
+    multipart_related,
+    png_bytes,
+    wait_for,
+)
+from conftest import make_api
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset
+from sqlalchemy import select, update
+
+from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
+from tinyllava_med.server.db.session import make_engine, session_factory
+from tinyllava_med.server.jobs import claim
+
+CT = CT_SMALL.read_bytes()
+MR = MR_SMALL.read_bytes()
+PROMPTS = {"CT": "Describe the findings.", "*": "What is the modality?"}
+
+
+def stow(api, *parts, path="/dicomweb/studies", role="pacs", **kw):
+    body, ctype = multipart_related(*parts, **kw)
+    return api.post(path, content=body, headers={**api.h(role), "Content-Type": ctype})
+
+
+def rows(api, model):
+    with api.app.state.session_factory() as s:
+        return list(s.scalars(select(model)))
+
+
+def sop_seq(body, tag):
+    return [
+        tuple(i.get(t, {}).get("Value", [None])[0] for t in ("00081150", "00081155"))
+        + (i.get("00081197", {}).get("Value"),)
+        for i in body.get(tag, {}).get("Value", [])
+    ]
+
+
+@pytest.fixture
+def jobs_api(tmp_path, database_url, tiny_lm):
+    yield from make_api(
+        tmp_path,
+        database_url,
+        tiny_lm,
+        auto_report_prompts=PROMPTS,
+        auto_report_delay_s=0,
+        job_poll_s=0.05,
+    )
+
+
+def test_stow_two_studies_then_again(sqlite_api):
+    api = sqlite_api
+    r = stow(api, CT, MR)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/dicom+json"
+    ct, mr = pydicom.dcmread(CT_SMALL), pydicom.dcmread(MR_SMALL)
+    assert sop_seq(r.json(), "00081199") == [
+        (ct.SOPClassUID, ct.SOPInstanceUID, None),
+        (mr.SOPClassUID, mr.SOPInstanceUID, None),
+    ]
+    studies = {s.StudyInstanceUID: s for s in rows(api, Study)}
+    assert set(studies) == {ct.StudyInstanceUID, mr.StudyInstanceUID}
+    # the stored bytes are the sent bytes
+    store = api.app.state.store
+    assert {store.get(i.sha256) for i in rows(api, Image)} == {CT, MR}
+    # sending an instance again acknowledges it without a second copy; the study is reused
+    r = stow(api, CT, path=f"/dicomweb/studies/{ct.StudyInstanceUID}")
+    assert r.status_code == 200 and len(rows(api, Image)) == 2 and len(rows(api, Study)) == 2
+    # no prompts configured: no jobs
+    assert rows(api, Job) == []
+
+
+def test_stow_partial_mismatch_and_bad_requests(sqlite_api):
+    api = sqlite_api
+    r = stow(api, CT, b"DICM not really")
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert len(sop_seq(body, "00081199")) == 1
+    assert [f[2] for f in sop_seq(body, "00081198")] == [[0xC000]]
+
+    # an instance of another study than the URL names: nothing stored, 409
+    r = stow(api, MR, path="/dicomweb/studies/1.2.3.4")
+    assert r.status_code == 409, r.text
+    assert [f[2] for f in sop_seq(r.json(), "00081198")] == [[0xA900]]
+    assert len(rows(api, Image)) == 1
+
+    h = api.h("pacs")
+    form = api.post("/dicomweb/studies", files={"file": ("ct.dcm", CT)}, headers=h)
+    assert_error(form, 415, "unsupported_media_type")
+    assert_error(stow(api, CT, part_type="image/png"), 415, "unsupported_media_type")
+    ctype = 'multipart/related; type="application/dicom+json"; boundary=x'
+    assert_error(
+        api.post("/dicomweb/studies", content=b"--x--", headers={**h, "Content-Type": ctype}),
+        415,
+    )
+    no_boundary = {**h, "Content-Type": 'multipart/related; type="application/dicom"'}
+    assert_error(api.post("/dicomweb/studies", content=b"x", headers=no_boundary), 400)
+    garbage = {**h, "Content-Type": "multipart/related; boundary=zz"}
+    assert_error(api.post("/dicomweb/studies", content=b"no parts", headers=garbage), 400)
+    # a PNG is not a DICOM instance
+    r = stow(api, png_bytes())
+    assert r.status_code == 409 and [f[2] for f in sop_seq(r.json(), "00081198")] == [[0xC000]]
+    body, ctype = multipart_related(CT)
+    assert (
+        api.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code
+        == 401
+    )
+    assert len(rows(api, Image)) == 1  # nothing lost, nothing added
+
+
+def test_stow_queues_an_automatic_report(jobs_api):
+    api = jobs_api
+    r = stow(api, CT)
+    assert r.status_code == 200
+    jobs = rows(api, Job)
+    assert len(jobs) == 1 and jobs[0].kind == "auto_report"  # durable before the response
+    assert jobs[0].payload["question"] == PROMPTS["CT"]
+
+    def done():
+        body = api.get(f"/v1/jobs/{jobs[0].id}", headers=api.h()).json()
+        return body if body["status"] == "done" else None
+
+    job = wait_for(done, what="the automatic report")
+    assert job["attempts"] == 1 and job["last_error"] is None
+    report = api.get(f"/v1/reports/{job['result']['report_id']}", headers=api.h()).json()
+    assert report["question"] == "Describe the findings." and report["status"] == "draft"
+    assert report["study_id"] == jobs[0].study_id
+    listed = api.get("/v1/jobs?status=done&kind=auto_report", headers=api.h()).json()
+    assert listed["count"] == 1 and listed["data"][0]["id"] == job["id"]
+    (stored,) = rows(api, Report)
+    assert stored.created_by == f"job:{job['id']}"
+    assert_error(api.get("/v1/jobs/999999", headers=api.h()), 404, "job_not_found")
+    assert api.get("/v1/jobs").status_code == 401
+
+
+def test_a_study_sent_in_pieces_gets_one_job(tmp_path, sqlite_url, tiny_lm):
+    for api in make_api(
+        tmp_path, sqlite_url, tiny_lm, auto_report_prompts=PROMPTS, auto_report_delay_s=30
+    ):
+        ds = pydicom.dcmread(CT_SMALL)
+        assert stow(api, CT).status_code == 200
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        second = io.BytesIO()
+        pydicom.dcmwrite(second, ds, enforce_file_format=True)
+        assert stow(api, second.getvalue()).status_code == 200
+        jobs = rows(api, Job)
+        assert len(jobs) == 1 and jobs[0].status == "queued"
+        assert len(rows(api, Image)) == 2
+
+
+def test_failed_jobs_are_retried_then_failed(tmp_path, sqlite_url, tiny_lm):
+    for api in make_api(
+        tmp_path,
+        sqlite_url,
+        tiny_lm,
+        auto_report_prompts=PROMPTS,
+        auto_report_delay_s=0.5,
+        job_poll_s=0.05,
+        job_retry_base_s=0,
+        job_max_attempts=2,
+    ):
+        assert stow(api, CT).status_code == 200
+        (image,) = rows(api, Image)
+        api.app.state.store.path(image.sha256).unlink()  # the file is gone: rendering fails
+
+        def failed(api=api):
+            (job,) = rows(api, Job)
+            return job if job.status == "failed" else None
+
+        job = wait_for(failed, what="the job to fail")
+        assert job.attempts == 2 and "image file is missing" in job.last_error
+        assert rows(api, Report) == []
+        text = api.get("/metrics").text
+        assert 'tinyllava_med_jobs_total{kind="auto_report",outcome="retry"} 1.0' in text
+        assert 'tinyllava_med_jobs_total{kind="auto_report",outcome="failed"} 1.0' in text
+
+
+def test_queued_jobs_survive_a_restart(tmp_path, sqlite_url, tiny_lm):
+    common = {"auto_report_prompts": PROMPTS, "auto_report_delay_s": 0, "job_poll_s": 0.05}
+    for api in make_api(tmp_path, sqlite_url, tiny_lm, job_workers=0, **common):
+        assert stow(api, CT).status_code == 200
+        keys = api.keys
+    # the first server stopped with its job still queued; a new one picks it up
+    from fastapi.testclient import TestClient
+
+    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=sqlite_url, **common)
+    with TestClient(create_app(settings, model=tiny_lm)) as client:
+        h = {"Authorization": f"Bearer {keys['pacs']}"}
+        job = wait_for(
+            lambda: next(
+                (
+                    j
+                    for j in client.get("/v1/jobs", headers=h).json()["data"]
+                    if j["status"] == "done"
+                ),
+                None,
+            ),
+            what="the queued job after the restart",
+        )
+        assert job["result"]["report_id"]
+
+
+def test_claim_takes_each_job_once_and_reclaims_dead_workers(migrated_url):
+    engine = make_engine(migrated_url)
+    sessions = session_factory(engine)
+    try:
+        with sessions.begin() as s:
+            s.add_all(Job(kind="noop", payload={"n": i}) for i in range(40))
+        claimed: list[int] = []
+        lock = threading.Lock()
+
+        def worker(name: str) -> None:
+            while True:
+                with sessions.begin() as s:
+                    job = claim(s, name, lease_s=600)
+                if job is None:
+                    with sessions() as s:
+                        if s.scalar(select(Job.id).where(Job.status == "queued").limit(1)) is None:
+                            return
+                    continue
+                with lock:
+                    claimed.append(job.id)
+
+        threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(claimed) == sorted(set(claimed)) and len(claimed) == 40
+
+        # a running job whose worker went silent past the lease is claimed again
+        first = min(claimed)
+        with sessions.begin() as s:
+            s.execute(
+                update(Job).where(Job.id == first).values(locked_at=utcnow() - timedelta(hours=1))
+            )
+        with sessions.begin() as s:
+            again = claim(s, "w-new", lease_s=600)
+        assert again is not None and again.id == first and again.attempts == 2
+        with sessions() as s:
+            assert s.get(Job, first).locked_by == "w-new"
+    finally:
+        engine.dispose()
+
+
+def test_dicomweb_client_against_a_live_server(tmp_path, sqlite_url, tiny_lm):
+    """The dicomweb-client library (what many PACS bridges use) stores through our endpoint."""
+    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.db.migrate import upgrade
+    from tinyllava_med.server.settings import Settings
+
+    upgrade(sqlite_url)
+    app = create_app(
+        Settings(data_dir=tmp_path / "d", database_url=sqlite_url, auth_disabled=True),
+        model=tiny_lm,
+    )
+    with live_server(app) as base:
+        client = DICOMwebClient(url=f"{base}/dicomweb")
+        result: Dataset = client.store_instances([pydicom.dcmread(CT_SMALL)])
+        assert (
+            result.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == pydicom.dcmread(CT_SMALL).SOPInstanceUID
+        )

@@ -1,0 +1,310 @@
+"""Background jobs on the `jobs` table: automatic reports for studies stored over STOW-RS, and
+pushing SRs back to the PACS.
+
+Durability: a job is a row, written in the same transaction as what caused it (the stored
+instances, the signed report), so a crash or restart loses nothing that was acknowledged.
+
+Claiming: `claim()` picks the oldest due row with `SELECT ... FOR UPDATE SKIP LOCKED` on
+PostgreSQL (several server processes share the queue without waiting on each other) and then
+takes it with a conditional UPDATE (status and attempt count unchanged), which is also what
+makes SQLite, whose writers are serialized, safe. A `running` row whose worker has been silent
+for `job_lease_s` (the process died) is claimed again; every claim counts an attempt, and a job
+that used all its attempts is `failed`. Failures are retried after `job_retry_base_s * 2^n`.
+
+Kinds:
+- `auto_report`: ask the study's modality prompt (`auto_report_prompts`) about its middle DICOM
+  image, store the answer as a draft report (created by `job:<id>`), and queue `push_sr` when a
+  push target is configured; report, push job and completion commit together.
+- `push_sr`: STOW-RS the report's SR to `dicomweb_push_url` (dicomweb-client). The SR's UIDs are
+  derived from the report's state, so a retried push stores the same instance again.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pydicom
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from tinyllava_med.model.generate import SamplingParams
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
+from tinyllava_med.server.dicom_sr import report_sr
+from tinyllava_med.server.serving import render, save_report
+from tinyllava_med.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+AUTO_REPORT = "auto_report"
+PUSH_SR = "push_sr"
+SYSTEM_ACTOR = "system"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    kind: str
+    study_id: str | None
+    payload: dict[str, Any]
+    attempts: int
+
+
+# --- scheduling --------------------------------------------------------------------------------
+
+
+def auto_prompt(settings: Settings, modality: str | None) -> str | None:
+    prompts = {k.upper(): v for k, v in settings.auto_report_prompts.items()}
+    return prompts.get((modality or "").upper()) or prompts.get("*")
+
+
+def schedule_auto_report(session: Session, settings: Settings, study: Study) -> Job | None:
+    """Queue (or postpone the queued) automatic report of `study`; None when its modality has
+    no prompt. Postponing lets a study that arrives in several requests get one report."""
+    question = auto_prompt(settings, study.Modality)
+    if question is None:
+        return None
+    run_after = utcnow() + timedelta(seconds=settings.auto_report_delay_s)
+    pending = select(Job).where(
+        Job.kind == AUTO_REPORT, Job.study_id == study.id, Job.status == "queued"
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        pending = pending.with_for_update(skip_locked=True)
+    job = session.scalar(pending)
+    if job is not None:
+        job.run_after = run_after
+        job.payload = {"question": question}
+        return job
+    job = crud.enqueue_job(
+        session,
+        kind=AUTO_REPORT,
+        study_id=study.id,
+        payload={"question": question},
+        max_attempts=settings.job_max_attempts,
+    )
+    job.run_after = run_after
+    return job
+
+
+def schedule_push(session: Session, settings: Settings, report: Report) -> Job | None:
+    """Queue pushing `report`'s SR when a push target is set and its image is DICOM."""
+    if not settings.dicomweb_push_url or report.image is None or report.image.kind != "dicom":
+        return None
+    return crud.enqueue_job(
+        session,
+        kind=PUSH_SR,
+        study_id=report.study_id,
+        payload={"report_id": report.id},
+        max_attempts=settings.job_max_attempts,
+    )
+
+
+# --- claiming and finishing --------------------------------------------------------------------
+
+
+def claim(session: Session, worker: str, lease_s: float) -> Claimed | None:
+    """Take the oldest due job for `worker`, or None. Commit the session to publish the claim."""
+    now = utcnow()
+    due = or_(
+        and_(Job.status == "queued", Job.run_after <= now),
+        and_(Job.status == "running", Job.locked_at < now - timedelta(seconds=lease_s)),
+    )
+    stmt = select(Job).where(due).order_by(Job.run_after, Job.id).limit(1)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    job = session.scalar(stmt)
+    if job is None:
+        return None
+    if job.attempts >= job.max_attempts:  # its last worker died mid-run
+        job.status = "failed"
+        job.last_error = job.last_error or "the worker running this job stopped"
+        return None
+    taken = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == job.status, Job.attempts == job.attempts)
+        .values(
+            status="running",
+            attempts=job.attempts + 1,
+            locked_by=worker,
+            locked_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        return None  # another worker took it between our read and our write
+    return Claimed(job.id, job.kind, job.study_id, dict(job.payload), job.attempts + 1)
+
+
+def finish(session: Session, job_id: int, result: dict[str, Any]) -> None:
+    job = session.get(Job, job_id)
+    assert job is not None
+    job.status = "done"
+    job.payload = {**job.payload, "result": result}
+    job.locked_by = job.locked_at = None
+    job.last_error = None
+
+
+def fail(session: Session, job_id: int, error: str, retry_base_s: float) -> str:
+    """Record a failed attempt: queued again after a backoff, or failed for good."""
+    job = session.get(Job, job_id)
+    assert job is not None
+    job.last_error = error[:1000]
+    job.locked_by = job.locked_at = None
+    if job.attempts >= job.max_attempts:
+        job.status = "failed"
+    else:
+        job.status = "queued"
+        job.run_after = utcnow() + timedelta(seconds=retry_base_s * 2 ** (job.attempts - 1))
+    return job.status
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+class JobRunner:
+    """`workers` threads that claim and run jobs until `stop()`; they wait while the model is
+    not ready or the engine's queue is full (jobs never push interactive requests out)."""
+
+    def __init__(self, app: Any, workers: int) -> None:
+        self.app = app
+        self.settings: Settings = app.state.settings
+        self.sessions: sessionmaker[Session] = app.state.session_factory
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i,), name=f"jobs-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        self.handlers: dict[str, Callable[[Claimed], None]] = {
+            AUTO_REPORT: self._auto_report,
+            PUSH_SR: self._push_sr,
+        }
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    def _loop(self, i: int) -> None:
+        worker = f"{socket.gethostname()}:{os.getpid()}:{i}"
+        engine = self.app.state.engine
+        while not self._stop.is_set():
+            if not engine.ready or engine.is_full():
+                self._stop.wait(self.settings.job_poll_s)
+                continue
+            try:
+                with self.sessions.begin() as s:
+                    job = claim(s, worker, self.settings.job_lease_s)
+            except Exception:  # database away: try again later
+                log.exception("claiming a job failed")
+                job = None
+            if job is None:
+                self._stop.wait(self.settings.job_poll_s)
+                continue
+            self.run(job)
+
+    def run(self, job: Claimed) -> None:
+        metrics = self.app.state.metrics
+        try:
+            handler = self.handlers.get(job.kind)
+            if handler is None:
+                raise ValueError(f"unknown job kind {job.kind!r}")
+            handler(job)
+            metrics.jobs.labels(job.kind, "done").inc()
+        except Exception as e:
+            # messages of our own errors carry no patient data; others are cut short
+            error = f"{type(e).__name__}: {getattr(e, 'message', None) or e}"
+            log.warning("job %s (%s) attempt %d failed: %s", job.id, job.kind, job.attempts, error)
+            with self.sessions.begin() as s:
+                outcome = fail(s, job.id, error, self.settings.job_retry_base_s)
+            metrics.jobs.labels(job.kind, "retry" if outcome == "queued" else "failed").inc()
+
+    # --- kinds -------------------------------------------------------------------------------
+
+    def _auto_report(self, job: Claimed) -> None:
+        settings, store, engine = self.settings, self.app.state.store, self.app.state.engine
+        with self.sessions() as s:
+            study = crud.get_study(s, job.study_id or "")
+            if study is None:
+                raise LookupError("the study no longer exists")
+            dicom = [im for im in study.images if im.kind == "dicom"] or list(study.images)
+            if not dicom:
+                raise LookupError("the study has no images")
+            image = dicom[len(dicom) // 2]
+            image_id, sha256 = image.id, image.sha256
+        pil = render(store, sha256, settings)
+        question = str(job.payload["question"])
+        start = time.perf_counter()
+        params = SamplingParams(max_new_tokens=settings.default_max_new_tokens)
+        answer = engine.submit(pil, question, params).future.result(settings.request_timeout_s)
+        latency_ms = (time.perf_counter() - start) * 1000
+        with self.sessions.begin() as s:
+            study = crud.get_study(s, job.study_id or "")
+            assert study is not None
+            img = s.get(Image, image_id)
+            assert img is not None
+            report = save_report(
+                s,
+                study=study,
+                image=img,
+                question=question,
+                answer=answer,
+                info=engine.lm.info if engine.lm is not None else {},
+                actor=f"job:{job.id}",
+                latency_ms=latency_ms,
+            )
+            crud.audit(
+                s,
+                actor=SYSTEM_ACTOR,
+                action="job.auto_report",
+                resource_type="study",
+                resource_id=study.id,
+                outcome="ok",
+                status_code=201,
+                detail={"job_id": job.id, "report_id": report.id},
+            )
+            push = schedule_push(s, settings, report)
+            finish(s, job.id, {"report_id": report.id, "push_job_id": push.id if push else None})
+
+    def _push_sr(self, job: Claimed) -> None:
+        from dicomweb_client.api import DICOMwebClient
+
+        settings = self.settings
+        if not settings.dicomweb_push_url:
+            raise RuntimeError("no dicomweb_push_url is configured")
+        report_id = str(job.payload["report_id"])
+        with self.sessions() as s:
+            report = crud.get_report(s, report_id)
+            if report is None:
+                raise LookupError("the report no longer exists")
+            data = report_sr(s, self.app.state.store, report, settings.institution_name)
+        sr = pydicom.dcmread(io.BytesIO(data))
+        client = DICOMwebClient(
+            url=settings.dicomweb_push_url, headers=dict(settings.dicomweb_push_headers)
+        )
+        client.store_instances([sr])
+        with self.sessions.begin() as s:
+            crud.audit(
+                s,
+                actor=SYSTEM_ACTOR,
+                action="job.push_sr",
+                resource_type="report",
+                resource_id=report_id,
+                outcome="ok",
+                status_code=200,
+                detail={"job_id": job.id, "sop_instance_uid": str(sr.SOPInstanceUID)},
+            )
+            finish(s, job.id, {"sop_instance_uid": str(sr.SOPInstanceUID)})

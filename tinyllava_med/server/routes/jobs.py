@@ -1,0 +1,66 @@
+"""`/v1/jobs`: the background job queue (automatic reports, SR push-back), read-only."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from sqlalchemy import func, select
+
+from tinyllava_med.server.db.models import Job
+from tinyllava_med.server.deps import SessionDep, StudyReader
+from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.schemas import JobList, JobPublic
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def job_public(job: Job) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        kind=job.kind,
+        status=job.status,
+        study_id=job.study_id,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        last_error=job.last_error,
+        result=(job.payload or {}).get("result"),
+        run_after=job.run_after,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+    )
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    principal: StudyReader,
+    status: Literal["queued", "running", "done", "failed"] | None = None,
+    kind: str | None = None,
+    study_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobList:
+    """Newest first."""
+    where = [
+        c
+        for c in (
+            Job.status == status if status else None,
+            Job.kind == kind if kind else None,
+            Job.study_id == study_id if study_id else None,
+        )
+        if c is not None
+    ]
+    rows = session.scalars(
+        select(Job).where(*where).order_by(Job.id.desc()).limit(limit).offset(offset)
+    )
+    count = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    return JobList(data=[job_public(j) for j in rows], count=count)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(session: SessionDep, principal: StudyReader, job_id: int) -> JobPublic:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise APIError(404, "job_not_found", "no job with this id")
+    return job_public(job)
