@@ -247,6 +247,7 @@ def _server_settings(args: argparse.Namespace) -> Any:
         ("port", "port"),
         ("device", "device"),
         ("dtype", "dtype"),
+        ("gradio", "gradio"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:
@@ -263,9 +264,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _server_settings(args)
     app = create_app(settings)
+    base = f"http://{settings.host}:{settings.port}"
     print(
-        f"serving on http://{settings.host}:{settings.port} (model: {settings.model}, "
-        f"database: {settings.database_url.split('://', 1)[0]})",
+        f"serving on {base} (model: {settings.model}, "
+        f"database: {settings.database_url.split('://', 1)[0]})"
+        + (f"; Gradio demo at {base}/demo" if settings.gradio else ""),
         file=sys.stderr,
         flush=True,
     )
@@ -348,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", default=None)
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
+    p.add_argument(
+        "--gradio",
+        action="store_true",
+        default=None,  # None: TINYLLAVA_MED_GRADIO decides
+        help="also serve the Gradio demo at /demo (each question needs an API key)",
+    )
 
     p = verb("ask", "answer one question about one DICOM/PNG/JPEG file", cmd_ask)
     p.add_argument("file")

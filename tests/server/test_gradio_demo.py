@@ -1,0 +1,211 @@
+"""The Gradio demo at `/demo`, driven by `gradio_client` against the real app (tiny model, SQLite)
+under uvicorn on 127.0.0.1 in a thread: the answer equals the REST API's for the same file and
+question, a bad key gets a message and no answer, a broken file gets the imaging error's
+message, every question is audited as `demo.ask`, and without `gradio=True` there is no `/demo`.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from gradio_client import Client, handle_file
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from tinyllava_med.imaging import ImagingError, load_study_file
+from tinyllava_med.server.app import create_app
+from tinyllava_med.server.auth import ANONYMOUS
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.migrate import upgrade
+from tinyllava_med.server.gradio_demo import model_label
+from tinyllava_med.server.settings import Settings
+
+CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
+QUESTION = "Which organ is shown?"
+MAX_NEW_TOKENS = 12
+BAD_KEY = "tlm_deadbeef_" + "x" * 43
+
+
+@dataclass
+class Live:
+    app: Any
+    base: str
+    pacs_key: str
+    client: Client
+
+    def ask(self, path: Path, *, key: str | None = None, question: str = QUESTION) -> Any:
+        """One demo question: `(preview, answer, status)` and every streamed update."""
+        job = self.client.submit(
+            self.pacs_key if key is None else key,
+            handle_file(str(path)),
+            question,
+            model_label(self.app.state.engine.lm.info),
+            MAX_NEW_TOKENS,
+            0.0,
+            1.0,
+            api_name="/ask",
+        )
+        final = job.result(timeout=60)
+        return final, job.outputs()
+
+    def rest_answer(self, path: Path) -> str:
+        r = httpx.post(
+            f"{self.base}/v1/ask",
+            headers={"Authorization": f"Bearer {self.pacs_key}"},
+            files={"file": (path.name, path.read_bytes())},
+            data={"question": QUESTION, "max_new_tokens": str(MAX_NEW_TOKENS)},
+            timeout=60,
+        )
+        assert r.status_code == 201, r.text
+        return str(r.json()["report"]["answer"])
+
+    def demo_audit(self) -> list[Any]:
+        with self.app.state.session_factory() as s:
+            return crud.list_audit_events(s, action="demo.ask")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_lm) -> Iterator[Live]:
+    """`serve --gradio` with the tiny model; the lifespan (and so Gradio's queue) runs in
+    uvicorn's loop, which is why this is not `make_api`'s TestClient (its lifespan runs in
+    the TestClient's own loop)."""
+    tmp = tmp_path_factory.mktemp("gradio-demo")
+    url = f"sqlite:///{tmp}/demo.db"
+    upgrade(url)
+    settings = Settings(
+        data_dir=tmp / "data", database_url=url, model="tiny", batch_window_ms=5, gradio=True
+    )
+    app = create_app(settings, model=tiny_lm)
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", ws="none")
+    )
+    thread = threading.Thread(target=server.run, name="gradio-demo-server", daemon=True)
+    thread.start()
+    try:
+        for _ in range(400):
+            if server.started:
+                break
+            time.sleep(0.05)
+        assert server.started, "uvicorn did not start"
+        base = f"http://127.0.0.1:{port}"
+        r = httpx.post(
+            f"{base}/v1/apikeys",
+            json={"role": "pacs", "name": "demo test"},
+            headers={"Authorization": f"Bearer {app.state.first_admin_key}"},
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        client = Client(f"{base}/demo/", verbose=False, download_files=str(tmp / "downloads"))
+        yield Live(app, base, r.json()["key"], client)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _png(tmp: Path) -> Path:
+    path = tmp / "gradient.png"
+    img = Image.linear_gradient("L").resize((64, 48)).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def test_demo_answers_like_the_rest_api_and_audits(live, tmp_path):
+    png = _png(tmp_path)
+    for path in (CT_SMALL, png):
+        (preview, answer, status), updates = live.ask(path)
+        assert answer == live.rest_answer(path), f"demo and REST differ for {path.name}"
+        assert answer, "the tiny model answers something"
+        assert "Not stored" in status and str(MAX_NEW_TOKENS) in status
+        seen = load_study_file(path.read_bytes()).image  # what the model saw, shown back
+        assert Image.open(preview).size == Image.open(updates[0][0]).size == seen.size
+        streamed = [u[1] for u in updates if u[1] and u[2] == "Generating..."]
+        assert len(streamed) >= 2, "the answer streams in token by token"
+        assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:], strict=False))
+
+    rows = [e for e in live.demo_audit() if e.outcome == "ok"]
+    assert [r.detail["file_kind"] for r in rows] == ["png", "dicom"]  # newest first
+    pacs_key_prefix = live.pacs_key[4:12]
+    for r in rows:
+        assert r.action == "demo.ask" and r.resource_type == "demo" and r.status_code == 200
+        assert r.actor != ANONYMOUS and r.actor not in live.pacs_key  # the key's id, not the key
+        assert r.detail["model"] == live.app.state.engine.lm.info["model"]
+        assert r.detail["completion_tokens"] > 0
+        flat = str(r.detail)
+        assert QUESTION not in flat and CT_SMALL.name not in flat and pacs_key_prefix not in flat
+    # The REST calls stored reports; the demo stored none.
+    with live.app.state.session_factory() as s:
+        assert len(crud.list_reports(s)) == 2
+    # The server's request metrics see the demo as one route, not Gradio's internal ones.
+    metrics = httpx.get(f"{live.base}/metrics", timeout=30).text
+    assert 'route="/demo"' in metrics and "gradio_api" not in metrics
+
+
+@pytest.mark.parametrize(("key", "reason"), [(BAD_KEY, "Invalid"), ("", "Missing")])
+def test_demo_needs_a_valid_key(live, key, reason):
+    before = len(live.demo_audit())
+    (preview, answer, status), _ = live.ask(CT_SMALL, key=key)
+    assert preview is None and answer == ""
+    assert status.startswith(f"{reason} API key") and "question.ask" in status
+    events = live.demo_audit()
+    assert len(events) == before + 1
+    denied = events[0]
+    assert (denied.actor, denied.outcome, denied.status_code) == (ANONYMOUS, "denied", 401)
+
+
+def test_demo_shows_the_imaging_error(live, tmp_path):
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"DICM" + b"\x00\x17garbage" * 20)
+    with pytest.raises(ImagingError) as raised:
+        load_study_file(broken.read_bytes())
+    (preview, answer, status), _ = live.ask(broken)
+    assert preview is None and answer == ""
+    assert status == raised.value.message
+    assert "Traceback" not in status
+    event = live.demo_audit()[0]
+    assert (event.outcome, event.detail["code"]) == ("invalid", raised.value.code)
+
+
+def test_no_demo_unless_asked(sqlite_api, tmp_path):
+    """`sqlite_api` is conftest's `make_api(...)` with the default settings (`gradio=False`)."""
+    assert sqlite_api.get("/demo/").status_code == 404
+    assert sqlite_api.get("/demo").status_code == 404
+    # ... and the server does not even import Gradio then.
+    code = (
+        "import sys; from tinyllava_med.server.app import create_app; "
+        "create_app(); assert 'gradio' not in sys.modules, 'gradio was imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_serve_flag_and_environment(monkeypatch):
+    from tinyllava_med.cli import _server_settings, build_parser
+
+    parse = build_parser().parse_args
+    assert _server_settings(parse(["serve", "--gradio"])).gradio is True
+    assert _server_settings(parse(["serve"])).gradio is False
+    monkeypatch.setenv("TINYLLAVA_MED_GRADIO", "true")  # no flag: the environment decides
+    assert _server_settings(parse(["serve"])).gradio is True

@@ -1,0 +1,458 @@
+"""The Gradio demo at `/demo` (`tinyllava-med serve --gradio`): one image, one question, the
+answer streamed in, much like LLaVA-Med's Gradio demo. This module owns the Blocks page, its
+one handler (`ask_stream`) and `mount_demo(app)`, which mounts it on the server's FastAPI app.
+
+    tinyllava-med serve --gradio          # or TINYLLAVA_MED_GRADIO=true; then open /demo
+
+Answers come from the same batching engine as the REST API (`app.state.engine`), with the same
+limits, capacity check and error messages; a file is decoded as `POST /v1/ask` decodes it, so
+the same image and question give the same answer (greedy by default).
+
+Because the page sits next to a hospital's REST API, it is not a way around it:
+
+- it is off unless `--gradio` / `TINYLLAVA_MED_GRADIO=true`, and this module (and Gradio) is
+  imported only then;
+- every question needs an API key whose role grants `question.ask`, typed into a password box
+  and checked on each question with `auth.verify_api_key` (a revoked key stops at once);
+  `TINYLLAVA_MED_AUTH_DISABLED` lifts the check here as it does for the REST API;
+- it stores no study and no report; each question is written to the audit log as `demo.ask`
+  (who, which model, outcome, tokens, latency; never the question, the answer, the file name or
+  any DICOM attribute), denials with the `anonymous` actor as the REST API records them;
+- uploads and previews live only in Gradio's temporary cache (`GRADIO_TEMP_DIR`, default
+  `/tmp/gradio`), removed after `CACHE_MAX_AGE_S` and wiped on restart; Gradio's browser-side
+  run history and analytics are off, and the theme uses system fonts, so the page asks nothing
+  of any other server.
+
+Gradio's own upload route accepts a file (up to `max_upload_bytes`) before any key is checked,
+as any HTTP server reads a body before answering 401; nothing is decoded or answered without
+a key. To offer more loaded models, return them from `loaded_models`: the dropdown lists them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image as PILImage
+from pydantic import ValidationError
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tinyllava_med.model.generate import Answer, SamplingParams
+from tinyllava_med.server.auth import ANONYMOUS, Principal, verify_api_key
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.models import Outcome
+from tinyllava_med.server.engine import BatchingEngine
+from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.routes.questions import answer, check_capacity, sampling
+from tinyllava_med.server.schemas import QuestionCreate
+from tinyllava_med.server.serving import Upload, decode_upload
+from tinyllava_med.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEMO_PATH = "/demo"
+PERMISSION = "question.ask"
+AUDIT_ACTION = "demo.ask"
+CACHE_MAX_AGE_S = 1800  # uploads and previews leave Gradio's cache after 30 minutes
+CACHE_SWEEP_S = 600
+
+INTRO = """\
+# TinyLLaVA-Med demo
+Upload a DICOM (`.dcm`, or a DICOM file with no extension), PNG or JPEG image, ask a question,
+and read the answer as it is generated. **Not for clinical use.**
+
+Each question needs an API key with the `question.ask` permission (any `pacs`, `radiologist` or
+`admin` key). The demo stores no study and no report; each question is recorded in the audit
+log (who, when, which model; not the question, the answer or the image). Uploads stay in the
+server's temporary cache for at most 30 minutes. For stored reports use the web client at `/`.
+"""
+
+
+class DemoError(Exception):
+    """A question the demo answers with a message instead of an answer."""
+
+    def __init__(self, code: str, message: str, *, outcome: Outcome, status_code: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.outcome: Outcome = outcome
+        self.status_code = status_code
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def model_label(info: dict[str, Any]) -> str:
+    return f"{info['model']} ({info['variant']}, {info['quantization']})"
+
+
+def loaded_models(app: FastAPI) -> dict[str, BatchingEngine]:
+    """The models that can answer now, by their dropdown label. Today the server holds one
+    engine; an app with several would list each of them here."""
+    engines: list[BatchingEngine] = [app.state.engine] if hasattr(app.state, "engine") else []
+    return {model_label(e.lm.info): e for e in engines if e.ready and e.lm is not None}
+
+
+def _pick_engine(app: FastAPI, label: str | None) -> BatchingEngine:
+    models = loaded_models(app)
+    if not models:
+        raise DemoError(
+            "model_not_ready",
+            "The model is loading or unavailable; try again in a moment.",
+            outcome="error",
+            status_code=503,
+        )
+    if not label and len(models) == 1:
+        return next(iter(models.values()))
+    if label not in models:
+        raise DemoError(
+            "model_not_loaded",
+            f"The model {label!r} is not loaded; loaded: {', '.join(models)}. Reload the page.",
+            outcome="invalid",
+            status_code=422,
+        )
+    return models[label]
+
+
+# --- auth and audit ----------------------------------------------------------------------------
+
+
+def _authorize(app: FastAPI, api_key: str) -> Principal:
+    """The key's principal if it may ask questions; denials are audited. Runs in a thread."""
+    settings: Settings = app.state.settings
+    if settings.auth_disabled:
+        return Principal(key_id=ANONYMOUS, role="admin", name="authentication disabled")
+    key = api_key.strip()
+    principal = None
+    if key:
+        with app.state.session_factory.begin() as session:
+            row = verify_api_key(session, key)
+            if row is not None:
+                principal = Principal(key_id=row.id, role=row.role, name=row.name)
+    if principal is None:
+        reason = "invalid" if key else "missing"
+        _audit(app, actor=ANONYMOUS, outcome="denied", status_code=401, detail={"reason": reason})
+        raise DemoError(
+            "unauthorized",
+            f"{reason.capitalize()} API key: enter a key with the {PERMISSION!r} permission "
+            "(tinyllava-med apikey create --role pacs).",
+            outcome="denied",
+            status_code=401,
+        )
+    if not principal.can(PERMISSION):
+        _audit(
+            app,
+            actor=principal.actor,
+            outcome="denied",
+            status_code=403,
+            detail={"role": principal.role, "needed": PERMISSION},
+        )
+        raise DemoError(
+            "forbidden",
+            f"This key's role {principal.role!r} does not grant {PERMISSION!r}.",
+            outcome="denied",
+            status_code=403,
+        )
+    return principal
+
+
+def _audit(
+    app: FastAPI, *, actor: str, outcome: Outcome, status_code: int, detail: dict[str, Any]
+) -> None:
+    with app.state.session_factory.begin() as session:
+        crud.audit(
+            session,
+            actor=actor,
+            action=AUDIT_ACTION,
+            resource_type="demo",
+            resource_id=None,
+            outcome=outcome,
+            status_code=status_code,
+            detail=detail,
+        )
+
+
+# --- the handler -------------------------------------------------------------------------------
+
+
+def _read_upload(path: str | None) -> bytes:
+    if not path:
+        raise DemoError("no_file", "Upload an image first.", outcome="invalid", status_code=422)
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError as e:
+        raise DemoError(
+            "upload_expired",
+            "The uploaded file has left the temporary cache; upload it again.",
+            outcome="invalid",
+            status_code=410,
+        ) from e
+
+
+def _params(
+    settings: Settings, question: str, max_new_tokens: Any, temperature: Any, top_p: Any
+) -> tuple[str, SamplingParams]:
+    if not (question or "").strip():
+        raise DemoError("no_question", "Type a question.", outcome="invalid", status_code=422)
+    try:
+        body = QuestionCreate(
+            question=question,
+            max_new_tokens=int(max_new_tokens) if max_new_tokens else None,
+            temperature=float(temperature or 0.0),
+            top_p=float(top_p if top_p is not None else 1.0),
+        )
+    except (ValidationError, ValueError, TypeError) as e:
+        msg = (
+            "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            if isinstance(e, ValidationError)
+            else str(e)
+        )
+        raise DemoError(
+            "bad_parameters", f"Bad settings: {msg}", outcome="invalid", status_code=422
+        ) from e
+    return question, sampling(body, settings)
+
+
+async def ask_stream(
+    app: FastAPI,
+    api_key: str,
+    file_path: str | None,
+    question: str,
+    label: str | None,
+    max_new_tokens: Any = None,
+    temperature: Any = 0.0,
+    top_p: Any = 1.0,
+) -> AsyncIterator[tuple[Any, str, str]]:
+    """Yield `(preview, answer so far, status)`; errors come as a status and no answer."""
+    settings: Settings = app.state.settings
+    principal: Principal | None = None
+    detail: dict[str, Any] = {}
+    finished = False
+    try:
+        principal = await run_in_threadpool(_authorize, app, api_key or "")
+        question, params = _params(settings, question, max_new_tokens, temperature, top_p)
+        engine = _pick_engine(app, label)
+        assert engine.lm is not None
+        info = engine.lm.info
+        detail = {k: info[k] for k in ("model", "variant", "quantization")}
+        # check_capacity reads only `request.app` (for the rejected-requests metric).
+        check_capacity(engine, settings, Request({"type": "http", "app": app}))
+        data = await run_in_threadpool(_read_upload, file_path)
+        study_file = await run_in_threadpool(
+            decode_upload, Upload(Path(file_path or "file").name, data), settings
+        )
+        detail["file_kind"] = study_file.kind
+        image: PILImage.Image = study_file.image
+        yield image, "", "Generating..."
+
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        task: asyncio.Future[Answer] = asyncio.ensure_future(
+            answer(
+                engine,
+                settings,
+                image,
+                question,
+                params,
+                lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
+            )
+        )
+        text = ""
+        try:
+            while not task.done() or not queue.empty():
+                getter = asyncio.ensure_future(queue.get())
+                waiting: set[asyncio.Future[Any]] = {getter, task}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    text += getter.result()
+                    yield gr.skip(), text, "Generating..."
+                else:
+                    getter.cancel()
+            ans = task.result()
+        finally:
+            if not task.done():  # the page went away: cancel the request in the engine
+                task.cancel()
+        latency_ms = (time.perf_counter() - start) * 1000
+        detail |= {
+            "prompt_tokens": ans.prompt_tokens,
+            "completion_tokens": ans.new_tokens,
+            "latency_ms": round(latency_ms, 1),
+        }
+        await run_in_threadpool(
+            _audit, app, actor=principal.actor, outcome="ok", status_code=200, detail=detail
+        )
+        finished = True
+        yield (
+            image,  # again, so that an API caller's final result carries it too
+            ans.text,
+            f"{model_label(info)}: {ans.new_tokens} tokens in {latency_ms:.0f} ms. Not stored.",
+        )
+    except DemoError as e:
+        finished = True
+        if principal is not None:  # denials were audited by _authorize
+            await run_in_threadpool(
+                _audit,
+                app,
+                actor=principal.actor,
+                outcome=e.outcome,
+                status_code=e.status_code,
+                detail={**detail, "code": e.code},
+            )
+        yield None, "", e.message
+    except APIError as e:
+        finished = True
+        if principal is not None:
+            await run_in_threadpool(
+                _audit,
+                app,
+                actor=principal.actor,
+                outcome="invalid" if e.status < 500 else "error",
+                status_code=e.status,
+                detail={**detail, "code": e.code},
+            )
+        yield None, "", e.message
+    except Exception:  # never a traceback on the page; the reason goes to the log
+        finished = True
+        log.exception("the demo could not answer")
+        if principal is not None:
+            await run_in_threadpool(
+                _audit,
+                app,
+                actor=principal.actor,
+                outcome="error",
+                status_code=500,
+                detail={**detail, "code": "internal_error"},
+            )
+        yield None, "", "The server could not answer this question (the error is in its log)."
+    finally:
+        if not finished and principal is not None:  # the page went away mid-answer
+            _audit(
+                app,
+                actor=principal.actor,
+                outcome="error",
+                status_code=499,
+                detail={**detail, "code": "cancelled"},
+            )
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+
+def build_demo(app: FastAPI) -> gr.Blocks:
+    settings: Settings = app.state.settings
+
+    async def ask(
+        api_key: str,
+        file_path: str | None,
+        question: str,
+        model: str | None,
+        max_new_tokens: float,
+        temperature: float,
+        top_p: float,
+    ) -> AsyncIterator[tuple[Any, str, str]]:
+        async for update in ask_stream(
+            app, api_key, file_path, question, model, max_new_tokens, temperature, top_p
+        ):
+            yield update
+
+    def list_models() -> Any:
+        labels = list(loaded_models(app))
+        return gr.Dropdown(choices=labels, value=labels[0] if labels else None)
+
+    with gr.Blocks(
+        title="TinyLLaVA-Med demo",
+        analytics_enabled=False,
+        delete_cache=(CACHE_SWEEP_S, CACHE_MAX_AGE_S),
+    ) as blocks:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=1):
+                api_key = gr.Textbox(label="API key", type="password", placeholder="tlm_...")
+                model = gr.Dropdown(
+                    label="Model",
+                    choices=[],
+                    allow_custom_value=True,  # choices arrive on page load; checked on ask
+                    info="the models this server has loaded",
+                )
+                upload = gr.File(label="Image: DICOM, PNG or JPEG", type="filepath")
+                preview = gr.Image(
+                    label="What the model sees", type="pil", format="png", interactive=False
+                )
+            with gr.Column(scale=1):
+                question = gr.Textbox(
+                    label="Question", lines=3, placeholder="What abnormality is seen?"
+                )
+                with gr.Accordion("Parameters", open=False):
+                    max_new_tokens = gr.Slider(
+                        1,
+                        settings.max_new_tokens,
+                        value=settings.default_max_new_tokens,
+                        step=1,
+                        label="Max new tokens",
+                    )
+                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
+                button = gr.Button("Ask", variant="primary")
+                answer_box = gr.Textbox(label="Answer", lines=8, interactive=False)
+                status = gr.Textbox(label="Status", lines=1, interactive=False)
+        inputs = [api_key, upload, question, model, max_new_tokens, temperature, top_p]
+        outputs = [preview, answer_box, status]
+        button.click(ask, inputs, outputs, api_name="ask", concurrency_limit=settings.max_queue)
+        question.submit(
+            ask,
+            inputs,
+            outputs,
+            api_visibility="private",
+            concurrency_limit=settings.max_queue,
+        )
+        blocks.load(list_models, None, model, api_visibility="private")
+    return blocks
+
+
+class _OwnScope:
+    """Gradio's app writes itself into `scope["app"]` (and its routes into `scope["route"]`);
+    the server's middleware reads both after the response (metrics by route, error handling).
+    So Gradio gets a copy of the scope, and the server's scope names the `/demo` mount as its
+    route: one low-cardinality metrics label for all of the demo's requests."""
+
+    def __init__(self, app: ASGIApp, mount: Mount) -> None:
+        self.app = app
+        self.mount = mount
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self.mount
+        await self.app(dict(scope), receive, send)
+
+
+def mount_demo(app: FastAPI) -> FastAPI:
+    """Mount the demo at `/demo` on `app` (built by `create_app`; its lifespan starts Gradio)."""
+    settings: Settings = app.state.settings
+    theme = gr.themes.Default(
+        font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+    gr.mount_gradio_app(
+        app,
+        build_demo(app),
+        path=DEMO_PATH,
+        footer_links=["api"],
+        run_history=False,
+        show_error=False,
+        max_file_size=settings.max_upload_bytes,
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        theme=theme,
+    )
+    mounts = [r for r in app.router.routes if isinstance(r, Mount) and r.path == DEMO_PATH]
+    assert len(mounts) == 1, f"expected one mount at {DEMO_PATH}, found {len(mounts)}"
+    mounts[0].app = _OwnScope(mounts[0].app, mounts[0])
+    return app
