@@ -107,9 +107,7 @@ def parse_multipart_related(content_type: str | None, body: bytes) -> list[Part]
         parser.write(body)
         parser.finalize()
     except Exception as e:  # python-multipart raises its own MultipartParseError
-        raise StowRequestError(
-            400, "bad_multipart", f"the multipart body is malformed: {e}"
-        ) from e
+        raise StowRequestError(400, "bad_multipart", f"the multipart body is malformed: {e}") from e
     if not parts:
         raise StowRequestError(400, "bad_multipart", "the multipart body has no parts")
     return parts

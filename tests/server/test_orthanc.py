@@ -1,0 +1,180 @@
+"""The PACS round trip with a real Orthanc (Debian's, with its DICOMweb plugin) on loopback.
+
+Orthanc receives CT_small over its REST API, forwards the study to our STOW-RS endpoint (its
+DICOMweb client, with our API key as a header), our job answers the configured prompt, and the
+SR comes back into Orthanc over STOW-RS (dicomweb-client), filed under the same patient and
+study, where Orthanc's own WADO-RS serves it. Signing the report sends the verified SR.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from api_helpers import CT_SMALL, free_port, live_server, wait_for
+
+from tinyllava_med.server.app import create_app
+from tinyllava_med.server.db.migrate import upgrade
+from tinyllava_med.server.settings import Settings
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
+    pytest.fail(
+        "Orthanc with its DICOMweb plugin is needed (apt-get install orthanc orthanc-dicomweb; "
+        ".ci/run does)",
+        pytrace=False,
+    )
+
+
+def start_orthanc(tmp: Path, http_port: int, our_stow: str, pacs_key: str) -> subprocess.Popen:
+    config = {
+        "Name": "TLM-TEST-PACS",
+        "StorageDirectory": str(tmp / "storage"),
+        "IndexDirectory": str(tmp / "index"),
+        "HttpPort": http_port,
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "Servers": {
+                "tinyllava": {
+                    "Url": our_stow,
+                    "HttpHeaders": {"Authorization": f"Bearer {pacs_key}"},
+                }
+            },
+        },
+    }
+    tmp.mkdir(parents=True)
+    path = tmp / "orthanc.json"
+    path.write_text(json.dumps(config))
+    log = (tmp / "orthanc.log").open("w")
+    proc = subprocess.Popen([ORTHANC, str(path)], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http_port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, (tmp / "orthanc.log").read_text()[-3000:]
+        try:
+            return httpx.get(f"{base}/system", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, timeout_s=60, what="Orthanc to start")
+    return proc
+
+
+def sr_instances(orthanc: str, study: str) -> list[pydicom.Dataset]:
+    out = []
+    for series in httpx.get(f"{orthanc}/studies/{study}/series", timeout=10).json():
+        if series["MainDicomTags"].get("Modality") != "SR":
+            continue
+        for inst in series["Instances"]:
+            data = httpx.get(f"{orthanc}/instances/{inst}/file", timeout=10).content
+            out.append(pydicom.dcmread(io.BytesIO(data)))
+    return out
+
+
+def finding(sr: pydicom.Dataset) -> str:
+    for container in sr.ContentSequence:
+        for item in getattr(container, "ContentSequence", []):
+            if item.ConceptNameCodeSequence[0].CodeMeaning == "Finding":
+                return str(item.TextValue)
+    raise AssertionError("no finding in the SR")
+
+
+def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
+    orthanc_port = free_port()
+    orthanc = f"http://127.0.0.1:{orthanc_port}"
+    upgrade(sqlite_url)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=sqlite_url,
+        auto_report_prompts={"CT": "Describe the findings."},
+        auto_report_delay_s=0,
+        job_poll_s=0.05,
+        dicomweb_push_url=f"{orthanc}/dicom-web",
+        institution_name="Test Hospital",
+    )
+    app = create_app(settings, model=tiny_lm)
+    with live_server(app) as base:
+        admin = {"Authorization": f"Bearer {app.state.first_admin_key}"}
+        keys = {
+            role: httpx.post(
+                f"{base}/v1/apikeys", json={"role": role, "name": f"{role} key"}, headers=admin
+            ).json()["key"]
+            for role in ("pacs", "radiologist")
+        }
+        proc = start_orthanc(tmp_path / "orthanc", orthanc_port, f"{base}/dicomweb/", keys["pacs"])
+        try:
+            # the modality sends the study to the PACS; the PACS forwards it to us
+            r = httpx.post(f"{orthanc}/instances", content=CT_SMALL.read_bytes(), timeout=10)
+            assert r.status_code == 200, r.text
+            study = r.json()["ParentStudy"]
+            r = httpx.post(
+                f"{orthanc}/dicom-web/servers/tinyllava/stow",
+                json={"Resources": [study], "Synchronous": True},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            h = {"Authorization": f"Bearer {keys['radiologist']}"}
+
+            def pushed():
+                jobs = httpx.get(f"{base}/v1/jobs", headers=h).json()["data"]
+                failed = [j for j in jobs if j["status"] == "failed"]
+                assert not failed, failed
+                done = {j["kind"]: j for j in jobs if j["status"] == "done"}
+                return done if {"auto_report", "push_sr"} <= set(done) else None
+
+            done = wait_for(pushed, timeout_s=60, what="the report and its SR push")
+            report_id = done["auto_report"]["result"]["report_id"]
+            report = httpx.get(f"{base}/v1/reports/{report_id}", headers=h).json()
+
+            # the SR is in Orthanc, in the same study, readable by Orthanc's own DICOMweb
+            (sr,) = sr_instances(orthanc, study)
+            source = pydicom.dcmread(CT_SMALL)
+            assert sr.StudyInstanceUID == source.StudyInstanceUID
+            assert sr.PatientID == source.PatientID
+            assert sr.VerificationFlag == "UNVERIFIED" and sr.InstitutionName == "Test Hospital"
+            # the random tiny model's text, less the control characters DICOM text forbids
+            assert finding(sr) == re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", report["text"])
+            meta = httpx.get(
+                f"{orthanc}/dicom-web/studies/{sr.StudyInstanceUID}/series/"
+                f"{sr.SeriesInstanceUID}/metadata",
+                timeout=10,
+            )
+            assert meta.status_code == 200 and meta.json()[0]["00080060"]["Value"] == ["SR"]
+
+            # the radiologist signs: the verified SR follows
+            r = httpx.patch(
+                f"{base}/v1/reports/{report_id}",
+                json={"text": "No acute abnormality.", "status": "final"},
+                headers=h,
+            )
+            assert r.status_code == 200, r.text
+
+            def signed_sr():
+                srs = [s for s in sr_instances(orthanc, study) if s.VerificationFlag == "VERIFIED"]
+                return srs[0] if srs else None
+
+            signed = wait_for(signed_sr, timeout_s=60, what="the signed SR in Orthanc")
+            assert finding(signed) == "No acute abnormality."
+            assert signed.VerifyingObserverSequence[0].VerifyingObserverName.family_name == (
+                "radiologist key"
+            )
+            assert len(sr_instances(orthanc, study)) == 2  # draft and signed versions
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
