@@ -41,9 +41,7 @@ def test_sr_draft_then_signed(api):
     report = ask(api, study["id"])
     source = pydicom.dcmread(CT_SMALL)
     # a draft edit with non-ASCII text and a stray control character (not allowed in DICOM text)
-    r = api.patch(
-        f"/v1/reports/{report['id']}", headers=api.h(), json={"text": "Ödem\x18 — 2 cm"}
-    )
+    r = api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"text": "Ödem\x18 — 2 cm"})
     assert r.status_code == 200, r.text
     report = r.json()
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import pydicom
-from pydicom.sr.codedict import codes
 from pydicom.sequence import Sequence
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 from sqlalchemy.orm import Session
