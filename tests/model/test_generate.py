@@ -49,7 +49,40 @@ def test_stream_yields_deltas_then_answer(tiny_lm):
     )
     *deltas, final = events
     assert isinstance(final.text, str)
-    assert "".join(deltas).strip() == final.text
+    assert "".join(deltas) == final.text  # exactly: no stray space, nothing past the end
+
+
+def test_streamed_rows_add_up_to_their_answers(tiny_lm):
+    """In a batch whose rows have different token limits, each row's deltas concatenate to
+    exactly its final answer (cut at its own limit, stripped, cut at stop strings)."""
+    sent: dict[int, str] = {0: "", 1: ""}
+
+    def on_token(row: int, delta: str) -> None:
+        sent[row] += delta
+
+    p = [SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=9)]
+    answers = generate(tiny_lm, _images(), ["a?", "b?"], p, on_token=on_token)
+    assert [sent[0], sent[1]] == [a.text for a in answers]
+
+
+@pytest.mark.parametrize(
+    "template, text, final, visible",
+    [
+        ("v1", " yes", False, "yes"),
+        ("v1", "yes ", False, "yes"),  # trailing space held back until more text comes
+        ("v1", "yes</", False, "yes"),  # maybe the start of the stop string </s>
+        ("v1", "yes</s> more", False, "yes"),
+        ("llava_v1_med", "Assis", False, ""),  # maybe the role prefix the answer drops
+        ("llava_v1_med", "Assistant: ct ##", False, "ct"),
+        ("llava_v1_med", "Assistant: ct ###", False, "ct"),
+        ("v1", "yes ", True, "yes"),
+    ],
+)
+def test_visible_text_while_streaming(template, text, final, visible):
+    from tinyllava_med.model.generate import _visible
+    from tinyllava_med.model.prompts import stop_strings
+
+    assert _visible(template, text, stop_strings(template), final) == visible
 
 
 def test_should_stop_cancels(tiny_lm):

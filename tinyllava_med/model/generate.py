@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from queue import Queue
 from typing import Any, Literal
@@ -49,8 +49,28 @@ class GenerationCancelled(Exception):
 TokenCallback = Callable[[int, str], None]  # (row, text delta)
 
 
+def _visible(template: str, text: str, stops: tuple[str, ...], final: bool) -> str:
+    """What of `text` (decoded so far) the final answer will certainly start with: cut at a stop
+    string, cleaned as `clean_answer` does, holding back what may still change (a partial stop
+    string, trailing whitespace, a partial role prefix)."""
+    text, hit = _cut_at_stop(text, stops)
+    if final or hit:
+        return clean_answer(template, text)
+    for s in stops:  # a stop string may be starting at the end
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                text = text[:-k]
+                break
+    stripped = text.strip()
+    if template == "llava_v1_med" and "Assistant:".startswith(stripped):
+        return ""
+    return clean_answer(template, text)
+
+
 class _RowStreamer(BaseStreamer):
-    """Fans the batch's new tokens out per row as decoded text deltas; can stop generation."""
+    """Fans the batch's new tokens out per row as text deltas whose concatenation is the row's
+    final answer text (cut at its own token limit and at stop strings, cleaned); can stop
+    generation."""
 
     def __init__(
         self,
@@ -59,6 +79,9 @@ class _RowStreamer(BaseStreamer):
         eos_ids: set[int],
         on_token: TokenCallback,
         should_stop: Callable[[], bool] | None,
+        template: str = "v1",
+        stops: tuple[str, ...] = (),
+        limits: list[int] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.ids: list[list[int]] = [[] for _ in range(n_rows)]
@@ -68,6 +91,9 @@ class _RowStreamer(BaseStreamer):
         self.on_token = on_token
         self.should_stop = should_stop
         self.prompt_seen = False
+        self.template = template
+        self.stops = stops
+        self.limits = limits or [2**31] * n_rows
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first puts the prompt ids
@@ -82,15 +108,22 @@ class _RowStreamer(BaseStreamer):
                 self.done[row] = True
                 continue
             self.ids[row].append(tok)
+            if len(self.ids[row]) >= self.limits[row]:
+                self.done[row] = True
             self._emit(row, final=False)
 
     def _emit(self, row: int, *, final: bool) -> None:
         text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
         if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait
             return
-        delta, self.sent[row] = text[len(self.sent[row]) :], text
+        visible = _visible(self.template, text, self.stops, final)
+        if not visible.startswith(self.sent[row]):
+            return  # cannot happen for the templates we know; never send text twice
+        delta, self.sent[row] = visible[len(self.sent[row]) :], visible
         if delta:
             self.on_token(row, delta)
+        if _cut_at_stop(text, self.stops)[1]:
+            self.done[row] = True  # a stop string ended the answer
 
     def end(self) -> None:
         for row in range(len(self.ids)):
@@ -110,8 +143,11 @@ def generate(
     *,
     on_token: TokenCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    histories: list[Sequence[tuple[str, str]]] | None = None,
 ) -> list[Answer]:
     """One answer per (image, question), generated in one batch.
+
+    `histories` holds each row's earlier (question, answer) turns about the same image.
 
     `params` may differ per row in `max_new_tokens` only (each row is cut to its own limit);
     rows that share one call must share temperature and top-p.
@@ -127,7 +163,10 @@ def generate(
     max_new = max(p.max_new_tokens for p in per_row)
 
     tok = lm.processor.tokenizer
-    prompts = [build_prompt(lm.template, q) for q in questions]
+    prompts = [
+        build_prompt(lm.template, q, list(histories[i]) if histories else None)
+        for i, q in enumerate(questions)
+    ]
     inputs = lm.processor(
         images=[im.convert("RGB") for im in images], text=prompts, padding=True, return_tensors="pt"
     ).to(lm.device)
@@ -155,7 +194,14 @@ def generate(
         kwargs.update(stop_strings=list(stops), tokenizer=tok)
     if on_token is not None or should_stop is not None:
         kwargs["streamer"] = _RowStreamer(
-            tok, len(images), eos_ids, on_token or (lambda r, d: None), should_stop
+            tok,
+            len(images),
+            eos_ids,
+            on_token or (lambda r, d: None),
+            should_stop,
+            template=lm.template,
+            stops=stops,
+            limits=[p.max_new_tokens for p in per_row],
         )
 
     start = time.perf_counter()

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -48,6 +48,7 @@ class _Request:
     question: str
     params: SamplingParams
     on_token: Callable[[str], None] | None
+    history: tuple[tuple[str, str], ...] = ()
     future: Future[Answer] = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -108,6 +109,7 @@ class BatchingEngine:
         question: str,
         params: SamplingParams,
         on_token: Callable[[str], None] | None = None,
+        history: Sequence[tuple[str, str]] = (),
     ) -> _Request:
         if not self.ready:
             raise EngineNotReady("the model is not loaded")
@@ -118,7 +120,7 @@ class BatchingEngine:
             depth = self._pending
         if self.metrics:
             self.metrics.on_queue(depth)
-        req = _Request(image, question, params, on_token)
+        req = _Request(image, question, params, on_token, tuple(history))
         self._queue.put(req)
         return req
 
@@ -128,9 +130,11 @@ class BatchingEngine:
         question: str,
         params: SamplingParams,
         on_token: Callable[[str], None] | None = None,
+        history: Sequence[tuple[str, str]] = (),
     ) -> Answer:
-        """Submit and await; cancelling the awaiting task cancels the request."""
-        req = self.submit(image, question, params, on_token)
+        """Submit and await; cancelling the awaiting task cancels the request. `history`:
+        earlier (question, answer) turns about the same image."""
+        req = self.submit(image, question, params, on_token, history)
         try:
             return await asyncio.wrap_future(req.future)
         except asyncio.CancelledError:
@@ -229,6 +233,7 @@ class BatchingEngine:
                 [r.params for r in live],
                 on_token=on_token,
                 should_stop=lambda: all(r.cancelled.is_set() for r in live),
+                histories=[r.history for r in live],
             )
         except GenerationCancelled:
             for r in live:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -82,10 +83,12 @@ async def answer(
     question: str,
     params: SamplingParams,
     on_token: Any = None,
+    history: list[tuple[str, str]] | None = None,
 ) -> Answer:
     try:
         return await asyncio.wait_for(
-            engine.generate(image, question, params, on_token), settings.request_timeout_s
+            engine.generate(image, question, params, on_token, history or ()),
+            settings.request_timeout_s,
         )
     except EngineBusy as e:
         raise APIError(503, "queue_full", str(e), headers={"Retry-After": "2"}) from e
@@ -95,6 +98,43 @@ async def answer(
         raise APIError(
             504, "timeout", f"no answer within {settings.request_timeout_s:.0f} s"
         ) from e
+
+
+async def stream_answer(
+    engine: BatchingEngine,
+    settings: Settings,
+    image: PILImage.Image,
+    question: str,
+    params: SamplingParams,
+    history: list[tuple[str, str]] | None = None,
+) -> AsyncGenerator[str | Answer, None]:
+    """The answer's text deltas as they are generated, then the `Answer`. Errors are
+    `APIError`s; closing the iterator (the client went away) cancels the request."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(
+        answer(
+            engine,
+            settings,
+            image,
+            question,
+            params,
+            lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
+            history,
+        )
+    )
+    try:
+        while not task.done() or not queue.empty():
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield getter.result()
+            else:
+                getter.cancel()
+        yield task.result()
+    finally:
+        if not task.done():  # the consumer went away: cancel the request in the engine
+            task.cancel()
 
 
 def _sse(event: str, data: Any) -> bytes:
@@ -181,46 +221,30 @@ async def ask_about_study(
         )
 
     async def events() -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        task = asyncio.ensure_future(
-            answer(
-                engine,
-                settings,
-                pil,
-                question,
-                params,
-                lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
-            )
-        )
+        ans: Answer | None = None
         try:
-            while not task.done() or not queue.empty():
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield _sse("token", {"text": getter.result()})
-                else:
-                    getter.cancel()
-            try:
-                ans = task.result()
-            except APIError as e:
-                yield _sse("error", error_body(e.code, e.message, e.detail))
-                return
-            report = _store_answer(
-                request,
-                study_id=study_id,
-                image_id=image_id,
-                question=question,
-                ans=ans,
-                info=info,
-                actor=principal.actor,
-                latency_ms=(time.perf_counter() - start) * 1000,
-                stream=True,
-            )
-            yield _sse("report", report.model_dump(mode="json"))
-        finally:
-            if not task.done():  # the client went away: cancel the request in the engine
-                task.cancel()
+            async with aclosing(stream_answer(engine, settings, pil, question, params)) as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        yield _sse("token", {"text": item})
+                    else:
+                        ans = item
+        except APIError as e:
+            yield _sse("error", error_body(e.code, e.message, e.detail))
+            return
+        assert ans is not None
+        report = _store_answer(
+            request,
+            study_id=study_id,
+            image_id=image_id,
+            question=question,
+            ans=ans,
+            info=info,
+            actor=principal.actor,
+            latency_ms=(time.perf_counter() - start) * 1000,
+            stream=True,
+        )
+        yield _sse("report", report.model_dump(mode="json"))
 
     return StreamingResponse(
         events(),

@@ -1,0 +1,152 @@
+"""`/v1/chat/completions` and `/v1/models`, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import base64
+
+import openai
+import pytest
+from api_helpers import CT_SMALL, png_bytes
+from sqlalchemy import select
+
+from tinyllava_med.server.db.models import AuditEvent, Report
+
+QUESTION = "What is the modality?"
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+CT_URI = data_uri(CT_SMALL.read_bytes(), "application/dicom")
+
+
+def user(text: str, image: str | None = None) -> dict:
+    parts: list[dict] = [{"type": "text", "text": text}]
+    if image:
+        parts.append({"type": "image_url", "image_url": {"url": image}})
+    return {"role": "user", "content": parts}
+
+
+@pytest.fixture
+def client(sqlite_api):
+    return openai.OpenAI(
+        base_url="http://testserver/v1",
+        api_key=sqlite_api.keys["pacs"],
+        http_client=sqlite_api.client,
+        max_retries=0,
+    )
+
+
+def test_models_and_a_completion_equal_to_the_rest_answer(sqlite_api, client):
+    models = client.models.list().data
+    assert len(models) == 1
+    model = models[0].id
+    card = models[0].model_extra["tinyllava_med"]
+    assert card["quantization"] == "none" and card["server_version"]
+
+    out = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "system", "content": "ignored"}, user(QUESTION, CT_URI)],
+        max_tokens=12,
+    )
+    assert out.object == "chat.completion" and out.model == model
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    rest = sqlite_api.post(
+        "/v1/ask",
+        headers=sqlite_api.h(),
+        files={"file": ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom")},
+        data={"question": QUESTION, "max_new_tokens": "12"},
+    ).json()["report"]
+    assert choice.message.content == rest["answer"]  # greedy: the same answer as REST
+    assert out.usage.completion_tokens == rest["tokens"]["completion"]
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+    # streamed: the same text in pieces, then the finish reason and the usage
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=[user(QUESTION, CT_URI)],
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content and len([c for c in chunks if c.choices]) > 2
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+    # a follow-up question: earlier turns are part of the prompt
+    follow = client.chat.completions.create(
+        model=model,
+        messages=[
+            user(QUESTION, data_uri(png_bytes(), "image/png")),
+            {"role": "assistant", "content": "ct"},
+            user("Which organ is shown?"),
+        ],
+        max_tokens=4,
+    )
+    alone = client.chat.completions.create(
+        model=model,
+        messages=[user("Which organ is shown?", data_uri(png_bytes(), "image/png"))],
+        max_tokens=4,
+    )
+    assert follow.usage.prompt_tokens > alone.usage.prompt_tokens
+
+    with sqlite_api.app.state.session_factory() as s:
+        events = s.scalars(select(AuditEvent).where(AuditEvent.action == "chat.completion")).all()
+        assert len(events) == 4 and all(e.outcome == "ok" for e in events)
+        assert len(s.scalars(select(Report)).all()) == 1  # only the REST ask stored a report
+
+
+@pytest.mark.parametrize(
+    "messages, error, code",
+    [
+        ([user(QUESTION)], openai.BadRequestError, "image_required"),
+        (
+            [user(QUESTION, CT_URI), user("again", CT_URI)],
+            openai.BadRequestError,
+            "too_many_images",
+        ),
+        (
+            [user(QUESTION, "http://example.org/x.png")],
+            openai.BadRequestError,
+            "remote_image_refused",
+        ),
+        ([user(QUESTION, "data:image/png;base64,@@@")], openai.BadRequestError, "bad_image_url"),
+        (
+            [user(QUESTION, data_uri(b"DICM broken", "application/dicom"))],
+            openai.APIStatusError,
+            None,
+        ),
+        ([{"role": "assistant", "content": "hi"}], openai.BadRequestError, "bad_messages"),
+        ([user("", CT_URI)], openai.BadRequestError, "empty_question"),
+    ],
+)
+def test_bad_requests_are_4xx_in_the_error_shape(client, messages, error, code):
+    model = client.models.list().data[0].id
+    with pytest.raises(error) as e:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=4)
+    assert 400 <= e.value.status_code < 500
+    body = e.value.response.json()["error"]
+    assert body["message"] and (code is None or body["code"] == code)
+
+
+def test_unknown_model_limits_and_keys(sqlite_api, client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[user(QUESTION, CT_URI)])
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(
+            model=model, messages=[user(QUESTION, CT_URI)], max_tokens=10**6
+        )
+    anonymous = openai.OpenAI(
+        base_url="http://testserver/v1",
+        api_key="nope",
+        http_client=sqlite_api.client,
+        max_retries=0,
+    )
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()

@@ -1,0 +1,169 @@
+"""OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models`, so any OpenAI client (and
+another gateway's remote engine) can ask the served model. Same keys (`Authorization: Bearer`),
+limits, queue, audit and error shape as the rest of the API; nothing is stored as a report (there
+is no study), each call is audited as `chat.completion`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from tinyllava_med.model.generate import Answer
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.deps import Asker, EngineDep, SettingsDep
+from tinyllava_med.server.errors import APIError, error_body
+from tinyllava_med.server.openai_compat import (
+    ChatRequest,
+    chunk_body,
+    completion_body,
+    completion_id,
+    conversation_of,
+    decode_data_uri,
+    model_card,
+    usage,
+)
+from tinyllava_med.server.routes.questions import answer, check_capacity, sampling, stream_answer
+from tinyllava_med.server.schemas import QuestionCreate
+from tinyllava_med.server.serving import Upload, decode_upload
+from tinyllava_med.server.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+async def image_bytes(url: str, settings: Settings) -> bytes:
+    if url.startswith("data:"):
+        return decode_data_uri(url)
+    if not url.startswith(("http://", "https://")):
+        raise APIError(
+            400, "bad_image_url", "image_url must be a data: URI (or http(s) if allowed)"
+        )
+    if not settings.allow_remote_image_urls:
+        raise APIError(
+            400,
+            "remote_image_refused",
+            "image URLs are refused by this server's settings; send a data: URI",
+        )
+    limit = settings.max_upload_bytes
+    try:
+        async with (
+            httpx.AsyncClient(timeout=10, follow_redirects=False) as client,
+            client.stream("GET", url) as r,
+        ):
+            if r.status_code != 200:
+                raise APIError(400, "image_fetch_failed", f"the image URL answered {r.status_code}")
+            data = bytearray()
+            async for chunk in r.aiter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    raise APIError(413, "payload_too_large", f"the image exceeds {limit} bytes")
+            return bytes(data)
+    except httpx.HTTPError as e:
+        raise APIError(400, "image_fetch_failed", f"fetching the image failed: {e}") from e
+
+
+def served_model(engine: Any) -> dict[str, Any]:
+    return engine.lm.info if engine.lm is not None else {}
+
+
+@router.get("/models")
+def list_models(engine: EngineDep, principal: Asker) -> dict[str, Any]:
+    info = served_model(engine)
+    return {"object": "list", "data": [model_card(info)] if info else []}
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    request: Request,
+    body: ChatRequest,
+    engine: EngineDep,
+    settings: SettingsDep,
+    principal: Asker,
+) -> Any:
+    request.state.audit = (principal.actor, "chat.completion", "chat", None)
+    check_capacity(engine, settings, request)
+    info = served_model(engine)
+    if body.model not in {info.get("model"), info.get("variant")}:
+        raise APIError(
+            404,
+            "model_not_found",
+            f"this server serves {info.get('model')!r} (GET /v1/models)",
+        )
+    conv = conversation_of(body.messages)
+    params = sampling(
+        QuestionCreate(
+            question=conv.question,
+            max_new_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature or 0.0,
+            top_p=body.top_p or 1.0,
+        ),
+        settings,
+    )
+    data = await image_bytes(conv.image_url, settings)
+    decoded = await run_in_threadpool(decode_upload, Upload("image_url", data), settings)
+    cid, model = completion_id(), str(info.get("model"))
+
+    def audited(ans: Answer) -> None:
+        with request.app.state.session_factory.begin() as s:
+            crud.audit(
+                s,
+                actor=principal.actor,
+                action="chat.completion",
+                resource_type="chat",
+                resource_id=cid,
+                outcome="ok",
+                status_code=200,
+                detail={
+                    "stream": body.stream,
+                    "tokens": ans.new_tokens,
+                    "turns": len(conv.history) + 1,
+                },
+            )
+
+    if not body.stream:
+        ans = await answer(
+            engine, settings, decoded.image, conv.question, params, history=conv.history
+        )
+        audited(ans)
+        return completion_body(
+            cid, model, ans.text, ans.finish_reason, ans.prompt_tokens, ans.new_tokens
+        )
+
+    def sse(data: Any) -> bytes:
+        return f"data: {json.dumps(data)}\n\n".encode()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield sse(chunk_body(cid, model, {"role": "assistant", "content": ""}))
+        ans: Answer | None = None
+        try:
+            stream = stream_answer(
+                engine, settings, decoded.image, conv.question, params, conv.history
+            )
+            async with aclosing(stream) as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        yield sse(chunk_body(cid, model, {"content": item}))
+                    else:
+                        ans = item
+        except APIError as e:  # the status is sent already: the error goes in the stream
+            yield sse(error_body(e.code, e.message, e.detail))
+            return
+        assert ans is not None
+        audited(ans)
+        yield sse(chunk_body(cid, model, {}, ans.finish_reason))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield sse(chunk_body(cid, model, {}, None, usage(ans.prompt_tokens, ans.new_tokens)))
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
