@@ -140,6 +140,33 @@ def _start_engine(app: FastAPI, lm: LoadedModel) -> None:
     log.info("model ready: %s", lm.info)
 
 
+def _remote_engine(settings: Settings, metrics: Metrics) -> Any:
+    from tinyllava_med.server.remote_engine import RemoteEngine
+
+    assert settings.remote_url is not None  # Settings checks it
+    key = settings.remote_api_key
+    return RemoteEngine(
+        url=settings.remote_url,
+        api_key=key.get_secret_value() if key is not None else None,
+        model=settings.remote_model,
+        max_concurrency=settings.remote_max_concurrency,
+        max_queue=settings.max_queue,
+        timeout_s=settings.request_timeout_s,
+        metrics=metrics,
+    )
+
+
+def _connect_remote(app: FastAPI, stop: threading.Event) -> None:
+    """Background: wait for the remote engine to list its models; then the gateway is ready."""
+    try:
+        remote = app.state.engine.connect_until_ready(stop)
+    except Exception as e:
+        app.state.load_error = f"{type(e).__name__}: {e}"
+        return
+    app.state.metrics.set_model(remote.info)
+    log.info("remote engine ready: %s", remote.info)
+
+
 def create_app(settings: Settings | None = None, *, model: LoadedModel | None = None) -> FastAPI:
     """The server. `model` (tests, embedding) skips loading `settings.model` from disk."""
     settings = settings or Settings()
@@ -167,24 +194,32 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
             )
             app.state.first_admin_key = first_key
         app.state.store = ImageStore(settings.images_dir)
-        app.state.engine = BatchingEngine(
-            max_batch_size=settings.max_batch_size,
-            batch_window_ms=settings.batch_window_ms,
-            max_queue=settings.max_queue,
-            metrics=app.state.metrics,
-        )
-        if model is not None:
-            _start_engine(app, model)
-        else:
+        stop_connecting = threading.Event()
+        if settings.engine == "remote":
+            app.state.engine = _remote_engine(settings, app.state.metrics)
             threading.Thread(
-                target=_load_model, args=(app, settings), name="model-loader", daemon=True
+                target=_connect_remote, args=(app, stop_connecting), name="remote", daemon=True
             ).start()
+        else:
+            app.state.engine = BatchingEngine(
+                max_batch_size=settings.max_batch_size,
+                batch_window_ms=settings.batch_window_ms,
+                max_queue=settings.max_queue,
+                metrics=app.state.metrics,
+            )
+            if model is not None:
+                _start_engine(app, model)
+            else:
+                threading.Thread(
+                    target=_load_model, args=(app, settings), name="model-loader", daemon=True
+                ).start()
         runner = JobRunner(app, settings.job_workers)
         runner.start()
         try:
             yield
         finally:
             app.state.shutting_down = True
+            stop_connecting.set()
             runner.stop()
             app.state.engine.shutdown()
             db_engine.dispose()

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -33,6 +33,17 @@ class EngineBusy(Exception):
 
 class EngineNotReady(Exception):
     """No model is loaded (still loading, failed, or shutting down)."""
+
+
+class EngineFailed(Exception):
+    """The model (or the remote engine) could not answer this request."""
+
+
+class ServedModel(Protocol):
+    """What the server reads of the model it serves: its provenance."""
+
+    @property
+    def info(self) -> dict[str, Any]: ...
 
 
 class EngineMetrics(Protocol):
@@ -64,7 +75,7 @@ class BatchingEngine:
         max_queue: int = 64,
         metrics: EngineMetrics | None = None,
     ) -> None:
-        self.lm: LoadedModel | None = None
+        self.lm: ServedModel | None = None
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_ms / 1000.0
         self.max_queue = max_queue
@@ -121,8 +132,11 @@ class BatchingEngine:
         if self.metrics:
             self.metrics.on_queue(depth)
         req = _Request(image, question, params, on_token, tuple(history))
-        self._queue.put(req)
+        self._enqueue(req)
         return req
+
+    def _enqueue(self, req: _Request) -> None:
+        self._queue.put(req)
 
     async def generate(
         self,
@@ -213,7 +227,7 @@ class BatchingEngine:
                 item.future.set_exception(EngineNotReady("the server is shutting down"))
 
     def _run(self, live: list[_Request]) -> None:
-        assert self.lm is not None
+        assert isinstance(self.lm, LoadedModel)
 
         def on_token(row: int, delta: str) -> None:
             r = live[row]

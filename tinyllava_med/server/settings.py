@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tinyllava_med.model.registry import Quant
@@ -44,6 +44,19 @@ class Settings(BaseSettings):
     quant: Quant | None = Field(default=None, description="None: the variant's own quantization")
     device: str = Field(default="auto", min_length=1, description="auto, cpu, cuda, cuda:1 ...")
     dtype: Dtype = "auto"
+
+    # --- where inference runs ---------------------------------------------------------------
+    engine: Literal["local", "remote"] = Field(
+        default="local", description="local: load `model` here; remote: forward to `remote_url`"
+    )
+    remote_url: str | None = Field(
+        default=None,
+        description="OpenAI-compatible base URL (vLLM, SGLang, transformers serve, another "
+        "tinyllava-med), e.g. http://gpu-box:8000/v1",
+    )
+    remote_model: str | None = Field(default=None, description="default: the remote's first")
+    remote_api_key: SecretStr | None = None
+    remote_max_concurrency: int = Field(default=8, gt=0, description="requests in flight")
 
     # --- HTTP ----------------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -138,6 +151,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"database_url: expected a sqlite:// or postgresql:// URL, got scheme {scheme!r}"
             )
+        if self.engine == "remote" and not self.remote_url:
+            raise ValueError("engine 'remote' needs remote_url (the remote's /v1 base URL)")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "

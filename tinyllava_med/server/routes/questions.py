@@ -22,7 +22,7 @@ from PIL import Image as PILImage
 from tinyllava_med.model.generate import Answer, SamplingParams
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.deps import Asker, EngineDep, SettingsDep, StoreDep
-from tinyllava_med.server.engine import BatchingEngine, EngineBusy, EngineNotReady
+from tinyllava_med.server.engine import BatchingEngine, EngineBusy, EngineFailed, EngineNotReady
 from tinyllava_med.server.errors import APIError, error_body
 from tinyllava_med.server.schemas import AskResponse, QuestionCreate, ReportPublic
 from tinyllava_med.server.serving import (
@@ -94,6 +94,8 @@ async def answer(
         raise APIError(503, "queue_full", str(e), headers={"Retry-After": "2"}) from e
     except EngineNotReady as e:
         raise APIError(503, "model_not_ready", str(e), headers={"Retry-After": "5"}) from e
+    except EngineFailed as e:
+        raise APIError(502, "engine_failed", str(e)) from e
     except TimeoutError as e:
         raise APIError(
             504, "timeout", f"no answer within {settings.request_timeout_s:.0f} s"

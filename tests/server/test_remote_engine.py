@@ -1,0 +1,213 @@
+"""The remote engine: a gateway (its own database, keys and audit) whose answers come from a
+second, real instance of this server over its OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from api_helpers import CT_SMALL, assert_error, free_port, live_server, upload_ct, wait_for
+from conftest import make_api
+from PIL import Image
+from sqlalchemy import select
+
+from tinyllava_med.model.generate import SamplingParams, generate
+from tinyllava_med.server.app import create_app
+from tinyllava_med.server.db.migrate import upgrade
+from tinyllava_med.server.db.models import AuditEvent, Report
+from tinyllava_med.server.settings import Settings
+
+QUESTION = "Which organ is shown?"
+
+
+def sse_events(text: str) -> list[tuple[str, str]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((lines["event"], lines["data"]))
+    return out
+
+
+def test_gateway_forwards_to_a_second_server(tmp_path, tiny_lm):
+    backend_db = f"sqlite:///{tmp_path}/backend.db"
+    upgrade(backend_db)
+    backend = create_app(
+        Settings(data_dir=tmp_path / "backend", database_url=backend_db), model=tiny_lm
+    )
+    with live_server(backend) as base:
+        admin = {"Authorization": f"Bearer {backend.state.first_admin_key}"}
+        key = httpx.post(
+            f"{base}/v1/apikeys", json={"role": "pacs", "name": "gateway"}, headers=admin
+        ).json()["key"]
+        bh = {"Authorization": f"Bearer {key}"}
+        direct = httpx.post(
+            f"{base}/v1/ask",
+            headers=bh,
+            files={"file": ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom")},
+            data={"question": QUESTION, "max_new_tokens": "10"},
+        ).json()["report"]
+
+        for api in make_api(
+            tmp_path / "gateway",
+            f"sqlite:///{tmp_path}/gateway.db",
+            tiny_lm,
+            engine="remote",
+            remote_url=f"{base}/v1",
+            remote_api_key=key,
+        ):
+            wait_for(lambda api=api: api.get("/readyz").status_code == 200, what="the gateway")
+            card = api.get("/v1/models", headers=api.h()).json()["data"][0]
+            assert card["id"] == direct["model"]
+
+            study = upload_ct(api)
+            r = api.post(
+                f"/v1/studies/{study['id']}/questions",
+                headers=api.h(),
+                json={"question": QUESTION, "max_new_tokens": 10},
+            )
+            assert r.status_code == 201, r.text
+            report = r.json()
+            # the backend's model answered (same image, same greedy answer) and is recorded
+            assert report["answer"] == direct["answer"]
+            assert (report["model"], report["quantization"], report["model_version"]) == (
+                direct["model"],
+                direct["quantization"],
+                direct["model_version"],
+            )
+            assert report["tokens"]["completion"] == direct["tokens"]["completion"]
+
+            r = api.post(
+                f"/v1/studies/{study['id']}/questions?stream=true",
+                headers=api.h(),
+                json={"question": QUESTION, "max_new_tokens": 10},
+            )
+            events = sse_events(r.text)
+            tokens = "".join(json.loads(d)["text"] for e, d in events if e == "token")
+            assert events[-1][0] == "report" and tokens == direct["answer"]
+
+            # the gateway stored the reports; the backend only audited completions
+            with backend.state.session_factory() as s:
+                chats = s.scalars(
+                    select(AuditEvent).where(AuditEvent.action == "chat.completion")
+                ).all()
+                assert len(chats) >= 2 and len(s.scalars(select(Report)).all()) == 1
+            with api.app.state.session_factory() as s:
+                assert len(s.scalars(select(Report)).all()) == 2
+
+        # the backend goes away: a clear 502, nothing stored
+    for api in make_api(
+        tmp_path / "gateway2",
+        f"sqlite:///{tmp_path}/gateway2.db",
+        tiny_lm,
+        engine="remote",
+        remote_url=f"{base}/v1",
+    ):
+        assert api.get("/readyz").status_code == 503  # never reached the remote
+        r = api.post(
+            "/v1/studies", headers=api.h("pacs"), files={"files": ("ct.dcm", CT_SMALL.read_bytes())}
+        )
+        study_id = r.json()["id"]
+        assert_error(
+            api.post(f"/v1/studies/{study_id}/questions", headers=api.h(), json={"question": "q"}),
+            503,
+            "model_not_ready",
+        )
+
+
+def test_a_remote_that_fails_mid_service_gives_502(tmp_path, tiny_lm):
+    backend_db = f"sqlite:///{tmp_path}/backend.db"
+    upgrade(backend_db)
+    backend = create_app(
+        Settings(data_dir=tmp_path / "backend", database_url=backend_db, auth_disabled=True),
+        model=tiny_lm,
+    )
+    with live_server(backend) as base:
+        for api in make_api(
+            tmp_path / "gw",
+            f"sqlite:///{tmp_path}/gw.db",
+            tiny_lm,
+            engine="remote",
+            remote_url=f"{base}/v1",
+        ):
+            wait_for(lambda api=api: api.get("/readyz").status_code == 200, what="the gateway")
+            study = upload_ct(api)
+            # a question longer than the backend accepts: its 4xx comes back as a 502
+            backend.state.settings.max_question_chars = 5
+            r = api.post(
+                f"/v1/studies/{study['id']}/questions",
+                headers=api.h(),
+                json={"question": "What is the modality?"},
+            )
+            assert_error(r, 502, "engine_failed")
+            assert r.json()["error"]["message"].startswith("remote engine answered 422")
+            with api.app.state.session_factory() as s:
+                assert s.scalars(select(Report)).all() == []
+
+
+def test_gateway_forwards_to_transformers_serve(tmp_path, tiny_model_dir, tiny_lm):
+    """A third-party OpenAI-compatible server: Hugging Face's `transformers serve`, pinned to the
+    tiny served-format checkpoint (it applies the checkpoint's own chat template). Its answer
+    equals this server's local answer for the same image and question."""
+    exe = Path(sys.executable).with_name("transformers")
+    port = free_port()
+    log = (tmp_path / "tfserve.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "serve",
+            str(tiny_model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, (tmp_path / "tfserve.log").read_text()[-3000:]
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, timeout_s=120, what="transformers serve")
+        image = Image.new("L", (48, 40), 90)
+        local = generate(tiny_lm, [image], [QUESTION], SamplingParams(max_new_tokens=8))[0]
+        for api in make_api(
+            tmp_path / "gw",
+            f"sqlite:///{tmp_path}/gw.db",
+            tiny_lm,
+            engine="remote",
+            remote_url=f"http://127.0.0.1:{port}/v1",
+        ):
+            wait_for(lambda api=api: api.get("/readyz").status_code == 200, what="the gateway")
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            r = api.post(
+                "/v1/ask",
+                headers=api.h(),
+                files={"file": ("x.png", buf.getvalue())},
+                data={"question": QUESTION, "max_new_tokens": "8"},
+            )
+            assert r.status_code == 201, r.text
+            report = r.json()["report"]
+            assert report["model"] == str(tiny_model_dir) and report["quantization"] == "remote"
+            assert report["answer"] == local.text
+            assert report["tokens"]["completion"] == local.new_tokens
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
