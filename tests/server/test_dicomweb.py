@@ -277,3 +277,49 @@ def test_dicomweb_client_against_a_live_server(tmp_path, sqlite_url, tiny_lm):
             result.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
             == pydicom.dcmread(CT_SMALL).SOPInstanceUID
         )
+
+
+@pytest.mark.postgres
+def test_two_servers_share_one_postgres_queue(tmp_path, postgres_url, tiny_lm):
+    """Two server instances (own engines, pools and workers) on one PostgreSQL: every study's
+    job runs exactly once."""
+    from fastapi.testclient import TestClient
+
+    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.db.migrate import upgrade
+    from tinyllava_med.server.settings import Settings
+
+    upgrade(postgres_url)
+    common = dict(
+        database_url=postgres_url,
+        auto_report_prompts=PROMPTS,
+        auto_report_delay_s=0.3,
+        job_poll_s=0.02,
+        job_workers=2,
+        auth_disabled=True,
+    )
+    apps = [
+        create_app(Settings(data_dir=tmp_path / "shared", **common), model=tiny_lm)
+        for _ in range(2)
+    ]
+    with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
+        ds = pydicom.dcmread(CT_SMALL)
+        for i in range(6):
+            ds.StudyInstanceUID = pydicom.uid.generate_uid()
+            ds.SOPInstanceUID = pydicom.uid.generate_uid()
+            buf = io.BytesIO()
+            pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+            body, ctype = multipart_related(buf.getvalue())
+            client = (a, b)[i % 2]
+            r = client.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype})
+            assert r.status_code == 200, r.text
+
+        def all_done():
+            jobs = a.get("/v1/jobs").json()["data"]
+            return jobs if len(jobs) == 6 and all(j["status"] == "done" for j in jobs) else None
+
+        jobs = wait_for(all_done, what="six jobs on two servers")
+        assert all(j["attempts"] == 1 for j in jobs)
+        reports = a.get("/v1/reports?limit=100").json()
+        assert reports["count"] == 6
+        assert len({r["study_id"] for r in reports["data"]}) == 6
