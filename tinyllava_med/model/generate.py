@@ -82,6 +82,7 @@ class _RowStreamer(BaseStreamer):
         template: str = "v1",
         stops: tuple[str, ...] = (),
         limits: list[int] | None = None,
+        text_rows: list[bool] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.ids: list[list[int]] = [[] for _ in range(n_rows)]
@@ -94,6 +95,9 @@ class _RowStreamer(BaseStreamer):
         self.template = template
         self.stops = stops
         self.limits = limits or [2**31] * n_rows
+        # rows nobody reads as text get one empty delta at their first token (for time-to-first-
+        # token) and are never decoded: decoding every row at every step is most of the cost
+        self.text_rows = text_rows or [True] * n_rows
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first puts the prompt ids
@@ -110,7 +114,10 @@ class _RowStreamer(BaseStreamer):
             self.ids[row].append(tok)
             if len(self.ids[row]) >= self.limits[row]:
                 self.done[row] = True
-            self._emit(row, final=False)
+            if self.text_rows[row]:
+                self._emit(row, final=False)
+            elif len(self.ids[row]) == 1:
+                self.on_token(row, "")
 
     def _emit(self, row: int, *, final: bool) -> None:
         text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
@@ -127,7 +134,8 @@ class _RowStreamer(BaseStreamer):
 
     def end(self) -> None:
         for row in range(len(self.ids)):
-            self._emit(row, final=True)
+            if self.text_rows[row]:
+                self._emit(row, final=True)
 
 
 def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -144,10 +152,13 @@ def generate(
     on_token: TokenCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     histories: list[Sequence[tuple[str, str]]] | None = None,
+    text_rows: list[bool] | None = None,
 ) -> list[Answer]:
     """One answer per (image, question), generated in one batch.
 
     `histories` holds each row's earlier (question, answer) turns about the same image.
+    `text_rows`: which rows `on_token` wants text deltas for (default all); the others get one
+    empty delta at their first token.
 
     `params` may differ per row in `max_new_tokens` only (each row is cut to its own limit);
     rows that share one call must share temperature and top-p.
@@ -202,6 +213,7 @@ def generate(
             template=lm.template,
             stops=stops,
             limits=[p.max_new_tokens for p in per_row],
+            text_rows=text_rows,
         )
 
     start = time.perf_counter()

@@ -13,11 +13,11 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinyllava_med import __version__
@@ -43,6 +43,36 @@ from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 
 log = logging.getLogger(__name__)
+
+
+class Observe:
+    """Request count and latency by method, route template and status (plain ASGI: no
+    per-request task or body copy, unlike `@app.middleware`)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # an exception that escapes becomes a 500 further out
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            path = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.requests.labels(method, path, str(status)).inc()
+            self.metrics.request_seconds.labels(method, path).observe(time.perf_counter() - start)
 
 
 class BodyLimit:
@@ -193,7 +223,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                 flush=True,
             )
             app.state.first_admin_key = first_key
-        app.state.store = ImageStore(settings.images_dir)
+        app.state.store = ImageStore(settings.images_dir, settings.render_cache_mb * 1024 * 1024)
         stop_connecting = threading.Event()
         if settings.engine == "remote":
             app.state.engine = _remote_engine(settings, app.state.metrics)
@@ -251,17 +281,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     ):
         app.include_router(router)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Any:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", None) or "unmatched"
-        m = request.app.state.metrics
-        m.requests.labels(request.method, path, str(response.status_code)).inc()
-        m.request_seconds.labels(request.method, path).observe(time.perf_counter() - start)
-        return response
-
+    app.add_middleware(Observe, metrics=app.state.metrics)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     if settings.gradio:  # imports Gradio only when the demo is asked for
         from tinyllava_med.server.gradio_demo import mount_demo

@@ -1,7 +1,8 @@
 """The inference engine: one object that batches concurrent requests into one `generate`.
 
 Requests wait in a bounded queue; a worker thread collects up to `max_batch_size` requests
-that share sampling settings within a short window, runs one left-padded `generate`, and
+that share sampling settings (waiting up to a short window for requests announced as on their
+way, never for nobody), runs one left-padded `generate`, and
 resolves each request's future. Tokens reach streaming callers through per-request callbacks;
 a cancelled request is dropped from its batch, and a batch whose requests are all cancelled
 stops generating. The engine knows nothing about HTTP.
@@ -14,8 +15,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -66,6 +68,20 @@ class _Request:
     first_token: bool = False
 
 
+class Arrival:
+    """A request on its way to the engine (decoding its image, say): while any is announced, a
+    forming batch waits for it (up to the batch window) instead of leaving without it."""
+
+    def __init__(self, engine: BatchingEngine) -> None:
+        self._engine: BatchingEngine | None = engine
+
+    def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            with engine._lock:
+                engine._announced -= 1
+
+
 class BatchingEngine:
     def __init__(
         self,
@@ -82,6 +98,7 @@ class BatchingEngine:
         self.metrics = metrics
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._pending = 0  # queued + running, guarded by _lock
+        self._announced = 0  # Arrivals not yet submitted, guarded by _lock
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -114,6 +131,17 @@ class BatchingEngine:
 
     # --- requests --------------------------------------------------------------------------
 
+    @contextmanager
+    def arriving(self) -> Iterator[Arrival]:
+        """Announce a request that will be submitted soon (pass the `Arrival` to `submit`)."""
+        with self._lock:
+            self._announced += 1
+        arrival = Arrival(self)
+        try:
+            yield arrival
+        finally:
+            arrival.close()
+
     def submit(
         self,
         image: Image.Image,
@@ -121,6 +149,7 @@ class BatchingEngine:
         params: SamplingParams,
         on_token: Callable[[str], None] | None = None,
         history: Sequence[tuple[str, str]] = (),
+        arrival: Arrival | None = None,
     ) -> _Request:
         if not self.ready:
             raise EngineNotReady("the model is not loaded")
@@ -133,6 +162,8 @@ class BatchingEngine:
             self.metrics.on_queue(depth)
         req = _Request(image, question, params, on_token, tuple(history))
         self._enqueue(req)
+        if arrival is not None:
+            arrival.close()  # after the enqueue: a collecting batch sees one or the other
         return req
 
     def _enqueue(self, req: _Request) -> None:
@@ -145,10 +176,11 @@ class BatchingEngine:
         params: SamplingParams,
         on_token: Callable[[str], None] | None = None,
         history: Sequence[tuple[str, str]] = (),
+        arrival: Arrival | None = None,
     ) -> Answer:
         """Submit and await; cancelling the awaiting task cancels the request. `history`:
         earlier (question, answer) turns about the same image."""
-        req = self.submit(image, question, params, on_token, history)
+        req = self.submit(image, question, params, on_token, history, arrival)
         try:
             return await asyncio.wrap_future(req.future)
         except asyncio.CancelledError:
@@ -170,19 +202,23 @@ class BatchingEngine:
     # --- worker ----------------------------------------------------------------------------
 
     def _collect(self, first: _Request) -> list[_Request]:
+        """`first` and what is queued behind it with the same sampling settings; while requests
+        are announced (on their way), wait for them up to the batch window. Nobody announced
+        and nothing queued: go at once (a lone request never waits)."""
         batch = [first]
         deadline = time.perf_counter() + self.batch_window_s
         leftovers: list[_Request | None] = []
         while len(batch) < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
             try:
-                nxt = (
-                    self._queue.get(timeout=max(remaining, 0))
-                    if remaining > 0
-                    else (self._queue.get_nowait())
-                )
+                nxt = self._queue.get_nowait()
             except queue.Empty:
-                break
+                remaining = deadline - time.perf_counter()
+                if self._announced <= 0 or remaining <= 0:
+                    break
+                try:
+                    nxt = self._queue.get(timeout=min(remaining, 0.002))
+                except queue.Empty:
+                    continue
             if nxt is None or nxt.params.key() != first.params.key():
                 leftovers.append(nxt)  # other settings (or shutdown) wait for the next batch
                 if nxt is None:
@@ -248,6 +284,7 @@ class BatchingEngine:
                 on_token=on_token,
                 should_stop=lambda: all(r.cancelled.is_set() for r in live),
                 histories=[r.history for r in live],
+                text_rows=[r.on_token is not None for r in live],
             )
         except GenerationCancelled:
             for r in live:

@@ -153,11 +153,14 @@ def render(
     frame: int | None = None,
     window: str | None = None,
 ) -> PILImage.Image:
-    """The image as the model (or a viewer, with `window`) sees it."""
+    """The image as the model (or a viewer, with `window`) sees it (cached by the store)."""
+    limits = limits_of(settings)
+
+    def make() -> PILImage.Image:
+        return load_study_file(store.get(sha256), frame=frame, window=window, limits=limits).image
+
     try:
-        return load_study_file(
-            store.get(sha256), frame=frame, window=window, limits=limits_of(settings)
-        ).image
+        return store.rendered.get_or_make((sha256, frame, window, limits), make)
     except ImagingError as e:
         raise imaging_error(e) from e
     except FileNotFoundError as e:

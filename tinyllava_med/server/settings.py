@@ -73,6 +73,9 @@ class Settings(BaseSettings):
         default=128, gt=0, description="when a request does not say"
     )
     request_timeout_s: float = Field(default=120.0, gt=0)
+    render_cache_mb: int = Field(
+        default=256, ge=0, description="decoded images kept in memory (0: decode every time)"
+    )
 
     # --- batching ------------------------------------------------------------------------------
     max_batch_size: int = Field(default=8, gt=0)

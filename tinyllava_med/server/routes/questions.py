@@ -18,11 +18,19 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from PIL import Image as PILImage
+from sqlalchemy import select
 
 from tinyllava_med.model.generate import Answer, SamplingParams
 from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.models import Image, Study
 from tinyllava_med.server.deps import Asker, EngineDep, SettingsDep, StoreDep
-from tinyllava_med.server.engine import BatchingEngine, EngineBusy, EngineFailed, EngineNotReady
+from tinyllava_med.server.engine import (
+    Arrival,
+    BatchingEngine,
+    EngineBusy,
+    EngineFailed,
+    EngineNotReady,
+)
 from tinyllava_med.server.errors import APIError, error_body
 from tinyllava_med.server.schemas import AskResponse, QuestionCreate, ReportPublic
 from tinyllava_med.server.serving import (
@@ -84,10 +92,11 @@ async def answer(
     params: SamplingParams,
     on_token: Any = None,
     history: list[tuple[str, str]] | None = None,
+    arrival: Arrival | None = None,
 ) -> Answer:
     try:
         return await asyncio.wait_for(
-            engine.generate(image, question, params, on_token, history or ()),
+            engine.generate(image, question, params, on_token, history or (), arrival),
             settings.request_timeout_s,
         )
     except EngineBusy as e:
@@ -157,9 +166,9 @@ def _store_answer(
 ) -> ReportPublic:
     """Save the answer as a report (and audit it) in a short transaction of its own."""
     with request.app.state.session_factory.begin() as s:
-        study = crud.get_study(s, study_id)
-        assert study is not None  # it existed when the question came in; studies stay
-        image = next(i for i in study.images if i.id == image_id)
+        study = s.get(Study, study_id)
+        image = s.get(Image, image_id)
+        assert study is not None and image is not None  # they existed when the question came
         report = save_report(
             s,
             study=study,
@@ -200,27 +209,35 @@ async def ask_about_study(
     request.state.audit = (principal.actor, "question.ask", "study", study_id)
     params = sampling(body, settings)
     check_capacity(engine, settings, request)
-    with request.app.state.session_factory() as s:
-        study = crud.get_study(s, study_id)
-        if study is None:
-            raise APIError(404, "study_not_found", "no study with this id")
-        image = image_of(study, body.image_index)
-        image_id, sha256 = image.id, image.sha256
-    pil = await run_in_threadpool(render, store, sha256, settings, frame=body.frame)
-    info = engine.lm.info if engine.lm is not None else {}
-    question, start = body.question, time.perf_counter()
-    if not stream:
-        ans = await answer(engine, settings, pil, question, params)
-        return _store_answer(
-            request,
-            study_id=study_id,
-            image_id=image_id,
-            question=question,
-            ans=ans,
-            info=info,
-            actor=principal.actor,
-            latency_ms=(time.perf_counter() - start) * 1000,
-        )
+    with engine.arriving() as arrival:  # batches forming meanwhile wait for this one
+        with request.app.state.session_factory() as s:
+            found = s.execute(
+                select(Image.id, Image.sha256).where(
+                    Image.study_id == study_id, Image.n == body.image_index
+                )
+            ).first()
+            if found is None:  # say which: no such study, or no such image in it
+                study = crud.get_study(s, study_id)
+                if study is None:
+                    raise APIError(404, "study_not_found", "no study with this id")
+                image_of(study, body.image_index)
+            assert found is not None
+            image_id, sha256 = found
+        pil = await run_in_threadpool(render, store, sha256, settings, frame=body.frame)
+        info = engine.lm.info if engine.lm is not None else {}
+        question, start = body.question, time.perf_counter()
+        if not stream:
+            ans = await answer(engine, settings, pil, question, params, arrival=arrival)
+            return _store_answer(
+                request,
+                study_id=study_id,
+                image_id=image_id,
+                question=question,
+                ans=ans,
+                info=info,
+                actor=principal.actor,
+                latency_ms=(time.perf_counter() - start) * 1000,
+            )
 
     async def events() -> AsyncIterator[bytes]:
         ans: Answer | None = None
