@@ -255,3 +255,24 @@ def test_failed_accesses_are_audited(sqlite_api):
             ("study.read", "study", "nope"),
             ("report.read", "report", "nope"),
         }
+
+
+def test_questions_about_one_image_decode_it_once(sqlite_api):
+    api = sqlite_api
+    study = upload_ct(api)
+    cache = api.app.state.store.rendered
+    answers = []
+    for _ in range(3):
+        r = api.post(
+            f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "Organ?"}
+        )
+        assert r.status_code == 201, r.text
+        answers.append(r.json()["answer"])
+    assert len(set(answers)) == 1
+    assert (cache.misses, cache.hits) == (1, 2)
+    # a different window is a different rendering
+    assert (
+        api.get(f"/v1/studies/{study['id']}/images/0?window=lung", headers=api.h()).status_code
+        == 200
+    )
+    assert cache.misses == 2

@@ -116,3 +116,46 @@ def test_not_ready_without_model():
 def test_probe(engine):
     eng, _ = engine
     assert eng.probe() and eng.last_probe_ok is not None
+
+
+def test_a_lone_request_never_waits_for_the_window(tiny_lm):
+    rec = Recorder()
+    eng = BatchingEngine(max_batch_size=8, batch_window_ms=60_000, metrics=rec)
+    eng.start(tiny_lm)
+    try:
+        req = eng.submit(_img(5), "alone?", SamplingParams(max_new_tokens=2))
+        req.future.result(timeout=20)  # a minute-long window would time this out
+        assert rec.batches == [1]
+    finally:
+        eng.shutdown()
+
+
+def test_an_announced_request_joins_the_forming_batch(tiny_lm):
+    """A request on its way (announced, still decoding its image) is waited for; once it is
+    submitted the batch leaves with both."""
+    import threading
+
+    rec = Recorder()
+    eng = BatchingEngine(max_batch_size=8, batch_window_ms=60_000, metrics=rec)
+    eng.start(tiny_lm)
+    params = SamplingParams(max_new_tokens=2)
+    try:
+        with eng.arriving() as arrival:
+            first = eng.submit(_img(1), "first?", params)
+            time.sleep(0.3)  # the batch is forming and waits for the announced request
+            assert not first.future.done()
+            second = eng.submit(_img(2), "second?", params, arrival=arrival)
+        first.future.result(timeout=20)
+        second.future.result(timeout=20)
+        assert rec.batches == [2]
+
+        # an announcement that never becomes a request (its route failed) releases the batch
+        done = threading.Event()
+        with eng.arriving():
+            third = eng.submit(_img(3), "third?", params)
+            third.future.add_done_callback(lambda f: done.set())
+            time.sleep(0.2)
+            assert not done.is_set()
+        assert done.wait(20) and rec.batches == [2, 1]
+    finally:
+        eng.shutdown()
