@@ -276,3 +276,26 @@ def test_questions_about_one_image_decode_it_once(sqlite_api):
         == 200
     )
     assert cache.misses == 2
+
+
+def test_revoked_keys_stop_working(tmp_path, sqlite_url, tiny_lm):
+    """Verified keys are cached briefly; revoking through the API drops the key at once, and
+    with the cache off a revocation made elsewhere (another replica) is seen at once too."""
+    from conftest import make_api
+
+    from tinyllava_med.server.db.models import ApiKey, utcnow
+
+    for ttl in (10.0, 0.0):
+        for api in make_api(
+            tmp_path / str(ttl), sqlite_url.replace(".db", f"{ttl}.db"), tiny_lm, auth_cache_s=ttl
+        ):
+            made = api.post("/v1/apikeys", headers=api.h("admin"), json={"role": "pacs"}).json()
+            h = {"Authorization": f"Bearer {made['key']}"}
+            assert api.get("/v1/studies", headers=h).status_code == 200  # now cached
+            if ttl:
+                r = api.delete(f"/v1/apikeys/{made['id']}", headers=api.h("admin"))
+                assert r.status_code == 204
+            else:
+                with api.app.state.session_factory.begin() as s:
+                    s.get(ApiKey, made["id"]).revoked_at = utcnow()
+            assert_error(api.get("/v1/studies", headers=h), 401, "unauthorized")

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinyllava_med import __version__
 from tinyllava_med.model.load import LoadedModel
-from tinyllava_med.server.auth import ensure_first_admin_key
+from tinyllava_med.server.auth import KeyCache, ensure_first_admin_key
 from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
@@ -264,6 +264,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.key_cache = KeyCache(settings.auth_cache_s)
     app.state.load_error = None
     app.state.shutting_down = False
     app.state.first_admin_key = None

@@ -22,6 +22,8 @@ import hmac
 import logging
 import re
 import secrets
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -205,6 +207,39 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer tlm_..
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="tlm_...")
 
 
+class KeyCache:
+    """Keys verified in the last `ttl_s` seconds, so a busy client is not looked up in the
+    database on every request. Revoking a key through this process drops it at once; other
+    processes (replicas) stop accepting it within `ttl_s`. Keyed by the key's sha256."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._items: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Principal | None:
+        if self.ttl_s <= 0:
+            return None
+        with self._lock:
+            item = self._items.get(digest)
+        if item is None or time.monotonic() - item[0] > self.ttl_s:
+            return None
+        return item[1]
+
+    def put(self, digest: str, principal: Principal) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            if len(self._items) > 10_000:  # a flood of distinct keys: start over
+                self._items.clear()
+            self._items[digest] = (time.monotonic(), principal)
+
+    def drop(self, key_id: str) -> None:
+        with self._lock:
+            for digest in [d for d, (_, p) in self._items.items() if p.key_id == key_id]:
+                del self._items[digest]
+
+
 def _audit_denied(
     request: Request, *, actor: str, action: str, status_code: int, detail: dict[str, str]
 ) -> None:
@@ -234,10 +269,17 @@ def get_principal(
     key = bearer.credentials if bearer is not None else x_api_key
     principal = None
     if key:
+        # the app factory sets the cache; an app assembled otherwise just looks keys up
+        cache: KeyCache = getattr(request.app.state, "key_cache", None) or KeyCache(0)
+        digest = hash_api_key(key)
+        principal = cache.get(digest)
+        if principal is not None:
+            return principal
         with request.app.state.session_factory.begin() as session:
             row = verify_api_key(session, key)
             if row is not None:
                 principal = Principal(key_id=row.id, role=row.role, name=row.name)
+                cache.put(digest, principal)
     if principal is not None:
         return principal
     reason = "invalid" if key else "missing"

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="database check period"
     )
     auth_disabled: bool = Field(default=False, description="only for local experiments")
+    auth_cache_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="verified keys are remembered this long; a key revoked on another replica "
+        "stops working within it (0: look every request up)",
+    )
     allow_remote_image_urls: bool = Field(
         default=False, description="chat image_url: data URIs only"
     )

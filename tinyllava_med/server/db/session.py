@@ -55,6 +55,9 @@ def _sqlite_engine(u: URL, *, foreign_keys: bool, echo: bool) -> Engine:
         u,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
         echo=echo,
+        # SQLite connections are cheap to keep: enough for every concurrent request, so none
+        # is opened (and set up) per request under load
+        **({} if memory else {"pool_size": 32, "max_overflow": 32}),
     )
 
     @event.listens_for(engine, "connect")

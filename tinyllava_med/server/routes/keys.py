@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from tinyllava_med.server import auth
 from tinyllava_med.server.db import crud
@@ -30,11 +30,12 @@ def create_key(session: SessionDep, body: ApiKeyCreate, principal: KeyAdmin) -> 
 
 
 @router.delete("/{key_id}", status_code=204)
-def revoke_key(session: SessionDep, key_id: str, principal: KeyAdmin) -> None:
+def revoke_key(request: Request, session: SessionDep, key_id: str, principal: KeyAdmin) -> None:
     row = auth.get_api_key(session, key_id)
     if row is None:
         raise APIError(404, "apikey_not_found", "no API key with this id")
     auth.revoke_api_key(session, row)
+    request.app.state.key_cache.drop(row.id)
     crud.audit(
         session,
         actor=principal.actor,
