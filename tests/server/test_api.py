@@ -299,3 +299,27 @@ def test_revoked_keys_stop_working(tmp_path, sqlite_url, tiny_lm):
                 with api.app.state.session_factory.begin() as s:
                     s.get(ApiKey, made["id"]).revoked_at = utcnow()
             assert_error(api.get("/v1/studies", headers=h), 401, "unauthorized")
+
+
+def test_question_announcements_never_leak(sqlite_api):
+    """Every question request announces itself to the engine on arrival (so forming batches
+    wait for it); whatever its outcome, nothing stays announced afterwards."""
+    api = sqlite_api
+    engine = api.app.state.engine
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    outcomes = [
+        api.post(url, headers=api.h(), json={"question": "Organ?"}).status_code,
+        api.post(url + "?stream=true", headers=api.h(), json={"question": "Organ?"}).status_code,
+        api.post(url, json={"question": "no key"}).status_code,
+        api.post("/v1/studies/nope/questions", headers=api.h(), json={"question": "q"}).status_code,
+        api.post(url, headers=api.h(), json={"question": ""}).status_code,
+        api.post(
+            "/v1/ask",
+            headers=api.h(),
+            files={"file": ("x.png", png_bytes(), "image/png")},
+            data={"question": "Organ?"},
+        ).status_code,
+    ]
+    assert outcomes == [201, 200, 401, 404, 422, 201]
+    assert engine._announced == 0 and engine.queue_depth == 0

@@ -9,6 +9,7 @@ nothing is module-level.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -73,6 +74,35 @@ class Observe:
             method = scope["method"]
             self.metrics.requests.labels(method, path, str(status)).inc()
             self.metrics.request_seconds.labels(method, path).observe(time.perf_counter() - start)
+
+
+_QUESTION_ROUTE = re.compile(r"^/v1/(studies/[^/]+/questions|ask|chat/completions)$")
+
+
+class AnnounceQuestions:
+    """Announces a question to the engine the moment its HTTP request arrives (before the body
+    is read, the key checked and the image decoded), so a batch forming meanwhile waits for it
+    (see `BatchingEngine.arriving`). The route passes `scope["state"]["arrival"]` on to the
+    engine; whatever happens, the announcement ends with the request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        engine = getattr(scope.get("app"), "state", None) and getattr(
+            scope["app"].state, "engine", None
+        )
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or engine is None
+            or not _QUESTION_ROUTE.match(scope["path"])
+        ):
+            await self.app(scope, receive, send)
+            return
+        with engine.arriving() as arrival:
+            scope.setdefault("state", {})["arrival"] = arrival
+            await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -282,6 +312,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     ):
         app.include_router(router)
 
+    app.add_middleware(AnnounceQuestions)
     app.add_middleware(Observe, metrics=app.state.metrics)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     if settings.gradio:  # imports Gradio only when the demo is asked for

@@ -129,7 +129,13 @@ async def chat_completions(
 
     if not body.stream:
         ans = await answer(
-            engine, settings, decoded.image, conv.question, params, history=conv.history
+            engine,
+            settings,
+            decoded.image,
+            conv.question,
+            params,
+            history=conv.history,
+            arrival=getattr(request.state, "arrival", None),
         )
         audited(ans)
         return completion_body(
@@ -144,7 +150,13 @@ async def chat_completions(
         ans: Answer | None = None
         try:
             stream = stream_answer(
-                engine, settings, decoded.image, conv.question, params, conv.history
+                engine,
+                settings,
+                decoded.image,
+                conv.question,
+                params,
+                conv.history,
+                getattr(request.state, "arrival", None),
             )
             async with aclosing(stream) as items:
                 async for item in items:

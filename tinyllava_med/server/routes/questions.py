@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -66,6 +66,13 @@ def check_capacity(engine: BatchingEngine, settings: Settings, request: Request)
         )
 
 
+def arrival_of(request: Request, engine: BatchingEngine) -> AbstractContextManager[Arrival]:
+    """This request's announcement to the engine (made by the app's `AnnounceQuestions` as it
+    arrived), or a new one."""
+    arrival = getattr(request.state, "arrival", None)
+    return nullcontext(arrival) if arrival is not None else engine.arriving()
+
+
 def sampling(body: QuestionCreate, settings: Settings) -> SamplingParams:
     if len(body.question) > settings.max_question_chars:
         raise APIError(
@@ -118,6 +125,7 @@ async def stream_answer(
     question: str,
     params: SamplingParams,
     history: list[tuple[str, str]] | None = None,
+    arrival: Arrival | None = None,
 ) -> AsyncGenerator[str | Answer, None]:
     """The answer's text deltas as they are generated, then the `Answer`. Errors are
     `APIError`s; closing the iterator (the client went away) cancels the request."""
@@ -132,6 +140,7 @@ async def stream_answer(
             params,
             lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
             history,
+            arrival,
         )
     )
     try:
@@ -209,7 +218,7 @@ async def ask_about_study(
     request.state.audit = (principal.actor, "question.ask", "study", study_id)
     params = sampling(body, settings)
     check_capacity(engine, settings, request)
-    with engine.arriving() as arrival:  # batches forming meanwhile wait for this one
+    with arrival_of(request, engine) as arrival:  # batches forming meanwhile wait for it
         with request.app.state.session_factory() as s:
             found = s.execute(
                 select(Image.id, Image.sha256).where(
@@ -242,7 +251,8 @@ async def ask_about_study(
     async def events() -> AsyncIterator[bytes]:
         ans: Answer | None = None
         try:
-            async with aclosing(stream_answer(engine, settings, pil, question, params)) as items:
+            items_ = stream_answer(engine, settings, pil, question, params, arrival=arrival)
+            async with aclosing(items_) as items:
                 async for item in items:
                     if isinstance(item, str):
                         yield _sse("token", {"text": item})
@@ -304,7 +314,9 @@ async def ask_one_shot(
         study_id, image_id, sha256 = study.id, study.images[0].id, study.images[0].sha256
     pil = await run_in_threadpool(render, store, sha256, settings)
     start = time.perf_counter()
-    ans = await answer(engine, settings, pil, question, params)
+    ans = await answer(
+        engine, settings, pil, question, params, arrival=getattr(request.state, "arrival", None)
+    )
     report = _store_answer(
         request,
         study_id=study_id,
