@@ -97,6 +97,12 @@ class Settings(BaseSettings):
         default=False, description="chat image_url: data URIs only"
     )
     log_level: LogLevel = "INFO"
+    access_log: bool = Field(
+        default=False,
+        description="a log line per HTTP request (uvicorn's); off by default: the audit log "
+        "records every access to studies and reports, /metrics counts requests by route and "
+        "status, and the line costs about a fifth of the throughput at full load",
+    )
     gradio: bool = Field(
         default=False, description="mount the Gradio demo at /demo (an API key asks each question)"
     )
