@@ -1,6 +1,6 @@
 """Load benchmark: dynamic batching vs one request at a time, same model, same run.
 
-    python bench/serve_load.py                       # demo model, 1/4/16 clients
+    python bench/serve_load.py                       # demo model, 1/4/16 clients, 3 rounds
     python bench/serve_load.py --model PATH --requests 64 --max-new-tokens 16
 
 Starts `tinyllava-med serve` twice on loopback with a fresh data dir each: once with the
@@ -126,10 +126,13 @@ async def load(
     }
 
 
-def run(model: str, requests: int, max_new_tokens: int, levels: list[int]) -> dict:
+def run(model: str, requests: int, max_new_tokens: int, levels: list[int], first: str) -> dict:
     ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
     out: dict[str, list[dict[str, float]]] = {}
-    for name, max_batch in (("batched", 16), ("baseline", 1)):
+    modes = [("batched", 16), ("baseline", 1)]
+    if first == "baseline":
+        modes.reverse()
+    for name, max_batch in modes:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp)
             demo = Path(os.environ.get("TINYLLAVA_MED_DATA_DIR", "./data")) / "models" / "demo"
@@ -157,6 +160,17 @@ def run(model: str, requests: int, max_new_tokens: int, levels: list[int]) -> di
     return out
 
 
+def median_of(rounds: list[dict]) -> dict:
+    """Per mode and level, the round with the median requests/s."""
+    out: dict[str, list[dict[str, float]]] = {}
+    for mode in ("batched", "baseline"):
+        out[mode] = []
+        for i in range(len(rounds[0][mode])):
+            runs = sorted((r[mode][i] for r in rounds), key=lambda x: x["rps"])
+            out[mode].append(runs[len(runs) // 2])
+    return out
+
+
 def table(res: dict, levels: list[int]) -> str:
     single = res["baseline"][0]["p50_s"]
     lines = [
@@ -179,9 +193,35 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="whole runs, alternating which mode goes first"
+    )
     args = ap.parse_args()
-    res = run(args.model, args.requests, args.max_new_tokens, args.levels)
-    md = table(res, args.levels)
+    rounds = [
+        run(
+            args.model,
+            args.requests,
+            args.max_new_tokens,
+            args.levels,
+            "batched" if i % 2 == 0 else "baseline",
+        )
+        for i in range(args.rounds)
+    ]
+    res = median_of(rounds)
+    per_round = "\n".join(
+        f"- round {i + 1}: "
+        + ", ".join(
+            f"{c} clients {r['batched'][j]['rps'] / r['baseline'][j]['rps']:.2f}x"
+            for j, c in enumerate(args.levels)
+        )
+        for i, r in enumerate(rounds)
+    )
+    md = (
+        f"Median of {args.rounds} rounds (requests/s and latencies of the round with the median "
+        f"requests/s, per mode and level):\n\n{table(res, args.levels)}\n\n"
+        f"Ratio batched / baseline in each round (this machine's other tenants move single runs "
+        f"by +-15%):\n\n{per_round}"
+    )
     print(md)
     RESULTS.mkdir(exist_ok=True)
     cpu = next(
@@ -195,12 +235,14 @@ def main() -> None:
     header = (
         f"# Serving load: dynamic batching vs one request at a time\n\n"
         f"Command: `python bench/serve_load.py --model {args.model} --requests "
-        f"{args.requests} --max-new-tokens {args.max_new_tokens}`\n\n"
+        f"{args.requests} --max-new-tokens {args.max_new_tokens} --rounds {args.rounds}`\n\n"
         f"Machine: {cpu}, {os.cpu_count()} cores, CPU only. Same model, same run; "
         f"baseline = max batch 1.\n\n"
     )
     (RESULTS / "serve_load.md").write_text(header + md + "\n")
-    (RESULTS / "serve_load.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / "serve_load.json").write_text(
+        json.dumps({"median": res, "rounds": rounds}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":
