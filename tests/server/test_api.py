@@ -270,6 +270,7 @@ def test_questions_about_one_image_decode_it_once(sqlite_api):
         answers.append(r.json()["answer"])
     assert len(set(answers)) == 1
     assert (cache.misses, cache.hits) == (1, 2)
+    assert r.json()["finish_reason"] in ("stop", "length")
     # a different window is a different rendering
     assert (
         api.get(f"/v1/studies/{study['id']}/images/0?window=lung", headers=api.h()).status_code

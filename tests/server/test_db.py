@@ -85,8 +85,39 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0001"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0002"
     assert migrate.check_models_match_migrations(database_url) == []
+
+
+def test_0002_keeps_existing_reports(database_url: str) -> None:
+    """A database made before reports recorded their finish reason upgrades in place."""
+    migrate.upgrade(database_url, "0001")
+    engine = make_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'reported')"),
+                {"t": "2026-01-01 00:00:00"},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO reports (id, study_id, question, answer, text, status, model, "
+                    "quantization, server_version, created_at, updated_at) VALUES ('r', 's', 'q', "
+                    "'a', 'a', 'draft', 'm', 'none', '0.1.0', :t, :t)"
+                ),
+                {"t": "2026-01-01 00:00:00"},
+            )
+        migrate.upgrade(database_url)
+        with engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT answer, finish_reason FROM reports WHERE id = 'r'")
+            ).one()
+        assert tuple(row) == ("a", None)
+        migrate.downgrade(database_url, "0001")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT answer FROM reports")).scalar_one() == "a"
+    finally:
+        engine.dispose()
 
 
 def test_downgrade_to_base_and_upgrade_round_trips(database_url: str) -> None:

@@ -192,6 +192,7 @@ def save_report(
         prompt_tokens=answer.prompt_tokens,
         completion_tokens=answer.new_tokens,
         created_by=actor,
+        finish_reason=answer.finish_reason,
     )
 
 
@@ -241,6 +242,7 @@ def report_public(r: Report) -> ReportPublic:
         server_version=r.server_version,
         latency_ms=r.latency_ms or 0.0,
         tokens=Tokens(prompt=r.prompt_tokens or 0, completion=r.completion_tokens or 0),
+        finish_reason=r.finish_reason,
         created_at=r.created_at,
         updated_at=r.updated_at,
         signed_by=r.signed_by,

@@ -213,6 +213,7 @@ def create_report(
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
     created_by: str | None = None,
+    finish_reason: str | None = None,
 ) -> Report:
     """A draft report whose editable `text` starts as the model's `answer`."""
     if image is not None and image.study_id != study.id:
@@ -233,6 +234,7 @@ def create_report(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         created_by=created_by,
+        finish_reason=finish_reason,
     )
     if study.status == "received":
         study.status = "reported"

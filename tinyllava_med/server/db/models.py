@@ -194,6 +194,9 @@ class Report(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(
+        String(16), doc="stop: the model ended the answer; length: cut at max_new_tokens"
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(64), doc="API key id or 'anonymous'")
     signed_by: Mapped[str | None] = mapped_column(String(64))
