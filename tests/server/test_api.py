@@ -324,3 +324,14 @@ def test_question_announcements_never_leak(sqlite_api):
     ]
     assert outcomes == [201, 200, 401, 404, 422, 201]
     assert engine._announced == 0 and engine.queue_depth == 0
+
+
+def test_model_ready_metric_needs_no_readiness_poll(sqlite_api):
+    """`tinyllava_med_model_ready` is read at scrape time (alerts work without /readyz calls)."""
+    api = sqlite_api
+    assert "tinyllava_med_model_ready 1.0" in api.get("/metrics").text
+    api.app.state.shutting_down = True
+    try:
+        assert "tinyllava_med_model_ready 0.0" in api.get("/metrics").text
+    finally:
+        api.app.state.shutting_down = False

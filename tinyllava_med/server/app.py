@@ -273,6 +273,15 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                 threading.Thread(
                     target=_load_model, args=(app, settings), name="model-loader", daemon=True
                 ).start()
+        # read at every scrape, so the alert on it works without anyone polling /readyz
+        app.state.metrics.model_ready.set_function(
+            lambda: float(
+                app.state.engine.ready
+                and app.state.load_error is None
+                and not app.state.shutting_down
+                and not app.state.last_probe_failed
+            )
+        )
         runner = JobRunner(app, settings.job_workers)
         runner.start()
         try:
@@ -297,6 +306,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     app.state.load_error = None
     app.state.shutting_down = False
+    app.state.last_probe_failed = False
     app.state.first_admin_key = None
     install_error_handlers(app)
     for router in (

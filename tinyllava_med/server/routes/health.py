@@ -48,7 +48,7 @@ async def readyz(request: Request) -> JSONResponse:
         checks["model"] = "shutting_down"
     checks["database"] = "ok" if await run_in_threadpool(_db_ok, request) else "unreachable"
     ready = checks["model"] == "ok" and checks["database"] == "ok"
-    state.metrics.model_ready.set(1 if ready else 0)
+    state.last_probe_failed = checks["model"] == "probe_failed"
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": checks,
