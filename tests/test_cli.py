@@ -42,7 +42,7 @@ def test_help_lists_every_verb():
         assert verb in out.stdout, verb
 
 
-def test_ask_ct_small_json(tiny_model_dir):
+def test_ask_ct_small_json(tiny_model_dir, tiny_lm):
     out = cli(
         "ask",
         CT_SMALL,
@@ -58,7 +58,17 @@ def test_ask_ct_small_json(tiny_model_dir):
     for key in ("answer", "model", "variant", "quantization", "latency_ms", "tokens"):
         assert key in body
     assert body["quantization"] == "none" and body["image"]["kind"] == "dicom"
-    assert 1 <= body["tokens"]["completion"] <= 4
+    # the subprocess answers exactly what the same model answers in-process, within 4 tokens
+    from pathlib import Path
+
+    from tinyllava_med.imaging import load_study_file
+    from tinyllava_med.model.generate import SamplingParams, generate
+
+    image = load_study_file(Path(CT_SMALL).read_bytes()).image
+    expected = generate(tiny_lm, [image], ["Which organ is shown?"], SamplingParams(4))[0]
+    assert body["answer"] == expected.text
+    assert body["tokens"] == {"prompt": expected.prompt_tokens, "completion": expected.new_tokens}
+    assert body["tokens"]["completion"] <= 4
 
 
 def test_ask_png_plain_and_bad_file(tiny_model_dir, tmp_path):
