@@ -30,10 +30,10 @@ a key. To offer more loaded models, return them from `loaded_models`: the dropdo
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +45,13 @@ from pydantic import ValidationError
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tinyllava_med.model.generate import Answer, SamplingParams
+from tinyllava_med.model.generate import SamplingParams
 from tinyllava_med.server.auth import ANONYMOUS, Principal, verify_api_key
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Outcome
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import APIError
-from tinyllava_med.server.routes.questions import answer, check_capacity, sampling
+from tinyllava_med.server.routes.questions import check_capacity, sampling, stream_answer
 from tinyllava_med.server.schemas import QuestionCreate
 from tinyllava_med.server.serving import Upload, decode_upload
 from tinyllava_med.server.settings import Settings
@@ -253,34 +253,17 @@ async def ask_stream(
         image: PILImage.Image = study_file.image
         yield image, "", "Generating..."
 
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        task: asyncio.Future[Answer] = asyncio.ensure_future(
-            answer(
-                engine,
-                settings,
-                image,
-                question,
-                params,
-                lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
-            )
-        )
-        text = ""
-        try:
-            while not task.done() or not queue.empty():
-                getter = asyncio.ensure_future(queue.get())
-                waiting: set[asyncio.Future[Any]] = {getter, task}
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    text += getter.result()
+        text, ans = "", None
+        # closing the stream (the page went away) cancels the request in the engine
+        async with aclosing(stream_answer(engine, settings, image, question, params)) as items:
+            async for item in items:
+                if isinstance(item, str):
+                    text += item
                     yield gr.skip(), text, "Generating..."
                 else:
-                    getter.cancel()
-            ans = task.result()
-        finally:
-            if not task.done():  # the page went away: cancel the request in the engine
-                task.cancel()
+                    ans = item
+        assert ans is not None
         latency_ms = (time.perf_counter() - start) * 1000
         detail |= {
             "prompt_tokens": ans.prompt_tokens,
