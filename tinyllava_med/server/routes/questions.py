@@ -235,8 +235,8 @@ async def ask_about_study(
         pil = await run_in_threadpool(render, store, sha256, settings, frame=body.frame)
         info = engine.lm.info if engine.lm is not None else {}
         question, start = body.question, time.perf_counter()
-        if not stream:
-            ans = await answer(engine, settings, pil, question, params, arrival=arrival)
+
+        def save(ans: Answer) -> ReportPublic:
             return _store_answer(
                 request,
                 study_id=study_id,
@@ -246,7 +246,11 @@ async def ask_about_study(
                 info=info,
                 actor=principal.actor,
                 latency_ms=(time.perf_counter() - start) * 1000,
+                stream=stream,
             )
+
+        if not stream:
+            return save(await answer(engine, settings, pil, question, params, arrival=arrival))
 
     async def events() -> AsyncIterator[bytes]:
         ans: Answer | None = None
@@ -262,18 +266,7 @@ async def ask_about_study(
             yield _sse("error", error_body(e.code, e.message, e.detail))
             return
         assert ans is not None
-        report = _store_answer(
-            request,
-            study_id=study_id,
-            image_id=image_id,
-            question=question,
-            ans=ans,
-            info=info,
-            actor=principal.actor,
-            latency_ms=(time.perf_counter() - start) * 1000,
-            stream=True,
-        )
-        yield _sse("report", report.model_dump(mode="json"))
+        yield _sse("report", save(ans).model_dump(mode="json"))
 
     return StreamingResponse(
         events(),
