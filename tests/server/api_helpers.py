@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -54,28 +55,58 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(app, ready_path: str = "/readyz", timeout_s: float = 60) -> Iterator[str]:
+def live_server(
+    app, ready_path: str | None = "/readyz", timeout_s: float = 60, name: str = "live-server"
+) -> Iterator[str]:
     """Run `app` on real uvicorn on a loopback port; yields its base URL once `ready_path`
-    answers 200, and stops the server afterwards."""
+    answers 200 (None: once uvicorn listens), and stops the server afterwards."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", ws="none")
+    )
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
+
+    def ready() -> bool:
+        if ready_path is None:
+            return bool(server.started)
+        try:
+            return httpx.get(base + ready_path, timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        while True:
-            try:
-                if httpx.get(base + ready_path, timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"{base}{ready_path} never answered 200"
-            time.sleep(0.1)
+        wait_for(ready, timeout_s, what=f"{base}{ready_path or ''} to answer")
         yield base
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def running_process(cmd, log_path: Path, health_url: str, *, what: str, timeout_s=60, env=None):
+    """Start `cmd` (output to `log_path`), wait until `health_url` answers 200, yield the
+    process, and stop it afterwards. Dying early fails with the end of its log."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+        def up() -> bool:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            try:
+                return httpx.get(health_url, timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            wait_for(up, timeout_s=timeout_s, what=what)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def multipart_related(*parts: bytes, part_type: str = "application/dicom", boundary="b0undary"):

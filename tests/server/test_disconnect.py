@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
-from pathlib import Path
 
 import httpx
-import uvicorn
-from pydicom.data import get_testdata_file
+from api_helpers import CT_SMALL, live_server
 
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
 from tinyllava_med.server.settings import Settings
 
-CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def test_disconnect_cancels_generation(tmp_path, sqlite_url, tiny_lm):
     upgrade(sqlite_url)
     app = create_app(Settings(data_dir=tmp_path / "d", database_url=sqlite_url), model=tiny_lm)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
+    with live_server(app) as base:
         h = {"Authorization": f"Bearer {app.state.first_admin_key}"}
         study = httpx.post(
             f"{base}/v1/studies",
@@ -65,9 +44,6 @@ def test_disconnect_cancels_generation(tmp_path, sqlite_url, tiny_lm):
         assert _metric(base, "tinyllava_med_generation_tokens_total") == tokens_before
         reports = httpx.get(f"{base}/v1/reports", headers=h, timeout=30).json()
         assert reports["count"] == 0
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def _metric(base: str, name: str) -> float:

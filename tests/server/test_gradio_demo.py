@@ -7,11 +7,8 @@ message, every question is audited as `demo.ask`, and without `gradio=True` ther
 from __future__ import annotations
 
 import io
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from api_helpers import live_server
 from gradio_client import Client, handle_file
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -76,12 +73,6 @@ class Live:
             return crud.list_audit_events(s, action="demo.ask")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_lm) -> Iterator[Live]:
     """`serve --gradio` with the tiny model; the lifespan (and so Gradio's queue) runs in
@@ -94,19 +85,7 @@ def live(tmp_path_factory, tiny_lm) -> Iterator[Live]:
         data_dir=tmp / "data", database_url=url, model="tiny", batch_window_ms=5, gradio=True
     )
     app = create_app(settings, model=tiny_lm)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", ws="none")
-    )
-    thread = threading.Thread(target=server.run, name="gradio-demo-server", daemon=True)
-    thread.start()
-    try:
-        for _ in range(400):
-            if server.started:
-                break
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start"
-        base = f"http://127.0.0.1:{port}"
+    with live_server(app, ready_path=None, name="gradio-demo-server") as base:
         r = httpx.post(
             f"{base}/v1/apikeys",
             json={"role": "pacs", "name": "demo test"},
@@ -116,9 +95,6 @@ def live(tmp_path_factory, tiny_lm) -> Iterator[Live]:
         assert r.status_code == 201, r.text
         client = Client(f"{base}/demo/", verbose=False, download_files=str(tmp / "downloads"))
         yield Live(app, base, r.json()["key"], client)
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def _png(tmp: Path) -> Path:

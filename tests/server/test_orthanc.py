@@ -12,13 +12,12 @@ import io
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
-from api_helpers import CT_SMALL, free_port, live_server, wait_for
+from api_helpers import CT_SMALL, free_port, live_server, running_process, wait_for
 
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
@@ -34,7 +33,8 @@ if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
     )
 
 
-def start_orthanc(tmp: Path, http_port: int, our_stow: str, pacs_key: str) -> subprocess.Popen:
+def start_orthanc(tmp: Path, http_port: int, our_stow: str, pacs_key: str):
+    """Orthanc on loopback with our STOW-RS as its DICOMweb peer (a context manager)."""
     config = {
         "Name": "TLM-TEST-PACS",
         "StorageDirectory": str(tmp / "storage"),
@@ -58,19 +58,12 @@ def start_orthanc(tmp: Path, http_port: int, our_stow: str, pacs_key: str) -> su
     tmp.mkdir(parents=True)
     path = tmp / "orthanc.json"
     path.write_text(json.dumps(config))
-    log = (tmp / "orthanc.log").open("w")
-    proc = subprocess.Popen([ORTHANC, str(path)], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{http_port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, (tmp / "orthanc.log").read_text()[-3000:]
-        try:
-            return httpx.get(f"{base}/system", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, timeout_s=60, what="Orthanc to start")
-    return proc
+    return running_process(
+        [ORTHANC, str(path)],
+        tmp / "orthanc.log",
+        f"http://127.0.0.1:{http_port}/system",
+        what="Orthanc to start",
+    )
 
 
 def sr_instances(orthanc: str, study: str) -> list[pydicom.Dataset]:
@@ -114,8 +107,7 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
             ).json()["key"]
             for role in ("pacs", "radiologist")
         }
-        proc = start_orthanc(tmp_path / "orthanc", orthanc_port, f"{base}/dicomweb/", keys["pacs"])
-        try:
+        with start_orthanc(tmp_path / "orthanc", orthanc_port, f"{base}/dicomweb/", keys["pacs"]):
             # the modality sends the study to the PACS; the PACS forwards it to us
             r = httpx.post(f"{orthanc}/instances", content=CT_SMALL.read_bytes(), timeout=10)
             assert r.status_code == 200, r.text
@@ -172,9 +164,3 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
                 "radiologist key"
             )
             assert len(sr_instances(orthanc, study)) == 2  # draft and signed versions
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()

@@ -6,12 +6,19 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import httpx
-from api_helpers import CT_SMALL, assert_error, free_port, live_server, upload_ct, wait_for
+from api_helpers import (
+    CT_SMALL,
+    assert_error,
+    free_port,
+    live_server,
+    running_process,
+    upload_ct,
+    wait_for,
+)
 from conftest import make_api
 from PIL import Image
 from sqlalchemy import select
@@ -155,33 +162,15 @@ def test_gateway_forwards_to_transformers_serve(tmp_path, tiny_model_dir, tiny_l
     equals this server's local answer for the same image and question."""
     exe = Path(sys.executable).with_name("transformers")
     port = free_port()
-    log = (tmp_path / "tfserve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(exe),
-            "serve",
-            str(tiny_model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    cmd = [str(exe), "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    with running_process(
+        [*cmd, "--device", "cpu"],
+        tmp_path / "tfserve.log",
+        f"http://127.0.0.1:{port}/health",
+        what="transformers serve",
+        timeout_s=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    try:
-
-        def up() -> bool:
-            assert proc.poll() is None, (tmp_path / "tfserve.log").read_text()[-3000:]
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, timeout_s=120, what="transformers serve")
+    ):
         image = Image.new("L", (48, 40), 90)
         local = generate(tiny_lm, [image], [QUESTION], SamplingParams(max_new_tokens=8))[0]
         for api in make_api(
@@ -205,9 +194,3 @@ def test_gateway_forwards_to_transformers_serve(tmp_path, tiny_model_dir, tiny_l
             assert report["model"] == str(tiny_model_dir) and report["quantization"] == "remote"
             assert report["answer"] == local.text
             assert report["tokens"]["completion"] == local.new_tokens
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()

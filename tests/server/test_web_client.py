@@ -11,9 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from api_helpers import live_server
 from pydicom.data import get_testdata_file
 
 from tinyllava_med.server.app import create_app
@@ -55,12 +52,6 @@ class LiveServer:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def _serve(tmp: Path, lm: Any) -> Iterator[LiveServer]:
     url = f"sqlite:///{tmp}/web.db"
@@ -73,22 +64,9 @@ def _serve(tmp: Path, lm: Any) -> Iterator[LiveServer]:
         default_max_new_tokens=24,
     )
     app = create_app(settings, model=lm)
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", ws="none")
-    )
-    thread = threading.Thread(target=server.run, name="web-client-server", daemon=True)
-    thread.start()
-    try:
-        for _ in range(400):
-            if server.started:
-                break
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start"
-        yield LiveServer(app, f"http://127.0.0.1:{port}")
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    # ready_path None: with lm None the model never loads, and that page is under test too
+    with live_server(app, ready_path=None, name="web-client-server") as base:
+        yield LiveServer(app, base)
 
 
 @pytest.fixture(scope="module")
