@@ -182,6 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        device=args.device,
     )
     print(out.read_text())
     return 0
@@ -486,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=None)
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--max-new-tokens", type=int, default=16)
+    c.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
 
     p = verb("data", "download, convert or synthesise datasets", cmd_data)
     p.add_argument("data_cmd", choices=["download", "convert", "phantom"])

@@ -82,6 +82,28 @@ def test_cpu_int8_stores_int8_weights_and_no_fp32_copies(
     assert not (dst / "model.safetensors").exists()  # from_pretrained cannot misread it
 
 
+def test_tower_in_nf4_stays_close_and_computes_in_bf16_on_cpu(
+    fp32_peaked, peaked_model_dir: Path, tmp_path: Path
+) -> None:
+    """The FQ4+tower recipe of the GPU memory table: tower quantized too, answers unchanged."""
+    import bitsandbytes as bnb
+
+    from tinyllava_med.quantize.device_rows import TOWER_SKIP
+
+    _, ref_logits, ref_answers = fp32_peaked
+    dst = quantize_checkpoint(
+        peaked_model_dir, tmp_path / "t", method="nf4", skip_modules=TOWER_SKIP
+    )
+    lm = load_model(str(dst), device="cpu")
+    four_bit = {n: m for n, m in lm.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert any(n.startswith("model.vision_tower.") for n in four_bit)
+    assert not any(n.startswith(("lm_head", "model.multi_modal_projector")) for n in four_bit)
+    # stored with fp16 compute; on the CPU it computes in bf16, as when quantized while loading
+    assert {m.compute_dtype for m in four_bit.values()} == {torch.bfloat16}
+    assert cosine(answer_logits(lm), ref_logits) >= 0.97
+    assert answers(lm) == ref_answers
+
+
 def test_skip_modules_are_a_parameter(peaked_model_dir: Path, tmp_path: Path) -> None:
     dst = quantize_checkpoint(
         peaked_model_dir, tmp_path / "c8", method="cpu-int8", skip_modules=["lm_head"]

@@ -95,3 +95,56 @@ def test_memory_command(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     assert json.loads(out.read_text())["quantization"] == "4bit"
     assert "static" in capsys.readouterr().out
     assert memory_command(model=str(tmp_path / "missing"), quant=None) == 2
+
+
+def test_device_rows_measure_each_way_of_making_a_variant(tiny_model_dir: Path) -> None:
+    """The GPU table's code path, run on the CPU: one source, four rows, exact static bytes."""
+    from tinyllava_med.quantize.device_rows import TOWER_SKIP, RowSpec, measure_rows
+
+    specs = [
+        RowSpec("tiny", "none"),
+        RowSpec("tiny", "8bit"),
+        RowSpec("tiny", "4bit"),
+        RowSpec("tiny", "4bit", TOWER_SKIP, name="tiny+tower"),
+    ]
+    built: list[str] = []
+
+    def build(arch: str):
+        built.append(arch)
+        return load_model(str(tiny_model_dir), device="cpu", dtype="fp16")
+
+    rows = measure_rows(specs, build, arch_of=lambda v: "tiny", device="cpu", new_tokens=3)
+    assert built == ["tiny"]  # one source checkpoint for every row of an architecture
+    by_name = {(r["variant"], r["quantization"]): r for r in rows}
+    assert list(by_name) == [
+        ("tiny", "none"),
+        ("tiny", "8bit"),
+        ("tiny", "4bit"),
+        ("tiny+tower", "4bit"),
+    ]
+    tower = by_name["tiny+tower", "4bit"]
+    assert tower["how"] == f"quantize --method nf4 --skip {' '.join(TOWER_SKIP)}"
+    assert tower["skip_modules"] == list(TOWER_SKIP)
+    assert by_name["tiny", "4bit"]["how"] == "quantized while loading"
+    config = load_model(str(tiny_model_dir), device="cpu").model.config
+    for (_, quant), r in by_name.items():
+        computed = computed_memory(config, quant, device="cpu", skip=r["skip_modules"])
+        assert r["static_bytes"] == computed["static_bytes"], (r["variant"], quant)
+        assert r["dynamic_bytes"] >= r["static_bytes"] and r["generated_tokens"] > 0
+    assert tower["static_bytes"] < by_name["tiny", "4bit"]["static_bytes"]
+
+
+def test_cuda_table_rows_are_the_paper_six_and_the_tower_rows() -> None:
+    from tinyllava_med.quantize.device_rows import TOWER_SKIP
+    from tinyllava_med.quantize.table import cuda_specs
+
+    specs = cuda_specs()
+    assert [s.variant for s in specs if s.skip is None] == list(PAPER_VARIANTS)
+    assert {s.shown: s.skip for s in specs if s.skip is not None} == {
+        "tinyllava-med-fq4+tower": TOWER_SKIP,
+        "llava-med-q4+tower": TOWER_SKIP,
+    }
+    # the computed -93.5% that the GPU run measured (bench/results/memory_table_cuda.md)
+    ref = computed_memory("llava-med-7b", "none")["static_bytes"]
+    tower = computed_memory("tinyllava-1.5b", "4bit", skip=TOWER_SKIP)["static_bytes"]
+    assert 1 - tower / ref > 0.92

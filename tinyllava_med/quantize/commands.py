@@ -3,6 +3,7 @@
 tinyllava-med quantize ./data/models/tinyllava-med-f ./data/models/tinyllava-med-fq4 --method nf4
 tinyllava-med memory --model tinyllava-med-fq4 --json fq4.json
 tinyllava-med memory --paper-table --json t.json --markdown t.md --png t.png  # ~4 min (CPU)
+tinyllava-med memory --paper-table --device cuda --json t.json   # every CUDA row measured
 tinyllava-med memory --paper-table --computed-only                 # seconds
 """
 
@@ -45,10 +46,13 @@ def memory_command(
 ) -> int:
     """`memory --model M --quant Q` (one measurement) or `memory --paper-table` (the table)."""
     if paper_table:
+        import torch
+
         from tinyllava_med.quantize.table import markdown, write_table
         from tinyllava_med.quantize.table import paper_table as build
 
-        table = build(measure=measure, batch=batch, new_tokens=new_tokens)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        table = build(measure=measure, batch=batch, new_tokens=new_tokens, device=device)
         write_table(table, json_path=json_path, md_path=md_path, png_path=png_path)
         print(markdown(table))
         return 0

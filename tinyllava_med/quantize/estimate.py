@@ -6,7 +6,7 @@ fp32 on CPU), buffers as built, and per quantized `nn.Linear` of n = out x in we
 
 - `4bit` (bitsandbytes nf4, double quant, blocksize 64): n/2 packed bytes + n/64 uint8 absmax
   + ceil(n/64/256) fp32 second-level absmax + 256 fp32 second-level code + 16 fp32 nf4 code
-  + 1 fp32 offset, bias in the float dtype;
+  + 1 fp32 offset, bias in the 16-bit compute dtype (bitsandbytes casts it at the first call);
 - `8bit` (LLM.int8): n int8 + out fp32 row scales (SCB), bias in the float dtype;
 - `cpu-int8`: n int8 + out float64 scales + out int64 zero points, bias fp32.
 
@@ -60,6 +60,8 @@ def static_breakdown(
         for pname, p in own:
             if quantized and pname == "weight":
                 size += quantized_linear_bytes(p.shape[0], p.shape[1], quant)
+            elif quantized and quant == "4bit":
+                size += p.numel() * 2
             elif quantized and quant == "cpu-int8":
                 size += p.numel() * 4
             else:

@@ -4,7 +4,9 @@ Either the folder is stored quantized (`tinyllava_med.json` says `4bit` / `8bit`
 written by `quantize.export`) or an unquantized folder is quantized while loading, as the paper
 did. The vision tower, the projector and `lm_head` stay in higher precision by default
 (`quantize.skip`). On CPUs with AVX-512-bf16, bitsandbytes' 4-bit kernel ignores input strides,
-so every `Linear4bit` gets a pre-hook making its inputs contiguous.
+so every `Linear4bit` gets a pre-hook making its inputs contiguous. A stored 4-bit checkpoint
+records fp16 compute; on the CPU its linears are switched to bf16 compute, as when quantizing
+while loading (fp16 matmuls on the CPU are slow and, for the tower, less accurate).
 """
 
 from __future__ import annotations
@@ -95,6 +97,18 @@ def quiet_bnb_warnings() -> None:
         logger.addFilter(_not_cast_notice)
 
 
+def set_4bit_compute_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """Compute every bitsandbytes 4-bit linear in `dtype` (its bias follows at the first call)."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.compute_dtype != dtype:
+            module.compute_dtype = dtype
+            n += 1
+    return n
+
+
 def load_weights(
     path: str,
     *,
@@ -116,6 +130,8 @@ def load_weights(
         model = load_plain(path, device=device, dtype=compute, **kwargs)
         unify_float_params(model, compute)
         make_4bit_inputs_contiguous(model)
+        if quant == "4bit":
+            set_4bit_compute_dtype(model, bnb_config(quant, device).bnb_4bit_compute_dtype)
         return model
     if quant == "cpu-int8":
         if device.type != "cpu":

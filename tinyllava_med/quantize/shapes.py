@@ -134,32 +134,42 @@ def meta_model(arch_or_config: Arch | PretrainedConfig) -> LlavaForConditionalGe
         return LlavaForConditionalGeneration(config)
 
 
-def random_model(config: LlavaConfig, *, dtype: torch.dtype, seed: int = 0) -> Any:
+def random_model(
+    config: LlavaConfig, *, dtype: torch.dtype, seed: int = 0, device: str | torch.device = "cpu"
+) -> Any:
     """Build on the meta device, then fill: N(0, 0.02) matrices, unit norms, zero biases.
 
     Four times faster than transformers' own initialisation (~15 s instead of ~60 s for 1.5 B
-    parameters on 2 cores); buffers (RoPE, position ids) are computed as usual.
+    parameters on 2 cores); buffers (RoPE, position ids) are computed as usual. With `device`
+    a GPU, parameters are drawn there (seconds for 7 B) and buffers moved there.
     """
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = LlavaForConditionalGeneration(config)
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, param in list(model.named_parameters()):
-        value = torch.empty(param.shape, dtype=dtype)
+        value = torch.empty(param.shape, dtype=dtype, device=device)
         if param.ndim > 1:
             value.normal_(0.0, 0.02, generator=gen)
         else:
             value.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
         module, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module), attr, torch.nn.Parameter(value, requires_grad=False))
+    torch.nn.Module.to(model, device)  # buffers (built on the CPU) join the parameters
     return model.eval()
 
 
 def real_shape_lm(
-    arch: Arch, *, dtype: torch.dtype = torch.float32, seed: int = 0, layers: int | None = None
+    arch: Arch,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    layers: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Any:
-    """A `LoadedModel` of the real shape with random weights, on the CPU (unquantized).
+    """A `LoadedModel` of the real shape with random weights, unquantized (CPU by default).
 
     `layers` cuts both the tower and the LLM to that many layers (real widths): smoke tests.
     """
@@ -181,7 +191,7 @@ def real_shape_lm(
     config.text_config.update({k: getattr(tokenizer, k) for k in _TOKEN_IDS})
     if layers is not None:
         config.text_config.num_hidden_layers = config.vision_config.num_hidden_layers = layers
-    model = random_model(config, dtype=dtype, seed=seed)
+    model = random_model(config, dtype=dtype, seed=seed, device=device)
     return LoadedModel(
         model=model,
         processor=processor,
@@ -190,6 +200,6 @@ def real_shape_lm(
         variant=None,
         quantization="none",
         template=TEMPLATE[arch],
-        device=torch.device("cpu"),
+        device=torch.device(device),
         dtype=dtype,
     )

@@ -15,10 +15,12 @@ from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 # Small and quality-critical: the vision tower, the projector and `lm_head`. Only this list
-# reproduces the paper's static reductions (computed: FQ4 -89.6%, Q4 -68.4% vs paper -90% / -67%;
-# with the tower in 4-bit too: -93.5% / -71.4%). On the trained tiny model every choice keeps
-# logits within cosine 0.9999 of fp32; on CPU, int8 for the tower and `lm_head` as well is faster
-# (bench/results/quant_speed_cpu.md) but its quality is unmeasured on real SigLIP weights.
+# reproduces the paper's static reductions (measured on an H200: FQ4 -89.6%, Q4 -68.4% vs paper
+# -90% / -67%). The tower in nf4 too (`device_rows.TOWER_SKIP`) measures -93.5% / -71.4% but
+# costs the demo model 2 more PhantomVQA questions (bench/results/memory_table_cuda.md,
+# phantomvqa_cuda.md), so it is an opt-in `--skip`, not the default. On CPU, int8 for the tower
+# and `lm_head` as well is faster (bench/results/quant_speed_cpu.md); its quality is unmeasured
+# on real SigLIP weights.
 DEFAULT_SKIP_MODULES: tuple[str, ...] = (
     "model.vision_tower",
     "model.multi_modal_projector",

@@ -1,12 +1,16 @@
 """`memory --paper-table`: the paper's six variants plus cpu-int8, at real shapes.
 
-Rows for CUDA (fp16, bitsandbytes) are computed from shapes (`quantize.estimate`); rows this
-machine can hold are measured on the CPU, each in a fresh process (a random-weight model of the
-real shape, `measure_memory`), next to their computed values as a cross-check. Reductions are
-against LLaVA-Med fp16 (computed), beside the paper's (FQ4 -90% static / -89% dynamic; Q4
--67% / -65%). Output: a dict (JSON), a Markdown table and a PNG bar chart.
+Without a GPU, rows for CUDA (fp16, bitsandbytes) are computed from shapes
+(`quantize.estimate`); rows this machine can hold are measured on the CPU, each in a fresh
+process (a random-weight model of the real shape, `measure_memory`), next to their computed
+values as a cross-check. With `device="cuda"` every CUDA row is measured on the GPU
+(`quantize.device_rows`), plus the `+tower` rows (the vision tower in nf4 too), each beside its
+computed value. Reductions are against LLaVA-Med fp16 (measured on the GPU, else computed), beside
+the paper's (FQ4 -90% static / -89% dynamic; Q4 -67% / -65%). Output: a dict (JSON), a Markdown
+table and a PNG bar chart.
 
     python -m tinyllava_med.quantize.table --json t.json --md t.md --png t.png     # measures
+    python -m tinyllava_med.quantize.table --device cuda --json t.json             # on a GPU
     python -m tinyllava_med.quantize.table --computed-only --md t.md               # seconds
 """
 
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyllava_med.model.registry import VARIANTS
+from tinyllava_med.quantize.device_rows import TOWER_SKIP, RowSpec
 from tinyllava_med.quantize.estimate import computed_memory
 from tinyllava_med.quantize.shapes import ARCH_OF_FAMILY, Arch
 
@@ -36,11 +41,17 @@ PAPER_VARIANTS = (
 PAPER_REDUCTION_PCT = {"tinyllava-med-fq4": (90.0, 89.0), "llava-med-q4": (67.0, 65.0)}
 REFERENCE = "llava-med"
 CPU_VARIANT = {"none": "tinyllava-med-f", "8bit": "tinyllava-med-fq8", "4bit": "tinyllava-med-fq4"}
+# Ours: the 4-bit variants with the vision tower in nf4 as well (projector and lm_head fp16).
+TOWER_ROWS = {"tinyllava-med-fq4": "tinyllava-med-fq4+tower", "llava-med-q4": "llava-med-q4+tower"}
 GIB = 1024**3
 
 
+def arch_of(variant: str) -> Arch:
+    return ARCH_OF_FAMILY[VARIANTS[variant.split("+")[0]].family]
+
+
 def _row(variant: str, quant: str, device: str, source: str, mem: dict[str, Any]) -> dict[str, Any]:
-    arch = ARCH_OF_FAMILY[VARIANTS[variant].family]
+    arch = arch_of(variant)
     dtype = "fp16" if device == "cuda" else "fp32"
     label = f"{variant} ({quant}, {device}, {source})"
     return {
@@ -96,28 +107,96 @@ def _measure_in_child(arch: Arch, quant: str, batch: int, new_tokens: int) -> di
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cuda_specs() -> list[RowSpec]:
+    """The six paper variants (quantized while loading) and the `+tower` rows, on the GPU.
+
+    `measure_rows` groups them by architecture: f, fq8, fq4, fq4+tower, then the LLaVA-Med rows.
+    """
+    specs = [RowSpec(name, VARIANTS[name].quantization) for name in PAPER_VARIANTS]
+    return specs + [RowSpec(v, "4bit", TOWER_SKIP, name=shown) for v, shown in TOWER_ROWS.items()]
+
+
+def _cuda_rows(
+    batch: int,
+    new_tokens: int,
+    *,
+    device: str = "cuda",
+    layers: int | None = None,
+    specs: Sequence[RowSpec] | None = None,
+) -> list[dict[str, Any]]:
+    """Measured rows (`layers`, `specs` and a CPU `device` are for smoke runs of this code)."""
+    import torch
+
+    from tinyllava_med.quantize.device_rows import measure_rows
+    from tinyllava_med.quantize.shapes import real_shape_lm
+
+    def build(arch: str) -> Any:
+        return real_shape_lm(arch, dtype=torch.float16, device=device, layers=layers)  # type: ignore[arg-type]
+
+    measured = measure_rows(
+        cuda_specs() if specs is None else specs,
+        build,
+        arch_of=arch_of,
+        device=device,
+        batch=batch,
+        new_tokens=new_tokens,
+    )
+    rows = []
+    for m in measured:
+        row = _row(m["variant"], m["quantization"], "cuda", "measured", m)
+        computed = computed_memory(
+            row["arch"],
+            m["quantization"],
+            batch=batch,
+            new_tokens=new_tokens,
+            skip=m["skip_modules"],
+        )
+        row["computed_static_bytes"] = computed["static_bytes"]
+        row["computed_dynamic_bytes"] = computed["dynamic_bytes"]
+        for key in (
+            "how",
+            "skip_modules",
+            "generate_seconds",
+            "generated_tokens",
+            "load_seconds",
+            "allocated_after_load_bytes",
+            "baseline_allocated_bytes",
+        ):
+            row[key] = m.get(key)
+        rows.append(row)
+    return rows
+
+
 def paper_table(
     *,
     measure: bool = True,
     measure_quants: Sequence[str] = ("none", "cpu-int8"),
     batch: int = 1,
     new_tokens: int = 32,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """The table as a JSON-able dict: `rows`, the reference, and how each number was found."""
+    """The table as a JSON-able dict: `rows`, the reference, and how each number was found.
+
+    `device="cuda"` measures the CUDA rows on the GPU; the CPU rows are then computed only.
+    """
+    on_gpu = measure and device.startswith("cuda")
     rows = []
-    for name in PAPER_VARIANTS:
-        v = VARIANTS[name]
-        mem = computed_memory(
-            ARCH_OF_FAMILY[v.family], v.quantization, batch=batch, new_tokens=new_tokens
-        )
-        rows.append(_row(name, v.quantization, "cuda", "computed", mem))
+    if on_gpu:
+        rows = _cuda_rows(batch, new_tokens)
+    else:
+        for name in PAPER_VARIANTS:
+            v = VARIANTS[name]
+            mem = computed_memory(
+                ARCH_OF_FAMILY[v.family], v.quantization, batch=batch, new_tokens=new_tokens
+            )
+            rows.append(_row(name, v.quantization, "cuda", "computed", mem))
     ref = next(r for r in rows if r["variant"] == REFERENCE)
     cpu_quants = list(dict.fromkeys(["none", "cpu-int8", *measure_quants]))
     for quant in cpu_quants:
         variant = CPU_VARIANT.get(quant, "tinyllava-med-f")
         arch = ARCH_OF_FAMILY[VARIANTS[variant].family]
         computed = computed_memory(arch, quant, device="cpu", batch=batch, new_tokens=new_tokens)
-        if measure and quant in measure_quants:
+        if measure and not on_gpu and quant in measure_quants:
             measured = _measure_in_child(arch, quant, batch, new_tokens)
             row = _row(variant, quant, "cpu", "measured", measured)
             row["computed_static_bytes"] = computed["static_bytes"]
@@ -131,11 +210,12 @@ def paper_table(
             row[f"{key}_reduction_pct"] = round(
                 100.0 * (1 - row[f"{key}_bytes"] / ref[f"{key}_bytes"]), 1
             )
-        paper = PAPER_REDUCTION_PCT.get(row["variant"]) if row["device"] == "cuda" else None
+        paper = PAPER_REDUCTION_PCT.get(row["variant"].split("+")[0])
+        paper = paper if row["device"] == "cuda" else None
         row["paper_static_reduction_pct"] = paper[0] if paper else None
         row["paper_dynamic_reduction_pct"] = paper[1] if paper else None
     return {
-        "reference": f"{REFERENCE} (fp16, cuda, computed)",
+        "reference": f"{REFERENCE} (fp16, cuda, {ref['source']})",
         "batch": batch,
         "new_tokens": new_tokens,
         "rows": rows,
@@ -143,9 +223,15 @@ def paper_table(
             "computed": "quantize.estimate: exact bytes per parameter per scheme (bitsandbytes "
             "nf4 blocksize-64 absmax + double-quant state, LLM.int8 row scales, skipped modules "
             "in fp16) + KV cache + an activation estimate",
-            "measured": "quantize.memory.measure_memory on a random-weight real-shape model, "
-            "CPU, one process per row",
-            "skip_modules": "model.vision_tower, model.multi_modal_projector, lm_head",
+            "measured": "quantize.memory.measure_memory on a random-weight real-shape model: "
+            + (
+                "CUDA, one process, allocator peak minus what was allocated before the load "
+                "(quantize.device_rows)"
+                if on_gpu
+                else "CPU, one process per row"
+            ),
+            "skip_modules": "model.vision_tower, model.multi_modal_projector, lm_head; "
+            f"+tower rows: {', '.join(TOWER_SKIP)}",
         },
     }
 
@@ -213,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure-quants", default="none,cpu-int8")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cuda: measure the CUDA rows on the GPU")
     p.add_argument("--json")
     p.add_argument("--md")
     p.add_argument("--png")
@@ -222,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_quants=[q for q in a.measure_quants.split(",") if q],
         batch=a.batch,
         new_tokens=a.new_tokens,
+        device=a.device,
     )
     write_table(table, json_path=a.json, md_path=a.md, png_path=a.png)
     print(markdown(table))

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU checks of the quantization issue, in one run on a CUDA machine (about 8 minutes on an
+# H200), most important first. Outputs go to $OUT (default ./gpu-out):
+#   env.txt                      GPU, driver, torch, transformers, bitsandbytes versions
+#   phantomvqa_cuda.{json,md}    PhantomVQA accuracy of the demo model and its quantized variants,
+#                                bitsandbytes' CUDA kernels (fp16 compute)
+#   memory_table_cuda.{json,md,png}  the paper table with every CUDA row measured
+#   quant_speed_cpu_host.md      cpu-int8 vs fp32 on that machine's CPU (bonus; time-boxed)
+#
+# Inputs (prepared on a machine with the project installed):
+#   $DATA/demo      the trained demo model (`make serve` trains it: ./data/models/demo)
+#   $DATA/ph        PhantomVQA: tinyllava-med data phantom --out ph --n 500 --seed 98765,
+#                   train.json + test.json merged into all.json
+#   $DATA/site      python packages missing on the GPU image (bitsandbytes with its CUDA 13
+#                   library), PYTHONPATH-ready; $WHEELS/*.whl installed on top (pydantic, ...)
+set -u
+DATA=${DATA:-.gpu}
+WHEELS=${WHEELS:-.whl}
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT" /tmp/site
+cp -r "$DATA"/site/* /tmp/site/
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$WHEELS"/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+T0=$(date +%s)
+stamp() { echo "== $1 at +$(($(date +%s) - T0)) s"; }
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    lscpu | grep -E "Model name|^CPU\(s\)"
+    echo "int8/bf16 flags: $(grep -o -w -E 'avx2|avx512f|avx512_vnni|avx512_bf16|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    python3 -c "import torch, transformers, bitsandbytes as b; print('torch', torch.__version__, 'cuda', torch.version.cuda); print('transformers', transformers.__version__); print('bitsandbytes', b.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+stamp "memory table on CUDA"
+python3 -m tinyllava_med.quantize.table --device cuda --json "$OUT/memory_table_cuda.json" \
+    --md "$OUT/memory_table_cuda.md" --png "$OUT/memory_table_cuda.png" 2>&1 |
+    grep -v -E "Loading weights|Writing model shards"
+
+stamp "PhantomVQA on CUDA"
+Q=/tmp/q
+python3 -m tinyllava_med.cli quantize "$DATA/demo" $Q/demo-nf4-tower --method nf4 \
+    --skip model.multi_modal_projector lm_head &&
+python3 -m tinyllava_med.cli quantize "$DATA/demo" $Q/demo-int8-tower --method int8 \
+    --skip model.multi_modal_projector lm_head &&
+python3 -m tinyllava_med.cli eval compare --device cuda \
+    --variants "$DATA/demo" "$DATA/demo:8bit" "$DATA/demo:4bit" $Q/demo-nf4-tower $Q/demo-int8-tower \
+    --questions "$DATA/ph/all.json" --images "$DATA/ph/images" --out-dir $Q/acc \
+    --batch-size 64 --max-new-tokens 8 2>&1 | grep -v "Loading weights"
+cp $Q/acc/compare.json "$OUT/phantomvqa_cuda.json"
+cp $Q/acc/compare.md "$OUT/phantomvqa_cuda.md"
+
+stamp "cpu-int8 vs fp32 on this machine's CPU (time-boxed)"
+timeout "${CPU_BENCH_S:-100}" python3 bench/quant_speed.py --variants fp32,cpu-int8,cpu-int8-fast \
+    --repeats 1 --no-micro --md "$OUT/quant_speed_cpu_host.md" 2>&1 | tail -15
+stamp done
