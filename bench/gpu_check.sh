@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# The GPU checks of the quantization issue, in one run on a CUDA machine (about 8 minutes on an
-# H200), most important first. Outputs go to $OUT (default ./gpu-out):
+# The GPU checks, in one run on a CUDA machine: `bash bench/gpu_check.sh [quant] [serve]`
+# (default both; quant about 4 minutes on an H200). Outputs go to $OUT (default ./gpu-out):
 #   env.txt                      GPU, driver, torch, transformers, bitsandbytes versions
+# quant (the quantization issue), most important first:
+#   memory_table_cuda.{json,md,png}  the paper table with every CUDA row measured
 #   phantomvqa_cuda.{json,md}    PhantomVQA accuracy of the demo model and its quantized variants,
 #                                bitsandbytes' CUDA kernels (fp16 compute)
-#   memory_table_cuda.{json,md,png}  the paper table with every CUDA row measured
 #   quant_speed_cpu_host.md      cpu-int8 vs fp32 on that machine's CPU (bonus; time-boxed)
+# serve (the server issue):
+#   metrics_cuda.txt             one question on the GPU, then the GPU series of /metrics
+#   serve_load_cuda.{json,md}    bench/serve_load.py with the server on the GPU
 #
 # Inputs (prepared on a machine with the project installed):
-#   $DATA/demo      the trained demo model (`make serve` trains it: ./data/models/demo)
+#   $DATA/demo      the trained demo model (`make serve` trains it: ./data/models/demo),
+#                   for `serve` also as $DATA/data/models/demo
 #   $DATA/ph        PhantomVQA: tinyllava-med data phantom --out ph --n 500 --seed 98765,
 #                   train.json + test.json merged into all.json
 #   $DATA/site      python packages missing on the GPU image (bitsandbytes with its CUDA 13
-#                   library), PYTHONPATH-ready; $WHEELS/*.whl installed on top (pydantic, ...)
+#                   library), PYTHONPATH-ready; $WHEELS/*.whl installed on top (pydantic,
+#                   transformers; for `serve` the server extra's packages as cp312 wheels)
 set -u
+STAGES=${*:-quant serve}
 DATA=${DATA:-.gpu}
 WHEELS=${WHEELS:-.whl}
 OUT=${OUT:-gpu-out}
@@ -32,6 +39,8 @@ stamp() { echo "== $1 at +$(($(date +%s) - T0)) s"; }
     python3 -c "import torch, transformers, bitsandbytes as b; print('torch', torch.__version__, 'cuda', torch.version.cuda); print('transformers', transformers.__version__); print('bitsandbytes', b.__version__)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+
+if [[ " $STAGES " == *" quant "* ]]; then
 
 stamp "memory table on CUDA"
 python3 -m tinyllava_med.quantize.table --device cuda --json "$OUT/memory_table_cuda.json" \
@@ -54,4 +63,15 @@ cp $Q/acc/compare.md "$OUT/phantomvqa_cuda.md"
 stamp "cpu-int8 vs fp32 on this machine's CPU (time-boxed)"
 timeout "${CPU_BENCH_S:-100}" python3 bench/quant_speed.py --variants fp32,cpu-int8,cpu-int8-fast \
     --repeats 1 --no-micro --md "$OUT/quant_speed_cpu_host.md" 2>&1 | tail -15
+fi
+
+if [[ " $STAGES " == *" serve "* ]]; then
+stamp "the server on the GPU: one question, /metrics"
+python3 -c "import uvicorn, httptools, uvloop, tinyllava_med.server.app, tinyllava_med.server.db.migrate" || exit 1
+TINYLLAVA_MED_DATA_DIR="$DATA/data" python3 bench/gpu_serve_check.py --out "$OUT/metrics_cuda.txt"
+
+stamp "serve_load with the server on the GPU"
+TINYLLAVA_MED_DATA_DIR="$DATA/data" timeout "${SERVE_LOAD_S:-300}" python3 bench/serve_load.py \
+    --requests "${SERVE_REQUESTS:-240}" --rounds "${SERVE_ROUNDS:-2}" --out "$OUT/serve_load_cuda"
+fi
 stamp done

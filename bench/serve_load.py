@@ -67,20 +67,30 @@ class Server:
         deadline = time.time() + 120
         while time.time() < deadline and not self.key:
             time.sleep(0.2)
+            self._check_alive()
             for line in self.log_path.read_text().splitlines():
                 if m := re.match(r"^(tlm_\S+)$", line.strip()):
                     self.key = m.group(1)
         if not self.key:
+            self.stop()
             raise RuntimeError("the server did not print its first admin key")
         self.url = f"http://127.0.0.1:{self.port}"
         while time.time() < deadline:
+            self._check_alive()
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+        self.stop()
         raise RuntimeError("the server did not become ready")
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            self.stop()
+            tail = self.log_path.read_text()[-3000:]
+            raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{tail}")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -187,6 +197,18 @@ def table(res: dict, levels: list[int]) -> str:
     return "\n".join(lines)
 
 
+def accelerator() -> str:
+    """What the server ran on: it picks CUDA when torch sees a GPU (`device=auto`)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"GPU {torch.cuda.get_device_name(0)} (the server's device)"
+    except ImportError:
+        pass
+    return "CPU only"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo")
@@ -196,6 +218,7 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=3, help="whole runs, alternating which mode goes first"
     )
+    ap.add_argument("--out", default=str(RESULTS / "serve_load"), help="writes OUT.md, OUT.json")
     args = ap.parse_args()
     rounds = [
         run(
@@ -223,7 +246,8 @@ def main() -> None:
         f"by +-15%):\n\n{per_round}"
     )
     print(md)
-    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     cpu = next(
         (
             ln.split(":", 1)[1].strip()
@@ -236,11 +260,11 @@ def main() -> None:
         f"# Serving load: dynamic batching vs one request at a time\n\n"
         f"Command: `python bench/serve_load.py --model {args.model} --requests "
         f"{args.requests} --max-new-tokens {args.max_new_tokens} --rounds {args.rounds}`\n\n"
-        f"Machine: {cpu}, {os.cpu_count()} cores, CPU only. Same model, same run; "
+        f"Machine: {cpu}, {os.cpu_count()} cores, {accelerator()}. Same model, same run; "
         f"baseline = max batch 1.\n\n"
     )
-    (RESULTS / "serve_load.md").write_text(header + md + "\n")
-    (RESULTS / "serve_load.json").write_text(
+    out.with_suffix(".md").write_text(header + md + "\n")
+    out.with_suffix(".json").write_text(
         json.dumps({"median": res, "rounds": rounds}, indent=2) + "\n"
     )
 
