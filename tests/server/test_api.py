@@ -19,6 +19,8 @@ def test_health_ready_metrics_need_no_key(api):
     r = api.get("/readyz")
     assert r.status_code == 200, r.text
     assert r.json()["checks"] == {"model": "ok", "database": "ok"}
+    model = r.json()["model"]
+    assert (model["model"], model["device"], model["dtype"]) == ("tiny-test", "cpu", "float32")
     assert "tinyllava_med_model_info" in api.get("/metrics").text
 
 

@@ -68,6 +68,7 @@ def test_gateway_forwards_to_a_second_server(tmp_path, tiny_lm):
             remote_api_key=key,
         ):
             wait_for(lambda api=api: api.get("/readyz").status_code == 200, what="the gateway")
+            assert api.get("/readyz").json()["model"]["device"] == "remote"
             card = api.get("/v1/models", headers=api.h()).json()["data"][0]
             assert card["id"] == direct["model"]
 

@@ -29,6 +29,17 @@ def _db_ok(request: Request) -> bool:
         return False
 
 
+def _model_info(lm: Any) -> dict[str, Any]:
+    """The model's provenance plus where it runs (`cuda:0`, `cpu`; `remote` for an endpoint)."""
+    device = getattr(lm, "device", None)
+    dtype = getattr(lm, "dtype", None)
+    return {
+        **lm.info,
+        "device": str(device) if device is not None else "remote",
+        **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}),
+    }
+
+
 @router.get("/readyz", responses={503: {"description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
     """Ready when the model is loaded, a one-token probe passed recently, and the DB answers."""
@@ -52,7 +63,7 @@ async def readyz(request: Request) -> JSONResponse:
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": checks,
-        **({"model": engine.lm.info} if engine.lm is not None else {}),
+        **({"model": _model_info(engine.lm)} if engine.lm is not None else {}),
     }
     return JSONResponse(
         body, status_code=200 if ready else 503, headers=None if ready else {"Retry-After": "5"}
