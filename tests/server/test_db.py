@@ -256,6 +256,55 @@ def test_report_records_provenance(db_engine: Engine) -> None:
         assert r.study.status == "reported"
 
 
+def test_insert_draft_report_writes_what_create_report_writes(db_engine: Engine) -> None:
+    """The answering hot path's Core INSERT: same row as the ORM path, study marked reported."""
+    fields = {
+        "question": "Is there a fracture?",
+        "answer": "No fracture.",
+        "model": "demo",
+        "variant": "demo",
+        "quantization": "none",
+        "model_version": "abc123",
+        "latency_ms": 12.5,
+        "prompt_tokens": 30,
+        "completion_tokens": 4,
+        "created_by": "key-1",
+        "finish_reason": "stop",
+    }
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        orm_id = _report(s).id
+        study = crud.create_study(s, Modality="CT")
+        image = crud.add_image(s, study=study, sha256=SHA_A, kind="dicom", size_bytes=1)
+        study_id, image_id = study.id, image.id
+    with Session_.begin() as s:
+        detached = crud.insert_draft_report(s, study_id=study_id, image_id=image_id, **fields)
+    columns = [
+        c.key for c in Report.__table__.columns if c.key not in ("id", "study_id", "image_id")
+    ]
+    with Session_() as s:
+        stored, orm = crud.get_report(s, detached.id), crud.get_report(s, orm_id)
+        assert stored is not None and orm is not None and stored.study.status == "reported"
+        assert stored.image_id == image_id and stored.image.n == 0
+        for key in columns:  # the detached object says what the row says
+            assert getattr(detached, key) == getattr(stored, key), key
+        same = {k: getattr(stored, k) for k in columns if k not in ("created_at", "updated_at")}
+        assert same == {k: getattr(orm, k) for k in same} | {"finish_reason": "stop"}
+
+
+def test_insert_draft_report_for_a_deleted_study_fails_its_transaction(db_engine: Engine) -> None:
+    with pytest.raises(IntegrityError), session_factory(db_engine).begin() as s:
+        crud.insert_draft_report(
+            s,
+            study_id="gone",
+            image_id=None,
+            question="q",
+            answer="a",
+            model="m",
+            quantization="none",
+        )
+
+
 def test_report_edit_history_and_signing(db_engine: Engine) -> None:
     Session_ = session_factory(db_engine)
     with Session_.begin() as s:

@@ -167,6 +167,24 @@ def render(
         raise APIError(410, "image_missing", "the stored image file is missing") from e
 
 
+def answer_fields(
+    answer: Answer, info: dict[str, Any], *, actor: str, latency_ms: float
+) -> dict[str, Any]:
+    """What a report records about the answer and the model that gave it."""
+    return {
+        "answer": answer.text,
+        "model": str(info.get("model")),
+        "variant": info.get("variant"),
+        "quantization": str(info.get("quantization")),
+        "model_version": info.get("model_version"),
+        "latency_ms": latency_ms,
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.new_tokens,
+        "created_by": actor,
+        "finish_reason": answer.finish_reason,
+    }
+
+
 def save_report(
     session: Session,
     *,
@@ -178,22 +196,8 @@ def save_report(
     actor: str,
     latency_ms: float,
 ) -> Report:
-    return crud.create_report(
-        session,
-        study=study,
-        image=image,
-        question=question,
-        answer=answer.text,
-        model=str(info.get("model")),
-        variant=info.get("variant"),
-        quantization=str(info.get("quantization")),
-        model_version=info.get("model_version"),
-        latency_ms=latency_ms,
-        prompt_tokens=answer.prompt_tokens,
-        completion_tokens=answer.new_tokens,
-        created_by=actor,
-        finish_reason=answer.finish_reason,
-    )
+    fields = answer_fields(answer, info, actor=actor, latency_ms=latency_ms)
+    return crud.create_report(session, study=study, image=image, question=question, **fields)
 
 
 def image_public(study_id: str, im: Image) -> ImagePublic:
@@ -226,11 +230,14 @@ def study_public(study: Study, reports: int = 0) -> StudyPublic:
     )
 
 
-def report_public(r: Report) -> ReportPublic:
+def report_public(r: Report, image_index: int | None = None) -> ReportPublic:
+    """`image_index` for a detached report (`crud.insert_draft_report`), else read from `r`."""
+    if image_index is None and r.image is not None:
+        image_index = r.image.n
     return ReportPublic(
         id=r.id,
         study_id=r.study_id,
-        image_index=r.image.n if r.image is not None else None,
+        image_index=image_index,
         question=r.question,
         answer=r.answer,
         text=r.text,

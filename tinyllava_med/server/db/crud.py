@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from tinyllava_med import __version__
@@ -32,6 +32,7 @@ from tinyllava_med.server.db.models import (
     ReportEdit,
     ReportStatus,
     Study,
+    new_id,
     utcnow,
 )
 
@@ -221,26 +222,56 @@ def create_report(
     report = Report(
         study=study,
         image=image,
-        question=question,
-        answer=answer,
-        text=answer,
-        status="draft",
-        model=model,
-        variant=variant,
-        quantization=quantization,
-        model_version=model_version,
-        server_version=server_version,
-        latency_ms=latency_ms,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        created_by=created_by,
-        finish_reason=finish_reason,
+        **_draft(
+            question=question,
+            answer=answer,
+            model=model,
+            variant=variant,
+            quantization=quantization,
+            model_version=model_version,
+            server_version=server_version,
+            latency_ms=latency_ms,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            created_by=created_by,
+            finish_reason=finish_reason,
+        ),
     )
     if study.status == "received":
         study.status = "reported"
     session.add(report)
     session.flush()
     return report
+
+
+def _draft(*, answer: str, **fields: Any) -> dict[str, Any]:
+    return {**fields, "answer": answer, "text": answer, "status": "draft"}
+
+
+def insert_draft_report(
+    session: Session, *, study_id: str, image_id: str | None, answer: str, **fields: Any
+) -> Report:
+    """`create_report` for the answering hot path: one INSERT and one UPDATE, without loading
+    the study and image (a third of the request's time on the event loop under load). Returns
+    the report as a detached object with every column set. A study deleted meanwhile fails the
+    transaction with an IntegrityError (foreign key)."""
+    now = utcnow()
+    values = {
+        "id": new_id(),
+        "study_id": study_id,
+        "image_id": image_id,
+        "created_at": now,
+        "updated_at": now,
+        "server_version": __version__,
+        **_draft(answer=answer, **fields),
+    }
+    session.execute(insert(Report), values)
+    session.execute(
+        update(Study)
+        .where(Study.id == study_id, Study.status == "received")
+        .values(status="reported")
+    )
+    return Report(**values)
 
 
 def get_report(session: Session, report_id: str) -> Report | None:
@@ -363,24 +394,25 @@ def audit(
     outcome: Outcome,
     status_code: int,
     detail: Mapping[str, Any] | None = None,
-) -> AuditEvent:
-    """Record one audit event. `detail` must not carry patient identifiers: keys such as
-    `PatientName` or `AccessionNumber` are refused (ValueError)."""
+) -> None:
+    """Record one audit event (a single INSERT, no ORM unit of work: every request audits).
+    `detail` must not carry patient identifiers: keys such as `PatientName` or
+    `AccessionNumber` are refused (ValueError)."""
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
     _check_no_patient_keys(detail)
-    event = AuditEvent(
-        actor=actor,
-        action=action,
-        resource_type=resource_type,
-        resource_id=resource_id,
-        outcome=outcome,
-        status_code=status_code,
-        detail=dict(detail) if detail is not None else None,
+    session.execute(
+        insert(AuditEvent),
+        {
+            "actor": actor,
+            "action": action,
+            "resource_type": resource_type,
+            "resource_id": resource_id,
+            "outcome": outcome,
+            "status_code": status_code,
+            "detail": dict(detail) if detail is not None else None,
+        },
     )
-    session.add(event)
-    session.flush()
-    return event
 
 
 def list_audit_events(

@@ -19,10 +19,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from PIL import Image as PILImage
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from tinyllava_med.model.generate import Answer, SamplingParams
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import Image, Study
+from tinyllava_med.server.db.models import Image
 from tinyllava_med.server.deps import Asker, EngineDep, SettingsDep, StoreDep
 from tinyllava_med.server.engine import (
     Arrival,
@@ -35,11 +36,11 @@ from tinyllava_med.server.errors import APIError, error_body
 from tinyllava_med.server.schemas import AskResponse, QuestionCreate, ReportPublic
 from tinyllava_med.server.serving import (
     Upload,
+    answer_fields,
     image_of,
     ingest,
     render,
     report_public,
-    save_report,
     study_public,
 )
 from tinyllava_med.server.settings import Settings
@@ -166,6 +167,7 @@ def _store_answer(
     *,
     study_id: str,
     image_id: str,
+    image_index: int,
     question: str,
     ans: Answer,
     info: dict[str, Any],
@@ -173,33 +175,30 @@ def _store_answer(
     latency_ms: float,
     stream: bool = False,
 ) -> ReportPublic:
-    """Save the answer as a report (and audit it) in a short transaction of its own."""
-    with request.app.state.session_factory.begin() as s:
-        study = s.get(Study, study_id)
-        image = s.get(Image, image_id)
-        assert study is not None and image is not None  # they existed when the question came
-        report = save_report(
-            s,
-            study=study,
-            image=image,
-            question=question,
-            answer=ans,
-            info=info,
-            actor=actor,
-            latency_ms=latency_ms,
-        )
-        crud.audit(
-            s,
-            actor=actor,
-            action="question.ask",
-            resource_type="study",
-            resource_id=study_id,
-            outcome="ok",
-            status_code=201,
-            detail={"report_id": report.id, **({"stream": True} if stream else {})},
-        )
-        s.flush()
-        return report_public(report)
+    """Save the answer as a report (and audit it) in a short transaction of its own: two
+    INSERTs and an UPDATE, nothing loaded (this runs on the event loop for every answer)."""
+    try:
+        with request.app.state.session_factory.begin() as s:
+            report = crud.insert_draft_report(
+                s,
+                study_id=study_id,
+                image_id=image_id,
+                question=question,
+                **answer_fields(ans, info, actor=actor, latency_ms=latency_ms),
+            )
+            crud.audit(
+                s,
+                actor=actor,
+                action="question.ask",
+                resource_type="study",
+                resource_id=study_id,
+                outcome="ok",
+                status_code=201,
+                detail={"report_id": report.id, **({"stream": True} if stream else {})},
+            )
+    except IntegrityError as e:  # the study (or image) was deleted while the model answered
+        raise APIError(404, "study_not_found", "the study was deleted while answering") from e
+    return report_public(report, image_index)
 
 
 @router.post("/v1/studies/{study_id}/questions", status_code=201, response_model=ReportPublic)
@@ -241,6 +240,7 @@ async def ask_about_study(
                 request,
                 study_id=study_id,
                 image_id=image_id,
+                image_index=body.image_index,
                 question=question,
                 ans=ans,
                 info=info,
@@ -314,6 +314,7 @@ async def ask_one_shot(
         request,
         study_id=study_id,
         image_id=image_id,
+        image_index=0,
         question=question,
         ans=ans,
         info=engine.lm.info if engine.lm else {},
