@@ -11,7 +11,13 @@ from PIL import Image
 from tinyllava_med.model.load import load_model
 from tinyllava_med.quantize.estimate import computed_memory, quantized_linear_bytes
 from tinyllava_med.quantize.memory import measure_memory
-from tinyllava_med.quantize.table import PAPER_VARIANTS, markdown, paper_table, write_table
+from tinyllava_med.quantize.table import (
+    PAPER_VARIANTS,
+    cuda_specs,
+    markdown,
+    paper_table,
+    write_table,
+)
 
 QUANTS = ["none", "4bit", "8bit", "cpu-int8"]
 
@@ -136,7 +142,6 @@ def test_device_rows_measure_each_way_of_making_a_variant(tiny_model_dir: Path) 
 
 def test_cuda_table_rows_are_the_paper_six_and_the_tower_rows() -> None:
     from tinyllava_med.quantize.device_rows import TOWER_SKIP
-    from tinyllava_med.quantize.table import cuda_specs
 
     specs = cuda_specs()
     assert [s.variant for s in specs if s.skip is None] == list(PAPER_VARIANTS)
@@ -144,7 +149,16 @@ def test_cuda_table_rows_are_the_paper_six_and_the_tower_rows() -> None:
         "tinyllava-med-fq4+tower": TOWER_SKIP,
         "llava-med-q4+tower": TOWER_SKIP,
     }
-    # the computed -93.5% that the GPU run measured (bench/results/memory_table_cuda.md)
-    ref = computed_memory("llava-med-7b", "none")["static_bytes"]
-    tower = computed_memory("tinyllava-1.5b", "4bit", skip=TOWER_SKIP)["static_bytes"]
-    assert 1 - tower / ref > 0.92
+
+
+def test_computed_static_equals_the_h200_measurement() -> None:
+    """bench/results/memory_table_cuda.json was measured on an H200 (bench/gpu_check.sh): the
+    formulas this machine uses must give each measured row's static bytes exactly."""
+    path = Path(__file__).parents[2] / "bench" / "results" / "memory_table_cuda.json"
+    measured = [r for r in json.loads(path.read_text())["rows"] if r["source"] == "measured"]
+    assert {r["variant"] for r in measured} == {s.shown for s in cuda_specs()}
+    for r in measured:
+        computed = computed_memory(r["arch"], r["quantization"], skip=r["skip_modules"])
+        assert computed["static_bytes"] == r["static_bytes"], r["variant"]
+    tower = next(r for r in measured if r["variant"] == "tinyllava-med-fq4+tower")
+    assert tower["static_reduction_pct"] >= 92  # the issue's goal, as measured

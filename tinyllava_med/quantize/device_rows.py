@@ -18,7 +18,7 @@ import gc
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ class RowSpec:
     quant: str  # none, 4bit, 8bit
     skip: tuple[str, ...] | None = None  # None: the default skip list, quantized while loading
     name: str = ""  # shown name; the variant's when empty
-    how: str = field(default="")
 
     @property
     def shown(self) -> str:
@@ -117,7 +116,7 @@ def measure_rows(
                 row.update(
                     variant=spec.shown,
                     arch=arch,
-                    how=spec.how or how,
+                    how=how,
                     skip_modules=list(spec.skip) if spec.skip is not None else None,
                     source_build_seconds=build_s,
                 )

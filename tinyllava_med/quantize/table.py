@@ -116,30 +116,17 @@ def cuda_specs() -> list[RowSpec]:
     return specs + [RowSpec(v, "4bit", TOWER_SKIP, name=shown) for v, shown in TOWER_ROWS.items()]
 
 
-def _cuda_rows(
-    batch: int,
-    new_tokens: int,
-    *,
-    device: str = "cuda",
-    layers: int | None = None,
-    specs: Sequence[RowSpec] | None = None,
-) -> list[dict[str, Any]]:
-    """Measured rows (`layers`, `specs` and a CPU `device` are for smoke runs of this code)."""
+def _cuda_rows(batch: int, new_tokens: int) -> list[dict[str, Any]]:
     import torch
 
     from tinyllava_med.quantize.device_rows import measure_rows
     from tinyllava_med.quantize.shapes import real_shape_lm
 
     def build(arch: str) -> Any:
-        return real_shape_lm(arch, dtype=torch.float16, device=device, layers=layers)  # type: ignore[arg-type]
+        return real_shape_lm(arch, dtype=torch.float16, device="cuda")  # type: ignore[arg-type]
 
     measured = measure_rows(
-        cuda_specs() if specs is None else specs,
-        build,
-        arch_of=arch_of,
-        device=device,
-        batch=batch,
-        new_tokens=new_tokens,
+        cuda_specs(), build, arch_of=arch_of, device="cuda", batch=batch, new_tokens=new_tokens
     )
     rows = []
     for m in measured:
