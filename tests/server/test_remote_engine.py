@@ -40,6 +40,20 @@ def sse_events(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def ready_gateways(tmp_path: Path, tiny_lm, remote_url: str, **settings):
+    """This server with `engine=remote` pointed at `remote_url`, each yielded once ready."""
+    for api in make_api(
+        tmp_path / "gw",
+        f"sqlite:///{tmp_path}/gw.db",
+        tiny_lm,
+        engine="remote",
+        remote_url=remote_url,
+        **settings,
+    ):
+        wait_for(lambda api=api: api.get("/readyz").status_code == 200, what="the gateway")
+        yield api
+
+
 def test_gateway_forwards_to_a_second_server(tmp_path, tiny_lm):
     backend_db = f"sqlite:///{tmp_path}/backend.db"
     upgrade(backend_db)
@@ -59,15 +73,7 @@ def test_gateway_forwards_to_a_second_server(tmp_path, tiny_lm):
             data={"question": QUESTION, "max_new_tokens": "10"},
         ).json()["report"]
 
-        for api in make_api(
-            tmp_path / "gateway",
-            f"sqlite:///{tmp_path}/gateway.db",
-            tiny_lm,
-            engine="remote",
-            remote_url=f"{base}/v1",
-            remote_api_key=key,
-        ):
-            wait_for(lambda api=api: api.get("/readyz").status_code == 200, what="the gateway")
+        for api in ready_gateways(tmp_path, tiny_lm, f"{base}/v1", remote_api_key=key):
             assert api.get("/readyz").json()["model"]["device"] == "remote"
             card = api.get("/v1/models", headers=api.h()).json()["data"][0]
             assert card["id"] == direct["model"]
@@ -135,14 +141,7 @@ def test_a_remote_that_fails_mid_service_gives_502(tmp_path, tiny_lm):
         model=tiny_lm,
     )
     with live_server(backend) as base:
-        for api in make_api(
-            tmp_path / "gw",
-            f"sqlite:///{tmp_path}/gw.db",
-            tiny_lm,
-            engine="remote",
-            remote_url=f"{base}/v1",
-        ):
-            wait_for(lambda api=api: api.get("/readyz").status_code == 200, what="the gateway")
+        for api in ready_gateways(tmp_path, tiny_lm, f"{base}/v1"):
             study = upload_ct(api)
             # a question longer than the backend accepts: its 4xx comes back as a 502
             backend.state.settings.max_question_chars = 5
@@ -174,14 +173,7 @@ def test_gateway_forwards_to_transformers_serve(tmp_path, tiny_model_dir, tiny_l
     ):
         image = Image.new("L", (48, 40), 90)
         local = generate(tiny_lm, [image], [QUESTION], SamplingParams(max_new_tokens=8))[0]
-        for api in make_api(
-            tmp_path / "gw",
-            f"sqlite:///{tmp_path}/gw.db",
-            tiny_lm,
-            engine="remote",
-            remote_url=f"http://127.0.0.1:{port}/v1",
-        ):
-            wait_for(lambda api=api: api.get("/readyz").status_code == 200, what="the gateway")
+        for api in ready_gateways(tmp_path, tiny_lm, f"http://127.0.0.1:{port}/v1"):
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             r = api.post(
