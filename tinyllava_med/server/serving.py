@@ -65,8 +65,10 @@ def decode_upload(upload: Upload, settings: Settings) -> StudyFile:
         raise imaging_error(e, upload.filename) from e
 
 
-def ingest(session: Session, store: ImageStore, settings: Settings, uploads: list[Upload]) -> Study:
-    """Decode every upload, then store them as one new study."""
+def ingest(
+    session: Session, store: ImageStore, settings: Settings, uploads: list[Upload], *, actor: str
+) -> Study:
+    """Decode every upload, then store them as one new study, audited as `actor`'s upload."""
     if not uploads:
         raise APIError(422, "no_files", "send one or more files in the multipart field `files`")
     if len(uploads) > settings.max_files_per_upload:
@@ -80,6 +82,16 @@ def ingest(session: Session, store: ImageStore, settings: Settings, uploads: lis
     study = create_study_of(session, first)
     for upload, d in zip(uploads, decoded, strict=True):
         add_file(session, store, study, upload.data, d)
+    crud.audit(
+        session,
+        actor=actor,
+        action="study.upload",
+        resource_type="study",
+        resource_id=study.id,
+        outcome="ok",
+        status_code=201,
+        detail={"files": len(uploads)},
+    )
     session.flush()
     session.refresh(study)
     return study

@@ -293,17 +293,7 @@ async def ask_one_shot(
     check_capacity(engine, settings, request)
     upload = Upload(file.filename or "file", await file.read())
     with request.app.state.session_factory.begin() as s:
-        study = ingest(s, store, settings, [upload])
-        crud.audit(
-            s,
-            actor=principal.actor,
-            action="study.upload",
-            resource_type="study",
-            resource_id=study.id,
-            outcome="ok",
-            status_code=201,
-            detail={"files": 1},
-        )
+        study = ingest(s, store, settings, [upload], actor=principal.actor)
         study_id, image_id, sha256 = study.id, study.images[0].id, study.images[0].sha256
     pil = await run_in_threadpool(render, store, sha256, settings)
     start = time.perf_counter()

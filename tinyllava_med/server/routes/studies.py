@@ -32,18 +32,7 @@ async def upload_study(
     files: Annotated[list[UploadFile], File(description="DICOM Part 10, PNG or JPEG")],
 ) -> StudyPublic:
     uploads = [Upload(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
-    study = ingest(session, store, settings, uploads)
-    crud.audit(
-        session,
-        actor=principal.actor,
-        action="study.upload",
-        resource_type="study",
-        resource_id=study.id,
-        outcome="ok",
-        status_code=201,
-        detail={"files": len(uploads)},
-    )
-    return study_public(study)
+    return study_public(ingest(session, store, settings, uploads, actor=principal.actor))
 
 
 @router.get("", response_model=StudyList)
