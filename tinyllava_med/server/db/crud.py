@@ -1,6 +1,7 @@
 """Data access for studies, images, reports, audit events and jobs, and the rules they keep.
 
-Every function takes the session first, identifiers positionally, everything else by keyword.
+Every function takes the session first (the per-answer writes and read also take a plain
+`Connection`), identifiers positionally, everything else by keyword.
 Functions `flush` (so ids and defaults are set) but never commit: the caller owns the
 transaction, so an action and its audit event are stored together or not at all.
 
@@ -15,7 +16,8 @@ from collections.abc import Mapping
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, insert, select, update
+from sqlalchemy import Select, bindparam, func, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, selectinload
 
 from tinyllava_med import __version__
@@ -24,6 +26,7 @@ from tinyllava_med.server.db.models import (
     OUTCOMES,
     REPORT_STATUSES,
     AuditEvent,
+    Base,
     Image,
     ImageKind,
     Job,
@@ -37,6 +40,23 @@ from tinyllava_med.server.db.models import (
 )
 
 MAX_PAGE = 1000
+
+# Core statements built once for the per-answer writes: executed on the session's connection
+# they skip the ORM's bulk-statement machinery, which cost more than the database work itself
+# (py-spy under load: about half of the event loop's time went to storing answers).
+_reports, _audit_events, _studies, _images = (
+    Base.metadata.tables[m.__tablename__] for m in (Report, AuditEvent, Study, Image)
+)
+_INSERT_REPORT = insert(_reports)
+_INSERT_AUDIT = insert(_audit_events)
+_IMAGE_REF = select(_images.c.id, _images.c.sha256).where(
+    _images.c.study_id == bindparam("study_id"), _images.c.n == bindparam("n")
+)
+_MARK_REPORTED = (
+    update(_studies)
+    .where(_studies.c.id == bindparam("study_id"), _studies.c.status == "received")
+    .values(status="reported")
+)
 
 
 # --- domain errors: the app maps them to HTTP once (`status`, `code` are the suggestion) -----
@@ -248,8 +268,12 @@ def _draft(*, answer: str, **fields: Any) -> dict[str, Any]:
     return {**fields, "answer": answer, "text": answer, "status": "draft"}
 
 
+def _connection(db: Session | Connection) -> Connection:
+    return db.connection() if isinstance(db, Session) else db
+
+
 def insert_draft_report(
-    session: Session, *, study_id: str, image_id: str | None, answer: str, **fields: Any
+    db: Session | Connection, *, study_id: str, image_id: str | None, answer: str, **fields: Any
 ) -> Report:
     """`create_report` for the answering hot path: one INSERT and one UPDATE, without loading
     the study and image (a third of the request's time on the event loop under load). Returns
@@ -265,13 +289,16 @@ def insert_draft_report(
         "server_version": __version__,
         **_draft(answer=answer, **fields),
     }
-    session.execute(insert(Report), values)
-    session.execute(
-        update(Study)
-        .where(Study.id == study_id, Study.status == "received")
-        .values(status="reported")
-    )
+    conn = _connection(db)
+    conn.execute(_INSERT_REPORT, values)
+    conn.execute(_MARK_REPORTED, {"study_id": study_id})
     return Report(**values)
+
+
+def image_ref(db: Session | Connection, study_id: str, n: int) -> tuple[str, str] | None:
+    """(id, sha256) of image `n` of a study, or None: the question path's one read, in Core."""
+    row = _connection(db).execute(_IMAGE_REF, {"study_id": study_id, "n": n}).first()
+    return None if row is None else (row[0], row[1])
 
 
 def get_report(session: Session, report_id: str) -> Report | None:
@@ -385,7 +412,7 @@ def _check_no_patient_keys(value: Any, path: str = "detail") -> None:
 
 
 def audit(
-    session: Session,
+    db: Session | Connection,
     *,
     actor: str,
     action: str,
@@ -401,8 +428,8 @@ def audit(
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
     _check_no_patient_keys(detail)
-    session.execute(
-        insert(AuditEvent),
+    _connection(db).execute(
+        _INSERT_AUDIT,
         {
             "actor": actor,
             "action": action,

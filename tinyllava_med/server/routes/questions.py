@@ -18,12 +18,10 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from PIL import Image as PILImage
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from tinyllava_med.model.generate import Answer, SamplingParams
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import Image
 from tinyllava_med.server.deps import Asker, EngineDep, SettingsDep, StoreDep
 from tinyllava_med.server.engine import (
     Arrival,
@@ -176,18 +174,19 @@ def _store_answer(
     stream: bool = False,
 ) -> ReportPublic:
     """Save the answer as a report (and audit it) in a short transaction of its own: two
-    INSERTs and an UPDATE, nothing loaded (this runs on the event loop for every answer)."""
+    INSERTs and an UPDATE on a plain connection, no ORM session (this runs on the event loop
+    for every answer)."""
     try:
-        with request.app.state.session_factory.begin() as s:
+        with request.app.state.db_engine.begin() as conn:
             report = crud.insert_draft_report(
-                s,
+                conn,
                 study_id=study_id,
                 image_id=image_id,
                 question=question,
                 **answer_fields(ans, info, actor=actor, latency_ms=latency_ms),
             )
             crud.audit(
-                s,
+                conn,
                 actor=actor,
                 action="question.ask",
                 resource_type="study",
@@ -218,19 +217,16 @@ async def ask_about_study(
     params = sampling(body, settings)
     check_capacity(engine, settings, request)
     with arrival_of(request, engine) as arrival:  # batches forming meanwhile wait for it
-        with request.app.state.session_factory() as s:
-            found = s.execute(
-                select(Image.id, Image.sha256).where(
-                    Image.study_id == study_id, Image.n == body.image_index
-                )
-            ).first()
-            if found is None:  # say which: no such study, or no such image in it
+        with request.app.state.db_engine.connect() as conn:
+            found = crud.image_ref(conn, study_id, body.image_index)
+        if found is None:  # say which: no such study, or no such image in it
+            with request.app.state.session_factory() as s:
                 study = crud.get_study(s, study_id)
                 if study is None:
                     raise APIError(404, "study_not_found", "no study with this id")
                 image_of(study, body.image_index)
-            assert found is not None
-            image_id, sha256 = found
+        assert found is not None
+        image_id, sha256 = found
         pil = await run_in_threadpool(render, store, sha256, settings, frame=body.frame)
         info = engine.lm.info if engine.lm is not None else {}
         question, start = body.question, time.perf_counter()
