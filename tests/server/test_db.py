@@ -41,7 +41,7 @@ def test_settings_defaults_are_local_and_secure(tmp_path: Path) -> None:
     assert s.auth_disabled is False and s.allow_remote_image_urls is False
     assert s.max_upload_bytes == 64 * 1024 * 1024 and s.max_question_chars == 2000
     assert (s.max_new_tokens, s.default_max_new_tokens) == (512, 128)
-    assert (s.max_batch_size, s.batch_window_ms, s.max_queue) == (8, 10.0, 64)
+    assert (s.max_batch_size, s.batch_window_ms, s.max_queue) == (8, 50.0, 64)
 
 
 def test_settings_environment_then_overrides(

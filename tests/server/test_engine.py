@@ -159,3 +159,76 @@ def test_an_announced_request_joins_the_forming_batch(tiny_lm):
         assert done.wait(20) and rec.batches == [2, 1]
     finally:
         eng.shutdown()
+
+
+def test_clients_coming_back_refill_the_batch_instead_of_splitting_it(tiny_lm):
+    """Requests expected back (as many as were in flight during the last batch) are waited for,
+    up to the last batch's duration, so a steady load keeps one full batch instead of two
+    half batches taking turns; a request nobody follows waits no longer than that."""
+    params = SamplingParams(max_new_tokens=24)
+
+    def run(primed: bool) -> list[int]:
+        rec = Recorder()
+        eng = BatchingEngine(max_batch_size=8, batch_window_ms=5_000, metrics=rec)
+        eng.start(tiny_lm)
+        try:
+            if primed:  # one batch of four, held together by announcing them first
+                arrivals = [eng.arriving() for _ in range(4)]
+                handles = [a.__enter__() for a in arrivals]
+                first = [
+                    eng.submit(_img(i), f"first {i}?", params, arrival=h)
+                    for i, h in enumerate(handles)
+                ]
+                for a in arrivals:
+                    a.__exit__(None, None, None)
+                for r in first:
+                    r.future.result(timeout=60)
+                assert rec.batches == [4]
+            gap = max(eng._last_batch_s / 4, 0.005)
+            lead = eng.submit(_img(9), "back first?", params)
+            time.sleep(gap)  # the others come back a little later
+            rest = [eng.submit(_img(10 + i), f"back {i}?", params) for i in range(3)]
+            for r in [lead, *rest]:
+                r.future.result(timeout=60)
+            return rec.batches
+        finally:
+            eng.shutdown()
+
+    assert run(primed=False) == [1, 3]  # nobody expected: the first goes alone
+
+    rec = Recorder()
+    eng = BatchingEngine(max_batch_size=8, batch_window_ms=60_000, metrics=rec)
+    eng.start(tiny_lm)
+    try:
+        first = [eng.submit(_img(i), f"q {i}?", params) for i in range(3)]
+        for r in first:
+            r.future.result(timeout=60)
+        before = eng._last_batch_s
+        t = time.perf_counter()
+        eng.submit(_img(7), "alone now?", params).future.result(timeout=60)
+        waited = time.perf_counter() - t
+        # it waited at most the last batch's duration, then generated: not the minute's window
+        assert waited < before + eng._last_batch_s + 1.0
+        assert rec.batches[-1] == 1
+    finally:
+        eng.shutdown()
+
+
+def test_an_announced_request_counts_once_in_flight(tiny_lm):
+    """The HTTP path announces a request, then submits it: one client in a row is one request
+    in flight, so its next question is not waited for as if another were expected."""
+    eng = BatchingEngine(max_batch_size=8, batch_window_ms=60_000)
+    eng.start(tiny_lm)
+    try:
+        for i in range(3):
+            with eng.arriving() as arrival:
+                req = eng.submit(
+                    _img(i),
+                    f"one at a time {i}?",
+                    SamplingParams(max_new_tokens=2),
+                    arrival=arrival,
+                )
+            req.future.result(timeout=60)
+            assert eng.last_expected == 1
+    finally:
+        eng.shutdown()

@@ -2,8 +2,8 @@
 
 Requests wait in a bounded queue; a worker thread collects up to `max_batch_size` requests
 that share sampling settings (waiting up to a short window for requests announced as on their
-way, never for nobody), runs one left-padded `generate`, and
-resolves each request's future. Tokens reach streaming callers through per-request callbacks;
+way or expected back from the last batch, never for nobody), runs one left-padded `generate`,
+and resolves each request's future. Tokens reach streaming callers through per-request callbacks;
 a cancelled request is dropped from its batch, and a batch whose requests are all cancelled
 stops generating. The engine knows nothing about HTTP.
 """
@@ -87,7 +87,7 @@ class BatchingEngine:
         self,
         *,
         max_batch_size: int = 8,
-        batch_window_ms: float = 10.0,
+        batch_window_ms: float = 50.0,
         max_queue: int = 64,
         metrics: EngineMetrics | None = None,
     ) -> None:
@@ -99,6 +99,11 @@ class BatchingEngine:
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._pending = 0  # queued + running, guarded by _lock
         self._announced = 0  # Arrivals not yet submitted, guarded by _lock
+        # most requests in flight (pending + announced) seen since the last batch started:
+        # how many the next batch can expect, guarded by _lock
+        self._peak = 0
+        self._last_batch_s = 0.0  # how long the last generate took
+        self.last_expected = 0  # how many requests the last batch expected to gather
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -136,6 +141,7 @@ class BatchingEngine:
         """Announce a request that will be submitted soon (pass the `Arrival` to `submit`)."""
         with self._lock:
             self._announced += 1
+            self._peak = max(self._peak, self._pending + self._announced)
         arrival = Arrival(self)
         try:
             yield arrival
@@ -158,6 +164,9 @@ class BatchingEngine:
                 raise EngineBusy(f"the queue is full ({self.max_queue} requests)")
             self._pending += 1
             depth = self._pending
+            # its own announcement ends only after the enqueue: not two requests in flight
+            own = 1 if arrival is not None and arrival._engine is self else 0
+            self._peak = max(self._peak, self._pending + self._announced - own)
         if self.metrics:
             self.metrics.on_queue(depth)
         req = _Request(image, question, params, on_token, tuple(history))
@@ -203,18 +212,33 @@ class BatchingEngine:
 
     def _collect(self, first: _Request) -> list[_Request]:
         """`first` and what is queued behind it with the same sampling settings; while requests
-        are announced (on their way), wait for them up to the batch window. Nobody announced
-        and nothing queued: go at once (a lone request never waits)."""
+        are announced (on their way), wait for them up to the batch window. While fewer are
+        gathered than were in flight during the last batch, wait for them too, but no longer
+        than the last batch took (the most a latecomer would otherwise wait for the next one):
+        clients whose answers just came back usually ask again at once, and without this wait
+        a steady load splits into two half-size batches that take turns, each paying a whole
+        generate. Nobody announced and nobody expected: go at once (a lone request never
+        waits)."""
         batch = [first]
-        deadline = time.perf_counter() + self.batch_window_s
+        now = time.perf_counter()
+        deadline = now + self.batch_window_s
+        refill_deadline = now + min(self.batch_window_s, self._last_batch_s)
+        with self._lock:
+            expected = self.last_expected = self._peak
+            self._peak = self._pending + self._announced
         leftovers: list[_Request | None] = []
         while len(batch) < self.max_batch_size:
             try:
                 nxt = self._queue.get_nowait()
             except queue.Empty:
-                remaining = deadline - time.perf_counter()
-                if self._announced <= 0 or remaining <= 0:
+                t = time.perf_counter()
+                remaining = deadline - t
+                if remaining <= 0:
                     break
+                if self._announced <= 0:
+                    if len(batch) >= expected or t >= refill_deadline:
+                        break
+                    remaining = refill_deadline - t
                 try:
                     nxt = self._queue.get(timeout=min(remaining, 0.002))
                 except queue.Empty:
@@ -298,10 +322,9 @@ class BatchingEngine:
                 if not r.future.done():
                     r.future.set_exception(e)
             return
+        self._last_batch_s = time.perf_counter() - start
         if self.metrics:
-            self.metrics.on_batch(
-                len(live), time.perf_counter() - start, sum(a.new_tokens for a in answers)
-            )
+            self.metrics.on_batch(len(live), self._last_batch_s, sum(a.new_tokens for a in answers))
         for r, a in zip(live, answers, strict=True):
             if r.cancelled.is_set():
                 r.future.cancel()

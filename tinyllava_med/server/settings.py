@@ -79,7 +79,12 @@ class Settings(BaseSettings):
 
     # --- batching ------------------------------------------------------------------------------
     max_batch_size: int = Field(default=8, gt=0)
-    batch_window_ms: float = Field(default=10.0, ge=0)
+    batch_window_ms: float = Field(
+        default=50.0,
+        ge=0,
+        description="the longest a forming batch waits for requests on their way; for ones "
+        "only expected back from the last batch, no longer than that batch took",
+    )
     max_queue: int = Field(default=64, gt=0, description="waiting requests before 503")
 
     # --- operations ----------------------------------------------------------------------------
