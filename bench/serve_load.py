@@ -46,7 +46,6 @@ class Server:
             "HF_HUB_OFFLINE": "1",
             "TINYLLAVA_MED_DATA_DIR": str(data_dir),
             "TINYLLAVA_MED_MAX_BATCH_SIZE": str(max_batch),
-            "TINYLLAVA_MED_BATCH_WINDOW_MS": "10",
             "TINYLLAVA_MED_MAX_QUEUE": "256",
         }
         # the server's log goes to a file: a pipe nobody reads fills up and blocks the server
@@ -98,6 +97,23 @@ class Server:
             self.proc.wait(30)
         finally:
             self.log.close()
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    got = dict.fromkeys(("sum", "count"), 0.0)
+    for ln in text.splitlines():
+        for k in got:
+            if ln.startswith(f"tinyllava_med_batch_size_{k} "):
+                got[k] = float(ln.split()[1])
+    return got["sum"], got["count"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (this machine's other tenants do not inflate it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def load(
@@ -159,12 +175,15 @@ def run(model: str, requests: int, max_new_tokens: int, levels: list[int], first
                     files=[("files", ("ct.dcm", ct, "application/dicom"))],
                 ).json()["id"]
                 asyncio.run(load(server.url, server.key, study, 2, 4, max_new_tokens))  # warm
-                out[name] = [
-                    asyncio.run(
-                        load(server.url, server.key, study, c, max(requests, c * 2), max_new_tokens)
-                    )
-                    for c in levels
-                ]
+                out[name] = []
+                for c in levels:
+                    n = max(requests, c * 2)
+                    b0, cpu0 = batch_totals(server.url), cpu_seconds(server.proc.pid)
+                    r = asyncio.run(load(server.url, server.key, study, c, n, max_new_tokens))
+                    b1, cpu1 = batch_totals(server.url), cpu_seconds(server.proc.pid)
+                    r["mean_batch"] = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1.0)
+                    r["server_cpu_ms_per_request"] = (cpu1 - cpu0) * 1000 / n
+                    out[name].append(r)
             finally:
                 server.stop()
     return out
@@ -185,14 +204,17 @@ def table(res: dict, levels: list[int]) -> str:
     single = res["baseline"][0]["p50_s"]
     lines = [
         "| clients | baseline req/s | batched req/s | ratio | baseline p95 s | batched p95 s "
-        "| batched p95 / single-request p50 |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| batched p95 / single-request p50 | batched mean batch "
+        "| server CPU ms / request (baseline, batched) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, c in enumerate(levels):
         b, d = res["baseline"][i], res["batched"][i]
         lines.append(
             f"| {c} | {b['rps']:.2f} | {d['rps']:.2f} | {d['rps'] / b['rps']:.2f}x | "
-            f"{b['p95_s']:.3f} | {d['p95_s']:.3f} | {d['p95_s'] / single:.2f} |"
+            f"{b['p95_s']:.3f} | {d['p95_s']:.3f} | {d['p95_s'] / single:.2f} | "
+            f"{d['mean_batch']:.1f} | {b['server_cpu_ms_per_request']:.1f}, "
+            f"{d['server_cpu_ms_per_request']:.1f} |"
         )
     return "\n".join(lines)
 
