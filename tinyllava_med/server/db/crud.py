@@ -41,7 +41,7 @@ from tinyllava_med.server.db.models import (
 
 MAX_PAGE = 1000
 
-# Core statements built once for the per-answer writes: executed on the session's connection
+# Core statements built once for the per-answer writes and read. Executed on a connection,
 # they skip the ORM's bulk-statement machinery, which cost more than the database work itself
 # (py-spy under load: about half of the event loop's time went to storing answers).
 _reports, _audit_events, _studies, _images = (
