@@ -4,6 +4,7 @@ are written, and the auth dependencies answer 401/403 and audit the denial."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 from datetime import date, datetime, timedelta, timezone
@@ -13,7 +14,7 @@ from typing import Annotated
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import inspect, select, text
+from sqlalchemy import event, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -24,6 +25,7 @@ from tinyllava_med.server.db import crud, migrate
 from tinyllava_med.server.db.models import ApiKey, AuditEvent, Base, Image, Report, ReportEdit
 from tinyllava_med.server.db.session import make_engine, normalize_database_url, session_factory
 from tinyllava_med.server.errors import install_error_handlers
+from tinyllava_med.server.report_writer import ReportWriter
 from tinyllava_med.server.settings import Settings
 
 SHA_A = hashlib.sha256(b"a").hexdigest()
@@ -303,6 +305,64 @@ def test_insert_draft_report_for_a_deleted_study_fails_its_transaction(db_engine
             model="m",
             quantization="none",
         )
+
+
+def test_report_writer_stores_answers_finishing_together_in_one_transaction(
+    db_engine: Engine,
+) -> None:
+    """Answers that finish together are stored in one commit, each with its audit event; a
+    study deleted meanwhile fails only its own request, and the others are still stored."""
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        study = crud.create_study(s, Modality="CT")
+        image = crud.add_image(s, study=study, sha256=SHA_A, kind="dicom", size_bytes=1)
+        study_id, image_id = study.id, image.id
+    commits: list[int] = []
+    event.listen(db_engine, "commit", lambda conn: commits.append(1))
+
+    def row(study: str, i: int) -> tuple[dict, dict]:
+        r = crud.draft_report_row(
+            study_id=study,
+            image_id=image_id if study == study_id else None,
+            question=f"q{i}",
+            answer=f"a{i}",
+            model="m",
+            quantization="none",
+        )
+        a = crud.audit_row(
+            actor="key-1",
+            action="question.ask",
+            resource_type="study",
+            resource_id=study,
+            outcome="ok",
+            status_code=201,
+            detail={"report_id": r["id"]},
+        )
+        return r, a
+
+    async def write_all(rows: list[tuple[dict, dict]]) -> list[object]:
+        writer = ReportWriter(db_engine)
+        return await asyncio.gather(*(writer.write(r, a) for r, a in rows), return_exceptions=True)
+
+    together = [row(study_id, i) for i in range(3)]
+    assert asyncio.run(write_all(together)) == [None, None, None]
+    assert len(commits) == 1
+
+    mixed = [row(study_id, 3), row("deleted-meanwhile", 4), row(study_id, 5)]
+    results = asyncio.run(write_all(mixed))
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], IntegrityError)
+
+    with Session_() as s:
+        stored = {r.id for r in s.scalars(select(Report))}
+        audited = {
+            e.detail["report_id"]
+            for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "question.ask"))
+        }
+        assert crud.get_study(s, study_id).status == "reported"
+    ok = [r["id"] for r, _ in together + [mixed[0], mixed[2]]]
+    assert set(ok) <= stored and set(ok) <= audited
+    assert mixed[1][0]["id"] not in stored | audited
 
 
 def test_report_edit_history_and_signing(db_engine: Engine) -> None:

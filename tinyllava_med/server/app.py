@@ -29,6 +29,7 @@ from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
 from tinyllava_med.server.jobs import JobRunner
 from tinyllava_med.server.metrics import Metrics
+from tinyllava_med.server.report_writer import ReportWriter
 from tinyllava_med.server.routes import (
     dicomweb,
     health,
@@ -244,6 +245,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         db_engine = make_engine(settings.database_url)
         app.state.db_engine = db_engine
         app.state.session_factory = session_factory(db_engine)
+        app.state.report_writer = ReportWriter(db_engine)
         with app.state.session_factory.begin() as session:
             first_key = ensure_first_admin_key(session)
         if first_key is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import date, datetime
-from typing import Any
+from typing import Any, NotRequired, TypedDict, Unpack
 
 from sqlalchemy import Select, bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection
@@ -272,15 +272,12 @@ def _connection(db: Session | Connection) -> Connection:
     return db.connection() if isinstance(db, Session) else db
 
 
-def insert_draft_report(
-    db: Session | Connection, *, study_id: str, image_id: str | None, answer: str, **fields: Any
-) -> Report:
-    """`create_report` for the answering hot path: one INSERT and one UPDATE, without loading
-    the study and image (a third of the request's time on the event loop under load). Returns
-    the report as a detached object with every column set. A study deleted meanwhile fails the
-    transaction with an IntegrityError (foreign key)."""
+def draft_report_row(
+    *, study_id: str, image_id: str | None, answer: str, **fields: Any
+) -> dict[str, Any]:
+    """Every column of a new draft report, as `insert_draft_reports` writes it."""
     now = utcnow()
-    values = {
+    return {
         "id": new_id(),
         "study_id": study_id,
         "image_id": image_id,
@@ -289,10 +286,27 @@ def insert_draft_report(
         "server_version": __version__,
         **_draft(answer=answer, **fields),
     }
+
+
+def insert_draft_reports(db: Session | Connection, rows: list[dict[str, Any]]) -> None:
+    """`create_report` for the answering hot path: one INSERT (of all `rows`) and one UPDATE
+    per study, without loading studies or images. A study deleted meanwhile fails the
+    transaction with an IntegrityError (foreign key)."""
     conn = _connection(db)
-    conn.execute(_INSERT_REPORT, values)
-    conn.execute(_MARK_REPORTED, {"study_id": study_id})
-    return Report(**values)
+    conn.execute(_INSERT_REPORT, rows)
+    conn.execute(
+        _MARK_REPORTED, [{"study_id": sid} for sid in dict.fromkeys(r["study_id"] for r in rows)]
+    )
+
+
+def insert_draft_report(
+    db: Session | Connection, *, study_id: str, image_id: str | None, answer: str, **fields: Any
+) -> Report:
+    """One draft report (`insert_draft_reports`), returned as a detached object with every
+    column set."""
+    row = draft_report_row(study_id=study_id, image_id=image_id, answer=answer, **fields)
+    insert_draft_reports(db, [row])
+    return Report(**row)
 
 
 def image_ref(db: Session | Connection, study_id: str, n: int) -> tuple[str, str] | None:
@@ -411,35 +425,35 @@ def _check_no_patient_keys(value: Any, path: str = "detail") -> None:
             _check_no_patient_keys(v, f"{path}[{i}]")
 
 
-def audit(
-    db: Session | Connection,
-    *,
-    actor: str,
-    action: str,
-    resource_type: str,
-    resource_id: str | None,
-    outcome: Outcome,
-    status_code: int,
-    detail: Mapping[str, Any] | None = None,
-) -> None:
-    """Record one audit event (a single INSERT, no ORM unit of work: every request audits).
-    `detail` must not carry patient identifiers: keys such as `PatientName` or
-    `AccessionNumber` are refused (ValueError)."""
+class AuditFields(TypedDict):
+    actor: str
+    action: str
+    resource_type: str
+    resource_id: str | None
+    outcome: Outcome
+    status_code: int
+    detail: NotRequired[Mapping[str, Any] | None]
+
+
+def audit_row(**event: Unpack[AuditFields]) -> dict[str, Any]:
+    """One audit event's columns, checked: `detail` must not carry patient identifiers (keys
+    such as `PatientName` or `AccessionNumber` are refused with ValueError)."""
+    outcome, detail = event["outcome"], event.get("detail")
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
     _check_no_patient_keys(detail)
-    _connection(db).execute(
-        _INSERT_AUDIT,
-        {
-            "actor": actor,
-            "action": action,
-            "resource_type": resource_type,
-            "resource_id": resource_id,
-            "outcome": outcome,
-            "status_code": status_code,
-            "detail": dict(detail) if detail is not None else None,
-        },
-    )
+    return {**event, "detail": dict(detail) if detail is not None else None}
+
+
+def insert_audit_rows(db: Session | Connection, rows: list[dict[str, Any]]) -> None:
+    """Record `audit_row`s in one INSERT."""
+    _connection(db).execute(_INSERT_AUDIT, rows)
+
+
+def audit(db: Session | Connection, **event: Unpack[AuditFields]) -> None:
+    """Record one audit event (`audit_row`; a single INSERT, no ORM unit of work: every
+    request audits)."""
+    insert_audit_rows(db, [audit_row(**event)])
 
 
 def list_audit_events(

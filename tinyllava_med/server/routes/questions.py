@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tinyllava_med.model.generate import Answer, SamplingParams
 from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.models import Report
 from tinyllava_med.server.deps import Asker, EngineDep, SettingsDep, StoreDep
 from tinyllava_med.server.engine import (
     Arrival,
@@ -160,7 +161,7 @@ def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
 
 
-def _store_answer(
+async def _store_answer(
     request: Request,
     *,
     study_id: str,
@@ -173,31 +174,28 @@ def _store_answer(
     latency_ms: float,
     stream: bool = False,
 ) -> ReportPublic:
-    """Save the answer as a report (and audit it) in a short transaction of its own: two
-    INSERTs and an UPDATE on a plain connection, no ORM session (this runs on the event loop
-    for every answer)."""
+    """Save the answer as a report, with its audit event, in one transaction shared with the
+    answers that finished with it (`ReportWriter`: plain Core INSERTs, no ORM session)."""
+    row = crud.draft_report_row(
+        study_id=study_id,
+        image_id=image_id,
+        question=question,
+        **answer_fields(ans, info, actor=actor, latency_ms=latency_ms),
+    )
+    event = crud.audit_row(
+        actor=actor,
+        action="question.ask",
+        resource_type="study",
+        resource_id=study_id,
+        outcome="ok",
+        status_code=201,
+        detail={"report_id": row["id"], **({"stream": True} if stream else {})},
+    )
     try:
-        with request.app.state.db_engine.begin() as conn:
-            report = crud.insert_draft_report(
-                conn,
-                study_id=study_id,
-                image_id=image_id,
-                question=question,
-                **answer_fields(ans, info, actor=actor, latency_ms=latency_ms),
-            )
-            crud.audit(
-                conn,
-                actor=actor,
-                action="question.ask",
-                resource_type="study",
-                resource_id=study_id,
-                outcome="ok",
-                status_code=201,
-                detail={"report_id": report.id, **({"stream": True} if stream else {})},
-            )
+        await request.app.state.report_writer.write(row, event)
     except IntegrityError as e:  # the study (or image) was deleted while the model answered
         raise APIError(404, "study_not_found", "the study was deleted while answering") from e
-    return report_public(report, image_index)
+    return report_public(Report(**row), image_index)
 
 
 @router.post("/v1/studies/{study_id}/questions", status_code=201, response_model=ReportPublic)
@@ -231,8 +229,8 @@ async def ask_about_study(
         info = engine.lm.info if engine.lm is not None else {}
         question, start = body.question, time.perf_counter()
 
-        def save(ans: Answer) -> ReportPublic:
-            return _store_answer(
+        async def save(ans: Answer) -> ReportPublic:
+            return await _store_answer(
                 request,
                 study_id=study_id,
                 image_id=image_id,
@@ -246,7 +244,9 @@ async def ask_about_study(
             )
 
         if not stream:
-            return save(await answer(engine, settings, pil, question, params, arrival=arrival))
+            return await save(
+                await answer(engine, settings, pil, question, params, arrival=arrival)
+            )
 
     async def events() -> AsyncIterator[bytes]:
         ans: Answer | None = None
@@ -262,7 +262,7 @@ async def ask_about_study(
             yield _sse("error", error_body(e.code, e.message, e.detail))
             return
         assert ans is not None
-        yield _sse("report", save(ans).model_dump(mode="json"))
+        yield _sse("report", (await save(ans)).model_dump(mode="json"))
 
     return StreamingResponse(
         events(),
@@ -296,7 +296,7 @@ async def ask_one_shot(
     ans = await answer(
         engine, settings, pil, question, params, arrival=getattr(request.state, "arrival", None)
     )
-    report = _store_answer(
+    report = await _store_answer(
         request,
         study_id=study_id,
         image_id=image_id,
