@@ -340,13 +340,17 @@ def test_report_writer_stores_answers_finishing_together_in_one_transaction(
         )
         return r, a
 
-    async def write_all(rows: list[tuple[dict, dict]]) -> list[object]:
-        writer = ReportWriter(db_engine)
+    async def write_all(rows: list[tuple[dict, dict]], group: bool = True) -> list[object]:
+        writer = ReportWriter(db_engine, group=group)
         return await asyncio.gather(*(writer.write(r, a) for r, a in rows), return_exceptions=True)
 
     together = [row(study_id, i) for i in range(3)]
     assert asyncio.run(write_all(together)) == [None, None, None]
     assert len(commits) == 1
+    one_by_one = [row(study_id, i) for i in range(6, 8)]
+    assert asyncio.run(write_all(one_by_one, group=False)) == [None, None]
+    assert len(commits) == 3
+    together += one_by_one
 
     mixed = [row(study_id, 3), row("deleted-meanwhile", 4), row(study_id, 5)]
     results = asyncio.run(write_all(mixed))
