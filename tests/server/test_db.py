@@ -258,7 +258,7 @@ def test_report_records_provenance(db_engine: Engine) -> None:
         assert r.study.status == "reported"
 
 
-def test_insert_draft_report_writes_what_create_report_writes(db_engine: Engine) -> None:
+def test_insert_draft_reports_writes_what_create_report_writes(db_engine: Engine) -> None:
     """The answering hot path's Core INSERT: same row as the ORM path, study marked reported."""
     fields = {
         "question": "Is there a fracture?",
@@ -280,7 +280,9 @@ def test_insert_draft_report_writes_what_create_report_writes(db_engine: Engine)
         image = crud.add_image(s, study=study, sha256=SHA_A, kind="dicom", size_bytes=1)
         study_id, image_id = study.id, image.id
     with Session_.begin() as s:
-        detached = crud.insert_draft_report(s, study_id=study_id, image_id=image_id, **fields)
+        row = crud.draft_report_row(study_id=study_id, image_id=image_id, **fields)
+        crud.insert_draft_reports(s, [row])
+        detached = Report(**row)
     columns = [
         c.key for c in Report.__table__.columns if c.key not in ("id", "study_id", "image_id")
     ]
@@ -294,17 +296,12 @@ def test_insert_draft_report_writes_what_create_report_writes(db_engine: Engine)
         assert same == {k: getattr(orm, k) for k in same} | {"finish_reason": "stop"}
 
 
-def test_insert_draft_report_for_a_deleted_study_fails_its_transaction(db_engine: Engine) -> None:
+def test_insert_draft_reports_for_a_deleted_study_fails_its_transaction(db_engine: Engine) -> None:
     with pytest.raises(IntegrityError), session_factory(db_engine).begin() as s:
-        crud.insert_draft_report(
-            s,
-            study_id="gone",
-            image_id=None,
-            question="q",
-            answer="a",
-            model="m",
-            quantization="none",
+        row = crud.draft_report_row(
+            study_id="gone", image_id=None, question="q", answer="a", model="m", quantization="none"
         )
+        crud.insert_draft_reports(s, [row])
 
 
 def test_report_writer_stores_answers_finishing_together_in_one_transaction(

@@ -243,7 +243,7 @@ def study_public(study: Study, reports: int = 0) -> StudyPublic:
 
 
 def report_public(r: Report, image_index: int | None = None) -> ReportPublic:
-    """`image_index` for a detached report (`crud.insert_draft_report`), else read from `r`."""
+    """`image_index` for a detached report (`crud.draft_report_row`), else read from `r`."""
     if image_index is None and r.image is not None:
         image_index = r.image.n
     return ReportPublic(

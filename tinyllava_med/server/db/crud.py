@@ -299,16 +299,6 @@ def insert_draft_reports(db: Session | Connection, rows: list[dict[str, Any]]) -
     )
 
 
-def insert_draft_report(
-    db: Session | Connection, *, study_id: str, image_id: str | None, answer: str, **fields: Any
-) -> Report:
-    """One draft report (`insert_draft_reports`), returned as a detached object with every
-    column set."""
-    row = draft_report_row(study_id=study_id, image_id=image_id, answer=answer, **fields)
-    insert_draft_reports(db, [row])
-    return Report(**row)
-
-
 def image_ref(db: Session | Connection, study_id: str, n: int) -> tuple[str, str] | None:
     """(id, sha256) of image `n` of a study, or None: the question path's one read, in Core."""
     row = _connection(db).execute(_IMAGE_REF, {"study_id": study_id, "n": n}).first()
