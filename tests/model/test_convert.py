@@ -22,9 +22,11 @@ from tinyllava_med.model.convert import ConversionError, convert_checkpoint, det
 from tinyllava_med.model.meta import ServedMeta
 from tinyllava_med.model.processor import (
     ImageProcessorSpec,
+    batch_inputs,
     build_image_processor,
     build_processor,
     image_token_count,
+    pixel_values,
 )
 from tinyllava_med.model.prompts import build_prompt
 
@@ -454,6 +456,30 @@ def test_image_processor_matches_expand2square_reference(spec, pad: bool) -> Non
         )
         assert got.shape == (1, 3, 32, 32)
         assert torch.allclose(got, want, atol=1e-5), (spec, pad, size)
+
+
+@pytest.mark.parametrize("case", ["llava_mistral", "llava", "tinyllava"])
+def test_batch_inputs_from_pixel_values_equal_the_processor(shop: Workshop, case: str) -> None:
+    """The server's split (per-image `pixel_values` ahead, `batch_inputs` per batch) feeds the
+    model exactly what the served processor would: CLIP with CLS (LLaVA-Med v1.5), v1.0's
+    `<im_start>` wrapping, SigLIP (TinyLLaVA); prompts of different lengths, left padding."""
+    orig, dst = shop.convert(case)
+    processor = AutoProcessor.from_pretrained(dst, backend="pil")
+    processor.tokenizer.padding_side = "left"
+    images = [sample_image(23, 14, seed=3), sample_image(9, 31, seed=4), sample_image(seed=5)]
+    prompts = [
+        build_prompt(orig.template, QUESTION),
+        build_prompt(orig.template, "What is the modality?", [("Which organ?", "chest")]),
+        build_prompt(orig.template, "Is there a fracture in the left knee?"),
+    ]
+    want = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    got = batch_inputs(processor, prompts, [pixel_values(processor, im) for im in images])
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert (want["input_ids"] == processor.tokenizer.pad_token_id).any()  # padding was tested
+    with pytest.raises(ValueError, match="exactly one"):
+        batch_inputs(processor, ["no image here"], [pixel_values(processor, images[0])])
 
 
 def test_processor_image_token_counts() -> None:

@@ -4,7 +4,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tinyllava_med.model.generate import GenerationCancelled, SamplingParams, generate, stream
+from tinyllava_med.model.generate import (
+    GenerationCancelled,
+    SamplingParams,
+    generate,
+    prepare_image,
+    stream,
+)
 
 
 def _images():
@@ -22,6 +28,21 @@ def test_batched_equals_single(tiny_lm):
     assert all(a.new_tokens <= 6 for a in batched)
     # different prompt lengths: left padding must not leak into the shorter row
     assert batched[0].prompt_tokens < batched[1].prompt_tokens
+
+
+def test_prepared_pixel_values_answer_as_the_images_do(tiny_lm):
+    """An image given as `prepare_image`'s pixel values (what the server caches) gets the same
+    answer and prompt as the image itself, also mixed with a plain image in one batch."""
+    qs = ["Is there a fracture?", "What is the modality of this image, please?"]
+    params = SamplingParams(max_new_tokens=6)
+    plain = generate(tiny_lm, _images(), qs, params)
+    pixels = [prepare_image(tiny_lm, im) for im in _images()]
+    assert pixels[0].shape == (3, 32, 32) and pixels[0].dtype == tiny_lm.model.dtype
+    for images in (pixels, [pixels[0], _images()[1]]):
+        got = generate(tiny_lm, images, qs, params)
+        assert [(a.text, a.prompt_tokens, a.new_tokens) for a in got] == [
+            (a.text, a.prompt_tokens, a.new_tokens) for a in plain
+        ]
 
 
 def test_greedy_is_deterministic_and_limits_per_row(tiny_lm):

@@ -174,7 +174,9 @@ def test_failed_jobs_are_retried_then_failed(tmp_path, sqlite_url, tiny_lm):
     ):
         assert stow(api, CT).status_code == 200
         (image,) = rows(api, Image)
-        api.app.state.store.path(image.sha256).unlink()  # the file is gone: rendering fails
+        # the file is gone, and so is the rendering the upload cached: rendering fails
+        api.app.state.store.path(image.sha256).unlink()
+        api.app.state.store.rendered.clear()
 
         def failed(api=api):
             (job,) = rows(api, Job)

@@ -19,6 +19,7 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from tinyllava_med.model.load import LoadedModel
+from tinyllava_med.model.processor import batch_inputs, pixel_values
 from tinyllava_med.model.prompts import build_prompt, clean_answer, stop_strings
 
 
@@ -143,9 +144,15 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def prepare_image(lm: LoadedModel, image: Image.Image) -> torch.Tensor:
+    """`image` as `lm`'s vision tower sees it ([3, H, W], the model's dtype, on the CPU): the
+    per-image work of `generate`, which callers may do ahead (and cache) and pass instead."""
+    return pixel_values(lm.processor, image).to(lm.model.dtype)
+
+
 def generate(
     lm: LoadedModel,
-    images: list[Image.Image],
+    images: Sequence[Image.Image | torch.Tensor],
     questions: list[str],
     params: SamplingParams | list[SamplingParams] = SamplingParams(),
     *,
@@ -154,7 +161,8 @@ def generate(
     histories: list[Sequence[tuple[str, str]]] | None = None,
     text_rows: list[bool] | None = None,
 ) -> list[Answer]:
-    """One answer per (image, question), generated in one batch.
+    """One answer per (image, question), generated in one batch. An image may be given as
+    `prepare_image`'s pixel values.
 
     `histories` holds each row's earlier (question, answer) turns about the same image.
     `text_rows`: which rows `on_token` wants text deltas for (default all); the others get one
@@ -178,11 +186,9 @@ def generate(
         build_prompt(lm.template, q, list(histories[i]) if histories else None)
         for i, q in enumerate(questions)
     ]
-    inputs = lm.processor(
-        images=[im.convert("RGB") for im in images], text=prompts, padding=True, return_tensors="pt"
-    ).to(lm.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(lm.model.dtype)
+    pixels = [im if isinstance(im, torch.Tensor) else prepare_image(lm, im) for im in images]
+    inputs = batch_inputs(lm.processor, prompts, pixels).to(lm.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(lm.model.dtype)
     prompt_lens = inputs["attention_mask"].sum(dim=1).tolist()
 
     eos_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()

@@ -9,6 +9,12 @@ fed its vision tower and LLM (FIDELITY.md):
 - text: the chat template of `prompts.chat_template(template)`, and `<image>` expanded to as many
   placeholder tokens as the tower yields features (576 for CLIP-336 without CLS, 729 for
   SigLIP-384, 16 for the bundled demo's 64 px / patch 16 tower).
+
+`pixel_values` and `batch_inputs` split what the processor does for a batch in two: the costly
+per-image half (pad, resize, normalise: 0.5 ms for a 128 px image, 70 ms for a 2000 px
+radiograph on one CPU core) and the cheap per-batch half (expand the image token, tokenise,
+stack). The server does the first as each request arrives, cached per image, so the engine's
+batch does not wait for it; `batch_inputs(pixel_values(...))` equals the processor's own output.
 """
 
 from __future__ import annotations
@@ -17,8 +23,16 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+import torch
+from PIL import Image
 from tokenizers import AddedToken
-from transformers import LlavaImageProcessorPil, LlavaProcessor, PreTrainedTokenizerBase
+from transformers import (
+    BatchFeature,
+    LlavaImageProcessorPil,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+)
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
 from tinyllava_med.model.prompts import IMAGE_TOKEN, chat_template
@@ -141,3 +155,28 @@ def build_processor(
         image_token=image_token,
         num_additional_image_tokens=int(spec.cls_token),
     )
+
+
+def pixel_values(processor: LlavaProcessor, image: Image.Image) -> torch.Tensor:
+    """What the vision tower sees of one image: the processor's pixel values, [3, H, W] float32."""
+    out = processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")
+    return out["pixel_values"][0]
+
+
+def batch_inputs(
+    processor: LlavaProcessor, prompts: list[str], pixels: list[torch.Tensor]
+) -> BatchFeature:
+    """`processor(images=..., text=prompts, padding=True, return_tensors="pt")`, from each
+    prompt's image already turned into `pixel_values`: every prompt holds one image token, which
+    the processor's own `replace_image_token` expands (it reads only the pixel array's shape)."""
+    if len(prompts) != len(pixels):
+        raise ValueError(f"got {len(prompts)} prompts but {len(pixels)} images")
+    token = processor.image_token
+    texts = []
+    for prompt, pv in zip(prompts, pixels, strict=True):
+        if prompt.count(token) != 1:
+            raise ValueError(f"a prompt must hold exactly one {token}")
+        shape_only = {"pixel_values": [np.broadcast_to(np.float32(0), tuple(pv.shape))]}
+        texts.append(prompt.replace(token, processor.replace_image_token(shape_only, 0)))
+    encoded = processor.tokenizer(texts, padding=True, return_tensors="pt")
+    return BatchFeature({**encoded, "pixel_values": torch.stack(pixels)})

@@ -268,6 +268,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                 batch_window_ms=settings.batch_window_ms,
                 max_queue=settings.max_queue,
                 metrics=app.state.metrics,
+                pixel_cache_mb=settings.pixel_cache_mb,
             )
             if model is not None:
                 _start_engine(app, model)

@@ -24,12 +24,13 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Literal, get_args
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -258,7 +259,7 @@ def _audit_denied(
         )
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     x_api_key: Annotated[str | None, Depends(_api_key_header)],
@@ -274,16 +275,14 @@ def get_principal(
         digest = hash_api_key(key)
         principal = cache.get(digest)
         if principal is not None:
+            return principal  # the common case: no database, no thread
+        principal = await run_in_threadpool(_look_up, request, key)
+        if principal is not None:
+            cache.put(digest, principal)
             return principal
-        with request.app.state.session_factory.begin() as session:
-            row = verify_api_key(session, key)
-            if row is not None:
-                principal = Principal(key_id=row.id, role=row.role, name=row.name)
-                cache.put(digest, principal)
-    if principal is not None:
-        return principal
     reason = "invalid" if key else "missing"
-    _audit_denied(
+    await run_in_threadpool(
+        _audit_denied,
         request,
         actor=ANONYMOUS,
         action="auth.authenticate",
@@ -301,16 +300,23 @@ def get_principal(
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-def require(needed: Role | Permission) -> Callable[..., Principal]:
+def _look_up(request: Request, key: str) -> Principal | None:
+    with request.app.state.session_factory.begin() as session:
+        row = verify_api_key(session, key)
+        return None if row is None else Principal(key_id=row.id, role=row.role, name=row.name)
+
+
+def require(needed: Role | Permission) -> Callable[..., Awaitable[Principal]]:
     """A dependency that lets the call through when the caller's role grants `needed` (a
     permission, or every permission of a role), else answers 403 and audits the denial."""
     if needed not in ROLES and needed not in PERMISSIONS:
         raise ValueError(f"unknown role or permission {needed!r}")
 
-    def dependency(request: Request, principal: CurrentPrincipal) -> Principal:
+    async def dependency(request: Request, principal: CurrentPrincipal) -> Principal:
         if principal.can(needed):
             return principal
-        _audit_denied(
+        await run_in_threadpool(
+            _audit_denied,
             request,
             actor=principal.actor,
             action=needed,

@@ -1,4 +1,9 @@
-"""Typed FastAPI dependencies: settings, database session, engine, image store, principals."""
+"""Typed FastAPI dependencies: settings, database session, engine, image store, principals.
+
+The ones that only read app state are `async`: FastAPI runs a plain `def` dependency in its
+thread pool, and a thread hop for each of them on every request costs the event loop more than
+the lookup itself (py-spy at 16 clients: a fifth of the loop's time was dependency solving).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -25,15 +30,15 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_engine(request: Request) -> BatchingEngine:
+async def get_engine(request: Request) -> BatchingEngine:
     return request.app.state.engine
 
 
-def get_store(request: Request) -> ImageStore:
+async def get_store(request: Request) -> ImageStore:
     return request.app.state.store
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 

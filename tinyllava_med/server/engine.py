@@ -1,6 +1,8 @@
 """The inference engine: one object that batches concurrent requests into one `generate`.
 
-Requests wait in a bounded queue; a worker thread collects up to `max_batch_size` requests
+An image is turned into the model's pixel values before it joins the queue (in a worker thread
+for `generate`, cached per image key in `pixels`), so the batch does not wait for the image
+processor. Requests wait in a bounded queue; a worker thread collects up to `max_batch_size` requests
 that share sampling settings (waiting up to a short window for requests announced as on their
 way or expected back from the last batch, never for nobody), runs one left-padded `generate`,
 and resolves each request's future. Tokens reach streaming callers through per-request callbacks;
@@ -15,16 +17,24 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import torch
 from PIL import Image
 
-from tinyllava_med.model.generate import Answer, GenerationCancelled, SamplingParams, generate
+from tinyllava_med.model.generate import (
+    Answer,
+    GenerationCancelled,
+    SamplingParams,
+    generate,
+    prepare_image,
+)
 from tinyllava_med.model.load import LoadedModel
+from tinyllava_med.server.lru import ByteLRU
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +67,7 @@ class EngineMetrics(Protocol):
 
 @dataclass
 class _Request:
-    image: Image.Image
+    image: Image.Image | torch.Tensor  # pixel values once prepared
     question: str
     params: SamplingParams
     on_token: Callable[[str], None] | None
@@ -90,6 +100,7 @@ class BatchingEngine:
         batch_window_ms: float = 50.0,
         max_queue: int = 64,
         metrics: EngineMetrics | None = None,
+        pixel_cache_mb: int = 128,
     ) -> None:
         self.lm: ServedModel | None = None
         self.max_batch_size = max_batch_size
@@ -108,10 +119,16 @@ class BatchingEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.last_probe_ok: float | None = None
+        # pixel values by image key (a stored file's sha256 and frame): questions about an image
+        # run the image processor once
+        self.pixels: ByteLRU[torch.Tensor] = ByteLRU(
+            pixel_cache_mb * 1024 * 1024, lambda t: t.element_size() * t.nelement()
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self, lm: LoadedModel) -> None:
+        self.pixels.clear()
         self.lm = lm
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -148,17 +165,43 @@ class BatchingEngine:
         finally:
             arrival.close()
 
+    def prepare(
+        self, image: Image.Image | torch.Tensor, key: Hashable | None = None
+    ) -> Image.Image | torch.Tensor:
+        """`image` as the batch will take it: the model's pixel values (cached under `key`)."""
+        lm = self.lm
+        if not isinstance(lm, LoadedModel) or isinstance(image, torch.Tensor):
+            return image
+        if key is None:
+            return prepare_image(lm, image)
+        return self.pixels.get_or_make((key, id(lm)), lambda: prepare_image(lm, image))
+
+    async def prepare_async(
+        self, image: Image.Image | torch.Tensor, key: Hashable | None = None
+    ) -> Image.Image | torch.Tensor:
+        """`prepare` for the event loop: a cached image at once, the image processor in a
+        worker thread (it runs alongside the batch in progress, not inside the next one)."""
+        if not isinstance(self.lm, LoadedModel) or isinstance(image, torch.Tensor):
+            return image
+        if key is not None and (hit := self.pixels.get((key, id(self.lm)))) is not None:
+            return hit
+        return await asyncio.to_thread(self.prepare, image, key)
+
     def submit(
         self,
-        image: Image.Image,
+        image: Image.Image | torch.Tensor,
         question: str,
         params: SamplingParams,
         on_token: Callable[[str], None] | None = None,
         history: Sequence[tuple[str, str]] = (),
         arrival: Arrival | None = None,
+        image_key: Hashable | None = None,
     ) -> _Request:
+        """Queue a request (preparing its image here, on the caller's thread, unless
+        `generate` did). `image_key` names the image's content, for the pixel cache."""
         if not self.ready:
             raise EngineNotReady("the model is not loaded")
+        image = self.prepare(image, image_key)
         with self._lock:
             if self._pending >= self.max_queue:
                 raise EngineBusy(f"the queue is full ({self.max_queue} requests)")
@@ -180,16 +223,18 @@ class BatchingEngine:
 
     async def generate(
         self,
-        image: Image.Image,
+        image: Image.Image | torch.Tensor,
         question: str,
         params: SamplingParams,
         on_token: Callable[[str], None] | None = None,
         history: Sequence[tuple[str, str]] = (),
         arrival: Arrival | None = None,
+        image_key: Hashable | None = None,
     ) -> Answer:
         """Submit and await; cancelling the awaiting task cancels the request. `history`:
-        earlier (question, answer) turns about the same image."""
-        req = self.submit(image, question, params, on_token, history, arrival)
+        earlier (question, answer) turns about the same image; `image_key`: see `submit`."""
+        image = await self.prepare_async(image, image_key)
+        req = self.submit(image, question, params, on_token, history, arrival, image_key)
         try:
             return await asyncio.wrap_future(req.future)
         except asyncio.CancelledError:

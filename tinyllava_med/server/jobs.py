@@ -249,7 +249,8 @@ class JobRunner:
         question = str(job.payload["question"])
         start = time.perf_counter()
         params = SamplingParams(max_new_tokens=settings.default_max_new_tokens)
-        answer = engine.submit(pil, question, params).future.result(settings.request_timeout_s)
+        req = engine.submit(pil, question, params, image_key=(sha256, None))
+        answer = req.future.result(settings.request_timeout_s)
         latency_ms = (time.perf_counter() - start) * 1000
         with self.sessions.begin() as s:
             study = crud.get_study(s, job.study_id or "")

@@ -152,6 +152,7 @@ class RemoteEngine(BatchingEngine):
 
     def _complete(self, req: _Request) -> Answer:
         assert isinstance(self.lm, RemoteModel)
+        assert isinstance(req.image, Image.Image)  # `prepare` keeps images for a remote model
         body: dict[str, Any] = {
             "model": self.lm.model_id,
             "messages": chat_messages(req.image, req.question, req.history),

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from fastapi.concurrency import run_in_threadpool
 from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
@@ -81,7 +82,7 @@ def ingest(
     first = next((d for d in decoded if d.kind == "dicom"), decoded[0])
     study = create_study_of(session, first)
     for upload, d in zip(uploads, decoded, strict=True):
-        add_file(session, store, study, upload.data, d)
+        add_file(session, store, study, upload.data, d, limits_of(settings))
     crud.audit(
         session,
         actor=actor,
@@ -111,13 +112,24 @@ def create_study_of(session: Session, d: StudyFile) -> Study:
     )
 
 
-def add_file(session: Session, store: ImageStore, study: Study, data: bytes, d: StudyFile) -> Image:
-    """Store one decoded file and append it to `study` as its next image."""
+def add_file(
+    session: Session,
+    store: ImageStore,
+    study: Study,
+    data: bytes,
+    d: StudyFile,
+    limits: ImageLimits,
+) -> Image:
+    """Store one decoded file (`d`, decoded from `data` under `limits`) and append it to `study`
+    as its next image. Its rendering goes into the render cache: the first question about it
+    does not decode the file again."""
     m = d.metadata
+    sha256 = store.put(data)
+    store.rendered.put(render_key(sha256, limits), d.image)
     return crud.add_image(
         session,
         study=study,
-        sha256=store.put(data),
+        sha256=sha256,
         kind=d.kind,
         size_bytes=len(data),
         SOPInstanceUID=m.SOPInstanceUID,
@@ -157,6 +169,13 @@ def image_of(study: Study, index: int) -> Image:
     )
 
 
+def render_key(
+    sha256: str, limits: ImageLimits, frame: int | None = None, window: str | None = None
+) -> tuple[str, int | None, str | None, ImageLimits]:
+    """What a rendering is cached under: the file's content, frame, window and limits."""
+    return (sha256, frame, window, limits)
+
+
 def render(
     store: ImageStore,
     sha256: str,
@@ -172,11 +191,21 @@ def render(
         return load_study_file(store.get(sha256), frame=frame, window=window, limits=limits).image
 
     try:
-        return store.rendered.get_or_make((sha256, frame, window, limits), make)
+        return store.rendered.get_or_make(render_key(sha256, limits, frame, window), make)
     except ImagingError as e:
         raise imaging_error(e) from e
     except FileNotFoundError as e:
         raise APIError(410, "image_missing", "the stored image file is missing") from e
+
+
+async def render_async(
+    store: ImageStore, sha256: str, settings: Settings, *, frame: int | None = None
+) -> PILImage.Image:
+    """`render` for the event loop: a cached image at once, a decode in the thread pool."""
+    cached = store.rendered.get(render_key(sha256, limits_of(settings), frame))
+    if cached is not None:
+        return cached
+    return await run_in_threadpool(render, store, sha256, settings, frame=frame)
 
 
 def answer_fields(

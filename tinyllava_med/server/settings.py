@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     render_cache_mb: int = Field(
         default=256, ge=0, description="decoded images kept in memory (0: decode every time)"
     )
+    pixel_cache_mb: int = Field(
+        default=128,
+        ge=0,
+        description="the model's pixel values of recent images kept in memory, so follow-up "
+        "questions skip the image processor (0: process every time)",
+    )
 
     # --- batching ------------------------------------------------------------------------------
     max_batch_size: int = Field(default=8, gt=0)

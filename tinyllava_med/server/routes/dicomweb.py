@@ -105,7 +105,7 @@ def store_instances(
             continue
         study = _study_for(session, uid, studies, d)
         if not _already_stored(session, study, sop_instance):
-            add_file(session, store, study, part.data, d)
+            add_file(session, store, study, part.data, d, limits_of(settings))
             touched[study.id] = study
         result.stored.append((sop_class, sop_instance))
     session.flush()

@@ -15,7 +15,6 @@ from contextlib import AbstractContextManager, aclosing, nullcontext
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from PIL import Image as PILImage
 from sqlalchemy.exc import IntegrityError
@@ -38,7 +37,7 @@ from tinyllava_med.server.serving import (
     answer_fields,
     image_of,
     ingest,
-    render,
+    render_async,
     report_public,
     study_public,
 )
@@ -100,10 +99,13 @@ async def answer(
     on_token: Any = None,
     history: list[tuple[str, str]] | None = None,
     arrival: Arrival | None = None,
+    image_key: Any = None,
 ) -> Answer:
+    """`image_key` names the image's content (the stored file's sha256 and frame) for the
+    engine's pixel cache; None for an image that is not stored."""
     try:
         return await asyncio.wait_for(
-            engine.generate(image, question, params, on_token, history or (), arrival),
+            engine.generate(image, question, params, on_token, history or (), arrival, image_key),
             settings.request_timeout_s,
         )
     except EngineBusy as e:
@@ -126,6 +128,7 @@ async def stream_answer(
     params: SamplingParams,
     history: list[tuple[str, str]] | None = None,
     arrival: Arrival | None = None,
+    image_key: Any = None,
 ) -> AsyncGenerator[str | Answer, None]:
     """The answer's text deltas as they are generated, then the `Answer`. Errors are
     `APIError`s; closing the iterator (the client went away) cancels the request."""
@@ -141,6 +144,7 @@ async def stream_answer(
             lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
             history,
             arrival,
+            image_key,
         )
     )
     try:
@@ -225,7 +229,8 @@ async def ask_about_study(
                 image_of(study, body.image_index)
         assert found is not None
         image_id, sha256 = found
-        pil = await run_in_threadpool(render, store, sha256, settings, frame=body.frame)
+        pil = await render_async(store, sha256, settings, frame=body.frame)
+        image_key = (sha256, body.frame)
         info = engine.lm.info if engine.lm is not None else {}
         question, start = body.question, time.perf_counter()
 
@@ -245,13 +250,17 @@ async def ask_about_study(
 
         if not stream:
             return await save(
-                await answer(engine, settings, pil, question, params, arrival=arrival)
+                await answer(
+                    engine, settings, pil, question, params, arrival=arrival, image_key=image_key
+                )
             )
 
     async def events() -> AsyncIterator[bytes]:
         ans: Answer | None = None
         try:
-            items_ = stream_answer(engine, settings, pil, question, params, arrival=arrival)
+            items_ = stream_answer(
+                engine, settings, pil, question, params, arrival=arrival, image_key=image_key
+            )
             async with aclosing(items_) as items:
                 async for item in items:
                     if isinstance(item, str):
@@ -291,10 +300,16 @@ async def ask_one_shot(
     with request.app.state.session_factory.begin() as s:
         study = ingest(s, store, settings, [upload], actor=principal.actor)
         study_id, image_id, sha256 = study.id, study.images[0].id, study.images[0].sha256
-    pil = await run_in_threadpool(render, store, sha256, settings)
+    pil = await render_async(store, sha256, settings)
     start = time.perf_counter()
     ans = await answer(
-        engine, settings, pil, question, params, arrival=getattr(request.state, "arrival", None)
+        engine,
+        settings,
+        pil,
+        question,
+        params,
+        arrival=getattr(request.state, "arrival", None),
+        image_key=(sha256, None),
     )
     report = await _store_answer(
         request,
