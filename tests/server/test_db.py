@@ -366,6 +366,49 @@ def test_report_writer_stores_answers_finishing_together_in_one_transaction(
     assert mixed[1][0]["id"] not in stored | audited
 
 
+def test_an_answer_marks_its_study_reported_only_while_it_is_received(db_engine: Engine) -> None:
+    """The first answer about a study marks it reported; an answer whose question saw the study
+    reported (or signed) already writes no UPDATE: statuses never go back to received."""
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        study = crud.create_study(s, Modality="CT")
+        crud.add_image(s, study=study, sha256=SHA_A, kind="dicom", size_bytes=1)
+        study_id = study.id
+    with db_engine.connect() as conn:
+        assert crud.image_ref(conn, study_id, 0)[1:] == (SHA_A, "received")
+        assert crud.image_ref(conn, study_id, 1) is None
+    updates: list[str] = []
+    event.listen(
+        db_engine,
+        "before_cursor_execute",
+        lambda conn, cursor, stmt, *args: (
+            stmt.lstrip().upper().startswith("UPDATE") and updates.append(stmt)
+        ),
+    )
+
+    def answer(i: int, received: bool) -> None:
+        r = crud.draft_report_row(
+            study_id=study_id,
+            image_id=None,
+            question=f"q{i}",
+            answer="a",
+            model="m",
+            quantization="none",
+        )
+        with db_engine.begin() as conn:
+            crud.insert_draft_reports(conn, [r], [study_id] if received else [])
+
+    answer(0, received=True)
+    assert len(updates) == 1
+    with db_engine.connect() as conn:
+        assert crud.image_ref(conn, study_id, 0)[2] == "reported"
+    answer(1, received=False)
+    assert len(updates) == 1
+    with Session_() as s:
+        assert len(s.scalars(select(Report)).all()) == 2
+        assert crud.get_study(s, study_id).status == "reported"
+
+
 def test_report_edit_history_and_signing(db_engine: Engine) -> None:
     Session_ = session_factory(db_engine)
     with Session_.begin() as s:

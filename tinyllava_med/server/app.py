@@ -245,7 +245,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
         db_engine = make_engine(settings.database_url)
         app.state.db_engine = db_engine
         app.state.session_factory = session_factory(db_engine)
-        app.state.report_writer = ReportWriter(db_engine, group=db_engine.dialect.name != "sqlite")
+        app.state.report_writer = ReportWriter(db_engine)
         with app.state.session_factory.begin() as session:
             first_key = ensure_first_admin_key(session)
         if first_key is not None:

@@ -1,14 +1,15 @@
 """Group commit for answers: the reports of answers that finish together are stored together.
 
 A batch's answers resolve at the same moment, so their requests ask to store their reports
-within one turn of the event loop. With `group` on, `ReportWriter.write` queues the report and
-its audit event and the first one schedules a flush for the next turn: one transaction with one
-multi-row INSERT per table, instead of one transaction per answer. The app turns it on for
-PostgreSQL, where each commit is a network round trip and a WAL flush (A/B at 16 clients:
-+12-38% requests/s); on SQLite a commit is a local WAL append, and grouping measured no better
-within the noise, so each answer is written at once there (`bench/results/serve_load.md`). Each report is still stored with its
-audit event or not at all. If the group fails on a foreign key (a study deleted while the model
-answered), every report of the group is retried in a transaction of its own, so only the
+within one turn of the event loop. With `group` on (the app's choice), `ReportWriter.write`
+queues the report and its audit event and the first one schedules a flush for the next turn:
+one transaction with one multi-row INSERT per table, instead of one transaction per answer.
+A/B at 16 clients: +12-38% requests/s on PostgreSQL, where each commit is a network round trip
+and a WAL flush. On SQLite: +3% to +35% in 4 of 5 alternating pairs and -8% in the fifth, once
+the event loop had been made faster (before, it measured no better there and split batches:
+`bench/results/serve_load.md`). Each report is still stored with its audit event or not at
+all. If the group fails on a foreign key (a study deleted while the model answered), every
+report of the group is retried in a transaction of its own, so only the
 requests whose study is gone get the error.
 """
 
@@ -23,31 +24,35 @@ from sqlalchemy.exc import IntegrityError
 from tinyllava_med.server.db import crud
 
 Row = dict[str, Any]
+Item = tuple[Row, Row, bool, "asyncio.Future[None]"]  # report, audit event, mark study, done
 
 
 class ReportWriter:
-    def __init__(self, db_engine: Engine, *, group: bool) -> None:
+    def __init__(self, db_engine: Engine, *, group: bool = True) -> None:
         self.db_engine = db_engine
         self.group = group
-        self._waiting: list[tuple[Row, Row, asyncio.Future[None]]] = []
+        self._waiting: list[Item] = []
 
-    async def write(self, report: Row, audit: Row) -> None:
+    async def write(self, report: Row, audit: Row, *, received: bool = True) -> None:
         """Store `report` (a `crud.draft_report_row`) and `audit` (a `crud.audit_row`) in one
-        transaction, shared with the other reports written in this turn of the loop. Raises
-        what storing this report raised (IntegrityError for a deleted study)."""
+        transaction, shared with the other reports written in this turn of the loop, and mark
+        the study reported unless it was seen reported already (`received=False`). Raises what
+        storing this report raised (IntegrityError for a deleted study)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((report, audit, done))
+        self._waiting.append((report, audit, received, done))
         if not self.group:
             self._flush()
         elif len(self._waiting) == 1:
             loop.call_soon(self._flush)
         await done
 
-    def _store(self, group: list[tuple[Row, Row, asyncio.Future[None]]]) -> None:
+    def _store(self, group: list[Item]) -> None:
         with self.db_engine.begin() as conn:
-            crud.insert_draft_reports(conn, [r for r, _, _ in group])
-            crud.insert_audit_rows(conn, [a for _, a, _ in group])
+            crud.insert_draft_reports(
+                conn, [r for r, _, _, _ in group], [r["study_id"] for r, _, m, _ in group if m]
+            )
+            crud.insert_audit_rows(conn, [a for _, a, _, _ in group])
 
     def _flush(self) -> None:
         group, self._waiting = self._waiting, []
@@ -55,21 +60,21 @@ class ReportWriter:
             self._store(group)
         except IntegrityError as e:
             if len(group) == 1:
-                _settle(group[0][2], e)
+                _settle(group[0][3], e)
                 return
             for item in group:  # find out whose study is gone
                 try:
                     self._store([item])
                 except Exception as one:
-                    _settle(item[2], one)
+                    _settle(item[3], one)
                 else:
-                    _settle(item[2], None)
+                    _settle(item[3], None)
             return
         except Exception as e:  # the database is down, say: every request of the group fails
-            for _, _, done in group:
+            for *_, done in group:
                 _settle(done, e)
             return
-        for _, _, done in group:
+        for *_, done in group:
             _settle(done, None)
 
 

@@ -12,7 +12,7 @@ API keys live in `tinyllava_med.server.auth` (creation, hashing, verification, r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from typing import Any, NotRequired, TypedDict, Unpack
 
@@ -49,8 +49,10 @@ _reports, _audit_events, _studies, _images = (
 )
 _INSERT_REPORT = insert(_reports)
 _INSERT_AUDIT = insert(_audit_events)
-_IMAGE_REF = select(_images.c.id, _images.c.sha256).where(
-    _images.c.study_id == bindparam("study_id"), _images.c.n == bindparam("n")
+_IMAGE_REF = (
+    select(_images.c.id, _images.c.sha256, _studies.c.status)
+    .join(_studies, _studies.c.id == _images.c.study_id)
+    .where(_images.c.study_id == bindparam("study_id"), _images.c.n == bindparam("n"))
 )
 _MARK_REPORTED = (
     update(_studies)
@@ -288,21 +290,26 @@ def draft_report_row(
     }
 
 
-def insert_draft_reports(db: Session | Connection, rows: list[dict[str, Any]]) -> None:
+def insert_draft_reports(
+    db: Session | Connection, rows: list[dict[str, Any]], received: Iterable[str] | None = None
+) -> None:
     """`create_report` for the answering hot path: one INSERT (of all `rows`) and one UPDATE
-    per study, without loading studies or images. A study deleted meanwhile fails the
-    transaction with an IntegrityError (foreign key)."""
+    per study still `received` (all the rows' studies, or those in `received`: a study that
+    `image_ref` saw reported or signed stays so, statuses never go back), without loading
+    studies or images. A study deleted meanwhile fails the transaction with an IntegrityError
+    (foreign key)."""
     conn = _connection(db)
     conn.execute(_INSERT_REPORT, rows)
-    conn.execute(
-        _MARK_REPORTED, [{"study_id": sid} for sid in dict.fromkeys(r["study_id"] for r in rows)]
-    )
+    to_mark = dict.fromkeys(r["study_id"] for r in rows) if received is None else received
+    if marks := [{"study_id": sid} for sid in dict.fromkeys(to_mark)]:
+        conn.execute(_MARK_REPORTED, marks)
 
 
-def image_ref(db: Session | Connection, study_id: str, n: int) -> tuple[str, str] | None:
-    """(id, sha256) of image `n` of a study, or None: the question path's one read, in Core."""
+def image_ref(db: Session | Connection, study_id: str, n: int) -> tuple[str, str, str] | None:
+    """(id, sha256, study status) of image `n` of a study, or None: the question path's one
+    read, in Core."""
     row = _connection(db).execute(_IMAGE_REF, {"study_id": study_id, "n": n}).first()
-    return None if row is None else (row[0], row[1])
+    return None if row is None else (row[0], row[1], row[2])
 
 
 def get_report(session: Session, report_id: str) -> Report | None:

@@ -177,9 +177,12 @@ async def _store_answer(
     actor: str,
     latency_ms: float,
     stream: bool = False,
+    received: bool = True,
 ) -> ReportPublic:
     """Save the answer as a report, with its audit event, in one transaction shared with the
-    answers that finished with it (`ReportWriter`: plain Core INSERTs, no ORM session)."""
+    answers that finished with it (`ReportWriter`: plain Core INSERTs, no ORM session).
+    `received`: the study was still `received` when the question came; if not, its status is
+    left alone (no UPDATE)."""
     row = crud.draft_report_row(
         study_id=study_id,
         image_id=image_id,
@@ -196,7 +199,7 @@ async def _store_answer(
         detail={"report_id": row["id"], **({"stream": True} if stream else {})},
     )
     try:
-        await request.app.state.report_writer.write(row, event)
+        await request.app.state.report_writer.write(row, event, received=received)
     except IntegrityError as e:  # the study (or image) was deleted while the model answered
         raise APIError(404, "study_not_found", "the study was deleted while answering") from e
     return report_public(Report(**row), image_index)
@@ -228,7 +231,7 @@ async def ask_about_study(
                     raise APIError(404, "study_not_found", "no study with this id")
                 image_of(study, body.image_index)
         assert found is not None
-        image_id, sha256 = found
+        image_id, sha256, status = found
         pil = await render_async(store, sha256, settings, frame=body.frame)
         image_key = (sha256, body.frame)
         info = engine.lm.info if engine.lm is not None else {}
@@ -246,6 +249,7 @@ async def ask_about_study(
                 actor=principal.actor,
                 latency_ms=(time.perf_counter() - start) * 1000,
                 stream=stream,
+                received=status == "received",
             )
 
         if not stream:
