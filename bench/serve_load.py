@@ -5,15 +5,21 @@
 
 Starts `tinyllava-med serve` twice on loopback with a fresh data dir each: once with the
 batching engine (max batch 16) and once as the baseline (max batch 1: the reference work's
-model-worker style), uploads pydicom's CT_small.dcm, then at 1, 4 and 16 concurrent clients
-sends questions and measures requests/s and p50/p95 latency. Prints a table with the ratios
-and writes `bench/results/serve_load.{md,json}`.
+model-worker style), then at 1, 4 and 16 concurrent clients sends questions and measures
+requests/s and p50/p95 latency. Prints a table with the ratios and writes
+`bench/results/serve_load.{md,json}`.
+
+The questions are about the slices of a series: for each level a study of distinct slices is
+uploaded (pydicom's CT_small.dcm, one pixel changed per slice, so every file is new to the
+server), and each slice is asked `--questions-per-image` questions (default 1: every question
+decodes, renders and processes a new image, the server's caches never help).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
@@ -26,8 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
+import pydicom
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,6 +56,7 @@ class Server:
             "TINYLLAVA_MED_DATA_DIR": str(data_dir),
             "TINYLLAVA_MED_MAX_BATCH_SIZE": str(max_batch),
             "TINYLLAVA_MED_MAX_QUEUE": "256",
+            "TINYLLAVA_MED_MAX_FILES_PER_UPLOAD": "4096",
         }
         # the server's log goes to a file: a pipe nobody reads fills up and blocks the server
         self.log_path = data_dir / "server.log"
@@ -116,32 +126,73 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def ct_slices(n: int) -> list[bytes]:
+    """`n` distinct DICOM files of one series: CT_small with one pixel changed in each."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+    base = ds.pixel_array
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for i in range(n):
+        pixels = base.copy()
+        pixels.flat[i % pixels.size] += 1 + i // pixels.size
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        ds.PixelData = pixels.tobytes()
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        out.append(buf.getvalue())
+    return out
+
+
+def upload(url: str, key: str, files: list[bytes]) -> str:
+    r = httpx.post(
+        f"{url}/v1/studies",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=600,
+        files=[("files", (f"{i}.dcm", f, "application/dicom")) for i, f in enumerate(files)],
+    )
+    r.raise_for_status()
+    return str(r.json()["id"])
+
+
 async def load(
-    url: str, key: str, study: str, clients: int, requests: int, max_new_tokens: int
+    url: str,
+    key: str,
+    study: str,
+    clients: int,
+    requests: int,
+    max_new_tokens: int,
+    questions_per_image: int = 1,
 ) -> dict[str, float]:
     headers = {"Authorization": f"Bearer {key}"}
     latencies: list[float] = []
     todo = list(range(requests))
 
-    async def client(c: httpx.AsyncClient) -> None:
+    async def client(c: aiohttp.ClientSession) -> None:
         while todo:
             i = todo.pop()
             t = time.perf_counter()
-            r = await c.post(
+            async with c.post(
                 f"{url}/v1/studies/{study}/questions",
                 headers=headers,
                 json={
                     "question": f"Question {i}: describe the findings.",
                     "max_new_tokens": max_new_tokens,
+                    "image_index": i // questions_per_image,
                 },
-            )
-            r.raise_for_status()
+            ) as r:
+                await r.read()
+                r.raise_for_status()
             latencies.append(time.perf_counter() - t)
 
-    async with httpx.AsyncClient(timeout=300) as c:
-        start = time.perf_counter()
+    # aiohttp, not httpx: the clients share the server's 2 cores, and httpx spent 2 ms of CPU per
+    # request here (0.4 of a core at 190 requests/s), which only the batched server paid for
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout) as c:
+        cpu, start = time.process_time(), time.perf_counter()
         await asyncio.gather(*(client(c) for _ in range(clients)))
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     q = statistics.quantiles(latencies, n=20)
     return {
         "clients": clients,
@@ -149,11 +200,20 @@ async def load(
         "rps": requests / wall,
         "p50_s": statistics.median(latencies),
         "p95_s": q[18],
+        "client_cpu_ms_per_request": cpu * 1000 / requests,
     }
 
 
-def run(model: str, requests: int, max_new_tokens: int, levels: list[int], first: str) -> dict:
-    ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+def run(
+    model: str,
+    requests: int,
+    max_new_tokens: int,
+    levels: list[int],
+    first: str,
+    questions_per_image: int,
+) -> dict:
+    n_images = {c: -(-max(requests, c * 2) // questions_per_image) for c in levels}
+    slices = ct_slices(1 + sum(n_images.values()))  # the same files for both modes
     out: dict[str, list[dict[str, float]]] = {}
     modes = [("batched", 16), ("baseline", 1)]
     if first == "baseline":
@@ -167,19 +227,20 @@ def run(model: str, requests: int, max_new_tokens: int, levels: list[int], first
                 os.symlink(demo.resolve(), data / "models" / "demo")
             server = Server(model, max_batch, data)
             try:
-                h = {"Authorization": f"Bearer {server.key}"}
-                study = httpx.post(
-                    f"{server.url}/v1/studies",
-                    headers=h,
-                    timeout=60,
-                    files=[("files", ("ct.dcm", ct, "application/dicom"))],
-                ).json()["id"]
-                asyncio.run(load(server.url, server.key, study, 2, 4, max_new_tokens))  # warm
+                warm = upload(server.url, server.key, slices[:1])
+                asyncio.run(load(server.url, server.key, warm, 2, 4, max_new_tokens, 4))
                 out[name] = []
+                used = 1
                 for c in levels:
                     n = max(requests, c * 2)
+                    study = upload(server.url, server.key, slices[used : used + n_images[c]])
+                    used += n_images[c]
                     b0, cpu0 = batch_totals(server.url), cpu_seconds(server.proc.pid)
-                    r = asyncio.run(load(server.url, server.key, study, c, n, max_new_tokens))
+                    r = asyncio.run(
+                        load(
+                            server.url, server.key, study, c, n, max_new_tokens, questions_per_image
+                        )
+                    )
                     b1, cpu1 = batch_totals(server.url), cpu_seconds(server.proc.pid)
                     r["mean_batch"] = (b1[0] - b0[0]) / max(b1[1] - b0[1], 1.0)
                     r["server_cpu_ms_per_request"] = (cpu1 - cpu0) * 1000 / n
@@ -238,6 +299,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument(
+        "--questions-per-image",
+        type=int,
+        default=1,
+        help="questions asked about each slice (1: every question is about a new image)",
+    )
+    ap.add_argument(
         "--rounds", type=int, default=3, help="whole runs, alternating which mode goes first"
     )
     ap.add_argument("--out", default=str(RESULTS / "serve_load"), help="writes OUT.md, OUT.json")
@@ -249,6 +316,7 @@ def main() -> None:
             args.max_new_tokens,
             args.levels,
             "batched" if i % 2 == 0 else "baseline",
+            args.questions_per_image,
         )
         for i in range(args.rounds)
     ]
@@ -281,7 +349,8 @@ def main() -> None:
     header = (
         f"# Serving load: dynamic batching vs one request at a time\n\n"
         f"Command: `python bench/serve_load.py --model {args.model} --requests "
-        f"{args.requests} --max-new-tokens {args.max_new_tokens} --rounds {args.rounds}`\n\n"
+        f"{args.requests} --max-new-tokens {args.max_new_tokens} --rounds {args.rounds} "
+        f"--questions-per-image {args.questions_per_image}`\n\n"
         f"Machine: {cpu}, {os.cpu_count()} cores, {accelerator()}. Same model, same run; "
         f"baseline = max batch 1.\n\n"
     )
