@@ -64,6 +64,50 @@ def test_concurrent_requests_share_a_batch_and_match_single_answers(engine, tiny
     assert rec.depths[-1] == 0
 
 
+def test_images_are_processed_before_the_batch_and_cached_per_key(engine, monkeypatch):
+    """The image processor runs as a request arrives, not in the engine's batch: on the event
+    loop for a small image, in a worker thread for a large one (it must not stall the loop),
+    once per image key; an image without a key is processed every time."""
+    import threading
+
+    from tinyllava_med.server import engine as engine_module
+
+    eng, _ = engine
+    where: list[str] = []
+    real = engine_module.prepare_image
+
+    def spy(lm, image):
+        where.append(threading.current_thread().name)
+        return real(lm, image)
+
+    monkeypatch.setattr(engine_module, "prepare_image", spy)
+    params = SamplingParams(max_new_tokens=3)
+    small, large = _img(60), Image.new("RGB", (300, 300), (60, 60, 60))
+
+    async def ask(image, key):
+        return (await eng.generate(image, "Organ?", params, image_key=key)).text
+
+    async def run():
+        return [
+            await ask(small, ("a", None)),
+            await ask(small, ("a", None)),
+            await ask(large, ("b", None)),
+            await ask(large, ("b", None)),
+            await ask(small, None),
+            await ask(small, None),
+        ]
+
+    texts = asyncio.run(run())
+    main = threading.main_thread().name
+    assert where[0] == main and where[2] == main  # small: on the loop (keyed, then unkeyed)
+    assert where[1] not in (main, "engine")  # large: a worker thread, never the engine's
+    assert len(where) == 4  # one per key, one per unkeyed request
+    assert (eng.pixels.misses, eng.pixels.hits) == (2, 2)
+    assert texts[0] == texts[1] == texts[4] == texts[5]
+    # the cached pixel values answer as the image does
+    assert texts[2] == texts[3] == generate(eng.lm, [large], ["Organ?"], params)[0].text
+
+
 def test_queue_full_raises_busy(tiny_lm):
     eng = BatchingEngine(max_batch_size=1, batch_window_ms=0, max_queue=2)
     eng.start(tiny_lm)
