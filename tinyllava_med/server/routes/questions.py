@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, aclosing, nullcontext
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from PIL import Image as PILImage
 from sqlalchemy.exc import IntegrityError
@@ -301,9 +302,13 @@ async def ask_one_shot(
     params = sampling(QuestionCreate(question=question, max_new_tokens=max_new_tokens), settings)
     check_capacity(engine, settings, request)
     upload = Upload(file.filename or "file", await file.read())
-    with request.app.state.session_factory.begin() as s:
-        study = ingest(s, store, settings, [upload], actor=principal.actor)
-        study_id, image_id, sha256 = study.id, study.images[0].id, study.images[0].sha256
+
+    def store_study() -> tuple[str, str, str]:  # in the thread pool: decoding is slow
+        with request.app.state.session_factory.begin() as s:
+            study = ingest(s, store, settings, [upload], actor=principal.actor)
+            return study.id, study.images[0].id, study.images[0].sha256
+
+    study_id, image_id, sha256 = await run_in_threadpool(store_study)
     pil = await render_async(store, sha256, settings)
     start = time.perf_counter()
     ans = await answer(

@@ -6,6 +6,7 @@ import io
 from typing import Annotated
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from tinyllava_med.server.db import crud
@@ -31,8 +32,14 @@ async def upload_study(
     principal: Uploader,
     files: Annotated[list[UploadFile], File(description="DICOM Part 10, PNG or JPEG")],
 ) -> StudyPublic:
+    """Decoding and storing run in the thread pool: a large series must not stall the event
+    loop (and with it every question being answered)."""
     uploads = [Upload(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
-    return study_public(ingest(session, store, settings, uploads, actor=principal.actor))
+
+    def store_study() -> StudyPublic:
+        return study_public(ingest(session, store, settings, uploads, actor=principal.actor))
+
+    return await run_in_threadpool(store_study)
 
 
 @router.get("", response_model=StudyList)
