@@ -256,6 +256,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
             )
             app.state.first_admin_key = first_key
         app.state.store = ImageStore(settings.images_dir, settings.render_cache_mb * 1024 * 1024)
+        app.state.metrics.watch_cache("rendered", app.state.store.rendered)
         stop_connecting = threading.Event()
         if settings.engine == "remote":
             app.state.engine = _remote_engine(settings, app.state.metrics)
@@ -270,6 +271,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                 metrics=app.state.metrics,
                 pixel_cache_mb=settings.pixel_cache_mb,
             )
+            app.state.metrics.watch_cache("pixels", app.state.engine.pixels)
             if model is not None:
                 _start_engine(app, model)
             else:

@@ -27,6 +27,10 @@ class ByteLRU(Generic[V]):
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
     def get(self, key: Hashable) -> V | None:
         """The cached value, or None (a miss is not counted: `get_or_make` follows)."""
         with self._lock:

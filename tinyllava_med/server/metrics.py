@@ -20,7 +20,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,28 @@ class GpuCollector(Collector):
         yield from fams.values()
 
 
+class CacheCollector(Collector):
+    """Hits, misses and size of the server's in-memory caches (decoded renderings, the model's
+    pixel values), read at scrape time; labelled by cache name only."""
+
+    def __init__(self) -> None:
+        self.caches: dict[str, Any] = {}  # name -> lru.ByteLRU
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        hits = CounterMetricFamily(
+            PREFIX + "cache_hits", "Cache lookups answered", labels=["cache"]
+        )
+        misses = CounterMetricFamily(
+            PREFIX + "cache_misses", "Cache lookups that had to compute", labels=["cache"]
+        )
+        size = GaugeMetricFamily(PREFIX + "cache_bytes", "Bytes held by a cache", labels=["cache"])
+        for name, cache in self.caches.items():
+            hits.add_metric([name], float(cache.hits))
+            misses.add_metric([name], float(cache.misses))
+            size.add_metric([name], float(cache.bytes))
+        yield from (hits, misses, size)
+
+
 class Metrics:
     """All of the server's metrics, on a registry of its own (no global state)."""
 
@@ -95,6 +117,8 @@ class Metrics:
         r = self.registry
         ProcessCollector(registry=r)
         r.register(GpuCollector())
+        self._caches = CacheCollector()
+        r.register(self._caches)
         self.requests = Counter(
             PREFIX + "http_requests_total",
             "HTTP requests",
@@ -181,6 +205,10 @@ class Metrics:
         self.model_info.labels(
             str(info.get("model")), str(info.get("variant")), str(info.get("quantization"))
         ).set(1)
+
+    def watch_cache(self, name: str, cache: Any) -> None:
+        """Export `cache` (an `lru.ByteLRU`) as `tinyllava_med_cache_*{cache="name"}`."""
+        self._caches.caches[name] = cache
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
