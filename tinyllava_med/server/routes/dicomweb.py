@@ -139,26 +139,33 @@ async def _stow(
             f"every part must be application/dicom; got {sorted(set(bad_type))}",
         )
     decoded = await run_in_threadpool(_decode, parts, settings)
-    # committed here, not after the response: the instances and their jobs are durable
-    # before the PACS hears "stored"
-    with request.app.state.session_factory.begin() as session:
-        result, studies = store_instances(session, store, settings, parts, decoded, url_study_uid)
-        jobs = [job.id for s in studies if (job := schedule_auto_report(session, settings, s))]
-        crud.audit(
-            session,
-            actor=actor,
-            action="study.stow",
-            resource_type="study",
-            resource_id=studies[0].id if len(studies) == 1 else None,
-            outcome="ok" if result.stored else "invalid",
-            status_code=result.status,
-            detail={
-                "stored": len(result.stored),
-                "failed": len(result.failed),
-                "studies": [s.id for s in studies],
-                "jobs": jobs,
-            },
-        )
+
+    def commit() -> StoreResult:  # in the thread pool too: file writes and inserts
+        # committed here, not after the response: the instances and their jobs are durable
+        # before the PACS hears "stored"
+        with request.app.state.session_factory.begin() as session:
+            result, studies = store_instances(
+                session, store, settings, parts, decoded, url_study_uid
+            )
+            jobs = [job.id for s in studies if (job := schedule_auto_report(session, settings, s))]
+            crud.audit(
+                session,
+                actor=actor,
+                action="study.stow",
+                resource_type="study",
+                resource_id=studies[0].id if len(studies) == 1 else None,
+                outcome="ok" if result.stored else "invalid",
+                status_code=result.status,
+                detail={
+                    "stored": len(result.stored),
+                    "failed": len(result.failed),
+                    "studies": [s.id for s in studies],
+                    "jobs": jobs,
+                },
+            )
+        return result
+
+    result = await run_in_threadpool(commit)
     return JSONResponse(result.to_json(), status_code=result.status, media_type=MEDIA_TYPE)
 
 
