@@ -126,7 +126,7 @@ class BatchingEngine:
         self._stopping = threading.Event()
         self.last_probe_ok: float | None = None
         # pixel values by image key (a stored file's sha256 and frame): questions about an image
-        # run the image processor once
+        # run the image processor once; `start` empties it, so keys need not name the model
         self.pixels: ByteLRU[torch.Tensor] = ByteLRU(
             pixel_cache_mb * 1024 * 1024, lambda t: t.element_size() * t.nelement()
         )
@@ -180,7 +180,7 @@ class BatchingEngine:
             return image
         if key is None:
             return prepare_image(lm, image)
-        return self.pixels.get_or_make((key, id(lm)), lambda: prepare_image(lm, image))
+        return self.pixels.get_or_make(key, lambda: prepare_image(lm, image))
 
     async def prepare_async(
         self, image: Image.Image | torch.Tensor, key: Hashable | None = None
@@ -191,7 +191,7 @@ class BatchingEngine:
         alongside the batch in progress, not inside the next one."""
         if not isinstance(self.lm, LoadedModel) or isinstance(image, torch.Tensor):
             return image
-        if key is not None and (hit := self.pixels.get((key, id(self.lm)))) is not None:
+        if key is not None and (hit := self.pixels.get(key)) is not None:
             return hit
         if image.width * image.height <= INLINE_PIXELS:
             return self.prepare(image, key)

@@ -42,12 +42,9 @@ class ByteLRU(Generic[V]):
             return item[0]
 
     def get_or_make(self, key: Hashable, make: Callable[[], V]) -> V:
+        if (hit := self.get(key)) is not None:
+            return hit
         with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return item[0]
             self.misses += 1
         value = make()  # outside the lock: making is slow and may raise
         self.put(key, value)

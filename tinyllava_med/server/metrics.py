@@ -23,6 +23,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tinyllava_med.server.lru import ByteLRU
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -92,7 +94,7 @@ class CacheCollector(Collector):
     pixel values), read at scrape time; labelled by cache name only."""
 
     def __init__(self) -> None:
-        self.caches: dict[str, Any] = {}  # name -> lru.ByteLRU
+        self.caches: dict[str, ByteLRU[Any]] = {}
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         hits = CounterMetricFamily(
@@ -206,8 +208,8 @@ class Metrics:
             str(info.get("model")), str(info.get("variant")), str(info.get("quantization"))
         ).set(1)
 
-    def watch_cache(self, name: str, cache: Any) -> None:
-        """Export `cache` (an `lru.ByteLRU`) as `tinyllava_med_cache_*{cache="name"}`."""
+    def watch_cache(self, name: str, cache: ByteLRU[Any]) -> None:
+        """Export `cache` as `tinyllava_med_cache_*{cache="name"}`."""
         self._caches.caches[name] = cache
 
     def exposition(self) -> bytes:
