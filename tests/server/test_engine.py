@@ -258,6 +258,46 @@ def test_clients_coming_back_refill_the_batch_instead_of_splitting_it(tiny_lm):
         eng.shutdown()
 
 
+@pytest.mark.parametrize("slow", [False, True])
+def test_after_a_long_batch_the_refill_waits_past_the_window(tiny_lm, monkeypatch, slow):
+    """A real model's batch takes seconds: clients coming back 150 ms after it are waited for
+    (up to a quarter of that batch), though the window is 20 ms. After a batch of the tiny
+    model's few milliseconds, the window (and that batch's time) bound the wait as before."""
+    import tinyllava_med.server.engine as engine_mod
+
+    def slow_generate(*args, **kwargs):
+        time.sleep(1.2)
+        return generate(*args, **kwargs)
+
+    if slow:
+        monkeypatch.setattr(engine_mod, "generate", slow_generate)
+    params = SamplingParams(max_new_tokens=2)
+    rec = Recorder()
+    eng = BatchingEngine(max_batch_size=8, batch_window_ms=20, metrics=rec)
+    eng.start(tiny_lm)
+    try:
+        arrivals = [eng.arriving() for _ in range(4)]
+        handles = [a.__enter__() for a in arrivals]
+        first = [
+            eng.submit(_img(i), f"first {i}?", params, arrival=h) for i, h in enumerate(handles)
+        ]
+        for a in arrivals:
+            a.__exit__(None, None, None)
+        for r in first:
+            r.future.result(timeout=60)
+        lead = eng.submit(_img(9), "back first?", params)
+        time.sleep(0.15)
+        rest = [eng.submit(_img(10 + i), f"back {i}?", params) for i in range(3)]
+        for r in [lead, *rest]:
+            r.future.result(timeout=60)
+    finally:
+        eng.shutdown()
+    if slow:
+        assert rec.batches == [4, 4]
+    else:  # the lead left alone; the three behind it may split by timing
+        assert rec.batches[:2] == [4, 1] and sum(rec.batches) == 8
+
+
 def test_an_announced_request_counts_once_in_flight(tiny_lm):
     """The HTTP path announces a request, then submits it: one client in a row is one request
     in flight, so its next question is not waited for as if another were expected."""
