@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run on a CUDA machine: `bash bench/gpu_check.sh [quant] [serve]`
-# (default both; quant about 4 minutes on an H200). Outputs go to $OUT (default ./gpu-out):
+# The GPU checks, in one run on a CUDA machine: `bash bench/gpu_check.sh [quant] [serve] [serve-real]`
+# (default quant and serve; quant about 4 minutes on an H200). Outputs go to $OUT (default ./gpu-out):
 #   env.txt                      GPU, driver, torch, transformers, bitsandbytes versions
 # quant (the quantization issue), most important first:
 #   memory_table_cuda.{json,md,png}  the paper table with every CUDA row measured
@@ -10,6 +10,8 @@
 # serve (the server issue):
 #   metrics_cuda.txt             one question on the GPU, then the GPU series of /metrics
 #   serve_load_cuda.{json,md}    bench/serve_load.py with the server on the GPU
+# serve-real (the server issue, the cost of a real model per request):
+#   serve_load_cuda_tl15b.{json,md}  the same with TinyLLaVA-1.5B's shape, random fp16 weights
 #
 # Inputs (prepared on a machine with the project installed):
 #   $DATA/demo      the trained demo model (`make serve` trains it: ./data/models/demo),
@@ -73,5 +75,13 @@ TINYLLAVA_MED_DATA_DIR="$DATA/data" python3 bench/gpu_serve_check.py --out "$OUT
 stamp "serve_load with the server on the GPU"
 TINYLLAVA_MED_DATA_DIR="$DATA/data" timeout "${SERVE_LOAD_S:-300}" python3 bench/serve_load.py \
     --requests "${SERVE_REQUESTS:-240}" --rounds "${SERVE_ROUNDS:-2}" --out "$OUT/serve_load_cuda"
+fi
+
+if [[ " $STAGES " == *" serve-real "* ]]; then
+stamp "serve_load with the TinyLLaVA-1.5B shape on the GPU"
+python3 bench/real_shape_model.py /tmp/tl15 --device cuda --dtype float16 2>&1 |
+    grep -v "Writing model shards"
+timeout "${REAL_LOAD_S:-300}" python3 bench/serve_load.py --model /tmp/tl15 \
+    --requests "${REAL_REQUESTS:-64}" --rounds 1 --out "$OUT/serve_load_cuda_tl15b"
 fi
 stamp done
