@@ -111,14 +111,18 @@ _SUFFIXES = {
 def _exported() -> tuple[set[str], set[str]]:
     """(series names, label names) the server exports, GPU ones included.
 
-    Families come from a real `Metrics()` registry; a family's series names follow from its
-    type (a labelled counter has no samples until used, but is exported as `<name>_total`).
+    Families come from a real `Metrics()` registry watching the app's two caches; a family's
+    series names follow from its type (a labelled counter has no samples until used, but is
+    exported as `<name>_total`).
     GPU gauges are emitted only where there is a GPU: their names are the `GpuCollector`'s
     own `PREFIX + "..."` constants, read from its source.
     """
     from tinyllava_med.server import metrics as mod
+    from tinyllava_med.server.lru import ByteLRU
 
     m = mod.Metrics()
+    for cache in ("rendered", "pixels"):  # as the app's lifespan registers them
+        m.watch_cache(cache, ByteLRU(1, len))
     names: set[str] = set()
     for fam in m.registry.collect():
         names |= {s.name for s in fam.samples}
@@ -132,7 +136,8 @@ def _exported() -> tuple[set[str], set[str]]:
     } <= gpu, gpu
     names |= {mod.PREFIX + g for g in gpu}
     labels = {"instance", "job", "le"}  # target labels and the histogram bucket label
-    labels |= set(re.findall(r'labels=\["(\w+)"\]', src))
+    for collector in (mod.GpuCollector, mod.CacheCollector):
+        labels |= set(re.findall(r'labels=\["(\w+)"\]', inspect.getsource(collector)))
     for obj in vars(m).values():
         labels |= set(getattr(obj, "_labelnames", ()))
     return names, labels
@@ -469,6 +474,9 @@ def test_dashboard_queries_only_exported_metrics(exported):
         p + "cancelled_requests_total",
         p + "model_info",
         p + "model_ready",
+        p + "cache_hits_total",
+        p + "cache_misses_total",
+        p + "cache_bytes",
         "process_resident_memory_bytes",
     }
     assert required <= used_all, f"not on the dashboard: {required - used_all}"
