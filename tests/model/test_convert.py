@@ -26,6 +26,7 @@ from tinyllava_med.model.processor import (
     build_image_processor,
     build_processor,
     image_token_count,
+    output_pixels,
     pixel_values,
 )
 from tinyllava_med.model.prompts import build_prompt
@@ -478,6 +479,8 @@ def test_batch_inputs_from_pixel_values_equal_the_processor(shop: Workshop, case
     for key in want:
         assert torch.equal(got[key], want[key]), key
     assert (want["input_ids"] == processor.tokenizer.pad_token_id).any()  # padding was tested
+    h, w = want["pixel_values"].shape[-2:]
+    assert output_pixels(processor) == h * w  # what the engine weighs to prepare on the loop
     with pytest.raises(ValueError, match="exactly one"):
         batch_inputs(processor, ["no image here"], [pixel_values(processor, images[0])])
 

@@ -258,6 +258,41 @@ def test_clients_coming_back_refill_the_batch_instead_of_splitting_it(tiny_lm):
         eng.shutdown()
 
 
+def test_a_small_image_for_a_large_model_input_is_prepared_off_the_loop(tiny_lm, monkeypatch):
+    """A 32 px slice that the processor turns into 384 px (a real TinyLLaVA's SigLIP input:
+    about 9 ms of work) goes to a worker thread like a large image; the tiny model's own 32 px
+    output stays on the loop."""
+    import copy
+    import dataclasses
+    import threading
+
+    from transformers.image_utils import SizeDict
+
+    from tinyllava_med.server import engine as engine_module
+
+    where: list[str] = []
+    real = engine_module.prepare_image
+
+    def spy(lm, image):
+        where.append(threading.current_thread().name)
+        return real(lm, image)
+
+    monkeypatch.setattr(engine_module, "prepare_image", spy)
+    big = copy.deepcopy(tiny_lm.processor)
+    big.image_processor.size = SizeDict(height=384, width=384)
+    shapes = []
+    for lm in (tiny_lm, dataclasses.replace(tiny_lm, processor=big)):
+        eng = BatchingEngine()
+        eng.start(lm)
+        try:
+            shapes.append(tuple(asyncio.run(eng.prepare_async(_img(5), key="k")).shape))
+        finally:
+            eng.shutdown()
+    main = threading.main_thread().name
+    assert where[0] == main and where[1] not in (main, "engine"), where
+    assert shapes[1] == (3, 384, 384) and shapes[0] != shapes[1]
+
+
 @pytest.mark.parametrize("slow", [False, True])
 def test_after_a_long_batch_the_refill_waits_past_the_window(tiny_lm, monkeypatch, slow):
     """A real model's batch takes seconds: clients coming back 150 ms after it are waited for

@@ -157,6 +157,16 @@ def build_processor(
     )
 
 
+def output_pixels(processor: LlavaProcessor) -> int:
+    """Pixels per image that `pixel_values` makes (its cost grows with them as with the input's):
+    the crop when it crops, else the resize target (a shortest edge counts as a square)."""
+    ip = processor.image_processor
+    size = ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size
+    if size.height and size.width:
+        return int(size.height * size.width)
+    return int(size.shortest_edge or 0) ** 2
+
+
 def pixel_values(processor: LlavaProcessor, image: Image.Image) -> torch.Tensor:
     """What the vision tower sees of one image: the processor's pixel values, [3, H, W] float32."""
     out = processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")

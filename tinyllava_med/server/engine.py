@@ -35,13 +35,16 @@ from tinyllava_med.model.generate import (
     prepare_image,
 )
 from tinyllava_med.model.load import LoadedModel
+from tinyllava_med.model.processor import output_pixels
 from tinyllava_med.server.lru import ByteLRU
 
 log = logging.getLogger(__name__)
 
-# Images up to this many pixels are turned into pixel values on the event loop: 128 px CT
-# slices take 0.6 ms, and handing them to a thread cost about 1 ms of CPU per request more
-# (A/B at 16 clients, every question about a new slice: +10 to +14% requests/s in 3 of 3 pairs).
+# Images are turned into pixel values on the event loop when neither they nor the processor's
+# output exceed this many pixels: a 128 px CT slice for the demo's 64 px takes 0.6-1 ms, and
+# handing it to a thread cost about 1 ms of CPU per request more (A/B at 16 clients, every
+# question about a new slice: +10 to +14% requests/s in 3 of 3 pairs). The same slice for a
+# real model's 384 px (SigLIP) or 336 px (CLIP) takes 7-9 ms, which must not stall the loop.
 INLINE_PIXELS = 256 * 256
 
 # A forming batch may wait for expected requests up to this share of the last batch's duration
@@ -193,14 +196,16 @@ class BatchingEngine:
         self, image: Image.Image | torch.Tensor, key: Hashable | None = None
     ) -> Image.Image | torch.Tensor:
         """`prepare` for the event loop: a cached image at once; the image processor for a
-        small image too (under a millisecond, less than the thread hop costs), for a larger one
-        in a worker thread (2000 px: 70 ms, which must not stall the loop). Either way it runs
-        alongside the batch in progress, not inside the next one."""
-        if not isinstance(self.lm, LoadedModel) or isinstance(image, torch.Tensor):
+        small image to a small output too (under a millisecond, less than the thread hop costs),
+        else in a worker thread (a 2000 px radiograph: 70 ms; a 128 px slice to 384 px: 9 ms;
+        neither may stall the loop). Either way it runs alongside the batch in progress, not
+        inside the next one."""
+        lm = self.lm
+        if not isinstance(lm, LoadedModel) or isinstance(image, torch.Tensor):
             return image
         if key is not None and (hit := self.pixels.get(key)) is not None:
             return hit
-        if image.width * image.height <= INLINE_PIXELS:
+        if max(image.width * image.height, output_pixels(lm.processor)) <= INLINE_PIXELS:
             return self.prepare(image, key)
         return await asyncio.to_thread(self.prepare, image, key)
 
