@@ -48,11 +48,14 @@ log = logging.getLogger(__name__)
 INLINE_PIXELS = 256 * 256
 
 # A forming batch may wait for expected requests up to this share of the last batch's duration
-# when that is longer than the batch window. A request that misses a batch waits for the whole
-# of it, so waiting a quarter of one to take it along is cheap; on a GPU, where 16 rows cost
-# little more than 8, it keeps one full batch instead of two half batches taking turns
-# (TinyLLaVA-1.5B shape on an H200: a 50 ms cap split 16 clients into batches of 8).
+# when that is longer than the batch window, but never more than MAX_WAIT_S. A request that
+# misses a batch waits for the whole of it, so waiting a quarter of one to take it along is
+# cheap; on a GPU, where 16 rows cost little more than 8, it keeps one full batch instead of two
+# half batches taking turns (TinyLLaVA-1.5B shape on an H200: a 50 ms cap split 16 clients into
+# batches of 8; clients came back within 275 ms). The cap bounds what a lone request pays when
+# an expected client does not come back: a CPU batch of a real model takes a minute.
 WAIT_SHARE = 0.25
+MAX_WAIT_S = 0.5
 
 
 class EngineBusy(Exception):
@@ -285,10 +288,11 @@ class BatchingEngine:
         clients whose answers just came back usually ask again at once, and without this wait
         a steady load splits into two half-size batches that take turns, each paying a whole
         generate. Nobody announced and nobody expected: go at once (a lone request never
-        waits). After a long batch (a real model), both waits may grow to `WAIT_SHARE` of it."""
+        waits). After a long batch (a real model), both waits may grow to `WAIT_SHARE` of it,
+        up to `MAX_WAIT_S`."""
         batch = [first]
         now = time.perf_counter()
-        budget = max(self.batch_window_s, WAIT_SHARE * self._last_batch_s)
+        budget = max(self.batch_window_s, min(WAIT_SHARE * self._last_batch_s, MAX_WAIT_S))
         deadline = now + budget
         refill_deadline = now + min(budget, self._last_batch_s)
         with self._lock:

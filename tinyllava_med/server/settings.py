@@ -90,7 +90,8 @@ class Settings(BaseSettings):
         ge=0,
         description="the longest a forming batch waits for requests on their way; for ones "
         "only expected back from the last batch, no longer than that batch took; after a batch "
-        "that took longer than four windows, up to a quarter of that batch's time",
+        "that took longer than four windows, up to a quarter of that batch's time (at most "
+        "0.5 s)",
     )
     max_queue: int = Field(default=64, gt=0, description="waiting requests before 503")
 
