@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,8 @@ def test_demo_answers_like_the_rest_api_and_audits(live, tmp_path):
         assert "Not stored" in status and str(MAX_NEW_TOKENS) in status
         seen = load_study_file(path.read_bytes()).image  # what the model saw, shown back
         assert Image.open(preview).size == Image.open(updates[0][0]).size == seen.size
+        # the demo's own preview file is gone once Gradio has cached it
+        assert not list(Path(tempfile.gettempdir()).glob("tinyllava-med-demo-*"))
         streamed = [u[1] for u in updates if u[1] and u[2] == "Generating..."]
         assert len(streamed) >= 2, "the answer streams in token by token"
         assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:], strict=False))

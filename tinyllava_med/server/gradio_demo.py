@@ -31,6 +31,8 @@ a key. To offer more loaded models, return them from `loaded_models`: the dropdo
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -221,6 +223,16 @@ def _params(
     return question, sampling(body, settings)
 
 
+def _preview_file(image: PILImage.Image) -> Path:
+    """The image as a PNG file of this request's own. The preview is sent twice (first and final
+    update), and Gradio caches a file path by copying it into place atomically, whereas it
+    rewrites a PIL image's cache file in place each time: a client still fetching the first
+    copy could then read an empty file."""
+    path = Path(tempfile.mkdtemp(prefix="tinyllava-med-demo-")) / "preview.png"
+    image.save(path, format="PNG")
+    return path
+
+
 async def ask_stream(
     app: FastAPI,
     api_key: str,
@@ -236,6 +248,7 @@ async def ask_stream(
     principal: Principal | None = None
     detail: dict[str, Any] = {}
     finished = False
+    preview: Path | None = None
     try:
         principal = await run_in_threadpool(_authorize, app, api_key or "")
         question, params = _params(settings, question, max_new_tokens, temperature, top_p)
@@ -251,7 +264,8 @@ async def ask_stream(
         )
         detail["file_kind"] = study_file.kind
         image: PILImage.Image = study_file.image
-        yield image, "", "Generating..."
+        preview = await run_in_threadpool(_preview_file, image)
+        yield str(preview), "", "Generating..."
 
         start = time.perf_counter()
         text, ans = "", None
@@ -275,7 +289,7 @@ async def ask_stream(
         )
         finished = True
         yield (
-            image,  # again, so that an API caller's final result carries it too
+            str(preview),  # again, so that an API caller's final result carries it too
             ans.text,
             f"{model_label(info)}: {ans.new_tokens} tokens in {latency_ms:.0f} ms. Not stored.",
         )
@@ -317,6 +331,8 @@ async def ask_stream(
             )
         yield None, "", "The server could not answer this question (the error is in its log)."
     finally:
+        if preview is not None:  # Gradio has copied it into its cache by now
+            shutil.rmtree(preview.parent, ignore_errors=True)
         if not finished and principal is not None:  # the page went away mid-answer
             _audit(
                 app,
