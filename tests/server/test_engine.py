@@ -159,7 +159,91 @@ def test_not_ready_without_model():
 
 def test_probe(engine):
     eng, _ = engine
-    assert eng.probe() and eng.last_probe_ok is not None
+    assert eng.probe() and eng.last_done is not None and not eng.last_failed
+
+
+def _slow_model(monkeypatch, seconds: float, fail: list[bool] | None = None) -> None:
+    """The engine's `generate` takes `seconds` (a real model on a CPU), and raises while
+    `fail[0]` is set."""
+    import tinyllava_med.server.engine as engine_mod
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        if fail and fail[0]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "generate", slow)
+
+
+def test_readiness_counts_answers_and_probes_only_when_idle(tiny_lm):
+    """A real answer proves the model works as well as a probe: no probe while answers are
+    fresh; after `fresh_s` of idleness one probe runs."""
+    rec = Recorder()
+    eng = BatchingEngine(metrics=rec)
+    eng.start(tiny_lm)
+    try:
+        eng.submit(_img(3), "real?", SamplingParams(max_new_tokens=2)).future.result(60)
+        check = eng.model_check(fresh_s=0.5, stall_s=60, wait_s=30)
+        assert asyncio.run(check) == "ok" and rec.batches == [1]  # the answer counted
+        time.sleep(0.6)
+        assert asyncio.run(eng.model_check(fresh_s=0.5, stall_s=60, wait_s=30)) == "ok"
+        assert rec.batches == [1, 1]  # stale: a probe ran
+    finally:
+        eng.shutdown()
+
+
+def test_readiness_answers_in_time_while_a_slow_first_probe_runs(tiny_lm, monkeypatch):
+    """A model that takes seconds per answer: /readyz does not wait for the probe beyond
+    `wait_s`; it says warming_up until the first answer, and never starts a second probe."""
+    _slow_model(monkeypatch, 1.5)
+    rec = Recorder()
+    eng = BatchingEngine(metrics=rec)
+    eng.start(tiny_lm)
+    try:
+
+        async def checks() -> list[tuple[str, float]]:
+            out = []
+            for _ in range(3):
+                t = time.perf_counter()
+                out.append((await eng.model_check(60, 60, 0.2), time.perf_counter() - t))
+            return out
+
+        got = asyncio.run(checks())
+        assert [c for c, _ in got] == ["warming_up"] * 3
+        assert all(t < 1.0 for _, t in got), got
+        assert eng.probe(timeout=10)  # the same probe, still in flight
+        assert rec.batches == [1]
+        assert asyncio.run(eng.model_check(60, 60, 0.2)) == "ok"
+    finally:
+        eng.shutdown()
+
+
+def test_readiness_after_a_failed_batch_and_a_stalled_one(tiny_lm, monkeypatch):
+    """A failed batch makes the check probe: probe_failed until a probe succeeds again. A batch
+    running past `stall_s` (and 3x the last batch) is "stalled"."""
+    fail = [True]
+    _slow_model(monkeypatch, 0.3, fail)
+    eng = BatchingEngine()
+    eng.start(tiny_lm)
+    try:
+        with pytest.raises(RuntimeError, match="CUDA error"):
+            eng.submit(_img(1), "q?", SamplingParams(max_new_tokens=2)).future.result(60)
+        assert eng.last_failed
+        assert asyncio.run(eng.model_check(60, 60, 10)) == "probe_failed"  # the probe fails too
+        fail[0] = False
+        assert asyncio.run(eng.model_check(60, 60, 10)) == "ok"  # a new probe succeeds
+        assert not eng.last_failed
+        _slow_model(monkeypatch, 2.5)  # the next batch hangs (a wedged GPU, say)
+        req = eng.submit(_img(2), "slow?", SamplingParams(max_new_tokens=2))
+        time.sleep(0.2)  # running, within max(stall_s 0.5, 3x the last batch's 0.3 s): fine
+        assert asyncio.run(eng.model_check(60, 0.5, 10)) == "ok"
+        time.sleep(1.0)
+        assert asyncio.run(eng.model_check(60, 0.5, 10)) == "stalled"
+        req.future.result(60)
+        assert asyncio.run(eng.model_check(60, 0.5, 10)) == "ok"
+    finally:
+        eng.shutdown()
 
 
 def test_a_lone_request_never_waits_for_the_window(tiny_lm):

@@ -137,7 +137,13 @@ class BatchingEngine:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.last_probe_ok: float | None = None
+        # what /readyz knows of the model (`model_check`): when a request or probe last finished
+        # (monotonic) and whether it failed; the probe in flight; when the running batch began
+        self.last_done: float | None = None
+        self.last_failed = False
+        self._probe: Future[Answer] | None = None
+        self._probe_lock = threading.Lock()
+        self._batch_started: float | None = None
         # pixel values by image key (a stored file's sha256 and frame): questions about an image
         # run the image processor once; `start` empties it, so keys need not name the model
         self.pixels: ByteLRU[torch.Tensor] = ByteLRU(
@@ -238,6 +244,7 @@ class BatchingEngine:
         if self.metrics:
             self.metrics.on_queue(depth)
         req = _Request(image, question, params, on_token, tuple(history))
+        req.future.add_done_callback(self._record)
         self._enqueue(req)
         if arrival is not None:
             arrival.close()  # after the enqueue: a collecting batch sees one or the other
@@ -266,17 +273,63 @@ class BatchingEngine:
             req.cancelled.set()
             raise
 
+    # --- health ----------------------------------------------------------------------------
+
+    def _record(self, future: Future[Answer]) -> None:
+        """Every answered request is evidence about the model, not only probes."""
+        if future.cancelled():
+            return
+        self.last_failed = future.exception() is not None
+        self.last_done = time.monotonic()
+
+    def start_probe(self) -> Future[Answer]:
+        """A one-token answer about a gray image through the queue, unless one is in flight."""
+        with self._probe_lock:
+            if self._probe is None or self._probe.done():
+                img = Image.new("RGB", (32, 32), (127, 127, 127))
+                self._probe = self.submit(img, "ok?", SamplingParams(max_new_tokens=1)).future
+            return self._probe
+
     def probe(self, timeout: float = 30.0) -> bool:
-        """A one-token answer through the queue: proves the model really generates."""
-        img = Image.new("RGB", (32, 32), (127, 127, 127))
+        """Wait for a probe: proves the model really generates."""
         try:
-            req = self.submit(img, "ok?", SamplingParams(max_new_tokens=1))
-            req.future.result(timeout)
+            self.start_probe().result(timeout)
         except Exception as e:  # readiness reports it; the reason goes to the log
             log.warning("readiness probe failed: %s", e)
             return False
-        self.last_probe_ok = time.monotonic()
         return True
+
+    async def model_check(self, fresh_s: float, stall_s: float, wait_s: float) -> str:
+        """The model check of `/readyz`, answered within about `wait_s`:
+
+        - "stalled": the running batch has taken longer than `stall_s` (and 3x the last one);
+        - "ok": a request or probe succeeded within `fresh_s` (or twice the last batch's time),
+          or requests are in flight and the last finished one succeeded;
+        - otherwise (idle for a while, nothing answered yet, or the last answer failed) a probe
+          runs; if it is not back within `wait_s` (a model on a CPU takes seconds), the answer
+          rests on the last evidence: "warming_up" before any, "probe_failed" after a failure,
+          else "ok"; the next check sees the probe as the request in flight.
+        """
+        now = time.monotonic()
+        started = self._batch_started
+        if started is not None and now - started > max(stall_s, 3 * self._last_batch_s):
+            return "stalled"
+        done, failed = self.last_done, self.last_failed
+        if done is not None and not failed:
+            recent = now - done < max(fresh_s, 2 * self._last_batch_s)
+            if recent or self._pending > 0:
+                return "ok"
+        try:
+            probe = self.start_probe()
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(probe)), wait_s)
+            return "ok"
+        except (TimeoutError, EngineBusy):
+            if done is None:
+                return "warming_up"
+            return "probe_failed" if failed else "ok"
+        except Exception as e:  # the reason goes to the log; readiness says probe_failed
+            log.warning("readiness probe failed: %s", e)
+            return "probe_failed"
 
     # --- worker ----------------------------------------------------------------------------
 
@@ -371,6 +424,7 @@ class BatchingEngine:
                 r.on_token(delta)
 
         start = time.perf_counter()
+        self._batch_started = time.monotonic()
         try:
             answers = generate(
                 self.lm,
@@ -394,6 +448,8 @@ class BatchingEngine:
                 if not r.future.done():
                     r.future.set_exception(e)
             return
+        finally:
+            self._batch_started = None
         self._last_batch_s = time.perf_counter() - start
         if self.metrics:
             self.metrics.on_batch(len(live), self._last_batch_s, sum(a.new_tokens for a in answers))

@@ -97,7 +97,16 @@ class Settings(BaseSettings):
 
     # --- operations ----------------------------------------------------------------------------
     readiness_probe_interval_s: float = Field(
-        default=10.0, gt=0, description="database check period"
+        default=10.0,
+        gt=0,
+        description="how long an answer (or probe) counts as proof that the model works; "
+        "/readyz on a server idle for longer runs a one-token probe",
+    )
+    readiness_probe_wait_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="the longest /readyz waits for its probe before answering from the last "
+        "evidence (keep it below the health check's timeout; a CPU model's probe takes longer)",
     )
     auth_disabled: bool = Field(default=False, description="only for local experiments")
     auth_cache_s: float = Field(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -42,7 +41,8 @@ def _model_info(lm: Any) -> dict[str, Any]:
 
 @router.get("/readyz", responses={503: {"description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
-    """Ready when the model is loaded, a one-token probe passed recently, and the DB answers."""
+    """Ready when the model is loaded and answers (a recent answer, or a one-token probe when
+    idle: `BatchingEngine.model_check`), and the database answers."""
     state = request.app.state
     settings = state.settings
     engine = state.engine
@@ -50,16 +50,16 @@ async def readyz(request: Request) -> JSONResponse:
     if state.load_error is not None:
         checks["model"] = "failed"
     elif engine.ready:
-        fresh = engine.last_probe_ok is not None and (
-            time.monotonic() - engine.last_probe_ok < settings.readiness_probe_interval_s
+        checks["model"] = await engine.model_check(
+            fresh_s=settings.readiness_probe_interval_s,
+            stall_s=settings.request_timeout_s,
+            wait_s=settings.readiness_probe_wait_s,
         )
-        ok = fresh or await run_in_threadpool(engine.probe)
-        checks["model"] = "ok" if ok else "probe_failed"
     if state.shutting_down:
         checks["model"] = "shutting_down"
     checks["database"] = "ok" if await run_in_threadpool(_db_ok, request) else "unreachable"
     ready = checks["model"] == "ok" and checks["database"] == "ok"
-    state.last_probe_failed = checks["model"] == "probe_failed"
+    state.last_probe_failed = checks["model"] in ("probe_failed", "stalled")
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": checks,
