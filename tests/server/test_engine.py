@@ -195,7 +195,8 @@ def test_readiness_counts_answers_and_probes_only_when_idle(tiny_lm):
 
 def test_readiness_answers_in_time_while_a_slow_first_probe_runs(tiny_lm, monkeypatch):
     """A model that takes seconds per answer: /readyz does not wait for the probe beyond
-    `wait_s`; it says warming_up until the first answer, and never starts a second probe."""
+    `wait_s`; it says warming_up until the first answer, and never starts a second probe; an
+    idle server repeats so costly a probe only rarely (at most `PROBE_DUTY` of the time)."""
     _slow_model(monkeypatch, 1.5)
     rec = Recorder()
     eng = BatchingEngine(metrics=rec)
@@ -215,6 +216,10 @@ def test_readiness_answers_in_time_while_a_slow_first_probe_runs(tiny_lm, monkey
         assert eng.probe(timeout=10)  # the same probe, still in flight
         assert rec.batches == [1]
         assert asyncio.run(eng.model_check(60, 60, 0.2)) == "ok"
+        # a probe this costly is not repeated after fresh_s (0.2 s) but after 20x its time
+        time.sleep(0.3)
+        assert asyncio.run(eng.model_check(0.2, 60, 0.2)) == "ok"
+        assert rec.batches == [1]
     finally:
         eng.shutdown()
 

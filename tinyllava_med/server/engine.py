@@ -22,6 +22,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -56,6 +57,10 @@ INLINE_PIXELS = 256 * 256
 # an expected client does not come back: a CPU batch of a real model takes a minute.
 WAIT_SHARE = 0.25
 MAX_WAIT_S = 0.5
+
+# An idle server probes the model at most this share of the time: a probe of TinyLLaVA-1.5B on
+# a 2-core CPU takes 24 s (fp32), during which a question that arrives waits for it.
+PROBE_DUTY = 0.05
 
 
 class EngineBusy(Exception):
@@ -142,6 +147,7 @@ class BatchingEngine:
         self.last_done: float | None = None
         self.last_failed = False
         self._probe: Future[Answer] | None = None
+        self._probe_s = 0.0  # how long the last probe took
         self._probe_lock = threading.Lock()
         self._batch_started: float | None = None
         # pixel values by image key (a stored file's sha256 and frame): questions about an image
@@ -288,7 +294,11 @@ class BatchingEngine:
             if self._probe is None or self._probe.done():
                 img = Image.new("RGB", (32, 32), (127, 127, 127))
                 self._probe = self.submit(img, "ok?", SamplingParams(max_new_tokens=1)).future
+                self._probe.add_done_callback(partial(self._probe_took, time.monotonic()))
             return self._probe
+
+    def _probe_took(self, started: float, _: Future[Answer]) -> None:
+        self._probe_s = time.monotonic() - started
 
     def probe(self, timeout: float = 30.0) -> bool:
         """Wait for a probe: proves the model really generates."""
@@ -303,8 +313,9 @@ class BatchingEngine:
         """The model check of `/readyz`, answered within about `wait_s`:
 
         - "stalled": the running batch has taken longer than `stall_s` (and 3x the last one);
-        - "ok": a request or probe succeeded within `fresh_s` (or twice the last batch's time),
-          or requests are in flight and the last finished one succeeded;
+        - "ok": a request or probe succeeded within `fresh_s` (or twice the last batch's time,
+          or so long that probing takes at most `PROBE_DUTY` of the time), or requests are in
+          flight and the last finished one succeeded;
         - otherwise (idle for a while, nothing answered yet, or the last answer failed) a probe
           runs; if it is not back within `wait_s` (a model on a CPU takes seconds), the answer
           rests on the last evidence: "warming_up" before any, "probe_failed" after a failure,
@@ -316,7 +327,7 @@ class BatchingEngine:
             return "stalled"
         done, failed = self.last_done, self.last_failed
         if done is not None and not failed:
-            recent = now - done < max(fresh_s, 2 * self._last_batch_s)
+            recent = now - done < max(fresh_s, 2 * self._last_batch_s, self._probe_s / PROBE_DUTY)
             if recent or self._pending > 0:
                 return "ok"
         try:
