@@ -228,7 +228,7 @@ def test_readiness_after_a_failed_batch_and_a_stalled_one(tiny_lm, monkeypatch):
     """A failed batch makes the check probe: probe_failed until a probe succeeds again. A batch
     running past `stall_s` (and 3x the last batch) is "stalled"."""
     fail = [True]
-    _slow_model(monkeypatch, 0.3, fail)
+    _slow_model(monkeypatch, 0.1, fail)
     eng = BatchingEngine()
     eng.start(tiny_lm)
     try:
@@ -239,14 +239,34 @@ def test_readiness_after_a_failed_batch_and_a_stalled_one(tiny_lm, monkeypatch):
         fail[0] = False
         assert asyncio.run(eng.model_check(60, 60, 10)) == "ok"  # a new probe succeeds
         assert not eng.last_failed
-        _slow_model(monkeypatch, 2.5)  # the next batch hangs (a wedged GPU, say)
+        _slow_model(monkeypatch, 4.0)  # the next batch hangs (a wedged GPU, say)
         req = eng.submit(_img(2), "slow?", SamplingParams(max_new_tokens=2))
-        time.sleep(0.2)  # running, within max(stall_s 0.5, 3x the last batch's 0.3 s): fine
+        time.sleep(0.2)  # running, within max(stall_s 0.5, 3x the last batch's ~0.1 s): fine
         assert asyncio.run(eng.model_check(60, 0.5, 10)) == "ok"
-        time.sleep(1.0)
+        time.sleep(2.0)
         assert asyncio.run(eng.model_check(60, 0.5, 10)) == "stalled"
         req.future.result(60)
         assert asyncio.run(eng.model_check(60, 0.5, 10)) == "ok"
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_readiness_when_the_engine_thread_has_died(tiny_lm, monkeypatch):
+    """A bug that kills the engine's thread leaves requests queued forever: "stalled"."""
+    eng = BatchingEngine()
+    eng.start(tiny_lm)
+    try:
+        eng.submit(_img(1), "q?", SamplingParams(max_new_tokens=2)).future.result(60)
+
+        def broken(first):
+            raise RuntimeError("a bug in batching")
+
+        monkeypatch.setattr(eng, "_collect", broken)
+        eng.submit(_img(2), "lost?", SamplingParams(max_new_tokens=2))
+        assert eng._thread is not None
+        eng._thread.join(10)
+        assert asyncio.run(eng.model_check(60, 60, 1)) == "stalled"
     finally:
         eng.shutdown()
 

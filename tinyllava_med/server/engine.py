@@ -7,8 +7,9 @@ thread collects up to `max_batch_size` requests that share sampling settings (wa
 short window for requests announced as on their way or expected back from the last batch, never
 for nobody), runs one left-padded `generate`, and resolves each request's future. Tokens reach
 streaming callers through per-request callbacks; a cancelled request is dropped from its batch,
-and a batch whose requests are all cancelled stops generating. The engine knows nothing about
-HTTP.
+and a batch whose requests are all cancelled stops generating. The engine also keeps what
+`/readyz` knows of the model (`model_check`: recent answers, a probe when idle, stalls). It
+knows nothing about HTTP.
 """
 
 from __future__ import annotations
@@ -312,7 +313,8 @@ class BatchingEngine:
     async def model_check(self, fresh_s: float, stall_s: float, wait_s: float) -> str:
         """The model check of `/readyz`, answered within about `wait_s`:
 
-        - "stalled": the running batch has taken longer than `stall_s` (and 3x the last one);
+        - "stalled": the running batch has taken longer than `stall_s` (and 3x the last one),
+          or the engine's thread has died;
         - "ok": a request or probe succeeded within `fresh_s` (or twice the last batch's time,
           or so long that probing takes at most `PROBE_DUTY` of the time), or requests are in
           flight and the last finished one succeeded;
@@ -324,6 +326,8 @@ class BatchingEngine:
         now = time.monotonic()
         started = self._batch_started
         if started is not None and now - started > max(stall_s, 3 * self._last_batch_s):
+            return "stalled"
+        if self._thread is not None and not self._thread.is_alive():
             return "stalled"
         done, failed = self.last_done, self.last_failed
         if done is not None and not failed:
