@@ -176,6 +176,37 @@ def _slow_model(monkeypatch, seconds: float, fail: list[bool] | None = None) -> 
     monkeypatch.setattr(engine_mod, "generate", slow)
 
 
+@pytest.mark.parametrize("budget", [None, 1.0])
+def test_batches_fit_the_time_budget_at_the_measured_cost_per_row(tiny_lm, monkeypatch, budget):
+    """Rows that cost as much together as alone (a real model's prefill on a CPU, here 0.2 s
+    each): with `max_batch_s` 1 s no batch takes more than 5 of them (fewer when this machine
+    is slow), though all six wait together; without it, one batch takes all six."""
+    import tinyllava_med.server.engine as engine_mod
+
+    def per_row(lm, images, *args, **kwargs):
+        time.sleep(0.2 * len(images))
+        return generate(lm, images, *args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "generate", per_row)
+    rec = Recorder()
+    eng = BatchingEngine(max_batch_size=8, metrics=rec, max_batch_s=budget)
+    eng.start(tiny_lm)
+    try:
+        params = SamplingParams(max_new_tokens=2)
+        eng.submit(_img(1), "first?", params).future.result(60)  # measures a row
+        with eng.arriving() as arrival:  # held together: one batch if nothing caps it
+            reqs = [eng.submit(_img(10 + i), f"q {i}?", params) for i in range(6)]
+            arrival.close()
+        for r in reqs:
+            r.future.result(60)
+    finally:
+        eng.shutdown()
+    if budget is None:
+        assert rec.batches == [1, 6]
+    else:
+        assert sum(rec.batches) == 7 and 2 <= max(rec.batches[1:]) <= 5, rec.batches
+
+
 def test_readiness_counts_answers_and_probes_only_when_idle(tiny_lm):
     """A real answer proves the model works as well as a probe: no probe while answers are
     fresh; after `fresh_s` of idleness one probe runs."""

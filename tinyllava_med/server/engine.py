@@ -126,9 +126,16 @@ class BatchingEngine:
         max_queue: int = 64,
         metrics: EngineMetrics | None = None,
         pixel_cache_mb: int = 128,
+        max_batch_s: float | None = None,
     ) -> None:
         self.lm: ServedModel | None = None
         self.max_batch_size = max_batch_size
+        # a batch takes no more rows than fit in `max_batch_s` at the measured seconds per row
+        # (`_row_s`, a running average): on a CPU a real model's rows cost about the same alone
+        # as together (24 s of prefill each for TinyLLaVA-1.5B), so a full batch would only make
+        # every request in it wait for all of them, past the request timeout
+        self.max_batch_s = max_batch_s
+        self._row_s = 0.0
         self.batch_window_s = batch_window_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics
@@ -367,7 +374,10 @@ class BatchingEngine:
             expected = self.last_expected = self._peak
             self._peak = self._pending + self._announced
         leftovers: list[_Request | None] = []
-        while len(batch) < self.max_batch_size:
+        limit = self.max_batch_size
+        if self.max_batch_s is not None and self._row_s > 0:
+            limit = max(1, min(limit, int(self.max_batch_s / self._row_s)))
+        while len(batch) < limit:
             try:
                 nxt = self._queue.get_nowait()
             except queue.Empty:
@@ -466,6 +476,8 @@ class BatchingEngine:
         finally:
             self._batch_started = None
         self._last_batch_s = time.perf_counter() - start
+        row_s = self._last_batch_s / len(live)
+        self._row_s = row_s if self._row_s == 0 else (self._row_s + row_s) / 2
         if self.metrics:
             self.metrics.on_batch(len(live), self._last_batch_s, sum(a.new_tokens for a in answers))
         for r, a in zip(live, answers, strict=True):

@@ -84,7 +84,12 @@ class Settings(BaseSettings):
     )
 
     # --- batching ------------------------------------------------------------------------------
-    max_batch_size: int = Field(default=8, gt=0)
+    max_batch_size: int = Field(
+        default=8,
+        gt=0,
+        description="rows per generate; fewer when the measured time per row says a batch would "
+        "take over a third of request_timeout_s (a real model on a CPU)",
+    )
     batch_window_ms: float = Field(
         default=50.0,
         ge=0,
