@@ -64,15 +64,12 @@ def test_concurrent_requests_share_a_batch_and_match_single_answers(engine, tiny
     assert rec.depths[-1] == 0
 
 
-def test_images_are_processed_before_the_batch_and_cached_per_key(engine, monkeypatch):
-    """The image processor runs as a request arrives, not in the engine's batch: on the event
-    loop for a small image, in a worker thread for a large one (it must not stall the loop),
-    once per image key; an image without a key is processed every time."""
+def _threads_preparing_images(monkeypatch) -> list[str]:
+    """The names of the threads that run the image processor, in order."""
     import threading
 
     from tinyllava_med.server import engine as engine_module
 
-    eng, _ = engine
     where: list[str] = []
     real = engine_module.prepare_image
 
@@ -81,6 +78,17 @@ def test_images_are_processed_before_the_batch_and_cached_per_key(engine, monkey
         return real(lm, image)
 
     monkeypatch.setattr(engine_module, "prepare_image", spy)
+    return where
+
+
+def test_images_are_processed_before_the_batch_and_cached_per_key(engine, monkeypatch):
+    """The image processor runs as a request arrives, not in the engine's batch: on the event
+    loop for a small image, in a worker thread for a large one (it must not stall the loop),
+    once per image key; an image without a key is processed every time."""
+    import threading
+
+    eng, _ = engine
+    where = _threads_preparing_images(monkeypatch)
     params = SamplingParams(max_new_tokens=3)
     small, large = _img(60), Image.new("RGB", (300, 300), (60, 60, 60))
 
@@ -408,16 +416,7 @@ def test_a_small_image_for_a_large_model_input_is_prepared_off_the_loop(tiny_lm,
 
     from transformers.image_utils import SizeDict
 
-    from tinyllava_med.server import engine as engine_module
-
-    where: list[str] = []
-    real = engine_module.prepare_image
-
-    def spy(lm, image):
-        where.append(threading.current_thread().name)
-        return real(lm, image)
-
-    monkeypatch.setattr(engine_module, "prepare_image", spy)
+    where = _threads_preparing_images(monkeypatch)
     big = copy.deepcopy(tiny_lm.processor)
     big.image_processor.size = SizeDict(height=384, width=384)
     shapes = []
@@ -441,12 +440,8 @@ def test_after_a_long_batch_the_refill_waits_past_the_window(tiny_lm, monkeypatc
     the cap below 150 ms, they are not waited for either."""
     import tinyllava_med.server.engine as engine_mod
 
-    def slow_generate(*args, **kwargs):
-        time.sleep(1.2)
-        return generate(*args, **kwargs)
-
     if slow:
-        monkeypatch.setattr(engine_mod, "generate", slow_generate)
+        _slow_model(monkeypatch, 1.2)
     monkeypatch.setattr(engine_mod, "MAX_WAIT_S", cap)
     params = SamplingParams(max_new_tokens=2)
     rec = Recorder()
