@@ -3,9 +3,10 @@
 An image is turned into the model's pixel values before it joins the queue (`prepare_async`:
 on the event loop if small, in a worker thread if large; cached per image key in `pixels`), so
 the batch does not wait for the image processor. Requests wait in a bounded queue; a worker
-thread collects up to `max_batch_size` requests that share sampling settings (waiting up to a
-short window for requests announced as on their way or expected back from the last batch, never
-for nobody), runs one left-padded `generate`, and resolves each request's future. Tokens reach
+thread collects up to `max_batch_size` requests that share sampling settings (fewer where rows
+cost so much that a full batch would outlast `max_batch_s`; waiting up to a short window for
+requests announced as on their way or expected back from the last batch, never for nobody),
+runs one left-padded `generate`, and resolves each request's future. Tokens reach
 streaming callers through per-request callbacks; a cancelled request is dropped from its batch,
 and a batch whose requests are all cancelled stops generating. The engine also keeps what
 `/readyz` knows of the model (`model_check`: recent answers, a probe when idle, stalls). It
