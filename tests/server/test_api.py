@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pydicom
 import pytest
@@ -342,3 +343,10 @@ def test_model_ready_metric_needs_no_readiness_poll(sqlite_api):
         assert "tinyllava_med_model_ready 0.0" in api.get("/metrics").text
     finally:
         api.app.state.shutting_down = False
+    engine = api.app.state.engine
+    engine._batch_started = time.monotonic() - 3600  # a batch hung for an hour
+    try:
+        assert "tinyllava_med_model_ready 0.0" in api.get("/metrics").text
+    finally:
+        engine._batch_started = None
+    assert "tinyllava_med_model_ready 1.0" in api.get("/metrics").text

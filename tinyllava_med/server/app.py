@@ -287,6 +287,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                 and app.state.load_error is None
                 and not app.state.shutting_down
                 and not app.state.last_probe_failed
+                and not app.state.engine.stalled(settings.request_timeout_s)
             )
         )
         runner = JobRunner(app, settings.job_workers)

@@ -318,11 +318,20 @@ class BatchingEngine:
             return False
         return True
 
+    def stalled(self, stall_s: float) -> bool:
+        """The running batch has taken longer than `stall_s` (and 3x the last one), or the
+        engine's thread has died."""
+        started = self._batch_started
+        if started is not None and time.monotonic() - started > max(
+            stall_s, 3 * self._last_batch_s
+        ):
+            return True
+        return self._thread is not None and not self._thread.is_alive()
+
     async def model_check(self, fresh_s: float, stall_s: float, wait_s: float) -> str:
         """The model check of `/readyz`, answered within about `wait_s`:
 
-        - "stalled": the running batch has taken longer than `stall_s` (and 3x the last one),
-          or the engine's thread has died;
+        - "stalled": see `stalled`;
         - "ok": a request or probe succeeded within `fresh_s` (or twice the last batch's time,
           or so long that probing takes at most `PROBE_DUTY` of the time), or requests are in
           flight and the last finished one succeeded;
@@ -331,12 +340,9 @@ class BatchingEngine:
           rests on the last evidence: "warming_up" before any, "probe_failed" after a failure,
           else "ok"; the next check sees the probe as the request in flight.
         """
+        if self.stalled(stall_s):
+            return "stalled"
         now = time.monotonic()
-        started = self._batch_started
-        if started is not None and now - started > max(stall_s, 3 * self._last_batch_s):
-            return "stalled"
-        if self._thread is not None and not self._thread.is_alive():
-            return "stalled"
         done, failed = self.last_done, self.last_failed
         if done is not None and not failed:
             recent = now - done < max(fresh_s, 2 * self._last_batch_s, self._probe_s / PROBE_DUTY)
