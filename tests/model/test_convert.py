@@ -485,6 +485,16 @@ def test_batch_inputs_from_pixel_values_equal_the_processor(shop: Workshop, case
         batch_inputs(processor, ["no image here"], [pixel_values(processor, images[0])])
 
 
+def test_output_pixels_reads_plain_dict_sizes_too() -> None:
+    """Image processors from older configs may hold plain dicts, not `SizeDict`s."""
+    from types import SimpleNamespace as NS
+
+    clip = NS(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    assert output_pixels(NS(image_processor=NS(**vars(clip), do_center_crop=True))) == 336 * 336
+    assert output_pixels(NS(image_processor=NS(size={"height": 384, "width": 384}))) == 384 * 384
+    assert output_pixels(NS(image_processor=NS(size={"shortest_edge": 224}))) == 224 * 224
+
+
 def test_processor_image_token_counts() -> None:
     assert image_token_count(336, 14, cls_token=True, strategy="default") == 576
     assert image_token_count(384, 14, cls_token=False, strategy="full") == 729

@@ -162,9 +162,12 @@ def output_pixels(processor: LlavaProcessor) -> int:
     the crop when it crops, else the resize target (a shortest edge counts as a square)."""
     ip = processor.image_processor
     size = ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size
-    if size.height and size.width:
-        return int(size.height * size.width)
-    return int(size.shortest_edge or 0) ** 2
+    # a `SizeDict` as transformers 5 makes them, or a plain dict as older configs hold
+    get = size.get if isinstance(size, dict) else lambda k: getattr(size, k, None)
+    height, width = get("height"), get("width")
+    if height and width:
+        return int(height * width)
+    return int(get("shortest_edge") or 0) ** 2
 
 
 def pixel_values(processor: LlavaProcessor, image: Image.Image) -> torch.Tensor:
