@@ -59,7 +59,7 @@ async def readyz(request: Request) -> JSONResponse:
         checks["model"] = "shutting_down"
     checks["database"] = "ok" if await run_in_threadpool(_db_ok, request) else "unreachable"
     ready = checks["model"] == "ok" and checks["database"] == "ok"
-    state.last_probe_failed = checks["model"] in ("probe_failed", "stalled")
+    state.last_probe_failed = checks["model"] == "probe_failed"  # stalls: the gauge reads them live
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": checks,
