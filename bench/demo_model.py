@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name  # bench/, this script's folder
 
 from tinyllava_med.training.demo import DEMO_SEED, build_demo_model, evaluate_demo
 from tinyllava_med.training.phantom import generate_phantom
@@ -34,14 +35,7 @@ def main() -> None:
         generate_phantom(unseen_dir, n=1500, seed=UNSEEN_SEED, test_fraction=0.99)
         unseen = evaluate_demo(out, unseen_dir)
     rows = {f"own test split (seed {DEMO_SEED})": own, f"unseen seed {UNSEEN_SEED}": unseen}
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_name()
     lines = [
         "# Demo model: time and PhantomVQA scores",
         "",

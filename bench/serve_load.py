@@ -22,7 +22,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import re
 import socket
 import statistics
@@ -35,6 +34,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 import pydicom
+from machine import accelerator, cpu_name  # bench/, this script's folder
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -280,18 +280,6 @@ def table(res: dict, levels: list[int]) -> str:
     return "\n".join(lines)
 
 
-def accelerator() -> str:
-    """What the server ran on: it picks CUDA when torch sees a GPU (`device=auto`)."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"GPU {torch.cuda.get_device_name(0)} (the server's device)"
-    except ImportError:
-        pass
-    return "CPU only"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo")
@@ -338,14 +326,7 @@ def main() -> None:
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
+    cpu = cpu_name()
     header = (
         f"# Serving load: dynamic batching vs one request at a time\n\n"
         f"Command: `python bench/serve_load.py --model {args.model} --requests "
