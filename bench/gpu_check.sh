@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run on a CUDA machine: `bash bench/gpu_check.sh [quant] [serve] [serve-real]`
+# The GPU checks, in one run on a CUDA machine:
+#   bash bench/gpu_check.sh [quant] [serve] [serve-real] [serve-warm]
 # (default quant and serve; quant about 4 minutes on an H200). Outputs go to $OUT (default ./gpu-out):
 #   env.txt                      GPU, driver, torch, transformers, bitsandbytes versions
 # quant (the quantization issue), most important first:
@@ -12,6 +13,10 @@
 #   serve_load_cuda.{json,md}    bench/serve_load.py with the server on the GPU
 # serve-real (the server issue, the cost of a real model per request):
 #   serve_load_cuda_tl15b.{json,md}  the same with TinyLLaVA-1.5B's shape, random fp16 weights
+# serve-warm (the server issue: does a batch size's first use cost seconds on a GPU?):
+#   first_batch_cuda_{demo,tl15b}.{json,md}  first generate of each batch size 1..16 vs later
+#   serve_load_cuda_tl15b_warm.{json,md}     serve-real's run with the server's warm-up (on by
+#                                            default on a GPU since 2026-11-27)
 #
 # Inputs (prepared on a machine with the project installed):
 #   $DATA/demo      the trained demo model (`make serve` trains it: ./data/models/demo),
@@ -83,5 +88,17 @@ python3 bench/real_shape_model.py /tmp/tl15 --device cuda --dtype float16 2>&1 |
     grep -v "Writing model shards"
 timeout "${REAL_LOAD_S:-300}" python3 bench/serve_load.py --model /tmp/tl15 \
     --requests "${REAL_REQUESTS:-64}" --rounds 1 --out "$OUT/serve_load_cuda_tl15b"
+fi
+if [[ " $STAGES " == *" serve-warm "* ]]; then
+stamp "first use of each batch size on the GPU"
+timeout 60 python3 bench/first_batch.py --model "$DATA/demo" --device cuda \
+    --md "$OUT/first_batch_cuda_demo.md" 2>&1 | grep -v "Loading weights"
+[ -d /tmp/tl15 ] || python3 bench/real_shape_model.py /tmp/tl15 --device cuda --dtype float16 2>&1 |
+    grep -v "Writing model shards"
+timeout 240 python3 bench/first_batch.py --model /tmp/tl15 --device cuda \
+    --md "$OUT/first_batch_cuda_tl15b.md" 2>&1 | grep -v "Loading weights"
+stamp "serve_load with the TinyLLaVA-1.5B shape, warm-up on"
+timeout "${REAL_LOAD_S:-300}" python3 bench/serve_load.py --model /tmp/tl15 \
+    --requests "${REAL_REQUESTS:-64}" --rounds 1 --out "$OUT/serve_load_cuda_tl15b_warm"
 fi
 stamp done

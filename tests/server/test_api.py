@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 import time
+from contextlib import contextmanager
 
 import pydicom
 import pytest
-from api_helpers import CT_SMALL, assert_error, png_bytes, upload, upload_ct
+from api_helpers import CT_SMALL, assert_error, png_bytes, upload, upload_ct, wait_for
 from PIL import Image
 from sqlalchemy import select
 
@@ -247,6 +250,69 @@ def test_readyz_is_503_until_a_model_loads(tmp_path, sqlite_url):
             json={"question": "q"},
         )
         assert_error(r, 503, "model_not_ready")
+
+
+@contextmanager
+def _serve_until_loaded(settings):
+    """A started server once its model has loaded (or failed to)."""
+    from fastapi.testclient import TestClient
+
+    from tinyllava_med.server.app import create_app
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        state = client.app.state
+        wait_for(lambda: state.engine.ready or state.load_error, what="the model to load")
+        yield client
+
+
+@pytest.mark.parametrize("warmup", ["on", "auto"])
+def test_warm_up_before_serving_on_request_or_on_a_gpu(
+    tmp_path, sqlite_url, tiny_model_dir, warmup, caplog
+):
+    """`warmup=on` generates a batch of each size 1, 2, 4, ... max_batch_size before the engine
+    takes requests, and that counts as the model answering (/readyz ok without a probe);
+    `auto` does so only on a GPU, so not here."""
+    from tinyllava_med.server.settings import Settings
+
+    settings = Settings(
+        data_dir=tmp_path / "d",
+        database_url=sqlite_url,
+        model=str(tiny_model_dir),
+        max_batch_size=6,
+        warmup=warmup,
+    )
+    caplog.set_level(logging.INFO, logger="tinyllava_med.server.app")
+    with _serve_until_loaded(settings) as client:
+        assert client.app.state.load_error is None
+        warm = [m for m in caplog.messages if m.startswith("warm")]
+        if warmup == "on":
+            assert warm[0] == "warming up: one batch of each size [1, 2, 4, 6]"
+            assert re.fullmatch(r"warm-up took ([\d.]+ s for \d, ){3}[\d.]+ s for 6", warm[1])
+        else:
+            assert warm == []
+        assert client.get("/readyz").status_code == 200
+        batches = "tinyllava_med_batch_size_count 1.0" in client.get("/metrics").text
+        assert batches == (warmup == "auto")  # here no warm-up: /readyz probed once
+
+
+def test_a_failed_warm_up_leaves_the_server_not_ready_saying_why(
+    tmp_path, sqlite_url, tiny_model_dir, monkeypatch
+):
+    import tinyllava_med.server.engine as engine_mod
+    from tinyllava_med.server.settings import Settings
+
+    def out_of_memory(lm, images, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(engine_mod, "generate", out_of_memory)
+    settings = Settings(
+        data_dir=tmp_path / "d", database_url=sqlite_url, model=str(tiny_model_dir), warmup="on"
+    )
+    with _serve_until_loaded(settings) as client:
+        assert "warm-up batch of 1 failed" in client.app.state.load_error
+        assert "lower max_batch_size" in client.app.state.load_error
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["model"] == "failed"
 
 
 def test_failed_accesses_are_audited(sqlite_api):

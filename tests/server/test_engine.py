@@ -9,7 +9,12 @@ import pytest
 from PIL import Image
 
 from tinyllava_med.model.generate import SamplingParams, generate
-from tinyllava_med.server.engine import BatchingEngine, EngineBusy, EngineNotReady
+from tinyllava_med.server.engine import (
+    BatchingEngine,
+    EngineBusy,
+    EngineNotReady,
+    warmup_sizes,
+)
 
 
 class Recorder:
@@ -488,3 +493,63 @@ def test_an_announced_request_counts_once_in_flight(tiny_lm):
             assert eng.last_expected == 1
     finally:
         eng.shutdown()
+
+
+def test_warmup_sizes_double_up_to_the_max_batch():
+    assert warmup_sizes(1) == [1]
+    assert warmup_sizes(6) == [1, 2, 4, 6]
+    assert warmup_sizes(8) == [1, 2, 4, 8]
+    assert warmup_sizes(16) == [1, 2, 4, 8, 16]
+
+
+def test_warm_up_runs_each_size_and_then_the_first_burst_fits_the_time_budget(tiny_lm, monkeypatch):
+    """The warm-up generates one padded batch per size (rows of different lengths, prefill and
+    a decode step) outside the request metrics. What it measures (0.2 s per row here, a real
+    model on a CPU) caps the first burst of requests at `max_batch_s` (1 s: at most 5 rows);
+    without it the burst would go as one batch of 6. It also proves the model answers: the
+    first readiness check is ok without a probe."""
+    import tinyllava_med.server.engine as engine_mod
+
+    calls = []
+
+    def per_row(lm, images, questions, params, **kwargs):
+        calls.append((len(images), len(set(questions)), params))
+        time.sleep(0.2 * len(images))
+        return generate(lm, images, questions, params, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "generate", per_row)
+    rec = Recorder()
+    eng = BatchingEngine(max_batch_size=8, metrics=rec, max_batch_s=1.0)
+    timings = eng.warm_up(tiny_lm, [1, 2, 4])
+    assert [n for n, _ in timings] == [1, 2, 4] and timings[-1][1] >= 0.8
+    assert [(n, k) for n, k, _ in calls] == [(1, 1), (2, 2), (4, 3)]
+    assert all(p.max_new_tokens == 2 for _, _, p in calls)
+    assert rec.batches == []  # warm-up batches are not requests
+    eng.start(tiny_lm)
+    try:
+        assert asyncio.run(eng.model_check(fresh_s=60, stall_s=60, wait_s=5)) == "ok"
+        assert rec.batches == []  # no probe was needed
+        params = SamplingParams(max_new_tokens=2)
+        with eng.arriving() as arrival:
+            reqs = [eng.submit(_img(10 + i), f"q {i}?", params) for i in range(6)]
+            arrival.close()
+        for r in reqs:
+            r.future.result(60)
+    finally:
+        eng.shutdown()
+    assert sum(rec.batches) == 6 and max(rec.batches) <= 5, rec.batches
+
+
+def test_a_failed_warm_up_names_the_batch_size(tiny_lm, monkeypatch):
+    import tinyllava_med.server.engine as engine_mod
+
+    def out_of_memory(lm, images, *args, **kwargs):
+        if len(images) >= 4:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return generate(lm, images, *args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "generate", out_of_memory)
+    eng = BatchingEngine(max_batch_size=8)
+    with pytest.raises(RuntimeError, match=r"warm-up batch of 4 failed .*lower max_batch_size"):
+        eng.warm_up(tiny_lm, [1, 2, 4, 8])
+    assert eng.last_done is None

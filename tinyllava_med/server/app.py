@@ -25,7 +25,7 @@ from tinyllava_med import __version__
 from tinyllava_med.model.load import LoadedModel
 from tinyllava_med.server.auth import KeyCache, ensure_first_admin_key
 from tinyllava_med.server.db.session import make_engine, session_factory
-from tinyllava_med.server.engine import BatchingEngine
+from tinyllava_med.server.engine import BatchingEngine, warmup_sizes
 from tinyllava_med.server.errors import error_body, install_error_handlers
 from tinyllava_med.server.jobs import JobRunner
 from tinyllava_med.server.metrics import Metrics
@@ -189,14 +189,20 @@ def _load_model(app: FastAPI, settings: Settings) -> None:
             dtype=settings.dtype,
             data_dir=settings.data_dir,
         )
-        _start_engine(app, lm)
+        _start_engine(app, lm, settings)
     except Exception as e:  # /readyz reports it; the reason goes to the log
         app.state.load_error = f"{type(e).__name__}: {e}"
         log.exception("could not load the model %s", settings.model)
 
 
-def _start_engine(app: FastAPI, lm: LoadedModel) -> None:
-    app.state.engine.start(lm)
+def _start_engine(app: FastAPI, lm: LoadedModel, settings: Settings) -> None:
+    engine = app.state.engine
+    if settings.warmup == "on" or (settings.warmup == "auto" and lm.device.type == "cuda"):
+        sizes = warmup_sizes(settings.max_batch_size)
+        log.info("warming up: one batch of each size %s", sizes)
+        timings = engine.warm_up(lm, sizes)
+        log.info("warm-up took %s", ", ".join(f"{s:.2f} s for {n}" for n, s in timings))
+    engine.start(lm)
     app.state.metrics.set_model(lm.info)
     log.info("model ready: %s", lm.info)
 
@@ -275,7 +281,7 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
             )
             app.state.metrics.watch_cache("pixels", app.state.engine.pixels)
             if model is not None:
-                _start_engine(app, model)
+                _start_engine(app, model, settings)
             else:
                 threading.Thread(
                     target=_load_model, args=(app, settings), name="model-loader", daemon=True

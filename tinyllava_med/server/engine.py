@@ -65,6 +65,13 @@ MAX_WAIT_S = 0.5
 PROBE_DUTY = 0.05
 
 
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes a warm-up runs: powers of two below `max_batch_size`, then it."""
+    return [1 << k for k in range(max_batch_size.bit_length()) if 1 << k < max_batch_size] + [
+        max_batch_size
+    ]
+
+
 class EngineBusy(Exception):
     """The queue is full; the caller should retry later."""
 
@@ -166,6 +173,33 @@ class BatchingEngine:
         )
 
     # --- lifecycle -------------------------------------------------------------------------
+
+    def warm_up(self, lm: LoadedModel, sizes: Sequence[int]) -> list[tuple[int, float]]:
+        """Before `start`: one batch of each size in `sizes` (gray images, questions of
+        different lengths so rows are padded as in service, two new tokens so prefill and a
+        decode step both run), so that no request pays a batch size's first use. Seeds the
+        measured time per row, which caps batches, and counts as evidence that the model
+        answers. Returns (size, seconds) per batch. A failure raises: the model cannot serve
+        its configured batch size."""
+        image = Image.new("RGB", (32, 32), (127, 127, 127))
+        params = SamplingParams(max_new_tokens=2)
+        timings = []
+        for n in sizes:
+            questions = ["Is this image normal?" + " Describe it." * (i % 3) for i in range(n)]
+            start = time.perf_counter()
+            try:
+                generate(lm, [image] * n, questions, params)
+            except Exception as e:
+                raise RuntimeError(
+                    f"the warm-up batch of {n} failed ({type(e).__name__}: {e}); "
+                    "lower max_batch_size"
+                ) from e
+            took = time.perf_counter() - start
+            timings.append((n, took))
+            self._last_batch_s = took
+            self._row_s = took / n
+        self.last_done, self.last_failed = time.monotonic(), False
+        return timings
 
     def start(self, lm: LoadedModel) -> None:
         self.pixels.clear()
