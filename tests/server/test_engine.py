@@ -189,29 +189,45 @@ def _slow_model(monkeypatch, seconds: float, fail: list[bool] | None = None) -> 
     monkeypatch.setattr(engine_mod, "generate", slow)
 
 
-@pytest.mark.parametrize("budget", [None, 1.0])
-def test_batches_fit_the_time_budget_at_the_measured_cost_per_row(tiny_lm, monkeypatch, budget):
-    """Rows that cost as much together as alone (a real model's prefill on a CPU, here 0.2 s
-    each): with `max_batch_s` 1 s no batch takes more than 5 of them (fewer when this machine
-    is slow), though all six wait together; without it, one batch takes all six."""
+def _per_row_model(monkeypatch, seconds: float) -> list[tuple[int, int, SamplingParams]]:
+    """The engine's `generate` takes `seconds` per row (a real model's prefill on a CPU: rows
+    cost as much together as alone); returns the log of its calls (rows, distinct questions,
+    params)."""
     import tinyllava_med.server.engine as engine_mod
 
-    def per_row(lm, images, *args, **kwargs):
-        time.sleep(0.2 * len(images))
-        return generate(lm, images, *args, **kwargs)
+    calls = []
+
+    def per_row(lm, images, questions, params, **kwargs):
+        calls.append((len(images), len(set(questions)), params))
+        time.sleep(seconds * len(images))
+        return generate(lm, images, questions, params, **kwargs)
 
     monkeypatch.setattr(engine_mod, "generate", per_row)
+    return calls
+
+
+def _burst(eng: BatchingEngine, n: int) -> None:
+    """`n` requests that arrive together (one batch if nothing caps it), answered."""
+    params = SamplingParams(max_new_tokens=2)
+    with eng.arriving() as arrival:
+        reqs = [eng.submit(_img(10 + i), f"q {i}?", params) for i in range(n)]
+        arrival.close()
+    for r in reqs:
+        r.future.result(60)
+
+
+@pytest.mark.parametrize("budget", [None, 1.0])
+def test_batches_fit_the_time_budget_at_the_measured_cost_per_row(tiny_lm, monkeypatch, budget):
+    """Rows that cost as much together as alone (here 0.2 s each): with `max_batch_s` 1 s no
+    batch takes more than 5 of them (fewer when this machine is slow), though all six wait
+    together; without it, one batch takes all six."""
+    _per_row_model(monkeypatch, 0.2)
     rec = Recorder()
     eng = BatchingEngine(max_batch_size=8, metrics=rec, max_batch_s=budget)
     eng.start(tiny_lm)
     try:
-        params = SamplingParams(max_new_tokens=2)
-        eng.submit(_img(1), "first?", params).future.result(60)  # measures a row
-        with eng.arriving() as arrival:  # held together: one batch if nothing caps it
-            reqs = [eng.submit(_img(10 + i), f"q {i}?", params) for i in range(6)]
-            arrival.close()
-        for r in reqs:
-            r.future.result(60)
+        eng.submit(_img(1), "first?", SamplingParams(max_new_tokens=2)).future.result(60)
+        _burst(eng, 6)  # the first request measured a row
     finally:
         eng.shutdown()
     if budget is None:
@@ -508,16 +524,7 @@ def test_warm_up_runs_each_size_and_then_the_first_burst_fits_the_time_budget(ti
     model on a CPU) caps the first burst of requests at `max_batch_s` (1 s: at most 5 rows);
     without it the burst would go as one batch of 6. It also proves the model answers: the
     first readiness check is ok without a probe."""
-    import tinyllava_med.server.engine as engine_mod
-
-    calls = []
-
-    def per_row(lm, images, questions, params, **kwargs):
-        calls.append((len(images), len(set(questions)), params))
-        time.sleep(0.2 * len(images))
-        return generate(lm, images, questions, params, **kwargs)
-
-    monkeypatch.setattr(engine_mod, "generate", per_row)
+    calls = _per_row_model(monkeypatch, 0.2)
     rec = Recorder()
     eng = BatchingEngine(max_batch_size=8, metrics=rec, max_batch_s=1.0)
     timings = eng.warm_up(tiny_lm, [1, 2, 4])
@@ -529,12 +536,7 @@ def test_warm_up_runs_each_size_and_then_the_first_burst_fits_the_time_budget(ti
     try:
         assert asyncio.run(eng.model_check(fresh_s=60, stall_s=60, wait_s=5)) == "ok"
         assert rec.batches == []  # no probe was needed
-        params = SamplingParams(max_new_tokens=2)
-        with eng.arriving() as arrival:
-            reqs = [eng.submit(_img(10 + i), f"q {i}?", params) for i in range(6)]
-            arrival.close()
-        for r in reqs:
-            r.future.result(60)
+        _burst(eng, 6)
     finally:
         eng.shutdown()
     assert sum(rec.batches) == 6 and max(rec.batches) <= 5, rec.batches
