@@ -13,7 +13,6 @@ from tinyllava_med.server.engine import (
     BatchingEngine,
     EngineBusy,
     EngineNotReady,
-    warmup_sizes,
 )
 
 
@@ -509,13 +508,6 @@ def test_an_announced_request_counts_once_in_flight(tiny_lm):
             assert eng.last_expected == 1
     finally:
         eng.shutdown()
-
-
-def test_warmup_sizes_double_up_to_the_max_batch():
-    assert warmup_sizes(1) == [1]
-    assert warmup_sizes(6) == [1, 2, 4, 6]
-    assert warmup_sizes(8) == [1, 2, 4, 8]
-    assert warmup_sizes(16) == [1, 2, 4, 8, 16]
 
 
 def test_warm_up_runs_each_size_and_then_the_first_burst_fits_the_time_budget(tiny_lm, monkeypatch):

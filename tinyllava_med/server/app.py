@@ -25,7 +25,7 @@ from tinyllava_med import __version__
 from tinyllava_med.model.load import LoadedModel
 from tinyllava_med.server.auth import KeyCache, ensure_first_admin_key
 from tinyllava_med.server.db.session import make_engine, session_factory
-from tinyllava_med.server.engine import BatchingEngine, warmup_sizes
+from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
 from tinyllava_med.server.jobs import JobRunner
 from tinyllava_med.server.metrics import Metrics
@@ -198,8 +198,11 @@ def _load_model(app: FastAPI, settings: Settings) -> None:
 def _start_engine(app: FastAPI, lm: LoadedModel, settings: Settings) -> None:
     engine = app.state.engine
     if settings.warmup == "on" or (settings.warmup == "auto" and lm.device.type == "cuda"):
-        sizes = warmup_sizes(settings.max_batch_size)
-        log.info("warming up: one batch of each size %s", sizes)
+        # every size, not powers of two: CUDA libraries choose kernels per shape and load them
+        # on first use. Suspected cause of the tail in serve_load_cuda_tl15b.md: at 4 clients,
+        # the first to send batches of 3 and 4, p95 was 10x p50 (bench/first_batch.py checks)
+        sizes = list(range(1, settings.max_batch_size + 1))
+        log.info("warming up: one batch of each size 1 to %d", sizes[-1])
         timings = engine.warm_up(lm, sizes)
         log.info("warm-up took %s", ", ".join(f"{s:.2f} s for {n}" for n, s in timings))
     engine.start(lm)

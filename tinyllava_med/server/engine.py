@@ -65,13 +65,6 @@ MAX_WAIT_S = 0.5
 PROBE_DUTY = 0.05
 
 
-def warmup_sizes(max_batch_size: int) -> list[int]:
-    """The batch sizes a warm-up runs: powers of two below `max_batch_size`, then it."""
-    return [1 << k for k in range(max_batch_size.bit_length()) if 1 << k < max_batch_size] + [
-        max_batch_size
-    ]
-
-
 class EngineBusy(Exception):
     """The queue is full; the caller should retry later."""
 

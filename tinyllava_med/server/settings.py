@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=64, gt=0, description="waiting requests before 503")
     warmup: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="before taking requests, generate one batch of each size 1, 2, 4, ... "
+        description="before taking requests, generate one batch of each size 1 to "
         "max_batch_size, so no request pays for a batch size's first use; auto: on a GPU only "
         "(on a CPU a new batch size costs no more than later ones, and a real model's batch of "
         "8 takes minutes there); /readyz says loading meanwhile",
