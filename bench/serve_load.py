@@ -200,6 +200,7 @@ async def load(
         "rps": requests / wall,
         "p50_s": statistics.median(latencies),
         "p95_s": q[18],
+        "max_s": max(latencies),
         "client_cpu_ms_per_request": cpu * 1000 / requests,
     }
 
