@@ -485,6 +485,71 @@ def test_batch_inputs_from_pixel_values_equal_the_processor(shop: Workshop, case
         batch_inputs(processor, ["no image here"], [pixel_values(processor, images[0])])
 
 
+class _Store(dict):
+    def get_or_make(self, key, make):
+        return self.setdefault(key, make()) if key not in self else self[key]
+
+
+@pytest.mark.parametrize("case", ["llava_mistral", "llava", "tinyllava"])
+def test_follow_up_questions_reuse_the_prompt_up_to_the_image(
+    shop: Workshop, case: str, monkeypatch
+) -> None:
+    """A lone question about an image whose attention cache up to the image is stored computes
+    only its own words: the vision tower does not run again, and every answer (first question,
+    follow-ups, one with an earlier turn) is exactly the answer without the cache. For each
+    original prompt format: CLIP with CLS and SigLIP put the image before the question, so
+    follow-ups share it; LLaVA-Med v1.0 puts it after the question (`<im_start>` wrapping), so
+    only the same question again (a regenerated answer) does."""
+    from tinyllava_med.model.generate import SamplingParams, cache_bytes, generate
+    from tinyllava_med.model.load import load_model
+
+    _, dst = shop.convert(case)
+    lm = load_model(str(dst), quant="none", device="cpu")
+    tower_runs = []
+    tower = lm.model.model.vision_tower
+    monkeypatch.setattr(tower, "forward", _counting(tower.forward, tower_runs))
+    image, params = sample_image(23, 14, seed=3), SamplingParams(max_new_tokens=6)
+    store = _Store()
+    asks = [
+        ("Which organ is shown?", []),
+        ("Is there a fracture in the left knee?", []),
+        ("What is the modality?", [("Which organ?", "chest")]),
+    ]
+    for i, (question, history) in enumerate(asks):
+        want = generate(lm, [image], [question], params, histories=[history])[0]
+        runs = len(tower_runs)
+        got = generate(
+            lm, [image], [question], params, histories=[history], prefixes=store, image_keys=["x"]
+        )[0]
+        assert (got.text, got.prompt_tokens, got.new_tokens) == (
+            want.text,
+            want.prompt_tokens,
+            want.new_tokens,
+        )
+        image_first = case != "llava"
+        assert len(tower_runs) - runs == (1 if i == 0 or not image_first else 0)
+    runs = len(tower_runs)
+    again = generate(lm, [image], [asks[0][0]], params, prefixes=store, image_keys=["x"])[0]
+    assert (
+        len(tower_runs) == runs
+        and again.text == generate(lm, [image], [asks[0][0]], params)[0].text
+    )
+    assert len(store) == (1 if image_first else 3)
+    assert all(cache_bytes(cache) > 0 for cache in store.values())
+    stored = len(store)
+    generate(lm, [image, image], ["a?", "b?"], params, prefixes=store, image_keys=["x", "x"])
+    generate(lm, [image], ["a?"], params, prefixes=store, image_keys=[None])
+    assert len(store) == stored  # batches of several rows and unnamed images are not cached
+
+
+def _counting(forward, calls):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    return counted
+
+
 def test_output_pixels_reads_plain_dict_sizes_too() -> None:
     """Image processors from older configs may hold plain dicts, not `SizeDict`s."""
     from types import SimpleNamespace as NS

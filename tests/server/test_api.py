@@ -346,6 +346,9 @@ def test_questions_about_one_image_decode_and_process_it_once(sqlite_api):
     # and the model's image processor ran once, outside the batch (its pixel values are cached)
     pixels = api.app.state.engine.pixels
     assert (pixels.misses, pixels.hits) == (1, 2)
+    # and the prompt up to the image was computed once (vision tower included), then reused
+    prefixes = api.app.state.engine.prefixes
+    assert (prefixes.misses, prefixes.hits) == (1, 2) and prefixes.bytes > 0
     assert r.json()["finish_reason"] in ("stop", "length")
     # a different window is a different rendering
     assert (

@@ -547,3 +547,29 @@ def test_a_failed_warm_up_names_the_batch_size(tiny_lm, monkeypatch):
     with pytest.raises(RuntimeError, match=r"warm-up batch of 4 failed .*lower max_batch_size"):
         eng.warm_up(tiny_lm, [1, 2, 4, 8])
     assert eng.last_done is None
+
+
+def test_a_lone_follow_up_reuses_the_prompt_up_to_the_image(tiny_lm):
+    """On a CPU the engine keeps the attention cache of each named image's prompt prefix: a
+    second lone question about the image hits it and answers as a fresh engine does; a GPU
+    keeps none by default, and 0 turns it off."""
+    params = SamplingParams(max_new_tokens=4)
+    eng = BatchingEngine()
+    eng.start(tiny_lm)
+    try:
+        assert eng.prefixes.max_bytes == 256 * 1024 * 1024  # the CPU default
+        for q in ("Which organ?", "Is it normal?"):
+            eng.submit(_img(5), q, params, image_key=("sha", 0)).future.result(60)
+        follow_up = eng.submit(_img(5), "Any fracture?", params, image_key=("sha", 0))
+        answer = follow_up.future.result(60)
+        assert (eng.prefixes.hits, eng.prefixes.misses, len(eng.prefixes._items)) == (2, 1, 1)
+    finally:
+        eng.shutdown()
+    assert answer.text == generate(tiny_lm, [_img(5)], ["Any fracture?"], params)[0].text
+    off = BatchingEngine(prefix_cache_mb=0)
+    off.start(tiny_lm)
+    try:
+        off.submit(_img(5), "Which organ?", params, image_key=("sha", 0)).future.result(60)
+        assert off.prefixes.bytes == 0 and off.prefixes.misses == 0
+    finally:
+        off.shutdown()

@@ -42,6 +42,7 @@ def test_promtool_accepts_metrics(sqlite_api):
     # the upload decoded the image for the render cache; the question processed it once
     assert 'tinyllava_med_cache_hits_total{cache="rendered"} 1.0' in text
     assert 'tinyllava_med_cache_misses_total{cache="pixels"} 1.0' in text
+    assert 'tinyllava_med_cache_misses_total{cache="prefixes"} 1.0' in text
     assert 'tinyllava_med_cache_bytes{cache="pixels"} 0.0' not in text
     assert "gpu_memory" not in text  # no GPU here: absent, not failing
     assert study not in text  # no resource ids (or patient data) in labels

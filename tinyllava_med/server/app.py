@@ -279,10 +279,12 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                 max_queue=settings.max_queue,
                 metrics=app.state.metrics,
                 pixel_cache_mb=settings.pixel_cache_mb,
+                prefix_cache_mb=settings.prefix_cache_mb,
                 # a request may wait for the batch in progress and then its own
                 max_batch_s=settings.request_timeout_s / 3,
             )
             app.state.metrics.watch_cache("pixels", app.state.engine.pixels)
+            app.state.metrics.watch_cache("prefixes", app.state.engine.prefixes)
             if model is not None:
                 _start_engine(app, model, settings)
             else:

@@ -1,8 +1,10 @@
 """A thread-safe least-recently-used cache bounded by the bytes of what it holds.
 
-The server keeps two: decoded images (`ImageStore.rendered`) and the pixel values the model's
-processor makes of them (`BatchingEngine.pixels`). Their keys name immutable content (a stored
-file's sha256 and frame), so entries never go stale; callers must not modify what they get.
+The server keeps three: decoded images (`ImageStore.rendered`), the pixel values the model's
+processor makes of them (`BatchingEngine.pixels`) and the attention caches of prompts up to
+their image (`BatchingEngine.prefixes`). Their keys name immutable content (a stored file's
+sha256 and frame, with the prompt's tokens), so entries never go stale; callers must not modify
+what they get.
 """
 
 from __future__ import annotations

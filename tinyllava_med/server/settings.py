@@ -83,6 +83,14 @@ class Settings(BaseSettings):
         "questions skip the image processor (0: process every time)",
     )
 
+    prefix_cache_mb: int | None = Field(
+        default=None,
+        ge=0,
+        description="attention caches of recent prompts up to their image, so a follow-up "
+        "question about an image (asked alone) computes only its own words: on a CPU most of "
+        "an answer's time (None: 256 on a CPU, 0 on a GPU; 0: off)",
+    )
+
     # --- batching ------------------------------------------------------------------------------
     max_batch_size: int = Field(
         default=8,
