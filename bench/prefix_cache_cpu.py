@@ -53,6 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--layers", type=int, default=None, help="cut to N layers (smoke test)")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--md", type=Path, required=True)
     args = ap.parse_args()
     params = SamplingParams(max_new_tokens=args.new_tokens)
@@ -62,20 +63,26 @@ def main() -> None:
         if name == "cpu-int8":  # in place: fp32 is done with the model
             lm = dataclasses.replace(lm, model=quantize_cpu_int8(lm.model))
         timed(lm, "warm up", SamplingParams(max_new_tokens=1))
-        store = ByteLRU(1 << 30, cache_bytes)
-        plain = timed(lm, FOLLOW_UP, params)
-        first = timed(lm, FIRST, params, prefixes=store, image_keys=["img"])
-        follow = timed(lm, FOLLOW_UP, params, prefixes=store, image_keys=["img"])
-        rows.append((name, plain, first, follow, store.bytes))
-        print(rows[-1], flush=True)
+        runs = []
+        for _ in range(args.rounds):  # each with an empty cache; the best of each is kept
+            store = ByteLRU(1 << 30, cache_bytes)
+            plain = timed(lm, FOLLOW_UP, params)
+            first = timed(lm, FIRST, params, prefixes=store, image_keys=["img"])
+            follow = timed(lm, FOLLOW_UP, params, prefixes=store, image_keys=["img"])
+            runs.append((plain, first, follow))
+            print(name, runs[-1], flush=True)
+        best = [min(r[i] for r in runs) for i in range(3)]
+        rows.append((name, *best, store.bytes))
     load = os.getloadavg()
     lines = [
         "# A follow-up question with the prefix cache, CPU, TinyLLaVA-1.5B shape",
         "",
         f"Command: `python bench/prefix_cache_cpu.py --new-tokens {args.new_tokens} "
-        f"--md {args.md}`" + (f" (cut to {args.layers} layers)" if args.layers else ""),
+        f"--rounds {args.rounds} --md {args.md}`"
+        + (f" (cut to {args.layers} layers)" if args.layers else ""),
         f"Machine: {cpu_name()}, {os.cpu_count()} cores; load average at the end "
-        f"{load[0]:.2f}. One 384 px image, batch 1, greedy, {args.new_tokens} new tokens, "
+        f"{load[0]:.2f}. One 384 px image, batch 1, greedy, {args.new_tokens} new tokens, best "
+        f"of {args.rounds} rounds (each: no cache, first question, follow-up), "
         "random weights (their answers decode to empty text, so the equality of cached and "
         "uncached answers is tested on the tiny models instead: tests/model/test_convert.py).",
         "",
