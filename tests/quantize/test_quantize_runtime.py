@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from quant_helpers import answer_logits, answers, cosine
+from quant_helpers import QUESTION, answer_logits, answers, case_images, cosine
 
+from tinyllava_med.model.generate import SamplingParams, cache_bytes, generate
 from tinyllava_med.model.load import load_model
 from tinyllava_med.quantize.export import quantize_checkpoint
+from tinyllava_med.server.lru import ByteLRU
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -35,6 +37,22 @@ def test_load_time_quantization(peaked_model_dir: Path, reference, quant: str) -
         n, hooked = _hooked(lm.model)
         assert n > 0 and hooked == n
         assert type(lm.model.model.multi_modal_projector.linear_1) is torch.nn.Linear  # skipped
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit", "cpu-int8"])
+def test_quantized_models_answer_follow_ups_from_the_prefix_cache(
+    peaked_model_dir: Path, reference, quant: str
+) -> None:
+    """What the CPU server does for a lone follow-up question: the cached prompt up to the
+    image (stored by the first question, reused by the second) gives the same answers."""
+    lm = load_model(str(peaked_model_dir), quant=quant, device="cpu")
+    store = ByteLRU(1 << 28, cache_bytes)
+    params = SamplingParams(max_new_tokens=8)
+    for i, image in enumerate(case_images()):
+        for _ in range(2):
+            got = generate(lm, [image], [QUESTION], params, prefixes=store, image_keys=[i])
+            assert got[0].text == reference[1][i]
+    assert (store.misses, store.hits) == (len(reference[1]), len(reference[1]))
 
 
 def test_stored_4bit_models_get_the_stride_fix(peaked_model_dir: Path, tmp_path: Path) -> None:
