@@ -78,6 +78,11 @@ def test_models_and_a_completion_equal_to_the_rest_answer(sqlite_api, client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
     assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
 
+    # the image, sent again with each turn, was processed once and its prompt prefix reused
+    pixels, prefixes = sqlite_api.app.state.engine.pixels, sqlite_api.app.state.engine.prefixes
+    # misses: the CT via chat, then via /v1/ask (another key); hits: the streamed chat
+    assert (pixels.misses, pixels.hits, prefixes.misses, prefixes.hits) == (2, 1, 2, 1)
+
     # a follow-up question: earlier turns are part of the prompt
     follow = client.chat.completions.create(
         model=model,

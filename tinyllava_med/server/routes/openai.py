@@ -6,6 +6,7 @@ is no study), each call is audited as `chat.completion`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -107,7 +108,14 @@ async def chat_completions(
         settings,
     )
     data = await image_bytes(conv.image_url, settings)
-    decoded = await run_in_threadpool(decode_upload, Upload("image_url", data), settings)
+
+    def decode() -> tuple[Any, tuple[str, str]]:  # in the thread pool: decoding is slow
+        # chat clients send the image again with every turn: its hash names it for the pixel
+        # and prefix caches, so a follow-up computes only its own words
+        key = ("chat", hashlib.sha256(data).hexdigest())
+        return decode_upload(Upload("image_url", data), settings), key
+
+    decoded, image_key = await run_in_threadpool(decode)
     cid, model = completion_id(), str(info.get("model"))
 
     def audited(ans: Answer) -> None:
@@ -136,6 +144,7 @@ async def chat_completions(
             params,
             history=conv.history,
             arrival=getattr(request.state, "arrival", None),
+            image_key=image_key,
         )
         audited(ans)
         return completion_body(
@@ -157,6 +166,7 @@ async def chat_completions(
                 params,
                 conv.history,
                 getattr(request.state, "arrival", None),
+                image_key,
             )
             async with aclosing(stream) as items:
                 async for item in items:
