@@ -138,6 +138,11 @@ def test_demo_answers_like_the_rest_api_and_audits(live, tmp_path):
     # The server's request metrics see the demo as one route, not Gradio's internal ones.
     metrics = httpx.get(f"{live.base}/metrics", timeout=30).text
     assert 'route="/demo"' in metrics and "gradio_api" not in metrics
+    # the same file again (a follow-up): its pixel values and prompt prefix are reused
+    prefixes = live.app.state.engine.prefixes
+    hits = prefixes.hits
+    (_, again, _), _ = live.ask(png)
+    assert again == answer and prefixes.hits == hits + 1
 
 
 @pytest.mark.parametrize(("key", "reason"), [(BAD_KEY, "Invalid"), ("", "Missing")])

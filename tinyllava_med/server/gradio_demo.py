@@ -55,7 +55,7 @@ from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.routes.questions import check_capacity, sampling, stream_answer
 from tinyllava_med.server.schemas import QuestionCreate
-from tinyllava_med.server.serving import Upload, decode_upload
+from tinyllava_med.server.serving import Upload, decode_upload, unstored_image_key
 from tinyllava_med.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -269,8 +269,10 @@ async def ask_stream(
 
         start = time.perf_counter()
         text, ans = "", None
+        key = await run_in_threadpool(unstored_image_key, data)  # the same file, asked again
+        stream = stream_answer(engine, settings, image, question, params, image_key=key)
         # closing the stream (the page went away) cancels the request in the engine
-        async with aclosing(stream_answer(engine, settings, image, question, params)) as items:
+        async with aclosing(stream) as items:
             async for item in items:
                 if isinstance(item, str):
                     text += item

@@ -8,6 +8,7 @@ were. Imaging errors become 4xx `APIError`s here, with messages free of patient 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,14 @@ def imaging_error(e: ImagingError, filename: str | None = None) -> APIError:
 class Upload:
     filename: str
     data: bytes
+
+
+def unstored_image_key(data: bytes) -> tuple[str, str]:
+    """What the engine's pixel and prefix caches call an image sent but not stored (chat, the
+    Gradio demo): its hash. Clients send such an image again with every question about it, so
+    a follow-up reuses its pixel values and prompt prefix. `decode_upload` renders it one way,
+    so the hash alone names the rendering."""
+    return ("unstored", hashlib.sha256(data).hexdigest())
 
 
 def decode_upload(upload: Upload, settings: Settings) -> StudyFile:

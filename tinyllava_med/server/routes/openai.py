@@ -6,7 +6,6 @@ is no study), each call is audited as `chat.completion`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -33,7 +32,7 @@ from tinyllava_med.server.openai_compat import (
 )
 from tinyllava_med.server.routes.questions import answer, check_capacity, sampling, stream_answer
 from tinyllava_med.server.schemas import QuestionCreate
-from tinyllava_med.server.serving import Upload, decode_upload
+from tinyllava_med.server.serving import Upload, decode_upload, unstored_image_key
 from tinyllava_med.server.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -110,10 +109,7 @@ async def chat_completions(
     data = await image_bytes(conv.image_url, settings)
 
     def decode() -> tuple[Any, tuple[str, str]]:  # in the thread pool: decoding is slow
-        # chat clients send the image again with every turn: its hash names it for the pixel
-        # and prefix caches, so a follow-up computes only its own words
-        key = ("chat", hashlib.sha256(data).hexdigest())
-        return decode_upload(Upload("image_url", data), settings), key
+        return decode_upload(Upload("image_url", data), settings), unstored_image_key(data)
 
     decoded, image_key = await run_in_threadpool(decode)
     cid, model = completion_id(), str(info.get("model"))
