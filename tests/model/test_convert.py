@@ -486,8 +486,11 @@ def test_batch_inputs_from_pixel_values_equal_the_processor(shop: Workshop, case
 
 
 class _Store(dict):
-    def get_or_make(self, key, make):
-        return self.setdefault(key, make()) if key not in self else self[key]
+    def get(self, key, *, count_miss=False):
+        return super().get(key)
+
+    def put(self, key, value):
+        self[key] = value
 
 
 @pytest.mark.parametrize("case", ["llava_mistral", "llava", "tinyllava"])
@@ -536,10 +539,29 @@ def test_follow_up_questions_reuse_the_prompt_up_to_the_image(
     )
     assert len(store) == (1 if image_first else 3)
     assert all(cache_bytes(cache) > 0 for cache in store.values())
-    stored = len(store)
-    generate(lm, [image, image], ["a?", "b?"], params, prefixes=store, image_keys=["x", "x"])
+    # a batch: rows of different lengths (padding between each prefix and its own words), one
+    # image already stored and one new, one row with an earlier turn
+    other = sample_image(9, 31, seed=4)
+    questions = ["Is there a fracture in the left knee?", "Which organ?"]
+    histories = [[], [("Which organ?", "chest")]]
+    want = generate(lm, [image, other], questions, params, histories=histories)
+    runs, stored = len(tower_runs), len(store)
+    got = generate(
+        lm,
+        [image, other],
+        questions,
+        params,
+        histories=histories,
+        prefixes=store,
+        image_keys=["x", "y"],
+    )
+    assert [(a.text, a.prompt_tokens) for a in got] == [(a.text, a.prompt_tokens) for a in want]
+    if image_first:
+        assert len(tower_runs) - runs == 1 and len(store) == stored + 1  # only the new image
+    else:  # prefixes of different lengths: no cache
+        assert len(tower_runs) - runs == 1 and len(store) == stored  # one batched tower call
     generate(lm, [image], ["a?"], params, prefixes=store, image_keys=[None])
-    assert len(store) == stored  # batches of several rows and unnamed images are not cached
+    assert len(store) == stored + int(image_first)  # an unnamed image is not cached
 
 
 def _counting(forward, calls):

@@ -213,7 +213,8 @@ def make_api(tmp_path, database_url: str, lm, **overrides) -> Iterator[Api]:
         database_url=database_url,
         model="tiny",
         batch_window_ms=5,
-        **overrides,
+        **{"prefix_cache_mb": 64, **overrides},  # the tiny model's tower is too small for the
+        # cache to be on by default: on, so every API test goes through it
     )
     app = create_app(settings, model=lm)
     with TestClient(app, raise_server_exceptions=False) as client:

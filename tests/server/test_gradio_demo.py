@@ -83,7 +83,12 @@ def live(tmp_path_factory, tiny_lm) -> Iterator[Live]:
     url = f"sqlite:///{tmp}/demo.db"
     upgrade(url)
     settings = Settings(
-        data_dir=tmp / "data", database_url=url, model="tiny", batch_window_ms=5, gradio=True
+        data_dir=tmp / "data",
+        database_url=url,
+        model="tiny",
+        batch_window_ms=5,
+        gradio=True,
+        prefix_cache_mb=64,  # off by default for so small a tower
     )
     app = create_app(settings, model=tiny_lm)
     with live_server(app, ready_path=None, name="gradio-demo-server") as base:

@@ -7,7 +7,6 @@ callback (row, text delta) makes streaming (SSE) and cancellation possible for c
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -149,7 +148,8 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 class PrefixStore(Protocol):
     """Where `generate` keeps the attention cache of prompts up to their image (a `ByteLRU`)."""
 
-    def get_or_make(self, key: Hashable, make: Callable[[], Any]) -> Any: ...
+    def get(self, key: Hashable, *, count_miss: bool = False) -> Any | None: ...
+    def put(self, key: Hashable, value: Any) -> None: ...
 
 
 def cache_bytes(cache: DynamicCache) -> int:
@@ -158,35 +158,91 @@ def cache_bytes(cache: DynamicCache) -> int:
     return sum(t.element_size() * t.nelement() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _cached_prefix(
-    lm: LoadedModel, inputs: Any, image_key: Hashable, prefixes: PrefixStore
-) -> DynamicCache | None:
-    """The attention cache of this one-row prompt up to and including its last image token,
-    from `prefixes` or computed (vision tower included) and stored there; None when the prompt
-    has no image. Every question about an image shares that prefix (the system prompt, the
-    turn opening, the image), so a follow-up question computes only its own words: on a CPU the
-    prefix is most of the work (TinyLLaVA-1.5B: 765 of 774 tokens and the tower)."""
-    ids = inputs["input_ids"][0]
-    image_positions = (ids == lm.model.config.image_token_index).nonzero()
-    if len(image_positions) == 0:
-        return None
-    n = int(image_positions.max()) + 1
+def _stack(
+    lm: LoadedModel, caches: Sequence[DynamicCache], rows: slice | None = None
+) -> DynamicCache:
+    """One cache of the given caches' rows, concatenated along the batch (or `rows` of one)."""
+    out = DynamicCache(config=lm.model.config.get_text_config())
+    for i in range(len(caches[0].layers)):
+        layers: list[Any] = [c.layers[i] for c in caches]  # DynamicLayer: keys, values
+        if rows is not None:
+            out.update(layers[0].keys[rows].clone(), layers[0].values[rows].clone(), i)
+        else:
+            out.update(
+                torch.cat([x.keys for x in layers]), torch.cat([x.values for x in layers]), i
+            )
+    return out
 
-    def make() -> DynamicCache:
-        cache = DynamicCache(config=lm.model.config.get_text_config())
+
+def _prefix_caches(
+    lm: LoadedModel,
+    prefixes: Sequence[torch.Tensor],
+    pixels: torch.Tensor,
+    keys: Sequence[Hashable],
+    store: PrefixStore,
+) -> list[DynamicCache]:
+    """The attention cache of each row's prefix (token ids of one length, ending with the
+    image), from `store`; the missing ones computed in one forward (vision tower included) and
+    stored. The prefix's tokens are part of the key: another template never shares it."""
+    full_keys = [(key, tuple(p.tolist())) for key, p in zip(keys, prefixes, strict=True)]
+    found: dict[Hashable, DynamicCache] = {}
+    for key in full_keys:
+        if key not in found and (hit := store.get(key, count_miss=True)) is not None:
+            found[key] = hit
+    todo = [i for i, key in enumerate(full_keys) if key not in found]
+    todo = [i for i in todo if full_keys.index(full_keys[i]) == i]  # each missing prefix once
+    if todo:
+        batch = DynamicCache(config=lm.model.config.get_text_config())
+        ids = torch.stack([prefixes[i] for i in todo])
         with torch.inference_mode():
             lm.model(
-                input_ids=inputs["input_ids"][:, :n],
-                attention_mask=inputs["attention_mask"][:, :n],
-                pixel_values=inputs["pixel_values"],
-                cache=cache,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=pixels[todo],
+                cache=batch,
                 use_cache=True,
                 logits_to_keep=1,
             )
-        return cache
+        for j, i in enumerate(todo):
+            found[full_keys[i]] = _stack(lm, [batch], slice(j, j + 1))
+            store.put(full_keys[i], found[full_keys[i]])
+    return [found[key] for key in full_keys]
 
-    key = (image_key, tuple(ids[:n].tolist()))  # another template's prefix is another key
-    return copy.deepcopy(prefixes.get_or_make(key, make))  # generate appends to what it gets
+
+def _with_prefixes(
+    lm: LoadedModel, inputs: Any, keys: Sequence[Hashable | None], store: PrefixStore
+) -> dict[str, Any] | None:
+    """`generate`'s inputs with each row's prompt up to its image taken from `store` (computed
+    and stored on a miss): the prefixes' attention caches stacked as the cache, each row laid
+    out as prefix, padding, own words, and no pixel values (the tower's work is in the cache).
+    Every question about an image shares that prefix (system prompt, turn opening, image), so
+    a follow-up computes only its own words; on a CPU the prefix is most of the work
+    (TinyLLaVA-1.5B: 765 of 774 tokens and the tower). None when a row has no key, or the rows'
+    prefixes differ in length (LLaVA-Med v1.0 puts the image after the question)."""
+    if not keys or any(k is None for k in keys):
+        return None
+    image_id = lm.model.config.image_token_index
+    masks = inputs["attention_mask"].bool()
+    rows = [r[m] for r, m in zip(inputs["input_ids"], masks, strict=True)]
+    ends = {
+        int((row == image_id).nonzero().max()) + 1 if (row == image_id).any() else 0 for row in rows
+    }
+    if len(ends) != 1 or 0 in ends:
+        return None
+    n = ends.pop()
+    caches = _prefix_caches(lm, [row[:n] for row in rows], inputs["pixel_values"], keys, store)
+    width = max(len(row) for row in rows) - n  # the longest row's own words
+    pad = lm.processor.tokenizer.pad_token_id or 0
+    ids, mask = [], []
+    for row in rows:  # position ids follow the mask: each row's own words go on from n
+        gap = width - (len(row) - n)
+        ids.append(torch.cat([row[:n], row.new_full((gap,), pad), row[n:]]))
+        mask.append(torch.cat([row.new_ones(n), row.new_zeros(gap), row.new_ones(len(row) - n)]))
+    return {
+        "input_ids": torch.stack(ids),
+        "attention_mask": torch.stack(mask).to(inputs["attention_mask"].dtype),
+        "cache": _stack(lm, caches),  # new tensors: what `store` holds stays as it is
+    }
 
 
 def prepare_image(lm: LoadedModel, image: Image.Image) -> torch.Tensor:
@@ -211,9 +267,8 @@ def generate(
     """One answer per (image, question), generated in one batch. An image may be given as
     `prepare_image`'s pixel values.
 
-    `prefixes` and `image_keys` (what each image's content is called): a lone row whose image
-    has a key reuses the attention cache of its prompt up to the image (`_cached_prefix`), and
-    answers exactly as without it.
+    `prefixes` and `image_keys` (what each image's content is called): rows reuse the attention
+    caches of their prompts up to the image (`_with_prefixes`), and answer as without them.
 
     `histories` holds each row's earlier (question, answer) turns about the same image.
     `text_rows`: which rows `on_token` wants text deltas for (default all); the others get one
@@ -275,12 +330,8 @@ def generate(
 
     start = time.perf_counter()
     gen_inputs = dict(inputs)
-    key = image_keys[0] if image_keys and len(images) == 1 else None
-    if prefixes is not None and key is not None:
-        prefix = _cached_prefix(lm, inputs, key, prefixes)
-        if prefix is not None:  # the tower's work is in the cache
-            kwargs["cache"] = prefix
-            del gen_inputs["pixel_values"]
+    if prefixes is not None and image_keys is not None:
+        gen_inputs = _with_prefixes(lm, inputs, image_keys, prefixes) or gen_inputs
     with torch.inference_mode():
         out = lm.model.generate(**gen_inputs, **kwargs)
     latency_ms = (time.perf_counter() - start) * 1000.0

@@ -33,21 +33,20 @@ class ByteLRU(Generic[V]):
     def bytes(self) -> int:
         return self._bytes
 
-    def get(self, key: Hashable) -> V | None:
-        """The cached value, or None (a miss is not counted: `get_or_make` follows)."""
+    def get(self, key: Hashable, *, count_miss: bool = False) -> V | None:
+        """The cached value, or None (a miss is counted only if asked: `get_or_make` does)."""
         with self._lock:
             item = self._items.get(key)
             if item is None:
+                self.misses += count_miss
                 return None
             self._items.move_to_end(key)
             self.hits += 1
             return item[0]
 
     def get_or_make(self, key: Hashable, make: Callable[[], V]) -> V:
-        if (hit := self.get(key)) is not None:
+        if (hit := self.get(key, count_miss=True)) is not None:
             return hit
-        with self._lock:
-            self.misses += 1
         value = make()  # outside the lock: making is slow and may raise
         self.put(key, value)
         return value

@@ -87,8 +87,8 @@ class Settings(BaseSettings):
         default=None,
         ge=0,
         description="attention caches of recent prompts up to their image, so a follow-up "
-        "question about an image (asked alone) computes only its own words: on a CPU most of "
-        "an answer's time (None: 256 on a CPU, 0 on a GPU; 0: off)",
+        "question about an image computes only its own words: on a CPU most of an answer's "
+        "time (None: 256 on a CPU for towers of 256 image tokens or more, else 0; 0: off)",
     )
 
     # --- batching ------------------------------------------------------------------------------
