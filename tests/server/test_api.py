@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from api_helpers import CT_SMALL, assert_error, png_bytes, upload, upload_ct, wait_for
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from tinyllava_med.server.db.models import AuditEvent, Report, ReportEdit
 
@@ -421,3 +421,47 @@ def test_model_ready_metric_needs_no_readiness_poll(sqlite_api):
     finally:
         engine._batch_started = None
     assert "tinyllava_med_model_ready 1.0" in api.get("/metrics").text
+
+
+def test_a_locked_database_never_stalls_the_event_loop(sqlite_api, sqlite_url):
+    """Storing an answer waits for a database locked by another writer (another request's
+    transaction, whose commit may itself need the event loop), but never on the event loop:
+    meanwhile the server answers others, and the answer is stored once the lock is free."""
+    import sqlite3
+    import threading
+
+    api = sqlite_api
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    api.post(url, headers=api.h(), json={"question": "Organ?"})  # warm: model, caches
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock():
+        db = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(30)
+        db.execute("COMMIT")
+        db.close()
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    locked.wait(10)
+    asked: dict = {}
+    asking = threading.Thread(
+        target=lambda: asked.update(
+            r=api.post(url, headers=api.h(), json={"question": "Lung?", "max_new_tokens": 2})
+        )
+    )
+    asking.start()
+    time.sleep(1.0)  # the answer is ready and waits for the lock
+    start = time.monotonic()
+    assert api.get("/healthz").status_code == 200
+    assert time.monotonic() - start < 0.4, "the event loop waited for the database"
+    assert asking.is_alive()  # still waiting to store its report
+    release.set()
+    holder.join()
+    asking.join(30)
+    assert asked["r"].status_code == 201, asked["r"].text
+    with api.app.state.session_factory() as s:
+        assert s.scalar(select(func.count()).select_from(Report)) == 2

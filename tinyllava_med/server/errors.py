@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -63,7 +64,9 @@ _HTTP_CODES = {
 
 
 def _audit_failure(request: Request, status: int, code: str) -> None:
-    """Record a failed access in its own transaction (the route's own was rolled back).
+    """Record a failed access in its own transaction (the route's own was rolled back), in a
+    worker thread: on the event loop, a write waiting for another transaction's lock would
+    stall the server (see `ReportWriter`).
 
     Routes that touch a study or report put `(actor, action, resource_type, resource_id)` on
     `request.state.audit` first; failures before that (auth) are audited by `auth`.
@@ -96,12 +99,12 @@ def _audit_failure(request: Request, status: int, code: str) -> None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        _audit_failure(request, exc.status, exc.code)
+        await run_in_threadpool(_audit_failure, request, exc.status, exc.code)
         return _response(exc.status, exc.code, exc.message, exc.detail, exc.headers)
 
     @app.exception_handler(DomainError)
     async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
-        _audit_failure(request, exc.status, exc.code)
+        await run_in_threadpool(_audit_failure, request, exc.status, exc.code)
         return _response(exc.status, exc.code, exc.message, exc.detail)
 
     @app.exception_handler(RequestValidationError)
@@ -127,5 +130,5 @@ def install_error_handlers(app: FastAPI) -> None:
             request.url.path,
             exc_info=exc,
         )
-        _audit_failure(request, 500, "internal_error")
+        await run_in_threadpool(_audit_failure, request, 500, "internal_error")
         return _response(500, "internal_error", "an internal error occurred; it has been logged")

@@ -30,12 +30,14 @@ a key. To offer more loaded models, return them from `loaded_models`: the dropdo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -336,12 +338,17 @@ async def ask_stream(
         if preview is not None:  # Gradio has copied it into its cache by now
             shutil.rmtree(preview.parent, ignore_errors=True)
         if not finished and principal is not None:  # the page went away mid-answer
-            _audit(
-                app,
-                actor=principal.actor,
-                outcome="error",
-                status_code=499,
-                detail={**detail, "code": "cancelled"},
+            # in a worker thread, not awaited (a closing generator): never a write on the loop
+            asyncio.get_running_loop().run_in_executor(
+                None,
+                partial(
+                    _audit,
+                    app,
+                    actor=principal.actor,
+                    outcome="error",
+                    status_code=499,
+                    detail={**detail, "code": "cancelled"},
+                ),
             )
 
 

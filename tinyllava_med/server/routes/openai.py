@@ -142,7 +142,7 @@ async def chat_completions(
             arrival=getattr(request.state, "arrival", None),
             image_key=image_key,
         )
-        audited(ans)
+        await run_in_threadpool(audited, ans)  # never a database write on the loop
         return completion_body(
             cid, model, ans.text, ans.finish_reason, ans.prompt_tokens, ans.new_tokens
         )
@@ -174,7 +174,7 @@ async def chat_completions(
             yield sse(error_body(e.code, e.message, e.detail))
             return
         assert ans is not None
-        audited(ans)
+        await run_in_threadpool(audited, ans)  # never a database write on the loop
         yield sse(chunk_body(cid, model, {}, ans.finish_reason))
         if body.stream_options is not None and body.stream_options.include_usage:
             yield sse(chunk_body(cid, model, {}, None, usage(ans.prompt_tokens, ans.new_tokens)))
