@@ -35,7 +35,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from functools import partial
 from pathlib import Path
@@ -251,6 +251,19 @@ async def ask_stream(
     detail: dict[str, Any] = {}
     finished = False
     preview: Path | None = None
+
+    def failed(who: Principal, outcome: Outcome, status: int, code: str) -> Callable[[], None]:
+        """The audit event of this question's failure, written in a worker thread: never a
+        database write on the event loop (see `ReportWriter`)."""
+        return partial(
+            _audit,
+            app,
+            actor=who.actor,
+            outcome=outcome,
+            status_code=status,
+            detail={**detail, "code": code},
+        )
+
     try:
         principal = await run_in_threadpool(_authorize, app, api_key or "")
         question, params = _params(settings, question, max_new_tokens, temperature, top_p)
@@ -300,56 +313,27 @@ async def ask_stream(
     except DemoError as e:
         finished = True
         if principal is not None:  # denials were audited by _authorize
-            await run_in_threadpool(
-                _audit,
-                app,
-                actor=principal.actor,
-                outcome=e.outcome,
-                status_code=e.status_code,
-                detail={**detail, "code": e.code},
-            )
+            await run_in_threadpool(failed(principal, e.outcome, e.status_code, e.code))
         yield None, "", e.message
     except APIError as e:
         finished = True
         if principal is not None:
-            await run_in_threadpool(
-                _audit,
-                app,
-                actor=principal.actor,
-                outcome="invalid" if e.status < 500 else "error",
-                status_code=e.status,
-                detail={**detail, "code": e.code},
-            )
+            outcome: Outcome = "invalid" if e.status < 500 else "error"
+            await run_in_threadpool(failed(principal, outcome, e.status, e.code))
         yield None, "", e.message
     except Exception:  # never a traceback on the page; the reason goes to the log
         finished = True
         log.exception("the demo could not answer")
         if principal is not None:
-            await run_in_threadpool(
-                _audit,
-                app,
-                actor=principal.actor,
-                outcome="error",
-                status_code=500,
-                detail={**detail, "code": "internal_error"},
-            )
+            await run_in_threadpool(failed(principal, "error", 500, "internal_error"))
         yield None, "", "The server could not answer this question (the error is in its log)."
     finally:
         if preview is not None:  # Gradio has copied it into its cache by now
             shutil.rmtree(preview.parent, ignore_errors=True)
         if not finished and principal is not None:  # the page went away mid-answer
-            # in a worker thread, not awaited (a closing generator): never a write on the loop
-            asyncio.get_running_loop().run_in_executor(
-                None,
-                partial(
-                    _audit,
-                    app,
-                    actor=principal.actor,
-                    outcome="error",
-                    status_code=499,
-                    detail={**detail, "code": "cancelled"},
-                ),
-            )
+            # not awaited (the generator is closing), but in a worker thread as well
+            audit = failed(principal, "error", 499, "cancelled")
+            asyncio.get_running_loop().run_in_executor(None, audit)
 
 
 # --- the page ----------------------------------------------------------------------------------
