@@ -158,19 +158,12 @@ def cache_bytes(cache: DynamicCache) -> int:
     return sum(t.element_size() * t.nelement() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _stack(
-    lm: LoadedModel, caches: Sequence[DynamicCache], rows: slice | None = None
-) -> DynamicCache:
-    """One cache of the given caches' rows, concatenated along the batch (or `rows` of one)."""
+def _concat(lm: LoadedModel, caches: Sequence[DynamicCache]) -> DynamicCache:
+    """The caches' rows as one batch (new tensors: the given caches stay as they are)."""
     out = DynamicCache(config=lm.model.config.get_text_config())
     for i in range(len(caches[0].layers)):
         layers: list[Any] = [c.layers[i] for c in caches]  # DynamicLayer: keys, values
-        if rows is not None:
-            out.update(layers[0].keys[rows].clone(), layers[0].values[rows].clone(), i)
-        else:
-            out.update(
-                torch.cat([x.keys for x in layers]), torch.cat([x.values for x in layers]), i
-            )
+        out.update(torch.cat([x.keys for x in layers]), torch.cat([x.values for x in layers]), i)
     return out
 
 
@@ -186,26 +179,33 @@ def _prefix_caches(
     stored. The prefix's tokens are part of the key: another template never shares it."""
     full_keys = [(key, tuple(p.tolist())) for key, p in zip(keys, prefixes, strict=True)]
     found: dict[Hashable, DynamicCache] = {}
-    for key in full_keys:
-        if key not in found and (hit := store.get(key, count_miss=True)) is not None:
+    missing: dict[Hashable, int] = {}  # each missing prefix once: key -> its first row
+    for row, key in enumerate(full_keys):
+        if key in found or key in missing:
+            continue
+        if (hit := store.get(key, count_miss=True)) is not None:
             found[key] = hit
-    todo = [i for i, key in enumerate(full_keys) if key not in found]
-    todo = [i for i in todo if full_keys.index(full_keys[i]) == i]  # each missing prefix once
-    if todo:
+        else:
+            missing[key] = row
+    if missing:
         batch = DynamicCache(config=lm.model.config.get_text_config())
-        ids = torch.stack([prefixes[i] for i in todo])
+        ids = torch.stack([prefixes[row] for row in missing.values()])
         with torch.inference_mode():
             lm.model(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                pixel_values=pixels[todo],
+                pixel_values=pixels[list(missing.values())],
                 cache=batch,
                 use_cache=True,
                 logits_to_keep=1,
             )
-        for j, i in enumerate(todo):
-            found[full_keys[i]] = _stack(lm, [batch], slice(j, j + 1))
-            store.put(full_keys[i], found[full_keys[i]])
+        layers: list[Any] = batch.layers  # DynamicLayer: keys, values
+        for j, new_key in enumerate(missing):
+            one = DynamicCache(config=lm.model.config.get_text_config())
+            for i, layer in enumerate(layers):
+                one.update(layer.keys[j : j + 1].clone(), layer.values[j : j + 1].clone(), i)
+            found[new_key] = one
+            store.put(new_key, one)
     return [found[key] for key in full_keys]
 
 
@@ -241,7 +241,7 @@ def _with_prefixes(
     return {
         "input_ids": torch.stack(ids),
         "attention_mask": torch.stack(mask).to(inputs["attention_mask"].dtype),
-        "cache": _stack(lm, caches),  # new tensors: what `store` holds stays as it is
+        "cache": _concat(lm, caches),  # generate appends to it; `store` keeps its own
     }
 
 

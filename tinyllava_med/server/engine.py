@@ -75,6 +75,11 @@ PREFIX_MIN_IMAGE_TOKENS = 256
 PROBE_DUTY = 0.05
 
 
+def _gray_image() -> Image.Image:
+    """What the warm-up and the readiness probe ask about."""
+    return Image.new("RGB", (32, 32), (127, 127, 127))
+
+
 class EngineBusy(Exception):
     """The queue is full; the caller should retry later."""
 
@@ -192,7 +197,7 @@ class BatchingEngine:
         measured time per row, which caps batches, and counts as evidence that the model
         answers. Returns (size, seconds) per batch. A failure raises: the model cannot serve
         its configured batch size."""
-        image = Image.new("RGB", (32, 32), (127, 127, 127))
+        image = _gray_image()
         params = SamplingParams(max_new_tokens=2)
         timings = []
         for n in sizes:
@@ -353,8 +358,8 @@ class BatchingEngine:
         """A one-token answer about a gray image through the queue, unless one is in flight."""
         with self._probe_lock:
             if self._probe is None or self._probe.done():
-                img = Image.new("RGB", (32, 32), (127, 127, 127))
-                self._probe = self.submit(img, "ok?", SamplingParams(max_new_tokens=1)).future
+                params = SamplingParams(max_new_tokens=1)
+                self._probe = self.submit(_gray_image(), "ok?", params).future
                 self._probe.add_done_callback(partial(self._probe_took, time.monotonic()))
             return self._probe
 
