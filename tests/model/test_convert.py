@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaTokenizer
 
 from tinyllava_med.model.convert import ConversionError, convert_checkpoint, detect_format
+from tinyllava_med.model.generate import MIN_TEMPLATE_PREFIX, template_prefix
 from tinyllava_med.model.meta import ServedMeta
 from tinyllava_med.model.processor import (
     ImageProcessorSpec,
@@ -545,7 +546,7 @@ def test_follow_up_questions_reuse_the_prompt_up_to_the_image(
     questions = ["Is there a fracture in the left knee?", "Which organ?"]
     histories = [[], [("Which organ?", "chest")]]
     want = generate(lm, [image, other], questions, params, histories=histories)
-    runs, stored = len(tower_runs), len(store)
+    runs, stored, before = len(tower_runs), len(store), set(store)
     got = generate(
         lm,
         [image, other],
@@ -556,12 +557,52 @@ def test_follow_up_questions_reuse_the_prompt_up_to_the_image(
         image_keys=["x", "y"],
     )
     assert [(a.text, a.prompt_tokens) for a in got] == [(a.text, a.prompt_tokens) for a in want]
+    opening = (None, tuple(template_prefix(lm).tolist()))
     if image_first:
         assert len(tower_runs) - runs == 1 and len(store) == stored + 1  # only the new image
-    else:  # prefixes of different lengths: no cache
-        assert len(tower_runs) - runs == 1 and len(store) == stored  # one batched tower call
+    else:  # images at different places: only the template's opening is shared
+        assert len(tower_runs) - runs == 1 and set(store) - before == {opening}
+    before, had = set(store), opening in store
     generate(lm, [image], ["a?"], params, prefixes=store, image_keys=[None])
-    assert len(store) == stored + int(image_first)  # an unnamed image is not cached
+    # an unnamed image is not cached; the template's opening is, where it is long enough to pay
+    pays = not had and len(opening[1]) >= MIN_TEMPLATE_PREFIX
+    assert set(store) - before == ({opening} if pays else set())
+
+
+@pytest.mark.parametrize("case", ["llava_mistral", "llava", "tinyllava"])
+def test_every_question_shares_the_template_opening(shop: Workshop, case: str, monkeypatch):
+    """Rows whose images are not named reuse the attention cache of their template's opening
+    (the system prompt; for LLaVA-Med v1.0 also its example exchange), computed once for all
+    questions: the tower still sees every image, and every answer (a batch with padding and an
+    earlier turn) is exactly the answer without the cache. LLaVA-Med v1.5's opening, `[INST]`,
+    is too short to be worth a cache."""
+    from tinyllava_med.model.generate import SamplingParams, generate
+    from tinyllava_med.model.load import load_model
+
+    _, dst = shop.convert(case)
+    lm = load_model(str(dst), quant="none", device="cpu")
+    tower_runs: list[int] = []
+    tower = lm.model.model.vision_tower
+    monkeypatch.setattr(tower, "forward", _counting(tower.forward, tower_runs))
+    images = [sample_image(23, 14, seed=3), sample_image(9, 31, seed=4)]
+    questions = ["Is there a fracture in the left knee?", "Which organ?"]
+    histories = [[], [("Which organ?", "chest")]]
+    params, store = SamplingParams(max_new_tokens=6), _Store()
+    want = generate(lm, images, questions, params, histories=histories)
+    for _ in range(2):  # computing the opening, then reusing it
+        runs = len(tower_runs)
+        got = generate(lm, images, questions, params, histories=histories, prefixes=store)
+        assert [(a.text, a.prompt_tokens, a.new_tokens) for a in got] == [
+            (a.text, a.prompt_tokens, a.new_tokens) for a in want
+        ]
+        assert len(tower_runs) - runs == 1  # both images in one tower call
+    opening = template_prefix(lm)
+    if case == "llava_mistral":
+        assert len(opening) < MIN_TEMPLATE_PREFIX and not store
+    else:
+        assert list(store) == [(None, tuple(opening.tolist()))]
+        text = lm.processor.tokenizer.decode(opening, skip_special_tokens=True)
+        assert text.strip().startswith("A chat between")
 
 
 def _counting(forward, calls):

@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from tinyllava_med.model.generate import SamplingParams, generate
+from tinyllava_med.model.generate import SamplingParams, generate, template_prefix
 from tinyllava_med.server.engine import (
     BatchingEngine,
     EngineBusy,
@@ -552,13 +552,26 @@ def test_a_failed_warm_up_names_the_batch_size(tiny_lm, monkeypatch):
 
 def test_a_lone_follow_up_reuses_the_prompt_up_to_the_image(tiny_lm):
     """The engine keeps the attention cache of each named image's prompt prefix: a second
-    question about the image hits it and answers as without it. By default only on a CPU and
-    for a real tower (the tiny model's few image tokens are not); 0 turns it off."""
+    question about the image hits it and answers as without it. By default (on a CPU) only for
+    a real tower: the tiny model's few image tokens share only the template's opening, computed
+    once for all images; 0 turns caching off."""
     params = SamplingParams(max_new_tokens=4)
     default = BatchingEngine()
     default.start(tiny_lm)
-    default.shutdown()
-    assert default.prefixes.max_bytes == 0
+    try:
+        answers = [
+            default.submit(_img(i), "Which organ?", params, image_key=("sha", i)).future.result(60)
+            for i in (5, 6)
+        ]
+        assert default.prefixes.max_bytes > 0 and not default.image_prefixes
+        assert (default.prefixes.hits, default.prefixes.misses) == (1, 1)
+        [(name, tokens)] = default.prefixes._items  # the opening, named by no image
+        assert name is None and list(tokens) == template_prefix(tiny_lm).tolist()
+    finally:
+        default.shutdown()
+    assert [a.text for a in answers] == [
+        generate(tiny_lm, [_img(i)], ["Which organ?"], params)[0].text for i in (5, 6)
+    ]
     eng = BatchingEngine(prefix_cache_mb=256)
     eng.start(tiny_lm)
     try:

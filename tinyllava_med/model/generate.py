@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from queue import Queue
@@ -170,13 +171,14 @@ def _concat(lm: LoadedModel, caches: Sequence[DynamicCache]) -> DynamicCache:
 def _prefix_caches(
     lm: LoadedModel,
     prefixes: Sequence[torch.Tensor],
-    pixels: torch.Tensor,
-    keys: Sequence[Hashable],
+    pixels: torch.Tensor | None,
+    keys: Sequence[Hashable | None],
     store: PrefixStore,
 ) -> list[DynamicCache]:
-    """The attention cache of each row's prefix (token ids of one length, ending with the
-    image), from `store`; the missing ones computed in one forward (vision tower included) and
-    stored. The prefix's tokens are part of the key: another template never shares it."""
+    """The attention cache of each row's prefix (token ids of one length, ending with the image
+    when `pixels` are given), from `store`; the missing ones computed in one forward (vision
+    tower included) and stored. The prefix's tokens are part of the key: another template
+    never shares it."""
     full_keys = [(key, tuple(p.tolist())) for key, p in zip(keys, prefixes, strict=True)]
     found: dict[Hashable, DynamicCache] = {}
     missing: dict[Hashable, int] = {}  # each missing prefix once: key -> its first row
@@ -190,11 +192,12 @@ def _prefix_caches(
     if missing:
         batch = DynamicCache(config=lm.model.config.get_text_config())
         ids = torch.stack([prefixes[row] for row in missing.values()])
+        images = None if pixels is None else pixels[list(missing.values())]
         with torch.inference_mode():
             lm.model(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                pixel_values=pixels[list(missing.values())],
+                pixel_values=images,
                 cache=batch,
                 use_cache=True,
                 logits_to_keep=1,
@@ -209,28 +212,65 @@ def _prefix_caches(
     return [found[key] for key in full_keys]
 
 
+# A template's own opening (system prompt, example exchange) is cached only from this many
+# tokens: TinyLLaVA's v1/phi system prompt is about 32, LLaVA-Med v1.0's with its example
+# exchange about 60, LLaVA-Med v1.5's `[INST]` 3 (not worth a cache).
+MIN_TEMPLATE_PREFIX = 16
+
+_template_prefixes: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def template_prefix(lm: LoadedModel) -> torch.Tensor:
+    """The token ids every prompt of `lm`'s template starts with, before any question or image:
+    the longest common start of two prompts that differ only in their question, cut before the
+    image. Computed once per tokenizer and template."""
+    tok = lm.processor.tokenizer
+    known = _template_prefixes.setdefault(tok, {})
+    if lm.template not in known:
+        a, b = (tok(build_prompt(lm.template, q))["input_ids"] for q in ("a", "b"))
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+        image_id = lm.model.config.image_token_index
+        n = min([n] + [i for i, t in enumerate(a) if t == image_id])
+        known[lm.template] = torch.tensor(a[:n], dtype=torch.long)
+    return known[lm.template]
+
+
 def _with_prefixes(
-    lm: LoadedModel, inputs: Any, keys: Sequence[Hashable | None], store: PrefixStore
+    lm: LoadedModel,
+    inputs: Any,
+    keys: Sequence[Hashable | None] | None,
+    store: PrefixStore,
 ) -> dict[str, Any] | None:
-    """`generate`'s inputs with each row's prompt up to its image taken from `store` (computed
-    and stored on a miss): the prefixes' attention caches stacked as the cache, each row laid
-    out as prefix, padding, own words, and no pixel values (the tower's work is in the cache).
-    Every question about an image shares that prefix (system prompt, turn opening, image), so
-    a follow-up computes only its own words; on a CPU the prefix is most of the work
-    (TinyLLaVA-1.5B: 765 of 774 tokens and the tower). None when a row has no key, or the rows'
-    prefixes differ in length (LLaVA-Med v1.0 puts the image after the question)."""
-    if not keys or any(k is None for k in keys):
-        return None
+    """`generate`'s inputs with each row's prompt prefix taken from `store` (computed and stored
+    on a miss): the prefixes' attention caches stacked as the cache, each row laid out as
+    prefix, padding, own words.
+
+    With every row's image named in `keys`, the prefix runs up to and including the image, and
+    the rows need no pixel values (the tower's work is in the cache): every question about an
+    image shares it (system prompt, turn opening, image), so a follow-up computes only its own
+    words; on a CPU that prefix is most of the work (TinyLLaVA-1.5B: 765 of 774 tokens and the
+    tower). Otherwise, or when the rows' images sit at different places (LLaVA-Med v1.0 puts the
+    image after the question), the prefix is the template's own opening (`template_prefix`),
+    which every question shares. None when neither applies."""
     image_id = lm.model.config.image_token_index
     masks = inputs["attention_mask"].bool()
     rows = [r[m] for r, m in zip(inputs["input_ids"], masks, strict=True)]
     ends = {
         int((row == image_id).nonzero().max()) + 1 if (row == image_id).any() else 0 for row in rows
     }
-    if len(ends) != 1 or 0 in ends:
+    opening = template_prefix(lm)
+    pixels: torch.Tensor | None = inputs["pixel_values"]
+    if keys and all(k is not None for k in keys) and len(ends) == 1 and 0 not in ends:
+        n, names = ends.pop(), list(keys)
+    elif len(opening) >= MIN_TEMPLATE_PREFIX and all(
+        torch.equal(row[: len(opening)], opening) for row in rows
+    ):
+        n, names, pixels = len(opening), [None] * len(rows), None
+    else:
         return None
-    n = ends.pop()
-    caches = _prefix_caches(lm, [row[:n] for row in rows], inputs["pixel_values"], keys, store)
+    caches = _prefix_caches(lm, [row[:n] for row in rows], pixels, names, store)
     width = max(len(row) for row in rows) - n  # the longest row's own words
     pad = lm.processor.tokenizer.pad_token_id or 0
     ids, mask = [], []
@@ -238,11 +278,14 @@ def _with_prefixes(
         gap = width - (len(row) - n)
         ids.append(torch.cat([row[:n], row.new_full((gap,), pad), row[n:]]))
         mask.append(torch.cat([row.new_ones(n), row.new_zeros(gap), row.new_ones(len(row) - n)]))
-    return {
+    out = {
         "input_ids": torch.stack(ids),
         "attention_mask": torch.stack(mask).to(inputs["attention_mask"].dtype),
         "cache": _concat(lm, caches),  # generate appends to it; `store` keeps its own
     }
+    if pixels is None:  # the images are in the rows' own words
+        out["pixel_values"] = inputs["pixel_values"]
+    return out
 
 
 def prepare_image(lm: LoadedModel, image: Image.Image) -> torch.Tensor:
@@ -267,8 +310,9 @@ def generate(
     """One answer per (image, question), generated in one batch. An image may be given as
     `prepare_image`'s pixel values.
 
-    `prefixes` and `image_keys` (what each image's content is called): rows reuse the attention
-    caches of their prompts up to the image (`_with_prefixes`), and answer as without them.
+    `prefixes`: rows reuse stored attention caches of their prompts' start (`_with_prefixes`):
+    up to their image where `image_keys` name every image's content, else the template's
+    opening. They answer as without them.
 
     `histories` holds each row's earlier (question, answer) turns about the same image.
     `text_rows`: which rows `on_token` wants text deltas for (default all); the others get one
@@ -330,7 +374,7 @@ def generate(
 
     start = time.perf_counter()
     gen_inputs = dict(inputs)
-    if prefixes is not None and image_keys is not None:
+    if prefixes is not None:
         gen_inputs = _with_prefixes(lm, inputs, image_keys, prefixes) or gen_inputs
     with torch.inference_mode():
         out = lm.model.generate(**gen_inputs, **kwargs)

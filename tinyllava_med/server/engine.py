@@ -64,9 +64,11 @@ MAX_WAIT_S = 0.5
 
 # The default size of the prefix cache on a CPU: TinyLLaVA-1.5B's prompt up to its image is
 # 34 MB in fp32 (22 layers x 765 tokens x 2 x 256 values), so this keeps the last 7 images.
-# By default it is on only for towers of at least PREFIX_MIN_IMAGE_TOKENS: a miss costs one more
-# forward call, nothing beside a real prefill (TinyLLaVA-1.5B's 729 image tokens: 13-17 s) but a
-# quarter of the bundled demo's (16 image tokens: 17 -> 22 ms alone, 47 -> 57 ms for 16 rows).
+# By default prompts are cached up to their image only for towers of at least
+# PREFIX_MIN_IMAGE_TOKENS: a miss costs one more forward call, nothing beside a real prefill
+# (TinyLLaVA-1.5B's 729 image tokens: 13-17 s) but a quarter of the bundled demo's (16 image
+# tokens: 17 -> 22 ms alone, 47 -> 57 ms for 16 rows). Smaller towers share only the template's
+# opening (the demo's system prompt: 32 of 68 prompt tokens), computed once.
 PREFIX_CACHE_MB = 256
 PREFIX_MIN_IMAGE_TOKENS = 256
 
@@ -182,11 +184,13 @@ class BatchingEngine:
             pixel_cache_mb * 1024 * 1024, lambda t: t.element_size() * t.nelement()
         )
         # attention caches of prompts up to their image, by image key and prompt tokens: a
-        # follow-up question computes only its own words (`generate`'s `prefixes`); `start`
-        # sizes it (None: PREFIX_CACHE_MB on a CPU for a real tower, where the prefix is most
-        # of an answer's time; nothing on a GPU, whose memory is scarcer) and empties it
+        # follow-up question computes only its own words (`generate`'s `prefixes`), and of the
+        # template's opening, which every question shares; `start` sizes it (None:
+        # PREFIX_CACHE_MB on a CPU, where a real tower's prefix is most of an answer's time;
+        # nothing on a GPU, whose memory is scarcer) and empties it
         self.prefix_cache_mb = prefix_cache_mb
         self.prefixes: ByteLRU[DynamicCache] = ByteLRU(0, cache_bytes)
+        self.image_prefixes = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -221,11 +225,13 @@ class BatchingEngine:
         self.pixels.clear()
         self.prefixes.clear()
         size = self.prefix_cache_mb
+        real_tower = getattr(lm.model.config, "image_seq_length", 0) >= PREFIX_MIN_IMAGE_TOKENS
         if size is None:
-            image_tokens = getattr(lm.model.config, "image_seq_length", 0)
-            real_tower = image_tokens >= PREFIX_MIN_IMAGE_TOKENS
-            size = PREFIX_CACHE_MB if lm.device.type == "cpu" and real_tower else 0
+            size = PREFIX_CACHE_MB if lm.device.type == "cpu" else 0
         self.prefixes.max_bytes = size * 1024 * 1024
+        # prefixes up to the image for a real tower, or where a size was asked for; otherwise
+        # only the template's opening (system prompt), which costs nothing to keep
+        self.image_prefixes = real_tower or self.prefix_cache_mb is not None
         self.lm = lm
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -525,7 +531,7 @@ class BatchingEngine:
                 histories=[r.history for r in live],
                 text_rows=[r.on_token is not None for r in live],
                 prefixes=self.prefixes if self.prefixes.max_bytes else None,
-                image_keys=[r.image_key for r in live],
+                image_keys=[r.image_key for r in live] if self.image_prefixes else None,
             )
         except GenerationCancelled:
             for r in live:

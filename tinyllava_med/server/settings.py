@@ -88,7 +88,9 @@ class Settings(BaseSettings):
         ge=0,
         description="attention caches of recent prompts up to their image, so a follow-up "
         "question about an image computes only its own words: on a CPU most of an answer's "
-        "time (None: 256 on a CPU for towers of 256 image tokens or more, else 0; 0: off)",
+        "time; and of the template's opening (system prompt), which every question shares "
+        "(None: 256 on a CPU, caching up to the image for towers of 256 image tokens or more "
+        "and only the opening for smaller ones; 0 on a GPU; 0: off)",
     )
 
     # --- batching ------------------------------------------------------------------------------
