@@ -465,3 +465,35 @@ def test_a_locked_database_never_stalls_the_event_loop(sqlite_api, sqlite_url):
     assert asked["r"].status_code == 201, asked["r"].text
     with api.app.state.session_factory() as s:
         assert s.scalar(select(func.count()).select_from(Report)) == 2
+
+
+def test_a_write_is_answered_only_once_committed(api, monkeypatch):
+    """A request's transaction commits before its response is sent: a commit that fails
+    answers 503 `database_unavailable` (try again), never a success whose write was lost, and
+    the report stays as it was. (FastAPI ends dependencies with yield after the response unless
+    told otherwise; then a sign-off could answer 200 and be gone.)"""
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import SessionTransaction
+
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    rid = api.post(url, headers=api.h(), json={"question": "Organ?", "max_new_tokens": 3}).json()
+    rid = rid["id"]
+    assert api.get(f"/v1/reports/{rid}", headers=api.h()).status_code == 200  # key cached
+
+    commit = SessionTransaction.commit
+
+    def commit_fails(self, *args, **kwargs):  # the request's own COMMIT; savepoints go on
+        if self.nested or self.parent is not None:
+            return commit(self, *args, **kwargs)
+        raise OperationalError("COMMIT", {}, Exception("database is locked"))
+
+    with monkeypatch.context() as m:
+        m.setattr(SessionTransaction, "commit", commit_fails)
+        r = api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"status": "final"})
+    assert_error(r, 503, "database_unavailable")
+    assert int(r.headers["retry-after"]) >= 1
+    report = api.get(f"/v1/reports/{rid}", headers=api.h()).json()
+    assert (report["status"], report["signed_by"]) == ("draft", None)
+    r = api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200 and r.json()["status"] == "final"

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyllava_med.server.db.crud import DomainError
@@ -120,6 +121,20 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return _response(exc.status_code, code, message, None, getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    async def _database(request: Request, exc: OperationalError) -> JSONResponse:
+        # the database could not do it now (locked past the busy timeout, connection lost,
+        # server gone): nothing was stored, and the same request may succeed later
+        reason = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
+        log.error("database error on %s %s: %s", request.method, request.url.path, reason)
+        await run_in_threadpool(_audit_failure, request, 503, "database_unavailable")
+        return _response(
+            503,
+            "database_unavailable",
+            "the database could not complete this request; nothing was changed, try again",
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
