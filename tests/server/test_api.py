@@ -497,3 +497,19 @@ def test_a_write_is_answered_only_once_committed(api, monkeypatch):
     assert (report["status"], report["signed_by"]) == ("draft", None)
     r = api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"status": "final"})
     assert r.status_code == 200 and r.json()["status"] == "final"
+
+
+def test_studies_say_how_many_reports_they_have(api):
+    """A study's `reports` counts its reports (listed and read alone), whatever their number."""
+    asked, other = upload_ct(api), upload(api, ("a.png", png_bytes(), "image/png")).json()
+    for q in ("Organ?", "Modality?", "Normal?"):
+        r = api.post(
+            f"/v1/studies/{asked['id']}/questions",
+            headers=api.h(),
+            json={"question": q, "max_new_tokens": 2},
+        )
+        assert r.status_code == 201, r.text
+    assert api.get(f"/v1/studies/{asked['id']}", headers=api.h()).json()["reports"] == 3
+    assert api.get(f"/v1/studies/{other['id']}", headers=api.h()).json()["reports"] == 0
+    listed = api.get("/v1/studies", headers=api.h()).json()["data"]
+    assert {s["id"]: s["reports"] for s in listed} == {asked["id"]: 3, other["id"]: 0}

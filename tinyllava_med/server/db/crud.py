@@ -12,7 +12,7 @@ API keys live in `tinyllava_med.server.auth` (creation, hashing, verification, r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from typing import Any, NotRequired, TypedDict, Unpack
 
@@ -347,6 +347,18 @@ def count_reports(
     return int(session.scalar(stmt) or 0)
 
 
+def report_counts(session: Session, study_ids: Sequence[str]) -> dict[str, int]:
+    """How many reports each study has (0 for none), in one grouped COUNT: a study's report
+    list can run to hundreds of rows, none of which a count needs to load."""
+    stmt = (
+        select(Report.study_id, func.count())
+        .where(Report.study_id.in_(list(study_ids)))
+        .group_by(Report.study_id)
+    )
+    counts = {str(sid): int(n) for sid, n in session.execute(stmt).tuples()}
+    return {sid: counts.get(sid, 0) for sid in study_ids}
+
+
 def update_report(
     session: Session,
     report: Report,
@@ -520,5 +532,6 @@ __all__ = [
     "list_reports",
     "list_studies",
     "parse_dicom_date",
+    "report_counts",
     "update_report",
 ]

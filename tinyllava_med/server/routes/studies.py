@@ -61,8 +61,9 @@ def list_studies(
         status_code=200,
         detail={"count": len(studies)},
     )
+    counts = crud.report_counts(session, [s.id for s in studies])
     return StudyList(
-        data=[study_public(s, len(s.reports)) for s in studies],
+        data=[study_public(s, counts[s.id]) for s in studies],
         count=crud.count_studies(session, modality=modality),
     )
 
@@ -83,7 +84,7 @@ def get_study(
         outcome="ok",
         status_code=200,
     )
-    return study_public(study, len(study.reports))
+    return study_public(study, crud.report_counts(session, [study.id])[study.id])
 
 
 @router.get(
