@@ -32,11 +32,13 @@ from PIL import Image
 from transformers import DynamicCache
 
 from tinyllava_med.model.generate import (
+    PREFIX_CACHE_MB,
     Answer,
     GenerationCancelled,
     SamplingParams,
     cache_bytes,
     generate,
+    image_prefixes_pay,
     prepare_image,
 )
 from tinyllava_med.model.load import LoadedModel
@@ -61,16 +63,6 @@ INLINE_PIXELS = 256 * 256
 # an expected client does not come back: a CPU batch of a real model takes a minute.
 WAIT_SHARE = 0.25
 MAX_WAIT_S = 0.5
-
-# The default size of the prefix cache on a CPU: TinyLLaVA-1.5B's prompt up to its image is
-# 34 MB in fp32 (22 layers x 765 tokens x 2 x 256 values), so this keeps the last 7 images.
-# By default prompts are cached up to their image only for towers of at least
-# PREFIX_MIN_IMAGE_TOKENS: a miss costs one more forward call, nothing beside a real prefill
-# (TinyLLaVA-1.5B's 729 image tokens: 13-17 s) but a quarter of the bundled demo's (16 image
-# tokens: 17 -> 22 ms alone, 47 -> 57 ms for 16 rows). Smaller towers share only the template's
-# opening (the demo's system prompt: 32 of 68 prompt tokens), computed once.
-PREFIX_CACHE_MB = 256
-PREFIX_MIN_IMAGE_TOKENS = 256
 
 # An idle server probes the model at most this share of the time: a probe of TinyLLaVA-1.5B on
 # a 2-core CPU takes 24 s (fp32), during which a question that arrives waits for it.
@@ -225,7 +217,7 @@ class BatchingEngine:
         self.pixels.clear()
         self.prefixes.clear()
         size = self.prefix_cache_mb
-        real_tower = getattr(lm.model.config, "image_seq_length", 0) >= PREFIX_MIN_IMAGE_TOKENS
+        real_tower = image_prefixes_pay(lm)
         if size is None:
             size = PREFIX_CACHE_MB if lm.device.type == "cpu" else 0
         self.prefixes.max_bytes = size * 1024 * 1024

@@ -1,0 +1,61 @@
+"""`eval generate` on a CPU shares prompt prefixes across questions and answers as without."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tinyllava_med.eval.generate as eval_generate
+from tinyllava_med.eval.generate import generate_answers, read_questions
+from tinyllava_med.model.generate import SamplingParams
+from tinyllava_med.training.phantom import generate_phantom
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantom")
+    generate_phantom(out, n=6, seed=11)
+    return out
+
+
+def _answers(path: Path) -> dict[str, str]:
+    return {x["question_id"]: x["text"] for x in map(json.loads, path.read_text().splitlines())}
+
+
+def test_shared_prefixes_change_no_answer(tiny_lm, phantom: Path, tmp_path: Path, monkeypatch):
+    """Without a cache, with the template's opening shared (the default on a CPU for a small
+    tower) and with each image's prompt shared up to the image (as for a real tower): the same
+    answers; sharing by image runs the vision tower once per image, not once per question."""
+    rows_seen: list[int] = []
+    tower = tiny_lm.model.model.vision_tower
+    forward = tower.forward
+
+    def counting(pixel_values, *args, **kwargs):
+        rows_seen.append(int(pixel_values.shape[0]))
+        return forward(pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(tower, "forward", counting)
+    questions = read_questions(phantom / "test.json")
+    images = {q.image for q in questions}
+    assert len(images) < len(questions)  # several questions per image: something to share
+    params = SamplingParams(max_new_tokens=4)
+
+    def run(name: str, **kwargs) -> dict[str, str]:
+        rows_seen.clear()
+        out = tmp_path / f"{name}.jsonl"
+        counts = generate_answers(
+            tiny_lm, phantom / "test.json", phantom / "images", out, params=params,
+            batch_size=4, progress=False, **kwargs,
+        )  # fmt: skip
+        assert counts["answered"] == len(questions)
+        return _answers(out)
+
+    plain = run("plain", prefix_cache_mb=0)
+    assert sum(rows_seen) == len(questions)
+    assert run("opening") == plain  # the default on a CPU
+    assert sum(rows_seen) == len(questions)  # the images are still in every row's own words
+    monkeypatch.setattr(eval_generate, "image_prefixes_pay", lambda lm: True)
+    assert run("by_image") == plain
+    assert sum(rows_seen) == len(images)
