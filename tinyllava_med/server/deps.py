@@ -46,8 +46,8 @@ async def get_metrics(request: Request) -> Metrics:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 # scope="function": FastAPI otherwise ends a dependency with yield after the response is sent,
 # so a client was told 200 before the COMMIT ran. A failed commit then lost a signed report the
-# client saw as signed, and the next request's write waited for the lock of a commit not yet
-# run (SQLite: 8 ms per audited read, in the busy handler's sleeps).
+# client saw as signed, and a client's next write could wait in SQLite's busy handler for the
+# lock of a commit not yet run.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 EngineDep = Annotated[BatchingEngine, Depends(get_engine)]
 StoreDep = Annotated[ImageStore, Depends(get_store)]
