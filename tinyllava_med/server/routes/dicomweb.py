@@ -12,6 +12,7 @@ multipart and 415 wrong media type get the project's error shape.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -56,6 +57,14 @@ def _decode(parts: list[Part], settings: Settings) -> list[StudyFile | ImagingEr
         except ImagingError as e:
             out.append(e)
     return out
+
+
+# STOW requests find or create their study by UID and number its images one at a time. A PACS
+# may send a study's instances in parallel requests; each transaction saw no study yet and made
+# its own (12 parallel single-instance requests made 9-12 studies, on SQLite and PostgreSQL).
+# The decoding, most of a request's work, still runs in parallel, before. One server process
+# serves a database, so a process lock suffices.
+_STORING = threading.Lock()
 
 
 def _study_for(session: Session, uid: str, cache: dict[str, Study], d: StudyFile) -> Study:
@@ -142,8 +151,8 @@ async def _stow(
 
     def commit() -> StoreResult:  # in the thread pool too: file writes and inserts
         # committed here, not after the response: the instances and their jobs are durable
-        # before the PACS hears "stored"
-        with request.app.state.session_factory.begin() as session:
+        # before the PACS hears "stored"; one request at a time (`_STORING`)
+        with _STORING, request.app.state.session_factory.begin() as session:
             result, studies = store_instances(
                 session, store, settings, parts, decoded, url_study_uid
             )
