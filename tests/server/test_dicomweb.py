@@ -97,11 +97,9 @@ def _instances_of_one_study(n: int) -> list[bytes]:
     return out
 
 
-def test_concurrent_stows_of_one_study_make_one_study(api):
-    """A PACS sending a study's instances in parallel requests: every request is stored (no
-    5xx), in one study, numbered 0..n-1 without gaps or clashes. Before, each request that
-    found no study yet made its own: 12 requests, 9-12 studies."""
-    files = _instances_of_one_study(12)
+def _send_in_parallel(api, files: list[bytes]) -> None:
+    """STOW each file in a request of its own, all at once; each must be stored (200), all of
+    them in one study numbered 0..n-1."""
     uid = pydicom.dcmread(io.BytesIO(files[0])).StudyInstanceUID
     start, statuses = threading.Barrier(len(files)), []
 
@@ -119,6 +117,28 @@ def test_concurrent_stows_of_one_study_make_one_study(api):
     assert len(studies) == 1
     numbers = sorted(i.n for i in rows(api, Image) if i.study_id == studies[0].id)
     assert numbers == list(range(len(files)))
+
+
+def test_concurrent_stows_of_one_study_make_one_study(api):
+    """A PACS sending a study's instances in parallel requests: every request is stored (no
+    5xx), in one study, numbered 0..n-1 without gaps or clashes. Before, each request that
+    found no study yet made its own: 12 requests, 9-12 studies."""
+    _send_in_parallel(api, _instances_of_one_study(12))
+
+
+@pytest.mark.postgres
+def test_server_processes_sharing_postgresql_make_one_study(
+    tmp_path, postgres_url, tiny_lm, monkeypatch
+):
+    """The same without the process's lock, as for several server processes sharing one
+    PostgreSQL database: its advisory locks keep one study."""
+    import contextlib
+
+    import tinyllava_med.server.routes.dicomweb as dicomweb
+
+    monkeypatch.setattr(dicomweb, "_STORING", contextlib.nullcontext())
+    for api in make_api(tmp_path, postgres_url, tiny_lm):
+        _send_in_parallel(api, _instances_of_one_study(12))
 
 
 def test_stow_partial_mismatch_and_bad_requests(sqlite_api):

@@ -12,13 +12,14 @@ multipart and 415 wrong media type get the project's error shape.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tinyllava_med.imaging import ImagingError, StudyFile, load_study_file
@@ -62,9 +63,20 @@ def _decode(parts: list[Part], settings: Settings) -> list[StudyFile | ImagingEr
 # STOW requests find or create their study by UID and number its images one at a time. A PACS
 # may send a study's instances in parallel requests; each transaction saw no study yet and made
 # its own (12 parallel single-instance requests made 9-12 studies, on SQLite and PostgreSQL).
-# The decoding, most of a request's work, still runs in parallel, before. One server process
-# serves a database, so a process lock suffices.
+# The decoding, most of a request's work, still runs in parallel, before. Within a process a
+# lock orders them; processes sharing a PostgreSQL database also take `_lock_studies`.
 _STORING = threading.Lock()
+
+
+def _lock_studies(session: Session, uids: list[str]) -> None:
+    """On PostgreSQL, hold a transaction-scoped advisory lock per Study Instance UID (taken in
+    one order, so two requests never wait for each other's), for server processes that share
+    the database."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for uid in sorted(set(uids)):
+        key = int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "big", signed=True)
+        session.execute(select(func.pg_advisory_xact_lock(key)))
 
 
 def _study_for(session: Session, uid: str, cache: dict[str, Study], d: StudyFile) -> Study:
@@ -97,6 +109,8 @@ def store_instances(
     url_study_uid: str | None,
 ) -> tuple[StoreResult, list[Study]]:
     result = StoreResult()
+    uids = [d.metadata.StudyInstanceUID for d in decoded if not isinstance(d, ImagingError)]
+    _lock_studies(session, [uid for uid in uids if uid])
     studies: dict[str, Study] = {}
     touched: dict[str, Study] = {}
     for part, d in zip(parts, decoded, strict=True):
