@@ -513,3 +513,68 @@ def test_studies_say_how_many_reports_they_have(api):
     assert api.get(f"/v1/studies/{other['id']}", headers=api.h()).json()["reports"] == 0
     listed = api.get("/v1/studies", headers=api.h()).json()["data"]
     assert {s["id"]: s["reports"] for s in listed} == {asked["id"]: 3, other["id"]: 0}
+
+
+def _sign_at_once(api, rid: str, texts: tuple[str, ...], status: str | None = "final") -> dict:
+    """PATCH `rid` with each text (and `status`), all at the same moment; the responses by
+    text."""
+    import threading
+
+    start, done = threading.Barrier(len(texts)), {}
+
+    def sign(text: str) -> None:
+        start.wait()
+        body = {"text": text, **({"status": status} if status else {})}
+        done[text] = api.patch(f"/v1/reports/{rid}", headers=api.h(), json=body)
+
+    threads = [threading.Thread(target=sign, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return done
+
+
+def test_two_sign_offs_at_once_sign_once(api):
+    """Two radiologists sign one draft at the same moment, with different texts: one signs, the
+    other hears 409 `report_final`; the signed text is the winner's, and the history holds one
+    signature. (On SQLite the draft was read without a lock, so both answered 200 and the later
+    text replaced the signed one.)"""
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    for _ in range(3):
+        asked = api.post(url, headers=api.h(), json={"question": "Organ?", "max_new_tokens": 2})
+        rid = asked.json()["id"]
+        done = _sign_at_once(api, rid, ("first", "second"))
+        codes = {text: r.status_code for text, r in done.items()}
+        assert sorted(codes.values()) == [200, 409], codes
+        [winner] = [text for text, code in codes.items() if code == 200]
+        [loser] = [text for text, code in codes.items() if code == 409]
+        assert_error(done[loser], 409, "report_final")
+        report = api.get(f"/v1/reports/{rid}", headers=api.h()).json()
+        assert (report["status"], report["text"]) == ("final", winner)
+        with api.app.state.session_factory() as s:
+            edits = s.scalars(select(ReportEdit).where(ReportEdit.report_id == rid)).all()
+        assert [(e.new_status, e.new_text) for e in edits] == [("final", winner)]
+
+
+def test_edits_at_once_lose_nothing(api):
+    """Two edits of one draft at the same moment: each is applied on top of the other (its
+    history chains: every edit's previous text is the text before it) or refused with 409
+    `report_changed`; none is silently lost."""
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    asked = api.post(url, headers=api.h(), json={"question": "Organ?", "max_new_tokens": 2})
+    rid, original = asked.json()["id"], asked.json()["text"]
+    done = _sign_at_once(api, rid, ("one", "two"), status=None)
+    applied = [text for text, r in done.items() if r.status_code == 200]
+    for r in done.values():
+        if r.status_code != 200:
+            assert_error(r, 409, "report_changed")
+    with api.app.state.session_factory() as s:
+        edits = s.scalars(
+            select(ReportEdit).where(ReportEdit.report_id == rid).order_by(ReportEdit.id)
+        ).all()
+    assert sorted(e.new_text for e in edits) == sorted(applied) and applied
+    assert [e.previous_text for e in edits] == [original] + [e.new_text for e in edits[:-1]]
+    assert api.get(f"/v1/reports/{rid}", headers=api.h()).json()["text"] == edits[-1].new_text

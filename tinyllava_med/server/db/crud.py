@@ -81,6 +81,13 @@ class ReportFinalized(DomainError):
     code = "report_final"
 
 
+class ReportChanged(DomainError):
+    """A report was edited by someone else between this edit's read and its write."""
+
+    status = 409
+    code = "report_changed"
+
+
 class InvalidReportUpdate(DomainError):
     status = 422
     code = "invalid_report_update"
@@ -378,19 +385,36 @@ def update_report(
             f"status must be one of {', '.join(REPORT_STATUSES)}, got {status!r}"
         )
     # Re-read under a row lock (PostgreSQL), so two concurrent edits cannot both pass the
-    # "not final" check; SQLite serializes writers anyway.
+    # "not final" check.
     session.refresh(report, with_for_update=True)
-    if report.status == "final":
-        raise ReportFinalized(
-            "the report is signed (final); it can no longer be edited",
-            detail={"report_id": report.id, "signed_at": _iso(report.signed_at)},
-        )
+    _refuse_final(report)
     new_text = report.text if text is None else text
     new_status = report.status if status is None else status
     if new_status == "final" and not new_text.strip():
         raise InvalidReportUpdate("an empty report cannot be signed")
     if new_text == report.text and new_status == report.status:
         return report  # nothing changed, nothing to record
+    now = utcnow()
+    # SQLite takes no row lock for that read: write only if the report is still as read (a
+    # concurrent edit or signature committed since changed its status or `updated_at`), else
+    # read it again and refuse
+    claimed = session.execute(
+        update(Report)
+        .where(
+            Report.id == report.id,
+            Report.status == report.status,
+            Report.updated_at == report.updated_at,
+        )
+        .values(updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        session.refresh(report)
+        _refuse_final(report)
+        raise ReportChanged(
+            "the report was edited meanwhile; read it again before editing",
+            detail={"report_id": report.id, "updated_at": _iso(report.updated_at)},
+        )
     session.add(
         ReportEdit(
             report=report,
@@ -401,7 +425,6 @@ def update_report(
             edited_by=actor,
         )
     )
-    now = utcnow()
     report.text = new_text
     report.updated_at = now
     if new_status == "final":
@@ -411,6 +434,14 @@ def update_report(
         report.study.status = "signed"
     session.flush()
     return report
+
+
+def _refuse_final(report: Report) -> None:
+    if report.status == "final":
+        raise ReportFinalized(
+            "the report is signed (final); it can no longer be edited",
+            detail={"report_id": report.id, "signed_at": _iso(report.signed_at)},
+        )
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -517,6 +548,7 @@ def enqueue_job(
 __all__ = [
     "DomainError",
     "InvalidReportUpdate",
+    "ReportChanged",
     "ReportFinalized",
     "add_image",
     "audit",
