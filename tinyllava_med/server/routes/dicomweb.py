@@ -69,9 +69,9 @@ _STORING = threading.Lock()
 
 
 def _lock_studies(session: Session, uids: list[str]) -> None:
-    """On PostgreSQL, hold a transaction-scoped advisory lock per Study Instance UID (taken in
-    one order, so two requests never wait for each other's), for server processes that share
-    the database."""
+    """On PostgreSQL, hold a transaction-scoped advisory lock per Study Instance UID, for
+    server processes that share the database (taken in sorted order: two requests for the same
+    studies wait for each other, never deadlock)."""
     if session.get_bind().dialect.name != "postgresql":
         return
     for uid in sorted(set(uids)):
