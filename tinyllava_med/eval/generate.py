@@ -19,11 +19,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from tinyllava_med.model.generate import (
-    PREFIX_CACHE_MB,
     SamplingParams,
     cache_bytes,
     generate,
     image_prefixes_pay,
+    prefix_cache_size_mb,
 )
 from tinyllava_med.model.load import LoadedModel
 from tinyllava_med.model.prompts import IMAGE_TOKEN
@@ -90,7 +90,7 @@ def generate_answers(
     """Answer every question not yet in `out_path`; returns counts (answered, failed, skipped).
 
     `prefix_cache_mb`: attention caches of prompt prefixes that questions share, as the server
-    keeps them (None: `PREFIX_CACHE_MB` on a CPU, 0 on a GPU): the template's opening, and each
+    keeps them (None: `prefix_cache_size_mb`'s default): the template's opening, and each
     image's prompt up to the image where that pays (`image_prefixes_pay`; PhantomVQA asks 8
     questions about each image). Answers are the same either way."""
     out = Path(out_path)
@@ -100,9 +100,8 @@ def generate_answers(
     todo = [q for q in questions if q.question_id not in done]
     counts = {"answered": 0, "failed": 0, "skipped": len(questions) - len(todo)}
     meta_base: dict[str, Any] = {**lm.info, "decoding": asdict(params)}
-    if prefix_cache_mb is None:
-        prefix_cache_mb = PREFIX_CACHE_MB if lm.device.type == "cpu" else 0
-    store = ByteLRU(prefix_cache_mb * 1024 * 1024, cache_bytes) if prefix_cache_mb else None
+    size_mb = prefix_cache_size_mb(lm, prefix_cache_mb)
+    store = ByteLRU(size_mb * 1024 * 1024, cache_bytes) if size_mb else None
     by_image = store is not None and image_prefixes_pay(lm)
     with open(out, "a") as f, tqdm(total=len(todo), disable=not progress, desc="answers") as bar:
         for i in range(0, len(todo), batch_size):

@@ -225,6 +225,14 @@ PREFIX_CACHE_MB = 256
 PREFIX_MIN_IMAGE_TOKENS = 256
 
 
+def prefix_cache_size_mb(lm: LoadedModel, asked: int | None = None) -> int:
+    """The prefix cache's size in MB: `asked`, or by default `PREFIX_CACHE_MB` on a CPU and
+    nothing on a GPU, whose memory is scarcer."""
+    if asked is not None:
+        return asked
+    return PREFIX_CACHE_MB if lm.device.type == "cpu" else 0
+
+
 def image_prefixes_pay(lm: LoadedModel) -> bool:
     """Whether questions about one image should share its prompt's cache up to the image (else
     only the template's opening is worth sharing)."""
@@ -280,15 +288,17 @@ def _with_prefixes(
         int((row == image_id).nonzero().max()) + 1 if (row == image_id).any() else 0 for row in rows
     }
     opening = template_prefix(lm)
-    pixels: torch.Tensor | None = inputs["pixel_values"]
-    if keys and all(k is not None for k in keys) and len(ends) == 1 and 0 not in ends:
-        n, names = ends.pop(), list(keys)
+    names: list[Hashable | None] = list(keys or [])
+    by_image = bool(names) and None not in names and len(ends) == 1 and 0 not in ends
+    if by_image:
+        n = ends.pop()
     elif len(opening) >= MIN_TEMPLATE_PREFIX and all(
         torch.equal(row[: len(opening)], opening) for row in rows
     ):
-        n, names, pixels = len(opening), [None] * len(rows), None
+        n, names = len(opening), [None] * len(rows)
     else:
         return None
+    pixels = inputs["pixel_values"] if by_image else None
     caches = _prefix_caches(lm, [row[:n] for row in rows], pixels, names, store)
     width = max(len(row) for row in rows) - n  # the longest row's own words
     pad = lm.processor.tokenizer.pad_token_id or 0
@@ -302,7 +312,7 @@ def _with_prefixes(
         "attention_mask": torch.stack(mask).to(inputs["attention_mask"].dtype),
         "cache": _concat(lm, caches),  # generate appends to it; `store` keeps its own
     }
-    if pixels is None:  # the images are in the rows' own words
+    if not by_image:  # the images are in the rows' own words
         out["pixel_values"] = inputs["pixel_values"]
     return out
 

@@ -32,13 +32,13 @@ from PIL import Image
 from transformers import DynamicCache
 
 from tinyllava_med.model.generate import (
-    PREFIX_CACHE_MB,
     Answer,
     GenerationCancelled,
     SamplingParams,
     cache_bytes,
     generate,
     image_prefixes_pay,
+    prefix_cache_size_mb,
     prepare_image,
 )
 from tinyllava_med.model.load import LoadedModel
@@ -177,9 +177,8 @@ class BatchingEngine:
         )
         # attention caches of prompts up to their image, by image key and prompt tokens: a
         # follow-up question computes only its own words (`generate`'s `prefixes`), and of the
-        # template's opening, which every question shares; `start` sizes it (None:
-        # PREFIX_CACHE_MB on a CPU, where a real tower's prefix is most of an answer's time;
-        # nothing on a GPU, whose memory is scarcer) and empties it
+        # template's opening, which every question shares; `start` sizes it
+        # (`prefix_cache_size_mb`) and empties it
         self.prefix_cache_mb = prefix_cache_mb
         self.prefixes: ByteLRU[DynamicCache] = ByteLRU(0, cache_bytes)
         self.image_prefixes = False
@@ -216,14 +215,10 @@ class BatchingEngine:
     def start(self, lm: LoadedModel) -> None:
         self.pixels.clear()
         self.prefixes.clear()
-        size = self.prefix_cache_mb
-        real_tower = image_prefixes_pay(lm)
-        if size is None:
-            size = PREFIX_CACHE_MB if lm.device.type == "cpu" else 0
-        self.prefixes.max_bytes = size * 1024 * 1024
+        self.prefixes.max_bytes = prefix_cache_size_mb(lm, self.prefix_cache_mb) * 1024 * 1024
         # prefixes up to the image for a real tower, or where a size was asked for; otherwise
         # only the template's opening (system prompt), which costs nothing to keep
-        self.image_prefixes = real_tower or self.prefix_cache_mb is not None
+        self.image_prefixes = image_prefixes_pay(lm) or self.prefix_cache_mb is not None
         self.lm = lm
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()

@@ -97,16 +97,27 @@ def _audit_failure(request: Request, status: int, code: str) -> None:
         log.exception("could not write the audit event for a failed %s", action)
 
 
+async def _audited(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    detail: Any = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The error response, once its failure is audited (`_audit_failure`)."""
+    await run_in_threadpool(_audit_failure, request, status, code)
+    return _response(status, code, message, detail, headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        await run_in_threadpool(_audit_failure, request, exc.status, exc.code)
-        return _response(exc.status, exc.code, exc.message, exc.detail, exc.headers)
+        return await _audited(request, exc.status, exc.code, exc.message, exc.detail, exc.headers)
 
     @app.exception_handler(DomainError)
     async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
-        await run_in_threadpool(_audit_failure, request, exc.status, exc.code)
-        return _response(exc.status, exc.code, exc.message, exc.detail)
+        return await _audited(request, exc.status, exc.code, exc.message, exc.detail)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -128,8 +139,8 @@ def install_error_handlers(app: FastAPI) -> None:
         # server gone): nothing was stored, and the same request may succeed later
         reason = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
         log.error("database error on %s %s: %s", request.method, request.url.path, reason)
-        await run_in_threadpool(_audit_failure, request, 503, "database_unavailable")
-        return _response(
+        return await _audited(
+            request,
             503,
             "database_unavailable",
             "the database could not complete this request; nothing was changed, try again",
@@ -145,5 +156,5 @@ def install_error_handlers(app: FastAPI) -> None:
             request.url.path,
             exc_info=exc,
         )
-        await run_in_threadpool(_audit_failure, request, 500, "internal_error")
-        return _response(500, "internal_error", "an internal error occurred; it has been logged")
+        message = "an internal error occurred; it has been logged"
+        return await _audited(request, 500, "internal_error", message)

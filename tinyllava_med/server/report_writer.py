@@ -11,9 +11,9 @@ the event loop had been made faster (before, it measured no better there and spl
 all. The group is stored in a worker thread, never on the event loop: a write may wait for a
 lock (SQLite's database lock, a PostgreSQL row lock) held by another request's transaction,
 whose commit may itself need the loop, so waiting on the loop froze the whole server until the
-busy timeout (30 s) and then lost the report. If the group fails on a foreign key (a study deleted while the model answered), every
-report of the group is retried in a transaction of its own, so only the
-requests whose study is gone get the error.
+busy timeout (30 s) and then lost the report. If the group fails on a foreign key (a study
+deleted while the model answered), every report of the group is retried in a transaction of
+its own, so only the requests whose study is gone get the error.
 """
 
 from __future__ import annotations
