@@ -570,6 +570,57 @@ def test_follow_up_questions_reuse_the_prompt_up_to_the_image(
 
 
 @pytest.mark.parametrize("case", ["llava_mistral", "llava", "tinyllava"])
+def test_an_image_prefilled_ahead_serves_its_first_question(
+    shop: Workshop, case: str, monkeypatch
+) -> None:
+    """`prefill_image` stores what a question about the image would: the first question then
+    runs no vision tower and answers exactly as without it, alone or with an earlier turn. LLaVA-
+    Med v1.0 puts the image after the question, so no prompt up to the image is shared: it is
+    refused there (and `image_prefix_shared` says so)."""
+    from tinyllava_med.model.generate import (
+        SamplingParams,
+        generate,
+        image_prefix_shared,
+        prefill_image,
+        prepare_image,
+    )
+    from tinyllava_med.model.load import load_model
+
+    _, dst = shop.convert(case)
+    lm = load_model(str(dst), quant="none", device="cpu")
+    image, params, store = sample_image(17, 29, seed=5), SamplingParams(max_new_tokens=6), _Store()
+    if case == "llava":
+        assert not image_prefix_shared(lm)
+        with pytest.raises(ValueError, match="up to the image"):
+            prefill_image(lm, prepare_image(lm, image), "x", store)
+        assert not store
+        return
+    assert image_prefix_shared(lm)
+    assert prefill_image(lm, prepare_image(lm, image), "x", store)
+    assert not prefill_image(lm, prepare_image(lm, image), "x", store)  # held already
+    assert len(store) == 1
+    tower_runs: list[int] = []
+    tower = lm.model.model.vision_tower
+    monkeypatch.setattr(tower, "forward", _counting(tower.forward, tower_runs))
+    for question, history in [
+        ("Which organ is shown?", []),
+        ("Any fracture?", [("Organ?", "knee")]),
+    ]:
+        got = generate(
+            lm, [image], [question], params, histories=[history], prefixes=store, image_keys=["x"]
+        )[0]
+        runs = len(tower_runs)
+        want = generate(lm, [image], [question], params, histories=[history])[0]
+        assert len(tower_runs) == runs + 1  # without the store the tower runs
+        assert (got.text, got.prompt_tokens, got.new_tokens) == (
+            want.text,
+            want.prompt_tokens,
+            want.new_tokens,
+        )
+    assert tower_runs == [1, 1] and len(store) == 1
+
+
+@pytest.mark.parametrize("case", ["llava_mistral", "llava", "tinyllava"])
 def test_every_question_shares_the_template_opening(shop: Workshop, case: str, monkeypatch):
     """Rows whose images are not named reuse the attention cache of their template's opening
     (the system prompt; for LLaVA-Med v1.0 also its example exchange), computed once for all

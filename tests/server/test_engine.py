@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -590,3 +591,97 @@ def test_a_lone_follow_up_reuses_the_prompt_up_to_the_image(tiny_lm):
         assert off.prefixes.bytes == 0 and off.prefixes.misses == 0
     finally:
         off.shutdown()
+
+
+class PrefillRecorder(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefills: list[str] = []
+
+    def on_prefill(self, outcome):
+        self.prefills.append(outcome)
+
+
+def _wait(predicate, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_prefilled_image_answers_its_first_question_as_a_follow_up(tiny_lm, monkeypatch):
+    """`prefill` computes the prompt up to the image while idle: the first question about the
+    image then runs neither the processor nor the tower, and answers as without it."""
+    rec = PrefillRecorder()
+    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
+    eng.start(tiny_lm)
+    params = SamplingParams(max_new_tokens=6)
+    try:
+        assert eng.prefills
+        eng.prefill(_img(9), ("sha", 9))
+        _wait(lambda: rec.prefills == ["done"])
+        tower = tiny_lm.model.model.vision_tower
+        calls = []
+        real_forward = tower.forward
+        monkeypatch.setattr(tower, "forward", lambda *a, **k: calls.append(1) or real_forward(*a))
+        answer = eng.submit(_img(9), "Which organ?", params, image_key=("sha", 9)).future.result(60)
+        assert calls == [] and (eng.pixels.hits, eng.prefixes.hits) == (1, 1)
+        monkeypatch.undo()
+        eng.prefill(_img(9), ("sha", 9))  # held already
+        _wait(lambda: rec.prefills == ["done", "cached"])
+    finally:
+        eng.shutdown()
+    assert answer.text == generate(tiny_lm, [_img(9)], ["Which organ?"], params)[0].text
+
+
+def test_prefill_gives_way_to_questions_and_to_a_newer_image(tiny_lm, monkeypatch):
+    """While a batch runs, two images are asked to be prepared and a question arrives: the
+    older image is superseded, the newer one skipped because a question waits; the question
+    is answered. Idle again, a prefill runs."""
+    from tinyllava_med.server import engine as engine_module
+
+    entered, release = threading.Event(), threading.Event()
+    real_generate = engine_module.generate
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "generate", held)
+    rec = PrefillRecorder()
+    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
+    eng.start(tiny_lm)
+    params = SamplingParams(max_new_tokens=3)
+    try:
+        first = eng.submit(_img(1), "Which organ?", params, image_key=("sha", 1))
+        assert entered.wait(30)
+        eng.prefill(_img(2), ("sha", 2))
+        eng.prefill(_img(3), ("sha", 3))
+        second = eng.submit(_img(4), "Which organ?", params, image_key=("sha", 4))
+        release.set()
+        first.future.result(60), second.future.result(60)
+        _wait(lambda: len(rec.prefills) == 2)
+        assert rec.prefills == ["skipped", "skipped"] and rec.batches == [1, 1]
+        held_images = {name for name, _ in eng.prefixes._items}
+        assert held_images == {("sha", 1), ("sha", 4)}  # the questions' own prefixes only
+        eng.prefill(_img(3), ("sha", 3))
+        _wait(lambda: rec.prefills[-1:] == ["done"])
+        assert ("sha", 3) in {name for name, _ in eng.prefixes._items}
+    finally:
+        release.set()
+        eng.shutdown()
+
+
+def test_prefill_is_for_models_that_keep_prompts_by_image(tiny_lm):
+    """The tiny model's 16-token tower shares only the template's opening by default, and a
+    cache of 0 keeps nothing: there is nothing to prepare."""
+    for eng in (BatchingEngine(), BatchingEngine(prefix_cache_mb=0)):
+        eng.start(tiny_lm)
+        try:
+            assert not eng.prefills
+        finally:
+            eng.shutdown()
+    assert not BatchingEngine(prefix_cache_mb=256).prefills  # no model yet
+    with pytest.raises(EngineNotReady):
+        BatchingEngine(prefix_cache_mb=256).prefill(_img(1), ("sha", 1))

@@ -18,11 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import live_server
+from api_helpers import live_server, wait_for
 from pydicom.data import get_testdata_file
+from sqlalchemy import select
 
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
+from tinyllava_med.server.db.models import AuditEvent
 from tinyllava_med.server.settings import Settings
 
 CHROMIUM = "/usr/bin/chromium"
@@ -400,7 +402,18 @@ def test_images_and_frames_of_a_multi_image_study(page, tmp_path, tiny_lm, shots
         expect(image).to_have_attribute("data-frame", "9")
         expect(image).to_have_attribute("alt", _contains("frame 10 of 10"))
         _shot(page, shots, "multiframe")
+        # the images (and frames) the reader stopped at were announced to the model as about
+        # to be asked about (frame 1 of image 2 may be passed over before it is shown)
+        wanted = [{"image": 0, "frame": None}, {"image": 1, "frame": 9}]
+        wait_for(lambda: all(w in _prepared(server) for w in wanted), 20, "the prepares")
         assert page.problems == [], page.problems
+
+
+def _prepared(server: LiveServer) -> list[dict[str, Any]]:
+    """The images (and frames) the client asked the model to prepare, from the audit log."""
+    with server.app.state.session_factory() as s:
+        events = s.scalars(select(AuditEvent).where(AuditEvent.action == "image.prepare"))
+        return [{k: e.detail[k] for k in ("image", "frame")} for e in events if e.detail]
 
 
 def test_model_unavailable_says_retry(page, tmp_path):

@@ -8,7 +8,8 @@ cost so much that a full batch would outlast `max_batch_s`; waiting up to a shor
 requests announced as on their way or expected back from the last batch, never for nobody),
 runs one left-padded `generate`, and resolves each request's future. Tokens reach
 streaming callers through per-request callbacks; a cancelled request is dropped from its batch,
-and a batch whose requests are all cancelled stops generating. The engine also keeps what
+and a batch whose requests are all cancelled stops generating. While idle, the engine can
+compute an image's prompt prefix ahead of its questions (`prefill`). It also keeps what
 `/readyz` knows of the model (`model_check`: recent answers, a probe when idle, stalls). It
 knows nothing about HTTP.
 """
@@ -37,7 +38,9 @@ from tinyllava_med.model.generate import (
     SamplingParams,
     cache_bytes,
     generate,
+    image_prefix_shared,
     image_prefixes_pay,
+    prefill_image,
     prefix_cache_size_mb,
     prepare_image,
 )
@@ -98,6 +101,7 @@ class EngineMetrics(Protocol):
     def on_queue(self, depth: int) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
     def on_cancel(self, n: int) -> None: ...
+    def on_prefill(self, outcome: str) -> None: ...
 
 
 @dataclass
@@ -112,6 +116,15 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: bool = False
+
+
+@dataclass
+class _Prefill:
+    """An image whose prompt prefix is to be computed while the model is idle (`prefill`)."""
+
+    pixels: torch.Tensor
+    key: Hashable
+    seq: int
 
 
 class Arrival:
@@ -151,7 +164,8 @@ class BatchingEngine:
         self.batch_window_s = batch_window_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics
-        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._queue: queue.Queue[_Request | _Prefill | None] = queue.Queue()
+        self._prefill_seq = 0  # the latest `prefill` asked for; older ones are skipped
         self._pending = 0  # queued + running, guarded by _lock
         self._announced = 0  # Arrivals not yet submitted, guarded by _lock
         # most requests in flight (pending + announced) seen since the last batch started:
@@ -318,6 +332,35 @@ class BatchingEngine:
     def _enqueue(self, req: _Request) -> None:
         self._queue.put(req)
 
+    @property
+    def prefills(self) -> bool:
+        """Whether `prefill` helps this model: prompts are kept up to their image, and its
+        questions share them."""
+        lm = self.lm
+        return (
+            isinstance(lm, LoadedModel)
+            and self.image_prefixes
+            and self.prefixes.max_bytes > 0
+            and image_prefix_shared(lm)
+        )
+
+    def prefill(self, image: Image.Image, key: Hashable) -> None:
+        """Compute the prompt's attention cache up to and including `image` (named by `key` as
+        its questions name it; its pixel values are made here, and cached) while the model is
+        idle, so the first question about it answers as fast as a follow-up (`prefill_image`):
+        on a CPU, most of the first answer's time. Only the latest one asked for runs, and only
+        if no question is waiting or on its way then: a reader moving through a series prepares
+        the image they stop at, and a busy server skips it (a question computes its prefix
+        anyway). Call only where `prefills`."""
+        if not self.ready:
+            raise EngineNotReady("the model is not loaded")
+        pixels = self.prepare(image, key)
+        assert isinstance(pixels, torch.Tensor)  # `prefills`: a model of our own
+        with self._lock:
+            self._prefill_seq += 1
+            item = _Prefill(pixels, key, self._prefill_seq)
+        self._queue.put(item)
+
     async def generate(
         self,
         image: Image.Image | torch.Tensor,
@@ -450,6 +493,9 @@ class BatchingEngine:
                     nxt = self._queue.get(timeout=min(remaining, 0.002))
                 except queue.Empty:
                     continue
+            if isinstance(nxt, _Prefill):  # questions are waiting: they go first
+                self._prefilled("skipped")
+                continue
             if nxt is None or nxt.params.key() != first.params.key():
                 leftovers.append(nxt)  # other settings (or shutdown) wait for the next batch
                 if nxt is None:
@@ -459,6 +505,28 @@ class BatchingEngine:
         for item in leftovers:
             self._queue.put(item)
         return batch
+
+    def _prefill(self, item: _Prefill) -> None:
+        with self._lock:
+            busy = self._pending > 0 or self._announced > 0
+        if busy or item.seq != self._prefill_seq:  # questions first; a newer image supersedes
+            self._prefilled("skipped")
+            return
+        assert isinstance(self.lm, LoadedModel)
+        self._batch_started = time.monotonic()  # a stuck prefill shows as a stalled model
+        try:
+            done = prefill_image(self.lm, item.pixels, item.key, self.prefixes)
+        except Exception:  # a question about the image computes its prefix itself
+            log.exception("preparing an image ahead of its questions failed")
+            self._prefilled("failed")
+            return
+        finally:
+            self._batch_started = None
+        self._prefilled("done" if done else "cached")
+
+    def _prefilled(self, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.on_prefill(outcome)
 
     def _finish(self, reqs: list[_Request]) -> None:
         with self._lock:
@@ -472,6 +540,9 @@ class BatchingEngine:
             first = self._queue.get()
             if first is None:
                 break
+            if isinstance(first, _Prefill):
+                self._prefill(first)
+                continue
             batch = self._collect(first)
             live = [r for r in batch if not r.cancelled.is_set()]
             for r in batch:
@@ -490,7 +561,7 @@ class BatchingEngine:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None and not item.future.done():
+            if isinstance(item, _Request) and not item.future.done():
                 item.future.set_exception(EngineNotReady("the server is shutting down"))
 
     def _run(self, live: list[_Request]) -> None:

@@ -44,6 +44,11 @@ class ByteLRU(Generic[V]):
             self.hits += 1
             return item[0]
 
+    def __contains__(self, key: object) -> bool:
+        """Whether `key` is held (not counted as a hit or a miss, not moved)."""
+        with self._lock:
+            return key in self._items
+
     def get_or_make(self, key: Hashable, make: Callable[[], V]) -> V:
         if (hit := self.get(key, count_miss=True)) is not None:
             return hit

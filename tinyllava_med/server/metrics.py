@@ -173,6 +173,13 @@ class Metrics:
         self.rejected = Counter(
             PREFIX + "rejected_requests", "Requests rejected", ["reason"], registry=r
         )
+        self.prefills = Counter(
+            PREFIX + "image_prefills",
+            "Images prepared ahead of their questions, by outcome (done; cached: held already; "
+            "skipped: questions were waiting or a newer image was asked for; failed)",
+            ["outcome"],
+            registry=r,
+        )
         self.model_info = Gauge(
             PREFIX + "model_info",
             "The served model (value 1)",
@@ -201,6 +208,9 @@ class Metrics:
 
     def on_cancel(self, n: int) -> None:
         self.cancelled.inc(n)
+
+    def on_prefill(self, outcome: str) -> None:
+        self.prefills.labels(outcome).inc()
 
     def set_model(self, info: dict[str, Any]) -> None:
         self.model_info.clear()

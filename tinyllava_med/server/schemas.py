@@ -51,6 +51,14 @@ class QuestionCreate(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
+class Prepared(BaseModel):
+    """`POST .../images/{n}/prepare`: `queued` (computed while the model is idle, unless a
+    question comes first) or `not_needed` (this model gains nothing from it: a small vision
+    tower, or a GPU without a prefix cache)."""
+
+    status: Literal["queued", "not_needed"]
+
+
 class Tokens(BaseModel):
     prompt: int
     completion: int

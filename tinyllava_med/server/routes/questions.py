@@ -1,4 +1,5 @@
-"""Questions: `POST /v1/studies/{id}/questions` (JSON or SSE stream) and one-shot `POST /v1/ask`.
+"""Questions: `POST /v1/studies/{id}/questions` (JSON or SSE stream), one-shot `POST /v1/ask`,
+and `POST /v1/studies/{id}/images/{n}/prepare` (the image's prompt computed ahead of them).
 
 The queue is checked before any image is decoded, so an overloaded server answers 503 with
 `Retry-After` cheaply. A streamed answer is stored as a report when it completes; a client that
@@ -12,9 +13,9 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AbstractContextManager, aclosing, nullcontext
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from PIL import Image as PILImage
@@ -23,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from tinyllava_med.model.generate import Answer, SamplingParams
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Report
-from tinyllava_med.server.deps import Asker, EngineDep, SettingsDep, StoreDep
+from tinyllava_med.server.deps import Asker, EngineDep, SessionDep, SettingsDep, StoreDep
 from tinyllava_med.server.engine import (
     Arrival,
     BatchingEngine,
@@ -32,12 +33,14 @@ from tinyllava_med.server.engine import (
     EngineNotReady,
 )
 from tinyllava_med.server.errors import APIError, error_body
-from tinyllava_med.server.schemas import AskResponse, QuestionCreate, ReportPublic
+from tinyllava_med.server.schemas import AskResponse, Prepared, QuestionCreate, ReportPublic
 from tinyllava_med.server.serving import (
     Upload,
     answer_fields,
     image_of,
     ingest,
+    load_audited,
+    render,
     render_async,
     report_public,
     study_public,
@@ -47,15 +50,19 @@ from tinyllava_med.server.settings import Settings
 router = APIRouter(tags=["questions"])
 
 
+def model_not_ready(message: str = "the model is loading or unavailable; retry later") -> APIError:
+    return APIError(503, "model_not_ready", message, headers={"Retry-After": "5"})
+
+
+def check_ready(engine: BatchingEngine) -> None:
+    """503 when the model is not loaded (loading, failed, shutting down)."""
+    if not engine.ready:
+        raise model_not_ready()
+
+
 def check_capacity(engine: BatchingEngine, settings: Settings, request: Request) -> None:
     """503 before any work when the model is not ready or the queue is full."""
-    if not engine.ready:
-        raise APIError(
-            503,
-            "model_not_ready",
-            "the model is loading or unavailable; retry later",
-            headers={"Retry-After": "5"},
-        )
+    check_ready(engine)
     if engine.is_full():
         request.app.state.metrics.rejected.labels("queue_full").inc()
         raise APIError(
@@ -112,7 +119,7 @@ async def answer(
     except EngineBusy as e:
         raise APIError(503, "queue_full", str(e), headers={"Retry-After": "2"}) from e
     except EngineNotReady as e:
-        raise APIError(503, "model_not_ready", str(e), headers={"Retry-After": "5"}) from e
+        raise model_not_ready(str(e)) from e
     except EngineFailed as e:
         raise APIError(502, "engine_failed", str(e)) from e
     except TimeoutError as e:
@@ -284,6 +291,57 @@ async def ask_about_study(
         status_code=200,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+@router.post(
+    "/v1/studies/{study_id}/images/{index}/prepare",
+    status_code=202,
+    response_model=Prepared,
+    responses={200: {"model": Prepared, "description": "not needed for this model"}},
+)
+def prepare_for_questions(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    engine: EngineDep,
+    study_id: str,
+    index: int,
+    principal: Asker,
+    frame: Annotated[int | None, Query(ge=0)] = None,
+) -> Prepared:
+    """Say that questions about this image (and frame) are coming, as a viewer does when the
+    reader opens it: the model computes the image's part of the prompt while idle, and the first
+    answer then takes as long as a follow-up's (on a CPU, without the vision tower and most of
+    the prefill). Best effort: a question that comes first is answered first, and only the
+    latest image asked for is prepared."""
+    check_ready(engine)
+    study = load_audited(
+        request, session, "study", study_id, actor=principal.actor, action="image.prepare"
+    )
+    image = image_of(study, index)
+    status: Literal["queued", "not_needed"] = "not_needed"
+    if engine.prefills:
+        key = (image.sha256, frame)  # as `ask_about_study` names it
+        try:
+            engine.prefill(render(store, image.sha256, settings, frame=frame), key)
+        except EngineNotReady as e:  # shutting down since `check_ready`
+            raise model_not_ready(str(e)) from e
+        status = "queued"
+    else:
+        response.status_code = 200
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="image.prepare",
+        resource_type="study",
+        resource_id=study.id,
+        outcome="ok",
+        status_code=response.status_code or 202,
+        detail={"image": index, "frame": frame, "status": status},
+    )
+    return Prepared(status=status)
 
 
 @router.post("/v1/ask", status_code=201, response_model=AskResponse)

@@ -602,6 +602,7 @@
       img.dataset.frame = String(state.frame);
       img.hidden = false;
       $("viewer-placeholder").hidden = true;
+      prepareImage(s, im);
       const size = im.rows && im.columns ? `${im.columns} × ${im.rows}` : "";
       $("viewer-caption").textContent = [
         `Image ${im.index + 1} / ${s.images.length}`,
@@ -617,6 +618,15 @@
     } finally {
       if (seq === state.imageSeq) stage.setAttribute("aria-busy", "false");
     }
+  }
+
+  // The reader is looking at this image: the model computes the image's part of the prompt while
+  // idle, so the first question about it is answered as fast as a follow-up. Best effort: a key
+  // that may not ask, or a busy model, changes nothing, and nothing is shown.
+  function prepareImage(s, im) {
+    const frame = im.n_frames > 1 ? `?frame=${state.frame}` : "";
+    const path = `/v1/studies/${encodeURIComponent(s.id)}/images/${im.index}/prepare${frame}`;
+    api(path, { method: "POST" }).catch(() => {});
   }
 
   let frameTimer = null;
