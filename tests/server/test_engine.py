@@ -685,3 +685,45 @@ def test_prefill_is_for_models_that_keep_prompts_by_image(tiny_lm):
     assert not BatchingEngine(prefix_cache_mb=256).prefills  # no model yet
     with pytest.raises(EngineNotReady):
         BatchingEngine(prefix_cache_mb=256).prefill(_img(1), ("sha", 1))
+
+
+def test_a_running_prefill_gives_way_to_a_question_about_another_image(tiny_lm):
+    """Between layers, a prefill asks whether a question about another image waits: it stops
+    for it (on a CPU a real model's prefill takes 10-25 s, which the question must not wait
+    for) and stores nothing. A question about the same image lets it finish, and uses it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    rec = PrefillRecorder()
+    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
+    eng.start(tiny_lm)
+    params = SamplingParams(max_new_tokens=4)
+    entered, slowing = threading.Event(), threading.Event()
+
+    def slow(module, args):  # while `slowing`, each layer on the engine's thread takes 0.1 s
+        if slowing.is_set() and threading.current_thread().name == "engine":
+            entered.set()
+            time.sleep(0.1)
+
+    layers = [m for m in tiny_lm.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    handles = [layer.register_forward_pre_hook(slow) for layer in layers]
+    try:
+        for image, asked, outcome in ((1, 2, "abandoned"), (3, 3, "done")):
+            entered.clear()
+            slowing.set()
+            eng.prefill(_img(image), ("sha", image))
+            assert entered.wait(30)  # the prefill is in its first layer
+            hits = eng.prefixes.hits
+            request = eng.submit(_img(asked), "Which organ?", params, image_key=("sha", asked))
+            slowing.clear()
+            answer = request.future.result(60)
+            assert answer.text == generate(tiny_lm, [_img(asked)], ["Which organ?"], params)[0].text
+            assert rec.prefills[-1] == outcome
+            held = {name for name, _ in eng.prefixes._items}
+            assert (("sha", image) in held) == (outcome == "done")
+            assert eng.prefixes.hits - hits == (1 if outcome == "done" else 0)
+    finally:
+        slowing.clear()
+        for handle in handles:
+            handle.remove()
+        eng.shutdown()
+    assert not any(layer._forward_pre_hooks for layer in layers)  # the prefill's hooks are gone

@@ -11,6 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from queue import Queue
 from typing import Any, Literal, Protocol
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from tinyllava_med.model.load import LoadedModel
 from tinyllava_med.model.processor import batch_inputs, pixel_values
@@ -326,8 +328,35 @@ def image_prefix_shared(lm: LoadedModel) -> bool:
     return a.split(token)[0] == b.split(token)[0]
 
 
+@contextmanager
+def _stoppable(model: torch.nn.Module, should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    """While inside, each layer of `model` (the vision tower's and the LLM's) first asks
+    `should_stop`, and raises `GenerationCancelled` if it says so: a long forward gives way
+    between layers."""
+    if should_stop is None:
+        yield
+        return
+
+    def check(module: torch.nn.Module, args: Any) -> None:
+        if should_stop():
+            raise GenerationCancelled()
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    handles = [layer.register_forward_pre_hook(check) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def prefill_image(
-    lm: LoadedModel, pixels: torch.Tensor, image_key: Hashable, store: PrefixStore
+    lm: LoadedModel,
+    pixels: torch.Tensor,
+    image_key: Hashable,
+    store: PrefixStore,
+    *,
+    should_stop: Callable[[], bool] | None = None,
 ) -> bool:
     """Compute the attention cache of `lm`'s prompt up to and including an image (`pixels`, its
     `prepare_image`) and keep it in `store`, where a question about the image named `image_key`
@@ -336,7 +365,8 @@ def prefill_image(
     of the first answer's time (TinyLLaVA-1.5B on a CPU: the tower and 765 of 774 prompt tokens).
 
     False, computing nothing, where `store` holds it already. Only for templates where
-    questions share it (`image_prefix_shared`)."""
+    questions share it (`image_prefix_shared`). `should_stop` is asked before each layer;
+    when it says so, `GenerationCancelled` is raised and nothing is stored."""
     image_id = lm.model.config.image_token_index
     prompts = [build_prompt(lm.template, q) for q in ("a", "b")]
     inputs = batch_inputs(lm.processor, prompts, [pixels, pixels])
@@ -348,7 +378,8 @@ def prefill_image(
     if (image_key, tuple(rows[0][:n].tolist())) in store:
         return False
     images = inputs["pixel_values"][:1].to(lm.model.dtype)
-    _prefix_caches(lm, [rows[0][:n]], images, [image_key], store)
+    with _stoppable(lm.model, should_stop):
+        _prefix_caches(lm, [rows[0][:n]], images, [image_key], store)
     return True
 
 

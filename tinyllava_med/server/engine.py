@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -166,6 +167,7 @@ class BatchingEngine:
         self.metrics = metrics
         self._queue: queue.Queue[_Request | _Prefill | None] = queue.Queue()
         self._prefill_seq = 0  # the latest `prefill` asked for; older ones are skipped
+        self._waiting_keys: Counter[Hashable] = Counter()  # image keys of pending requests
         self._pending = 0  # queued + running, guarded by _lock
         self._announced = 0  # Arrivals not yet submitted, guarded by _lock
         # most requests in flight (pending + announced) seen since the last batch started:
@@ -316,6 +318,7 @@ class BatchingEngine:
             if self._pending >= self.max_queue:
                 raise EngineBusy(f"the queue is full ({self.max_queue} requests)")
             self._pending += 1
+            self._waiting_keys[image_key] += 1
             depth = self._pending
             # its own announcement ends only after the enqueue: not two requests in flight
             own = 1 if arrival is not None and arrival._engine is self else 0
@@ -515,7 +518,16 @@ class BatchingEngine:
         assert isinstance(self.lm, LoadedModel)
         self._batch_started = time.monotonic()  # a stuck prefill shows as a stalled model
         try:
-            done = prefill_image(self.lm, item.pixels, item.key, self.prefixes)
+            done = prefill_image(
+                self.lm,
+                item.pixels,
+                item.key,
+                self.prefixes,
+                should_stop=partial(self._yield, item),
+            )
+        except GenerationCancelled:
+            self._prefilled("abandoned")
+            return
         except Exception:  # a question about the image computes its prefix itself
             log.exception("preparing an image ahead of its questions failed")
             self._prefilled("failed")
@@ -524,6 +536,15 @@ class BatchingEngine:
             self._batch_started = None
         self._prefilled("done" if done else "cached")
 
+    def _yield(self, item: _Prefill) -> bool:
+        """Whether a running prefill should stop (between layers): a question about another
+        image waits (a real model's prefill on a CPU takes 10-25 s, which it must not wait
+        for), or a newer image was asked for. Questions about this image let it finish: they
+        will use it."""
+        with self._lock:
+            others = any(key != item.key for key in self._waiting_keys)
+        return others or item.seq != self._prefill_seq
+
     def _prefilled(self, outcome: str) -> None:
         if self.metrics:
             self.metrics.on_prefill(outcome)
@@ -531,6 +552,8 @@ class BatchingEngine:
     def _finish(self, reqs: list[_Request]) -> None:
         with self._lock:
             self._pending -= len(reqs)
+            self._waiting_keys.subtract(r.image_key for r in reqs)
+            self._waiting_keys += Counter()  # drops the keys no request waits with
             depth = self._pending
         if self.metrics:
             self.metrics.on_queue(depth)

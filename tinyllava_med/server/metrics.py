@@ -176,7 +176,8 @@ class Metrics:
         self.prefills = Counter(
             PREFIX + "image_prefills",
             "Images prepared ahead of their questions, by outcome (done; cached: held already; "
-            "skipped: questions were waiting or a newer image was asked for; failed)",
+            "skipped: questions were waiting or a newer image was asked for; abandoned: stopped "
+            "for a question about another image or a newer image; failed)",
             ["outcome"],
             registry=r,
         )
