@@ -727,3 +727,35 @@ def test_a_running_prefill_gives_way_to_a_question_about_another_image(tiny_lm):
             handle.remove()
         eng.shutdown()
     assert not any(layer._forward_pre_hooks for layer in layers)  # the prefill's hooks are gone
+
+
+def test_asking_again_for_the_image_being_prefilled_lets_it_go_on(tiny_lm):
+    """The web client asks again when the reader changes the window of the same image: the
+    prefill under way continues (not restarted); once it is done, asking again finds it held."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    rec = PrefillRecorder()
+    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
+    eng.start(tiny_lm)
+    entered = threading.Event()
+
+    def slow(module, args):
+        if threading.current_thread().name == "engine":
+            entered.set()
+            time.sleep(0.05)
+
+    layers = [m for m in tiny_lm.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    handles = [layer.register_forward_pre_hook(slow) for layer in layers]
+    try:
+        eng.prefill(_img(5), ("sha", 5))
+        assert entered.wait(30)
+        eng.prefill(_img(5), ("sha", 5))  # the same image, while it runs
+        _wait(lambda: eng._prefill_live is None)
+        assert rec.prefills == ["done"]
+        eng.prefill(_img(5), ("sha", 5))
+        _wait(lambda: eng._prefill_live is None)
+        assert rec.prefills == ["done", "cached"]
+    finally:
+        for handle in handles:
+            handle.remove()
+        eng.shutdown()

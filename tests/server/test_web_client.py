@@ -229,6 +229,8 @@ def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
     report_id = history.first.get_attribute("data-report-id")
     stored = server.get(f"/v1/reports/{report_id}").json()
     assert stored["answer"].strip() == streamed.strip()
+    # the image was announced to the model once: a new window is the same image to it
+    assert _prepared(server) == [{"image": 0, "frame": None}]
     assert stored["model"] == "demo"
     expect(page.locator("#model-answer")).to_have_text(stored["answer"])
     _shot(page, shots, "study", full_page=True)

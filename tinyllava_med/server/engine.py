@@ -167,6 +167,7 @@ class BatchingEngine:
         self.metrics = metrics
         self._queue: queue.Queue[_Request | _Prefill | None] = queue.Queue()
         self._prefill_seq = 0  # the latest `prefill` asked for; older ones are skipped
+        self._prefill_live: _Prefill | None = None  # the latest, while queued or running
         self._waiting_keys: Counter[Hashable] = Counter()  # image keys of pending requests
         self._pending = 0  # queued + running, guarded by _lock
         self._announced = 0  # Arrivals not yet submitted, guarded by _lock
@@ -354,14 +355,18 @@ class BatchingEngine:
         on a CPU, most of the first answer's time. Only the latest one asked for runs, and only
         if no question is waiting or on its way then: a reader moving through a series prepares
         the image they stop at, and a busy server skips it (a question computes its prefix
-        anyway). Call only where `prefills`."""
+        anyway). Asked again for the image queued or running (the reader changed its window),
+        it goes on. Call only where `prefills`."""
         if not self.ready:
             raise EngineNotReady("the model is not loaded")
+        live = self._prefill_live
+        if live is not None and live.key == key:
+            return
         pixels = self.prepare(image, key)
         assert isinstance(pixels, torch.Tensor)  # `prefills`: a model of our own
         with self._lock:
             self._prefill_seq += 1
-            item = _Prefill(pixels, key, self._prefill_seq)
+            item = self._prefill_live = _Prefill(pixels, key, self._prefill_seq)
         self._queue.put(item)
 
     async def generate(
@@ -497,7 +502,7 @@ class BatchingEngine:
                 except queue.Empty:
                     continue
             if isinstance(nxt, _Prefill):  # questions are waiting: they go first
-                self._prefilled("skipped")
+                self._prefilled(nxt, "skipped")
                 continue
             if nxt is None or nxt.params.key() != first.params.key():
                 leftovers.append(nxt)  # other settings (or shutdown) wait for the next batch
@@ -513,7 +518,7 @@ class BatchingEngine:
         with self._lock:
             busy = self._pending > 0 or self._announced > 0
         if busy or item.seq != self._prefill_seq:  # questions first; a newer image supersedes
-            self._prefilled("skipped")
+            self._prefilled(item, "skipped")
             return
         assert isinstance(self.lm, LoadedModel)
         self._batch_started = time.monotonic()  # a stuck prefill shows as a stalled model
@@ -526,15 +531,15 @@ class BatchingEngine:
                 should_stop=partial(self._yield, item),
             )
         except GenerationCancelled:
-            self._prefilled("abandoned")
+            self._prefilled(item, "abandoned")
             return
         except Exception:  # a question about the image computes its prefix itself
             log.exception("preparing an image ahead of its questions failed")
-            self._prefilled("failed")
+            self._prefilled(item, "failed")
             return
         finally:
             self._batch_started = None
-        self._prefilled("done" if done else "cached")
+        self._prefilled(item, "done" if done else "cached")
 
     def _yield(self, item: _Prefill) -> bool:
         """Whether a running prefill should stop (between layers): a question about another
@@ -545,7 +550,10 @@ class BatchingEngine:
             others = any(key != item.key for key in self._waiting_keys)
         return others or item.seq != self._prefill_seq
 
-    def _prefilled(self, outcome: str) -> None:
+    def _prefilled(self, item: _Prefill, outcome: str) -> None:
+        with self._lock:  # done with (any outcome): asking again for its image queues it anew
+            if self._prefill_live is item:
+                self._prefill_live = None
         if self.metrics:
             self.metrics.on_prefill(outcome)
 

@@ -26,6 +26,7 @@
     window: "default",
     imageSeq: 0,
     imageUrl: null,
+    prepared: null, // the image (study, index, frame) the model was last asked to prepare
     reports: [],
     reportId: null,
     streaming: null, // AbortController while an answer streams
@@ -449,6 +450,7 @@
     clearError();
     releaseImage();
     state.study = null;
+    state.prepared = null; // opened again later: the model may have forgotten it
     state.reports = [];
     state.reportId = null;
     $("study-title").textContent = "Study";
@@ -621,11 +623,14 @@
   }
 
   // The reader is looking at this image: the model computes the image's part of the prompt while
-  // idle, so the first question about it is answered as fast as a follow-up. Best effort: a key
-  // that may not ask, or a busy model, changes nothing, and nothing is shown.
+  // idle, so the first question about it is answered as fast as a follow-up. Once per image and
+  // frame (a new window is the same image to the model). Best effort: a key that may not ask, or
+  // a busy model, changes nothing, and nothing is shown.
   function prepareImage(s, im) {
     const frame = im.n_frames > 1 ? `?frame=${state.frame}` : "";
     const path = `/v1/studies/${encodeURIComponent(s.id)}/images/${im.index}/prepare${frame}`;
+    if (state.prepared === path) return;
+    state.prepared = path;
     api(path, { method: "POST" }).catch(() => {});
   }
 
