@@ -23,13 +23,8 @@ import numpy as np
 from machine import cpu_name
 from PIL import Image
 
-from tinyllava_med.model.generate import (
-    SamplingParams,
-    cache_bytes,
-    generate,
-    prefill_image,
-    prepare_image,
-)
+from tinyllava_med.model.generate import SamplingParams, generate, prepare_image
+from tinyllava_med.model.prefixes import cache_bytes, prefill_image
 from tinyllava_med.quantize.cpu_int8 import quantize_cpu_int8
 from tinyllava_med.quantize.shapes import real_shape_lm
 from tinyllava_med.server.lru import ByteLRU

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaTokenizer
 
 from tinyllava_med.model.convert import ConversionError, convert_checkpoint, detect_format
-from tinyllava_med.model.generate import MIN_TEMPLATE_PREFIX, template_prefix
 from tinyllava_med.model.meta import ServedMeta
+from tinyllava_med.model.prefixes import MIN_TEMPLATE_PREFIX, template_prefix
 from tinyllava_med.model.processor import (
     ImageProcessorSpec,
     batch_inputs,
@@ -504,8 +504,9 @@ def test_follow_up_questions_reuse_the_prompt_up_to_the_image(
     original prompt format: CLIP with CLS and SigLIP put the image before the question, so
     follow-ups share it; LLaVA-Med v1.0 puts it after the question (`<im_start>` wrapping), so
     only the same question again (a regenerated answer) does."""
-    from tinyllava_med.model.generate import SamplingParams, cache_bytes, generate
+    from tinyllava_med.model.generate import SamplingParams, generate
     from tinyllava_med.model.load import load_model
+    from tinyllava_med.model.prefixes import cache_bytes
 
     _, dst = shop.convert(case)
     lm = load_model(str(dst), quant="none", device="cpu")
@@ -577,14 +578,9 @@ def test_an_image_prefilled_ahead_serves_its_first_question(
     runs no vision tower and answers exactly as without it, alone or with an earlier turn. LLaVA-
     Med v1.0 puts the image after the question, so no prompt up to the image is shared: it is
     refused there (and `image_prefix_shared` says so)."""
-    from tinyllava_med.model.generate import (
-        SamplingParams,
-        generate,
-        image_prefix_shared,
-        prefill_image,
-        prepare_image,
-    )
+    from tinyllava_med.model.generate import SamplingParams, generate, prepare_image
     from tinyllava_med.model.load import load_model
+    from tinyllava_med.model.prefixes import image_prefix_shared, prefill_image
 
     _, dst = shop.convert(case)
     lm = load_model(str(dst), quant="none", device="cpu")

@@ -8,8 +8,9 @@ import pytest
 import torch
 from quant_helpers import QUESTION, answer_logits, answers, case_images, cosine
 
-from tinyllava_med.model.generate import SamplingParams, cache_bytes, generate
+from tinyllava_med.model.generate import SamplingParams, generate
 from tinyllava_med.model.load import load_model
+from tinyllava_med.model.prefixes import cache_bytes
 from tinyllava_med.quantize.export import quantize_checkpoint
 from tinyllava_med.server.lru import ByteLRU
 

@@ -9,7 +9,8 @@ import time
 import pytest
 from PIL import Image
 
-from tinyllava_med.model.generate import SamplingParams, generate, template_prefix
+from tinyllava_med.model.generate import SamplingParams, generate
+from tinyllava_med.model.prefixes import template_prefix
 from tinyllava_med.server.engine import (
     BatchingEngine,
     EngineBusy,

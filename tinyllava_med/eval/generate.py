@@ -18,14 +18,9 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from tinyllava_med.model.generate import (
-    SamplingParams,
-    cache_bytes,
-    generate,
-    image_prefixes_pay,
-    prefix_cache_size_mb,
-)
+from tinyllava_med.model.generate import SamplingParams, generate
 from tinyllava_med.model.load import LoadedModel
+from tinyllava_med.model.prefixes import cache_bytes, image_prefixes_pay, prefix_cache_size_mb
 from tinyllava_med.model.prompts import IMAGE_TOKEN
 from tinyllava_med.server.lru import ByteLRU
 

@@ -37,15 +37,18 @@ from tinyllava_med.model.generate import (
     Answer,
     GenerationCancelled,
     SamplingParams,
-    cache_bytes,
     generate,
+    prepare_image,
+)
+from tinyllava_med.model.load import LoadedModel
+from tinyllava_med.model.prefixes import (
+    PrefillStopped,
+    cache_bytes,
     image_prefix_shared,
     image_prefixes_pay,
     prefill_image,
     prefix_cache_size_mb,
-    prepare_image,
 )
-from tinyllava_med.model.load import LoadedModel
 from tinyllava_med.model.processor import output_pixels
 from tinyllava_med.server.lru import ByteLRU
 
@@ -530,7 +533,7 @@ class BatchingEngine:
                 self.prefixes,
                 should_stop=partial(self._yield, item),
             )
-        except GenerationCancelled:
+        except PrefillStopped:
             self._prefilled(item, "abandoned")
             return
         except Exception:  # a question about the image computes its prefix itself
