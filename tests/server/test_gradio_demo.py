@@ -10,6 +10,7 @@ import io
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,32 @@ def test_demo_answers_like_the_rest_api_and_audits(live, tmp_path):
     hits = prefixes.hits
     (_, again, _), _ = live.ask(png)
     assert again == answer and prefixes.hits == hits + 1
+
+
+def test_a_chosen_file_is_prepared_before_the_question(live, tmp_path):
+    """Choosing a file (Gradio's upload event, `/prepare`) has the model compute its prompt up
+    to the image while idle: the first question about it reuses that, and answers as the REST
+    API does. Without a key nothing is prepared."""
+    path = tmp_path / "other.png"
+    Image.linear_gradient("L").rotate(90).resize((40, 56)).convert("RGB").save(path)
+    label = model_label(live.app.state.engine.lm.info)
+    prefixes = live.app.state.engine.prefixes
+    misses = prefixes.misses
+    live.client.predict("", handle_file(str(path)), label, api_name="/prepare")
+    assert prefixes.misses == misses  # no key: nothing done, nothing audited
+    live.client.predict(live.pacs_key, handle_file(str(path)), label, api_name="/prepare")
+    deadline = time.monotonic() + 30
+    while prefixes.misses == misses:  # the engine prepares it in its own thread
+        assert time.monotonic() < deadline, "the chosen file was not prepared"
+        time.sleep(0.05)
+    hits = prefixes.hits
+    (_, answer, _), _ = live.ask(path)
+    assert (prefixes.misses, prefixes.hits) == (misses + 1, hits + 1)
+    assert answer == live.rest_answer(path)
+    with live.app.state.session_factory() as s:
+        [event] = crud.list_audit_events(s, action="demo.prepare")
+    assert (event.outcome, event.status_code, event.detail) == ("ok", 202, {"file_kind": "png"})
+    assert event.actor != ANONYMOUS
 
 
 @pytest.mark.parametrize(("key", "reason"), [(BAD_KEY, "Invalid"), ("", "Missing")])

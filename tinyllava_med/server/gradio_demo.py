@@ -53,7 +53,7 @@ from tinyllava_med.model.generate import SamplingParams
 from tinyllava_med.server.auth import ANONYMOUS, Principal, verify_api_key
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Outcome
-from tinyllava_med.server.engine import BatchingEngine
+from tinyllava_med.server.engine import BatchingEngine, EngineNotReady
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.routes.questions import check_capacity, sampling, stream_answer
 from tinyllava_med.server.schemas import QuestionCreate
@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 DEMO_PATH = "/demo"
 PERMISSION = "question.ask"
 AUDIT_ACTION = "demo.ask"
+PREPARE_ACTION = "demo.prepare"
 CACHE_MAX_AGE_S = 1800  # uploads and previews leave Gradio's cache after 30 minutes
 CACHE_SWEEP_S = 600
 
@@ -169,13 +170,19 @@ def _authorize(app: FastAPI, api_key: str) -> Principal:
 
 
 def _audit(
-    app: FastAPI, *, actor: str, outcome: Outcome, status_code: int, detail: dict[str, Any]
+    app: FastAPI,
+    *,
+    actor: str,
+    outcome: Outcome,
+    status_code: int,
+    detail: dict[str, Any],
+    action: str = AUDIT_ACTION,
 ) -> None:
     with app.state.session_factory.begin() as session:
         crud.audit(
             session,
             actor=actor,
-            action=AUDIT_ACTION,
+            action=action,
             resource_type="demo",
             resource_id=None,
             outcome=outcome,
@@ -336,6 +343,40 @@ async def ask_stream(
             asyncio.get_running_loop().run_in_executor(None, audit)
 
 
+async def prepare_upload(
+    app: FastAPI, api_key: str, file_path: str | None, label: str | None
+) -> None:
+    """The user chose a file: while idle, the model computes its prompt up to the image
+    (`BatchingEngine.prefill`), so the first answer comes as fast as a follow-up. Quiet: a
+    missing key, a wrong file or a busy model changes nothing here, and asking says what is
+    wrong (a wrong key is audited as a denial here too). Audited as `demo.prepare`."""
+    if not file_path or not (api_key or "").strip():
+        return
+    try:
+        principal = await run_in_threadpool(_authorize, app, api_key)
+        engine = _pick_engine(app, label)
+        if not engine.prefills:
+            return
+        data = await run_in_threadpool(_read_upload, file_path)
+        upload = Upload(Path(file_path).name, data)
+        study_file = await run_in_threadpool(decode_upload, upload, app.state.settings)
+        key = await run_in_threadpool(unstored_image_key, data)  # as `ask_stream` names it
+        await run_in_threadpool(engine.prefill, study_file.image, key)
+    except (DemoError, APIError, EngineNotReady):
+        return
+    await run_in_threadpool(
+        partial(
+            _audit,
+            app,
+            actor=principal.actor,
+            outcome="ok",
+            status_code=202,
+            detail={"file_kind": study_file.kind},
+            action=PREPARE_ACTION,
+        )
+    )
+
+
 # --- the page ----------------------------------------------------------------------------------
 
 
@@ -355,6 +396,9 @@ def build_demo(app: FastAPI) -> gr.Blocks:
             app, api_key, file_path, question, model, max_new_tokens, temperature, top_p
         ):
             yield update
+
+    async def prepare(api_key: str, file_path: str | None, model: str | None) -> None:
+        await prepare_upload(app, api_key, file_path, model)
 
     def list_models() -> Any:
         labels = list(loaded_models(app))
@@ -404,6 +448,13 @@ def build_demo(app: FastAPI) -> gr.Blocks:
             inputs,
             outputs,
             api_visibility="private",
+            concurrency_limit=settings.max_queue,
+        )
+        upload.upload(
+            prepare,
+            [api_key, upload, model],
+            None,
+            api_name="prepare",
             concurrency_limit=settings.max_queue,
         )
         blocks.load(list_models, None, model, api_visibility="private")
