@@ -760,3 +760,38 @@ def test_asking_again_for_the_image_being_prefilled_lets_it_go_on(tiny_lm):
         for handle in handles:
             handle.remove()
         eng.shutdown()
+
+
+def test_readiness_does_not_probe_while_an_image_is_prepared(tiny_lm):
+    """A probe would stop a prefill (a question with no image key) and, on a CPU, cost as
+    much: while one runs, `/readyz` answers from the last evidence, and a finished prefill
+    counts as evidence that the model works."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    rec = PrefillRecorder()
+    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
+    eng.start(tiny_lm)
+    entered, release = threading.Event(), threading.Event()
+
+    def held(module, args):
+        if threading.current_thread().name == "engine":
+            entered.set()
+            release.wait(30)
+
+    layers = [m for m in tiny_lm.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    eng.submit(_img(1), "Which organ?", SamplingParams(max_new_tokens=2)).future.result(60)
+    eng.last_done -= 3600  # long idle: the next check would probe
+    handles = [layer.register_forward_pre_hook(held) for layer in layers]
+    try:
+        eng.prefill(_img(2), ("sha", 2))
+        assert entered.wait(30)
+        assert asyncio.run(eng.model_check(fresh_s=1, stall_s=60, wait_s=0.1)) == "ok"
+        assert eng._probe is None
+        release.set()
+        _wait(lambda: rec.prefills == ["done"])
+        assert time.monotonic() - eng.last_done < 30 and not eng.last_failed
+    finally:
+        release.set()
+        for handle in handles:
+            handle.remove()
+        eng.shutdown()

@@ -438,7 +438,7 @@ class BatchingEngine:
         - "stalled": see `stalled`;
         - "ok": a request or probe succeeded within `fresh_s` (or twice the last batch's time,
           or so long that probing takes at most `PROBE_DUTY` of the time), or requests are in
-          flight and the last finished one succeeded;
+          flight (or an image is being prepared) and the last finished one succeeded;
         - otherwise (idle for a while, nothing answered yet, or the last answer failed) a probe
           runs; if it is not back within `wait_s` (a model on a CPU takes seconds), the answer
           rests on the last evidence: "warming_up" before any, "probe_failed" after a failure,
@@ -450,8 +450,8 @@ class BatchingEngine:
         done, failed = self.last_done, self.last_failed
         if done is not None and not failed:
             recent = now - done < max(fresh_s, 2 * self._last_batch_s, self._probe_s / PROBE_DUTY)
-            if recent or self._pending > 0:
-                return "ok"
+            if recent or self._pending > 0 or self._batch_started is not None:
+                return "ok"  # (a probe would stop a prefill, and wait for nothing)
         try:
             probe = self.start_probe()
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(probe)), wait_s)
@@ -542,6 +542,8 @@ class BatchingEngine:
             return
         finally:
             self._batch_started = None
+        if done:  # the model answered a forward pass: evidence for `/readyz` as an answer is
+            self.last_done, self.last_failed = time.monotonic(), False
         self._prefilled(item, "done" if done else "cached")
 
     def _yield(self, item: _Prefill) -> bool:
