@@ -795,3 +795,31 @@ def test_readiness_does_not_probe_while_an_image_is_prepared(tiny_lm):
         for handle in handles:
             handle.remove()
         eng.shutdown()
+
+
+def test_shutting_down_stops_a_prefill(tiny_lm):
+    """A server stopping (a deploy, a restart) does not wait for an image being prepared: on a
+    CPU that can take 10-25 s, longer than the engine's join."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    rec = PrefillRecorder()
+    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
+    eng.start(tiny_lm)
+    entered = threading.Event()
+
+    def slow(module, args):  # each layer on the engine's thread takes 0.2 s
+        if threading.current_thread().name == "engine":
+            entered.set()
+            time.sleep(0.2)
+
+    layers = [m for m in tiny_lm.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    handles = [layer.register_forward_pre_hook(slow) for layer in layers]
+    try:
+        eng.prefill(_img(3), ("sha", 3))
+        assert entered.wait(30)
+        eng.shutdown(timeout=30)  # returns once the engine's thread has ended
+        assert rec.prefills == ["abandoned"] and not eng.prefixes.bytes
+    finally:
+        for handle in handles:
+            handle.remove()
+        eng.shutdown()

@@ -549,11 +549,11 @@ class BatchingEngine:
     def _yield(self, item: _Prefill) -> bool:
         """Whether a running prefill should stop (between layers): a question about another
         image waits (a real model's prefill on a CPU takes 10-25 s, which it must not wait
-        for), or a newer image was asked for. Questions about this image let it finish: they
-        will use it."""
+        for), a newer image was asked for, or the server is shutting down. Questions about
+        this image let it finish: they will use it."""
         with self._lock:
             others = any(key != item.key for key in self._waiting_keys)
-        return others or item.seq != self._prefill_seq
+        return others or item.seq != self._prefill_seq or self._stopping.is_set()
 
     def _prefilled(self, item: _Prefill, outcome: str) -> None:
         with self._lock:  # done with (any outcome): asking again for its image queues it anew
