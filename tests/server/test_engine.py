@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from PIL import Image
@@ -603,6 +604,39 @@ class PrefillRecorder(Recorder):
         self.prefills.append(outcome)
 
 
+@pytest.fixture
+def prefilling(tiny_lm):
+    """An engine that keeps prompts by image (so it prefills), and what it reports."""
+    rec = PrefillRecorder()
+    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
+    eng.start(tiny_lm)
+    yield eng, rec
+    eng.shutdown()
+
+
+@contextmanager
+def _before_each_layer(lm, run):
+    """`run()` before each layer (tower and LLM) the engine's thread runs; yields the layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def hook(module, args):
+        if threading.current_thread().name == "engine":
+            run()
+
+    layers = [m for m in lm.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        yield layers
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _held(prefixes) -> set:
+    """The image names whose prompts an engine's prefix cache holds."""
+    return {name for name, _ in prefixes._items}
+
+
 def _wait(predicate, timeout_s=30.0):
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -610,37 +644,35 @@ def _wait(predicate, timeout_s=30.0):
         time.sleep(0.01)
 
 
-def test_a_prefilled_image_answers_its_first_question_as_a_follow_up(tiny_lm, monkeypatch):
+def test_a_prefilled_image_answers_its_first_question_as_a_follow_up(
+    tiny_lm, prefilling, monkeypatch
+):
     """`prefill` computes the prompt up to the image while idle: the first question about the
     image then runs neither the processor nor the tower, and answers as without it."""
-    rec = PrefillRecorder()
-    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
-    eng.start(tiny_lm)
+    eng, rec = prefilling
     params = SamplingParams(max_new_tokens=6)
-    try:
-        assert eng.prefills
-        eng.prefill(_img(9), ("sha", 9))
-        _wait(lambda: rec.prefills == ["done"])
-        tower = tiny_lm.model.model.vision_tower
-        calls = []
-        real_forward = tower.forward
-        monkeypatch.setattr(tower, "forward", lambda *a, **k: calls.append(1) or real_forward(*a))
-        answer = eng.submit(_img(9), "Which organ?", params, image_key=("sha", 9)).future.result(60)
-        assert calls == [] and (eng.pixels.hits, eng.prefixes.hits) == (1, 1)
-        monkeypatch.undo()
-        eng.prefill(_img(9), ("sha", 9))  # held already
-        _wait(lambda: rec.prefills == ["done", "cached"])
-    finally:
-        eng.shutdown()
+    assert eng.prefills
+    eng.prefill(_img(9), ("sha", 9))
+    _wait(lambda: rec.prefills == ["done"])
+    tower = tiny_lm.model.model.vision_tower
+    calls = []
+    real_forward = tower.forward
+    monkeypatch.setattr(tower, "forward", lambda *a, **k: calls.append(1) or real_forward(*a))
+    answer = eng.submit(_img(9), "Which organ?", params, image_key=("sha", 9)).future.result(60)
+    assert calls == [] and (eng.pixels.hits, eng.prefixes.hits) == (1, 1)
+    monkeypatch.undo()
+    eng.prefill(_img(9), ("sha", 9))  # held already
+    _wait(lambda: rec.prefills == ["done", "cached"])
     assert answer.text == generate(tiny_lm, [_img(9)], ["Which organ?"], params)[0].text
 
 
-def test_prefill_gives_way_to_questions_and_to_a_newer_image(tiny_lm, monkeypatch):
+def test_prefill_gives_way_to_questions_and_to_a_newer_image(prefilling, monkeypatch):
     """While a batch runs, two images are asked to be prepared and a question arrives: the
     older image is superseded, the newer one skipped because a question waits; the question
     is answered. Idle again, a prefill runs."""
     from tinyllava_med.server import engine as engine_module
 
+    eng, rec = prefilling
     entered, release = threading.Event(), threading.Event()
     real_generate = engine_module.generate
 
@@ -650,9 +682,6 @@ def test_prefill_gives_way_to_questions_and_to_a_newer_image(tiny_lm, monkeypatc
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "generate", held)
-    rec = PrefillRecorder()
-    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
-    eng.start(tiny_lm)
     params = SamplingParams(max_new_tokens=3)
     try:
         first = eng.submit(_img(1), "Which organ?", params, image_key=("sha", 1))
@@ -664,14 +693,13 @@ def test_prefill_gives_way_to_questions_and_to_a_newer_image(tiny_lm, monkeypatc
         first.future.result(60), second.future.result(60)
         _wait(lambda: len(rec.prefills) == 2)
         assert rec.prefills == ["skipped", "skipped"] and rec.batches == [1, 1]
-        held_images = {name for name, _ in eng.prefixes._items}
+        held_images = _held(eng.prefixes)
         assert held_images == {("sha", 1), ("sha", 4)}  # the questions' own prefixes only
         eng.prefill(_img(3), ("sha", 3))
         _wait(lambda: rec.prefills[-1:] == ["done"])
-        assert ("sha", 3) in {name for name, _ in eng.prefixes._items}
+        assert ("sha", 3) in _held(eng.prefixes)
     finally:
         release.set()
-        eng.shutdown()
 
 
 def test_prefill_is_for_models_that_keep_prompts_by_image(tiny_lm):
@@ -688,66 +716,51 @@ def test_prefill_is_for_models_that_keep_prompts_by_image(tiny_lm):
         BatchingEngine(prefix_cache_mb=256).prefill(_img(1), ("sha", 1))
 
 
-def test_a_running_prefill_gives_way_to_a_question_about_another_image(tiny_lm):
+def test_a_running_prefill_gives_way_to_a_question_about_another_image(tiny_lm, prefilling):
     """Between layers, a prefill asks whether a question about another image waits: it stops
     for it (on a CPU a real model's prefill takes 10-25 s, which the question must not wait
     for) and stores nothing. A question about the same image lets it finish, and uses it."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    rec = PrefillRecorder()
-    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
-    eng.start(tiny_lm)
+    eng, rec = prefilling
     params = SamplingParams(max_new_tokens=4)
     entered, slowing = threading.Event(), threading.Event()
 
-    def slow(module, args):  # while `slowing`, each layer on the engine's thread takes 0.1 s
-        if slowing.is_set() and threading.current_thread().name == "engine":
+    def slow():  # while `slowing`, each layer takes 0.1 s
+        if slowing.is_set():
             entered.set()
             time.sleep(0.1)
 
-    layers = [m for m in tiny_lm.model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    handles = [layer.register_forward_pre_hook(slow) for layer in layers]
     try:
-        for image, asked, outcome in ((1, 2, "abandoned"), (3, 3, "done")):
-            entered.clear()
-            slowing.set()
-            eng.prefill(_img(image), ("sha", image))
-            assert entered.wait(30)  # the prefill is in its first layer
-            hits = eng.prefixes.hits
-            request = eng.submit(_img(asked), "Which organ?", params, image_key=("sha", asked))
-            slowing.clear()
-            answer = request.future.result(60)
-            assert answer.text == generate(tiny_lm, [_img(asked)], ["Which organ?"], params)[0].text
-            assert rec.prefills[-1] == outcome
-            held = {name for name, _ in eng.prefixes._items}
-            assert (("sha", image) in held) == (outcome == "done")
-            assert eng.prefixes.hits - hits == (1 if outcome == "done" else 0)
+        with _before_each_layer(tiny_lm, slow) as layers:
+            for image, asked, outcome in ((1, 2, "abandoned"), (3, 3, "done")):
+                entered.clear()
+                slowing.set()
+                eng.prefill(_img(image), ("sha", image))
+                assert entered.wait(30)  # the prefill is in its first layer
+                hits = eng.prefixes.hits
+                request = eng.submit(_img(asked), "Which organ?", params, image_key=("sha", asked))
+                slowing.clear()
+                answer = request.future.result(60)
+                alone = generate(tiny_lm, [_img(asked)], ["Which organ?"], params)[0]
+                assert answer.text == alone.text
+                assert rec.prefills[-1] == outcome
+                assert (("sha", image) in _held(eng.prefixes)) == (outcome == "done")
+                assert eng.prefixes.hits - hits == (1 if outcome == "done" else 0)
     finally:
         slowing.clear()
-        for handle in handles:
-            handle.remove()
-        eng.shutdown()
     assert not any(layer._forward_pre_hooks for layer in layers)  # the prefill's hooks are gone
 
 
-def test_asking_again_for_the_image_being_prefilled_lets_it_go_on(tiny_lm):
+def test_asking_again_for_the_image_being_prefilled_lets_it_go_on(tiny_lm, prefilling):
     """The web client asks again when the reader changes the window of the same image: the
     prefill under way continues (not restarted); once it is done, asking again finds it held."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    rec = PrefillRecorder()
-    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
-    eng.start(tiny_lm)
+    eng, rec = prefilling
     entered = threading.Event()
 
-    def slow(module, args):
-        if threading.current_thread().name == "engine":
-            entered.set()
-            time.sleep(0.05)
+    def slow():
+        entered.set()
+        time.sleep(0.05)
 
-    layers = [m for m in tiny_lm.model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    handles = [layer.register_forward_pre_hook(slow) for layer in layers]
-    try:
+    with _before_each_layer(tiny_lm, slow):
         eng.prefill(_img(5), ("sha", 5))
         assert entered.wait(30)
         eng.prefill(_img(5), ("sha", 5))  # the same image, while it runs
@@ -756,70 +769,46 @@ def test_asking_again_for_the_image_being_prefilled_lets_it_go_on(tiny_lm):
         eng.prefill(_img(5), ("sha", 5))
         _wait(lambda: eng._prefill_live is None)
         assert rec.prefills == ["done", "cached"]
-    finally:
-        for handle in handles:
-            handle.remove()
-        eng.shutdown()
 
 
-def test_readiness_does_not_probe_while_an_image_is_prepared(tiny_lm):
+def test_readiness_does_not_probe_while_an_image_is_prepared(tiny_lm, prefilling):
     """A probe would stop a prefill (a question with no image key) and, on a CPU, cost as
     much: while one runs, `/readyz` answers from the last evidence, and a finished prefill
     counts as evidence that the model works."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    rec = PrefillRecorder()
-    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
-    eng.start(tiny_lm)
+    eng, rec = prefilling
     entered, release = threading.Event(), threading.Event()
 
-    def held(module, args):
-        if threading.current_thread().name == "engine":
-            entered.set()
-            release.wait(30)
+    def held():
+        entered.set()
+        release.wait(30)
 
-    layers = [m for m in tiny_lm.model.modules() if isinstance(m, GradientCheckpointingLayer)]
     eng.submit(_img(1), "Which organ?", SamplingParams(max_new_tokens=2)).future.result(60)
     eng.last_done -= 3600  # long idle: the next check would probe
-    handles = [layer.register_forward_pre_hook(held) for layer in layers]
     try:
-        eng.prefill(_img(2), ("sha", 2))
-        assert entered.wait(30)
-        assert asyncio.run(eng.model_check(fresh_s=1, stall_s=60, wait_s=0.1)) == "ok"
-        assert eng._probe is None
-        release.set()
-        _wait(lambda: rec.prefills == ["done"])
-        assert time.monotonic() - eng.last_done < 30 and not eng.last_failed
+        with _before_each_layer(tiny_lm, held):
+            eng.prefill(_img(2), ("sha", 2))
+            assert entered.wait(30)
+            assert asyncio.run(eng.model_check(fresh_s=1, stall_s=60, wait_s=0.1)) == "ok"
+            assert eng._probe is None
+            release.set()
+            _wait(lambda: rec.prefills == ["done"])
+            assert time.monotonic() - eng.last_done < 30 and not eng.last_failed
     finally:
         release.set()
-        for handle in handles:
-            handle.remove()
-        eng.shutdown()
 
 
-def test_shutting_down_stops_a_prefill(tiny_lm):
+def test_shutting_down_stops_a_prefill(tiny_lm, prefilling):
     """A server stopping (a deploy, a restart) does not wait for an image being prepared: on a
     CPU that can take 10-25 s, longer than the engine's join."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    rec = PrefillRecorder()
-    eng = BatchingEngine(prefix_cache_mb=256, metrics=rec)
-    eng.start(tiny_lm)
+    eng, rec = prefilling
     entered = threading.Event()
 
-    def slow(module, args):  # each layer on the engine's thread takes 0.2 s
-        if threading.current_thread().name == "engine":
-            entered.set()
-            time.sleep(0.2)
+    def slow():  # each layer takes 0.2 s
+        entered.set()
+        time.sleep(0.2)
 
-    layers = [m for m in tiny_lm.model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    handles = [layer.register_forward_pre_hook(slow) for layer in layers]
-    try:
+    with _before_each_layer(tiny_lm, slow):
         eng.prefill(_img(3), ("sha", 3))
         assert entered.wait(30)
         eng.shutdown(timeout=30)  # returns once the engine's thread has ended
         assert rec.prefills == ["abandoned"] and not eng.prefixes.bytes
-    finally:
-        for handle in handles:
-            handle.remove()
-        eng.shutdown()
