@@ -1,4 +1,5 @@
-"""Helpers the server tests share: test files, uploads, the error-shape check, a live server."""
+"""Helpers the server tests share: test files, uploads, the error-shape check, the app over a
+TestClient with one key per role (`make_api`), a live server."""
 
 from __future__ import annotations
 
@@ -137,3 +138,50 @@ def wait_for(predicate, timeout_s: float = 60, what: str = "condition"):
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+class Api:
+    """A TestClient over the real app (tiny model, real database) with one key per role."""
+
+    def __init__(self, client, keys: dict[str, str]) -> None:
+        self.client = client
+        self.keys = keys
+        self.app = client.app
+
+    def h(self, role: str = "radiologist") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[role]}"}
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)
+
+
+def make_api(tmp_path, database_url: str, lm, **overrides) -> Iterator[Api]:
+    from fastapi.testclient import TestClient
+
+    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.db import migrate
+    from tinyllava_med.server.settings import Settings
+
+    migrate.upgrade(database_url)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        model="tiny",
+        batch_window_ms=5,
+        **{"prefix_cache_mb": 64, **overrides},  # the tiny model's tower is too small for the
+        # cache to be on by default: on, so every API test goes through it
+    )
+    app = create_app(settings, model=lm)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        admin = app.state.first_admin_key
+        assert admin, "an empty database must get a first admin key"
+        keys = {"admin": admin}
+        for role in ("pacs", "radiologist"):
+            r = client.post(
+                "/v1/apikeys",
+                json={"role": role, "name": f"test {role}"},
+                headers={"Authorization": f"Bearer {admin}"},
+            )
+            assert r.status_code == 201, r.text
+            keys[role] = r.json()["key"]
+        yield Api(client, keys)

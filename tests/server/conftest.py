@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from api_helpers import Api, make_api
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session
@@ -181,55 +182,6 @@ def db_session(db_engine: Engine) -> Iterator[Session]:
     """A session on a migrated database; the test commits what it wants kept."""
     with session_factory(db_engine)() as session:
         yield session
-
-
-# --- the running app ---------------------------------------------------------------------------
-
-
-class Api:
-    """A TestClient over the real app (tiny model, real database) with one key per role."""
-
-    def __init__(self, client, keys: dict[str, str]) -> None:
-        self.client = client
-        self.keys = keys
-        self.app = client.app
-
-    def h(self, role: str = "radiologist") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[role]}"}
-
-    def __getattr__(self, name: str):
-        return getattr(self.client, name)
-
-
-def make_api(tmp_path, database_url: str, lm, **overrides) -> Iterator[Api]:
-    from fastapi.testclient import TestClient
-
-    from tinyllava_med.server.app import create_app
-    from tinyllava_med.server.settings import Settings
-
-    migrate.upgrade(database_url)
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=database_url,
-        model="tiny",
-        batch_window_ms=5,
-        **{"prefix_cache_mb": 64, **overrides},  # the tiny model's tower is too small for the
-        # cache to be on by default: on, so every API test goes through it
-    )
-    app = create_app(settings, model=lm)
-    with TestClient(app, raise_server_exceptions=False) as client:
-        admin = app.state.first_admin_key
-        assert admin, "an empty database must get a first admin key"
-        keys = {"admin": admin}
-        for role in ("pacs", "radiologist"):
-            r = client.post(
-                "/v1/apikeys",
-                json={"role": role, "name": f"test {role}"},
-                headers={"Authorization": f"Bearer {admin}"},
-            )
-            assert r.status_code == 201, r.text
-            keys[role] = r.json()["key"]
-        yield Api(client, keys)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pydicom
 import pytest
-from api_helpers import CT_SMALL, assert_error, png_bytes, upload, upload_ct, wait_for
+from api_helpers import CT_SMALL, assert_error, make_api, png_bytes, upload, upload_ct, wait_for
 from PIL import Image
 from sqlalchemy import func, select
 
@@ -361,7 +361,6 @@ def test_questions_about_one_image_decode_and_process_it_once(sqlite_api):
 def test_revoked_keys_stop_working(tmp_path, sqlite_url, tiny_lm):
     """Verified keys are cached briefly; revoking through the API drops the key at once, and
     with the cache off a revocation made elsewhere (another replica) is seen at once too."""
-    from conftest import make_api
 
     from tinyllava_med.server.db.models import ApiKey, utcnow
 

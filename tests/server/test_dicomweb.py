@@ -13,11 +13,11 @@ from api_helpers import (
     MR_SMALL,
     assert_error,
     live_server,
+    make_api,
     multipart_related,
     png_bytes,
     wait_for,
 )
-from conftest import make_api
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from sqlalchemy import select, update

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from api_helpers import assert_error, upload_ct, wait_for
+from api_helpers import assert_error, make_api, upload_ct, wait_for
 from sqlalchemy import select
 
 from tinyllava_med.model.generate import SamplingParams, generate
@@ -78,8 +78,6 @@ def test_prepare_refuses_what_it_cannot_prepare(sqlite_api):
 
 def test_a_model_that_shares_no_prompts_by_image_needs_no_preparing(tmp_path, sqlite_url, tiny_lm):
     """Without a prefix cache (a GPU's default) there is nothing to keep: 200, not queued."""
-    from conftest import make_api
-
     for api in make_api(tmp_path, sqlite_url, tiny_lm, prefix_cache_mb=0):
         study = upload_ct(api)
         r = api.post(f"/v1/studies/{study['id']}/images/0/prepare", headers=api.h())

@@ -15,11 +15,11 @@ from api_helpers import (
     assert_error,
     free_port,
     live_server,
+    make_api,
     running_process,
     upload_ct,
     wait_for,
 )
-from conftest import make_api
 from PIL import Image
 from sqlalchemy import select
 
