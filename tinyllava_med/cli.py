@@ -264,7 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tinyllava_med.server.app import create_app
 
     settings = _server_settings(args)
-    app = create_app(settings)
+    app = create_app(settings, own_process=True)
     base = f"http://{settings.host}:{settings.port}"
     print(
         f"serving on {base} (model: {settings.model}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -253,13 +254,14 @@ def test_readyz_is_503_until_a_model_loads(tmp_path, sqlite_url):
 
 
 @contextmanager
-def _serve_until_loaded(settings):
+def _serve_until_loaded(settings, own_process=False):
     """A started server once its model has loaded (or failed to)."""
     from fastapi.testclient import TestClient
 
     from tinyllava_med.server.app import create_app
 
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    app = create_app(settings, own_process=own_process)
+    with TestClient(app, raise_server_exceptions=False) as client:
         state = client.app.state
         wait_for(lambda: state.engine.ready or state.load_error, what="the model to load")
         yield client
@@ -295,6 +297,32 @@ def test_warm_up_before_serving_on_request_or_on_a_gpu(
         assert client.get("/readyz").status_code == 200
         batches = "tinyllava_med_batch_size_count 1.0" in client.get("/metrics").text
         assert batches == (warmup == "auto")  # here no warm-up: /readyz probed once
+
+
+@pytest.mark.parametrize("own_process", [True, False])
+def test_a_serving_process_settles_its_heap_once_the_model_is_loaded(
+    tmp_path, sqlite_url, tiny_model_dir, own_process
+):
+    """`serve` (`own_process`) freezes what the loaded model and libraries allocated and
+    collects young objects less often; an app embedded in another process leaves its collector
+    alone."""
+    from tinyllava_med.server.app import GC_YOUNG_THRESHOLD
+    from tinyllava_med.server.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "d", database_url=sqlite_url, model=str(tiny_model_dir))
+    threshold = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    try:
+        with _serve_until_loaded(settings, own_process=own_process) as client:
+            assert client.app.state.load_error is None
+            if own_process:
+                assert gc.get_freeze_count() > frozen
+                assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *threshold[1:])
+            else:
+                assert (gc.get_freeze_count(), gc.get_threshold()) == (frozen, threshold)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 def test_a_failed_warm_up_leaves_the_server_not_ready_saying_why(

@@ -174,8 +174,9 @@ class _TooLarge(Exception):
     pass
 
 
-def _load_model(app: FastAPI, settings: Settings) -> None:
-    """Background: build the demo if needed, load the model, start the engine."""
+def _load_model(app: FastAPI, settings: Settings, own_process: bool) -> None:
+    """Background: build the demo if needed, load the model, start the engine (and, in a
+    process of its own, settle the heap)."""
     from tinyllava_med.model.load import load_model
 
     try:
@@ -190,8 +191,9 @@ def _load_model(app: FastAPI, settings: Settings) -> None:
             dtype=settings.dtype,
             data_dir=settings.data_dir,
         )
+        if own_process:  # before the engine starts: the full collection takes a moment
+            settle_heap()
         _start_engine(app, lm, settings)
-        settle_heap()
     except Exception as e:  # /readyz reports it; the reason goes to the log
         app.state.load_error = f"{type(e).__name__}: {e}"
         log.exception("could not load the model %s", settings.model)
@@ -205,9 +207,9 @@ GC_YOUNG_THRESHOLD = 20_000
 
 
 def settle_heap() -> None:
-    """Once the model is loaded (in a serving process, not in an embedding one): move what
-    exists now (about 700k objects, the model's modules, the libraries) out of the collector's
-    sight, where a full collection took 355 ms, and collect young objects less often."""
+    """Once the model is loaded, in a process that only serves: move what exists now (about
+    700k objects: the model's modules, the libraries) out of the collector's sight, where a
+    full collection took 355 ms, and collect young objects less often."""
     gc.collect()
     gc.freeze()
     _, mid, old = gc.get_threshold()
@@ -256,8 +258,15 @@ def _connect_remote(app: FastAPI, stop: threading.Event) -> None:
     log.info("remote engine ready: %s", remote.info)
 
 
-def create_app(settings: Settings | None = None, *, model: LoadedModel | None = None) -> FastAPI:
-    """The server. `model` (tests, embedding) skips loading `settings.model` from disk."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    model: LoadedModel | None = None,
+    own_process: bool = False,
+) -> FastAPI:
+    """The server. `model` (tests, embedding) skips loading `settings.model` from disk.
+    `own_process`: serving is this process's whole job (`serve`), so once the model is loaded
+    it may tune the garbage collector for it (`settle_heap`)."""
     settings = settings or Settings()
     # pydicom's validation messages can quote element values (names, IDs): keep them out.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -308,7 +317,10 @@ def create_app(settings: Settings | None = None, *, model: LoadedModel | None = 
                 _start_engine(app, model, settings)
             else:
                 threading.Thread(
-                    target=_load_model, args=(app, settings), name="model-loader", daemon=True
+                    target=_load_model,
+                    args=(app, settings, own_process),
+                    name="model-loader",
+                    daemon=True,
                 ).start()
         # read at every scrape, so the alert on it works without anyone polling /readyz
         app.state.metrics.model_ready.set_function(
