@@ -362,7 +362,7 @@ def report_counts(session: Session, study_ids: Sequence[str]) -> dict[str, int]:
         .where(Report.study_id.in_(list(study_ids)))
         .group_by(Report.study_id)
     )
-    counts = {str(sid): int(n) for sid, n in session.execute(stmt).tuples()}
+    counts = {str(sid): int(n) for sid, n in session.execute(stmt)}
     return {sid: counts.get(sid, 0) for sid in study_ids}
 
 
