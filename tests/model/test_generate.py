@@ -1,5 +1,7 @@
 """Generation on the real tiny model: greedy, batched with left padding, streaming, cancelling."""
 
+import gc
+
 import pytest
 import torch
 from PIL import Image
@@ -43,6 +45,29 @@ def test_prepared_pixel_values_answer_as_the_images_do(tiny_lm):
         assert [(a.text, a.prompt_tokens, a.new_tokens) for a in got] == [
             (a.text, a.prompt_tokens, a.new_tokens) for a in plain
         ]
+
+
+def test_a_batch_leaves_no_tensor_to_the_cyclic_garbage_collector(tiny_lm):
+    """Reference counting frees everything a batch allocated, streamed or cancelled alike: a
+    serving process collects young objects rarely (`settle_heap`), which must not keep a
+    batch's tensors (on a GPU, its KV cache) alive until the next collection."""
+    qs = ["Is there a fracture?", "What is the modality of this image, please?"]
+    generate(tiny_lm, _images(), qs, SamplingParams(max_new_tokens=4))  # first-call caches
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        generate(tiny_lm, _images(), qs, SamplingParams(max_new_tokens=4))
+        list(stream(tiny_lm, _images()[0], qs[0], SamplingParams(max_new_tokens=4)))
+        with pytest.raises(GenerationCancelled):
+            generate(
+                tiny_lm, _images(), qs, SamplingParams(max_new_tokens=4), should_stop=lambda: True
+            )
+        gc.collect()
+        cyclic = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert cyclic == []
 
 
 def test_greedy_is_deterministic_and_limits_per_row(tiny_lm):

@@ -202,7 +202,8 @@ def _load_model(app: FastAPI, settings: Settings, own_process: bool) -> None:
 # Objects allocated (less those freed) between young collections. Python's default, 700, runs
 # several collections per question, each walking what the request has in flight; at 16 clients
 # 20000 gave the batched demo server 8% more requests/s in alternating runs (bench/results/
-# serve_load.md). Cyclic garbage waits a little longer for its collection: a few MB at most.
+# serve_load.md). Cyclic garbage waits a little longer for its collection: a few MB at most, as a
+# batch leaves no tensor to the collector (tests/model/test_generate.py checks).
 GC_YOUNG_THRESHOLD = 20_000
 
 
