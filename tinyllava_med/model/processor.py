@@ -209,7 +209,7 @@ def _square_target(ip: object, size: tuple[int, int]) -> int | None:
     (pad to square,) resize, rescale and normalise, with nothing this module does not reproduce
     exactly; else None. A shortest-edge resize plus a centre crop of the same side qualifies
     once the image is square (padded, or square already): the crop then takes all of it."""
-    if not isinstance(ip, LlavaImageProcessorPil) or type(ip) is not LlavaImageProcessorPil:
+    if type(ip) is not LlavaImageProcessorPil:  # a subclass may add steps
         return None
     if not (ip.do_resize and ip.do_rescale and ip.do_normalize):
         return None
