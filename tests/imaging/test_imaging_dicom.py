@@ -258,6 +258,8 @@ def test_limits_are_per_call(ct_small_bytes: bytes):
     assert _code(ct_small_bytes, limits=ImageLimits(max_pixels=128 * 127)) == "too_large"
     assert _code(ct_small_bytes, limits=ImageLimits(max_bytes_decoded=1000)) == "too_large"
     assert load_study_file(ct_small_bytes, limits=ImageLimits(max_pixels=128 * 128)).frame == 0
+    assert _code(ct_small_bytes, limits=ImageLimits(max_side=127)) == "too_large"
+    assert load_study_file(ct_small_bytes, limits=ImageLimits(max_side=128)).frame == 0
 
 
 def test_deflated_file_loads_and_a_deflate_bomb_is_refused(ct_small: Dataset, dicom_bytes):

@@ -117,6 +117,16 @@ def test_pixel_limit_is_per_call():
     assert load_study_file(data, limits=ImageLimits(max_pixels=48 * 64)).image.size == (64, 48)
 
 
+def test_a_strip_longer_than_max_side_is_refused_however_few_its_pixels():
+    """A 9000 x 2 PNG has 18000 pixels, but the model would pad it to a 9000 x 9000 square."""
+    data = _encode(Image.new("L", (9000, 2), 100), "PNG")
+    assert _code(data) == "too_large"
+    with pytest.raises(ImagingError, match="at most 8192 pixels on the longer side"):
+        load_study_file(data)
+    assert load_study_file(data, limits=ImageLimits(max_side=9000)).image.size == (9000, 2)
+    assert _code(_encode(Image.new("L", (2, 9000), 100), "PNG")) == "too_large"  # tall too
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated_raster_is_truncated(fmt: str):
     data = _encode(Image.fromarray(COLOUR), fmt)

@@ -167,6 +167,28 @@ def test_png_decompression_bomb_is_413(sqlite_api):
     assert_error(r, 413)
 
 
+def test_an_image_too_long_for_the_model_is_413_at_upload_and_when_asked_about(
+    tmp_path, sqlite_url, tiny_lm
+):
+    """A 9000 x 2 strip passes the pixel limit, but padded to a square it would need 81M pixels
+    (a 1 x 5,000,000 one ran out of memory: a 500). The upload is refused with 413; an image
+    stored under a larger `max_side` is kept, and a question about it is refused the same way."""
+    strip = io.BytesIO()
+    Image.new("L", (9000, 2), 100).save(strip, format="PNG")
+    data = ("strip.png", strip.getvalue(), "image/png")
+    for api in make_api(tmp_path / "a", sqlite_url, tiny_lm):
+        r = upload(api, data)
+        assert_error(r, 413, "too_large")
+        assert "8192 pixels on the longer side" in r.json()["error"]["message"]
+        assert api.get("/v1/studies", headers=api.h("pacs")).json()["count"] == 0
+    for api in make_api(tmp_path / "b", sqlite_url.replace(".db", "b.db"), tiny_lm, max_side=9000):
+        study = upload(api, data).json()
+        api.app.state.settings.max_side = 8192  # as if restarted with the default
+        url = f"/v1/studies/{study['id']}/questions"
+        assert_error(api.post(url, headers=api.h(), json={"question": "q?"}), 413, "too_large")
+        assert api.get(f"/v1/studies/{study['id']}", headers=api.h()).status_code == 200
+
+
 def test_request_validation(sqlite_api):
     api = sqlite_api
     study = upload_ct(api)

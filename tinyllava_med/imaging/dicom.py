@@ -35,7 +35,7 @@ from pydicom.uid import (
 from tinyllava_med.imaging.codestream import declared_size
 from tinyllava_med.imaging.dicom_pixels import gray_image, rgb_image
 from tinyllava_med.imaging.errors import ImagingError
-from tinyllava_med.imaging.limits import DEFAULT_LIMITS, ImageLimits
+from tinyllava_med.imaging.limits import DEFAULT_LIMITS, ImageLimits, check_side
 from tinyllava_med.imaging.metadata import safe_metadata
 from tinyllava_med.imaging.study import StudyFile
 from tinyllava_med.imaging.window import check_window_name
@@ -234,6 +234,7 @@ def _check_pixel_header(ds: Dataset, data: bytes, limits: ImageLimits) -> _Pixel
             f"expected at most {limits.max_pixels} pixels per frame; the header declares "
             f"{rows} x {cols} = {rows * cols}",
         )
+    check_side(cols, rows, limits)
     if frames > limits.max_frames:
         raise ImagingError(
             "too_large",

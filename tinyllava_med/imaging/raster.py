@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tinyllava_med.imaging.errors import ImagingError
-from tinyllava_med.imaging.limits import DEFAULT_LIMITS, ImageLimits
+from tinyllava_med.imaging.limits import DEFAULT_LIMITS, ImageLimits, check_side
 from tinyllava_med.imaging.metadata import SafeMetadata
 from tinyllava_med.imaging.study import Kind, StudyFile
 from tinyllava_med.imaging.window import check_window_name, minmax_unit
@@ -45,6 +45,7 @@ def load_raster(
                     f"expected at most {limits.max_pixels} pixels; the {fmt} header declares "
                     f"{width} x {height} = {width * height}",
                 )
+            check_side(width, height, limits)
             im.load()
             image = _to_model_mode(ImageOps.exif_transpose(im) if kind == "jpeg" else im)
     except ImagingError:

@@ -41,7 +41,9 @@ _IMAGING_STATUS = {
 
 
 def limits_of(settings: Settings) -> ImageLimits:
-    return ImageLimits(max_pixels=settings.max_pixels, max_frames=settings.max_frames)
+    return ImageLimits(
+        max_pixels=settings.max_pixels, max_side=settings.max_side, max_frames=settings.max_frames
+    )
 
 
 def imaging_error(e: ImagingError, filename: str | None = None) -> APIError:

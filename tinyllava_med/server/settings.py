@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=64 * MiB, gt=0, description="per request body")
     max_files_per_upload: int = Field(default=64, gt=0)
     max_pixels: int = Field(default=8192 * 8192, gt=0, description="rows x columns of one frame")
+    max_side: int = Field(
+        default=8192,
+        gt=0,
+        description="the longer of rows and columns (the model pads images to a square on it)",
+    )
     max_frames: int = Field(default=1024, gt=0, description="frames in one multi-frame DICOM")
     max_question_chars: int = Field(default=2000, gt=0)
     max_new_tokens: int = Field(default=512, gt=0, description="the most a request may ask for")
