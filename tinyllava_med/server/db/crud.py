@@ -146,10 +146,21 @@ def create_study(
     return study
 
 
+# Statements that every study read runs, built once: building one per call (and its cache key,
+# which SQLAlchemy memoises on the statement object) was a third of the ORM's time in GET study.
+_STUDY_BY_ID = (
+    select(Study).where(Study.id == bindparam("study_id")).options(selectinload(Study.images))
+)
+_REPORT_COUNTS = (
+    select(Report.study_id, func.count())
+    .where(Report.study_id.in_(bindparam("study_ids", expanding=True)))
+    .group_by(Report.study_id)
+)
+
+
 def get_study(session: Session, study_id: str) -> Study | None:
     """The study with its images loaded (they stay readable after the session closes)."""
-    stmt = select(Study).where(Study.id == study_id).options(selectinload(Study.images))
-    return session.scalars(stmt).one_or_none()
+    return session.scalars(_STUDY_BY_ID, {"study_id": study_id}).one_or_none()
 
 
 def _studies_filter(stmt: Select[Any], modality: str | None) -> Select[Any]:
@@ -357,12 +368,8 @@ def count_reports(
 def report_counts(session: Session, study_ids: Sequence[str]) -> dict[str, int]:
     """How many reports each study has (0 for none), in one grouped COUNT: a study's report
     list can run to hundreds of rows, none of which a count needs to load."""
-    stmt = (
-        select(Report.study_id, func.count())
-        .where(Report.study_id.in_(list(study_ids)))
-        .group_by(Report.study_id)
-    )
-    counts = {str(sid): int(n) for sid, n in session.execute(stmt)}
+    rows = session.execute(_REPORT_COUNTS, {"study_ids": list(study_ids)})
+    counts = {str(sid): int(n) for sid, n in rows}
     return {sid: counts.get(sid, 0) for sid in study_ids}
 
 
