@@ -40,7 +40,7 @@ from tinyllava_med.model.generate import SamplingParams
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
 from tinyllava_med.server.dicom_sr import report_sr
-from tinyllava_med.server.serving import render, save_report
+from tinyllava_med.server.serving import render, save_report, stored_image_key
 from tinyllava_med.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class JobRunner:
         question = str(job.payload["question"])
         start = time.perf_counter()
         params = SamplingParams(max_new_tokens=settings.default_max_new_tokens)
-        req = engine.submit(pil, question, params, image_key=(sha256, None))
+        req = engine.submit(pil, question, params, image_key=stored_image_key(sha256))
         answer = req.future.result(settings.request_timeout_s)
         latency_ms = (time.perf_counter() - start) * 1000
         with self.sessions.begin() as s:

@@ -60,6 +60,13 @@ class Upload:
     data: bytes
 
 
+def stored_image_key(sha256: str, frame: int | None = None) -> tuple[str, int | None]:
+    """What the engine's pixel and prefix caches call a stored image's frame: its file's hash
+    and the frame. Questions, jobs and `prepare` must name it alike for one to reuse another's
+    work."""
+    return (sha256, frame)
+
+
 def unstored_image_key(data: bytes) -> tuple[str, str]:
     """What the engine's pixel and prefix caches call an image sent but not stored (chat, the
     Gradio demo): its hash. Clients send such an image again with every question about it, so

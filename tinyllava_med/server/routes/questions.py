@@ -43,6 +43,7 @@ from tinyllava_med.server.serving import (
     render,
     render_async,
     report_public,
+    stored_image_key,
     study_public,
 )
 from tinyllava_med.server.settings import Settings
@@ -241,7 +242,7 @@ async def ask_about_study(
         assert found is not None
         image_id, sha256, status = found
         pil = await render_async(store, sha256, settings, frame=body.frame)
-        image_key = (sha256, body.frame)
+        image_key = stored_image_key(sha256, body.frame)
         info = engine.lm.info if engine.lm is not None else {}
         question, start = body.question, time.perf_counter()
 
@@ -323,7 +324,7 @@ def prepare_for_questions(
     image = image_of(study, index)
     status: Literal["queued", "not_needed"] = "not_needed"
     if engine.prefills:
-        key = (image.sha256, frame)  # as `ask_about_study` names it
+        key = stored_image_key(image.sha256, frame)
         try:
             engine.prefill(render(store, image.sha256, settings, frame=frame), key)
         except EngineNotReady as e:  # shutting down since `check_ready`
@@ -376,7 +377,7 @@ async def ask_one_shot(
         question,
         params,
         arrival=getattr(request.state, "arrival", None),
-        image_key=(sha256, None),
+        image_key=stored_image_key(sha256),
     )
     report = await _store_answer(
         request,
