@@ -87,7 +87,7 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0002"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0003"
     assert migrate.check_models_match_migrations(database_url) == []
 
 
@@ -118,6 +118,47 @@ def test_0002_keeps_existing_reports(database_url: str) -> None:
         migrate.downgrade(database_url, "0001")
         with engine.connect() as conn:
             assert conn.execute(text("SELECT answer FROM reports")).scalar_one() == "a"
+    finally:
+        engine.dispose()
+
+
+def test_0003_allows_amended_reports_and_downgrades_them_to_final(database_url: str) -> None:
+    """0003 lets a signed report be amended (a status the constraints refused) and keeps what
+    each edit replaced; downgrading makes amended reports final again, text and history kept."""
+    migrate.upgrade(database_url, "0002")
+    engine = make_engine(database_url)
+    report = (
+        "INSERT INTO reports (id, study_id, question, answer, text, status, model, quantization, "
+        "server_version, created_at, updated_at) VALUES (:id, 's', 'q', 'a', 'b', :status, 'm', "
+        "'none', '0.1.0', :t, :t)"
+    )
+    edit = (
+        "INSERT INTO report_edits (report_id, previous_text, new_text, previous_status, "
+        "new_status, edited_by, edited_at) VALUES ('r', 'a', 'b', 'final', :status, 'k', :t)"
+    )
+    t = {"t": "2026-01-01 00:00:00"}
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'signed')"), t
+            )
+            conn.execute(text(report), {"id": "r", "status": "final", **t})
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text(report), {"id": "r2", "status": "amended", **t})
+        migrate.upgrade(database_url, "0003")
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE reports SET status = 'amended' WHERE id = 'r'"))
+            conn.execute(text(edit), {"status": "amended", **t})
+            conn.execute(text("UPDATE report_edits SET reason = 'typo'"))
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text(report), {"id": "r3", "status": "signed", **t})
+        migrate.downgrade(database_url, "0002")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT status, text FROM reports")).one() == ("final", "b")
+            row = conn.execute(text("SELECT previous_status, new_status FROM report_edits")).one()
+            assert tuple(row) == ("final", "final")
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text(report), {"id": "r4", "status": "amended", **t})
     finally:
         engine.dispose()
 
@@ -450,6 +491,72 @@ def test_report_edit_history_and_signing(db_engine: Engine) -> None:
         assert [r.id for r in crud.list_reports(s, status="final")] == [report_id]
         assert crud.list_reports(s, status="draft") == []
         assert crud.count_reports(s, study_id=reloaded.study_id) == 1
+
+
+def test_a_signed_report_changes_only_by_an_amendment_with_a_reason(db_engine: Engine) -> None:
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        report = _report(s)
+        report_id = report.id
+        with pytest.raises(crud.InvalidReportUpdate, match="only a signed report"):
+            crud.update_report(s, report, text="x", status="amended", reason="r", actor="rad-1")
+        with pytest.raises(crud.InvalidReportUpdate, match="reason is given only"):
+            crud.update_report(s, report, status="final", reason="why", actor="rad-1")
+        crud.update_report(s, report, text="No fracture.", status="final", actor="rad-1")
+        signed_version = report.updated_at
+    with Session_.begin() as s:
+        report = crud.get_report(s, report_id)
+        assert report is not None
+        with pytest.raises(crud.InvalidReportUpdate, match="needs a reason"):
+            crud.update_report(s, report, text="Fracture.", status="amended", actor="rad-2")
+        with pytest.raises(crud.InvalidReportUpdate, match="needs a reason"):
+            crud.update_report(s, report, text="F.", status="amended", reason=" ", actor="rad-2")
+        with pytest.raises(crud.InvalidReportUpdate, match="must change"):
+            crud.update_report(s, report, status="amended", reason="typo", actor="rad-2")
+        with pytest.raises(crud.ReportFinalized, match="only amended"):
+            crud.update_report(s, report, text="Fracture.", actor="rad-2")
+        crud.update_report(
+            s,
+            report,
+            text="Hairline fracture of the left 5th rib.",
+            status="amended",
+            reason=" missed on first read ",
+            actor="rad-2",
+        )
+        amended_version = report.updated_at
+        crud.update_report(
+            s,
+            report,
+            text="Hairline fracture, left 6th rib.",
+            status="amended",
+            reason="level",
+            actor="rad-3",
+        )
+    with Session_() as s:
+        report = crud.get_report(s, report_id)
+        assert report is not None
+        assert (report.status, report.text, report.signed_by) == (
+            "amended",
+            "Hairline fracture, left 6th rib.",
+            "rad-3",
+        )
+        assert report.signed_at == report.updated_at and report.study.status == "signed"
+        history = [
+            (e.previous_status, e.new_status, e.previous_text, e.edited_by, e.reason)
+            for e in report.edits
+        ]
+        assert history == [
+            ("draft", "final", "No fracture.", "rad-1", None),
+            ("final", "amended", "No fracture.", "rad-2", "missed on first read"),
+            ("amended", "amended", "Hairline fracture of the left 5th rib.", "rad-3", "level"),
+        ]
+        # each edit names the version it replaced: the signed one, then the first amendment
+        assert [e.previous_updated_at for e in report.edits[1:]] == [
+            signed_version,
+            amended_version,
+        ]
+        assert [r.id for r in crud.list_reports(s, status="amended")] == [report_id]
+        assert crud.list_reports(s, status="final") == []
 
 
 def test_report_image_must_belong_to_the_study(db_session: Session) -> None:

@@ -164,3 +164,23 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
                 "radiologist key"
             )
             assert len(sr_instances(orthanc, study)) == 2  # draft and signed versions
+
+            # an error found after signing: the amended SR follows, naming the signed one
+            r = httpx.patch(
+                f"{base}/v1/reports/{report_id}",
+                json={"text": "Rib fracture.", "status": "amended", "reason": "missed"},
+                headers=h,
+            )
+            assert r.status_code == 200, r.text
+
+            def amended_sr():
+                srs = [s for s in sr_instances(orthanc, study) if finding(s) == "Rib fracture."]
+                return srs[0] if srs else None
+
+            amended = wait_for(amended_sr, timeout_s=60, what="the amended SR in Orthanc")
+            assert amended.VerificationFlag == "VERIFIED"
+            predecessor = amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+            assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+                signed.SOPInstanceUID
+            )
+            assert len(sr_instances(orthanc, study)) == 3

@@ -11,6 +11,9 @@ import pydicom
 from api_helpers import CT_SMALL, assert_error, png_bytes, upload, upload_ct
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom.uid import ComprehensiveSRStorage
+from sqlalchemy import select
+
+from tinyllava_med.server.db.models import AuditEvent
 
 
 def ask(api, study_id, question="What is the modality?"):
@@ -125,6 +128,87 @@ def test_fhir_diagnostic_report(api):
     )
     assert dr.status == "final"
     assert dr.resultsInterpreter[0].display == "test radiologist"
+
+
+def comments(item) -> list[str]:
+    """The TEXT content items named Comment, in document order."""
+    out = []
+    for child in getattr(item, "ContentSequence", []):
+        if child.ValueType == "TEXT" and child.ConceptNameCodeSequence[0].CodeMeaning == "Comment":
+            out.append(child.TextValue)
+        out.extend(comments(child))
+    return out
+
+
+def test_a_signed_report_is_amended_with_a_reason_and_its_exports_say_so(api):
+    """A radiologist corrects a signed report: the new text is signed again by them, the history
+    keeps the signed text and why it changed, the SR is a new verified instance naming the signed
+    one as its predecessor, and FHIR calls the report amended."""
+    report = ask(api, upload_ct(api)["id"])
+    rid, path = report["id"], f"/v1/reports/{report['id']}"
+    signed = api.patch(path, headers=api.h(), json={"text": "No fracture.", "status": "final"})
+    assert signed.status_code == 200, signed.text
+    first_sr = sr_of(api, rid)
+
+    amend = {"text": "Hairline fracture of the 5th rib.", "status": "amended", "reason": "missed"}
+    assert_error(api.patch(path, headers=api.h("pacs"), json=amend), 403, "forbidden")
+    assert_error(api.patch(path, headers=api.h(), json={"text": "x"}), 409, "report_final")
+    no_reason = {"text": amend["text"], "status": "amended"}
+    assert_error(api.patch(path, headers=api.h(), json=no_reason), 422, "invalid_report_update")
+    r = api.patch(path, headers=api.h("admin"), json=amend)
+    assert r.status_code == 200, r.text
+    amended = r.json()
+    assert (amended["status"], amended["text"], amended["answer"]) == (
+        "amended",
+        amend["text"],
+        report["answer"],
+    )
+    assert amended["signed_by"] != signed.json()["signed_by"]  # whoever amended signs it
+    assert amended["signed_at"] > signed.json()["signed_at"]
+    listed = api.get("/v1/reports", params={"status": "amended"}, headers=api.h("pacs")).json()
+    assert [x["id"] for x in listed["data"]] == [rid]
+
+    history = api.get(f"{path}/history", headers=api.h("pacs"))
+    assert history.status_code == 200, history.text
+    steps = [
+        (e["previous_status"], e["new_status"], e["previous_text"], e["new_text"], e["reason"])
+        for e in history.json()["data"]
+    ]
+    assert steps == [
+        ("draft", "final", report["answer"], "No fracture.", None),
+        ("final", "amended", "No fracture.", amend["text"], "missed"),
+    ]
+    assert_error(api.get("/v1/reports/nope/history", headers=api.h()), 404, "report_not_found")
+
+    sr = sr_of(api, rid)
+    assert sr.SOPInstanceUID != first_sr.SOPInstanceUID
+    assert sr.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "VERIFIED")
+    assert sr.VerifyingObserverSequence[0].VerifyingObserverName.family_name == "first admin"
+    assert texts(sr)["Finding"] == amend["text"]
+    assert "Amended after signing: missed" in comments(sr)
+    predecessor = sr.PredecessorDocumentsSequence[0]
+    assert predecessor.StudyInstanceUID == first_sr.StudyInstanceUID
+    series = predecessor.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == first_sr.SeriesInstanceUID
+    ref = series.ReferencedSOPSequence[0]
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
+        ComprehensiveSRStorage,
+        first_sr.SOPInstanceUID,
+    )
+    assert "PredecessorDocumentsSequence" not in first_sr
+    hd.sr.ComprehensiveSR.from_dataset(sr)  # still a document highdicom reads back
+
+    dr = DiagnosticReport.model_validate_json(api.get(f"{path}/fhir", headers=api.h()).text)
+    assert dr.status == "amended" and dr.conclusion == amend["text"]
+    assert dr.resultsInterpreter[0].display == "first admin"
+    finding = {c.id: c for c in dr.contained}["finding"]
+    assert finding.status == "amended"
+    assert "Amended: missed" in [n.text for n in finding.note]
+
+    with api.app.state.session_factory() as s:
+        actions = [e.action for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+    assert "report.amend" in actions and "report.history" in actions
 
 
 def test_png_report_has_fhir_but_no_sr(sqlite_api):

@@ -11,7 +11,10 @@ the SR under the same patient and study); a PNG/JPEG study has no DICOM source a
 
 A draft is PARTIAL / PRELIMINARY / UNVERIFIED; a signed report is COMPLETE / FINAL / VERIFIED
 with the signer as verifying observer. UIDs derive from the report id and its last change, so
-the same report state always gives the same SR instance and every edit gives a new one.
+the same report state always gives the same SR instance and every edit gives a new one. An
+amended report (corrected after signing) is signed by whoever amended it, says why in a comment,
+and names the SR instance of the version it replaced in its Predecessor Documents Sequence, so
+the PACS can tell the correction from the original.
 """
 
 from __future__ import annotations
@@ -19,17 +22,18 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 import highdicom as hd
 import pydicom
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import ComprehensiveSRStorage, generate_uid
 from pydicom.valuerep import DA, TM
 from sqlalchemy.orm import Session
 
 from tinyllava_med import __version__
-from tinyllava_med.server.db.models import ApiKey, Report
+from tinyllava_med.server.db.models import SIGNED_STATUSES, ApiKey, Report
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.storage import ImageStore
 
@@ -60,6 +64,33 @@ def _person_name(name: str) -> str:
     return (cleaned[:63] or "Unknown") + "^"  # one component: the trailing '^' says so
 
 
+def _series_uid(report: Report) -> str:
+    return str(generate_uid(entropy_srcs=["tinyllava-med sr series", report.id]))
+
+
+def _instance_uid(report: Report, version: datetime) -> str:
+    """The SR instance of `report` as it was at `version` (its `updated_at` then)."""
+    return str(generate_uid(entropy_srcs=["tinyllava-med sr", report.id, version.isoformat()]))
+
+
+def _predecessor(report: Report, study_uid: str) -> pydicom.Dataset | None:
+    """The Predecessor Documents Sequence item naming the SR of the signed version an amended
+    report replaced (None for other reports, and for amendments recorded before 0003)."""
+    amendment = report.amendment
+    if amendment is None or amendment.previous_updated_at is None:
+        return None
+    sop = pydicom.Dataset()
+    sop.ReferencedSOPClassUID = ComprehensiveSRStorage
+    sop.ReferencedSOPInstanceUID = _instance_uid(report, amendment.previous_updated_at)
+    series = pydicom.Dataset()
+    series.SeriesInstanceUID = _series_uid(report)
+    series.ReferencedSOPSequence = Sequence([sop])
+    item = pydicom.Dataset()
+    item.StudyInstanceUID = study_uid
+    item.ReferencedSeriesSequence = Sequence([series])
+    return item
+
+
 def build_sr(
     report: Report,
     source: pydicom.Dataset,
@@ -68,7 +99,6 @@ def build_sr(
     institution: str | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The SR of `report`, whose image is the DICOM `source` (read without pixels is enough)."""
-    version = report.updated_at.isoformat()
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=["tinyllava-med device", report.model]),
         name=report.model[:64],
@@ -113,15 +143,23 @@ def build_sr(
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
+    if (amendment := report.amendment) is not None:
+        findings.ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=_text(f"Amended after signing: {amendment.reason}"),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     root.ContentSequence.append(findings)
 
-    signed = report.status == "final" and signer is not None
+    signed = report.status in SIGNED_STATUSES and signer is not None
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         content=root,
-        series_instance_uid=generate_uid(entropy_srcs=["tinyllava-med sr series", report.id]),
+        series_instance_uid=_series_uid(report),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=generate_uid(entropy_srcs=["tinyllava-med sr", report.id, version]),
+        sop_instance_uid=_instance_uid(report, report.updated_at),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=signed,
@@ -136,6 +174,8 @@ def build_sr(
     sr.SoftwareVersions = __version__
     sr.ContentDate = DA(report.updated_at.date())
     sr.ContentTime = TM(report.updated_at.time().replace(microsecond=0))
+    if (predecessor := _predecessor(report, sr.StudyInstanceUID)) is not None:
+        sr.PredecessorDocumentsSequence = [predecessor]
     return sr
 
 

@@ -1,6 +1,7 @@
 """A report as a FHIR R4B `DiagnosticReport` (built and validated with `fhir.resources`).
 
-- status `preliminary` for a draft, `final` once signed; category RAD; code LOINC 18748-4;
+- status `preliminary` for a draft, `final` once signed, `amended` once corrected after signing
+  (the reason is a note on the finding); category RAD; code LOINC 18748-4;
 - `imagingStudy` references the study by its DICOM Study Instance UID (`urn:oid:...`);
 - the text is the `conclusion`, a `presentedForm` (text/plain) and the narrative;
 - the model is a contained `Device` (name, variant, quantization and version as `version`s).
@@ -23,7 +24,10 @@ from typing import Any
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
 from tinyllava_med import __version__
-from tinyllava_med.server.db.models import Report
+from tinyllava_med.server.db.models import SIGNED_STATUSES, Report
+
+# a draft is preliminary; a signed report final, and amended once corrected after signing
+FHIR_STATUS = {"draft": "preliminary", "final": "final", "amended": "amended"}
 
 LOINC = "http://loinc.org"
 MEDIA_TYPE = "application/fhir+json"
@@ -39,7 +43,7 @@ def _study_reference(study_uid: str) -> dict[str, Any]:
 def build_diagnostic_report(
     report: Report, *, signer_name: str | None = None, institution: str | None = None
 ) -> DiagnosticReport:
-    status = "final" if report.status == "final" else "preliminary"
+    status = FHIR_STATUS[report.status]
     study_uid = report.study.StudyInstanceUID
     studies = [_study_reference(study_uid)] if study_uid else []
     device = {
@@ -77,6 +81,8 @@ def build_diagnostic_report(
         observation["derivedFrom"] = studies
     if report.text != report.answer:
         observation["note"].append({"text": f"Unedited model answer: {report.answer}"})
+    if (amendment := report.amendment) is not None:
+        observation["note"].append({"text": f"Amended: {amendment.reason}"})
     narrative = (
         f"<p><b>Question:</b> {html.escape(report.question)}</p>"
         f"<p><b>Report ({status}):</b> {html.escape(report.text)}</p>"
@@ -123,6 +129,6 @@ def build_diagnostic_report(
         resource["effectiveDateTime"] = report.study.StudyDate.isoformat()
     if institution:
         resource["performer"] = [{"type": "Organization", "display": institution}]
-    if status == "final" and signer_name:
+    if report.status in SIGNED_STATUSES and signer_name:
         resource["resultsInterpreter"] = [{"type": "Practitioner", "display": signer_name}]
     return DiagnosticReport.model_validate(resource)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ReportStatus = Literal["draft", "final"]
+ReportStatus = Literal["draft", "final", "amended"]
 
 
 class ImagePublic(BaseModel):
@@ -92,9 +92,33 @@ class ReportList(BaseModel):
 
 
 class ReportUpdate(BaseModel):
+    """Edit a draft (`text`), sign it (`status: final`), or amend a signed report (`status:
+    amended` with the corrected `text` and a `reason`)."""
+
     model_config = ConfigDict(extra="forbid")
     text: str | None = None
     status: ReportStatus | None = None
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class ReportEditPublic(BaseModel):
+    """One change to a report: the text and status before and after, who made it, when, and
+    for an amendment why."""
+
+    previous_status: ReportStatus
+    new_status: ReportStatus
+    previous_text: str
+    new_text: str
+    edited_by: str
+    edited_at: datetime
+    reason: str | None = None
+
+
+class ReportHistory(BaseModel):
+    """A report's changes, oldest first (the model's answer is the first `previous_text`)."""
+
+    data: list[ReportEditPublic]
+    count: int
 
 
 class AskResponse(BaseModel):

@@ -6,7 +6,8 @@ Functions `flush` (so ids and defaults are set) but never commit: the caller own
 transaction, so an action and its audit event are stored together or not at all.
 
 Report rules: `answer` (the model's output) never changes; `text` starts as a copy of it and is
-edited; every change is kept as a `ReportEdit`; a `final` (signed) report is frozen.
+edited; every change is kept as a `ReportEdit`; a signed report (`final`) changes only by an
+amendment (new text and a reason, signed again: `amended`).
 API keys live in `tinyllava_med.server.auth` (creation, hashing, verification, roles).
 """
 
@@ -25,6 +26,7 @@ from tinyllava_med.server.db.models import (
     IMAGE_KINDS,
     OUTCOMES,
     REPORT_STATUSES,
+    SIGNED_STATUSES,
     AuditEvent,
     Base,
     Image,
@@ -380,24 +382,31 @@ def update_report(
     text: str | None = None,
     status: ReportStatus | None = None,
     actor: str,
+    reason: str | None = None,
 ) -> Report:
-    """Edit a draft's text and/or sign it (`status="final"`), recording a `ReportEdit`.
+    """Edit a draft's text and/or sign it (`status="final"`), or amend a signed report (`status=
+    "amended"` with its new text and a `reason`: it is signed again, by `actor`), recording a
+    `ReportEdit` that keeps the replaced version.
 
-    Raises `ReportFinalized` if the report is already final (it cannot be edited or returned
-    to draft) and `InvalidReportUpdate` for an unknown status or signing an empty text.
+    Raises `ReportFinalized` for any other change to a signed report (it cannot be edited or
+    returned to draft), `ReportChanged` when another edit committed since this one read the
+    report, and `InvalidReportUpdate` for an unknown status, signing an empty text, amending a
+    draft, an amendment that changes nothing or gives no reason, or a reason without one.
     Permission to edit or sign is checked by the caller (see `auth.require`).
     """
     if status is not None and status not in REPORT_STATUSES:
         raise InvalidReportUpdate(
             f"status must be one of {', '.join(REPORT_STATUSES)}, got {status!r}"
         )
+    if reason is not None and status != "amended":
+        raise InvalidReportUpdate("a reason is given only with status 'amended'")
     # Re-read under a row lock (PostgreSQL), so two concurrent edits cannot both pass the
-    # "not final" check.
+    # checks on the report's status.
     session.refresh(report, with_for_update=True)
-    _refuse_final(report)
+    _check_change(report, text, status, reason)
     new_text = report.text if text is None else text
     new_status = report.status if status is None else status
-    if new_status == "final" and not new_text.strip():
+    if new_status in SIGNED_STATUSES and not new_text.strip():
         raise InvalidReportUpdate("an empty report cannot be signed")
     if new_text == report.text and new_status == report.status:
         return report  # nothing changed, nothing to record
@@ -417,7 +426,8 @@ def update_report(
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         session.refresh(report)
-        _refuse_final(report)
+        if report.status in SIGNED_STATUSES and status != "amended":
+            _check_change(report, text, status, reason)  # signed meanwhile
         raise ReportChanged(
             "the report was edited meanwhile; read it again before editing",
             detail={"report_id": report.id, "updated_at": _iso(report.updated_at)},
@@ -430,12 +440,15 @@ def update_report(
             previous_status=report.status,
             new_status=new_status,
             edited_by=actor,
+            edited_at=now,
+            previous_updated_at=report.updated_at,
+            reason=reason.strip() if reason is not None else None,
         )
     )
     report.text = new_text
     report.updated_at = now
-    if new_status == "final":
-        report.status = "final"
+    if new_status in SIGNED_STATUSES:
+        report.status = new_status
         report.signed_by = actor
         report.signed_at = now
         report.study.status = "signed"
@@ -443,12 +456,27 @@ def update_report(
     return report
 
 
-def _refuse_final(report: Report) -> None:
-    if report.status == "final":
+def _check_change(
+    report: Report, text: str | None, status: ReportStatus | None, reason: str | None
+) -> None:
+    """Refuse what `report`'s status does not allow: a signed report changes only by an
+    amendment (new text and a reason), and only a signed report is amended."""
+    if report.status not in SIGNED_STATUSES:
+        if status == "amended":
+            raise InvalidReportUpdate(
+                "only a signed report is amended; a draft is signed with status 'final'"
+            )
+        return
+    if status != "amended":
         raise ReportFinalized(
-            "the report is signed (final); it can no longer be edited",
+            f"the report is signed ({report.status}); it can no longer be edited, only amended "
+            "(send the corrected text with status 'amended' and a reason)",
             detail={"report_id": report.id, "signed_at": _iso(report.signed_at)},
         )
+    if text is None or text == report.text:
+        raise InvalidReportUpdate("an amendment must change the report's text")
+    if not (reason or "").strip():
+        raise InvalidReportUpdate("an amendment needs a reason (why the signed text was wrong)")
 
 
 def _iso(t: datetime | None) -> str | None:

@@ -40,7 +40,7 @@ from sqlalchemy.types import TypeDecorator
 
 StudyStatus = Literal["received", "reported", "signed"]
 ImageKind = Literal["dicom", "png", "jpeg"]
-ReportStatus = Literal["draft", "final"]
+ReportStatus = Literal["draft", "final", "amended"]
 Role = Literal["pacs", "radiologist", "admin"]
 Outcome = Literal["ok", "denied", "not_found", "invalid", "error"]
 JobStatus = Literal["queued", "running", "done", "failed"]
@@ -48,6 +48,8 @@ JobStatus = Literal["queued", "running", "done", "failed"]
 STUDY_STATUSES: tuple[str, ...] = get_args(StudyStatus)
 IMAGE_KINDS: tuple[str, ...] = get_args(ImageKind)
 REPORT_STATUSES: tuple[str, ...] = get_args(ReportStatus)
+# signed: `final` (signed once) or `amended` (corrected after signing, and signed again)
+SIGNED_STATUSES: tuple[str, ...] = ("final", "amended")
 ROLES: tuple[str, ...] = get_args(Role)
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
 JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
@@ -209,9 +211,19 @@ class Report(Base):
         back_populates="report", order_by="ReportEdit.id", cascade="all, delete-orphan"
     )
 
+    @property
+    def amendment(self) -> ReportEdit | None:
+        """The edit that made this version, when this version amends a signed one."""
+        last = self.edits[-1] if self.edits else None
+        if self.status == "amended" and last is not None and last.new_status == "amended":
+            return last
+        return None
+
 
 class ReportEdit(Base):
-    """One change to a report's text or status, kept forever."""
+    """One change to a report's text or status, kept forever: with the version it replaced
+    (`previous_updated_at`, from which that version's SR instance UID derives) and, for an
+    amendment of a signed report, why."""
 
     __tablename__ = "report_edits"
     __table_args__ = (
@@ -228,6 +240,10 @@ class ReportEdit(Base):
     new_status: Mapped[ReportStatus] = mapped_column(String(8))
     edited_by: Mapped[str] = mapped_column(String(64))
     edited_at: Mapped[datetime] = mapped_column(default=utcnow)
+    previous_updated_at: Mapped[datetime | None] = mapped_column(
+        doc="the replaced version's updated_at (NULL for edits made before 0003)"
+    )
+    reason: Mapped[str | None] = mapped_column(Text, doc="why a signed report was amended")
 
     report: Mapped[Report] = relationship(back_populates="edits")
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import Report
+from tinyllava_med.server.db.models import SIGNED_STATUSES, Report
 from tinyllava_med.server.deps import (
     ReportEditor,
     ReportReader,
@@ -22,7 +22,14 @@ from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.fhir import MEDIA_TYPE as FHIR_MEDIA_TYPE
 from tinyllava_med.server.fhir import build_diagnostic_report
 from tinyllava_med.server.jobs import schedule_push
-from tinyllava_med.server.schemas import ReportList, ReportPublic, ReportUpdate
+from tinyllava_med.server.schemas import (
+    ReportEditPublic,
+    ReportHistory,
+    ReportList,
+    ReportPublic,
+    ReportStatus,
+    ReportUpdate,
+)
 from tinyllava_med.server.serving import load_audited, report_public
 
 router = APIRouter(prefix="/v1/reports", tags=["reports"])
@@ -32,7 +39,7 @@ router = APIRouter(prefix="/v1/reports", tags=["reports"])
 def list_reports(
     session: SessionDep,
     principal: ReportReader,
-    status: Literal["draft", "final"] | None = None,
+    status: ReportStatus | None = None,
     study_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -87,11 +94,19 @@ def update_report(
     report = load_audited(
         request, session, "report", report_id, actor=principal.actor, action="report.edit"
     )
-    action = "report.sign" if body.status == "final" else "report.edit"
-    was_final = report.status == "final"
-    crud.update_report(session, report, text=body.text, status=body.status, actor=principal.actor)
-    if report.status == "final" and not was_final:
-        schedule_push(session, settings, report)  # the PACS gets the signed SR
+    actions = {"final": "report.sign", "amended": "report.amend"}
+    action = actions.get(body.status or "", "report.edit")
+    version = report.updated_at
+    crud.update_report(
+        session,
+        report,
+        text=body.text,
+        status=body.status,
+        actor=principal.actor,
+        reason=body.reason,
+    )
+    if report.status in SIGNED_STATUSES and report.updated_at != version:
+        schedule_push(session, settings, report)  # the PACS gets the signed (or amended) SR
     crud.audit(
         session,
         actor=principal.actor,
@@ -104,6 +119,28 @@ def update_report(
     session.flush()
     session.refresh(report)
     return report_public(report)
+
+
+@router.get("/{report_id}/history", response_model=ReportHistory)
+def get_report_history(
+    request: Request, session: SessionDep, report_id: str, principal: ReportReader
+) -> ReportHistory:
+    """Every change to the report, oldest first: edits, the signature, amendments (with the
+    signed text each replaced and why)."""
+    report = load_audited(
+        request, session, "report", report_id, actor=principal.actor, action="report.history"
+    )
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="report.history",
+        resource_type="report",
+        resource_id=report.id,
+        outcome="ok",
+        status_code=200,
+    )
+    edits = [ReportEditPublic.model_validate(e, from_attributes=True) for e in report.edits]
+    return ReportHistory(data=edits, count=len(edits))
 
 
 def _export(request: Request, session: Session, report_id: str, actor: str, form: str) -> Report:
