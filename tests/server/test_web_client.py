@@ -293,6 +293,62 @@ def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
     assert page.problems == [], page.problems  # no script errors, no CSP violations
 
 
+def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_lm, shots):
+    """A signed report is read-only but can be amended: the dialog asks for the corrected text
+    and a reason (it does not close without one), and the report then reads "Amended"."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        auth = {"Authorization": f"Bearer {server.key}"}
+        study = httpx.post(
+            server.base + "/v1/studies",
+            headers=auth,
+            files=[("files", ("ct.dcm", CT_SMALL.read_bytes()))],
+            timeout=30,
+        ).json()
+        report = httpx.post(
+            f"{server.base}/v1/studies/{study['id']}/questions",
+            headers=auth,
+            json={"question": "Any fracture?"},
+            timeout=60,
+        ).json()
+        path = f"/v1/reports/{report['id']}"
+        signed = httpx.patch(
+            server.base + path, headers=auth, json={"text": "No fracture.", "status": "final"}
+        )
+        assert signed.status_code == 200, signed.text
+
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        page.locator("#history button.history-item").first.click()
+        expect(page.locator("#report-badge")).to_have_text("Final")
+        page.get_by_role("button", name="Amend report…").click()
+        dialog = page.get_by_role("dialog", name="Amend this signed report")
+        expect(dialog).to_be_visible()
+        expect(dialog.get_by_label("Corrected report text")).to_have_value("No fracture.")
+        dialog.get_by_label("Corrected report text").fill("Hairline fracture of the 5th rib.")
+        dialog.get_by_role("button", name="Sign amendment").click()
+        expect(dialog).to_be_visible()  # no reason: the form does not submit
+        assert server.get(path).json()["status"] == "final"
+        dialog.get_by_label("Reason for the amendment").fill("missed on first read")
+        _shot(page, shots, "amend-dialog")
+        dialog.get_by_role("button", name="Sign amendment").click()
+        expect(dialog).to_be_hidden()
+        expect(page.locator("#report-badge")).to_have_text("Amended")
+        expect(page.locator("#report-final-text")).to_have_text("Hairline fracture of the 5th rib.")
+        expect(page.locator("#report-signed-by")).to_contain_text("Amended and signed")
+        expect(page.locator("#history .history-item .badge")).to_have_text(["Amended"])
+        amended = server.get(path).json()
+        assert (amended["status"], amended["text"]) == (
+            "amended",
+            "Hairline fracture of the 5th rib.",
+        )
+        reasons = [e["reason"] for e in server.get(f"{path}/history").json()["data"]]
+        assert reasons == [None, "missed on first read"]
+        assert page.problems == [], page.problems
+
+
 def test_errors_are_shown_with_message_and_code(page, demo_server, shots):
     from playwright.sync_api import expect
 

@@ -174,7 +174,8 @@
     return s.BodyPartExamined ? `${modality} · ${s.BodyPartExamined}` : modality;
   }
 
-  const STATUS_TEXT = { none: "None", draft: "Draft", final: "Final" };
+  const STATUS_TEXT = { none: "None", draft: "Draft", final: "Final", amended: "Amended" };
+  const SIGNED = new Set(["final", "amended"]);
 
   function badge(status) {
     const b = document.createElement("span");
@@ -830,15 +831,17 @@
     b.textContent = STATUS_TEXT[r.status];
     $("report-question").textContent = r.question;
     $("model-answer").textContent = r.answer || "(empty answer)";
-    const final = r.status === "final";
-    $("report-edit").hidden = final;
-    $("report-final").hidden = !final;
+    const signed = SIGNED.has(r.status);
+    $("report-edit").hidden = signed;
+    $("report-final").hidden = !signed;
     setStatus("report-status", "");
-    if (final) {
+    setStatus("amend-status", "");
+    if (signed) {
       $("report-final-text").textContent = r.text;
       const by = $("report-signed-by");
+      const verb = r.status === "amended" ? "Amended and signed" : "Signed";
       by.replaceChildren(
-        el("strong", `Signed ${when(r.signed_at) || "(date unknown)"}`),
+        el("strong", `${verb} ${when(r.signed_at) || "(date unknown)"}`),
         " · read-only",
         el("code", `by API key ${r.signed_by || "unknown"}`),
       );
@@ -926,6 +929,35 @@
     }
   }
 
+  function askToAmend() {
+    const r = currentReport();
+    if (!r) return;
+    clearError();
+    $("amend-text").value = r.text;
+    $("amend-reason").value = "";
+    $("amend-dialog").returnValue = "";
+    $("amend-dialog").showModal();
+  }
+
+  async function amendReport() {
+    const r = currentReport();
+    if (!r) return;
+    $("report-amend").disabled = true;
+    setStatus("amend-status", "Signing the amendment…");
+    try {
+      const json = { text: $("amend-text").value, status: "amended", reason: $("amend-reason").value };
+      const updated = await api(`/v1/reports/${encodeURIComponent(r.id)}`, { method: "PATCH", json });
+      replaceReport(updated);
+      setStatus("ask-status", "Report amended.");
+      $("report-title").focus();
+    } catch (err) {
+      setStatus("amend-status", "");
+      showError(err, "Amending the report");
+    } finally {
+      $("report-amend").disabled = false;
+    }
+  }
+
   // --- wiring ---------------------------------------------------------------------------------
 
   function wire() {
@@ -962,6 +994,11 @@
     $("report-sign").addEventListener("click", askToSign);
     $("report-text").addEventListener("input", () => {
       setStatus("report-status", isDirty() ? "Unsaved changes" : "");
+    });
+    $("report-amend").addEventListener("click", askToAmend);
+    $("amend-dialog").addEventListener("close", () => {
+      if ($("amend-dialog").returnValue === "confirm") amendReport();
+      else $("report-amend").focus();
     });
     $("sign-dialog").addEventListener("close", () => {
       if ($("sign-dialog").returnValue === "confirm") signReport();
