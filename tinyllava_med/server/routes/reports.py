@@ -65,19 +65,7 @@ def list_reports(
 def get_report(
     request: Request, session: SessionDep, report_id: str, principal: ReportReader
 ) -> ReportPublic:
-    report = load_audited(
-        request, session, "report", report_id, actor=principal.actor, action="report.read"
-    )
-    crud.audit(
-        session,
-        actor=principal.actor,
-        action="report.read",
-        resource_type="report",
-        resource_id=report.id,
-        outcome="ok",
-        status_code=200,
-    )
-    return report_public(report)
+    return report_public(_read(request, session, report_id, principal.actor, "report.read"))
 
 
 @router.patch("/{report_id}", response_model=ReportPublic)
@@ -127,30 +115,18 @@ def get_report_history(
 ) -> ReportHistory:
     """Every change to the report, oldest first: edits, the signature, amendments (with the
     signed text each replaced and why)."""
-    report = load_audited(
-        request, session, "report", report_id, actor=principal.actor, action="report.history"
-    )
-    crud.audit(
-        session,
-        actor=principal.actor,
-        action="report.history",
-        resource_type="report",
-        resource_id=report.id,
-        outcome="ok",
-        status_code=200,
-    )
+    report = _read(request, session, report_id, principal.actor, "report.history")
     edits = [ReportEditPublic.model_validate(e, from_attributes=True) for e in report.edits]
     return ReportHistory(data=edits, count=len(edits))
 
 
-def _export(request: Request, session: Session, report_id: str, actor: str, form: str) -> Report:
-    report = load_audited(
-        request, session, "report", report_id, actor=actor, action=f"report.export_{form}"
-    )
+def _read(request: Request, session: Session, report_id: str, actor: str, action: str) -> Report:
+    """The report, or a 404; either way the read is audited as `action`."""
+    report = load_audited(request, session, "report", report_id, actor=actor, action=action)
     crud.audit(
         session,
         actor=actor,
-        action=f"report.export_{form}",
+        action=action,
         resource_type="report",
         resource_id=report.id,
         outcome="ok",
@@ -173,7 +149,7 @@ def get_report_sr(
     principal: ReportReader,
 ) -> Response:
     """The report as a DICOM Comprehensive SR (409 when its image is PNG/JPEG)."""
-    report = _export(request, session, report_id, principal.actor, "sr")
+    report = _read(request, session, report_id, principal.actor, "report.export_sr")
     data = report_sr(session, store, report, settings.institution_name)
     return Response(
         data,
@@ -195,7 +171,7 @@ def get_report_fhir(
     principal: ReportReader,
 ) -> Response:
     """The report as a FHIR R4B DiagnosticReport."""
-    report = _export(request, session, report_id, principal.actor, "fhir")
+    report = _read(request, session, report_id, principal.actor, "report.export_fhir")
     resource = build_diagnostic_report(
         report,
         signer_name=signer_name(session, report),
