@@ -5,15 +5,17 @@ from __future__ import annotations
 import base64
 import io
 import re
+from datetime import datetime
 
 import highdicom as hd
 import pydicom
-from api_helpers import CT_SMALL, assert_error, png_bytes, upload, upload_ct
+from api_helpers import CT_SMALL, assert_error, make_api, png_bytes, upload, upload_ct
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom.uid import ComprehensiveSRStorage
 from sqlalchemy import select
 
-from tinyllava_med.server.db.models import AuditEvent
+from tinyllava_med.server.db.models import AuditEvent, Job, Report
+from tinyllava_med.server.dicom_sr import report_sr
 
 
 def ask(api, study_id, question="What is the modality?"):
@@ -209,6 +211,64 @@ def test_a_signed_report_is_amended_with_a_reason_and_its_exports_say_so(api):
     with api.app.state.session_factory() as s:
         actions = [e.action for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
     assert "report.amend" in actions and "report.history" in actions
+
+
+def test_each_queued_push_sends_the_version_it_was_queued_for(tmp_path, database_url, tiny_lm):
+    """Pushes wait in the queue (the PACS is down, say) while a draft is edited, signed and then
+    amended: each push job names its version, and the SR rebuilt from the history for it is the
+    SR that version had when it was current. So the PACS gets the signed SR that the amended one
+    names as its predecessor, not the amended one twice."""
+    overrides = {"dicomweb_push_url": "http://127.0.0.1:9/dicom-web", "job_workers": 0}
+    for api in make_api(tmp_path, database_url, tiny_lm, **overrides):
+        report = ask(api, upload_ct(api)["id"])
+        rid, path = report["id"], f"/v1/reports/{report['id']}"
+        current = {"draft": sr_of(api, rid)}
+        for status, body in (
+            ("edited", {"text": "Draft text."}),
+            ("final", {"text": "No fracture.", "status": "final"}),
+            ("amended", {"text": "Rib fracture.", "status": "amended", "reason": "missed"}),
+        ):
+            r = api.patch(path, headers=api.h(), json=body)
+            assert r.status_code == 200, r.text
+            current[status] = sr_of(api, rid)
+        with api.app.state.session_factory() as s:
+            jobs = s.scalars(select(Job).where(Job.kind == "push_sr").order_by(Job.id)).all()
+            versions = [datetime.fromisoformat(j.payload["version"]) for j in jobs]
+            assert [j.payload["report_id"] for j in jobs] == [rid, rid]  # signed, amended
+            row = s.get(Report, rid)
+            store = api.app.state.store
+            rebuilt = {
+                status: pydicom.dcmread(
+                    io.BytesIO(report_sr(s, store, row, "Test", at=uid_version))
+                )
+                for status, uid_version in (("final", versions[0]), ("amended", versions[1]))
+            }
+            edits = row.edits
+            # the draft versions, before any push was queued, rebuild too
+            rebuilt["draft"] = pydicom.dcmread(
+                io.BytesIO(report_sr(s, store, row, "Test", at=edits[0].previous_updated_at))
+            )
+            rebuilt["edited"] = pydicom.dcmread(
+                io.BytesIO(report_sr(s, store, row, "Test", at=edits[0].edited_at))
+            )
+        for status, sr in rebuilt.items():
+            then = current[status]
+            assert sr.SOPInstanceUID == then.SOPInstanceUID, status
+            assert texts(sr) == texts(then) and comments(sr) == comments(then), status
+            assert (sr.CompletionFlag, sr.VerificationFlag) == (
+                then.CompletionFlag,
+                then.VerificationFlag,
+            ), status
+            verifiers = [
+                [str(v.VerifyingObserverName) for v in x.get("VerifyingObserverSequence", [])]
+                for x in (sr, then)
+            ]
+            assert verifiers[0] == verifiers[1], status
+            assert ("PredecessorDocumentsSequence" in sr) == (status == "amended"), status
+        assert texts(rebuilt["final"])["Finding"] == "No fracture."
+        predecessor = rebuilt["amended"].PredecessorDocumentsSequence[0]
+        named = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert named.ReferencedSOPInstanceUID == rebuilt["final"].SOPInstanceUID
 
 
 def test_png_report_has_fhir_but_no_sr(sqlite_api):

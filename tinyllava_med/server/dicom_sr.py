@@ -15,6 +15,10 @@ the same report state always gives the same SR instance and every edit gives a n
 amended report (corrected after signing) is signed by whoever amended it, says why in a comment,
 and names the SR instance of the version it replaced in its Predecessor Documents Sequence, so
 the PACS can tell the correction from the original.
+
+An SR can be built for any version of a report (`at`, a past `updated_at`), from its edit
+history: a push queued when a report was signed sends the signed version even when an amendment
+came before the push ran, so the PACS holds every version the later ones name as predecessors.
 """
 
 from __future__ import annotations
@@ -64,6 +68,51 @@ def _person_name(name: str) -> str:
     return (cleaned[:63] or "Unknown") + "^"  # one component: the trailing '^' says so
 
 
+@dataclass(frozen=True)
+class Version:
+    """What changes between versions of a report (the rest is the report's own): its text and
+    status, when it was made (`updated_at`, from which its SR instance UID derives), who signed
+    it, and for an amendment why and which version it replaced."""
+
+    text: str
+    status: str
+    updated_at: datetime
+    signed_by: str | None
+    reason: str | None = None
+    replaces: datetime | None = None
+
+
+def version_at(report: Report, at: datetime | None = None) -> Version:
+    """`report` as it was at `at` (its `updated_at` then), replayed from its edits; the current
+    version for None or a time not before the last change."""
+    if at is None or at >= report.updated_at:
+        amendment = report.amendment
+        return Version(
+            report.text,
+            report.status,
+            report.updated_at,
+            report.signed_by,
+            amendment.reason if amendment else None,
+            amendment.previous_updated_at if amendment else None,
+        )
+    edits = report.edits
+    text = edits[0].previous_text if edits else report.text
+    version = Version(text, "draft", at, None)
+    for edit in edits:
+        if edit.edited_at > at:
+            break
+        amended = edit.new_status == "amended"
+        version = Version(
+            edit.new_text,
+            edit.new_status,
+            at,
+            edit.edited_by if edit.new_status in SIGNED_STATUSES else None,
+            edit.reason if amended else None,
+            edit.previous_updated_at if amended else None,
+        )
+    return version
+
+
 def _series_uid(report: Report) -> str:
     return str(generate_uid(entropy_srcs=["tinyllava-med sr series", report.id]))
 
@@ -73,15 +122,14 @@ def _instance_uid(report: Report, version: datetime) -> str:
     return str(generate_uid(entropy_srcs=["tinyllava-med sr", report.id, version.isoformat()]))
 
 
-def _predecessor(report: Report, study_uid: str) -> pydicom.Dataset | None:
-    """The Predecessor Documents Sequence item naming the SR of the signed version an amended
-    report replaced (None for other reports, and for amendments recorded before 0003)."""
-    amendment = report.amendment
-    if amendment is None or amendment.previous_updated_at is None:
+def _predecessor(report: Report, version: Version, study_uid: str) -> pydicom.Dataset | None:
+    """The Predecessor Documents Sequence item naming the SR of the signed version an amendment
+    replaced (None for other versions, and for amendments recorded before 0003)."""
+    if version.replaces is None:
         return None
     sop = pydicom.Dataset()
     sop.ReferencedSOPClassUID = ComprehensiveSRStorage
-    sop.ReferencedSOPInstanceUID = _instance_uid(report, amendment.previous_updated_at)
+    sop.ReferencedSOPInstanceUID = _instance_uid(report, version.replaces)
     series = pydicom.Dataset()
     series.SeriesInstanceUID = _series_uid(report)
     series.ReferencedSOPSequence = Sequence([sop])
@@ -97,8 +145,11 @@ def build_sr(
     *,
     signer: Signer | None = None,
     institution: str | None = None,
+    version: Version | None = None,
 ) -> hd.sr.ComprehensiveSR:
-    """The SR of `report`, whose image is the DICOM `source` (read without pixels is enough)."""
+    """The SR of `report` (at `version`, default the current one), whose image is the DICOM
+    `source` (read without pixels is enough); `signer` is that version's."""
+    version = version or version_at(report)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=["tinyllava-med device", report.model]),
         name=report.model[:64],
@@ -121,7 +172,7 @@ def build_sr(
     )
     finding = hd.sr.TextContentItem(
         name=codes.DCM.Finding,
-        value=_text(report.text),
+        value=_text(version.text),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     finding.ContentSequence = Sequence(
@@ -135,7 +186,7 @@ def build_sr(
         ]
     )
     findings.ContentSequence = Sequence([question, finding])
-    if report.text != report.answer:
+    if version.text != report.answer:
         findings.ContentSequence.append(
             hd.sr.TextContentItem(
                 name=codes.DCM.Comment,
@@ -143,23 +194,23 @@ def build_sr(
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
-    if (amendment := report.amendment) is not None:
+    if version.status == "amended":
         findings.ContentSequence.append(
             hd.sr.TextContentItem(
                 name=codes.DCM.Comment,
-                value=_text(f"Amended after signing: {amendment.reason}"),
+                value=_text(f"Amended after signing: {version.reason}"),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
     root.ContentSequence.append(findings)
 
-    signed = report.status in SIGNED_STATUSES and signer is not None
+    signed = version.status in SIGNED_STATUSES and signer is not None
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         content=root,
         series_instance_uid=_series_uid(report),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=_instance_uid(report, report.updated_at),
+        sop_instance_uid=_instance_uid(report, version.updated_at),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=signed,
@@ -172,9 +223,9 @@ def build_sr(
     sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: reports are not ASCII-only
     sr.SeriesDescription = "AI report (TinyLLaVA-Med)"
     sr.SoftwareVersions = __version__
-    sr.ContentDate = DA(report.updated_at.date())
-    sr.ContentTime = TM(report.updated_at.time().replace(microsecond=0))
-    if (predecessor := _predecessor(report, sr.StudyInstanceUID)) is not None:
+    sr.ContentDate = DA(version.updated_at.date())
+    sr.ContentTime = TM(version.updated_at.time().replace(microsecond=0))
+    if (predecessor := _predecessor(report, version, sr.StudyInstanceUID)) is not None:
         sr.PredecessorDocumentsSequence = [predecessor]
     return sr
 
@@ -188,14 +239,25 @@ def to_bytes(ds: pydicom.Dataset) -> bytes:
 
 def signer_name(session: Session, report: Report) -> str | None:
     """The display name of the key that signed `report` (keys are named for their holder)."""
-    if report.signed_by is None:
+    return key_name(session, report.signed_by)
+
+
+def key_name(session: Session, key_id: str | None) -> str | None:
+    if key_id is None:
         return None
-    key = session.get(ApiKey, report.signed_by)
-    return key.name if key is not None else report.signed_by
+    key = session.get(ApiKey, key_id)
+    return key.name if key is not None else key_id
 
 
-def report_sr(session: Session, store: ImageStore, report: Report, institution: str) -> bytes:
-    """The SR of a stored report as Part 10 bytes; 409 when its image is not DICOM."""
+def report_sr(
+    session: Session,
+    store: ImageStore,
+    report: Report,
+    institution: str,
+    at: datetime | None = None,
+) -> bytes:
+    """The SR of a stored report (as it was at `at`, default now) as Part 10 bytes; 409 when its
+    image is not DICOM."""
     image = report.image
     if image is None or image.kind != "dicom":
         raise APIError(
@@ -205,6 +267,8 @@ def report_sr(session: Session, store: ImageStore, report: Report, institution: 
             "SR to; use the FHIR or JSON form",
         )
     source = pydicom.dcmread(store.path(image.sha256), stop_before_pixels=True)
-    name = signer_name(session, report)
+    version = version_at(report, at)
+    name = key_name(session, version.signed_by)
     signer = Signer(name, institution) if name is not None else None
-    return to_bytes(build_sr(report, source, signer=signer, institution=institution))
+    sr = build_sr(report, source, signer=signer, institution=institution, version=version)
+    return to_bytes(sr)

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pydicom
@@ -96,14 +96,16 @@ def schedule_auto_report(session: Session, settings: Settings, study: Study) -> 
 
 
 def schedule_push(session: Session, settings: Settings, report: Report) -> Job | None:
-    """Queue pushing `report`'s SR when a push target is set and its image is DICOM."""
+    """Queue pushing the SR of `report` as it is now (its `updated_at` names the version: a
+    later edit does not change what this job sends) when a push target is set and its image is
+    DICOM."""
     if not settings.dicomweb_push_url or report.image is None or report.image.kind != "dicom":
         return None
     return crud.enqueue_job(
         session,
         kind=PUSH_SR,
         study_id=report.study_id,
-        payload={"report_id": report.id},
+        payload={"report_id": report.id, "version": report.updated_at.isoformat()},
         max_attempts=settings.job_max_attempts,
     )
 
@@ -291,7 +293,10 @@ class JobRunner:
             report = crud.get_report(s, report_id)
             if report is None:
                 raise LookupError("the report no longer exists")
-            data = report_sr(s, self.app.state.store, report, settings.institution_name)
+            # jobs queued before versions were recorded send the current version
+            version = job.payload.get("version")
+            at = datetime.fromisoformat(version) if version else None
+            data = report_sr(s, self.app.state.store, report, settings.institution_name, at)
         sr = pydicom.dcmread(io.BytesIO(data))
         client = DICOMwebClient(
             url=settings.dicomweb_push_url, headers=dict(settings.dicomweb_push_headers)
