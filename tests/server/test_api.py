@@ -102,6 +102,51 @@ def test_upload_ask_edit_sign_flow(api):
         assert denied, "the 403 must be audited"
 
 
+def test_admin_reads_the_audit_log_and_lists_keys(api):
+    admin = api.h("admin")
+    created = api.post("/v1/apikeys", headers=admin, json={"role": "radiologist", "name": "Dr. A"})
+    assert created.status_code == 201, created.text
+    key_id, key = created.json()["id"], created.json()["key"]
+    h = {"Authorization": f"Bearer {key}"}
+    study = upload_ct(api)
+    r = api.post(f"/v1/studies/{study['id']}/questions", headers=h, json={"question": "Organ?"})
+    assert r.status_code == 201, r.text
+    report_id = r.json()["id"]
+    for path in ("/v1/audit", "/v1/apikeys"):  # admins only, and the refusal is audited
+        assert_error(api.get(path, headers=h), 403, "forbidden")
+
+    r = api.get("/v1/audit", params={"actor": key_id}, headers=admin)
+    assert r.status_code == 200, r.text
+    events = r.json()["data"]
+    assert [e["action"] for e in events][-1] == "question.ask"  # newest first
+    assert {e["outcome"] for e in events} == {"ok", "denied"}
+    ask = next(e for e in events if e["action"] == "question.ask")
+    assert ask["resource_id"] == study["id"] and ask["status_code"] == 201
+    assert ask["detail"] == {"report_id": report_id}
+    ds = pydicom.dcmread(CT_SMALL)
+    assert str(ds.PatientName) not in r.text and ds.PatientID not in r.text
+    denied = api.get("/v1/audit", params={"actor": key_id, "outcome": "denied"}, headers=admin)
+    assert denied.json()["count"] == 2
+    one = api.get("/v1/audit", params={"limit": 1}, headers=admin).json()
+    assert len(one["data"]) == 1 and one["count"] > 1
+    assert one["data"][0]["action"] == "audit.read"  # the previous read is in the log
+    later = api.get("/v1/audit", params={"since": "2999-01-01T00:00:00Z"}, headers=admin).json()
+    assert later == {"data": [], "count": 0}
+    assert_error(api.get("/v1/audit", params={"outcome": "maybe"}, headers=admin), 422)
+
+    keys = api.get("/v1/apikeys", headers=admin)
+    assert keys.status_code == 200, keys.text
+    mine = next(k for k in keys.json()["data"] if k["id"] == key_id)
+    assert (mine["name"], mine["role"], mine["active"]) == ("Dr. A", "radiologist", True)
+    assert key.startswith(f"tlm_{mine['prefix']}_") and mine["last_used_at"] is not None
+    assert key not in keys.text and "hash" not in keys.text
+    assert api.delete(f"/v1/apikeys/{key_id}", headers=admin).status_code == 204
+    active = api.get("/v1/apikeys", params={"active": True}, headers=admin).json()["data"]
+    assert key_id not in {k["id"] for k in active}
+    revoked = api.get("/v1/apikeys", params={"active": False}, headers=admin).json()["data"]
+    assert [k["id"] for k in revoked] == [key_id] and revoked[0]["revoked_at"]
+
+
 def test_auth_is_required(api):
     assert_error(api.get("/v1/studies"), 401, "unauthorized")
     assert_error(api.get("/v1/studies", headers={"Authorization": "Bearer tlm_nope"}), 401)

@@ -32,6 +32,7 @@ from tinyllava_med.server.jobs import JobRunner
 from tinyllava_med.server.metrics import Metrics
 from tinyllava_med.server.report_writer import ReportWriter
 from tinyllava_med.server.routes import (
+    audit,
     dicomweb,
     health,
     jobs,
@@ -369,6 +370,7 @@ def create_app(
         openai.router,
         dicomweb.router,
         keys.router,
+        audit.router,
         web.router,
     ):
         app.include_router(router)

@@ -156,3 +156,38 @@ class JobPublic(BaseModel):
 class JobList(BaseModel):
     data: list[JobPublic]
     count: int
+
+
+class ApiKeyPublic(BaseModel):
+    """A key as an admin sees it: never the key or its hash."""
+
+    id: str
+    name: str
+    role: str
+    prefix: str = Field(description="the key's first characters after `tlm_`, to recognise it")
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    active: bool
+
+
+class ApiKeyList(BaseModel):
+    data: list[ApiKeyPublic]
+    count: int
+
+
+class AuditEventPublic(BaseModel):
+    id: int
+    at: datetime
+    actor: str = Field(description="API key id, 'anonymous' or 'system'")
+    action: str
+    resource_type: str
+    resource_id: str | None
+    outcome: str
+    status_code: int
+    detail: dict[str, Any] | None
+
+
+class AuditEventList(BaseModel):
+    data: list[AuditEventPublic]
+    count: int

@@ -531,28 +531,41 @@ def audit(db: Session | Connection, **event: Unpack[AuditFields]) -> None:
     insert_audit_rows(db, [audit_row(**event)])
 
 
+class AuditQuery(TypedDict, total=False):
+    """Which audit events to read: each given field must match; `since` (inclusive) and
+    `until` (exclusive) bound `at`."""
+
+    actor: str | None
+    action: str | None
+    resource_type: str | None
+    resource_id: str | None
+    outcome: Outcome | None
+    since: datetime | None
+    until: datetime | None
+
+
+def _audit_filter(stmt: Select[Any], query: AuditQuery) -> Select[Any]:
+    for name in ("actor", "action", "resource_type", "resource_id", "outcome"):
+        if (value := query.get(name)) is not None:
+            stmt = stmt.where(getattr(AuditEvent, name) == value)
+    if (since := query.get("since")) is not None:
+        stmt = stmt.where(AuditEvent.at >= since)
+    if (until := query.get("until")) is not None:
+        stmt = stmt.where(AuditEvent.at < until)
+    return stmt
+
+
 def list_audit_events(
-    session: Session,
-    *,
-    actor: str | None = None,
-    action: str | None = None,
-    resource_type: str | None = None,
-    resource_id: str | None = None,
-    limit: int = 100,
-    offset: int = 0,
+    session: Session, *, limit: int = 100, offset: int = 0, **query: Unpack[AuditQuery]
 ) -> list[AuditEvent]:
     """Newest first."""
-    stmt = select(AuditEvent)
-    for column, value in (
-        (AuditEvent.actor, actor),
-        (AuditEvent.action, action),
-        (AuditEvent.resource_type, resource_type),
-        (AuditEvent.resource_id, resource_id),
-    ):
-        if value is not None:
-            stmt = stmt.where(column == value)
-    stmt = stmt.order_by(AuditEvent.id.desc())
+    stmt = _audit_filter(select(AuditEvent), query).order_by(AuditEvent.id.desc())
     return list(session.scalars(_page(stmt, limit, offset)))
+
+
+def count_audit_events(session: Session, **query: Unpack[AuditQuery]) -> int:
+    stmt = _audit_filter(select(func.count()).select_from(AuditEvent), query)
+    return int(session.scalar(stmt) or 0)
 
 
 # --- jobs (claimed by workers in a later issue) ------------------------------------------------
@@ -595,6 +608,7 @@ __all__ = [
     "get_image",
     "get_report",
     "get_study",
+    "count_audit_events",
     "list_audit_events",
     "list_reports",
     "list_studies",

@@ -1,16 +1,39 @@
-"""`/v1/apikeys`: admins create keys (shown once) and revoke them."""
+"""`/v1/apikeys`: admins list keys (never the keys themselves), create keys (shown once) and
+revoke them."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from sqlalchemy import select
 
 from tinyllava_med.server import auth
 from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.models import ApiKey
 from tinyllava_med.server.deps import KeyAdmin, SessionDep
 from tinyllava_med.server.errors import APIError
-from tinyllava_med.server.schemas import ApiKeyCreate, ApiKeyCreated
+from tinyllava_med.server.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyPublic
 
 router = APIRouter(prefix="/v1/apikeys", tags=["keys"])
+
+
+@router.get("", response_model=ApiKeyList)
+def list_keys(session: SessionDep, principal: KeyAdmin, active: bool | None = None) -> ApiKeyList:
+    """Oldest first; `active=true` leaves out revoked keys, `active=false` lists only them."""
+    stmt = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if active is not None:
+        stmt = stmt.where(ApiKey.revoked_at.is_(None) if active else ApiKey.revoked_at.is_not(None))
+    keys = [ApiKeyPublic.model_validate(k, from_attributes=True) for k in session.scalars(stmt)]
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="apikey.list",
+        resource_type="apikey",
+        resource_id=None,
+        outcome="ok",
+        status_code=200,
+        detail={"count": len(keys)},
+    )
+    return ApiKeyList(data=keys, count=len(keys))
 
 
 @router.post("", status_code=201, response_model=ApiKeyCreated)
