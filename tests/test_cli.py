@@ -102,6 +102,24 @@ def test_db_upgrade_and_apikey_create(tmp_path):
     key = out.stdout.strip().splitlines()[-1]
     assert key.startswith("tlm_") and " " not in key
     assert (tmp_path / "tinyllava_med.db").is_file()
+    key_id = out.stdout.split()[3]  # "created radiologist key <id> (shown once):"
+
+    listed = cli("apikey", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert key_id in listed.stdout and "active" in listed.stdout
+    assert key not in listed.stdout and key[20:] not in listed.stdout  # never the key
+
+    revoked = cli("apikey", "revoke", key_id, env=env)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked" in cli("apikey", "list", env=env).stdout
+    assert cli("apikey", "revoke", "no-such-id", env=env).returncode != 0
+    assert cli("apikey", "create", env=env).returncode != 0  # --role is required to create
+    # both changes are in the audit log, made by the operator at the console
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "tinyllava_med.db") as db:
+        rows = db.execute("SELECT actor, action, resource_id FROM audit_events").fetchall()
+    assert rows == [("cli", "apikey.create", key_id), ("cli", "apikey.revoke", key_id)]
 
 
 def test_phantom_generate_score_round_trip(tiny_model_dir, tmp_path):

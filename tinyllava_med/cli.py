@@ -295,22 +295,66 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_apikey(args: argparse.Namespace) -> int:
-    from tinyllava_med.server.auth import create_api_key
+    """create (the key is printed once), list (never the keys), revoke KEY_ID; create and
+    revoke are audited with actor `cli`."""
+    from sqlalchemy import select
+
+    from tinyllava_med.server.auth import create_api_key, get_api_key, revoke_api_key
+    from tinyllava_med.server.db import crud
     from tinyllava_med.server.db.migrate import upgrade
+    from tinyllava_med.server.db.models import ApiKey
     from tinyllava_med.server.db.session import make_engine, session_factory
 
+    if args.apikey_cmd == "create" and not args.role:
+        raise SystemExit("apikey create needs --role (pacs, radiologist or admin)")
+    if args.apikey_cmd == "revoke" and not args.key_id:
+        raise SystemExit("apikey revoke needs the key's id (see `tinyllava-med apikey list`)")
     settings = _server_settings(args)
     if settings.database_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(settings.database_url)
     engine = make_engine(settings.database_url)
+    key = None
     try:
         with session_factory(engine).begin() as session:
-            row, key = create_api_key(session, role=args.role, name=args.name or f"{args.role} key")
-            print(f"created {row.role} key {row.id} (shown once):")
+            if args.apikey_cmd == "list":
+                for k in session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)):
+                    state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+                    used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never"
+                    print(
+                        f"{k.id}  {k.role:<11}  tlm_{k.prefix}_…  {state:<24}  used {used}  {k.name}"
+                    )
+                return 0
+            if args.apikey_cmd == "revoke":
+                row = get_api_key(session, args.key_id)
+                if row is None:
+                    raise SystemExit(f"no API key with id {args.key_id}")
+                revoke_api_key(session, row)
+                action, status = "apikey.revoke", 204
+                print(
+                    f"revoked {row.role} key {row.id}; a running server stops accepting it "
+                    f"within {settings.auth_cache_s:g} s"
+                )
+            else:
+                row, key = create_api_key(
+                    session, role=args.role, name=args.name or f"{args.role} key"
+                )
+                action, status = "apikey.create", 201
+                print(f"created {row.role} key {row.id} (shown once):")
+            crud.audit(
+                session,
+                actor="cli",
+                action=action,
+                resource_type="apikey",
+                resource_id=row.id,
+                outcome="ok",
+                status_code=status,
+                detail={"role": row.role},
+            )
     finally:
         engine.dispose()
-    print(key)
+    if key is not None:
+        print(key)
     return 0
 
 
@@ -524,8 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", default=None)
 
     p = verb("apikey", "manage API keys", cmd_apikey)
-    p.add_argument("apikey_cmd", choices=["create"])
-    p.add_argument("--role", choices=["pacs", "radiologist", "admin"], required=True)
+    p.add_argument("apikey_cmd", choices=["create", "list", "revoke"])
+    p.add_argument("key_id", nargs="?", help="revoke: the key's id (from `apikey list`)")
+    p.add_argument("--role", choices=["pacs", "radiologist", "admin"], help="create: required")
     p.add_argument("--name", default=None, help="a label for the key (default: the role)")
     p.add_argument("--database-url", default=None)
     return parser
