@@ -323,6 +323,7 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         page.goto(f"{server.base}/#/study/{study['id']}")
         page.locator("#history button.history-item").first.click()
         expect(page.locator("#report-badge")).to_have_text("Final")
+        expect(page.locator("#report-versions")).to_be_hidden()  # signed once: nothing earlier
         page.get_by_role("button", name="Amend report…").click()
         dialog = page.get_by_role("dialog", name="Amend this signed report")
         expect(dialog).to_be_visible()
@@ -339,6 +340,14 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         expect(page.locator("#report-final-text")).to_have_text("Hairline fracture of the 5th rib.")
         expect(page.locator("#report-signed-by")).to_contain_text("Amended and signed")
         expect(page.locator("#history .history-item .badge")).to_have_text(["Amended"])
+        # the signed text it replaced, and why, under "Earlier signed versions"
+        versions = page.locator("#report-versions")
+        expect(versions.locator("summary")).to_have_text("Earlier signed versions (1)")
+        versions.locator("summary").click()
+        expect(versions.locator("li")).to_have_count(1)
+        expect(versions.locator("li")).to_contain_text("reason: missed on first read")
+        expect(versions.locator("li .version-text")).to_have_text("No fracture.")
+        _shot(page, shots, "report-amended", full_page=True)
         amended = server.get(path).json()
         assert (amended["status"], amended["text"]) == (
             "amended",

@@ -845,6 +845,7 @@
         " · read-only",
         el("code", `by API key ${r.signed_by || "unknown"}`),
       );
+      loadVersions(r);
     } else {
       $("report-text").value = r.text;
     }
@@ -860,6 +861,36 @@
       edited(r) ? `edited ${when(r.updated_at)}` : null,
     ].filter(Boolean);
     $("report-provenance").textContent = prov.join(" · ");
+  }
+
+  // The signed texts an amended report replaced (and why), from its history; hidden for a
+  // report signed once. A reply for a report no longer shown is dropped.
+  async function loadVersions(r) {
+    $("report-versions").hidden = true;
+    if (r.status !== "amended") return;
+    let history;
+    try {
+      history = await api(`/v1/reports/${encodeURIComponent(r.id)}/history`);
+    } catch (err) {
+      showError(err, "Reading the report's history");
+      return;
+    }
+    if (state.reportId !== r.id) return;
+    const list = $("report-versions-list");
+    list.replaceChildren();
+    const signed = history.data.filter((e) => SIGNED.has(e.previous_status));
+    for (const e of signed.reverse()) {
+      const li = el("li");
+      li.append(
+        el("strong", `${STATUS_TEXT[e.previous_status]} text, replaced ${when(e.edited_at)}`),
+        e.reason ? ` · reason: ${e.reason}` : "",
+        el("span", e.previous_text, "version-text"),
+      );
+      list.append(li);
+    }
+    $("report-versions-summary").textContent =
+      `Earlier signed versions (${signed.length})`;
+    $("report-versions").hidden = signed.length === 0;
   }
 
   function edited(r) {
