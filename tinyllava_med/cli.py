@@ -322,7 +322,7 @@ def cmd_apikey(args: argparse.Namespace) -> int:
                     state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
                     used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never"
                     print(
-                        f"{k.id}  {k.role:<11}  tlm_{k.prefix}_…  {state:<24}  used {used}  {k.name}"
+                        f"{k.id}  {k.role:<11}  tlm_{k.prefix}_...  {state:<24}  used {used}  {k.name}"
                     )
                 return 0
             if args.apikey_cmd == "revoke":
