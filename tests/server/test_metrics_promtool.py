@@ -21,11 +21,12 @@ def test_promtool_accepts_metrics(sqlite_api):
         files=[("files", ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))],
     )
     study = r.json()["id"]
-    api.post(
+    report = api.post(
         f"/v1/studies/{study}/questions",
         headers=api.h(),
         json={"question": "q", "max_new_tokens": 3},
-    )
+    ).json()
+    api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"status": "final"})
     api.get("/v1/studies")  # a 401, counted by status
     text = api.get("/metrics").text
     for name in (
@@ -35,6 +36,7 @@ def test_promtool_accepts_metrics(sqlite_api):
         "tinyllava_med_num_requests_waiting",
         "tinyllava_med_batch_size",
         "tinyllava_med_model_info",
+        "tinyllava_med_reports_signed_total",
         "process_resident_memory_bytes",
     ):
         assert name in text, name

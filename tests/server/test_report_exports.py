@@ -212,6 +212,18 @@ def test_a_signed_report_is_amended_with_a_reason_and_its_exports_say_so(api):
         actions = [e.action for e in s.scalars(select(AuditEvent).order_by(AuditEvent.id))]
     assert "report.amend" in actions and "report.history" in actions
 
+    # signed as the model wrote it, or changed first: a model-quality signal for operators
+    unchanged = ask(api, upload_ct(api)["id"])
+    r = api.patch(f"/v1/reports/{unchanged['id']}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    metrics = api.get("/metrics").text
+    for status, changed in (("final", "true"), ("amended", "true"), ("final", "false")):
+        line = (
+            f'tinyllava_med_reports_signed_total{{changed="{changed}",status="{status}",'
+            f'variant="{report["variant"] or report["model"]}"}} 1.0'
+        )
+        assert line in metrics, line
+
 
 def test_each_queued_push_sends_the_version_it_was_queued_for(tmp_path, database_url, tiny_lm):
     """Pushes wait in the queue (the PACS is down, say) while a draft is edited, signed and then

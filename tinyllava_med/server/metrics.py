@@ -188,6 +188,14 @@ class Metrics:
             registry=r,
         )
         self.model_ready = Gauge(PREFIX + "model_ready", "1 when the model answers", registry=r)
+        self.reports_signed = Counter(
+            PREFIX + "reports_signed",
+            "Reports signed, by status (final: signed; amended: corrected after signing), the "
+            "variant that answered, and whether the signed text differs from the model's answer "
+            "(how often radiologists change the model's drafts)",
+            ["status", "variant", "changed"],
+            registry=r,
+        )
         self.jobs = Counter(
             PREFIX + "jobs",
             "Background job runs by kind and outcome (done, retry, failed)",
@@ -212,6 +220,10 @@ class Metrics:
 
     def on_prefill(self, outcome: str) -> None:
         self.prefills.labels(outcome).inc()
+
+    def on_signed(self, status: str, variant: str, text: str, answer: str) -> None:
+        changed = "true" if text.strip() != answer.strip() else "false"
+        self.reports_signed.labels(status, variant, changed).inc()
 
     def set_model(self, info: dict[str, Any]) -> None:
         self.model_info.clear()

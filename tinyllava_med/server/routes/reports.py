@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import SIGNED_STATUSES, Report
 from tinyllava_med.server.deps import (
+    MetricsDep,
     ReportEditor,
     ReportReader,
     SessionDep,
@@ -76,6 +77,7 @@ def update_report(
     body: ReportUpdate,
     principal: ReportEditor,
     settings: SettingsDep,
+    metrics: MetricsDep,
 ) -> ReportPublic:
     if body.text is None and body.status is None:
         raise APIError(422, "empty_update", "send `text`, `status` or both")
@@ -95,6 +97,8 @@ def update_report(
     )
     if report.status in SIGNED_STATUSES and report.updated_at != version:
         schedule_push(session, settings, report)  # the PACS gets the signed (or amended) SR
+        variant = report.variant or report.model
+        metrics.on_signed(report.status, variant, report.text, report.answer)
     crud.audit(
         session,
         actor=principal.actor,
