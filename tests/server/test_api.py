@@ -9,14 +9,16 @@ import logging
 import re
 import time
 from contextlib import contextmanager
+from datetime import timedelta
+from functools import partial
 
 import pydicom
 import pytest
 from api_helpers import CT_SMALL, assert_error, make_api, png_bytes, upload, upload_ct, wait_for
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from tinyllava_med.server.db.models import AuditEvent, Report, ReportEdit
+from tinyllava_med.server.db.models import AuditEvent, Job, Report, ReportEdit, utcnow
 
 
 def test_health_ready_metrics_need_no_key(api):
@@ -672,3 +674,172 @@ def test_edits_at_once_lose_nothing(api):
     assert sorted(e.new_text for e in edits) == sorted(applied) and applied
     assert [e.previous_text for e in edits] == [original] + [e.new_text for e in edits[:-1]]
     assert api.get(f"/v1/reports/{rid}", headers=api.h()).json()["text"] == edits[-1].new_text
+
+
+def test_admin_deletes_a_study_sent_by_mistake(tmp_path, database_url, tiny_lm):
+    """A study with draft reports only is deleted with them; one with a signed report stays.
+    The files go by a sweep job after the grace period, except those another study holds, and
+    so do the engine's cached pixel values of them."""
+    overrides = {"image_sweep_grace_s": 0, "job_poll_s": 0.05}
+    for api in make_api(tmp_path, database_url, tiny_lm, **overrides):
+        admin = api.h("admin")
+        wrong, kept, signed = upload_ct(api), upload_png(api), upload_ct(api)
+        report = api.post(
+            f"/v1/studies/{wrong['id']}/questions", headers=api.h(), json={"question": "Organ?"}
+        ).json()
+        ct_sha = wrong["images"][0]["sha256"]
+        png = upload_png(api)  # the same file as `kept`: one stored file
+        png_sha = png["images"][0]["sha256"]
+        assert png_sha == kept["images"][0]["sha256"]
+        api.post(f"/v1/studies/{png['id']}/questions", headers=api.h(), json={"question": "Q?"})
+        engine = api.app.state.engine
+        assert (png_sha, None) in engine.pixels
+        r = api.post(
+            f"/v1/studies/{signed['id']}/questions", headers=api.h(), json={"question": "Q"}
+        )
+        signed_report = r.json()["id"]
+        r = api.patch(f"/v1/reports/{signed_report}", headers=api.h(), json={"status": "final"})
+        assert r.status_code == 200, r.text
+
+        assert_error(api.delete(f"/v1/studies/{wrong['id']}", headers=api.h()), 403, "forbidden")
+        assert_error(
+            api.delete(f"/v1/studies/{signed['id']}", headers=admin),
+            409,
+            "study_has_signed_reports",
+        )
+        assert api.get(f"/v1/reports/{signed_report}", headers=admin).status_code == 200
+        assert_error(api.delete("/v1/studies/nope", headers=admin), 404, "study_not_found")
+
+        assert api.delete(f"/v1/studies/{wrong['id']}", headers=admin).status_code == 204
+        assert_error(api.get(f"/v1/studies/{wrong['id']}", headers=admin), 404)
+        assert_error(api.get(f"/v1/reports/{report['id']}", headers=admin), 404)
+        # the signed study holds the same CT file: it stays
+        assert api.get(f"/v1/studies/{signed['id']}/images/0", headers=admin).status_code == 200
+        assert api.delete(f"/v1/studies/{png['id']}", headers=admin).status_code == 204
+
+        store = api.app.state.store
+
+        results = wait_for(partial(_done_sweeps, api, 2), timeout_s=30, what="the sweeps")
+        assert [r["kept"] for r in results] == [1, 1]  # CT: signed; PNG: kept
+        assert store.exists(ct_sha) and store.exists(png_sha)
+        assert (png_sha, None) in engine.pixels  # `kept` still holds the file
+
+        assert api.delete(f"/v1/studies/{kept['id']}", headers=admin).status_code == 204
+
+        results = wait_for(partial(_done_sweeps, api, 3), timeout_s=30, what="the last sweep")
+        assert results[-1]["removed"] == 1
+        assert not store.exists(png_sha) and (png_sha, None) not in engine.pixels
+        with api.app.state.session_factory() as s:
+            events = s.scalars(select(AuditEvent).where(AuditEvent.action == "study.delete"))
+            outcomes = sorted((e.resource_id, e.outcome) for e in events)
+        assert (wrong["id"], "ok") in outcomes and (signed["id"], "invalid") in outcomes
+        # the same file uploaded again is stored again
+        again = upload_png(api)
+        assert store.exists(png_sha) and again["images"][0]["sha256"] == png_sha
+
+
+def _done_sweeps(api, n: int) -> list[dict] | None:
+    """The results of the sweep jobs, oldest first, once `n` are done."""
+    with api.app.state.session_factory() as s:
+        jobs = s.scalars(select(Job).where(Job.kind == "sweep_images").order_by(Job.id)).all()
+        done = [j.payload["result"] for j in jobs if j.status == "done"]
+    return done if len(done) == n else None
+
+
+def upload_png(api):
+    r = upload(api, ("slice.png", png_bytes(color=9), "image/png"))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_a_file_stored_again_within_the_grace_period_outlives_the_sweep(tmp_path):
+    """The race a deletion must not lose: an upload of the same content reuses the file (and
+    touches it) while the deleted study's sweep is due; only a file untouched for the whole
+    grace period is removed, with its renderings."""
+    import os
+
+    from tinyllava_med.server.storage import ImageStore
+
+    store = ImageStore(tmp_path)
+    sha = store.put(b"pixels")
+    path = store.path(sha)
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    store.rendered.put((sha, None, None, "limits"), Image.new("L", (2, 2)))
+    assert store.put(b"pixels") == sha  # stored again: touched, not rewritten
+    assert path.stat().st_mtime > old + 3000
+    assert not store.remove_if_stale(sha, grace_s=600) and store.exists(sha)
+    os.utime(path, (old, old))
+    assert store.remove_if_stale(sha, grace_s=600) and not store.exists(sha)
+    assert (sha, None, None, "limits") not in store.rendered
+    assert store.remove_if_stale(sha, grace_s=600)  # already gone: nothing to do
+
+
+def test_only_the_claim_that_holds_a_job_finishes_or_fails_it(tmp_path, sqlite_url, tiny_lm):
+    """A job deleted with its study while a worker runs it (SQLite may give its id to the
+    deletion's own sweep job), or claimed again by another worker after its lease ran out, is
+    no longer the first worker's: finishing or failing it changes nothing, and the worker
+    lives on."""
+    from tinyllava_med.server import jobs
+    from tinyllava_med.server.db import crud
+
+    for api in make_api(tmp_path, sqlite_url, tiny_lm, job_workers=0):
+        sessions = api.app.state.session_factory
+        runner = jobs.JobRunner(api.app, workers=0)
+        for fails in (True, False):
+            study = upload_ct(api)
+            with sessions.begin() as s:
+                crud.enqueue_job(s, kind="probe", study_id=study["id"])
+            with sessions.begin() as s:
+                claimed = jobs.claim(s, "w1", lease_s=600)
+            assert claimed is not None and claimed.worker == "w1"
+
+            def handler(job, api=api, sessions=sessions, study_id=study["id"], fails=fails):
+                r = api.delete(f"/v1/studies/{study_id}", headers=api.h("admin"))
+                assert r.status_code == 204, r.text
+                if fails:
+                    raise RuntimeError("the study is gone")
+                with sessions.begin() as s:
+                    jobs.finish(s, job, {"ok": True})
+
+            runner.handlers["probe"] = handler
+            runner.run(claimed)  # returns: the worker's loop goes on
+            with sessions() as s:
+                rows = s.scalars(select(Job)).all()
+                # only the sweep jobs are left, queued and untouched, whatever their ids
+                assert {(j.kind, j.status, j.attempts, j.last_error) for j in rows} == {
+                    ("sweep_images", "queued", 0, None)
+                }
+        outcomes = {
+            sample.labels["outcome"]: sample.value
+            for metric in api.app.state.metrics.jobs.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total") and sample.labels["kind"] == "probe"
+        }
+        assert outcomes == {"gone": 1.0, "done": 1.0}
+
+        # a lease that ran out: another worker claims the job; the first one's word is void
+        with sessions.begin() as s:
+            crud.enqueue_job(s, kind="probe")
+        with sessions.begin() as s:
+            s.execute(update(Job).where(Job.kind == "sweep_images").values(status="done"))
+            first = jobs.claim(s, "w1", lease_s=600)
+        with sessions.begin() as s:
+            s.execute(
+                update(Job)
+                .where(Job.id == first.id)
+                .values(locked_at=utcnow() - timedelta(hours=1))
+            )
+        with sessions.begin() as s:
+            second = jobs.claim(s, "w2", lease_s=600)
+        assert second is not None and second.id == first.id
+        with sessions.begin() as s:
+            jobs.finish(s, first, {"late": True})
+            assert jobs.fail(s, first, "late", retry_base_s=0) == "gone"
+        with sessions() as s:
+            row = s.get(Job, first.id)
+            assert (row.status, row.locked_by, row.attempts) == ("running", "w2", 2)
+        with sessions.begin() as s:
+            jobs.finish(s, second, {"ok": True})
+        with sessions() as s:
+            assert s.get(Job, first.id).status == "done"

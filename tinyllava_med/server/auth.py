@@ -50,6 +50,7 @@ Permission = Literal[
     "report.sign",
     "apikey.manage",
     "audit.read",
+    "study.delete",
 ]
 PERMISSIONS: tuple[str, ...] = get_args(Permission)
 
@@ -57,7 +58,7 @@ _PACS: frozenset[Permission] = frozenset(
     {"study.upload", "study.read", "question.ask", "report.read"}
 )
 _RADIOLOGIST: frozenset[Permission] = _PACS | {"report.edit", "report.sign"}
-_ADMIN: frozenset[Permission] = _RADIOLOGIST | {"apikey.manage", "audit.read"}
+_ADMIN: frozenset[Permission] = _RADIOLOGIST | {"apikey.manage", "audit.read", "study.delete"}
 ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
     "pacs": _PACS,
     "radiologist": _RADIOLOGIST,

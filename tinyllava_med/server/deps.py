@@ -55,6 +55,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 Uploader = Annotated[Principal, Depends(require("study.upload"))]
 StudyReader = Annotated[Principal, Depends(require("study.read"))]
+StudyDeleter = Annotated[Principal, Depends(require("study.delete"))]
 Asker = Annotated[Principal, Depends(require("question.ask"))]
 ReportReader = Annotated[Principal, Depends(require("report.read"))]
 ReportEditor = Annotated[Principal, Depends(require("report.edit"))]

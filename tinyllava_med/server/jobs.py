@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 AUTO_REPORT = "auto_report"
 PUSH_SR = "push_sr"
+SWEEP_IMAGES = "sweep_images"
 SYSTEM_ACTOR = "system"
 
 
@@ -57,6 +58,7 @@ class Claimed:
     study_id: str | None
     payload: dict[str, Any]
     attempts: int
+    worker: str = ""  # who claimed it: only that claim may finish or fail it
 
 
 # --- scheduling --------------------------------------------------------------------------------
@@ -110,6 +112,29 @@ def schedule_push(session: Session, settings: Settings, report: Report) -> Job |
     )
 
 
+def _names_file(key: object, sha256: str) -> bool:
+    """Whether an engine cache key (`stored_image_key`, or a prefix key holding one) names the
+    stored file `sha256`."""
+    if not isinstance(key, tuple) or not key:
+        return False
+    return key[0] == sha256 or _names_file(key[0], sha256)
+
+
+def schedule_sweep(session: Session, settings: Settings, hashes: list[str]) -> Job | None:
+    """Queue removing the files of a deleted study's images once `image_sweep_grace_s` has
+    passed (the job keeps those another study holds, or an upload stored again meanwhile)."""
+    if not hashes:
+        return None
+    job = crud.enqueue_job(
+        session,
+        kind=SWEEP_IMAGES,
+        payload={"sha256": hashes},
+        max_attempts=settings.job_max_attempts,
+    )
+    job.run_after = utcnow() + timedelta(seconds=settings.image_sweep_grace_s)
+    return job
+
+
 # --- claiming and finishing --------------------------------------------------------------------
 
 
@@ -144,22 +169,39 @@ def claim(session: Session, worker: str, lease_s: float) -> Claimed | None:
     )
     if taken.rowcount != 1:  # type: ignore[attr-defined]
         return None  # another worker took it between our read and our write
-    return Claimed(job.id, job.kind, job.study_id, dict(job.payload), job.attempts + 1)
+    return Claimed(job.id, job.kind, job.study_id, dict(job.payload), job.attempts + 1, worker)
 
 
-def finish(session: Session, job_id: int, result: dict[str, Any]) -> None:
-    job = session.get(Job, job_id)
-    assert job is not None
+def _held(session: Session, claimed: Claimed) -> Job | None:
+    """The job's row while `claimed` still holds it; None once the job was deleted (with its
+    study: SQLite may even give its id to a newer job) or claimed again after its lease ran out
+    (its new worker owns it now)."""
+    job = session.get(Job, claimed.id)
+    if job is None or (job.kind, job.locked_by, job.attempts) != (
+        claimed.kind,
+        claimed.worker,
+        claimed.attempts,
+    ):
+        return None
+    return job
+
+
+def finish(session: Session, claimed: Claimed, result: dict[str, Any]) -> None:
+    job = _held(session, claimed)
+    if job is None:
+        return
     job.status = "done"
     job.payload = {**job.payload, "result": result}
     job.locked_by = job.locked_at = None
     job.last_error = None
 
 
-def fail(session: Session, job_id: int, error: str, retry_base_s: float) -> str:
-    """Record a failed attempt: queued again after a backoff, or failed for good."""
-    job = session.get(Job, job_id)
-    assert job is not None
+def fail(session: Session, claimed: Claimed, error: str, retry_base_s: float) -> str:
+    """Record a failed attempt: queued again after a backoff, or failed for good; `gone` when
+    the claim no longer holds the job (deleted with its study, or claimed again)."""
+    job = _held(session, claimed)
+    if job is None:
+        return "gone"
     job.last_error = error[:1000]
     job.locked_by = job.locked_at = None
     if job.attempts >= job.max_attempts:
@@ -189,6 +231,7 @@ class JobRunner:
         self.handlers: dict[str, Callable[[Claimed], None]] = {
             AUTO_REPORT: self._auto_report,
             PUSH_SR: self._push_sr,
+            SWEEP_IMAGES: self._sweep_images,
         }
 
     def start(self) -> None:
@@ -231,8 +274,9 @@ class JobRunner:
             error = f"{type(e).__name__}: {getattr(e, 'message', None) or e}"
             log.warning("job %s (%s) attempt %d failed: %s", job.id, job.kind, job.attempts, error)
             with self.sessions.begin() as s:
-                outcome = fail(s, job.id, error, self.settings.job_retry_base_s)
-            metrics.jobs.labels(job.kind, "retry" if outcome == "queued" else "failed").inc()
+                outcome = fail(s, job, error, self.settings.job_retry_base_s)
+            labels = {"queued": "retry", "gone": "gone"}
+            metrics.jobs.labels(job.kind, labels.get(outcome, "failed")).inc()
 
     # --- kinds -------------------------------------------------------------------------------
 
@@ -280,7 +324,34 @@ class JobRunner:
                 detail={"job_id": job.id, "report_id": report.id},
             )
             push = schedule_push(s, settings, report)
-            finish(s, job.id, {"report_id": report.id, "push_job_id": push.id if push else None})
+            finish(s, job, {"report_id": report.id, "push_job_id": push.id if push else None})
+
+    def _sweep_images(self, job: Claimed) -> None:
+        """Remove the files no image refers to any more, and what the caches derived from
+        them; a file stored again within the grace period waits for another sweep."""
+        store = self.app.state.store
+        grace = self.settings.image_sweep_grace_s
+        hashes = [str(h) for h in job.payload["sha256"]]
+        with self.sessions() as s:
+            held = set(s.scalars(select(Image.sha256).where(Image.sha256.in_(hashes))))
+        removed: list[str] = []
+        fresh: list[str] = []
+        for sha in hashes:
+            if sha in held:
+                continue
+            (removed if store.remove_if_stale(sha, grace) else fresh).append(sha)
+        engine = getattr(self.app.state, "engine", None)
+        for sha in removed:
+            for cache in (getattr(engine, "pixels", None), getattr(engine, "prefixes", None)):
+                if cache is not None:
+                    cache.discard(lambda key, sha=sha: _names_file(key, sha))
+        with self.sessions.begin() as s:
+            again = schedule_sweep(s, self.settings, fresh)
+            finish(
+                s,
+                job,
+                {"removed": len(removed), "kept": len(held), "again": again.id if again else None},
+            )
 
     def _push_sr(self, job: Claimed) -> None:
         from dicomweb_client.api import DICOMwebClient
@@ -313,4 +384,4 @@ class JobRunner:
                 status_code=200,
                 detail={"job_id": job.id, "sop_instance_uid": str(sr.SOPInstanceUID)},
             )
-            finish(s, job.id, {"sop_instance_uid": str(sr.SOPInstanceUID)})
+            finish(s, job, {"sop_instance_uid": str(sr.SOPInstanceUID)})

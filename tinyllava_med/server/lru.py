@@ -69,6 +69,14 @@ class ByteLRU(Generic[V]):
                 _, (_, dropped) = self._items.popitem(last=False)
                 self._bytes -= dropped
 
+    def discard(self, matches: Callable[[Hashable], bool]) -> int:
+        """Drop every entry whose key `matches`; how many were dropped."""
+        with self._lock:
+            gone = [k for k in self._items if matches(k)]
+            for k in gone:
+                self._bytes -= self._items.pop(k)[1]
+        return len(gone)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()

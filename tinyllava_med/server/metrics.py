@@ -198,7 +198,8 @@ class Metrics:
         )
         self.jobs = Counter(
             PREFIX + "jobs",
-            "Background job runs by kind and outcome (done, retry, failed)",
+            "Background job runs by kind and outcome (done, retry, failed; gone: deleted with "
+            "its study while it ran)",
             ["kind", "outcome"],
             registry=r,
         )

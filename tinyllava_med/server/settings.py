@@ -178,6 +178,12 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="a running job whose worker is silent this long is retried"
     )
     job_poll_s: float = Field(default=1.0, gt=0)
+    image_sweep_grace_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="a deleted study's files are removed this long after the deletion (when no "
+        "other study holds them and no upload stored them again meanwhile), by a job",
+    )
     dicomweb_push_url: str | None = Field(
         default=None,
         description="DICOMweb base URL that receives the SR of every automatic "

@@ -1,7 +1,9 @@
 """Content-addressed image store: uploaded bytes live on disk under their sha256, never in the DB.
 
 `put` is idempotent (the same file uploaded twice is stored once) and atomic (write to a temp
-file, then rename), so a failed request never leaves a half-written image behind.
+file, then rename), so a failed request never leaves a half-written image behind. Storing a
+file that is there already touches it: `remove_if_stale` deletes only files untouched for a
+grace period, so an upload of the same content racing a deletion keeps its file.
 
 `ImageStore.rendered` is a bounded LRU (`lru.ByteLRU`) of decoded images (what
 `serving.render` makes of a file for a frame and window), so asking many questions about one
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from PIL import Image
@@ -39,6 +42,7 @@ class ImageStore:
         digest = hashlib.sha256(data).hexdigest()
         dest = self.path(digest)
         if dest.is_file():
+            os.utime(dest)  # a deletion sweeping it now leaves it: it is in use again
             return digest
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
@@ -56,3 +60,16 @@ class ImageStore:
 
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
+
+    def remove_if_stale(self, sha256: str, grace_s: float) -> bool:
+        """Delete the file (and its renderings) unless it was stored or touched in the last
+        `grace_s` seconds; whether it is gone. The caller checks that no image refers to it."""
+        path = self.path(sha256)
+        try:
+            if time.time() - path.stat().st_mtime < grace_s:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        self.rendered.discard(lambda key: isinstance(key, tuple) and key[0] == sha256)
+        return True

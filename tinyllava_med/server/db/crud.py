@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from typing import Any, NotRequired, TypedDict, Unpack
 
-from sqlalchemy import Select, bindparam, func, insert, select, update
+from sqlalchemy import Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, selectinload
 
@@ -88,6 +88,13 @@ class ReportChanged(DomainError):
 
     status = 409
     code = "report_changed"
+
+
+class StudyHasSignedReports(DomainError):
+    """A study whose reports include a signed one was asked to be deleted."""
+
+    status = 409
+    code = "study_has_signed_reports"
 
 
 class InvalidReportUpdate(DomainError):
@@ -176,6 +183,39 @@ def list_studies(
     stmt = select(Study).options(selectinload(Study.images))
     stmt = _studies_filter(stmt, modality).order_by(Study.created_at.desc(), Study.id.desc())
     return list(session.scalars(_page(stmt, limit, offset)))
+
+
+def delete_study(session: Session, study: Study) -> list[str]:
+    """Delete `study`, its draft reports (with their edits), images and jobs, and return the
+    hashes of its images' files: other studies may hold the same files, so removing them is the
+    caller's (`jobs.schedule_sweep`). A study with a signed report is a medical record and is
+    not deleted (`StudyHasSignedReports`), nor is one whose draft is signed meanwhile."""
+    signed = (
+        select(func.count())
+        .select_from(Report)
+        .where(Report.study_id == study.id, Report.status.in_(SIGNED_STATUSES))
+    )
+    if n := session.scalar(signed):
+        raise StudyHasSignedReports(
+            f"the study has {n} signed report(s): they are the medical record and stay; "
+            "correct a wrong one by amending it",
+            detail={"study_id": study.id, "signed_reports": n},
+        )
+    hashes = sorted({image.sha256 for image in study.images})
+    drafts = delete(Report).where(Report.study_id == study.id, Report.status == "draft")
+    session.execute(drafts.execution_options(synchronize_session=False))
+    # a report signed since the check is not a draft: the study keeps it, and so RESTRICT
+    # refuses the study's deletion below; images, jobs and edits go by ON DELETE CASCADE
+    if session.scalar(select(func.count()).select_from(Report).where(Report.study_id == study.id)):
+        raise StudyHasSignedReports(
+            "a report of the study was signed meanwhile; it stays",
+            detail={"study_id": study.id},
+        )
+    session.execute(
+        delete(Study).where(Study.id == study.id).execution_options(synchronize_session=False)
+    )
+    session.expunge(study)
+    return hashes
 
 
 def count_studies(session: Session, *, modality: str | None = None) -> int:
@@ -605,6 +645,7 @@ __all__ = [
     "count_studies",
     "create_report",
     "create_study",
+    "delete_study",
     "enqueue_job",
     "get_image",
     "get_report",

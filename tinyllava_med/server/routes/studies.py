@@ -1,4 +1,4 @@
-"""`/v1/studies`: upload DICOM / PNG / JPEG files, list and read studies, render images."""
+"""`/v1/studies`: upload DICOM / PNG / JPEG files, list, read and delete studies, render images."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.deps import SessionDep, SettingsDep, StoreDep, StudyReader, Uploader
+from tinyllava_med.server.deps import (
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    StudyDeleter,
+    StudyReader,
+    Uploader,
+)
+from tinyllava_med.server.jobs import schedule_sweep
 from tinyllava_med.server.schemas import StudyList, StudyPublic
 from tinyllava_med.server.serving import (
     Upload,
@@ -85,6 +93,35 @@ def get_study(
         status_code=200,
     )
     return study_public(study, crud.report_counts(session, [study.id])[study.id])
+
+
+@router.delete("/{study_id}", status_code=204)
+def delete_study(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    study_id: str,
+    principal: StudyDeleter,
+) -> None:
+    """A study sent by mistake (the wrong patient, say) goes, with its draft reports; one with a
+    signed report stays (409). Its files are removed by a job `image_sweep_grace_s` later,
+    unless another study holds them."""
+    study = load_audited(
+        request, session, "study", study_id, actor=principal.actor, action="study.delete"
+    )
+    images = len(study.images)
+    hashes = crud.delete_study(session, study)
+    sweep = schedule_sweep(session, settings, hashes)
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="study.delete",
+        resource_type="study",
+        resource_id=study_id,
+        outcome="ok",
+        status_code=204,
+        detail={"images": images, "sweep_job_id": sweep.id if sweep else None},
+    )
 
 
 @router.get(
