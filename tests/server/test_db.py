@@ -779,3 +779,19 @@ def test_require_answers_401_403_and_audits(db_engine: Engine, tmp_path: Path) -
 
     open_client = TestClient(_app(db_engine, tmp_path, auth_disabled=True))
     assert open_client.patch("/v1/reports/1").json() == {"actor": "anonymous"}
+
+
+def test_editing_a_draft_deleted_with_its_study_meanwhile_is_a_404(db_engine: Engine) -> None:
+    """The report was read, then its study deleted (with its drafts) by another request before
+    the edit: the edit says the report is gone instead of failing."""
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        report_id = _report(s).id
+    with Session_() as s:
+        stale = crud.get_report(s, report_id)
+        assert stale is not None
+        with Session_.begin() as other:
+            study = crud.get_report(other, report_id).study
+            crud.delete_study(other, study)
+        with pytest.raises(crud.ReportGone):
+            crud.update_report(s, stale, text="edited", actor="rad-1")

@@ -19,7 +19,7 @@ from typing import Any, NotRequired, TypedDict, Unpack
 
 from sqlalchemy import Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, object_session, selectinload
 
 from tinyllava_med import __version__
 from tinyllava_med.server.db.models import (
@@ -88,6 +88,13 @@ class ReportChanged(DomainError):
 
     status = 409
     code = "report_changed"
+
+
+class ReportGone(DomainError):
+    """A draft was deleted with its study between this request's read and its edit."""
+
+    status = 404
+    code = "report_not_found"
 
 
 class StudyHasSignedReports(DomainError):
@@ -442,7 +449,7 @@ def update_report(
         raise InvalidReportUpdate("a reason is given only with status 'amended'")
     # Re-read under a row lock (PostgreSQL), so two concurrent edits cannot both pass the
     # checks on the report's status.
-    session.refresh(report, with_for_update=True)
+    _reread(report, with_for_update=True)
     _check_change(report, text, status, reason)
     new_text = report.text if text is None else text
     new_status = report.status if status is None else status
@@ -465,7 +472,7 @@ def update_report(
         .execution_options(synchronize_session=False)
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
-        session.refresh(report)
+        _reread(report)
         if report.status in SIGNED_STATUSES and status != "amended":
             _check_change(report, text, status, reason)  # signed meanwhile
         raise ReportChanged(
@@ -494,6 +501,15 @@ def update_report(
         report.study.status = "signed"
     session.flush()
     return report
+
+
+def _reread(report: Report, *, with_for_update: bool = False) -> None:
+    """Refresh `report` from the database; `ReportGone` when its study was deleted meanwhile."""
+    session = object_session(report)
+    assert session is not None
+    stmt = select(Report).where(Report.id == report.id).execution_options(populate_existing=True)
+    if session.scalar(stmt.with_for_update() if with_for_update else stmt) is None:
+        raise ReportGone("the report was deleted with its study")
 
 
 def _check_change(
@@ -637,6 +653,7 @@ __all__ = [
     "DomainError",
     "InvalidReportUpdate",
     "ReportChanged",
+    "ReportGone",
     "ReportFinalized",
     "add_image",
     "audit",
