@@ -297,12 +297,14 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_apikey(args: argparse.Namespace) -> int:
     """create (the key is printed once), list (never the keys), revoke KEY_ID; create and
     revoke are audited with actor `cli`."""
-    from sqlalchemy import select
-
-    from tinyllava_med.server.auth import create_api_key, get_api_key, revoke_api_key
+    from tinyllava_med.server.auth import (
+        create_api_key,
+        get_api_key,
+        list_api_keys,
+        revoke_api_key,
+    )
     from tinyllava_med.server.db import crud
     from tinyllava_med.server.db.migrate import upgrade
-    from tinyllava_med.server.db.models import ApiKey
     from tinyllava_med.server.db.session import make_engine, session_factory
 
     if args.apikey_cmd == "create" and not args.role:
@@ -318,7 +320,7 @@ def cmd_apikey(args: argparse.Namespace) -> int:
     try:
         with session_factory(engine).begin() as session:
             if args.apikey_cmd == "list":
-                for k in session.scalars(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)):
+                for k in list_api_keys(session, include_revoked=True):
                     state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
                     used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never"
                     print(

@@ -213,7 +213,7 @@ def delete_study(session: Session, study: Study) -> list[str]:
     session.execute(drafts.execution_options(synchronize_session=False))
     # a report signed since the check is not a draft: the study keeps it, and so RESTRICT
     # refuses the study's deletion below; images, jobs and edits go by ON DELETE CASCADE
-    if session.scalar(select(func.count()).select_from(Report).where(Report.study_id == study.id)):
+    if count_reports(session, study_id=study.id):
         raise StudyHasSignedReports(
             "a report of the study was signed meanwhile; it stays",
             detail={"study_id": study.id},

@@ -4,11 +4,9 @@ revoke them."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from sqlalchemy import select
 
 from tinyllava_med.server import auth
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import ApiKey
 from tinyllava_med.server.deps import KeyAdmin, SessionDep
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyPublic
@@ -19,10 +17,12 @@ router = APIRouter(prefix="/v1/apikeys", tags=["keys"])
 @router.get("", response_model=ApiKeyList)
 def list_keys(session: SessionDep, principal: KeyAdmin, active: bool | None = None) -> ApiKeyList:
     """Oldest first; `active=true` leaves out revoked keys, `active=false` lists only them."""
-    stmt = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
-    if active is not None:
-        stmt = stmt.where(ApiKey.revoked_at.is_(None) if active else ApiKey.revoked_at.is_not(None))
-    keys = [ApiKeyPublic.model_validate(k, from_attributes=True) for k in session.scalars(stmt)]
+    rows = auth.list_api_keys(session, include_revoked=active is not True)
+    keys = [
+        ApiKeyPublic.model_validate(k, from_attributes=True)
+        for k in rows
+        if active is not False or k.revoked_at is not None
+    ]
     crud.audit(
         session,
         actor=principal.actor,
