@@ -12,7 +12,7 @@ import pydicom
 from api_helpers import CT_SMALL, assert_error, make_api, png_bytes, upload, upload_ct
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom.uid import ComprehensiveSRStorage
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from tinyllava_med.server.db.models import AuditEvent, Job, Report
 from tinyllava_med.server.dicom_sr import report_sr
@@ -223,6 +223,33 @@ def test_a_signed_report_is_amended_with_a_reason_and_its_exports_say_so(api):
             f'variant="{report["variant"] or report["model"]}"}} 1.0'
         )
         assert line in metrics, line
+
+
+def test_a_signature_whose_commit_fails_is_not_counted(api):
+    """The signed-reports metric counts what the database kept: a signature whose transaction
+    fails to commit leaves the report a draft and the counter where it was."""
+    report = ask(api, upload_ct(api)["id"])
+    path = f"/v1/reports/{report['id']}"
+    line = "tinyllava_med_reports_signed_total{"
+
+    def refuse_a_signed_report(session):
+        status = session.scalar(select(Report.status).where(Report.id == report["id"]))
+        if status == "final":
+            raise RuntimeError("the database went away at COMMIT")
+
+    factory = api.app.state.session_factory
+    event.listen(factory, "before_commit", refuse_a_signed_report)
+    try:
+        r = api.patch(path, headers=api.h(), json={"status": "final"})
+    finally:
+        event.remove(factory, "before_commit", refuse_a_signed_report)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+    assert api.get(path, headers=api.h()).json()["status"] == "draft"
+    assert line not in api.get("/metrics").text
+
+    r = api.patch(path, headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    assert f'{line}changed="false",status="final"' in api.get("/metrics").text
 
 
 def test_each_queued_push_sends_the_version_it_was_queued_for(tmp_path, database_url, tiny_lm):

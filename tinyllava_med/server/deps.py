@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from tinyllava_med.server.auth import Principal, require
+from tinyllava_med.server.db.session import run_after_commit
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.metrics import Metrics
 from tinyllava_med.server.settings import Settings
@@ -26,9 +27,11 @@ async def get_settings(request: Request) -> Settings:
 
 def get_session(request: Request) -> Iterator[Session]:
     """One transaction per request: committed when the route returns, before the response is
-    sent (`SessionDep`'s scope), rolled back on error."""
+    sent (`SessionDep`'s scope), rolled back on error. What a route deferred with
+    `after_commit` runs once the commit succeeded."""
     with request.app.state.session_factory.begin() as session:
         yield session
+    run_after_commit(session)
 
 
 async def get_engine(request: Request) -> BatchingEngine:

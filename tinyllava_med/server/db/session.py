@@ -12,6 +12,7 @@ restarted database costs one retry, not a 500. `postgresql://` URLs use psycopg 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,14 @@ def ping(engine: Engine) -> None:
     """Raise if the database cannot answer a trivial query (for `/readyz`)."""
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+def after_commit(session: Session, fn: Callable[[], None]) -> None:
+    """Call `fn` once the request's transaction has committed, and not at all if it rolls back
+    (`deps.get_session` runs these): a metric then counts only what the database kept."""
+    session.info.setdefault("after_commit", []).append(fn)
+
+
+def run_after_commit(session: Session) -> None:
+    for fn in session.info.pop("after_commit", []):
+        fn()

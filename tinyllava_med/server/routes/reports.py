@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import SIGNED_STATUSES, Report
+from tinyllava_med.server.db.session import after_commit
 from tinyllava_med.server.deps import (
     MetricsDep,
     ReportEditor,
@@ -98,7 +99,8 @@ def update_report(
     if report.status in SIGNED_STATUSES and report.updated_at != version:
         schedule_push(session, settings, report)  # the PACS gets the signed (or amended) SR
         variant = report.variant or report.model
-        metrics.on_signed(report.status, variant, report.text, report.answer)
+        signed = (report.status, variant, report.text, report.answer)
+        after_commit(session, lambda: metrics.on_signed(*signed))
     crud.audit(
         session,
         actor=principal.actor,
