@@ -778,8 +778,8 @@ def test_a_file_stored_again_within_the_grace_period_outlives_the_sweep(tmp_path
 def test_only_the_claim_that_holds_a_job_finishes_or_fails_it(tmp_path, sqlite_url, tiny_lm):
     """A job deleted with its study while a worker runs it (SQLite may give its id to the
     deletion's own sweep job), or claimed again by another worker after its lease ran out, is
-    no longer the first worker's: finishing or failing it changes nothing, and the worker
-    lives on."""
+    no longer the first worker's: finishing or failing it changes nothing, the worker lives on,
+    and the jobs metric counts the run as gone, not done."""
     from tinyllava_med.server import jobs
     from tinyllava_med.server.db import crud
 
@@ -800,7 +800,7 @@ def test_only_the_claim_that_holds_a_job_finishes_or_fails_it(tmp_path, sqlite_u
                 if fails:
                     raise RuntimeError("the study is gone")
                 with sessions.begin() as s:
-                    jobs.finish(s, job, {"ok": True})
+                    return jobs.finish(s, job, {"ok": True})
 
             runner.handlers["probe"] = handler
             runner.run(claimed)  # returns: the worker's loop goes on
@@ -816,7 +816,7 @@ def test_only_the_claim_that_holds_a_job_finishes_or_fails_it(tmp_path, sqlite_u
             for sample in metric.samples
             if sample.name.endswith("_total") and sample.labels["kind"] == "probe"
         }
-        assert outcomes == {"gone": 1.0, "done": 1.0}
+        assert outcomes == {"gone": 2.0}  # neither run is counted as done
 
         # a lease that ran out: another worker claims the job; the first one's word is void
         with sessions.begin() as s:
@@ -834,12 +834,12 @@ def test_only_the_claim_that_holds_a_job_finishes_or_fails_it(tmp_path, sqlite_u
             second = jobs.claim(s, "w2", lease_s=600)
         assert second is not None and second.id == first.id
         with sessions.begin() as s:
-            jobs.finish(s, first, {"late": True})
+            assert jobs.finish(s, first, {"late": True}) == "gone"
             assert jobs.fail(s, first, "late", retry_base_s=0) == "gone"
         with sessions() as s:
             row = s.get(Job, first.id)
             assert (row.status, row.locked_by, row.attempts) == ("running", "w2", 2)
         with sessions.begin() as s:
-            jobs.finish(s, second, {"ok": True})
+            assert jobs.finish(s, second, {"ok": True}) == "done"
         with sessions() as s:
             assert s.get(Job, first.id).status == "done"

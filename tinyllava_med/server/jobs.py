@@ -186,14 +186,16 @@ def _held(session: Session, claimed: Claimed) -> Job | None:
     return job
 
 
-def finish(session: Session, claimed: Claimed, result: dict[str, Any]) -> None:
+def finish(session: Session, claimed: Claimed, result: dict[str, Any]) -> str:
+    """Record a job's result: `done`, or `gone` when the claim no longer holds the job."""
     job = _held(session, claimed)
     if job is None:
-        return
+        return "gone"
     job.status = "done"
     job.payload = {**job.payload, "result": result}
     job.locked_by = job.locked_at = None
     job.last_error = None
+    return "done"
 
 
 def fail(session: Session, claimed: Claimed, error: str, retry_base_s: float) -> str:
@@ -228,7 +230,7 @@ class JobRunner:
             threading.Thread(target=self._loop, args=(i,), name=f"jobs-{i}", daemon=True)
             for i in range(workers)
         ]
-        self.handlers: dict[str, Callable[[Claimed], None]] = {
+        self.handlers: dict[str, Callable[[Claimed], str]] = {
             AUTO_REPORT: self._auto_report,
             PUSH_SR: self._push_sr,
             SWEEP_IMAGES: self._sweep_images,
@@ -267,8 +269,8 @@ class JobRunner:
             handler = self.handlers.get(job.kind)
             if handler is None:
                 raise ValueError(f"unknown job kind {job.kind!r}")
-            handler(job)
-            metrics.jobs.labels(job.kind, "done").inc()
+            # the handler's `finish`: done, or gone (another claim, or deleted, meanwhile)
+            metrics.jobs.labels(job.kind, handler(job)).inc()
         except Exception as e:
             # messages of our own errors carry no patient data; others are cut short
             error = f"{type(e).__name__}: {getattr(e, 'message', None) or e}"
@@ -280,7 +282,7 @@ class JobRunner:
 
     # --- kinds -------------------------------------------------------------------------------
 
-    def _auto_report(self, job: Claimed) -> None:
+    def _auto_report(self, job: Claimed) -> str:
         settings, store, engine = self.settings, self.app.state.store, self.app.state.engine
         with self.sessions() as s:
             study = crud.get_study(s, job.study_id or "")
@@ -324,9 +326,11 @@ class JobRunner:
                 detail={"job_id": job.id, "report_id": report.id},
             )
             push = schedule_push(s, settings, report)
-            finish(s, job, {"report_id": report.id, "push_job_id": push.id if push else None})
+            return finish(
+                s, job, {"report_id": report.id, "push_job_id": push.id if push else None}
+            )
 
-    def _sweep_images(self, job: Claimed) -> None:
+    def _sweep_images(self, job: Claimed) -> str:
         """Remove the files no image refers to any more, and what the caches derived from
         them; a file stored again within the grace period waits for another sweep."""
         store = self.app.state.store
@@ -347,13 +351,13 @@ class JobRunner:
                     cache.discard(lambda key, sha=sha: _names_file(key, sha))
         with self.sessions.begin() as s:
             again = schedule_sweep(s, self.settings, fresh)
-            finish(
+            return finish(
                 s,
                 job,
                 {"removed": len(removed), "kept": len(held), "again": again.id if again else None},
             )
 
-    def _push_sr(self, job: Claimed) -> None:
+    def _push_sr(self, job: Claimed) -> str:
         from dicomweb_client.api import DICOMwebClient
 
         settings = self.settings
@@ -384,4 +388,4 @@ class JobRunner:
                 status_code=200,
                 detail={"job_id": job.id, "sop_instance_uid": str(sr.SOPInstanceUID)},
             )
-            finish(s, job, {"sop_instance_uid": str(sr.SOPInstanceUID)})
+            return finish(s, job, {"sop_instance_uid": str(sr.SOPInstanceUID)})
