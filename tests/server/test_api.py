@@ -104,6 +104,26 @@ def test_upload_ask_edit_sign_flow(api):
         assert denied, "the 403 must be audited"
 
 
+def test_each_key_reads_its_own_role_and_permissions(api):
+    """`/v1/apikeys/me` tells a client what its key may do, and it is what the server enforces:
+    a permission it lists is granted, one it leaves out is a 403."""
+    keys = api.get("/v1/apikeys", headers=api.h("admin")).json()["data"]
+    by_name = {k["name"]: k for k in keys}
+    for role in ("pacs", "radiologist", "admin"):
+        r = api.get("/v1/apikeys/me", headers=api.h(role))
+        assert r.status_code == 200, r.text
+        me = r.json()
+        assert me["role"] == role and "key" not in me and "hash" not in str(me)
+        if role != "admin":  # the first admin key is the server's own
+            assert me["id"] == by_name[f"test {role}"]["id"]
+        # two probes of the contract: signing and deleting a study
+        assert ("report.sign" in me["permissions"]) == (role != "pacs")
+        assert ("study.delete" in me["permissions"]) == (role == "admin")
+        deleted = api.delete("/v1/studies/no-such-study", headers=api.h(role))
+        assert deleted.status_code == (404 if "study.delete" in me["permissions"] else 403)
+    assert_error(api.get("/v1/apikeys/me"), 401, "unauthorized")
+
+
 def test_admin_reads_the_audit_log_and_lists_keys(api):
     admin = api.h("admin")
     created = api.post("/v1/apikeys", headers=admin, json={"role": "radiologist", "name": "Dr. A"})

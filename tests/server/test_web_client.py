@@ -358,6 +358,94 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         assert page.problems == [], page.problems
 
 
+def test_each_role_is_offered_its_actions_and_an_admin_deletes_a_study(
+    page, tmp_path, tiny_lm, shots
+):
+    """The page reads the key's permissions: a PACS key sees reports read-only and no delete
+    button. An admin deletes a study sent by mistake after a confirmation; a study with a signed
+    report stays, and the page says why."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        auth = {"Authorization": f"Bearer {server.key}"}
+
+        def study_with_report(sign: bool) -> dict[str, Any]:
+            study = httpx.post(
+                server.base + "/v1/studies",
+                headers=auth,
+                files=[("files", ("ct.dcm", CT_SMALL.read_bytes()))],
+                timeout=30,
+            ).json()
+            report = httpx.post(
+                f"{server.base}/v1/studies/{study['id']}/questions",
+                headers=auth,
+                json={"question": "Any fracture?"},
+                timeout=60,
+            ).json()
+            if sign:
+                r = httpx.patch(
+                    f"{server.base}/v1/reports/{report['id']}",
+                    headers=auth,
+                    json={"status": "final"},
+                )
+                assert r.status_code == 200, r.text
+            return study
+
+        mistaken, signed = study_with_report(False), study_with_report(True)
+        pacs = httpx.post(
+            server.base + "/v1/apikeys", headers=auth, json={"role": "pacs"}, timeout=30
+        ).json()
+
+        _sign_in(page, server, key=pacs["key"])
+        expect(page.locator("#key-label")).to_contain_text("pacs")
+        page.goto(f"{server.base}/#/study/{mistaken['id']}")
+        expect(page.get_by_role("heading", level=1)).to_contain_text("CT")
+        page.locator("#history button.history-item").first.click()
+        expect(page.locator("#report-badge")).to_have_text("Draft")
+        expect(page.get_by_role("button", name="Delete study…")).to_be_hidden()
+        expect(page.get_by_role("button", name="Sign report…")).to_be_hidden()
+        expect(page.get_by_role("button", name="Save draft")).to_be_hidden()
+        expect(page.get_by_label("Report text (draft)")).not_to_be_editable()
+        expect(page.locator("#report-role-note")).to_contain_text("a radiologist edits and signs")
+        page.get_by_role("button", name="Sign out").click()
+
+        _sign_in(page, server)
+        expect(page.locator("#key-label")).to_contain_text("admin")
+        expect(page.locator("#worklist-body tr")).to_have_count(2)
+        alert = page.locator("#alerts")
+        # a signed study stays: the server's 409, with its reason
+        page.goto(f"{server.base}/#/study/{signed['id']}")
+        expect(page.get_by_role("heading", level=1)).to_contain_text("CT")
+        page.get_by_role("button", name="Delete study…").click()
+        dialog = page.get_by_role("dialog", name="Delete this study?")
+        expect(dialog).to_be_visible()
+        dialog.get_by_role("button", name="Delete study").click()
+        expect(alert.locator(".error-code")).to_have_text("study_has_signed_reports")
+        assert server.get(f"/v1/studies/{signed['id']}").status_code == 200
+
+        # cancelled: nothing happens; confirmed: gone, back on the worklist
+        page.goto(f"{server.base}/#/study/{mistaken['id']}")
+        expect(page.get_by_role("heading", level=1)).to_contain_text("CT")
+        page.get_by_role("button", name="Delete study…").click()
+        _shot(page, shots, "delete-dialog")
+        dialog.get_by_role("button", name="Cancel").click()
+        expect(dialog).to_be_hidden()
+        assert server.get(f"/v1/studies/{mistaken['id']}").status_code == 200
+        page.get_by_role("button", name="Delete study…").click()
+        dialog.get_by_role("button", name="Delete study").click()
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        expect(page.locator("#upload-status")).to_have_text("CT study deleted.")
+        expect(page.locator("#worklist-body tr")).to_have_count(1)
+        assert server.get(f"/v1/studies/{mistaken['id']}").status_code == 404
+        with server.app.state.session_factory() as s:
+            deletions = s.scalars(select(AuditEvent).where(AuditEvent.action == "study.delete"))
+            assert [(e.resource_id, e.outcome) for e in deletions] == [
+                (signed["id"], "invalid"),
+                (mistaken["id"], "ok"),
+            ]
+        assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
+
+
 def test_errors_are_shown_with_message_and_code(page, demo_server, shots):
     from playwright.sync_api import expect
 

@@ -139,6 +139,16 @@ class ApiKeyCreated(BaseModel):
     key: str  # shown once
 
 
+class Caller(BaseModel):
+    """The key a request is made with: who it is and what its role may do, so a client shows
+    only the actions the server will allow."""
+
+    id: str
+    name: str
+    role: str
+    permissions: list[str]
+
+
 class JobPublic(BaseModel):
     id: int
     kind: str

@@ -1,5 +1,5 @@
 """`/v1/apikeys`: admins list keys (never the keys themselves), create keys (shown once) and
-revoke them."""
+revoke them; any key reads its own role and permissions (`/v1/apikeys/me`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from tinyllava_med.server import auth
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.deps import KeyAdmin, SessionDep
 from tinyllava_med.server.errors import APIError
-from tinyllava_med.server.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyList, ApiKeyPublic
+from tinyllava_med.server.schemas import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyList,
+    ApiKeyPublic,
+    Caller,
+)
 
 router = APIRouter(prefix="/v1/apikeys", tags=["keys"])
 
@@ -34,6 +40,15 @@ def list_keys(session: SessionDep, principal: KeyAdmin, active: bool | None = No
         detail={"count": len(keys)},
     )
     return ApiKeyList(data=keys, count=len(keys))
+
+
+@router.get("/me", response_model=Caller)
+async def who_am_i(principal: auth.CurrentPrincipal) -> Caller:
+    """The calling key's id, name, role and permissions (any valid key)."""
+    granted = [p for p in auth.PERMISSIONS if principal.can(p)]
+    return Caller(
+        id=principal.key_id, name=principal.name, role=principal.role, permissions=granted
+    )
 
 
 @router.post("", status_code=201, response_model=ApiKeyCreated)

@@ -18,6 +18,7 @@
 
   const state = {
     key: sessionStorage.getItem(KEY_STORAGE),
+    me: null, // the key's role and permissions (/v1/apikeys/me), read once per sign-in
     studies: [],
     studyCount: 0,
     study: null,
@@ -31,6 +32,7 @@
     reportId: null,
     streaming: null, // AbortController while an answer streams
     modelTimer: null,
+    notice: null, // a message for the next view ("study deleted")
     nav: 0, // navigation counter: a view's late results are dropped once the user moved on
   };
 
@@ -216,6 +218,7 @@
       showView("signin");
       return;
     }
+    if (!state.me && !(await loadMe())) return;
     $("key-label").textContent = keyLabel(state.key);
     const m = location.hash.match(/^#\/study\/([A-Za-z0-9_-]+)$/);
     if (m) await openStudy(m[1]);
@@ -224,7 +227,27 @@
 
   function keyLabel(key) {
     const m = key.match(/^tlm_([0-9a-f]{8})_/);
-    return m ? `Key ${m[1]}` : "Signed in";
+    const who = m ? `Key ${m[1]}` : "Signed in";
+    return state.me && state.me.role ? `${who} · ${state.me.role}` : who;
+  }
+
+  // What the key may do, so the page offers only what the server will allow (the server
+  // checks every call anyway). False when the key was refused (signed out).
+  async function loadMe() {
+    try {
+      state.me = await api("/v1/apikeys/me");
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) {
+        showError(err);
+        return false;
+      }
+      state.me = null; // an older server, or a network error: offer everything
+    }
+    return true;
+  }
+
+  function can(permission) {
+    return !state.me || state.me.permissions.includes(permission);
   }
 
   // --- sign in / out --------------------------------------------------------------------------
@@ -271,6 +294,7 @@
     if (state.streaming) state.streaming.abort();
     sessionStorage.removeItem(KEY_STORAGE);
     state.key = null;
+    state.me = null;
     state.study = null;
     state.studies = [];
     state.reports = [];
@@ -331,6 +355,8 @@
     showView("worklist");
     releaseImage();
     state.study = null;
+    if (state.notice) setStatus("upload-status", state.notice);
+    state.notice = null;
     await loadWorklist(false);
   }
 
@@ -476,6 +502,7 @@
     state.frame = 0;
     state.window = "default";
     renderStudyHead(study);
+    $("study-delete").hidden = !can("study.delete");
     renderImageControls();
     $("ask-submit").disabled = false;
     $("study-title").focus();
@@ -834,6 +861,16 @@
     const signed = SIGNED.has(r.status);
     $("report-edit").hidden = signed;
     $("report-final").hidden = !signed;
+    const editor = can("report.edit");
+    $("report-text").readOnly = !editor;
+    $("report-save").hidden = !editor;
+    $("report-sign").hidden = !can("report.sign");
+    $("report-amend").hidden = !can("report.sign");
+    const note = $("report-role-note");
+    note.hidden = editor;
+    note.textContent = editor
+      ? ""
+      : `Your key's role (${state.me.role}) reads reports; a radiologist edits and signs them.`;
     setStatus("report-status", "");
     setStatus("amend-status", "");
     if (signed) {
@@ -842,7 +879,7 @@
       const verb = r.status === "amended" ? "Amended and signed" : "Signed";
       by.replaceChildren(
         el("strong", `${verb} ${when(r.signed_at) || "(date unknown)"}`),
-        " · read-only",
+        " · changed only by an amendment",
         el("code", `by API key ${r.signed_by || "unknown"}`),
       );
       loadVersions(r);
@@ -989,6 +1026,30 @@
     }
   }
 
+  // --- study: deletion (admins) --------------------------------------------------------------
+
+  function askToDelete() {
+    if (!state.study) return;
+    clearError();
+    $("delete-dialog").returnValue = "";
+    $("delete-dialog").showModal();
+  }
+
+  async function deleteStudy() {
+    const s = state.study;
+    if (!s) return;
+    $("study-delete").disabled = true;
+    try {
+      await api(`/v1/studies/${encodeURIComponent(s.id)}`, { method: "DELETE" });
+      state.notice = `${studyLabel(s)} study deleted.`;
+      location.hash = "#/"; // back to the worklist, which says so
+    } catch (err) {
+      showError(err, "Deleting the study");
+    } finally {
+      $("study-delete").disabled = false;
+    }
+  }
+
   // --- wiring ---------------------------------------------------------------------------------
 
   function wire() {
@@ -1030,6 +1091,10 @@
     $("amend-dialog").addEventListener("close", () => {
       if ($("amend-dialog").returnValue === "confirm") amendReport();
       else $("report-amend").focus();
+    });
+    $("study-delete").addEventListener("click", askToDelete);
+    $("delete-dialog").addEventListener("close", () => {
+      if ($("delete-dialog").returnValue === "confirm") deleteStudy();
     });
     $("sign-dialog").addEventListener("close", () => {
       if ($("sign-dialog").returnValue === "confirm") signReport();
