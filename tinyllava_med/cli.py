@@ -363,7 +363,10 @@ def cmd_apikey(args: argparse.Namespace) -> int:
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from tinyllava_med.training.demo import build_demo_model
 
-    out = build_demo_model(Path(args.out) if args.out else None, force=True)
+    overrides = {"max_time_s": None} if args.no_time_limit else None
+    out = build_demo_model(
+        Path(args.out) if args.out else None, force=True, train_overrides=overrides
+    )
     print(f"demo model written to {out}")
     return 0
 
@@ -564,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("demo-model", "train the bundled demo model on PhantomVQA", cmd_demo_model)
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--no-time-limit",
+        action="store_true",
+        help="train all steps however long they take (no 210 s budget): the same weights on "
+        "every machine of the same CPU type and thread count",
+    )
 
     p = verb("db", "database migrations", cmd_db)
     p.add_argument("db_cmd", choices=["upgrade"])

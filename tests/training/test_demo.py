@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from tinyllava_med.model.load import load_model
+from tinyllava_med.model.meta import ServedMeta
 from tinyllava_med.training import demo
 
 
@@ -16,6 +17,9 @@ def test_build_and_ensure_demo_model(tmp_path, monkeypatch):
     assert out == tmp_path / "models" / "demo"
     card = (out / "README.md").read_text()
     assert "Not for clinical use" in card and "tinyllava-med demo-model" in card
+    assert "4 of 4 steps" in card and demo.REPRODUCIBLE[True] in card
+    run = ServedMeta.load(out).training["run"]
+    assert run["steps"] == 4 and run["reproducible"] and not run["stopped_by_time_limit"]
     scores = json.loads((out / "demo_eval.json").read_text())
     assert set(scores["summary"]) >= {"closed_accuracy", "open_recall"}
     assert scores["n_scored"] == scores["n_gt"] > 0 and not scores["missing"]
@@ -26,3 +30,7 @@ def test_build_and_ensure_demo_model(tmp_path, monkeypatch):
     mtime = (out / "config.json").stat().st_mtime
     assert demo.ensure_demo_model(tmp_path, progress=False) == out
     assert (out / "config.json").stat().st_mtime == mtime
+
+    # built again (the same code, data, seed and threads): the same weights, bit for bit
+    again = demo.build_demo_model(tmp_path / "again", force=True, progress=False)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

@@ -11,6 +11,7 @@ from PIL import Image
 
 from tinyllava_med.model.load import load_model
 from tinyllava_med.model.meta import ServedMeta
+from tinyllava_med.training import trainer as trainer_mod
 from tinyllava_med.training.config import TrainConfig
 from tinyllava_med.training.data import (
     IGNORE_INDEX,
@@ -19,7 +20,7 @@ from tinyllava_med.training.data import (
     read_conversations,
     turns_of,
 )
-from tinyllava_med.training.trainer import run_stage
+from tinyllava_med.training.trainer import budget_cosine, run_stage
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +295,65 @@ def test_qlora_stage_writes_a_plain_checkpoint(tiny_model_dir, vqa_dir, tmp_path
     assert set(merged) == set(base)
     key = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert merged[key].dtype == torch.float32 and not torch.equal(merged[key], base[key])
+
+
+@pytest.mark.parametrize("seconds_per_step", [0.1, 0.2])
+def test_a_budget_that_fits_leaves_the_schedule_to_the_steps(monkeypatch, seconds_per_step):
+    """100 steps in a 60 s budget, the first taking 5 s (start-up), the others 0.1 or 0.2 s:
+    they fit, the schedule follows the steps alone, and both speeds give the same rates, so
+    the weights do not depend on how fast the machine was. (When the clock was allowed to lead
+    whenever it was ahead, the slow first step made it lead, and the rates differed.)"""
+    now = [0.0]
+    monkeypatch.setattr(trainer_mod.time, "monotonic", lambda: now[0])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    clock: dict = {}
+    sched = budget_cosine(opt, max_steps=100, warmup_ratio=0.1, budget_s=60.0, clock=clock)
+    rates = []
+    for step in range(100):
+        now[0] += 5.0 if step == 0 else seconds_per_step
+        opt.step()
+        sched.step()
+        rates.append(round(sched.get_last_lr()[0], 12))
+    assert clock["led"] is False
+    steps_only = budget_cosine(opt, max_steps=100, warmup_ratio=0.1, budget_s=1e9)
+    expected = []
+    for _ in range(100):
+        steps_only.step()
+        expected.append(round(steps_only.get_last_lr()[0], 12))
+    assert rates == expected and rates[-1] == 0.0
+
+
+def test_a_budget_too_short_for_the_steps_lets_the_clock_lead(monkeypatch):
+    """100 steps at 1 s each in a 30 s budget cannot fit: after the calibration steps the
+    clock leads, so the rate reaches zero when the budget ends, not after 100 steps."""
+    now = [0.0]
+    monkeypatch.setattr(trainer_mod.time, "monotonic", lambda: now[0])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    clock: dict = {}
+    sched = budget_cosine(opt, max_steps=100, warmup_ratio=0.1, budget_s=30.0, clock=clock)
+    for step in range(1, 31):
+        now[0] += 1.0
+        opt.step()
+        sched.step()
+        if step < trainer_mod.CALIBRATION_STEPS:
+            assert clock["led"] is None
+    assert clock["led"] is True
+    assert sched.get_last_lr()[0] == 0.0  # 30 s of 30: the schedule is over
+
+
+def test_a_run_cut_by_its_time_limit_records_that_it_is_not_reproducible(
+    tiny_model_dir, vqa_dir, tmp_path
+):
+    """The provenance says how a stage ran: all its steps (reproducible) or cut short by
+    `max_time_s` (a rebuild differs), with the steps done and the thread count."""
+    full = run_stage(_cfg("downstream", tiny_model_dir, vqa_dir, tmp_path / "full"))
+    run = ServedMeta.load(full).training["run"]
+    assert (run["steps"], run["max_steps"], run["reproducible"]) == (3, 3, True)
+    assert run["torch_threads"] == torch.get_num_threads()
+
+    cut = run_stage(
+        _cfg("downstream", tiny_model_dir, vqa_dir, tmp_path / "cut", max_steps=50, max_time_s=1e-6)
+    )
+    run = ServedMeta.load(cut).training["run"]
+    assert run["stopped_by_time_limit"] and not run["reproducible"]
+    assert run["steps"] == 1 and run["max_steps"] == 50

@@ -37,8 +37,9 @@ DEMO_TRAIN = dict(
     learning_rate=1e-3,
     per_device_train_batch_size=16,
     gradient_accumulation_steps=1,
-    # The schedule follows max(step, elapsed time) fractions: on a quiet 2-core machine the
-    # steps end first (~6 steps/s), on a busy one the 210 s budget does.
+    # On a quiet 2-core machine the 1400 steps take about 180 s: the schedule then follows the
+    # steps and a rebuild gives the same weights. On a busy one the 210 s budget binds and the
+    # schedule follows the clock (`trainer.budget_cosine`); the model card says which.
     max_steps=1400,
     max_time_s=210.0,
     warmup_ratio=0.04,
@@ -61,9 +62,19 @@ so the server, the web client and the pipeline can be tried with no download.
 - Architecture: SigLIP-style vision tower ({vision_layers} layers, hidden {vision_hidden}, patch
   {patch_size} on {image_size} px) + `mlp2x_gelu` projector + LLaMA-style LLM ({text_layers} layers,
   hidden {text_hidden}), byte-level BPE tokenizer trained locally, prompt template `v1`.
-- Trained with: `tinyllava-med demo-model` ({seconds:.0f} s of training, {steps} steps).
+- Trained with: `tinyllava-med demo-model` ({seconds:.0f} s of training, {steps} steps,
+  {threads} torch threads). {reproducible}
 - PhantomVQA test split (seed {seed}): {scores}
 """
+
+
+REPRODUCIBLE = {
+    True: "The schedule followed the steps alone: a rebuild with the same code on the same CPU "
+    "type and thread count gives the same weights.",
+    False: "This machine was too slow for the steps to finish within the time budget, so the "
+    "wall clock shaped the schedule: a rebuild gives different weights (`tinyllava-med "
+    "demo-model --no-time-limit` trains all steps, reproducibly).",
+}
 
 
 def demo_texts(entries: list[dict[str, Any]]) -> Iterator[str]:
@@ -123,15 +134,14 @@ def build_demo_model(
     shutil.rmtree(trained / "checkpoints", ignore_errors=True)
 
     scores = evaluate_demo(trained, phantom, progress=progress)
-    state = (
-        json.loads((trained / "training_state.json").read_text())
-        if (trained / "training_state.json").is_file()
-        else {}
-    )
+    meta = ServedMeta.load(trained)
+    run = ((meta.training if meta else None) or {}).get("run") or {}
     card = MODEL_CARD.format(
         **DEMO_SHAPE.__dict__,
         seconds=train_seconds,
-        steps=state.get("global_step", "?"),
+        steps=f"{run.get('steps', '?')} of {run.get('max_steps', '?')}",
+        threads=run.get("torch_threads", "?"),
+        reproducible=REPRODUCIBLE[bool(run.get("reproducible"))],
         seed=DEMO_SEED,
         scores=json.dumps(scores["summary"]),
     )

@@ -43,18 +43,20 @@ COMPONENT_PATHS = {
 
 
 class TimeLimit(TrainerCallback):
-    """Stops training cleanly (and saves) once `seconds` of training have passed."""
+    """Stops training cleanly (and saves) once `seconds` of training have passed; `stopped`
+    says whether it did."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.start = 0.0
+        self.stopped = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.start = time.monotonic()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if time.monotonic() - self.start > self.seconds:
-            control.should_training_stop = True
+            control.should_training_stop = self.stopped = True
 
 
 def _component_of(param_name: str) -> str | None:
@@ -127,16 +129,41 @@ def _apply_modes(model: Any, cfg: TrainConfig) -> Any:
     return model
 
 
+CALIBRATION_STEPS = 20  # steps timed before a budgeted run decides how its schedule runs
+
+
 def budget_cosine(
-    optimizer: Any, *, max_steps: int, warmup_ratio: float, budget_s: float
+    optimizer: Any,
+    *,
+    max_steps: int,
+    warmup_ratio: float,
+    budget_s: float,
+    clock: dict[str, bool | None] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup + cosine over training progress, where progress is the larger of the step
-    fraction and the time fraction: under a wall-clock budget the rate still decays to zero
-    by the end, however fast this machine turns out to be."""
+    """Warmup + cosine over training progress under a wall-clock budget.
+
+    After `CALIBRATION_STEPS` steps the run decides once: if the remaining steps fit the
+    remaining time at the rate measured so far (first step excluded: it carries the start-up),
+    progress is the step fraction alone, so the weights do not depend on this machine's speed
+    (the same code, data, seed, CPU type and thread count give the same weights). If not,
+    progress is the larger of the step fraction and the time fraction, so the rate still decays
+    to zero by the end of the budget. `clock["led"]` records the decision (None: undecided)."""
+    clock = clock if clock is not None else {}
+    clock["led"] = None
     start = time.monotonic()
+    first: list[float] = []  # when step 1 ended
 
     def factor(step: int) -> float:
-        progress = max(step / max(max_steps, 1), (time.monotonic() - start) / budget_s)
+        now = time.monotonic()
+        if step >= 1 and not first:
+            first.append(now)
+        if clock["led"] is None and step >= CALIBRATION_STEPS and first:
+            rate = (step - 1) / max(now - first[0], 1e-9)
+            left_s = budget_s - (now - start)
+            clock["led"] = rate * left_s * 0.95 < max_steps - step
+        progress = step / max(max_steps, 1)
+        if clock["led"]:
+            progress = max(progress, (now - start) / budget_s)
         progress = min(progress, 1.0)
         if progress < warmup_ratio:
             return max(progress / warmup_ratio, 1e-3)
@@ -161,6 +188,7 @@ class StageTrainer(Trainer):
         self.component_lrs = component_lrs
         self.budget_s = budget_s
         self.warmup_ratio = warmup_ratio
+        self.clock: dict[str, bool | None] = {"led": None}  # did the wall clock set the rate
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         if self.budget_s and self.lr_scheduler is None:
@@ -169,6 +197,7 @@ class StageTrainer(Trainer):
                 max_steps=num_training_steps,
                 warmup_ratio=self.warmup_ratio,
                 budget_s=self.budget_s,
+                clock=self.clock,
             )
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
@@ -245,8 +274,9 @@ def run_stage(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) 
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     callbacks = list(callbacks or [])
-    if cfg.max_time_s:
-        callbacks.append(TimeLimit(cfg.max_time_s))
+    limit = TimeLimit(cfg.max_time_s) if cfg.max_time_s else None
+    if limit is not None:
+        callbacks.append(limit)
     trainer = StageTrainer(
         model=model,
         args=training_arguments(cfg),
@@ -257,8 +287,21 @@ def run_stage(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) 
         budget_s=cfg.max_time_s,
         warmup_ratio=cfg.warmup_ratio,
     )
+    t0 = time.monotonic()
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
-    return save_stage_output(trainer.model, processor, cfg, meta, template)
+    stopped = bool(limit and limit.stopped)
+    run = {
+        "steps": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "seconds": round(time.monotonic() - t0, 1),
+        "stopped_by_time_limit": stopped,
+        "schedule_set_by_clock": bool(trainer.clock["led"]),
+        # the same code, data, seed, CPU type and thread count give the same weights, unless
+        # the wall clock shaped the run
+        "reproducible": not (stopped or trainer.clock["led"]),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return save_stage_output(trainer.model, processor, cfg, meta, template, run=run)
 
 
 def _merge_into_full_precision(peft_model: Any, cfg: TrainConfig) -> Any:
@@ -274,7 +317,12 @@ def _merge_into_full_precision(peft_model: Any, cfg: TrainConfig) -> Any:
 
 
 def save_stage_output(
-    model: Any, processor: Any, cfg: TrainConfig, meta: ServedMeta, template: str
+    model: Any,
+    processor: Any,
+    cfg: TrainConfig,
+    meta: ServedMeta,
+    template: str,
+    run: dict[str, Any] | None = None,
 ) -> Path:
     """Merge adapters if any, then write weights, processor and provenance.
 
@@ -302,6 +350,7 @@ def save_stage_output(
             "stage": cfg.stage,
             "config": cfg.model_dump(mode="json"),
             "data_hash": hash_files(data_files),
+            "run": run,
             "previous": meta.training,
         },
         notes=meta.notes,
