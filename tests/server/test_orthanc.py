@@ -3,7 +3,9 @@
 Orthanc receives CT_small over its REST API, forwards the study to our STOW-RS endpoint (its
 DICOMweb client, with our API key as a header), our job answers the configured prompt, and the
 SR comes back into Orthanc over STOW-RS (dicomweb-client), filed under the same patient and
-study, where Orthanc's own WADO-RS serves it. Signing the report sends the verified SR.
+study, where Orthanc's own WADO-RS serves it. Signing the report sends the verified SR, amending
+it the amended one. A study sent by mistake and deleted here gets an IOCM rejection note in
+Orthanc naming the draft SR it had received.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import httpx
 import pydicom
 import pytest
 from api_helpers import CT_SMALL, free_port, live_server, running_process, wait_for
+from pydicom.uid import generate_uid
 
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
@@ -66,10 +69,10 @@ def start_orthanc(tmp: Path, http_port: int, our_stow: str, pacs_key: str):
     )
 
 
-def sr_instances(orthanc: str, study: str) -> list[pydicom.Dataset]:
+def sr_instances(orthanc: str, study: str, modality: str = "SR") -> list[pydicom.Dataset]:
     out = []
     for series in httpx.get(f"{orthanc}/studies/{study}/series", timeout=10).json():
-        if series["MainDicomTags"].get("Modality") != "SR":
+        if series["MainDicomTags"].get("Modality") != modality:
             continue
         for inst in series["Instances"]:
             data = httpx.get(f"{orthanc}/instances/{inst}/file", timeout=10).content
@@ -184,3 +187,38 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
                 signed.SOPInstanceUID
             )
             assert len(sr_instances(orthanc, study)) == 3
+
+            # a study sent by mistake: its draft SR reached the PACS before an admin deleted
+            # the study here, so an IOCM rejection note naming that SR follows it
+            wrong = pydicom.dcmread(CT_SMALL)
+            wrong.StudyInstanceUID, wrong.SeriesInstanceUID = generate_uid(), generate_uid()
+            wrong.SOPInstanceUID = wrong.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            buf = io.BytesIO()
+            wrong.save_as(buf)
+            r = httpx.post(f"{orthanc}/instances", content=buf.getvalue(), timeout=10)
+            assert r.status_code == 200, r.text
+            wrong_study = r.json()["ParentStudy"]
+            r = httpx.post(
+                f"{orthanc}/dicom-web/servers/tinyllava/stow",
+                json={"Resources": [wrong_study], "Synchronous": True},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            (draft,) = wait_for(
+                lambda: sr_instances(orthanc, wrong_study) or None,
+                timeout_s=60,
+                what="the wrong study's draft SR in Orthanc",
+            )
+            jobs = httpx.get(f"{base}/v1/jobs", headers=h).json()["data"]
+            (ours,) = {j["study_id"] for j in jobs if j["study_id"]} - {done["push_sr"]["study_id"]}
+            r = httpx.delete(f"{base}/v1/studies/{ours}", headers=admin)
+            assert r.status_code == 204, r.text
+            (note,) = wait_for(
+                lambda: sr_instances(orthanc, wrong_study, "KO") or None,
+                timeout_s=60,
+                what="the rejection note in Orthanc",
+            )
+            assert note.ConceptNameCodeSequence[0].CodeValue == "113037"
+            assert note.StudyInstanceUID == wrong.StudyInstanceUID
+            (named,) = [i for i in note.ContentSequence if i.ValueType == "COMPOSITE"]
+            assert named.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == draft.SOPInstanceUID

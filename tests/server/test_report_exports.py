@@ -310,6 +310,83 @@ def test_each_queued_push_sends_the_version_it_was_queued_for(tmp_path, database
         assert named.ReferencedSOPInstanceUID == rebuilt["final"].SOPInstanceUID
 
 
+def test_deleting_a_study_rejects_its_pushed_srs_with_an_iocm_note(
+    tmp_path, database_url, tiny_lm
+):
+    """A study sent by mistake had its draft SR pushed (and an edited version is being pushed
+    as it is deleted): the deletion queues an IOCM rejection note, a KOS in the same study
+    titled "Rejected for Patient Safety Reasons" naming both SR instances (not the version whose
+    push never ran). The note waits in the file store, out of the jobs table; once sent it is
+    removed and the job is done."""
+    from tinyllava_med.server import jobs
+
+    overrides = {"dicomweb_push_url": "http://127.0.0.1:9/dicom-web", "job_workers": 0}
+    for api in make_api(tmp_path, database_url, tiny_lm, **overrides):
+        study = upload_ct(api)
+        report = ask(api, study["id"])
+        rid = report["id"]
+        sessions = api.app.state.session_factory
+        sent = []
+        for status, text in (("done", None), ("running", "Edited."), ("queued", "Again.")):
+            if text:
+                r = api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"text": text})
+                assert r.status_code == 200, r.text
+            with sessions.begin() as s:
+                job = jobs.schedule_push(s, api.app.state.settings, s.get(Report, rid))
+                job.status = status
+            if status != "queued":
+                sent.append(str(sr_of(api, rid).SOPInstanceUID))
+
+        r = api.delete(f"/v1/studies/{study['id']}", headers=api.h("admin"))
+        assert r.status_code == 204, r.text
+        with sessions() as s:
+            (job,) = s.scalars(select(Job).where(Job.kind == "push_rejection")).all()
+            assert job.study_id is None and job.status == "queued"
+            assert set(job.payload) == {"sha256", "rejected"} and job.payload["rejected"] == 2
+            (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "study.delete"))
+            assert event.detail["rejection_job_id"] == job.id
+            assert event.detail["rejected_srs"] == 2
+        store = api.app.state.store
+        kos = pydicom.dcmread(store.path(job.payload["sha256"]))
+        source = pydicom.dcmread(CT_SMALL)
+        assert kos.Modality == "KO" and kos.StudyInstanceUID == source.StudyInstanceUID
+        assert kos.PatientID == source.PatientID
+        title = kos.ConceptNameCodeSequence[0]
+        assert (title.CodeValue, title.CodingSchemeDesignator) == ("113037", "DCM")
+        named = [
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for item in kos.ContentSequence
+            if item.ValueType == "COMPOSITE"
+        ]
+        assert sorted(named) == sorted(sent)
+        evidence = kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert {x.ReferencedSOPInstanceUID for x in evidence.ReferencedSOPSequence} == set(sent)
+        hd.ko.KeyObjectSelectionDocument.from_dataset(kos)  # a document highdicom reads back
+
+        # the job sends it (here to a stand-in for the PACS) and removes the file
+        runner = jobs.JobRunner(api.app, workers=0)
+        stowed = []
+        runner._stow = stowed.append  # type: ignore[method-assign]
+        with sessions.begin() as s:
+            claimed = jobs.claim(s, "w1", lease_s=600)
+        assert claimed is not None and claimed.kind == "push_rejection"
+        runner.run(claimed)
+        assert [x.SOPInstanceUID for x in stowed] == [kos.SOPInstanceUID]
+        assert not store.exists(job.payload["sha256"])
+        with sessions() as s:
+            assert s.get(Job, job.id).status == "done"
+            actions = s.scalars(select(AuditEvent.action)).all()
+            assert "job.push_rejection" in actions
+
+        # a study none of whose SRs reached the PACS is deleted with no note
+        other = upload_ct(api)
+        ask(api, other["id"])
+        r = api.delete(f"/v1/studies/{other['id']}", headers=api.h("admin"))
+        assert r.status_code == 204, r.text
+        with sessions() as s:
+            assert len(s.scalars(select(Job).where(Job.kind == "push_rejection")).all()) == 1
+
+
 def test_png_report_has_fhir_but_no_sr(sqlite_api):
     api = sqlite_api
     r = upload(api, ("x.png", png_bytes(), "image/png"))

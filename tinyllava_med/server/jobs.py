@@ -17,6 +17,9 @@ Kinds:
   push target is configured; report, push job and completion commit together.
 - `push_sr`: STOW-RS the report's SR to `dicomweb_push_url` (dicomweb-client). The SR's UIDs are
   derived from the report's state, so a retried push stores the same instance again.
+- `sweep_images`: remove a deleted study's files once no image holds them (`schedule_sweep`).
+- `push_rejection`: STOW-RS the IOCM rejection note of a deleted study's pushed SRs
+  (`rejection.py`) from the file store, then remove it there.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 AUTO_REPORT = "auto_report"
 PUSH_SR = "push_sr"
 SWEEP_IMAGES = "sweep_images"
+PUSH_REJECTION = "push_rejection"
 SYSTEM_ACTOR = "system"
 
 
@@ -133,6 +137,21 @@ def schedule_sweep(session: Session, settings: Settings, hashes: list[str]) -> J
     )
     job.run_after = utcnow() + timedelta(seconds=settings.image_sweep_grace_s)
     return job
+
+
+def schedule_rejection(
+    session: Session, settings: Settings, sha256: str, rejected: int
+) -> Job | None:
+    """Queue sending the rejection note stored as `sha256` (it names `rejected` SR instances).
+    The job belongs to no study: the study it is about is being deleted."""
+    if not settings.dicomweb_push_url:
+        return None
+    return crud.enqueue_job(
+        session,
+        kind=PUSH_REJECTION,
+        payload={"sha256": sha256, "rejected": rejected},
+        max_attempts=settings.job_max_attempts,
+    )
 
 
 # --- claiming and finishing --------------------------------------------------------------------
@@ -234,6 +253,7 @@ class JobRunner:
             AUTO_REPORT: self._auto_report,
             PUSH_SR: self._push_sr,
             SWEEP_IMAGES: self._sweep_images,
+            PUSH_REJECTION: self._push_rejection,
         }
 
     def start(self) -> None:
@@ -357,12 +377,20 @@ class JobRunner:
                 {"removed": len(removed), "kept": len(held), "again": again.id if again else None},
             )
 
-    def _push_sr(self, job: Claimed) -> str:
+    def _stow(self, ds: pydicom.Dataset) -> None:
+        """STOW-RS `ds` to the configured PACS."""
         from dicomweb_client.api import DICOMwebClient
 
         settings = self.settings
         if not settings.dicomweb_push_url:
             raise RuntimeError("no dicomweb_push_url is configured")
+        client = DICOMwebClient(
+            url=settings.dicomweb_push_url, headers=dict(settings.dicomweb_push_headers)
+        )
+        client.store_instances([ds])
+
+    def _push_sr(self, job: Claimed) -> str:
+        settings = self.settings
         report_id = str(job.payload["report_id"])
         with self.sessions() as s:
             report = crud.get_report(s, report_id)
@@ -373,10 +401,7 @@ class JobRunner:
             at = datetime.fromisoformat(version) if version else None
             data = report_sr(s, self.app.state.store, report, settings.institution_name, at)
         sr = pydicom.dcmread(io.BytesIO(data))
-        client = DICOMwebClient(
-            url=settings.dicomweb_push_url, headers=dict(settings.dicomweb_push_headers)
-        )
-        client.store_instances([sr])
+        self._stow(sr)
         with self.sessions.begin() as s:
             crud.audit(
                 s,
@@ -389,3 +414,25 @@ class JobRunner:
                 detail={"job_id": job.id, "sop_instance_uid": str(sr.SOPInstanceUID)},
             )
             return finish(s, job, {"sop_instance_uid": str(sr.SOPInstanceUID)})
+
+    def _push_rejection(self, job: Claimed) -> str:
+        store = self.app.state.store
+        sha = str(job.payload["sha256"])
+        if not store.exists(sha):
+            raise LookupError("the rejection note's file is gone")
+        kos = pydicom.dcmread(store.path(sha))
+        self._stow(kos)
+        with self.sessions.begin() as s:
+            crud.audit(
+                s,
+                actor=SYSTEM_ACTOR,
+                action="job.push_rejection",
+                resource_type="study",
+                resource_id=None,
+                outcome="ok",
+                status_code=200,
+                detail={"job_id": job.id, "sop_instance_uid": str(kos.SOPInstanceUID)},
+            )
+            outcome = finish(s, job, {"sop_instance_uid": str(kos.SOPInstanceUID)})
+        store.remove_if_stale(sha, grace_s=0)  # sent: the patient's data goes from the store
+        return outcome

@@ -18,7 +18,8 @@ from tinyllava_med.server.deps import (
     StudyReader,
     Uploader,
 )
-from tinyllava_med.server.jobs import schedule_sweep
+from tinyllava_med.server.jobs import schedule_rejection, schedule_sweep
+from tinyllava_med.server.rejection import pushed_srs, rejection_note
 from tinyllava_med.server.schemas import StudyList, StudyPublic
 from tinyllava_med.server.serving import (
     Upload,
@@ -100,18 +101,27 @@ def delete_study(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    store: StoreDep,
     study_id: str,
     principal: StudyDeleter,
 ) -> None:
     """A study sent by mistake (the wrong patient, say) goes, with its draft reports; one with a
     signed report stays (409). Its files are removed by a job `image_sweep_grace_s` later,
-    unless another study holds them."""
+    unless another study holds them. SRs already pushed to the PACS are rejected there by an
+    IOCM rejection note (`rejection.py`)."""
     study = load_audited(
         request, session, "study", study_id, actor=principal.actor, action="study.delete"
     )
     images = len(study.images)
+    pushed = []  # with no PACS to tell, there is nothing to reject
+    if settings.dicomweb_push_url:
+        pushed = pushed_srs(session, store, study, settings.institution_name)
     hashes = crud.delete_study(session, study)
     sweep = schedule_sweep(session, settings, hashes)
+    rejection = None
+    if pushed:
+        note = store.put(rejection_note(pushed, settings.institution_name))
+        rejection = schedule_rejection(session, settings, note, len(pushed))
     crud.audit(
         session,
         actor=principal.actor,
@@ -120,7 +130,12 @@ def delete_study(
         resource_id=study_id,
         outcome="ok",
         status_code=204,
-        detail={"images": images, "sweep_job_id": sweep.id if sweep else None},
+        detail={
+            "images": images,
+            "sweep_job_id": sweep.id if sweep else None,
+            "rejected_srs": len(pushed),
+            "rejection_job_id": rejection.id if rejection else None,
+        },
     )
 
 
