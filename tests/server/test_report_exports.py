@@ -310,9 +310,7 @@ def test_each_queued_push_sends_the_version_it_was_queued_for(tmp_path, database
         assert named.ReferencedSOPInstanceUID == rebuilt["final"].SOPInstanceUID
 
 
-def test_deleting_a_study_rejects_its_pushed_srs_with_an_iocm_note(
-    tmp_path, database_url, tiny_lm
-):
+def test_deleting_a_study_rejects_its_pushed_srs_with_an_iocm_note(tmp_path, database_url, tiny_lm):
     """A study sent by mistake had its draft SR pushed (and an edited version is being pushed
     as it is deleted): the deletion queues an IOCM rejection note, a KOS in the same study
     titled "Rejected for Patient Safety Reasons" naming both SR instances (not the version whose
