@@ -124,6 +124,63 @@ def test_each_key_reads_its_own_role_and_permissions(api):
     assert_error(api.get("/v1/apikeys/me"), 401, "unauthorized")
 
 
+def test_admin_queues_failed_jobs_again_once_the_pacs_is_back(api):
+    """Pushes that used all their attempts while the PACS was down are not lost: an admin
+    queues them again, one by id or all of a kind, with all their attempts; jobs that have not
+    failed are left alone."""
+    from tinyllava_med.server import jobs
+    from tinyllava_med.server.db import crud
+
+    sessions = api.app.state.session_factory
+    ids = {}
+    with sessions.begin() as s:
+        for name, kind, status in (
+            ("push", "push_sr", "failed"),
+            ("push2", "push_sr", "failed"),
+            ("sweep", "sweep_images", "failed"),
+            ("queued", "push_sr", "queued"),
+        ):
+            job = crud.enqueue_job(s, kind=kind, payload={"report_id": "r"}, max_attempts=3)
+            s.flush()
+            if status == "failed":
+                job.status, job.attempts, job.last_error = "failed", 3, "ConnectionError: refused"
+            ids[name] = job.id
+
+    for role in ("pacs", "radiologist"):
+        assert_error(api.post("/v1/jobs/retry", headers=api.h(role)), 403, "forbidden")
+    assert_error(api.post("/v1/jobs/999999/retry", headers=api.h("admin")), 404, "job_not_found")
+    assert_error(
+        api.post(f"/v1/jobs/{ids['queued']}/retry", headers=api.h("admin")), 409, "job_not_failed"
+    )
+
+    r = api.post(f"/v1/jobs/{ids['sweep']}/retry", headers=api.h("admin"))
+    assert r.status_code == 200 and r.json() == {"data": [ids["sweep"]], "count": 1}, r.text
+    r = api.post("/v1/jobs/retry?kind=push_sr", headers=api.h("admin"))
+    assert r.json() == {"data": [ids["push"], ids["push2"]], "count": 2}, r.text
+    assert api.post("/v1/jobs/retry", headers=api.h("admin")).json()["count"] == 0  # none left
+
+    with sessions() as s:
+        for name in ("push", "push2", "sweep"):
+            job = s.get(Job, ids[name])
+            assert (job.status, job.attempts) == ("queued", 0), name
+            assert job.last_error == "ConnectionError: refused"  # until it runs again
+        assert s.get(Job, ids["queued"]).attempts == 0
+        events = s.scalars(select(AuditEvent).where(AuditEvent.action == "job.retry")).all()
+        assert [(e.resource_id, e.detail["count"]) for e in events if e.outcome == "ok"] == [
+            (str(ids["sweep"]), 1),
+            (None, 2),
+            (None, 0),
+        ]
+    claimed = []
+    while True:  # workers take them again, each with its first attempt
+        with sessions.begin() as s:
+            job = jobs.claim(s, "w1", lease_s=600)
+        if job is None:
+            break
+        claimed.append((job.id, job.attempts))
+    assert sorted(claimed) == sorted((i, 1) for i in ids.values())
+
+
 def test_admin_reads_the_audit_log_and_lists_keys(api):
     admin = api.h("admin")
     created = api.post("/v1/apikeys", headers=admin, json={"role": "radiologist", "name": "Dr. A"})

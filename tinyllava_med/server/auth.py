@@ -51,6 +51,7 @@ Permission = Literal[
     "apikey.manage",
     "audit.read",
     "study.delete",
+    "job.retry",
 ]
 PERMISSIONS: tuple[str, ...] = get_args(Permission)
 
@@ -58,7 +59,12 @@ _PACS: frozenset[Permission] = frozenset(
     {"study.upload", "study.read", "question.ask", "report.read"}
 )
 _RADIOLOGIST: frozenset[Permission] = _PACS | {"report.edit", "report.sign"}
-_ADMIN: frozenset[Permission] = _RADIOLOGIST | {"apikey.manage", "audit.read", "study.delete"}
+_ADMIN: frozenset[Permission] = _RADIOLOGIST | {
+    "apikey.manage",
+    "audit.read",
+    "study.delete",
+    "job.retry",
+}
 ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {
     "pacs": _PACS,
     "radiologist": _RADIOLOGIST,

@@ -233,6 +233,28 @@ def fail(session: Session, claimed: Claimed, error: str, retry_base_s: float) ->
     return job.status
 
 
+def retry_failed(
+    session: Session, *, job_id: int | None = None, kind: str | None = None
+) -> list[int]:
+    """Queue failed jobs again with all their attempts (the PACS is back, say): the one with
+    `job_id`, or every failed one (of `kind`). Their last error stays until they run. The ids
+    queued again, oldest first."""
+    where = [Job.status == "failed"]
+    if job_id is not None:
+        where.append(Job.id == job_id)
+    if kind is not None:
+        where.append(Job.kind == kind)
+    ids = list(session.scalars(select(Job.id).where(*where).order_by(Job.id)))
+    if ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == "failed")
+            .values(status="queued", attempts=0, run_after=utcnow(), updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
 # --- running -----------------------------------------------------------------------------------
 
 
@@ -255,6 +277,11 @@ class JobRunner:
             SWEEP_IMAGES: self._sweep_images,
             PUSH_REJECTION: self._push_rejection,
         }
+        metrics = getattr(app.state, "metrics", None)
+        if metrics is not None:  # every outcome from 0: a first failure is an increase to alert on
+            for kind in self.handlers:
+                for outcome in ("done", "retry", "failed", "gone"):
+                    metrics.jobs.labels(kind, outcome)
 
     def start(self) -> None:
         for t in self._threads:

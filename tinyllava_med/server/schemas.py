@@ -163,6 +163,13 @@ class JobPublic(BaseModel):
     updated_at: datetime
 
 
+class JobsRetried(BaseModel):
+    """The ids of the failed jobs queued again, oldest first."""
+
+    data: list[int]
+    count: int
+
+
 class JobList(BaseModel):
     data: list[JobPublic]
     count: int

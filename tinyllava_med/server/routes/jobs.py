@@ -1,4 +1,5 @@
-"""`/v1/jobs`: the background job queue (automatic reports, SR push-back), read-only."""
+"""`/v1/jobs`: the background job queue (automatic reports, SR push-back, file sweeps, rejection
+notes): read it, and (admins) queue failed jobs again once their cause is fixed."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Job
-from tinyllava_med.server.deps import SessionDep, StudyReader
+from tinyllava_med.server.deps import JobRetrier, SessionDep, StudyReader
 from tinyllava_med.server.errors import APIError
-from tinyllava_med.server.schemas import JobList, JobPublic
+from tinyllava_med.server.jobs import retry_failed
+from tinyllava_med.server.schemas import JobList, JobPublic, JobsRetried
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -64,3 +68,40 @@ def get_job(session: SessionDep, principal: StudyReader, job_id: int) -> JobPubl
     if job is None:
         raise APIError(404, "job_not_found", "no job with this id")
     return job_public(job)
+
+
+@router.post("/retry", response_model=JobsRetried)
+def retry_jobs(session: SessionDep, principal: JobRetrier, kind: str | None = None) -> JobsRetried:
+    """Every failed job (of `kind`) queued again with all its attempts: after the PACS or the
+    database it needed is back. Audited."""
+    return _retry(session, principal.actor, kind=kind)
+
+
+@router.post("/{job_id}/retry", response_model=JobsRetried)
+def retry_job(session: SessionDep, job_id: int, principal: JobRetrier) -> JobsRetried:
+    """One failed job queued again; 404 for no such job, 409 when it has not failed."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise APIError(404, "job_not_found", "no job with this id")
+    if job.status != "failed":
+        raise APIError(
+            409, "job_not_failed", f"only a failed job is retried; this one is {job.status}"
+        )
+    return _retry(session, principal.actor, job_id=job_id)
+
+
+def _retry(
+    session: Session, actor: str, *, job_id: int | None = None, kind: str | None = None
+) -> JobsRetried:
+    ids = retry_failed(session, job_id=job_id, kind=kind)
+    crud.audit(
+        session,
+        actor=actor,
+        action="job.retry",
+        resource_type="job",
+        resource_id=str(job_id) if job_id is not None else None,
+        outcome="ok",
+        status_code=200,
+        detail={"kind": kind, "retried": ids[:100], "count": len(ids)},
+    )
+    return JobsRetried(data=ids, count=len(ids))
