@@ -172,7 +172,12 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="wait for more instances of a study before answering"
     )
     job_workers: int = Field(default=1, ge=0, description="job threads in this process (0: none)")
-    job_max_attempts: int = Field(default=3, ge=1)
+    job_max_attempts: int = Field(
+        default=8,
+        ge=1,
+        description="with the 5 s backoff base, retries span about 10 minutes: a PACS restart "
+        "does not fail a push for good",
+    )
     job_retry_base_s: float = Field(default=5.0, ge=0, description="backoff: base * 2^attempt")
     job_lease_s: float = Field(
         default=600.0, gt=0, description="a running job whose worker is silent this long is retried"
