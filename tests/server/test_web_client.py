@@ -73,8 +73,14 @@ def _serve(tmp: Path, lm: Any) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory, tiny_lm) -> Iterator[LiveServer]:
-    """The tiny model under the demo model's name, as `tinyllava-med serve` runs by default."""
+    """The tiny model under the demo model's name, as `tinyllava-med serve` runs by default.
+    For the README's screenshots, the real demo model (built by `make demo-model`), so they show
+    its answers rather than the random tiny model's."""
     lm = dataclasses.replace(tiny_lm, name="demo", variant="demo")
+    if os.environ.get("TINYLLAVA_MED_DOCS_SCREENSHOTS"):
+        from tinyllava_med.model.load import load_model
+
+        lm = load_model("demo", device="cpu")
     with _serve(tmp_path_factory.mktemp("web-demo"), lm) as server:
         yield server
 

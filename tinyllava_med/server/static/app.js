@@ -892,7 +892,7 @@
       `quantization ${r.quantization}`,
       r.model_version ? `model version ${r.model_version}` : null,
       `${Math.round(r.latency_ms)} ms`,
-      `${r.tokens.completion} tokens`,
+      `${r.tokens.completion} token${r.tokens.completion === 1 ? "" : "s"}`,
       r.image_index !== null && r.image_index !== undefined ? `image ${r.image_index + 1}` : null,
       `asked ${when(r.created_at)}`,
       edited(r) ? `edited ${when(r.updated_at)}` : null,
