@@ -299,6 +299,24 @@ def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
     assert page.problems == [], page.problems  # no script errors, no CSP violations
 
 
+def _ct_with_report(server: LiveServer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """CT_small uploaded and asked about through the API (admin key): (study, report)."""
+    auth = {"Authorization": f"Bearer {server.key}"}
+    study = httpx.post(
+        server.base + "/v1/studies",
+        headers=auth,
+        files=[("files", ("ct.dcm", CT_SMALL.read_bytes()))],
+        timeout=30,
+    ).json()
+    report = httpx.post(
+        f"{server.base}/v1/studies/{study['id']}/questions",
+        headers=auth,
+        json={"question": "Any fracture?"},
+        timeout=60,
+    ).json()
+    return study, report
+
+
 def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_lm, shots):
     """A signed report is read-only but can be amended: the dialog asks for the corrected text
     and a reason (it does not close without one), and the report then reads "Amended"."""
@@ -306,18 +324,7 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
 
     with _serve(tmp_path, tiny_lm) as server:
         auth = {"Authorization": f"Bearer {server.key}"}
-        study = httpx.post(
-            server.base + "/v1/studies",
-            headers=auth,
-            files=[("files", ("ct.dcm", CT_SMALL.read_bytes()))],
-            timeout=30,
-        ).json()
-        report = httpx.post(
-            f"{server.base}/v1/studies/{study['id']}/questions",
-            headers=auth,
-            json={"question": "Any fracture?"},
-            timeout=60,
-        ).json()
+        study, report = _ct_with_report(server)
         path = f"/v1/reports/{report['id']}"
         signed = httpx.patch(
             server.base + path, headers=auth, json={"text": "No fracture.", "status": "final"}
@@ -376,18 +383,7 @@ def test_each_role_is_offered_its_actions_and_an_admin_deletes_a_study(
         auth = {"Authorization": f"Bearer {server.key}"}
 
         def study_with_report(sign: bool) -> dict[str, Any]:
-            study = httpx.post(
-                server.base + "/v1/studies",
-                headers=auth,
-                files=[("files", ("ct.dcm", CT_SMALL.read_bytes()))],
-                timeout=30,
-            ).json()
-            report = httpx.post(
-                f"{server.base}/v1/studies/{study['id']}/questions",
-                headers=auth,
-                json={"question": "Any fracture?"},
-                timeout=60,
-            ).json()
+            study, report = _ct_with_report(server)
             if sign:
                 r = httpx.patch(
                     f"{server.base}/v1/reports/{report['id']}",

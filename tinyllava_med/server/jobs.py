@@ -416,6 +416,25 @@ class JobRunner:
         )
         client.store_instances([ds])
 
+    def _send(
+        self, job: Claimed, ds: pydicom.Dataset, resource_type: str, resource_id: str | None
+    ) -> str:
+        """STOW-RS `ds`, then audit it as `job.<kind>` and finish the job, in one transaction."""
+        self._stow(ds)
+        uid = str(ds.SOPInstanceUID)
+        with self.sessions.begin() as s:
+            crud.audit(
+                s,
+                actor=SYSTEM_ACTOR,
+                action=f"job.{job.kind}",
+                resource_type=resource_type,
+                resource_id=resource_id,
+                outcome="ok",
+                status_code=200,
+                detail={"job_id": job.id, "sop_instance_uid": uid},
+            )
+            return finish(s, job, {"sop_instance_uid": uid})
+
     def _push_sr(self, job: Claimed) -> str:
         settings = self.settings
         report_id = str(job.payload["report_id"])
@@ -427,39 +446,13 @@ class JobRunner:
             version = job.payload.get("version")
             at = datetime.fromisoformat(version) if version else None
             data = report_sr(s, self.app.state.store, report, settings.institution_name, at)
-        sr = pydicom.dcmread(io.BytesIO(data))
-        self._stow(sr)
-        with self.sessions.begin() as s:
-            crud.audit(
-                s,
-                actor=SYSTEM_ACTOR,
-                action="job.push_sr",
-                resource_type="report",
-                resource_id=report_id,
-                outcome="ok",
-                status_code=200,
-                detail={"job_id": job.id, "sop_instance_uid": str(sr.SOPInstanceUID)},
-            )
-            return finish(s, job, {"sop_instance_uid": str(sr.SOPInstanceUID)})
+        return self._send(job, pydicom.dcmread(io.BytesIO(data)), "report", report_id)
 
     def _push_rejection(self, job: Claimed) -> str:
         store = self.app.state.store
         sha = str(job.payload["sha256"])
         if not store.exists(sha):
             raise LookupError("the rejection note's file is gone")
-        kos = pydicom.dcmread(store.path(sha))
-        self._stow(kos)
-        with self.sessions.begin() as s:
-            crud.audit(
-                s,
-                actor=SYSTEM_ACTOR,
-                action="job.push_rejection",
-                resource_type="study",
-                resource_id=None,
-                outcome="ok",
-                status_code=200,
-                detail={"job_id": job.id, "sop_instance_uid": str(kos.SOPInstanceUID)},
-            )
-            outcome = finish(s, job, {"sop_instance_uid": str(kos.SOPInstanceUID)})
+        outcome = self._send(job, pydicom.dcmread(store.path(sha)), "study", None)
         store.remove_if_stale(sha, grace_s=0)  # sent: the patient's data goes from the store
         return outcome
