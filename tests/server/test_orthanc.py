@@ -69,6 +69,21 @@ def start_orthanc(tmp: Path, http_port: int, our_stow: str, pacs_key: str):
     )
 
 
+def send_and_forward(orthanc: str, dicom: bytes) -> str:
+    """The modality sends an instance to the PACS, and the PACS forwards its study to us
+    (STOW-RS); Orthanc's id of the study."""
+    r = httpx.post(f"{orthanc}/instances", content=dicom, timeout=10)
+    assert r.status_code == 200, r.text
+    study = str(r.json()["ParentStudy"])
+    r = httpx.post(
+        f"{orthanc}/dicom-web/servers/tinyllava/stow",
+        json={"Resources": [study], "Synchronous": True},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    return study
+
+
 def sr_instances(orthanc: str, study: str, modality: str = "SR") -> list[pydicom.Dataset]:
     out = []
     for series in httpx.get(f"{orthanc}/studies/{study}/series", timeout=10).json():
@@ -111,16 +126,7 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
             for role in ("pacs", "radiologist")
         }
         with start_orthanc(tmp_path / "orthanc", orthanc_port, f"{base}/dicomweb/", keys["pacs"]):
-            # the modality sends the study to the PACS; the PACS forwards it to us
-            r = httpx.post(f"{orthanc}/instances", content=CT_SMALL.read_bytes(), timeout=10)
-            assert r.status_code == 200, r.text
-            study = r.json()["ParentStudy"]
-            r = httpx.post(
-                f"{orthanc}/dicom-web/servers/tinyllava/stow",
-                json={"Resources": [study], "Synchronous": True},
-                timeout=60,
-            )
-            assert r.status_code == 200, r.text
+            study = send_and_forward(orthanc, CT_SMALL.read_bytes())
             h = {"Authorization": f"Bearer {keys['radiologist']}"}
 
             def pushed():
@@ -195,15 +201,7 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
             wrong.SOPInstanceUID = wrong.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             buf = io.BytesIO()
             wrong.save_as(buf)
-            r = httpx.post(f"{orthanc}/instances", content=buf.getvalue(), timeout=10)
-            assert r.status_code == 200, r.text
-            wrong_study = r.json()["ParentStudy"]
-            r = httpx.post(
-                f"{orthanc}/dicom-web/servers/tinyllava/stow",
-                json={"Resources": [wrong_study], "Synchronous": True},
-                timeout=60,
-            )
-            assert r.status_code == 200, r.text
+            wrong_study = send_and_forward(orthanc, buf.getvalue())
             (draft,) = wait_for(
                 lambda: sr_instances(orthanc, wrong_study) or None,
                 timeout_s=60,
