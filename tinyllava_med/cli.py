@@ -4,6 +4,7 @@ tinyllava-med serve                                   # demo model, SQLite under
 tinyllava-med ask CT_small.dcm "Which organ is shown?" --json
 tinyllava-med convert ./llava-med-v1.5-mistral-7b ./data/models/llava-med
 tinyllava-med demo-model                              # train the bundled demo (<5 min, CPU)
+tinyllava-med db backup /mnt/backup                   # database + image files, while serving
 """
 
 from __future__ import annotations
@@ -289,9 +290,34 @@ def cmd_db(args: argparse.Namespace) -> int:
     from tinyllava_med.server.db.migrate import upgrade
 
     settings = _server_settings(args)
+    if args.db_cmd == "backup":
+        return _backup(settings, args.dest)
     upgrade(settings.database_url)
     print("database is at the latest revision")
     return 0
+
+
+def _backup(settings: Any, dest: str | None) -> int:
+    from tinyllava_med.server.backup import backup
+
+    if not dest:
+        raise SystemExit("db backup needs a destination folder: tinyllava-med db backup DEST")
+    try:
+        done = backup(settings, Path(dest))
+    except FileNotFoundError as e:
+        raise SystemExit(f"db backup: {e}") from None
+    if done.database is not None:
+        print(f"database: {done.database}")
+    else:
+        print("database: PostgreSQL, not copied here: back it up with pg_dump")
+    print(
+        f"files: {done.files_copied} copied ({done.bytes_copied} bytes), "
+        f"{done.files_present} already in the backup"
+    )
+    for label, hashes in (("missing from the store", done.missing), ("corrupt", done.corrupt)):
+        if hashes:
+            print(f"{len(hashes)} image file(s) {label}: {', '.join(h[:12] for h in hashes)}")
+    return 0 if done.complete else 1
 
 
 def cmd_apikey(args: argparse.Namespace) -> int:
@@ -574,8 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
         "every machine of the same CPU type and thread count",
     )
 
-    p = verb("db", "database migrations", cmd_db)
-    p.add_argument("db_cmd", choices=["upgrade"])
+    p = verb("db", "database migrations and backups", cmd_db)
+    p.add_argument("db_cmd", choices=["upgrade", "backup"])
+    p.add_argument("dest", nargs="?", help="backup: the folder to back up into")
     p.add_argument("--database-url", default=None)
 
     p = verb("apikey", "manage API keys", cmd_apikey)

@@ -1,0 +1,157 @@
+"""Backups of what the server keeps: the database (the reports are the medical record) and the
+stored image files. `tinyllava-med db backup DEST`, safe to run while the server runs.
+
+- SQLite (the default): sqlite3's online backup API copies the database into
+  `DEST/tinyllava_med-<UTC time>.db` in one step, under one read transaction, so the copy is the
+  database as committed at that moment while the server goes on writing (WAL). The copy is
+  checked with `PRAGMA integrity_check` before it takes its final name.
+- PostgreSQL: `pg_dump` is the tool for the database (not run here); the files are copied all
+  the same.
+- Files: content-addressed, so a file already in `DEST/images` is the same file and each run
+  copies only new ones. Every file the database's images refer to is copied and its sha256
+  checked against its name: a missing or corrupt source file is reported, never copied.
+
+Restore: stop the server, copy the `.db` file to `DATA_DIR/tinyllava_med.db` and
+`DEST/images/` into `DATA_DIR/images/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import select
+
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.models import Image
+from tinyllava_med.server.db.session import (
+    make_engine,
+    normalize_database_url,
+    session_factory,
+)
+from tinyllava_med.server.settings import Settings
+from tinyllava_med.server.storage import ImageStore
+
+
+@dataclass
+class Backup:
+    database: Path | None  # None: PostgreSQL (pg_dump's job)
+    files_copied: int = 0
+    files_present: int = 0  # already in the backup from an earlier run
+    bytes_copied: int = 0
+    missing: list[str] = field(default_factory=list)  # sha256 of files not in the store
+    corrupt: list[str] = field(default_factory=list)  # files whose content is not their name
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.corrupt
+
+
+def _snapshot(source: Path, dest_dir: Path) -> Path:
+    """A checked copy of the SQLite database at `source`, by the online backup API."""
+    if not source.is_file():
+        raise FileNotFoundError(f"no SQLite database at {source}")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    final = dest_dir / f"tinyllava_med-{stamp}.db"
+    part = final.with_name(final.name + ".part")
+    src = sqlite3.connect(source, timeout=30)  # only read: the backup writes to `dst`
+    try:
+        dst = sqlite3.connect(part)
+        try:
+            src.backup(dst)  # all pages in one step: one consistent read transaction
+            (check,) = dst.execute("PRAGMA integrity_check").fetchone()
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    if check != "ok":
+        part.unlink(missing_ok=True)
+        raise RuntimeError(f"the database copy failed its integrity check: {check}")
+    os.replace(part, final)
+    return final
+
+
+def _copy_checked(src: Path, dest: Path, sha256: str) -> int | None:
+    """Copy `src` to `dest` (atomically), hashing as it goes; the bytes copied, or None when
+    the content is not `sha256` (nothing is left at `dest`)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+    size = 0
+    try:
+        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+            while chunk := fin.read(1 << 20):
+                digest.update(chunk)
+                fout.write(chunk)
+                size += len(chunk)
+        if digest.hexdigest() != sha256:
+            Path(tmp).unlink()
+            return None
+        shutil.copystat(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return size
+
+
+def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
+    """Back up the database (SQLite) and the image files into `dest`; audited as
+    `backup.create`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    url = normalize_database_url(settings.database_url)
+    engine = make_engine(url)
+    try:
+        if url.get_backend_name() == "sqlite":
+            snapshot = _snapshot(Path(url.database or ""), dest)
+            result = Backup(snapshot)
+            copy = sqlite3.connect(snapshot)  # the files the copy refers to
+            try:
+                hashes = sorted({row[0] for row in copy.execute("SELECT sha256 FROM images")})
+            finally:
+                copy.close()
+        else:
+            result = Backup(None)
+            with session_factory(engine)() as s:
+                hashes = sorted(set(s.scalars(select(Image.sha256))))
+        store = ImageStore(settings.images_dir)
+        for sha in hashes:
+            target = dest / "images" / sha[:2] / sha
+            if target.is_file():
+                result.files_present += 1
+                continue
+            if not store.exists(sha):
+                result.missing.append(sha)
+                continue
+            size = _copy_checked(store.path(sha), target, sha)
+            if size is None:
+                result.corrupt.append(sha)
+            else:
+                result.files_copied += 1
+                result.bytes_copied += size
+        with session_factory(engine).begin() as s:
+            crud.audit(
+                s,
+                actor=actor,
+                action="backup.create",
+                resource_type="backup",
+                resource_id=result.database.name if result.database else None,
+                outcome="ok" if result.complete else "error",
+                status_code=201 if result.complete else 500,
+                detail={
+                    "files_copied": result.files_copied,
+                    "files_present": result.files_present,
+                    "missing": len(result.missing),
+                    "corrupt": len(result.corrupt),
+                },
+            )
+    finally:
+        engine.dispose()
+    return result
