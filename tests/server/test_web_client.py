@@ -566,6 +566,74 @@ def test_images_and_frames_of_a_multi_image_study(page, tmp_path, tiny_lm, shots
         assert page.problems == [], page.problems
 
 
+def test_the_reader_zooms_and_pans_the_image(page, tmp_path, tiny_lm):
+    """Buttons, the wheel (about the pointer), drag and keys zoom and move the image; it never
+    leaves the stage uncovered; a window change keeps the view, another image is fitted again."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        study, _ = _ct_with_report(server)
+        httpx.post(
+            f"{server.base}/v1/studies",
+            headers={"Authorization": f"Bearer {server.key}"},
+            files=[("files", ("mr.dcm", Path(get_testdata_file("MR_small.dcm")).read_bytes()))],
+            timeout=30,
+        )
+        _sign_in(page, server)
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        image = page.locator("#study-image")
+        expect(image).to_have_attribute("src", _starts_with("blob:"))
+        stage = page.locator("#viewer-stage")
+        fit = image.bounding_box()
+        box = stage.bounding_box()
+        zoom = page.locator("#zoom-value")
+        expect(zoom).to_have_text("100%")
+        expect(page.get_by_role("button", name="Zoom out")).to_be_disabled()
+
+        page.get_by_role("button", name="Zoom in").click()
+        page.get_by_role("button", name="Zoom in").click()
+        expect(zoom).to_have_text("156%")
+        wide = image.bounding_box()
+        assert abs(wide["width"] / fit["width"] - 1.5625) < 0.01
+        # about the centre: the image's centre stays at the stage's
+        assert abs(wide["x"] + wide["width"] / 2 - (box["x"] + box["width"] / 2)) < 1
+
+        # drag far to the right: it stops where its left edge meets the stage's
+        page.mouse.move(box["x"] + 100, box["y"] + 100)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 2000, box["y"] + 100, steps=5)
+        page.mouse.up()
+        moved = image.bounding_box()
+        assert abs(moved["x"] - box["x"]) < 1, (moved, box)
+        # the keys move it back, and 0 fits it
+        stage.focus()
+        for _ in range(3):
+            page.keyboard.press("ArrowRight")
+        assert image.bounding_box()["x"] < moved["x"] - 100
+        page.keyboard.press("0")
+        expect(zoom).to_have_text("100%")  # fitted
+        assert image.bounding_box() == fit
+
+        # the wheel zooms about the pointer: the point under it stays under it
+        px, py = box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.25
+        page.mouse.move(px, py)
+        page.mouse.wheel(0, -100)
+        expect(zoom).to_have_text("125%")
+        after = image.bounding_box()
+        u = (px - after["x"]) / after["width"]
+        assert abs(u - (px - fit["x"]) / fit["width"]) < 0.01
+
+        # a window change keeps the view; another study's image is fitted
+        page.get_by_text("Lung", exact=True).click()
+        expect(image).to_have_attribute("data-window", "lung")
+        expect(zoom).to_have_text("125%")
+        page.goto(f"{server.base}/#/")
+        page.locator("#worklist-body tr").first.get_by_role("link").click()
+        expect(page.get_by_role("heading", level=1)).to_contain_text("MR")
+        expect(zoom).to_have_text("100%")
+        assert page.problems == [], page.problems
+
+
 def _prepared(server: LiveServer) -> list[dict[str, Any]]:
     """The images (and frames) the client asked the model to prepare, from the audit log."""
     with server.app.state.session_factory() as s:

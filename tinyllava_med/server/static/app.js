@@ -32,6 +32,7 @@
     reportId: null,
     streaming: null, // AbortController while an answer streams
     modelTimer: null,
+    view: { zoom: 1, x: 0, y: 0 }, // the image's zoom and pan (pixels from the stage's centre)
     notice: null, // a message for the next view ("study deleted")
     nav: 0, // navigation counter: a view's late results are dropped once the user moved on
   };
@@ -502,6 +503,7 @@
     state.frame = 0;
     state.window = "default";
     renderStudyHead(study);
+    resetView();
     $("study-delete").hidden = !can("study.delete");
     renderImageControls();
     $("ask-submit").disabled = false;
@@ -648,6 +650,98 @@
     } finally {
       if (seq === state.imageSeq) stage.setAttribute("aria-busy", "false");
     }
+  }
+
+  // --- study: zoom and pan ----------------------------------------------------------------------
+
+  const ZOOM_MIN = 1;
+  const ZOOM_MAX = 8;
+
+  function applyView() {
+    const v = state.view;
+    $("study-image").style.transform =
+      v.zoom === 1 ? "" : `translate(${v.x}px, ${v.y}px) scale(${v.zoom})`;
+    $("viewer-stage").dataset.zoomed = String(v.zoom > 1);
+    $("zoom-value").textContent = `${Math.round(v.zoom * 100)}%`; // of the fitted size
+    $("zoom-out").disabled = v.zoom <= ZOOM_MIN;
+    $("zoom-in").disabled = v.zoom >= ZOOM_MAX;
+  }
+
+  function resetView() {
+    state.view = { zoom: 1, x: 0, y: 0 };
+    applyView();
+  }
+
+  // The image keeps covering the stage: it moves no further than it overhangs.
+  function clampPan() {
+    const v = state.view;
+    const r = $("viewer-stage").getBoundingClientRect();
+    const maxX = (r.width * (v.zoom - 1)) / 2;
+    const maxY = (r.height * (v.zoom - 1)) / 2;
+    v.x = Math.max(-maxX, Math.min(maxX, v.x));
+    v.y = Math.max(-maxY, Math.min(maxY, v.y));
+  }
+
+  // Zoom by `factor`, keeping the point (cx, cy) of the stage (from its centre) where it is.
+  function zoomBy(factor, cx = 0, cy = 0) {
+    const v = state.view;
+    const zoom = Math.max(ZOOM_MIN, Math.min(ZOOM_MAX, v.zoom * factor));
+    const k = zoom / v.zoom;
+    v.x = cx - (cx - v.x) * k;
+    v.y = cy - (cy - v.y) * k;
+    v.zoom = zoom;
+    clampPan();
+    applyView();
+  }
+
+  function panBy(dx, dy) {
+    state.view.x += dx;
+    state.view.y += dy;
+    clampPan();
+    applyView();
+  }
+
+  function wireViewer() {
+    const stage = $("viewer-stage");
+    const fromCentre = (e) => {
+      const r = stage.getBoundingClientRect();
+      return [e.clientX - (r.left + r.width / 2), e.clientY - (r.top + r.height / 2)];
+    };
+    stage.addEventListener("wheel", (e) => {
+      if ($("study-image").hidden) return;
+      e.preventDefault();
+      zoomBy(e.deltaY < 0 ? 1.25 : 0.8, ...fromCentre(e));
+    }, { passive: false });
+    let drag = null;
+    stage.addEventListener("pointerdown", (e) => {
+      if (state.view.zoom === 1 || e.button !== 0) return;
+      drag = { x: e.clientX, y: e.clientY };
+      stage.setPointerCapture(e.pointerId);
+    });
+    stage.addEventListener("pointermove", (e) => {
+      if (!drag) return;
+      panBy(e.clientX - drag.x, e.clientY - drag.y);
+      drag = { x: e.clientX, y: e.clientY };
+    });
+    const endDrag = () => { drag = null; };
+    stage.addEventListener("pointerup", endDrag);
+    stage.addEventListener("pointercancel", endDrag);
+    stage.addEventListener("dblclick", resetView);
+    stage.addEventListener("keydown", (e) => {
+      const step = 40;
+      const keys = {
+        "+": () => zoomBy(1.25), "=": () => zoomBy(1.25), "-": () => zoomBy(0.8), "0": resetView,
+        ArrowLeft: () => panBy(step, 0), ArrowRight: () => panBy(-step, 0),
+        ArrowUp: () => panBy(0, step), ArrowDown: () => panBy(0, -step),
+      };
+      if (!keys[e.key]) return;
+      e.preventDefault();
+      keys[e.key]();
+    });
+    $("zoom-in").addEventListener("click", () => zoomBy(1.25));
+    $("zoom-out").addEventListener("click", () => zoomBy(0.8));
+    $("zoom-reset").addEventListener("click", resetView);
+    applyView();
   }
 
   // The reader is looking at this image: the model computes the image's part of the prompt while
@@ -1053,6 +1147,7 @@
   // --- wiring ---------------------------------------------------------------------------------
 
   function wire() {
+    wireViewer();
     $("signin-form").addEventListener("submit", signIn);
     $("sign-out").addEventListener("click", () => signOut());
     $("upload-form").addEventListener("submit", upload);
@@ -1066,6 +1161,7 @@
     $("image-select").addEventListener("change", () => {
       state.imageIndex = Number($("image-select").value);
       state.frame = 0;
+      resetView(); // another image: fit it (a window or frame change keeps the view)
       renderImageControls();
       loadImage();
     });
