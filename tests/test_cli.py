@@ -121,6 +121,13 @@ def test_db_upgrade_and_apikey_create(tmp_path):
         rows = db.execute("SELECT actor, action, resource_id FROM audit_events").fetchall()
     assert rows == [("cli", "apikey.create", key_id), ("cli", "apikey.revoke", key_id)]
 
+    # a key that expires says so when made and when listed
+    out = cli("apikey", "create", "--role", "pacs", "--expires-in-days", "7", env=env)
+    assert out.returncode == 0 and "expires 20" in out.stdout, out.stdout + out.stderr
+    expiring = out.stdout.split()[3]
+    line = next(ln for ln in cli("apikey", "list", env=env).stdout.splitlines() if expiring in ln)
+    assert "expires 20" in line
+
 
 def test_phantom_generate_score_round_trip(tiny_model_dir, tmp_path):
     ph = tmp_path / "ph"

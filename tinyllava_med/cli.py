@@ -323,6 +323,8 @@ def _backup(settings: Any, dest: str | None) -> int:
 def cmd_apikey(args: argparse.Namespace) -> int:
     """create (the key is printed once), list (never the keys), revoke KEY_ID; create and
     revoke are audited with actor `cli`."""
+    from datetime import timedelta
+
     from tinyllava_med.server.auth import (
         create_api_key,
         get_api_key,
@@ -331,6 +333,7 @@ def cmd_apikey(args: argparse.Namespace) -> int:
     )
     from tinyllava_med.server.db import crud
     from tinyllava_med.server.db.migrate import upgrade
+    from tinyllava_med.server.db.models import utcnow
     from tinyllava_med.server.db.session import make_engine, session_factory
 
     if args.apikey_cmd == "create" and not args.role:
@@ -347,7 +350,12 @@ def cmd_apikey(args: argparse.Namespace) -> int:
         with session_factory(engine).begin() as session:
             if args.apikey_cmd == "list":
                 for k in list_api_keys(session, include_revoked=True):
-                    state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "active"
+                    state = "active"
+                    if k.revoked_at:
+                        state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}"
+                    elif k.expires_at:
+                        verb = "expired" if k.expired else "expires"
+                        state = f"{verb} {k.expires_at:%Y-%m-%d %H:%M}"
                     used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never"
                     print(
                         f"{k.id}  {k.role:<11}  tlm_{k.prefix}_...  {state:<24}  used {used}  {k.name}"
@@ -364,11 +372,16 @@ def cmd_apikey(args: argparse.Namespace) -> int:
                     f"within {settings.auth_cache_s:g} s"
                 )
             else:
+                days = args.expires_in_days or settings.api_key_days
                 row, key = create_api_key(
-                    session, role=args.role, name=args.name or f"{args.role} key"
+                    session,
+                    role=args.role,
+                    name=args.name or f"{args.role} key",
+                    expires_at=utcnow() + timedelta(days=days) if days else None,
                 )
                 action, status = "apikey.create", 201
-                print(f"created {row.role} key {row.id} (shown once):")
+                until = f", expires {row.expires_at:%Y-%m-%d %H:%M} UTC" if days else ""
+                print(f"created {row.role} key {row.id} (shown once{until}):")
             crud.audit(
                 session,
                 actor="cli",
@@ -610,6 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key_id", nargs="?", help="revoke: the key's id (from `apikey list`)")
     p.add_argument("--role", choices=["pacs", "radiologist", "admin"], help="create: required")
     p.add_argument("--name", default=None, help="a label for the key (default: the role)")
+    p.add_argument(
+        "--expires-in-days",
+        type=int,
+        default=None,
+        help="create: the key is refused after this many days (default: API_KEY_DAYS, or never)",
+    )
     p.add_argument("--database-url", default=None)
     return parser
 

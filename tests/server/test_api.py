@@ -554,6 +554,49 @@ def test_revoked_keys_stop_working(tmp_path, sqlite_url, tiny_lm):
             assert_error(api.get("/v1/studies", headers=h), 401, "unauthorized")
 
 
+def test_keys_expire(api, monkeypatch):
+    """A key made to expire is refused from then on, also while it sits in the key cache, with
+    a 401 that says it expired; the listing shows it inactive. The server's `api_key_days`
+    is the default lifetime; keys made without either never expire."""
+    from datetime import datetime, timezone
+
+    from tinyllava_med.server import auth
+    from tinyllava_med.server.db import models
+
+    admin = api.h("admin")
+    for days in (0, 3651):
+        r = api.post("/v1/apikeys", headers=admin, json={"role": "pacs", "expires_in_days": days})
+        assert_error(r, 422)
+    made = api.post("/v1/apikeys", headers=admin, json={"role": "pacs", "expires_in_days": 2})
+    assert made.status_code == 201, made.text
+    made = made.json()
+    expires = datetime.fromisoformat(made["expires_at"])
+    left = (expires - datetime.now(timezone.utc)).total_seconds()
+    assert 2 * 86400 - 60 < left <= 2 * 86400
+    api.app.state.settings.api_key_days = 30
+    policy = api.post("/v1/apikeys", headers=admin, json={"role": "pacs"}).json()
+    left = datetime.fromisoformat(policy["expires_at"]) - datetime.now(timezone.utc)
+    assert 29 < left.total_seconds() / 86400 <= 30
+    h = {"Authorization": f"Bearer {made['key']}"}
+    assert api.get("/v1/studies", headers=h).status_code == 200  # cached from now on
+
+    # three days later
+    later = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=3)
+    monkeypatch.setattr(models, "utcnow", lambda: later)
+    monkeypatch.setattr(auth, "utcnow", lambda: later)
+    r = api.get("/v1/studies", headers=h)
+    assert_error(r, 401, "unauthorized")
+    assert "expired" in r.json()["error"]["message"] and "new key" in r.json()["error"]["message"]
+    assert api.get("/v1/studies", headers=api.h("pacs")).status_code == 200  # no expiry
+    inactive = api.get("/v1/apikeys?active=false", headers=admin).json()["data"]
+    assert [(k["id"], k["active"]) for k in inactive] == [(made["id"], False)]
+    active = {k["id"] for k in api.get("/v1/apikeys?active=true", headers=admin).json()["data"]}
+    assert made["id"] not in active and policy["id"] in active
+    with api.app.state.session_factory() as s:
+        denied = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "denied")).all()
+        assert denied[-1].detail == {"reason": "expired API key"}
+
+
 def test_question_announcements_never_leak(sqlite_api):
     """Every question request announces itself to the engine on arrival (so forming batches
     wait for it); whatever its outcome, nothing stays announced afterwards."""

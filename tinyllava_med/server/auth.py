@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Literal, get_args
 
 from fastapi import Depends, Request
@@ -117,10 +117,15 @@ def has_permission(role: str, needed: str) -> bool:
 # --- persistence -------------------------------------------------------------------------------
 
 
-def create_api_key(session: Session, *, role: Role, name: str) -> tuple[ApiKey, str]:
-    """Store a new key's hash and return `(row, key)`; the key is not kept anywhere."""
+def create_api_key(
+    session: Session, *, role: Role, name: str, expires_at: datetime | None = None
+) -> tuple[ApiKey, str]:
+    """Store a new key's hash and return `(row, key)`; the key is not kept anywhere. A key with
+    `expires_at` is refused from then on."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if expires_at is not None and (expires_at.tzinfo is None or expires_at <= utcnow()):
+        raise ValueError("expires_at must be a time zone aware time in the future")
     name = name.strip()
     if not 1 <= len(name) <= 128:
         raise ValueError("the key's name must be 1 to 128 characters")
@@ -130,31 +135,39 @@ def create_api_key(session: Session, *, role: Role, name: str) -> tuple[ApiKey, 
             break
     else:  # pragma: no cover - 5 collisions in 2**32
         raise RuntimeError("could not find a free key prefix")
-    row = ApiKey(name=name, role=role, prefix=prefix, key_hash=hash_api_key(key))
+    row = ApiKey(
+        name=name, role=role, prefix=prefix, key_hash=hash_api_key(key), expires_at=expires_at
+    )
     session.add(row)
     session.flush()
     return row, key
 
 
 def verify_api_key(session: Session, secret: str) -> ApiKey | None:
-    """The active key row for `secret`, or None (unknown, malformed or revoked).
+    """The active key row for `secret`, or None (unknown, malformed, revoked or expired).
 
     The sha256 is compared in constant time; `last_used_at` is refreshed (at most once a
     minute). The caller commits.
     """
-    prefix = parse_api_key(secret) if len(secret) <= 256 else None
-    row = None
-    if prefix is not None:
-        row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
-    expected = row.key_hash if row is not None else _DUMMY_HASH
-    matches = hmac.compare_digest(hash_api_key(secret), expected)
-    if row is None or not matches or row.revoked_at is not None:
+    row = _matching_key(session, secret)
+    if row is None or not row.active:
         return None
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
         row.last_used_at = now
         session.flush()
     return row
+
+
+def _matching_key(session: Session, secret: str) -> ApiKey | None:
+    """The row whose hash `secret` matches (constant-time compare), active or not."""
+    prefix = parse_api_key(secret) if len(secret) <= 256 else None
+    row = None
+    if prefix is not None:
+        row = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+    expected = row.key_hash if row is not None else _DUMMY_HASH
+    matches = hmac.compare_digest(hash_api_key(secret), expected)
+    return row if matches else None
 
 
 def get_api_key(session: Session, key_id: str) -> ApiKey | None:
@@ -202,6 +215,7 @@ class Principal:
     key_id: str
     role: Role
     name: str
+    expires_at: datetime | None = None
 
     @property
     def actor(self) -> str:
@@ -232,6 +246,9 @@ class KeyCache:
             item = self._items.get(digest)
         if item is None or time.monotonic() - item[0] > self.ttl_s:
             return None
+        expires = item[1].expires_at
+        if expires is not None and expires <= utcnow():
+            return None  # looked up again: refused as expired, at the second it expires
         return item[1]
 
     def put(self, digest: str, principal: Principal) -> None:
@@ -275,7 +292,7 @@ async def get_principal(
     if request.app.state.settings.auth_disabled:
         return Principal(key_id=ANONYMOUS, role="admin", name="authentication disabled")
     key = bearer.credentials if bearer is not None else x_api_key
-    principal = None
+    expired_at = None
     if key:
         # the app factory sets the cache; an app assembled otherwise just looks keys up
         cache: KeyCache = getattr(request.app.state, "key_cache", None) or KeyCache(0)
@@ -283,11 +300,12 @@ async def get_principal(
         principal = cache.get(digest)
         if principal is not None:
             return principal  # the common case: no database, no thread
-        principal = await run_in_threadpool(_look_up, request, key)
-        if principal is not None:
-            cache.put(digest, principal)
-            return principal
-    reason = "invalid" if key else "missing"
+        found = await run_in_threadpool(_look_up, request, key)
+        if isinstance(found, Principal):
+            cache.put(digest, found)
+            return found
+        expired_at = found
+    reason = "missing" if not key else "expired" if expired_at else "invalid"
     await run_in_threadpool(
         _audit_denied,
         request,
@@ -296,21 +314,27 @@ async def get_principal(
         status_code=401,
         detail={"reason": f"{reason} API key"},
     )
+    hint = "send `Authorization: Bearer tlm_...` or `X-API-Key: tlm_...`"
+    if expired_at:
+        hint = f"it expired at {expired_at:%Y-%m-%d %H:%M} UTC; ask an admin for a new key"
     raise APIError(
-        401,
-        "unauthorized",
-        f"{reason} API key: send `Authorization: Bearer tlm_...` or `X-API-Key: tlm_...`",
-        headers={"WWW-Authenticate": "Bearer"},
+        401, "unauthorized", f"{reason} API key: {hint}", headers={"WWW-Authenticate": "Bearer"}
     )
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-def _look_up(request: Request, key: str) -> Principal | None:
+def _look_up(request: Request, key: str) -> Principal | datetime | None:
+    """The caller's principal; for a real key that expired, when it did; else None."""
     with request.app.state.session_factory.begin() as session:
         row = verify_api_key(session, key)
-        return None if row is None else Principal(key_id=row.id, role=row.role, name=row.name)
+        if row is not None:
+            return Principal(row.id, row.role, row.name, row.expires_at)
+        stale = _matching_key(session, key)
+        if stale is not None and stale.revoked_at is None and stale.expired:
+            return stale.expires_at
+        return None
 
 
 def require(needed: Role | Permission) -> Callable[..., Awaitable[Principal]]:

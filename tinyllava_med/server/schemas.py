@@ -130,6 +130,9 @@ class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["pacs", "radiologist", "admin"]
     name: str = Field(default="", max_length=200)
+    expires_in_days: int | None = Field(
+        default=None, ge=1, le=3650, description="default: the server's `api_key_days`"
+    )
 
 
 class ApiKeyCreated(BaseModel):
@@ -137,6 +140,7 @@ class ApiKeyCreated(BaseModel):
     role: str
     name: str
     key: str  # shown once
+    expires_at: datetime | None
 
 
 class Caller(BaseModel):
@@ -185,7 +189,8 @@ class ApiKeyPublic(BaseModel):
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
-    active: bool
+    expires_at: datetime | None
+    active: bool = Field(description="neither revoked nor expired")
 
 
 class ApiKeyList(BaseModel):

@@ -136,6 +136,13 @@ class Settings(BaseSettings):
         "evidence (keep it below the health check's timeout; a CPU model's probe takes longer)",
     )
     auth_disabled: bool = Field(default=False, description="only for local experiments")
+    api_key_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=3650,
+        description="lifetime of new keys (API and CLI) unless they say otherwise; none: keys "
+        "do not expire (the first admin key never does)",
+    )
     auth_cache_s: float = Field(
         default=10.0,
         ge=0,

@@ -3,11 +3,14 @@ revoke them; any key reads its own role and permissions (`/v1/apikeys/me`)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from fastapi import APIRouter, Request
 
 from tinyllava_med.server import auth
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.deps import KeyAdmin, SessionDep
+from tinyllava_med.server.db.models import utcnow
+from tinyllava_med.server.deps import KeyAdmin, SessionDep, SettingsDep
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.schemas import (
     ApiKeyCreate,
@@ -27,7 +30,7 @@ def list_keys(session: SessionDep, principal: KeyAdmin, active: bool | None = No
     keys = [
         ApiKeyPublic.model_validate(k, from_attributes=True)
         for k in rows
-        if active is not False or k.revoked_at is not None
+        if active is None or k.active is active
     ]
     crud.audit(
         session,
@@ -52,8 +55,17 @@ async def who_am_i(principal: auth.CurrentPrincipal) -> Caller:
 
 
 @router.post("", status_code=201, response_model=ApiKeyCreated)
-def create_key(session: SessionDep, body: ApiKeyCreate, principal: KeyAdmin) -> ApiKeyCreated:
-    row, key = auth.create_api_key(session, role=body.role, name=body.name or f"{body.role} key")
+def create_key(
+    session: SessionDep, settings: SettingsDep, body: ApiKeyCreate, principal: KeyAdmin
+) -> ApiKeyCreated:
+    """A new key, shown once; it expires after `expires_in_days` (default: `api_key_days`)."""
+    days = body.expires_in_days or settings.api_key_days
+    row, key = auth.create_api_key(
+        session,
+        role=body.role,
+        name=body.name or f"{body.role} key",
+        expires_at=utcnow() + timedelta(days=days) if days else None,
+    )
     crud.audit(
         session,
         actor=principal.actor,
@@ -62,9 +74,11 @@ def create_key(session: SessionDep, body: ApiKeyCreate, principal: KeyAdmin) -> 
         resource_id=row.id,
         outcome="ok",
         status_code=201,
-        detail={"role": body.role},
+        detail={"role": body.role, "expires_days": days},
     )
-    return ApiKeyCreated(id=row.id, role=row.role, name=row.name, key=key)
+    return ApiKeyCreated(
+        id=row.id, role=row.role, name=row.name, key=key, expires_at=row.expires_at
+    )
 
 
 @router.delete("/{key_id}", status_code=204)
