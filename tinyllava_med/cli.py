@@ -275,6 +275,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     logging.getLogger().setLevel(settings.log_level)  # TINYLLAVA_MED_LOG_LEVEL
+    extra: dict[str, Any] = {}
+    if settings.log_format == "json":  # uvicorn applies it as it starts, before the model loads
+        from transformers.utils import logging as hf_logging
+
+        from tinyllava_med.server.logs import json_log_config
+
+        extra["log_config"] = json_log_config(settings.log_level)
+        hf_logging.disable_progress_bar()  # tqdm bars are not log records
     uvicorn.run(
         app,
         host=settings.host,
@@ -282,6 +290,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
         timeout_graceful_shutdown=10,
+        **extra,
     )
     return 0
 

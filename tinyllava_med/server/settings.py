@@ -153,6 +153,9 @@ class Settings(BaseSettings):
         default=False, description="chat image_url: data URIs only"
     )
     log_level: LogLevel = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per line, for a log collector"
+    )
     access_log: bool = Field(
         default=False,
         description="a log line per HTTP request (uvicorn's); off by default: the audit log "

@@ -1,0 +1,45 @@
+"""`TINYLLAVA_MED_LOG_FORMAT=json`: `tinyllava-med serve` (a real process, the tiny model) logs
+one JSON object per line, its own records and uvicorn's access lines alike, with named fields."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import httpx
+from api_helpers import free_port, running_process
+
+
+def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TINYLLAVA_MED_DATA_DIR": str(tmp_path / "data"),
+        "TINYLLAVA_MED_LOG_FORMAT": "json",
+        "TINYLLAVA_MED_ACCESS_LOG": "true",
+    }
+    cmd = [sys.executable, "-m", "tinyllava_med.cli", "serve", "--model", str(tiny_model_dir)]
+    with running_process(
+        [*cmd, "--port", str(port)], log, f"{base}/readyz", what="serve", timeout_s=120, env=env
+    ):
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert httpx.get(f"{base}/v1/studies").status_code == 401
+    lines = log.read_text().splitlines()
+    # the two lines printed for the operator, not logged: where it serves, and the first key
+    printed = [ln for ln in lines if not ln.startswith("{")]
+    assert printed[0].startswith("serving on") and any(ln.startswith("tlm_") for ln in printed)
+    assert len(printed) <= 3, printed  # "Created the first admin API key ..." + the key
+    records = [json.loads(ln) for ln in lines if ln.startswith("{")]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records), records
+    assert all(r["time"].endswith("Z") for r in records)
+    assert not any("color_message" in r for r in records)  # uvicorn's ANSI-coloured copy
+    first_key = [r for r in records if r["logger"] == "tinyllava_med.server.auth"]
+    assert first_key and first_key[0]["level"] == "WARNING"
+    assert "tlm_" not in json.dumps(first_key)  # the key itself is printed once, never logged
+    access = {(r["method"], r["path"], r["status"]) for r in records if "method" in r}
+    assert ("GET", "/healthz", 200) in access and ("GET", "/v1/studies", 401) in access
+    assert any(r["logger"] == "uvicorn.error" and "startup" in r["message"] for r in records)

@@ -1,0 +1,82 @@
+"""How `serve` logs: text lines for a console (the default), or one JSON object per line for a
+log collector (Loki, Elasticsearch, a cloud's logging) with `TINYLLAVA_MED_LOG_FORMAT=json`.
+
+In JSON, every record, the server's and uvicorn's (errors and, with `ACCESS_LOG`, one line per
+request), has `time` (ISO 8601, UTC), `level`, `logger` and `message`, plus `exc_info` for an
+exception; an access line also has `method`, `path`, `status` and `client` as fields, so a
+collector can filter on them without parsing text. python-json-logger formats; uvicorn takes
+the same `logging.config` dictionary. What is logged never holds patient identifiers (URLs
+carry only the server's ids), in either format.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class UTCJsonFormatter(JsonFormatter):
+    converter = staticmethod(time.gmtime)  # `time` in UTC, whatever the host's zone
+
+
+class NoColour(logging.Filter):
+    """uvicorn's terminal-coloured copy of a message (`color_message`) is not a field."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("color_message", None)
+        return True
+
+
+class AccessFields(NoColour):
+    """uvicorn's access record keeps its parts in `args` (client, method, path, HTTP version,
+    status): give them names."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        super().filter(record)
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5:
+            record.client, record.method, record.path, _, record.status = args
+        return True
+
+
+def json_log_config(level: str) -> dict[str, Any]:
+    """A `logging.config.dictConfig` dictionary sending the root logger and uvicorn's loggers to
+    stderr as JSON lines; uvicorn.run(log_config=...) applies it when the server starts."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"plain": {"()": NoColour}, "access": {"()": AccessFields}},
+        "formatters": {
+            "json": {
+                "()": UTCJsonFormatter,
+                "fmt": JSON_FIELDS,
+                "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+                "datefmt": "%Y-%m-%dT%H:%M:%SZ",
+            }
+        },
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "filters": ["plain"],
+                "stream": "ext://sys.stderr",
+            },
+            "access": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "filters": ["access"],
+                "stream": "ext://sys.stderr",
+            },
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            "uvicorn": {"handlers": [], "level": level, "propagate": True},
+            "uvicorn.error": {"handlers": [], "level": level, "propagate": True},
+            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+    }
