@@ -2,13 +2,14 @@
 
     python bench/demo_model.py                  # trains into a temp dir, ~5 min on 2 cores
 
-Runs `build_demo_model` exactly as `tinyllava-med demo-model` does (time-boxed training), then
+Runs `build_demo_model` exactly as `tinyllava-med demo-model` does (budgeted training), then
 scores the result on its own PhantomVQA test split and on a test split generated with a seed
 the model never saw. Writes `bench/results/demo_model.{md,json}`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from machine import cpu_name  # bench/, this script's folder
 
+from tinyllava_med.model.meta import ServedMeta
 from tinyllava_med.training.demo import DEMO_SEED, build_demo_model, evaluate_demo
 from tinyllava_med.training.phantom import generate_phantom
 
@@ -31,6 +33,8 @@ def main() -> None:
         out = build_demo_model(Path(tmp) / "demo", force=True, progress=False)
         total = time.perf_counter() - t0
         own = json.loads((out / "demo_eval.json").read_text())
+        run = (ServedMeta.load(out).training or {})["run"]  # type: ignore[union-attr]
+        weights = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
         unseen_dir = Path(tmp) / "unseen"
         generate_phantom(unseen_dir, n=1500, seed=UNSEEN_SEED, test_fraction=0.99)
         unseen = evaluate_demo(out, unseen_dir)
@@ -43,6 +47,10 @@ def main() -> None:
         f"Machine: {cpu}, {os.cpu_count()} cores, CPU only, load average before start "
         f"{load_before:.2f}.",
         f"Wall time end to end: {total:.0f} s (training {own['train_seconds']:.0f} s).",
+        f"Training run: {run['steps']} of {run['max_steps']} steps, {run['torch_threads']} torch "
+        f"threads, schedule set by the clock: {run['schedule_set_by_clock']}, reproducible: "
+        f"{run['reproducible']}; weights sha256 `{weights}` (a reproducible build gives this "
+        "hash again on the same CPU type and thread count).",
         "",
         "| split | closed accuracy % | closed strict % | open recall % | open strict EM % |",
         "|---|---:|---:|---:|---:|",
@@ -74,6 +82,8 @@ def main() -> None:
         json.dumps(
             {
                 "total_seconds": total,
+                "run": run,
+                "weights_sha256": weights,
                 "own": own["summary"],
                 "unseen": unseen["summary"],
                 "unseen_by_question_type": unseen["by_question_type"],
