@@ -181,6 +181,42 @@ def test_admin_queues_failed_jobs_again_once_the_pacs_is_back(api):
     assert sorted(claimed) == sorted((i, 1) for i in ids.values())
 
 
+def test_worklist_says_which_studies_await_a_signature(api):
+    """Each listed study carries its report counts and state (none, draft, signed), and the
+    list filters on that state, so a radiologist finds the drafts to sign in one request."""
+
+    def ask(study_id):
+        r = api.post(
+            f"/v1/studies/{study_id}/questions", headers=api.h(), json={"question": "Organ?"}
+        )
+        assert r.status_code == 201, r.text
+        return r.json()["id"]
+
+    none, draft, signed, mixed = (upload_ct(api)["id"] for _ in range(4))
+    ask(draft)
+    r = api.patch(f"/v1/reports/{ask(signed)}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    ask(mixed)
+    r = api.patch(f"/v1/reports/{ask(mixed)}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+
+    listed = {s["id"]: s for s in api.get("/v1/studies", headers=api.h()).json()["data"]}
+    assert {k: (s["reports"], s["drafts"], s["report_status"]) for k, s in listed.items()} == {
+        none: (0, 0, "none"),
+        draft: (1, 1, "draft"),
+        signed: (1, 0, "signed"),
+        mixed: (2, 1, "draft"),
+    }
+    for state, expected in (("none", {none}), ("draft", {draft, mixed}), ("signed", {signed})):
+        got = api.get(f"/v1/studies?report_status={state}", headers=api.h()).json()
+        assert {s["id"] for s in got["data"]} == expected and got["count"] == len(expected)
+    got = api.get("/v1/studies?report_status=draft&limit=1", headers=api.h()).json()
+    assert got["count"] == 2 and len(got["data"]) == 1
+    one = api.get(f"/v1/studies/{mixed}", headers=api.h()).json()
+    assert (one["drafts"], one["report_status"]) == (1, "draft")
+    assert_error(api.get("/v1/studies?report_status=final", headers=api.h()), 422)
+
+
 def test_admin_reads_the_audit_log_and_lists_keys(api):
     admin = api.h("admin")
     created = api.post("/v1/apikeys", headers=admin, json={"role": "radiologist", "name": "Dr. A"})

@@ -413,7 +413,15 @@ def test_each_role_is_offered_its_actions_and_an_admin_deletes_a_study(
 
         _sign_in(page, server)
         expect(page.locator("#key-label")).to_contain_text("admin")
-        expect(page.locator("#worklist-body tr")).to_have_count(2)
+        rows = page.locator("#worklist-body tr")
+        expect(rows.locator(".badge")).to_have_text(["Final", "Draft"])  # newest first
+        # the worklist filters on what awaits a signature
+        page.get_by_label("Report status").select_option(label="Awaiting signature")
+        expect(rows).to_have_count(1)
+        expect(rows.locator(".badge")).to_have_text(["Draft"])
+        expect(page.locator("#worklist-count")).to_have_text("1 study · awaiting signature")
+        page.get_by_label("Report status").select_option(label="All")
+        expect(rows).to_have_count(2)
         alert = page.locator("#alerts")
         # a signed study stays: the server's 409, with its reason
         page.goto(f"{server.base}/#/study/{signed['id']}")

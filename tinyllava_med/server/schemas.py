@@ -34,6 +34,10 @@ class StudyPublic(BaseModel):
     StudyDate: str | None = None
     images: list[ImagePublic]
     reports: int = 0
+    drafts: int = Field(default=0, description="reports awaiting a signature")
+    report_status: Literal["none", "draft", "signed"] = Field(
+        default="none", description="none: no report; draft: one awaits a signature; signed"
+    )
 
 
 class StudyList(BaseModel):

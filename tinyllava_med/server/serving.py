@@ -275,7 +275,8 @@ def image_public(study_id: str, im: Image) -> ImagePublic:
     )
 
 
-def study_public(study: Study, reports: int = 0) -> StudyPublic:
+def study_public(study: Study, reports: crud.ReportCounts | None = None) -> StudyPublic:
+    counts = reports or crud.ReportCounts()
     return StudyPublic(
         id=study.id,
         created_at=study.created_at,
@@ -285,7 +286,9 @@ def study_public(study: Study, reports: int = 0) -> StudyPublic:
         BodyPartExamined=study.BodyPartExamined,
         StudyDate=study.StudyDate.isoformat() if study.StudyDate else None,
         images=[image_public(study.id, im) for im in sorted(study.images, key=lambda i: i.n)],
-        reports=reports,
+        reports=counts.total,
+        drafts=counts.drafts,
+        report_status=counts.state,
     )
 
 

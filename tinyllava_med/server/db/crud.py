@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
-from typing import Any, NotRequired, TypedDict, Unpack
+from typing import Any, Literal, NamedTuple, NotRequired, TypedDict, Unpack
 
 from sqlalchemy import Select, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
@@ -168,10 +168,28 @@ _STUDY_BY_ID = (
     select(Study).where(Study.id == bindparam("study_id")).options(selectinload(Study.images))
 )
 _REPORT_COUNTS = (
-    select(Report.study_id, func.count())
+    select(
+        Report.study_id,
+        func.count(),
+        func.count().filter(Report.status == "draft"),
+    )
     .where(Report.study_id.in_(bindparam("study_ids", expanding=True)))
     .group_by(Report.study_id)
 )
+
+ReportState = Literal["none", "draft", "signed"]
+
+
+class ReportCounts(NamedTuple):
+    """A study's reports: how many, and how many are drafts awaiting a signature."""
+
+    total: int = 0
+    drafts: int = 0
+
+    @property
+    def state(self) -> ReportState:
+        """`none` (no report), `draft` (a draft awaits a signature) or `signed` (all signed)."""
+        return "none" if not self.total else "draft" if self.drafts else "signed"
 
 
 def get_study(session: Session, study_id: str) -> Study | None:
@@ -179,16 +197,35 @@ def get_study(session: Session, study_id: str) -> Study | None:
     return session.scalars(_STUDY_BY_ID, {"study_id": study_id}).one_or_none()
 
 
-def _studies_filter(stmt: Select[Any], modality: str | None) -> Select[Any]:
-    return stmt.where(Study.Modality == modality) if modality else stmt
+def _studies_filter(
+    stmt: Select[Any], modality: str | None, report_state: ReportState | None = None
+) -> Select[Any]:
+    if modality:
+        stmt = stmt.where(Study.Modality == modality)
+    if report_state is not None:
+        any_report = select(Report.id).where(Report.study_id == Study.id).exists()
+        a_draft = (
+            select(Report.id).where(Report.study_id == Study.id, Report.status == "draft").exists()
+        )
+        stmt = stmt.where(
+            {"none": ~any_report, "draft": a_draft, "signed": any_report & ~a_draft}[report_state]
+        )
+    return stmt
 
 
 def list_studies(
-    session: Session, *, limit: int = 50, offset: int = 0, modality: str | None = None
+    session: Session,
+    *,
+    limit: int = 50,
+    offset: int = 0,
+    modality: str | None = None,
+    report_state: ReportState | None = None,
 ) -> list[Study]:
-    """Newest first, images loaded."""
+    """Newest first, images loaded; `report_state` keeps the studies whose reports are in that
+    state (see `ReportCounts.state`)."""
     stmt = select(Study).options(selectinload(Study.images))
-    stmt = _studies_filter(stmt, modality).order_by(Study.created_at.desc(), Study.id.desc())
+    stmt = _studies_filter(stmt, modality, report_state)
+    stmt = stmt.order_by(Study.created_at.desc(), Study.id.desc())
     return list(session.scalars(_page(stmt, limit, offset)))
 
 
@@ -225,8 +262,10 @@ def delete_study(session: Session, study: Study) -> list[str]:
     return hashes
 
 
-def count_studies(session: Session, *, modality: str | None = None) -> int:
-    stmt = _studies_filter(select(func.count()).select_from(Study), modality)
+def count_studies(
+    session: Session, *, modality: str | None = None, report_state: ReportState | None = None
+) -> int:
+    stmt = _studies_filter(select(func.count()).select_from(Study), modality, report_state)
     return int(session.scalar(stmt) or 0)
 
 
@@ -414,12 +453,12 @@ def count_reports(
     return int(session.scalar(stmt) or 0)
 
 
-def report_counts(session: Session, study_ids: Sequence[str]) -> dict[str, int]:
-    """How many reports each study has (0 for none), in one grouped COUNT: a study's report
+def report_counts(session: Session, study_ids: Sequence[str]) -> dict[str, ReportCounts]:
+    """Each study's report counts (zeros for none), in one grouped COUNT: a study's report
     list can run to hundreds of rows, none of which a count needs to load."""
     rows = session.execute(_REPORT_COUNTS, {"study_ids": list(study_ids)})
-    counts = {str(sid): int(n) for sid, n in rows}
-    return {sid: counts.get(sid, 0) for sid in study_ids}
+    counts = {str(sid): ReportCounts(int(n), int(d)) for sid, n, d in rows}
+    return {sid: counts.get(sid, ReportCounts()) for sid in study_ids}
 
 
 def update_report(

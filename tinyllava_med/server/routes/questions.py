@@ -393,4 +393,4 @@ async def ask_one_shot(
     with request.app.state.session_factory() as s:
         stored = crud.get_study(s, study_id)
         assert stored is not None
-        return AskResponse(study=study_public(stored, 1), report=report)
+        return AskResponse(study=study_public(stored, crud.ReportCounts(1, 1)), report=report)

@@ -58,8 +58,15 @@ def list_studies(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
     modality: str | None = None,
+    report_status: Annotated[
+        crud.ReportState | None,
+        Query(description="none, draft (a draft awaits a signature) or signed"),
+    ] = None,
 ) -> StudyList:
-    studies = crud.list_studies(session, limit=limit, offset=offset, modality=modality)
+    """Newest first, each with its report counts and state."""
+    studies = crud.list_studies(
+        session, limit=limit, offset=offset, modality=modality, report_state=report_status
+    )
     crud.audit(
         session,
         actor=principal.actor,
@@ -73,7 +80,7 @@ def list_studies(
     counts = crud.report_counts(session, [s.id for s in studies])
     return StudyList(
         data=[study_public(s, counts[s.id]) for s in studies],
-        count=crud.count_studies(session, modality=modality),
+        count=crud.count_studies(session, modality=modality, report_state=report_status),
     )
 
 

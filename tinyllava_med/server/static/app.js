@@ -369,6 +369,8 @@
     });
     const modality = $("filter-modality").value;
     if (modality) params.set("modality", modality);
+    const reportStatus = $("filter-report").value;
+    if (reportStatus) params.set("report_status", reportStatus);
     $("worklist-table").setAttribute("aria-busy", "true");
     try {
       const list = await api(`/v1/studies?${params}`);
@@ -376,7 +378,6 @@
       state.studies = append ? state.studies.concat(list.data) : list.data;
       state.studyCount = list.count;
       renderWorklist(list.data, append);
-      await loadStatuses(list.data);
     } catch (err) {
       showError(err, "Loading the worklist");
     } finally {
@@ -397,7 +398,9 @@
         `${studyLabel(s)} study, study date ${studyDate(s)}, received ${when(s.created_at)}`);
       first.append(link);
       const status = el("td", null, "status-cell");
-      status.append(s.reports > 0 ? el("span", "…", "muted") : badge("none"));
+      // a study with a draft still needs work; an older server sends only `reports`
+      const reportState = s.report_status || (s.reports > 0 ? "unknown" : "none");
+      status.append(badge(reportState === "signed" ? "final" : reportState));
       tr.append(
         first,
         el("td", studyDate(s)),
@@ -409,33 +412,13 @@
       body.append(tr);
     }
     const modality = $("filter-modality").value;
+    const report = $("filter-report");
     $("worklist-count").textContent =
       `${state.studyCount} ${state.studyCount === 1 ? "study" : "studies"}` +
-      (modality ? ` with modality ${modality}` : "");
+      (modality ? ` with modality ${modality}` : "") +
+      (report.value ? ` · ${report.options[report.selectedIndex].text.toLowerCase()}` : "");
     $("worklist-empty").hidden = state.studies.length > 0;
     $("worklist-more").hidden = state.studies.length >= state.studyCount;
-  }
-
-  // none / draft / final per study: a study with any draft still needs work.
-  async function loadStatuses(rows) {
-    const pending = rows.filter((s) => s.reports > 0);
-    const worker = async () => {
-      while (pending.length) {
-        const s = pending.shift();
-        let status = "none";
-        try {
-          const params = new URLSearchParams({ study_id: s.id, status: "draft", limit: "1" });
-          const drafts = await api(`/v1/reports?${params}`);
-          status = drafts.count > 0 ? "draft" : "final";
-        } catch (err) {
-          if (err instanceof ApiError && err.status === 401) throw err;
-          status = "unknown";
-        }
-        const row = $("worklist-body").querySelector(`tr[data-study-id="${CSS.escape(s.id)}"]`);
-        if (row) row.querySelector(".status-cell").replaceChildren(badge(status));
-      }
-    };
-    await Promise.all([worker(), worker(), worker(), worker()]);
   }
 
   async function upload(event) {
@@ -1152,6 +1135,7 @@
     $("sign-out").addEventListener("click", () => signOut());
     $("upload-form").addEventListener("submit", upload);
     $("filter-modality").addEventListener("change", () => loadWorklist(false));
+    $("filter-report").addEventListener("change", () => loadWorklist(false));
     $("filter-form").addEventListener("submit", (e) => {
       e.preventDefault();
       loadWorklist(false);
