@@ -83,6 +83,10 @@ def test_upload_ask_edit_sign_flow(api):
 
     listed = api.get("/v1/reports?status=final", headers=api.h("pacs")).json()
     assert listed["count"] == 1 and listed["data"][0]["id"] == rid
+    # who signed, by the key's name (keys are named for their holder), in lists and reads
+    assert listed["data"][0]["signed_by_name"] == "test radiologist"
+    one = api.get(f"/v1/reports/{rid}", headers=api.h("pacs")).json()
+    assert (one["signed_by_name"], one["signed_by"]) == ("test radiologist", r.json()["signed_by"])
     assert api.get("/v1/studies", headers=api.h("pacs")).json()["count"] == 1
 
     with api.app.state.session_factory() as s:

@@ -275,7 +275,7 @@ def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
     dialog.get_by_role("button", name="Sign report", exact=True).click()
     expect(page.locator("#report-final")).to_be_visible()
     expect(page.locator("#report-final-text")).to_have_text(edited)
-    expect(page.locator("#report-signed-by")).to_contain_text("by API key")
+    expect(page.locator("#report-signed-by")).to_contain_text("by first admin")  # key's name
     expect(page.locator("#report-edit")).to_be_hidden()
     signed = server.get(f"/v1/reports/{report_id}").json()
     assert signed["status"] == "final" and signed["signed_by"] and signed["signed_at"]
@@ -284,7 +284,8 @@ def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
     page.reload()
     expect(page.locator("#report-badge")).to_have_text("Final")
     expect(page.locator("#report-final-text")).to_have_text(edited)
-    expect(page.locator("#report-signed-by")).to_contain_text(signed["signed_by"])
+    assert signed["signed_by_name"] == "first admin"
+    expect(page.locator("#report-signed-by")).to_contain_text(signed["signed_by_name"])
     expect(page.locator("#model-answer")).to_have_text(stored["answer"])
     expect(page.get_by_label("Report text (draft)")).to_be_hidden()
     expect(page.locator("#history .history-item .badge")).to_have_text(["Final"])
@@ -368,6 +369,26 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         )
         reasons = [e["reason"] for e in server.get(f"{path}/history").json()["data"]]
         assert reasons == [None, "missed on first read"]
+
+        # printed: the browser's dialog opens on a sheet with the signed report alone
+        page.evaluate(  # a function here is called by evaluate: it installs the stand-in
+            "() => { window.print = () => { window.printed = (window.printed || 0) + 1; }; }"
+        )
+        page.get_by_role("button", name="Print report").click()
+        assert page.evaluate("window.printed") == 1
+        sheet = page.locator("#print-sheet")
+        expect(sheet).to_be_hidden()  # on screen
+        page.emulate_media(media="print")
+        expect(sheet).to_be_visible()
+        expect(page.locator("#main")).to_be_hidden()
+        expect(sheet.locator("#print-text")).to_have_text("Hairline fracture of the 5th rib.")
+        expect(sheet).to_contain_text("Report (amended)")
+        expect(sheet).to_contain_text("Amended and signed by first admin")
+        expect(sheet).to_contain_text("Any fracture?")
+        expect(sheet).to_contain_text("CT study")
+        expect(sheet).to_contain_text(study["StudyInstanceUID"])  # no patient name: the UID
+        _shot(page, shots, "report-print")
+        page.emulate_media(media="screen")
         assert page.problems == [], page.problems
 
 

@@ -87,6 +87,9 @@ class ReportPublic(BaseModel):
     created_at: datetime
     updated_at: datetime | None = None
     signed_by: str | None = None
+    signed_by_name: str | None = Field(
+        default=None, description="the signing key's name (keys are named for their holder)"
+    )
     signed_at: datetime | None = None
 
 

@@ -292,8 +292,11 @@ def study_public(study: Study, reports: crud.ReportCounts | None = None) -> Stud
     )
 
 
-def report_public(r: Report, image_index: int | None = None) -> ReportPublic:
-    """`image_index` for a detached report (`crud.draft_report_row`), else read from `r`."""
+def report_public(
+    r: Report, image_index: int | None = None, signer_name: str | None = None
+) -> ReportPublic:
+    """`image_index` for a detached report (`crud.draft_report_row`), else read from `r`;
+    `signer_name`: the signing key's name (`crud.key_names`)."""
     if image_index is None and r.image is not None:
         image_index = r.image.n
     return ReportPublic(
@@ -315,5 +318,6 @@ def report_public(r: Report, image_index: int | None = None) -> ReportPublic:
         created_at=r.created_at,
         updated_at=r.updated_at,
         signed_by=r.signed_by,
+        signed_by_name=signer_name,
         signed_at=r.signed_at,
     )

@@ -27,6 +27,7 @@ from tinyllava_med.server.db.models import (
     OUTCOMES,
     REPORT_STATUSES,
     SIGNED_STATUSES,
+    ApiKey,
     AuditEvent,
     Base,
     Image,
@@ -461,6 +462,15 @@ def report_counts(session: Session, study_ids: Sequence[str]) -> dict[str, Repor
     return {sid: counts.get(sid, ReportCounts()) for sid in study_ids}
 
 
+def key_names(session: Session, key_ids: Iterable[str | None]) -> dict[str, str]:
+    """The names of these API keys (by id), in one query."""
+    ids = sorted({k for k in key_ids if k})
+    if not ids:
+        return {}
+    rows = session.execute(select(ApiKey.id, ApiKey.name).where(ApiKey.id.in_(ids)))
+    return {str(i): str(n) for i, n in rows}
+
+
 def update_report(
     session: Session,
     report: Report,
@@ -706,10 +716,13 @@ __all__ = [
     "get_image",
     "get_report",
     "get_study",
+    "key_names",
     "list_audit_events",
     "list_reports",
     "list_studies",
     "parse_dicom_date",
+    "ReportCounts",
+    "ReportState",
     "report_counts",
     "update_report",
 ]

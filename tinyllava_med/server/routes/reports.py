@@ -57,8 +57,9 @@ def list_reports(
         status_code=200,
         detail={"count": len(rows)},
     )
+    names = crud.key_names(session, (r.signed_by for r in rows))
     return ReportList(
-        data=[report_public(r) for r in rows],
+        data=[report_public(r, signer_name=names.get(r.signed_by or "")) for r in rows],
         count=crud.count_reports(session, status=status, study_id=study_id),
     )
 
@@ -67,7 +68,7 @@ def list_reports(
 def get_report(
     request: Request, session: SessionDep, report_id: str, principal: ReportReader
 ) -> ReportPublic:
-    return report_public(_read(request, session, report_id, principal.actor, "report.read"))
+    return _public(session, _read(request, session, report_id, principal.actor, "report.read"))
 
 
 @router.patch("/{report_id}", response_model=ReportPublic)
@@ -112,7 +113,7 @@ def update_report(
     )
     session.flush()
     session.refresh(report)
-    return report_public(report)
+    return _public(session, report)
 
 
 @router.get("/{report_id}/history", response_model=ReportHistory)
@@ -124,6 +125,10 @@ def get_report_history(
     report = _read(request, session, report_id, principal.actor, "report.history")
     edits = [ReportEditPublic.model_validate(e, from_attributes=True) for e in report.edits]
     return ReportHistory(data=edits, count=len(edits))
+
+
+def _public(session: Session, report: Report) -> ReportPublic:
+    return report_public(report, signer_name=signer_name(session, report))
 
 
 def _read(request: Request, session: Session, report_id: str, actor: str, action: str) -> Report:

@@ -956,8 +956,8 @@
       const verb = r.status === "amended" ? "Amended and signed" : "Signed";
       by.replaceChildren(
         el("strong", `${verb} ${when(r.signed_at) || "(date unknown)"}`),
-        " · changed only by an amendment",
-        el("code", `by API key ${r.signed_by || "unknown"}`),
+        " · changed only by an amendment · by ",
+        el("span", r.signed_by_name || `API key ${r.signed_by || "unknown"}`, "signer"),
       );
       loadVersions(r);
     } else {
@@ -1103,6 +1103,45 @@
     }
   }
 
+  // --- printing a signed report ----------------------------------------------------------------
+
+  // The signed report on a sheet of its own (study, question, text, who signed and when, the
+  // model that drafted it), then the browser's print dialog; the page's CSS prints only it.
+  function printReport() {
+    const r = currentReport();
+    const s = state.study;
+    if (!r || !s || !SIGNED.has(r.status)) return;
+    const fields = $("print-fields");
+    fields.replaceChildren();
+    const add = (term, value) => {
+      if (value === null || value === undefined || value === "") return;
+      fields.append(el("dt", term), el("dd", String(value)));
+    };
+    add("Study", `${studyLabel(s)} study`);
+    add("Study date", s.StudyDate);
+    add("Accession", s.AccessionNumber);
+    add("Study UID", s.StudyInstanceUID);
+    add("Image", r.image_index !== null && r.image_index !== undefined ? r.image_index + 1 : null);
+    add("Status", STATUS_TEXT[r.status]);
+    $("print-question").textContent = r.question;
+    $("print-text-title").textContent = r.status === "amended" ? "Report (amended)" : "Report";
+    $("print-text").textContent = r.text;
+    const verb = r.status === "amended" ? "Amended and signed" : "Signed";
+    $("print-signed").textContent =
+      `${verb} by ${r.signed_by_name || `API key ${r.signed_by}`}, ${when(r.signed_at)}`;
+    $("print-provenance").textContent =
+      `Drafted by the model ${r.variant || r.model} (quantization ${r.quantization}` +
+      `${r.model_version ? `, version ${r.model_version}` : ""}) and reviewed by the ` +
+      `radiologist who signed it. Printed ${when(new Date().toISOString())}.`;
+    // the server shows no patient names: the accession number (or study UID) links the sheet
+    // to the patient's order
+    const demo = r.model === "demo" || r.variant === "demo";
+    $("print-warning").textContent =
+      "This sheet carries no patient name: file it by accession number or study UID." +
+      (demo ? " Drafted by the synthetic demo model: not for clinical use." : "");
+    window.print();
+  }
+
   // --- study: deletion (admins) --------------------------------------------------------------
 
   function askToDelete() {
@@ -1168,6 +1207,7 @@
       setStatus("report-status", isDirty() ? "Unsaved changes" : "");
     });
     $("report-amend").addEventListener("click", askToAmend);
+    $("report-print").addEventListener("click", printReport);
     $("amend-dialog").addEventListener("close", () => {
       if ($("amend-dialog").returnValue === "confirm") amendReport();
       else $("report-amend").focus();
