@@ -3,7 +3,7 @@
 tinyllava-med serve                                   # demo model, SQLite under ./data, :8000
 tinyllava-med ask CT_small.dcm "Which organ is shown?" --json
 tinyllava-med convert ./llava-med-v1.5-mistral-7b ./data/models/llava-med
-tinyllava-med demo-model                              # train the bundled demo (<5 min, CPU)
+tinyllava-med demo-model                              # train the bundled demo (~4 min, CPU)
 tinyllava-med db backup /mnt/backup                   # database + image files, while serving
 """
 
@@ -618,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-time-limit",
         action="store_true",
-        help="train all steps however long they take (no 210 s budget): the same weights on "
+        help="train all steps however long they take (no 300 s budget): the same weights on "
         "every machine of the same CPU type and thread count",
     )
 

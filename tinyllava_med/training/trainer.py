@@ -129,7 +129,8 @@ def _apply_modes(model: Any, cfg: TrainConfig) -> Any:
     return model
 
 
-CALIBRATION_STEPS = 20  # steps timed before a budgeted run decides how its schedule runs
+CALIBRATION_STEPS = 50  # a budgeted run decides how its schedule runs after this many steps
+WARM_STEPS = 10  # (or a tenth of its budget), timed from this step: the first carry the start-up
 
 
 def budget_cosine(
@@ -142,25 +143,30 @@ def budget_cosine(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup + cosine over training progress under a wall-clock budget.
 
-    After `CALIBRATION_STEPS` steps the run decides once: if the remaining steps fit the
-    remaining time at the rate measured so far (first step excluded: it carries the start-up),
-    progress is the step fraction alone, so the weights do not depend on this machine's speed
-    (the same code, data, seed, CPU type and thread count give the same weights). If not,
-    progress is the larger of the step fraction and the time fraction, so the rate still decays
-    to zero by the end of the budget. `clock["led"]` records the decision (None: undecided)."""
+    After `CALIBRATION_STEPS` steps, or a tenth of the budget if that comes first, the run
+    decides once: if the remaining steps fit the remaining time at the rate measured since step
+    `WARM_STEPS` (since step 1 while there are too few steps after it; the first steps carry the
+    start-up), progress is the step fraction alone, so the weights do not depend on this
+    machine's speed (the same code, data, seed, CPU type and thread count give the same
+    weights). If not, progress is the larger of the step fraction and the time fraction, so the
+    rate still decays to zero by the end of the budget. `clock["led"]` records the decision
+    (None: undecided)."""
     clock = clock if clock is not None else {}
     clock["led"] = None
     start = time.monotonic()
-    first: list[float] = []  # when step 1 ended
+    marks: dict[int, float] = {}  # when steps 1 and WARM_STEPS ended
 
     def factor(step: int) -> float:
         now = time.monotonic()
-        if step >= 1 and not first:
-            first.append(now)
-        if clock["led"] is None and step >= CALIBRATION_STEPS and first:
-            rate = (step - 1) / max(now - first[0], 1e-9)
-            left_s = budget_s - (now - start)
-            clock["led"] = rate * left_s * 0.95 < max_steps - step
+        for mark in (1, WARM_STEPS):
+            if step >= mark and mark not in marks:
+                marks[mark] = now
+        elapsed = now - start
+        since = WARM_STEPS if step - WARM_STEPS >= 5 and WARM_STEPS in marks else 1
+        due = step >= CALIBRATION_STEPS or elapsed >= budget_s / 10
+        if clock["led"] is None and due and since in marks and step - since >= 2:
+            rate = (step - since) / max(now - marks[since], 1e-9)
+            clock["led"] = rate * (budget_s - elapsed) * 0.95 < max_steps - step
         progress = step / max(max_steps, 1)
         if clock["led"]:
             progress = max(progress, (now - start) / budget_s)
