@@ -332,8 +332,6 @@ def _backup(settings: Any, dest: str | None) -> int:
 def cmd_apikey(args: argparse.Namespace) -> int:
     """create (the key is printed once), list (never the keys), revoke KEY_ID; create and
     revoke are audited with actor `cli`."""
-    from datetime import timedelta
-
     from tinyllava_med.server.auth import (
         create_api_key,
         get_api_key,
@@ -342,7 +340,6 @@ def cmd_apikey(args: argparse.Namespace) -> int:
     )
     from tinyllava_med.server.db import crud
     from tinyllava_med.server.db.migrate import upgrade
-    from tinyllava_med.server.db.models import utcnow
     from tinyllava_med.server.db.session import make_engine, session_factory
 
     if args.apikey_cmd == "create" and not args.role:
@@ -386,7 +383,7 @@ def cmd_apikey(args: argparse.Namespace) -> int:
                     session,
                     role=args.role,
                     name=args.name or f"{args.role} key",
-                    expires_at=utcnow() + timedelta(days=days) if days else None,
+                    expires_in_days=days,
                 )
                 action, status = "apikey.create", 201
                 until = f", expires {row.expires_at:%Y-%m-%d %H:%M} UTC" if days else ""

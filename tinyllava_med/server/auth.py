@@ -118,14 +118,15 @@ def has_permission(role: str, needed: str) -> bool:
 
 
 def create_api_key(
-    session: Session, *, role: Role, name: str, expires_at: datetime | None = None
+    session: Session, *, role: Role, name: str, expires_in_days: int | None = None
 ) -> tuple[ApiKey, str]:
     """Store a new key's hash and return `(row, key)`; the key is not kept anywhere. A key with
-    `expires_at` is refused from then on."""
+    `expires_in_days` is refused from then on (None: never)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    if expires_at is not None and (expires_at.tzinfo is None or expires_at <= utcnow()):
-        raise ValueError("expires_at must be a time zone aware time in the future")
+    if expires_in_days is not None and expires_in_days < 1:
+        raise ValueError("expires_in_days must be at least 1")
+    expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
     name = name.strip()
     if not 1 <= len(name) <= 128:
         raise ValueError("the key's name must be 1 to 128 characters")
@@ -152,11 +153,16 @@ def verify_api_key(session: Session, secret: str) -> ApiKey | None:
     row = _matching_key(session, secret)
     if row is None or not row.active:
         return None
+    _touch(session, row)
+    return row
+
+
+def _touch(session: Session, row: ApiKey) -> None:
+    """Refresh `last_used_at`, at most once a minute."""
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
         row.last_used_at = now
         session.flush()
-    return row
 
 
 def _matching_key(session: Session, secret: str) -> ApiKey | None:
@@ -328,13 +334,13 @@ CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 def _look_up(request: Request, key: str) -> Principal | datetime | None:
     """The caller's principal; for a real key that expired, when it did; else None."""
     with request.app.state.session_factory.begin() as session:
-        row = verify_api_key(session, key)
-        if row is not None:
-            return Principal(row.id, row.role, row.name, row.expires_at)
-        stale = _matching_key(session, key)
-        if stale is not None and stale.revoked_at is None and stale.expired:
-            return stale.expires_at
-        return None
+        row = _matching_key(session, key)
+        if row is None or row.revoked_at is not None:
+            return None
+        if row.expired:
+            return row.expires_at
+        _touch(session, row)
+        return Principal(row.id, row.role, row.name, row.expires_at)
 
 
 def require(needed: Role | Permission) -> Callable[..., Awaitable[Principal]]:

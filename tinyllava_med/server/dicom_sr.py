@@ -37,7 +37,8 @@ from pydicom.valuerep import DA, TM
 from sqlalchemy.orm import Session
 
 from tinyllava_med import __version__
-from tinyllava_med.server.db.models import SIGNED_STATUSES, ApiKey, Report
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.models import SIGNED_STATUSES, Report
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.storage import ImageStore
 
@@ -245,8 +246,7 @@ def signer_name(session: Session, report: Report) -> str | None:
 def key_name(session: Session, key_id: str | None) -> str | None:
     if key_id is None:
         return None
-    key = session.get(ApiKey, key_id)
-    return key.name if key is not None else key_id
+    return crud.key_names(session, [key_id]).get(key_id, key_id)
 
 
 def report_sr(

@@ -3,13 +3,10 @@ revoke them; any key reads its own role and permissions (`/v1/apikeys/me`)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from fastapi import APIRouter, Request
 
 from tinyllava_med.server import auth
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import utcnow
 from tinyllava_med.server.deps import KeyAdmin, SessionDep, SettingsDep
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.schemas import (
@@ -25,11 +22,11 @@ router = APIRouter(prefix="/v1/apikeys", tags=["keys"])
 
 @router.get("", response_model=ApiKeyList)
 def list_keys(session: SessionDep, principal: KeyAdmin, active: bool | None = None) -> ApiKeyList:
-    """Oldest first; `active=true` leaves out revoked keys, `active=false` lists only them."""
-    rows = auth.list_api_keys(session, include_revoked=active is not True)
+    """Oldest first; `active=true` leaves out revoked and expired keys, `active=false` lists
+    only them."""
     keys = [
         ApiKeyPublic.model_validate(k, from_attributes=True)
-        for k in rows
+        for k in auth.list_api_keys(session, include_revoked=True)
         if active is None or k.active is active
     ]
     crud.audit(
@@ -61,10 +58,7 @@ def create_key(
     """A new key, shown once; it expires after `expires_in_days` (default: `api_key_days`)."""
     days = body.expires_in_days or settings.api_key_days
     row, key = auth.create_api_key(
-        session,
-        role=body.role,
-        name=body.name or f"{body.role} key",
-        expires_at=utcnow() + timedelta(days=days) if days else None,
+        session, role=body.role, name=body.name or f"{body.role} key", expires_in_days=days
     )
     crud.audit(
         session,
