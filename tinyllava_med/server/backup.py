@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sqlite3
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -78,30 +76,6 @@ def _snapshot(source: Path, dest_dir: Path) -> Path:
     return final
 
 
-def _copy_checked(src: Path, dest: Path, sha256: str) -> int | None:
-    """Copy `src` to `dest` (atomically), hashing as it goes; the bytes copied, or None when
-    the content is not `sha256` (nothing is left at `dest`)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-    size = 0
-    try:
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            while chunk := fin.read(1 << 20):
-                digest.update(chunk)
-                fout.write(chunk)
-                size += len(chunk)
-        if digest.hexdigest() != sha256:
-            Path(tmp).unlink()
-            return None
-        shutil.copystat(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return size
-
-
 def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
     """Back up the database (SQLite) and the image files into `dest`; audited as
     `backup.create`."""
@@ -121,21 +95,18 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
             result = Backup(None)
             with session_factory(engine)() as s:
                 hashes = sorted(set(s.scalars(select(Image.sha256))))
-        store = ImageStore(settings.images_dir)
+        store, copies = ImageStore(settings.images_dir), ImageStore(dest / "images")
         for sha in hashes:
-            target = dest / "images" / sha[:2] / sha
-            if target.is_file():
+            if copies.exists(sha):
                 result.files_present += 1
-                continue
-            if not store.exists(sha):
+            elif not store.exists(sha):
                 result.missing.append(sha)
-                continue
-            size = _copy_checked(store.path(sha), target, sha)
-            if size is None:
+            elif hashlib.sha256(data := store.get(sha)).hexdigest() != sha:
                 result.corrupt.append(sha)
             else:
+                copies.put(data)  # the store's own atomic, content-addressed write
                 result.files_copied += 1
-                result.bytes_copied += size
+                result.bytes_copied += len(data)
         with session_factory(engine).begin() as s:
             crud.audit(
                 s,
