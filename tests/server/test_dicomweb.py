@@ -134,9 +134,9 @@ def test_server_processes_sharing_postgresql_make_one_study(
     PostgreSQL database: its advisory locks keep one study."""
     import contextlib
 
-    import tinyllava_med.server.routes.dicomweb as dicomweb
+    import tinyllava_med.server.ingest as ingest
 
-    monkeypatch.setattr(dicomweb, "_STORING", contextlib.nullcontext())
+    monkeypatch.setattr(ingest, "_STORING", contextlib.nullcontext())
     for api in make_api(tmp_path, postgres_url, tiny_lm):
         _send_in_parallel(api, _instances_of_one_study(12))
 

@@ -1,0 +1,156 @@
+"""Filing DICOM instances pushed by a PACS into studies, for STOW-RS (`routes/dicomweb.py`) and
+the DIMSE Storage SCP (`dimse.py`) alike.
+
+Each instance is decoded first (outside any lock or transaction, with the server's image
+limits), then filed under the study with the same Study Instance UID (created on first sight);
+an instance already stored is acknowledged again without a copy. In the same transaction every
+study that got new instances has its automatic report queued (`auto_report_prompts`), so the
+instances and their jobs are durable before the sender hears "stored".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from tinyllava_med.imaging import ImagingError, StudyFile, load_study_file
+from tinyllava_med.server.db.models import Image, Study
+from tinyllava_med.server.jobs import schedule_auto_report
+from tinyllava_med.server.serving import add_file, create_study_of, limits_of
+from tinyllava_med.server.settings import Settings
+from tinyllava_med.server.storage import ImageStore
+from tinyllava_med.server.stow import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    STUDY_MISMATCH,
+    Part,
+    StoreResult,
+)
+
+_TOO_BIG = {"too_large", "decompression_bomb"}
+
+
+def decode(parts: list[Part], settings: Settings) -> list[StudyFile | ImagingError]:
+    """Each part as a DICOM study file, or the reason it is not one (no lock held: this is most
+    of the work, and parallel requests do it in parallel)."""
+    out: list[StudyFile | ImagingError] = []
+    for part in parts:
+        try:
+            d = load_study_file(part.data, limits=limits_of(settings))
+            if d.kind != "dicom":
+                raise ImagingError("not_dicom", "the part is not a DICOM instance")
+            out.append(d)
+        except ImagingError as e:
+            out.append(e)
+    return out
+
+
+def failure_reason(e: ImagingError) -> int:
+    """The Storage Service Class Failure Reason for an instance that could not be decoded."""
+    return OUT_OF_RESOURCES if e.code in _TOO_BIG else CANNOT_UNDERSTAND
+
+
+# Senders find or create their study by UID and number its images one at a time. A PACS may send
+# a study's instances in parallel requests or associations; each transaction saw no study yet and
+# made its own (12 parallel single-instance STOW requests made 9-12 studies, on SQLite and
+# PostgreSQL). Within a process a lock orders them; processes sharing a PostgreSQL database also
+# take `_lock_studies`.
+_STORING = threading.Lock()
+
+
+def _lock_studies(session: Session, uids: list[str]) -> None:
+    """On PostgreSQL, hold a transaction-scoped advisory lock per Study Instance UID, for
+    server processes that share the database (taken in sorted order: two requests for the same
+    studies wait for each other, never deadlock)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for uid in sorted(set(uids)):
+        key = int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "big", signed=True)
+        session.execute(select(func.pg_advisory_xact_lock(key)))
+
+
+def _study_for(session: Session, uid: str, cache: dict[str, Study], d: StudyFile) -> Study:
+    if uid not in cache:
+        found = session.scalar(
+            select(Study)
+            .where(Study.StudyInstanceUID == uid)
+            .order_by(Study.created_at.desc())
+            .limit(1)
+        )
+        cache[uid] = found if found is not None else create_study_of(session, d)
+    return cache[uid]
+
+
+def _already_stored(session: Session, study: Study, sop_instance: str) -> bool:
+    return (
+        session.scalar(
+            select(Image.id).where(Image.study_id == study.id, Image.SOPInstanceUID == sop_instance)
+        )
+        is not None
+    )
+
+
+def store_instances(
+    session: Session,
+    store: ImageStore,
+    settings: Settings,
+    parts: list[Part],
+    decoded: list[StudyFile | ImagingError],
+    url_study_uid: str | None,
+) -> tuple[StoreResult, list[Study]]:
+    """File the decoded parts; the result per instance and the studies that got new ones."""
+    result = StoreResult()
+    uids = [d.metadata.StudyInstanceUID for d in decoded if not isinstance(d, ImagingError)]
+    _lock_studies(session, [uid for uid in uids if uid])
+    studies: dict[str, Study] = {}
+    touched: dict[str, Study] = {}
+    for part, d in zip(parts, decoded, strict=True):
+        if isinstance(d, ImagingError):
+            result.failed.append((None, None, failure_reason(d)))
+            continue
+        m = d.metadata
+        sop_class, sop_instance, uid = m.SOPClassUID, m.SOPInstanceUID, m.StudyInstanceUID
+        if not (sop_class and sop_instance and uid):
+            result.failed.append((sop_class, sop_instance, CANNOT_UNDERSTAND))
+            continue
+        if url_study_uid is not None and uid != url_study_uid:
+            result.failed.append((sop_class, sop_instance, STUDY_MISMATCH))
+            continue
+        study = _study_for(session, uid, studies, d)
+        if _already_stored(session, study, sop_instance):
+            result.already += 1
+        else:
+            add_file(session, store, study, part.data, d, limits_of(settings))
+            touched[study.id] = study
+        result.stored.append((sop_class, sop_instance))
+    session.flush()
+    return result, list(touched.values())
+
+
+Audit = Callable[[Session, StoreResult, list[str], list[str]], None]
+
+
+def file_instances(
+    session_factory: sessionmaker[Session],
+    store: ImageStore,
+    settings: Settings,
+    parts: list[Part],
+    decoded: list[StudyFile | ImagingError],
+    url_study_uid: str | None = None,
+    audit: Audit | None = None,
+) -> tuple[StoreResult, list[str], list[str]]:
+    """Store the parts and queue their studies' automatic reports in one committed transaction
+    (one sender at a time, `_STORING`); `audit(session, result, study_ids, job_ids)` runs in it.
+    The result, the ids of the studies that got new instances, and the queued jobs' ids.
+    Blocking: call it from a worker thread."""
+    with _STORING, session_factory.begin() as session:
+        result, studies = store_instances(session, store, settings, parts, decoded, url_study_uid)
+        jobs = [job.id for s in studies if (job := schedule_auto_report(session, settings, s))]
+        ids = [s.id for s in studies]
+        if audit is not None:
+            audit(session, result, ids, jobs)
+    return result, ids, jobs
