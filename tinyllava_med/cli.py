@@ -250,6 +250,7 @@ def _server_settings(args: argparse.Namespace) -> Any:
         ("device", "device"),
         ("dtype", "dtype"),
         ("gradio", "gradio"),
+        ("dimse_port", "dimse_port"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:
@@ -457,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,  # None: TINYLLAVA_MED_GRADIO decides
         help="also serve the Gradio demo at /demo (each question needs an API key)",
+    )
+    p.add_argument(
+        "--dimse-port",
+        type=int,
+        default=None,
+        help="also receive studies by DICOM C-STORE on this port (needs TINYLLAVA_MED_DIMSE_PEERS)",
     )
 
     p = verb("ask", "answer one question about one DICOM/PNG/JPEG file", cmd_ask)

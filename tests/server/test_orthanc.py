@@ -1,7 +1,8 @@
 """The PACS round trip with a real Orthanc (Debian's, with its DICOMweb plugin) on loopback.
 
 Orthanc receives CT_small over its REST API, forwards the study to our STOW-RS endpoint (its
-DICOMweb client, with our API key as a header), our job answers the configured prompt, and the
+DICOMweb client, with our API key as a header) or, in the DIMSE test, C-STOREs it to our Storage
+SCP and gets the SR back by C-STORE, our job answers the configured prompt, and the
 SR comes back into Orthanc over STOW-RS (dicomweb-client), filed under the same patient and
 study, where Orthanc's own WADO-RS serves it. Signing the report sends the verified SR, amending
 it the amended one. A study sent by mistake and deleted here gets an IOCM rejection note in
@@ -36,14 +37,19 @@ if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
     )
 
 
-def start_orthanc(tmp: Path, http_port: int, our_stow: str, pacs_key: str):
-    """Orthanc on loopback with our STOW-RS as its DICOMweb peer (a context manager)."""
+def start_orthanc(
+    tmp: Path, http_port: int, our_stow: str, pacs_key: str, dicom_port: int | None = None, **extra
+):
+    """Orthanc on loopback with our STOW-RS as its DICOMweb peer (a context manager); with
+    `dicom_port`, its DIMSE server listens there as AE title TLMPACS."""
     config = {
         "Name": "TLM-TEST-PACS",
         "StorageDirectory": str(tmp / "storage"),
         "IndexDirectory": str(tmp / "index"),
         "HttpPort": http_port,
-        "DicomServerEnabled": False,
+        "DicomServerEnabled": dicom_port is not None,
+        "DicomPort": dicom_port or 4242,
+        "DicomAet": "TLMPACS",
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "Plugins": [str(DICOMWEB_PLUGIN)],
@@ -57,6 +63,7 @@ def start_orthanc(tmp: Path, http_port: int, our_stow: str, pacs_key: str):
                 }
             },
         },
+        **extra,
     }
     tmp.mkdir(parents=True)
     path = tmp / "orthanc.json"
@@ -220,3 +227,65 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
             assert note.StudyInstanceUID == wrong.StudyInstanceUID
             (named,) = [i for i in note.ContentSequence if i.ValueType == "COMPOSITE"]
             assert named.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == draft.SOPInstanceUID
+
+
+def test_orthanc_dimse_round_trip(tmp_path, sqlite_url, tiny_lm):
+    """A PACS without DICOMweb: Orthanc C-STOREs the study to our SCP, which it knows as a DICOM
+    modality, and our SR comes back to its DIMSE server by C-STORE."""
+    orthanc_port, orthanc_dicom, our_dimse = free_port(), free_port(), free_port()
+    orthanc = f"http://127.0.0.1:{orthanc_port}"
+    upgrade(sqlite_url)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=sqlite_url,
+        auto_report_prompts={"CT": "Describe the findings."},
+        auto_report_delay_s=0,
+        job_poll_s=0.05,
+        dimse_port=our_dimse,
+        dimse_peers=["TLMPACS@127.0.0.1"],
+        dimse_push=f"TLMPACS@127.0.0.1:{orthanc_dicom}",
+    )
+    app = create_app(settings, model=tiny_lm)
+    with live_server(app) as base:
+        admin = {"Authorization": f"Bearer {app.state.first_admin_key}"}
+        key = httpx.post(
+            f"{base}/v1/apikeys", json={"role": "radiologist", "name": "Dr Test"}, headers=admin
+        ).json()["key"]
+        h = {"Authorization": f"Bearer {key}"}
+        modalities = {"DicomModalities": {"tinyllava": ["TINYLLAVA_MED", "127.0.0.1", our_dimse]}}
+        with start_orthanc(
+            tmp_path / "orthanc",
+            orthanc_port,
+            f"{base}/dicomweb/",
+            "unused",
+            orthanc_dicom,
+            **modalities,
+        ):
+            r = httpx.post(f"{orthanc}/modalities/tinyllava/echo", json={}, timeout=30)
+            assert r.status_code == 200, r.text
+            r = httpx.post(f"{orthanc}/instances", content=CT_SMALL.read_bytes(), timeout=10)
+            study = str(r.json()["ParentStudy"])
+            r = httpx.post(
+                f"{orthanc}/modalities/tinyllava/store",
+                json={"Resources": [study], "Synchronous": True},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+
+            def pushed():
+                jobs = httpx.get(f"{base}/v1/jobs", headers=h).json()["data"]
+                assert not [j for j in jobs if j["status"] == "failed"], jobs
+                done = {j["kind"]: j for j in jobs if j["status"] == "done"}
+                return done if {"auto_report", "push_sr"} <= set(done) else None
+
+            done = wait_for(pushed, timeout_s=60, what="the report and its SR by C-STORE")
+            report_id = done["auto_report"]["result"]["report_id"]
+            report = httpx.get(f"{base}/v1/reports/{report_id}", headers=h).json()
+            (sr,) = sr_instances(orthanc, study)
+            assert sr.StudyInstanceUID == pydicom.dcmread(CT_SMALL).StudyInstanceUID
+            assert finding(sr) == re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", report["text"])
+            events = httpx.get(
+                f"{base}/v1/audit", params={"action": "study.dimse_store"}, headers=admin
+            ).json()["data"]
+            assert [e["actor"] for e in events] == ["dimse:TLMPACS"]
+            assert events[0]["detail"]["stored"] == 1

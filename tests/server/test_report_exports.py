@@ -364,7 +364,7 @@ def test_deleting_a_study_rejects_its_pushed_srs_with_an_iocm_note(tmp_path, dat
         # the job sends it (here to a stand-in for the PACS) and removes the file
         runner = jobs.JobRunner(api.app, workers=0)
         stowed = []
-        runner._stow = stowed.append  # type: ignore[method-assign]
+        runner._deliver = stowed.append  # type: ignore[method-assign]
         with sessions.begin() as s:
             claimed = jobs.claim(s, "w1", lease_s=600)
         assert claimed is not None and claimed.kind == "push_rejection"

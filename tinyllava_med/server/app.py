@@ -336,11 +336,21 @@ def create_app(
         )
         runner = JobRunner(app, settings.job_workers)
         runner.start()
+        dimse = None
+        if settings.dimse_port is not None:
+            from tinyllava_med.server.dimse import StorageSCP
+
+            dimse = StorageSCP(
+                settings, app.state.session_factory, app.state.store, app.state.metrics
+            )
+            dimse.start()
         try:
             yield
         finally:
             app.state.shutting_down = True
             stop_connecting.set()
+            if dimse is not None:
+                dimse.stop()
             runner.stop()
             app.state.engine.shutdown()
             db_engine.dispose()

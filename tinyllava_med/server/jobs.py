@@ -15,10 +15,11 @@ Kinds:
 - `auto_report`: ask the study's modality prompt (`auto_report_prompts`) about its middle DICOM
   image, store the answer as a draft report (created by `job:<id>`), and queue `push_sr` when a
   push target is configured; report, push job and completion commit together.
-- `push_sr`: STOW-RS the report's SR to `dicomweb_push_url` (dicomweb-client). The SR's UIDs are
+- `push_sr`: send the report's SR to the PACS: STOW-RS to `dicomweb_push_url` (dicomweb-client),
+  or C-STORE to `dimse_push` (pynetdicom, `dimse.send`) when that is set. The SR's UIDs are
   derived from the report's state, so a retried push stores the same instance again.
 - `sweep_images`: remove a deleted study's files once no image holds them (`schedule_sweep`).
-- `push_rejection`: STOW-RS the IOCM rejection note of a deleted study's pushed SRs
+- `push_rejection`: send (as `push_sr` does) the IOCM rejection note of a deleted study's pushed SRs
   (`rejection.py`) from the file store, then remove it there.
 """
 
@@ -105,7 +106,7 @@ def schedule_push(session: Session, settings: Settings, report: Report) -> Job |
     """Queue pushing the SR of `report` as it is now (its `updated_at` names the version: a
     later edit does not change what this job sends) when a push target is set and its image is
     DICOM."""
-    if not settings.dicomweb_push_url or report.image is None or report.image.kind != "dicom":
+    if not settings.pushes_to_pacs or report.image is None or report.image.kind != "dicom":
         return None
     return crud.enqueue_job(
         session,
@@ -144,7 +145,7 @@ def schedule_rejection(
 ) -> Job | None:
     """Queue sending the rejection note stored as `sha256` (it names `rejected` SR instances).
     The job belongs to no study: the study it is about is being deleted."""
-    if not settings.dicomweb_push_url:
+    if not settings.pushes_to_pacs:
         return None
     return crud.enqueue_job(
         session,
@@ -404,11 +405,16 @@ class JobRunner:
                 {"removed": len(removed), "kept": len(held), "again": again.id if again else None},
             )
 
-    def _stow(self, ds: pydicom.Dataset) -> None:
-        """STOW-RS `ds` to the configured PACS."""
+    def _deliver(self, ds: pydicom.Dataset) -> None:
+        """Send `ds` to the configured PACS: C-STORE to `dimse_push`, else STOW-RS."""
         from dicomweb_client.api import DICOMwebClient
 
         settings = self.settings
+        if settings.dimse_push:
+            from tinyllava_med.server import dimse
+
+            dimse.send(ds, dimse.Target.parse(settings.dimse_push), settings.dimse_ae_title)
+            return
         if not settings.dicomweb_push_url:
             raise RuntimeError("no dicomweb_push_url is configured")
         client = DICOMwebClient(
@@ -419,8 +425,8 @@ class JobRunner:
     def _send(
         self, job: Claimed, ds: pydicom.Dataset, resource_type: str, resource_id: str | None
     ) -> str:
-        """STOW-RS `ds`, then audit it as `job.<kind>` and finish the job, in one transaction."""
-        self._stow(ds)
+        """Send `ds`, then audit it as `job.<kind>` and finish the job, in one transaction."""
+        self._deliver(ds)
         uid = str(ds.SOPInstanceUID)
         with self.sessions.begin() as s:
             crud.audit(

@@ -203,6 +203,24 @@ class Metrics:
             ["kind", "outcome"],
             registry=r,
         )
+        self.dimse_instances = Counter(
+            PREFIX + "dimse_instances",
+            "Instances received over DIMSE C-STORE, by outcome (stored; already: held before, "
+            "acknowledged again; failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.dimse_associations = Counter(
+            PREFIX + "dimse_associations",
+            "DIMSE associations asked for, by outcome (accepted; refused: calling AE title or "
+            "address not in dimse_peers)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("stored", "already", "failed"):
+            self.dimse_instances.labels(outcome)
+        for outcome in ("accepted", "refused"):
+            self.dimse_associations.labels(outcome)
 
     # EngineMetrics protocol
     def on_batch(self, size: int, seconds: float, new_tokens: int) -> None:

@@ -10,6 +10,7 @@ else in the package reads `os.environ` for server configuration.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,9 @@ MiB = 1024 * 1024
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 SUPPORTED_DATABASES = ("sqlite", "postgresql")
+# a DICOM AE title (PS3.5 §6.2, VR AE): printable ASCII but backslash, not all spaces
+AE_TITLE = r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$"
+_PEER = re.compile(r"^(\*|[ -\[\]-~]{1,16}(@[^@\s]+)?)$")
 
 
 class Settings(BaseSettings):
@@ -207,6 +211,38 @@ class Settings(BaseSettings):
     dicomweb_push_headers: dict[str, str] = Field(
         default_factory=dict, description='e.g. {"Authorization": "Basic ..."}'
     )
+    dimse_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="also receive studies over DICOM DIMSE (C-STORE, C-ECHO) on this port of "
+        "`host`, e.g. 11112; off unless set, and then `dimse_peers` must name who may send",
+    )
+    dimse_ae_title: str = Field(
+        default="TINYLLAVA_MED",
+        min_length=1,
+        max_length=16,
+        pattern=AE_TITLE,
+        description="this server's AE title: the called AE title senders must use, and the "
+        "calling one of its own C-STOREs",
+    )
+    dimse_peers: list[str] = Field(
+        default_factory=list,
+        description='who may send over DIMSE, which has no keys: "AET" (from any address), '
+        '"AET@host" (from that host only), or "*" (anyone who reaches the port)',
+    )
+    dimse_max_associations: int = Field(default=8, ge=1, description="at once, over all peers")
+    dimse_push: str | None = Field(
+        default=None,
+        pattern=r"^[!-\[\]-~][ -\[\]-~]{0,15}@[^:@\s]+:\d{1,5}$",
+        description="send SRs and rejection notes to the PACS by C-STORE instead of STOW-RS: "
+        '"AET@host:port", e.g. "ORTHANC@pacs:4242"',
+    )
+
+    @property
+    def pushes_to_pacs(self) -> bool:
+        """Reports' SRs (and rejection notes) go to a PACS, over DICOMweb or DIMSE."""
+        return bool(self.dicomweb_push_url or self.dimse_push)
 
     @field_validator("quant", mode="before")
     @classmethod
@@ -235,6 +271,16 @@ class Settings(BaseSettings):
         if scheme not in SUPPORTED_DATABASES:
             raise ValueError(
                 f"database_url: expected a sqlite:// or postgresql:// URL, got scheme {scheme!r}"
+            )
+        bad_peers = [
+            p for p in self.dimse_peers if not _PEER.match(p) or not p.split("@")[0].strip()
+        ]
+        if bad_peers:
+            raise ValueError(f'dimse_peers: expected "AET", "AET@host" or "*", got {bad_peers}')
+        if self.dimse_port is not None and not self.dimse_peers:
+            raise ValueError(
+                'dimse_port needs dimse_peers: the AE titles that may send (e.g. ["PACS"] or '
+                '["PACS@10.0.0.5"]; "*" for anyone who reaches the port)'
             )
         if self.engine == "remote" and not self.remote_url:
             raise ValueError("engine 'remote' needs remote_url (the remote's /v1 base URL)")

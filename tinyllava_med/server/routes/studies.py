@@ -121,7 +121,7 @@ def delete_study(
     )
     images = len(study.images)
     pushed = []  # with no PACS to tell, there is nothing to reject
-    if settings.dicomweb_push_url:
+    if settings.pushes_to_pacs:
         pushed = pushed_srs(session, store, study, settings.institution_name)
     hashes = crud.delete_study(session, study)
     sweep = schedule_sweep(session, settings, hashes)

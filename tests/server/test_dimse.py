@@ -1,0 +1,219 @@
+"""DIMSE: the Storage SCP, with pynetdicom as the modality or PACS that sends (the round trip
+with a real Orthanc, both ways, is in test_orthanc.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pydicom
+import pytest
+from api_helpers import CT_SMALL, MR_SMALL, free_port, make_api
+from pydantic import ValidationError
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from tinyllava_med.server.db.models import Image, Job, Study
+from tinyllava_med.server.dimse import PeerList, Target, decodable_transfer_syntaxes
+from tinyllava_med.server.settings import Settings
+
+AET = "TINYLLAVA_MED"
+PATIENT = "CompressedSamples^CT1"  # CT_small's patient name: never in logs or statuses
+
+
+def dimse_api(tmp_path, database_url, tiny_lm, **overrides):
+    port = free_port()
+    settings = {
+        "dimse_port": port,
+        "dimse_peers": ["MODALITY", "ROUTER@127.0.0.1", "FARAWAY@192.0.2.1"],
+        "auto_report_prompts": {"CT": "Describe the findings."},
+        "auto_report_delay_s": 600,  # queued, not run: these tests are about receiving
+        **overrides,
+    }
+    for api in make_api(tmp_path, database_url, tiny_lm, **settings):
+        api.dimse_port = port
+        yield api
+
+
+@pytest.fixture
+def api(tmp_path, database_url, tiny_lm):
+    yield from dimse_api(tmp_path, database_url, tiny_lm)
+
+
+def associate(api, calling="MODALITY", called=AET, contexts=None):
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    if contexts is None:
+        ae.requested_contexts = StoragePresentationContexts
+    else:
+        for sop_class, syntaxes in contexts:
+            ae.add_requested_context(sop_class, syntaxes)
+    return ae.associate("127.0.0.1", api.dimse_port, ae_title=called)
+
+
+def store_all(api, datasets, **kw):
+    assoc = associate(api, **kw)
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_store(ds) for ds in datasets]
+    finally:
+        assoc.release()
+    return statuses
+
+
+def rows(api, model):
+    with api.app.state.session_factory() as s:
+        return list(s.scalars(select(model)))
+
+
+def audits(api, action):
+    r = api.get("/v1/audit", params={"action": action}, headers=api.h("admin"))
+    assert r.status_code == 200, r.text
+    return r.json()["data"]
+
+
+def metric(api, name, outcome):
+    text = api.get("/metrics").text
+    line = f'tinyllava_med_{name}_total{{outcome="{outcome}"}} '
+    return float(next(x for x in text.splitlines() if x.startswith(line)).split()[-1])
+
+
+def test_echo_store_two_studies_then_again(api):
+    assoc = associate(api, contexts=[(Verification, None)])
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+    ct, mr = pydicom.dcmread(CT_SMALL), pydicom.dcmread(MR_SMALL)
+    statuses = store_all(api, [ct, mr])
+    assert [s.Status for s in statuses] == [0x0000, 0x0000]
+    assert store_all(api, [ct])[0].Status == 0x0000  # held already: acknowledged, not copied
+
+    studies = {s.StudyInstanceUID: s for s in rows(api, Study)}
+    assert set(studies) == {ct.StudyInstanceUID, mr.StudyInstanceUID}
+    images = rows(api, Image)
+    assert sorted(i.SOPInstanceUID for i in images) == sorted(
+        [ct.SOPInstanceUID, mr.SOPInstanceUID]
+    )
+    # the study is the API's like any other: listed, its image rendered
+    listed = api.get("/v1/studies", headers=api.h()).json()["data"]
+    assert {s["Modality"] for s in listed} == {"CT", "MR"}
+    ct_study = studies[ct.StudyInstanceUID].id
+    r = api.get(f"/v1/studies/{ct_study}/images/0", headers=api.h())
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    # the CT's automatic report is queued; MR has no prompt
+    jobs = rows(api, Job)
+    assert [(j.kind, j.study_id, j.status) for j in jobs] == [("auto_report", ct_study, "queued")]
+
+    events = audits(api, "study.dimse_store")
+    assert len(events) == 2
+    by_stored = {e["detail"]["stored"]: e for e in events}
+    first, again = by_stored[2], by_stored[0]
+    assert first["actor"] == "dimse:MODALITY" and first["outcome"] == "ok"
+    assert first["status_code"] == 200 and first["resource_id"] is None  # two studies
+    assert sorted(first["detail"]["studies"]) == sorted(s.id for s in studies.values())
+    assert first["detail"]["jobs"] == [jobs[0].id]
+    assert again["detail"]["already"] == 1 and again["detail"]["studies"] == []  # as STOW-RS:
+    # "studies" lists those that got new instances
+    assert metric(api, "dimse_instances", "stored") == 2
+    assert metric(api, "dimse_instances", "already") == 1
+    assert metric(api, "dimse_associations", "accepted") == 3
+
+
+def test_compressed_instance_in_its_own_transfer_syntax(api):
+    ds = pydicom.dcmread(get_testdata_file("JPEG2000.dcm", download=False))
+    ts = ds.file_meta.TransferSyntaxUID
+    assert ts in decodable_transfer_syntaxes()
+    (status,) = store_all(api, [ds], contexts=[(ds.SOPClassUID, [ts])])
+    assert status.Status == 0x0000
+    (image,) = rows(api, Image)
+    assert image.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_who_may_associate(api, caplog):
+    caplog.set_level(logging.INFO)
+    assert associate(api, calling="STRANGER").is_rejected
+    assert associate(api, calling="FARAWAY").is_rejected  # allowed from another host only
+    assert associate(api, called="SOMEONE_ELSE").is_rejected  # not our AE title
+    ok = associate(api, calling="ROUTER")  # allowed from this host
+    assert ok.is_established
+    ok.release()
+
+    denied = audits(api, "dimse.associate")
+    assert sorted(e["actor"] for e in denied) == ["dimse:FARAWAY", "dimse:STRANGER"]
+    assert {e["outcome"] for e in denied} == {"denied"}
+    assert {e["detail"]["address"] for e in denied} == {"127.0.0.1"}
+    assert metric(api, "dimse_associations", "refused") == 2
+    assert metric(api, "dimse_associations", "accepted") == 1
+    assert "STRANGER" in caplog.text
+
+
+def _small_ct(rows_=32) -> pydicom.Dataset:
+    ds = pydicom.dcmread(CT_SMALL)
+    pixels = ds.pixel_array[:rows_, :rows_].copy()
+    ds.Rows = ds.Columns = rows_
+    ds.PixelData = pixels.tobytes()
+    ds.SOPInstanceUID = generate_uid()
+    return ds
+
+
+def test_bad_instances_fail_with_reasons_and_keep_what_is_stored(
+    tmp_path, sqlite_url, tiny_lm, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    for api in dimse_api(tmp_path, sqlite_url, tiny_lm, max_pixels=64 * 64):
+        small = _small_ct()
+        assert store_all(api, [small])[0].Status == 0x0000
+
+        too_big = pydicom.dcmread(CT_SMALL)  # 128 x 128 > max_pixels
+        truncated = _small_ct()
+        truncated.SOPInstanceUID = generate_uid()
+        truncated.PixelData = truncated.PixelData[:100]
+        no_pixels = pydicom.dcmread(CT_SMALL)
+        del no_pixels.PixelData
+        no_pixels.SOPInstanceUID = generate_uid()
+        statuses = store_all(api, [too_big, truncated, no_pixels])
+        assert [s.Status for s in statuses] == [0xA700, 0xC000, 0xC000]
+        for s in statuses:
+            assert s.ErrorComment and PATIENT not in s.ErrorComment
+        assert [i.SOPInstanceUID for i in rows(api, Image)] == [small.SOPInstanceUID]
+        assert len(rows(api, Study)) == 1
+
+        failed = [e for e in audits(api, "study.dimse_store") if e["detail"]["failed"]]
+        assert len(failed) == 1
+        assert failed[0]["outcome"] == "invalid" and failed[0]["status_code"] == 409
+        assert failed[0]["detail"] == {
+            "stored": 0,
+            "already": 0,
+            "failed": 3,
+            "studies": [],
+            "jobs": [],
+            "address": "127.0.0.1",
+        }
+        assert metric(api, "dimse_instances", "failed") == 3
+    assert PATIENT not in caplog.text
+
+
+def test_settings():
+    with pytest.raises(ValidationError, match="dimse_peers"):
+        Settings(dimse_port=11112)
+    with pytest.raises(ValidationError, match="dimse_peers"):
+        Settings(dimse_port=11112, dimse_peers=["NAME_LONGER_THAN_16"])
+    with pytest.raises(ValidationError, match="dimse_ae_title"):
+        Settings(dimse_ae_title="BACK\\SLASH")
+    with pytest.raises(ValidationError, match="dimse_push"):
+        Settings(dimse_push="ORTHANC@pacs")  # no port
+    s = Settings(dimse_push="ORTHANC@pacs.local:4242")
+    assert s.pushes_to_pacs and Target.parse(s.dimse_push) == Target("ORTHANC", "pacs.local", 4242)
+    assert not Settings().pushes_to_pacs
+
+
+def test_peer_list():
+    peers = PeerList(["PACS", "ROUTER@127.0.0.1", "ROUTER@localhost", "BOTH@127.0.0.1", "BOTH"])
+    assert peers.allows("PACS", "10.1.2.3")
+    assert peers.allows("ROUTER", "127.0.0.1") and not peers.allows("ROUTER", "10.1.2.3")
+    assert peers.allows("BOTH", "10.1.2.3")  # also listed without a host
+    assert not peers.allows("OTHER", "127.0.0.1")
+    assert PeerList(["*"]).allows("ANYONE", "10.1.2.3")

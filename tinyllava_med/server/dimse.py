@@ -1,0 +1,330 @@
+"""DICOM DIMSE for PACS and modalities that do not speak DICOMweb (pynetdicom): a Storage SCP
+that files what it receives like STOW-RS does, and a C-STORE sender for the jobs' SRs and
+rejection notes.
+
+Receiving (`StorageSCP`, on `dimse_port` when set):
+- C-ECHO, and C-STORE of every storage SOP class in the transfer syntaxes this server can decode
+  (the uncompressed ones, and each compressed one whose pydicom decoder is installed).
+- DIMSE has no keys, so an association is accepted only when it calls our AE title
+  (`dimse_ae_title`) from a calling AE title in `dimse_peers` ("AET", "AET@host": from that
+  host's addresses only, or "*"). A refusal is audited (`dimse.associate`, denied).
+- Each instance is decoded with the server's image limits and filed by `ingest.file_instances`
+  (its study found or created by Study Instance UID, the automatic report queued) in its own
+  transaction before the success status goes back, so "stored" means durable. Failures answer
+  the Storage Service Class statuses STOW-RS uses (0xC000 cannot understand, 0xA700 out of
+  resources, 0x0110 processing failure) with an Error Comment that names no patient data.
+- One audit event per association that sent instances (`study.dimse_store`, actor
+  `dimse:<calling AE title>`): stored, already held, failed, studies, jobs.
+
+Sending (`send`, for `dimse_push` = "AET@host:port"): one association per instance, accepted
+statuses are success and the warnings; anything else raises, and the job retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydicom import Dataset
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from tinyllava_med.imaging import ImagingError
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.ingest import decode, failure_reason, file_instances
+from tinyllava_med.server.stow import PROCESSING_FAILURE, Part
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from tinyllava_med.server.metrics import Metrics
+    from tinyllava_med.server.settings import Settings
+    from tinyllava_med.server.storage import ImageStore
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+WARNINGS = {0x0001, 0xB000, 0xB006, 0xB007}  # stored, with a remark (PS3.4 B.2.3)
+UNCOMPRESSED = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+]
+
+
+def decodable_transfer_syntaxes() -> list[str]:
+    """The uncompressed syntaxes, then every compressed one pydicom can decode here."""
+    from pydicom.uid import AllTransferSyntaxes
+
+    out: list[str] = list(UNCOMPRESSED)
+    for uid in AllTransferSyntaxes:
+        if uid in out or not uid.is_compressed:
+            continue
+        try:
+            if get_decoder(uid).is_available:
+                out.append(uid)
+        except NotImplementedError:  # no decoder at all for this syntax
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class Peer:
+    ae_title: str
+    host: str | None  # None: any address
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        if "@" in text:
+            aet, _, host = text.rpartition("@")
+            return cls(aet.strip(), host)
+        return cls(text.strip(), None)
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        log.warning("dimse_peers: host %r does not resolve; its peer cannot connect", host)
+        return set()
+
+
+class PeerList:
+    """Who may open an association; hosts are resolved once, at start."""
+
+    def __init__(self, entries: list[str]) -> None:
+        self.anyone = "*" in entries
+        self.peers: dict[str, set[str] | None] = {}  # AE title -> its addresses (None: any)
+        for peer in (Peer.parse(e) for e in entries if e != "*"):
+            hosts = self.peers.setdefault(peer.ae_title, set())
+            if peer.host is None:
+                self.peers[peer.ae_title] = None
+            elif hosts is not None:
+                hosts |= _addresses(peer.host)
+
+    def allows(self, ae_title: str, address: str) -> bool:
+        if self.anyone:
+            return True
+        if ae_title.strip() not in self.peers:
+            return False
+        hosts = self.peers[ae_title.strip()]
+        return hosts is None or address in hosts
+
+
+@dataclass
+class _Received:
+    """What one association has sent so far."""
+
+    stored: int = 0
+    already: int = 0
+    failed: int = 0
+    studies: list[str] = field(default_factory=list)
+    jobs: list[int] = field(default_factory=list)
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]  # LO
+    return ds
+
+
+class StorageSCP:
+    """The DIMSE listener of one server process (`start`, `stop`)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        store: ImageStore,
+        metrics: Metrics,
+    ) -> None:
+        self.settings, self.sessions, self.store, self.metrics = (
+            settings,
+            session_factory,
+            store,
+            metrics,
+        )
+        self.peers = PeerList(settings.dimse_peers)
+        self._received: dict[int, _Received] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+        ae = AE(ae_title=settings.dimse_ae_title)
+        ae.require_called_aet = True
+        ae.maximum_associations = settings.dimse_max_associations
+        syntaxes = decodable_transfer_syntaxes()
+        for context in AllStoragePresentationContexts:
+            assert context.abstract_syntax is not None
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        ae.add_supported_context(Verification, UNCOMPRESSED[:2])
+        self.ae = ae
+
+    def start(self) -> None:
+        assert self.settings.dimse_port is not None
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_end),
+            (evt.EVT_ABORTED, self._on_end),
+        ]
+        self._server = self.ae.start_server(
+            (self.settings.host, self.settings.dimse_port), block=False, evt_handlers=handlers
+        )
+        log.info(
+            "DIMSE Storage SCP %s on %s:%d",
+            self.settings.dimse_ae_title,
+            self.settings.host,
+            self.settings.dimse_port,
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # --- events (each association runs in its own thread) --------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor  # its ae_title is set after this event, from the request
+        calling = str(rq.primitive.calling_ae_title if rq.primitive else "").strip()
+        address = str(rq.address)
+        if self.peers.allows(calling, address):
+            return
+        self.metrics.dimse_associations.labels("refused").inc()
+        log.warning("DIMSE association refused: calling AE title %r from %s", calling, address)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, user: calling AE unknown
+        event.assoc.kill()  # as pynetdicom's own refusals: the reject goes out before the close
+        with self.sessions.begin() as session:
+            crud.audit(
+                session,
+                actor=f"dimse:{calling}",
+                action="dimse.associate",
+                resource_type="dimse",
+                resource_id=None,
+                outcome="denied",
+                status_code=403,
+                detail={"address": address, "reason": "calling AE title not in dimse_peers"},
+            )
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        self.metrics.dimse_associations.labels("accepted").inc()
+
+    def _state(self, event: evt.Event) -> _Received:
+        with self._lock:
+            return self._received.setdefault(id(event.assoc), _Received())
+
+    def _on_store(self, event: evt.Event) -> Dataset:
+        got = self._state(event)
+        try:
+            data = event.encoded_dataset()
+        except Exception as e:  # a peer's encoding pynetdicom cannot frame
+            return self._failed(got, 0xC000, f"cannot read the dataset ({type(e).__name__})")
+        parts = [Part("application/dicom", data)]
+        decoded = decode(parts, self.settings)
+        if isinstance(decoded[0], ImagingError):
+            return self._failed(got, failure_reason(decoded[0]), decoded[0].message)
+        try:
+            result, studies, jobs = file_instances(
+                self.sessions, self.store, self.settings, parts, decoded
+            )
+        except Exception as e:  # the message may quote stored values: log the type only
+            log.error("DIMSE C-STORE could not be filed: %s", type(e).__name__)
+            return self._failed(got, PROCESSING_FAILURE, "the server could not store it")
+        if result.failed:
+            return self._failed(got, result.failed[0][2], "missing or mismatched UIDs")
+        with self._lock:
+            if result.already:
+                got.already += 1
+            else:
+                got.stored += 1
+            got.studies += [s for s in studies if s not in got.studies]
+            got.jobs += [j for j in jobs if j not in got.jobs]
+        self.metrics.dimse_instances.labels("already" if result.already else "stored").inc()
+        return _status(SUCCESS)
+
+    def _failed(self, got: _Received, code: int, comment: str) -> Dataset:
+        with self._lock:
+            got.failed += 1
+        self.metrics.dimse_instances.labels("failed").inc()
+        return _status(code, comment)
+
+    def _on_end(self, event: evt.Event) -> None:
+        with self._lock:
+            got = self._received.pop(id(event.assoc), None)
+        if got is None:  # an echo, or nothing sent
+            return
+        received = got.stored + got.already
+        with self.sessions.begin() as session:
+            crud.audit(
+                session,
+                actor=f"dimse:{str(event.assoc.requestor.ae_title).strip()}",
+                action="study.dimse_store",
+                resource_type="study",
+                resource_id=got.studies[0] if len(got.studies) == 1 else None,
+                outcome="ok" if received else "invalid",
+                status_code=(202 if got.failed else 200) if received else 409,
+                detail={
+                    "stored": got.stored,
+                    "already": got.already,
+                    "failed": got.failed,
+                    "studies": got.studies,
+                    "jobs": got.jobs,
+                    "address": str(event.assoc.requestor.address),
+                },
+            )
+
+
+# --- sending ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        aet, _, where = text.rpartition("@")
+        host, _, port = where.rpartition(":")
+        return cls(aet.strip(), host, int(port))
+
+
+def send(ds: Dataset, target: Target, calling_ae_title: str, timeout_s: float = 30) -> int:
+    """C-STORE `ds` to `target`; its status (success or a warning), else RuntimeError."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    meta = getattr(ds, "file_meta", None)
+    own = meta.get("TransferSyntaxUID") if meta is not None else None
+    # pynetdicom re-encodes an uncompressed dataset in whichever of these the PACS accepts
+    syntaxes = UNCOMPRESSED[:2] + ([own] if own and own not in UNCOMPRESSED[:2] else [])
+    ae.add_requested_context(ds.SOPClassUID, syntaxes)
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    if not assoc.is_established:
+        raise RuntimeError(
+            f"no DIMSE association with {target.ae_title}@{target.host}:{target.port} "
+            f"({'rejected' if assoc.is_rejected else 'aborted or unreachable'})"
+        )
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    code = int(status.Status) if "Status" in status else None
+    if code is None:
+        raise RuntimeError("the C-STORE got no response (timeout or aborted association)")
+    if code != SUCCESS and code not in WARNINGS:
+        raise RuntimeError(f"the PACS refused the C-STORE: status 0x{code:04X}")
+    return code
