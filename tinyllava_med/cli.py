@@ -251,6 +251,8 @@ def _server_settings(args: argparse.Namespace) -> Any:
         ("dtype", "dtype"),
         ("gradio", "gradio"),
         ("dimse_port", "dimse_port"),
+        ("tls_certfile", "tls_certfile"),
+        ("tls_keyfile", "tls_keyfile"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:
@@ -267,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _server_settings(args)
     app = create_app(settings, own_process=True)
-    base = f"http://{settings.host}:{settings.port}"
+    base = settings.base_url
     print(
         f"serving on {base} (model: {settings.model}, "
         f"database: {settings.database_url.split('://', 1)[0]})"
@@ -291,6 +293,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
         timeout_graceful_shutdown=10,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
         **extra,
     )
     return 0
@@ -459,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,  # None: TINYLLAVA_MED_GRADIO decides
         help="also serve the Gradio demo at /demo (each question needs an API key)",
     )
+    p.add_argument("--tls-certfile", default=None, help="serve HTTPS: PEM certificate")
+    p.add_argument("--tls-keyfile", default=None, help="serve HTTPS: PEM private key")
     p.add_argument(
         "--dimse-port",
         type=int,

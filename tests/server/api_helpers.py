@@ -86,16 +86,19 @@ def live_server(
 
 
 @contextmanager
-def running_process(cmd, log_path: Path, health_url: str, *, what: str, timeout_s=60, env=None):
-    """Start `cmd` (output to `log_path`), wait until `health_url` answers 200, yield the
-    process, and stop it afterwards. Dying early fails with the end of its log."""
+def running_process(
+    cmd, log_path: Path, health_url: str, *, what: str, timeout_s=60, env=None, verify=True
+):
+    """Start `cmd` (output to `log_path`), wait until `health_url` answers 200 (`verify`: as
+    httpx's, a CA file for HTTPS), yield the process, and stop it afterwards. Dying early fails
+    with the end of its log."""
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
         def up() -> bool:
             assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
-                return httpx.get(health_url, timeout=2).status_code == 200
+                return httpx.get(health_url, timeout=2, verify=verify).status_code == 200
             except httpx.TransportError:
                 return False
 

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     # --- HTTP ----------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    tls_certfile: Path | None = Field(
+        default=None,
+        description="serve HTTPS with this PEM certificate (chain); needs tls_keyfile. Keys, "
+        "reports and images then never cross the hospital network in clear text",
+    )
+    tls_keyfile: Path | None = Field(default=None, description="the certificate's PEM private key")
 
     # --- limits (bad input gets a 4xx naming the limit) ----------------------------------------
     max_upload_bytes: int = Field(default=64 * MiB, gt=0, description="per request body")
@@ -240,6 +246,12 @@ class Settings(BaseSettings):
     )
 
     @property
+    def base_url(self) -> str:
+        """Where `serve` listens, as a client on this host reaches it."""
+        scheme = "https" if self.tls_certfile else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    @property
     def pushes_to_pacs(self) -> bool:
         """Reports' SRs (and rejection notes) go to a PACS, over DICOMweb or DIMSE."""
         return bool(self.dicomweb_push_url or self.dimse_push)
@@ -272,6 +284,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"database_url: expected a sqlite:// or postgresql:// URL, got scheme {scheme!r}"
             )
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together: set both or neither")
+        for tls_file in (self.tls_certfile, self.tls_keyfile):
+            if tls_file is not None and not tls_file.is_file():
+                raise ValueError(f"TLS file not found: {tls_file}")
         bad_peers = [
             p for p in self.dimse_peers if not _PEER.match(p) or not p.split("@")[0].strip()
         ]

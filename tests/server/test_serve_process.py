@@ -1,0 +1,107 @@
+"""`tinyllava-med serve` as a real process (the tiny model): `TINYLLAVA_MED_LOG_FORMAT=json` logs
+one JSON object per line, its own records and uvicorn's access lines alike, with named fields;
+`--tls-certfile/--tls-keyfile` serve HTTPS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+from api_helpers import free_port, running_process
+from pydantic import ValidationError
+
+from tinyllava_med.server.settings import Settings
+
+
+def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TINYLLAVA_MED_DATA_DIR": str(tmp_path / "data"),
+        "TINYLLAVA_MED_LOG_FORMAT": "json",
+        "TINYLLAVA_MED_ACCESS_LOG": "true",
+    }
+    cmd = [sys.executable, "-m", "tinyllava_med.cli", "serve", "--model", str(tiny_model_dir)]
+    with running_process(
+        [*cmd, "--port", str(port)], log, f"{base}/readyz", what="serve", timeout_s=120, env=env
+    ):
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert httpx.get(f"{base}/v1/studies").status_code == 401
+    lines = log.read_text().splitlines()
+    # the two lines printed for the operator, not logged: where it serves, and the first key
+    printed = [ln for ln in lines if not ln.startswith("{")]
+    assert printed[0].startswith("serving on") and any(ln.startswith("tlm_") for ln in printed)
+    assert len(printed) <= 3, printed  # "Created the first admin API key ..." + the key
+    records = [json.loads(ln) for ln in lines if ln.startswith("{")]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records), records
+    assert all(r["time"].endswith("Z") for r in records)
+    assert not any("color_message" in r for r in records)  # uvicorn's ANSI-coloured copy
+    first_key = [r for r in records if r["logger"] == "tinyllava_med.server.auth"]
+    assert first_key and first_key[0]["level"] == "WARNING"
+    assert "tlm_" not in json.dumps(first_key)  # the key itself is printed once, never logged
+    access = {(r["method"], r["path"], r["status"]) for r in records if "method" in r}
+    assert ("GET", "/healthz", 200) in access and ("GET", "/v1/studies", 401) in access
+    assert any(r["logger"] == "uvicorn.error" and "startup" in r["message"] for r in records)
+
+
+def self_signed(tmp_path):
+    """A certificate for 127.0.0.1 and its key, made by openssl (as an admin would)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_serve_https(tmp_path, tiny_model_dir):
+    """`serve --tls-certfile --tls-keyfile`: HTTPS only, announced as such; clear HTTP fails."""
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    base = f"https://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TINYLLAVA_MED_DATA_DIR": str(tmp_path / "data")}
+    cmd = [sys.executable, "-m", "tinyllava_med.cli", "serve", "--model", str(tiny_model_dir)]
+    cmd += ["--port", str(port), "--tls-certfile", str(cert), "--tls-keyfile", str(key)]
+    with running_process(
+        cmd,
+        log,
+        f"{base}/readyz",
+        what="serve over HTTPS",
+        timeout_s=120,
+        env=env,
+        verify=str(cert),
+    ):
+        key_line = next(ln for ln in log.read_text().splitlines() if ln.startswith("tlm_"))
+        r = httpx.get(
+            f"{base}/v1/apikeys/me",
+            headers={"Authorization": f"Bearer {key_line}"},
+            verify=str(cert),
+        )
+        assert r.status_code == 200 and r.json()["role"] == "admin"
+        with pytest.raises(httpx.ConnectError):  # not trusted without the certificate
+            httpx.get(f"{base}/healthz")
+        with pytest.raises(httpx.HTTPError):  # no clear-text HTTP on the port
+            httpx.get(f"http://127.0.0.1:{port}/healthz")
+    assert log.read_text().startswith(f"serving on {base} ")
+
+
+def test_tls_settings(tmp_path):
+    cert, key = self_signed(tmp_path)
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(tls_certfile=cert)
+    with pytest.raises(ValidationError, match="not found"):
+        Settings(tls_certfile=cert, tls_keyfile=tmp_path / "missing.pem")
+    s = Settings(tls_certfile=cert, tls_keyfile=key, port=8443)
+    assert s.base_url == "https://127.0.0.1:8443"
+    assert Settings().base_url == "http://127.0.0.1:8000"
