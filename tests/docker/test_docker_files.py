@@ -654,6 +654,13 @@ def test_orthanc_config_enables_dicomweb_and_points_at_the_server():
     # secrets come from the environment, never from the file
     assert peer["HttpHeaders"]["Authorization"] == "Bearer ${PACS_API_KEY}"
     assert all(v.startswith("${") for v in conf["RegisteredUsers"].values())
+    # "Send to modality" in Orthanc reaches the server's DIMSE SCP (its default AE title)
+    from tinyllava_med.server.settings import Settings
+
+    aet, host, port = conf["DicomModalities"]["tinyllava-med"]
+    assert (aet, host) == (Settings().dimse_ae_title, "server")
+    server = _compose("compose.yml")["services"]["server"]
+    assert any(str(p).endswith(f":{port}") for p in server["ports"])
 
 
 @pytest.mark.parametrize(

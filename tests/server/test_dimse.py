@@ -210,6 +210,17 @@ def test_settings():
     assert not Settings().pushes_to_pacs
 
 
+def test_compose_defaults_leave_dimse_off(monkeypatch):
+    """docker/compose.yml passes unset variables on as "" (and the peers as "[]")."""
+    for name, value in {"PORT": "", "PUSH": "", "PEERS": "[]"}.items():
+        monkeypatch.setenv(f"TINYLLAVA_MED_DIMSE_{name}", value)
+    s = Settings()
+    assert s.dimse_port is None and s.dimse_push is None and s.dimse_peers == []
+    monkeypatch.setenv("TINYLLAVA_MED_DIMSE_PORT", "11112")
+    monkeypatch.setenv("TINYLLAVA_MED_DIMSE_PEERS", '["ORTHANC"]')
+    assert Settings().dimse_port == 11112
+
+
 def test_peer_list():
     peers = PeerList(["PACS", "ROUTER@127.0.0.1", "ROUTER@localhost", "BOTH@127.0.0.1", "BOTH"])
     assert peers.allows("PACS", "10.1.2.3")

@@ -262,6 +262,12 @@ class Settings(BaseSettings):
         # The CLI's `--quant auto` and an empty environment variable both mean "variant default".
         return None if v in ("auto", "") else v
 
+    @field_validator("dimse_port", "dimse_push", "tls_certfile", "tls_keyfile", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        # Compose passes an unset variable on as "" (`${TINYLLAVA_MED_DIMSE_PORT:-}`).
+        return None if v == "" else v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, v: Any) -> Any:
