@@ -179,6 +179,34 @@ def test_downgrade_to_base_and_upgrade_round_trips(database_url: str) -> None:
     assert migrate.check_models_match_migrations(database_url) == []
 
 
+@pytest.mark.postgres
+def test_serve_refuses_a_postgresql_schema_behind_the_code(
+    postgres_url: str, tmp_path: Path, tiny_lm: object
+) -> None:
+    """PostgreSQL is migrated as its own step: an app started on an older schema stops at once,
+    saying what to run, instead of failing requests on a missing column."""
+    from fastapi.testclient import TestClient
+
+    from tinyllava_med.server.app import create_app
+
+    migrate.upgrade(postgres_url, "0003")
+    app = create_app(Settings(data_dir=tmp_path / "data", database_url=postgres_url), model=tiny_lm)
+    with (
+        pytest.raises(
+            migrate.MigrationError,
+            match=rf"revision 0003, this version needs {migrate.head_revision()}.*"
+            r"tinyllava-med db upgrade",
+        ),
+        TestClient(app),
+    ):
+        pass
+    migrate.upgrade(postgres_url)
+    with TestClient(
+        create_app(Settings(data_dir=tmp_path / "data", database_url=postgres_url), model=tiny_lm)
+    ) as client:
+        assert client.get("/healthz").status_code == 200
+
+
 def test_drift_is_reported(migrated_url: str) -> None:
     engine = make_engine(migrated_url)
     try:

@@ -277,10 +277,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        if settings.database_url.startswith("sqlite"):
-            from tinyllava_med.server.db.migrate import upgrade
+        from tinyllava_med.server.db.migrate import require_head, upgrade
 
+        if settings.database_url.startswith("sqlite"):
             upgrade(settings.database_url)  # the embedded default migrates itself
+        else:  # a shared database is migrated as its own step (`db upgrade`); refuse to start
+            require_head(settings.database_url)  # on an older schema than this code's
         db_engine = make_engine(settings.database_url)
         app.state.db_engine = db_engine
         app.state.session_factory = session_factory(db_engine)

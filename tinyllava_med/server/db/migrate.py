@@ -1,6 +1,7 @@
 """Run Alembic migrations from code, and check that the models and the migrations agree.
 
     upgrade("sqlite:///data/tinyllava_med.db")        # what `tinyllava-med db upgrade` does
+    require_head("postgresql://...")                   # `serve` on PostgreSQL, at start
     assert check_models_match_migrations(url) == []    # after upgrading to head
 
 Migrations are a separate step, never a side effect of import or of starting the app. The
@@ -89,6 +90,18 @@ def current_revision(database_url: str | URL) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
+
+
+def require_head(database_url: str | URL) -> None:
+    """MigrationError unless the database is at the code's head revision: a server on an older
+    schema would fail request by request (a missing column) instead of once, at start."""
+    current, head = current_revision(database_url), head_revision()
+    if current != head:
+        raise MigrationError(
+            f"the database schema is at revision {current or 'none (empty database)'}, this "
+            f"version needs {head}: run `tinyllava-med db upgrade` (with the same "
+            "TINYLLAVA_MED_DATABASE_URL) before `serve`; back the database up first"
+        )
 
 
 def check_models_match_migrations(database_url: str | URL) -> list[Any]:
