@@ -383,3 +383,14 @@ def test_two_servers_share_one_postgres_queue(tmp_path, postgres_url, tiny_lm):
         reports = a.get("/v1/reports?limit=100").json()
         assert reports["count"] == 6
         assert len({r["study_id"] for r in reports["data"]}) == 6
+
+
+def test_retrieve_needs_a_key_a_body_and_a_pacs(sqlite_api):
+    """The Orthanc test covers the retrieve itself; here what is refused before the PACS."""
+    api = sqlite_api
+    body = {"accession_number": "ACC-1"}
+    assert_error(api.post("/v1/studies/retrieve", json=body), 401)
+    assert_error(api.post("/v1/studies/retrieve", json={}, headers=api.h("pacs")), 422)
+    r = api.post("/v1/studies/retrieve", json=body, headers=api.h("pacs"))
+    assert_error(r, 503, "pacs_not_configured")
+    assert not rows(api, Job)

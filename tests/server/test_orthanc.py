@@ -14,66 +14,16 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
-from pathlib import Path
 
 import httpx
 import pydicom
-import pytest
-from api_helpers import CT_SMALL, free_port, live_server, running_process, wait_for
+from api_helpers import CT_SMALL, free_port, live_server, wait_for
+from orthanc_helpers import start_orthanc
 from pydicom.uid import generate_uid
 
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
 from tinyllava_med.server.settings import Settings
-
-ORTHANC = shutil.which("Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-if ORTHANC is None or not DICOMWEB_PLUGIN.exists():
-    pytest.fail(
-        "Orthanc with its DICOMweb plugin is needed (apt-get install orthanc orthanc-dicomweb; "
-        ".ci/run does)",
-        pytrace=False,
-    )
-
-
-def start_orthanc(
-    tmp: Path, http_port: int, our_stow: str, pacs_key: str, dicom_port: int | None = None, **extra
-):
-    """Orthanc on loopback with our STOW-RS as its DICOMweb peer (a context manager); with
-    `dicom_port`, its DIMSE server listens there as AE title TLMPACS."""
-    config = {
-        "Name": "TLM-TEST-PACS",
-        "StorageDirectory": str(tmp / "storage"),
-        "IndexDirectory": str(tmp / "index"),
-        "HttpPort": http_port,
-        "DicomServerEnabled": dicom_port is not None,
-        "DicomPort": dicom_port or 4242,
-        "DicomAet": "TLMPACS",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {
-            "Enable": True,
-            "Root": "/dicom-web/",
-            "Servers": {
-                "tinyllava": {
-                    "Url": our_stow,
-                    "HttpHeaders": {"Authorization": f"Bearer {pacs_key}"},
-                }
-            },
-        },
-        **extra,
-    }
-    tmp.mkdir(parents=True)
-    path = tmp / "orthanc.json"
-    path.write_text(json.dumps(config))
-    return running_process(
-        [ORTHANC, str(path)],
-        tmp / "orthanc.log",
-        f"http://127.0.0.1:{http_port}/system",
-        what="Orthanc to start",
-    )
 
 
 def send_and_forward(orthanc: str, dicom: bytes) -> str:
@@ -254,12 +204,7 @@ def test_orthanc_dimse_round_trip(tmp_path, sqlite_url, tiny_lm):
         h = {"Authorization": f"Bearer {key}"}
         modalities = {"DicomModalities": {"tinyllava": ["TINYLLAVA_MED", "127.0.0.1", our_dimse]}}
         with start_orthanc(
-            tmp_path / "orthanc",
-            orthanc_port,
-            f"{base}/dicomweb/",
-            "unused",
-            orthanc_dicom,
-            **modalities,
+            tmp_path / "orthanc", orthanc_port, dicom_port=orthanc_dicom, **modalities
         ):
             r = httpx.post(f"{orthanc}/modalities/tinyllava/echo", json={}, timeout=30)
             assert r.status_code == 200, r.text
@@ -289,3 +234,79 @@ def test_orthanc_dimse_round_trip(tmp_path, sqlite_url, tiny_lm):
             ).json()["data"]
             assert [e["actor"] for e in events] == ["dimse:TLMPACS"]
             assert events[0]["detail"]["stored"] == 1
+
+
+def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm):
+    """A study never pushed here: found in Orthanc by accession number (QIDO-RS), fetched by a
+    job (WADO-RS), filed and reported like a pushed one; fetched again, nothing is copied."""
+    orthanc_port = free_port()
+    orthanc = f"http://127.0.0.1:{orthanc_port}"
+    upgrade(sqlite_url)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=sqlite_url,
+        auto_report_prompts={"CT": "Describe the findings."},
+        auto_report_delay_s=0,
+        job_poll_s=0.05,
+        dicomweb_pull_url=f"{orthanc}/dicom-web",
+    )
+    app = create_app(settings, model=tiny_lm)
+    with live_server(app) as base:
+        admin = {"Authorization": f"Bearer {app.state.first_admin_key}"}
+        key = httpx.post(
+            f"{base}/v1/apikeys", json={"role": "radiologist", "name": "Dr Test"}, headers=admin
+        ).json()["key"]
+        h = {"Authorization": f"Bearer {key}"}
+
+        def retrieve(**body):
+            return httpx.post(f"{base}/v1/studies/retrieve", json=body, headers=h, timeout=30)
+
+        def finished(job_id):
+            job = httpx.get(f"{base}/v1/jobs/{job_id}", headers=h).json()
+            assert job["status"] != "failed", job
+            return job if job["status"] == "done" else None
+
+        with start_orthanc(tmp_path / "orthanc", orthanc_port):
+            first = pydicom.dcmread(CT_SMALL)
+            first.AccessionNumber = "ACC-42"
+            second = pydicom.dcmread(CT_SMALL)
+            second.AccessionNumber = "ACC-42"
+            second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            for ds in (first, second):
+                buf = io.BytesIO()
+                ds.save_as(buf)
+                r = httpx.post(f"{orthanc}/instances", content=buf.getvalue(), timeout=10)
+                assert r.status_code == 200, r.text
+
+            r = retrieve(accession_number="ACC-42")
+            assert r.status_code == 202, r.text
+            assert r.json()["study_instance_uids"] == [first.StudyInstanceUID]
+            (job_id,) = r.json()["jobs"]
+            job = wait_for(lambda: finished(job_id), timeout_s=60, what="the retrieve job")
+            result = job["result"]
+            assert (result["stored"], result["already"], result["failed"]) == (2, 0, 0)
+            study = httpx.get(f"{base}/v1/studies/{result['study_id']}", headers=h).json()
+            assert study["StudyInstanceUID"] == first.StudyInstanceUID
+            assert sorted(i["SOPInstanceUID"] for i in study["images"]) == sorted(
+                [first.SOPInstanceUID, second.SOPInstanceUID]
+            )
+            (auto,) = result["jobs"]  # the CT prompt's automatic report, as for a pushed study
+            assert "report_id" in wait_for(lambda: finished(auto), what="the report")["result"]
+
+            r = retrieve(study_instance_uid=first.StudyInstanceUID)  # again: nothing copied
+            assert r.status_code == 202, r.text
+            again = wait_for(lambda: finished(r.json()["jobs"][0]), what="the second retrieve")
+            assert again["result"]["study_id"] == result["study_id"]
+            assert (again["result"]["stored"], again["result"]["already"]) == (0, 2)
+
+            r = retrieve(accession_number="NO-SUCH")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_in_pacs"
+            assert retrieve(accession_number="A", study_instance_uid="1.2").status_code == 422
+            assert retrieve().status_code == 422
+        r = retrieve(accession_number="ACC-42")  # Orthanc has stopped
+        assert r.status_code == 502 and r.json()["error"]["code"] == "pacs_unavailable"
+        events = httpx.get(
+            f"{base}/v1/audit", params={"action": "study.retrieve"}, headers=admin
+        ).json()["data"]
+        assert sorted(e["outcome"] for e in events) == ["error", "not_found", "ok", "ok"]
+        assert "ACC-42" not in json.dumps(events)  # accession numbers stay out of the audit log

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import live_server, wait_for
+from api_helpers import free_port, live_server, wait_for
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
@@ -55,7 +55,7 @@ class LiveServer:
 
 
 @contextmanager
-def _serve(tmp: Path, lm: Any) -> Iterator[LiveServer]:
+def _serve(tmp: Path, lm: Any, **overrides: Any) -> Iterator[LiveServer]:
     url = f"sqlite:///{tmp}/web.db"
     upgrade(url)
     settings = Settings(
@@ -64,6 +64,7 @@ def _serve(tmp: Path, lm: Any) -> Iterator[LiveServer]:
         model="tiny" if lm is not None else "no-such-model",  # None: loading fails
         batch_window_ms=5,
         default_max_new_tokens=24,
+        **overrides,
     )
     app = create_app(settings, model=lm)
     # ready_path None: with lm None the model never loads, and that page is under test too
@@ -475,6 +476,55 @@ def test_each_role_is_offered_its_actions_and_an_admin_deletes_a_study(
                 (mistaken["id"], "ok"),
             ]
         assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
+
+
+def test_reader_retrieves_a_study_from_the_pacs(page, tmp_path, tiny_lm, shots):
+    """An accession number the PACS (a real Orthanc) knows: the study is fetched, listed and
+    opened; one it does not know is an error with its code. A server with no PACS hides the
+    form after saying so."""
+    import io
+
+    import pydicom
+    from orthanc_helpers import start_orthanc
+    from playwright.sync_api import expect
+
+    port = free_port()
+    pacs = f"http://127.0.0.1:{port}"
+    with (
+        start_orthanc(tmp_path / "orthanc", port),
+        _serve(tmp_path, tiny_lm, dicomweb_pull_url=f"{pacs}/dicom-web", job_poll_s=0.05) as server,
+    ):
+        ds = pydicom.dcmread(CT_SMALL)
+        ds.AccessionNumber = "ACC-7"
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        assert httpx.post(f"{pacs}/instances", content=buf.getvalue(), timeout=10).is_success
+
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        alert = page.locator("#alerts")
+        field = page.get_by_label("Retrieve from PACS")
+        field.fill("NO-SUCH")
+        page.get_by_role("button", name="Retrieve", exact=True).click()
+        expect(alert.locator(".error-code")).to_have_text("not_in_pacs")
+        field.fill("ACC-7")
+        page.get_by_role("button", name="Retrieve", exact=True).click()
+        status = page.locator("#upload-status")
+        expect(status).to_have_text("Retrieved: 1 new image. Open the study", timeout=T)
+        _shot(page, shots, "retrieved")
+        expect(page.locator("#worklist-body tr")).to_have_count(1)
+        status.get_by_role("link", name="Open the study").click()
+        expect(page.get_by_role("heading", level=1)).to_contain_text("CT")
+        assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
+
+    (tmp_path / "no-pacs").mkdir()
+    with _serve(tmp_path / "no-pacs", tiny_lm) as server:
+        _sign_in(page, server)
+        page.get_by_label("Retrieve from PACS").fill("ACC-7")
+        page.get_by_role("button", name="Retrieve", exact=True).click()
+        expect(page.locator("#alerts .error-code")).to_have_text("pacs_not_configured")
+        expect(page.locator("#alerts")).to_contain_text("no PACS to retrieve from")
+        expect(page.locator("#retrieve-form")).to_be_hidden()
 
 
 def test_errors_are_shown_with_message_and_code(page, demo_server, shots):

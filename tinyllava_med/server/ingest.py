@@ -131,7 +131,7 @@ def store_instances(
     return result, list(touched.values())
 
 
-Audit = Callable[[Session, StoreResult, list[str], list[str]], None]
+Audit = Callable[[Session, StoreResult, list[str], list[int]], None]
 
 
 def file_instances(
@@ -142,7 +142,7 @@ def file_instances(
     decoded: list[StudyFile | ImagingError],
     url_study_uid: str | None = None,
     audit: Audit | None = None,
-) -> tuple[StoreResult, list[str], list[str]]:
+) -> tuple[StoreResult, list[str], list[int]]:
     """Store the parts and queue their studies' automatic reports in one committed transaction
     (one sender at a time, `_STORING`); `audit(session, result, study_ids, job_ids)` runs in it.
     The result, the ids of the studies that got new instances, and the queued jobs' ids.

@@ -19,6 +19,8 @@ Kinds:
   or C-STORE to `dimse_push` (pynetdicom, `dimse.send`) when that is set. The SR's UIDs are
   derived from the report's state, so a retried push stores the same instance again.
 - `sweep_images`: remove a deleted study's files once no image holds them (`schedule_sweep`).
+- `retrieve_study`: fetch a study from the PACS (WADO-RS, `pull.py`), asked for by
+  `POST /v1/studies/retrieve`, and file it as pushed studies are filed.
 - `push_rejection`: send (as `push_sr` does) the IOCM rejection note of a deleted study's pushed SRs
   (`rejection.py`) from the file store, then remove it there.
 """
@@ -53,6 +55,7 @@ AUTO_REPORT = "auto_report"
 PUSH_SR = "push_sr"
 SWEEP_IMAGES = "sweep_images"
 PUSH_REJECTION = "push_rejection"
+RETRIEVE_STUDY = "retrieve_study"
 SYSTEM_ACTOR = "system"
 
 
@@ -123,6 +126,16 @@ def _names_file(key: object, sha256: str) -> bool:
     if not isinstance(key, tuple) or not key:
         return False
     return key[0] == sha256 or _names_file(key[0], sha256)
+
+
+def schedule_retrieve(session: Session, settings: Settings, study_uid: str) -> Job:
+    """Queue fetching the study `study_uid` from the PACS (`pull.py`)."""
+    return crud.enqueue_job(
+        session,
+        kind=RETRIEVE_STUDY,
+        payload={"study_instance_uid": study_uid},
+        max_attempts=settings.job_max_attempts,
+    )
 
 
 def schedule_sweep(session: Session, settings: Settings, hashes: list[str]) -> Job | None:
@@ -277,6 +290,7 @@ class JobRunner:
             PUSH_SR: self._push_sr,
             SWEEP_IMAGES: self._sweep_images,
             PUSH_REJECTION: self._push_rejection,
+            RETRIEVE_STUDY: self._retrieve_study,
         }
         metrics = getattr(app.state, "metrics", None)
         if metrics is not None:  # every outcome from 0: a first failure is an increase to alert on
@@ -404,6 +418,27 @@ class JobRunner:
                 job,
                 {"removed": len(removed), "kept": len(held), "again": again.id if again else None},
             )
+
+    def _retrieve_study(self, job: Claimed) -> str:
+        from tinyllava_med.server.pull import retrieve_study
+
+        uid = str(job.payload["study_instance_uid"])
+        result = retrieve_study(self.settings, self.sessions, self.app.state.store, uid)
+        with self.sessions.begin() as s:
+            crud.audit(
+                s,
+                actor=SYSTEM_ACTOR,
+                action=f"job.{job.kind}",
+                resource_type="study",
+                resource_id=result["study_id"],
+                outcome="ok",
+                status_code=200,
+                detail={
+                    "job_id": job.id,
+                    **{k: result[k] for k in ("stored", "already", "failed")},
+                },
+            )
+            return finish(s, job, result)
 
     def _deliver(self, ds: pydicom.Dataset) -> None:
         """Send `ds` to the configured PACS: C-STORE to `dimse_push`, else STOW-RS."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ReportStatus = Literal["draft", "final", "amended"]
 
@@ -43,6 +43,30 @@ class StudyPublic(BaseModel):
 class StudyList(BaseModel):
     data: list[StudyPublic]
     count: int
+
+
+class RetrieveRequest(BaseModel):
+    """Which study to fetch from the PACS: exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid")
+    accession_number: str | None = Field(default=None, min_length=1, max_length=16)  # VR SH
+    study_instance_uid: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$"
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> RetrieveRequest:
+        if (self.accession_number is None) == (self.study_instance_uid is None):
+            raise ValueError("give exactly one of accession_number and study_instance_uid")
+        return self
+
+
+class RetrieveQueued(BaseModel):
+    """One `retrieve_study` job per study the PACS found; each job's result, once done, names
+    the study here (`study_id`) and counts the instances stored, already held and failed."""
+
+    jobs: list[int]
+    study_instance_uids: list[str]
 
 
 class QuestionCreate(BaseModel):

@@ -217,6 +217,14 @@ class Settings(BaseSettings):
     dicomweb_push_headers: dict[str, str] = Field(
         default_factory=dict, description='e.g. {"Authorization": "Basic ..."}'
     )
+    dicomweb_pull_url: str | None = Field(
+        default=None,
+        description="DICOMweb base URL of the PACS that POST /v1/studies/retrieve searches "
+        "(QIDO-RS) and fetches from (WADO-RS), e.g. http://pacs:8042/dicom-web",
+    )
+    dicomweb_pull_headers: dict[str, str] = Field(
+        default_factory=dict, description='e.g. {"Authorization": "Basic ..."}'
+    )
     dimse_port: int | None = Field(
         default=None,
         ge=1,

@@ -62,7 +62,7 @@ async def _stow(
         )
     decoded = await run_in_threadpool(decode, parts, settings)
 
-    def audit(session: Session, result: StoreResult, studies: list[str], jobs: list[str]) -> None:
+    def audit(session: Session, result: StoreResult, studies: list[str], jobs: list[int]) -> None:
         crud.audit(
             session,
             actor=actor,

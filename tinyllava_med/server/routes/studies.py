@@ -1,4 +1,5 @@
-"""`/v1/studies`: upload DICOM / PNG / JPEG files, list, read and delete studies, render images."""
+"""`/v1/studies`: upload DICOM / PNG / JPEG files, retrieve a study from the PACS, list, read and
+delete studies, render images."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from tinyllava_med.server.deps import (
     StudyReader,
     Uploader,
 )
-from tinyllava_med.server.jobs import schedule_rejection, schedule_sweep
+from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.jobs import schedule_rejection, schedule_retrieve, schedule_sweep
+from tinyllava_med.server.pull import PacsError, find_studies
 from tinyllava_med.server.rejection import pushed_srs, rejection_note
-from tinyllava_med.server.schemas import StudyList, StudyPublic
+from tinyllava_med.server.schemas import RetrieveQueued, RetrieveRequest, StudyList, StudyPublic
 from tinyllava_med.server.serving import (
     Upload,
     image_of,
@@ -49,6 +52,50 @@ async def upload_study(
         return study_public(ingest(session, store, settings, uploads, actor=principal.actor))
 
     return await run_in_threadpool(store_study)
+
+
+@router.post("/retrieve", status_code=202, response_model=RetrieveQueued)
+def retrieve_from_pacs(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: Uploader,
+    body: RetrieveRequest,
+) -> RetrieveQueued:
+    """Fetch a study that was never pushed here from the PACS (`dicomweb_pull_url`): it is
+    found now (QIDO-RS; 404 `not_in_pacs`, 502 `pacs_unavailable`), and fetched by a job
+    (WADO-RS) whose result names the study here once it is stored."""
+    request.state.audit = (principal.actor, "study.retrieve", "study", None)
+    if not settings.dicomweb_pull_url:
+        raise APIError(
+            503,
+            "pacs_not_configured",
+            "no PACS to retrieve from: set TINYLLAVA_MED_DICOMWEB_PULL_URL",
+        )
+    try:
+        uids = find_studies(
+            settings,
+            accession_number=body.accession_number,
+            study_uid=body.study_instance_uid,
+        )
+    except PacsError as e:
+        raise APIError(502, "pacs_unavailable", str(e)) from e
+    if not uids:
+        what = "accession number" if body.accession_number else "Study Instance UID"
+        raise APIError(404, "not_in_pacs", f"the PACS holds no study with that {what}")
+    jobs = [schedule_retrieve(session, settings, uid) for uid in uids]
+    session.flush()
+    crud.audit(
+        session,
+        actor=principal.actor,
+        action="study.retrieve",
+        resource_type="study",
+        resource_id=None,
+        outcome="ok",
+        status_code=202,
+        detail={"jobs": [j.id for j in jobs], "studies_found": len(uids)},
+    )
+    return RetrieveQueued(jobs=[j.id for j in jobs], study_instance_uids=uids)
 
 
 @router.get("", response_model=StudyList)

@@ -100,11 +100,16 @@
       case 415:
         return "Only DICOM Part 10, PNG and JPEG files are accepted.";
       case 503: {
+        if (err.code === "pacs_not_configured") {
+          return "This server has no PACS to retrieve from; upload the files instead.";
+        }
         const wait = err.retryAfter ? ` in ${err.retryAfter} s` : " in a few seconds";
         return err.code === "queue_full"
           ? `The server is busy. Retry${wait}.`
           : `The model is loading or unavailable. Retry${wait}.`;
       }
+      case 502:
+        return "The PACS did not answer. Retry later, or ask IT to check the PACS connection.";
       case 504:
         return "The model took too long. Retry, or ask a shorter question.";
       default:
@@ -450,6 +455,73 @@
       showError(err, "Upload failed");
     } finally {
       $("upload-submit").disabled = false;
+    }
+  }
+
+  // The PACS fetches a study in a job (GET /v1/jobs/{id}); a long one goes on after we stop waiting.
+  async function jobDone(id, { waitMs = 300_000 } = {}) {
+    const until = Date.now() + waitMs;
+    for (;;) {
+      const job = await api(`/v1/jobs/${encodeURIComponent(id)}`);
+      if (job.status === "done") return job;
+      if (job.status === "failed") {
+        throw new ApiError(502, "retrieve_failed", job.last_error || "the retrieve failed");
+      }
+      if (Date.now() > until) return null;
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+
+  async function retrieve(event) {
+    event.preventDefault();
+    clearError();
+    const accession = $("retrieve-accession").value.trim();
+    if (!accession) {
+      showError(new Error("enter the accession number of a study the PACS holds"), "Retrieve");
+      $("retrieve-accession").focus();
+      return;
+    }
+    $("retrieve-submit").disabled = true;
+    setStatus("upload-status", `Searching the PACS for accession number ${accession}…`);
+    try {
+      const queued = await api("/v1/studies/retrieve", {
+        method: "POST",
+        json: { accession_number: accession },
+      });
+      const n = queued.jobs.length;
+      setStatus("upload-status", `Found ${n} ${n === 1 ? "study" : "studies"}; retrieving…`);
+      const jobs = await Promise.all(queued.jobs.map((id) => jobDone(id)));
+      const done = jobs.filter(Boolean).map((job) => job.result);
+      const status = $("upload-status");
+      if (done.length < jobs.length) {
+        status.replaceChildren("Still retrieving; the study appears in the worklist when it is here.");
+      } else {
+        const stored = done.reduce((sum, r) => sum + r.stored, 0);
+        const already = done.reduce((sum, r) => sum + r.already, 0);
+        const failed = done.reduce((sum, r) => sum + r.failed, 0);
+        status.replaceChildren(
+          `Retrieved: ${stored} new image${stored === 1 ? "" : "s"}` +
+            (already ? `, ${already} already here` : "") +
+            (failed ? `, ${failed} not readable` : "") +
+            ". ",
+        );
+        const first = done.find((r) => r.study_id);
+        if (first) {
+          const open = el("a", "Open the study", "study-link");
+          open.href = `#/study/${encodeURIComponent(first.study_id)}`;
+          status.append(open);
+        }
+      }
+      $("retrieve-form").reset();
+      await loadWorklist(false);
+    } catch (err) {
+      setStatus("upload-status", "");
+      if (err instanceof ApiError && err.code === "pacs_not_configured") {
+        $("retrieve-form").hidden = true; // this server has no PACS to ask
+      }
+      showError(err, "Retrieve failed");
+    } finally {
+      $("retrieve-submit").disabled = false;
     }
   }
 
@@ -1173,6 +1245,7 @@
     $("signin-form").addEventListener("submit", signIn);
     $("sign-out").addEventListener("click", () => signOut());
     $("upload-form").addEventListener("submit", upload);
+    $("retrieve-form").addEventListener("submit", retrieve);
     $("filter-modality").addEventListener("change", () => loadWorklist(false));
     $("filter-report").addEventListener("change", () => loadWorklist(false));
     $("filter-form").addEventListener("submit", (e) => {
