@@ -205,6 +205,10 @@ def test_settings():
         Settings(dimse_ae_title="BACK\\SLASH")
     with pytest.raises(ValidationError, match="dimse_push"):
         Settings(dimse_push="ORTHANC@pacs")  # no port
+    with pytest.raises(ValidationError, match="dimse_pull needs dimse_port"):
+        Settings(dimse_pull="ORTHANC@pacs:4242")
+    pulls = Settings(dimse_pull="ORTHANC@pacs:4242", dimse_port=11112, dimse_peers=["ORTHANC"])
+    assert pulls.pulls_from_pacs and not Settings().pulls_from_pacs
     s = Settings(dimse_push="ORTHANC@pacs.local:4242")
     assert s.pushes_to_pacs and Target.parse(s.dimse_push) == Target("ORTHANC", "pacs.local", 4242)
     assert not Settings().pushes_to_pacs

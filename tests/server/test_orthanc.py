@@ -310,3 +310,60 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm):
         ).json()["data"]
         assert sorted(e["outcome"] for e in events) == ["error", "not_found", "ok", "ok"]
         assert "ACC-42" not in json.dumps(events)  # accession numbers stay out of the audit log
+
+
+def test_retrieve_a_study_from_orthanc_over_dimse(tmp_path, sqlite_url, tiny_lm):
+    """The same for a PACS without DICOMweb: C-FIND by accession number, then a C-MOVE of the
+    study to our own Storage SCP, which files it as it arrives."""
+    orthanc_port, orthanc_dicom, our_dimse = free_port(), free_port(), free_port()
+    orthanc = f"http://127.0.0.1:{orthanc_port}"
+    upgrade(sqlite_url)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=sqlite_url,
+        job_poll_s=0.05,
+        dimse_port=our_dimse,
+        dimse_peers=["TLMPACS@127.0.0.1"],
+        dimse_pull=f"TLMPACS@127.0.0.1:{orthanc_dicom}",
+    )
+    app = create_app(settings, model=tiny_lm)
+    with live_server(app) as base:
+        h = {"Authorization": f"Bearer {app.state.first_admin_key}"}
+
+        def retrieve(**body):
+            return httpx.post(f"{base}/v1/studies/retrieve", json=body, headers=h, timeout=30)
+
+        def finished(job_id):
+            job = httpx.get(f"{base}/v1/jobs/{job_id}", headers=h).json()
+            assert job["status"] != "failed", job
+            return job if job["status"] == "done" else None
+
+        modalities = {"DicomModalities": {"tinyllava": ["TINYLLAVA_MED", "127.0.0.1", our_dimse]}}
+        with start_orthanc(
+            tmp_path / "orthanc", orthanc_port, dicom_port=orthanc_dicom, **modalities
+        ):
+            ds = pydicom.dcmread(CT_SMALL)
+            ds.AccessionNumber = "ACC-43"
+            buf = io.BytesIO()
+            ds.save_as(buf)
+            assert httpx.post(f"{orthanc}/instances", content=buf.getvalue(), timeout=10).is_success
+
+            r = retrieve(accession_number="ACC-43")
+            assert r.status_code == 202, r.text
+            assert r.json()["study_instance_uids"] == [ds.StudyInstanceUID]
+            job = wait_for(lambda: finished(r.json()["jobs"][0]), what="the C-MOVE")
+            assert (job["result"]["stored"], job["result"]["already"]) == (1, 0)
+            study = httpx.get(f"{base}/v1/studies/{job['result']['study_id']}", headers=h).json()
+            assert [i["SOPInstanceUID"] for i in study["images"]] == [ds.SOPInstanceUID]
+
+            r = retrieve(study_instance_uid=ds.StudyInstanceUID)
+            again = wait_for(lambda: finished(r.json()["jobs"][0]), what="the second C-MOVE")
+            assert (again["result"]["stored"], again["result"]["already"]) == (0, 1)
+            r = retrieve(accession_number="NO-SUCH")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_in_pacs"
+        r = retrieve(accession_number="ACC-43")  # Orthanc has stopped
+        assert r.status_code == 502 and r.json()["error"]["code"] == "pacs_unavailable"
+        stores = httpx.get(
+            f"{base}/v1/audit", params={"action": "study.dimse_store"}, headers=h
+        ).json()["data"]
+        assert {e["actor"] for e in stores} == {"dimse:TLMPACS"}  # the moves' associations

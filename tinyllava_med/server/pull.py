@@ -1,12 +1,16 @@
-"""Retrieving a study from the PACS over DICOMweb (dicomweb-client), for a reader who wants to ask
-about a study that was never pushed here: QIDO-RS finds it by accession number or Study Instance
-UID (`find_studies`, while the request waits), and a `retrieve_study` job fetches its instances
-with WADO-RS and files them as STOW-RS files pushed ones (`ingest.file_instances`: same study
-by UID, held instances acknowledged without a copy, automatic report queued).
+"""Retrieving a study from the PACS, for a reader who wants to ask about a study that was never
+pushed here: `find_studies` looks it up by accession number or Study Instance UID while the
+request waits, and a `retrieve_study` job fetches it. Either transport files the instances as
+pushed ones are filed (`ingest.file_instances`: same study by UID, held instances acknowledged
+without a copy, automatic report queued).
 
-The PACS is `dicomweb_pull_url` (with `dicomweb_pull_headers`). Instances are streamed and filed
-`BATCH` at a time, so a large CT is never all in memory; a retry after a failure files only what
-is still missing.
+- DICOMweb (`dicomweb_pull_url`, `dicomweb_pull_headers`; dicomweb-client): QIDO-RS, then
+  WADO-RS, streamed and filed `BATCH` instances at a time, so a large CT is never all in memory.
+- DIMSE (`dimse_pull` = "AET@host:port", for a PACS without DICOMweb; pynetdicom): C-FIND at
+  study level, then C-MOVE to this server's own AE title, whose Storage SCP (`dimse.py`) files
+  what arrives; the PACS must know this server as a DICOM modality and be in `dimse_peers`.
+
+A retry after a failure files only what is still missing.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import io
 from typing import TYPE_CHECKING, Any
 
 import pydicom
+from sqlalchemy import func, select
 
+from tinyllava_med.server.db.models import Image, Study
 from tinyllava_med.server.ingest import decode, file_instances
 from tinyllava_med.server.stow import Part
 
@@ -55,7 +61,9 @@ def client(settings: Settings, timeout_s: float) -> DICOMwebClient:
 def find_studies(
     settings: Settings, *, accession_number: str | None = None, study_uid: str | None = None
 ) -> list[str]:
-    """The Study Instance UIDs the PACS holds for the accession number or UID (QIDO-RS)."""
+    """The Study Instance UIDs the PACS holds for the accession number or UID."""
+    if settings.dimse_pull:
+        return _c_find(settings, accession_number, study_uid)
     filters = (
         {"AccessionNumber": accession_number}
         if accession_number is not None
@@ -83,8 +91,11 @@ def retrieve_study(
     store: ImageStore,
     study_uid: str,
 ) -> dict[str, Any]:
-    """WADO-RS every instance of the study and file them; counts, and the study's id here (None
-    when no instance could be stored: a study of reports only, say, which retrying cannot fix)."""
+    """Fetch every instance of the study and file them; counts (stored, already held, failed),
+    and the study's id here (None when no instance could be stored: a study of reports only,
+    say, which retrying cannot fix)."""
+    if settings.dimse_pull:
+        return _c_move(settings, session_factory, study_uid)
     stored = already = failed = 0
     studies: list[str] = []
     jobs: list[int] = []
@@ -120,10 +131,6 @@ def retrieve_study(
 
 
 def _study_id(session_factory: sessionmaker[Session], study_uid: str) -> str | None:
-    from sqlalchemy import select
-
-    from tinyllava_med.server.db.models import Study
-
     with session_factory() as s:
         return s.scalar(
             select(Study.id)
@@ -131,3 +138,103 @@ def _study_id(session_factory: sessionmaker[Session], study_uid: str) -> str | N
             .order_by(Study.created_at.desc())
             .limit(1)
         )
+
+
+def _images_of(session_factory: sessionmaker[Session], study_uid: str) -> int:
+    with session_factory() as s:
+        return (
+            s.scalar(
+                select(func.count(Image.id)).join(Study).where(Study.StudyInstanceUID == study_uid)
+            )
+            or 0
+        )
+
+
+# --- DIMSE ---------------------------------------------------------------------------------------
+
+
+def _associate(settings: Settings, sop_class: str) -> Any:
+    from pynetdicom import AE
+
+    from tinyllava_med.server.dimse import Target
+
+    assert settings.dimse_pull is not None
+    target = Target.parse(settings.dimse_pull)
+    ae = AE(ae_title=settings.dimse_ae_title)
+    ae.acse_timeout = ae.network_timeout = SEARCH_TIMEOUT_S
+    ae.dimse_timeout = FETCH_TIMEOUT_S
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    if not assoc.is_established:
+        raise PacsError(
+            f"no DIMSE association with {target.ae_title}@{target.host}:{target.port} "
+            f"({'rejected' if assoc.is_rejected else 'aborted or unreachable'})"
+        )
+    return assoc
+
+
+def _query(accession_number: str | None, study_uid: str | None) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.AccessionNumber = accession_number or ""
+    ds.StudyInstanceUID = study_uid or ""
+    return ds
+
+
+def _c_find(settings: Settings, accession_number: str | None, study_uid: str | None) -> list[str]:
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind as FIND,
+    )
+
+    assoc = _associate(settings, FIND)
+    uids: list[str] = []
+    try:
+        for status, found in assoc.send_c_find(_query(accession_number, study_uid), FIND):
+            code = int(status.Status) if "Status" in status else None
+            if code in (0xFF00, 0xFF01):  # pending: one match
+                if found is not None and found.get("StudyInstanceUID"):
+                    uids.append(str(found.StudyInstanceUID))
+            elif code != 0x0000:
+                raise PacsError(
+                    "the PACS's C-FIND failed"
+                    + (f" (status 0x{code:04X})" if code is not None else " (no answer)")
+                )
+    finally:
+        assoc.release()
+    return list(dict.fromkeys(uids))
+
+
+def _c_move(
+    settings: Settings, session_factory: sessionmaker[Session], study_uid: str
+) -> dict[str, Any]:
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelMove as MOVE,
+    )
+
+    before = _images_of(session_factory, study_uid)
+    assoc = _associate(settings, MOVE)
+    final = None
+    try:
+        query = _query(None, study_uid)
+        for status, _ in assoc.send_c_move(query, settings.dimse_ae_title, MOVE):
+            final = status
+    finally:
+        assoc.release()
+    code = int(final.Status) if final is not None and "Status" in final else None
+    if code not in (0x0000, 0xB000):  # success; warning: some sub-operations failed
+        raise PacsError(
+            "the PACS's C-MOVE failed"
+            + (f" (status 0x{code:04X})" if code is not None else " (no answer)")
+        )
+    assert final is not None
+    completed = int(final.get("NumberOfCompletedSuboperations", 0))
+    stored = _images_of(session_factory, study_uid) - before
+    return {
+        "study_instance_uid": study_uid,
+        "study_id": _study_id(session_factory, study_uid),
+        "stored": stored,
+        "already": max(completed - stored, 0),
+        "failed": int(final.get("NumberOfFailedSuboperations", 0))
+        + int(final.get("NumberOfWarningSuboperations", 0)),
+        "jobs": [],  # the Storage SCP queued the automatic report as the instances arrived
+    }

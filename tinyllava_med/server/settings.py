@@ -245,6 +245,12 @@ class Settings(BaseSettings):
         description='who may send over DIMSE, which has no keys: "AET" (from any address), '
         '"AET@host" (from that host only), or "*" (anyone who reaches the port)',
     )
+    dimse_pull: str | None = Field(
+        default=None,
+        pattern=r"^[!-\[\]-~][ -\[\]-~]{0,15}@[^:@\s]+:\d{1,5}$",
+        description="the PACS's query/retrieve SCP that POST /v1/studies/retrieve asks by "
+        'C-FIND and C-MOVE (to this server\'s dimse_port) instead of DICOMweb: "AET@host:port"',
+    )
     dimse_max_associations: int = Field(default=8, ge=1, description="at once, over all peers")
     dimse_push: str | None = Field(
         default=None,
@@ -260,6 +266,11 @@ class Settings(BaseSettings):
         return f"{scheme}://{self.host}:{self.port}"
 
     @property
+    def pulls_from_pacs(self) -> bool:
+        """POST /v1/studies/retrieve has a PACS to ask, over DICOMweb or DIMSE."""
+        return bool(self.dicomweb_pull_url or self.dimse_pull)
+
+    @property
     def pushes_to_pacs(self) -> bool:
         """Reports' SRs (and rejection notes) go to a PACS, over DICOMweb or DIMSE."""
         return bool(self.dicomweb_push_url or self.dimse_push)
@@ -270,7 +281,9 @@ class Settings(BaseSettings):
         # The CLI's `--quant auto` and an empty environment variable both mean "variant default".
         return None if v in ("auto", "") else v
 
-    @field_validator("dimse_port", "dimse_push", "tls_certfile", "tls_keyfile", mode="before")
+    @field_validator(
+        "dimse_port", "dimse_push", "dimse_pull", "tls_certfile", "tls_keyfile", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         # Compose passes an unset variable on as "" (`${TINYLLAVA_MED_DIMSE_PORT:-}`).
@@ -308,6 +321,11 @@ class Settings(BaseSettings):
         ]
         if bad_peers:
             raise ValueError(f'dimse_peers: expected "AET", "AET@host" or "*", got {bad_peers}')
+        if self.dimse_pull and self.dimse_port is None:
+            raise ValueError(
+                "dimse_pull needs dimse_port: the PACS moves the study to this server's "
+                "Storage SCP (and must know it as a DICOM modality, and be in dimse_peers)"
+            )
         if self.dimse_port is not None and not self.dimse_peers:
             raise ValueError(
                 'dimse_port needs dimse_peers: the AE titles that may send (e.g. ["PACS"] or '

@@ -62,15 +62,16 @@ def retrieve_from_pacs(
     principal: Uploader,
     body: RetrieveRequest,
 ) -> RetrieveQueued:
-    """Fetch a study that was never pushed here from the PACS (`dicomweb_pull_url`): it is
-    found now (QIDO-RS; 404 `not_in_pacs`, 502 `pacs_unavailable`), and fetched by a job
-    (WADO-RS) whose result names the study here once it is stored."""
+    """Fetch a study that was never pushed here from the PACS (`dicomweb_pull_url` or
+    `dimse_pull`): it is found now (QIDO-RS or C-FIND; 404 `not_in_pacs`, 502
+    `pacs_unavailable`), and fetched by a job (WADO-RS or C-MOVE) whose result names the
+    study here once it is stored."""
     request.state.audit = (principal.actor, "study.retrieve", "study", None)
-    if not settings.dicomweb_pull_url:
+    if not settings.pulls_from_pacs:
         raise APIError(
             503,
             "pacs_not_configured",
-            "no PACS to retrieve from: set TINYLLAVA_MED_DICOMWEB_PULL_URL",
+            "no PACS to retrieve from: set TINYLLAVA_MED_DICOMWEB_PULL_URL or _DIMSE_PULL",
         )
     try:
         uids = find_studies(
