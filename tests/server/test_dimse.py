@@ -216,10 +216,12 @@ def test_settings():
 
 def test_compose_defaults_leave_dimse_off(monkeypatch):
     """docker/compose.yml passes unset variables on as "" (and the peers as "[]")."""
-    for name, value in {"PORT": "", "PUSH": "", "PEERS": "[]"}.items():
+    for name, value in {"PORT": "", "PUSH": "", "PULL": "", "PEERS": "[]"}.items():
         monkeypatch.setenv(f"TINYLLAVA_MED_DIMSE_{name}", value)
+    monkeypatch.setenv("TINYLLAVA_MED_DICOMWEB_PULL_URL", "")
     s = Settings()
-    assert s.dimse_port is None and s.dimse_push is None and s.dimse_peers == []
+    assert s.dimse_port is None and s.dimse_push is None and s.dimse_pull is None
+    assert s.dimse_peers == [] and not s.pulls_from_pacs
     monkeypatch.setenv("TINYLLAVA_MED_DIMSE_PORT", "11112")
     monkeypatch.setenv("TINYLLAVA_MED_DIMSE_PEERS", '["ORTHANC"]')
     assert Settings().dimse_port == 11112
