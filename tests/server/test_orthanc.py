@@ -17,6 +17,7 @@ import re
 
 import httpx
 import pydicom
+import pytest
 from api_helpers import CT_SMALL, free_port, live_server, wait_for
 from orthanc_helpers import start_orthanc
 from pydicom.uid import generate_uid
@@ -86,14 +87,7 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
             study = send_and_forward(orthanc, CT_SMALL.read_bytes())
             h = {"Authorization": f"Bearer {keys['radiologist']}"}
 
-            def pushed():
-                jobs = httpx.get(f"{base}/v1/jobs", headers=h).json()["data"]
-                failed = [j for j in jobs if j["status"] == "failed"]
-                assert not failed, failed
-                done = {j["kind"]: j for j in jobs if j["status"] == "done"}
-                return done if {"auto_report", "push_sr"} <= set(done) else None
-
-            done = wait_for(pushed, timeout_s=60, what="the report and its SR push")
+            done = wait_for(lambda: _pushed(base, h), what="the report and its SR push")
             report_id = done["auto_report"]["result"]["report_id"]
             report = httpx.get(f"{base}/v1/reports/{report_id}", headers=h).json()
 
@@ -179,79 +173,116 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
             assert named.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == draft.SOPInstanceUID
 
 
+def _serve_with(tmp_path, sqlite_url, tiny_lm, **settings):
+    """Our app on SQLite with `settings`, polling jobs often (a context manager over
+    `live_server`, yielding the base URL and the app)."""
+    upgrade(sqlite_url)
+    app = create_app(
+        Settings(data_dir=tmp_path / "data", database_url=sqlite_url, job_poll_s=0.05, **settings),
+        model=tiny_lm,
+    )
+    return app, live_server(app)
+
+
+def _job_done(base: str, h: dict[str, str], job_id: int):
+    job = httpx.get(f"{base}/v1/jobs/{job_id}", headers=h).json()
+    assert job["status"] != "failed", job
+    return job if job["status"] == "done" else None
+
+
+def _pushed(base: str, h: dict[str, str]):
+    """The done jobs by kind once the automatic report and its SR push are done."""
+    jobs = httpx.get(f"{base}/v1/jobs", headers=h).json()["data"]
+    assert not [j for j in jobs if j["status"] == "failed"], jobs
+    done = {j["kind"]: j for j in jobs if j["status"] == "done"}
+    return done if {"auto_report", "push_sr"} <= set(done) else None
+
+
+def _put(orthanc: str, ds: pydicom.Dataset) -> str:
+    """Store `ds` in Orthanc over its REST API (as a modality would); Orthanc's study id."""
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    r = httpx.post(f"{orthanc}/instances", content=buf.getvalue(), timeout=10)
+    assert r.status_code == 200, r.text
+    return str(r.json()["ParentStudy"])
+
+
+def _ours_as_modality(port: int) -> dict:
+    """Orthanc configuration naming our Storage SCP as its DICOM modality `tinyllava`."""
+    return {"DicomModalities": {"tinyllava": ["TINYLLAVA_MED", "127.0.0.1", port]}}
+
+
 def test_orthanc_dimse_round_trip(tmp_path, sqlite_url, tiny_lm):
     """A PACS without DICOMweb: Orthanc C-STOREs the study to our SCP, which it knows as a DICOM
     modality, and our SR comes back to its DIMSE server by C-STORE."""
     orthanc_port, orthanc_dicom, our_dimse = free_port(), free_port(), free_port()
     orthanc = f"http://127.0.0.1:{orthanc_port}"
-    upgrade(sqlite_url)
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=sqlite_url,
+    app, server = _serve_with(
+        tmp_path,
+        sqlite_url,
+        tiny_lm,
         auto_report_prompts={"CT": "Describe the findings."},
         auto_report_delay_s=0,
-        job_poll_s=0.05,
         dimse_port=our_dimse,
         dimse_peers=["TLMPACS@127.0.0.1"],
         dimse_push=f"TLMPACS@127.0.0.1:{orthanc_dicom}",
     )
-    app = create_app(settings, model=tiny_lm)
-    with live_server(app) as base:
-        admin = {"Authorization": f"Bearer {app.state.first_admin_key}"}
-        key = httpx.post(
-            f"{base}/v1/apikeys", json={"role": "radiologist", "name": "Dr Test"}, headers=admin
-        ).json()["key"]
-        h = {"Authorization": f"Bearer {key}"}
-        modalities = {"DicomModalities": {"tinyllava": ["TINYLLAVA_MED", "127.0.0.1", our_dimse]}}
-        with start_orthanc(
-            tmp_path / "orthanc", orthanc_port, dicom_port=orthanc_dicom, **modalities
-        ):
-            r = httpx.post(f"{orthanc}/modalities/tinyllava/echo", json={}, timeout=30)
-            assert r.status_code == 200, r.text
-            r = httpx.post(f"{orthanc}/instances", content=CT_SMALL.read_bytes(), timeout=10)
-            study = str(r.json()["ParentStudy"])
-            r = httpx.post(
-                f"{orthanc}/modalities/tinyllava/store",
-                json={"Resources": [study], "Synchronous": True},
-                timeout=60,
-            )
-            assert r.status_code == 200, r.text
+    with (
+        server as base,
+        start_orthanc(
+            tmp_path / "orthanc",
+            orthanc_port,
+            dicom_port=orthanc_dicom,
+            **_ours_as_modality(our_dimse),
+        ),
+    ):
+        h = {"Authorization": f"Bearer {app.state.first_admin_key}"}
+        r = httpx.post(f"{orthanc}/modalities/tinyllava/echo", json={}, timeout=30)
+        assert r.status_code == 200, r.text
+        study = _put(orthanc, pydicom.dcmread(CT_SMALL))
+        r = httpx.post(
+            f"{orthanc}/modalities/tinyllava/store",
+            json={"Resources": [study], "Synchronous": True},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
 
-            def pushed():
-                jobs = httpx.get(f"{base}/v1/jobs", headers=h).json()["data"]
-                assert not [j for j in jobs if j["status"] == "failed"], jobs
-                done = {j["kind"]: j for j in jobs if j["status"] == "done"}
-                return done if {"auto_report", "push_sr"} <= set(done) else None
-
-            done = wait_for(pushed, timeout_s=60, what="the report and its SR by C-STORE")
-            report_id = done["auto_report"]["result"]["report_id"]
-            report = httpx.get(f"{base}/v1/reports/{report_id}", headers=h).json()
-            (sr,) = sr_instances(orthanc, study)
-            assert sr.StudyInstanceUID == pydicom.dcmread(CT_SMALL).StudyInstanceUID
-            assert finding(sr) == re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", report["text"])
-            events = httpx.get(
-                f"{base}/v1/audit", params={"action": "study.dimse_store"}, headers=admin
-            ).json()["data"]
-            assert [e["actor"] for e in events] == ["dimse:TLMPACS"]
-            assert events[0]["detail"]["stored"] == 1
+        done = wait_for(lambda: _pushed(base, h), what="the report and its SR by C-STORE")
+        report_id = done["auto_report"]["result"]["report_id"]
+        report = httpx.get(f"{base}/v1/reports/{report_id}", headers=h).json()
+        (sr,) = sr_instances(orthanc, study)
+        assert sr.StudyInstanceUID == pydicom.dcmread(CT_SMALL).StudyInstanceUID
+        assert finding(sr) == re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", report["text"])
+        events = httpx.get(
+            f"{base}/v1/audit", params={"action": "study.dimse_store"}, headers=h
+        ).json()["data"]
+        assert [e["actor"] for e in events] == ["dimse:TLMPACS"]
+        assert events[0]["detail"]["stored"] == 1
 
 
-def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm):
-    """A study never pushed here: found in Orthanc by accession number (QIDO-RS), fetched by a
-    job (WADO-RS), filed and reported like a pushed one; fetched again, nothing is copied."""
-    orthanc_port = free_port()
+@pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
+def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport):
+    """A study never pushed here: found in Orthanc by accession number (QIDO-RS, or C-FIND),
+    fetched by a job (WADO-RS, or a C-MOVE to our own Storage SCP), filed and reported like a
+    pushed one; fetched again, nothing is copied. Unknown: 404; the PACS stopped: 502."""
+    orthanc_port, orthanc_dicom, our_dimse = free_port(), free_port(), free_port()
     orthanc = f"http://127.0.0.1:{orthanc_port}"
-    upgrade(sqlite_url)
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=sqlite_url,
+    pull: dict = {"dicomweb_pull_url": f"{orthanc}/dicom-web"}
+    if transport == "dimse":
+        pull = {
+            "dimse_port": our_dimse,
+            "dimse_peers": ["TLMPACS@127.0.0.1"],
+            "dimse_pull": f"TLMPACS@127.0.0.1:{orthanc_dicom}",
+        }
+    app, server = _serve_with(
+        tmp_path,
+        sqlite_url,
+        tiny_lm,
         auto_report_prompts={"CT": "Describe the findings."},
         auto_report_delay_s=0,
-        job_poll_s=0.05,
-        dicomweb_pull_url=f"{orthanc}/dicom-web",
+        **pull,
     )
-    app = create_app(settings, model=tiny_lm)
-    with live_server(app) as base:
+    with server as base:
         admin = {"Authorization": f"Bearer {app.state.first_admin_key}"}
         key = httpx.post(
             f"{base}/v1/apikeys", json={"role": "radiologist", "name": "Dr Test"}, headers=admin
@@ -261,28 +292,23 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm):
         def retrieve(**body):
             return httpx.post(f"{base}/v1/studies/retrieve", json=body, headers=h, timeout=30)
 
-        def finished(job_id):
-            job = httpx.get(f"{base}/v1/jobs/{job_id}", headers=h).json()
-            assert job["status"] != "failed", job
-            return job if job["status"] == "done" else None
-
-        with start_orthanc(tmp_path / "orthanc", orthanc_port):
-            first = pydicom.dcmread(CT_SMALL)
-            first.AccessionNumber = "ACC-42"
-            second = pydicom.dcmread(CT_SMALL)
-            second.AccessionNumber = "ACC-42"
+        with start_orthanc(
+            tmp_path / "orthanc",
+            orthanc_port,
+            dicom_port=orthanc_dicom,
+            **_ours_as_modality(our_dimse),
+        ):
+            first, second = pydicom.dcmread(CT_SMALL), pydicom.dcmread(CT_SMALL)
             second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             for ds in (first, second):
-                buf = io.BytesIO()
-                ds.save_as(buf)
-                r = httpx.post(f"{orthanc}/instances", content=buf.getvalue(), timeout=10)
-                assert r.status_code == 200, r.text
+                ds.AccessionNumber = "ACC-42"
+                _put(orthanc, ds)
 
             r = retrieve(accession_number="ACC-42")
             assert r.status_code == 202, r.text
             assert r.json()["study_instance_uids"] == [first.StudyInstanceUID]
             (job_id,) = r.json()["jobs"]
-            job = wait_for(lambda: finished(job_id), timeout_s=60, what="the retrieve job")
+            job = wait_for(lambda: _job_done(base, h, job_id), what="the retrieve job")
             result = job["result"]
             assert (result["stored"], result["already"], result["failed"]) == (2, 0, 0)
             study = httpx.get(f"{base}/v1/studies/{result['study_id']}", headers=h).json()
@@ -290,12 +316,18 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm):
             assert sorted(i["SOPInstanceUID"] for i in study["images"]) == sorted(
                 [first.SOPInstanceUID, second.SOPInstanceUID]
             )
-            (auto,) = result["jobs"]  # the CT prompt's automatic report, as for a pushed study
-            assert "report_id" in wait_for(lambda: finished(auto), what="the report")["result"]
+
+            def reported():  # the CT prompt's automatic report, as for a pushed study
+                jobs = httpx.get(f"{base}/v1/jobs", headers=h).json()["data"]
+                auto = [j for j in jobs if j["kind"] == "auto_report"]
+                return auto if auto and auto[0]["status"] == "done" else None
+
+            (auto,) = wait_for(reported, what="the automatic report")
+            assert auto["study_id"] == result["study_id"] and "report_id" in auto["result"]
 
             r = retrieve(study_instance_uid=first.StudyInstanceUID)  # again: nothing copied
             assert r.status_code == 202, r.text
-            again = wait_for(lambda: finished(r.json()["jobs"][0]), what="the second retrieve")
+            again = wait_for(lambda: _job_done(base, h, r.json()["jobs"][0]), what="again")
             assert again["result"]["study_id"] == result["study_id"]
             assert (again["result"]["stored"], again["result"]["already"]) == (0, 2)
 
@@ -310,60 +342,8 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm):
         ).json()["data"]
         assert sorted(e["outcome"] for e in events) == ["error", "not_found", "ok", "ok"]
         assert "ACC-42" not in json.dumps(events)  # accession numbers stay out of the audit log
-
-
-def test_retrieve_a_study_from_orthanc_over_dimse(tmp_path, sqlite_url, tiny_lm):
-    """The same for a PACS without DICOMweb: C-FIND by accession number, then a C-MOVE of the
-    study to our own Storage SCP, which files it as it arrives."""
-    orthanc_port, orthanc_dicom, our_dimse = free_port(), free_port(), free_port()
-    orthanc = f"http://127.0.0.1:{orthanc_port}"
-    upgrade(sqlite_url)
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=sqlite_url,
-        job_poll_s=0.05,
-        dimse_port=our_dimse,
-        dimse_peers=["TLMPACS@127.0.0.1"],
-        dimse_pull=f"TLMPACS@127.0.0.1:{orthanc_dicom}",
-    )
-    app = create_app(settings, model=tiny_lm)
-    with live_server(app) as base:
-        h = {"Authorization": f"Bearer {app.state.first_admin_key}"}
-
-        def retrieve(**body):
-            return httpx.post(f"{base}/v1/studies/retrieve", json=body, headers=h, timeout=30)
-
-        def finished(job_id):
-            job = httpx.get(f"{base}/v1/jobs/{job_id}", headers=h).json()
-            assert job["status"] != "failed", job
-            return job if job["status"] == "done" else None
-
-        modalities = {"DicomModalities": {"tinyllava": ["TINYLLAVA_MED", "127.0.0.1", our_dimse]}}
-        with start_orthanc(
-            tmp_path / "orthanc", orthanc_port, dicom_port=orthanc_dicom, **modalities
-        ):
-            ds = pydicom.dcmread(CT_SMALL)
-            ds.AccessionNumber = "ACC-43"
-            buf = io.BytesIO()
-            ds.save_as(buf)
-            assert httpx.post(f"{orthanc}/instances", content=buf.getvalue(), timeout=10).is_success
-
-            r = retrieve(accession_number="ACC-43")
-            assert r.status_code == 202, r.text
-            assert r.json()["study_instance_uids"] == [ds.StudyInstanceUID]
-            job = wait_for(lambda: finished(r.json()["jobs"][0]), what="the C-MOVE")
-            assert (job["result"]["stored"], job["result"]["already"]) == (1, 0)
-            study = httpx.get(f"{base}/v1/studies/{job['result']['study_id']}", headers=h).json()
-            assert [i["SOPInstanceUID"] for i in study["images"]] == [ds.SOPInstanceUID]
-
-            r = retrieve(study_instance_uid=ds.StudyInstanceUID)
-            again = wait_for(lambda: finished(r.json()["jobs"][0]), what="the second C-MOVE")
-            assert (again["result"]["stored"], again["result"]["already"]) == (0, 1)
-            r = retrieve(accession_number="NO-SUCH")
-            assert r.status_code == 404 and r.json()["error"]["code"] == "not_in_pacs"
-        r = retrieve(accession_number="ACC-43")  # Orthanc has stopped
-        assert r.status_code == 502 and r.json()["error"]["code"] == "pacs_unavailable"
-        stores = httpx.get(
-            f"{base}/v1/audit", params={"action": "study.dimse_store"}, headers=h
-        ).json()["data"]
-        assert {e["actor"] for e in stores} == {"dimse:TLMPACS"}  # the moves' associations
+        if transport == "dimse":  # the moves arrive as associations from the PACS
+            stores = httpx.get(
+                f"{base}/v1/audit", params={"action": "study.dimse_store"}, headers=admin
+            ).json()["data"]
+            assert {e["actor"] for e in stores} == {"dimse:TLMPACS"}

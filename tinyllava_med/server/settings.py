@@ -25,6 +25,7 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 SUPPORTED_DATABASES = ("sqlite", "postgresql")
 # a DICOM AE title (PS3.5 §6.2, VR AE): printable ASCII but backslash, not all spaces
 AE_TITLE = r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$"
+DIMSE_TARGET = r"^[!-\[\]-~][ -\[\]-~]{0,15}@[^:@\s]+:\d{1,5}$"  # "AET@host:port"
 _PEER = re.compile(r"^(\*|[ -\[\]-~]{1,16}(@[^@\s]+)?)$")
 
 
@@ -247,14 +248,14 @@ class Settings(BaseSettings):
     )
     dimse_pull: str | None = Field(
         default=None,
-        pattern=r"^[!-\[\]-~][ -\[\]-~]{0,15}@[^:@\s]+:\d{1,5}$",
+        pattern=DIMSE_TARGET,
         description="the PACS's query/retrieve SCP that POST /v1/studies/retrieve asks by "
         'C-FIND and C-MOVE (to this server\'s dimse_port) instead of DICOMweb: "AET@host:port"',
     )
     dimse_max_associations: int = Field(default=8, ge=1, description="at once, over all peers")
     dimse_push: str | None = Field(
         default=None,
-        pattern=r"^[!-\[\]-~][ -\[\]-~]{0,15}@[^:@\s]+:\d{1,5}$",
+        pattern=DIMSE_TARGET,
         description="send SRs and rejection notes to the PACS by C-STORE instead of STOW-RS: "
         '"AET@host:port", e.g. "ORTHANC@pacs:4242"',
     )
