@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 
 import httpx
@@ -261,10 +262,11 @@ def test_orthanc_dimse_round_trip(tmp_path, sqlite_url, tiny_lm):
 
 
 @pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
-def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport):
+def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport, caplog):
     """A study never pushed here: found in Orthanc by accession number (QIDO-RS, or C-FIND),
     fetched by a job (WADO-RS, or a C-MOVE to our own Storage SCP), filed and reported like a
     pushed one; fetched again, nothing is copied. Unknown: 404; the PACS stopped: 502."""
+    caplog.set_level(logging.INFO)
     orthanc_port, orthanc_dicom, our_dimse = free_port(), free_port(), free_port()
     orthanc = f"http://127.0.0.1:{orthanc_port}"
     pull: dict = {"dicomweb_pull_url": f"{orthanc}/dicom-web"}
@@ -342,6 +344,8 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport)
         ).json()["data"]
         assert sorted(e["outcome"] for e in events) == ["error", "not_found", "ok", "ok"]
         assert "ACC-42" not in json.dumps(events)  # accession numbers stay out of the audit log
+        # ... and out of the logs, with the patient's name (pynetdicom logs queries at INFO)
+        assert "ACC-42" not in caplog.text and str(first.PatientName) not in caplog.text
         if transport == "dimse":  # the moves arrive as associations from the PACS
             stores = httpx.get(
                 f"{base}/v1/audit", params={"action": "study.dimse_store"}, headers=admin
