@@ -266,10 +266,14 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
     """A study never pushed here: found in Orthanc by accession number (QIDO-RS, or C-FIND),
     fetched by a job (WADO-RS, or a C-MOVE to our own Storage SCP), filed and reported like a
     pushed one; fetched again, nothing is copied. Unknown: 404; the PACS stopped: 502."""
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)  # what an operator chasing a problem would set
     orthanc_port, orthanc_dicom, our_dimse = free_port(), free_port(), free_port()
     orthanc = f"http://127.0.0.1:{orthanc_port}"
-    pull: dict = {"dicomweb_pull_url": f"{orthanc}/dicom-web"}
+    secret = "Basic dGxtOnNlY3JldA=="  # Orthanc here has no users: sent, and ignored
+    pull: dict = {
+        "dicomweb_pull_url": f"{orthanc}/dicom-web",
+        "dicomweb_pull_headers": {"Authorization": secret},
+    }
     if transport == "dimse":
         pull = {
             "dimse_port": our_dimse,
@@ -344,8 +348,10 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
         ).json()["data"]
         assert sorted(e["outcome"] for e in events) == ["error", "not_found", "ok", "ok"]
         assert "ACC-42" not in json.dumps(events)  # accession numbers stay out of the audit log
-        # ... and out of the logs, with the patient's name (pynetdicom logs queries at INFO)
+        # ... and out of the logs even at DEBUG, with the patient's name and the PACS's
+        # credentials (pynetdicom logs queries at INFO, dicomweb-client URLs and headers at DEBUG)
         assert "ACC-42" not in caplog.text and str(first.PatientName) not in caplog.text
+        assert "dGxtOnNlY3JldA" not in caplog.text
         if transport == "dimse":  # the moves arrive as associations from the PACS
             stores = httpx.get(
                 f"{base}/v1/audit", params={"action": "study.dimse_store"}, headers=admin

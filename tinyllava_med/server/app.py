@@ -29,6 +29,7 @@ from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
 from tinyllava_med.server.jobs import JobRunner
+from tinyllava_med.server.logs import quiet_libraries
 from tinyllava_med.server.metrics import Metrics
 from tinyllava_med.server.report_writer import ReportWriter
 from tinyllava_med.server.routes import (
@@ -365,6 +366,7 @@ def create_app(
         '`{"error": {"code", "message", "detail"}}`.',
         lifespan=lifespan,
     )
+    quiet_libraries()  # no identifiers or credentials in their logs, whatever the level
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.key_cache = KeyCache(settings.auth_cache_s)

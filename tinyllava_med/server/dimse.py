@@ -37,7 +37,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tinyllava_med.imaging import ImagingError
@@ -53,13 +52,6 @@ if TYPE_CHECKING:
     from tinyllava_med.server.storage import ImageStore
 
 log = logging.getLogger(__name__)
-
-# pynetdicom logs every query's and answer's identifier at INFO (accession numbers, and whatever
-# patient attributes a PACS returns): never here. Its per-message INFO lines (thousands for a
-# CT) are quieted too; refusals and failures still log at WARNING and ERROR.
-pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
-pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 SUCCESS = 0x0000
 WARNINGS = {0x0001, 0xB000, 0xB006, 0xB007}  # stored, with a remark (PS3.4 B.2.3)

@@ -6,7 +6,8 @@ request), has `time` (ISO 8601, UTC), `level`, `logger` and `message`, plus `exc
 exception; an access line also has `method`, `path`, `status` and `client` as fields, so a
 collector can filter on them without parsing text. python-json-logger formats; uvicorn takes
 the same `logging.config` dictionary. What is logged never holds patient identifiers (URLs
-carry only the server's ids), in either format.
+carry only the server's ids), in either format, also at DEBUG: `quiet_libraries` keeps the
+libraries that talk to the PACS from logging queries, identifiers and credentials.
 """
 
 from __future__ import annotations
@@ -80,3 +81,30 @@ def json_log_config(level: str) -> dict[str, Any]:
             "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
         },
     }
+
+
+# The most these libraries may log, whatever the server's level: below it they log what must not
+# reach a log file. dicomweb-client and urllib3 log each request's URL (a QIDO query's accession
+# number) and dicomweb-client its headers (the PACS's credentials) at DEBUG; pynetdicom logs a
+# line per DIMSE message at INFO (thousands for a CT).
+LIBRARY_LEVELS = {
+    "dicomweb_client": logging.INFO,
+    "urllib3": logging.INFO,
+    "pynetdicom": logging.WARNING,
+}
+
+
+def quiet_libraries() -> None:
+    """Apply `LIBRARY_LEVELS`, and turn off pynetdicom's dumps of every query's and answer's
+    identifier (accession numbers, and any patient attributes a PACS returns), which it logs at
+    INFO."""
+    for name, level in LIBRARY_LEVELS.items():
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < level:
+            logger.setLevel(level)
+    try:
+        from pynetdicom import _config as pynetdicom_config
+    except ImportError:  # pragma: no cover - the server extra installs it
+        return
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False

@@ -156,7 +156,7 @@ def _images_of(session_factory: sessionmaker[Session], study_uid: str) -> int:
 def _associate(settings: Settings, sop_class: str) -> Any:
     from pynetdicom import AE
 
-    from tinyllava_med.server.dimse import Target  # also keeps identifiers out of pynetdicom's logs
+    from tinyllava_med.server.dimse import Target
 
     assert settings.dimse_pull is not None
     target = Target.parse(settings.dimse_pull)
