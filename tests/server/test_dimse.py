@@ -7,7 +7,7 @@ import logging
 
 import pydicom
 import pytest
-from api_helpers import CT_SMALL, MR_SMALL, free_port, make_api
+from api_helpers import CT_SMALL, MR_SMALL, free_port, make_api, wait_for
 from pydantic import ValidationError
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -40,6 +40,11 @@ def dimse_api(tmp_path, database_url, tiny_lm, **overrides):
 @pytest.fixture
 def api(tmp_path, database_url, tiny_lm):
     yield from dimse_api(tmp_path, database_url, tiny_lm)
+
+
+@pytest.fixture
+def sqlite_api_dimse(tmp_path, sqlite_url, tiny_lm):
+    yield from dimse_api(tmp_path, sqlite_url, tiny_lm)
 
 
 def associate(api, calling="MODALITY", called=AET, contexts=None):
@@ -120,6 +125,16 @@ def test_echo_store_two_studies_then_again(api):
     assert metric(api, "dimse_instances", "stored") == 2
     assert metric(api, "dimse_instances", "already") == 1
     assert metric(api, "dimse_associations", "accepted") == 3
+
+
+def test_an_aborted_association_keeps_and_audits_what_it_sent(sqlite_api_dimse):
+    api = sqlite_api_dimse
+    assoc = associate(api)
+    assert assoc.send_c_store(pydicom.dcmread(CT_SMALL)).Status == 0x0000
+    assoc.abort()  # the sender goes away without a release
+    (event,) = wait_for(lambda: audits(api, "study.dimse_store"), what="the audit event")
+    assert (event["detail"]["stored"], event["outcome"]) == (1, "ok")
+    assert len(rows(api, Image)) == 1
 
 
 def test_compressed_instance_in_its_own_transfer_syntax(api):

@@ -179,6 +179,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
+            (evt.EVT_CONN_CLOSE, self._on_end),  # a dropped connection ends it too (once)
         ]
         self._server = self.ae.start_server(
             (self.settings.host, self.settings.dimse_port), block=False, evt_handlers=handlers
