@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from datetime import timedelta
 
 import pydicom
@@ -394,3 +395,39 @@ def test_retrieve_needs_a_key_a_body_and_a_pacs(sqlite_api):
     r = api.post("/v1/studies/retrieve", json=body, headers=api.h("pacs"))
     assert_error(r, 503, "pacs_not_configured")
     assert not rows(api, Job)
+
+
+@pytest.fixture
+def no_model_api(tmp_path, sqlite_url):
+    yield from make_api(
+        tmp_path,
+        sqlite_url,
+        None,  # "tiny" is no checkpoint here: loading fails
+        auto_report_prompts=PROMPTS,
+        auto_report_delay_s=0,
+        image_sweep_grace_s=0,
+        job_poll_s=0.05,
+    )
+
+
+def test_jobs_that_need_no_model_run_while_it_cannot_answer(no_model_api):
+    """The model failed to load: the automatic report waits for it, but a deleted study's file
+    sweep (like SR pushes and retrieves) runs. Before, every job waited for the model."""
+    from tinyllava_med.server import jobs
+
+    api = no_model_api
+    wait_for(lambda: api.app.state.load_error, what="the model load to fail")
+    assert stow(api, CT).status_code == 200
+    study = rows(api, Study)[0].id
+    (image,) = rows(api, Image)
+    path = api.app.state.store.path(image.sha256)
+    assert path.exists()
+    assert api.delete(f"/v1/studies/{study}", headers=api.h("admin")).status_code == 204
+    wait_for(lambda: not path.exists(), what="the sweep job to remove the file")
+    kinds = {j.kind: j.status for j in rows(api, Job)}
+    assert kinds == {jobs.SWEEP_IMAGES: "done"}  # the study's auto report went with it
+
+    assert stow(api, MR).status_code == 200  # a new study: its report waits for the model
+    time.sleep(0.5)
+    auto = [j.status for j in rows(api, Job) if j.kind == jobs.AUTO_REPORT]
+    assert auto == ["queued"]

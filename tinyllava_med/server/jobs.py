@@ -33,7 +33,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -56,6 +56,8 @@ PUSH_SR = "push_sr"
 SWEEP_IMAGES = "sweep_images"
 PUSH_REJECTION = "push_rejection"
 RETRIEVE_STUDY = "retrieve_study"
+# what runs while the model is loading, failed to load, or busy: only automatic reports ask it
+NEEDS_NO_MODEL = (PUSH_SR, SWEEP_IMAGES, PUSH_REJECTION, RETRIEVE_STUDY)
 SYSTEM_ACTOR = "system"
 
 
@@ -171,14 +173,20 @@ def schedule_rejection(
 # --- claiming and finishing --------------------------------------------------------------------
 
 
-def claim(session: Session, worker: str, lease_s: float) -> Claimed | None:
-    """Take the oldest due job for `worker`, or None. Commit the session to publish the claim."""
+def claim(
+    session: Session, worker: str, lease_s: float, kinds: Collection[str] | None = None
+) -> Claimed | None:
+    """Take the oldest due job (of `kinds`, when given) for `worker`, or None. Commit the
+    session to publish the claim."""
     now = utcnow()
     due = or_(
         and_(Job.status == "queued", Job.run_after <= now),
         and_(Job.status == "running", Job.locked_at < now - timedelta(seconds=lease_s)),
     )
-    stmt = select(Job).where(due).order_by(Job.run_after, Job.id).limit(1)
+    stmt = select(Job).where(due)
+    if kinds is not None:
+        stmt = stmt.where(Job.kind.in_(kinds))
+    stmt = stmt.order_by(Job.run_after, Job.id).limit(1)
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update(skip_locked=True)
     job = session.scalar(stmt)
@@ -273,8 +281,9 @@ def retry_failed(
 
 
 class JobRunner:
-    """`workers` threads that claim and run jobs until `stop()`; they wait while the model is
-    not ready or the engine's queue is full (jobs never push interactive requests out)."""
+    """`workers` threads that claim and run jobs until `stop()`; while the model is not ready
+    or the engine's queue is full they take only jobs that need no model (`NEEDS_NO_MODEL`), so
+    an SR push or a retrieve does not wait for a model that is loading or failed to load."""
 
     def __init__(self, app: Any, workers: int) -> None:
         self.app = app
@@ -311,12 +320,12 @@ class JobRunner:
         worker = f"{socket.gethostname()}:{os.getpid()}:{i}"
         engine = self.app.state.engine
         while not self._stop.is_set():
-            if not engine.ready or engine.is_full():
-                self._stop.wait(self.settings.job_poll_s)
-                continue
+            # while the model cannot take a question (loading, failed, or its queue full: jobs
+            # never push interactive requests out), pushes, sweeps and retrieves still run
+            kinds = None if engine.ready and not engine.is_full() else NEEDS_NO_MODEL
             try:
                 with self.sessions.begin() as s:
-                    job = claim(s, worker, self.settings.job_lease_s)
+                    job = claim(s, worker, self.settings.job_lease_s, kinds)
             except Exception:  # database away: try again later
                 log.exception("claiming a job failed")
                 job = None
