@@ -178,7 +178,9 @@ def test_bad_instances_fail_with_reasons_and_keep_what_is_stored(
     tmp_path, sqlite_url, tiny_lm, caplog
 ):
     caplog.set_level(logging.DEBUG)
-    for api in dimse_api(tmp_path, sqlite_url, tiny_lm, max_pixels=64 * 64):
+    for api in dimse_api(
+        tmp_path, sqlite_url, tiny_lm, max_pixels=64 * 64, max_upload_bytes=45_000
+    ):
         small = _small_ct()
         assert store_all(api, [small])[0].Status == 0x0000
 
@@ -189,8 +191,13 @@ def test_bad_instances_fail_with_reasons_and_keep_what_is_stored(
         no_pixels = pydicom.dcmread(CT_SMALL)
         del no_pixels.PixelData
         no_pixels.SOPInstanceUID = generate_uid()
-        statuses = store_all(api, [too_big, truncated, no_pixels])
-        assert [s.Status for s in statuses] == [0xA700, 0xC000, 0xC000]
+        padded = _small_ct()  # few pixels, too many bytes
+        padded.SOPInstanceUID = generate_uid()
+        padded.add_new(0x00290010, "LO", "TEST PADDING")
+        padded.add_new(0x00291010, "OB", b"\0" * 60_000)
+        statuses = store_all(api, [too_big, truncated, no_pixels, padded])
+        assert [s.Status for s in statuses] == [0xA700, 0xC000, 0xC000, 0xA700]
+        assert "bytes" in statuses[3].ErrorComment and "bytes" not in statuses[0].ErrorComment
         for s in statuses:
             assert s.ErrorComment and PATIENT not in s.ErrorComment
         assert [i.SOPInstanceUID for i in rows(api, Image)] == [small.SOPInstanceUID]
@@ -202,12 +209,12 @@ def test_bad_instances_fail_with_reasons_and_keep_what_is_stored(
         assert failed[0]["detail"] == {
             "stored": 0,
             "already": 0,
-            "failed": 3,
+            "failed": 4,
             "studies": [],
             "jobs": [],
             "address": "127.0.0.1",
         }
-        assert metric(api, "dimse_instances", "failed") == 3
+        assert metric(api, "dimse_instances", "failed") == 4
     assert PATIENT not in caplog.text
 
 

@@ -8,7 +8,8 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
 - DIMSE has no keys, so an association is accepted only when it calls our AE title
   (`dimse_ae_title`) from a calling AE title in `dimse_peers` ("AET", "AET@host": from that
   host's addresses only, or "*"). A refusal is audited (`dimse.associate`, denied).
-- Each instance is decoded with the server's image limits and filed by `ingest.file_instances`
+- Each instance is received into a temporary file (never whole in memory), refused above
+  `max_upload_bytes` (0xA700), decoded with the server's image limits and filed by `ingest.file_instances`
   (its study found or created by Study Instance UID, the automatic report queued) in its own
   transaction before the success status goes back, so "stored" means durable. Failures answer
   the Storage Service Class statuses STOW-RS uses (0xC000 cannot understand, 0xA700 out of
@@ -37,12 +38,13 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tinyllava_med.imaging import ImagingError
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.ingest import decode, failure_reason, file_instances
-from tinyllava_med.server.stow import PROCESSING_FAILURE, Part
+from tinyllava_med.server.stow import OUT_OF_RESOURCES, PROCESSING_FAILURE, Part
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -173,6 +175,9 @@ class StorageSCP:
 
     def start(self) -> None:
         assert self.settings.dimse_port is not None
+        # each dataset goes to a temporary file as it arrives, so memory does not hold a large
+        # one, which `max_upload_bytes` then refuses, as it does an HTTP body
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -229,9 +234,13 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> Dataset:
         got = self._state(event)
-        try:
-            data = event.encoded_dataset()
-        except Exception as e:  # a peer's encoding pynetdicom cannot frame
+        try:  # received into a temporary file (STORE_RECV_CHUNKED_DATASET), removed after this
+            path = event.dataset_path
+            limit = self.settings.max_upload_bytes
+            if path.stat().st_size > limit:
+                return self._failed(got, OUT_OF_RESOURCES, f"larger than {limit} bytes")
+            data = path.read_bytes()
+        except OSError as e:
             return self._failed(got, 0xC000, f"cannot read the dataset ({type(e).__name__})")
         parts = [Part("application/dicom", data)]
         decoded = decode(parts, self.settings)
