@@ -478,6 +478,42 @@ def test_each_role_is_offered_its_actions_and_an_admin_deletes_a_study(
         assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
 
 
+def test_the_worklist_shows_arrivals_and_new_drafts_without_a_click(page, tmp_path, tiny_lm):
+    """Studies pushed by the PACS and their automatic drafts appear on an open worklist within
+    a refresh round (the page's clock is driven), but never redraw the table under a reader
+    who is in it."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        page.clock.install()
+        _sign_in(page, server)
+        expect(page.locator("#worklist-empty")).to_be_visible()
+        rows = page.locator("#worklist-body tr")
+        _, report = _ct_with_report(server)  # arrives in the background
+        page.clock.run_for(21_000)
+        expect(rows).to_have_count(1)
+        expect(rows.locator(".badge")).to_have_text(["Draft"])
+        r = httpx.patch(
+            f"{server.base}/v1/reports/{report['id']}",
+            headers={"Authorization": f"Bearer {server.key}"},
+            json={"status": "final"},
+        )
+        assert r.status_code == 200, r.text
+        page.clock.run_for(21_000)
+        expect(rows.locator(".badge")).to_have_text(["Final"])
+
+        rows.first.locator("a").focus()  # the reader is in the table: no redraw under them
+        _ct_with_report(server)
+        page.clock.run_for(21_000)
+        page.wait_for_timeout(500)  # a real moment for a redraw that must not come
+        expect(rows).to_have_count(1)
+        page.get_by_role("button", name="Refresh").focus()
+        page.clock.run_for(21_000)
+        expect(rows).to_have_count(2)
+        expect(page.locator("#worklist-count")).to_have_text("2 studies")
+        assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
+
+
 def test_reader_retrieves_a_study_from_the_pacs(page, tmp_path, tiny_lm, shots):
     """An accession number the PACS (a real Orthanc) knows: the study is fetched, listed and
     opened; one it does not know is an error with its code. A server with no PACS hides the

@@ -32,6 +32,7 @@
     reportId: null,
     streaming: null, // AbortController while an answer streams
     modelTimer: null,
+    worklistTimer: null,
     view: { zoom: 1, x: 0, y: 0 }, // the image's zoom and pan (pixels from the stage's centre)
     notice: null, // a message for the next view ("study deleted")
     nav: 0, // navigation counter: a view's late results are dropped once the user moved on
@@ -366,19 +367,20 @@
     await loadWorklist(false);
   }
 
-  async function loadWorklist(append) {
-    const nav = state.nav;
-    const params = new URLSearchParams({
-      limit: String(PAGE_SIZE),
-      offset: String(append ? state.studies.length : 0),
-    });
+  function worklistQuery(limit, offset) {
+    const params = new URLSearchParams({ limit: String(limit), offset: String(offset) });
     const modality = $("filter-modality").value;
     if (modality) params.set("modality", modality);
     const reportStatus = $("filter-report").value;
     if (reportStatus) params.set("report_status", reportStatus);
+    return `/v1/studies?${params}`;
+  }
+
+  async function loadWorklist(append) {
+    const nav = state.nav;
     $("worklist-table").setAttribute("aria-busy", "true");
     try {
-      const list = await api(`/v1/studies?${params}`);
+      const list = await api(worklistQuery(PAGE_SIZE, append ? state.studies.length : 0));
       if (nav !== state.nav) return;
       state.studies = append ? state.studies.concat(list.data) : list.data;
       state.studyCount = list.count;
@@ -388,6 +390,42 @@
     } finally {
       $("worklist-table").setAttribute("aria-busy", "false");
     }
+  }
+
+  // Studies arrive in the background (STOW-RS, DIMSE, retrieves) and automatic reports turn
+  // them into drafts: the shown worklist is read again every WORKLIST_REFRESH_MS while the tab
+  // is visible, as many rows as are shown, and redrawn only when something changed and the
+  // reader is not in the table (a redraw would take the keyboard focus away). Errors wait for
+  // the next round; the reader's own actions still report theirs.
+  const WORKLIST_REFRESH_MS = 20_000;
+
+  function worklistSignature(studies, count) {
+    return `${count}|${studies.map((s) => `${s.id}:${s.report_status}:${s.reports}`).join(",")}`;
+  }
+
+  async function refreshWorklistQuietly() {
+    const nav = state.nav;
+    if ($("view-worklist").hidden || document.visibilityState !== "visible" || !state.key) return;
+    if ($("worklist-body").contains(document.activeElement)) return;
+    try {
+      const list = await api(worklistQuery(Math.max(PAGE_SIZE, state.studies.length), 0));
+      if (nav !== state.nav || $("worklist-body").contains(document.activeElement)) return;
+      const shown = worklistSignature(state.studies, state.studyCount);
+      if (worklistSignature(list.data, list.count) === shown) return;
+      state.studies = list.data;
+      state.studyCount = list.count;
+      renderWorklist(list.data, false);
+    } catch (_) {
+      // the next round tries again
+    }
+  }
+
+  function scheduleWorklistRefresh() {
+    clearTimeout(state.worklistTimer);
+    state.worklistTimer = setTimeout(async () => {
+      await refreshWorklistQuietly();
+      scheduleWorklistRefresh();
+    }, WORKLIST_REFRESH_MS);
   }
 
   function renderWorklist(rows, append) {
@@ -1246,6 +1284,7 @@
     $("sign-out").addEventListener("click", () => signOut());
     $("upload-form").addEventListener("submit", upload);
     $("retrieve-form").addEventListener("submit", retrieve);
+    scheduleWorklistRefresh();
     $("filter-modality").addEventListener("change", () => loadWorklist(false));
     $("filter-report").addEventListener("change", () => loadWorklist(false));
     $("filter-form").addEventListener("submit", (e) => {
