@@ -256,3 +256,36 @@ def test_peer_list():
     assert peers.allows("BOTH", "10.1.2.3")  # also listed without a host
     assert not peers.allows("OTHER", "127.0.0.1")
     assert PeerList(["*"]).allows("ANYONE", "10.1.2.3")
+
+
+def test_a_pacs_that_cannot_answer_a_query_is_a_502(tmp_path, sqlite_url, tiny_lm, monkeypatch):
+    """dimse_pull pointing at a node without Query/Retrieve (here our own Storage SCP), a
+    DICOMweb URL where nothing listens, and a PACS whose answer is not DICOM JSON: each is 502
+    pacs_unavailable in the project's error shape, never a 500."""
+    from api_helpers import assert_error
+    from dicomweb_client.api import DICOMwebClient
+
+    def ask(api):
+        return api.post("/v1/studies/retrieve", json={"accession_number": "A1"}, headers=api.h())
+
+    port = free_port()
+    for api in dimse_api(
+        tmp_path,
+        sqlite_url,
+        tiny_lm,
+        dimse_port=port,
+        dimse_peers=["*"],
+        dimse_pull=f"{AET}@127.0.0.1:{port}",
+    ):
+        assert_error(ask(api), 502, "pacs_unavailable")
+    for api in make_api(
+        tmp_path / "web",
+        sqlite_url.replace(".db", "-web.db"),
+        tiny_lm,
+        dicomweb_pull_url=f"http://127.0.0.1:{free_port()}/dicom-web",
+    ):
+        assert_error(ask(api), 502, "pacs_unavailable")  # nothing listens
+        monkeypatch.setattr(DICOMwebClient, "search_for_studies", lambda *a, **k: [None])
+        r = ask(api)  # an answer that is not a list of DICOM JSON objects
+        assert_error(r, 502, "pacs_unavailable")
+        assert "AttributeError" in r.json()["error"]["message"]

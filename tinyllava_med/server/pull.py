@@ -16,6 +16,8 @@ A retry after a failure files only what is still missing.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pydicom
@@ -69,19 +71,32 @@ def find_studies(
         if accession_number is not None
         else {"StudyInstanceUID": study_uid}
     )
-    try:
+    with _as_pacs_error("search"):
         found = client(settings, SEARCH_TIMEOUT_S).search_for_studies(search_filters=filters)
-    except PacsError:
-        raise
-    except Exception as e:  # requests' and dicomweb-client's errors alike
-        raise PacsError(f"the PACS did not answer the search ({type(e).__name__})") from e
-    uids = [str(s[STUDY_UID]["Value"][0]) for s in found if s.get(STUDY_UID, {}).get("Value")]
+        uids = [str(s[STUDY_UID]["Value"][0]) for s in found if s.get(STUDY_UID, {}).get("Value")]
     return list(dict.fromkeys(uids))
 
 
+@contextmanager
+def _as_pacs_error(what: str) -> Iterator[None]:
+    """Whatever goes wrong asking the PACS (the network, its refusal, an answer that is not
+    what the standard says) is a PacsError: the route answers 502, never 500."""
+    try:
+        yield
+    except PacsError:
+        raise
+    except Exception as e:  # requests', dicomweb-client's and pynetdicom's errors alike
+        raise PacsError(f"the PACS did not answer the {what} ({type(e).__name__})") from e
+
+
 def _part10(ds: pydicom.Dataset) -> bytes:
+    """The instance as a Part 10 file; b"" (decoded as not DICOM, so counted as failed) when
+    the PACS sent one that cannot be written back, such as one without a transfer syntax."""
     buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    try:
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    except Exception:
+        return b""
     return buf.getvalue()
 
 
@@ -186,10 +201,14 @@ def _c_find(settings: Settings, accession_number: str | None, study_uid: str | N
         StudyRootQueryRetrieveInformationModelFind as FIND,
     )
 
-    assoc = _associate(settings, FIND)
+    with _as_pacs_error("C-FIND"):
+        return _find_on(_associate(settings, FIND), FIND, _query(accession_number, study_uid))
+
+
+def _find_on(assoc: Any, sop_class: str, query: pydicom.Dataset) -> list[str]:
     uids: list[str] = []
     try:
-        for status, found in assoc.send_c_find(_query(accession_number, study_uid), FIND):
+        for status, found in assoc.send_c_find(query, sop_class):
             code = int(status.Status) if "Status" in status else None
             if code in (0xFF00, 0xFF01):  # pending: one match
                 if found is not None and found.get("StudyInstanceUID"):
