@@ -334,6 +334,23 @@ def _backup(settings: Any, dest: str | None) -> int:
     return 0 if done.complete else 1
 
 
+def cmd_pacs(args: argparse.Namespace) -> int:
+    from tinyllava_med.server.logs import quiet_libraries
+    from tinyllava_med.server.pacs_check import check
+
+    quiet_libraries()  # no query URLs or credentials in the output, even with -v
+    checks = check(_server_settings(args))
+    if not checks:
+        print(
+            "no PACS is configured (TINYLLAVA_MED_DICOMWEB_PUSH_URL, _DICOMWEB_PULL_URL, "
+            "_DIMSE_PUSH, _DIMSE_PULL)"
+        )
+        return 0
+    for c in checks:
+        print(c.line())
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def cmd_apikey(args: argparse.Namespace) -> int:
     """create (the key is printed once), list (never the keys), revoke KEY_ID; create and
     revoke are audited with actor `cli`."""
@@ -636,6 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db_cmd", choices=["upgrade", "backup"])
     p.add_argument("dest", nargs="?", help="backup: the folder to back up into")
     p.add_argument("--database-url", default=None)
+
+    p = verb("pacs", "check the PACS connections this server is configured for", cmd_pacs)
+    p.add_argument("pacs_cmd", choices=["check"])
 
     p = verb("apikey", "manage API keys", cmd_apikey)
     p.add_argument("apikey_cmd", choices=["create", "list", "revoke"])

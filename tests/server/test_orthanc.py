@@ -357,3 +357,45 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
                 f"{base}/v1/audit", params={"action": "study.dimse_store"}, headers=admin
             ).json()["data"]
             assert {e["actor"] for e in stores} == {"dimse:TLMPACS"}
+
+
+def test_pacs_check_names_what_answers_and_what_does_not(tmp_path):
+    """`tinyllava-med pacs check`: a line per configured target, exit 1 when any fails."""
+    import os
+    import subprocess
+    import sys
+
+    orthanc_port, orthanc_dicom, closed = free_port(), free_port(), free_port()
+
+    def pacs_check(**env):
+        out = subprocess.run(
+            [sys.executable, "-m", "tinyllava_med.cli", "pacs", "check"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("TINYLLAVA_MED_")},
+                "TINYLLAVA_MED_DATA_DIR": str(tmp_path / "data"),
+                **{f"TINYLLAVA_MED_{k.upper()}": v for k, v in env.items()},
+            },
+        )
+        return out.returncode, out.stdout.splitlines()
+
+    code, lines = pacs_check()
+    assert code == 0 and lines[0].startswith("no PACS is configured")
+    with start_orthanc(tmp_path / "orthanc", orthanc_port, dicom_port=orthanc_dicom):
+        code, lines = pacs_check(
+            dicomweb_pull_url=f"http://127.0.0.1:{orthanc_port}/dicom-web",
+            dicomweb_pull_headers='{"Authorization": "Basic dGxtOnNlY3JldA=="}',
+            dimse_push=f"TLMPACS@127.0.0.1:{orthanc_dicom}",
+            dimse_pull=f"TLMPACS@127.0.0.1:{closed}",
+            dimse_port="11112",
+            dimse_peers='["TLMPACS"]',
+        )
+    assert code == 1, lines
+    assert [ln.split(" (")[0] for ln in lines] == [
+        f"ok   dicomweb_pull_url http://127.0.0.1:{orthanc_port}/dicom-web: QIDO-RS answered",
+        f"ok   dimse_push TLMPACS@127.0.0.1:{orthanc_dicom}: C-ECHO answered",
+        f"FAIL dimse_pull TLMPACS@127.0.0.1:{closed}: RuntimeError: no association",
+    ]
+    assert "dGxtOnNlY3JldA" not in "\n".join(lines)

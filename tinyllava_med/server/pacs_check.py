@@ -1,0 +1,94 @@
+"""`tinyllava-med pacs check`: can this server reach the PACS it is configured for? One line per
+configured target, before the first study depends on it:
+
+- `dicomweb_push_url` and `dicomweb_pull_url`: a QIDO-RS search for one study (with the
+  configured headers), which both a STOW-RS and a WADO-RS origin of a PACS answer;
+- `dimse_push` and `dimse_pull`: a C-ECHO from this server's AE title (the PACS may refuse an AE
+  title it does not know, which is worth knowing too).
+
+Nothing is stored or sent; the answers name no patient (a search's matches are not read).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tinyllava_med.server.settings import Settings
+
+TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Check:
+    setting: str
+    target: str
+    ok: bool
+    detail: str
+    seconds: float
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok else "FAIL"
+        return f"{mark} {self.setting} {self.target}: {self.detail} ({self.seconds * 1000:.0f} ms)"
+
+
+def _dicomweb(url: str, headers: dict[str, str]) -> str:
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=url, headers=dict(headers), timeout=TIMEOUT_S)
+    client.set_http_retry_params(retry=False)
+    client.search_for_studies(limit=1)
+    return "QIDO-RS answered"
+
+
+def _echo(target_text: str, calling_ae_title: str) -> str:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from tinyllava_med.server.dimse import Target
+
+    target = Target.parse(target_text)
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    if not assoc.is_established:
+        how = "rejected our AE title or its own" if assoc.is_rejected else "no answer"
+        raise RuntimeError(f"no association ({how})")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(status.Status) if "Status" in status else None
+    if code != 0x0000:
+        raise RuntimeError(
+            "C-ECHO got " + (f"status 0x{code:04X}" if code is not None else "no answer")
+        )
+    return "C-ECHO answered"
+
+
+def check(settings: Settings) -> list[Check]:
+    """Each configured PACS target, tried once; empty when none is configured."""
+    tries: list[tuple[str, str, Callable[[], str]]] = []
+    for name, url, headers in (
+        ("dicomweb_push_url", settings.dicomweb_push_url, settings.dicomweb_push_headers),
+        ("dicomweb_pull_url", settings.dicomweb_pull_url, settings.dicomweb_pull_headers),
+    ):
+        if url:
+            tries.append((name, url, partial(_dicomweb, url, headers)))
+    for name, target in (("dimse_push", settings.dimse_push), ("dimse_pull", settings.dimse_pull)):
+        if target:
+            tries.append((name, target, partial(_echo, target, settings.dimse_ae_title)))
+    out = []
+    for name, target, attempt in tries:
+        start = time.perf_counter()
+        try:
+            detail, ok = attempt(), True
+        except Exception as e:  # the reason, not a traceback: this is an operator's check
+            detail, ok = f"{type(e).__name__}: {e}"[:300], False
+        out.append(Check(name, target, ok, detail, time.perf_counter() - start))
+    return out
