@@ -396,6 +396,7 @@ def test_pacs_check_names_what_answers_and_what_does_not(tmp_path):
     assert [ln.split(" (")[0] for ln in lines] == [
         f"ok   dicomweb_pull_url http://127.0.0.1:{orthanc_port}/dicom-web: QIDO-RS answered",
         f"ok   dimse_push TLMPACS@127.0.0.1:{orthanc_dicom}: C-ECHO answered",
-        f"FAIL dimse_pull TLMPACS@127.0.0.1:{closed}: RuntimeError: no association",
+        f"FAIL dimse_pull TLMPACS@127.0.0.1:{closed}: NoAssociation: no DIMSE association with "
+        f"TLMPACS@127.0.0.1:{closed}",
     ]
     assert "dGxtOnNlY3JldA" not in "\n".join(lines)

@@ -313,21 +313,41 @@ class Target:
         return cls(aet.strip(), host, int(port))
 
 
+class NoAssociation(RuntimeError):
+    """The peer refused the association, or did not answer."""
+
+
+def associate(
+    target: Target,
+    calling_ae_title: str,
+    sop_class: str,
+    syntaxes: list[str] | None = None,
+    *,
+    timeout_s: float = 30,
+    dimse_timeout_s: float | None = None,
+) -> Any:
+    """An established association with `target` for `sop_class` (pynetdicom's Association; the
+    caller releases it), else NoAssociation."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.network_timeout = timeout_s
+    ae.dimse_timeout = dimse_timeout_s or timeout_s
+    ae.add_requested_context(sop_class, syntaxes or UNCOMPRESSED[:2])
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    if not assoc.is_established:
+        raise NoAssociation(
+            f"no DIMSE association with {target.ae_title}@{target.host}:{target.port} "
+            f"({'rejected' if assoc.is_rejected else 'aborted or unreachable'})"
+        )
+    return assoc
+
+
 def send(ds: Dataset, target: Target, calling_ae_title: str, timeout_s: float = 30) -> int:
     """C-STORE `ds` to `target`; its status (success or a warning), else RuntimeError."""
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     meta = getattr(ds, "file_meta", None)
     own = meta.get("TransferSyntaxUID") if meta is not None else None
     # pynetdicom re-encodes an uncompressed dataset in whichever of these the PACS accepts
     syntaxes = UNCOMPRESSED[:2] + ([own] if own and own not in UNCOMPRESSED[:2] else [])
-    ae.add_requested_context(ds.SOPClassUID, syntaxes)
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
-    if not assoc.is_established:
-        raise RuntimeError(
-            f"no DIMSE association with {target.ae_title}@{target.host}:{target.port} "
-            f"({'rejected' if assoc.is_rejected else 'aborted or unreachable'})"
-        )
+    assoc = associate(target, calling_ae_title, ds.SOPClassUID, syntaxes, timeout_s=timeout_s)
     try:
         status = assoc.send_c_store(ds)
     finally:

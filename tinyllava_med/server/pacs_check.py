@@ -45,29 +45,19 @@ def _dicomweb(url: str, headers: dict[str, str]) -> str:
     return "QIDO-RS answered"
 
 
-def _echo(target_text: str, calling_ae_title: str) -> str:
-    from pynetdicom import AE
+def _echo(target: str, calling_ae_title: str) -> str:
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    from tinyllava_med.server.dimse import Target
+    from tinyllava_med.server.dimse import Target, associate
 
-    target = Target.parse(target_text)
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
-    ae.add_requested_context(Verification)
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
-    if not assoc.is_established:
-        how = "rejected our AE title or its own" if assoc.is_rejected else "no answer"
-        raise RuntimeError(f"no association ({how})")
+    assoc = associate(Target.parse(target), calling_ae_title, Verification, timeout_s=TIMEOUT_S)
     try:
         status = assoc.send_c_echo()
     finally:
         assoc.release()
     code = int(status.Status) if "Status" in status else None
     if code != 0x0000:
-        raise RuntimeError(
-            "C-ECHO got " + (f"status 0x{code:04X}" if code is not None else "no answer")
-        )
+        raise RuntimeError("C-ECHO got " + (f"status 0x{code:04X}" if code else "no answer"))
     return "C-ECHO answered"
 
 

@@ -169,23 +169,19 @@ def _images_of(session_factory: sessionmaker[Session], study_uid: str) -> int:
 
 
 def _associate(settings: Settings, sop_class: str) -> Any:
-    from pynetdicom import AE
-
-    from tinyllava_med.server.dimse import Target
+    from tinyllava_med.server.dimse import NoAssociation, Target, associate
 
     assert settings.dimse_pull is not None
-    target = Target.parse(settings.dimse_pull)
-    ae = AE(ae_title=settings.dimse_ae_title)
-    ae.acse_timeout = ae.network_timeout = SEARCH_TIMEOUT_S
-    ae.dimse_timeout = FETCH_TIMEOUT_S
-    ae.add_requested_context(sop_class)
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
-    if not assoc.is_established:
-        raise PacsError(
-            f"no DIMSE association with {target.ae_title}@{target.host}:{target.port} "
-            f"({'rejected' if assoc.is_rejected else 'aborted or unreachable'})"
+    try:
+        return associate(
+            Target.parse(settings.dimse_pull),
+            settings.dimse_ae_title,
+            sop_class,
+            timeout_s=SEARCH_TIMEOUT_S,
+            dimse_timeout_s=FETCH_TIMEOUT_S,
         )
-    return assoc
+    except NoAssociation as e:
+        raise PacsError(str(e)) from e
 
 
 def _query(accession_number: str | None, study_uid: str | None) -> pydicom.Dataset:
