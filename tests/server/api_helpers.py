@@ -188,3 +188,17 @@ def make_api(tmp_path, database_url: str, lm, **overrides) -> Iterator[Api]:
             assert r.status_code == 201, r.text
             keys[role] = r.json()["key"]
         yield Api(client, keys)
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key in `folder`, made by openssl (as an admin
+    would); it is its own CA."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

@@ -7,7 +7,7 @@ import logging
 
 import pydicom
 import pytest
-from api_helpers import CT_SMALL, MR_SMALL, free_port, make_api, wait_for
+from api_helpers import CT_SMALL, MR_SMALL, free_port, make_api, self_signed, wait_for
 from pydantic import ValidationError
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -218,6 +218,45 @@ def test_bad_instances_fail_with_reasons_and_keep_what_is_stored(
     assert PATIENT not in caplog.text
 
 
+def test_dicom_tls_both_ways(tmp_path, sqlite_url, tiny_lm):
+    """dimse_tls with a CA: a sender with a certificate it signed stores over TLS; one in clear
+    text, or over TLS without a certificate, gets no association. Our own C-ECHO (pacs check)
+    to a TLS peer checks its certificate and shows ours."""
+    import ssl
+
+    from tinyllava_med.server.pacs_check import check
+
+    cert, key = self_signed(tmp_path)
+    tls = {"dimse_tls": True, "tls_certfile": cert, "tls_keyfile": key, "dimse_tls_ca": cert}
+
+    def sender(port: int, certificate: bool):
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        if certificate:
+            ctx.load_cert_chain(str(cert), str(key))
+        ae = AE(ae_title="MODALITY")
+        ae.acse_timeout = ae.network_timeout = 10
+        ae.requested_contexts = StoragePresentationContexts
+        return ae.associate("127.0.0.1", port, ae_title=AET, tls_args=(ctx, "127.0.0.1"))
+
+    peers = ["MODALITY", AET]  # AET: pacs check below calls from our own AE title
+    for api in dimse_api(tmp_path, sqlite_url, tiny_lm, dimse_peers=peers, **tls):
+        assoc = sender(api.dimse_port, certificate=True)
+        assert assoc.is_established
+        assert assoc.send_c_store(pydicom.dcmread(CT_SMALL)).Status == 0x0000
+        assoc.release()
+        assert len(rows(api, Image)) == 1
+        assert not associate(api).is_established  # clear text
+        assert not sender(api.dimse_port, certificate=False).is_established  # no certificate
+
+        ours = Settings(
+            **tls, dimse_push=f"{AET}@127.0.0.1:{api.dimse_port}", data_dir=tmp_path / "x"
+        )
+        (echo,) = check(ours)
+        assert echo.ok, echo.line()
+        (clear,) = check(ours.model_copy(update={"dimse_tls": False}))
+        assert not clear.ok
+
+
 def test_settings():
     with pytest.raises(ValidationError, match="dimse_peers"):
         Settings(dimse_port=11112)
@@ -227,6 +266,8 @@ def test_settings():
         Settings(dimse_ae_title="BACK\\SLASH")
     with pytest.raises(ValidationError, match="dimse_push"):
         Settings(dimse_push="ORTHANC@pacs")  # no port
+    with pytest.raises(ValidationError, match="dimse_tls needs tls_certfile"):
+        Settings(dimse_tls=True)
     with pytest.raises(ValidationError, match="dimse_pull needs dimse_port"):
         Settings(dimse_pull="ORTHANC@pacs:4242")
     pulls = Settings(dimse_pull="ORTHANC@pacs:4242", dimse_port=11112, dimse_peers=["ORTHANC"])

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import httpx
 import pytest
-from api_helpers import free_port, running_process
+from api_helpers import free_port, running_process, self_signed
 from pydantic import ValidationError
 
 from tinyllava_med.server.settings import Settings
@@ -49,19 +48,6 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     access = {(r["method"], r["path"], r["status"]) for r in records if "method" in r}
     assert ("GET", "/healthz", 200) in access and ("GET", "/v1/studies", 401) in access
     assert any(r["logger"] == "uvicorn.error" and "startup" in r["message"] for r in records)
-
-
-def self_signed(tmp_path):
-    """A certificate for 127.0.0.1 and its key, made by openssl (as an admin would)."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
-        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-        + ["-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def test_serve_https(tmp_path, tiny_model_dir):

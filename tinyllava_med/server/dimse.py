@@ -19,12 +19,17 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
 
 Sending (`send`, for `dimse_push` = "AET@host:port"): one association per instance, accepted
 statuses are success and the warnings; anything else raises, and the job retries.
+
+TLS (`dimse_tls`, PS3.15 BCP 195): the port presents `tls_certfile`, and with `dimse_tls_ca` it
+requires senders' certificates signed by that CA; our own associations (`associate`: pushes,
+retrieves, `pacs check`) check the PACS's certificate and host name and present ours.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -187,13 +192,17 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._on_end),  # a dropped connection ends it too (once)
         ]
         self._server = self.ae.start_server(
-            (self.settings.host, self.settings.dimse_port), block=False, evt_handlers=handlers
+            (self.settings.host, self.settings.dimse_port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=server_tls(self.settings),
         )
         log.info(
-            "DIMSE Storage SCP %s on %s:%d",
+            "DIMSE Storage SCP %s on %s:%d%s",
             self.settings.dimse_ae_title,
             self.settings.host,
             self.settings.dimse_port,
+            " (TLS)" if self.settings.dimse_tls else "",
         )
 
     def stop(self) -> None:
@@ -317,22 +326,52 @@ class NoAssociation(RuntimeError):
     """The peer refused the association, or did not answer."""
 
 
+def server_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The DIMSE port's TLS (`dimse_tls`): our certificate; senders' checked when a CA is set."""
+    if not settings.dimse_tls:
+        return None
+    assert settings.tls_certfile is not None and settings.tls_keyfile is not None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
+    if settings.dimse_tls_ca is not None:
+        ctx.load_verify_locations(settings.dimse_tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_tls(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for our own associations: the PACS's certificate checked (its host name too), ours
+    presented in case it asks."""
+    if not settings.dimse_tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.dimse_tls_ca)
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        ctx.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
+    return ctx
+
+
 def associate(
     target: Target,
-    calling_ae_title: str,
+    settings: Settings,
     sop_class: str,
     syntaxes: list[str] | None = None,
     *,
     timeout_s: float = 30,
     dimse_timeout_s: float | None = None,
 ) -> Any:
-    """An established association with `target` for `sop_class` (pynetdicom's Association; the
-    caller releases it), else NoAssociation."""
-    ae = AE(ae_title=calling_ae_title)
+    """An established association from our AE title to `target` for `sop_class` (pynetdicom's
+    Association; the caller releases it), over TLS with `dimse_tls`, else NoAssociation."""
+    ae = AE(ae_title=settings.dimse_ae_title)
     ae.acse_timeout = ae.network_timeout = timeout_s
     ae.dimse_timeout = dimse_timeout_s or timeout_s
     ae.add_requested_context(sop_class, syntaxes or UNCOMPRESSED[:2])
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    tls = client_tls(settings)
+    assoc = ae.associate(
+        target.host,
+        target.port,
+        ae_title=target.ae_title,
+        tls_args=(tls, target.host) if tls is not None else None,
+    )
     if not assoc.is_established:
         raise NoAssociation(
             f"no DIMSE association with {target.ae_title}@{target.host}:{target.port} "
@@ -341,13 +380,13 @@ def associate(
     return assoc
 
 
-def send(ds: Dataset, target: Target, calling_ae_title: str, timeout_s: float = 30) -> int:
+def send(ds: Dataset, target: Target, settings: Settings, timeout_s: float = 30) -> int:
     """C-STORE `ds` to `target`; its status (success or a warning), else RuntimeError."""
     meta = getattr(ds, "file_meta", None)
     own = meta.get("TransferSyntaxUID") if meta is not None else None
     # pynetdicom re-encodes an uncompressed dataset in whichever of these the PACS accepts
     syntaxes = UNCOMPRESSED[:2] + ([own] if own and own not in UNCOMPRESSED[:2] else [])
-    assoc = associate(target, calling_ae_title, ds.SOPClassUID, syntaxes, timeout_s=timeout_s)
+    assoc = associate(target, settings, ds.SOPClassUID, syntaxes, timeout_s=timeout_s)
     try:
         status = assoc.send_c_store(ds)
     finally:

@@ -457,7 +457,7 @@ class JobRunner:
         if settings.dimse_push:
             from tinyllava_med.server import dimse
 
-            dimse.send(ds, dimse.Target.parse(settings.dimse_push), settings.dimse_ae_title)
+            dimse.send(ds, dimse.Target.parse(settings.dimse_push), settings)
             return
         if not settings.dicomweb_push_url:
             raise RuntimeError("no dicomweb_push_url is configured")

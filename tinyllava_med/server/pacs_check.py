@@ -45,12 +45,12 @@ def _dicomweb(url: str, headers: dict[str, str]) -> str:
     return "QIDO-RS answered"
 
 
-def _echo(target: str, calling_ae_title: str) -> str:
+def _echo(target: str, settings: Settings) -> str:
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     from tinyllava_med.server.dimse import Target, associate
 
-    assoc = associate(Target.parse(target), calling_ae_title, Verification, timeout_s=TIMEOUT_S)
+    assoc = associate(Target.parse(target), settings, Verification, timeout_s=TIMEOUT_S)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -72,7 +72,7 @@ def check(settings: Settings) -> list[Check]:
             tries.append((name, url, partial(_dicomweb, url, headers)))
     for name, target in (("dimse_push", settings.dimse_push), ("dimse_pull", settings.dimse_pull)):
         if target:
-            tries.append((name, target, partial(_echo, target, settings.dimse_ae_title)))
+            tries.append((name, target, partial(_echo, target, settings)))
     out = []
     for name, target, attempt in tries:
         start = time.perf_counter()

@@ -175,7 +175,7 @@ def _associate(settings: Settings, sop_class: str) -> Any:
     try:
         return associate(
             Target.parse(settings.dimse_pull),
-            settings.dimse_ae_title,
+            settings,
             sop_class,
             timeout_s=SEARCH_TIMEOUT_S,
             dimse_timeout_s=FETCH_TIMEOUT_S,

@@ -252,6 +252,17 @@ class Settings(BaseSettings):
         description="the PACS's query/retrieve SCP that POST /v1/studies/retrieve asks by "
         'C-FIND and C-MOVE (to this server\'s dimse_port) instead of DICOMweb: "AET@host:port"',
     )
+    dimse_tls: bool = Field(
+        default=False,
+        description="DICOM TLS (PS3.15 BCP 195) on dimse_port, presenting tls_certfile, and for "
+        "this server's own associations (DIMSE_PUSH, DIMSE_PULL), checking the PACS's "
+        "certificate against dimse_tls_ca (or the system's CAs)",
+    )
+    dimse_tls_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that signs the PACS's certificates; when set, dimse_port also "
+        "requires each sender to present a certificate it signed (mutual TLS)",
+    )
     dimse_max_associations: int = Field(default=8, ge=1, description="at once, over all peers")
     dimse_push: str | None = Field(
         default=None,
@@ -283,7 +294,13 @@ class Settings(BaseSettings):
         return None if v in ("auto", "") else v
 
     @field_validator(
-        "dimse_port", "dimse_push", "dimse_pull", "tls_certfile", "tls_keyfile", mode="before"
+        "dimse_port",
+        "dimse_push",
+        "dimse_pull",
+        "tls_certfile",
+        "tls_keyfile",
+        "dimse_tls_ca",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
@@ -314,7 +331,9 @@ class Settings(BaseSettings):
             )
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile go together: set both or neither")
-        for tls_file in (self.tls_certfile, self.tls_keyfile):
+        if self.dimse_tls and self.tls_certfile is None:
+            raise ValueError("dimse_tls needs tls_certfile and tls_keyfile (the certificate shown)")
+        for tls_file in (self.tls_certfile, self.tls_keyfile, self.dimse_tls_ca):
             if tls_file is not None and not tls_file.is_file():
                 raise ValueError(f"TLS file not found: {tls_file}")
         bad_peers = [
