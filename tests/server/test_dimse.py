@@ -330,3 +330,21 @@ def test_a_pacs_that_cannot_answer_a_query_is_a_502(tmp_path, sqlite_url, tiny_l
         r = ask(api)  # an answer that is not a list of DICOM JSON objects
         assert_error(r, 502, "pacs_unavailable")
         assert "AttributeError" in r.json()["error"]["message"]
+
+
+def test_our_associations_send_without_nagle_delay(tmp_path, sqlite_url, tiny_lm):
+    """dimse.associate turns Nagle's algorithm off (bench/dimse_store.py: 2.9x instances/s)."""
+    import socket
+
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from tinyllava_med.server.dimse import Target
+    from tinyllava_med.server.dimse import associate as ours
+
+    for api in dimse_api(tmp_path, sqlite_url, tiny_lm, dimse_peers=["*"]):
+        settings = api.app.state.settings
+        assoc = ours(Target(AET, "127.0.0.1", api.dimse_port), settings, Verification)
+        sock = assoc.dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
