@@ -175,11 +175,18 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
 
 
 def _serve_with(tmp_path, sqlite_url, tiny_lm, **settings):
-    """Our app on SQLite with `settings`, polling jobs often (a context manager over
-    `live_server`, yielding the base URL and the app)."""
+    """Our app on SQLite with `settings`, polling jobs often and answering every CT study at
+    once (the app, and `live_server` over it: a context manager yielding the base URL)."""
     upgrade(sqlite_url)
     app = create_app(
-        Settings(data_dir=tmp_path / "data", database_url=sqlite_url, job_poll_s=0.05, **settings),
+        Settings(
+            data_dir=tmp_path / "data",
+            database_url=sqlite_url,
+            job_poll_s=0.05,
+            auto_report_prompts={"CT": "Describe the findings."},
+            auto_report_delay_s=0,
+            **settings,
+        ),
         model=tiny_lm,
     )
     return app, live_server(app)
@@ -222,8 +229,6 @@ def test_orthanc_dimse_round_trip(tmp_path, sqlite_url, tiny_lm):
         tmp_path,
         sqlite_url,
         tiny_lm,
-        auto_report_prompts={"CT": "Describe the findings."},
-        auto_report_delay_s=0,
         dimse_port=our_dimse,
         dimse_peers=["TLMPACS@127.0.0.1"],
         dimse_push=f"TLMPACS@127.0.0.1:{orthanc_dicom}",
@@ -284,8 +289,6 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
         tmp_path,
         sqlite_url,
         tiny_lm,
-        auto_report_prompts={"CT": "Describe the findings."},
-        auto_report_delay_s=0,
         **pull,
     )
     with server as base:
