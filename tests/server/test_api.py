@@ -126,6 +126,16 @@ def test_each_key_reads_its_own_role_and_permissions(api):
         deleted = api.delete("/v1/studies/no-such-study", headers=api.h(role))
         assert deleted.status_code == (404 if "study.delete" in me["permissions"] else 403)
     assert_error(api.get("/v1/apikeys/me"), 401, "unauthorized")
+    assert api.get("/v1/apikeys/me", headers=api.h()).json()["features"] == []  # no PACS here
+
+
+def test_a_key_learns_it_may_retrieve_where_a_pacs_is_configured(tmp_path, sqlite_url, tiny_lm):
+    from api_helpers import make_api
+
+    for api in make_api(tmp_path, sqlite_url, tiny_lm, dicomweb_pull_url="http://pacs/dicom-web"):
+        for role in ("pacs", "radiologist", "admin"):
+            me = api.get("/v1/apikeys/me", headers=api.h(role)).json()
+            assert me["features"] == ["retrieve"], role
 
 
 def test_admin_queues_failed_jobs_again_once_the_pacs_is_back(api):

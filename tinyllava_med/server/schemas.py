@@ -182,6 +182,11 @@ class Caller(BaseModel):
     name: str
     role: str
     permissions: list[str]
+    features: list[str] = Field(
+        default_factory=list,
+        description="what this server is configured for, beyond the core, that the key may "
+        "use: retrieve (POST /v1/studies/retrieve has a PACS to ask)",
+    )
 
 
 class JobPublic(BaseModel):

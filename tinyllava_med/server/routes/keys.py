@@ -43,11 +43,17 @@ def list_keys(session: SessionDep, principal: KeyAdmin, active: bool | None = No
 
 
 @router.get("/me", response_model=Caller)
-async def who_am_i(principal: auth.CurrentPrincipal) -> Caller:
-    """The calling key's id, name, role and permissions (any valid key)."""
+async def who_am_i(principal: auth.CurrentPrincipal, settings: SettingsDep) -> Caller:
+    """The calling key's id, name, role and permissions (any valid key), and the optional
+    features it may use here, so a client offers only what will work."""
     granted = [p for p in auth.PERMISSIONS if principal.can(p)]
+    features = ["retrieve"] if settings.pulls_from_pacs and principal.can("study.upload") else []
     return Caller(
-        id=principal.key_id, name=principal.name, role=principal.role, permissions=granted
+        id=principal.key_id,
+        name=principal.name,
+        role=principal.role,
+        permissions=granted,
+        features=features,
     )
 
 

@@ -250,6 +250,9 @@
       }
       state.me = null; // an older server, or a network error: offer everything
     }
+    // retrieving needs a PACS the server is configured for (an older server does not say)
+    const features = state.me && state.me.features;
+    $("retrieve-form").hidden = !!features && !features.includes("retrieve");
     return true;
   }
 
