@@ -9,9 +9,10 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
   (`dimse_ae_title`) from a calling AE title in `dimse_peers` ("AET", "AET@host": from that
   host's addresses only, or "*"). A refusal is audited (`dimse.associate`, denied).
 - Each instance is received into a temporary file (never whole in memory), refused above
-  `max_upload_bytes` (0xA700), decoded with the server's image limits and filed by `ingest.file_instances`
-  (its study found or created by Study Instance UID, the automatic report queued) in its own
-  transaction before the success status goes back, so "stored" means durable. Failures answer
+  `max_upload_bytes` (0xA700), decoded with the server's image limits and filed by
+  `ingest.file_instances` (its study found or created by Study Instance UID, the automatic
+  report queued) in its own transaction before the success status goes back, so "stored"
+  means durable. Failures answer
   the Storage Service Class statuses STOW-RS uses (0xC000 cannot understand, 0xA700 out of
   resources, 0x0110 processing failure) with an Error Comment that names no patient data.
 - One audit event per association that sent instances (`study.dimse_store`, actor

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tinyllava_med.imaging import ImagingError, StudyFile, load_study_file
+from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Study
 from tinyllava_med.server.jobs import schedule_auto_report
 from tinyllava_med.server.serving import add_file, create_study_of, limits_of
@@ -75,12 +76,7 @@ def _lock_studies(session: Session, uids: list[str]) -> None:
 
 def _study_for(session: Session, uid: str, cache: dict[str, Study], d: StudyFile) -> Study:
     if uid not in cache:
-        found = session.scalar(
-            select(Study)
-            .where(Study.StudyInstanceUID == uid)
-            .order_by(Study.created_at.desc())
-            .limit(1)
-        )
+        found = crud.study_by_uid(session, uid)
         cache[uid] = found if found is not None else create_study_of(session, d)
     return cache[uid]
 

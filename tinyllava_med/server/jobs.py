@@ -19,7 +19,8 @@ Kinds:
   or C-STORE to `dimse_push` (pynetdicom, `dimse.send`) when that is set. The SR's UIDs are
   derived from the report's state, so a retried push stores the same instance again.
 - `sweep_images`: remove a deleted study's files once no image holds them (`schedule_sweep`).
-- `retrieve_study`: fetch a study from the PACS (WADO-RS, `pull.py`), asked for by
+- `retrieve_study`: fetch a study from the PACS (WADO-RS, or a C-MOVE to our own Storage SCP;
+  `pull.py`), asked for by
   `POST /v1/studies/retrieve`, and file it as pushed studies are filed.
 - `push_rejection`: send (as `push_sr` does) the IOCM rejection note of a deleted study's pushed SRs
   (`rejection.py`) from the file store, then remove it there.

@@ -37,11 +37,9 @@ class Check:
 
 
 def _dicomweb(url: str, headers: dict[str, str]) -> str:
-    from dicomweb_client.api import DICOMwebClient
+    from tinyllava_med.server.pull import one_try_client
 
-    client = DICOMwebClient(url=url, headers=dict(headers), timeout=TIMEOUT_S)
-    client.set_http_retry_params(retry=False)
-    client.search_for_studies(limit=1)
+    one_try_client(url, headers, TIMEOUT_S).search_for_studies(limit=1)
     return "QIDO-RS answered"
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 from sqlalchemy import func, select
 
+from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Study
 from tinyllava_med.server.ingest import decode, file_instances
 from tinyllava_med.server.stow import Part
@@ -44,20 +45,21 @@ class PacsError(Exception):
     """The PACS could not be asked (unreachable, refused, or an answer that is not DICOMweb)."""
 
 
-def client(settings: Settings, timeout_s: float) -> DICOMwebClient:
-    """A client that tries once: a reader waits on the search, and a failed fetch is retried
-    by the job queue with its backoff (dicomweb-client's own retries would wait minutes)."""
+def one_try_client(url: str, headers: dict[str, str], timeout_s: float) -> DICOMwebClient:
+    """A DICOMweb client that tries once: a reader waits on a search, and a failed fetch is
+    retried by the job queue with its backoff (dicomweb-client's own retries wait minutes)."""
     from dicomweb_client.api import DICOMwebClient
 
-    if not settings.dicomweb_pull_url:
-        raise PacsError("no dicomweb_pull_url is configured")
-    c = DICOMwebClient(
-        url=settings.dicomweb_pull_url,
-        headers=dict(settings.dicomweb_pull_headers),
-        timeout=timeout_s,
-    )
+    c = DICOMwebClient(url=url, headers=dict(headers), timeout=timeout_s)
     c.set_http_retry_params(retry=False)
     return c
+
+
+def client(settings: Settings, timeout_s: float) -> DICOMwebClient:
+    """The one-try client of the PACS at `dicomweb_pull_url`."""
+    if not settings.dicomweb_pull_url:
+        raise PacsError("no dicomweb_pull_url is configured")
+    return one_try_client(settings.dicomweb_pull_url, settings.dicomweb_pull_headers, timeout_s)
 
 
 def find_studies(
@@ -147,12 +149,8 @@ def retrieve_study(
 
 def _study_id(session_factory: sessionmaker[Session], study_uid: str) -> str | None:
     with session_factory() as s:
-        return s.scalar(
-            select(Study.id)
-            .where(Study.StudyInstanceUID == study_uid)
-            .order_by(Study.created_at.desc())
-            .limit(1)
-        )
+        study = crud.study_by_uid(s, study_uid)
+        return study.id if study is not None else None
 
 
 def _images_of(session_factory: sessionmaker[Session], study_uid: str) -> int:

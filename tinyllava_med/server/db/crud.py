@@ -198,6 +198,16 @@ def get_study(session: Session, study_id: str) -> Study | None:
     return session.scalars(_STUDY_BY_ID, {"study_id": study_id}).one_or_none()
 
 
+def study_by_uid(session: Session, study_uid: str) -> Study | None:
+    """The newest study here with this Study Instance UID (pushes and retrieves file into it)."""
+    return session.scalar(
+        select(Study)
+        .where(Study.StudyInstanceUID == study_uid)
+        .order_by(Study.created_at.desc())
+        .limit(1)
+    )
+
+
 def _studies_filter(
     stmt: Select[Any], modality: str | None, report_state: ReportState | None = None
 ) -> Select[Any]:
