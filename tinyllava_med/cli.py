@@ -278,13 +278,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     logging.getLogger().setLevel(settings.log_level)  # TINYLLAVA_MED_LOG_LEVEL
-    extra: dict[str, Any] = {}
-    if settings.log_format == "json":  # uvicorn applies it as it starts, before the model loads
+    from tinyllava_med.server.logs import json_log_config, text_log_config
+
+    # uvicorn applies it as it starts, before the model loads
+    log_config = text_log_config()
+    if settings.log_format == "json":
         from transformers.utils import logging as hf_logging
 
-        from tinyllava_med.server.logs import json_log_config
-
-        extra["log_config"] = json_log_config(settings.log_level)
+        log_config = json_log_config(settings.log_level)
         hf_logging.disable_progress_bar()  # tqdm bars are not log records
     uvicorn.run(
         app,
@@ -295,7 +296,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
         ssl_certfile=settings.tls_certfile,
         ssl_keyfile=settings.tls_keyfile,
-        **extra,
+        log_config=log_config,
     )
     return 0
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pydicom
 import uvicorn
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -24,6 +25,16 @@ MR_SMALL = Path(get_testdata_file("MR_small.dcm", download=False))
 def png_bytes(size=(48, 40), color=80) -> bytes:
     buf = io.BytesIO()
     Image.new("L", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def ct_with(**attributes) -> bytes:
+    """CT_small with some attributes changed (an accession number, a date, a UID), as Part 10."""
+    ds = pydicom.dcmread(CT_SMALL)
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    buf = io.BytesIO()
+    ds.save_as(buf)
     return buf.getvalue()
 
 

@@ -14,7 +14,16 @@ from functools import partial
 
 import pydicom
 import pytest
-from api_helpers import CT_SMALL, assert_error, make_api, png_bytes, upload, upload_ct, wait_for
+from api_helpers import (
+    CT_SMALL,
+    assert_error,
+    ct_with,
+    make_api,
+    png_bytes,
+    upload,
+    upload_ct,
+    wait_for,
+)
 from PIL import Image
 from sqlalchemy import func, select, update
 
@@ -229,6 +238,61 @@ def test_worklist_says_which_studies_await_a_signature(api):
     one = api.get(f"/v1/studies/{mixed}", headers=api.h()).json()
     assert (one["drafts"], one["report_status"]) == (1, "draft")
     assert_error(api.get("/v1/studies?report_status=final", headers=api.h()), 422)
+
+
+def test_worklist_finds_a_study_by_accession_number_uid_and_date(api):
+    """A reader looks a study up by the accession number the RIS gives, an integrator by its
+    Study Instance UID, and a day's studies by study date; filters combine with the others. The
+    audit says which filters were used, never their values."""
+    ids = {}
+    for name, accession, day, uid in (
+        ("a", "ACC001", "20261101", "1.2.826.0.1.3680043.8.498.1"),
+        ("b", "ACC002", "20261115", "1.2.826.0.1.3680043.8.498.2"),
+        ("c", "ACC002", "20261130", "1.2.826.0.1.3680043.8.498.3"),
+    ):
+        data = ct_with(AccessionNumber=accession, StudyDate=day, StudyInstanceUID=uid)
+        r = upload(api, (f"{name}.dcm", data, "application/dicom"))
+        assert r.status_code == 201, r.text
+        ids[name] = r.json()["id"]
+
+    def found(query):
+        r = api.get(f"/v1/studies?{query}", headers=api.h())
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["count"] == (2 if "limit=1" in query else len(body["data"]))
+        return [next(k for k, v in ids.items() if v == s["id"]) for s in body["data"]]
+
+    assert found("accession_number=ACC001") == ["a"]
+    assert found("accession_number=%20ACC002%20") == ["c", "b"]  # newest first, trimmed
+    assert found("accession_number=ACC003") == []
+    assert found("study_instance_uid=1.2.826.0.1.3680043.8.498.2") == ["b"]
+    assert found("study_date_from=2026-11-15") == ["c", "b"]
+    assert found("study_date_to=2026-11-15") == ["b", "a"]
+    assert found("study_date_from=2026-11-02&study_date_to=2026-11-29") == ["b"]
+    assert found("study_date_from=2026-11-15&study_date_to=2026-11-15") == ["b"]
+    assert found("accession_number=ACC002&study_date_to=2026-11-20") == ["b"]
+    assert found("accession_number=ACC002&modality=MR") == []
+    assert found("accession_number=ACC002&report_status=none&limit=1") == ["c"]
+
+    assert_error(
+        api.get("/v1/studies?study_date_from=2026-11-30&study_date_to=2026-11-01", headers=api.h()),
+        422,
+        "invalid_request",
+    )
+    assert_error(api.get("/v1/studies?study_date_from=yesterday", headers=api.h()), 422)
+    r = api.get(f"/v1/studies?accession_number={'9' * 17}", headers=api.h())
+    assert_error(r, 422, "invalid_request")
+    assert "9" * 17 not in r.text  # a bad value is not echoed back
+    assert_error(api.get("/v1/studies?accession_number=ACC001"), 401)
+
+    with api.app.state.session_factory() as s:
+        listed = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "study.list").order_by(AuditEvent.id)
+        ).all()
+        details = [e.detail for e in listed]
+    assert len(details) == 11 and "ACC00" not in json.dumps(details)
+    assert details[-2]["filters"] == ["modality", "accession_number"]
+    assert details[-1]["filters"] == ["report_state", "accession_number"]
 
 
 def test_admin_reads_the_audit_log_and_lists_keys(api):

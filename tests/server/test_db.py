@@ -87,7 +87,7 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0004"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0005"
     assert migrate.check_models_match_migrations(database_url) == []
 
 
@@ -255,9 +255,14 @@ def test_studies_and_images(db_engine: Engine) -> None:
         assert mr_study.StudyDate is None and mr_study.Modality == "MR"  # from its first image
         assert crud.get_study(s, "no-such-id") is None
         assert [x.id for x in crud.list_studies(s, limit=10)] == [mr_id, ct_id]
-        assert [x.id for x in crud.list_studies(s, limit=10, modality="CT")] == [ct_id]
+        assert [x.id for x in crud.list_studies(s, crud.StudyFilter(modality="CT"), limit=10)] == [
+            ct_id
+        ]
         assert [x.id for x in crud.list_studies(s, limit=1, offset=1)] == [ct_id]
-        assert (crud.count_studies(s), crud.count_studies(s, modality="MR")) == (2, 1)
+        assert (crud.count_studies(s), crud.count_studies(s, crud.StudyFilter(modality="MR"))) == (
+            2,
+            1,
+        )
         image = crud.get_image(s, ct_id, 1)
         assert image is not None and image.sha256 == SHA_B
         assert crud.get_image(s, ct_id, 2) is None

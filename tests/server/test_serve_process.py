@@ -1,6 +1,6 @@
 """`tinyllava-med serve` as a real process (the tiny model): `TINYLLAVA_MED_LOG_FORMAT=json` logs
 one JSON object per line, its own records and uvicorn's access lines alike, with named fields;
-`--tls-certfile/--tls-keyfile` serve HTTPS."""
+`--tls-certfile/--tls-keyfile` serve HTTPS; access lines in either format drop query strings."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     ):
         assert httpx.get(f"{base}/healthz").status_code == 200
         assert httpx.get(f"{base}/v1/studies").status_code == 401
+        assert httpx.get(f"{base}/v1/studies?accession_number=ACC9").status_code == 401
+    assert "ACC9" not in log.read_text()  # access lines name the path, not the query
     lines = log.read_text().splitlines()
     # the two lines printed for the operator, not logged: where it serves, and the first key
     printed = [ln for ln in lines if not ln.startswith("{")]
@@ -47,6 +49,7 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     assert "tlm_" not in json.dumps(first_key)  # the key itself is printed once, never logged
     access = {(r["method"], r["path"], r["status"]) for r in records if "method" in r}
     assert ("GET", "/healthz", 200) in access and ("GET", "/v1/studies", 401) in access
+    assert len([r for r in records if r.get("path") == "/v1/studies"]) == 2
     assert any(r["logger"] == "uvicorn.error" and "startup" in r["message"] for r in records)
 
 
@@ -56,7 +59,12 @@ def test_serve_https(tmp_path, tiny_model_dir):
     port = free_port()
     base = f"https://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TINYLLAVA_MED_DATA_DIR": str(tmp_path / "data")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TINYLLAVA_MED_DATA_DIR": str(tmp_path / "data"),
+        "TINYLLAVA_MED_ACCESS_LOG": "true",  # text access lines, which keep no query string
+    }
     cmd = [sys.executable, "-m", "tinyllava_med.cli", "serve", "--model", str(tiny_model_dir)]
     cmd += ["--port", str(port), "--tls-certfile", str(cert), "--tls-keyfile", str(key)]
     with running_process(
@@ -75,11 +83,19 @@ def test_serve_https(tmp_path, tiny_model_dir):
             verify=str(cert),
         )
         assert r.status_code == 200 and r.json()["role"] == "admin"
+        r = httpx.get(
+            f"{base}/v1/studies?accession_number=ACC9&limit=5",
+            headers={"Authorization": f"Bearer {key_line}"},
+            verify=str(cert),
+        )
+        assert r.status_code == 200 and r.json()["count"] == 0
         with pytest.raises(httpx.ConnectError):  # not trusted without the certificate
             httpx.get(f"{base}/healthz")
         with pytest.raises(httpx.HTTPError):  # no clear-text HTTP on the port
             httpx.get(f"http://127.0.0.1:{port}/healthz")
     assert log.read_text().startswith(f"serving on {base} ")
+    access = [ln for ln in log.read_text().splitlines() if '"GET /v1/studies HTTP/1.1" 200' in ln]
+    assert len(access) == 1 and "ACC9" not in log.read_text()
 
 
 def test_tls_settings(tmp_path):

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import free_port, live_server, wait_for
+from api_helpers import ct_with, free_port, live_server, wait_for
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
@@ -511,6 +511,61 @@ def test_the_worklist_shows_arrivals_and_new_drafts_without_a_click(page, tmp_pa
         page.clock.run_for(21_000)
         expect(rows).to_have_count(2)
         expect(page.locator("#worklist-count")).to_have_text("2 studies")
+        assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
+
+
+def test_reader_finds_a_study_by_accession_number_and_date(page, tmp_path, tiny_lm):
+    """The accession number the RIS gives finds its study (Enter); clearing the field lists all
+    again; study dates bound the list; a refresh round keeps the filters; an empty result says
+    that nothing matches rather than that there are no studies."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        for accession, day in (
+            ("ACC001", "20261101"),
+            ("ACC002", "20261115"),
+            ("ACC003", "20261130"),
+        ):
+            r = httpx.post(
+                server.base + "/v1/studies",
+                headers={"Authorization": f"Bearer {server.key}"},
+                files=[("files", ("ct.dcm", ct_with(AccessionNumber=accession, StudyDate=day)))],
+                timeout=30,
+            )
+            assert r.status_code == 201, r.text
+        page.clock.install()
+        _sign_in(page, server)
+        rows = page.locator("#worklist-body tr")
+        expect(rows).to_have_count(3)
+        accession = page.get_by_label("Accession number")
+        accession.fill("ACC002")
+        accession.press("Enter")
+        expect(rows).to_have_count(1)
+        expect(rows.first).to_contain_text("ACC002")
+        expect(page.locator("#worklist-count")).to_have_text("1 study with accession number ACC002")
+        accession.fill("ACC404")
+        page.get_by_role("button", name="Find").click()
+        expect(page.locator("#worklist-empty")).to_have_text("No study matches these filters.")
+        expect(rows).to_have_count(0)
+        accession.fill("")
+        expect(rows).to_have_count(3)
+        page.get_by_label("Study date from").fill("2026-11-10")
+        expect(rows).to_have_count(2)
+        page.get_by_label("Study date to").fill("2026-11-20")
+        expect(rows).to_have_count(1)
+        expect(rows.first).to_contain_text("ACC002")
+        expect(page.locator("#worklist-count")).to_have_text(
+            "1 study, study date 2026-11-10 to 2026-11-20"
+        )
+        httpx.post(  # a fourth study, outside the dates, arrives: the refresh keeps the filters
+            server.base + "/v1/studies",
+            headers={"Authorization": f"Bearer {server.key}"},
+            files=[("files", ("ct.dcm", ct_with(AccessionNumber="ACC004", StudyDate="20261201")))],
+            timeout=30,
+        ).raise_for_status()
+        page.clock.run_for(21_000)
+        page.wait_for_timeout(500)
+        expect(rows).to_have_count(1)
         assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
 
 

@@ -4,7 +4,8 @@ log collector (Loki, Elasticsearch, a cloud's logging) with `TINYLLAVA_MED_LOG_F
 In JSON, every record, the server's and uvicorn's (errors and, with `ACCESS_LOG`, one line per
 request), has `time` (ISO 8601, UTC), `level`, `logger` and `message`, plus `exc_info` for an
 exception; an access line also has `method`, `path`, `status` and `client` as fields, so a
-collector can filter on them without parsing text. python-json-logger formats; uvicorn takes
+collector can filter on them without parsing text. Access lines, in either format, name the path
+without its query string. python-json-logger formats; uvicorn takes
 the same `logging.config` dictionary. What is logged never holds patient identifiers (URLs
 carry only the server's ids), in either format, also at DEBUG: `quiet_libraries` keeps the
 libraries that talk to the PACS from logging queries, identifiers and credentials.
@@ -12,6 +13,7 @@ libraries that talk to the PACS from logging queries, identifiers and credential
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any
@@ -33,9 +35,21 @@ class NoColour(logging.Filter):
         return True
 
 
-class AccessFields(NoColour):
-    """uvicorn's access record keeps its parts in `args` (client, method, path, HTTP version,
-    status): give them names."""
+class NoQueryString(NoColour):
+    """uvicorn's access record keeps its parts in `args` (client, method, path with the query
+    string, HTTP version, status). The query string goes: it can carry an identifier
+    (`/v1/studies?accession_number=...`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        super().filter(record)
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (args[0], args[1], args[2].split("?", 1)[0], args[3], args[4])
+        return True
+
+
+class AccessFields(NoQueryString):
+    """The access record's parts as named fields, for JSON."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         super().filter(record)
@@ -43,6 +57,17 @@ class AccessFields(NoColour):
         if isinstance(args, tuple) and len(args) == 5:
             record.client, record.method, record.path, _, record.status = args
         return True
+
+
+def text_log_config() -> dict[str, Any]:
+    """uvicorn's own text logging (`uvicorn.config.LOGGING_CONFIG`), its access lines without
+    query strings."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["access"] = {"()": NoQueryString}
+    config["handlers"]["access"].setdefault("filters", []).append("access")
+    return config
 
 
 def json_log_config(level: str) -> dict[str, Any]:

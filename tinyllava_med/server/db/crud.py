@@ -14,6 +14,7 @@ API keys live in `tinyllava_med.server.auth` (creation, hashing, verification, r
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import date, datetime
 from typing import Any, Literal, NamedTuple, NotRequired, TypedDict, Unpack
 
@@ -208,34 +209,58 @@ def study_by_uid(session: Session, study_uid: str) -> Study | None:
     )
 
 
-def _studies_filter(
-    stmt: Select[Any], modality: str | None, report_state: ReportState | None = None
-) -> Select[Any]:
-    if modality:
-        stmt = stmt.where(Study.Modality == modality)
-    if report_state is not None:
-        any_report = select(Report.id).where(Report.study_id == Study.id).exists()
-        a_draft = (
-            select(Report.id).where(Report.study_id == Study.id, Report.status == "draft").exists()
-        )
-        stmt = stmt.where(
-            {"none": ~any_report, "draft": a_draft, "signed": any_report & ~a_draft}[report_state]
-        )
-    return stmt
+@dataclass(frozen=True)
+class StudyFilter:
+    """Which studies a worklist shows: each set field must match (exact values; `study_date_*`
+    bound the DICOM Study Date, both ends included); `report_state` keeps the studies whose
+    reports are in that state (see `ReportCounts.state`)."""
+
+    modality: str | None = None
+    report_state: ReportState | None = None
+    accession_number: str | None = None
+    study_instance_uid: str | None = None
+    study_date_from: date | None = None
+    study_date_to: date | None = None
+
+    def used(self) -> list[str]:
+        """The names of the fields set (for the audit, which keeps no values)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, "")]
+
+    def apply(self, stmt: Select[Any]) -> Select[Any]:
+        for column, value in (
+            (Study.Modality, self.modality),
+            (Study.AccessionNumber, self.accession_number),
+            (Study.StudyInstanceUID, self.study_instance_uid),
+        ):
+            if value:
+                stmt = stmt.where(column == value)
+        if self.study_date_from is not None:
+            stmt = stmt.where(Study.StudyDate >= self.study_date_from)
+        if self.study_date_to is not None:
+            stmt = stmt.where(Study.StudyDate <= self.study_date_to)
+        if self.report_state is not None:
+            any_report = select(Report.id).where(Report.study_id == Study.id).exists()
+            a_draft = (
+                select(Report.id)
+                .where(Report.study_id == Study.id, Report.status == "draft")
+                .exists()
+            )
+            stmt = stmt.where(
+                {"none": ~any_report, "draft": a_draft, "signed": any_report & ~a_draft}[
+                    self.report_state
+                ]
+            )
+        return stmt
+
+
+ALL_STUDIES = StudyFilter()
 
 
 def list_studies(
-    session: Session,
-    *,
-    limit: int = 50,
-    offset: int = 0,
-    modality: str | None = None,
-    report_state: ReportState | None = None,
+    session: Session, where: StudyFilter = ALL_STUDIES, *, limit: int = 50, offset: int = 0
 ) -> list[Study]:
-    """Newest first, images loaded; `report_state` keeps the studies whose reports are in that
-    state (see `ReportCounts.state`)."""
-    stmt = select(Study).options(selectinload(Study.images))
-    stmt = _studies_filter(stmt, modality, report_state)
+    """The studies `where` keeps, newest first, images loaded."""
+    stmt = where.apply(select(Study).options(selectinload(Study.images)))
     stmt = stmt.order_by(Study.created_at.desc(), Study.id.desc())
     return list(session.scalars(_page(stmt, limit, offset)))
 
@@ -273,11 +298,8 @@ def delete_study(session: Session, study: Study) -> list[str]:
     return hashes
 
 
-def count_studies(
-    session: Session, *, modality: str | None = None, report_state: ReportState | None = None
-) -> int:
-    stmt = _studies_filter(select(func.count()).select_from(Study), modality, report_state)
-    return int(session.scalar(stmt) or 0)
+def count_studies(session: Session, where: StudyFilter = ALL_STUDIES) -> int:
+    return int(session.scalar(where.apply(select(func.count()).select_from(Study))) or 0)
 
 
 def add_image(
@@ -733,6 +755,7 @@ __all__ = [
     "parse_dicom_date",
     "ReportCounts",
     "ReportState",
+    "StudyFilter",
     "report_counts",
     "update_report",
 ]

@@ -119,6 +119,8 @@ class Study(Base):
         Index(None, "created_at"),
         Index(None, "modality"),
         Index(None, "study_instance_uid"),
+        Index(None, "accession_number"),
+        Index(None, "study_date"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

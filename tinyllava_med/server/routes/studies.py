@@ -4,6 +4,7 @@ delete studies, render images."""
 from __future__ import annotations
 
 import io
+from datetime import date
 from typing import Annotated
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
@@ -105,16 +106,34 @@ def list_studies(
     principal: StudyReader,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
-    modality: str | None = None,
+    modality: Annotated[str | None, Query(max_length=16)] = None,
     report_status: Annotated[
         crud.ReportState | None,
         Query(description="none, draft (a draft awaits a signature) or signed"),
     ] = None,
+    accession_number: Annotated[
+        str | None, Query(max_length=16, description="the RIS's accession number, exact")
+    ] = None,
+    study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
+    study_date_from: Annotated[
+        date | None, Query(description="Study Date on or after (YYYY-MM-DD)")
+    ] = None,
+    study_date_to: Annotated[date | None, Query(description="Study Date on or before")] = None,
 ) -> StudyList:
-    """Newest first, each with its report counts and state."""
-    studies = crud.list_studies(
-        session, limit=limit, offset=offset, modality=modality, report_state=report_status
+    """Newest first, each with its report counts and state; every filter given must match."""
+    if study_date_from and study_date_to and study_date_from > study_date_to:
+        raise APIError(
+            422, "invalid_request", "study_date_from is after study_date_to", detail=None
+        )
+    where = crud.StudyFilter(
+        modality=modality,
+        report_state=report_status,
+        accession_number=accession_number.strip() if accession_number else None,
+        study_instance_uid=study_instance_uid.strip() if study_instance_uid else None,
+        study_date_from=study_date_from,
+        study_date_to=study_date_to,
     )
+    studies = crud.list_studies(session, where, limit=limit, offset=offset)
     crud.audit(
         session,
         actor=principal.actor,
@@ -123,12 +142,14 @@ def list_studies(
         resource_id=None,
         outcome="ok",
         status_code=200,
-        detail={"count": len(studies)},
+        # which filters were used, never their values (an accession number names a patient's
+        # examination)
+        detail={"count": len(studies), "filters": where.used()},
     )
     counts = crud.report_counts(session, [s.id for s in studies])
     return StudyList(
         data=[study_public(s, counts[s.id]) for s in studies],
-        count=crud.count_studies(session, modality=modality, report_state=report_status),
+        count=crud.count_studies(session, where),
     )
 
 

@@ -376,6 +376,10 @@
     if (modality) params.set("modality", modality);
     const reportStatus = $("filter-report").value;
     if (reportStatus) params.set("report_status", reportStatus);
+    const accession = $("filter-accession").value.trim();
+    if (accession) params.set("accession_number", accession);
+    if ($("filter-date-from").value) params.set("study_date_from", $("filter-date-from").value);
+    if ($("filter-date-to").value) params.set("study_date_to", $("filter-date-to").value);
     return `/v1/studies?${params}`;
   }
 
@@ -459,10 +463,18 @@
     }
     const modality = $("filter-modality").value;
     const report = $("filter-report");
+    const accession = $("filter-accession").value.trim();
+    const from = $("filter-date-from").value;
+    const to = $("filter-date-to").value;
     $("worklist-count").textContent =
       `${state.studyCount} ${state.studyCount === 1 ? "study" : "studies"}` +
       (modality ? ` with modality ${modality}` : "") +
+      (accession ? ` with accession number ${accession}` : "") +
+      (from || to ? `, study date ${from || "…"} to ${to || "…"}` : "") +
       (report.value ? ` · ${report.options[report.selectedIndex].text.toLowerCase()}` : "");
+    $("worklist-empty").textContent = modality || accession || from || to || report.value
+      ? "No study matches these filters."
+      : "No studies yet. Upload a DICOM, PNG or JPEG file to start.";
     $("worklist-empty").hidden = state.studies.length > 0;
     $("worklist-more").hidden = state.studies.length >= state.studyCount;
   }
@@ -1290,6 +1302,13 @@
     scheduleWorklistRefresh();
     $("filter-modality").addEventListener("change", () => loadWorklist(false));
     $("filter-report").addEventListener("change", () => loadWorklist(false));
+    // Enter (or Find) submits the form and looks the accession number up; clearing the field
+    // lists all again
+    $("filter-accession").addEventListener("input", () => {
+      if (!$("filter-accession").value) loadWorklist(false);
+    });
+    $("filter-date-from").addEventListener("change", () => loadWorklist(false));
+    $("filter-date-to").addEventListener("change", () => loadWorklist(false));
     $("filter-form").addEventListener("submit", (e) => {
       e.preventDefault();
       loadWorklist(false);
