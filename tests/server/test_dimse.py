@@ -4,6 +4,7 @@ with a real Orthanc, both ways, is in test_orthanc.py)."""
 from __future__ import annotations
 
 import logging
+import tempfile
 
 import pydicom
 import pytest
@@ -135,6 +136,38 @@ def test_an_aborted_association_keeps_and_audits_what_it_sent(sqlite_api_dimse):
     (event,) = wait_for(lambda: audits(api, "study.dimse_store"), what="the audit event")
     assert (event["detail"]["stored"], event["outcome"]) == (1, "ok")
     assert len(rows(api, Image)) == 1
+
+
+def test_received_instances_are_spooled_under_the_data_directory(
+    tmp_path, sqlite_url, tiny_lm, monkeypatch
+):
+    """`serve` makes `data_dir/tmp` the process's temporary directory (`private_tmp`), so an
+    instance received over DIMSE, study data, is spooled there and not in a shared /tmp; what a
+    crashed run left there is removed at start."""
+    from tinyllava_med.server.dimse import StorageSCP
+    from tinyllava_med.server.storage import private_tmp
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # restored after the test
+    data = tmp_path / "data"
+    (data / "tmp" / "crashed").mkdir(parents=True)
+    (data / "tmp" / "crashed" / "half.dcm").write_bytes(b"DICM")
+    (data / "tmp" / "upload.part").write_bytes(b"x")
+    tmp = private_tmp(data)
+    assert tmp == data / "tmp" and list(tmp.iterdir()) == []
+    assert tmp.stat().st_mode & 0o777 == 0o700 and tempfile.gettempdir() == str(tmp)
+
+    spooled = []
+    on_store = StorageSCP._on_store
+
+    def recording(self, event):
+        spooled.append((event.dataset_path.parent, event.dataset_path.is_file()))
+        return on_store(self, event)
+
+    monkeypatch.setattr(StorageSCP, "_on_store", recording)
+    for api in dimse_api(tmp_path, sqlite_url, tiny_lm):
+        assert [s.Status for s in store_all(api, [pydicom.dcmread(CT_SMALL)])] == [0x0000]
+    assert spooled == [(tmp, True)]
+    assert list(tmp.iterdir()) == []  # and removed once filed
 
 
 def test_compressed_instance_in_its_own_transfer_syntax(api):

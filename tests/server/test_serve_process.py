@@ -28,9 +28,14 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
         "TINYLLAVA_MED_ACCESS_LOG": "true",
     }
     cmd = [sys.executable, "-m", "tinyllava_med.cli", "serve", "--model", str(tiny_model_dir)]
+    leftover = tmp_path / "data" / "tmp" / "from-a-crash.dcm"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"DICM")
     with running_process(
         [*cmd, "--port", str(port)], log, f"{base}/readyz", what="serve", timeout_s=120, env=env
     ):
+        # its temporary files go under the data directory, emptied at start (test_dimse.py)
+        assert not leftover.exists() and leftover.parent.stat().st_mode & 0o777 == 0o700
         assert httpx.get(f"{base}/healthz").status_code == 200
         assert httpx.get(f"{base}/v1/studies").status_code == 401
         assert httpx.get(f"{base}/v1/studies?accession_number=ACC9").status_code == 401

@@ -45,7 +45,7 @@ from tinyllava_med.server.routes import (
     web,
 )
 from tinyllava_med.server.settings import Settings
-from tinyllava_med.server.storage import ImageStore
+from tinyllava_med.server.storage import ImageStore, private_tmp
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +268,12 @@ def create_app(
     own_process: bool = False,
 ) -> FastAPI:
     """The server. `model` (tests, embedding) skips loading `settings.model` from disk.
-    `own_process`: serving is this process's whole job (`serve`), so once the model is loaded
-    it may tune the garbage collector for it (`settle_heap`)."""
+    `own_process`: serving is this process's whole job (`serve`), so its temporary files go
+    under the data directory (`storage.private_tmp`), and once the model is loaded it may tune
+    the garbage collector for it (`settle_heap`)."""
     settings = settings or Settings()
+    if own_process:
+        private_tmp(settings.data_dir)
     # pydicom's validation messages can quote element values (names, IDs): keep them out.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,24 @@ from pathlib import Path
 from PIL import Image
 
 from tinyllava_med.server.lru import ByteLRU
+
+
+def private_tmp(data_dir: str | Path) -> Path:
+    """Make `data_dir/tmp` (owner only) this process's temporary directory, emptied of what a
+    previous run left there, and return it. `serve` calls it: uploads past 1 MB (Starlette
+    spools them to a temporary file) and instances received over DIMSE are study data, and they
+    belong with the rest of it (the data volume, its encryption and backups), not in a shared
+    `/tmp` that outlives a crash."""
+    tmp = Path(data_dir) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.chmod(0o700)
+    for leftover in tmp.iterdir():
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    tempfile.tempdir = str(tmp)
+    return tmp
 
 
 def _image_bytes(image: Image.Image) -> int:
