@@ -4,7 +4,9 @@ with a real Orthanc, both ways, is in test_orthanc.py)."""
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+import time
 
 import pydicom
 import pytest
@@ -143,7 +145,7 @@ def test_received_instances_are_spooled_under_the_data_directory(
 ):
     """`serve` makes `data_dir/tmp` the process's temporary directory (`private_tmp`), so an
     instance received over DIMSE, study data, is spooled there and not in a shared /tmp; what a
-    crashed run left there is removed at start."""
+    crashed run left there is removed at start, what another process is writing is not."""
     from tinyllava_med.server.dimse import StorageSCP
     from tinyllava_med.server.storage import private_tmp
 
@@ -152,8 +154,13 @@ def test_received_instances_are_spooled_under_the_data_directory(
     (data / "tmp" / "crashed").mkdir(parents=True)
     (data / "tmp" / "crashed" / "half.dcm").write_bytes(b"DICM")
     (data / "tmp" / "upload.part").write_bytes(b"x")
+    (data / "tmp" / "in-use.dcm").write_bytes(b"DICM")  # another process's, being written
+    an_hour_ago = time.time() - 3601
+    for old in ("crashed", "upload.part"):
+        os.utime(data / "tmp" / old, (an_hour_ago, an_hour_ago))
     tmp = private_tmp(data)
-    assert tmp == data / "tmp" and list(tmp.iterdir()) == []
+    assert tmp == data / "tmp" and [p.name for p in tmp.iterdir()] == ["in-use.dcm"]
+    (tmp / "in-use.dcm").unlink()
     assert tmp.stat().st_mode & 0o777 == 0o700 and tempfile.gettempdir() == str(tmp)
 
     spooled = []

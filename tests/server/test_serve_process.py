@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import httpx
 import pytest
@@ -31,6 +32,7 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     leftover = tmp_path / "data" / "tmp" / "from-a-crash.dcm"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"DICM")
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))
     with running_process(
         [*cmd, "--port", str(port)], log, f"{base}/readyz", what="serve", timeout_s=120, env=env
     ):

@@ -23,21 +23,31 @@ from PIL import Image
 
 from tinyllava_med.server.lru import ByteLRU
 
+# Older than this, an entry in data/tmp is a crashed run's: one in use is written as it fills.
+STALE_TMP_S = 3600.0
+
 
 def private_tmp(data_dir: str | Path) -> Path:
-    """Make `data_dir/tmp` (owner only) this process's temporary directory, emptied of what a
-    previous run left there, and return it. `serve` calls it: uploads past 1 MB (Starlette
-    spools them to a temporary file) and instances received over DIMSE are study data, and they
-    belong with the rest of it (the data volume, its encryption and backups), not in a shared
-    `/tmp` that outlives a crash."""
+    """Make `data_dir/tmp` (owner only) this process's temporary directory, remove what crashed
+    runs left there (untouched for `STALE_TMP_S`: other processes on the same data directory
+    may be using theirs), and return it. `serve` calls it: uploads past 1 MB (Starlette spools
+    them to a temporary file) and instances received over DIMSE are study data, and they belong
+    with the rest of it (the data volume, its encryption and backups), not in a shared `/tmp`
+    that outlives a crash."""
     tmp = Path(data_dir) / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tmp.chmod(0o700)
+    stale = time.time() - STALE_TMP_S
     for leftover in tmp.iterdir():
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+        try:
+            if leftover.lstat().st_mtime >= stale:
+                continue
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        except FileNotFoundError:  # its owner removed it meanwhile
+            continue
     tempfile.tempdir = str(tmp)
     return tmp
 
