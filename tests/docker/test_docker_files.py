@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -813,6 +814,69 @@ def test_healthcheck_one_liners_follow_readyz(readyz_server):
     env = {**os.environ, "TINYLLAVA_MED_PORT": str(_free_port())}
     for where, cmd in checks.items():
         assert _run([sys.executable, *cmd[1:]], env=env).returncode != 0, where
+
+
+def test_healthchecks_follow_readyz_over_https(tmp_path):
+    """With a certificate set the server speaks HTTPS only, so each healthcheck asks over HTTPS;
+    the certificate names the host, not 127.0.0.1, so the loopback probe does not check it."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    _run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+        + ["-subj", "/CN=pacs-ai.hospital.example", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+    )
+    handler = type("Readyz", (_Readyz,), {"status": 200})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    srv.socket = context.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = str(srv.server_address[1])
+        tls = {**os.environ, "TINYLLAVA_MED_PORT": port, "TINYLLAVA_MED_TLS_CERTFILE": str(cert)}
+        clear = {**os.environ, "TINYLLAVA_MED_PORT": port}
+        clear.pop("TINYLLAVA_MED_TLS_CERTFILE", None)
+        for where, cmd in _healthchecks().items():
+            run = [sys.executable, *cmd[1:]]
+            handler.status = 200
+            assert _run(run, env=tls).returncode == 0, where
+            assert _run(run, env=clear).returncode != 0, where  # clear HTTP to a TLS port
+            handler.status = 503
+            assert _run(run, env=tls).returncode != 0, where
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_compose_server_defaults_are_valid_settings(tmp_path, monkeypatch):
+    """The server's environment in compose.yml, every variable at its default, is a valid
+    configuration with TLS and DIMSE off; the TLS variables, set as docker/README.md says,
+    turn HTTPS and DICOM TLS on."""
+    from tinyllava_med.server.settings import Settings
+
+    env = _compose("compose.yml")["services"]["server"]["environment"]
+    defaults = {
+        k: re.sub(r"\$\{[A-Z_]+(?::-([^}]*))?\}", lambda m: m.group(1) or "", str(v))
+        for k, v in env.items()
+    }
+    for key in [k for k in os.environ if k.startswith("TINYLLAVA_MED_")]:
+        monkeypatch.delenv(key)
+    for k, v in defaults.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TINYLLAVA_MED_DATA_DIR", str(tmp_path))
+    s = Settings()
+    assert s.tls_certfile is None and not s.dimse_tls and s.dimse_port is None
+    assert s.base_url.startswith("http://") and s.model == "demo"
+    assert "/certs" in _mounts(_compose("compose.yml")["services"]["server"])
+    for name in ("cert.pem", "key.pem", "pacs-ca.pem"):
+        (tmp_path / name).write_text("stand-in")
+    monkeypatch.setenv("TINYLLAVA_MED_TLS_CERTFILE", str(tmp_path / "cert.pem"))
+    monkeypatch.setenv("TINYLLAVA_MED_TLS_KEYFILE", str(tmp_path / "key.pem"))
+    monkeypatch.setenv("TINYLLAVA_MED_DIMSE_TLS", "true")
+    monkeypatch.setenv("TINYLLAVA_MED_DIMSE_TLS_CA", str(tmp_path / "pacs-ca.pem"))
+    s = Settings()
+    assert s.base_url.startswith("https://") and s.dimse_tls
+    assert s.dimse_tls_ca == tmp_path / "pacs-ca.pem"
 
 
 def _free_port() -> int:
