@@ -124,6 +124,7 @@ def _exported() -> tuple[set[str], set[str]]:
     m = mod.Metrics()
     for cache in ("rendered", "pixels"):  # as the app's lifespan registers them
         m.watch_cache(cache, ByteLRU(1, len))
+    m.watch_data_dir(Path.cwd())  # as create_app does
     names: set[str] = set()
     for fam in m.registry.collect():
         names |= {s.name for s in fam.samples}

@@ -19,6 +19,7 @@ from api_helpers import (
     assert_error,
     ct_with,
     make_api,
+    multipart_related,
     png_bytes,
     upload,
     upload_ct,
@@ -295,6 +296,59 @@ def test_worklist_finds_a_study_by_accession_number_uid_and_date(api):
     assert details[-1]["filters"] == ["report_state", "accession_number"]
 
 
+def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
+    """A write that fails for want of space (ENOSPC on the data volume, "database or disk is
+    full" in the database) answers 507 in the error shape, never a 500, stores nothing of that
+    request, and leaves what was stored before readable; the refusal is audited."""
+    import errno
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from tinyllava_med.server.db import crud
+    from tinyllava_med.server.storage import ImageStore
+
+    before = upload_ct(api)
+
+    def no_space(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(ImageStore, "put", no_space)
+        r = upload(api, ("ct.dcm", ct_with(StudyInstanceUID="1.2.3.4.5"), "application/dicom"))
+        assert_error(r, 507, "insufficient_storage")
+        assert "storage is full" in r.json()["error"]["message"]
+        ask = api.post(
+            "/v1/ask",
+            headers=api.h(),
+            files={"file": ("x.png", png_bytes(), "image/png")},
+            data={"question": "Organ?"},
+        )
+        assert_error(ask, 507, "insufficient_storage")
+        body, ctype = multipart_related(ct_with(StudyInstanceUID="1.2.3.4.6"))
+        stow = api.post(
+            "/dicomweb/studies", content=body, headers={**api.h("pacs"), "Content-Type": ctype}
+        )
+        assert_error(stow, 507, "insufficient_storage")
+
+    def database_full(*args, **kwargs):
+        raise OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+
+    with monkeypatch.context() as m:
+        m.setattr(crud, "create_study", database_full)
+        r = upload(api, ("x.png", png_bytes(), "image/png"))
+        assert_error(r, 507, "insufficient_storage")
+
+    listed = api.get("/v1/studies", headers=api.h()).json()
+    assert [s["id"] for s in listed["data"]] == [before["id"]] and listed["count"] == 1
+    r = api.get(f"/v1/studies/{before['id']}/images/0", headers=api.h())
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    with api.app.state.session_factory() as s:
+        refused = s.scalars(select(AuditEvent).where(AuditEvent.status_code == 507)).all()
+    assert len(refused) >= 3 and {e.outcome for e in refused} == {"error"}
+    assert {e.detail["code"] for e in refused} == {"insufficient_storage"}
+
+
 def test_admin_reads_the_audit_log_and_lists_keys(api):
     admin = api.h("admin")
     created = api.post("/v1/apikeys", headers=admin, json={"role": "radiologist", "name": "Dr. A"})
@@ -403,6 +457,9 @@ def test_png_decompression_bomb_is_413(sqlite_api):
     Image.new("1", (40000, 40000)).save(buf, format="PNG")
     r = upload(sqlite_api, ("bomb.png", buf.getvalue(), "image/png"))
     assert_error(r, 413)
+    with sqlite_api.app.state.session_factory() as s:  # the refused upload is audited
+        (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "study.upload")).all()
+    assert (event.outcome, event.status_code, event.resource_id) == ("invalid", 413, None)
 
 
 def test_an_image_too_long_for_the_model_is_413_at_upload_and_when_asked_about(

@@ -177,6 +177,27 @@ def test_received_instances_are_spooled_under_the_data_directory(
     assert list(tmp.iterdir()) == []  # and removed once filed
 
 
+def test_a_full_disk_refuses_with_out_of_resources(sqlite_api_dimse, monkeypatch, caplog):
+    """No space on the data volume: the instance is refused with 0xA700 (Refused: Out of
+    Resources), which a PACS reads as "try later", not as a bad instance."""
+    import errno
+
+    from tinyllava_med.server.storage import ImageStore
+
+    api = sqlite_api_dimse
+
+    def no_space(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ImageStore, "put", no_space)
+    (status,) = store_all(api, [pydicom.dcmread(CT_SMALL)])
+    assert status.Status == 0xA700 and status.ErrorComment == "the server's storage is full"
+    assert rows(api, Study) == [] and rows(api, Image) == []
+    assert "storage full" in caplog.text and PATIENT not in caplog.text
+    monkeypatch.undo()
+    assert store_all(api, [pydicom.dcmread(CT_SMALL)])[0].Status == 0x0000  # space again
+
+
 def test_compressed_instance_in_its_own_transfer_syntax(api):
     ds = pydicom.dcmread(get_testdata_file("JPEG2000.dcm", download=False))
     ts = ds.file_meta.TransferSyntaxUID

@@ -47,6 +47,15 @@ def test_promtool_accepts_metrics(sqlite_api):
     assert 'tinyllava_med_cache_misses_total{cache="prefixes"} 1.0' in text
     assert 'tinyllava_med_cache_bytes{cache="pixels"} 0.0' not in text
     assert "gpu_memory" not in text  # no GPU here: absent, not failing
+    # the data volume's space, as node_exporter names it (a full disk refuses uploads)
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("tinyllava_med_data_filesystem_")
+    }
+    usage = shutil.disk_usage(api.app.state.settings.data_dir)
+    assert values["tinyllava_med_data_filesystem_size_bytes"] == usage.total
+    assert abs(values["tinyllava_med_data_filesystem_avail_bytes"] - usage.free) < 256 * 2**20
     assert study not in text  # no resource ids (or patient data) in labels
     done = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60

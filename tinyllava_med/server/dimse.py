@@ -49,6 +49,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tinyllava_med.imaging import ImagingError
 from tinyllava_med.server.db import crud
+from tinyllava_med.server.errors import storage_full
 from tinyllava_med.server.ingest import decode, failure_reason, file_instances
 from tinyllava_med.server.stow import OUT_OF_RESOURCES, PROCESSING_FAILURE, Part
 
@@ -261,6 +262,9 @@ class StorageSCP:
                 self.sessions, self.store, self.settings, parts, decoded
             )
         except Exception as e:  # the message may quote stored values: log the type only
+            if storage_full(e):  # Refused: Out of Resources, as the PACS should read it
+                log.error("DIMSE C-STORE refused: storage full")
+                return self._failed(got, OUT_OF_RESOURCES, "the server's storage is full")
             log.error("DIMSE C-STORE could not be filed: %s", type(e).__name__)
             return self._failed(got, PROCESSING_FAILURE, "the server could not store it")
         if result.failed:

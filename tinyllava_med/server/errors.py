@@ -6,6 +6,7 @@ carry patient identifiers: they describe what was expected and what came.
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -39,6 +40,23 @@ class APIError(Exception):
         self.headers = headers
 
 
+STORAGE_FULL = (
+    "the server's storage is full: nothing was stored; an administrator must free space on "
+    "its data volume or database"
+)
+
+
+def storage_full(exc: BaseException) -> bool:
+    """A write failed for want of space: on the data volume (ENOSPC, or a quota: EDQUOT) or in
+    the database (SQLite's "database or disk is full", PostgreSQL's SQLSTATE 53100)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return False
+    return getattr(orig, "sqlstate", None) == "53100" or "database or disk is full" in str(orig)
+
+
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "detail": detail}}
 
@@ -61,6 +79,7 @@ _HTTP_CODES = {
     422: "invalid_request",
     429: "too_many_requests",
     503: "unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -133,8 +152,22 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return _response(exc.status_code, code, message, None, getattr(exc, "headers", None))
 
+    async def _storage_full(request: Request) -> JSONResponse:
+        # not the client's fault, and no retry helps until someone frees space: 507, which
+        # the alert on the data volume's free space should have announced
+        log.error("storage full on %s %s: nothing stored", request.method, request.url.path)
+        return await _audited(request, 507, "insufficient_storage", STORAGE_FULL)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        if storage_full(exc):
+            return await _storage_full(request)
+        return await _unexpected(request, exc)
+
     @app.exception_handler(OperationalError)
     async def _database(request: Request, exc: OperationalError) -> JSONResponse:
+        if storage_full(exc):
+            return await _storage_full(request)
         # the database could not do it now (locked past the busy timeout, connection lost,
         # server gone): nothing was stored, and the same request may succeed later
         reason = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__

@@ -9,7 +9,9 @@ reserved, peak); without a GPU those series are absent, never an error.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -111,6 +113,35 @@ class CacheCollector(Collector):
         yield from (hits, misses, size)
 
 
+class DataVolumeCollector(Collector):
+    """Space on the filesystem of the data directory (images, SQLite, the built demo) at scrape
+    time, named as node_exporter's `node_filesystem_{avail,size}_bytes`: a hospital box often
+    has no node_exporter, and a full disk refuses every upload (507). Absent until a directory
+    is watched."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.path is None:
+            return
+        try:
+            usage = shutil.disk_usage(self.path)
+        except OSError as e:  # the volume is gone: the series go missing, the scrape works
+            log.warning("cannot read the data volume's space: %s", type(e).__name__)
+            return
+        yield GaugeMetricFamily(
+            PREFIX + "data_filesystem_avail_bytes",
+            "Bytes available to the server on the data directory's filesystem",
+            value=float(usage.free),
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "data_filesystem_size_bytes",
+            "Size of the data directory's filesystem in bytes",
+            value=float(usage.total),
+        )
+
+
 class Metrics:
     """All of the server's metrics, on a registry of its own (no global state)."""
 
@@ -120,6 +151,8 @@ class Metrics:
         ProcessCollector(registry=r)
         r.register(GpuCollector())
         self._caches = CacheCollector()
+        self._data_volume = DataVolumeCollector()
+        r.register(self._data_volume)
         r.register(self._caches)
         self.requests = Counter(
             PREFIX + "http_requests_total",
@@ -253,6 +286,10 @@ class Metrics:
     def watch_cache(self, name: str, cache: ByteLRU[Any]) -> None:
         """Export `cache` as `tinyllava_med_cache_*{cache="name"}`."""
         self._caches.caches[name] = cache
+
+    def watch_data_dir(self, path: Path) -> None:
+        """Export the space of `path`'s filesystem (`DataVolumeCollector`)."""
+        self._data_volume.path = path
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

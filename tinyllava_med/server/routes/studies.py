@@ -39,6 +39,7 @@ router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
 @router.post("", status_code=201, response_model=StudyPublic)
 async def upload_study(
+    request: Request,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -46,7 +47,9 @@ async def upload_study(
     files: Annotated[list[UploadFile], File(description="DICOM Part 10, PNG or JPEG")],
 ) -> StudyPublic:
     """Decoding and storing run in the thread pool: a large series must not stall the event
-    loop (and with it every question being answered)."""
+    loop (and with it every question being answered). A refused upload (a broken file, a full
+    disk) is audited as such by the error handler."""
+    request.state.audit = (principal.actor, "study.upload", "study", None)
     uploads = [Upload(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
 
     def store_study() -> StudyPublic:
