@@ -569,6 +569,34 @@ def test_reader_finds_a_study_by_accession_number_and_date(page, tmp_path, tiny_
         assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
 
 
+def test_reader_imports_a_patients_cd(page, tmp_path, tiny_lm):
+    """The reader picks the CD's drive (here pydicom's DICOMDIR test tree: six studies of three
+    patients among 91 files); it goes up in batches, each study lands in the worklist, and the
+    page says what was skipped. Picking it again copies nothing."""
+    from playwright.sync_api import expect
+
+    cd = CT_SMALL.parent / "dicomdirtests"
+    with _serve(tmp_path, tiny_lm) as server:
+        _sign_in(page, server)
+        page.get_by_label("Import a CD or folder").set_input_files(cd)
+        page.get_by_role("button", name="Import", exact=True).click()
+        status = page.locator("#upload-status")
+        expect(status).to_contain_text(
+            "Imported 6 studies: 31 new images; 60 files skipped (not DICOM images).", timeout=T
+        )
+        expect(status.locator("a")).to_have_count(6)
+        expect(page.locator("#worklist-body tr")).to_have_count(6)
+        page.get_by_label("Import a CD or folder").set_input_files(cd)
+        page.get_by_role("button", name="Import", exact=True).click()
+        expect(status).to_contain_text(
+            "Imported 6 studies: 0 new images, 31 already here", timeout=T
+        )
+        expect(page.locator("#worklist-body tr")).to_have_count(6)
+        status.locator("a").first.click()
+        expect(page.locator("#view-study")).to_be_visible()
+        assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
+
+
 def test_reader_retrieves_a_study_from_the_pacs(page, tmp_path, tiny_lm, shots):
     """An accession number the PACS (a real Orthanc) knows: the study is fetched, listed and
     opened; one it does not know is an error with its code. A server with no PACS shows no

@@ -45,6 +45,20 @@ class StudyList(BaseModel):
     count: int
 
 
+class ImportResult(BaseModel):
+    """What a media import did. `studies`: those its images are in (new or held already), with
+    all their images;
+    `skipped` and `failed` count files by reason (`no_image`: DICOM without pixels, such as the
+    DICOMDIR; `not_dicom`: a CD's other files; failures: `truncated`, `too_large`, ...)."""
+
+    studies: list[StudyPublic]
+    stored: int = Field(description="images new here")
+    already: int = Field(description="images this server held already (not copied again)")
+    skipped: dict[str, int]
+    failed: dict[str, int]
+    jobs: list[int] = Field(description="automatic reports queued")
+
+
 class RetrieveRequest(BaseModel):
     """Which study to fetch from the PACS: exactly one of the two."""
 

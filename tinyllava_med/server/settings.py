@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     # --- limits (bad input gets a 4xx naming the limit) ----------------------------------------
     max_upload_bytes: int = Field(default=64 * MiB, gt=0, description="per request body")
     max_files_per_upload: int = Field(default=64, gt=0)
+    max_import_files: int = Field(
+        default=10_000, gt=0, description="files in one media import (a CD), ZIP members counted"
+    )
+    max_import_bytes: int = Field(
+        default=4 * 1024 * MiB, gt=0, description="bytes in one media import, ZIPs unpacked"
+    )
     max_pixels: int = Field(default=8192 * 8192, gt=0, description="rows x columns of one frame")
     max_side: int = Field(
         default=8192,

@@ -22,9 +22,16 @@ from tinyllava_med.server.deps import (
 )
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.jobs import schedule_rejection, schedule_retrieve, schedule_sweep
+from tinyllava_med.server.media_import import import_media
 from tinyllava_med.server.pull import PacsError, find_studies
 from tinyllava_med.server.rejection import pushed_srs, rejection_note
-from tinyllava_med.server.schemas import RetrieveQueued, RetrieveRequest, StudyList, StudyPublic
+from tinyllava_med.server.schemas import (
+    ImportResult,
+    RetrieveQueued,
+    RetrieveRequest,
+    StudyList,
+    StudyPublic,
+)
 from tinyllava_med.server.serving import (
     Upload,
     image_of,
@@ -56,6 +63,54 @@ async def upload_study(
         return study_public(ingest(session, store, settings, uploads, actor=principal.actor))
 
     return await run_in_threadpool(store_study)
+
+
+@router.post("/import", response_model=ImportResult, status_code=201)
+async def import_studies(
+    request: Request,
+    response: Response,
+    store: StoreDep,
+    settings: SettingsDep,
+    principal: Uploader,
+    files: Annotated[
+        list[UploadFile], File(description="the files of a CD, USB stick or folder, or a ZIP")
+    ],
+) -> ImportResult:
+    """Import DICOM media (a patient's CD, a folder, a ZIP): every image is filed under the
+    study with its Study Instance UID, so one import may bring several studies; the DICOMDIR,
+    objects without pixels and non-DICOM files are skipped. 201 when images were new, 200 when
+    all were here already, 422 `no_images` when none was an image."""
+    request.state.audit = (principal.actor, "study.import", "study", None)
+    sessions = request.app.state.session_factory
+
+    def run() -> ImportResult:
+        summary = import_media(
+            sessions, store, settings, [f.file for f in files], actor=principal.actor
+        )
+        if not (summary.stored or summary.already):
+            raise APIError(
+                422,
+                "no_images",
+                f"none of the {len(files)} files holds a DICOM image",
+                detail={"skipped": dict(summary.skipped), "failed": dict(summary.failed)},
+            )
+        # every study the images are in, new or held already; in a session of its own, which
+        # sees what the import committed
+        with sessions() as session:
+            studies = [s for u in summary.study_uids if (s := crud.study_by_uid(session, u))]
+            counts = crud.report_counts(session, [s.id for s in studies])
+            return ImportResult(
+                studies=[study_public(s, counts[s.id]) for s in studies],
+                stored=summary.stored,
+                already=summary.already,
+                skipped=dict(summary.skipped),
+                failed=dict(summary.failed),
+                jobs=summary.jobs,
+            )
+
+    result = await run_in_threadpool(run)
+    response.status_code = 201 if result.stored else 200
+    return result
 
 
 @router.post("/retrieve", status_code=202, response_model=RetrieveQueued)

@@ -511,6 +511,87 @@
     }
   }
 
+  // A CD or folder goes up in batches, so no request nears the server's body limit and the
+  // reader sees progress; the server files each image under its study (several per CD). File
+  // names stay in the browser: a CD's folders may be named after the patient.
+  const IMPORT_BATCH_FILES = 48;
+  const IMPORT_BATCH_BYTES = 24 * 1024 * 1024;
+
+  function importBatches(files) {
+    const batches = [];
+    let batch = [];
+    let bytes = 0;
+    for (const f of files) {
+      if (batch.length && (batch.length >= IMPORT_BATCH_FILES || bytes + f.size > IMPORT_BATCH_BYTES)) {
+        batches.push(batch);
+        batch = [];
+        bytes = 0;
+      }
+      batch.push(f);
+      bytes += f.size;
+    }
+    if (batch.length) batches.push(batch);
+    return batches;
+  }
+
+  const total = (counts) => Object.values(counts || {}).reduce((a, b) => a + b, 0);
+
+  async function importMedia(event) {
+    event.preventDefault();
+    clearError();
+    const files = Array.from($("import-folder").files || []);
+    if (files.length === 0) {
+      showError(new Error("choose the CD (its drive) or a folder first"), "Import");
+      $("import-folder").focus();
+      return;
+    }
+    $("import-submit").disabled = true;
+    const sum = { stored: 0, already: 0, skipped: 0, failed: 0 };
+    const studies = new Map();
+    let sent = 0;
+    try {
+      for (const batch of importBatches(files)) {
+        setStatus("upload-status", `Importing: ${sent} of ${files.length} files…`);
+        const form = new FormData();
+        for (const f of batch) form.append("files", f, "file");
+        try {
+          const r = await api("/v1/studies/import", { method: "POST", body: form });
+          sum.stored += r.stored;
+          sum.already += r.already;
+          sum.skipped += total(r.skipped);
+          sum.failed += total(r.failed);
+          for (const s of r.studies) studies.set(s.id, s);
+        } catch (err) {
+          if (!(err instanceof ApiError && err.code === "no_images")) throw err;
+          sum.skipped += total(err.detail && err.detail.skipped); // a batch of non-images
+          sum.failed += total(err.detail && err.detail.failed);
+        }
+        sent += batch.length;
+      }
+      $("import-form").reset();
+      const status = $("upload-status");
+      const n = studies.size;
+      status.replaceChildren(
+        `Imported ${n} ${n === 1 ? "study" : "studies"}: ${sum.stored} new image${sum.stored === 1 ? "" : "s"}` +
+          (sum.already ? `, ${sum.already} already here` : "") +
+          (sum.skipped ? `; ${sum.skipped} file${sum.skipped === 1 ? "" : "s"} skipped (not DICOM images)` : "") +
+          (sum.failed ? `; ${sum.failed} not readable` : "") +
+          ". ",
+      );
+      for (const s of studies.values()) {
+        const open = el("a", `${studyLabel(s)} study, ${studyDate(s)}`, "study-link");
+        open.href = `#/study/${encodeURIComponent(s.id)}`;
+        status.append(open, " ");
+      }
+      await loadWorklist(false);
+    } catch (err) {
+      setStatus("upload-status", "");
+      showError(err, `Import stopped after ${sent} of ${files.length} files`);
+    } finally {
+      $("import-submit").disabled = false;
+    }
+  }
+
   // The PACS fetches a study in a job (GET /v1/jobs/{id}); a long one goes on after we stop waiting.
   async function jobDone(id, { waitMs = 300_000 } = {}) {
     const until = Date.now() + waitMs;
@@ -1298,6 +1379,7 @@
     $("signin-form").addEventListener("submit", signIn);
     $("sign-out").addEventListener("click", () => signOut());
     $("upload-form").addEventListener("submit", upload);
+    $("import-form").addEventListener("submit", importMedia);
     $("retrieve-form").addEventListener("submit", retrieve);
     scheduleWorklistRefresh();
     $("filter-modality").addEventListener("change", () => loadWorklist(false));

@@ -1,0 +1,210 @@
+"""Importing DICOM media: the files of a CD or USB stick a patient brings (a DICOMDIR tree), a
+folder of them, or a ZIP, for `POST /v1/studies/import`.
+
+Every file is filed by its Study Instance UID, as STOW-RS files what a PACS pushes
+(`ingest.file_instances`): one import may hold several studies (a CD often carries a patient's
+earlier examinations), an instance already here is acknowledged without a copy, and each study
+that got new images has its automatic report queued. Files are decoded and committed in chunks
+of `CHUNK`, so a large CD never sits in memory whole; each chunk is audited (`study.import`)
+in the transaction that stores it.
+
+What is not an image is skipped, not refused: the DICOMDIR itself, DICOM objects without pixels
+(structured reports, presentation states, key objects), and what else a CD carries (its viewer
+program, autorun files, documents). File and folder names never reach the response, the logs or
+the audit: a CD's folders may be named after the patient.
+
+ZIP archives are expanded with limits checked on the archive's directory before anything is
+read (`max_import_files` members, `max_import_bytes` in all, `max_upload_bytes` per member) and
+again while reading, so an archive that lies about its sizes inflates no further than it said.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from tinyllava_med.imaging import ImagingError, StudyFile
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.ingest import decode, file_instances
+from tinyllava_med.server.settings import Settings
+from tinyllava_med.server.storage import ImageStore
+from tinyllava_med.server.stow import CANNOT_UNDERSTAND, Part, StoreResult
+
+CHUNK = 32  # files decoded and committed together
+# what a CD carries besides images, by the reason decoding gives
+SKIPPED = {"unsupported_format": "not_dicom", "not_dicom": "not_dicom", "no_pixel_data": "no_image"}
+_DICM_AT = slice(128, 132)
+
+
+@dataclass
+class ImportSummary:
+    """What one import did: new and already-held images, the Study Instance UIDs of the images
+    filed (in the order first seen), queued jobs, and files skipped or failed by reason."""
+
+    stored: int = 0
+    already: int = 0
+    study_uids: list[str] = field(default_factory=list)
+    jobs: list[int] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+
+
+def _is_zip(head: bytes) -> bool:
+    return head[:4] in (b"PK\x03\x04", b"PK\x05\x06") and head[_DICM_AT] != b"DICM"
+
+
+def _open_zip(f: BinaryIO) -> zipfile.ZipFile | None:
+    f.seek(0)
+    head = f.read(132)
+    f.seek(0)
+    if not _is_zip(head):
+        return None
+    try:
+        return zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def _members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    return [i for i in zf.infolist() if not i.is_dir()]
+
+
+def _check_size(files: list[BinaryIO], settings: Settings) -> None:
+    """Refuse an import over `max_import_files` / `max_import_bytes` (ZIPs counted by their
+    directories) before a file is decoded or stored."""
+    n, size = 0, 0
+    for f in files:
+        zf = _open_zip(f)
+        if zf is None:
+            n += 1
+            size += f.seek(0, 2)
+            continue
+        with zf:
+            members = _members(zf)
+            n += len(members)
+            size += sum(i.file_size for i in members)
+    if n > settings.max_import_files or size > settings.max_import_bytes:
+        raise APIError(
+            413,
+            "too_large",
+            f"an import holds at most {settings.max_import_files} files and "
+            f"{settings.max_import_bytes} bytes once unpacked; this one holds {n} files, "
+            f"{size} bytes",
+        )
+
+
+def _zip_files(zf: zipfile.ZipFile, settings: Settings, summary: ImportSummary) -> Iterator[bytes]:
+    with zf:
+        for info in _members(zf):
+            if info.flag_bits & 0x1:
+                summary.failed["encrypted"] += 1
+                continue
+            if info.file_size > settings.max_upload_bytes:
+                summary.failed["too_large"] += 1
+                continue
+            try:
+                with zf.open(info) as member:
+                    data = member.read(info.file_size + 1)
+            except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError):
+                summary.failed["bad_zip"] += 1
+                continue
+            if len(data) != info.file_size:  # the directory lied: nothing past what it said
+                summary.failed["bad_zip"] += 1
+                continue
+            yield data
+
+
+def media_files(
+    files: list[BinaryIO], settings: Settings, summary: ImportSummary
+) -> Iterator[bytes]:
+    """Each uploaded file's bytes, with ZIP archives expanded, once the whole import is known to
+    be within the `max_import_*` limits."""
+    _check_size(files, settings)
+    for f in files:
+        zf = _open_zip(f)
+        if zf is not None:
+            yield from _zip_files(zf, settings, summary)
+        else:
+            f.seek(0)
+            yield f.read()
+
+
+def _file_chunk(
+    session_factory: sessionmaker[Session],
+    store: ImageStore,
+    settings: Settings,
+    chunk: list[bytes],
+    summary: ImportSummary,
+    actor: str,
+) -> None:
+    parts = [Part("application/dicom", data) for data in chunk]
+    keep_parts: list[Part] = []
+    keep: list[StudyFile | ImagingError] = []
+    for part, d in zip(parts, decode(parts, settings), strict=True):
+        if isinstance(d, ImagingError):
+            if d.code in SKIPPED:
+                summary.skipped[SKIPPED[d.code]] += 1
+            else:
+                summary.failed[d.code] += 1
+            continue
+        keep_parts.append(part)
+        keep.append(d)
+    if not keep:
+        return
+
+    def audit(session: Session, result: StoreResult, studies: list[str], jobs: list[int]) -> None:
+        crud.audit(
+            session,
+            actor=actor,
+            action="study.import",
+            resource_type="study",
+            resource_id=studies[0] if len(studies) == 1 else None,
+            outcome="ok" if result.stored else "invalid",
+            status_code=201 if result.stored else 422,
+            detail={
+                "stored": len(result.stored) - result.already,
+                "already": result.already,
+                "failed": len(result.failed),
+                "studies": studies,
+                "jobs": jobs,
+            },
+        )
+
+    result, studies, jobs = file_instances(
+        session_factory, store, settings, keep_parts, keep, audit=audit
+    )
+    summary.stored += len(result.stored) - result.already
+    summary.already += result.already
+    uids = [d.metadata.StudyInstanceUID for d in keep if isinstance(d, StudyFile)]
+    summary.study_uids += [u for u in dict.fromkeys(uids) if u and u not in summary.study_uids]
+    summary.jobs += jobs
+    for _, _, reason in result.failed:
+        summary.failed["missing_uids" if reason == CANNOT_UNDERSTAND else f"{reason:#06x}"] += 1
+
+
+def import_media(
+    session_factory: sessionmaker[Session],
+    store: ImageStore,
+    settings: Settings,
+    files: list[BinaryIO],
+    *,
+    actor: str,
+) -> ImportSummary:
+    """File every DICOM image among `files` (ZIPs expanded), `CHUNK` at a time, each chunk
+    committed with its audit event. Blocking: call it from a worker thread."""
+    summary = ImportSummary()
+    chunk: list[bytes] = []
+    for data in media_files(files, settings, summary):
+        chunk.append(data)
+        if len(chunk) == CHUNK:
+            _file_chunk(session_factory, store, settings, chunk, summary, actor)
+            chunk = []
+    if chunk:
+        _file_chunk(session_factory, store, settings, chunk, summary, actor)
+    return summary
