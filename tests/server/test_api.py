@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 
+import httpx
 import pydicom
 import pytest
 from api_helpers import (
@@ -398,6 +399,59 @@ def test_auth_is_required(api):
     assert_error(api.get("/v1/studies"), 401, "unauthorized")
     assert_error(api.get("/v1/studies", headers={"Authorization": "Bearer tlm_nope"}), 401)
     assert_error(api.post("/v1/apikeys", headers=api.h("radiologist"), json={"role": "admin"}), 403)
+
+
+def test_a_body_without_a_key_is_refused_before_it_is_read(tmp_path, sqlite_url, tiny_lm):
+    """FastAPI reads a request's body (spooling uploads to disk) before it checks the key, so a
+    caller with no key could make the server take in MAX_UPLOAD_BYTES a request. The key of a
+    request with a body is checked first: a client that announces 50 MB and sends none of it
+    hears 401 at once, and the refusal is audited. A bad key is refused the same way; a good
+    one goes on to the route; every body route of the API takes a key (OpenAPI security)."""
+    import socket
+
+    from api_helpers import live_server
+
+    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.db.migrate import upgrade
+    from tinyllava_med.server.settings import Settings
+
+    upgrade(sqlite_url)
+    app = create_app(Settings(data_dir=tmp_path / "d", database_url=sqlite_url), model=tiny_lm)
+
+    def announce(path: str, auth: str = "") -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}"
+                "Content-Type: multipart/form-data; boundary=b\r\n"
+                "Content-Length: 50000000\r\n\r\n".encode()
+            )
+            return sock.recv(4096)  # times out if the server waits for the 50 MB
+
+    with live_server(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        key = app.state.first_admin_key  # made as the server started
+        for path in ("/v1/studies", "/v1/studies/import", "/dicomweb/studies", "/v1/ask"):
+            answer = announce(path)
+            assert answer.startswith(b"HTTP/1.1 401"), (path, answer[:200])
+            assert b'"code":"unauthorized"' in answer and b"www-authenticate: Bearer" in answer
+        answer = announce("/v1/studies", "Authorization: Bearer tlm_00000000_nope\r\n")
+        assert answer.startswith(b"HTTP/1.1 401") and b"invalid API key" in answer
+        r = httpx.post(
+            f"{base}/v1/studies",
+            headers={"Authorization": f"Bearer {key}"},
+            files={"files": ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom")},
+        )
+        assert r.status_code == 201, r.text
+        refused = httpx.get(
+            f"{base}/v1/audit",
+            params={"action": "auth.authenticate"},
+            headers={"Authorization": f"Bearer {key}"},
+        ).json()["data"]
+        assert len(refused) == 5 and {e["status_code"] for e in refused} == {401}
+    for path, ops in app.openapi()["paths"].items():
+        for method, op in ops.items():
+            if method in ("post", "put", "patch") and path.startswith(("/v1/", "/dicomweb/")):
+                assert op.get("security"), f"{method} {path} takes a body without a key"
 
 
 def test_one_shot_ask_with_png(api):

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinyllava_med import __version__
 from tinyllava_med.model.load import LoadedModel
-from tinyllava_med.server.auth import KeyCache, ensure_first_admin_key
+from tinyllava_med.server.auth import KeyBeforeBody, KeyCache, ensure_first_admin_key
 from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
@@ -394,6 +394,7 @@ def create_app(
         app.include_router(router)
 
     app.add_middleware(AnnounceQuestions)
+    app.add_middleware(KeyBeforeBody)  # no body taken in without a key
     app.add_middleware(Observe, metrics=app.state.metrics)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
     if settings.gradio:  # imports Gradio only when the demo is asked for

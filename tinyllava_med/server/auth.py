@@ -12,7 +12,8 @@ edits and signs reports; `admin` also manages keys and reads the audit log.
 
 The dependencies read `request.app.state.settings` (`Settings`) and
 `request.app.state.session_factory` (`db.session_factory(engine)`), both set by the app factory.
-Denials (401/403) are written to the audit log in their own transaction.
+Denials (401/403) are written to the audit log in their own transaction. `KeyBeforeBody`
+checks the key of an API request with a body before the body is read.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ from typing import Annotated, Literal, get_args
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tinyllava_med.server.db.crud import audit
 from tinyllava_med.server.db.models import ROLES, ApiKey, Role, utcnow
-from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.errors import APIError, error_body
 
 log = logging.getLogger(__name__)
 
@@ -289,15 +292,20 @@ def _audit_denied(
         )
 
 
-async def get_principal(
-    request: Request,
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    x_api_key: Annotated[str | None, Depends(_api_key_header)],
-) -> Principal:
-    """The caller, from `Authorization: Bearer <key>` or `X-API-Key: <key>`; 401 otherwise."""
+def _key_of(request: Request) -> str | None:
+    """The key of `Authorization: Bearer <key>`, else of `X-API-Key: <key>`."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("x-api-key") or None
+
+
+async def authenticate(request: Request) -> Principal:
+    """The caller, from `Authorization: Bearer <key>` or `X-API-Key: <key>`; 401 otherwise,
+    audited."""
     if request.app.state.settings.auth_disabled:
         return Principal(key_id=ANONYMOUS, role="admin", name="authentication disabled")
-    key = bearer.credentials if bearer is not None else x_api_key
+    key = _key_of(request)
     expired_at = None
     if key:
         # the app factory sets the cache; an app assembled otherwise just looks keys up
@@ -326,6 +334,49 @@ async def get_principal(
     raise APIError(
         401, "unauthorized", f"{reason} API key: {hint}", headers={"WWW-Authenticate": "Bearer"}
     )
+
+
+async def get_principal(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    x_api_key: Annotated[str | None, Depends(_api_key_header)],
+) -> Principal:
+    """The caller (`authenticate`), or the one `KeyBeforeBody` found already. `bearer` and
+    `x_api_key` declare the two ways in for the OpenAPI document."""
+    found = getattr(request.state, "principal", None)
+    return found if isinstance(found, Principal) else await authenticate(request)
+
+
+# Where every request with a body needs a key (the Gradio demo, mounted at /demo, has its own).
+KEYED_PREFIXES = ("/v1/", "/dicomweb/")
+
+
+class KeyBeforeBody:
+    """Authenticate a request to the API that carries a body (POST, PUT, PATCH) before anything
+    reads the body. FastAPI parses a body, spooling uploads to disk, before it runs a route's
+    dependencies, so without this a caller with no key could make the server take in
+    `max_upload_bytes` per request before hearing 401. The principal found is passed on in the
+    request's state, so the route does not look the key up again."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] in ("POST", "PUT", "PATCH")
+            and scope["path"].startswith(KEYED_PREFIXES)
+        ):
+            request = Request(scope)
+            try:
+                scope.setdefault("state", {})["principal"] = await authenticate(request)
+            except APIError as e:
+                body = error_body(e.code, e.message, e.detail)
+                await JSONResponse(body, status_code=e.status, headers=e.headers)(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
