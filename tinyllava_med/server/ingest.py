@@ -130,6 +130,31 @@ def store_instances(
 Audit = Callable[[Session, StoreResult, list[str], list[int]], None]
 
 
+def audit_as(actor: str, action: str) -> Audit:
+    """The `audit` of `file_instances` for a sender's request: one event, the study when there
+    is one, the STOW-RS status, and counts (new, already held, failed), studies and jobs."""
+
+    def audit(session: Session, result: StoreResult, studies: list[str], jobs: list[int]) -> None:
+        crud.audit(
+            session,
+            actor=actor,
+            action=action,
+            resource_type="study",
+            resource_id=studies[0] if len(studies) == 1 else None,
+            outcome="ok" if result.stored else "invalid",
+            status_code=result.status,
+            detail={
+                "stored": len(result.stored) - result.already,
+                "already": result.already,
+                "failed": len(result.failed),
+                "studies": studies,
+                "jobs": jobs,
+            },
+        )
+
+    return audit
+
+
 def file_instances(
     session_factory: sessionmaker[Session],
     store: ImageStore,

@@ -29,12 +29,11 @@ from typing import BinaryIO
 from sqlalchemy.orm import Session, sessionmaker
 
 from tinyllava_med.imaging import ImagingError, StudyFile
-from tinyllava_med.server.db import crud
 from tinyllava_med.server.errors import APIError
-from tinyllava_med.server.ingest import decode, file_instances
+from tinyllava_med.server.ingest import audit_as, decode, file_instances
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
-from tinyllava_med.server.stow import CANNOT_UNDERSTAND, Part, StoreResult
+from tinyllava_med.server.stow import CANNOT_UNDERSTAND, Part
 
 CHUNK = 32  # files decoded and committed together
 # what a CD carries besides images, by the reason decoding gives
@@ -158,26 +157,8 @@ def _file_chunk(
     if not keep:
         return
 
-    def audit(session: Session, result: StoreResult, studies: list[str], jobs: list[int]) -> None:
-        crud.audit(
-            session,
-            actor=actor,
-            action="study.import",
-            resource_type="study",
-            resource_id=studies[0] if len(studies) == 1 else None,
-            outcome="ok" if result.stored else "invalid",
-            status_code=201 if result.stored else 422,
-            detail={
-                "stored": len(result.stored) - result.already,
-                "already": result.already,
-                "failed": len(result.failed),
-                "studies": studies,
-                "jobs": jobs,
-            },
-        )
-
     result, studies, jobs = file_instances(
-        session_factory, store, settings, keep_parts, keep, audit=audit
+        session_factory, store, settings, keep_parts, keep, audit=audit_as(actor, "study.import")
     )
     summary.stored += len(result.stored) - result.already
     summary.already += result.already

@@ -16,17 +16,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy.orm import Session
 
-from tinyllava_med.server.db import crud
 from tinyllava_med.server.deps import SettingsDep, StoreDep, Uploader
 from tinyllava_med.server.errors import APIError
-from tinyllava_med.server.ingest import decode, file_instances
+from tinyllava_med.server.ingest import audit_as, decode, file_instances
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 from tinyllava_med.server.stow import (
     MEDIA_TYPE,
-    StoreResult,
     StowRequestError,
     parse_multipart_related,
 )
@@ -62,23 +59,6 @@ async def _stow(
         )
     decoded = await run_in_threadpool(decode, parts, settings)
 
-    def audit(session: Session, result: StoreResult, studies: list[str], jobs: list[int]) -> None:
-        crud.audit(
-            session,
-            actor=actor,
-            action="study.stow",
-            resource_type="study",
-            resource_id=studies[0] if len(studies) == 1 else None,
-            outcome="ok" if result.stored else "invalid",
-            status_code=result.status,
-            detail={
-                "stored": len(result.stored),
-                "failed": len(result.failed),
-                "studies": studies,
-                "jobs": jobs,
-            },
-        )
-
     # committed here, not after the response: the instances and their jobs are durable before
     # the PACS hears "stored" (in the thread pool: file writes and inserts)
     result, _, _ = await run_in_threadpool(
@@ -89,7 +69,7 @@ async def _stow(
         parts,
         decoded,
         url_study_uid,
-        audit,
+        audit_as(actor, "study.stow"),
     )
     return JSONResponse(result.to_json(), status_code=result.status, media_type=MEDIA_TYPE)
 
