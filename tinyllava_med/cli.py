@@ -428,6 +428,51 @@ def cmd_apikey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """File the DICOM images of a CD, USB stick, folder or ZIP on this machine into the server's
+    database and file store (the server may be running); audited with actor `cli`."""
+    from tinyllava_med.server.db.migrate import upgrade
+    from tinyllava_med.server.db.session import make_engine, session_factory
+    from tinyllava_med.server.errors import APIError
+    from tinyllava_med.server.media_import import Source, import_media
+    from tinyllava_med.server.storage import ImageStore
+
+    sources: list[Source] = []
+    for arg in args.paths:
+        path = Path(arg)
+        if path.is_dir():
+            sources += sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+        elif path.is_file():
+            sources.append(path)
+        else:
+            raise SystemExit(f"import: no such file or folder: {arg}")
+    settings = _server_settings(args)
+    if settings.database_url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        summary = import_media(
+            session_factory(engine),
+            ImageStore(settings.images_dir),
+            settings,
+            sources,
+            actor="cli",
+        )
+    except APIError as e:
+        raise SystemExit(f"import: {e.message}") from None
+    finally:
+        engine.dispose()
+    print(
+        f"{len(sources)} files: {summary.stored} new images, {summary.already} already here, "
+        f"in {len(summary.study_uids)} studies; automatic reports queued: {len(summary.jobs)}"
+    )
+    for label, counts in (("skipped", summary.skipped), ("failed", summary.failed)):
+        if counts:
+            print(f"{label}: " + ", ".join(f"{n} {why}" for why, n in sorted(counts.items())))
+    return 0 if (summary.stored or summary.already) and not summary.failed else 1
+
+
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from tinyllava_med.training.demo import build_demo_model
 
@@ -653,6 +698,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("db", "database migrations and backups", cmd_db)
     p.add_argument("db_cmd", choices=["upgrade", "backup"])
     p.add_argument("dest", nargs="?", help="backup: the folder to back up into")
+    p.add_argument("--database-url", default=None)
+
+    p = verb(
+        "import",
+        "file the DICOM images of a CD, USB stick, folder or ZIP into the server's database "
+        "(one import may bring several studies; what is not an image is skipped)",
+        cmd_import,
+    )
+    p.add_argument("paths", nargs="+", help="a CD's mount point, a folder, a ZIP or files")
     p.add_argument("--database-url", default=None)
 
     p = verb("pacs", "check the PACS connections this server is configured for", cmd_pacs)

@@ -138,3 +138,35 @@ def test_nothing_to_import_is_422_and_limits_are_413(tmp_path, tiny_lm):
         r = send(api, [("cd.zip", zipped([("IM1", b"\0" * 3 * 2**20)] + cd_files()))])
         assert r.status_code == 201, r.text
         assert (r.json()["stored"], r.json()["failed"]) == (31, {"too_large": 1})
+
+
+def test_the_console_imports_a_mounted_cd(tmp_path, tiny_lm, monkeypatch, capsys):
+    """`tinyllava-med import /media/cdrom` at the server's console: the same filing, audited as
+    `cli`; the server then lists the studies."""
+    from tinyllava_med.cli import main
+
+    monkeypatch.setenv("TINYLLAVA_MED_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("TINYLLAVA_MED_DATABASE_URL", raising=False)
+    assert main(["import", str(CD)]) == 0
+    out = capsys.readouterr().out
+    assert "91 files: 31 new images, 0 already here, in 6 studies" in out
+    assert "skipped: 58 no_image, 2 not_dicom" in out
+    archive = tmp_path / "cd.zip"
+    archive.write_bytes(zipped(cd_files()))
+    assert main(["import", str(archive)]) == 0
+    assert "1 files: 0 new images, 31 already here, in 6 studies" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        main(["import", str(tmp_path / "nowhere")])
+    assert main(["import", str(CD / "README.txt")]) == 1  # nothing to import
+
+    url = f"sqlite:///{tmp_path / 'data' / 'tinyllava_med.db'}"
+    for api in make_api(tmp_path, url, tiny_lm):  # the same data directory and database
+        listed = api.get("/v1/studies", headers=api.h()).json()
+        assert listed["count"] == 6
+        first = listed["data"][0]["id"]
+        r = api.get(f"/v1/studies/{first}/images/0", headers=api.h())  # the files are where
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"  # it looks
+        events = api.get(
+            "/v1/audit", params={"action": "study.import"}, headers=api.h("admin")
+        ).json()["data"]
+        assert events and {e["actor"] for e in events} == {"cli"}

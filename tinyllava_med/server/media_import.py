@@ -1,5 +1,5 @@
 """Importing DICOM media: the files of a CD or USB stick a patient brings (a DICOMDIR tree), a
-folder of them, or a ZIP, for `POST /v1/studies/import`.
+folder of them, or a ZIP, for `POST /v1/studies/import` and `tinyllava-med import`.
 
 Every file is filed by its Study Instance UID, as STOW-RS files what a PACS pushes
 (`ingest.file_instances`): one import may hold several studies (a CD often carries a patient's
@@ -23,7 +23,9 @@ from __future__ import annotations
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -58,8 +60,21 @@ def _is_zip(head: bytes) -> bool:
     return head[:4] in (b"PK\x03\x04", b"PK\x05\x06") and head[_DICM_AT] != b"DICM"
 
 
+# an upload's file, or a file on this machine (`tinyllava-med import`)
+Source = BinaryIO | Path
+
+
+@contextmanager
+def _opened(src: Source) -> Iterator[BinaryIO]:
+    if isinstance(src, Path):
+        with src.open("rb") as f:
+            yield f
+    else:
+        src.seek(0)
+        yield src
+
+
 def _open_zip(f: BinaryIO) -> zipfile.ZipFile | None:
-    f.seek(0)
     head = f.read(132)
     f.seek(0)
     if not _is_zip(head):
@@ -74,20 +89,21 @@ def _members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
     return [i for i in zf.infolist() if not i.is_dir()]
 
 
-def _check_size(files: list[BinaryIO], settings: Settings) -> None:
+def _check_size(sources: list[Source], settings: Settings) -> None:
     """Refuse an import over `max_import_files` / `max_import_bytes` (ZIPs counted by their
     directories) before a file is decoded or stored."""
     n, size = 0, 0
-    for f in files:
-        zf = _open_zip(f)
-        if zf is None:
-            n += 1
-            size += f.seek(0, 2)
-            continue
-        with zf:
-            members = _members(zf)
-            n += len(members)
-            size += sum(i.file_size for i in members)
+    for src in sources:
+        with _opened(src) as f:
+            zf = _open_zip(f)
+            if zf is None:
+                n += 1
+                size += f.seek(0, 2)
+                continue
+            with zf:
+                members = _members(zf)
+                n += len(members)
+                size += sum(i.file_size for i in members)
     if n > settings.max_import_files or size > settings.max_import_bytes:
         raise APIError(
             413,
@@ -120,18 +136,21 @@ def _zip_files(zf: zipfile.ZipFile, settings: Settings, summary: ImportSummary) 
 
 
 def media_files(
-    files: list[BinaryIO], settings: Settings, summary: ImportSummary
+    sources: list[Source], settings: Settings, summary: ImportSummary
 ) -> Iterator[bytes]:
-    """Each uploaded file's bytes, with ZIP archives expanded, once the whole import is known to
-    be within the `max_import_*` limits."""
-    _check_size(files, settings)
-    for f in files:
-        zf = _open_zip(f)
-        if zf is not None:
-            yield from _zip_files(zf, settings, summary)
-        else:
-            f.seek(0)
-            yield f.read()
+    """Each file's bytes, with ZIP archives expanded, once the whole import is known to be
+    within the `max_import_*` limits; a file over `max_upload_bytes` fails unread."""
+    _check_size(sources, settings)
+    for src in sources:
+        with _opened(src) as f:
+            zf = _open_zip(f)
+            if zf is not None:
+                yield from _zip_files(zf, settings, summary)
+            elif f.seek(0, 2) > settings.max_upload_bytes:
+                summary.failed["too_large"] += 1
+            else:
+                f.seek(0)
+                yield f.read()
 
 
 def _file_chunk(
@@ -173,15 +192,15 @@ def import_media(
     session_factory: sessionmaker[Session],
     store: ImageStore,
     settings: Settings,
-    files: list[BinaryIO],
+    sources: list[Source],
     *,
     actor: str,
 ) -> ImportSummary:
-    """File every DICOM image among `files` (ZIPs expanded), `CHUNK` at a time, each chunk
+    """File every DICOM image among `sources` (ZIPs expanded), `CHUNK` at a time, each chunk
     committed with its audit event. Blocking: call it from a worker thread."""
     summary = ImportSummary()
     chunk: list[bytes] = []
-    for data in media_files(files, settings, summary):
+    for data in media_files(sources, settings, summary):
         chunk.append(data)
         if len(chunk) == CHUNK:
             _file_chunk(session_factory, store, settings, chunk, summary, actor)
