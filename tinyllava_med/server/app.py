@@ -32,6 +32,7 @@ from tinyllava_med.server.jobs import JobRunner
 from tinyllava_med.server.logs import quiet_libraries
 from tinyllava_med.server.metrics import Metrics
 from tinyllava_med.server.report_writer import ReportWriter
+from tinyllava_med.server.retention import schedule_release
 from tinyllava_med.server.routes import (
     audit,
     dicomweb,
@@ -340,6 +341,8 @@ def create_app(
                 and not app.state.engine.stalled(settings.request_timeout_s)
             )
         )
+        with app.state.session_factory.begin() as session:
+            schedule_release(session, settings)  # with image_retention_days: the first run
         runner = JobRunner(app, settings.job_workers)
         runner.start()
         dimse = None

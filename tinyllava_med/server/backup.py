@@ -9,7 +9,8 @@ stored image files. `tinyllava-med db backup DEST`, safe to run while the server
   the same.
 - Files: content-addressed, so a file already in `DEST/images` is the same file and each run
   copies only new ones. Every file the database's images refer to is copied and its sha256
-  checked against its name: a missing or corrupt source file is reported, never copied.
+  checked against its name: a missing or corrupt source file is reported, never copied. A
+  released image (`retention.py`) has only its header here, and that is what is copied.
 
 Restore: stop the server, copy the `.db` file to `DATA_DIR/tinyllava_med.db` and
 `DEST/images/` into `DATA_DIR/images/`.
@@ -24,10 +25,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import text
 
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import Image
 from tinyllava_med.server.db.session import (
     make_engine,
     normalize_database_url,
@@ -76,6 +76,14 @@ def _snapshot(source: Path, dest_dir: Path) -> Path:
     return final
 
 
+# the files the database refers to: held images, and the headers kept of released ones (their
+# pixels are gone by design: retention.py)
+_FILES_SQL = (
+    "SELECT sha256 FROM images WHERE released_at IS NULL "
+    "UNION SELECT header_sha256 FROM images WHERE header_sha256 IS NOT NULL"
+)
+
+
 def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
     """Back up the database (SQLite) and the image files into `dest`; audited as
     `backup.create`."""
@@ -88,13 +96,13 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
             result = Backup(snapshot)
             copy = sqlite3.connect(snapshot)  # the files the copy refers to
             try:
-                hashes = sorted({row[0] for row in copy.execute("SELECT sha256 FROM images")})
+                hashes = sorted({row[0] for row in copy.execute(_FILES_SQL)})
             finally:
                 copy.close()
         else:
             result = Backup(None)
             with session_factory(engine)() as s:
-                hashes = sorted(set(s.scalars(select(Image.sha256))))
+                hashes = sorted(set(s.scalars(text(_FILES_SQL))))
         store, copies = ImageStore(settings.images_dir), ImageStore(dest / "images")
         for sha in hashes:
             if copies.exists(sha):

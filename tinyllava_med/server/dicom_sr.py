@@ -266,7 +266,16 @@ def report_sr(
             "this report's image is not a DICOM instance, so there is no study to attach an "
             "SR to; use the FHIR or JSON form",
         )
-    source = pydicom.dcmread(store.path(image.sha256), stop_before_pixels=True)
+    # a released image's file is gone; its header, kept for this, has all the SR copies
+    held = image.sha256 if image.released_at is None else image.header_sha256
+    if held is None:
+        raise APIError(
+            409,
+            "no_dicom_source",
+            "this report's image was released without a readable DICOM header; retrieve the "
+            "study from the PACS again to export its SR",
+        )
+    source = pydicom.dcmread(store.path(held), stop_before_pixels=True)
     version = version_at(report, at)
     name = key_name(session, version.signed_by)
     signer = Signer(name, institution) if name is not None else None

@@ -3,7 +3,8 @@ the DIMSE Storage SCP (`dimse.py`) alike.
 
 Each instance is decoded first (outside any lock or transaction, with the server's image
 limits), then filed under the study with the same Study Instance UID (created on first sight);
-an instance already stored is acknowledged again without a copy. In the same transaction every
+an instance already stored is acknowledged again without a copy, and one whose pixels were
+released (`retention.py`) is filed under its row again. In the same transaction every
 study that got new instances has its automatic report queued (`auto_report_prompts`), so the
 instances and their jobs are durable before the sender hears "stored".
 """
@@ -81,13 +82,17 @@ def _study_for(session: Session, uid: str, cache: dict[str, Study], d: StudyFile
     return cache[uid]
 
 
-def _already_stored(session: Session, study: Study, sop_instance: str) -> bool:
-    return (
-        session.scalar(
-            select(Image.id).where(Image.study_id == study.id, Image.SOPInstanceUID == sop_instance)
-        )
-        is not None
+def _stored(session: Session, study: Study, sop_instance: str) -> Image | None:
+    return session.scalar(
+        select(Image).where(Image.study_id == study.id, Image.SOPInstanceUID == sop_instance)
     )
+
+
+def _restore(store: ImageStore, image: Image, data: bytes) -> None:
+    """A released image received again (`retention.py`): its file is back under its row."""
+    image.sha256 = store.put(data)
+    image.size_bytes = len(data)
+    image.released_at = None
 
 
 def store_instances(
@@ -117,7 +122,11 @@ def store_instances(
             result.failed.append((sop_class, sop_instance, STUDY_MISMATCH))
             continue
         study = _study_for(session, uid, studies, d)
-        if _already_stored(session, study, sop_instance):
+        held = _stored(session, study, sop_instance)
+        if held is not None and held.released_at is not None:
+            _restore(store, held, part.data)  # stored; no new automatic report (its
+            # reports were read already)
+        elif held is not None:
             result.already += 1
         else:
             add_file(session, store, study, part.data, d, limits_of(settings))

@@ -24,6 +24,8 @@ Kinds:
   `POST /v1/studies/retrieve`, and file it as pushed studies are filed.
 - `push_rejection`: send (as `push_sr` does) the IOCM rejection note of a deleted study's pushed SRs
   (`rejection.py`) from the file store, then remove it there.
+- `release_images`: release the pixel data of studies past `image_retention_days`
+  (`retention.py`), then queue the next run.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ SWEEP_IMAGES = "sweep_images"
 PUSH_REJECTION = "push_rejection"
 RETRIEVE_STUDY = "retrieve_study"
 # what runs while the model is loading, failed to load, or busy: only automatic reports ask it
-NEEDS_NO_MODEL = (PUSH_SR, SWEEP_IMAGES, PUSH_REJECTION, RETRIEVE_STUDY)
+RELEASE_IMAGES = "release_images"  # retention.py; named here for the list below
+NEEDS_NO_MODEL = (PUSH_SR, SWEEP_IMAGES, PUSH_REJECTION, RETRIEVE_STUDY, RELEASE_IMAGES)
 SYSTEM_ACTOR = "system"
 
 
@@ -301,6 +304,7 @@ class JobRunner:
             SWEEP_IMAGES: self._sweep_images,
             PUSH_REJECTION: self._push_rejection,
             RETRIEVE_STUDY: self._retrieve_study,
+            RELEASE_IMAGES: self._release_images,
         }
         metrics = getattr(app.state, "metrics", None)
         if metrics is not None:  # every outcome from 0: a first failure is an increase to alert on
@@ -409,18 +413,23 @@ class JobRunner:
         grace = self.settings.image_sweep_grace_s
         hashes = [str(h) for h in job.payload["sha256"]]
         with self.sessions() as s:
-            held = set(s.scalars(select(Image.sha256).where(Image.sha256.in_(hashes))))
+            held = set(
+                s.scalars(
+                    select(Image.sha256).where(
+                        Image.sha256.in_(hashes), Image.released_at.is_(None)
+                    )
+                )
+            )
+            held |= set(  # a released image's header (retention.py)
+                s.scalars(select(Image.header_sha256).where(Image.header_sha256.in_(hashes)))
+            )
         removed: list[str] = []
         fresh: list[str] = []
         for sha in hashes:
             if sha in held:
                 continue
             (removed if store.remove_if_stale(sha, grace) else fresh).append(sha)
-        engine = getattr(self.app.state, "engine", None)
-        for sha in removed:
-            for cache in (getattr(engine, "pixels", None), getattr(engine, "prefixes", None)):
-                if cache is not None:
-                    cache.discard(lambda key, sha=sha: _names_file(key, sha))
+        self._forget(removed)
         with self.sessions.begin() as s:
             again = schedule_sweep(s, self.settings, fresh)
             return finish(
@@ -428,6 +437,35 @@ class JobRunner:
                 job,
                 {"removed": len(removed), "kept": len(held), "again": again.id if again else None},
             )
+
+    def _forget(self, removed: list[str]) -> None:
+        """Drop what the engine's caches derived from removed files."""
+        engine = getattr(self.app.state, "engine", None)
+        for sha in removed:
+            for cache in (getattr(engine, "pixels", None), getattr(engine, "prefixes", None)):
+                if cache is not None:
+                    cache.discard(lambda key, sha=sha: _names_file(key, sha))
+
+    def _release_images(self, job: Claimed) -> str:
+        from tinyllava_med.server.retention import RELEASE_EVERY_S, release_due, schedule_release
+
+        result = release_due(self.sessions, self.app.state.store, self.settings)
+        removed = result.pop("hashes")
+        self._forget(removed)
+        with self.sessions.begin() as s:
+            if result["images"]:
+                crud.audit(
+                    s,
+                    actor=SYSTEM_ACTOR,
+                    action="image.release",
+                    resource_type="study",
+                    resource_id=None,
+                    outcome="ok",
+                    status_code=200,
+                    detail=result,
+                )
+            following = schedule_release(s, self.settings, delay_s=RELEASE_EVERY_S, besides=job.id)
+            return finish(s, job, {**result, "next": following.id if following else None})
 
     def _retrieve_study(self, job: Claimed) -> str:
         from tinyllava_med.server.pull import retrieve_study

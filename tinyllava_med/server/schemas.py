@@ -22,6 +22,11 @@ class ImagePublic(BaseModel):
     n_frames: int = 1
     metadata: dict[str, Any] = Field(default_factory=dict)
     url: str
+    released_at: datetime | None = Field(
+        default=None,
+        description="when its pixels were released past the image retention (the PACS keeps "
+        "them; retrieve the study to see it again); null: held here",
+    )
 
 
 class StudyPublic(BaseModel):

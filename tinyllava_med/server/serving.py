@@ -176,8 +176,18 @@ def load_audited(
 
 
 def image_of(study: Study, index: int) -> Image:
+    """Image `index` of the study, held here; 404 when there is none, 410 when its pixels were
+    released (`retention.py`)."""
     for im in study.images:
         if im.n == index:
+            if im.released_at is not None:
+                raise APIError(
+                    410,
+                    "image_released",
+                    f"this image's pixels were released on {im.released_at:%Y-%m-%d}, past the "
+                    "server's image retention; the PACS keeps the study: retrieve it "
+                    "(POST /v1/studies/retrieve) or send it again to see and ask about it",
+                )
             return im
     raise APIError(
         404,
@@ -272,6 +282,7 @@ def image_public(study_id: str, im: Image) -> ImagePublic:
         n_frames=im.n_frames,
         metadata=im.safe_metadata or {},
         url=f"/v1/studies/{study_id}/images/{im.n}",
+        released_at=im.released_at,
     )
 
 

@@ -216,6 +216,13 @@ class Settings(BaseSettings):
         description="a deleted study's files are removed this long after the deletion (when no "
         "other study holds them and no upload stored them again meanwhile), by a job",
     )
+    image_retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="release the pixel data of studies that arrived this many days ago and have "
+        "no draft report (the PACS keeps the images; the study, its reports and SRs stay, and "
+        "retrieving or sending the study again brings the images back); unset: keep everything",
+    )
     dicomweb_push_url: str | None = Field(
         default=None,
         description="DICOMweb base URL that receives the SR of every automatic "
@@ -306,6 +313,7 @@ class Settings(BaseSettings):
         "tls_certfile",
         "tls_keyfile",
         "dimse_tls_ca",
+        "image_retention_days",
         mode="before",
     )
     @classmethod

@@ -56,7 +56,11 @@ _INSERT_AUDIT = insert(_audit_events)
 _IMAGE_REF = (
     select(_images.c.id, _images.c.sha256, _studies.c.status)
     .join(_studies, _studies.c.id == _images.c.study_id)
-    .where(_images.c.study_id == bindparam("study_id"), _images.c.n == bindparam("n"))
+    .where(
+        _images.c.study_id == bindparam("study_id"),
+        _images.c.n == bindparam("n"),
+        _images.c.released_at.is_(None),
+    )
 )
 _MARK_REPORTED = (
     update(_studies)
@@ -281,7 +285,10 @@ def delete_study(session: Session, study: Study) -> list[str]:
             "correct a wrong one by amending it",
             detail={"study_id": study.id, "signed_reports": n},
         )
-    hashes = sorted({image.sha256 for image in study.images})
+    hashes = sorted(
+        {image.sha256 for image in study.images}
+        | {image.header_sha256 for image in study.images if image.header_sha256}
+    )
     drafts = delete(Report).where(Report.study_id == study.id, Report.status == "draft")
     session.execute(drafts.execution_options(synchronize_session=False))
     # a report signed since the check is not a draft: the study keeps it, and so RESTRICT
@@ -445,8 +452,8 @@ def insert_draft_reports(
 
 
 def image_ref(db: Session | Connection, study_id: str, n: int) -> tuple[str, str, str] | None:
-    """(id, sha256, study status) of image `n` of a study, or None: the question path's one
-    read, in Core."""
+    """(id, sha256, study status) of image `n` of a study, or None (also for a released image:
+    the caller says which): the question path's one read, in Core."""
     row = _connection(db).execute(_IMAGE_REF, {"study_id": study_id, "n": n}).first()
     return None if row is None else (row[0], row[1], row[2])
 

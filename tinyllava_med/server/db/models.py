@@ -166,6 +166,12 @@ class Image(Base):
     n_frames: Mapped[int] = mapped_column(Integer, default=1)
     safe_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    released_at: Mapped[datetime | None] = mapped_column(
+        default=None, doc="when its pixels were released (`image_retention_days`); None: held"
+    )
+    header_sha256: Mapped[str | None] = mapped_column(
+        String(64), doc="a released DICOM image's header (no pixels), kept for its SRs"
+    )
 
     study: Mapped[Study] = relationship(back_populates="images")
 

@@ -1,0 +1,135 @@
+"""Image retention (`image_retention_days`, `retention.py`): old studies without drafts give up
+their pixel data, keep their reports and SRs, and get their images back when the study arrives
+again; on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+import pydicom
+import pytest
+from api_helpers import (
+    CT_SMALL,
+    MR_SMALL,
+    assert_error,
+    make_api,
+    multipart_related,
+    png_bytes,
+    upload,
+    wait_for,
+)
+from sqlalchemy import select, update
+
+from tinyllava_med.server.backup import backup
+from tinyllava_med.server.db.models import Image, Job, Study, utcnow
+from tinyllava_med.server.retention import RELEASE_EVERY_S, release_due
+
+
+@pytest.fixture
+def api(tmp_path, database_url, tiny_lm):
+    yield from make_api(
+        tmp_path, database_url, tiny_lm, image_retention_days=30, image_sweep_grace_s=0
+    )
+
+
+def _study(api, name, data, ctype):
+    r = upload(api, (name, data, ctype))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _ask(api, study_id):
+    r = api.post(f"/v1/studies/{study_id}/questions", headers=api.h(), json={"question": "?"})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
+    sessions, store = api.app.state.session_factory, api.app.state.store
+    settings = api.app.state.settings
+    signed = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")
+    report = _ask(api, signed["id"])
+    r = api.patch(f"/v1/reports/{report}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    drafted = _study(api, "mr.dcm", MR_SMALL.read_bytes(), "application/dicom")
+    _ask(api, drafted["id"])  # a draft: someone may still be reading it
+    unread = _study(api, "x.png", png_bytes(), "image/png")
+    recent = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")  # same file
+    old = utcnow() - timedelta(days=31)
+    with sessions.begin() as s:
+        ids = [signed["id"], drafted["id"], unread["id"]]
+        s.execute(update(Study).where(Study.id.in_(ids)).values(created_at=old))
+    ct_sha, png_sha = signed["images"][0]["sha256"], unread["images"][0]["sha256"]
+
+    result = release_due(sessions, store, settings)
+    assert (result["studies"], result["images"], result["hashes"]) == (2, 2, [png_sha])
+    assert not store.exists(png_sha) and store.exists(ct_sha)  # the recent study holds it
+    assert release_due(sessions, store, settings)["studies"] == 0  # nothing left to do
+
+    for study in (signed, unread):
+        r = api.get(f"/v1/studies/{study['id']}/images/0", headers=api.h())
+        assert_error(r, 410, "image_released")
+        assert "retrieve it" in r.json()["error"]["message"]
+        r = api.post(
+            f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "?"}
+        )
+        assert_error(r, 410, "image_released")
+    r = api.post(f"/v1/studies/{signed['id']}/images/0/prepare", headers=api.h())
+    assert_error(r, 410, "image_released")
+    for study in (drafted, recent):
+        assert api.get(f"/v1/studies/{study['id']}/images/0", headers=api.h()).status_code == 200
+    listed = api.get(f"/v1/studies/{signed['id']}", headers=api.h()).json()
+    assert listed["images"][0]["released_at"] and listed["report_status"] == "signed"
+
+    # the signed report's SR is still built, from the header kept
+    r = api.get(f"/v1/reports/{report}/sr", headers=api.h())
+    assert r.status_code == 200, r.text
+    sr = pydicom.dcmread(io.BytesIO(r.content))
+    assert sr.PatientName == pydicom.dcmread(CT_SMALL).PatientName
+
+    # the recent study, sent by mistake, is deleted: now nothing holds the file, and it goes
+    r = api.delete(f"/v1/studies/{recent['id']}", headers=api.h("admin"))
+    assert r.status_code in (200, 204), r.text
+    wait_for(lambda: not store.exists(ct_sha), what="the sweep of the released file")
+
+    # a backup holds what the database refers to: the draft's file and the released header
+    done = backup(settings, tmp_path / "backup", actor="test")
+    assert done.complete and done.files_copied == 2
+
+    # the PACS sends the study again: the image is back under its row, no new automatic report
+    body, ctype = multipart_related(CT_SMALL.read_bytes())
+    r = api.post(
+        "/dicomweb/studies", content=body, headers={**api.h("pacs"), "Content-Type": ctype}
+    )
+    assert r.status_code == 200, r.text
+    r = api.get(f"/v1/studies/{signed['id']}/images/0", headers=api.h())
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    with sessions() as s:
+        image = s.scalars(select(Image).where(Image.study_id == signed["id"])).one()
+        assert image.released_at is None and store.exists(image.sha256)
+        assert s.query(Study).count() == 3  # filed into the same study, not a new one
+
+
+def test_the_release_runs_as_a_job_and_queues_the_next(api):
+    sessions = api.app.state.session_factory
+
+    def first_done():
+        with sessions() as s:
+            return s.scalars(
+                select(Job).where(Job.kind == "release_images", Job.status == "done")
+            ).first()
+
+    done = wait_for(first_done, what="the first release run, queued at start")
+    assert done.payload["result"]["studies"] == 0
+    with sessions() as s:
+        following = s.get(Job, done.payload["result"]["next"])
+        assert following.status == "queued"
+        wait = (following.run_after - utcnow()).total_seconds()
+        assert RELEASE_EVERY_S - 120 < wait <= RELEASE_EVERY_S
+
+
+def test_without_retention_nothing_is_released(tmp_path, sqlite_url, tiny_lm):
+    for api in make_api(tmp_path, sqlite_url, tiny_lm):
+        with api.app.state.session_factory() as s:
+            assert s.query(Job).filter(Job.kind == "release_images").count() == 0

@@ -1,0 +1,135 @@
+"""Releasing the pixel data of old studies (`image_retention_days`), so that a small server's
+disk does not fill with studies the PACS keeps anyway.
+
+A study is due when it arrived more than `image_retention_days` ago and has no draft report (a
+radiologist may still be reading it). Its images' rows stay, marked `released_at`, and so do the
+study and its reports. A DICOM image's header without pixels is stored first (`header_sha256`:
+its reports' SRs are built from it); then the file is removed, unless a held image refers to the
+same content or it was touched within `image_sweep_grace_s` (an upload of the same file racing
+the release). Asking for a released image answers 410 `image_released`; retrieving the study from
+the PACS, or receiving it again (STOW-RS, DIMSE, import), files each instance under its row
+again (`ingest.store_instances`).
+
+A `release_images` job runs `release_due` every `RELEASE_EVERY_S`: `serve` queues the first, and
+each run queues the next.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+import pydicom
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
+from tinyllava_med.server.jobs import RELEASE_IMAGES
+from tinyllava_med.server.settings import Settings
+from tinyllava_med.server.storage import ImageStore
+
+log = logging.getLogger(__name__)
+
+RELEASE_EVERY_S = 3600.0
+STUDIES_PER_RUN = 500  # the next run takes the rest
+
+
+def schedule_release(
+    session: Session, settings: Settings, *, delay_s: float = 0.0, besides: int | None = None
+) -> Job | None:
+    """Queue a `release_images` run in `delay_s`, unless retention is off or one other than
+    `besides` (the run asking) is queued or running already (several processes may ask)."""
+    if settings.image_retention_days is None:
+        return None
+    pending = select(Job.id).where(
+        Job.kind == RELEASE_IMAGES, Job.status.in_(("queued", "running"))
+    )
+    if besides is not None:
+        pending = pending.where(Job.id != besides)
+    if session.scalar(pending.limit(1)) is not None:
+        return None
+    job = crud.enqueue_job(session, kind=RELEASE_IMAGES, max_attempts=settings.job_max_attempts)
+    job.run_after = utcnow() + timedelta(seconds=delay_s)
+    return job
+
+
+def due_studies(session: Session, settings: Settings, now: datetime) -> list[str]:
+    """Oldest first: studies past retention, without a draft, with an image still held."""
+    assert settings.image_retention_days is not None
+    cutoff = now - timedelta(days=settings.image_retention_days)
+    a_draft = select(Report.id).where(Report.study_id == Study.id, Report.status == "draft")
+    held = select(Image.id).where(Image.study_id == Study.id, Image.released_at.is_(None))
+    return list(
+        session.scalars(
+            select(Study.id)
+            .where(Study.created_at < cutoff, ~a_draft.exists(), held.exists())
+            .order_by(Study.created_at)
+            .limit(STUDIES_PER_RUN)
+        )
+    )
+
+
+def _header(data: bytes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+def release_study(session: Session, store: ImageStore, study_id: str, now: datetime) -> list[str]:
+    """Mark the study's held images released, keeping DICOM headers; the hashes of their files
+    (for `remove_files`, once this is committed). A draft made meanwhile keeps the study."""
+    a_draft = select(Report.id).where(Report.study_id == study_id, Report.status == "draft")
+    if session.scalar(a_draft.limit(1)) is not None:
+        return []
+    images = session.scalars(
+        select(Image).where(Image.study_id == study_id, Image.released_at.is_(None))
+    ).all()
+    for image in images:
+        if image.kind == "dicom" and image.header_sha256 is None:
+            try:
+                image.header_sha256 = store.put(_header(store.get(image.sha256)))
+            except (OSError, pydicom.errors.InvalidDicomError) as e:  # file gone or unreadable
+                log.warning("no header kept for a released image: %s", type(e).__name__)
+        image.released_at = now
+    return [image.sha256 for image in images]
+
+
+def remove_files(
+    sessions: sessionmaker[Session], store: ImageStore, settings: Settings, hashes: list[str]
+) -> list[str]:
+    """Remove the released files no held image refers to and no upload touched within the
+    grace period; the hashes removed."""
+    with sessions() as s:
+        held = set(
+            s.scalars(
+                select(Image.sha256).where(Image.sha256.in_(hashes), Image.released_at.is_(None))
+            )
+        )
+    return [
+        sha
+        for sha in sorted(set(hashes) - held)
+        if store.remove_if_stale(sha, settings.image_sweep_grace_s)
+    ]
+
+
+def release_due(
+    sessions: sessionmaker[Session], store: ImageStore, settings: Settings
+) -> dict[str, Any]:
+    """Release every due study, each in its own transaction; counts and the hashes removed."""
+    now = utcnow()
+    with sessions() as s:
+        due = due_studies(s, settings, now)
+    studies = images = 0
+    removed: list[str] = []
+    for study_id in due:
+        with sessions.begin() as s:
+            hashes = release_study(s, store, study_id, now)
+        if hashes:
+            studies += 1
+            images += len(hashes)
+            removed += remove_files(sessions, store, settings, hashes)
+    return {"studies": studies, "images": images, "files_removed": len(removed), "hashes": removed}
