@@ -634,6 +634,32 @@ def test_reader_retrieves_a_study_from_the_pacs(page, tmp_path, tiny_lm, shots):
         expect(page.locator("#worklist-body tr")).to_have_count(1)
         status.get_by_role("link", name="Open the study").click()
         expect(page.get_by_role("heading", level=1)).to_contain_text("CT")
+        expect(page.locator("#study-image")).to_be_visible(timeout=T)
+
+        # past the image retention the pixels go; the viewer says so and brings them back
+        from datetime import timedelta
+
+        from sqlalchemy import update
+
+        from tinyllava_med.server.db.models import Study, utcnow
+        from tinyllava_med.server.retention import release_due
+
+        app = server.app
+        with app.state.session_factory.begin() as s:
+            s.execute(update(Study).values(created_at=utcnow() - timedelta(days=400)))
+        released = release_due(
+            app.state.session_factory,
+            app.state.store,
+            app.state.settings.model_copy(update={"image_retention_days": 365.0}),
+        )
+        assert released["images"] == 1
+        page.reload()
+        placeholder = page.locator("#viewer-placeholder")
+        expect(placeholder).to_contain_text("past this server's image retention", timeout=T)
+        expect(page.locator("#study-image")).to_be_hidden()
+        placeholder.get_by_role("button", name="Retrieve it from the PACS").click()
+        expect(page.locator("#study-image")).to_be_visible(timeout=T)
+        expect(placeholder).to_be_hidden()
         assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
 
     (tmp_path / "no-pacs").mkdir()

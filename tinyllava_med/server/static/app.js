@@ -795,11 +795,51 @@
     $("viewer-caption").textContent = "";
   }
 
+  // Past the server's image retention the pixels are gone (the PACS keeps them): say so, and
+  // where the server can retrieve from the PACS, offer to bring the study back.
+  function showReleased(s, im) {
+    $("study-image").hidden = true;
+    const placeholder = $("viewer-placeholder");
+    placeholder.hidden = false;
+    placeholder.replaceChildren(
+      `This image was released on ${im.released_at.slice(0, 10)}, past this server's image ` +
+        "retention; the PACS keeps the study. ",
+    );
+    if (!$("retrieve-form").hidden && s.StudyInstanceUID) {
+      const button = el("button", "Retrieve it from the PACS", "btn");
+      button.type = "button";
+      button.addEventListener("click", () => retrieveReleased(s, button));
+      placeholder.append(button);
+    }
+    $("viewer-caption").textContent = `Image ${im.index + 1} / ${s.images.length}  ·  released`;
+  }
+
+  async function retrieveReleased(s, button) {
+    button.disabled = true;
+    button.textContent = "Retrieving…";
+    try {
+      const queued = await api("/v1/studies/retrieve", {
+        method: "POST",
+        json: { study_instance_uid: s.StudyInstanceUID },
+      });
+      await Promise.all(queued.jobs.map((id) => jobDone(id)));
+      await openStudy(s.id);
+    } catch (err) {
+      button.disabled = false;
+      button.textContent = "Retrieve it from the PACS";
+      showError(err, "Retrieve failed");
+    }
+  }
+
   async function loadImage() {
     const s = state.study;
     const im = currentImage();
     if (!s || !im) return;
     const seq = ++state.imageSeq;
+    if (im.released_at) {
+      showReleased(s, im);
+      return;
+    }
     const stage = $("viewer-stage");
     stage.setAttribute("aria-busy", "true");
     try {
