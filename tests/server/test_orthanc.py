@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import re
+from datetime import timedelta
 
 import httpx
 import pydicom
@@ -22,9 +23,12 @@ import pytest
 from api_helpers import CT_SMALL, free_port, live_server, wait_for
 from orthanc_helpers import start_orthanc
 from pydicom.uid import generate_uid
+from sqlalchemy import update
 
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
+from tinyllava_med.server.db.models import Study, utcnow
+from tinyllava_med.server.retention import release_due
 from tinyllava_med.server.settings import Settings
 
 
@@ -340,6 +344,22 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
             assert again["result"]["study_id"] == result["study_id"]
             assert (again["result"]["stored"], again["result"]["already"]) == (0, 2)
 
+            # signed, then past the image retention: its pixels go, and a retrieve restores them
+            report_id = auto["result"]["report_id"]
+            r = httpx.patch(f"{base}/v1/reports/{report_id}", json={"status": "final"}, headers=h)
+            assert r.status_code == 200, r.text
+            with app.state.session_factory.begin() as s:
+                s.execute(update(Study).values(created_at=utcnow() - timedelta(days=400)))
+            keep_a_year = app.state.settings.model_copy(update={"image_retention_days": 365.0})
+            released = release_due(app.state.session_factory, app.state.store, keep_a_year)
+            assert released["images"] == 2
+            image = f"{base}/v1/studies/{result['study_id']}/images/0"
+            assert httpx.get(image, headers=h).status_code == 410
+            r = retrieve(study_instance_uid=first.StudyInstanceUID)
+            back = wait_for(lambda: _job_done(base, h, r.json()["jobs"][0]), what="the restore")
+            assert (back["result"]["stored"], back["result"]["already"]) == (2, 0)
+            assert httpx.get(image, headers=h).status_code == 200
+
             r = retrieve(accession_number="NO-SUCH")
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_in_pacs"
             assert retrieve(accession_number="A", study_instance_uid="1.2").status_code == 422
@@ -349,7 +369,7 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
         events = httpx.get(
             f"{base}/v1/audit", params={"action": "study.retrieve"}, headers=admin
         ).json()["data"]
-        assert sorted(e["outcome"] for e in events) == ["error", "not_found", "ok", "ok"]
+        assert sorted(e["outcome"] for e in events) == ["error", "not_found", "ok", "ok", "ok"]
         assert "ACC-42" not in json.dumps(events)  # accession numbers stay out of the audit log
         # ... and out of the logs even at DEBUG, with the patient's name and the PACS's
         # credentials (pynetdicom logs queries at INFO, dicomweb-client URLs and headers at DEBUG)

@@ -154,10 +154,13 @@ def _study_id(session_factory: sessionmaker[Session], study_uid: str) -> str | N
 
 
 def _images_of(session_factory: sessionmaker[Session], study_uid: str) -> int:
+    """Images held here (not released: `retention.py`) of the study with this UID."""
     with session_factory() as s:
         return (
             s.scalar(
-                select(func.count(Image.id)).join(Study).where(Study.StudyInstanceUID == study_uid)
+                select(func.count(Image.id))
+                .join(Study)
+                .where(Study.StudyInstanceUID == study_uid, Image.released_at.is_(None))
             )
             or 0
         )
