@@ -22,6 +22,7 @@ from api_helpers import (
 from sqlalchemy import select, update
 
 from tinyllava_med.server.backup import backup
+from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Job, Study, utcnow
 from tinyllava_med.server.retention import RELEASE_EVERY_S, release_due
 
@@ -55,10 +56,15 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
     drafted = _study(api, "mr.dcm", MR_SMALL.read_bytes(), "application/dicom")
     _ask(api, drafted["id"])  # a draft: someone may still be reading it
     unread = _study(api, "x.png", png_bytes(), "image/png")
+    waiting = _study(api, "y.png", png_bytes(color=9), "image/png")
+    with sessions.begin() as s:  # its automatic report is still queued (the model was down)
+        crud.enqueue_job(s, kind="auto_report", study_id=waiting["id"]).run_after = (
+            utcnow() + timedelta(days=1)
+        )
     recent = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")  # same file
     old = utcnow() - timedelta(days=31)
     with sessions.begin() as s:
-        ids = [signed["id"], drafted["id"], unread["id"]]
+        ids = [signed["id"], drafted["id"], unread["id"], waiting["id"]]
         s.execute(update(Study).where(Study.id.in_(ids)).values(created_at=old))
     ct_sha, png_sha = signed["images"][0]["sha256"], unread["images"][0]["sha256"]
 
@@ -77,7 +83,7 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
         assert_error(r, 410, "image_released")
     r = api.post(f"/v1/studies/{signed['id']}/images/0/prepare", headers=api.h())
     assert_error(r, 410, "image_released")
-    for study in (drafted, recent):
+    for study in (drafted, recent, waiting):
         assert api.get(f"/v1/studies/{study['id']}/images/0", headers=api.h()).status_code == 200
     listed = api.get(f"/v1/studies/{signed['id']}", headers=api.h()).json()
     assert listed["images"][0]["released_at"] and listed["report_status"] == "signed"
@@ -93,9 +99,9 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
     assert r.status_code in (200, 204), r.text
     wait_for(lambda: not store.exists(ct_sha), what="the sweep of the released file")
 
-    # a backup holds what the database refers to: the draft's file and the released header
+    # a backup holds what the database refers to: held files (MR, the waiting PNG) and the header
     done = backup(settings, tmp_path / "backup", actor="test")
-    assert done.complete and done.files_copied == 2
+    assert done.complete and done.files_copied == 3
 
     # the PACS sends the study again: the image is back under its row, no new automatic report
     body, ctype = multipart_related(CT_SMALL.read_bytes())
@@ -108,7 +114,7 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
     with sessions() as s:
         image = s.scalars(select(Image).where(Image.study_id == signed["id"])).one()
         assert image.released_at is None and store.exists(image.sha256)
-        assert s.query(Study).count() == 3  # filed into the same study, not a new one
+        assert s.query(Study).count() == 4  # filed into the same study, not a new one
 
 
 def test_the_release_runs_as_a_job_and_queues_the_next(api):

@@ -2,7 +2,7 @@
 disk does not fill with studies the PACS keeps anyway.
 
 A study is due when it arrived more than `image_retention_days` ago and has no draft report (a
-radiologist may still be reading it). Its images' rows stay, marked `released_at`, and so do the
+radiologist may still be reading it) and no automatic report still to come. Its images' rows stay, marked `released_at`, and so do the
 study and its reports. A DICOM image's header without pixels is stored first (`header_sha256`:
 its reports' SRs are built from it); then the file is removed, unless a held image refers to the
 same content or it was touched within `image_sweep_grace_s` (an upload of the same file racing
@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
-from tinyllava_med.server.jobs import RELEASE_IMAGES
+from tinyllava_med.server.jobs import AUTO_REPORT, RELEASE_IMAGES
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 
@@ -61,11 +61,20 @@ def due_studies(session: Session, settings: Settings, now: datetime) -> list[str
     assert settings.image_retention_days is not None
     cutoff = now - timedelta(days=settings.image_retention_days)
     a_draft = select(Report.id).where(Report.study_id == Study.id, Report.status == "draft")
+    # an automatic report still to come (the model was down, say) will need the image
+    a_report_coming = select(Job.id).where(
+        Job.study_id == Study.id, Job.kind == AUTO_REPORT, Job.status.in_(("queued", "running"))
+    )
     held = select(Image.id).where(Image.study_id == Study.id, Image.released_at.is_(None))
     return list(
         session.scalars(
             select(Study.id)
-            .where(Study.created_at < cutoff, ~a_draft.exists(), held.exists())
+            .where(
+                Study.created_at < cutoff,
+                ~a_draft.exists(),
+                ~a_report_coming.exists(),
+                held.exists(),
+            )
             .order_by(Study.created_at)
             .limit(STUDIES_PER_RUN)
         )
