@@ -307,8 +307,39 @@ def cmd_db(args: argparse.Namespace) -> int:
     settings = _server_settings(args)
     if args.db_cmd == "backup":
         return _backup(settings, args.dest)
+    if args.db_cmd == "release-images":
+        return _release_images(settings, args.days)
     upgrade(settings.database_url)
     print("database is at the latest revision")
+    return 0
+
+
+def _release_images(settings: Any, days: float | None) -> int:
+    """Release now what the hourly job would (`retention.py`): for a disk filling up."""
+    from tinyllava_med.server.db.session import make_engine, session_factory
+    from tinyllava_med.server.retention import audit_release, release_due
+    from tinyllava_med.server.storage import ImageStore
+
+    if days is not None:
+        settings = settings.model_copy(update={"image_retention_days": days})
+    if settings.image_retention_days is None:
+        raise SystemExit(
+            "db release-images needs --days N (or TINYLLAVA_MED_IMAGE_RETENTION_DAYS): studies "
+            "older than that without drafts give their pixels back to the PACS"
+        )
+    engine = make_engine(settings.database_url)
+    try:
+        sessions = session_factory(engine)
+        result = release_due(sessions, ImageStore(settings.images_dir), settings)
+        with sessions.begin() as s:
+            audit_release(s, "cli", result)
+    finally:
+        engine.dispose()
+    print(
+        f"released {result['images']} images of {result['studies']} studies that arrived more "
+        f"than {settings.image_retention_days:g} days ago and have no draft; "
+        f"{result['files_removed']} files removed"
+    )
     return 0
 
 
@@ -695,9 +726,15 @@ def build_parser() -> argparse.ArgumentParser:
         "every machine of the same CPU type and thread count",
     )
 
-    p = verb("db", "database migrations and backups", cmd_db)
-    p.add_argument("db_cmd", choices=["upgrade", "backup"])
+    p = verb("db", "database migrations, backups, and releasing old images now", cmd_db)
+    p.add_argument("db_cmd", choices=["upgrade", "backup", "release-images"])
     p.add_argument("dest", nargs="?", help="backup: the folder to back up into")
+    p.add_argument(
+        "--days",
+        type=float,
+        default=None,
+        help="release-images: studies older than this (default IMAGE_RETENTION_DAYS)",
+    )
     p.add_argument("--database-url", default=None)
 
     p = verb(

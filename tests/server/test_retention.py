@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 
 from tinyllava_med.server.backup import backup
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import Image, Job, Study, utcnow
+from tinyllava_med.server.db.models import AuditEvent, Image, Job, Study, utcnow
 from tinyllava_med.server.retention import RELEASE_EVERY_S, release_due
 
 
@@ -139,3 +139,31 @@ def test_without_retention_nothing_is_released(tmp_path, sqlite_url, tiny_lm):
     for api in make_api(tmp_path, sqlite_url, tiny_lm):
         with api.app.state.session_factory() as s:
             assert s.query(Job).filter(Job.kind == "release_images").count() == 0
+
+
+def test_the_console_releases_now(tmp_path, monkeypatch, capsys):
+    """`tinyllava-med db release-images --days N` for a disk that fills before the next hourly
+    run; audited as `cli`."""
+    from tinyllava_med.cli import main
+    from tinyllava_med.server.db.session import make_engine, session_factory
+
+    monkeypatch.setenv("TINYLLAVA_MED_DATA_DIR", str(tmp_path / "data"))
+    for name in ("TINYLLAVA_MED_DATABASE_URL", "TINYLLAVA_MED_IMAGE_RETENTION_DAYS"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["import", str(CT_SMALL), str(MR_SMALL)]) == 0
+    engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'tinyllava_med.db'}")
+    sessions = session_factory(engine)
+    with sessions.begin() as s:
+        s.execute(update(Study).values(created_at=utcnow() - timedelta(days=10)))
+    with pytest.raises(SystemExit, match="needs --days"):
+        main(["db", "release-images"])
+    capsys.readouterr()
+    assert main(["db", "release-images", "--days", "30"]) == 0
+    assert "released 0 images of 0 studies" in capsys.readouterr().out
+    assert main(["db", "release-images", "--days", "7"]) == 0
+    assert "released 2 images of 2 studies" in capsys.readouterr().out
+    with sessions() as s:
+        assert all(i.released_at for i in s.scalars(select(Image)))
+        (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "image.release"))
+        assert (event.actor, event.detail["images"]) == ("cli", 2)
+    engine.dispose()

@@ -447,23 +447,17 @@ class JobRunner:
                     cache.discard(lambda key, sha=sha: _names_file(key, sha))
 
     def _release_images(self, job: Claimed) -> str:
-        from tinyllava_med.server.retention import RELEASE_EVERY_S, release_due, schedule_release
+        from tinyllava_med.server.retention import (
+            RELEASE_EVERY_S,
+            audit_release,
+            release_due,
+            schedule_release,
+        )
 
         result = release_due(self.sessions, self.app.state.store, self.settings)
-        removed = result.pop("hashes")
-        self._forget(removed)
+        self._forget(result.pop("hashes"))
         with self.sessions.begin() as s:
-            if result["images"]:
-                crud.audit(
-                    s,
-                    actor=SYSTEM_ACTOR,
-                    action="image.release",
-                    resource_type="study",
-                    resource_id=None,
-                    outcome="ok",
-                    status_code=200,
-                    detail=result,
-                )
+            audit_release(s, SYSTEM_ACTOR, result)
             following = schedule_release(s, self.settings, delay_s=RELEASE_EVERY_S, besides=job.id)
             return finish(s, job, {**result, "next": following.id if following else None})
 

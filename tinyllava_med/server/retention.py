@@ -142,3 +142,18 @@ def release_due(
             images += len(hashes)
             removed += remove_files(sessions, store, settings, hashes)
     return {"studies": studies, "images": images, "files_removed": len(removed), "hashes": removed}
+
+
+def audit_release(session: Session, actor: str, result: dict[str, Any]) -> None:
+    """One `image.release` event for a run that released something (counts only)."""
+    if result["images"]:
+        crud.audit(
+            session,
+            actor=actor,
+            action="image.release",
+            resource_type="study",
+            resource_id=None,
+            outcome="ok",
+            status_code=200,
+            detail={k: v for k, v in result.items() if k != "hashes"},
+        )
