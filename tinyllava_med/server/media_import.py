@@ -176,7 +176,7 @@ def _file_chunk(
     if not keep:
         return
 
-    result, studies, jobs = file_instances(
+    result, _, jobs = file_instances(
         session_factory, store, settings, keep_parts, keep, audit=audit_as(actor, "study.import")
     )
     summary.stored += len(result.stored) - result.already
