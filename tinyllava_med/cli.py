@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -314,9 +315,25 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _console_db(settings: Any) -> Iterator[Any]:
+    """The server's database for a console command: the SQLite default made and migrated as
+    `serve` would (PostgreSQL is migrated by `db upgrade`); a session factory, disposed after."""
+    from tinyllava_med.server.db.migrate import upgrade
+    from tinyllava_med.server.db.session import make_engine, session_factory
+
+    if settings.database_url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        yield session_factory(engine)
+    finally:
+        engine.dispose()
+
+
 def _release_images(settings: Any, days: float | None) -> int:
     """Release now what the hourly job would (`retention.py`): for a disk filling up."""
-    from tinyllava_med.server.db.session import make_engine, session_factory
     from tinyllava_med.server.retention import audit_release, release_due
     from tinyllava_med.server.storage import ImageStore
 
@@ -327,14 +344,10 @@ def _release_images(settings: Any, days: float | None) -> int:
             "db release-images needs --days N (or TINYLLAVA_MED_IMAGE_RETENTION_DAYS): studies "
             "older than that without drafts give their pixels back to the PACS"
         )
-    engine = make_engine(settings.database_url)
-    try:
-        sessions = session_factory(engine)
+    with _console_db(settings) as sessions:
         result = release_due(sessions, ImageStore(settings.images_dir), settings)
         with sessions.begin() as s:
             audit_release(s, "cli", result)
-    finally:
-        engine.dispose()
     print(
         f"released {result['images']} images of {result['studies']} studies that arrived more "
         f"than {settings.image_retention_days:g} days ago and have no draft; "
@@ -393,67 +406,58 @@ def cmd_apikey(args: argparse.Namespace) -> int:
         revoke_api_key,
     )
     from tinyllava_med.server.db import crud
-    from tinyllava_med.server.db.migrate import upgrade
-    from tinyllava_med.server.db.session import make_engine, session_factory
 
     if args.apikey_cmd == "create" and not args.role:
         raise SystemExit("apikey create needs --role (pacs, radiologist or admin)")
     if args.apikey_cmd == "revoke" and not args.key_id:
         raise SystemExit("apikey revoke needs the key's id (see `tinyllava-med apikey list`)")
-    settings = _server_settings(args)
-    if settings.database_url.startswith("sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(settings.database_url)
-    engine = make_engine(settings.database_url)
     key = None
-    try:
-        with session_factory(engine).begin() as session:
-            if args.apikey_cmd == "list":
-                for k in list_api_keys(session, include_revoked=True):
-                    state = "active"
-                    if k.revoked_at:
-                        state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}"
-                    elif k.expires_at:
-                        verb = "expired" if k.expired else "expires"
-                        state = f"{verb} {k.expires_at:%Y-%m-%d %H:%M}"
-                    used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never"
-                    print(
-                        f"{k.id}  {k.role:<11}  tlm_{k.prefix}_...  {state:<24}  used {used}  {k.name}"
-                    )
-                return 0
-            if args.apikey_cmd == "revoke":
-                row = get_api_key(session, args.key_id)
-                if row is None:
-                    raise SystemExit(f"no API key with id {args.key_id}")
-                revoke_api_key(session, row)
-                action, status = "apikey.revoke", 204
+    settings = _server_settings(args)
+    with _console_db(settings) as sessions, sessions.begin() as session:
+        if args.apikey_cmd == "list":
+            for k in list_api_keys(session, include_revoked=True):
+                state = "active"
+                if k.revoked_at:
+                    state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}"
+                elif k.expires_at:
+                    verb = "expired" if k.expired else "expires"
+                    state = f"{verb} {k.expires_at:%Y-%m-%d %H:%M}"
+                used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never"
                 print(
-                    f"revoked {row.role} key {row.id}; a running server stops accepting it "
-                    f"within {settings.auth_cache_s:g} s"
+                    f"{k.id}  {k.role:<11}  tlm_{k.prefix}_...  {state:<24}  used {used}  {k.name}"
                 )
-            else:
-                days = args.expires_in_days or settings.api_key_days
-                row, key = create_api_key(
-                    session,
-                    role=args.role,
-                    name=args.name or f"{args.role} key",
-                    expires_in_days=days,
-                )
-                action, status = "apikey.create", 201
-                until = f", expires {row.expires_at:%Y-%m-%d %H:%M} UTC" if days else ""
-                print(f"created {row.role} key {row.id} (shown once{until}):")
-            crud.audit(
-                session,
-                actor="cli",
-                action=action,
-                resource_type="apikey",
-                resource_id=row.id,
-                outcome="ok",
-                status_code=status,
-                detail={"role": row.role},
+            return 0
+        if args.apikey_cmd == "revoke":
+            row = get_api_key(session, args.key_id)
+            if row is None:
+                raise SystemExit(f"no API key with id {args.key_id}")
+            revoke_api_key(session, row)
+            action, status = "apikey.revoke", 204
+            print(
+                f"revoked {row.role} key {row.id}; a running server stops accepting it "
+                f"within {settings.auth_cache_s:g} s"
             )
-    finally:
-        engine.dispose()
+        else:
+            days = args.expires_in_days or settings.api_key_days
+            row, key = create_api_key(
+                session,
+                role=args.role,
+                name=args.name or f"{args.role} key",
+                expires_in_days=days,
+            )
+            action, status = "apikey.create", 201
+            until = f", expires {row.expires_at:%Y-%m-%d %H:%M} UTC" if days else ""
+            print(f"created {row.role} key {row.id} (shown once{until}):")
+        crud.audit(
+            session,
+            actor="cli",
+            action=action,
+            resource_type="apikey",
+            resource_id=row.id,
+            outcome="ok",
+            status_code=status,
+            detail={"role": row.role},
+        )
     if key is not None:
         print(key)
     return 0
@@ -462,8 +466,6 @@ def cmd_apikey(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     """File the DICOM images of a CD, USB stick, folder or ZIP on this machine into the server's
     database and file store (the server may be running); audited with actor `cli`."""
-    from tinyllava_med.server.db.migrate import upgrade
-    from tinyllava_med.server.db.session import make_engine, session_factory
     from tinyllava_med.server.errors import APIError
     from tinyllava_med.server.media_import import Source, import_media
     from tinyllava_med.server.storage import ImageStore
@@ -478,22 +480,13 @@ def cmd_import(args: argparse.Namespace) -> int:
         else:
             raise SystemExit(f"import: no such file or folder: {arg}")
     settings = _server_settings(args)
-    if settings.database_url.startswith("sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(settings.database_url)
-    engine = make_engine(settings.database_url)
-    try:
-        summary = import_media(
-            session_factory(engine),
-            ImageStore(settings.images_dir),
-            settings,
-            sources,
-            actor="cli",
-        )
-    except APIError as e:
-        raise SystemExit(f"import: {e.message}") from None
-    finally:
-        engine.dispose()
+    with _console_db(settings) as sessions:
+        try:
+            summary = import_media(
+                sessions, ImageStore(settings.images_dir), settings, sources, actor="cli"
+            )
+        except APIError as e:
+            raise SystemExit(f"import: {e.message}") from None
     print(
         f"{len(sources)} files: {summary.stored} new images, {summary.already} already here, "
         f"in {len(summary.study_uids)} studies; automatic reports queued: {len(summary.jobs)}"

@@ -59,8 +59,8 @@ PUSH_SR = "push_sr"
 SWEEP_IMAGES = "sweep_images"
 PUSH_REJECTION = "push_rejection"
 RETRIEVE_STUDY = "retrieve_study"
+RELEASE_IMAGES = "release_images"  # retention.py
 # what runs while the model is loading, failed to load, or busy: only automatic reports ask it
-RELEASE_IMAGES = "release_images"  # retention.py; named here for the list below
 NEEDS_NO_MODEL = (PUSH_SR, SWEEP_IMAGES, PUSH_REJECTION, RETRIEVE_STUDY, RELEASE_IMAGES)
 SYSTEM_ACTOR = "system"
 
@@ -413,16 +413,7 @@ class JobRunner:
         grace = self.settings.image_sweep_grace_s
         hashes = [str(h) for h in job.payload["sha256"]]
         with self.sessions() as s:
-            held = set(
-                s.scalars(
-                    select(Image.sha256).where(
-                        Image.sha256.in_(hashes), Image.released_at.is_(None)
-                    )
-                )
-            )
-            held |= set(  # a released image's header (retention.py)
-                s.scalars(select(Image.header_sha256).where(Image.header_sha256.in_(hashes)))
-            )
+            held = crud.files_in_use(s, hashes)
         removed: list[str] = []
         fresh: list[str] = []
         for sha in hashes:

@@ -113,11 +113,7 @@ def remove_files(
     """Remove the released files no held image refers to and no upload touched within the
     grace period; the hashes removed."""
     with sessions() as s:
-        held = set(
-            s.scalars(
-                select(Image.sha256).where(Image.sha256.in_(hashes), Image.released_at.is_(None))
-            )
-        )
+        held = crud.files_in_use(s, hashes)
     return [
         sha
         for sha in sorted(set(hashes) - held)

@@ -305,6 +305,15 @@ def delete_study(session: Session, study: Study) -> list[str]:
     return hashes
 
 
+def files_in_use(session: Session, hashes: Iterable[str]) -> set[str]:
+    """Those of `hashes` the database still needs: files of held images, and the headers kept
+    of released ones (`retention.py`). The others may leave the file store."""
+    wanted = list(hashes)
+    held = select(Image.sha256).where(Image.sha256.in_(wanted), Image.released_at.is_(None))
+    headers = select(Image.header_sha256).where(Image.header_sha256.in_(wanted))
+    return set(session.scalars(held)) | {h for h in session.scalars(headers) if h}
+
+
 def count_studies(session: Session, where: StudyFilter = ALL_STUDIES) -> int:
     return int(session.scalar(where.apply(select(func.count()).select_from(Study))) or 0)
 
@@ -752,6 +761,7 @@ __all__ = [
     "create_study",
     "delete_study",
     "enqueue_job",
+    "files_in_use",
     "get_image",
     "get_report",
     "get_study",
