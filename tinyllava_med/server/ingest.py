@@ -59,20 +59,30 @@ def failure_reason(e: ImagingError) -> int:
 # Senders find or create their study by UID and number its images one at a time. A PACS may send
 # a study's instances in parallel requests or associations; each transaction saw no study yet and
 # made its own (12 parallel single-instance STOW requests made 9-12 studies, on SQLite and
-# PostgreSQL). Within a process a lock orders them; processes sharing a PostgreSQL database also
-# take `_lock_studies`.
+# PostgreSQL). Within a process a lock orders them; processes sharing the database (a second
+# server on PostgreSQL, `tinyllava-med import` beside the server on SQLite) also take
+# `_lock_studies`.
 _STORING = threading.Lock()
 
 
 def _lock_studies(session: Session, uids: list[str]) -> None:
-    """On PostgreSQL, hold a transaction-scoped advisory lock per Study Instance UID, for
-    server processes that share the database (taken in sorted order: two requests for the same
-    studies wait for each other, never deadlock)."""
-    if session.get_bind().dialect.name != "postgresql":
-        return
-    for uid in sorted(set(uids)):
-        key = int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "big", signed=True)
-        session.execute(select(func.pg_advisory_xact_lock(key)))
+    """Order this filing after any other process's, before the studies are looked up.
+
+    PostgreSQL: a transaction-scoped advisory lock per Study Instance UID (taken in sorted
+    order: two requests for the same studies wait for each other, never deadlock). SQLite: the
+    database's write lock, taken now (`BEGIN IMMEDIATE`) rather than at the first insert, so the
+    other process waits (the busy timeout) until this one commits and then finds its study; a
+    deferred transaction had already read "no such study" (6 processes importing one file made
+    3 studies)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        connection = session.connection()
+        if not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+    elif dialect == "postgresql":
+        for uid in sorted(set(uids)):
+            key = int.from_bytes(hashlib.sha256(uid.encode()).digest()[:8], "big", signed=True)
+            session.execute(select(func.pg_advisory_xact_lock(key)))
 
 
 def _study_for(session: Session, uid: str, cache: dict[str, Study], d: StudyFile) -> Study:
