@@ -121,9 +121,17 @@ def test_nothing_to_import_is_422_and_limits_are_413(tmp_path, tiny_lm):
         }
         assert_error(send(api, []), 422)
         assert_error(api.post("/v1/studies/import", files=[("files", ("x", b"x"))]), 401)
-    small = {"max_import_files": 40, "max_import_bytes": 2**20, "max_upload_bytes": 2**20}
+    small = {
+        "max_import_files": 40,
+        "max_files_per_upload": 8,
+        "max_import_bytes": 2**20,
+        "max_upload_bytes": 2**20,
+    }
     for api in make_api(tmp_path / "b", sqlite_url("b"), tiny_lm, **small):
-        r = send(api, cd_files())  # 91 files
+        r = send(api, cd_files())  # 91 files: the multipart parser refuses the 41st
+        assert_error(r, 413, "too_large")
+        assert "Maximum number of files is 40" in r.json()["error"]["message"]
+        r = send(api, [("cd.zip", zipped(cd_files()))])  # counted by the ZIP's directory
         assert_error(r, 413, "too_large")
         assert "at most 40 files" in r.json()["error"]["message"]
         # an archive that unpacks past the limit is refused by its directory, before any file
@@ -138,6 +146,16 @@ def test_nothing_to_import_is_422_and_limits_are_413(tmp_path, tiny_lm):
         r = send(api, [("cd.zip", zipped([("IM1", b"\0" * 3 * 2**20)] + cd_files()))])
         assert r.status_code == 201, r.text
         assert (r.json()["stored"], r.json()["failed"]) == (31, {"too_large": 1})
+
+
+def test_a_request_may_carry_more_files_than_starlettes_default(tmp_path, tiny_lm):
+    """A PACS integrator's script posts a CD's files in one request: past the multipart
+    parser's default of 1000 files, up to `max_import_files` (before, 400 "Too many files")."""
+    padding = [(f"VIEWER/F{i:04}.JS", b"//") for i in range(1100)]
+    for api in make_api(tmp_path, f"sqlite:///{tmp_path}/db.db", tiny_lm):
+        r = send(api, [("IM0001", CT_SMALL.read_bytes()), *padding])
+        assert r.status_code == 201, r.text
+        assert (r.json()["stored"], r.json()["skipped"]) == (1, {"not_dicom": 1100})
 
 
 def test_the_console_imports_a_mounted_cd(tmp_path, tiny_lm, monkeypatch, capsys):

@@ -371,6 +371,8 @@ def create_app(
         "LLaVA models; reports stored, edited and signed. Errors: "
         '`{"error": {"code", "message", "detail"}}`.',
         lifespan=lifespan,
+        # Starlette parses at most 1000 files per request unless told; a CD has more
+        form_limits={"max_files": max(settings.max_import_files, settings.max_files_per_upload)},
     )
     quiet_libraries()  # no identifiers or credentials in their logs, whatever the level
     app.state.settings = settings

@@ -150,6 +150,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        if exc.status_code == 400 and message.startswith("Too many files"):
+            # the multipart parser's file count (the app's `form_limits`): too large, as an
+            # import whose ZIPs hold too many files is
+            return _response(413, "too_large", message)
         return _response(exc.status_code, code, message, None, getattr(exc, "headers", None))
 
     async def _storage_full(request: Request) -> JSONResponse:
