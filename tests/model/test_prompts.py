@@ -83,3 +83,5 @@ def test_llava_med_v1_literal():
     from tinyllava_med.model.prompts import clean_answer
 
     assert clean_answer("llava_v1_med", "Assistant: a chest x-ray") == "a chest x-ray"
+    # a byte-fallback token decodes to a control character, which no database text holds
+    assert clean_answer("v1", "\x00no\x07 acute\tfinding\x7f\n\x1b.") == "no acute\tfinding\n."

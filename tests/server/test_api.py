@@ -577,6 +577,38 @@ def test_request_validation(sqlite_api):
     )
 
 
+def test_nul_characters_are_refused_not_a_500(api):
+    """A NUL (U+0000) in a question, a report edit, a key's name, a filter or a path: 422 on
+    both databases, and what is stored stays (PostgreSQL text cannot hold NUL: each was a 500
+    there). A backslash before "u0000" is text, not a NUL."""
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    r = api.post(url, headers=api.h(), json={"question": "is it \\u0000 or not?"})
+    assert r.status_code == 201, r.text
+    assert r.json()["question"] == "is it \\u0000 or not?"
+    report = r.json()["id"]
+    refused = [
+        api.post(url, headers=api.h(), json={"question": "a\u0000b", "max_new_tokens": 2}),
+        api.patch(f"/v1/reports/{report}", headers=api.h(), json={"text": "x\u0000y"}),
+        api.post("/v1/apikeys", headers=api.h("admin"), json={"role": "pacs", "name": "a\0"}),
+        api.get("/v1/studies?accession_number=%00", headers=api.h()),
+        api.get("/v1/reports?status=draft%00", headers=api.h()),
+        api.get("/v1/reports/%00", headers=api.h()),
+        api.post(
+            "/v1/ask",
+            headers=api.h(),
+            files={"file": ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom")},
+            data={"question": "a\0b"},
+        ),
+    ]
+    for r in refused:
+        assert_error(r, 422, "invalid_request")
+        assert "NUL" in r.json()["error"]["message"]
+    r = api.get(f"/v1/reports/{report}", headers=api.h())
+    assert r.status_code == 200 and r.json()["status"] == "draft", r.text
+    assert api.get("/v1/studies", headers=api.h()).json()["count"] == 1  # /v1/ask stored none
+
+
 def test_queue_full_is_503_with_retry_after(sqlite_api):
     api = sqlite_api
     study = upload_ct(api)

@@ -8,6 +8,7 @@ processors so `apply_chat_template` produces that same string.
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal, get_args
 
 Template = Literal["v1", "phi", "mistral_instruct", "llava_v1_med", "plain"]
@@ -95,9 +96,15 @@ def build_prompt(template: str, question: str, history: list[tuple[str, str]] | 
     return "".join(text for text, _ in conversation_segments(template, turns))
 
 
+# C0 controls but tab and newlines, and DEL: a byte-fallback token (`<0x00>`) decodes to one,
+# and no report holds them (PostgreSQL text refuses NUL; XML, hence DICOM SR viewers, the rest)
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def clean_answer(template: str, text: str) -> str:
-    """The answer as a reader wants it: without the role name a template lets the model write."""
-    text = text.strip()
+    """The answer as a reader wants it: without the role name a template lets the model write,
+    and without control characters."""
+    text = _CONTROL.sub("", text).strip()
     if template == "llava_v1_med" and text.startswith("Assistant:"):
         text = text.removeprefix("Assistant:").strip()
     return text

@@ -110,6 +110,63 @@ class AnnounceQuestions:
             await self.app(scope, receive, send)
 
 
+# `\u0000` in JSON text, not an escaped backslash followed by "u0000"
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+class RefuseNul:
+    """422 `invalid_request` for a request with a NUL character (U+0000) in its path, its query
+    or its JSON body, before any route runs. No question, report, name, identifier or filter
+    holds one, and PostgreSQL text cannot: such a question, report edit, key name or filter
+    answered 500 there. A JSON body is read whole here and passed on; a multipart form's text
+    (`/v1/ask`'s question) is checked by its route."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        query = scope.get("query_string", b"")
+        if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
+            await self._reject(scope, receive, send, "the path or query")
+            return
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+        if b"json" not in content_type:
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if _JSON_NUL.search(body):
+            await self._reject(scope, receive, send, "the JSON body")
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # a disconnect, for a streaming route that waits on one
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send, where: str) -> None:
+        from fastapi.responses import JSONResponse
+
+        message = f"{where} holds a NUL character (U+0000), which no field accepts"
+        response = JSONResponse(error_body("invalid_request", message, None), status_code=422)
+        await response(scope, receive, send)
+
+
 class BodyLimit:
     """413 in the error shape when a request body is larger than `limit` bytes."""
 
@@ -399,6 +456,7 @@ def create_app(
         app.include_router(router)
 
     app.add_middleware(AnnounceQuestions)
+    app.add_middleware(RefuseNul)
     app.add_middleware(KeyBeforeBody)  # no body taken in without a key
     app.add_middleware(Observe, metrics=app.state.metrics)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)

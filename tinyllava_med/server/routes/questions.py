@@ -82,6 +82,8 @@ def arrival_of(request: Request, engine: BatchingEngine) -> AbstractContextManag
 
 
 def sampling(body: QuestionCreate, settings: Settings) -> SamplingParams:
+    if "\x00" in body.question:  # a form's text (a JSON body's is refused by `RefuseNul`)
+        raise APIError(422, "invalid_request", "the question holds a NUL character (U+0000)")
     if len(body.question) > settings.max_question_chars:
         raise APIError(
             422,
