@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +120,15 @@ def _exported() -> tuple[set[str], set[str]]:
     own `PREFIX + "..."` constants, read from its source.
     """
     from tinyllava_med.server import metrics as mod
+    from tinyllava_med.server.db.crud import Backlog
     from tinyllava_med.server.lru import ByteLRU
 
     m = mod.Metrics()
     for cache in ("rendered", "pixels"):  # as the app's lifespan registers them
         m.watch_cache(cache, ByteLRU(1, len))
     m.watch_data_dir(Path.cwd())  # as create_app does
+    now = datetime.now(timezone.utc)  # a backlog with every series present, as the lifespan's
+    m.watch_backlog(lambda: Backlog({"received": 1}, {"received": now}, {"x": 1}, now), ())
     names: set[str] = set()
     for fam in m.registry.collect():
         names |= {s.name for s in fam.samples}
@@ -138,7 +142,7 @@ def _exported() -> tuple[set[str], set[str]]:
     } <= gpu, gpu
     names |= {mod.PREFIX + g for g in gpu}
     labels = {"instance", "job", "le"}  # target labels and the histogram bucket label
-    for collector in (mod.GpuCollector, mod.CacheCollector):
+    for collector in (mod.GpuCollector, mod.CacheCollector, mod.BacklogCollector):
         labels |= set(re.findall(r'labels=\["(\w+)"\]', inspect.getsource(collector)))
     for obj in vars(m).values():
         labels |= set(getattr(obj, "_labelnames", ()))
@@ -479,6 +483,12 @@ def test_dashboard_queries_only_exported_metrics(exported):
         p + "cache_hits_total",
         p + "cache_misses_total",
         p + "cache_bytes",
+        p + "data_filesystem_avail_bytes",
+        p + "studies",
+        p + "studies_oldest_unsigned_timestamp_seconds",
+        p + "jobs_waiting",
+        p + "jobs_oldest_due_timestamp_seconds",
+        p + "images_released_total",
         "process_resident_memory_bytes",
     }
     assert required <= used_all, f"not on the dashboard: {required - used_all}"

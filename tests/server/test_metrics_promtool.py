@@ -6,7 +6,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from api_helpers import MR_SMALL, make_api, upload_ct
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
+from sqlalchemy import select
+
+from tinyllava_med.server.db.models import Job, Study
+from tinyllava_med.server.jobs import AUTO_REPORT, NEEDS_NO_MODEL
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
 
@@ -61,3 +67,69 @@ def test_promtool_accepts_metrics(sqlite_api):
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _samples(api, *prefixes: str) -> dict[str, float]:
+    """`name{label="value"}` -> value, for the series whose names start with a prefix."""
+    out = {}
+    for family in text_string_to_metric_families(api.get("/metrics").text):
+        for s in family.samples:
+            if s.name.startswith(prefixes):
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def test_metrics_show_what_waits_for_radiologists_and_jobs(tmp_path, database_url, tiny_lm):
+    """The worklist's backlog and the job queue, read from the database at scrape, on SQLite
+    and PostgreSQL: studies by status with the oldest unread one's arrival, due jobs by kind
+    with the oldest one's due time; absent (not failing) while the database does not answer."""
+    p = "tinyllava_med_"
+    overrides = {
+        "job_workers": 0,
+        "auto_report_prompts": {"MR": "Describe the findings."},
+        "auto_report_delay_s": 0,
+    }
+    for api in make_api(tmp_path, database_url, tiny_lm, **overrides):
+        empty = _samples(api, p + "studies", p + "jobs_waiting", p + "jobs_oldest")
+        assert empty == {
+            p + 'studies{status="received"}': 0,
+            p + 'studies{status="reported"}': 0,
+            p + 'studies{status="signed"}': 0,
+            **{f'{p}jobs_waiting{{kind="{k}"}}': 0 for k in (AUTO_REPORT, *NEEDS_NO_MODEL)},
+        }, empty
+        unread, reported, signed = (upload_ct(api)["id"] for _ in range(3))
+        for study in (reported, signed):
+            r = api.post(f"/v1/studies/{study}/questions", headers=api.h(), json={"question": "?"})
+            assert r.status_code == 201, r.text
+        r = api.patch(f"/v1/reports/{r.json()['id']}", headers=api.h(), json={"status": "final"})
+        assert r.status_code == 200, r.text
+        # a study imported with an automatic report to write; no job worker runs it
+        r = api.post(
+            "/v1/studies/import",
+            headers=api.h("pacs"),
+            files=[("files", ("IM1", MR_SMALL.read_bytes(), "application/dicom"))],
+        )
+        assert r.status_code == 201, r.text
+
+        got = _samples(api, p + "studies", p + "jobs_waiting", p + "jobs_oldest")
+        with api.app.state.session_factory() as s:
+            first = s.get(Study, unread).created_at.timestamp()
+            answered = s.get(Study, reported).created_at.timestamp()
+            job = s.scalars(select(Job).where(Job.kind == "auto_report")).one()
+        assert got[p + 'studies{status="received"}'] == 2  # the first upload and the import
+        assert got[p + 'studies{status="reported"}'] == 1
+        assert got[p + 'studies{status="signed"}'] == 1
+        assert got[p + 'studies_oldest_unsigned_timestamp_seconds{status="received"}'] == first
+        assert got[p + 'studies_oldest_unsigned_timestamp_seconds{status="reported"}'] == answered
+        assert p + 'studies_oldest_unsigned_timestamp_seconds{status="signed"}' not in got
+        assert got[p + 'jobs_waiting{kind="auto_report"}'] == 1
+        assert got[p + "jobs_oldest_due_timestamp_seconds"] == job.run_after.timestamp()
+
+        def unreachable():
+            raise ConnectionRefusedError  # as a database that is down
+
+        api.app.state.metrics.watch_backlog(unreachable, ())
+        r = api.get("/metrics")
+        assert r.status_code == 200 and p + "studies" not in r.text
+        assert p + "http_requests_total" in r.text

@@ -134,6 +134,29 @@ def test_the_release_runs_as_a_job_and_queues_the_next(api):
         wait = (following.run_after - utcnow()).total_seconds()
         assert RELEASE_EVERY_S - 120 < wait <= RELEASE_EVERY_S
 
+    # an old signed study, and the next run brought forward: its images are released and
+    # counted for Prometheus
+    study = _study(api, "x.png", png_bytes(), "image/png")
+    r = api.patch(
+        f"/v1/reports/{_ask(api, study['id'])}", headers=api.h(), json={"status": "final"}
+    )
+    assert r.status_code == 200, r.text
+    with sessions.begin() as s:
+        s.execute(
+            update(Study)
+            .where(Study.id == study["id"])
+            .values(created_at=utcnow() - timedelta(days=31))
+        )
+        s.execute(update(Job).where(Job.id == following.id).values(run_after=utcnow()))
+
+    def second_done():
+        with sessions() as s:
+            job = s.get(Job, following.id)
+            return job if job.status == "done" else None
+
+    assert wait_for(second_done, what="the second run").payload["result"]["images"] == 1
+    assert "tinyllava_med_images_released_total 1.0" in api.get("/metrics").text
+
 
 def test_without_retention_nothing_is_released(tmp_path, sqlite_url, tiny_lm):
     for api in make_api(tmp_path, sqlite_url, tiny_lm):

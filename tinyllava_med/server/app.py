@@ -17,14 +17,17 @@ import time
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinyllava_med import __version__
 from tinyllava_med.model.load import LoadedModel
 from tinyllava_med.server.auth import KeyBeforeBody, KeyCache, ensure_first_admin_key
+from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
@@ -292,6 +295,11 @@ def _start_engine(app: FastAPI, lm: LoadedModel, settings: Settings) -> None:
     log.info("model ready: %s", lm.info)
 
 
+def _read_backlog(sessions: sessionmaker[Session]) -> crud.Backlog:
+    with sessions() as session:
+        return crud.backlog(session)
+
+
 def _remote_engine(settings: Settings, metrics: Metrics) -> Any:
     from tinyllava_med.server.remote_engine import RemoteEngine
 
@@ -401,6 +409,9 @@ def create_app(
         with app.state.session_factory.begin() as session:
             schedule_release(session, settings)  # with image_retention_days: the first run
         runner = JobRunner(app, settings.job_workers)
+        app.state.metrics.watch_backlog(
+            partial(_read_backlog, app.state.session_factory), runner.handlers
+        )
         runner.start()
         dimse = None
         if settings.dimse_port is not None:

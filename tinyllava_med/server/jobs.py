@@ -450,7 +450,9 @@ class JobRunner:
         with self.sessions.begin() as s:
             audit_release(s, SYSTEM_ACTOR, result)
             following = schedule_release(s, self.settings, delay_s=RELEASE_EVERY_S, besides=job.id)
-            return finish(s, job, {**result, "next": following.id if following else None})
+            outcome = finish(s, job, {**result, "next": following.id if following else None})
+        self.app.state.metrics.images_released.inc(result["images"])
+        return outcome
 
     def _retrieve_study(self, job: Claimed) -> str:
         from tinyllava_med.server.pull import retrieve_study

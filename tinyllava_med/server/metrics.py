@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tinyllava_med.server.db.crud import Backlog
 from tinyllava_med.server.lru import ByteLRU
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,58 @@ class DataVolumeCollector(Collector):
         )
 
 
+class BacklogCollector(Collector):
+    """What waits, read from the database at scrape: studies by status with the arrival of the
+    oldest one not signed yet (what radiologists have still to read), and due jobs by kind with
+    the time the longest-waiting one became due (automatic reports a slow model has not caught
+    up with). Every server process sharing a database exports the same values. Absent until
+    watched, and while the database does not answer (the scrape still works)."""
+
+    def __init__(self) -> None:
+        self.read: Callable[[], Backlog] | None = None
+        self.job_kinds: tuple[str, ...] = ()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.read is None:
+            return
+        try:
+            backlog = self.read()
+        except Exception as e:  # noqa: BLE001 - a scrape must not fail with the database
+            log.warning("cannot read the backlog from the database: %s", type(e).__name__)
+            return
+        studies = GaugeMetricFamily(
+            PREFIX + "studies",
+            "Studies here by status (received: no report yet; reported: answered, none signed; "
+            "signed)",
+            labels=["status"],
+        )
+        for status, n in backlog.studies.items():
+            studies.add_metric([status], n)
+        yield studies
+        oldest = GaugeMetricFamily(
+            PREFIX + "studies_oldest_unsigned_timestamp_seconds",
+            "When the oldest study not signed yet arrived, by status (absent when there is none)",
+            labels=["status"],
+        )
+        for status, at in backlog.oldest_unsigned.items():
+            oldest.add_metric([status], at.timestamp())
+        yield oldest
+        due = GaugeMetricFamily(
+            PREFIX + "jobs_waiting",
+            "Background jobs due and not yet running, by kind",
+            labels=["kind"],
+        )
+        for kind in sorted({*self.job_kinds, *backlog.jobs_due}):
+            due.add_metric([kind], backlog.jobs_due.get(kind, 0))
+        yield due
+        if backlog.oldest_due is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "jobs_oldest_due_timestamp_seconds",
+                "When the longest-waiting due job became due",
+                value=backlog.oldest_due.timestamp(),
+            )
+
+
 class Metrics:
     """All of the server's metrics, on a registry of its own (no global state)."""
 
@@ -153,6 +206,8 @@ class Metrics:
         self._caches = CacheCollector()
         self._data_volume = DataVolumeCollector()
         r.register(self._data_volume)
+        self._backlog = BacklogCollector()
+        r.register(self._backlog)
         r.register(self._caches)
         self.requests = Counter(
             PREFIX + "http_requests_total",
@@ -236,6 +291,12 @@ class Metrics:
             ["kind", "outcome"],
             registry=r,
         )
+        self.images_released = Counter(
+            PREFIX + "images_released",
+            "Images whose pixel data the retention job released (their studies, reports and "
+            "DICOM headers kept)",
+            registry=r,
+        )
         self.dimse_instances = Counter(
             PREFIX + "dimse_instances",
             "Instances received over DIMSE C-STORE, by outcome (stored; already: held before, "
@@ -290,6 +351,12 @@ class Metrics:
     def watch_data_dir(self, path: Path) -> None:
         """Export the space of `path`'s filesystem (`DataVolumeCollector`)."""
         self._data_volume.path = path
+
+    def watch_backlog(self, read: Callable[[], Backlog], job_kinds: Iterable[str]) -> None:
+        """Export what `read()` finds waiting at each scrape (`BacklogCollector`); every kind
+        in `job_kinds` from 0."""
+        self._backlog.read = read
+        self._backlog.job_kinds = tuple(job_kinds)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

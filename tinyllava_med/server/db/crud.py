@@ -28,6 +28,7 @@ from tinyllava_med.server.db.models import (
     OUTCOMES,
     REPORT_STATUSES,
     SIGNED_STATUSES,
+    STUDY_STATUSES,
     ApiKey,
     AuditEvent,
     Base,
@@ -746,7 +747,39 @@ def enqueue_job(
     return job
 
 
+# --- what waits, for `/metrics` ----------------------------------------------------------------
+
+
+class Backlog(NamedTuple):
+    """Studies by status (every status, from 0) with the arrival of the oldest unsigned one per
+    status, and due jobs by kind with the time the longest-waiting one became due."""
+
+    studies: dict[str, int]
+    oldest_unsigned: dict[str, datetime]
+    jobs_due: dict[str, int]
+    oldest_due: datetime | None
+
+
+def backlog(session: Session, now: datetime | None = None) -> Backlog:
+    """Two grouped reads served by the (status, ...) indexes of studies and jobs."""
+    studies = session.execute(
+        select(Study.status, func.count(), func.min(Study.created_at)).group_by(Study.status)
+    ).all()
+    jobs = session.execute(
+        select(Job.kind, func.count(), func.min(Job.run_after))
+        .where(Job.status == "queued", Job.run_after <= (now or utcnow()))
+        .group_by(Job.kind)
+    ).all()
+    return Backlog(
+        studies={**dict.fromkeys(STUDY_STATUSES, 0), **{s: n for s, n, _ in studies}},
+        oldest_unsigned={s: at for s, _, at in studies if s != "signed"},
+        jobs_due={kind: n for kind, n, _ in jobs},
+        oldest_due=min((at for *_, at in jobs), default=None),
+    )
+
+
 __all__ = [
+    "Backlog",
     "DomainError",
     "InvalidReportUpdate",
     "ReportChanged",
@@ -754,6 +787,7 @@ __all__ = [
     "ReportFinalized",
     "add_image",
     "audit",
+    "backlog",
     "count_audit_events",
     "count_reports",
     "count_studies",

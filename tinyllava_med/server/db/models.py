@@ -117,6 +117,7 @@ class Study(Base):
     __table_args__ = (
         _choice("status", STUDY_STATUSES),
         Index(None, "created_at"),
+        Index(None, "status", "created_at"),
         Index(None, "modality"),
         Index(None, "study_instance_uid"),
         Index(None, "accession_number"),
