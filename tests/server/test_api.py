@@ -9,7 +9,7 @@ import logging
 import re
 import time
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from functools import partial
 
 import httpx
@@ -607,6 +607,38 @@ def test_nul_characters_are_refused_not_a_500(api):
     r = api.get(f"/v1/reports/{report}", headers=api.h())
     assert r.status_code == 200 and r.json()["status"] == "draft", r.text
     assert api.get("/v1/studies", headers=api.h()).json()["count"] == 1  # /v1/ask stored none
+
+
+def test_numbers_past_the_database_and_times_without_an_offset(api):
+    """An offset, a job id or an image index larger than the database's integers is a 422 on
+    both databases (a 500 on PostgreSQL before), as is a report text past 100 000 characters;
+    an audit time without an offset is UTC (a 500 before)."""
+    study = upload_ct(api)
+    r = api.post(f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "?"})
+    assert r.status_code == 201, r.text
+    big, h, admin = 2**63, api.h(), api.h("admin")
+    for url in ("/v1/studies", "/v1/reports", "/v1/audit", "/v1/jobs"):
+        assert_error(api.get(f"{url}?offset={big}", headers=admin), 422, "invalid_request")
+        assert api.get(f"{url}?offset={big - 1}", headers=admin).json()["data"] == []
+    assert_error(api.get(f"/v1/jobs/{big}", headers=admin), 422, "invalid_request")
+    assert_error(api.get(f"/v1/jobs/{big - 1}", headers=admin), 404, "job_not_found")
+    assert_error(api.post(f"/v1/jobs/{big}/retry", headers=admin), 422, "invalid_request")
+    url = f"/v1/studies/{study['id']}/questions"
+    assert_error(api.post(url, headers=h, json={"question": "?", "image_index": big}), 422)
+    report = f"/v1/reports/{r.json()['id']}"
+    assert_error(api.patch(report, headers=h, json={"text": "x" * 100_001}), 422)
+    assert api.patch(report, headers=h, json={"text": "x" * 100_000}).status_code == 200
+
+    def events(**times):  # the upload's event (every listing adds an audit.read event)
+        r = api.get("/v1/audit", headers=admin, params={"action": "study.upload", **times})
+        assert r.status_code == 200, r.text
+        return r.json()["count"]
+
+    now = datetime.now(timezone.utc)
+    naive = (now - timedelta(hours=1)).replace(tzinfo=None).isoformat()
+    assert events(since=naive) == events(since=(now - timedelta(hours=1)).isoformat()) == 1
+    assert events(until=naive) == 0  # an hour ago in UTC, whatever the server's zone
+    assert events(since="0001-01-01T00:00:00") == 1
 
 
 def test_queue_full_is_503_with_retry_after(sqlite_api):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from tinyllava_med.server.auth import Principal, require
@@ -55,6 +55,13 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 EngineDep = Annotated[BatchingEngine, Depends(get_engine)]
 StoreDep = Annotated[ImageStore, Depends(get_store)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+# Paging and ids as the list and job routes take them. The upper bounds keep a number within a
+# PostgreSQL BIGINT: past it, the query failed there with a 500 instead of a 422.
+BIGINT_MAX = 2**63 - 1
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=BIGINT_MAX)]
+JobId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
 
 Uploader = Annotated[Principal, Depends(require("study.upload"))]
 StudyReader = Annotated[Principal, Depends(require("study.read"))]

@@ -91,7 +91,7 @@ class RetrieveQueued(BaseModel):
 class QuestionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     question: str = Field(min_length=1)
-    image_index: int = Field(default=0, ge=0)
+    image_index: int = Field(default=0, ge=0, le=2**31 - 1)
     frame: int | None = Field(default=None, ge=0)
     max_new_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
@@ -146,7 +146,7 @@ class ReportUpdate(BaseModel):
     amended` with the corrected `text` and a `reason`)."""
 
     model_config = ConfigDict(extra="forbid")
-    text: str | None = None
+    text: str | None = Field(default=None, max_length=100_000)
     status: ReportStatus | None = None
     reason: str | None = Field(default=None, max_length=2000)
 

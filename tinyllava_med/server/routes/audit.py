@@ -6,14 +6,19 @@ log can be handed to a privacy officer as it is.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Outcome
-from tinyllava_med.server.deps import AuditReader, SessionDep
+from tinyllava_med.server.deps import (
+    AuditReader,
+    Limit,
+    Offset,
+    SessionDep,
+)
 from tinyllava_med.server.schemas import AuditEventList, AuditEventPublic
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -28,13 +33,21 @@ def list_audit_events(
     resource_type: str | None = None,
     resource_id: str | None = None,
     outcome: Outcome | None = None,
-    since: Annotated[datetime | None, Query(description="at or after (ISO 8601)")] = None,
-    until: Annotated[datetime | None, Query(description="before (ISO 8601)")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    since: Annotated[
+        datetime | None, Query(description="at or after (ISO 8601; UTC without an offset)")
+    ] = None,
+    until: Annotated[
+        datetime | None, Query(description="before (ISO 8601; UTC without an offset)")
+    ] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> AuditEventList:
     """Newest first. E.g. everything done to one report: `?resource_type=report&resource_id=`;
     everything one key did: `?actor=<key id>`; refusals: `?outcome=denied`."""
+    # a time without an offset is UTC, as the events' own times are
+    since, until = (
+        t.replace(tzinfo=timezone.utc) if t and not t.tzinfo else t for t in (since, until)
+    )
     query: crud.AuditQuery = {
         "actor": actor,
         "action": action,

@@ -3,15 +3,22 @@ notes): read it, and (admins) queue failed jobs again once their cause is fixed.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Job
-from tinyllava_med.server.deps import JobRetrier, SessionDep, StudyReader
+from tinyllava_med.server.deps import (
+    JobId,
+    JobRetrier,
+    Limit,
+    Offset,
+    SessionDep,
+    StudyReader,
+)
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.jobs import retry_failed
 from tinyllava_med.server.schemas import JobList, JobPublic, JobsRetried
@@ -42,8 +49,8 @@ def list_jobs(
     status: Literal["queued", "running", "done", "failed"] | None = None,
     kind: str | None = None,
     study_id: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> JobList:
     """Newest first."""
     where = [
@@ -63,7 +70,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(session: SessionDep, principal: StudyReader, job_id: int) -> JobPublic:
+def get_job(session: SessionDep, principal: StudyReader, job_id: JobId) -> JobPublic:
     job = session.get(Job, job_id)
     if job is None:
         raise APIError(404, "job_not_found", "no job with this id")
@@ -78,7 +85,7 @@ def retry_jobs(session: SessionDep, principal: JobRetrier, kind: str | None = No
 
 
 @router.post("/{job_id}/retry", response_model=JobsRetried)
-def retry_job(session: SessionDep, job_id: int, principal: JobRetrier) -> JobsRetried:
+def retry_job(session: SessionDep, job_id: JobId, principal: JobRetrier) -> JobsRetried:
     """One failed job queued again; 404 for no such job, 409 when it has not failed."""
     job = session.get(Job, job_id)
     if job is None:

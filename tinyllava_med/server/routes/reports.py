@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
@@ -12,7 +10,9 @@ from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import SIGNED_STATUSES, Report
 from tinyllava_med.server.db.session import after_commit
 from tinyllava_med.server.deps import (
+    Limit,
     MetricsDep,
+    Offset,
     ReportEditor,
     ReportReader,
     SessionDep,
@@ -43,8 +43,8 @@ def list_reports(
     principal: ReportReader,
     status: ReportStatus | None = None,
     study_id: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> ReportList:
     rows = crud.list_reports(session, status=status, study_id=study_id, limit=limit, offset=offset)
     crud.audit(

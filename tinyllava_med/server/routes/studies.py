@@ -13,6 +13,8 @@ from fastapi.responses import Response
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.deps import (
+    Limit,
+    Offset,
     SessionDep,
     SettingsDep,
     StoreDep,
@@ -162,8 +164,8 @@ def retrieve_from_pacs(
 def list_studies(
     session: SessionDep,
     principal: StudyReader,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
     modality: Annotated[str | None, Query(max_length=16)] = None,
     report_status: Annotated[
         crud.ReportState | None,
