@@ -87,7 +87,7 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0007"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0008"
     assert migrate.check_models_match_migrations(database_url) == []
 
 
@@ -219,6 +219,22 @@ def test_drift_is_reported(migrated_url: str) -> None:
 
 
 # --- studies and images ------------------------------------------------------------------------
+
+
+def test_columns_hold_what_the_imaging_layer_keeps() -> None:
+    """Every DICOM value the server files into a column fits it: `MAX_LENGTH` bounds what the
+    imaging layer keeps (PostgreSQL refuses a longer value, and with it the whole file)."""
+    from tinyllava_med.imaging.metadata import MAX_LENGTH
+    from tinyllava_med.server.db.models import Study
+
+    filed = 0
+    for model in (Study, Image):
+        for attr in inspect(model).column_attrs:
+            if attr.key in MAX_LENGTH:
+                assert attr.columns[0].type.length >= MAX_LENGTH[attr.key], (model, attr.key)
+                filed += 1
+    assert filed == 8  # the study's UID, accession, modality, body part; the image's 3 UIDs,
+    # modality
 
 
 def test_studies_and_images(db_engine: Engine) -> None:

@@ -2,7 +2,8 @@
 
 `SafeMetadata` is an allow-list of DICOM attributes (named by their keywords) that identify the
 study, series and image and describe how it was made; nothing in it names the patient. Free-text
-values are cut to 256 printable characters. Patient identity is read only by an explicit call to
+values are cut to 256 printable characters; a UID or code longer than it may be is dropped
+(`MAX_LENGTH`). Patient identity is read only by an explicit call to
 `patient_identifiers`, for the callers (e.g. matching a worklist) that need it.
 """
 
@@ -16,6 +17,20 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 _MAX_TEXT = 256
+# The longest value kept of a keyword the server files by. A UID (VR UI) or code string (CS)
+# longer than the standard allows is malformed and becomes None, as any malformed value does; an
+# accession number (SH: 16 in the standard) is kept up to 64, as some RIS issue longer ones. The
+# database's columns hold these lengths (a longer value made PostgreSQL refuse the whole file).
+MAX_LENGTH = {
+    "StudyInstanceUID": 64,
+    "SeriesInstanceUID": 64,
+    "SOPInstanceUID": 64,
+    "SOPClassUID": 64,
+    "TransferSyntaxUID": 64,
+    "Modality": 16,
+    "AccessionNumber": 64,
+    "BodyPartExamined": 64,
+}
 
 
 class SafeMetadata(BaseModel):
@@ -81,6 +96,9 @@ def safe_metadata(ds: Dataset, *, n_frames: int) -> SafeMetadata:
     fields.update({k: _number(_value(ds, k), int) for k in _INT_KEYWORDS})
     meta = getattr(ds, "file_meta", None)
     fields["TransferSyntaxUID"] = _text(_value(meta, "TransferSyntaxUID")) if meta else None
+    for k, n in MAX_LENGTH.items():
+        if fields[k] is not None and len(fields[k]) > n:
+            fields[k] = None
     fields["NumberOfFrames"] = n_frames
     fields["WindowCenter"] = _number(_first(_value(ds, "WindowCenter")), float)
     fields["WindowWidth"] = _number(_first(_value(ds, "WindowWidth")), float)

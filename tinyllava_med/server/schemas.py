@@ -68,7 +68,8 @@ class RetrieveRequest(BaseModel):
     """Which study to fetch from the PACS: exactly one of the two."""
 
     model_config = ConfigDict(extra="forbid")
-    accession_number: str | None = Field(default=None, min_length=1, max_length=16)  # VR SH
+    # VR SH: 16 in the standard; longer ones are kept, as some RIS issue them
+    accession_number: str | None = Field(default=None, min_length=1, max_length=64)
     study_instance_uid: str | None = Field(
         default=None, min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$"
     )

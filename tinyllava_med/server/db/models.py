@@ -128,7 +128,7 @@ class Study(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     status: Mapped[StudyStatus] = mapped_column(String(16), default="received")
     StudyInstanceUID: Mapped[str | None] = mapped_column("study_instance_uid", String(64))
-    AccessionNumber: Mapped[str | None] = mapped_column("accession_number", String(16))
+    AccessionNumber: Mapped[str | None] = mapped_column("accession_number", String(64))
     Modality: Mapped[str | None] = mapped_column("modality", String(16))
     BodyPartExamined: Mapped[str | None] = mapped_column("body_part_examined", String(64))
     StudyDate: Mapped[date | None] = mapped_column("study_date", Date)

@@ -172,7 +172,7 @@ def list_studies(
         Query(description="none, draft (a draft awaits a signature) or signed"),
     ] = None,
     accession_number: Annotated[
-        str | None, Query(max_length=16, description="the RIS's accession number, exact")
+        str | None, Query(max_length=64, description="the RIS's accession number, exact")
     ] = None,
     study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
     study_date_from: Annotated[
