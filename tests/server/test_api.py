@@ -467,8 +467,8 @@ def test_one_shot_ask_with_png(api):
     assert body["report"]["study_id"] == body["study"]["id"]
 
 
-def test_stream_sends_tokens_then_stores_report(sqlite_api):
-    api = sqlite_api
+def test_stream_sends_tokens_then_stores_report(api):
+    api = api
     study = upload_ct(api)
     with api.stream(
         "POST",
@@ -497,8 +497,8 @@ def test_stream_sends_tokens_then_stores_report(sqlite_api):
         ("empty.dcm", b"", "application/dicom", 400, "empty_file"),
     ],
 )
-def test_bad_files_are_4xx_and_store_nothing(sqlite_api, name, data, ctype, status, code):
-    api = sqlite_api
+def test_bad_files_are_4xx_and_store_nothing(api, name, data, ctype, status, code):
+    api = api
     before = api.get("/v1/studies", headers=api.h("pacs")).json()["count"]
     r = upload(api, ("good.png", png_bytes(), "image/png"), (name, data, ctype))
     assert 400 <= r.status_code < 500
@@ -506,12 +506,12 @@ def test_bad_files_are_4xx_and_store_nothing(sqlite_api, name, data, ctype, stat
     assert api.get("/v1/studies", headers=api.h("pacs")).json()["count"] == before
 
 
-def test_png_decompression_bomb_is_413(sqlite_api):
+def test_png_decompression_bomb_is_413(api):
     buf = io.BytesIO()
     Image.new("1", (40000, 40000)).save(buf, format="PNG")
-    r = upload(sqlite_api, ("bomb.png", buf.getvalue(), "image/png"))
+    r = upload(api, ("bomb.png", buf.getvalue(), "image/png"))
     assert_error(r, 413)
-    with sqlite_api.app.state.session_factory() as s:  # the refused upload is audited
+    with api.app.state.session_factory() as s:  # the refused upload is audited
         (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "study.upload")).all()
     assert (event.outcome, event.status_code, event.resource_id) == ("invalid", 413, None)
 
@@ -538,8 +538,8 @@ def test_an_image_too_long_for_the_model_is_413_at_upload_and_when_asked_about(
         assert api.get(f"/v1/studies/{study['id']}", headers=api.h()).status_code == 200
 
 
-def test_request_validation(sqlite_api):
-    api = sqlite_api
+def test_request_validation(api):
+    api = api
     study = upload_ct(api)
     url = f"/v1/studies/{study['id']}/questions"
     assert_error(api.post(url, headers=api.h(), json={}), 422, "invalid_request")
@@ -780,8 +780,8 @@ def test_a_failed_warm_up_leaves_the_server_not_ready_saying_why(
         assert r.status_code == 503 and r.json()["checks"]["model"] == "failed"
 
 
-def test_failed_accesses_are_audited(sqlite_api):
-    api = sqlite_api
+def test_failed_accesses_are_audited(api):
+    api = api
     assert_error(api.get("/v1/studies/nope", headers=api.h("pacs")), 404, "study_not_found")
     assert_error(api.get("/v1/reports/nope", headers=api.h("pacs")), 404, "report_not_found")
     with api.app.state.session_factory() as s:

@@ -62,8 +62,8 @@ def jobs_api(tmp_path, database_url, tiny_lm):
     )
 
 
-def test_stow_two_studies_then_again(sqlite_api):
-    api = sqlite_api
+def test_stow_two_studies_then_again(api):
+    api = api
     r = stow(api, CT, MR)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/dicom+json"
@@ -143,8 +143,8 @@ def test_processes_sharing_the_database_make_one_study(
         _send_in_parallel(api, _instances_of_one_study(12))
 
 
-def test_stow_partial_mismatch_and_bad_requests(sqlite_api):
-    api = sqlite_api
+def test_stow_partial_mismatch_and_bad_requests(api):
+    api = api
     r = stow(api, CT, b"DICM not really")
     assert r.status_code == 202, r.text
     body = r.json()
@@ -387,9 +387,8 @@ def test_two_servers_share_one_postgres_queue(tmp_path, postgres_url, tiny_lm):
         assert len({r["study_id"] for r in reports["data"]}) == 6
 
 
-def test_retrieve_needs_a_key_a_body_and_a_pacs(sqlite_api):
+def test_retrieve_needs_a_key_a_body_and_a_pacs(api):
     """The Orthanc test covers the retrieve itself; here what is refused before the PACS."""
-    api = sqlite_api
     body = {"accession_number": "ACC-1"}
     assert_error(api.post("/v1/studies/retrieve", json=body), 401)
     assert_error(api.post("/v1/studies/retrieve", json={}, headers=api.h("pacs")), 422)

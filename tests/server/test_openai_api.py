@@ -29,16 +29,16 @@ def user(text: str, image: str | None = None) -> dict:
 
 
 @pytest.fixture
-def client(sqlite_api):
+def client(api):
     return openai.OpenAI(
         base_url="http://testserver/v1",
-        api_key=sqlite_api.keys["pacs"],
-        http_client=sqlite_api.client,
+        api_key=api.keys["pacs"],
+        http_client=api.client,
         max_retries=0,
     )
 
 
-def test_models_and_a_completion_equal_to_the_rest_answer(sqlite_api, client):
+def test_models_and_a_completion_equal_to_the_rest_answer(api, client):
     models = client.models.list().data
     assert len(models) == 1
     model = models[0].id
@@ -53,9 +53,9 @@ def test_models_and_a_completion_equal_to_the_rest_answer(sqlite_api, client):
     assert out.object == "chat.completion" and out.model == model
     choice = out.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
-    rest = sqlite_api.post(
+    rest = api.post(
         "/v1/ask",
-        headers=sqlite_api.h(),
+        headers=api.h(),
         files={"file": ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom")},
         data={"question": QUESTION, "max_new_tokens": "12"},
     ).json()["report"]
@@ -79,7 +79,7 @@ def test_models_and_a_completion_equal_to_the_rest_answer(sqlite_api, client):
     assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
 
     # the image, sent again with each turn, was processed once and its prompt prefix reused
-    pixels, prefixes = sqlite_api.app.state.engine.pixels, sqlite_api.app.state.engine.prefixes
+    pixels, prefixes = api.app.state.engine.pixels, api.app.state.engine.prefixes
     # misses: the CT via chat, then via /v1/ask (another key); hits: the streamed chat
     assert (pixels.misses, pixels.hits, prefixes.misses, prefixes.hits) == (2, 1, 2, 1)
 
@@ -100,7 +100,7 @@ def test_models_and_a_completion_equal_to_the_rest_answer(sqlite_api, client):
     )
     assert follow.usage.prompt_tokens > alone.usage.prompt_tokens
 
-    with sqlite_api.app.state.session_factory() as s:
+    with api.app.state.session_factory() as s:
         events = s.scalars(select(AuditEvent).where(AuditEvent.action == "chat.completion")).all()
         assert len(events) == 4 and all(e.outcome == "ok" for e in events)
         assert len(s.scalars(select(Report)).all()) == 1  # only the REST ask stored a report
@@ -139,7 +139,7 @@ def test_bad_requests_are_4xx_in_the_error_shape(client, messages, error, code):
     assert body["message"] and (code is None or body["code"] == code)
 
 
-def test_unknown_model_limits_and_keys(sqlite_api, client):
+def test_unknown_model_limits_and_keys(api, client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[user(QUESTION, CT_URI)])
     model = client.models.list().data[0].id
@@ -150,7 +150,7 @@ def test_unknown_model_limits_and_keys(sqlite_api, client):
     anonymous = openai.OpenAI(
         base_url="http://testserver/v1",
         api_key="nope",
-        http_client=sqlite_api.client,
+        http_client=api.client,
         max_retries=0,
     )
     with pytest.raises(openai.AuthenticationError):

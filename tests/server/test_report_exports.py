@@ -385,8 +385,8 @@ def test_deleting_a_study_rejects_its_pushed_srs_with_an_iocm_note(tmp_path, dat
             assert len(s.scalars(select(Job).where(Job.kind == "push_rejection")).all()) == 1
 
 
-def test_png_report_has_fhir_but_no_sr(sqlite_api):
-    api = sqlite_api
+def test_png_report_has_fhir_but_no_sr(api):
+    api = api
     r = upload(api, ("x.png", png_bytes(), "image/png"))
     report = ask(api, r.json()["id"])
     assert_error(api.get(f"/v1/reports/{report['id']}/sr", headers=api.h()), 409, "no_dicom_source")
