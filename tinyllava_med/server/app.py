@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -135,7 +136,7 @@ class RefuseNul:
         if "\x00" in scope["path"] or b"%00" in query or b"\x00" in query:
             await self._reject(scope, receive, send, "the path or query")
             return
-        content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"").lower()
         if b"json" not in content_type:
             await self.app(scope, receive, send)
             return
@@ -163,8 +164,6 @@ class RefuseNul:
 
     @staticmethod
     async def _reject(scope: Scope, receive: Receive, send: Send, where: str) -> None:
-        from fastapi.responses import JSONResponse
-
         message = f"{where} holds a NUL character (U+0000), which no field accepts"
         response = JSONResponse(error_body("invalid_request", message, None), status_code=422)
         await response(scope, receive, send)
