@@ -13,12 +13,7 @@ from fastapi import APIRouter, Query
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Outcome
-from tinyllava_med.server.deps import (
-    AuditReader,
-    Limit,
-    Offset,
-    SessionDep,
-)
+from tinyllava_med.server.deps import AuditReader, Limit, Offset, SessionDep
 from tinyllava_med.server.schemas import AuditEventList, AuditEventPublic
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])

@@ -11,14 +11,7 @@ from sqlalchemy.orm import Session
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Job
-from tinyllava_med.server.deps import (
-    JobId,
-    JobRetrier,
-    Limit,
-    Offset,
-    SessionDep,
-    StudyReader,
-)
+from tinyllava_med.server.deps import JobId, JobRetrier, Limit, Offset, SessionDep, StudyReader
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.jobs import retry_failed
 from tinyllava_med.server.schemas import JobList, JobPublic, JobsRetried
