@@ -27,6 +27,7 @@ from api_helpers import (
     wait_for,
 )
 from PIL import Image
+from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
 
 from tinyllava_med.server.db.models import AuditEvent, Job, Report, ReportEdit, utcnow
@@ -295,6 +296,75 @@ def test_worklist_finds_a_study_by_accession_number_uid_and_date(api):
     assert len(details) == 11 and "ACC00" not in json.dumps(details)
     assert details[-2]["filters"] == ["modality", "accession_number"]
     assert details[-1]["filters"] == ["report_state", "accession_number"]
+
+
+def test_a_ris_finds_reports_by_accession_number_and_polls_for_new_signatures(api):
+    """`GET /v1/reports` by the study's accession number or Study Instance UID, and
+    `signed_since` for a RIS that polls for results signed (or amended) since its last poll;
+    filters combine; a time without an offset is UTC; the audit names the filters, not values."""
+    reports = {}
+    for name, accession in (("a", "ACC-77"), ("b", "ACC-77"), ("c", "ACC-78")):
+        study = upload(
+            api,
+            (
+                f"{name}.dcm",
+                ct_with(AccessionNumber=accession, StudyInstanceUID=generate_uid()),
+                "application/dicom",
+            ),
+        ).json()
+        r = api.post(
+            f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "?"}
+        )
+        assert r.status_code == 201, r.text
+        reports[name] = (r.json()["id"], study["StudyInstanceUID"])
+
+    def sign(name, **body):
+        r = api.patch(
+            f"/v1/reports/{reports[name][0]}", headers=api.h(), json={"status": "final", **body}
+        )
+        assert r.status_code == 200, r.text
+        return datetime.fromisoformat(r.json()["signed_at"])
+
+    def listed(**params):
+        r = api.get("/v1/reports", headers=api.h(), params=params)
+        assert r.status_code == 200, r.text
+        assert r.json()["count"] == len(r.json()["data"])
+        ids = {v[0]: k for k, v in reports.items()}
+        return sorted(ids[x["id"]] for x in r.json()["data"])
+
+    assert listed(accession_number="ACC-77") == ["a", "b"]
+    assert listed(accession_number=" ACC-78 ") == ["c"]
+    assert listed(study_instance_uid=reports["b"][1]) == ["b"]
+    assert listed(accession_number="ACC-79") == []
+    assert listed(signed_since="2000-01-01T00:00:00Z") == []  # nothing signed yet
+
+    first = sign("a")
+    assert listed(signed_since=first.isoformat()) == ["a"]
+    poll = datetime.now(timezone.utc)  # the RIS's last poll
+    time.sleep(0.01)
+    sign("c")
+    r = api.patch(
+        f"/v1/reports/{reports['a'][0]}",
+        headers=api.h(),
+        json={"text": "Corrected.", "status": "amended", "reason": "typo"},
+    )
+    assert r.status_code == 200, r.text
+    # since the last poll: c, signed, and a, amended (signed again)
+    assert listed(signed_since=poll.isoformat()) == ["a", "c"]
+    assert listed(signed_since=poll.replace(tzinfo=None).isoformat()) == ["a", "c"]  # UTC
+    assert listed(signed_since=poll.isoformat(), accession_number="ACC-77") == ["a"]
+    assert listed(signed_since=poll.isoformat(), status="final") == ["c"]
+    assert listed(status="draft", accession_number="ACC-77") == ["b"]
+    assert_error(api.get("/v1/reports?signed_since=yesterday", headers=api.h()), 422)
+    assert_error(api.get(f"/v1/reports?accession_number={'9' * 65}", headers=api.h()), 422)
+
+    with api.app.state.session_factory() as s:
+        listed_events = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "report.list").order_by(AuditEvent.id)
+        ).all()
+    assert "ACC-7" not in json.dumps([e.detail for e in listed_events])
+    assert listed_events[-1].detail["filters"] == ["status", "accession_number"]
+    assert ["accession_number", "signed_since"] in [e.detail["filters"] for e in listed_events]
 
 
 def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):

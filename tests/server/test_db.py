@@ -87,7 +87,7 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0008"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0009"
     assert migrate.check_models_match_migrations(database_url) == []
 
 
@@ -537,9 +537,11 @@ def test_report_edit_history_and_signing(db_engine: Engine) -> None:
         reloaded = crud.get_report(s, report_id)
         assert reloaded is not None and reloaded.text == "No acute fracture."
         assert s.scalar(select(ReportEdit.id).where(ReportEdit.new_text == "changed")) is None
-        assert [r.id for r in crud.list_reports(s, status="final")] == [report_id]
-        assert crud.list_reports(s, status="draft") == []
-        assert crud.count_reports(s, study_id=reloaded.study_id) == 1
+        assert [r.id for r in crud.list_reports(s, crud.ReportFilter(status="final"))] == [
+            report_id
+        ]
+        assert crud.list_reports(s, crud.ReportFilter(status="draft")) == []
+        assert crud.count_reports(s, crud.ReportFilter(study_id=reloaded.study_id)) == 1
 
 
 def test_a_signed_report_changes_only_by_an_amendment_with_a_reason(db_engine: Engine) -> None:
@@ -604,8 +606,10 @@ def test_a_signed_report_changes_only_by_an_amendment_with_a_reason(db_engine: E
             signed_version,
             amended_version,
         ]
-        assert [r.id for r in crud.list_reports(s, status="amended")] == [report_id]
-        assert crud.list_reports(s, status="final") == []
+        assert [r.id for r in crud.list_reports(s, crud.ReportFilter(status="amended"))] == [
+            report_id
+        ]
+        assert crud.list_reports(s, crud.ReportFilter(status="final")) == []
 
 
 def test_report_image_must_belong_to_the_study(db_session: Session) -> None:

@@ -8,6 +8,7 @@ the lookup itself (py-spy at 16 clients: a fifth of the loop's time was dependen
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
@@ -62,6 +63,13 @@ BIGINT_MAX = 2**63 - 1
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=BIGINT_MAX)]
 JobId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
+
+
+def as_utc(t: datetime | None) -> datetime | None:
+    """A time parameter without an offset is UTC, as the stored times are (the database layer
+    refuses naive times: they were a 500)."""
+    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
+
 
 Uploader = Annotated[Principal, Depends(require("study.upload"))]
 StudyReader = Annotated[Principal, Depends(require("study.read"))]

@@ -294,7 +294,7 @@ def delete_study(session: Session, study: Study) -> list[str]:
     session.execute(drafts.execution_options(synchronize_session=False))
     # a report signed since the check is not a draft: the study keeps it, and so RESTRICT
     # refuses the study's deletion below; images, jobs and edits go by ON DELETE CASCADE
-    if count_reports(session, study_id=study.id):
+    if count_reports(session, ReportFilter(study_id=study.id)):
         raise StudyHasSignedReports(
             "a report of the study was signed meanwhile; it stays",
             detail={"study_id": study.id},
@@ -472,35 +472,52 @@ def get_report(session: Session, report_id: str) -> Report | None:
     return session.get(Report, report_id)
 
 
-def _reports_filter(
-    stmt: Select[Any], status: ReportStatus | None, study_id: str | None
-) -> Select[Any]:
-    if status is not None:
-        stmt = stmt.where(Report.status == status)
-    if study_id is not None:
-        stmt = stmt.where(Report.study_id == study_id)
-    return stmt
+@dataclass(frozen=True)
+class ReportFilter:
+    """Which reports a list shows: each set field must match. `accession_number` and
+    `study_instance_uid` are the study's; `signed_since` keeps the reports signed (or amended,
+    which signs again) at or after that time, for a RIS that polls for new results."""
+
+    status: ReportStatus | None = None
+    study_id: str | None = None
+    accession_number: str | None = None
+    study_instance_uid: str | None = None
+    signed_since: datetime | None = None
+
+    def used(self) -> list[str]:
+        """The names of the fields set (for the audit, which keeps no values)."""
+        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, "")]
+
+    def apply(self, stmt: Select[Any]) -> Select[Any]:
+        for column, value in (
+            (Report.status, self.status),
+            (Report.study_id, self.study_id),
+        ):
+            if value:
+                stmt = stmt.where(column == value)
+        if self.signed_since is not None:
+            stmt = stmt.where(Report.signed_at >= self.signed_since)
+        studies = StudyFilter(
+            accession_number=self.accession_number, study_instance_uid=self.study_instance_uid
+        )
+        if studies.used():
+            stmt = stmt.where(Report.study_id.in_(studies.apply(select(Study.id))))
+        return stmt
+
+
+ALL_REPORTS = ReportFilter()
 
 
 def list_reports(
-    session: Session,
-    *,
-    status: ReportStatus | None = None,
-    study_id: str | None = None,
-    limit: int = 50,
-    offset: int = 0,
+    session: Session, where: ReportFilter = ALL_REPORTS, *, limit: int = 50, offset: int = 0
 ) -> list[Report]:
-    """Newest first."""
-    stmt = _reports_filter(select(Report), status, study_id)
-    stmt = stmt.order_by(Report.created_at.desc(), Report.id.desc())
+    """The reports `where` keeps, newest first."""
+    stmt = where.apply(select(Report)).order_by(Report.created_at.desc(), Report.id.desc())
     return list(session.scalars(_page(stmt, limit, offset)))
 
 
-def count_reports(
-    session: Session, *, status: ReportStatus | None = None, study_id: str | None = None
-) -> int:
-    stmt = _reports_filter(select(func.count()).select_from(Report), status, study_id)
-    return int(session.scalar(stmt) or 0)
+def count_reports(session: Session, where: ReportFilter = ALL_REPORTS) -> int:
+    return int(session.scalar(where.apply(select(func.count()).select_from(Report))) or 0)
 
 
 def report_counts(session: Session, study_ids: Sequence[str]) -> dict[str, ReportCounts]:
@@ -779,11 +796,13 @@ def backlog(session: Session, now: datetime | None = None) -> Backlog:
 
 
 __all__ = [
+    "ALL_REPORTS",
     "Backlog",
     "DomainError",
     "InvalidReportUpdate",
     "ReportChanged",
     "ReportGone",
+    "ReportFilter",
     "ReportFinalized",
     "add_image",
     "audit",

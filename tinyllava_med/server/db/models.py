@@ -187,6 +187,7 @@ class Report(Base):
         Index(None, "study_id"),
         Index(None, "image_id"),
         Index(None, "status", "created_at"),
+        Index(None, "signed_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)

@@ -6,14 +6,14 @@ log can be handed to a privacy officer as it is.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Outcome
-from tinyllava_med.server.deps import AuditReader, Limit, Offset, SessionDep
+from tinyllava_med.server.deps import AuditReader, Limit, Offset, SessionDep, as_utc
 from tinyllava_med.server.schemas import AuditEventList, AuditEventPublic
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -39,10 +39,7 @@ def list_audit_events(
 ) -> AuditEventList:
     """Newest first. E.g. everything done to one report: `?resource_type=report&resource_id=`;
     everything one key did: `?actor=<key id>`; refusals: `?outcome=denied`."""
-    # a time without an offset is UTC, as the events' own times are
-    since, until = (
-        t.replace(tzinfo=timezone.utc) if t and not t.tzinfo else t for t in (since, until)
-    )
+    since, until = as_utc(since), as_utc(until)
     query: crud.AuditQuery = {
         "actor": actor,
         "action": action,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
@@ -18,6 +21,7 @@ from tinyllava_med.server.deps import (
     SessionDep,
     SettingsDep,
     StoreDep,
+    as_utc,
 )
 from tinyllava_med.server.dicom_sr import report_sr, signer_name
 from tinyllava_med.server.errors import APIError
@@ -43,10 +47,31 @@ def list_reports(
     principal: ReportReader,
     status: ReportStatus | None = None,
     study_id: str | None = None,
+    accession_number: Annotated[
+        str | None, Query(max_length=64, description="the study's accession number, exact")
+    ] = None,
+    study_instance_uid: Annotated[
+        str | None, Query(max_length=64, description="the study's Study Instance UID")
+    ] = None,
+    signed_since: Annotated[
+        datetime | None,
+        Query(
+            description="signed or amended at or after (ISO 8601; UTC without an offset): "
+            "a RIS polling for new results"
+        ),
+    ] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> ReportList:
-    rows = crud.list_reports(session, status=status, study_id=study_id, limit=limit, offset=offset)
+    """Newest first; every filter given must match."""
+    where = crud.ReportFilter(
+        status=status,
+        study_id=study_id,
+        accession_number=accession_number.strip() if accession_number else None,
+        study_instance_uid=study_instance_uid.strip() if study_instance_uid else None,
+        signed_since=as_utc(signed_since),
+    )
+    rows = crud.list_reports(session, where, limit=limit, offset=offset)
     crud.audit(
         session,
         actor=principal.actor,
@@ -55,12 +80,13 @@ def list_reports(
         resource_id=None,
         outcome="ok",
         status_code=200,
-        detail={"count": len(rows)},
+        # which filters were used, never their values
+        detail={"count": len(rows), "filters": where.used()},
     )
     names = crud.key_names(session, (r.signed_by for r in rows))
     return ReportList(
         data=[report_public(r, signer_name=names.get(r.signed_by or "")) for r in rows],
-        count=crud.count_reports(session, status=status, study_id=study_id),
+        count=crud.count_reports(session, where),
     )
 
 
