@@ -332,6 +332,17 @@ def _console_db(settings: Any) -> Iterator[Any]:
         engine.dispose()
 
 
+def _days(value: str) -> float:
+    """A positive number of days: `--days -1` would release what arrived a moment ago."""
+    try:
+        days = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {value!r}") from None
+    if not days > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be more than 0 days, got {value}")
+    return days
+
+
 def _release_images(settings: Any, days: float | None) -> int:
     """Release now what the hourly job would (`retention.py`): for a disk filling up."""
     from tinyllava_med.server.retention import audit_release, release_due
@@ -724,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", nargs="?", help="backup: the folder to back up into")
     p.add_argument(
         "--days",
-        type=float,
+        type=_days,
         default=None,
         help="release-images: studies older than this (default IMAGE_RETENTION_DAYS)",
     )

@@ -180,6 +180,10 @@ def test_the_console_releases_now(tmp_path, monkeypatch, capsys):
         s.execute(update(Study).values(created_at=utcnow() - timedelta(days=10)))
     with pytest.raises(SystemExit, match="needs --days"):
         main(["db", "release-images"])
+    for days in ("-1", "0", "nan", "soon"):  # a typo must not release what just arrived
+        with pytest.raises(SystemExit):
+            main(["db", "release-images", "--days", days])
+        assert "--days" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["db", "release-images", "--days", "30"]) == 0
     assert "released 0 images of 0 studies" in capsys.readouterr().out
