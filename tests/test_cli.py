@@ -42,6 +42,22 @@ def test_help_lists_every_verb():
         assert verb in out.stdout, verb
 
 
+def test_a_bad_setting_or_argument_says_what_is_wrong_without_a_traceback(tmp_path):
+    """An ops engineer's typo in an environment variable or a flag: one line naming the setting
+    and its variable, exit 2, and no value echoed (a DATABASE_URL holds a password); `-v`
+    keeps the traceback."""
+    env = {"TINYLLAVA_MED_DATA_DIR": str(tmp_path), "TINYLLAVA_MED_MAX_QUEUE": "lots"}
+    out = cli("serve", "--port", "99999", env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "setting port (TINYLLAVA_MED_PORT" in out.stderr
+    assert "setting max_queue (TINYLLAVA_MED_MAX_QUEUE" in out.stderr and "lots" not in out.stderr
+    out = cli("data", "phantom", "--out", str(tmp_path / "p"), "--n", "0")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "n must be >= 1" in out.stderr
+    out = cli("-v", "data", "phantom", "--out", str(tmp_path / "p"), "--n", "0")
+    assert out.returncode == 1 and "Traceback" in out.stderr
+
+
 def test_ask_ct_small_json(tiny_model_dir, tiny_lm):
     out = cli(
         "ask",

@@ -776,7 +776,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # its messages may quote PHI values
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:  # a bad setting or argument: what is wrong, not a traceback
+        if args.verbose:
+            raise
+        print(_user_error(e), file=sys.stderr)
+        return 2
+
+
+def _user_error(e: ValueError) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError) and e.title == "Settings":  # the environment or flags
+        return "\n".join(
+            f"tinyllava-med: setting {name} (TINYLLAVA_MED_{name.upper()}, or its flag): "
+            f"{err['msg']}"
+            for err in e.errors()
+            for name in [".".join(str(part) for part in err["loc"])]
+        )
+    return f"tinyllava-med: error: {e} (-v shows where)"
 
 
 if __name__ == "__main__":
