@@ -122,6 +122,56 @@ def test_0002_keeps_existing_reports(database_url: str) -> None:
         engine.dispose()
 
 
+def test_0008_widens_accession_numbers_and_keeps_every_study_child(database_url: str) -> None:
+    """0008 rebuilds `studies` on SQLite (batch mode): a populated database keeps its studies,
+    their images and reports (no cascade), and takes 64-character accession numbers; a
+    downgrade cuts longer ones to 16."""
+    migrate.upgrade(database_url, "0007")
+    engine = make_engine(database_url)
+    t = {"t": "2026-01-01 00:00:00"}
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO studies (id, created_at, status, accession_number) "
+                    "VALUES ('s', :t, 'reported', 'ACC-16-CHARS-OK!')"
+                ),
+                t,
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO images (id, study_id, n, sha256, kind, size_bytes, rows, "
+                    "columns, n_frames, safe_metadata, created_at) "
+                    "VALUES ('i', 's', 0, 'h', 'png', 1, 1, 1, 1, '{}', :t)"
+                ),
+                t,
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO reports (id, study_id, image_id, question, answer, text, status, "
+                    "model, quantization, server_version, created_at, updated_at) VALUES ('r', "
+                    "'s', 'i', 'q', 'a', 'a', 'draft', 'm', 'none', '0.1.0', :t, :t)"
+                ),
+                t,
+            )
+        migrate.upgrade(database_url)
+        long = "RIS-2026-" + "7" * 55  # 64 characters
+        with engine.begin() as conn:
+            assert conn.execute(text("SELECT count(*) FROM images")).scalar_one() == 1
+            assert conn.execute(text("SELECT image_id FROM reports")).scalar_one() == "i"
+            conn.execute(text("UPDATE studies SET accession_number = :a"), {"a": long})
+        assert migrate.check_models_match_migrations(database_url) == []
+        migrate.downgrade(database_url, "0007")
+        with engine.connect() as conn:
+            assert (
+                conn.execute(text("SELECT accession_number FROM studies")).scalar_one()
+                == (long[:16])
+            )
+            assert conn.execute(text("SELECT count(*) FROM reports")).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
 def test_0003_allows_amended_reports_and_downgrades_them_to_final(database_url: str) -> None:
     """0003 lets a signed report be amended (a status the constraints refused) and keeps what
     each edit replaced; downgrading makes amended reports final again, text and history kept."""
