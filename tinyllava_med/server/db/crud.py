@@ -214,8 +214,17 @@ def study_by_uid(session: Session, study_uid: str) -> Study | None:
     )
 
 
+class _Filter:
+    """A list route's filters (a dataclass): each set field must match."""
+
+    def used(self) -> list[str]:
+        """The names of the fields set (for the audit, which keeps no values)."""
+        names = [f.name for f in fields(self)]  # type: ignore[arg-type]
+        return [n for n in names if getattr(self, n) not in (None, "")]
+
+
 @dataclass(frozen=True)
-class StudyFilter:
+class StudyFilter(_Filter):
     """Which studies a worklist shows: each set field must match (exact values; `study_date_*`
     bound the DICOM Study Date, both ends included); `report_state` keeps the studies whose
     reports are in that state (see `ReportCounts.state`)."""
@@ -226,10 +235,6 @@ class StudyFilter:
     study_instance_uid: str | None = None
     study_date_from: date | None = None
     study_date_to: date | None = None
-
-    def used(self) -> list[str]:
-        """The names of the fields set (for the audit, which keeps no values)."""
-        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, "")]
 
     def apply(self, stmt: Select[Any]) -> Select[Any]:
         for column, value in (
@@ -473,7 +478,7 @@ def get_report(session: Session, report_id: str) -> Report | None:
 
 
 @dataclass(frozen=True)
-class ReportFilter:
+class ReportFilter(_Filter):
     """Which reports a list shows: each set field must match. `accession_number` and
     `study_instance_uid` are the study's; `signed_since` keeps the reports signed (or amended,
     which signs again) at or after that time, for a RIS that polls for new results."""
@@ -483,10 +488,6 @@ class ReportFilter:
     accession_number: str | None = None
     study_instance_uid: str | None = None
     signed_since: datetime | None = None
-
-    def used(self) -> list[str]:
-        """The names of the fields set (for the audit, which keeps no values)."""
-        return [f.name for f in fields(self) if getattr(self, f.name) not in (None, "")]
 
     def apply(self, stmt: Select[Any]) -> Select[Any]:
         for column, value in (
