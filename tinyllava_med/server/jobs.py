@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydicom
 from sqlalchemy import and_, or_, select, update
@@ -51,6 +51,7 @@ from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
 from tinyllava_med.server.dicom_sr import report_sr
 from tinyllava_med.server.serving import render, save_report, stored_image_key
 from tinyllava_med.server.settings import Settings
+from tinyllava_med.server.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,30 @@ def retry_failed(
 # --- running -----------------------------------------------------------------------------------
 
 
+class Swept(NamedTuple):
+    """What `remove_unused` did with each file: removed, kept as the database needs it, or kept
+    as it was stored again within the grace period (`fresh`: for a later sweep)."""
+
+    removed: list[str]
+    in_use: set[str]
+    fresh: list[str]
+
+
+def remove_unused(
+    sessions: sessionmaker[Session], store: ImageStore, hashes: list[str], grace_s: float
+) -> Swept:
+    """Remove those of `hashes` the database no longer needs (`crud.files_in_use`) and no upload
+    touched within `grace_s`: for a deleted study's sweep and for the image retention."""
+    with sessions() as s:
+        in_use = crud.files_in_use(s, hashes)
+    removed: list[str] = []
+    fresh: list[str] = []
+    for sha in hashes:
+        if sha not in in_use:
+            (removed if store.remove_if_stale(sha, grace_s) else fresh).append(sha)
+    return Swept(removed, in_use, fresh)
+
+
 class JobRunner:
     """`workers` threads that claim and run jobs until `stop()`; while the model is not ready
     or the engine's queue is full they take only jobs that need no model (`NEEDS_NO_MODEL`), so
@@ -409,24 +434,21 @@ class JobRunner:
     def _sweep_images(self, job: Claimed) -> str:
         """Remove the files no image refers to any more, and what the caches derived from
         them; a file stored again within the grace period waits for another sweep."""
-        store = self.app.state.store
-        grace = self.settings.image_sweep_grace_s
         hashes = [str(h) for h in job.payload["sha256"]]
-        with self.sessions() as s:
-            held = crud.files_in_use(s, hashes)
-        removed: list[str] = []
-        fresh: list[str] = []
-        for sha in hashes:
-            if sha in held:
-                continue
-            (removed if store.remove_if_stale(sha, grace) else fresh).append(sha)
-        self._forget(removed)
+        swept = remove_unused(
+            self.sessions, self.app.state.store, hashes, self.settings.image_sweep_grace_s
+        )
+        self._forget(swept.removed)
         with self.sessions.begin() as s:
-            again = schedule_sweep(s, self.settings, fresh)
+            again = schedule_sweep(s, self.settings, swept.fresh)
             return finish(
                 s,
                 job,
-                {"removed": len(removed), "kept": len(held), "again": again.id if again else None},
+                {
+                    "removed": len(swept.removed),
+                    "kept": len(swept.in_use),
+                    "again": again.id if again else None,
+                },
             )
 
     def _forget(self, removed: list[str]) -> None:

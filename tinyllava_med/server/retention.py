@@ -2,11 +2,12 @@
 disk does not fill with studies the PACS keeps anyway.
 
 A study is due when it arrived more than `image_retention_days` ago and has no draft report (a
-radiologist may still be reading it) and no automatic report still to come. Its images' rows stay, marked `released_at`, and so do the
-study and its reports. A DICOM image's header without pixels is stored first (`header_sha256`:
-its reports' SRs are built from it); then the file is removed, unless a held image refers to the
-same content or it was touched within `image_sweep_grace_s` (an upload of the same file racing
-the release). Asking for a released image answers 410 `image_released`; retrieving the study from
+radiologist may still be reading it) and no automatic report still to come. Its images' rows
+stay, marked `released_at`, and so do the study and its reports. A DICOM image's header without
+pixels is stored first (`header_sha256`: its reports' SRs are built from it); then the file is
+removed as a deleted study's are (`jobs.remove_unused`), unless a held image refers to the same
+content or it was touched within `image_sweep_grace_s` (an upload of the same file racing the
+release). Asking for a released image answers 410 `image_released`; retrieving the study from
 the PACS, or receiving it again (STOW-RS, DIMSE, import), files each instance under its row
 again (`ingest.store_instances`).
 
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
-from tinyllava_med.server.jobs import AUTO_REPORT, RELEASE_IMAGES
+from tinyllava_med.server.jobs import AUTO_REPORT, RELEASE_IMAGES, remove_unused
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 
@@ -90,7 +91,7 @@ def _header(data: bytes) -> bytes:
 
 def release_study(session: Session, store: ImageStore, study_id: str, now: datetime) -> list[str]:
     """Mark the study's held images released, keeping DICOM headers; the hashes of their files
-    (for `remove_files`, once this is committed). A draft made meanwhile keeps the study."""
+    (for `jobs.remove_unused`, once this is committed). A draft made meanwhile keeps the study."""
     a_draft = select(Report.id).where(Report.study_id == study_id, Report.status == "draft")
     if session.scalar(a_draft.limit(1)) is not None:
         return []
@@ -105,20 +106,6 @@ def release_study(session: Session, store: ImageStore, study_id: str, now: datet
                 log.warning("no header kept for a released image: %s", type(e).__name__)
         image.released_at = now
     return [image.sha256 for image in images]
-
-
-def remove_files(
-    sessions: sessionmaker[Session], store: ImageStore, settings: Settings, hashes: list[str]
-) -> list[str]:
-    """Remove the released files no held image refers to and no upload touched within the
-    grace period; the hashes removed."""
-    with sessions() as s:
-        held = crud.files_in_use(s, hashes)
-    return [
-        sha
-        for sha in sorted(set(hashes) - held)
-        if store.remove_if_stale(sha, settings.image_sweep_grace_s)
-    ]
 
 
 def release_due(
@@ -136,7 +123,9 @@ def release_due(
         if hashes:
             studies += 1
             images += len(hashes)
-            removed += remove_files(sessions, store, settings, hashes)
+            removed += remove_unused(
+                sessions, store, sorted(set(hashes)), settings.image_sweep_grace_s
+            ).removed
     return {"studies": studies, "images": images, "files_removed": len(removed), "hashes": removed}
 
 
