@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gc
 import io
 import json
@@ -678,10 +679,57 @@ def test_nul_characters_are_refused_not_a_500(api):
     ]
     for r in refused:
         assert_error(r, 422, "invalid_request")
-        assert "NUL" in r.json()["error"]["message"]
+        assert "U+0000" in r.json()["error"]["message"]
     r = api.get(f"/v1/reports/{report}", headers=api.h())
     assert r.status_code == 200 and r.json()["status"] == "draft", r.text
     assert api.get("/v1/studies", headers=api.h()).json()["count"] == 1  # /v1/ask stored none
+
+
+def test_control_characters_are_refused_where_reports_get_them(api):
+    """A question, a report edit, an amendment's reason or a key's name (the signer in the
+    exports) with a control character other than tab and line breaks: 422 naming the character,
+    not echoing the text, and nothing changes. DICOM SR, FHIR and XML refuse them (a vertical
+    tab from a word processor made an invalid FHIR narrative)."""
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    fine = "Line one\twith a tab\r\nline two\nline three"
+    r = api.post(url, headers=api.h(), json={"question": fine, "max_new_tokens": 2})
+    assert r.status_code == 201, r.text
+    report = f"/v1/reports/{r.json()['id']}"
+    assert api.patch(report, headers=api.h(), json={"text": fine}).json()["text"] == fine
+    secret = "Mrs Example"
+    ask_file = {"file": ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom")}
+    png = base64.b64encode(png_bytes()).decode()
+    content = [
+        {"type": "text", "text": f"{secret}\x1f?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+    ]
+    refused = [
+        api.post(url, headers=api.h(), json={"question": f"{secret}\x1b[31m?"}),
+        api.post("/v1/ask", headers=api.h(), files=ask_file, data={"question": f"{secret}\x07"}),
+        api.post(
+            "/v1/chat/completions",
+            headers=api.h(),
+            json={"model": "tiny-test", "messages": [{"role": "user", "content": content}]},
+        ),
+        api.patch(report, headers=api.h(), json={"text": f"{secret}\x0bsecond line"}),
+        api.patch(report, headers=api.h(), json={"text": f"{secret}\x0c"}),
+        api.post("/v1/apikeys", headers=api.h("admin"), json={"role": "pacs", "name": "a\x7f"}),
+    ]
+    codes = ["U+001B", "U+0007", "U+001F", "U+000B", "U+000C", "U+007F"]
+    for r, code in zip(refused, codes, strict=True):
+        assert_error(r, 422, "invalid_request")
+        assert code in r.text and secret not in r.text, r.text
+    r = api.patch(report, headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    r = api.patch(
+        report, headers=api.h(), json={"status": "amended", "text": "x", "reason": "typo\x08"}
+    )
+    assert_error(r, 422, "invalid_request")
+    r = api.get(report, headers=api.h())
+    assert (r.json()["status"], r.json()["text"]) == ("final", fine)
+    assert api.get("/v1/studies", headers=api.h()).json()["count"] == 1  # /v1/ask stored none
+    assert api.get("/v1/reports", headers=api.h()).json()["count"] == 1
 
 
 def test_numbers_past_the_database_and_times_without_an_offset(api):

@@ -6,6 +6,7 @@ import base64
 import io
 import re
 from datetime import datetime
+from xml.etree import ElementTree
 
 import highdicom as hd
 import pydicom
@@ -45,8 +46,8 @@ def test_sr_draft_then_signed(api):
     study = upload_ct(api)
     report = ask(api, study["id"])
     source = pydicom.dcmread(CT_SMALL)
-    # a draft edit with non-ASCII text and a stray control character (not allowed in DICOM text)
-    r = api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"text": "Ödem\x18 — 2 cm"})
+    # a draft edit with non-ASCII text
+    r = api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"text": "Ödem — 2 cm"})
     assert r.status_code == 200, r.text
     report = r.json()
 
@@ -130,6 +131,41 @@ def test_fhir_diagnostic_report(api):
     )
     assert dr.status == "final"
     assert dr.resultsInterpreter[0].display == "test radiologist"
+
+
+def test_exports_of_a_report_stored_with_control_characters_are_valid(api):
+    """The API refuses control characters (but tab and line breaks) in report text; a report
+    stored before it did still exports as valid DICOM text, FHIR strings and XHTML: they go."""
+    study = upload_ct(api)
+    report = ask(api, study["id"])
+    with api.app.state.session_factory.begin() as s:
+        row = s.get(Report, report["id"])
+        row.question, row.text = "Size\x07?", "Ödem\x0bline two\x1b[31m\tend\r\n"
+    r = api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+
+    t = texts(sr_of(api, report["id"]))
+    assert t["Finding"] == "Ödemline two[31m\tend\r\n"
+    assert t["Clinical information"] == "Size?"
+
+    r = api.get(f"/v1/reports/{report['id']}/fhir", headers=api.h("pacs"))
+    assert r.status_code == 200, r.text
+    dr = DiagnosticReport.model_validate_json(r.text)
+    assert dr.conclusion == "Ödemline two[31m\tend\r\n"
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict | list):
+            for v in value.values() if isinstance(value, dict) else value:
+                yield from strings(v)
+
+    # FHIR: "Strings SHALL NOT contain Unicode character points below 32, except for u0009,
+    # u000D and u000A"; the narrative is XHTML, which an XML parser reads
+    for value in strings(r.json()):
+        assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f]", value), value
+    div = ElementTree.fromstring(r.json()["text"]["div"])
+    assert "Size?" in "".join(div.itertext())
 
 
 def comments(item) -> list[str]:

@@ -255,12 +255,17 @@ def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
     )
     assert unlabeled == [], unlabeled
 
-    # Edit and save the draft: the model's answer stays beside the edited text.
-    edited = "No nodule seen. Lungs clear. (edited by the radiologist)"
-    page.get_by_label("Report text (draft)").fill(edited)
+    # Edit and save the draft: the model's answer stays beside the edited text. Pasted from a
+    # word processor, its line break is a vertical tab and a stray control character came
+    # along: the field sends (and then shows) a line break and drops the other, which the
+    # server would refuse.
+    edited = "No nodule seen.\nLungs clear. (edited by the radiologist)"
+    pasted = "No nodule seen.\vLungs clear.\x07 (edited by the radiologist)"
+    page.get_by_label("Report text (draft)").fill(pasted)
     expect(page.locator("#report-status")).to_have_text("Unsaved changes")
     page.get_by_role("button", name="Save draft").click()
     expect(page.locator("#report-status")).to_have_text("Draft saved.")
+    expect(page.get_by_label("Report text (draft)")).to_have_value(edited)
     saved = server.get(f"/v1/reports/{report_id}").json()
     assert (saved["text"], saved["status"], saved["answer"]) == (edited, "draft", stored["answer"])
 

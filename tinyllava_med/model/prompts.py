@@ -96,15 +96,28 @@ def build_prompt(template: str, question: str, history: list[tuple[str, str]] | 
     return "".join(text for text, _ in conversation_segments(template, turns))
 
 
-# C0 controls but tab and newlines, and DEL: a byte-fallback token (`<0x00>`) decodes to one,
-# and no report holds them (PostgreSQL text refuses NUL; XML, hence DICOM SR viewers, the rest)
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# C0 controls but tab and line breaks, and DEL. No question, answer or report holds them:
+# PostgreSQL text refuses NUL; DICOM text (ST/LT/UT), FHIR strings and XML (a FHIR narrative)
+# the rest. A byte-fallback token (`<0x00>`) decodes to one, and a text pasted from a word
+# processor may hold one (a vertical tab for a line break).
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def without_controls(text: str) -> str:
+    """`text` without the control characters no report may hold."""
+    return CONTROL.sub("", text)
+
+
+def control_in(text: str) -> str | None:
+    """The first control character `text` may not hold, as `U+000B`; None when it holds none."""
+    found = CONTROL.search(text)
+    return f"U+{ord(found.group()):04X}" if found else None
 
 
 def clean_answer(template: str, text: str) -> str:
     """The answer as a reader wants it: without the role name a template lets the model write,
     and without control characters."""
-    text = _CONTROL.sub("", text).strip()
+    text = without_controls(text).strip()
     if template == "llava_v1_med" and text.startswith("Assistant:"):
         text = text.removeprefix("Assistant:").strip()
     return text

@@ -24,7 +24,6 @@ came before the push ran, so the PACS holds every version the later ones name as
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -37,6 +36,7 @@ from pydicom.valuerep import DA, TM
 from sqlalchemy.orm import Session
 
 from tinyllava_med import __version__
+from tinyllava_med.model.prompts import without_controls
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import SIGNED_STATUSES, Report
 from tinyllava_med.server.errors import APIError
@@ -55,12 +55,10 @@ class Signer:
     organization: str
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
 def _text(value: str) -> str:
-    """DICOM text values allow CR, LF, TAB (and ESC for ISO 2022, unused with UTF-8) only."""
-    return _CONTROL.sub("", value)
+    """DICOM text values allow CR, LF, TAB (FF, and ESC for ISO 2022, unused with UTF-8) only.
+    The API refuses the others; a report stored before it did may still hold one."""
+    return without_controls(value)
 
 
 def _person_name(name: str) -> str:

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from tinyllava_med.model.prompts import control_in
 
 ReportStatus = Literal["draft", "final", "amended"]
+
+
+def _plain(value: str) -> str:
+    if (found := control_in(value)) is not None:
+        raise ValueError(
+            f"holds a control character ({found}); only tab and line breaks may be used"
+        )
+    return value
+
+
+# text that goes into reports and their exports (DICOM SR, FHIR): no control characters but
+# tab and line breaks, which those formats refuse; a 422 says which one, not what the text was
+PlainText = Annotated[str, AfterValidator(_plain)]
 
 
 class ImagePublic(BaseModel):
@@ -147,9 +162,9 @@ class ReportUpdate(BaseModel):
     amended` with the corrected `text` and a `reason`)."""
 
     model_config = ConfigDict(extra="forbid")
-    text: str | None = Field(default=None, max_length=100_000)
+    text: PlainText | None = Field(default=None, max_length=100_000)
     status: ReportStatus | None = None
-    reason: str | None = Field(default=None, max_length=2000)
+    reason: PlainText | None = Field(default=None, max_length=2000)
 
 
 class ReportEditPublic(BaseModel):
@@ -180,7 +195,7 @@ class AskResponse(BaseModel):
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["pacs", "radiologist", "admin"]
-    name: str = Field(default="", max_length=200)
+    name: PlainText = Field(default="", max_length=200)
     expires_in_days: int | None = Field(
         default=None, ge=1, le=3650, description="default: the server's `api_key_days`"
     )

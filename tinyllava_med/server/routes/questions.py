@@ -22,6 +22,7 @@ from PIL import Image as PILImage
 from sqlalchemy.exc import IntegrityError
 
 from tinyllava_med.model.generate import Answer, SamplingParams
+from tinyllava_med.model.prompts import control_in
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Report
 from tinyllava_med.server.deps import Asker, EngineDep, SessionDep, SettingsDep, StoreDep
@@ -82,8 +83,13 @@ def arrival_of(request: Request, engine: BatchingEngine) -> AbstractContextManag
 
 
 def sampling(body: QuestionCreate, settings: Settings) -> SamplingParams:
-    if "\x00" in body.question:  # a form's text (a JSON body's is refused by `RefuseNul`)
-        raise APIError(422, "invalid_request", "the question holds a NUL character (U+0000)")
+    if (found := control_in(body.question)) is not None:  # as `schemas.PlainText` refuses
+        raise APIError(
+            422,
+            "invalid_request",
+            f"the question holds a control character ({found}); only tab and line breaks "
+            "may be used",
+        )
     if len(body.question) > settings.max_question_chars:
         raise APIError(
             422,

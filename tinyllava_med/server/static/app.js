@@ -16,6 +16,16 @@
 
   const $ = (id) => document.getElementById(id);
 
+  // A field's text as the server takes it: a word processor's line and page breaks (vertical
+  // tab, form feed) become line breaks, and other control characters, which no report may hold
+  // (the server answers 422), go. The field then shows exactly what is sent.
+  const typed = (id) => {
+    const field = $(id);
+    const text = field.value.replace(/[\v\f]/g, "\n").replace(/[\x00-\x08\x0e-\x1f\x7f]/g, "");
+    if (text !== field.value) field.value = text;
+    return text;
+  };
+
   const state = {
     key: sessionStorage.getItem(KEY_STORAGE),
     me: null, // the key's role and permissions (/v1/apikeys/me), read once per sign-in
@@ -1025,7 +1035,7 @@
     event.preventDefault();
     const s = state.study;
     if (!s || state.streaming) return;
-    const question = $("question").value.trim();
+    const question = typed("question").trim();
     clearError();
     if (!question) {
       showError(new Error("type a question first"), "Ask");
@@ -1274,7 +1284,7 @@
     try {
       const updated = await api(`/v1/reports/${encodeURIComponent(r.id)}`, {
         method: "PATCH",
-        json: { text: $("report-text").value },
+        json: { text: typed("report-text") },
       });
       replaceReport(updated);
       setStatus("report-status", "Draft saved.");
@@ -1305,7 +1315,7 @@
     $("report-sign").disabled = true;
     setStatus("report-status", "Signing…");
     try {
-      const text = $("report-text").value;
+      const text = typed("report-text");
       const json = text !== r.text ? { text, status: "final" } : { status: "final" };
       const updated = await api(`/v1/reports/${encodeURIComponent(r.id)}`, { method: "PATCH", json });
       replaceReport(updated);
@@ -1336,7 +1346,7 @@
     $("report-amend").disabled = true;
     setStatus("amend-status", "Signing the amendment…");
     try {
-      const json = { text: $("amend-text").value, status: "amended", reason: $("amend-reason").value };
+      const json = { text: typed("amend-text"), status: "amended", reason: typed("amend-reason") };
       const updated = await api(`/v1/reports/${encodeURIComponent(r.id)}`, { method: "PATCH", json });
       replaceReport(updated);
       setStatus("ask-status", "Report amended.");
