@@ -309,7 +309,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     if args.db_cmd == "backup":
         return _backup(settings, args.dest)
     if args.db_cmd == "release-images":
-        return _release_images(settings, args.days)
+        return _release_images(settings, args.days, args.draft_days)
     upgrade(settings.database_url)
     print("database is at the latest revision")
     return 0
@@ -343,13 +343,15 @@ def _days(value: str) -> float:
     return days
 
 
-def _release_images(settings: Any, days: float | None) -> int:
+def _release_images(settings: Any, days: float | None, draft_days: float | None) -> int:
     """Release now what the hourly job would (`retention.py`): for a disk filling up."""
     from tinyllava_med.server.retention import audit_release, release_due
     from tinyllava_med.server.storage import ImageStore
 
     if days is not None:
         settings = settings.model_copy(update={"image_retention_days": days})
+    if draft_days is not None:
+        settings = settings.model_copy(update={"image_retention_draft_days": draft_days})
     if settings.image_retention_days is None:
         raise SystemExit(
             "db release-images needs --days N (or TINYLLAVA_MED_IMAGE_RETENTION_DAYS): studies "
@@ -359,9 +361,12 @@ def _release_images(settings: Any, days: float | None) -> int:
         result = release_due(sessions, ImageStore(settings.images_dir), settings)
         with sessions.begin() as s:
             audit_release(s, "cli", result)
+    drafts = "no draft"
+    if settings.image_retention_draft_days is not None:
+        drafts += f" changed in the last {settings.image_retention_draft_days:g} days"
     print(
         f"released {result['images']} images of {result['studies']} studies that arrived more "
-        f"than {settings.image_retention_days:g} days ago and have no draft; "
+        f"than {settings.image_retention_days:g} days ago and have {drafts}; "
         f"{result['files_removed']} files removed"
     )
     return 0
@@ -738,6 +743,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_days,
         default=None,
         help="release-images: studies older than this (default IMAGE_RETENTION_DAYS)",
+    )
+    p.add_argument(
+        "--draft-days",
+        type=_days,
+        default=None,
+        help="release-images: also studies whose drafts nobody changed for this long "
+        "(default IMAGE_RETENTION_DRAFT_DAYS; unset: a draft keeps its study)",
     )
     p.add_argument("--database-url", default=None)
 

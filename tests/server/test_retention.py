@@ -23,8 +23,13 @@ from sqlalchemy import select, update
 
 from tinyllava_med.server.backup import backup
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import AuditEvent, Image, Job, Study, utcnow
-from tinyllava_med.server.retention import RELEASE_EVERY_S, release_due
+from tinyllava_med.server.db.models import AuditEvent, Image, Job, Report, Study, utcnow
+from tinyllava_med.server.retention import (
+    RELEASE_EVERY_S,
+    due_studies,
+    release_due,
+    release_study,
+)
 
 
 @pytest.fixture
@@ -117,6 +122,65 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
         assert s.query(Study).count() == 4  # filed into the same study, not a new one
 
 
+def test_drafts_nobody_changes_release_their_study_with_draft_days(tmp_path, database_url, tiny_lm):
+    """`image_retention_draft_days`: a draft left untouched that long (an automatic report at a
+    site that signs on its RIS) no longer keeps its study; a draft changed since, even one
+    changed between the choice and the release, does. The reports stay drafts."""
+    for api in make_api(
+        tmp_path,
+        database_url,
+        tiny_lm,
+        image_retention_days=30,
+        image_retention_draft_days=14,
+        image_sweep_grace_s=0,
+    ):
+        sessions, store = api.app.state.session_factory, api.app.state.store
+        settings = api.app.state.settings
+        forgotten = _study(api, "x.png", png_bytes(), "image/png")
+        read = _study(api, "y.png", png_bytes(color=9), "image/png")
+        racing = _study(api, "z.png", png_bytes(color=99), "image/png")
+        drafts = {s["id"]: _ask(api, s["id"]) for s in (forgotten, read, racing)}
+        now = utcnow()
+        with sessions.begin() as s:
+            s.execute(update(Study).values(created_at=now - timedelta(days=60)))
+            for study, days in ((forgotten, 20), (read, 3), (racing, 20)):
+                s.execute(
+                    update(Report)
+                    .where(Report.id == drafts[study["id"]])
+                    .values(updated_at=now - timedelta(days=days))
+                )
+        with sessions() as s:
+            due = due_studies(s, settings, utcnow())
+        assert set(due) == {forgotten["id"], racing["id"]}
+        # the radiologist opens and edits the racing study's draft before the run gets to it
+        r = api.patch(f"/v1/reports/{drafts[racing['id']]}", headers=api.h(), json={"text": "x"})
+        assert r.status_code == 200, r.text
+        with sessions.begin() as s:
+            assert release_study(s, store, racing["id"], settings, utcnow()) == []
+
+        result = release_due(sessions, store, settings)
+        assert (result["studies"], result["images"]) == (1, 1)
+        assert not store.exists(forgotten["images"][0]["sha256"])
+        r = api.get(f"/v1/studies/{forgotten['id']}/images/0", headers=api.h())
+        assert_error(r, 410, "image_released")
+        for study in (read, racing):
+            r = api.get(f"/v1/studies/{study['id']}/images/0", headers=api.h())
+            assert r.status_code == 200, r.text
+        report = api.get(f"/v1/reports/{drafts[forgotten['id']]}", headers=api.h()).json()
+        assert report["status"] == "draft"  # it can still be signed; the SR needs no pixels
+
+
+def test_draft_days_need_retention_days(tmp_path):
+    from tinyllava_med.server.settings import Settings
+
+    with pytest.raises(ValueError, match="image_retention_draft_days needs image_retention_days"):
+        Settings(data_dir=tmp_path, image_retention_draft_days=14)
+    assert (
+        Settings(data_dir=tmp_path, image_retention_draft_days="").image_retention_draft_days
+        is None
+    )
+
+
 def test_the_release_runs_as_a_job_and_queues_the_next(api):
     sessions = api.app.state.session_factory
 
@@ -181,14 +245,16 @@ def test_the_console_releases_now(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="needs --days"):
         main(["db", "release-images"])
     for days in ("-1", "0", "nan", "soon"):  # a typo must not release what just arrived
-        with pytest.raises(SystemExit):
-            main(["db", "release-images", "--days", days])
-        assert "--days" in capsys.readouterr().err
+        for flag in ("--days", "--draft-days"):
+            with pytest.raises(SystemExit):
+                main(["db", "release-images", "--days", "30", flag, days])
+            assert flag in capsys.readouterr().err
     capsys.readouterr()
     assert main(["db", "release-images", "--days", "30"]) == 0
     assert "released 0 images of 0 studies" in capsys.readouterr().out
-    assert main(["db", "release-images", "--days", "7"]) == 0
-    assert "released 2 images of 2 studies" in capsys.readouterr().out
+    assert main(["db", "release-images", "--days", "7", "--draft-days", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "released 2 images of 2 studies" in out and "no draft changed in the last 3 days" in out
     with sessions() as s:
         assert all(i.released_at for i in s.scalars(select(Image)))
         (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "image.release"))

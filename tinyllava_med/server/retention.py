@@ -1,8 +1,12 @@
 """Releasing the pixel data of old studies (`image_retention_days`), so that a small server's
 disk does not fill with studies the PACS keeps anyway.
 
-A study is due when it arrived more than `image_retention_days` ago and has no draft report (a
-radiologist may still be reading it) and no automatic report still to come. Its images' rows
+A study is due when it arrived more than `image_retention_days` ago, has no draft report (a
+radiologist may still be reading it) and no automatic report still to come. With
+`image_retention_draft_days`, a draft nobody has changed for that long no longer keeps its study:
+a site whose radiologists read on the PACS and never sign here would otherwise keep every
+automatically reported study's pixels for ever. The draft stays a draft; its image comes back as
+a released one's does. Its images' rows
 stay, marked `released_at`, and so do the study and its reports. A DICOM image's header without
 pixels is stored first (`header_sha256`: its reports' SRs are built from it); then the file is
 removed as a deleted study's are (`jobs.remove_unused`), unless a held image refers to the same
@@ -23,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pydicom
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tinyllava_med.server.db import crud
@@ -57,11 +61,23 @@ def schedule_release(
     return job
 
 
+def _drafts_in_use(study_id: Any, settings: Settings, now: datetime) -> Select[str]:
+    """The study's drafts that keep its images: all, or those changed within
+    `image_retention_draft_days`."""
+    drafts = select(Report.id).where(Report.study_id == study_id, Report.status == "draft")
+    if settings.image_retention_draft_days is not None:
+        drafts = drafts.where(
+            Report.updated_at >= now - timedelta(days=settings.image_retention_draft_days)
+        )
+    return drafts
+
+
 def due_studies(session: Session, settings: Settings, now: datetime) -> list[str]:
-    """Oldest first: studies past retention, without a draft, with an image still held."""
+    """Oldest first: studies past retention, without a draft in use, with an image still
+    held."""
     assert settings.image_retention_days is not None
     cutoff = now - timedelta(days=settings.image_retention_days)
-    a_draft = select(Report.id).where(Report.study_id == Study.id, Report.status == "draft")
+    a_draft = _drafts_in_use(Study.id, settings, now)
     # an automatic report still to come (the model was down, say) will need the image
     a_report_coming = select(Job.id).where(
         Job.study_id == Study.id, Job.kind == AUTO_REPORT, Job.status.in_(("queued", "running"))
@@ -89,11 +105,13 @@ def _header(data: bytes) -> bytes:
     return out.getvalue()
 
 
-def release_study(session: Session, store: ImageStore, study_id: str, now: datetime) -> list[str]:
+def release_study(
+    session: Session, store: ImageStore, study_id: str, settings: Settings, now: datetime
+) -> list[str]:
     """Mark the study's held images released, keeping DICOM headers; the hashes of their files
-    (for `jobs.remove_unused`, once this is committed). A draft made meanwhile keeps the study."""
-    a_draft = select(Report.id).where(Report.study_id == study_id, Report.status == "draft")
-    if session.scalar(a_draft.limit(1)) is not None:
+    (for `jobs.remove_unused`, once this is committed). A draft made or changed meanwhile keeps
+    the study."""
+    if session.scalar(_drafts_in_use(study_id, settings, now).limit(1)) is not None:
         return []
     images = session.scalars(
         select(Image).where(Image.study_id == study_id, Image.released_at.is_(None))
@@ -119,7 +137,7 @@ def release_due(
     removed: list[str] = []
     for study_id in due:
         with sessions.begin() as s:
-            hashes = release_study(s, store, study_id, now)
+            hashes = release_study(s, store, study_id, settings, now)
         if hashes:
             studies += 1
             images += len(hashes)

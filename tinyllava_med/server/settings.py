@@ -223,6 +223,13 @@ class Settings(BaseSettings):
         "no draft report (the PACS keeps the images; the study, its reports and SRs stay, and "
         "retrieving or sending the study again brings the images back); unset: keep everything",
     )
+    image_retention_draft_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="with image_retention_days: a draft report nobody has changed for this many "
+        "days no longer keeps its study's pixel data (a site that reads on the PACS and never "
+        "signs here keeps every automatic draft); unset: a draft keeps them",
+    )
     dicomweb_push_url: str | None = Field(
         default=None,
         description="DICOMweb base URL that receives the SR of every automatic "
@@ -314,6 +321,7 @@ class Settings(BaseSettings):
         "tls_keyfile",
         "dimse_tls_ca",
         "image_retention_days",
+        "image_retention_draft_days",
         mode="before",
     )
     @classmethod
@@ -364,6 +372,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 'dimse_port needs dimse_peers: the AE titles that may send (e.g. ["PACS"] or '
                 '["PACS@10.0.0.5"]; "*" for anyone who reaches the port)'
+            )
+        if self.image_retention_draft_days is not None and self.image_retention_days is None:
+            raise ValueError(
+                "image_retention_draft_days needs image_retention_days (how old a study must be "
+                "before its pixel data is released at all)"
             )
         if self.engine == "remote" and not self.remote_url:
             raise ValueError("engine 'remote' needs remote_url (the remote's /v1 base URL)")
