@@ -605,6 +605,9 @@ def test_compose_services_and_dependencies(compose_file):
     targets = {p[1]: p[2:] for p in map(_split_volume, server["volumes"])}
     assert "/data" in targets and targets["/models"] == ["ro"]
     assert server.get("entrypoint") is None, "the server runs the image's `serve` entrypoint"
+    # every setting in docker/.env reaches the containers, not only those listed (Compose 2.24+)
+    for name in ("migrate", "server"):
+        assert {"path": ".env", "required": False} in services[name]["env_file"], name
 
 
 def test_compose_gpu_server_prometheus_and_pacs_profile():
