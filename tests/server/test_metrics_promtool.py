@@ -47,6 +47,9 @@ def test_promtool_accepts_metrics(sqlite_api):
     ):
         assert name in text, name
     assert 'status="401"' in text and 'route="/v1/studies/{study_id}/questions"' in text
+    # the queue's limit beside its depth: the saturation alert is relative to each server's own
+    limit = api.app.state.settings.max_queue
+    assert f"tinyllava_med_queue_limit {float(limit)}" in text
     # the upload decoded the image for the render cache; the question processed it once
     assert 'tinyllava_med_cache_hits_total{cache="rendered"} 1.0' in text
     assert 'tinyllava_med_cache_misses_total{cache="pixels"} 1.0' in text

@@ -241,6 +241,11 @@ class Metrics:
         self.waiting = Gauge(
             PREFIX + "num_requests_waiting", "Requests queued or running in the engine", registry=r
         )
+        self.queue_limit = Gauge(
+            PREFIX + "queue_limit",
+            "Requests the engine holds before new ones get 503 queue_full (MAX_QUEUE)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             PREFIX + "batch_size",
             "Requests per generate call",
