@@ -22,6 +22,7 @@ VERBS = [
     "demo-model",
     "db",
     "apikey",
+    "settings",
 ]
 
 
@@ -56,6 +57,39 @@ def test_a_bad_setting_or_argument_says_what_is_wrong_without_a_traceback(tmp_pa
     assert "n must be >= 1" in out.stderr
     out = cli("-v", "data", "phantom", "--out", str(tmp_path / "p"), "--n", "0")
     assert out.returncode == 1 and "Traceback" in out.stderr
+
+
+def test_settings_prints_what_serve_would_use_with_secrets_hidden(tmp_path):
+    """`tinyllava-med settings`: each setting as its variable and the value in effect (what
+    reached a container), and no credential: the database's password, a PACS's header values
+    and URL password, the remote engine's key."""
+    secrets = ["s3cret-db", "Basic b3J0aGFuYzpwdw==", "pacs-pw", "tlm_remote_key"]
+    env = {
+        "TINYLLAVA_MED_DATA_DIR": str(tmp_path),
+        "TINYLLAVA_MED_DATABASE_URL": f"postgresql://tlm:{secrets[0]}@db:5432/tlm",
+        "TINYLLAVA_MED_DICOMWEB_PUSH_HEADERS": json.dumps({"Authorization": secrets[1]}),
+        "TINYLLAVA_MED_DICOMWEB_PULL_URL": f"https://ris:{secrets[2]}@pacs/dicom-web",
+        "TINYLLAVA_MED_REMOTE_API_KEY": secrets[3],
+        "TINYLLAVA_MED_MAX_QUEUE": "16",
+        "TINYLLAVA_MED_AUTO_REPORT_PROMPTS": json.dumps({"CT": "Décrivez."}),
+    }
+    out = cli("settings", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split("=", 1) for line in out.stdout.splitlines())
+    assert lines["TINYLLAVA_MED_MAX_QUEUE"] == "16"
+    assert lines["TINYLLAVA_MED_PORT"] == "8000" and lines["TINYLLAVA_MED_GRADIO"] == "false"
+    assert lines["TINYLLAVA_MED_DATABASE_URL"] == "postgresql://tlm:***@db:5432/tlm"
+    assert lines["TINYLLAVA_MED_DICOMWEB_PULL_URL"] == "https://ris:***@pacs/dicom-web"
+    assert json.loads(lines["TINYLLAVA_MED_DICOMWEB_PUSH_HEADERS"]) == {"Authorization": "***"}
+    assert lines["TINYLLAVA_MED_REMOTE_API_KEY"] == "***"
+    assert json.loads(lines["TINYLLAVA_MED_AUTO_REPORT_PROMPTS"]) == {"CT": "Décrivez."}
+    from tinyllava_med.server.settings import Settings
+
+    assert len(lines) == len(Settings.model_fields)  # every setting, one line each
+    as_json = json.loads(cli("settings", "--json", env=env).stdout)
+    assert as_json == lines
+    for secret in secrets:
+        assert secret not in out.stdout + out.stderr
 
 
 def test_ask_ct_small_json(tiny_model_dir, tiny_lm):

@@ -412,6 +412,20 @@ def cmd_pacs(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    """The settings `serve` would run with here (environment and defaults), one
+    `TINYLLAVA_MED_*=value` line each, secrets hidden: what reached the server's container."""
+    from tinyllava_med.server.settings import shown
+
+    values = shown(_server_settings(args))
+    if args.json:
+        print(json.dumps(values, indent=2, ensure_ascii=False))
+    else:
+        for name, value in values.items():
+            print(f"{name}={value}")
+    return 0
+
+
 def cmd_apikey(args: argparse.Namespace) -> int:
     """create (the key is printed once), list (never the keys), revoke KEY_ID; create and
     revoke are audited with actor `cli`."""
@@ -764,6 +778,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("pacs", "check the PACS connections this server is configured for", cmd_pacs)
     p.add_argument("pacs_cmd", choices=["check"])
+
+    p = verb(
+        "settings",
+        "print the settings `serve` would use here (from the environment and defaults; "
+        "keys, header values and URL passwords hidden)",
+        cmd_settings,
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object")
 
     p = verb("apikey", "manage API keys", cmd_apikey)
     p.add_argument("apikey_cmd", choices=["create", "list", "revoke"])

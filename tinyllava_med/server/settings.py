@@ -10,6 +10,7 @@ else in the package reads `os.environ` for server configuration.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -391,3 +392,31 @@ class Settings(BaseSettings):
     def images_dir(self) -> Path:
         """Where uploaded image files live, content-addressed by sha256."""
         return self.data_dir / "images"
+
+
+# the password of a URL's user info (`postgresql://user:password@host/db`)
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
+HIDDEN = "***"
+
+
+def shown(settings: Settings) -> dict[str, str]:
+    """Each setting as its environment variable with the value in effect, as the variable
+    would give it, secrets hidden: keys, the values of request headers (credentials), and a
+    URL's password (the database's, a PACS's)."""
+    out: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, SecretStr):
+            text = HIDDEN
+        elif name.endswith("_headers"):
+            text = json.dumps(dict.fromkeys(value, HIDDEN))
+        elif value is None:
+            text = ""
+        elif isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, dict | list):
+            text = json.dumps(value, ensure_ascii=False)
+        else:
+            text = _URL_PASSWORD.sub(rf"\1{HIDDEN}@", str(value))
+        out[f"TINYLLAVA_MED_{name.upper()}"] = text
+    return out
