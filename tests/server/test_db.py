@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -25,6 +26,7 @@ from tinyllava_med.server.db import crud, migrate
 from tinyllava_med.server.db.models import ApiKey, AuditEvent, Base, Image, Report, ReportEdit
 from tinyllava_med.server.db.session import make_engine, normalize_database_url, session_factory
 from tinyllava_med.server.errors import install_error_handlers
+from tinyllava_med.server.logs import quiet_libraries, without_values
 from tinyllava_med.server.report_writer import ReportWriter
 from tinyllava_med.server.settings import Settings
 
@@ -347,6 +349,34 @@ def test_foreign_keys_are_enforced(db_session: Session) -> None:
     db_session.add(Image(study_id="missing", n=0, sha256=SHA_A, kind="png", size_bytes=1))
     with pytest.raises(IntegrityError):
         db_session.flush()
+
+
+def test_database_errors_never_show_the_values_they_carried(db_session: Session, caplog) -> None:
+    """A failed statement's message (logged, and kept as a job's `last_error`) names the SQL but
+    not its parameters: they hold questions, answers, report text and DICOM values."""
+    phi = "Patient Doe, Jane: 3 cm mass"
+    db_session.add(
+        Report(
+            study_id="missing",
+            image_id=None,
+            question=phi,
+            answer=phi,
+            text=phi,
+            model="m",
+            quantization="none",
+        )
+    )
+    with pytest.raises(IntegrityError) as raised:
+        db_session.flush()
+    assert "hidden" in str(raised.value)  # SQLAlchemy's parameters
+    # PostgreSQL's message quotes the failing row ("DETAIL:  Failing row contains ..."): it goes
+    message = without_values(str(raised.value))
+    assert "INSERT INTO reports" in message and "Jane" not in message
+    quiet_libraries()  # what the app does: every logged traceback loses such lines too
+    with caplog.at_level(logging.ERROR):
+        logging.getLogger("tinyllava_med.test").error("failed", exc_info=raised.value)
+    assert "IntegrityError" in caplog.text and "INSERT INTO reports" in caplog.text
+    assert "Jane" not in caplog.text
 
 
 def test_check_constraints_are_enforced(db_session: Session) -> None:

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
@@ -119,10 +122,41 @@ LIBRARY_LEVELS = {
 }
 
 
+# PostgreSQL's error messages quote the values of the failing row or key on lines of their own
+# ("DETAIL:  Failing row contains (...)", "Key (sha256)=(...) already exists"): a question, an
+# answer, a report's text, a DICOM value. (SQLAlchemy's own `[parameters: ...]` are hidden by the
+# engines, `db.session.make_engine`.)
+_DATABASE_DETAIL = re.compile(r"^[ \t]*(DETAIL|HINT|CONTEXT):.*(\n|$)", re.MULTILINE)
+
+
+def without_values(text: str) -> str:
+    """`text` (an error message, a traceback) without the lines where a database quotes
+    values."""
+    return _DATABASE_DETAIL.sub("", text)
+
+
+def _record_without_values(factory: Callable[..., logging.LogRecord]) -> Any:
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        if record.exc_info and record.exc_info[1] is not None:
+            # formatted here, once, for every handler and format (text and JSON use exc_text)
+            record.exc_text = without_values("".join(traceback.format_exception(*record.exc_info)))
+            record.exc_text = record.exc_text.rstrip("\n")
+            record.exc_info = None
+        return record
+
+    make.without_values = True  # type: ignore[attr-defined]
+    return make
+
+
 def quiet_libraries() -> None:
-    """Apply `LIBRARY_LEVELS`, and turn off pynetdicom's dumps of every query's and answer's
+    """Apply `LIBRARY_LEVELS`, turn off pynetdicom's dumps of every query's and answer's
     identifier (accession numbers, and any patient attributes a PACS returns), which it logs at
-    INFO."""
+    INFO, and keep a database's quoted values out of every logged traceback (process-wide, once).
+    """
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "without_values", False):
+        logging.setLogRecordFactory(_record_without_values(factory))
     for name, level in LIBRARY_LEVELS.items():
         logger = logging.getLogger(name)
         if logger.getEffectiveLevel() < level:

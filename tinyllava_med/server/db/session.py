@@ -39,13 +39,16 @@ def normalize_database_url(url: str | URL) -> URL:
 def make_engine(url: str | URL, *, sqlite_foreign_keys: bool = True, echo: bool = False) -> Engine:
     """An engine for `url`. For a SQLite file, its folder is created if missing.
 
+    Its errors and echo never show bound parameters: they hold questions, answers, report text
+    and DICOM values, and a database error's message reaches logs and a job's `last_error`.
+
     `sqlite_foreign_keys=False` is for migrations only: SQLite batch mode rebuilds a table by
     dropping and renaming it, which with foreign keys ON would cascade-delete child rows.
     """
     u = normalize_database_url(url)
     if u.get_backend_name() == "sqlite":
         return _sqlite_engine(u, foreign_keys=sqlite_foreign_keys, echo=echo)
-    return create_engine(u, pool_pre_ping=True, echo=echo)
+    return create_engine(u, pool_pre_ping=True, echo=echo, hide_parameters=True)
 
 
 def _sqlite_engine(u: URL, *, foreign_keys: bool, echo: bool) -> Engine:
@@ -56,6 +59,7 @@ def _sqlite_engine(u: URL, *, foreign_keys: bool, echo: bool) -> Engine:
         u,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
         echo=echo,
+        hide_parameters=True,  # see make_engine
         # SQLite connections are cheap to keep: enough for every concurrent request, so none
         # is opened (and set up) per request under load
         **({} if memory else {"pool_size": 32, "max_overflow": 32}),
