@@ -560,6 +560,53 @@ def test_stream_sends_tokens_then_stores_report(api):
     assert stored["answer"] == report["answer"]
 
 
+def test_a_streamed_answer_that_fails_says_so_and_is_audited(api, monkeypatch, caplog):
+    """With `?stream=true` the 200 went out before the answer: a failure of the model (a
+    timeout) or of storing the report (the database) ends the stream with an `error` event in
+    the error shape, audited as the same request without streaming is; the log line names the
+    route, not the question."""
+    from sqlalchemy.exc import OperationalError
+
+    from tinyllava_med.server.errors import APIError
+    from tinyllava_med.server.routes import questions
+
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions?stream=true"
+
+    def streamed(question):
+        with api.stream("POST", url, headers=api.h(), json={"question": question}) as r:
+            assert r.status_code == 200
+            events = [b for b in "".join(r.iter_text()).split("\n\n") if b.strip()]
+        kind, data = events[-1].split("\n", 1)
+        assert kind == "event: error", events
+        return json.loads(data.removeprefix("data: "))["error"]
+
+    async def times_out(*args, **kwargs):
+        raise APIError(504, "timeout", "no answer within 1 s")
+
+    monkeypatch.setattr(questions, "answer", times_out)
+    assert streamed("Mass in Jane Doe's liver?")["code"] == "timeout"
+    monkeypatch.undo()
+
+    async def database_gone(*args, **kwargs):
+        raise OperationalError("INSERT INTO reports ...", {}, Exception("server closed"))
+
+    monkeypatch.setattr(questions, "_store_answer", database_gone)
+    with caplog.at_level(logging.ERROR):
+        assert streamed("Mass in Jane Doe's liver?")["code"] == "database_unavailable"
+    assert "/v1/studies/{study_id}/questions" in caplog.text and "Jane" not in caplog.text
+    assert study["id"] not in caplog.text
+    with api.app.state.session_factory() as s:
+        asked = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "question.ask").order_by(AuditEvent.id)
+        ).all()
+    assert [(e.outcome, e.status_code, e.resource_id) for e in asked[-2:]] == [
+        ("error", 504, study["id"]),
+        ("error", 503, study["id"]),
+    ]
+    assert api.get("/v1/reports", headers=api.h()).json()["count"] == 0
+
+
 @pytest.mark.parametrize(
     "name,data,ctype,status,code",
     [

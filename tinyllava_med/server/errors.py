@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -129,15 +130,57 @@ async def _audited(
     return _response(status, code, message, detail, headers)
 
 
+@dataclass(frozen=True)
+class Failure:
+    status: int
+    code: str
+    message: str
+    detail: Any = None
+    headers: dict[str, str] | None = None
+
+
+def where(request: Request) -> str:
+    """The request for a log line: its method and route template (`/dicomweb/studies/{study_uid}`),
+    never the path itself, which can hold a DICOM UID or anything a client sent."""
+    route = request.scope.get("route")
+    return f"{request.method} {getattr(route, 'path', '(no route)')}"
+
+
+def failure(request: Request, exc: Exception) -> Failure:
+    """What a request that raised `exc` answers (logging what is not the client's doing)."""
+    if isinstance(exc, APIError):
+        return Failure(exc.status, exc.code, exc.message, exc.detail, exc.headers)
+    if isinstance(exc, DomainError):
+        return Failure(exc.status, exc.code, exc.message, exc.detail)
+    if isinstance(exc, OSError | OperationalError) and storage_full(exc):
+        # not the client's fault, and no retry helps until someone frees space: 507, which
+        # the alert on the data volume's free space should have announced
+        log.error("storage full on %s: nothing stored", where(request))
+        return Failure(507, "insufficient_storage", STORAGE_FULL)
+    if isinstance(exc, OperationalError):
+        # the database could not do it now (locked past the busy timeout, connection lost,
+        # server gone): nothing was stored, and the same request may succeed later
+        reason = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
+        log.error("database error on %s: %s", where(request), reason)
+        return Failure(
+            503,
+            "database_unavailable",
+            "the database could not complete this request; nothing was changed, try again",
+            headers={"Retry-After": "1"},
+        )
+    log.error("unhandled %s on %s", type(exc).__name__, where(request), exc_info=exc)
+    return Failure(500, "internal_error", "an internal error occurred; it has been logged")
+
+
+async def stream_error(request: Request, exc: Exception) -> dict[str, Any]:
+    """The error event for a streamed response whose status (200) went out already: the code
+    and message the response would have had, audited as its failure would have been."""
+    f = failure(request, exc)
+    await run_in_threadpool(_audit_failure, request, f.status, f.code)
+    return error_body(f.code, f.message, f.detail)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return await _audited(request, exc.status, exc.code, exc.message, exc.detail, exc.headers)
-
-    @app.exception_handler(DomainError)
-    async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
-        return await _audited(request, exc.status, exc.code, exc.message, exc.detail)
-
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = [
@@ -156,42 +199,9 @@ def install_error_handlers(app: FastAPI) -> None:
             return _response(413, "too_large", message)
         return _response(exc.status_code, code, message, None, getattr(exc, "headers", None))
 
-    async def _storage_full(request: Request) -> JSONResponse:
-        # not the client's fault, and no retry helps until someone frees space: 507, which
-        # the alert on the data volume's free space should have announced
-        log.error("storage full on %s %s: nothing stored", request.method, request.url.path)
-        return await _audited(request, 507, "insufficient_storage", STORAGE_FULL)
+    async def _failed(request: Request, exc: Exception) -> JSONResponse:
+        f = failure(request, exc)
+        return await _audited(request, f.status, f.code, f.message, f.detail, f.headers)
 
-    @app.exception_handler(OSError)
-    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
-        if storage_full(exc):
-            return await _storage_full(request)
-        return await _unexpected(request, exc)
-
-    @app.exception_handler(OperationalError)
-    async def _database(request: Request, exc: OperationalError) -> JSONResponse:
-        if storage_full(exc):
-            return await _storage_full(request)
-        # the database could not do it now (locked past the busy timeout, connection lost,
-        # server gone): nothing was stored, and the same request may succeed later
-        reason = str(exc.orig).splitlines()[0] if str(exc.orig) else type(exc.orig).__name__
-        log.error("database error on %s %s: %s", request.method, request.url.path, reason)
-        return await _audited(
-            request,
-            503,
-            "database_unavailable",
-            "the database could not complete this request; nothing was changed, try again",
-            headers={"Retry-After": "1"},
-        )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error(
-            "unhandled %s on %s %s",
-            type(exc).__name__,
-            request.method,
-            request.url.path,
-            exc_info=exc,
-        )
-        message = "an internal error occurred; it has been logged"
-        return await _audited(request, 500, "internal_error", message)
+    for kind in (APIError, DomainError, OSError, OperationalError, Exception):
+        app.exception_handler(kind)(_failed)

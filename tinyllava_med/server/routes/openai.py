@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 from tinyllava_med.model.generate import Answer
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.deps import Asker, EngineDep, SettingsDep
-from tinyllava_med.server.errors import APIError, error_body
+from tinyllava_med.server.errors import APIError, stream_error
 from tinyllava_med.server.openai_compat import (
     ChatRequest,
     chunk_body,
@@ -170,11 +170,11 @@ async def chat_completions(
                         yield sse(chunk_body(cid, model, {"content": item}))
                     else:
                         ans = item
-        except APIError as e:  # the status is sent already: the error goes in the stream
-            yield sse(error_body(e.code, e.message, e.detail))
+            assert ans is not None
+            await run_in_threadpool(audited, ans)  # never a database write on the loop
+        except Exception as e:  # the status went out: the error goes in the stream, audited
+            yield sse(await stream_error(request, e))
             return
-        assert ans is not None
-        await run_in_threadpool(audited, ans)  # never a database write on the loop
         yield sse(chunk_body(cid, model, {}, ans.finish_reason))
         if body.stream_options is not None and body.stream_options.include_usage:
             yield sse(chunk_body(cid, model, {}, None, usage(ans.prompt_tokens, ans.new_tokens)))

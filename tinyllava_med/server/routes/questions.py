@@ -33,7 +33,7 @@ from tinyllava_med.server.engine import (
     EngineFailed,
     EngineNotReady,
 )
-from tinyllava_med.server.errors import APIError, error_body
+from tinyllava_med.server.errors import APIError, stream_error
 from tinyllava_med.server.schemas import AskResponse, Prepared, QuestionCreate, ReportPublic
 from tinyllava_med.server.serving import (
     Upload,
@@ -288,11 +288,12 @@ async def ask_about_study(
                         yield _sse("token", {"text": item})
                     else:
                         ans = item
-        except APIError as e:
-            yield _sse("error", error_body(e.code, e.message, e.detail))
+            assert ans is not None
+            report = await save(ans)
+        except Exception as e:  # the status went out: the error goes in the stream, audited
+            yield _sse("error", await stream_error(request, e))
             return
-        assert ans is not None
-        yield _sse("report", (await save(ans)).model_dump(mode="json"))
+        yield _sse("report", report.model_dump(mode="json"))
 
     return StreamingResponse(
         events(),
