@@ -1013,6 +1013,53 @@ def test_revoked_keys_stop_working(tmp_path, sqlite_url, tiny_lm):
             assert_error(api.get("/v1/studies", headers=h), 401, "unauthorized")
 
 
+def test_the_last_admin_key_stays_and_key_names_are_checked(api):
+    """Revoking the last active admin key (the first one, say, by itself) is refused with 409:
+    the API would have no admin left. A key's name of 129 characters is a 422 (a 500 before),
+    one of spaces gets the default name."""
+    first = api.h("admin")
+    me = api.get("/v1/apikeys/me", headers=first).json()
+    assert_error(api.delete(f"/v1/apikeys/{me['id']}", headers=first), 409, "last_admin_key")
+    r = api.post("/v1/apikeys", headers=first, json={"role": "admin", "name": "second admin"})
+    assert r.status_code == 201, r.text
+    second = r.json()
+    other = {"Authorization": f"Bearer {second['key']}"}
+    assert api.delete(f"/v1/apikeys/{me['id']}", headers=other).status_code == 204
+    assert_error(api.get("/v1/apikeys", headers=first), 401, "unauthorized")
+    assert_error(api.delete(f"/v1/apikeys/{second['id']}", headers=other), 409, "last_admin_key")
+    assert api.get("/v1/apikeys", headers=other).status_code == 200  # still an admin
+
+    r = api.post("/v1/apikeys", headers=other, json={"role": "pacs", "name": "x" * 129})
+    assert_error(r, 422, "invalid_request")
+    r = api.post("/v1/apikeys", headers=other, json={"role": "pacs", "name": "x" * 128})
+    assert r.status_code == 201, r.text
+    r = api.post("/v1/apikeys", headers=other, json={"role": "pacs", "name": "   "})
+    assert r.status_code == 201 and r.json()["name"] == "pacs key", r.text
+
+
+def test_a_refused_signature_is_audited_as_a_signature(api):
+    """A signature or amendment the report's state refuses (409, 422) is in the audit log under
+    `report.sign` / `report.amend` with its status, where a search for them finds it."""
+    study = upload_ct(api)
+    r = api.post(f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "?"})
+    report = f"/v1/reports/{r.json()['id']}"
+    assert api.patch(report, headers=api.h(), json={"status": "final"}).status_code == 200
+    r = api.patch(report, headers=api.h(), json={"text": "changed", "status": "final"})
+    assert_error(r, 409, "report_final")
+    r = api.patch(report, headers=api.h(), json={"text": "changed", "status": "amended"})
+    assert_error(r, 422, "invalid_report_update")  # no reason
+    with api.app.state.session_factory() as s:
+        events = s.scalars(
+            select(AuditEvent).where(AuditEvent.resource_type == "report").order_by(AuditEvent.id)
+        ).all()
+    got = [(e.action, e.outcome, e.status_code) for e in events if e.action != "report.create"]
+    assert got[-3:] == [
+        ("report.sign", "ok", 200),
+        ("report.sign", "invalid", 409),
+        ("report.amend", "invalid", 422),
+    ], got
+
+
 def test_keys_expire(api, monkeypatch):
     """A key made to expire is refused from then on, also while it sits in the key cache, with
     a 401 that says it expired; the listing shows it inactive. The server's `api_key_days`

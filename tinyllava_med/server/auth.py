@@ -34,7 +34,7 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -196,6 +196,21 @@ def revoke_api_key(session: Session, key: ApiKey) -> ApiKey:
         key.revoked_at = utcnow()
         session.flush()
     return key
+
+
+def is_last_admin_key(session: Session, key: ApiKey) -> bool:
+    """Whether `key` is an active admin key and no other admin key is active (not revoked,
+    not expired)."""
+    now = utcnow()
+    if key.role != "admin" or key.revoked_at is not None:
+        return False
+    others = select(ApiKey.id).where(
+        ApiKey.role == "admin",
+        ApiKey.id != key.id,
+        ApiKey.revoked_at.is_(None),
+        or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),
+    )
+    return session.scalar(others.limit(1)) is None
 
 
 def ensure_first_admin_key(session: Session) -> str | None:

@@ -195,7 +195,7 @@ class AskResponse(BaseModel):
 class ApiKeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["pacs", "radiologist", "admin"]
-    name: PlainText = Field(default="", max_length=200)
+    name: PlainText = Field(default="", max_length=128)
     expires_in_days: int | None = Field(
         default=None, ge=1, le=3650, description="default: the server's `api_key_days`"
     )

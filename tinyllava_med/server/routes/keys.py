@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 
 from tinyllava_med.server import auth
 from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.session import after_commit
 from tinyllava_med.server.deps import KeyAdmin, SessionDep, SettingsDep
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.schemas import (
@@ -64,7 +65,7 @@ def create_key(
     """A new key, shown once; it expires after `expires_in_days` (default: `api_key_days`)."""
     days = body.expires_in_days or settings.api_key_days
     row, key = auth.create_api_key(
-        session, role=body.role, name=body.name or f"{body.role} key", expires_in_days=days
+        session, role=body.role, name=body.name.strip() or f"{body.role} key", expires_in_days=days
     )
     crud.audit(
         session,
@@ -86,8 +87,18 @@ def revoke_key(request: Request, session: SessionDep, key_id: str, principal: Ke
     row = auth.get_api_key(session, key_id)
     if row is None:
         raise APIError(404, "apikey_not_found", "no API key with this id")
+    if auth.is_last_admin_key(session, row):
+        # the API would have no admin left (keys, audit, deletions): only the console could
+        # make one again
+        raise APIError(
+            409,
+            "last_admin_key",
+            "this is the last active admin key; create another admin key first",
+        )
     auth.revoke_api_key(session, row)
-    request.app.state.key_cache.drop(row.id)
+    # dropped once committed: a request in between would otherwise cache the key as valid again
+    cache = request.app.state.key_cache
+    after_commit(session, lambda: cache.drop(row.id))
     crud.audit(
         session,
         actor=principal.actor,

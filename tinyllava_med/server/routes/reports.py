@@ -109,11 +109,12 @@ def update_report(
 ) -> ReportPublic:
     if body.text is None and body.status is None:
         raise APIError(422, "empty_update", "send `text`, `status` or both")
-    report = load_audited(
-        request, session, "report", report_id, actor=principal.actor, action="report.edit"
-    )
+    # a refused signature or amendment is audited as one too, as a failed one (409, 422)
     actions = {"final": "report.sign", "amended": "report.amend"}
     action = actions.get(body.status or "", "report.edit")
+    report = load_audited(
+        request, session, "report", report_id, actor=principal.actor, action=action
+    )
     version = report.updated_at
     crud.update_report(
         session,
