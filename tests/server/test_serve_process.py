@@ -41,7 +41,10 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
         assert httpx.get(f"{base}/healthz").status_code == 200
         assert httpx.get(f"{base}/v1/studies").status_code == 401
         assert httpx.get(f"{base}/v1/studies?accession_number=ACC9").status_code == 401
+        stow = httpx.post(f"{base}/dicomweb/studies/1.2.826.0.1.3680043.99.7", content=b"x")
+        assert stow.status_code == 401
     assert "ACC9" not in log.read_text()  # access lines name the path, not the query
+    assert "3680043.99.7" not in log.read_text()  # nor a STOW path's Study Instance UID
     lines = log.read_text().splitlines()
     # the two lines printed for the operator, not logged: where it serves, and the first key
     printed = [ln for ln in lines if not ln.startswith("{")]
@@ -57,6 +60,7 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     access = {(r["method"], r["path"], r["status"]) for r in records if "method" in r}
     assert ("GET", "/healthz", 200) in access and ("GET", "/v1/studies", 401) in access
     assert len([r for r in records if r.get("path") == "/v1/studies"]) == 2
+    assert ("POST", "/dicomweb/studies/{study_uid}", 401) in access
     assert any(r["logger"] == "uvicorn.error" and "startup" in r["message"] for r in records)
 
 

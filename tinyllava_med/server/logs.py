@@ -38,16 +38,21 @@ class NoColour(logging.Filter):
         return True
 
 
+# the one path that carries a DICOM identifier rather than the server's ids: STOW-RS to a study
+_STOW_STUDY = re.compile(r"^(/dicomweb/studies/)[^/]+")
+
+
 class NoQueryString(NoColour):
     """uvicorn's access record keeps its parts in `args` (client, method, path with the query
     string, HTTP version, status). The query string goes: it can carry an identifier
-    (`/v1/studies?accession_number=...`)."""
+    (`/v1/studies?accession_number=...`); so does a STOW-RS path's Study Instance UID."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         super().filter(record)
         args = record.args
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
-            record.args = (args[0], args[1], args[2].split("?", 1)[0], args[3], args[4])
+            path = _STOW_STUDY.sub(r"\1{study_uid}", args[2].split("?", 1)[0])
+            record.args = (args[0], args[1], path, args[3], args[4])
         return True
 
 
