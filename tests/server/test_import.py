@@ -95,6 +95,12 @@ def test_a_cd_brings_each_of_its_studies_and_skips_what_is_not_an_image(api):
     assert {s["id"] for s in again.json()["studies"]} == {s["id"] for s in body["studies"]}
     with api.app.state.session_factory() as s:
         assert s.query(Study).count() == 6 and s.query(Image).count() == 31
+        # the answer showed six held studies: the audit says which, though nothing was stored
+        shown = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "study.read").order_by(AuditEvent.id)
+        ).all()
+    assert sorted(shown[-1].detail["studies"]) == sorted(s["id"] for s in body["studies"])
+    assert shown[-1].detail["via"] == "import" and shown[-1].status_code == 200
 
 
 def test_a_zip_of_the_cd_and_a_broken_file_beside_it(api):

@@ -97,10 +97,22 @@ async def import_studies(
                 detail={"skipped": dict(summary.skipped), "failed": dict(summary.failed)},
             )
         # every study the images are in, new or held already; in a session of its own, which
-        # sees what the import committed
-        with sessions() as session:
+        # sees what the import committed. The answer shows them all, so the audit names them
+        # all (the import's own events name only those that got new images)
+        with sessions.begin() as session:
             studies = [s for u in summary.study_uids if (s := crud.study_by_uid(session, u))]
             counts = crud.report_counts(session, [s.id for s in studies])
+            ids = [s.id for s in studies]
+            crud.audit(
+                session,
+                actor=principal.actor,
+                action="study.read",
+                resource_type="study",
+                resource_id=ids[0] if len(ids) == 1 else None,
+                outcome="ok",
+                status_code=201 if summary.stored else 200,
+                detail={"studies": ids, "via": "import"},
+            )
             return ImportResult(
                 studies=[study_public(s, counts[s.id]) for s in studies],
                 stored=summary.stored,
