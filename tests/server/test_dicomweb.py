@@ -431,3 +431,45 @@ def test_jobs_that_need_no_model_run_while_it_cannot_answer(no_model_api):
     time.sleep(0.5)
     auto = [j.status for j in rows(api, Job) if j.kind == jobs.AUTO_REPORT]
     assert auto == ["queued"]
+
+
+def test_a_retrieve_that_fails_halfway_audits_what_it_stored(api, monkeypatch):
+    """A DICOMweb retrieve commits its instances in batches; when the PACS goes away halfway,
+    the batches already stored are each in the audit log (before, only a finished retrieve
+    wrote an event, so a job that failed for good left stored instances unaudited)."""
+    from pydicom.uid import generate_uid
+
+    from tinyllava_med.server import pull
+    from tinyllava_med.server.db.models import AuditEvent
+    from tinyllava_med.server.ingest import audit_as
+
+    settings = api.app.state.settings.model_copy(
+        update={"dicomweb_pull_url": "http://pacs.invalid/dicom-web"}
+    )
+    uid = generate_uid()
+
+    class PacsThatDrops:  # the WADO-RS stream of a study's slices breaks after 20
+        def iter_study(self, study_uid):
+            assert study_uid == uid
+            for i in range(pull.BATCH + 4):
+                ds = pydicom.dcmread(CT_SMALL)
+                ds.StudyInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
+                ds.InstanceNumber = i + 1
+                yield ds
+            raise ConnectionError("the PACS went away")
+
+    monkeypatch.setattr(pull, "client", lambda settings, timeout_s: PacsThatDrops())
+    sessions, store = api.app.state.session_factory, api.app.state.store
+    with pytest.raises(ConnectionError):
+        pull.retrieve_study(
+            settings, sessions, store, uid, audit_as("system", "study.retrieve_store")
+        )
+    with sessions() as s:
+        study = s.scalars(select(Study).where(Study.StudyInstanceUID == uid)).one()
+        assert s.query(Image).filter(Image.study_id == study.id).count() == pull.BATCH
+        events = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "study.retrieve_store")
+        ).all()
+    assert [(e.actor, e.resource_id, e.detail["stored"]) for e in events] == [
+        ("system", study.id, pull.BATCH)
+    ]

@@ -478,10 +478,12 @@ class JobRunner:
         return outcome
 
     def _retrieve_study(self, job: Claimed) -> str:
+        from tinyllava_med.server.ingest import audit_as
         from tinyllava_med.server.pull import retrieve_study
 
         uid = str(job.payload["study_instance_uid"])
-        result = retrieve_study(self.settings, self.sessions, self.app.state.store, uid)
+        stored = audit_as(SYSTEM_ACTOR, "study.retrieve_store")  # each batch, as it commits
+        result = retrieve_study(self.settings, self.sessions, self.app.state.store, uid, stored)
         with self.sessions.begin() as s:
             crud.audit(
                 s,

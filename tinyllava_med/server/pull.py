@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Study
-from tinyllava_med.server.ingest import decode, file_instances
+from tinyllava_med.server.ingest import Audit, decode, file_instances
 from tinyllava_med.server.stow import Part
 
 if TYPE_CHECKING:
@@ -107,10 +107,13 @@ def retrieve_study(
     session_factory: sessionmaker[Session],
     store: ImageStore,
     study_uid: str,
+    audit: Audit | None = None,
 ) -> dict[str, Any]:
     """Fetch every instance of the study and file them; counts (stored, already held, failed),
     and the study's id here (None when no instance could be stored: a study of reports only,
-    say, which retrying cannot fix)."""
+    say, which retrying cannot fix). Over DICOMweb each batch is committed with its `audit`
+    event, so a fetch that fails halfway leaves no unaudited instances (over DIMSE the Storage
+    SCP audits what the PACS sends)."""
     if settings.dimse_pull:
         return _c_move(settings, session_factory, study_uid)
     stored = already = failed = 0
@@ -121,7 +124,7 @@ def retrieve_study(
         nonlocal stored, already, failed
         parts = [Part("application/dicom", _part10(ds)) for ds in batch]
         result, got, queued = file_instances(
-            session_factory, store, settings, parts, decode(parts, settings), study_uid
+            session_factory, store, settings, parts, decode(parts, settings), study_uid, audit
         )
         stored += len(result.stored) - result.already
         already += result.already
