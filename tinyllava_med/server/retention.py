@@ -6,12 +6,13 @@ radiologist may still be reading it) and no automatic report still to come. With
 `image_retention_draft_days`, a draft nobody has changed for that long no longer keeps its study:
 a site whose radiologists read on the PACS and never sign here would otherwise keep every
 automatically reported study's pixels for ever. The draft stays a draft; its image comes back as
-a released one's does. Its images' rows
-stay, marked `released_at`, and so do the study and its reports. A DICOM image's header without
-pixels is stored first (`header_sha256`: its reports' SRs are built from it); then the file is
-removed as a deleted study's are (`jobs.remove_unused`), unless a held image refers to the same
-content or it was touched within `image_sweep_grace_s` (an upload of the same file racing the
-release). Asking for a released image answers 410 `image_released`; retrieving the study from
+a released one's does.
+
+A due study's images' rows stay, marked `released_at`, and so do the study and its reports. A
+DICOM image's header without pixels is stored first (`header_sha256`: its reports' SRs are built
+from it); then the file is removed as a deleted study's are (`jobs.remove_unused`), unless a held
+image refers to the same content or it was touched within `image_sweep_grace_s` (an upload of
+the same file racing the release). Asking for a released image answers 410 `image_released`; retrieving the study from
 the PACS, or receiving it again (STOW-RS, DIMSE, import), files each instance under its row
 again (`ingest.store_instances`).
 

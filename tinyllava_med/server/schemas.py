@@ -20,8 +20,9 @@ def _plain(value: str) -> str:
     return value
 
 
-# text that goes into reports and their exports (DICOM SR, FHIR): no control characters but
-# tab and line breaks, which those formats refuse; a 422 says which one, not what the text was
+# text that goes into reports and their exports (DICOM SR, FHIR, XML), which refuse control
+# characters other than tab and line breaks: so does this, with a 422 that names the character,
+# never the text
 PlainText = Annotated[str, AfterValidator(_plain)]
 
 
