@@ -56,8 +56,9 @@ class Signer:
 
 
 def _text(value: str) -> str:
-    """DICOM text values allow CR, LF, TAB (FF, and ESC for ISO 2022, unused with UTF-8) only.
-    The API refuses the others; a report stored before it did may still hold one."""
+    """DICOM text values allow CR, LF, TAB and FF (and ESC for ISO 2022, unused with UTF-8);
+    the project's one rule (`prompts.CONTROL`, as FHIR and XML) keeps the first three. The API
+    refuses the others; a report stored before it did may still hold one."""
     return without_controls(value)
 
 
