@@ -63,6 +63,13 @@ BIGINT_MAX = 2**63 - 1
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=BIGINT_MAX)]
 JobId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
+# a study's identifiers as the study and report lists look them up (the columns hold 64)
+AccessionNumber = Annotated[
+    str | None, Query(max_length=64, description="the study's accession number, exact")
+]
+StudyInstanceUid = Annotated[
+    str | None, Query(max_length=64, description="the study's Study Instance UID")
+]
 
 
 def as_utc(t: datetime | None) -> datetime | None:

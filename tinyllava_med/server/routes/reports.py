@@ -13,6 +13,7 @@ from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import SIGNED_STATUSES, Report
 from tinyllava_med.server.db.session import after_commit
 from tinyllava_med.server.deps import (
+    AccessionNumber,
     Limit,
     MetricsDep,
     Offset,
@@ -21,6 +22,7 @@ from tinyllava_med.server.deps import (
     SessionDep,
     SettingsDep,
     StoreDep,
+    StudyInstanceUid,
     as_utc,
 )
 from tinyllava_med.server.dicom_sr import report_sr, signer_name
@@ -47,12 +49,8 @@ def list_reports(
     principal: ReportReader,
     status: ReportStatus | None = None,
     study_id: str | None = None,
-    accession_number: Annotated[
-        str | None, Query(max_length=64, description="the study's accession number, exact")
-    ] = None,
-    study_instance_uid: Annotated[
-        str | None, Query(max_length=64, description="the study's Study Instance UID")
-    ] = None,
+    accession_number: AccessionNumber = None,
+    study_instance_uid: StudyInstanceUid = None,
     signed_since: Annotated[
         datetime | None,
         Query(

@@ -13,12 +13,14 @@ from fastapi.responses import Response
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.deps import (
+    AccessionNumber,
     Limit,
     Offset,
     SessionDep,
     SettingsDep,
     StoreDep,
     StudyDeleter,
+    StudyInstanceUid,
     StudyReader,
     Uploader,
 )
@@ -183,10 +185,8 @@ def list_studies(
         crud.ReportState | None,
         Query(description="none, draft (a draft awaits a signature) or signed"),
     ] = None,
-    accession_number: Annotated[
-        str | None, Query(max_length=64, description="the RIS's accession number, exact")
-    ] = None,
-    study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
+    accession_number: AccessionNumber = None,
+    study_instance_uid: StudyInstanceUid = None,
     study_date_from: Annotated[
         date | None, Query(description="Study Date on or after (YYYY-MM-DD)")
     ] = None,
