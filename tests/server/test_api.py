@@ -1383,29 +1383,6 @@ def upload_png(api):
     return r.json()
 
 
-def test_a_file_stored_again_within_the_grace_period_outlives_the_sweep(tmp_path):
-    """The race a deletion must not lose: an upload of the same content reuses the file (and
-    touches it) while the deleted study's sweep is due; only a file untouched for the whole
-    grace period is removed, with its renderings."""
-    import os
-
-    from tinyllava_med.server.storage import ImageStore
-
-    store = ImageStore(tmp_path)
-    sha = store.put(b"pixels")
-    path = store.path(sha)
-    old = time.time() - 3600
-    os.utime(path, (old, old))
-    store.rendered.put((sha, None, None, "limits"), Image.new("L", (2, 2)))
-    assert store.put(b"pixels") == sha  # stored again: touched, not rewritten
-    assert path.stat().st_mtime > old + 3000
-    assert not store.remove_if_stale(sha, grace_s=600) and store.exists(sha)
-    os.utime(path, (old, old))
-    assert store.remove_if_stale(sha, grace_s=600) and not store.exists(sha)
-    assert (sha, None, None, "limits") not in store.rendered
-    assert store.remove_if_stale(sha, grace_s=600)  # already gone: nothing to do
-
-
 def test_only_the_claim_that_holds_a_job_finishes_or_fails_it(tmp_path, sqlite_url, tiny_lm):
     """A job deleted with its study while a worker runs it (SQLite may give its id to the
     deletion's own sweep job), or claimed again by another worker after its lease ran out, is

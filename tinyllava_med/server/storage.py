@@ -3,7 +3,9 @@
 `put` is idempotent (the same file uploaded twice is stored once) and atomic (write to a temp
 file, then rename), so a failed request never leaves a half-written image behind. Storing a
 file that is there already touches it: `remove_if_stale` deletes only files untouched for a
-grace period, so an upload of the same content racing a deletion keeps its file.
+grace period, so an upload of the same content racing a deletion keeps its file. The deletion
+moves the file aside before it looks a second time, so an upload between its look and its
+removal either touched the file (which goes back) or finds none and writes it again.
 
 `ImageStore.rendered` is a bounded LRU (`lru.ByteLRU`) of decoded images (what
 `serving.render` makes of a file for a frame and window), so asking many questions about one
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -52,6 +55,10 @@ def private_tmp(data_dir: str | Path) -> Path:
     return tmp
 
 
+def _untouched_for(path: Path, grace_s: float) -> bool:
+    return time.time() - path.stat().st_mtime >= grace_s
+
+
 def _image_bytes(image: Image.Image) -> int:
     return image.width * image.height * len(image.getbands())
 
@@ -70,9 +77,11 @@ class ImageStore:
     def put(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         dest = self.path(digest)
-        if dest.is_file():
+        try:
             os.utime(dest)  # a deletion sweeping it now leaves it: it is in use again
             return digest
+        except FileNotFoundError:  # new, or a deletion has just moved it aside: write it
+            pass
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         try:
@@ -95,9 +104,16 @@ class ImageStore:
         `grace_s` seconds; whether it is gone. The caller checks that no image refers to it."""
         path = self.path(sha256)
         try:
-            if time.time() - path.stat().st_mtime < grace_s:
+            if not _untouched_for(path, grace_s):
                 return False
-            path.unlink()
+            # An upload of the same content may touch it right now: from here on an upload
+            # finds no file and writes its own, and one that touched it in time is seen below.
+            aside = path.with_name(f".gone-{sha256}-{secrets.token_hex(4)}")
+            path.rename(aside)
+            if not _untouched_for(aside, grace_s):
+                os.replace(aside, path)  # touched meanwhile: in use again (same bytes if rewritten)
+                return False
+            aside.unlink()
         except FileNotFoundError:
             pass
         self.rendered.discard(lambda key: isinstance(key, tuple) and key[0] == sha256)
