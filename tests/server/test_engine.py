@@ -23,10 +23,17 @@ class Recorder:
     def __init__(self) -> None:
         self.batches: list[int] = []
         self.first_tokens = 0
+        self.answers = 0
+        self.prompt_tokens = 0
         self.depths: list[int] = []
 
-    def on_batch(self, size, seconds, new_tokens):
+    def on_batch(self, size, seconds, new_tokens, prompt_tokens):
         self.batches.append(size)
+        self.prompt_tokens += prompt_tokens
+
+    def on_answer(self, seconds):
+        assert seconds > 0
+        self.answers += 1
 
     def on_queue(self, depth):
         self.depths.append(depth)
@@ -68,6 +75,8 @@ def test_concurrent_requests_share_a_batch_and_match_single_answers(engine, tiny
     ]
     assert [a.text for a in answers] == alone
     assert rec.first_tokens == 6
+    assert rec.answers == 6  # each answer's end-to-end latency
+    assert rec.prompt_tokens == sum(a.prompt_tokens for a in answers) > 0
     assert rec.depths[-1] == 0
 
 

@@ -47,6 +47,15 @@ def test_promtool_accepts_metrics(sqlite_api):
     ):
         assert name in text, name
     assert 'status="401"' in text and 'route="/v1/studies/{study_id}/questions"' in text
+    # the answer's latency and tokens were recorded, not only declared (an alert and two
+    # dashboard panels read them); readiness probes may add theirs
+    values = _samples(api, "tinyllava_med_")
+    assert values["tinyllava_med_e2e_request_latency_seconds_count"] >= 1
+    assert values["tinyllava_med_e2e_request_latency_seconds_sum"] > 0
+    assert values["tinyllava_med_prompt_tokens_total"] >= report["tokens"]["prompt"] > 0
+    assert values["tinyllava_med_generation_tokens_total"] >= report["tokens"]["completion"]
+    # a first burst of rejections must count in rate(): the series exists from 0
+    assert values['tinyllava_med_rejected_requests_total{reason="queue_full"}'] == 0
     # the queue's limit beside its depth: the saturation alert is relative to each server's own
     limit = api.app.state.settings.max_queue
     assert f"tinyllava_med_queue_limit {float(limit)}" in text

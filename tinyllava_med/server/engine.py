@@ -101,9 +101,10 @@ class ServedModel(Protocol):
 
 
 class EngineMetrics(Protocol):
-    def on_batch(self, size: int, seconds: float, new_tokens: int) -> None: ...
+    def on_batch(self, size: int, seconds: float, new_tokens: int, prompt_tokens: int) -> None: ...
     def on_queue(self, depth: int) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
+    def on_answer(self, seconds: float) -> None: ...
     def on_cancel(self, n: int) -> None: ...
     def on_prefill(self, outcome: str) -> None: ...
 
@@ -330,7 +331,7 @@ class BatchingEngine:
         if self.metrics:
             self.metrics.on_queue(depth)
         req = _Request(image, question, params, on_token, tuple(history), image_key)
-        req.future.add_done_callback(self._record)
+        req.future.add_done_callback(partial(self._record, req.submitted))
         self._enqueue(req)
         if arrival is not None:
             arrival.close()  # after the enqueue: a collecting batch sees one or the other
@@ -394,12 +395,15 @@ class BatchingEngine:
 
     # --- health ----------------------------------------------------------------------------
 
-    def _record(self, future: Future[Answer]) -> None:
-        """Every answered request is evidence about the model, not only probes."""
+    def _record(self, submitted: float, future: Future[Answer]) -> None:
+        """Every answered request is evidence about the model, not only probes; an answer's
+        time from submission is its end-to-end latency."""
         if future.cancelled():
             return
         self.last_failed = future.exception() is not None
         self.last_done = time.monotonic()
+        if not self.last_failed and self.metrics:
+            self.metrics.on_answer(time.perf_counter() - submitted)
 
     def start_probe(self) -> Future[Answer]:
         """A one-token answer about a gray image through the queue, unless one is in flight."""
@@ -645,7 +649,12 @@ class BatchingEngine:
         row_s = self._last_batch_s / len(live)
         self._row_s = row_s if self._row_s == 0 else (self._row_s + row_s) / 2
         if self.metrics:
-            self.metrics.on_batch(len(live), self._last_batch_s, sum(a.new_tokens for a in answers))
+            self.metrics.on_batch(
+                len(live),
+                self._last_batch_s,
+                sum(a.new_tokens for a in answers),
+                sum(a.prompt_tokens for a in answers),
+            )
         for r, a in zip(live, answers, strict=True):
             if r.cancelled.is_set():
                 r.future.cancel()

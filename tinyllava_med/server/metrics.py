@@ -316,22 +316,27 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.rejected.labels("queue_full")  # from 0: a first burst counts in rate()
         for outcome in ("stored", "already", "failed"):
             self.dimse_instances.labels(outcome)
         for outcome in ("accepted", "refused"):
             self.dimse_associations.labels(outcome)
 
     # EngineMetrics protocol
-    def on_batch(self, size: int, seconds: float, new_tokens: int) -> None:
+    def on_batch(self, size: int, seconds: float, new_tokens: int, prompt_tokens: int) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
         self.generation_tokens.inc(new_tokens)
+        self.prompt_tokens.inc(prompt_tokens)
 
     def on_queue(self, depth: int) -> None:
         self.waiting.set(depth)
 
     def on_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
+
+    def on_answer(self, seconds: float) -> None:
+        self.e2e.observe(seconds)
 
     def on_cancel(self, n: int) -> None:
         self.cancelled.inc(n)

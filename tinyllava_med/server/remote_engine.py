@@ -199,11 +199,12 @@ class RemoteEngine(BatchingEngine):
                         finish = "length"
         seconds = time.perf_counter() - start
         new_tokens = int(usage.get("completion_tokens") or len(text))
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
         if self.metrics:
-            self.metrics.on_batch(1, seconds, new_tokens)
+            self.metrics.on_batch(1, seconds, new_tokens, prompt_tokens)
         return Answer(
             text="".join(text).strip(),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            prompt_tokens=prompt_tokens,
             new_tokens=new_tokens,
             latency_ms=seconds * 1000,
             finish_reason=finish,
