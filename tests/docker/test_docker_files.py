@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -654,10 +655,83 @@ def test_compose_scale_replicas_behind_a_load_balancer():
     text = conf.read_text(encoding="utf-8")
     assert "http://server:8000" in text and "resolver 127.0.0.11" in text
     assert "proxy_buffering off" in text  # server-sent events stream through
+    # a CPU answer may take the replicas' whole request timeout: nginx must wait longer
+    env = server["environment"]
+    server_timeout = float(env["TINYLLAVA_MED_REQUEST_TIMEOUT_S"].split(":-")[1].rstrip("}"))
+    (lb_timeout,) = re.findall(r"proxy_read_timeout (\d+)s;", text)
+    assert float(lb_timeout) > server_timeout >= 600
     prom = _mounts(services["prometheus"])
     assert (DOCKER / prom["/etc/prometheus/prometheus.yml"]).resolve() == (
         PROM / "prometheus.scale.yml"
     ).resolve()
+
+
+class _Upstream(http.server.BaseHTTPRequestHandler):
+    """A replica behind the load balancer: answers every request with 204."""
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(204)
+        self.end_headers()
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_load_balancer_logs_no_accession_number_or_study_uid(tmp_path):
+    """The scale-out nginx, run with its own config (the upstream and paths pointed here): its
+    access lines keep method, path and status, without the query string (a worklist lookup's
+    accession number) or a STOW-RS path's Study Instance UID, as the server's own lines do."""
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    assert nginx, "nginx is required (Debian package `nginx-light`; .ci/run installs it)"
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    port, log = _free_port(), tmp_path / "access.log"
+    conf = (DOCKER / "nginx" / "nginx.conf").read_text(encoding="utf-8")
+    for old, new in (
+        ("/tmp/", f"{tmp_path}/"),
+        ("http://server:8000", f"http://127.0.0.1:{upstream.server_address[1]}"),
+        ("listen 8000;", f"listen 127.0.0.1:{port};"),
+        ("access_log /dev/stdout", f"access_log {log}"),
+    ):
+        assert old in conf, old
+        conf = conf.replace(old, new)
+    (tmp_path / "nginx.conf").write_text(conf, encoding="utf-8")
+    cmd = [nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"]
+    proc = subprocess.Popen([*cmd, "-g", "daemon off;"], stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[1]
+                threading.Event().wait(0.05)
+        study_uid, accession = "1.2.826.0.1.3680043.8.498.4242", "ACC-77310"
+        requests = [
+            ("POST", f"/dicomweb/studies/{study_uid}", b"dicom"),
+            ("GET", f"/v1/studies?accession_number={accession}", None),
+            ("GET", "/v1/reports/7f0c", None),
+        ]
+        for method, path, body in requests:
+            req = urllib.request.Request(base + path, data=body, method=method)
+            with urllib.request.urlopen(req, timeout=10) as r:
+                assert r.status == 204
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        upstream.shutdown()
+        upstream.server_close()
+    lines = log.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3, lines
+    assert '"POST /dicomweb/studies/{study_uid} HTTP/1.1" 204' in lines[0]
+    assert '"GET /v1/studies HTTP/1.1" 204' in lines[1]
+    assert '"GET /v1/reports/7f0c HTTP/1.1" 204' in lines[2]
+    text = log.read_text(encoding="utf-8")
+    assert study_uid not in text and accession not in text
 
 
 def test_orthanc_config_enables_dicomweb_and_points_at_the_server():
