@@ -357,10 +357,16 @@ def _release_images(settings: Any, days: float | None, draft_days: float | None)
             "db release-images needs --days N (or TINYLLAVA_MED_IMAGE_RETENTION_DAYS): studies "
             "older than that without drafts give their pixels back to the PACS"
         )
+    total = {"studies": 0, "images": 0, "files_removed": 0, "headers_lost": 0}
     with _console_db(settings) as sessions:
-        result = release_due(sessions, ImageStore(settings.images_dir), settings)
-        with sessions.begin() as s:
-            audit_release(s, "cli", result)
+        while True:  # all that is due, in the job's runs of up to STUDIES_PER_RUN studies
+            result = release_due(sessions, ImageStore(settings.images_dir), settings)
+            with sessions.begin() as s:
+                audit_release(s, "cli", result)
+            total = {k: v + result[k] for k, v in total.items()}
+            if not (result["more"] and result["studies"]):
+                break
+    result = total
     drafts = "no draft"
     if settings.image_retention_draft_days is not None:
         drafts += f" changed in the last {settings.image_retention_draft_days:g} days"
@@ -369,6 +375,9 @@ def _release_images(settings: Any, days: float | None, draft_days: float | None)
         f"than {settings.image_retention_days:g} days ago and have {drafts}; "
         f"{result['files_removed']} files removed"
     )
+    if result["headers_lost"]:
+        print(f"{result['headers_lost']} DICOM headers could not be written (disk full?)")
+        return 1
     return 0
 
 

@@ -4,6 +4,7 @@ again; on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import errno
 import io
 from datetime import timedelta
 
@@ -21,6 +22,7 @@ from api_helpers import (
 )
 from sqlalchemy import select, update
 
+from tinyllava_med.server import retention
 from tinyllava_med.server.backup import backup
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import AuditEvent, Image, Job, Report, Study, utcnow
@@ -156,7 +158,7 @@ def test_drafts_nobody_changes_release_their_study_with_draft_days(tmp_path, dat
         r = api.patch(f"/v1/reports/{drafts[racing['id']]}", headers=api.h(), json={"text": "x"})
         assert r.status_code == 200, r.text
         with sessions.begin() as s:
-            assert release_study(s, store, racing["id"], settings, utcnow()) == []
+            assert release_study(s, store, racing["id"], settings, utcnow(), {}) == []
 
         result = release_due(sessions, store, settings)
         assert (result["studies"], result["images"]) == (1, 1)
@@ -252,11 +254,47 @@ def test_the_console_releases_now(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["db", "release-images", "--days", "30"]) == 0
     assert "released 0 images of 0 studies" in capsys.readouterr().out
+    # all that is due, not only the hourly job's one run (here of 1 study)
+    monkeypatch.setattr(retention, "STUDIES_PER_RUN", 1)
     assert main(["db", "release-images", "--days", "7", "--draft-days", "3"]) == 0
     out = capsys.readouterr().out
     assert "released 2 images of 2 studies" in out and "no draft changed in the last 3 days" in out
     with sessions() as s:
         assert all(i.released_at for i in s.scalars(select(Image)))
-        (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "image.release"))
-        assert (event.actor, event.detail["images"]) == ("cli", 2)
+        events = s.scalars(select(AuditEvent).where(AuditEvent.action == "image.release")).all()
+        assert [(e.actor, e.detail["images"]) for e in events] == [("cli", 1), ("cli", 1)]
     engine.dispose()
+
+
+def test_a_full_disk_keeps_the_headers_of_released_images(api, monkeypatch):
+    """`db release-images` is run when the disk is full: a header that cannot be written then
+    waits until its study's pixel files are removed, and the signed report's SR is still built
+    from it. Before, the image was released without its header (the SR 409 no_dicom_source)."""
+    sessions, store = api.app.state.session_factory, api.app.state.store
+    study = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")
+    report = _ask(api, study["id"])
+    r = api.patch(f"/v1/reports/{report}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    with sessions.begin() as s:
+        s.execute(update(Study).values(created_at=utcnow() - timedelta(days=31)))
+    pixels, put = study["images"][0]["sha256"], store.put
+    full: list[bytes] = []
+
+    def put_on_a_full_disk(data):
+        if store.exists(pixels):  # the disk is full until the pixel file goes
+            full.append(data)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return put(data)
+
+    monkeypatch.setattr(store, "put", put_on_a_full_disk)
+    result = release_due(sessions, store, api.app.state.settings)
+    assert (result["studies"], result["files_removed"], result["headers_lost"]) == (1, 1, 0)
+    assert full and not store.exists(pixels)
+    with sessions() as s:
+        image = s.scalars(select(Image)).one()
+        assert image.released_at and store.exists(image.header_sha256)
+    r = api.get(f"/v1/reports/{report}/sr", headers=api.h())
+    assert r.status_code == 200, r.text
+    assert (
+        pydicom.dcmread(io.BytesIO(r.content)).PatientName == pydicom.dcmread(CT_SMALL).PatientName
+    )

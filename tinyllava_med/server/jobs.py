@@ -472,7 +472,9 @@ class JobRunner:
         self._forget(result.pop("hashes"))
         with self.sessions.begin() as s:
             audit_release(s, SYSTEM_ACTOR, result)
-            following = schedule_release(s, self.settings, delay_s=RELEASE_EVERY_S, besides=job.id)
+            # more were due than one run takes: the next run follows at once
+            delay_s = 0.0 if result["more"] and result["studies"] else RELEASE_EVERY_S
+            following = schedule_release(s, self.settings, delay_s=delay_s, besides=job.id)
             outcome = finish(s, job, {**result, "next": following.id if following else None})
         self.app.state.metrics.images_released.inc(result["images"])
         return outcome

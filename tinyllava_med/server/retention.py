@@ -14,7 +14,9 @@ from it); then the file is removed as a deleted study's are (`jobs.remove_unused
 image refers to the same content or it was touched within `image_sweep_grace_s` (an upload of
 the same file racing the release). Asking for a released image answers 410 `image_released`; retrieving the study from
 the PACS, or receiving it again (STOW-RS, DIMSE, import), files each instance under its row
-again (`ingest.store_instances`).
+again (`ingest.store_instances`). On a full disk (when `db release-images` is most needed) a
+header that cannot be written is held in memory and written once its study's pixel files are
+gone; only a file that is gone or unreadable leaves an image without a header.
 
 A `release_images` job runs `release_due` every `RELEASE_EVERY_S`: `serve` queues the first, and
 each run queues the next.
@@ -22,6 +24,7 @@ each run queues the next.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from datetime import datetime, timedelta
@@ -107,11 +110,17 @@ def _header(data: bytes) -> bytes:
 
 
 def release_study(
-    session: Session, store: ImageStore, study_id: str, settings: Settings, now: datetime
+    session: Session,
+    store: ImageStore,
+    study_id: str,
+    settings: Settings,
+    now: datetime,
+    unwritten: dict[str, bytes],
 ) -> list[str]:
     """Mark the study's held images released, keeping DICOM headers; the hashes of their files
     (for `jobs.remove_unused`, once this is committed). A draft made or changed meanwhile keeps
-    the study."""
+    the study. A header the store cannot write (a full disk) goes into `unwritten`, by its
+    hash, for the caller to write once files are removed."""
     if session.scalar(_drafts_in_use(study_id, settings, now).limit(1)) is not None:
         return []
     images = session.scalars(
@@ -120,32 +129,61 @@ def release_study(
     for image in images:
         if image.kind == "dicom" and image.header_sha256 is None:
             try:
-                image.header_sha256 = store.put(_header(store.get(image.sha256)))
+                header = _header(store.get(image.sha256))
             except (OSError, pydicom.errors.InvalidDicomError) as e:  # file gone or unreadable
                 log.warning("no header kept for a released image: %s", type(e).__name__)
+            else:
+                image.header_sha256 = hashlib.sha256(header).hexdigest()
+                try:
+                    store.put(header)
+                except OSError as e:
+                    log.warning("a released image's header waits for space: %s", e.strerror)
+                    unwritten[image.header_sha256] = header
         image.released_at = now
     return [image.sha256 for image in images]
+
+
+def _write_held(store: ImageStore, unwritten: dict[str, bytes]) -> int:
+    """Write the headers that waited for space; how many still could not be written."""
+    lost = 0
+    for header in unwritten.values():
+        try:
+            store.put(header)
+        except OSError as e:
+            lost += 1
+            log.error("a released image's header could not be written: %s", e.strerror)
+    return lost
 
 
 def release_due(
     sessions: sessionmaker[Session], store: ImageStore, settings: Settings
 ) -> dict[str, Any]:
-    """Release every due study, each in its own transaction; counts and the hashes removed."""
+    """Release due studies (up to `STUDIES_PER_RUN`), each in its own transaction; counts, the
+    hashes removed, and whether more were due (`more`)."""
     now = utcnow()
     with sessions() as s:
         due = due_studies(s, settings, now)
-    studies = images = 0
+    studies = images = headers_lost = 0
     removed: list[str] = []
     for study_id in due:
+        unwritten: dict[str, bytes] = {}
         with sessions.begin() as s:
-            hashes = release_study(s, store, study_id, settings, now)
+            hashes = release_study(s, store, study_id, settings, now, unwritten)
         if hashes:
             studies += 1
             images += len(hashes)
             removed += remove_unused(
                 sessions, store, sorted(set(hashes)), settings.image_sweep_grace_s
             ).removed
-    return {"studies": studies, "images": images, "files_removed": len(removed), "hashes": removed}
+        headers_lost += _write_held(store, unwritten)
+    return {
+        "studies": studies,
+        "images": images,
+        "files_removed": len(removed),
+        "headers_lost": headers_lost,
+        "more": len(due) == STUDIES_PER_RUN,
+        "hashes": removed,
+    }
 
 
 def audit_release(session: Session, actor: str, result: dict[str, Any]) -> None:
