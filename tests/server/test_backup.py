@@ -70,6 +70,13 @@ def test_backup_copies_a_consistent_database_and_checked_files(tmp_path, sqlite_
         assert (again.files_copied, again.files_present) == (0, 2) and again.complete
         assert again.database != done.database  # each run its own database copy
 
+        # a copy damaged in the backup (cut short) is copied again, not counted as present
+        damaged = dest / "images" / hashes[0][:2] / hashes[0]
+        damaged.write_bytes(damaged.read_bytes()[:100])
+        third = backup(settings, dest)
+        assert (third.files_copied, third.files_present) == (1, 1) and third.complete
+        assert hashlib.sha256(damaged.read_bytes()).hexdigest() == hashes[0]
+
         # into a fresh folder, from a damaged store: reported, nothing wrong copied, exit 1
         store = api.app.state.store
         ct, png = hashes
@@ -97,6 +104,7 @@ def test_backup_copies_a_consistent_database_and_checked_files(tmp_path, sqlite_
             "ORDER BY id",
         )
         assert [(actor, outcome) for actor, outcome, _ in events] == [
+            ("cli", "ok"),
             ("cli", "ok"),
             ("cli", "ok"),
             ("cli", "error"),

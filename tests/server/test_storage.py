@@ -64,3 +64,21 @@ def test_an_upload_between_the_sweeps_look_and_its_removal_keeps_its_file(
     assert removed is (upload_after_look == 2)  # the stale copy went; the upload's is new
     assert looks == 2
     assert os.listdir(store.path(sha).parent) == [sha]  # nothing left aside
+
+
+def test_a_damaged_copy_is_written_again_and_new_files_reach_the_disk(tmp_path, monkeypatch):
+    """A power cut may leave a stored file short (written, renamed, not yet on disk): the same
+    content arriving again (the PACS resending the study) replaces it, where before it was only
+    touched and stayed damaged for good. Each new file, and its directory entry, is synced
+    before `put` returns (and the database row naming it commits)."""
+    synced: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(storage.os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
+    store = ImageStore(tmp_path)
+    sha = store.put(b"pixels" * 100)
+    assert len(synced) == 2  # the file, then its directory
+    store.path(sha).write_bytes(b"pix")  # what the power cut left
+    assert store.put(b"pixels" * 100) == sha
+    assert store.get(sha) == b"pixels" * 100
+    synced.clear()
+    assert store.put(b"pixels" * 100) == sha and synced == []  # intact: touched only

@@ -8,7 +8,8 @@ stored image files. `tinyllava-med db backup DEST`, safe to run while the server
 - PostgreSQL: `pg_dump` is the tool for the database (not run here); the files are copied all
   the same.
 - Files: content-addressed, so a file already in `DEST/images` is the same file and each run
-  copies only new ones. Every file the database's images refer to is copied and its sha256
+  copies only new ones (and again one whose size differs from the source's: a damaged copy).
+  Every file the database's images refer to is copied and its sha256
   checked against its name: a missing or corrupt source file is reported, never copied. A
   released image (`retention.py`) has only its header here, and that is what is copied.
 
@@ -84,6 +85,13 @@ _FILES_SQL = (
 )
 
 
+def _same_size(a: ImageStore, b: ImageStore, sha: str) -> bool:
+    try:
+        return a.path(sha).stat().st_size == b.path(sha).stat().st_size
+    except FileNotFoundError:  # not in the store: reported as missing, the copy kept
+        return True
+
+
 def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
     """Back up the database (SQLite) and the image files into `dest`; audited as
     `backup.create`."""
@@ -105,7 +113,7 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
                 hashes = sorted(set(s.scalars(text(_FILES_SQL))))
         store, copies = ImageStore(settings.images_dir), ImageStore(dest / "images")
         for sha in hashes:
-            if copies.exists(sha):
+            if copies.exists(sha) and _same_size(copies, store, sha):
                 result.files_present += 1
             elif not store.exists(sha):
                 result.missing.append(sha)

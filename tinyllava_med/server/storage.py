@@ -1,7 +1,10 @@
 """Content-addressed image store: uploaded bytes live on disk under their sha256, never in the DB.
 
 `put` is idempotent (the same file uploaded twice is stored once) and atomic (write to a temp
-file, then rename), so a failed request never leaves a half-written image behind. Storing a
+file, then rename), so a failed request never leaves a half-written image behind; the file and
+its directory entry are on disk (fsync) before `put` returns and the database row that names it
+is committed, so a power cut cannot leave a row whose file is empty. A stored copy of the wrong
+size (damaged) is written again when the same content arrives. Storing a
 file that is there already touches it: `remove_if_stale` deletes only files untouched for a
 grace period, so an upload of the same content racing a deletion keeps its file. The deletion
 moves the file aside before it looks a second time, so an upload between its look and its
@@ -55,6 +58,15 @@ def private_tmp(data_dir: str | Path) -> Path:
     return tmp
 
 
+def _sync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (POSIX: the directory entry is data of the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _untouched_for(path: Path, grace_s: float) -> bool:
     return time.time() - path.stat().st_mtime >= grace_s
 
@@ -78,8 +90,9 @@ class ImageStore:
         digest = hashlib.sha256(data).hexdigest()
         dest = self.path(digest)
         try:
-            os.utime(dest)  # a deletion sweeping it now leaves it: it is in use again
-            return digest
+            if dest.stat().st_size == len(data):
+                os.utime(dest)  # a deletion sweeping it now leaves it: it is in use again
+                return digest
         except FileNotFoundError:  # new, or a deletion has just moved it aside: write it
             pass
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -87,10 +100,13 @@ class ImageStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _sync_dir(dest.parent)
         return digest
 
     def get(self, sha256: str) -> bytes:
