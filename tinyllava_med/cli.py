@@ -308,6 +308,8 @@ def cmd_db(args: argparse.Namespace) -> int:
     settings = _server_settings(args)
     if args.db_cmd == "backup":
         return _backup(settings, args.dest)
+    if args.db_cmd == "restore":
+        return _restore(settings, args.dest, args.images_only)
     if args.db_cmd == "release-images":
         return _release_images(settings, args.days, args.draft_days)
     upgrade(settings.database_url)
@@ -321,7 +323,9 @@ def _console_db(settings: Any) -> Iterator[Any]:
     `serve` would (PostgreSQL is migrated by `db upgrade`); a session factory, disposed after."""
     from tinyllava_med.server.db.migrate import upgrade
     from tinyllava_med.server.db.session import make_engine, session_factory
+    from tinyllava_med.server.storage import hold_data_dir
 
+    hold_data_dir(settings.data_dir)  # `db restore` refuses while this command runs
     if settings.database_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(settings.database_url)
@@ -377,6 +381,33 @@ def _release_images(settings: Any, days: float | None, draft_days: float | None)
     )
     if result["headers_lost"]:
         print(f"{result['headers_lost']} DICOM headers could not be written (disk full?)")
+        return 1
+    return 0
+
+
+def _restore(settings: Any, source: str | None, images_only: bool) -> int:
+    from tinyllava_med.server.backup import restore
+    from tinyllava_med.server.storage import DataDirInUse
+
+    if not source:
+        raise SystemExit(
+            "db restore needs the backup: tinyllava-med db restore DEST/tinyllava_med-<time>.db "
+            "(PostgreSQL: --images-only DEST, after pg_restore)"
+        )
+    try:
+        done = restore(settings, Path(source), images_only=images_only)
+    except (FileNotFoundError, DataDirInUse, ValueError, RuntimeError) as e:
+        raise SystemExit(f"db restore: {e}") from None
+    if done.database is not None:
+        print(f"database: {done.database} restored from {source}")
+    for path in done.replaced:
+        print(f"replaced, kept as {path}")
+    print(f"files: {done.files_copied} copied back, {done.files_present} in place")
+    if done.missing:
+        print(
+            f"{len(done.missing)} files the database refers to are in neither the store nor "
+            "the backup"
+        )
         return 1
     return 0
 
@@ -758,9 +789,21 @@ def build_parser() -> argparse.ArgumentParser:
         "every machine of the same CPU type and thread count",
     )
 
-    p = verb("db", "database migrations, backups, and releasing old images now", cmd_db)
-    p.add_argument("db_cmd", choices=["upgrade", "backup", "release-images"])
-    p.add_argument("dest", nargs="?", help="backup: the folder to back up into")
+    p = verb(
+        "db", "database migrations, backups and restores, and releasing old images now", cmd_db
+    )
+    p.add_argument("db_cmd", choices=["upgrade", "backup", "restore", "release-images"])
+    p.add_argument(
+        "dest",
+        nargs="?",
+        help="backup: the folder to back up into; restore: the backup's .db file (with "
+        "--images-only: its folder), with the server stopped",
+    )
+    p.add_argument(
+        "--images-only",
+        action="store_true",
+        help="restore: only the image files the database refers to (PostgreSQL, after pg_restore)",
+    )
     p.add_argument(
         "--days",
         type=_days,

@@ -914,10 +914,11 @@ def test_a_serving_process_settles_its_heap_once_the_model_is_loaded(
     tmp_path, sqlite_url, tiny_model_dir, own_process
 ):
     """`serve` (`own_process`) freezes what the loaded model and libraries allocated and
-    collects young objects less often; an app embedded in another process leaves its collector
-    alone."""
+    collects young objects less often, and holds its data directory against `db restore`; an
+    app embedded in another process leaves its collector alone."""
     from tinyllava_med.server.app import GC_YOUNG_THRESHOLD
     from tinyllava_med.server.settings import Settings
+    from tinyllava_med.server.storage import DataDirInUse, sole_user
 
     settings = Settings(data_dir=tmp_path / "d", database_url=sqlite_url, model=str(tiny_model_dir))
     threshold = gc.get_threshold()
@@ -928,6 +929,8 @@ def test_a_serving_process_settles_its_heap_once_the_model_is_loaded(
             if own_process:
                 assert gc.get_freeze_count() > frozen
                 assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *threshold[1:])
+                with pytest.raises(DataDirInUse), sole_user(settings.data_dir):
+                    pass
             else:
                 assert (gc.get_freeze_count(), gc.get_threshold()) == (frozen, threshold)
     finally:

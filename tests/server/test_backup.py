@@ -1,11 +1,13 @@
 """`tinyllava-med db backup`: a consistent copy of the SQLite database taken while a writer is
 busy, the image files copied once each and checked against their names, missing and corrupt
-files reported (exit code 1), every backup audited."""
+files reported (exit code 1), every backup audited. `db restore`: the copy back in place over a
+crashed server's write-ahead log, never while a process holds the data directory."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from api_helpers import make_api, png_bytes, upload, upload_ct
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from tinyllava_med.server.backup import _snapshot, backup
+from tinyllava_med.server.backup import _snapshot, backup, restore
 from tinyllava_med.server.db.models import AuditEvent
 
 
@@ -123,3 +125,123 @@ def test_backup_on_postgresql_copies_the_files_and_leaves_the_database_to_pg_dum
         with api.app.state.session_factory() as s:
             (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "backup.create"))
             assert event.outcome == "ok" and event.detail["files_copied"] == 1
+
+
+def _cli(settings, database_url, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "tinyllava_med.cli", "db", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "TINYLLAVA_MED_DATA_DIR": str(settings.data_dir),
+            "TINYLLAVA_MED_DATABASE_URL": database_url,
+        },
+    )
+
+
+# a server that committed a change and died before checkpointing it: the change is only in
+# the write-ahead log beside the database
+_CRASH = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("PRAGMA wal_autocheckpoint=0")
+db.execute("UPDATE reports SET text = 'written after the backup'")
+db.commit()
+os._exit(0)
+"""
+
+_HOLD = """
+import sys, time
+from tinyllava_med.server.storage import hold_data_dir
+hold_data_dir(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_restore_puts_the_backup_back_over_a_crashed_servers_log(tmp_path, sqlite_url, tiny_lm):
+    """The restore a crash calls for: the crashed database's write-ahead log must not be
+    replayed into the restored copy (copying the .db file over it, as the docs said, did: the
+    restored database showed the crashed one's rows). What it replaces is moved aside, files
+    lost from the store come back from the backup, and no restore runs under a live process."""
+    for api in make_api(tmp_path, sqlite_url, tiny_lm):
+        settings, store = api.app.state.settings, api.app.state.store
+        study = upload_ct(api)
+        r = api.post(
+            f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "Organ?"}
+        )
+        rid = r.json()["id"]
+        r = api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"text": "Backed up."})
+        assert r.status_code == 200, r.text
+        done = backup(settings, tmp_path / "backup")
+        assert done.complete and done.database is not None
+        assert upload(api, ("x.png", png_bytes(), "image/png")).status_code == 201
+    live = Path(make_url(sqlite_url).database or "")
+    subprocess.run([sys.executable, "-c", _CRASH, str(live)], check=True, timeout=60)
+    wal = live.with_name(live.name + "-wal")
+    assert wal.stat().st_size > 0
+    # the old procedure, on a scratch copy: the .db file copied over, the log left, replayed
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    shutil.copyfile(wal, scratch / wal.name)
+    shutil.copyfile(done.database, scratch / live.name)
+    assert _rows(scratch / live.name, "SELECT text FROM reports") == [("written after the backup",)]
+    crashed = {p.name: p.read_bytes() for p in (live, wal)}
+    ct = study["images"][0]["sha256"]
+    store.path(ct).unlink()  # lost with the disk
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(settings.data_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        out = _cli(settings, sqlite_url, "restore", str(done.database))
+        assert out.returncode != 0 and "stop it first" in out.stderr, out.stdout + out.stderr
+        assert {p.name: p.read_bytes() for p in (live, wal)} == crashed  # untouched
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+    out = _cli(settings, sqlite_url, "restore", str(done.database))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 copied back" in out.stdout and "replaced, kept as" in out.stdout
+    assert _rows(live, "SELECT text FROM reports") == [("Backed up.",)]
+    assert _rows(live, "SELECT COUNT(*) FROM studies") == [(1,)]  # the PNG came later
+    assert _rows(live, "PRAGMA integrity_check") == [("ok",)]
+    assert hashlib.sha256(store.path(ct).read_bytes()).hexdigest() == ct
+    aside = sorted(p.name for p in live.parent.glob(f"{live.name}.replaced-*"))
+    assert len(aside) >= 2 and any(n.endswith("-wal") for n in aside), aside
+    events = _rows(live, "SELECT actor, outcome FROM audit_events WHERE action = 'backup.restore'")
+    assert events == [("cli", "ok")]
+
+    # what is not a backup, or not there, is refused before anything is replaced
+    (tmp_path / "junk.db").write_bytes(b"not a database")
+    for bad in (tmp_path / "junk.db", tmp_path / "absent.db"):
+        out = _cli(settings, sqlite_url, "restore", str(bad))
+        assert out.returncode != 0 and "db restore:" in out.stderr, out.stderr
+    assert _rows(live, "SELECT text FROM reports") == [("Backed up.",)]
+
+
+def test_restore_on_postgresql_brings_back_the_image_files(tmp_path, postgres_url, tiny_lm):
+    """PostgreSQL's database is pg_restore's; the files its rows name come back from the
+    backup folder (--images-only)."""
+    for api in make_api(tmp_path, postgres_url, tiny_lm):
+        settings, store = api.app.state.settings, api.app.state.store
+        sha = upload_ct(api)["images"][0]["sha256"]
+        assert backup(settings, tmp_path / "backup").complete
+        store.path(sha).unlink()
+        try:
+            restore(settings, tmp_path / "backup")
+        except ValueError as e:
+            assert "pg_restore" in str(e)
+        else:
+            raise AssertionError("a PostgreSQL database is not restored from a .db file")
+        done = restore(settings, tmp_path / "backup", images_only=True)
+        assert (done.database, done.files_copied, done.missing) == (None, 1, [])
+        assert store.exists(sha)
+        with api.app.state.session_factory() as s:
+            (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "backup.restore"))
+            assert event.outcome == "ok"

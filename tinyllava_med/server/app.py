@@ -50,7 +50,7 @@ from tinyllava_med.server.routes import (
     web,
 )
 from tinyllava_med.server.settings import Settings
-from tinyllava_med.server.storage import ImageStore, private_tmp
+from tinyllava_med.server.storage import ImageStore, hold_data_dir, private_tmp
 
 log = logging.getLogger(__name__)
 
@@ -333,11 +333,13 @@ def create_app(
     own_process: bool = False,
 ) -> FastAPI:
     """The server. `model` (tests, embedding) skips loading `settings.model` from disk.
-    `own_process`: serving is this process's whole job (`serve`), so its temporary files go
-    under the data directory (`storage.private_tmp`), and once the model is loaded it may tune
+    `own_process`: serving is this process's whole job (`serve`), so it holds the data
+    directory (`storage.hold_data_dir`), its temporary files go under it
+    (`storage.private_tmp`), and once the model is loaded it may tune
     the garbage collector for it (`settle_heap`)."""
     settings = settings or Settings()
     if own_process:
+        hold_data_dir(settings.data_dir)  # `db restore` refuses while this process runs
         private_tmp(settings.data_dir)
     # pydicom's validation messages can quote element values (names, IDs): keep them out.
     logging.getLogger("pydicom").setLevel(logging.ERROR)

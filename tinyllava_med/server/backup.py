@@ -13,14 +13,19 @@ stored image files. `tinyllava-med db backup DEST`, safe to run while the server
   checked against its name: a missing or corrupt source file is reported, never copied. A
   released image (`retention.py`) has only its header here, and that is what is copied.
 
-Restore: stop the server, copy the `.db` file to `DATA_DIR/tinyllava_med.db` and
-`DEST/images/` into `DATA_DIR/images/`.
+Restore (SQLite): `tinyllava-med db restore DEST/tinyllava_med-<time>.db`, with the server
+stopped (it refuses while a `serve` or another command holds the data directory). It checks the
+copy, moves the database it replaces aside with its `-wal` and `-shm` files (a crashed server's
+write-ahead log would otherwise be replayed into the restored database), puts the copy in place,
+and copies back from `DEST/images` each file it refers to that the store lacks or holds damaged.
+On PostgreSQL, `pg_restore` the dump and then run the same command with `--images-only DEST`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,13 +34,14 @@ from pathlib import Path
 from sqlalchemy import text
 
 from tinyllava_med.server.db import crud
+from tinyllava_med.server.db.migrate import upgrade
 from tinyllava_med.server.db.session import (
     make_engine,
     normalize_database_url,
     session_factory,
 )
 from tinyllava_med.server.settings import Settings
-from tinyllava_med.server.storage import ImageStore
+from tinyllava_med.server.storage import ImageStore, sole_user
 
 
 @dataclass
@@ -141,4 +147,103 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
             )
     finally:
         engine.dispose()
+    return result
+
+
+@dataclass
+class Restored:
+    database: Path | None  # the restored database; None: images only (PostgreSQL)
+    replaced: list[Path] = field(default_factory=list)  # what it replaced, moved aside
+    files_copied: int = 0
+    files_present: int = 0
+    missing: list[str] = field(default_factory=list)  # in neither the store nor the backup
+
+
+def _checked(copy: Path) -> set[str]:
+    """The files a backup's database refers to, once it is found whole and ours."""
+    if not copy.is_file():
+        raise FileNotFoundError(f"no backup database at {copy}")
+    db = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    try:
+        (check,) = db.execute("PRAGMA integrity_check").fetchone()
+        if check != "ok":
+            raise RuntimeError(f"{copy.name} failed its integrity check: {check}")
+        return {row[0] for row in db.execute(_FILES_SQL)}
+    except sqlite3.DatabaseError:  # not SQLite, or not ours (no images table)
+        raise RuntimeError(f"{copy.name} is not a tinyllava-med database") from None
+    finally:
+        db.close()
+
+
+def _restore_files(store: ImageStore, copies: ImageStore, hashes: set[str], out: Restored) -> None:
+    for sha in sorted(hashes):
+        if store.exists(sha) and _same_size(store, copies, sha):
+            out.files_present += 1
+        elif copies.exists(sha) and hashlib.sha256(data := copies.get(sha)).hexdigest() == sha:
+            store.put(data)  # a damaged copy in the store has another size: written again
+            out.files_copied += 1
+        else:
+            out.missing.append(sha)
+
+
+def restore(settings: Settings, source: Path, *, images_only: bool = False) -> Restored:
+    """Put a backup back: the SQLite database `source` (a `backup` copy) and the image files it
+    refers to from the `images` folder beside it; with `images_only` (PostgreSQL, restored by
+    `pg_restore`), `source` is the backup folder and the files are those the live database
+    refers to. Refuses while another process holds the data directory. Audited in the restored
+    database as `backup.restore`."""
+    url = normalize_database_url(settings.database_url)
+    sqlite = url.get_backend_name() == "sqlite"
+    if not images_only and not sqlite:
+        raise ValueError("PostgreSQL: pg_restore the dump, then restore with --images-only DEST")
+    with sole_user(settings.data_dir):
+        if images_only:
+            result = Restored(None)
+            engine = make_engine(url)
+            try:
+                with session_factory(engine)() as s:
+                    hashes = set(s.scalars(text(_FILES_SQL)))
+            finally:
+                engine.dispose()
+            folder = source
+        else:
+            hashes = _checked(source)
+            live = Path(url.database or "")
+            result = Restored(live)
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            part = live.with_name(live.name + ".part")
+            shutil.copyfile(source, part)
+            with open(part, "rb") as f:
+                os.fsync(f.fileno())
+            for suffix in ("", "-wal", "-shm"):  # never deleted: moved aside, for a second look
+                old = live.with_name(live.name + suffix)
+                if old.exists():
+                    aside = live.with_name(f"{live.name}.replaced-{stamp}{suffix}")
+                    os.replace(old, aside)
+                    result.replaced.append(aside)
+            os.replace(part, live)
+            upgrade(url)  # a backup from an older version: as `serve` would at its start
+            folder = source.parent
+        _restore_files(
+            ImageStore(settings.images_dir), ImageStore(folder / "images"), hashes, result
+        )
+        engine = make_engine(url)
+        try:
+            with session_factory(engine).begin() as s:
+                crud.audit(
+                    s,
+                    actor="cli",
+                    action="backup.restore",
+                    resource_type="backup",
+                    resource_id=source.name,
+                    outcome="ok" if not result.missing else "error",
+                    status_code=200 if not result.missing else 500,
+                    detail={
+                        "files_copied": result.files_copied,
+                        "files_present": result.files_present,
+                        "missing": len(result.missing),
+                    },
+                )
+        finally:
+            engine.dispose()
     return result

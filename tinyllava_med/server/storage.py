@@ -17,12 +17,15 @@ study decodes its DICOM once. Files never change under their sha256, so entries 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -31,6 +34,43 @@ from tinyllava_med.server.lru import ByteLRU
 
 # Older than this, an entry in data/tmp is a crashed run's: one in use is written as it fills.
 STALE_TMP_S = 3600.0
+# Every process that serves or writes a data directory holds this file's lock shared
+# (`hold_data_dir`); `db restore` takes it alone (`sole_user`), so it never replaces a database
+# under a running server.
+IN_USE_LOCK = "in-use.lock"
+_held: list[int] = []
+
+
+class DataDirInUse(RuntimeError):
+    pass
+
+
+def _lock_file(data_dir: str | Path) -> int:
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    return os.open(Path(data_dir) / IN_USE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def hold_data_dir(data_dir: str | Path) -> None:
+    """Mark `data_dir` in use by this process until it exits (a shared lock)."""
+    fd = _lock_file(data_dir)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _held.append(fd)
+
+
+@contextmanager
+def sole_user(data_dir: str | Path) -> Iterator[None]:
+    """Hold `data_dir` alone for the block; `DataDirInUse` if a process holds it."""
+    fd = _lock_file(data_dir)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataDirInUse(
+                f"a server or another command is using {data_dir}: stop it first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def private_tmp(data_dir: str | Path) -> Path:
