@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from api_helpers import MR_SMALL, make_api, upload_ct
+from api_helpers import MR_SMALL, make_api, upload_ct, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
@@ -145,3 +145,31 @@ def test_metrics_show_what_waits_for_radiologists_and_jobs(tmp_path, database_ur
         r = api.get("/metrics")
         assert r.status_code == 200 and p + "studies" not in r.text
         assert p + "http_requests_total" in r.text
+
+
+def test_a_job_whose_workers_died_on_every_attempt_counts_as_failed(tmp_path, sqlite_url, tiny_lm):
+    """A job that crashes its process (say, out of memory) is found running past its lease
+    with no attempt left, and failed by the next claim: it counts in jobs_total{outcome=
+    "failed"}, which TinyLlavaMedJobsFailing watches; before, it failed without a count."""
+    from datetime import timedelta
+
+    from tinyllava_med.server.db import crud
+    from tinyllava_med.server.db.models import utcnow
+
+    p = "tinyllava_med_"
+    for api in make_api(tmp_path, sqlite_url, tiny_lm, job_workers=1, job_poll_s=0.05):
+        failed = p + 'jobs_total{kind="sweep_images",outcome="failed"}'
+        assert _samples(api, p + "jobs_total").get(failed, 0) == 0
+        with api.app.state.session_factory.begin() as s:
+            job = crud.enqueue_job(s, kind="sweep_images", payload={"hashes": []}, max_attempts=2)
+            job.status, job.attempts, job.locked_by = "running", 2, "gone:1:0"
+            job.locked_at = utcnow() - timedelta(seconds=api.app.state.settings.job_lease_s + 60)
+            s.flush()
+            job_id = job.id
+        wait_for(
+            lambda api=api, failed=failed: _samples(api, p + "jobs_total").get(failed) == 1,
+            what="the abandoned job counted as failed",
+        )
+        with api.app.state.session_factory() as s:
+            job = s.get(Job, job_id)
+            assert (job.status, job.last_error) == ("failed", "the worker running this job stopped")

@@ -180,10 +180,15 @@ def schedule_rejection(
 
 
 def claim(
-    session: Session, worker: str, lease_s: float, kinds: Collection[str] | None = None
+    session: Session,
+    worker: str,
+    lease_s: float,
+    kinds: Collection[str] | None = None,
+    abandoned: list[str] | None = None,
 ) -> Claimed | None:
     """Take the oldest due job (of `kinds`, when given) for `worker`, or None. Commit the
-    session to publish the claim."""
+    session to publish the claim. A job whose workers died on its every attempt fails here;
+    its kind goes into `abandoned` (for the failed-jobs metric)."""
     now = utcnow()
     due = or_(
         and_(Job.status == "queued", Job.run_after <= now),
@@ -201,6 +206,8 @@ def claim(
     if job.attempts >= job.max_attempts:  # its last worker died mid-run
         job.status = "failed"
         job.last_error = job.last_error or "the worker running this job stopped"
+        if abandoned is not None:
+            abandoned.append(job.kind)
         return None
     taken = session.execute(
         update(Job)
@@ -354,12 +361,16 @@ class JobRunner:
             # while the model cannot take a question (loading, failed, or its queue full: jobs
             # never push interactive requests out), pushes, sweeps and retrieves still run
             kinds = None if engine.ready and not engine.is_full() else NEEDS_NO_MODEL
+            abandoned: list[str] = []
             try:
                 with self.sessions.begin() as s:
-                    job = claim(s, worker, self.settings.job_lease_s, kinds)
+                    job = claim(s, worker, self.settings.job_lease_s, kinds, abandoned)
             except Exception:  # database away: try again later
                 log.exception("claiming a job failed")
-                job = None
+                job, abandoned = None, []
+            for kind in abandoned:  # a job that crashed its workers (say, out of memory)
+                log.warning("a %s job failed: its workers stopped on every attempt", kind)
+                self.app.state.metrics.jobs.labels(kind, "failed").inc()
             if job is None:
                 self._stop.wait(self.settings.job_poll_s)
                 continue
