@@ -137,6 +137,7 @@ def test_metrics_show_what_waits_for_radiologists_and_jobs(tmp_path, database_ur
         assert p + 'studies_oldest_unsigned_timestamp_seconds{status="signed"}' not in got
         assert got[p + 'jobs_waiting{kind="auto_report"}'] == 1
         assert got[p + "jobs_oldest_due_timestamp_seconds"] == job.run_after.timestamp()
+        assert _samples(api, p + "database_up") == {p + "database_up": 1}
 
         def unreachable():
             raise ConnectionRefusedError  # as a database that is down
@@ -144,6 +145,7 @@ def test_metrics_show_what_waits_for_radiologists_and_jobs(tmp_path, database_ur
         api.app.state.metrics.watch_backlog(unreachable, ())
         r = api.get("/metrics")
         assert r.status_code == 200 and p + "studies" not in r.text
+        assert _samples(api, p + "database_up") == {p + "database_up": 0}  # its alert's series
         assert p + "http_requests_total" in r.text
 
 

@@ -143,12 +143,19 @@ class DataVolumeCollector(Collector):
         )
 
 
+def _database_up(value: int) -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        PREFIX + "database_up", "1 when the database answered this scrape's query", value=value
+    )
+
+
 class BacklogCollector(Collector):
     """What waits, read from the database at scrape: studies by status with the arrival of the
     oldest one not signed yet (what radiologists have still to read), and due jobs by kind with
     the time the longest-waiting one became due (automatic reports a slow model has not caught
     up with). Every server process sharing a database exports the same values. Absent until
-    watched, and while the database does not answer (the scrape still works)."""
+    watched, and while the database does not answer (the scrape still works); `database_up`
+    says which (1 when this scrape's query answered, else 0)."""
 
     def __init__(self) -> None:
         self.read: Callable[[], Backlog] | None = None
@@ -161,7 +168,9 @@ class BacklogCollector(Collector):
             backlog = self.read()
         except Exception as e:  # noqa: BLE001 - a scrape must not fail with the database
             log.warning("cannot read the backlog from the database: %s", type(e).__name__)
+            yield _database_up(0)
             return
+        yield _database_up(1)
         studies = GaugeMetricFamily(
             PREFIX + "studies",
             "Studies here by status (received: no report yet; reported: answered, none signed; "
