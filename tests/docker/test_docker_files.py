@@ -129,7 +129,9 @@ def _exported() -> tuple[set[str], set[str]]:
         m.watch_cache(cache, ByteLRU(1, len))
     m.watch_data_dir(Path.cwd())  # as create_app does
     now = datetime.now(timezone.utc)  # a backlog with every series present, as the lifespan's
-    m.watch_backlog(lambda: Backlog({"received": 1}, {"received": now}, {"x": 1}, now), ())
+    m.watch_backlog(
+        lambda: Backlog({"received": 1}, {"received": now}, {"x": 1}, now, {"pacs": now}), ()
+    )
     names: set[str] = set()
     for fam in m.registry.collect():
         names |= {s.name for s in fam.samples}

@@ -175,3 +175,31 @@ def test_a_job_whose_workers_died_on_every_attempt_counts_as_failed(tmp_path, sq
         with api.app.state.session_factory() as s:
             job = s.get(Job, job_id)
             assert (job.status, job.last_error) == ("failed", "the worker running this job stopped")
+
+
+def test_metrics_say_when_the_first_api_key_in_use_expires(tmp_path, database_url, tiny_lm):
+    """With TINYLLAVA_MED_API_KEY_DAYS a PACS's key expires, and from then on every STOW-RS is
+    refused with 401: the soonest expiry among each role's keys in use is exported for its
+    alert. A key never used, revoked, or without an expiry does not count."""
+    from tinyllava_med.server.auth import create_api_key
+    from tinyllava_med.server.db.models import ApiKey
+
+    name = "tinyllava_med_api_key_next_expiry_timestamp_seconds"
+    for api in make_api(tmp_path, database_url, tiny_lm, job_workers=0):
+        sessions = api.app.state.session_factory
+        with sessions.begin() as s:
+            soon, soon_key = create_api_key(s, role="pacs", name="pacs-a", expires_in_days=5)
+            _, later_key = create_api_key(s, role="pacs", name="pacs-b", expires_in_days=40)
+            create_api_key(s, role="pacs", name="spare", expires_in_days=1)  # never used
+            _, gone_key = create_api_key(s, role="radiologist", name="old", expires_in_days=2)
+            soon_id = soon.id
+        assert name + '{role="pacs"}' not in _samples(api, name)  # none in use yet
+        for key in (soon_key, later_key, gone_key):
+            r = api.get("/v1/studies", headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+        with sessions.begin() as s:  # the radiologist's key revoked; the admin's never expires
+            old = s.query(ApiKey).filter(ApiKey.name == "old").one()
+            old.revoked_at = old.created_at
+        with sessions() as s:
+            expires = s.get(ApiKey, soon_id).expires_at.timestamp()
+        assert _samples(api, name) == {name + '{role="pacs"}': expires}

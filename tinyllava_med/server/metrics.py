@@ -202,6 +202,16 @@ class BacklogCollector(Collector):
                 "When the longest-waiting due job became due",
                 value=backlog.oldest_due.timestamp(),
             )
+        expiry = GaugeMetricFamily(
+            PREFIX + "api_key_next_expiry_timestamp_seconds",
+            "When the first API key in use (active, used at least once) of each role expires "
+            "(absent for a role whose keys in use never expire); a PACS whose key expires is "
+            "refused with 401",
+            labels=["role"],
+        )
+        for role, at in sorted(backlog.keys_expire.items()):
+            expiry.add_metric([role], at.timestamp())
+        yield expiry
 
 
 class Metrics:

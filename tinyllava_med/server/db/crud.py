@@ -770,29 +770,43 @@ def enqueue_job(
 
 class Backlog(NamedTuple):
     """Studies by status (every status, from 0) with the arrival of the oldest unsigned one per
-    status, and due jobs by kind with the time the longest-waiting one became due."""
+    status, due jobs by kind with the time the longest-waiting one became due, and by role the
+    soonest expiry of the API keys in use (active, used at least once, with an expiry)."""
 
     studies: dict[str, int]
     oldest_unsigned: dict[str, datetime]
     jobs_due: dict[str, int]
     oldest_due: datetime | None
+    keys_expire: dict[str, datetime]
 
 
 def backlog(session: Session, now: datetime | None = None) -> Backlog:
-    """Two grouped reads served by the (status, ...) indexes of studies and jobs."""
+    """Grouped reads served by the (status, ...) indexes of studies and jobs, and the (few)
+    API keys."""
+    now = now or utcnow()
     studies = session.execute(
         select(Study.status, func.count(), func.min(Study.created_at)).group_by(Study.status)
     ).all()
     jobs = session.execute(
         select(Job.kind, func.count(), func.min(Job.run_after))
-        .where(Job.status == "queued", Job.run_after <= (now or utcnow()))
+        .where(Job.status == "queued", Job.run_after <= now)
         .group_by(Job.kind)
+    ).all()
+    keys = session.execute(
+        select(ApiKey.role, func.min(ApiKey.expires_at))
+        .where(
+            ApiKey.revoked_at.is_(None),
+            ApiKey.expires_at > now,
+            ApiKey.last_used_at.is_not(None),
+        )
+        .group_by(ApiKey.role)
     ).all()
     return Backlog(
         studies={**dict.fromkeys(STUDY_STATUSES, 0), **{s: n for s, n, _ in studies}},
         oldest_unsigned={s: at for s, _, at in studies if s != "signed"},
         jobs_due={kind: n for kind, n, _ in jobs},
         oldest_due=min((at for *_, at in jobs), default=None),
+        keys_expire={role: at for role, at in keys if at is not None},
     )
 
 
