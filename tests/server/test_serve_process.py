@@ -46,10 +46,16 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     assert "ACC9" not in log.read_text()  # access lines name the path, not the query
     assert "3680043.99.7" not in log.read_text()  # nor a STOW path's Study Instance UID
     lines = log.read_text().splitlines()
-    # the two lines printed for the operator, not logged: where it serves, and the first key
+    # the lines printed for the operator, not logged: where it serves, and where the first key
+    # is: stderr is not a terminal here (a container's, a service's), so the key is in a file
+    # the owner alone reads, and nowhere in what a log collector keeps
     printed = [ln for ln in lines if not ln.startswith("{")]
-    assert printed[0].startswith("serving on") and any(ln.startswith("tlm_") for ln in printed)
-    assert len(printed) <= 3, printed  # "Created the first admin API key ..." + the key
+    key_file = tmp_path / "data" / "first-admin-key"
+    assert printed[0].startswith("serving on") and str(key_file) in printed[1], printed
+    assert len(printed) == 2, printed
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    first = key_file.read_text().strip()
+    assert first.startswith("tlm_") and first not in log.read_text()
     records = [json.loads(ln) for ln in lines if ln.startswith("{")]
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records), records
     assert all(r["time"].endswith("Z") for r in records)
@@ -87,7 +93,7 @@ def test_serve_https(tmp_path, tiny_model_dir):
         env=env,
         verify=str(cert),
     ):
-        key_line = next(ln for ln in log.read_text().splitlines() if ln.startswith("tlm_"))
+        key_line = (tmp_path / "data" / "first-admin-key").read_text().strip()
         r = httpx.get(
             f"{base}/v1/apikeys/me",
             headers={"Authorization": f"Bearer {key_line}"},
@@ -118,3 +124,21 @@ def test_tls_settings(tmp_path):
     s = Settings(tls_certfile=cert, tls_keyfile=key, port=8443)
     assert s.base_url == "https://127.0.0.1:8443"
     assert Settings().base_url == "http://127.0.0.1:8000"
+
+
+def test_the_first_admin_key_is_printed_only_to_a_terminal(tmp_path, monkeypatch):
+    """On a terminal (`make serve`) the key is shown once and no file is written; elsewhere
+    (test above) it goes to DATA_DIR/first-admin-key."""
+    import io
+
+    from tinyllava_med.server import app as app_mod
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    shown = Terminal()
+    monkeypatch.setattr(app_mod.sys, "stderr", shown)
+    app_mod._hand_over("tlm_abcd1234_secret", tmp_path)
+    assert shown.getvalue().splitlines()[-1] == "tlm_abcd1234_secret"
+    assert not (tmp_path / app_mod.FIRST_KEY_FILE).exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
 import sys
 import threading
@@ -18,6 +19,7 @@ import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -294,6 +296,32 @@ def _start_engine(app: FastAPI, lm: LoadedModel, settings: Settings) -> None:
     log.info("model ready: %s", lm.info)
 
 
+FIRST_KEY_FILE = "first-admin-key"
+
+
+def _hand_over(key: str, data_dir: Path) -> None:
+    """Give the first admin key to whoever started the server: on a terminal, printed once; else
+    (a container, a service: stderr goes to a log collector, which must not hold a key that
+    never expires) written to `DATA_DIR/first-admin-key`, owner only, for them to read and
+    delete."""
+    if sys.stderr.isatty():
+        print(
+            f"Created the first admin API key (shown once, store it now):\n{key}", file=sys.stderr
+        )
+        return
+    path = data_dir / FIRST_KEY_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    os.chmod(path, 0o600)  # a file left by an earlier, emptied database keeps its mode otherwise
+    print(
+        f"Created the first admin API key, written to {path} (owner only): read it, store it, "
+        "delete the file",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _read_backlog(sessions: sessionmaker[Session]) -> crud.Backlog:
     with sessions() as session:
         return crud.backlog(session)
@@ -361,11 +389,7 @@ def create_app(
         with app.state.session_factory.begin() as session:
             first_key = ensure_first_admin_key(session)
         if first_key is not None:
-            print(
-                f"Created the first admin API key (shown once, store it now):\n{first_key}",
-                file=sys.stderr,
-                flush=True,
-            )
+            _hand_over(first_key, settings.data_dir)
             app.state.first_admin_key = first_key
         app.state.store = ImageStore(settings.images_dir, settings.render_cache_mb * 1024 * 1024)
         app.state.metrics.watch_cache("rendered", app.state.store.rendered)
