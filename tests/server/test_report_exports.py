@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import io
 import re
+import warnings
 from datetime import datetime
 from xml.etree import ElementTree
 
 import highdicom as hd
 import pydicom
+import pytest
 from api_helpers import CT_SMALL, assert_error, make_api, png_bytes, upload, upload_ct
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom.uid import ComprehensiveSRStorage
@@ -17,6 +19,7 @@ from sqlalchemy import event, select
 
 from tinyllava_med.server.db.models import AuditEvent, Job, Report
 from tinyllava_med.server.dicom_sr import report_sr
+from tinyllava_med.server.logs import quiet_libraries
 
 
 def ask(api, study_id, question="What is the modality?"):
@@ -433,3 +436,76 @@ def test_png_report_has_fhir_but_no_sr(api):
     for form in ("sr", "fhir"):
         assert_error(api.get(f"/v1/reports/nope/{form}", headers=api.h()), 404, "report_not_found")
         assert api.get(f"/v1/reports/{report['id']}/{form}").status_code == 401
+
+
+def _header_variant(change, n: int) -> bytes:
+    """CT_small as another study (its own UIDs) with one header problem seen in real archives."""
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.StudyInstanceUID = f"1.2.826.0.1.3680043.8.498.77{n}"
+    ds.SeriesInstanceUID = ds.StudyInstanceUID + ".1"
+    ds.SOPInstanceUID = ds.StudyInstanceUID + ".1.1"
+    change(ds)
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+def _without(*keywords):
+    def change(ds):
+        for keyword in keywords:
+            delattr(ds, keyword)
+
+    return change
+
+
+def _set(**values):
+    def change(ds):
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+
+    return change
+
+
+HEADERS = {  # what the SR must make of it: (Patient's Sex, birth date, accession, name)
+    "missing type 2 attributes": (
+        _without("AccessionNumber", "StudyID", "PatientSex", "PatientBirthDate", "StudyTime"),
+        ("", "", "", "CompressedSamples^CT1"),
+    ),
+    "sex U, dashed birth date, impossible study date": (
+        _set(PatientSex="U", PatientBirthDate="1980-01-02", StudyDate="20240230"),
+        ("", "", "", "CompressedSamples^CT1"),
+    ),
+    "lower-case sex, single-component name": (
+        _set(PatientSex="f", PatientName="NAKAMURA", AccessionNumber="A77"),
+        ("F", "", "A77", "NAKAMURA"),
+    ),
+    "ISO 2022 IR 87 (Japanese)": (
+        _set(SpecificCharacterSet=["", "ISO 2022 IR 87"], PatientName="Yamada^Tarou=山田^太郎"),
+        ("O", "", "", "Yamada^Tarou=山田^太郎"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADERS))
+def test_the_sr_is_built_from_headers_real_archives_send(api, case):
+    """Headers that highdicom refused (an AttributeError or ValueError: a 500 on /sr, and every
+    push to the PACS failing): missing Type 2 attributes, values DICOM does not allow, an ISO 2022
+    character set. The SR leaves what cannot be read empty, keeps the rest, is UTF-8, and no
+    warning quotes the patient's name (highdicom warned with it for a single-component name)."""
+    change, (sex, birth, accession, name) = HEADERS[case]
+    data = _header_variant(change, list(HEADERS).index(case))
+    r = upload(api, ("variant.dcm", data, "application/dicom"))
+    assert r.status_code == 201, r.text
+    report = ask(api, r.json()["id"])
+    r = api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    with warnings.catch_warnings(record=True) as seen:  # pytest resets filters per phase:
+        warnings.simplefilter("always")
+        quiet_libraries()  # so apply the server's here, as create_app does for serve
+        sr = sr_of(api, report["id"])
+    assert not [w for w in seen if "NAKAMURA" in str(w.message)]
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    assert (sr.PatientSex, sr.PatientBirthDate, sr.AccessionNumber) == (sex, birth, accession)
+    assert str(sr.PatientName) == name
+    assert sr.StudyInstanceUID == pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID
+    assert sr.VerificationFlag == "VERIFIED"

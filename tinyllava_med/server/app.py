@@ -15,7 +15,6 @@ import re
 import sys
 import threading
 import time
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -369,9 +368,6 @@ def create_app(
     if own_process:
         hold_data_dir(settings.data_dir)  # `db restore` refuses while this process runs
         private_tmp(settings.data_dir)
-    # pydicom's validation messages can quote element values (names, IDs): keep them out.
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -8,6 +8,10 @@ answer as a comment.
 
 Patient and study attributes are copied by highdicom from the source DICOM (so the PACS files
 the SR under the same patient and study); a PNG/JPEG study has no DICOM source and gets no SR.
+Real headers break highdicom's checks (no Accession Number, Patient's Sex `U`, a birth date
+written `1980-01-02`, ISO 2022 character sets): the SR is built from a copy (`_evidence`) whose
+text is decoded to Unicode (the SR is UTF-8) and whose missing or unreadable patient and study
+attributes are empty, as DICOM allows for them (Type 2).
 
 A draft is PARTIAL / PRELIMINARY / UNVERIFIED; a signed report is COMPLETE / FINAL / VERIFIED
 with the signer as verifying observer. UIDs derive from the report id and its last change, so
@@ -23,6 +27,7 @@ came before the push ran, so the PACS holds every version the later ones name as
 
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,6 +65,42 @@ def _text(value: str) -> str:
     the project's one rule (`prompts.CONTROL`, as FHIR and XML) keeps the first three. The API
     refuses the others; a report stored before it did may still hold one."""
     return without_controls(value)
+
+
+# what highdicom reads from the source (all Type 2 in the SR: present, may be empty), with the
+# check its value must pass, if any
+_COPIED: dict[str, type | None] = {
+    "PatientID": None,
+    "PatientName": None,
+    "PatientBirthDate": DA,
+    "PatientSex": None,
+    "AccessionNumber": None,
+    "StudyID": None,
+    "StudyDate": DA,
+    "StudyTime": TM,
+    "ReferringPhysicianName": None,
+}
+
+
+def _evidence(source: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of `source` (a header) that highdicom accepts: text decoded under the source's
+    character set and marked UTF-8, every attribute it reads present, empty where missing or
+    unreadable; Patient's Sex M, F or O (`U` and the like say nothing: empty)."""
+    ds = copy.deepcopy(source)
+    ds.decode()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    for keyword, check in _COPIED.items():
+        value = ds.get(keyword)
+        if value is None:
+            setattr(ds, keyword, "")
+        elif check is not None and value != "":
+            try:
+                check(value)
+            except ValueError:
+                setattr(ds, keyword, "")
+    sex = str(ds.PatientSex).strip().upper()
+    ds.PatientSex = sex if sex in ("M", "F", "O") else ""
+    return ds
 
 
 def _person_name(name: str) -> str:
@@ -205,6 +246,7 @@ def build_sr(
     root.ContentSequence.append(findings)
 
     signed = version.status in SIGNED_STATUSES and signer is not None
+    source = _evidence(source)
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
         content=root,
@@ -219,8 +261,8 @@ def build_sr(
         institution_name=institution,
         verifying_observer_name=_person_name(signer.name) if signed and signer else None,
         verifying_organization=signer.organization if signed and signer else None,
+        specific_character_set="ISO_IR 192",  # UTF-8: reports are not ASCII-only
     )
-    sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: reports are not ASCII-only
     sr.SeriesDescription = "AI report (TinyLLaVA-Med)"
     sr.SoftwareVersions = __version__
     sr.ContentDate = DA(version.updated_at.date())

@@ -49,7 +49,7 @@ from tinyllava_med.model.generate import SamplingParams
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
 from tinyllava_med.server.dicom_sr import report_sr
-from tinyllava_med.server.logs import without_values
+from tinyllava_med.server.logs import error_text
 from tinyllava_med.server.serving import render, save_report, stored_image_key
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
@@ -386,7 +386,7 @@ class JobRunner:
             metrics.jobs.labels(job.kind, handler(job)).inc()
         except Exception as e:
             # messages of our own errors carry no patient data; a database's lose their values
-            error = f"{type(e).__name__}: {getattr(e, 'message', None) or without_values(str(e))}"
+            error = error_text(e)
             log.warning("job %s (%s) attempt %d failed: %s", job.id, job.kind, job.attempts, error)
             with self.sessions.begin() as s:
                 outcome = fail(s, job, error, self.settings.job_retry_base_s)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import time
 import traceback
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
@@ -119,12 +122,17 @@ def json_log_config(level: str) -> dict[str, Any]:
 # The most these libraries may log, whatever the server's level: below it they log what must not
 # reach a log file. dicomweb-client and urllib3 log each request's URL (a QIDO query's accession
 # number) and dicomweb-client its headers (the PACS's credentials) at DEBUG; pynetdicom logs a
-# line per DIMSE message at INFO (thousands for a CT).
+# line per DIMSE message at INFO (thousands for a CT). pydicom's and highdicom's validation
+# messages quote element values (a patient's name, IDs), as log records and as warnings
+# (highdicom warns with the name of a patient whose name has one component).
 LIBRARY_LEVELS = {
     "dicomweb_client": logging.INFO,
     "urllib3": logging.INFO,
     "pynetdicom": logging.WARNING,
+    "pydicom": logging.ERROR,
+    "highdicom": logging.ERROR,
 }
+QUIET_WARNINGS = r"(pydicom|highdicom)(\.|$)"
 
 
 # PostgreSQL's error messages quote the values of the failing row or key on lines of their own
@@ -140,13 +148,85 @@ def without_values(text: str) -> str:
     return _DATABASE_DETAIL.sub("", text)
 
 
+_PACKAGE = str(Path(__file__).resolve().parents[1]) + os.sep  # .../tinyllava_med/
+
+
+def _raised_in(e: BaseException) -> str:
+    """The module where `e` was raised, as a dotted path (from its file), or "?"."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return "?"
+    path = Path(frames[-1].filename)
+    parts = path.with_suffix("").parts
+    for root in ("site-packages", "dist-packages", "lib"):
+        if root in parts:
+            parts = parts[len(parts) - parts[::-1].index(root) :]
+            break
+    return ".".join(parts[-3:])
+
+
+def _kept_message(e: BaseException) -> bool:
+    tb = traceback.extract_tb(e.__traceback__)
+    ours = bool(tb) and tb[-1].filename.startswith(_PACKAGE)
+    return (
+        ours
+        or (type(e).__module__ == "builtins" and isinstance(e, OSError))
+        or type(e).__module__.startswith("sqlalchemy")
+    )
+
+
+def error_text(e: BaseException) -> str:
+    """What may be kept of an exception where people read it (a job's `last_error`, which keys
+    that read studies may list, and its log line): the messages of errors raised in this
+    package (written with no patient data), of a database (without the values it quotes) and of
+    the operating system (a refused connection), and for any other library only the error's type
+    and where it was raised: pydicom's and highdicom's messages quote element values (a birth
+    date, a name), and HTTP clients' the URL of a query (an accession number)."""
+    name = type(e).__name__
+    if _kept_message(e):
+        message = getattr(e, "message", None)  # the project's APIError
+        return f"{name}: {message if isinstance(message, str) else without_values(str(e))}"
+    status = getattr(getattr(e, "response", None), "status_code", None)  # a PACS's answer
+    http = f"HTTP {status}, " if isinstance(status, int) else ""
+    return f"{name} ({http}raised in {_raised_in(e)}; its message is not kept)"
+
+
+def scrubbed_traceback(e: BaseException) -> str:
+    """`e`'s traceback with its chain, as Python prints it, but each exception's message as
+    `error_text` keeps it and without a database's quoted values: the frames (file, line, code)
+    hold no data, the messages of other libraries may."""
+    parts: list[str] = []
+    seen: set[int] = set()
+
+    def add(exc: BaseException) -> None:
+        seen.add(id(exc))
+        cause = exc.__cause__
+        context = None if exc.__suppress_context__ else exc.__context__
+        if cause is not None and id(cause) not in seen:
+            add(cause)
+            parts.append(
+                "\nThe above exception was the direct cause of the following exception:\n\n"
+            )
+        elif context is not None and id(context) not in seen:
+            add(context)
+            parts.append(
+                "\nDuring handling of the above exception, another exception occurred:\n\n"
+            )
+        if exc.__traceback__ is not None:
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(traceback.format_tb(exc.__traceback__))
+        parts.append(error_text(exc) + "\n")
+
+    add(e)
+    return without_values("".join(parts)).rstrip("\n")
+
+
 def _record_without_values(factory: Callable[..., logging.LogRecord]) -> Any:
     def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = factory(*args, **kwargs)
         if record.exc_info and record.exc_info[1] is not None:
             # formatted here, once, for every handler and format (text and JSON use exc_text)
-            record.exc_text = without_values("".join(traceback.format_exception(*record.exc_info)))
-            record.exc_text = record.exc_text.rstrip("\n")
+            record.exc_text = scrubbed_traceback(record.exc_info[1])
             record.exc_info = None
         return record
 
@@ -157,8 +237,9 @@ def _record_without_values(factory: Callable[..., logging.LogRecord]) -> Any:
 def quiet_libraries() -> None:
     """Apply `LIBRARY_LEVELS`, turn off pynetdicom's dumps of every query's and answer's
     identifier (accession numbers, and any patient attributes a PACS returns), which it logs at
-    INFO, and keep a database's quoted values out of every logged traceback (process-wide, once).
-    """
+    INFO, silence `QUIET_WARNINGS`' warnings, and log every traceback as `scrubbed_traceback`
+    writes it: no database's quoted values, no other library's messages (process-wide, once)."""
+    warnings.filterwarnings("ignore", module=QUIET_WARNINGS)
     factory = logging.getLogRecordFactory()
     if not getattr(factory, "without_values", False):
         logging.setLogRecordFactory(_record_without_values(factory))
