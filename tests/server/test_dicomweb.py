@@ -397,6 +397,36 @@ def test_retrieve_needs_a_key_a_body_and_a_pacs(api):
     assert not rows(api, Job)
 
 
+def test_a_retrieve_never_asks_the_pacs_for_more_than_a_few_studies(api, monkeypatch):
+    """A C-FIND or QIDO-RS reads *, ? and \\ in an accession number as wildcards and lists, and
+    blanks as "any": such a value (a typo, a test) would queue one retrieve per match, half the
+    archive's patients onto a small server. They are refused before the PACS is asked, and a
+    search that still finds more than MAX_RETRIEVE_STUDIES queues nothing."""
+    from tinyllava_med.server.routes import studies
+
+    asked: list[str] = []
+
+    def pacs(settings, accession_number=None, study_uid=None):
+        asked.append(accession_number)
+        return [f"1.2.3.{i}" for i in range(studies.MAX_RETRIEVE_STUDIES + 1)]
+
+    monkeypatch.setattr(studies, "find_studies", pacs)
+    api.app.state.settings = api.app.state.settings.model_copy(
+        update={"dicomweb_pull_url": "http://pacs.invalid/dicom-web"}
+    )
+    for value in ("*", "ACC*", "AC?1", "ACC1\\ACC2", "   ", "ACC\x001"):
+        r = api.post(
+            "/v1/studies/retrieve", json={"accession_number": value}, headers=api.h("pacs")
+        )
+        assert_error(r, 422, "invalid_request")
+        if value == "*":  # says why
+            assert "wildcards" in r.json()["error"]["detail"][0]["msg"], r.text
+    assert asked == []
+    r = api.post("/v1/studies/retrieve", json={"accession_number": "ACC-1"}, headers=api.h("pacs"))
+    assert_error(r, 409, "too_many_studies")
+    assert asked == ["ACC-1"] and not rows(api, Job)
+
+
 @pytest.fixture
 def no_model_api(tmp_path, sqlite_url):
     yield from make_api(

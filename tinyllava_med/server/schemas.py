@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from tinyllava_med.model.prompts import control_in
 
@@ -80,15 +88,30 @@ class ImportResult(BaseModel):
     jobs: list[int] = Field(description="automatic reports queued")
 
 
+_WILDCARDS = re.compile(r"[*?\\\x00-\x1f]")
+
+
 class RetrieveRequest(BaseModel):
     """Which study to fetch from the PACS: exactly one of the two."""
 
     model_config = ConfigDict(extra="forbid")
-    # VR SH: 16 in the standard; longer ones are kept, as some RIS issue them
+    # VR SH: 16 in the standard; longer ones are kept, as some RIS issue them. Matched as it is:
+    # a C-FIND or QIDO-RS takes * and ? as wildcards, \ as a list and blanks as "any", so one
+    # such value would queue half the archive; none of them is in a real accession number.
     accession_number: str | None = Field(default=None, min_length=1, max_length=64)
     study_instance_uid: str | None = Field(
         default=None, min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$"
     )
+
+    @field_validator("accession_number")
+    @classmethod
+    def _exact(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip(" ") or _WILDCARDS.search(value)):
+            raise ValueError(
+                "an accession number to retrieve by cannot be blank or hold *, ?, \\ or control "
+                "characters: the PACS would read them as wildcards and lists"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one(self) -> RetrieveRequest:

@@ -47,6 +47,10 @@ from tinyllava_med.server.serving import (
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
+# studies one retrieve queues at most: an accession number names one study, or a few (one order
+# for several examinations); more is a mistake on the RIS side, not a study to fetch
+MAX_RETRIEVE_STUDIES = 10
+
 
 @router.post("", status_code=201, response_model=StudyPublic)
 async def upload_study(
@@ -159,6 +163,13 @@ def retrieve_from_pacs(
     if not uids:
         what = "accession number" if body.accession_number else "Study Instance UID"
         raise APIError(404, "not_in_pacs", f"the PACS holds no study with that {what}")
+    if len(uids) > MAX_RETRIEVE_STUDIES:
+        raise APIError(
+            409,
+            "too_many_studies",
+            f"the PACS holds {len(uids)} studies with that accession number (at most "
+            f"{MAX_RETRIEVE_STUDIES} are retrieved at once): retrieve by Study Instance UID",
+        )
     jobs = [schedule_retrieve(session, settings, uid) for uid in uids]
     session.flush()
     crud.audit(
