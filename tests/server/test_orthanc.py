@@ -130,6 +130,12 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
             )
             assert len(sr_instances(orthanc, study)) == 2  # draft and signed versions
 
+            def supersedes(newer):  # what its Predecessor Documents Sequence names
+                series = newer.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+                return [sop.ReferencedSOPInstanceUID for sop in series.ReferencedSOPSequence]
+
+            assert supersedes(signed) == [sr.SOPInstanceUID]  # the AI draft Orthanc holds
+
             # an error found after signing: the amended SR follows, naming the signed one
             r = httpx.patch(
                 f"{base}/v1/reports/{report_id}",
@@ -144,10 +150,7 @@ def test_orthanc_round_trip(tmp_path, sqlite_url, tiny_lm):
 
             amended = wait_for(amended_sr, timeout_s=60, what="the amended SR in Orthanc")
             assert amended.VerificationFlag == "VERIFIED"
-            predecessor = amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
-            assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
-                signed.SOPInstanceUID
-            )
+            assert supersedes(amended) == [sr.SOPInstanceUID, signed.SOPInstanceUID]
             assert len(sr_instances(orthanc, study)) == 3
 
             # a study sent by mistake: its draft SR reached the PACS before an admin deleted

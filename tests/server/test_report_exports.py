@@ -509,3 +509,42 @@ def test_the_sr_is_built_from_headers_real_archives_send(api, case):
     assert str(sr.PatientName) == name
     assert sr.StudyInstanceUID == pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID
     assert sr.VerificationFlag == "VERIFIED"
+
+
+def test_the_signed_sr_supersedes_the_draft_sent_to_the_pacs(tmp_path, database_url, tiny_lm):
+    """An automatic report pushes its preliminary SR; the signed SR names it in its Predecessor
+    Documents Sequence (PS3.3: prior or provisional reports it includes), so the PACS links the
+    two instead of showing the unedited AI draft as a report of its own. Before, only an
+    amendment named a predecessor. Versions never sent are not named."""
+    from tinyllava_med.server.jobs import schedule_push
+
+    overrides = {"dicomweb_push_url": "http://127.0.0.1:9/dicom-web", "job_workers": 0}
+    for api in make_api(tmp_path, database_url, tiny_lm, **overrides):
+        rid = ask(api, upload_ct(api)["id"])["id"]
+        draft = sr_of(api, rid)
+        assert "PredecessorDocumentsSequence" not in draft
+        with api.app.state.session_factory.begin() as s:  # as the automatic report's push
+            schedule_push(s, api.app.state.settings, s.get(Report, rid)).status = "done"
+        path = f"/v1/reports/{rid}"
+        r = api.patch(path, headers=api.h(), json={"text": "Edited, not sent."})
+        assert r.status_code == 200, r.text
+        edited = sr_of(api, rid)
+        r = api.patch(path, headers=api.h(), json={"status": "final"})
+        assert r.status_code == 200, r.text
+        signed = sr_of(api, rid)
+
+        def named(sr):
+            (item,) = sr.PredecessorDocumentsSequence
+            assert item.StudyInstanceUID == sr.StudyInstanceUID
+            (series,) = item.ReferencedSeriesSequence
+            assert series.SeriesInstanceUID == sr.SeriesInstanceUID
+            return [sop.ReferencedSOPInstanceUID for sop in series.ReferencedSOPSequence]
+
+        assert named(edited) == [draft.SOPInstanceUID]
+        assert named(signed) == [draft.SOPInstanceUID]  # not the edited draft: never sent
+        r = api.patch(
+            path, headers=api.h(), json={"text": "Amended.", "status": "amended", "reason": "x"}
+        )
+        assert r.status_code == 200, r.text
+        # the sent draft, and the signed version it replaces (its push still queued)
+        assert named(sr_of(api, rid)) == [draft.SOPInstanceUID, signed.SOPInstanceUID]

@@ -20,6 +20,11 @@ amended report (corrected after signing) is signed by whoever amended it, says w
 and names the SR instance of the version it replaced in its Predecessor Documents Sequence, so
 the PACS can tell the correction from the original.
 
+Every SR also names in its Predecessor Documents Sequence the SRs of the report's earlier
+versions that were sent to the PACS (as PS3.3 asks for prior or provisional reports it
+includes): the signed SR supersedes the preliminary one an automatic report pushed, so the PACS
+can link the two instead of showing the unedited AI draft as a report of its own.
+
 An SR can be built for any version of a report (`at`, a past `updated_at`), from its edit
 history: a push queued when a report was signed sends the signed version even when an amendment
 came before the push ran, so the PACS holds every version the later ones name as predecessors.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -38,12 +44,13 @@ from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
 from pydicom.valuerep import DA, TM
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tinyllava_med import __version__
 from tinyllava_med.model.prompts import without_controls
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import SIGNED_STATUSES, Report
+from tinyllava_med.server.db.models import SIGNED_STATUSES, Job, Report
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.storage import ImageStore
 
@@ -163,17 +170,26 @@ def _instance_uid(report: Report, version: datetime) -> str:
     return str(generate_uid(entropy_srcs=["tinyllava-med sr", report.id, version.isoformat()]))
 
 
-def _predecessor(report: Report, version: Version, study_uid: str) -> pydicom.Dataset | None:
-    """The Predecessor Documents Sequence item naming the SR of the signed version an amendment
-    replaced (None for other versions, and for amendments recorded before 0003)."""
-    if version.replaces is None:
+def _predecessor(
+    report: Report, version: Version, study_uid: str, sent: Collection[datetime]
+) -> pydicom.Dataset | None:
+    """The Predecessor Documents Sequence item naming the SRs this version supersedes: of the
+    earlier versions `sent` to the PACS, and of the signed version an amendment replaced (None
+    when there is none)."""
+    earlier = {v for v in sent if v < version.updated_at}
+    if version.replaces is not None:
+        earlier.add(version.replaces)
+    if not earlier:
         return None
-    sop = pydicom.Dataset()
-    sop.ReferencedSOPClassUID = ComprehensiveSRStorage
-    sop.ReferencedSOPInstanceUID = _instance_uid(report, version.replaces)
+    sops = []
+    for at in sorted(earlier):
+        sop = pydicom.Dataset()
+        sop.ReferencedSOPClassUID = ComprehensiveSRStorage
+        sop.ReferencedSOPInstanceUID = _instance_uid(report, at)
+        sops.append(sop)
     series = pydicom.Dataset()
     series.SeriesInstanceUID = _series_uid(report)
-    series.ReferencedSOPSequence = Sequence([sop])
+    series.ReferencedSOPSequence = Sequence(sops)
     item = pydicom.Dataset()
     item.StudyInstanceUID = study_uid
     item.ReferencedSeriesSequence = Sequence([series])
@@ -187,9 +203,11 @@ def build_sr(
     signer: Signer | None = None,
     institution: str | None = None,
     version: Version | None = None,
+    sent: Collection[datetime] = (),
 ) -> hd.sr.ComprehensiveSR:
     """The SR of `report` (at `version`, default the current one), whose image is the DICOM
-    `source` (read without pixels is enough); `signer` is that version's."""
+    `source` (read without pixels is enough); `signer` is that version's; `sent`: the versions
+    whose SRs were sent to the PACS (`sent_versions`), which a later version supersedes."""
     version = version or version_at(report)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=["tinyllava-med device", report.model]),
@@ -267,9 +285,27 @@ def build_sr(
     sr.SoftwareVersions = __version__
     sr.ContentDate = DA(version.updated_at.date())
     sr.ContentTime = TM(version.updated_at.time().replace(microsecond=0))
-    if (predecessor := _predecessor(report, version, sr.StudyInstanceUID)) is not None:
+    if (predecessor := _predecessor(report, version, sr.StudyInstanceUID, sent)) is not None:
         sr.PredecessorDocumentsSequence = [predecessor]
     return sr
+
+
+def sent_versions(session: Session, report: Report) -> list[datetime]:
+    """The versions of `report` whose SRs push jobs sent or are sending."""
+    from tinyllava_med.server.jobs import PUSH_SR
+
+    jobs = session.scalars(
+        select(Job).where(
+            Job.kind == PUSH_SR,
+            Job.study_id == report.study_id,
+            Job.status.in_(("done", "running")),
+        )
+    )
+    return [
+        datetime.fromisoformat(job.payload["version"])
+        for job in jobs
+        if job.payload.get("report_id") == report.id and job.payload.get("version")
+    ]
 
 
 def to_bytes(ds: pydicom.Dataset) -> bytes:
@@ -320,5 +356,8 @@ def report_sr(
     version = version_at(report, at)
     name = key_name(session, version.signed_by)
     signer = Signer(name, institution) if name is not None else None
-    sr = build_sr(report, source, signer=signer, institution=institution, version=version)
+    sent = sent_versions(session, report)
+    sr = build_sr(
+        report, source, signer=signer, institution=institution, version=version, sent=sent
+    )
     return to_bytes(sr)
