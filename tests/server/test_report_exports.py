@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import re
+import time
 import warnings
-from datetime import datetime
+from datetime import datetime, timezone
 from xml.etree import ElementTree
 
 import highdicom as hd
@@ -548,3 +549,25 @@ def test_the_signed_sr_supersedes_the_draft_sent_to_the_pacs(tmp_path, database_
         assert r.status_code == 200, r.text
         # the sent draft, and the signed version it replaces (its push still queued)
         assert named(sr_of(api, rid)) == [draft.SOPInstanceUID, signed.SOPInstanceUID]
+
+
+def test_an_sr_says_when_it_was_signed_and_is_the_same_bytes_each_time(api):
+    """The verification time is when the report was signed (highdicom wrote the time the SR
+    was built: hours late after a PACS outage's retries), every time is UTC and says so, and
+    the same version is the same bytes whenever it is built or pushed."""
+    rid = ask(api, upload_ct(api)["id"])["id"]
+    r = api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    signed_at = datetime.fromisoformat(r.json()["signed_at"])
+    first = api.get(f"/v1/reports/{rid}/sr", headers=api.h()).content
+    time.sleep(1.1)
+    assert api.get(f"/v1/reports/{rid}/sr", headers=api.h()).content == first
+    sr = pydicom.dcmread(io.BytesIO(first))
+    stamp = signed_at.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S")
+    assert sr.TimezoneOffsetFromUTC == "+0000"
+    assert sr.VerifyingObserverSequence[0].VerificationDateTime == stamp
+    assert (
+        sr.ContentDate + sr.ContentTime
+        == stamp
+        == sr.InstanceCreationDate + sr.InstanceCreationTime
+    )

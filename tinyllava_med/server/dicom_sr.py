@@ -15,7 +15,8 @@ attributes are empty, as DICOM allows for them (Type 2).
 
 A draft is PARTIAL / PRELIMINARY / UNVERIFIED; a signed report is COMPLETE / FINAL / VERIFIED
 with the signer as verifying observer. UIDs derive from the report id and its last change, so
-the same report state always gives the same SR instance and every edit gives a new one. An
+the same report state always gives the same SR instance (the same bytes: its times are the
+version's, in UTC, `TimezoneOffsetFromUTC` +0000) and every edit gives a new one. An
 amended report (corrected after signing) is signed by whoever amended it, says why in a comment,
 and names the SR instance of the version it replaced in its Predecessor Documents Sequence, so
 the PACS can tell the correction from the original.
@@ -36,14 +37,14 @@ import copy
 import io
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 import highdicom as hd
 import pydicom
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DT, TM
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -283,8 +284,19 @@ def build_sr(
     )
     sr.SeriesDescription = "AI report (TinyLLaVA-Med)"
     sr.SoftwareVersions = __version__
-    sr.ContentDate = DA(version.updated_at.date())
-    sr.ContentTime = TM(version.updated_at.time().replace(microsecond=0))
+    # every time is the version's own, in UTC and said to be: the same version gives the same
+    # bytes whenever it is built or pushed, and a signed one says when it was signed
+    at = _utc(version.updated_at).replace(microsecond=0)
+    sr.TimezoneOffsetFromUTC = "+0000"
+    sr.ContentDate = sr.InstanceCreationDate = DA(at.date())
+    sr.ContentTime = sr.InstanceCreationTime = TM(at.time())
+    for item in (
+        *sr.get("VerifyingObserverSequence", []),
+        *sr.get("ContributingEquipmentSequence", []),
+    ):
+        for keyword in ("VerificationDateTime", "ContributionDateTime"):  # highdicom's: now
+            if keyword in item:
+                setattr(item, keyword, DT(at.replace(tzinfo=None)))
     if (predecessor := _predecessor(report, version, sr.StudyInstanceUID, sent)) is not None:
         sr.PredecessorDocumentsSequence = [predecessor]
     return sr
@@ -306,6 +318,11 @@ def sent_versions(session: Session, report: Report) -> list[datetime]:
         for job in jobs
         if job.payload.get("report_id") == report.id and job.payload.get("version")
     ]
+
+
+def _utc(at: datetime) -> datetime:
+    """`at` in UTC (the database's times are UTC; SQLite returns them without a zone)."""
+    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
 
 
 def to_bytes(ds: pydicom.Dataset) -> bytes:
