@@ -409,3 +409,43 @@ def test_our_associations_send_without_nagle_delay(tmp_path, sqlite_url, tiny_lm
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         assert assoc.send_c_echo().Status == 0x0000
         assoc.release()
+
+
+def test_a_c_move_asks_by_study_uid_alone_and_moving_nothing_is_no_success(
+    tmp_path, sqlite_url, tiny_lm, monkeypatch
+):
+    """The C-MOVE identifier holds the level and the Study Instance UID only (an empty
+    Accession Number beside them made older Orthancs match on it and move nothing), and a PACS
+    that answers success having moved nothing leaves the retrieve job failing, to be retried,
+    not done with nothing stored."""
+    from tinyllava_med.server import pull
+
+    class Pacs:
+        def __init__(self, completed: int) -> None:
+            self.completed, self.asked = completed, []
+
+        def send_c_move(self, query, destination, sop_class):
+            self.asked.append(query)
+            final = pydicom.Dataset()
+            final.Status = 0x0000
+            final.NumberOfCompletedSuboperations = self.completed
+            final.NumberOfFailedSuboperations = final.NumberOfWarningSuboperations = 0
+            yield final, None
+
+        def release(self):
+            pass
+
+    for api in make_api(tmp_path, sqlite_url, tiny_lm):  # the C-MOVE alone: no PACS needed
+        settings, sessions = api.app.state.settings, api.app.state.session_factory
+        for completed in (0, 2):
+            pacs = Pacs(completed)
+            monkeypatch.setattr(pull, "_associate", lambda settings, sop, pacs=pacs: pacs)
+            if completed == 0:
+                with pytest.raises(pull.PacsError, match="sent no instance"):
+                    pull._c_move(settings, sessions, "1.2.3.4")
+            else:
+                result = pull._c_move(settings, sessions, "1.2.3.4")
+                assert (result["stored"], result["already"], result["failed"]) == (0, 2, 0)
+            (query,) = pacs.asked
+            assert sorted(el.keyword for el in query) == ["QueryRetrieveLevel", "StudyInstanceUID"]
+            assert query.StudyInstanceUID == "1.2.3.4"

@@ -234,7 +234,11 @@ def _c_move(
     assoc = _associate(settings, MOVE)
     final = None
     try:
-        query = _query(None, study_uid)
+        # the level and the unique key only: an empty Accession Number beside it made older
+        # Orthancs match on it, and move nothing
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
         for status, _ in assoc.send_c_move(query, settings.dimse_ae_title, MOVE):
             final = status
     finally:
@@ -247,13 +251,19 @@ def _c_move(
         )
     assert final is not None
     completed = int(final.get("NumberOfCompletedSuboperations", 0))
+    failed = int(final.get("NumberOfFailedSuboperations", 0))
+    warned = int(final.get("NumberOfWarningSuboperations", 0))
+    if completed + failed + warned == 0:  # "success" at moving nothing: the job is not done
+        raise PacsError(
+            "the PACS's C-MOVE sent no instance of the study (does it know this server's AE "
+            "title and address as a move destination?)"
+        )
     stored = _images_of(session_factory, study_uid) - before
     return {
         "study_instance_uid": study_uid,
         "study_id": _study_id(session_factory, study_uid),
         "stored": stored,
         "already": max(completed - stored, 0),
-        "failed": int(final.get("NumberOfFailedSuboperations", 0))
-        + int(final.get("NumberOfWarningSuboperations", 0)),
+        "failed": failed + warned,
         "jobs": [],  # the Storage SCP queued the automatic report as the instances arrived
     }
