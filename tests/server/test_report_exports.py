@@ -115,6 +115,7 @@ def test_fhir_diagnostic_report(api):
     assert dr.code.coding[0].code == "18748-4"
     uid = pydicom.dcmread(CT_SMALL).StudyInstanceUID
     assert dr.imagingStudy[0].identifier.value == f"urn:oid:{uid}"
+    assert dr.basedOn is None  # CT_small has no accession number
     assert dr.conclusion == report["text"]
     form = r.json()["presentedForm"][0]
     assert base64.b64decode(form["data"]).decode() == report["text"]
@@ -571,3 +572,16 @@ def test_an_sr_says_when_it_was_signed_and_is_the_same_bytes_each_time(api):
         == stamp
         == sr.InstanceCreationDate + sr.InstanceCreationTime
     )
+
+
+def test_the_fhir_report_names_its_order_by_accession_number(api):
+    """Most RIS match a result to its order by accession number, not by Study Instance UID."""
+    data = _header_variant(_set(AccessionNumber="ACC-2026-77"), 9)
+    r = upload(api, ("acc.dcm", data, "application/dicom"))
+    assert r.status_code == 201, r.text
+    report = ask(api, r.json()["id"])
+    r = api.get(f"/v1/reports/{report['id']}/fhir", headers=api.h("pacs"))
+    dr = DiagnosticReport.model_validate_json(r.text)
+    (order,) = dr.basedOn
+    assert order.type == "ServiceRequest" and order.identifier.value == "ACC-2026-77"
+    assert order.identifier.type.coding[0].code == "ACSN"

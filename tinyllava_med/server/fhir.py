@@ -2,7 +2,9 @@
 
 - status `preliminary` for a draft, `final` once signed, `amended` once corrected after signing
   (the reason is a note on the finding); category RAD; code LOINC 18748-4;
-- `imagingStudy` references the study by its DICOM Study Instance UID (`urn:oid:...`);
+- `imagingStudy` references the study by its DICOM Study Instance UID (`urn:oid:...`), and
+  `basedOn` the order by its accession number (identifier type ACSN), which most RIS match
+  results on;
 - the text is the `conclusion`, a `presentedForm` (text/plain) and the narrative;
 - the model is a contained `Device` (name, variant, quantization and version as `version`s).
   R4's `DiagnosticReport.performer` may only point at people and organisations, so the device
@@ -12,7 +14,7 @@
   the RIS knows).
 
 No patient identifiers: the server does not keep them, and the RIS links the report to its
-patient through the study UID.
+patient through the order (accession number) or the study UID.
 """
 
 from __future__ import annotations
@@ -131,6 +133,24 @@ def build_diagnostic_report(
     }
     if studies:
         resource["imagingStudy"] = studies
+    if accession := without_controls(report.study.AccessionNumber or "").strip():
+        resource["basedOn"] = [
+            {
+                "type": "ServiceRequest",
+                "identifier": {
+                    "type": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                                "code": "ACSN",
+                                "display": "Accession ID",
+                            }
+                        ]
+                    },
+                    "value": accession,
+                },
+            }
+        ]
     if report.study.StudyDate is not None:
         resource["effectiveDateTime"] = report.study.StudyDate.isoformat()
     if institution:
