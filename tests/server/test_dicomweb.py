@@ -21,6 +21,7 @@ from api_helpers import (
 )
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
+from pydicom.encaps import encapsulate
 from sqlalchemy import select, update
 
 from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
@@ -173,6 +174,27 @@ def test_stow_partial_mismatch_and_bad_requests(api):
     # a PNG is not a DICOM instance
     r = stow(api, png_bytes())
     assert r.status_code == 409 and [f[2] for f in sop_seq(r.json(), "00081198")] == [[0xC000]]
+    # an instance without pixels (an SR, a PDF) or in a transfer syntax nothing here decodes:
+    # the sender learns which instance, and that resending will not help
+    report, odd = pydicom.dcmread(io.BytesIO(MR)), pydicom.dcmread(io.BytesIO(MR))
+    del report.PixelData
+    report.SOPInstanceUID, odd.SOPInstanceUID = (
+        "1.2.826.0.1.3680043.8.498.5",
+        "1.2.826.0.1.3680043.8.498.6",
+    )
+    odd.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder here
+    odd.PixelData = encapsulate([b"\0" * 64])
+    parts = []
+    for ds in (report, odd):
+        out = io.BytesIO()
+        ds.save_as(out)
+        parts.append(out.getvalue())
+    r = stow(api, *parts)
+    assert r.status_code == 409, r.text
+    assert sop_seq(r.json(), "00081198") == [
+        (str(report.SOPClassUID), report.SOPInstanceUID, [0x0122]),
+        (str(odd.SOPClassUID), odd.SOPInstanceUID, [0xC122]),
+    ]
     body, ctype = multipart_related(CT)
     assert (
         api.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code

@@ -13,8 +13,9 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
   `ingest.file_instances` (its study found or created by Study Instance UID, the automatic
   report queued) in its own transaction before the success status goes back, so "stored"
   means durable. Failures answer
-  the Storage Service Class statuses STOW-RS uses (0xC000 cannot understand, 0xA700 out of
-  resources, 0x0110 processing failure) with an Error Comment that names no patient data.
+  the Storage Service Class statuses STOW-RS uses (0xC000 cannot understand, 0x0122 an object
+  without pixels this server does not store, 0xA700 out of resources, 0x0110 processing
+  failure) with an Error Comment that names no patient data.
 - One audit event per association that sent instances (`study.dimse_store`, actor
   `dimse:<calling AE title>`): stored, already held, failed, studies, jobs.
 

@@ -12,9 +12,11 @@ instances and their jobs are durable before the sender hears "stored".
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 from collections.abc import Callable
 
+import pydicom
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,7 +30,9 @@ from tinyllava_med.server.storage import ImageStore
 from tinyllava_med.server.stow import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
     STUDY_MISMATCH,
+    TRANSFER_SYNTAX_NOT_SUPPORTED,
     Part,
     StoreResult,
 )
@@ -52,8 +56,30 @@ def decode(parts: list[Part], settings: Settings) -> list[StudyFile | ImagingErr
 
 
 def failure_reason(e: ImagingError) -> int:
-    """The Storage Service Class Failure Reason for an instance that could not be decoded."""
-    return OUT_OF_RESOURCES if e.code in _TOO_BIG else CANNOT_UNDERSTAND
+    """The Storage Service Class Failure Reason for an instance that could not be decoded: a
+    sender can tell an object this server does not store (no pixels: an SR, a PDF) or a
+    transfer syntax it cannot decode from a broken file, and that resending will not help."""
+    if e.code in _TOO_BIG:
+        return OUT_OF_RESOURCES
+    if e.code == "no_pixel_data":
+        return SOP_CLASS_NOT_SUPPORTED
+    if e.code == "unsupported_transfer_syntax":
+        return TRANSFER_SYNTAX_NOT_SUPPORTED
+    return CANNOT_UNDERSTAND
+
+
+def _uids_of(data: bytes) -> tuple[str | None, str | None]:
+    """The SOP Class and Instance UIDs of a part that could not be decoded, where its header
+    can be read, so the sender learns which instance failed."""
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(data),
+            stop_before_pixels=True,
+            specific_tags=["SOPClassUID", "SOPInstanceUID"],
+        )
+    except Exception:  # noqa: BLE001 - not DICOM at all: no UIDs to give
+        return None, None
+    return ds.get("SOPClassUID") or None, ds.get("SOPInstanceUID") or None
 
 
 # Senders find or create their study by UID and number its images one at a time. A PACS may send
@@ -121,7 +147,7 @@ def store_instances(
     touched: dict[str, Study] = {}
     for part, d in zip(parts, decoded, strict=True):
         if isinstance(d, ImagingError):
-            result.failed.append((None, None, failure_reason(d)))
+            result.failed.append((*_uids_of(part.data), failure_reason(d)))
             continue
         m = d.metadata
         sop_class, sop_instance, uid = m.SOPClassUID, m.SOPInstanceUID, m.StudyInstanceUID

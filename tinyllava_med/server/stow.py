@@ -25,6 +25,8 @@ CANNOT_UNDERSTAND = 0xC000
 STUDY_MISMATCH = 0xA900
 OUT_OF_RESOURCES = 0xA700
 PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # this server stores images: not SR, KO, PR, PDF, ...
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # PS3.18's Referenced Transfer Syntax Not Supported
 
 
 class StowRequestError(Exception):
