@@ -426,3 +426,58 @@ def test_pacs_check_names_what_answers_and_what_does_not(tmp_path):
         f"TLMPACS@127.0.0.1:{closed}",
     ]
     assert "dGxtOnNlY3JldA" not in "\n".join(lines)
+
+
+def test_the_shipped_forward_script_sends_images_and_nothing_else(tmp_path, sqlite_url, tiny_lm):
+    """docker/orthanc/forward.lua, run by a real Orthanc: a stable image series is forwarded to
+    the server over STOW-RS; an SR (the server's own reports coming back), a segmentation and a
+    presentation state are not (the server stores images only: each would be refused)."""
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_file
+
+    script = Path(__file__).resolve().parents[2] / "docker" / "orthanc" / "forward.lua"
+    orthanc_port = free_port()
+    orthanc = f"http://127.0.0.1:{orthanc_port}"
+    upgrade(sqlite_url)
+    app = create_app(Settings(data_dir=tmp_path / "data", database_url=sqlite_url), model=tiny_lm)
+    with live_server(app) as base:
+        admin = {"Authorization": f"Bearer {app.state.first_admin_key}"}
+        r = httpx.post(f"{base}/v1/apikeys", json={"role": "pacs", "name": "pacs"}, headers=admin)
+        peer = {
+            "Url": f"{base}/dicomweb/",
+            "HttpHeaders": {"Authorization": f"Bearer {r.json()['key']}"},
+        }
+        dicomweb = {"Enable": True, "Root": "/dicom-web/", "Servers": {"tinyllava-med": peer}}
+        with start_orthanc(
+            tmp_path / "orthanc",
+            orthanc_port,
+            LuaScripts=[str(script)],
+            StableAge=1,
+            DicomWeb=dicomweb,
+        ):
+            sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+            pr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+            pr.Modality, pr.StudyInstanceUID = "PR", generate_uid()
+            pr.SeriesInstanceUID, pr.SOPInstanceUID = generate_uid(), generate_uid()
+            for ds in (sr, pr, pydicom.dcmread(get_testdata_file("liver.dcm"))):
+                out = io.BytesIO()
+                ds.save_as(out)
+                assert httpx.post(f"{orthanc}/instances", content=out.getvalue()).status_code == 200
+            r = httpx.post(f"{orthanc}/instances", content=CT_SMALL.read_bytes(), timeout=10)
+            assert r.status_code == 200, r.text
+
+            def stable_series():
+                changes = httpx.get(f"{orthanc}/changes?limit=1000", timeout=10).json()
+                return sum(c["ChangeType"] == "StableSeries" for c in changes["Changes"])
+
+            def jobs_done():  # the STOW jobs the script started (asynchronous ones)
+                jobs = httpx.get(f"{orthanc}/jobs?expand", timeout=10).json()
+                return all(job["State"] in ("Success", "Failure") for job in jobs)
+
+            wait_for(lambda: stable_series() == 4, timeout_s=60, what="every series stable")
+            wait_for(jobs_done, timeout_s=60, what="Orthanc's forwarding jobs")
+            events = httpx.get(f"{base}/v1/audit?action=study.stow", headers=admin).json()["data"]
+            assert len(events) == 1 and events[0]["status_code"] == 200, events
+            studies = httpx.get(f"{base}/v1/studies", headers=admin).json()["data"]
+            assert [s["Modality"] for s in studies] == ["CT"]
