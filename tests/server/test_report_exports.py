@@ -8,6 +8,7 @@ import re
 import time
 import warnings
 from datetime import datetime, timezone
+from pathlib import Path
 from xml.etree import ElementTree
 
 import highdicom as hd
@@ -585,3 +586,38 @@ def test_the_fhir_report_names_its_order_by_accession_number(api):
     (order,) = dr.basedOn
     assert order.type == "ServiceRequest" and order.identifier.value == "ACC-2026-77"
     assert order.identifier.type.coding[0].code == "ACSN"
+
+
+def _image_reference(sr) -> pydicom.Dataset:
+    """The SOP reference of the SR's IMAGE item (the finding's best illustration)."""
+    for container in sr.ContentSequence:
+        for item in getattr(container, "ContentSequence", []):
+            for child in getattr(item, "ContentSequence", []):
+                if child.ValueType == "IMAGE":
+                    return child.ReferencedSOPSequence[0]
+    raise AssertionError("no IMAGE item in the SR")
+
+
+def test_the_sr_names_the_frame_of_a_multi_frame_image_the_model_saw(api):
+    """A question about frame 3 of a 10-frame MR: the report records it and the SR's image
+    reference names frame 4 (1-based), so the PACS opens the image where the model looked; a
+    question without a frame saw the middle one, and a single-frame image names none."""
+    from pydicom.data import get_testdata_file
+
+    data = Path(get_testdata_file("emri_small.dcm")).read_bytes()
+    study = upload(api, ("emri.dcm", data, "application/dicom")).json()
+    r = api.post(
+        f"/v1/studies/{study['id']}/questions",
+        headers=api.h(),
+        json={"question": "Which organ?", "frame": 3},
+    )
+    assert r.status_code == 201, r.text
+    asked = r.json()
+    assert asked["frame"] == 3
+    assert api.get(f"/v1/reports/{asked['id']}", headers=api.h()).json()["frame"] == 3
+    middle = ask(api, study["id"])
+    assert middle["frame"] is None
+    for report, number in ((asked, 4), (middle, 10 // 2 + 1)):
+        assert _image_reference(sr_of(api, report["id"])).ReferencedFrameNumber == number
+    single = ask(api, upload_ct(api)["id"])
+    assert "ReferencedFrameNumber" not in _image_reference(sr_of(api, single["id"]))

@@ -235,12 +235,18 @@ def build_sr(
         value=_text(version.text),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
+    frames = int(source.get("NumberOfFrames") or 1)
+    frame = getattr(report, "frame", None)
     finding.ContentSequence = Sequence(
         [
             hd.sr.ImageContentItem(
                 name=codes.DCM.BestIllustrationOfFinding,
                 referenced_sop_class_uid=source.SOPClassUID,
                 referenced_sop_instance_uid=source.SOPInstanceUID,
+                # of a multi-frame image, the frame the model saw (1-based here)
+                referenced_frame_numbers=[(frames // 2 if frame is None else frame) + 1]
+                if frames > 1
+                else None,
                 relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
             )
         ]

@@ -167,6 +167,10 @@ class ReportPublic(BaseModel):
     latency_ms: float
     tokens: Tokens
     finish_reason: str | None = None
+    frame: int | None = Field(
+        default=None,
+        description="the frame of a multi-frame image asked about (0-based); null: the middle one",
+    )
     created_at: datetime
     updated_at: datetime | None = None
     signed_by: str | None = None

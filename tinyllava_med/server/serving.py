@@ -326,6 +326,7 @@ def report_public(
         latency_ms=r.latency_ms or 0.0,
         tokens=Tokens(prompt=r.prompt_tokens or 0, completion=r.completion_tokens or 0),
         finish_reason=r.finish_reason,
+        frame=r.frame,
         created_at=r.created_at,
         updated_at=r.updated_at,
         signed_by=r.signed_by,

@@ -436,14 +436,16 @@ def _connection(db: Session | Connection) -> Connection:
 
 
 def draft_report_row(
-    *, study_id: str, image_id: str | None, answer: str, **fields: Any
+    *, study_id: str, image_id: str | None, answer: str, frame: int | None = None, **fields: Any
 ) -> dict[str, Any]:
-    """Every column of a new draft report, as `insert_draft_reports` writes it."""
+    """Every column of a new draft report, as `insert_draft_reports` writes it (every row the
+    same columns: they are inserted together)."""
     now = utcnow()
     return {
         "id": new_id(),
         "study_id": study_id,
         "image_id": image_id,
+        "frame": frame,
         "created_at": now,
         "updated_at": now,
         "server_version": __version__,

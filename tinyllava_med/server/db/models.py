@@ -209,6 +209,9 @@ class Report(Base):
     finish_reason: Mapped[str | None] = mapped_column(
         String(16), doc="stop: the model ended the answer; length: cut at max_new_tokens"
     )
+    frame: Mapped[int | None] = mapped_column(
+        Integer, doc="the frame the model saw, 0-based; NULL: the image's middle one (n // 2)"
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(64), doc="API key id or 'anonymous'")
     signed_by: Mapped[str | None] = mapped_column(String(64))

@@ -195,6 +195,7 @@ async def _store_answer(
     latency_ms: float,
     stream: bool = False,
     received: bool = True,
+    frame: int | None = None,
 ) -> ReportPublic:
     """Save the answer as a report, with its audit event, in one transaction shared with the
     answers that finished with it (`ReportWriter`: plain Core INSERTs, no ORM session).
@@ -203,6 +204,7 @@ async def _store_answer(
     row = crud.draft_report_row(
         study_id=study_id,
         image_id=image_id,
+        frame=frame,
         question=question,
         **answer_fields(ans, info, actor=actor, latency_ms=latency_ms),
     )
@@ -267,6 +269,7 @@ async def ask_about_study(
                 latency_ms=(time.perf_counter() - start) * 1000,
                 stream=stream,
                 received=status == "received",
+                frame=body.frame,
             )
 
         if not stream:
