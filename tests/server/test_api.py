@@ -1386,6 +1386,48 @@ def upload_png(api):
     return r.json()
 
 
+def test_a_server_stopping_mid_job_queues_it_again_without_spending_an_attempt(
+    tmp_path, database_url, tiny_lm
+):
+    """A restart or an upgrade while a job runs longer than the stop's wait (an automatic
+    report on a CPU): the job is queued again at once with the attempt it lost, instead of
+    waiting out its lease (10 minutes) as `running` and spending one of its attempts, and the
+    interrupted attempt's late finish changes nothing."""
+    import threading
+
+    from tinyllava_med.server import jobs
+    from tinyllava_med.server.db import crud
+
+    for api in make_api(tmp_path, database_url, tiny_lm, job_workers=0, job_poll_s=0.05):
+        sessions = api.app.state.session_factory
+        started, release, outcome = threading.Event(), threading.Event(), []
+
+        def slow(job, started=started, release=release, sessions=sessions, outcome=outcome):
+            started.set()
+            release.wait(30)
+            with sessions.begin() as s:
+                outcome.append(jobs.finish(s, job, {"ok": True}))
+                return outcome[-1]
+
+        runner = jobs.JobRunner(api.app, 1)
+        runner.handlers["slow"] = slow
+        with sessions.begin() as s:
+            job = crud.enqueue_job(s, kind="slow", payload={}, max_attempts=3)
+            s.flush()
+            job_id = job.id
+        runner.start()
+        assert started.wait(30)
+        runner.stop(timeout=0.2)  # the server stops; the job is still running
+        with sessions() as s:
+            row = s.get(Job, job_id)
+            assert (row.status, row.attempts, row.locked_by) == ("queued", 0, None)
+        release.set()
+        wait_for(lambda outcome=outcome: outcome, what="the interrupted attempt to end")
+        assert outcome == ["gone"]
+        with sessions() as s:
+            assert s.get(Job, job_id).status == "queued"  # for the next server to run
+
+
 def test_only_the_claim_that_holds_a_job_finishes_or_fails_it(tmp_path, sqlite_url, tiny_lm):
     """A job deleted with its study while a worker runs it (SQLite may give its id to the
     deletion's own sweep job), or claimed again by another worker after its lease ran out, is

@@ -268,6 +268,21 @@ def fail(session: Session, claimed: Claimed, error: str, retry_base_s: float) ->
     return job.status
 
 
+def give_back(session: Session, claimed: Claimed) -> bool:
+    """Queue a job this worker holds again, as it was before this attempt: the server is
+    stopping with it unfinished, so another worker (or this server once restarted) runs it now
+    rather than after its lease, and the attempt does not count against it. A later `finish` or
+    `fail` by the interrupted attempt is then `gone`. Whether the job was given back."""
+    job = _held(session, claimed)
+    if job is None or job.status != "running":
+        return False
+    job.status = "queued"
+    job.attempts = max(job.attempts - 1, 0)
+    job.locked_by = job.locked_at = None
+    job.run_after = utcnow()
+    return True
+
+
 def retry_failed(
     session: Session, *, job_id: int | None = None, kind: str | None = None
 ) -> list[int]:
@@ -327,6 +342,7 @@ class JobRunner:
         self.settings: Settings = app.state.settings
         self.sessions: sessionmaker[Session] = app.state.session_factory
         self._stop = threading.Event()
+        self._running: dict[int, Claimed] = {}  # by worker: the job it runs now
         self._threads = [
             threading.Thread(target=self._loop, args=(i,), name=f"jobs-{i}", daemon=True)
             for i in range(workers)
@@ -350,9 +366,24 @@ class JobRunner:
             t.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop claiming, wait up to `timeout` in all for the jobs running, and give back
+        (`give_back`) those still unfinished: a restart or an upgrade costs them no attempt and
+        no lease's wait."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(deadline - time.monotonic(), 0.0))
+        unfinished = list(self._running.values())
+        if not unfinished:
+            return
+        try:
+            with self.sessions.begin() as s:
+                given = [c for c in unfinished if give_back(s, c)]
+        except Exception:  # the database is away too: their leases run out instead
+            log.exception("could not queue the unfinished jobs again")
+            return
+        for c in given:
+            log.warning("stopping: job %s (%s) unfinished, queued again", c.id, c.kind)
 
     def _loop(self, i: int) -> None:
         worker = f"{socket.gethostname()}:{os.getpid()}:{i}"
@@ -374,7 +405,11 @@ class JobRunner:
             if job is None:
                 self._stop.wait(self.settings.job_poll_s)
                 continue
-            self.run(job)
+            self._running[i] = job
+            try:
+                self.run(job)
+            finally:
+                self._running.pop(i, None)
 
     def run(self, job: Claimed) -> None:
         metrics = self.app.state.metrics
