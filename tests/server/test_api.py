@@ -31,7 +31,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
 
-from tinyllava_med.server.db.models import AuditEvent, Job, Report, ReportEdit, utcnow
+from tinyllava_med.server.db.models import AuditEvent, Job, Report, ReportEdit, Study, utcnow
 
 
 def test_health_ready_metrics_need_no_key(api):
@@ -1426,6 +1426,42 @@ def test_a_server_stopping_mid_job_queues_it_again_without_spending_an_attempt(
         assert outcome == ["gone"]
         with sessions() as s:
             assert s.get(Job, job_id).status == "queued"  # for the next server to run
+
+
+def test_an_automatic_report_given_back_while_the_model_answered_is_not_written(
+    tmp_path, sqlite_url, tiny_lm
+):
+    """The job was given back (the server stopping) or claimed again while its attempt waited
+    for the model: that attempt writes no report, so the job's next run writes the only one."""
+    from tinyllava_med.server import jobs
+
+    prompts = {"CT": "Describe the findings."}
+    overrides = {"job_workers": 0, "auto_report_prompts": prompts, "auto_report_delay_s": 0}
+    for api in make_api(tmp_path, sqlite_url, tiny_lm, **overrides):
+        sessions = api.app.state.session_factory
+        study_id = upload_ct(api)["id"]
+        with sessions.begin() as s:  # as a study from the PACS gets (STOW-RS, DIMSE, import)
+            study = s.get(Study, study_id)
+            assert jobs.schedule_auto_report(s, api.app.state.settings, study) is not None
+        with sessions.begin() as s:
+            claimed = jobs.claim(s, "w1", lease_s=600)
+        assert claimed is not None and claimed.kind == jobs.AUTO_REPORT
+        runner = jobs.JobRunner(api.app, workers=0)
+        engine, submit = api.app.state.engine, api.app.state.engine.submit
+
+        def give_back_meanwhile(*args, sessions=sessions, claimed=claimed, submit=submit, **kwargs):
+            with sessions.begin() as s:
+                assert jobs.give_back(s, claimed)
+            return submit(*args, **kwargs)
+
+        engine.submit = give_back_meanwhile
+        try:
+            assert runner._auto_report(claimed) == "gone"
+        finally:
+            engine.submit = submit
+        with sessions() as s:
+            assert s.query(Report).count() == 0
+            assert s.get(Job, claimed.id).status == "queued"
 
 
 def test_only_the_claim_that_holds_a_job_finishes_or_fails_it(tmp_path, sqlite_url, tiny_lm):

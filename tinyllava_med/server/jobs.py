@@ -449,6 +449,8 @@ class JobRunner:
         answer = req.future.result(settings.request_timeout_s)
         latency_ms = (time.perf_counter() - start) * 1000
         with self.sessions.begin() as s:
+            if _held(s, job) is None:  # given back while the model answered, or claimed again:
+                return "gone"  # its next run writes the report, once
             study = crud.get_study(s, job.study_id or "")
             assert study is not None
             img = s.get(Image, image_id)
