@@ -84,17 +84,7 @@ def test_backup_copies_a_consistent_database_and_checked_files(tmp_path, sqlite_
         ct, png = hashes
         store.path(ct).write_bytes(b"not the file any more")
         store.path(png).unlink()
-        out = subprocess.run(
-            [sys.executable, "-m", "tinyllava_med.cli", "db", "backup", str(tmp_path / "b2")],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={
-                **os.environ,
-                "TINYLLAVA_MED_DATA_DIR": str(settings.data_dir),
-                "TINYLLAVA_MED_DATABASE_URL": sqlite_url,
-            },
-        )
+        out = _cli(settings, sqlite_url, "backup", str(tmp_path / "b2"))
         assert out.returncode == 1, out.stdout + out.stderr
         assert "missing from the store" in out.stdout and "corrupt" in out.stdout
         assert not (tmp_path / "b2" / "images" / ct[:2] / ct).exists()
@@ -128,6 +118,7 @@ def test_backup_on_postgresql_copies_the_files_and_leaves_the_database_to_pg_dum
 
 
 def _cli(settings, database_url, *args):
+    """`tinyllava-med db ARGS` in a process of its own, on the server's data and database."""
     return subprocess.run(
         [sys.executable, "-m", "tinyllava_med.cli", "db", *args],
         capture_output=True,
