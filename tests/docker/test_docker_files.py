@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -690,13 +691,14 @@ def test_the_load_balancer_logs_no_accession_number_or_study_uid(tmp_path):
     assert nginx, "nginx is required (Debian package `nginx-light`; .ci/run installs it)"
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    port, log = _free_port(), tmp_path / "access.log"
+    port, log, errors = _free_port(), tmp_path / "access.log", tmp_path / "error.log"
     conf = (DOCKER / "nginx" / "nginx.conf").read_text(encoding="utf-8")
     for old, new in (
         ("/tmp/", f"{tmp_path}/"),
         ("http://server:8000", f"http://127.0.0.1:{upstream.server_address[1]}"),
         ("listen 8000;", f"listen 127.0.0.1:{port};"),
         ("access_log /dev/stdout", f"access_log {log}"),
+        ("error_log /dev/stderr", f"error_log {errors}"),
     ):
         assert old in conf, old
         conf = conf.replace(old, new)
@@ -722,17 +724,26 @@ def test_the_load_balancer_logs_no_accession_number_or_study_uid(tmp_path):
             req = urllib.request.Request(base + path, data=body, method=method)
             with urllib.request.urlopen(req, timeout=10) as r:
                 assert r.status == 204
+        # the replica goes away (restarting): nginx answers 502, and its error line, which
+        # quotes the request line and the upstream URL, must not be logged
+        upstream.shutdown()
+        upstream.server_close()
+        lookup = urllib.request.Request(f"{base}/v1/studies?accession_number={accession}")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(lookup, timeout=10)
+        assert refused.value.code == 502
     finally:
         proc.terminate()
         proc.wait(timeout=10)
         upstream.shutdown()
         upstream.server_close()
     lines = log.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 3, lines
+    assert len(lines) == 4, lines
+    assert '"GET /v1/studies HTTP/1.1" 502' in lines[3]
     assert '"POST /dicomweb/studies/{study_uid} HTTP/1.1" 204' in lines[0]
     assert '"GET /v1/studies HTTP/1.1" 204' in lines[1]
     assert '"GET /v1/reports/7f0c HTTP/1.1" 204' in lines[2]
-    text = log.read_text(encoding="utf-8")
+    text = log.read_text(encoding="utf-8") + errors.read_text(encoding="utf-8")
     assert study_uid not in text and accession not in text
 
 
