@@ -298,3 +298,27 @@ def test_a_full_disk_keeps_the_headers_of_released_images(api, monkeypatch):
     assert (
         pydicom.dcmread(io.BytesIO(r.content)).PatientName == pydicom.dcmread(CT_SMALL).PatientName
     )
+
+
+def test_a_header_the_full_disk_never_takes_is_forgotten_not_left_dangling(api, monkeypatch):
+    """The disk stays full even after the pixel files go: the image must not name a header
+    file that was never written (its SR then failed with a 500 and every push with it); it has
+    no header, which the SR says with 409 no_dicom_source, and the run reports it lost."""
+    sessions, store = api.app.state.session_factory, api.app.state.store
+    study = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")
+    report = _ask(api, study["id"])
+    r = api.patch(f"/v1/reports/{report}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    with sessions.begin() as s:
+        s.execute(update(Study).values(created_at=utcnow() - timedelta(days=31)))
+
+    def full(data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "put", full)
+    result = release_due(sessions, store, api.app.state.settings)
+    assert (result["studies"], result["headers_lost"]) == (1, 1)
+    with sessions() as s:
+        image = s.scalars(select(Image)).one()
+        assert image.released_at and image.header_sha256 is None
+    assert_error(api.get(f"/v1/reports/{report}/sr", headers=api.h()), 409, "no_dicom_source")

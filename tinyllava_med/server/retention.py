@@ -16,7 +16,8 @@ the same file racing the release). Asking for a released image answers 410 `imag
 the PACS, or receiving it again (STOW-RS, DIMSE, import), files each instance under its row
 again (`ingest.store_instances`). On a full disk (when `db release-images` is most needed) a
 header that cannot be written is held in memory and written once its study's pixel files are
-gone; only a file that is gone or unreadable leaves an image without a header.
+gone; only a file that is gone or unreadable, or a disk still full then, leaves an image without
+a header.
 
 A `release_images` job runs `release_due` every `RELEASE_EVERY_S`: `serve` queues the first, and
 each run queues the next.
@@ -31,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pydicom
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tinyllava_med.server.db import crud
@@ -143,16 +144,23 @@ def release_study(
     return [image.sha256 for image in images]
 
 
-def _write_held(store: ImageStore, unwritten: dict[str, bytes]) -> int:
-    """Write the headers that waited for space; how many still could not be written."""
-    lost = 0
-    for header in unwritten.values():
+def _write_held(
+    sessions: sessionmaker[Session], store: ImageStore, unwritten: dict[str, bytes]
+) -> int:
+    """Write the headers that waited for space; those that still cannot be written are
+    forgotten by their images (which then say they have no header: 409 no_dicom_source, not a
+    missing file). How many were lost."""
+    lost: list[str] = []
+    for sha, header in unwritten.items():
         try:
             store.put(header)
         except OSError as e:
-            lost += 1
+            lost.append(sha)
             log.error("a released image's header could not be written: %s", e.strerror)
-    return lost
+    if lost:
+        with sessions.begin() as s:
+            s.execute(update(Image).where(Image.header_sha256.in_(lost)).values(header_sha256=None))
+    return len(lost)
 
 
 def release_due(
@@ -175,7 +183,7 @@ def release_due(
             removed += remove_unused(
                 sessions, store, sorted(set(hashes)), settings.image_sweep_grace_s
             ).removed
-        headers_lost += _write_held(store, unwritten)
+        headers_lost += _write_held(sessions, store, unwritten)
     return {
         "studies": studies,
         "images": images,
