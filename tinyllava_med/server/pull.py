@@ -253,12 +253,14 @@ def _c_move(
     completed = int(final.get("NumberOfCompletedSuboperations", 0))
     failed = int(final.get("NumberOfFailedSuboperations", 0))
     warned = int(final.get("NumberOfWarningSuboperations", 0))
-    if completed + failed + warned == 0:  # "success" at moving nothing: the job is not done
+    stored = _images_of(session_factory, study_uid) - before
+    # "success" at moving nothing: the job is not done (the counts are optional on the final
+    # response, so only when nothing arrived either)
+    if completed + failed + warned == 0 and stored == 0:
         raise PacsError(
             "the PACS's C-MOVE sent no instance of the study (does it know this server's AE "
             "title and address as a move destination?)"
         )
-    stored = _images_of(session_factory, study_uid) - before
     return {
         "study_instance_uid": study_uid,
         "study_id": _study_id(session_factory, study_uid),
