@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 from api_helpers import MR_SMALL, make_api, upload_ct, wait_for
@@ -153,8 +154,6 @@ def test_a_job_whose_workers_died_on_every_attempt_counts_as_failed(tmp_path, sq
     """A job that crashes its process (say, out of memory) is found running past its lease
     with no attempt left, and failed by the next claim: it counts in jobs_total{outcome=
     "failed"}, which TinyLlavaMedJobsFailing watches; before, it failed without a count."""
-    from datetime import timedelta
-
     from tinyllava_med.server.db import crud
     from tinyllava_med.server.db.models import utcnow
 
@@ -180,7 +179,8 @@ def test_a_job_whose_workers_died_on_every_attempt_counts_as_failed(tmp_path, sq
 def test_metrics_say_when_the_first_api_key_in_use_expires(tmp_path, database_url, tiny_lm):
     """With TINYLLAVA_MED_API_KEY_DAYS a PACS's key expires, and from then on every STOW-RS is
     refused with 401: the soonest expiry among each role's keys in use is exported for its
-    alert. A key never used, revoked, or without an expiry does not count."""
+    alert, and stays for a week after it passed (the alert must not clear as the 401s start).
+    A key never used, revoked, or without an expiry does not count."""
     from tinyllava_med.server.auth import create_api_key
     from tinyllava_med.server.db.models import ApiKey
 
@@ -203,3 +203,8 @@ def test_metrics_say_when_the_first_api_key_in_use_expires(tmp_path, database_ur
         with sessions() as s:
             expires = s.get(ApiKey, soon_id).expires_at.timestamp()
         assert _samples(api, name) == {name + '{role="pacs"}': expires}
+        with sessions.begin() as s:  # it expired three days ago: its PACS is refused now
+            key = s.get(ApiKey, soon_id)
+            key.expires_at = key.created_at - timedelta(days=3)
+            expired = key.expires_at.timestamp()
+        assert _samples(api, name) == {name + '{role="pacs"}': expired}

@@ -204,9 +204,9 @@ class BacklogCollector(Collector):
             )
         expiry = GaugeMetricFamily(
             PREFIX + "api_key_next_expiry_timestamp_seconds",
-            "When the first API key in use (active, used at least once) of each role expires "
-            "(absent for a role whose keys in use never expire); a PACS whose key expires is "
-            "refused with 401",
+            "When the first API key in use (not revoked, used at least once) of each role expires "
+            "or expired (in the last 7 days); absent for a role whose keys in use never expire. "
+            "A PACS whose key expired is refused with 401",
             labels=["role"],
         )
         for role, at in sorted(backlog.keys_expire.items()):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Literal, NamedTuple, NotRequired, TypedDict, Unpack
 
 from sqlalchemy import Select, bindparam, delete, func, insert, select, update
@@ -770,10 +770,15 @@ def enqueue_job(
 # --- what waits, for `/metrics` ----------------------------------------------------------------
 
 
+# how long a key in use that expired stays in `Backlog.keys_expire` (and its alert firing)
+KEY_EXPIRED_SHOWN = timedelta(days=7)
+
+
 class Backlog(NamedTuple):
     """Studies by status (every status, from 0) with the arrival of the oldest unsigned one per
     status, due jobs by kind with the time the longest-waiting one became due, and by role the
-    soonest expiry of the API keys in use (active, used at least once, with an expiry)."""
+    soonest expiry of the API keys in use (not revoked, used at least once, with an expiry, not
+    expired more than `KEY_EXPIRED_SHOWN` ago)."""
 
     studies: dict[str, int]
     oldest_unsigned: dict[str, datetime]
@@ -798,7 +803,7 @@ def backlog(session: Session, now: datetime | None = None) -> Backlog:
         select(ApiKey.role, func.min(ApiKey.expires_at))
         .where(
             ApiKey.revoked_at.is_(None),
-            ApiKey.expires_at > now,
+            ApiKey.expires_at > now - KEY_EXPIRED_SHOWN,  # its client is refused now: still say
             ApiKey.last_used_at.is_not(None),
         )
         .group_by(ApiKey.role)
