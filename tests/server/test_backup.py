@@ -236,3 +236,17 @@ def test_restore_on_postgresql_brings_back_the_image_files(tmp_path, postgres_ur
         with api.app.state.session_factory() as s:
             (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "backup.restore"))
             assert event.outcome == "ok"
+
+
+def test_a_backup_from_before_image_retention_is_accepted(tmp_path):
+    """A backup taken before migration 0006 has no released_at or header columns: its files
+    are read from the columns it has (restore then migrates it), not refused as not ours."""
+    from tinyllava_med.server.backup import _checked
+
+    old = tmp_path / "tinyllava_med-old.db"
+    db = sqlite3.connect(old)
+    db.execute("CREATE TABLE images (id TEXT PRIMARY KEY, sha256 TEXT)")
+    db.execute("INSERT INTO images VALUES ('i1', 'ab' || 'cd')")
+    db.commit()
+    db.close()
+    assert _checked(old) == {"abcd"}

@@ -168,6 +168,9 @@ def _checked(copy: Path) -> set[str]:
         (check,) = db.execute("PRAGMA integrity_check").fetchone()
         if check != "ok":
             raise RuntimeError(f"{copy.name} failed its integrity check: {check}")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(images)")}
+        if "released_at" not in columns:  # a backup from before image retention (0006)
+            return {row[0] for row in db.execute("SELECT sha256 FROM images")}
         return {row[0] for row in db.execute(_FILES_SQL)}
     except sqlite3.DatabaseError:  # not SQLite, or not ours (no images table)
         raise RuntimeError(f"{copy.name} is not a tinyllava-med database") from None
