@@ -310,9 +310,9 @@ def _hand_over(key: str, data_dir: Path) -> None:
         return
     path = data_dir / FIRST_KEY_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # before writing: a file left by an emptied database keeps its mode
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
-    os.chmod(path, 0o600)  # a file left by an earlier, emptied database keeps its mode otherwise
     print(
         f"Created the first admin API key, written to {path} (owner only): read it, store it, "
         "delete the file",

@@ -309,14 +309,14 @@ def build_sr(
 
 
 def sent_versions(session: Session, report: Report) -> list[datetime]:
-    """The versions of `report` whose SRs push jobs sent or are sending."""
+    """The versions of `report` whose SRs push jobs have sent (a running push may still fail)."""
     from tinyllava_med.server.jobs import PUSH_SR
 
     jobs = session.scalars(
         select(Job).where(
             Job.kind == PUSH_SR,
             Job.study_id == report.study_id,
-            Job.status.in_(("done", "running")),
+            Job.status == "done",
         )
     )
     return [

@@ -230,7 +230,7 @@ def _held(session: Session, claimed: Claimed) -> Job | None:
     """The job's row while `claimed` still holds it; None once the job was deleted (with its
     study: SQLite may even give its id to a newer job) or claimed again after its lease ran out
     (its new worker owns it now)."""
-    job = session.get(Job, claimed.id)
+    job = session.get(Job, claimed.id, with_for_update=True)  # PostgreSQL: until the commit
     if job is None or (job.kind, job.locked_by, job.attempts) != (
         claimed.kind,
         claimed.worker,
