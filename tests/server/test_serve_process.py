@@ -33,11 +33,16 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"DICM")
     os.utime(leftover, (time.time() - 7200, time.time() - 7200))
+    in_store = tmp_path / "data" / "images" / "ab" / ".tmp-from-a-crash"  # a put cut short
+    in_store.parent.mkdir(parents=True)
+    in_store.write_bytes(b"DICM")
+    os.utime(in_store, (time.time() - 7200, time.time() - 7200))
     with running_process(
         [*cmd, "--port", str(port)], log, f"{base}/readyz", what="serve", timeout_s=120, env=env
     ):
         # its temporary files go under the data directory, emptied at start (test_dimse.py)
         assert not leftover.exists() and leftover.parent.stat().st_mode & 0o777 == 0o700
+        assert not in_store.exists()  # and so does what a crash left in the image store
         assert httpx.get(f"{base}/healthz").status_code == 200
         assert httpx.get(f"{base}/v1/studies").status_code == 401
         assert httpx.get(f"{base}/v1/studies?accession_number=ACC9").status_code == 401

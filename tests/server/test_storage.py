@@ -76,9 +76,25 @@ def test_a_damaged_copy_is_written_again_and_new_files_reach_the_disk(tmp_path, 
     monkeypatch.setattr(storage.os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
     store = ImageStore(tmp_path)
     sha = store.put(b"pixels" * 100)
-    assert len(synced) == 2  # the file, then its directory
+    assert len(synced) == 3  # a new shard's entry in the root, the file, then its directory
     store.path(sha).write_bytes(b"pix")  # what the power cut left
     assert store.put(b"pixels" * 100) == sha
     assert store.get(sha) == b"pixels" * 100
     synced.clear()
     assert store.put(b"pixels" * 100) == sha and synced == []  # intact: touched only
+
+
+def test_what_a_crash_left_in_the_store_goes_at_the_next_start(tmp_path):
+    """A crash in the middle of a `put` or of a deletion leaves a `.tmp-*` or `.gone-*` file
+    beside the images, which nothing else removes: the next `serve` does, once it is an hour
+    old (another process may be writing its own now). Stored images stay."""
+    store = ImageStore(tmp_path)
+    sha = store.put(b"pixels")
+    shard = store.path(sha).parent
+    old_tmp, old_gone, fresh = shard / ".tmp-abc", shard / f".gone-{sha}-1234", shard / ".tmp-new"
+    for leftover in (old_tmp, old_gone, fresh):
+        leftover.write_bytes(b"x")
+    for path in (old_tmp, old_gone, store.path(sha)):
+        os.utime(path, (OLD - 3600, OLD - 3600))
+    assert store.remove_leftovers() == 2
+    assert sorted(p.name for p in shard.iterdir()) == [".tmp-new", sha]

@@ -388,6 +388,8 @@ def create_app(
             _hand_over(first_key, settings.data_dir)
             app.state.first_admin_key = first_key
         app.state.store = ImageStore(settings.images_dir, settings.render_cache_mb * 1024 * 1024)
+        if own_process:  # `serve`: what a crash left in the store goes
+            app.state.store.remove_leftovers()
         app.state.metrics.watch_cache("rendered", app.state.store.rendered)
         stop_connecting = threading.Event()
         if settings.engine == "remote":

@@ -121,6 +121,20 @@ class ImageStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.rendered: ByteLRU[Image.Image] = ByteLRU(render_cache_bytes, _image_bytes)
 
+    def remove_leftovers(self) -> int:
+        """Remove what a crash left in the store: a `put`'s temporary file or a deletion's
+        moved-aside file (`.tmp-*`, `.gone-*`), untouched for `STALE_TMP_S` (another process
+        may be writing its own now); how many."""
+        stale, removed = time.time() - STALE_TMP_S, 0
+        for leftover in [*self.root.glob("*/.tmp-*"), *self.root.glob("*/.gone-*")]:
+            try:
+                if leftover.lstat().st_mtime < stale:
+                    leftover.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its owner finished meanwhile
+                continue
+        return removed
+
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise ValueError("not a sha256 hex digest")
@@ -135,7 +149,9 @@ class ImageStore:
                 return digest
         except FileNotFoundError:  # new, or a deletion has just moved it aside: write it
             pass
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.parent.is_dir():  # a new shard: its entry in the store's root, durable too
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _sync_dir(self.root)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
