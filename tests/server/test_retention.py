@@ -266,17 +266,23 @@ def test_the_console_releases_now(tmp_path, monkeypatch, capsys):
     engine.dispose()
 
 
+def _signed_and_due(api):
+    """A DICOM study with a signed report, arrived 31 days ago: due for release."""
+    study = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")
+    report = _ask(api, study["id"])
+    r = api.patch(f"/v1/reports/{report}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    with api.app.state.session_factory.begin() as s:
+        s.execute(update(Study).values(created_at=utcnow() - timedelta(days=31)))
+    return study, report
+
+
 def test_a_full_disk_keeps_the_headers_of_released_images(api, monkeypatch):
     """`db release-images` is run when the disk is full: a header that cannot be written then
     waits until its study's pixel files are removed, and the signed report's SR is still built
     from it. Before, the image was released without its header (the SR 409 no_dicom_source)."""
     sessions, store = api.app.state.session_factory, api.app.state.store
-    study = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")
-    report = _ask(api, study["id"])
-    r = api.patch(f"/v1/reports/{report}", headers=api.h(), json={"status": "final"})
-    assert r.status_code == 200, r.text
-    with sessions.begin() as s:
-        s.execute(update(Study).values(created_at=utcnow() - timedelta(days=31)))
+    study, report = _signed_and_due(api)
     pixels, put = study["images"][0]["sha256"], store.put
     full: list[bytes] = []
 
@@ -305,12 +311,7 @@ def test_a_header_the_full_disk_never_takes_is_forgotten_not_left_dangling(api, 
     file that was never written (its SR then failed with a 500 and every push with it); it has
     no header, which the SR says with 409 no_dicom_source, and the run reports it lost."""
     sessions, store = api.app.state.session_factory, api.app.state.store
-    study = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")
-    report = _ask(api, study["id"])
-    r = api.patch(f"/v1/reports/{report}", headers=api.h(), json={"status": "final"})
-    assert r.status_code == 200, r.text
-    with sessions.begin() as s:
-        s.execute(update(Study).values(created_at=utcnow() - timedelta(days=31)))
+    study, report = _signed_and_due(api)
 
     def full(data):
         raise OSError(errno.ENOSPC, "No space left on device")

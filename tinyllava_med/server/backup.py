@@ -98,6 +98,21 @@ def _same_size(a: ImageStore, b: ImageStore, sha: str) -> bool:
         return True
 
 
+def _copy_checked(source: ImageStore, dest: ImageStore, sha: str) -> tuple[str, int]:
+    """Copy the file `sha` from `source` to `dest` unless `dest` holds it whole (a copy of
+    another size is damaged): "present", "copied" (with its size), "missing" from `source`, or
+    "corrupt" (its content is not its name, so it is not copied)."""
+    if dest.exists(sha) and _same_size(dest, source, sha):
+        return "present", 0
+    if not source.exists(sha):
+        return "missing", 0
+    data = source.get(sha)
+    if hashlib.sha256(data).hexdigest() != sha:
+        return "corrupt", 0
+    dest.put(data)  # the store's own atomic, content-addressed write
+    return "copied", len(data)
+
+
 def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
     """Back up the database (SQLite) and the image files into `dest`; audited as
     `backup.create`."""
@@ -119,16 +134,14 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
                 hashes = sorted(set(s.scalars(text(_FILES_SQL))))
         store, copies = ImageStore(settings.images_dir), ImageStore(dest / "images")
         for sha in hashes:
-            if copies.exists(sha) and _same_size(copies, store, sha):
+            outcome, size = _copy_checked(store, copies, sha)
+            if outcome == "present":
                 result.files_present += 1
-            elif not store.exists(sha):
-                result.missing.append(sha)
-            elif hashlib.sha256(data := store.get(sha)).hexdigest() != sha:
-                result.corrupt.append(sha)
-            else:
-                copies.put(data)  # the store's own atomic, content-addressed write
+            elif outcome == "copied":
                 result.files_copied += 1
-                result.bytes_copied += len(data)
+                result.bytes_copied += size
+            else:
+                (result.missing if outcome == "missing" else result.corrupt).append(sha)
         with session_factory(engine).begin() as s:
             crud.audit(
                 s,
@@ -180,12 +193,12 @@ def _checked(copy: Path) -> set[str]:
 
 def _restore_files(store: ImageStore, copies: ImageStore, hashes: set[str], out: Restored) -> None:
     for sha in sorted(hashes):
-        if store.exists(sha) and _same_size(store, copies, sha):
+        outcome, _ = _copy_checked(copies, store, sha)
+        if outcome == "present":
             out.files_present += 1
-        elif copies.exists(sha) and hashlib.sha256(data := copies.get(sha)).hexdigest() == sha:
-            store.put(data)  # a damaged copy in the store has another size: written again
+        elif outcome == "copied":
             out.files_copied += 1
-        else:
+        else:  # not in the backup, or not whole there
             out.missing.append(sha)
 
 

@@ -292,7 +292,8 @@ def build_sr(
     sr.SoftwareVersions = __version__
     # every time is the version's own, in UTC and said to be: the same version gives the same
     # bytes whenever it is built or pushed, and a signed one says when it was signed
-    at = _utc(version.updated_at).replace(microsecond=0)
+    # (stored times come back aware, in UTC: `models.UTCDateTime`)
+    at = version.updated_at.astimezone(timezone.utc).replace(microsecond=0)
     sr.TimezoneOffsetFromUTC = "+0000"
     sr.ContentDate = sr.InstanceCreationDate = DA(at.date())
     sr.ContentTime = sr.InstanceCreationTime = TM(at.time())
@@ -324,11 +325,6 @@ def sent_versions(session: Session, report: Report) -> list[datetime]:
         for job in jobs
         if job.payload.get("report_id") == report.id and job.payload.get("version")
     ]
-
-
-def _utc(at: datetime) -> datetime:
-    """`at` in UTC (the database's times are UTC; SQLite returns them without a zone)."""
-    return at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
 
 
 def to_bytes(ds: pydicom.Dataset) -> bytes:

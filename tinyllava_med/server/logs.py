@@ -151,13 +151,22 @@ def without_values(text: str) -> str:
 _PACKAGE = str(Path(__file__).resolve().parents[1]) + os.sep  # .../tinyllava_med/
 
 
+def _origin(e: BaseException) -> str | None:
+    """The file of the frame that raised `e` (None without a traceback)."""
+    tb = e.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename
+
+
 def _raised_in(e: BaseException) -> str:
     """The module where `e` was raised, as a dotted path (from its file), or "?"."""
-    frames = traceback.extract_tb(e.__traceback__)
-    if not frames:
+    origin = _origin(e)
+    if origin is None:
         return "?"
-    path = Path(frames[-1].filename)
-    parts = path.with_suffix("").parts
+    parts = Path(origin).with_suffix("").parts
     for root in ("site-packages", "dist-packages", "lib"):
         if root in parts:
             parts = parts[len(parts) - parts[::-1].index(root) :]
@@ -166,10 +175,8 @@ def _raised_in(e: BaseException) -> str:
 
 
 def _kept_message(e: BaseException) -> bool:
-    tb = traceback.extract_tb(e.__traceback__)
-    ours = bool(tb) and tb[-1].filename.startswith(_PACKAGE)
     return (
-        ours
+        (_origin(e) or "").startswith(_PACKAGE)
         or (type(e).__module__ == "builtins" and isinstance(e, OSError))
         or type(e).__module__.startswith("sqlalchemy")
     )

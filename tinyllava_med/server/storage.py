@@ -24,7 +24,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,19 +83,27 @@ def private_tmp(data_dir: str | Path) -> Path:
     tmp = Path(data_dir) / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tmp.chmod(0o700)
-    stale = time.time() - STALE_TMP_S
-    for leftover in tmp.iterdir():
+    _remove_stale(tmp.iterdir())
+    tempfile.tempdir = str(tmp)
+    return tmp
+
+
+def _remove_stale(leftovers: Iterable[Path]) -> int:
+    """Remove those of `leftovers` (a crashed run's files or folders) untouched for
+    `STALE_TMP_S`: a younger one may be another process's, in use; how many went."""
+    stale, removed = time.time() - STALE_TMP_S, 0
+    for leftover in leftovers:
         try:
             if leftover.lstat().st_mtime >= stale:
                 continue
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
-                leftover.unlink(missing_ok=True)
+                leftover.unlink()
+            removed += 1
         except FileNotFoundError:  # its owner removed it meanwhile
             continue
-    tempfile.tempdir = str(tmp)
-    return tmp
+    return removed
 
 
 def _sync_dir(path: Path) -> None:
@@ -125,15 +133,7 @@ class ImageStore:
         """Remove what a crash left in the store: a `put`'s temporary file or a deletion's
         moved-aside file (`.tmp-*`, `.gone-*`), untouched for `STALE_TMP_S` (another process
         may be writing its own now); how many."""
-        stale, removed = time.time() - STALE_TMP_S, 0
-        for leftover in [*self.root.glob("*/.tmp-*"), *self.root.glob("*/.gone-*")]:
-            try:
-                if leftover.lstat().st_mtime < stale:
-                    leftover.unlink()
-                    removed += 1
-            except FileNotFoundError:  # its owner finished meanwhile
-                continue
-        return removed
+        return _remove_stale([*self.root.glob("*/.tmp-*"), *self.root.glob("*/.gone-*")])
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
