@@ -60,10 +60,20 @@ def assert_error(r, status, code=None):
         assert body["error"]["code"] == code, body
 
 
+_issued_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, never one handed out before in this run: a port is
+    closed again until its user binds it, so the kernel may offer it twice (a test asking for
+    its DIMSE port and then the server's got the same one)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _issued_ports:
+            _issued_ports.add(port)
+            return port
 
 
 @contextmanager
