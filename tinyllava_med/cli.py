@@ -264,9 +264,7 @@ def _server_settings(args: argparse.Namespace) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.app import create_app, http_server
 
     settings = _server_settings(args)
     app = create_app(settings, own_process=True)
@@ -288,18 +286,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         log_config = json_log_config(settings.log_level)
         hf_logging.disable_progress_bar()  # tqdm bars are not log records
-    uvicorn.run(
+    server = http_server(
         app,
-        host=settings.host,
-        port=settings.port,
+        settings,
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
-        timeout_graceful_shutdown=10,
-        ssl_certfile=settings.tls_certfile,
-        ssl_keyfile=settings.tls_keyfile,
         log_config=log_config,
     )
-    return 0
+    server.run()
+    return 0 if server.started else 3  # uvicorn's exit status when it could not start
 
 
 def cmd_db(args: argparse.Namespace) -> int:

@@ -648,6 +648,38 @@ def test_compose_cpu_override_drops_the_gpu():
     _check_tinyllava_env(server["environment"], "compose.cpu.yml:server")
 
 
+@pytest.mark.parametrize(
+    "files", [["compose.yml"], ["compose.yml", "compose.cpu.yml"], ["compose.scale.yml"]]
+)
+def test_compose_waits_for_the_server_to_drain(files):
+    """Compose kills a server still draining after `stop_grace_period`: it must outlast the
+    drain the server's settings give (`Settings.drain_s`), or a restart cuts the answers in
+    flight."""
+    from tinyllava_med.server.settings import Settings
+
+    server: dict[str, Any] = {}
+    env: dict[str, Any] = {}
+    for name in files:  # later files override earlier ones, as `-f a -f b` does
+        svc = _compose(name)["services"]["server"]
+        server.update(svc)
+        env.update(svc.get("environment") or {})
+    fields = {}
+    for key, value in env.items():
+        field = key.removeprefix("TINYLLAVA_MED_").lower()
+        if field in ("request_timeout_s", "shutdown_grace_s"):  # "${VAR:-default}": the default
+            fields[field] = float(re.sub(r"^\$\{[^:]+:-(.*)\}$", r"\1", str(value)))
+    drain = Settings(**fields).drain_s
+    grace = server["stop_grace_period"]
+    assert _seconds(grace) >= drain + 5, f"{files}: stop_grace_period {grace}, drain {drain} s"
+
+
+def _seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert parts and duration, duration
+    return float(sum(int(v or 0) * u for v, u in zip(parts.groups(), units.values(), strict=True)))
+
+
 def test_compose_scale_replicas_behind_a_load_balancer():
     services = _compose("compose.scale.yml")["services"]
     server = services["server"]

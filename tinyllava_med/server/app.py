@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import re
 import sys
@@ -19,8 +20,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
@@ -431,7 +434,7 @@ def create_app(
         )
         with app.state.session_factory.begin() as session:
             schedule_release(session, settings)  # with image_retention_days: the first run
-        runner = JobRunner(app, settings.job_workers)
+        runner = app.state.job_runner = JobRunner(app, settings.job_workers)
         app.state.metrics.watch_backlog(
             partial(_read_backlog, app.state.session_factory), runner.handlers
         )
@@ -447,7 +450,7 @@ def create_app(
         try:
             yield
         finally:
-            app.state.shutting_down = True
+            begin_shutdown(app)
             stop_connecting.set()
             if dimse is not None:
                 dimse.stop()
@@ -473,6 +476,8 @@ def create_app(
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     app.state.load_error = None
     app.state.shutting_down = False
+    app.state.job_runner = None
+    app.state.on_stop = []  # called once a stop begins: what would hold the drain open
     app.state.last_probe_failed = False
     app.state.first_admin_key = None
     install_error_handlers(app)
@@ -500,3 +505,47 @@ def create_app(
 
         mount_demo(app)
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """The server is stopping: `/readyz` answers 503 (a load balancer sends elsewhere), no more
+    jobs are claimed, and streams that would never end are closed (`app.state.on_stop`: the
+    Gradio page's heartbeat); the requests and jobs in flight go on. Called when the stop signal
+    arrives (`http_server`), before the drain, and again as the lifespan ends."""
+    if not app.state.shutting_down:
+        for hook in app.state.on_stop:
+            hook()
+    app.state.shutting_down = True
+    if app.state.job_runner is not None:
+        app.state.job_runner.stop_claiming()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app as soon as a stop signal arrives: uvicorn itself tells
+    the lifespan only once the requests in flight have finished."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.served_app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        begin_shutdown(self.served_app)
+        super().handle_exit(sig, frame)
+
+
+def http_server(app: FastAPI, settings: Settings, **config: Any) -> uvicorn.Server:
+    """The uvicorn server `serve` runs: on a stop signal it stops accepting, lets the requests
+    in flight finish for up to `settings.drain_s` (a CPU answer may take most of
+    `request_timeout_s`), then shuts the app down. A second Ctrl-C stops at once."""
+    return _DrainingServer(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            timeout_graceful_shutdown=math.ceil(settings.drain_s),
+            ssl_certfile=settings.tls_certfile,
+            ssl_keyfile=settings.tls_keyfile,
+            **config,
+        ),
+        app,
+    )

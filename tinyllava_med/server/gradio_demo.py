@@ -497,5 +497,10 @@ def mount_demo(app: FastAPI) -> FastAPI:
     )
     mounts = [r for r in app.router.routes if isinstance(r, Mount) and r.path == DEMO_PATH]
     assert len(mounts) == 1, f"expected one mount at {DEMO_PATH}, found {len(mounts)}"
-    mounts[0].app = _OwnScope(mounts[0].app, mounts[0])
+    gradio_app = mounts[0].app
+    assert isinstance(gradio_app, gr.routes.App), type(gradio_app)
+    # an open page holds a heartbeat stream until Gradio's stop event: end it when the server
+    # begins to stop, or the drain waits for every open page (`app.begin_shutdown`)
+    app.state.on_stop.append(gradio_app.stop_event.set)
+    mounts[0].app = _OwnScope(gradio_app, mounts[0])
     return app

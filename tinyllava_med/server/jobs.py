@@ -365,11 +365,16 @@ class JobRunner:
         for t in self._threads:
             t.start()
 
+    def stop_claiming(self) -> None:
+        """Claim no more jobs; those running go on (`stop` waits for them and gives back the
+        rest). A stopping server's drain."""
+        self._stop.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop claiming, wait up to `timeout` in all for the jobs running, and give back
         (`give_back`) those still unfinished: a restart or an upgrade costs them no attempt and
         no lease's wait."""
-        self._stop.set()
+        self.stop_claiming()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(deadline - time.monotonic(), 0.0))

@@ -96,6 +96,15 @@ class Settings(BaseSettings):
         default=128, gt=0, description="when a request does not say"
     )
     request_timeout_s: float = Field(default=120.0, gt=0)
+    shutdown_grace_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="how long a stopping server (SIGTERM, Ctrl-C) lets the answers and uploads "
+        "in flight finish before it cancels them; meanwhile it takes no new connection and "
+        "/readyz answers 503 (None: request_timeout_s + 10, so no answer accepted before the "
+        "stop is cut). A service manager must wait longer before it kills the process: "
+        "compose's stop_grace_period, systemd's TimeoutStopSec",
+    )
     render_cache_mb: int = Field(
         default=256, ge=0, description="decoded images kept in memory (0: decode every time)"
     )
@@ -387,6 +396,13 @@ class Settings(BaseSettings):
                 f"max_new_tokens ({self.max_new_tokens})"
             )
         return self
+
+    @property
+    def drain_s(self) -> float:
+        """How long a stopping server waits for the requests in flight (`shutdown_grace_s`)."""
+        if self.shutdown_grace_s is not None:
+            return self.shutdown_grace_s
+        return self.request_timeout_s + 10.0
 
     @property
     def images_dir(self) -> Path:
