@@ -63,6 +63,18 @@ def assert_error(r, status, code=None):
 _issued_ports: set[int] = set()
 
 
+def post_ct(base: str, headers: dict[str, str]) -> str:
+    """Upload pydicom's CT_small.dcm to a live server at `base`; its study id."""
+    r = httpx.post(
+        f"{base}/v1/studies",
+        headers=headers,
+        timeout=30,
+        files=[("files", ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))],
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
 def free_port() -> int:
     """A loopback port nothing listens on, never one handed out before in this run: a port is
     closed again until its user binds it, so the kernel may offer it twice (a test asking for

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
-from api_helpers import CT_SMALL, live_server
+from api_helpers import live_server, post_ct
 
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
@@ -17,12 +17,7 @@ def test_disconnect_cancels_generation(tmp_path, sqlite_url, tiny_lm):
     app = create_app(Settings(data_dir=tmp_path / "d", database_url=sqlite_url), model=tiny_lm)
     with live_server(app) as base:
         h = {"Authorization": f"Bearer {app.state.first_admin_key}"}
-        study = httpx.post(
-            f"{base}/v1/studies",
-            headers=h,
-            timeout=30,
-            files=[("files", ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))],
-        ).json()["id"]
+        study = post_ct(base, h)
         tokens_before = _metric(base, "tinyllava_med_generation_tokens_total")
         with httpx.stream(
             "POST",

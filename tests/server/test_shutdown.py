@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from api_helpers import CT_SMALL, free_port, wait_for
+from api_helpers import free_port, post_ct, wait_for
 from sqlalchemy import create_engine, func, select
 
 from tinyllava_med.model.generate import generate
@@ -42,12 +42,7 @@ def test_a_stopping_server_finishes_the_answer_in_flight(
     thread.start()
     base = f"http://127.0.0.1:{settings.port}"
     h = {"Authorization": f"Bearer {wait_for(lambda: _ready_key(app, base))}"}
-    study = httpx.post(
-        f"{base}/v1/studies",
-        headers=h,
-        timeout=30,
-        files=[("files", ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))],
-    ).json()["id"]
+    study = post_ct(base, h)
 
     answering = threading.Event()
 
