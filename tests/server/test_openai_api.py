@@ -28,6 +28,10 @@ def user(text: str, image: str | None = None) -> dict:
     return {"role": "user", "content": parts}
 
 
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
 @pytest.fixture
 def client(api):
     return openai.OpenAI(
@@ -128,6 +132,17 @@ def test_models_and_a_completion_equal_to_the_rest_answer(api, client):
         ),
         ([{"role": "assistant", "content": "hi"}], openai.BadRequestError, "bad_messages"),
         ([user("", CT_URI)], openai.BadRequestError, "empty_question"),
+        (  # earlier turns go into the prompt whole: 3 x 2 x 1500 characters is over 6000
+            [m for _ in range(3) for m in (user("x" * 1500), assistant("y" * 1500))]
+            + [user(QUESTION, CT_URI)],
+            openai.UnprocessableEntityError,
+            "conversation_too_long",
+        ),
+        (  # as are empty turns, each with its role markers
+            [m for _ in range(200) for m in (user("a"), assistant(""))] + [user(QUESTION, CT_URI)],
+            openai.UnprocessableEntityError,
+            "conversation_too_long",
+        ),
     ],
 )
 def test_bad_requests_are_4xx_in_the_error_shape(client, messages, error, code):

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.settings import TURN_CHARS
 
 _DATA_URI = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]+)*?),(?P<data>.*)$", re.S
@@ -79,8 +80,9 @@ def _texts_and_images(message: ChatMessage) -> tuple[str, list[str]]:
     return "\n".join(t for t in texts if t), images
 
 
-def conversation_of(messages: list[ChatMessage]) -> Conversation:
-    """The image, the question and the earlier turns; 400 for what a LLaVA model cannot take."""
+def conversation_of(messages: list[ChatMessage], max_chars: int) -> Conversation:
+    """The image, the question and the earlier turns; 400 for what a LLaVA model cannot take,
+    422 for a conversation over `max_chars` (`Settings.max_conversation_chars`)."""
     images: list[str] = []
     turns: list[list[str]] = []  # [user text, assistant text]
     for m in messages:
@@ -104,6 +106,15 @@ def conversation_of(messages: list[ChatMessage]) -> Conversation:
     if len(images) > 1:
         raise APIError(
             400, "too_many_images", f"the model answers about one image; got {len(images)}"
+        )
+    size = sum(len(text) + TURN_CHARS for turn in turns for text in turn)
+    if size > max_chars:  # every turn goes into the prompt, which the engine does not cut
+        raise APIError(
+            422,
+            "conversation_too_long",
+            f"the conversation's {len(turns)} turns count {size} characters (each message "
+            f"{TURN_CHARS} more for its role markers); the limit is {max_chars}: send fewer "
+            "earlier turns",
         )
     question = turns[-1][0].strip()
     if not question:

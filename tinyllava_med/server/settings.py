@@ -30,6 +30,9 @@ DIMSE_TARGET = r"^[!-\[\]-~][ -\[\]-~]{0,15}@[^:@\s]+:\d{1,5}$"  # "AET@host:por
 _PEER = re.compile(r"^(\*|[ -\[\]-~]{1,16}(@[^@\s]+)?)$")
 
 
+TURN_CHARS = 20  # what a conversation turn costs besides its text (`max_conversation_chars`)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TINYLLAVA_MED_",
@@ -91,6 +94,13 @@ class Settings(BaseSettings):
     )
     max_frames: int = Field(default=1024, gt=0, description="frames in one multi-frame DICOM")
     max_question_chars: int = Field(default=2000, gt=0)
+    max_conversation_chars: int = Field(
+        default=6000,
+        gt=0,
+        description="a chat-completions conversation's turns together, the question's included "
+        f"(each turn counts {TURN_CHARS} characters more, for its role markers): a LLaVA "
+        "model's context holds about 2048 tokens, up to 729 of them the image's",
+    )
     max_new_tokens: int = Field(default=512, gt=0, description="the most a request may ask for")
     default_max_new_tokens: int = Field(
         default=128, gt=0, description="when a request does not say"

@@ -96,7 +96,7 @@ async def chat_completions(
             "model_not_found",
             f"this server serves {info.get('model')!r} (GET /v1/models)",
         )
-    conv = conversation_of(body.messages)
+    conv = conversation_of(body.messages, settings.max_conversation_chars)
     params = sampling(
         QuestionCreate(
             question=conv.question,
