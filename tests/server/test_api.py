@@ -767,8 +767,14 @@ def test_control_characters_are_refused_where_reports_get_them(api):
         api.patch(report, headers=api.h(), json={"text": f"{secret}\x0bsecond line"}),
         api.patch(report, headers=api.h(), json={"text": f"{secret}\x0c"}),
         api.post("/v1/apikeys", headers=api.h("admin"), json={"role": "pacs", "name": "a\x7f"}),
+        # JSON's escape for half a UTF-16 pair, which no UTF-8 text holds (a 500 before)
+        api.patch(
+            report,
+            headers={**api.h(), "Content-Type": "application/json"},
+            content=b'{"text": "Mrs Example\\ud800"}',
+        ),
     ]
-    codes = ["U+001B", "U+0007", "U+001F", "U+000B", "U+000C", "U+007F"]
+    codes = ["U+001B", "U+0007", "U+001F", "U+000B", "U+000C", "U+007F", "U+D800"]
     for r, code in zip(refused, codes, strict=True):
         assert_error(r, 422, "invalid_request")
         assert code in r.text and secret not in r.text, r.text

@@ -99,8 +99,9 @@ def build_prompt(template: str, question: str, history: list[tuple[str, str]] | 
 # C0 controls but tab and line breaks, and DEL. No question, answer or report holds them:
 # PostgreSQL text refuses NUL; DICOM text (ST/LT/UT), FHIR strings and XML (a FHIR narrative)
 # the rest. A byte-fallback token (`<0x00>`) decodes to one, and a text pasted from a word
-# processor may hold one (a vertical tab for a line break).
-CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# processor may hold one (a vertical tab for a line break). Also lone surrogates (U+D800-DFFF),
+# which JSON's `\ud800` escape can carry but no UTF-8 text (no database, no file) can hold.
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
 def without_controls(text: str) -> str:
