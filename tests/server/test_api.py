@@ -18,6 +18,7 @@ import pydicom
 import pytest
 from api_helpers import (
     CT_SMALL,
+    MR_SMALL,
     assert_error,
     ct_with,
     make_api,
@@ -627,6 +628,50 @@ def test_bad_files_are_4xx_and_store_nothing(api, name, data, ctype, status, cod
     assert 400 <= r.status_code < 500
     assert_error(r, status, code)
     assert api.get("/v1/studies", headers=api.h("pacs")).json()["count"] == before
+
+
+def test_one_upload_is_one_study(api):
+    """Files of different studies, or DICOM beside PNG, are one upload no more: 422
+    `mixed_studies` and nothing stored. Before, they became one study carrying the first file's
+    UID and accession number, so a report about the second patient's MR was filed under the
+    first patient's CT order (FHIR) while its SR named the MR's study."""
+    mr = ("mr.dcm", MR_SMALL.read_bytes(), "application/dicom")
+    ct = ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom")
+    png = ("x.png", png_bytes(), "image/png")
+    for files in [(ct, mr), (ct, png), (png, ct)]:
+        r = upload(api, *files)
+        assert_error(r, 422, "mixed_studies")
+        assert r.json()["error"]["detail"] == {"file": files[1][0]}
+    assert api.get("/v1/studies", headers=api.h()).json()["count"] == 0
+    # two instances of one study, and two images, are one study each
+    second = ("ct2.dcm", ct_with(SOPInstanceUID=generate_uid()), "application/dicom")
+    assert len(upload(api, ct, second).json()["images"]) == 2
+    assert len(upload(api, png, ("y.png", png_bytes(color=9), "image/png")).json()["images"]) == 2
+
+
+def test_an_upload_holds_one_decoded_image_at_a_time(tmp_path, sqlite_url, tiny_lm, monkeypatch):
+    """Each file's pixels are dropped once it is checked (its rendering goes to the render
+    cache, here off): 64 files of 8192 x 8192 RGB held together were 13 GB."""
+    import weakref
+
+    import tinyllava_med.server.serving as serving
+
+    live: list[weakref.ref] = []
+    held: list[int] = []
+    real = serving.load_study_file
+
+    def load(*args, **kwargs):
+        held.append(sum(ref() is not None for ref in live))  # decoded images still alive
+        d = real(*args, **kwargs)
+        live.append(weakref.ref(d.image))
+        return d
+
+    monkeypatch.setattr(serving, "load_study_file", load)
+    for api in make_api(tmp_path, sqlite_url, tiny_lm, render_cache_mb=0):
+        files = [(f"{i}.png", png_bytes(color=i), "image/png") for i in range(6)]
+        r = upload(api, *files)
+        assert r.status_code == 201 and len(r.json()["images"]) == 6, r.text
+    assert held == [0] * 6, held
 
 
 def test_png_decompression_bomb_is_413(api):

@@ -255,7 +255,7 @@ class StorageSCP:
         except OSError as e:
             return self._failed(got, 0xC000, f"cannot read the dataset ({type(e).__name__})")
         parts = [Part("application/dicom", data)]
-        decoded = decode(parts, self.settings)
+        decoded = decode(parts, self.settings, self.store)
         if isinstance(decoded[0], ImagingError):
             return self._failed(got, failure_reason(decoded[0]), decoded[0].message)
         try:

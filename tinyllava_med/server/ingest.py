@@ -20,11 +20,11 @@ import pydicom
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from tinyllava_med.imaging import ImagingError, StudyFile, load_study_file
+from tinyllava_med.imaging import ImagingError, load_study_file
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Study
 from tinyllava_med.server.jobs import schedule_auto_report
-from tinyllava_med.server.serving import add_file, create_study_of, limits_of
+from tinyllava_med.server.serving import Decoded, add_file, create_study_of, decoded, limits_of
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 from tinyllava_med.server.stow import (
@@ -40,16 +40,20 @@ from tinyllava_med.server.stow import (
 _TOO_BIG = {"too_large", "decompression_bomb"}
 
 
-def decode(parts: list[Part], settings: Settings) -> list[StudyFile | ImagingError]:
-    """Each part as a DICOM study file, or the reason it is not one (no lock held: this is most
-    of the work, and parallel requests do it in parallel)."""
-    out: list[StudyFile | ImagingError] = []
+def decode(
+    parts: list[Part], settings: Settings, store: ImageStore
+) -> list[Decoded | ImagingError]:
+    """Each part as a decoded DICOM instance (its rendering cached, its pixels not held), or
+    the reason it is not one (no lock held: this is most of the work, and parallel requests do
+    it in parallel)."""
+    out: list[Decoded | ImagingError] = []
+    limits = limits_of(settings)
     for part in parts:
         try:
-            d = load_study_file(part.data, limits=limits_of(settings))
+            d = load_study_file(part.data, limits=limits)
             if d.kind != "dicom":
                 raise ImagingError("not_dicom", "the part is not a DICOM instance")
-            out.append(d)
+            out.append(decoded(part.data, d, store, limits))
         except ImagingError as e:
             out.append(e)
     return out
@@ -111,10 +115,10 @@ def _lock_studies(session: Session, uids: list[str]) -> None:
             session.execute(select(func.pg_advisory_xact_lock(key)))
 
 
-def _study_for(session: Session, uid: str, cache: dict[str, Study], d: StudyFile) -> Study:
+def _study_for(session: Session, uid: str, cache: dict[str, Study], d: Decoded) -> Study:
     if uid not in cache:
         found = crud.study_by_uid(session, uid)
-        cache[uid] = found if found is not None else create_study_of(session, d)
+        cache[uid] = found if found is not None else create_study_of(session, d.metadata)
     return cache[uid]
 
 
@@ -136,7 +140,7 @@ def store_instances(
     store: ImageStore,
     settings: Settings,
     parts: list[Part],
-    decoded: list[StudyFile | ImagingError],
+    decoded: list[Decoded | ImagingError],
     url_study_uid: str | None,
 ) -> tuple[StoreResult, list[Study]]:
     """File the decoded parts; the result per instance and the studies that got new ones."""
@@ -165,7 +169,7 @@ def store_instances(
         elif held is not None:
             result.already += 1
         else:
-            add_file(session, store, study, part.data, d, limits_of(settings))
+            add_file(session, store, study, part.data, d)
             touched[study.id] = study
         result.stored.append((sop_class, sop_instance))
     session.flush()
@@ -205,7 +209,7 @@ def file_instances(
     store: ImageStore,
     settings: Settings,
     parts: list[Part],
-    decoded: list[StudyFile | ImagingError],
+    decoded: list[Decoded | ImagingError],
     url_study_uid: str | None = None,
     audit: Audit | None = None,
 ) -> tuple[StoreResult, list[str], list[int]]:

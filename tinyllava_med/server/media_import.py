@@ -30,9 +30,10 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from tinyllava_med.imaging import ImagingError, StudyFile
+from tinyllava_med.imaging import ImagingError
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.ingest import audit_as, decode, file_instances
+from tinyllava_med.server.serving import Decoded
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 from tinyllava_med.server.stow import CANNOT_UNDERSTAND, Part
@@ -163,8 +164,8 @@ def _file_chunk(
 ) -> None:
     parts = [Part("application/dicom", data) for data in chunk]
     keep_parts: list[Part] = []
-    keep: list[StudyFile | ImagingError] = []
-    for part, d in zip(parts, decode(parts, settings), strict=True):
+    keep: list[Decoded | ImagingError] = []
+    for part, d in zip(parts, decode(parts, settings, store), strict=True):
         if isinstance(d, ImagingError):
             if d.code in SKIPPED:
                 summary.skipped[SKIPPED[d.code]] += 1
@@ -181,7 +182,7 @@ def _file_chunk(
     )
     summary.stored += len(result.stored) - result.already
     summary.already += result.already
-    uids = [d.metadata.StudyInstanceUID for d in keep if isinstance(d, StudyFile)]
+    uids = [d.metadata.StudyInstanceUID for d in keep if isinstance(d, Decoded)]
     summary.study_uids += [u for u in dict.fromkeys(uids) if u and u not in summary.study_uids]
     summary.jobs += jobs
     for _, _, reason in result.failed:

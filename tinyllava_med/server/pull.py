@@ -124,7 +124,13 @@ def retrieve_study(
         nonlocal stored, already, failed
         parts = [Part("application/dicom", _part10(ds)) for ds in batch]
         result, got, queued = file_instances(
-            session_factory, store, settings, parts, decode(parts, settings), study_uid, audit
+            session_factory,
+            store,
+            settings,
+            parts,
+            decode(parts, settings, store),
+            study_uid,
+            audit,
         )
         stored += len(result.stored) - result.already
         already += result.already

@@ -18,6 +18,8 @@ from PIL import Image as PILImage
 from sqlalchemy.orm import Session
 
 from tinyllava_med.imaging import ImageLimits, ImagingError, StudyFile, load_study_file
+from tinyllava_med.imaging.metadata import SafeMetadata
+from tinyllava_med.imaging.study import Kind
 from tinyllava_med.model.generate import Answer
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Report, Study
@@ -84,10 +86,35 @@ def decode_upload(upload: Upload, settings: Settings) -> StudyFile:
         raise imaging_error(e, upload.filename) from e
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded file as filing it needs it, without its pixels: those went to the render
+    cache (`decoded`), so a request of 64 large images holds one decoded image at a time, not
+    64 (8192 x 8192 RGB is 200 MB)."""
+
+    sha256: str
+    kind: Kind
+    metadata: SafeMetadata
+    n_frames: int
+    width: int
+    height: int
+
+
+def decoded(data: bytes, d: StudyFile, store: ImageStore, limits: ImageLimits) -> Decoded:
+    """`d` (decoded from `data` under `limits`) without its pixels, its rendering cached under
+    the content's hash: the first question about it does not decode the file again."""
+    sha256 = hashlib.sha256(data).hexdigest()  # the store's name for it (`ImageStore.put`)
+    store.rendered.put(render_key(sha256, limits), d.image)
+    return Decoded(sha256, d.kind, d.metadata, d.n_frames, d.image.width, d.image.height)
+
+
 def ingest(
     session: Session, store: ImageStore, settings: Settings, uploads: list[Upload], *, actor: str
 ) -> Study:
-    """Decode every upload, then store them as one new study, audited as `actor`'s upload."""
+    """Decode every upload, then store them as one new study, audited as `actor`'s upload.
+    The files must be one study's: DICOM instances of one Study Instance UID, or images
+    (PNG/JPEG), not both (422 `mixed_studies`): a report about one image is filed under the
+    study's UID and accession number."""
     if not uploads:
         raise APIError(422, "no_files", "send one or more files in the multipart field `files`")
     if len(uploads) > settings.max_files_per_upload:
@@ -96,11 +123,12 @@ def ingest(
             "too_many_files",
             f"at most {settings.max_files_per_upload} files per upload, got {len(uploads)}",
         )
-    decoded = [decode_upload(u, settings) for u in uploads]
-    first = next((d for d in decoded if d.kind == "dicom"), decoded[0])
-    study = create_study_of(session, first)
-    for upload, d in zip(uploads, decoded, strict=True):
-        add_file(session, store, study, upload.data, d, limits_of(settings))
+    limits = limits_of(settings)
+    files = [decoded(u.data, decode_upload(u, settings), store, limits) for u in uploads]
+    _one_study(files, uploads)
+    study = create_study_of(session, files[0].metadata)
+    for upload, d in zip(uploads, files, strict=True):
+        add_file(session, store, study, upload.data, d)
     crud.audit(
         session,
         actor=actor,
@@ -116,9 +144,29 @@ def ingest(
     return study
 
 
-def create_study_of(session: Session, d: StudyFile) -> Study:
-    """A new study carrying the study-level attributes of `d`."""
-    m = d.metadata
+def _one_study(files: list[Decoded], uploads: list[Upload]) -> None:
+    first = files[0]
+    for f, upload in zip(files, uploads, strict=True):
+        if (f.kind == "dicom") != (first.kind == "dicom"):
+            raise APIError(
+                422,
+                "mixed_studies",
+                "DICOM files and PNG/JPEG images go in separate uploads (an image has no study "
+                "to share)",
+                {"file": upload.filename},
+            )
+        if f.metadata.StudyInstanceUID != first.metadata.StudyInstanceUID:
+            raise APIError(
+                422,
+                "mixed_studies",
+                "the files belong to different studies (Study Instance UID): upload each study "
+                "on its own, or send them by STOW-RS or a CD import, which file them by study",
+                {"file": upload.filename},
+            )
+
+
+def create_study_of(session: Session, m: SafeMetadata) -> Study:
+    """A new study carrying the study-level attributes `m`."""
     return crud.create_study(
         session,
         StudyInstanceUID=m.StudyInstanceUID,
@@ -135,15 +183,13 @@ def add_file(
     store: ImageStore,
     study: Study,
     data: bytes,
-    d: StudyFile,
-    limits: ImageLimits,
+    d: Decoded,
 ) -> Image:
-    """Store one decoded file (`d`, decoded from `data` under `limits`) and append it to `study`
-    as its next image. Its rendering goes into the render cache: the first question about it
-    does not decode the file again."""
+    """Store one decoded file (`d`, decoded from `data`) and append it to `study` as its next
+    image."""
     m = d.metadata
     sha256 = store.put(data)
-    store.rendered.put(render_key(sha256, limits), d.image)
+    assert sha256 == d.sha256, "the store names files by their sha256"
     return crud.add_image(
         session,
         study=study,
@@ -154,8 +200,8 @@ def add_file(
         SeriesInstanceUID=m.SeriesInstanceUID,
         SOPClassUID=m.SOPClassUID,
         Modality=m.Modality,
-        rows=d.image.height if m.Rows is None else m.Rows,
-        columns=d.image.width if m.Columns is None else m.Columns,
+        rows=d.height if m.Rows is None else m.Rows,
+        columns=d.width if m.Columns is None else m.Columns,
         n_frames=d.n_frames,
         safe_metadata=m.to_dict(),
     )

@@ -57,7 +57,7 @@ async def _stow(
             "unsupported_media_type",
             f"every part must be application/dicom; got {sorted(set(bad_type))}",
         )
-    decoded = await run_in_threadpool(decode, parts, settings)
+    decoded = await run_in_threadpool(decode, parts, settings, store)
 
     # committed here, not after the response: the instances and their jobs are durable before
     # the PACS hears "stored" (in the thread pool: file writes and inserts)
