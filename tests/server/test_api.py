@@ -1339,6 +1339,39 @@ def test_two_sign_offs_at_once_sign_once(api):
         assert [(e.new_status, e.new_text) for e in edits] == [("final", winner)]
 
 
+def test_nobody_signs_a_version_they_have_not_read(api):
+    """Dr A reads a draft; Dr B changes it; A's signature sent with A's version (`If-Match`)
+    is refused with 412 `report_changed` and nothing changes. Before, A's `{"status": "final"}`
+    signed B's text under A's name. Read again, A signs."""
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    asked = api.post(url, headers=api.h(), json={"question": "Organ?", "max_new_tokens": 2})
+    report = f"/v1/reports/{asked.json()['id']}"
+    read = api.get(report, headers=api.h("radiologist"))
+    version = read.json()["version"]
+    assert read.headers["ETag"] == f'"{version}"' and version == asked.json()["version"]
+    b = api.patch(report, headers=api.h("admin"), json={"text": "B: no acute finding"})
+    assert b.status_code == 200 and b.json()["version"] != version
+    assert b.headers["ETag"] == f'"{b.json()["version"]}"'
+    a = {**api.h("radiologist"), "If-Match": f'"{version}"'}
+    for change in ({"status": "final"}, {"text": "A: right"}):
+        r = api.patch(report, headers=a, json=change)
+        assert_error(r, 412, "report_changed")
+        assert r.json()["error"]["detail"]["status"] == "draft"
+    now = api.get(report, headers=api.h()).json()
+    assert (now["status"], now["text"]) == ("draft", "B: no acute finding")
+    fresh = {**api.h("radiologist"), "If-Match": f'W/"{now["version"]}"'}
+    signed = api.patch(report, headers=fresh, json={"status": "final"})
+    assert signed.status_code == 200 and signed.json()["status"] == "final", signed.text
+    # an amendment is held to the signed version alike; `*` or no If-Match: as before
+    amend = {"status": "amended", "text": "A: right, amended", "reason": "side"}
+    assert_error(api.patch(report, headers=a, json=amend), 412, "report_changed")
+    anyone = {**api.h("radiologist"), "If-Match": "*"}
+    assert api.patch(report, headers=anyone, json=amend).status_code == 200
+    two = {**api.h("radiologist"), "If-Match": '"a", "b"'}
+    assert_error(api.patch(report, headers=two, json={"text": "x"}), 400, "bad_if_match")
+
+
 def test_edits_at_once_lose_nothing(api):
     """Two edits of one draft at the same moment: each is applied on top of the other (its
     history chains: every edit's previous text is the text before it) or refused with 409

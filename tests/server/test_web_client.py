@@ -398,6 +398,43 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         assert page.problems == [], page.problems
 
 
+def test_a_report_changed_by_someone_else_is_not_signed_unseen(page, tmp_path, tiny_lm):
+    """Dr A has a draft open; Dr B saves another text. A's Sign is refused (412, shown with
+    what to do), the list shows B's version and A's editor keeps what A typed; A's second Sign
+    signs the editor's text, which A has now seen."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        study, report = _ct_with_report(server)
+        path = f"/v1/reports/{report['id']}"
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        page.locator("#history button.history-item").first.click()
+        page.get_by_label("Report text (draft)").fill("A: lungs clear.")
+        b = httpx.patch(
+            server.base + path,
+            headers={"Authorization": f"Bearer {server.key}"},
+            json={"text": "B: no acute finding."},
+        )
+        assert b.status_code == 200, b.text
+        page.get_by_role("button", name="Sign report…").click()
+        dialog = page.get_by_role("dialog", name="Sign this report?")
+        dialog.get_by_role("button", name="Sign report", exact=True).click()
+        alert = page.locator("#alerts")
+        expect(alert.locator(".error-code")).to_have_text("report_changed")
+        expect(alert).to_contain_text("Someone else changed this report")
+        now = server.get(path).json()
+        assert (now["status"], now["text"]) == ("draft", "B: no acute finding.")
+        expect(page.locator("#history .history-answer")).to_have_text(["B: no acute finding."])
+        expect(page.get_by_label("Report text (draft)")).to_have_value("A: lungs clear.")
+        page.get_by_role("button", name="Sign report…").click()
+        dialog.get_by_role("button", name="Sign report", exact=True).click()
+        expect(page.locator("#report-final-text")).to_have_text("A: lungs clear.")
+        signed = server.get(path).json()
+        assert (signed["status"], signed["text"]) == ("final", "A: lungs clear.")
+
+
 def test_each_role_is_offered_its_actions_and_an_admin_deletes_a_study(
     page, tmp_path, tiny_lm, shots
 ):

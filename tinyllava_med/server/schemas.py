@@ -167,6 +167,11 @@ class ReportPublic(BaseModel):
     latency_ms: float
     tokens: Tokens
     finish_reason: str | None = None
+    version: str = Field(
+        description="changes with every change to the report (its ETag): send it back as "
+        '`If-Match: "<version>"` with a PATCH, which then answers 412 `report_changed` if '
+        "someone else changed the report meanwhile"
+    )
     frame: int | None = Field(
         default=None,
         description="the frame of a multi-frame image asked about (0-based); null: the middle one",

@@ -372,6 +372,7 @@ def report_public(
         latency_ms=r.latency_ms or 0.0,
         tokens=Tokens(prompt=r.prompt_tokens or 0, completion=r.completion_tokens or 0),
         finish_reason=r.finish_reason,
+        version=crud.report_version(r),
         frame=r.frame,
         created_at=r.created_at,
         updated_at=r.updated_at,

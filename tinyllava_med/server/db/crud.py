@@ -13,9 +13,10 @@ API keys live in `tinyllava_med.server.auth` (creation, hashing, verification, r
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, NamedTuple, NotRequired, TypedDict, Unpack
 
 from sqlalchemy import Select, bindparam, delete, func, insert, select, update
@@ -94,6 +95,14 @@ class ReportChanged(DomainError):
     """A report was edited by someone else between this edit's read and its write."""
 
     status = 409
+    code = "report_changed"
+
+
+class ReportOutdated(DomainError):
+    """The change was made to a copy of the report (`If-Match`: its `version`) that another
+    edit, signature or amendment has replaced since."""
+
+    status = 412
     code = "report_changed"
 
 
@@ -540,6 +549,14 @@ def key_names(session: Session, key_ids: Iterable[str | None]) -> dict[str, str]
     return {str(i): str(n) for i, n in rows}
 
 
+def report_version(report: Report) -> str:
+    """A token that changes with every change to the report: its ETag, which a client sends
+    back (`If-Match`) so that it changes only the version its user has read."""
+    t = report.updated_at
+    stamp = (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+    return hashlib.sha256(f"{report.id}|{report.status}|{stamp}".encode()).hexdigest()[:20]
+
+
 def update_report(
     session: Session,
     report: Report,
@@ -548,6 +565,7 @@ def update_report(
     status: ReportStatus | None = None,
     actor: str,
     reason: str | None = None,
+    version: str | None = None,
 ) -> Report:
     """Edit a draft's text and/or sign it (`status="final"`), or amend a signed report (`status=
     "amended"` with its new text and a `reason`: it is signed again, by `actor`), recording a
@@ -557,7 +575,9 @@ def update_report(
     returned to draft), `ReportChanged` when another edit committed since this one read the
     report, and `InvalidReportUpdate` for an unknown status, signing an empty text, amending a
     draft, an amendment that changes nothing or gives no reason, or a reason without one.
-    Permission to edit or sign is checked by the caller (see `auth.require`).
+    Permission to edit or sign is checked by the caller (see `auth.require`). With `version`
+    (`report_version` of the copy the user read), raises `ReportOutdated` when the report is
+    another version now: nobody signs or overwrites text they have not seen.
     """
     if status is not None and status not in REPORT_STATUSES:
         raise InvalidReportUpdate(
@@ -568,6 +588,15 @@ def update_report(
     # Re-read under a row lock (PostgreSQL), so two concurrent edits cannot both pass the
     # checks on the report's status.
     _reread(report, with_for_update=True)
+    if version is not None and version != report_version(report):
+        raise ReportOutdated(
+            "the report was changed by someone else since you read it: read it again",
+            detail={
+                "report_id": report.id,
+                "status": report.status,
+                "updated_at": _iso(report.updated_at),
+            },
+        )
     _check_change(report, text, status, reason)
     new_text = report.text if text is None else text
     new_status = report.status if status is None else status
@@ -823,6 +852,7 @@ __all__ = [
     "DomainError",
     "InvalidReportUpdate",
     "ReportChanged",
+    "ReportOutdated",
     "ReportGone",
     "ReportFilter",
     "ReportFinalized",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
@@ -90,20 +90,36 @@ def list_reports(
 
 @router.get("/{report_id}", response_model=ReportPublic)
 def get_report(
-    request: Request, session: SessionDep, report_id: str, principal: ReportReader
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    report_id: str,
+    principal: ReportReader,
 ) -> ReportPublic:
-    return _public(session, _read(request, session, report_id, principal.actor, "report.read"))
+    """The report, its `version` also as the `ETag` header."""
+    report = _public(session, _read(request, session, report_id, principal.actor, "report.read"))
+    response.headers["ETag"] = f'"{report.version}"'
+    return report
 
 
 @router.patch("/{report_id}", response_model=ReportPublic)
 def update_report(
     request: Request,
+    response: Response,
     session: SessionDep,
     report_id: str,
     body: ReportUpdate,
     principal: ReportEditor,
     settings: SettingsDep,
     metrics: MetricsDep,
+    if_match: Annotated[
+        str | None,
+        Header(
+            description='the `version` the user read, as `"<version>"`: 412 `report_changed` '
+            "when the report is another version now (someone else edited, signed or amended "
+            "it), so nobody signs text they have not seen"
+        ),
+    ] = None,
 ) -> ReportPublic:
     if body.text is None and body.status is None:
         raise APIError(422, "empty_update", "send `text`, `status` or both")
@@ -121,6 +137,7 @@ def update_report(
         status=body.status,
         actor=principal.actor,
         reason=body.reason,
+        version=_version_of(if_match),
     )
     if report.status in SIGNED_STATUSES and report.updated_at != version:
         schedule_push(session, settings, report)  # the PACS gets the signed (or amended) SR
@@ -138,7 +155,19 @@ def update_report(
     )
     session.flush()
     session.refresh(report)
-    return _public(session, report)
+    public = _public(session, report)
+    response.headers["ETag"] = f'"{public.version}"'
+    return public
+
+
+def _version_of(if_match: str | None) -> str | None:
+    """The version an `If-Match` header names (`"v"` or `W/"v"`); None for none or `*`."""
+    if if_match is None or if_match.strip() == "*":
+        return None
+    tags = [t.strip().removeprefix("W/").strip('"') for t in if_match.split(",")]
+    if len(tags) != 1 or not tags[0]:
+        raise APIError(400, "bad_if_match", 'If-Match names one version: "<version>"')
+    return tags[0]
 
 
 @router.get("/{report_id}/history", response_model=ReportHistory)

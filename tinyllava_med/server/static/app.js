@@ -77,9 +77,10 @@
     return new ApiError(response.status, code, message, detail, response.headers.get("Retry-After"));
   }
 
-  async function api(path, { method = "GET", json, body, raw = false, signal } = {}) {
+  async function api(path, { method = "GET", json, body, raw = false, signal, ifMatch } = {}) {
     const headers = new Headers();
     if (state.key) headers.set("Authorization", `Bearer ${state.key}`);
+    if (ifMatch) headers.set("If-Match", `"${ifMatch}"`);
     let payload = body;
     if (json !== undefined) {
       headers.set("Content-Type", "application/json");
@@ -106,6 +107,12 @@
         return "Check the network connection, then retry.";
       case 403:
         return "Your key's role does not allow this action.";
+      case 412:
+        return (
+          "Someone else changed this report after you opened it, so nothing was saved or " +
+          "signed. The list now shows their version; the editor still holds what you typed. " +
+          "Read both, then save or sign again."
+        );
       case 413:
         return "The upload is too large for this server. Send fewer or smaller files.";
       case 415:
@@ -1269,6 +1276,25 @@
     return t(r.updated_at) - t(r.created_at) > 1000;
   }
 
+  // A change to report `r` as this page last read it (If-Match: its version). When someone
+  // else changed it meanwhile the server refuses (412); the list then takes their version and
+  // the editor keeps what was typed, so nothing is signed unseen and nothing typed is lost.
+  async function patchReport(r, json) {
+    const path = `/v1/reports/${encodeURIComponent(r.id)}`;
+    try {
+      return await api(path, { method: "PATCH", json, ifMatch: r.version });
+    } catch (err) {
+      if (err.status === 412) {
+        const fresh = await api(path).catch(() => null);
+        if (fresh) {
+          state.reports = state.reports.map((x) => (x.id === fresh.id ? fresh : x));
+          renderHistory();
+        }
+      }
+      throw err;
+    }
+  }
+
   function replaceReport(updated) {
     state.reports = state.reports.map((r) => (r.id === updated.id ? updated : r));
     renderHistory();
@@ -1282,10 +1308,7 @@
     $("report-save").disabled = true;
     setStatus("report-status", "Saving…");
     try {
-      const updated = await api(`/v1/reports/${encodeURIComponent(r.id)}`, {
-        method: "PATCH",
-        json: { text: typed("report-text") },
-      });
+      const updated = await patchReport(r, { text: typed("report-text") });
       replaceReport(updated);
       setStatus("report-status", "Draft saved.");
     } catch (err) {
@@ -1317,7 +1340,7 @@
     try {
       const text = typed("report-text");
       const json = text !== r.text ? { text, status: "final" } : { status: "final" };
-      const updated = await api(`/v1/reports/${encodeURIComponent(r.id)}`, { method: "PATCH", json });
+      const updated = await patchReport(r, json);
       replaceReport(updated);
       setStatus("report-status", "");
       setStatus("ask-status", "Report signed.");
@@ -1347,7 +1370,7 @@
     setStatus("amend-status", "Signing the amendment…");
     try {
       const json = { text: typed("amend-text"), status: "amended", reason: typed("amend-reason") };
-      const updated = await api(`/v1/reports/${encodeURIComponent(r.id)}`, { method: "PATCH", json });
+      const updated = await patchReport(r, json);
       replaceReport(updated);
       setStatus("ask-status", "Report amended.");
       $("report-title").focus();
