@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import io
@@ -780,6 +781,46 @@ def test_nul_characters_are_refused_not_a_500(api):
     r = api.get(f"/v1/reports/{report}", headers=api.h())
     assert r.status_code == 200 and r.json()["status"] == "draft", r.text
     assert api.get("/v1/studies", headers=api.h()).json()["count"] == 1  # /v1/ask stored none
+
+
+def test_a_body_without_a_key_is_not_read(sqlite_api):
+    """A JSON body to a route that needs a key, or to none at all, is not read before the
+    answer (401, 404, 405): the NUL check read a whole body (up to max_upload_bytes) for
+    anyone before, and a slow sender could hold many such bodies."""
+
+    def call(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
+        reads, sent = 0, []
+
+        async def receive():
+            nonlocal reads
+            reads += 1
+            return {"type": "http.request", "body": b" " * (1 << 20), "more_body": reads < 40}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), *headers],
+            "client": ("127.0.0.1", 1),
+            "server": ("testserver", 80),
+        }
+        asyncio.run(sqlite_api.app(scope, receive, send))
+        return sent[0]["status"], reads
+
+    assert call("POST", "/healthz", []) == (405, 0)
+    assert call("POST", "/anything", []) == (404, 0)
+    assert call("DELETE", "/v1/studies/x", [])[0] == 401
+    assert call("DELETE", "/v1/studies/x", [])[1] == 0
+    assert call("POST", "/v1/apikeys", []) == (401, 0)  # `KeyBeforeBody`, as before
 
 
 def test_control_characters_are_refused_where_reports_get_them(api):

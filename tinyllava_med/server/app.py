@@ -126,8 +126,9 @@ class RefuseNul:
     """422 `invalid_request` for a request with a NUL character (U+0000) in its path, its query
     or its JSON body, before any route runs. No question, report, name, identifier or filter
     holds one, and PostgreSQL text cannot: such a question, report edit, key name or filter
-    answered 500 there. A JSON body is read whole here and passed on; a multipart form's text
-    (`/v1/ask`'s question) is checked by its route."""
+    answered 500 there. A JSON body is read whole here and passed on, once `KeyBeforeBody` has
+    authenticated its caller; a multipart form's text (`/v1/ask`'s question) is checked by its
+    route."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -141,7 +142,10 @@ class RefuseNul:
             await self._reject(scope, receive, send, "the path or query")
             return
         content_type = dict(scope.get("headers") or []).get(b"content-type", b"").lower()
-        if b"json" not in content_type:
+        keyed = scope.get("state", {}).get("principal") is not None  # by `KeyBeforeBody`
+        if b"json" not in content_type or not keyed:
+            # a body nobody authenticated is not read: no route that takes JSON runs without
+            # a key, and reading it would hold up to max_upload_bytes for an anonymous caller
             await self.app(scope, receive, send)
             return
         chunks, more = [], True
