@@ -187,3 +187,12 @@ def test_gateway_forwards_to_transformers_serve(tmp_path, tiny_model_dir, tiny_l
             assert report["model"] == str(tiny_model_dir) and report["quantization"] == "remote"
             assert report["answer"] == local.text
             assert report["tokens"]["completion"] == local.new_tokens
+
+
+def test_the_remote_url_is_shown_without_its_password():
+    """`/readyz` (no key needed) and the log show the remote's URL: not a password in it."""
+    from tinyllava_med.server.remote_engine import RemoteModel
+
+    remote = RemoteModel("http://gw:s3cret@10.0.0.7:8000/v1", "tiny", {})
+    assert remote.info["remote_url"] == "http://gw:***@10.0.0.7:8000/v1"
+    assert "s3cret" not in str(remote.info)

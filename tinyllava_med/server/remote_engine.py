@@ -29,6 +29,7 @@ from PIL import Image
 
 from tinyllava_med.model.generate import Answer
 from tinyllava_med.server.engine import BatchingEngine, EngineFailed, EngineMetrics, _Request
+from tinyllava_med.server.settings import without_password
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class RemoteModel:
             "quantization": ours.get("quantization") or "remote",
             "model_version": ours.get("model_version"),
             "engine": "remote",
-            "remote_url": self.url,
+            "remote_url": without_password(self.url),  # /readyz shows it to anyone
         }
 
 

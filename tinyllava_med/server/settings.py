@@ -425,6 +425,11 @@ _URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
 HIDDEN = "***"
 
 
+def without_password(text: str) -> str:
+    """`text` with any URL's password (`scheme://user:password@host`) hidden."""
+    return _URL_PASSWORD.sub(rf"\1{HIDDEN}@", text)
+
+
 def shown(settings: Settings) -> dict[str, str]:
     """Each setting as its environment variable with the value in effect, as the variable
     would give it, secrets hidden: keys, the values of request headers (credentials), and a
@@ -443,6 +448,6 @@ def shown(settings: Settings) -> dict[str, str]:
         elif isinstance(value, dict | list):
             text = json.dumps(value, ensure_ascii=False)
         else:
-            text = _URL_PASSWORD.sub(rf"\1{HIDDEN}@", str(value))
+            text = without_password(str(value))
         out[f"TINYLLAVA_MED_{name.upper()}"] = text
     return out
