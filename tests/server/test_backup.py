@@ -56,8 +56,14 @@ def test_backup_copies_a_consistent_database_and_checked_files(tmp_path, sqlite_
         assert _rows(snap, "SELECT text FROM reports") == [("Signed text.",)]
 
         dest = tmp_path / "backup"
-        done = backup(settings, dest)
+        old_umask = os.umask(0o022)  # a usual umask: files readable by every local user
+        try:
+            done = backup(settings, dest)
+        finally:
+            os.umask(old_umask)
         assert done.complete and done.database is not None and done.database.parent == dest
+        # every report's text, the owner's only (0644 before); the folder too
+        assert done.database.stat().st_mode & 0o077 == 0 and dest.stat().st_mode & 0o077 == 0
         assert _rows(done.database, "PRAGMA integrity_check") == [("ok",)]
         assert _rows(done.database, "SELECT id, text FROM reports") == [(rid, "Signed text.")]
         hashes = [h for (h,) in _rows(done.database, "SELECT sha256 FROM images ORDER BY n")]

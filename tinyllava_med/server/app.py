@@ -378,7 +378,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         from tinyllava_med.server.db.migrate import require_head, upgrade
 
         if settings.database_url.startswith("sqlite"):

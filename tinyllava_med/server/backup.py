@@ -62,10 +62,11 @@ def _snapshot(source: Path, dest_dir: Path) -> Path:
     """A checked copy of the SQLite database at `source`, by the online backup API."""
     if not source.is_file():
         raise FileNotFoundError(f"no SQLite database at {source}")
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     final = dest_dir / f"tinyllava_med-{stamp}.db"
     part = final.with_name(final.name + ".part")
+    part.touch(mode=0o600)  # every report's text: the owner's only, whatever the umask
     src = sqlite3.connect(source, timeout=30)  # only read: the backup writes to `dst`
     try:
         dst = sqlite3.connect(part)
@@ -116,7 +117,7 @@ def _copy_checked(source: ImageStore, dest: ImageStore, sha: str) -> tuple[str, 
 def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
     """Back up the database (SQLite) and the image files into `dest`; audited as
     `backup.create`."""
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     url = normalize_database_url(settings.database_url)
     engine = make_engine(url)
     try:
@@ -228,6 +229,7 @@ def restore(settings: Settings, source: Path, *, images_only: bool = False) -> R
             result = Restored(live)
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             part = live.with_name(live.name + ".part")
+            part.touch(mode=0o600)
             shutil.copyfile(source, part)
             with open(part, "rb") as f:
                 os.fsync(f.fileno())

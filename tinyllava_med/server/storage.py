@@ -46,7 +46,7 @@ class DataDirInUse(RuntimeError):
 
 
 def _lock_file(data_dir: str | Path) -> int:
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    Path(data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     return os.open(Path(data_dir) / IN_USE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
 
 

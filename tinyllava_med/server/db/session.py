@@ -59,7 +59,8 @@ def make_engine(url: str | URL, *, sqlite_foreign_keys: bool = True, echo: bool 
 def _sqlite_engine(u: URL, *, foreign_keys: bool, echo: bool) -> Engine:
     memory = u.database in (None, "", ":memory:") or "mode=memory" in str(u.query)
     if not memory:
-        Path(u.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+        # the owner's only: the database holds every report
+        Path(u.database or "").expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = create_engine(
         u,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
