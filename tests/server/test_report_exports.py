@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 import time
@@ -137,6 +138,28 @@ def test_fhir_diagnostic_report(api):
     )
     assert dr.status == "final"
     assert dr.resultsInterpreter[0].display == "test radiologist"
+
+
+def test_an_answer_cut_at_its_token_limit_says_so_in_its_exports(api):
+    """A draft that is the model's answer stopped at `max_new_tokens` (`finish_reason`
+    "length", an automatic report at 128 tokens) tells the PACS's and the RIS's reader that it
+    may end mid-sentence; once a radiologist rewrites it, the note goes."""
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    r = api.post(url, headers=api.h(), json={"question": "Describe.", "max_new_tokens": 1})
+    report = r.json()
+    assert report["finish_reason"] == "length", report
+    note = "The model's answer stopped at its length limit (max_new_tokens) and may be incomplete."
+    fhir = api.get(f"/v1/reports/{report['id']}/fhir", headers=api.h()).json()
+    finding = next(c for c in fhir["contained"] if c["id"] == "finding")
+    assert {"text": note} in finding["note"] and html.escape(note) in fhir["text"]["div"]
+    DiagnosticReport.model_validate(fhir)
+    assert texts(sr_of(api, report["id"]))["Comment"] == note
+    rewritten = {"text": "No acute finding.", "status": "final"}
+    assert api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json=rewritten).is_success
+    fhir = api.get(f"/v1/reports/{report['id']}/fhir", headers=api.h()).text
+    assert note not in fhir
+    assert note not in texts(sr_of(api, report["id"])).values()
 
 
 def test_exports_of_a_report_stored_with_control_characters_are_valid(api):

@@ -9,6 +9,7 @@ also to `docs/screenshots/web-*.png` (the README shows them), so a plain run cha
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import ct_with, free_port, live_server, wait_for
+from api_helpers import MR_SMALL, ct_with, free_port, live_server, wait_for
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
@@ -306,8 +307,20 @@ def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
     assert page.problems == [], page.problems  # no script errors, no CSP violations
 
 
-def _ct_with_report(server: LiveServer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """CT_small uploaded and asked about through the API (admin key): (study, report)."""
+def _as_study_of_mr_small(path: Any) -> bytes:
+    """The file, filed under MR_small's study (an upload is one study's files)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID = pydicom.dcmread(MR_SMALL).StudyInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def _ct_with_report(server: LiveServer, **ask: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """CT_small uploaded and asked about through the API (admin key; `ask`: more of the
+    question's fields): (study, report)."""
     auth = {"Authorization": f"Bearer {server.key}"}
     study = httpx.post(
         server.base + "/v1/studies",
@@ -318,7 +331,7 @@ def _ct_with_report(server: LiveServer) -> tuple[dict[str, Any], dict[str, Any]]
     report = httpx.post(
         f"{server.base}/v1/studies/{study['id']}/questions",
         headers=auth,
-        json={"question": "Any fracture?"},
+        json={"question": "Any fracture?", **ask},
         timeout=60,
     ).json()
     return study, report
@@ -399,18 +412,24 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
 
 
 def test_a_report_changed_by_someone_else_is_not_signed_unseen(page, tmp_path, tiny_lm):
-    """Dr A has a draft open; Dr B saves another text. A's Sign is refused (412, shown with
-    what to do), the list shows B's version and A's editor keeps what A typed; A's second Sign
-    signs the editor's text, which A has now seen."""
+    """Dr A has a draft open (an answer cut at its token limit, which the page says); Dr B
+    saves another text. A's Sign is refused (412, shown with what to do), the list shows B's
+    version and A's editor keeps what A typed; A's second Sign signs the editor's text, which A
+    has now seen."""
     from playwright.sync_api import expect
 
     with _serve(tmp_path, tiny_lm) as server:
-        study, report = _ct_with_report(server)
+        study, report = _ct_with_report(server, max_new_tokens=1)
+        assert report["finish_reason"] == "length"
         path = f"/v1/reports/{report['id']}"
         _sign_in(page, server)
         expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
         page.goto(f"{server.base}/#/study/{study['id']}")
         page.locator("#history button.history-item").first.click()
+        # the model's answer was cut at its token limit: the reader is told before signing
+        expect(page.locator("#answer-cut")).to_have_text(
+            "The model stopped at its length limit (1 token): this answer may be incomplete."
+        )
         page.get_by_label("Report text (draft)").fill("A: lungs clear.")
         b = httpx.patch(
             server.base + path,
@@ -793,7 +812,7 @@ def test_images_and_frames_of_a_multi_image_study(page, tmp_path, tiny_lm, shots
 
     with _serve(tmp_path, tiny_lm) as server:
         files = [
-            ("files", (name, Path(get_testdata_file(name, download=False)).read_bytes()))
+            ("files", (name, _as_study_of_mr_small(get_testdata_file(name, download=False))))
             for name in ("MR_small.dcm", "emri_small.dcm")
         ]
         study = httpx.post(

@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session
 from tinyllava_med import __version__
 from tinyllava_med.model.prompts import without_controls
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import SIGNED_STATUSES, Job, Report
+from tinyllava_med.server.db.models import CUT_SHORT_NOTE, SIGNED_STATUSES, Job, Report
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.storage import ImageStore
 
@@ -257,6 +257,14 @@ def build_sr(
             hd.sr.TextContentItem(
                 name=codes.DCM.Comment,
                 value=_text(f"Unedited model answer: {report.answer}"),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    if report.cut_short(version.text):
+        findings.ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=CUT_SHORT_NOTE,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )

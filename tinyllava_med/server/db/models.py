@@ -177,6 +177,12 @@ class Image(Base):
     study: Mapped[Study] = relationship(back_populates="images")
 
 
+# said beside a report whose text is still a model answer that its token limit cut (SR, FHIR)
+CUT_SHORT_NOTE = (
+    "The model's answer stopped at its length limit (max_new_tokens) and may be incomplete."
+)
+
+
 class Report(Base):
     """One answer to one question. `answer` is the model's output and never changes; `text` is
     the report a radiologist edits and signs (it starts as a copy of `answer`)."""
@@ -223,6 +229,11 @@ class Report(Base):
     edits: Mapped[list[ReportEdit]] = relationship(
         back_populates="report", order_by="ReportEdit.id", cascade="all, delete-orphan"
     )
+
+    def cut_short(self, text: str) -> bool:
+        """`text` (this report's, or one of its versions') is the model's answer, which its
+        token limit cut: a reader must hear it may end mid-sentence (`CUT_SHORT_NOTE`)."""
+        return self.finish_reason == "length" and text == self.answer
 
     @property
     def amendment(self) -> ReportEdit | None:

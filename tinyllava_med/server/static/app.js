@@ -1198,6 +1198,12 @@
     b.textContent = STATUS_TEXT[r.status];
     $("report-question").textContent = r.question;
     $("model-answer").textContent = r.answer || "(empty answer)";
+    // an answer its token limit stopped may end mid-sentence: said before anyone signs it
+    $("answer-cut").hidden = r.finish_reason !== "length";
+    const n = r.tokens.completion;
+    $("answer-cut").textContent =
+      `The model stopped at its length limit (${n} token${n === 1 ? "" : "s"}): this answer ` +
+      "may be incomplete.";
     const signed = SIGNED.has(r.status);
     $("report-edit").hidden = signed;
     $("report-final").hidden = !signed;
