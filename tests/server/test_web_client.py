@@ -365,6 +365,15 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         dialog.get_by_role("button", name="Sign amendment").click()
         expect(dialog).to_be_visible()  # no reason: the form does not submit
         assert server.get(path).json()["status"] == "final"
+        # blanks pass the browser's `required`, not the server (422): what was typed comes back
+        dialog.get_by_label("Reason for the amendment").fill("   ")
+        dialog.get_by_role("button", name="Sign amendment").click()
+        expect(page.locator("#alerts .error-code")).to_have_text("invalid_report_update")
+        page.get_by_role("button", name="Amend report…").click()
+        expect(dialog.get_by_label("Corrected report text")).to_have_value(
+            "Hairline fracture of the 5th rib."
+        )
+        expect(dialog.get_by_label("Reason for the amendment")).to_have_value("   ")
         dialog.get_by_label("Reason for the amendment").fill("missed on first read")
         _shot(page, shots, "amend-dialog")
         dialog.get_by_role("button", name="Sign amendment").click()
@@ -408,7 +417,14 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         expect(sheet).to_contain_text(study["StudyInstanceUID"])  # no patient name: the UID
         _shot(page, shots, "report-print")
         page.emulate_media(media="screen")
-        assert page.problems == [], page.problems
+        # the sheet belongs to the report shown: the worklist prints as itself, not this report
+        page.locator("#back-to-worklist").click()
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.emulate_media(media="print")
+        expect(sheet).to_be_hidden()
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.emulate_media(media="screen")
+        assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
 
 
 def test_a_report_changed_by_someone_else_is_not_signed_unseen(page, tmp_path, tiny_lm):
@@ -431,6 +447,11 @@ def test_a_report_changed_by_someone_else_is_not_signed_unseen(page, tmp_path, t
             "The model stopped at its length limit (1 token): this answer may be incomplete."
         )
         page.get_by_label("Report text (draft)").fill("A: lungs clear.")
+        # leaving with unsaved text asks first; "Cancel" stays, with the text as typed
+        page.once("dialog", lambda d: d.dismiss())
+        page.locator("#back-to-worklist").click()
+        expect(page.get_by_label("Report text (draft)")).to_have_value("A: lungs clear.")
+        assert page.url.endswith(f"#/study/{study['id']}")
         b = httpx.patch(
             server.base + path,
             headers={"Authorization": f"Bearer {server.key}"},

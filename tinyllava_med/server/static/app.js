@@ -41,6 +41,7 @@
     reports: [],
     reportId: null,
     streaming: null, // AbortController while an answer streams
+    amendDraft: null, // {id, text, reason} of an amendment that failed, offered again
     modelTimer: null,
     worklistTimer: null,
     view: { zoom: 1, x: 0, y: 0 }, // the image's zoom and pan (pixels from the stage's centre)
@@ -238,6 +239,7 @@
 
   async function route() {
     state.nav += 1;
+    clearPrintSheet();
     if (!state.key) {
       showView("signin");
       return;
@@ -319,6 +321,7 @@
 
   function signOut(message, code) {
     if (state.streaming) state.streaming.abort();
+    clearPrintSheet();
     sessionStorage.removeItem(KEY_STORAGE);
     state.key = null;
     state.me = null;
@@ -1110,7 +1113,13 @@
       $("question").value = "";
       state.reports = [report, ...state.reports.filter((x) => x.id !== report.id)];
       renderHistory();
-      selectReport(report.id);
+      if (isDirty()) {  // the draft being edited stays open: its typed text is not thrown away
+        setStatus("ask-status",
+          "Answer stored as a draft report, listed in the history. The report you are " +
+          "editing stays open: save it, then open the new one.");
+      } else {
+        selectReport(report.id);
+      }
     } catch (err) {
       out.dataset.state = "error";
       if (err && err.name === "AbortError") {
@@ -1183,6 +1192,7 @@
   }
 
   function selectReport(id) {
+    clearPrintSheet();
     state.reportId = id;
     const r = currentReport();
     for (const b of $("history").querySelectorAll(".history-item")) {
@@ -1363,8 +1373,10 @@
     const r = currentReport();
     if (!r) return;
     clearError();
-    $("amend-text").value = r.text;
-    $("amend-reason").value = "";
+    // what a failed amendment of this report held comes back, not the signed text again
+    const kept = state.amendDraft && state.amendDraft.id === r.id ? state.amendDraft : null;
+    $("amend-text").value = kept ? kept.text : r.text;
+    $("amend-reason").value = kept ? kept.reason : "";
     $("amend-dialog").returnValue = "";
     $("amend-dialog").showModal();
   }
@@ -1374,9 +1386,11 @@
     if (!r) return;
     $("report-amend").disabled = true;
     setStatus("amend-status", "Signing the amendment…");
+    state.amendDraft = { id: r.id, text: typed("amend-text"), reason: typed("amend-reason") };
     try {
-      const json = { text: typed("amend-text"), status: "amended", reason: typed("amend-reason") };
-      const updated = await patchReport(r, json);
+      const { text, reason } = state.amendDraft;
+      const updated = await patchReport(r, { text, status: "amended", reason });
+      state.amendDraft = null;
       replaceReport(updated);
       setStatus("ask-status", "Report amended.");
       $("report-title").focus();
@@ -1392,6 +1406,12 @@
 
   // The signed report on a sheet of its own (study, question, text, who signed and when, the
   // model that drafted it), then the browser's print dialog; the page's CSS prints only it.
+  // The sheet prints only while it holds the report shown (`filled`): after the print, or once
+  // another report, study or user is shown, the page prints as it is instead.
+  function clearPrintSheet() {
+    $("print-sheet").classList.remove("filled");
+  }
+
   function printReport() {
     const r = currentReport();
     const s = state.study;
@@ -1424,6 +1444,7 @@
     $("print-warning").textContent =
       "This sheet carries no patient name: file it by accession number or study UID." +
       (demo ? " Drafted by the synthetic demo model: not for clinical use." : "");
+    $("print-sheet").classList.add("filled");
     window.print();
   }
 
@@ -1503,6 +1524,7 @@
     });
     $("report-amend").addEventListener("click", askToAmend);
     $("report-print").addEventListener("click", printReport);
+    window.addEventListener("afterprint", clearPrintSheet);
     $("amend-dialog").addEventListener("close", () => {
       if ($("amend-dialog").returnValue === "confirm") amendReport();
       else $("report-amend").focus();
@@ -1515,7 +1537,13 @@
       if ($("sign-dialog").returnValue === "confirm") signReport();
       else $("report-sign").focus();
     });
+    let shownHash = location.hash;
     window.addEventListener("hashchange", () => {
+      if (isDirty() && !window.confirm("Discard the unsaved changes to this report?")) {
+        history.replaceState(null, "", shownHash || "#/"); // stay, with the text as typed
+        return;
+      }
+      shownHash = location.hash;
       if (state.streaming) state.streaming.abort();
       route();
     });
