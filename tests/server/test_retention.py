@@ -14,6 +14,7 @@ from api_helpers import (
     CT_SMALL,
     MR_SMALL,
     assert_error,
+    ct_with,
     make_api,
     multipart_related,
     png_bytes,
@@ -109,6 +110,21 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
     # a backup holds what the database refers to: held files (MR, the waiting PNG) and the header
     done = backup(settings, tmp_path / "backup", actor="test")
     assert done.complete and done.files_copied == 3
+
+    # another patient's object under the same UIDs does not take the released image's place
+    # behind the signed report (its SR would then name that patient); nor does an object of
+    # another class (an MR image under the CT's UIDs)
+    mr_class = "1.2.840.10008.5.1.4.1.1.4"
+    for other in (ct_with(PatientID="OTHER-PATIENT"), ct_with(SOPClassUID=mr_class)):
+        body, ctype = multipart_related(other)
+        r = api.post(
+            "/dicomweb/studies", content=body, headers={**api.h("pacs"), "Content-Type": ctype}
+        )
+        assert r.status_code == 409, r.text
+        assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0110]
+        listed = api.get(f"/v1/studies/{signed['id']}", headers=api.h()).json()
+        assert listed["images"][0]["released_at"]
+    assert "OTHER-PATIENT" not in r.text
 
     # the PACS sends the study again: the image is back under its row, no new automatic report
     body, ctype = multipart_related(CT_SMALL.read_bytes())

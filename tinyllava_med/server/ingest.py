@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import threading
 from collections.abc import Callable
 
@@ -30,12 +31,15 @@ from tinyllava_med.server.storage import ImageStore
 from tinyllava_med.server.stow import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
     SOP_CLASS_NOT_SUPPORTED,
     STUDY_MISMATCH,
     TRANSFER_SYNTAX_NOT_SUPPORTED,
     Part,
     StoreResult,
 )
+
+log = logging.getLogger(__name__)
 
 _TOO_BIG = {"too_large", "decompression_bomb"}
 
@@ -128,6 +132,34 @@ def _stored(session: Session, study: Study, sop_instance: str) -> Image | None:
     )
 
 
+# who the instance is of: a re-sent instance must name the same patient as the one released
+_PATIENT = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
+
+
+def _same_instance(store: ImageStore, image: Image, data: bytes, d: Decoded) -> bool:
+    """Whether `data` (decoded: `d`) can be the instance `image` held before its pixels were
+    released: the same SOP class, size and frames, and the same patient as its kept header.
+    Another patient's object under the same UIDs would otherwise take its place behind signed
+    reports, and the next SR would name that patient."""
+    m = d.metadata
+    rows = d.height if m.Rows is None else m.Rows
+    columns = d.width if m.Columns is None else m.Columns
+    if (m.SOPClassUID, rows, columns, d.n_frames) != (
+        image.SOPClassUID,
+        image.rows,
+        image.columns,
+        image.n_frames,
+    ):
+        return False
+    if image.header_sha256 is None or not store.exists(image.header_sha256):
+        return True  # no header kept (lost on a full disk): nothing more to compare
+    kept = pydicom.dcmread(io.BytesIO(store.get(image.header_sha256)), stop_before_pixels=True)
+    sent = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return all(
+        str(kept.get(name, "")).strip() == str(sent.get(name, "")).strip() for name in _PATIENT
+    )
+
+
 def _restore(store: ImageStore, image: Image, data: bytes) -> None:
     """A released image received again (`retention.py`): its file is back under its row."""
     image.sha256 = store.put(data)
@@ -164,6 +196,14 @@ def store_instances(
         study = _study_for(session, uid, studies, d)
         held = _stored(session, study, sop_instance)
         if held is not None and held.released_at is not None:
+            if not _same_instance(store, held, part.data, d):
+                log.warning(
+                    "refused an instance whose UIDs name a released one of another "
+                    "patient, size or class (image %s)",
+                    held.id,
+                )
+                result.failed.append((sop_class, sop_instance, PROCESSING_FAILURE))
+                continue
             _restore(store, held, part.data)  # stored; no new automatic report (its
             # reports were read already)
         elif held is not None:
