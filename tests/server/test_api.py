@@ -1160,6 +1160,28 @@ def test_a_refused_signature_is_audited_as_a_signature(api):
     ], got
 
 
+def test_signing_needs_the_sign_permission_not_only_edit(api, monkeypatch):
+    """A role that may edit but not sign (a site's resident) drafts the text; its signature or
+    amendment is 403, audited as a denied `report.sign`. PATCH checked only `report.edit`."""
+    from tinyllava_med.server import auth
+
+    edit_only = auth._GRANTS["radiologist"] - {"report.sign"}
+    monkeypatch.setitem(auth._GRANTS, "radiologist", edit_only)
+    study = upload_ct(api)
+    r = api.post(f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "?"})
+    report = f"/v1/reports/{r.json()['id']}"
+    resident = api.h("radiologist")
+    assert api.patch(report, headers=resident, json={"text": "Drafted."}).status_code == 200
+    assert_error(api.patch(report, headers=resident, json={"status": "final"}), 403, "forbidden")
+    assert api.get(report, headers=api.h()).json()["status"] == "draft"
+    assert api.patch(report, headers=api.h("admin"), json={"status": "final"}).status_code == 200
+    amend = {"status": "amended", "text": "Amended.", "reason": "typo"}
+    assert_error(api.patch(report, headers=resident, json=amend), 403, "forbidden")
+    with api.app.state.session_factory() as s:
+        denied = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "denied")).all()
+    assert [(e.action, e.status_code) for e in denied] == [("report.sign", 403)] * 2
+
+
 def test_keys_expire(api, monkeypatch):
     """A key made to expire is refused from then on, also while it sits in the key cache, with
     a 401 that says it expired; the listing shows it inactive. The server's `api_key_days`

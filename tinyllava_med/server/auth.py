@@ -409,6 +409,25 @@ def _look_up(request: Request, key: str) -> Principal | datetime | None:
         return Principal(row.id, row.role, row.name, row.expires_at)
 
 
+def deny_unless(request: Request, principal: Principal, needed: Role | Permission) -> None:
+    """403 `forbidden`, the denial audited, unless `principal`'s role grants `needed`: for a
+    route whose body decides what it needs (a PATCH that signs needs `report.sign`)."""
+    if principal.can(needed):
+        return
+    _audit_denied(
+        request,
+        actor=principal.actor,
+        action=needed,
+        status_code=403,
+        detail={"role": principal.role, "needed": needed},
+    )
+    raise APIError(
+        403,
+        "forbidden",
+        f"this action needs {needed!r}; the key's role {principal.role!r} does not grant it",
+    )
+
+
 def require(needed: Role | Permission) -> Callable[..., Awaitable[Principal]]:
     """A dependency that lets the call through when the caller's role grants `needed` (a
     permission, or every permission of a role), else answers 403 and audits the denial."""
@@ -416,21 +435,9 @@ def require(needed: Role | Permission) -> Callable[..., Awaitable[Principal]]:
         raise ValueError(f"unknown role or permission {needed!r}")
 
     async def dependency(request: Request, principal: CurrentPrincipal) -> Principal:
-        if principal.can(needed):
-            return principal
-        await run_in_threadpool(
-            _audit_denied,
-            request,
-            actor=principal.actor,
-            action=needed,
-            status_code=403,
-            detail={"role": principal.role, "needed": needed},
-        )
-        raise APIError(
-            403,
-            "forbidden",
-            f"this action needs {needed!r}; the key's role {principal.role!r} does not grant it",
-        )
+        if not principal.can(needed):
+            await run_in_threadpool(deny_unless, request, principal, needed)
+        return principal
 
     dependency.__name__ = f"require_{needed.replace('.', '_')}"
     return dependency

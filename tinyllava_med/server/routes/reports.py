@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
+from tinyllava_med.server.auth import deny_unless
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import SIGNED_STATUSES, Report
 from tinyllava_med.server.db.session import after_commit
@@ -123,6 +124,8 @@ def update_report(
 ) -> ReportPublic:
     if body.text is None and body.status is None:
         raise APIError(422, "empty_update", "send `text`, `status` or both")
+    if body.status in SIGNED_STATUSES:  # editing is `report.edit`'s; signing is not
+        deny_unless(request, principal, "report.sign")
     # a refused signature or amendment is audited as one too, as a failed one (409, 422)
     actions = {"final": "report.sign", "amended": "report.amend"}
     action = actions.get(body.status or "", "report.edit")
