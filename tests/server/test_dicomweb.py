@@ -449,6 +449,28 @@ def test_a_retrieve_never_asks_the_pacs_for_more_than_a_few_studies(api, monkeyp
     assert asked == ["ACC-1"] and not rows(api, Job)
 
 
+def test_a_study_being_retrieved_is_not_queued_twice(tmp_path, database_url, tiny_lm, monkeypatch):
+    """A second retrieve of a study whose retrieve is queued or running answers that job; once
+    it is done, a new retrieve queues a new one. Before, every click queued a whole study's
+    download again."""
+    from tinyllava_med.server.routes import studies
+
+    monkeypatch.setattr(studies, "find_studies", lambda settings, **query: ["1.2.3.4"])
+    pacs = {"dicomweb_pull_url": "http://pacs.invalid/dicom-web", "job_workers": 0}
+    for api in make_api(tmp_path, database_url, tiny_lm, **pacs):
+        ask = {"study_instance_uid": "1.2.3.4"}
+        first = api.post("/v1/studies/retrieve", json=ask, headers=api.h("pacs")).json()
+        again = api.post("/v1/studies/retrieve", json=ask, headers=api.h("pacs")).json()
+        assert again == first and len(rows(api, Job)) == 1
+        with api.app.state.session_factory.begin() as s:
+            s.get(Job, first["jobs"][0]).status = "running"
+        assert api.post("/v1/studies/retrieve", json=ask, headers=api.h("pacs")).json() == first
+        with api.app.state.session_factory.begin() as s:
+            s.get(Job, first["jobs"][0]).status = "done"
+        later = api.post("/v1/studies/retrieve", json=ask, headers=api.h("pacs")).json()
+        assert later["jobs"] != first["jobs"] and len(rows(api, Job)) == 2
+
+
 @pytest.fixture
 def no_model_api(tmp_path, sqlite_url):
     yield from make_api(

@@ -137,7 +137,15 @@ def _names_file(key: object, sha256: str) -> bool:
 
 
 def schedule_retrieve(session: Session, settings: Settings, study_uid: str) -> Job:
-    """Queue fetching the study `study_uid` from the PACS (`pull.py`)."""
+    """Queue fetching the study `study_uid` from the PACS (`pull.py`), unless a retrieve of it
+    is queued or running: that job is the answer (a viewer's second click, or a RIS asking
+    again, would fetch a whole CT twice and hold up pushes and reports behind it)."""
+    active = session.scalars(
+        select(Job).where(Job.kind == RETRIEVE_STUDY, Job.status.in_(("queued", "running")))
+    )
+    for job in active:
+        if (job.payload or {}).get("study_instance_uid") == study_uid:
+            return job
     return crud.enqueue_job(
         session,
         kind=RETRIEVE_STUDY,
