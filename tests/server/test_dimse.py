@@ -177,6 +177,34 @@ def test_received_instances_are_spooled_under_the_data_directory(
     assert list(tmp.iterdir()) == []  # and removed once filed
 
 
+def test_an_object_over_the_limit_is_cut_off_as_it_arrives(
+    tmp_path, sqlite_url, tiny_lm, monkeypatch
+):
+    """An object far over `max_upload_bytes` closes the association once that much has
+    arrived, not after all of it filled the disk, and its half-written file goes (as any an
+    ended association leaves); the sender may associate again. (Before, any size was spooled
+    whole, and an association that ended midway left its file until a restart.)"""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    for api in dimse_api(tmp_path, sqlite_url, tiny_lm, max_upload_bytes=45_000):
+        huge = _small_ct()
+        huge.add_new(0x00290010, "LO", "TEST PADDING")
+        huge.add_new(0x00291010, "OB", b"\0" * (8 << 20))  # 8 MiB against 45 kB (+1 MiB)
+        assoc = associate(api)
+        assert assoc.is_established
+        status = assoc.send_c_store(huge)
+        assert not status  # no answer: the connection was closed
+        wait_for(lambda a=assoc: not a.is_alive(), what="the association to end")
+        (event,) = wait_for(
+            lambda api=api: audits(api, "study.dimse_store"), what="its audit event"
+        )
+        assert (event["detail"]["failed"], event["outcome"]) == (1, "invalid")
+        wait_for(lambda: list(spool.iterdir()) == [], what="the partial file to go")
+        assert rows(api, Image) == []
+        assert store_all(api, [_small_ct()])[0].Status == 0x0000  # the next one is stored
+
+
 def test_a_full_disk_refuses_with_out_of_resources(sqlite_api_dimse, monkeypatch, caplog):
     """No space on the data volume: the instance is refused with 0xA700 (Refused: Out of
     Resources), which a PACS reads as "try later", not as a bad instance."""

@@ -34,6 +34,7 @@ import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
@@ -143,6 +144,23 @@ class _Received:
     jobs: list[int] = field(default_factory=list)
 
 
+# a dataset's bytes arrive in PDUs, with a few bytes of headers each, after its command set
+_PDU_SLACK = 1 << 20
+
+
+def _drop_partial_dataset(assoc: Any) -> None:
+    """Remove the temporary file of a dataset an ended association left half received
+    (pynetdicom writes it as it arrives and removes it only once a C-STORE handler has run)."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    path = getattr(message, "_data_set_path", None)
+    handle = getattr(message, "_data_set_file", None)
+    if not isinstance(path, Path):
+        return
+    if handle is not None:
+        handle.close()
+    path.unlink(missing_ok=True)
+
+
 def _status(code: int, comment: str | None = None) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -169,6 +187,7 @@ class StorageSCP:
         )
         self.peers = PeerList(settings.dimse_peers)
         self._received: dict[int, _Received] = {}
+        self._incoming: dict[int, int] = {}  # by association: bytes since its last dataset
         self._lock = threading.Lock()
         self._server: Any = None
         ae = AE(ae_title=settings.dimse_ae_title)
@@ -189,6 +208,7 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_DATA_RECV, self._on_data),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
@@ -244,7 +264,29 @@ class StorageSCP:
         with self._lock:
             return self._received.setdefault(id(event.assoc), _Received())
 
+    def _on_data(self, event: evt.Event) -> None:
+        """Count what arrives towards the dataset being received (written to disk as it comes:
+        STORE_RECV_CHUNKED_DATASET); past `max_upload_bytes` the connection is closed then and
+        there, rather than after the whole object has filled the disk."""
+        key = id(event.assoc)
+        with self._lock:
+            size = self._incoming[key] = self._incoming.get(key, 0) + len(event.data)
+        if size <= self.settings.max_upload_bytes + _PDU_SLACK:
+            return
+        with self._lock:
+            self._incoming[key] = -(1 << 62)  # once
+        self._state(event).failed += 1
+        log.warning(
+            "DIMSE association closed: a dataset over max_upload_bytes (%d) was arriving",
+            self.settings.max_upload_bytes,
+        )
+        connection = event.assoc.dul.socket
+        if connection is not None:
+            connection.close()  # the peer sees the connection end: an abort
+
     def _on_store(self, event: evt.Event) -> Dataset:
+        with self._lock:
+            self._incoming.pop(id(event.assoc), None)  # the dataset has arrived: count anew
         got = self._state(event)
         try:  # received into a temporary file (STORE_RECV_CHUNKED_DATASET), removed after this
             path = event.dataset_path
@@ -287,7 +329,9 @@ class StorageSCP:
         return _status(code, comment)
 
     def _on_end(self, event: evt.Event) -> None:
+        _drop_partial_dataset(event.assoc)
         with self._lock:
+            self._incoming.pop(id(event.assoc), None)
             got = self._received.pop(id(event.assoc), None)
         if got is None:  # an echo, or nothing sent
             return
