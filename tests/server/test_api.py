@@ -1435,6 +1435,28 @@ def test_nobody_signs_a_version_they_have_not_read(api):
     assert_error(api.patch(report, headers=two, json={"text": "x"}), 400, "bad_if_match")
 
 
+def test_a_signature_sent_again_is_not_a_conflict(api):
+    """A RIS whose signature's answer was lost sends it again: 200, the report as signed, no
+    second signature. Another signer, or another text, still hears 409."""
+    study = upload_ct(api)
+    url = f"/v1/studies/{study['id']}/questions"
+    asked = api.post(url, headers=api.h(), json={"question": "Organ?", "max_new_tokens": 2})
+    report = f"/v1/reports/{asked.json()['id']}"
+    sign = {"text": "No acute finding.", "status": "final"}
+    first = api.patch(report, headers=api.h("radiologist"), json=sign)
+    assert first.status_code == 200, first.text
+    once = {**api.h("radiologist"), "If-Match": f'"{asked.json()["version"]}"'}
+    for headers in (api.h("radiologist"), once):
+        again = api.patch(report, headers=headers, json=sign)
+        assert again.status_code == 200 and again.json() == first.json(), again.text
+    assert api.patch(report, headers=api.h("radiologist"), json={"status": "final"}).is_success
+    assert_error(api.patch(report, headers=api.h("admin"), json=sign), 409, "report_final")
+    other = {"text": "Other text.", "status": "final"}
+    assert_error(api.patch(report, headers=api.h("radiologist"), json=other), 409, "report_final")
+    with api.app.state.session_factory() as s:
+        assert len(s.scalars(select(ReportEdit)).all()) == 1  # one signature
+
+
 def test_edits_at_once_lose_nothing(api):
     """Two edits of one draft at the same moment: each is applied on top of the other (its
     history chains: every edit's previous text is the text before it) or refused with 409

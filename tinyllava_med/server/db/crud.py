@@ -588,6 +588,8 @@ def update_report(
     # Re-read under a row lock (PostgreSQL), so two concurrent edits cannot both pass the
     # checks on the report's status.
     _reread(report, with_for_update=True)
+    if _repeats_signature(report, text, status, actor):
+        return report  # a client retrying a signature whose answer it lost: already done
     if version is not None and version != report_version(report):
         raise ReportOutdated(
             "the report was changed by someone else since you read it: read it again",
@@ -657,6 +659,18 @@ def _reread(report: Report, *, with_for_update: bool = False) -> None:
     stmt = select(Report).where(Report.id == report.id).execution_options(populate_existing=True)
     if session.scalar(stmt.with_for_update() if with_for_update else stmt) is None:
         raise ReportGone("the report was deleted with its study")
+
+
+def _repeats_signature(
+    report: Report, text: str | None, status: ReportStatus | None, actor: str
+) -> bool:
+    """The request asks for the signature `actor` already gave, with the same text."""
+    return (
+        report.status == "final"
+        and status == "final"
+        and report.signed_by == actor
+        and (text is None or text == report.text)
+    )
 
 
 def _check_change(
