@@ -25,7 +25,13 @@ from tinyllava_med.imaging import ImagingError, load_study_file
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Study
 from tinyllava_med.server.jobs import schedule_auto_report
-from tinyllava_med.server.serving import Decoded, add_file, create_study_of, decoded, limits_of
+from tinyllava_med.server.serving import (
+    Decoded,
+    add_file,
+    create_study_of,
+    limits_of,
+    without_pixels,
+)
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 from tinyllava_med.server.stow import (
@@ -57,7 +63,7 @@ def decode(
             d = load_study_file(part.data, limits=limits)
             if d.kind != "dicom":
                 raise ImagingError("not_dicom", "the part is not a DICOM instance")
-            out.append(decoded(part.data, d, store, limits))
+            out.append(without_pixels(part.data, d, store, limits))
         except ImagingError as e:
             out.append(e)
     return out

@@ -89,8 +89,8 @@ def decode_upload(upload: Upload, settings: Settings) -> StudyFile:
 @dataclass(frozen=True)
 class Decoded:
     """A decoded file as filing it needs it, without its pixels: those went to the render
-    cache (`decoded`), so a request of 64 large images holds one decoded image at a time, not
-    64 (8192 x 8192 RGB is 200 MB)."""
+    cache (`without_pixels`), so a request of 64 large images holds one decoded image at a
+    time, not 64 (8192 x 8192 RGB is 200 MB)."""
 
     sha256: str
     kind: Kind
@@ -100,7 +100,7 @@ class Decoded:
     height: int
 
 
-def decoded(data: bytes, d: StudyFile, store: ImageStore, limits: ImageLimits) -> Decoded:
+def without_pixels(data: bytes, d: StudyFile, store: ImageStore, limits: ImageLimits) -> Decoded:
     """`d` (decoded from `data` under `limits`) without its pixels, its rendering cached under
     the content's hash: the first question about it does not decode the file again."""
     sha256 = hashlib.sha256(data).hexdigest()  # the store's name for it (`ImageStore.put`)
@@ -124,7 +124,7 @@ def ingest(
             f"at most {settings.max_files_per_upload} files per upload, got {len(uploads)}",
         )
     limits = limits_of(settings)
-    files = [decoded(u.data, decode_upload(u, settings), store, limits) for u in uploads]
+    files = [without_pixels(u.data, decode_upload(u, settings), store, limits) for u in uploads]
     _one_study(files, uploads)
     study = create_study_of(session, files[0].metadata)
     for upload, d in zip(uploads, files, strict=True):
