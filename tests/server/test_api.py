@@ -746,6 +746,20 @@ def test_request_validation(api):
     )
 
 
+def test_ct_window_presets_are_for_ct(api):
+    """The presets are Hounsfield ranges: on an MR they made a picture that looked windowed
+    and meant nothing (200). Now 422 `bad_window`; its own window still shows."""
+    mr = upload(api, ("mr.dcm", MR_SMALL.read_bytes(), "application/dicom")).json()
+    url = f"/v1/studies/{mr['id']}/images/0"
+    r = api.get(f"{url}?window=lung", headers=api.h())
+    assert_error(r, 422, "bad_window")
+    assert "MR" in r.json()["error"]["message"]
+    assert api.get(url, headers=api.h()).status_code == 200
+    ct = upload_ct(api)
+    lung = api.get(f"/v1/studies/{ct['id']}/images/0?window=lung", headers=api.h())
+    assert lung.status_code == 200
+
+
 def test_nul_characters_are_refused_not_a_500(api):
     """A NUL (U+0000) in a question, a report edit, a key's name, a filter or a path: 422 on
     both databases, and what is stored stays (PostgreSQL text cannot hold NUL: each was a 500

@@ -92,6 +92,15 @@ def _gray_unit(arr: np.ndarray, view: Dataset, name: str) -> np.ndarray:
     except Exception:  # a malformed rescale or LUT: show stored values
         values = arr
     if name != "default":
+        modality = str(view.get("Modality", "")).upper()
+        if modality != "CT" and str(view.get("RescaleType", "")).upper() != "HU":
+            # the presets are Hounsfield ranges: on an MR's arbitrary units a picture that
+            # looks like a window but means nothing
+            raise ImagingError(
+                "bad_window",
+                f"the window presets are CT (Hounsfield unit) ranges; this image's modality is "
+                f"{modality or 'not given'}: leave `window` out for its own",
+            )
         return window_unit(values, WINDOW_PRESETS[name])
     voi = _voi_lut_unit(values, view)
     if voi is not None:
