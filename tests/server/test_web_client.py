@@ -867,6 +867,22 @@ def test_images_and_frames_of_a_multi_image_study(page, tmp_path, tiny_lm, shots
         # to be asked about (frame 1 of image 2 may be passed over before it is shown)
         wanted = [{"image": 0, "frame": None}, {"image": 1, "frame": 9}]
         wait_for(lambda: all(w in _prepared(server) for w in wanted), 20, "the prepares")
+
+        # a report about frame 5 of image 2, asked elsewhere: opening it shows that frame
+        asked = httpx.post(
+            f"{server.base}/v1/studies/{study['id']}/questions",
+            headers={"Authorization": f"Bearer {server.key}"},
+            json={"question": "Any lesion?", "image_index": 1, "frame": 4, "max_new_tokens": 2},
+            timeout=60,
+        )
+        assert asked.status_code == 201, asked.text
+        select.select_option(index=0)
+        page.reload()
+        page.locator("#history button.history-item").first.click()
+        expect(select).to_have_value("1")
+        expect(page.locator("#frame-value")).to_have_text("5 / 10")
+        expect(image).to_have_attribute("data-frame", "4")
+        expect(page.locator("#report-provenance")).to_contain_text("image 2 · frame 5")
         assert page.problems == [], page.problems
 
 

@@ -1007,6 +1007,21 @@
 
   let frameTimer = null;
 
+  // The image and frame a report is about, in the viewer: the frame asked about, or for a
+  // question that named none the middle one, which the model saw (`frame` null).
+  function showReportImage(r) {
+    const s = state.study;
+    const im = s && s.images.find((i) => i.index === r.image_index);
+    if (!im) return;
+    const frame = Math.min(r.frame ?? Math.floor(im.n_frames / 2), im.n_frames - 1);
+    if (state.imageIndex === im.index && state.frame === frame) return;
+    if (state.imageIndex !== im.index) resetView(); // another image: fit it
+    state.imageIndex = im.index;
+    state.frame = frame;
+    renderImageControls();
+    loadImage();
+  }
+
   function onFrameInput() {
     state.frame = Number($("frame-range").value) - 1;
     updateFrameOutput();
@@ -1174,6 +1189,7 @@
       button.addEventListener("click", () => {
         if (isDirty() && !window.confirm("Discard the unsaved changes to this report?")) return;
         selectReport(r.id);
+        showReportImage(r);
         $("report-title").scrollIntoView({ block: "nearest" });
         $("report-card").focus();
       });
@@ -1250,6 +1266,7 @@
       `${Math.round(r.latency_ms)} ms`,
       `${r.tokens.completion} token${r.tokens.completion === 1 ? "" : "s"}`,
       r.image_index !== null && r.image_index !== undefined ? `image ${r.image_index + 1}` : null,
+      r.frame !== null && r.frame !== undefined ? `frame ${r.frame + 1}` : null,
       `asked ${when(r.created_at)}`,
       edited(r) ? `edited ${when(r.updated_at)}` : null,
     ].filter(Boolean);
