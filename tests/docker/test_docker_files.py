@@ -793,6 +793,11 @@ def test_orthanc_config_enables_dicomweb_and_points_at_the_server():
 
     aet, host, port = conf["DicomModalities"]["tinyllava-med"]
     assert (aet, host) == (Settings().dimse_ae_title, "server")
+    # only the server's host may query or retrieve as TINYLLAVA_MED (Orthanc grants a modality
+    # in this form every DIMSE service), and the demo PACS listens on this host alone
+    assert conf["DicomCheckModalityHost"] is True
+    orthanc = _compose("compose.yml")["services"]["orthanc"]
+    assert all(str(p).startswith("127.0.0.1:") for p in orthanc["ports"]), orthanc["ports"]
     server = _compose("compose.yml")["services"]["server"]
     assert any(str(p).endswith(f":{port}") for p in server["ports"])
 
