@@ -389,7 +389,7 @@ def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
 
     before = upload_ct(api)
 
-    def no_space(self, data):
+    def no_space(self, data, digest=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with monkeypatch.context() as m:

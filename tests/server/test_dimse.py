@@ -214,7 +214,7 @@ def test_a_full_disk_refuses_with_out_of_resources(sqlite_api_dimse, monkeypatch
 
     api = sqlite_api_dimse
 
-    def no_space(self, data):
+    def no_space(self, data, digest=None):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ImageStore, "put", no_space)

@@ -110,7 +110,7 @@ def _copy_checked(source: ImageStore, dest: ImageStore, sha: str) -> tuple[str, 
     data = source.get(sha)
     if hashlib.sha256(data).hexdigest() != sha:
         return "corrupt", 0
-    dest.put(data)  # the store's own atomic, content-addressed write
+    dest.put(data, sha)  # the store's own atomic, content-addressed write
     return "copied", len(data)
 
 

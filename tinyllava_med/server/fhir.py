@@ -88,12 +88,13 @@ def build_diagnostic_report(
     if report.text != report.answer:
         answer = without_controls(report.answer)
         observation["note"].append({"text": f"Unedited model answer: {answer}"})
-    if report.cut_short(report.text):
+    cut_short = report.cut_short(report.text)  # the stored text, not the copy made clean
+    if cut_short:
         observation["note"].append({"text": CUT_SHORT_NOTE})
     if (amendment := report.amendment) is not None:
         reason = without_controls(amendment.reason or "")
         observation["note"].append({"text": f"Amended: {reason}"})
-    cut = f"<p><b>Note:</b> {html.escape(CUT_SHORT_NOTE)}</p>" if report.cut_short(text) else ""
+    cut = f"<p><b>Note:</b> {html.escape(CUT_SHORT_NOTE)}</p>" if cut_short else ""
     narrative = (
         f"<p><b>Question:</b> {html.escape(question)}</p>"
         f"<p><b>Report ({status}):</b> {html.escape(text)}</p>{cut}"

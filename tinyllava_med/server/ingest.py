@@ -166,9 +166,9 @@ def _same_instance(store: ImageStore, image: Image, data: bytes, d: Decoded) -> 
     )
 
 
-def _restore(store: ImageStore, image: Image, data: bytes) -> None:
+def _restore(store: ImageStore, image: Image, data: bytes, d: Decoded) -> None:
     """A released image received again (`retention.py`): its file is back under its row."""
-    image.sha256 = store.put(data)
+    image.sha256 = store.put(data, d.sha256)
     image.size_bytes = len(data)
     image.released_at = None
 
@@ -210,7 +210,7 @@ def store_instances(
                 )
                 result.failed.append((sop_class, sop_instance, PROCESSING_FAILURE))
                 continue
-            _restore(store, held, part.data)  # stored; no new automatic report (its
+            _restore(store, held, part.data, d)  # stored; no new automatic report (its
             # reports were read already)
         elif held is not None:
             result.already += 1

@@ -188,8 +188,7 @@ def add_file(
     """Store one decoded file (`d`, decoded from `data`) and append it to `study` as its next
     image."""
     m = d.metadata
-    sha256 = store.put(data)
-    assert sha256 == d.sha256, "the store names files by their sha256"
+    sha256 = store.put(data, d.sha256)
     return crud.add_image(
         session,
         study=study,

@@ -140,8 +140,10 @@ class ImageStore:
             raise ValueError("not a sha256 hex digest")
         return self.root / sha256[:2] / sha256
 
-    def put(self, data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
+    def put(self, data: bytes, digest: str | None = None) -> str:
+        """Store `data` under its sha256 (`digest`, when the caller has just computed it from
+        these bytes); its name."""
+        digest = digest or hashlib.sha256(data).hexdigest()
         dest = self.path(digest)
         try:
             if dest.stat().st_size == len(data):

@@ -1187,7 +1187,7 @@
       button.setAttribute("aria-label",
         `${STATUS_TEXT[r.status]} report, ${when(r.created_at)}: ${r.question}`);
       button.addEventListener("click", () => {
-        if (isDirty() && !window.confirm("Discard the unsaved changes to this report?")) return;
+        if (isDirty() && !window.confirm(DISCARD_EDITS)) return;
         selectReport(r.id);
         showReportImage(r);
         $("report-title").scrollIntoView({ block: "nearest" });
@@ -1201,6 +1201,8 @@
   function currentReport() {
     return state.reports.find((r) => r.id === state.reportId) || null;
   }
+
+  const DISCARD_EDITS = "Discard the unsaved changes to this report?";
 
   function isDirty() {
     const r = currentReport();
@@ -1319,18 +1321,20 @@
     } catch (err) {
       if (err.status === 412) {
         const fresh = await api(path).catch(() => null);
-        if (fresh) {
-          state.reports = state.reports.map((x) => (x.id === fresh.id ? fresh : x));
-          renderHistory();
-        }
+        if (fresh) keepReport(fresh);
       }
       throw err;
     }
   }
 
-  function replaceReport(updated) {
+  // `updated` in the history list, in place of its earlier version
+  function keepReport(updated) {
     state.reports = state.reports.map((r) => (r.id === updated.id ? updated : r));
     renderHistory();
+  }
+
+  function replaceReport(updated) {
+    keepReport(updated);
     selectReport(updated.id);
   }
 
@@ -1421,14 +1425,14 @@
 
   // --- printing a signed report ----------------------------------------------------------------
 
-  // The signed report on a sheet of its own (study, question, text, who signed and when, the
-  // model that drafted it), then the browser's print dialog; the page's CSS prints only it.
   // The sheet prints only while it holds the report shown (`filled`): after the print, or once
   // another report, study or user is shown, the page prints as it is instead.
   function clearPrintSheet() {
     $("print-sheet").classList.remove("filled");
   }
 
+  // The signed report on a sheet of its own (study, question, text, who signed and when, the
+  // model that drafted it), then the browser's print dialog; the page's CSS prints only it.
   function printReport() {
     const r = currentReport();
     const s = state.study;
@@ -1556,7 +1560,7 @@
     });
     let shownHash = location.hash;
     window.addEventListener("hashchange", () => {
-      if (isDirty() && !window.confirm("Discard the unsaved changes to this report?")) {
+      if (isDirty() && !window.confirm(DISCARD_EDITS)) {
         history.replaceState(null, "", shownHash || "#/"); // stay, with the text as typed
         return;
       }
