@@ -991,3 +991,31 @@ def _starts_with(prefix: str) -> re.Pattern[str]:
 
 def _contains(part: str) -> re.Pattern[str]:
     return re.compile(re.escape(part))
+
+
+def test_api_docs_render_without_internet(page, demo_server):
+    """/docs (Swagger UI) and /redoc come from this server: a hospital network that cannot reach
+    a CDN still gets its OpenAPI documentation. Every request to another origin is refused and
+    recorded; the pages must render the API's operations all the same."""
+    from playwright.sync_api import expect
+
+    elsewhere: list[str] = []
+
+    def only_this_server(route: Any) -> None:
+        if route.request.url.startswith(demo_server.base + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_this_server)
+    page.goto(demo_server.base + "/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("TinyLLaVA-Med server")
+    ask = page.locator(".opblock-post", has_text="/v1/studies/{study_id}/questions").first
+    expect(ask).to_be_visible()
+    ask.locator(".opblock-summary").click()  # an operation opens: the script is running
+    expect(ask.locator(".parameters-container, .opblock-body").first).to_be_visible()
+    page.goto(demo_server.base + "/redoc")
+    expect(page.get_by_text("/v1/studies/{study_id}/questions").first).to_be_attached()
+    assert elsewhere == [], elsewhere
+    assert page.problems == [], page.problems

@@ -26,6 +26,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -462,7 +463,10 @@ def create_app(
             app.state.engine.shutdown()
             db_engine.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc served from the installed package, not a CDN
+    # that a hospital network without internet cannot reach
+    app = FastAPIOffline(
+        static_url="/docs-static",
         title="TinyLLaVA-Med server",
         version=__version__,
         description="Questions about DICOM / PNG / JPEG studies, answered by small medical "
