@@ -76,3 +76,50 @@ def test_a_logged_traceback_keeps_its_frames_and_drops_other_libraries_messages(
     assert "1961" not in (record.exc_text or "") and "ValueError (raised in pydicom." in (
         record.exc_text or ""
     )
+
+
+@pytest.mark.parametrize(("server_level", "log_format"), [("DEBUG", "text"), ("INFO", "json")])
+def test_libraries_stay_quiet_when_the_server_logs_more(server_level, log_format):
+    """`serve`'s order: the app quiets the libraries, then the root logger goes down to
+    TINYLLAVA_MED_LOG_LEVEL and uvicorn applies the log config. dicomweb-client's request lines
+    (the QIDO URL with an accession number, the PACS's Basic credentials) and pynetdicom's line
+    per received instance (its SOP Instance UID) must not follow it down."""
+    import logging.config
+
+    from tinyllava_med.server.logs import (
+        LIBRARY_LEVELS,
+        json_log_config,
+        quiet_libraries,
+        text_log_config,
+    )
+
+    saved = {name: logging.getLogger(name).level for name in LIBRARY_LEVELS}
+    root_level, root_handlers = logging.getLogger().level, logging.getLogger().handlers[:]
+    try:
+        for name in LIBRARY_LEVELS:  # as a fresh process finds them
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        quiet_libraries()
+        logging.getLogger().setLevel(server_level)
+        logging.config.dictConfig(
+            json_log_config(server_level) if log_format == "json" else text_log_config()
+        )
+        seen: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger().addHandler(handler)  # beside the config's own handlers
+        logging.getLogger("dicomweb_client.web").debug(
+            "GET: /studies?AccessionNumber=ACC123 {'Authorization': 'Basic c2VjcmV0'}"
+        )
+        logging.getLogger("urllib3.connectionpool").debug("GET /studies?PatientID=PID9 200")
+        logging.getLogger("pynetdicom.events").info("Received Store Request: 1.2.3.4.5")
+        logging.getLogger("tinyllava_med.server.test").info("the server's own line")
+        logging.getLogger().removeHandler(handler)
+        text = "\n".join(seen)
+        assert "ACC123" not in text and "c2VjcmV0" not in text and "PID9" not in text
+        assert "1.2.3.4.5" not in text
+        assert "the server's own line" in text  # the server's own INFO still gets through
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+        logging.getLogger().setLevel(root_level)
+        logging.getLogger().handlers[:] = root_handlers

@@ -251,8 +251,10 @@ def quiet_libraries() -> None:
     if not getattr(factory, "without_values", False):
         logging.setLogRecordFactory(_record_without_values(factory))
     for name, level in LIBRARY_LEVELS.items():
+        # the logger's own level, not the effective one: `serve` lowers the root logger to
+        # TINYLLAVA_MED_LOG_LEVEL after this, and a logger left unset would follow it down
         logger = logging.getLogger(name)
-        if logger.getEffectiveLevel() < level:
+        if logger.level == logging.NOTSET or logger.level < level:
             logger.setLevel(level)
     try:
         from pynetdicom import _config as pynetdicom_config
