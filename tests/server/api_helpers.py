@@ -235,3 +235,18 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+def make_old(session, when, study_ids=None) -> None:
+    """Studies (all, or `study_ids`) as if they and their images had arrived at `when`, for
+    image retention (which counts from each image's `stored_at`)."""
+    from sqlalchemy import update
+
+    from tinyllava_med.server.db.models import Image, Study
+
+    studies, images = update(Study), update(Image)
+    if study_ids is not None:
+        studies = studies.where(Study.id.in_(study_ids))
+        images = images.where(Image.study_id.in_(study_ids))
+    session.execute(studies.values(created_at=when))
+    session.execute(images.values(created_at=when, stored_at=when))

@@ -89,7 +89,7 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0010"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0011"
     assert migrate.check_models_match_migrations(database_url) == []
 
 
@@ -170,6 +170,38 @@ def test_0008_widens_accession_numbers_and_keeps_every_study_child(database_url:
                 == (long[:16])
             )
             assert conn.execute(text("SELECT count(*) FROM reports")).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def test_0011_counts_existing_images_stored_when_they_arrived(database_url: str) -> None:
+    """Image retention counts from `images.stored_at`; images stored before 0011 take their
+    `created_at`, so an upgrade releases nothing sooner or later than before it."""
+    migrate.upgrade(database_url, "0010")
+    engine = make_engine(database_url)
+    t = {"t": "2026-01-01 00:00:00"}
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'received')"),
+                t,
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO images (id, study_id, n, sha256, kind, size_bytes, rows, "
+                    "columns, n_frames, safe_metadata, created_at) "
+                    "VALUES ('i', 's', 0, 'h', 'png', 1, 1, 1, 1, '{}', :t)"
+                ),
+                t,
+            )
+        migrate.upgrade(database_url)
+        with Session(engine) as session:
+            image = session.get(Image, "i")
+            assert image is not None and image.stored_at == image.created_at
+            assert image.stored_at.replace(tzinfo=None) == datetime(2026, 1, 1)
+        migrate.downgrade(database_url, "0010")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM images")).scalar_one() == 1
     finally:
         engine.dispose()
 

@@ -20,14 +20,13 @@ from datetime import timedelta
 import httpx
 import pydicom
 import pytest
-from api_helpers import CT_SMALL, free_port, live_server, wait_for
+from api_helpers import CT_SMALL, free_port, live_server, make_old, wait_for
 from orthanc_helpers import start_orthanc
 from pydicom.uid import generate_uid
-from sqlalchemy import update
 
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
-from tinyllava_med.server.db.models import Study, utcnow
+from tinyllava_med.server.db.models import utcnow
 from tinyllava_med.server.retention import release_due
 from tinyllava_med.server.settings import Settings
 
@@ -352,7 +351,7 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
             r = httpx.patch(f"{base}/v1/reports/{report_id}", json={"status": "final"}, headers=h)
             assert r.status_code == 200, r.text
             with app.state.session_factory.begin() as s:
-                s.execute(update(Study).values(created_at=utcnow() - timedelta(days=400)))
+                make_old(s, utcnow() - timedelta(days=400))
             keep_a_year = app.state.settings.model_copy(update={"image_retention_days": 365.0})
             released = release_due(app.state.session_factory, app.state.store, keep_a_year)
             assert released["images"] == 2

@@ -16,6 +16,7 @@ from api_helpers import (
     assert_error,
     ct_with,
     make_api,
+    make_old,
     multipart_related,
     png_bytes,
     upload,
@@ -73,7 +74,7 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
     old = utcnow() - timedelta(days=31)
     with sessions.begin() as s:
         ids = [signed["id"], drafted["id"], unread["id"], waiting["id"]]
-        s.execute(update(Study).where(Study.id.in_(ids)).values(created_at=old))
+        make_old(s, old, ids)
     ct_sha, png_sha = signed["images"][0]["sha256"], unread["images"][0]["sha256"]
 
     result = release_due(sessions, store, settings)
@@ -138,6 +139,9 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
         image = s.scalars(select(Image).where(Image.study_id == signed["id"])).one()
         assert image.released_at is None and store.exists(image.sha256)
         assert s.query(Study).count() == 4  # filed into the same study, not a new one
+    # and it stays for another retention period, though the study arrived long ago
+    assert release_due(sessions, store, settings)["studies"] == 0
+    assert api.get(f"/v1/studies/{signed['id']}/images/0", headers=api.h()).status_code == 200
 
 
 def test_drafts_nobody_changes_release_their_study_with_draft_days(tmp_path, database_url, tiny_lm):
@@ -160,7 +164,7 @@ def test_drafts_nobody_changes_release_their_study_with_draft_days(tmp_path, dat
         drafts = {s["id"]: _ask(api, s["id"]) for s in (forgotten, read, racing)}
         now = utcnow()
         with sessions.begin() as s:
-            s.execute(update(Study).values(created_at=now - timedelta(days=60)))
+            make_old(s, now - timedelta(days=60))
             for study, days in ((forgotten, 20), (read, 3), (racing, 20)):
                 s.execute(
                     update(Report)
@@ -224,11 +228,7 @@ def test_the_release_runs_as_a_job_and_queues_the_next(api):
     )
     assert r.status_code == 200, r.text
     with sessions.begin() as s:
-        s.execute(
-            update(Study)
-            .where(Study.id == study["id"])
-            .values(created_at=utcnow() - timedelta(days=31))
-        )
+        make_old(s, utcnow() - timedelta(days=31), [study["id"]])
         s.execute(update(Job).where(Job.id == following.id).values(run_after=utcnow()))
 
     def second_done():
@@ -242,8 +242,24 @@ def test_the_release_runs_as_a_job_and_queues_the_next(api):
 
 def test_without_retention_nothing_is_released(tmp_path, sqlite_url, tiny_lm):
     for api in make_api(tmp_path, sqlite_url, tiny_lm):
-        with api.app.state.session_factory() as s:
+        sessions = api.app.state.session_factory
+        with sessions() as s:
             assert s.query(Job).filter(Job.kind == "release_images").count() == 0
+        # a run queued while retention was on, before a restart without it: it finishes as
+        # skipped and queues no next one (it does not fail, nor retry, nor alert)
+        with sessions.begin() as s:
+            left = crud.enqueue_job(s, kind="release_images").id
+
+        def finished(sessions=sessions, left=left):
+            with sessions() as s:
+                job = s.get(Job, left)
+                return job if job.status not in ("queued", "running") else None
+
+        job = wait_for(finished, what="the left-over release run")
+        assert job.status == "done", job.payload
+        assert job.payload["result"] == {"skipped": "image_retention_days is not set"}
+        with sessions() as s:
+            assert s.query(Job).filter(Job.kind == "release_images").count() == 1
 
 
 def test_the_console_releases_now(tmp_path, monkeypatch, capsys):
@@ -259,7 +275,7 @@ def test_the_console_releases_now(tmp_path, monkeypatch, capsys):
     engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'tinyllava_med.db'}")
     sessions = session_factory(engine)
     with sessions.begin() as s:
-        s.execute(update(Study).values(created_at=utcnow() - timedelta(days=10)))
+        make_old(s, utcnow() - timedelta(days=10))
     with pytest.raises(SystemExit, match="needs --days"):
         main(["db", "release-images"])
     for days in ("-1", "0", "nan", "soon"):  # a typo must not release what just arrived
@@ -289,7 +305,7 @@ def _signed_and_due(api):
     r = api.patch(f"/v1/reports/{report}", headers=api.h(), json={"status": "final"})
     assert r.status_code == 200, r.text
     with api.app.state.session_factory.begin() as s:
-        s.execute(update(Study).values(created_at=utcnow() - timedelta(days=31)))
+        make_old(s, utcnow() - timedelta(days=31))
     return study, report
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import MR_SMALL, ct_with, free_port, live_server, wait_for
+from api_helpers import MR_SMALL, ct_with, free_port, live_server, make_old, wait_for
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
@@ -721,14 +721,12 @@ def test_reader_retrieves_a_study_from_the_pacs(page, tmp_path, tiny_lm, shots):
         # past the image retention the pixels go; the viewer says so and brings them back
         from datetime import timedelta
 
-        from sqlalchemy import update
-
-        from tinyllava_med.server.db.models import Study, utcnow
+        from tinyllava_med.server.db.models import utcnow
         from tinyllava_med.server.retention import release_due
 
         app = server.app
         with app.state.session_factory.begin() as s:
-            s.execute(update(Study).values(created_at=utcnow() - timedelta(days=400)))
+            make_old(s, utcnow() - timedelta(days=400))
         released = release_due(
             app.state.session_factory,
             app.state.store,

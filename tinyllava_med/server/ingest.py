@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tinyllava_med.imaging import ImagingError, load_study_file
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.models import Image, Study
+from tinyllava_med.server.db.models import Image, Study, utcnow
 from tinyllava_med.server.jobs import schedule_auto_report
 from tinyllava_med.server.serving import (
     Decoded,
@@ -171,6 +171,7 @@ def _restore(store: ImageStore, image: Image, data: bytes, d: Decoded) -> None:
     image.sha256 = store.put(data, d.sha256)
     image.size_bytes = len(data)
     image.released_at = None
+    image.stored_at = utcnow()  # retention counts again from now
 
 
 def store_instances(

@@ -529,6 +529,9 @@ class JobRunner:
             schedule_release,
         )
 
+        if self.settings.image_retention_days is None:  # turned off since this run was queued
+            with self.sessions.begin() as s:
+                return finish(s, job, {"skipped": "image_retention_days is not set"})
         result = release_due(self.sessions, self.app.state.store, self.settings)
         self._forget(result.pop("hashes"))
         with self.sessions.begin() as s:

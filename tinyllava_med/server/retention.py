@@ -1,8 +1,9 @@
 """Releasing the pixel data of old studies (`image_retention_days`), so that a small server's
 disk does not fill with studies the PACS keeps anyway.
 
-A study is due when it arrived more than `image_retention_days` ago, has no draft report (a
-radiologist may still be reading it) and no automatic report still to come. With
+A study is due when none of its images was stored within `image_retention_days` (the files of
+a study retrieved again count from their return, a late instance from its own arrival), has no
+draft report (a radiologist may still be reading it) and no automatic report still to come. With
 `image_retention_draft_days`, a draft nobody has changed for that long no longer keeps its study:
 a site whose radiologists read on the PACS and never sign here would otherwise keep every
 automatically reported study's pixels for ever. The draft stays a draft; its image comes back as
@@ -78,8 +79,8 @@ def _drafts_in_use(study_id: Any, settings: Settings, now: datetime) -> Select[s
 
 
 def due_studies(session: Session, settings: Settings, now: datetime) -> list[str]:
-    """Oldest first: studies past retention, without a draft in use, with an image still
-    held."""
+    """Oldest first: studies with no image stored within retention, without a draft in use,
+    with an image still held."""
     assert settings.image_retention_days is not None
     cutoff = now - timedelta(days=settings.image_retention_days)
     a_draft = _drafts_in_use(Study.id, settings, now)
@@ -88,11 +89,13 @@ def due_studies(session: Session, settings: Settings, now: datetime) -> list[str
         Job.study_id == Study.id, Job.kind == AUTO_REPORT, Job.status.in_(("queued", "running"))
     )
     held = select(Image.id).where(Image.study_id == Study.id, Image.released_at.is_(None))
+    stored_lately = select(Image.id).where(Image.study_id == Study.id, Image.stored_at >= cutoff)
     return list(
         session.scalars(
             select(Study.id)
             .where(
                 Study.created_at < cutoff,
+                ~stored_lately.exists(),
                 ~a_draft.exists(),
                 ~a_report_coming.exists(),
                 held.exists(),

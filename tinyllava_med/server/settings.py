@@ -239,9 +239,10 @@ class Settings(BaseSettings):
     image_retention_days: float | None = Field(
         default=None,
         gt=0,
-        description="release the pixel data of studies that arrived this many days ago and have "
-        "no draft report (the PACS keeps the images; the study, its reports and SRs stay, and "
-        "retrieving or sending the study again brings the images back); unset: keep everything",
+        description="release the pixel data of studies that received no image for this many "
+        "days and have no draft report (the PACS keeps the images; the study, its reports and "
+        "SRs stay, and retrieving or sending the study again brings the images back for as long "
+        "again); unset: keep everything",
     )
     image_retention_draft_days: float | None = Field(
         default=None,

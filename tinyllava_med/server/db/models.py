@@ -167,6 +167,11 @@ class Image(Base):
     n_frames: Mapped[int] = mapped_column(Integer, default=1)
     safe_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stored_at: Mapped[datetime] = mapped_column(
+        default=utcnow,
+        doc="when its file was last stored: on arrival, and again when a released image is "
+        "received again (retention counts from it)",
+    )
     released_at: Mapped[datetime | None] = mapped_column(
         default=None, doc="when its pixels were released (`image_retention_days`); None: held"
     )
