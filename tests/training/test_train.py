@@ -273,7 +273,8 @@ def test_packed_questions_have_single_turn_logits(tiny_lm, vqa_dir):
 
 
 def test_qlora_stage_writes_a_plain_checkpoint(tiny_model_dir, vqa_dir, tmp_path):
-    """4-bit base under LoRA adapters; the adapters are merged into the full-precision base."""
+    """4-bit base under LoRA adapters; the adapters are merged into the full-precision base, and
+    the projector trained in `full` mode beside them keeps what it learnt."""
     out = run_stage(
         _cfg(
             "instruct",
@@ -281,7 +282,7 @@ def test_qlora_stage_writes_a_plain_checkpoint(tiny_model_dir, vqa_dir, tmp_path
             vqa_dir,
             tmp_path / "q",
             language_model={"mode": "lora"},
-            projector={"mode": "frozen"},
+            projector={"mode": "full"},
             lora={"r": 4, "alpha": 8, "qlora": True},
             max_steps=2,
         )
@@ -295,6 +296,10 @@ def test_qlora_stage_writes_a_plain_checkpoint(tiny_model_dir, vqa_dir, tmp_path
     assert set(merged) == set(base)
     key = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert merged[key].dtype == torch.float32 and not torch.equal(merged[key], base[key])
+    projector = [k for k in base if k.startswith("model.multi_modal_projector.")]
+    assert projector and all(not torch.equal(merged[k], base[k]) for k in projector)
+    tower = [k for k in base if k.startswith("model.vision_tower.")]
+    assert tower and all(torch.equal(merged[k], base[k]) for k in tower)  # frozen: as it was
 
 
 @pytest.mark.parametrize("seconds_per_step", [0.1, 0.2])

@@ -316,9 +316,19 @@ def _merge_into_full_precision(peft_model: Any, cfg: TrainConfig) -> Any:
     from peft import PeftModel
 
     path, _variant = resolve(cfg.model)
+    # what a `full` component trained (the projector, the tower) is not in an adapter save
+    trained = {
+        name.removeprefix("base_model.model."): param.detach().to(torch.float32)
+        for name, param in peft_model.named_parameters()
+        if param.requires_grad and "lora_" not in name
+    }
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)  # the adapters only
         base = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        missing = set(trained) - set(base.state_dict())
+        if missing:
+            raise RuntimeError(f"trained weights the base does not have: {sorted(missing)[:5]}")
+        base.load_state_dict(trained, strict=False)
         return PeftModel.from_pretrained(base, tmp).merge_and_unload()
 
 
@@ -333,7 +343,8 @@ def save_stage_output(
     """Merge adapters if any, then write weights, processor and provenance.
 
     QLoRA adapters are merged into the base reloaded in full precision (not into its 4-bit
-    copy), so the output is a plain served checkpoint, as with LoRA.
+    copy), so the output is a plain served checkpoint, as with LoRA; the weights of components
+    trained in `full` mode beside them (the projector, the tower) are copied in first.
     """
     if cfg.lora.qlora and hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
         model = _merge_into_full_precision(model, cfg)
