@@ -365,3 +365,29 @@ def test_a_run_cut_by_its_time_limit_records_that_it_is_not_reproducible(
     run = ServedMeta.load(cut).training["run"]
     assert run["stopped_by_time_limit"] and not run["reproducible"]
     assert run["steps"] == 1 and run["max_steps"] == 50
+
+
+def test_a_lora_stage_with_one_seed_gives_the_same_weights(tiny_model_dir, vqa_dir, tmp_path):
+    """The adapters are initialised as the model is wrapped, before the Trainer seeds: the
+    stage seeds first, so two runs with one seed (in one process, whatever drew from the
+    random generator between them) write the same weights, as their provenance claims."""
+    outs = []
+    for name in ("a", "b"):
+        torch.rand(7)  # something else drew in between
+        out = run_stage(
+            _cfg(
+                "instruct",
+                tiny_model_dir,
+                vqa_dir,
+                tmp_path / name,
+                language_model={"mode": "lora"},
+                projector={"mode": "frozen"},
+                lora={"r": 4, "alpha": 8},
+                max_steps=3,
+            )
+        )
+        outs.append(load_model(str(out), device="cpu").model.state_dict())
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    base = load_model(str(tiny_model_dir), device="cpu").model.state_dict()
+    assert not torch.equal(outs[0][key], base[key])  # it trained
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])

@@ -20,6 +20,7 @@ from transformers import (
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
 
 from tinyllava_med.model.load import resolve
@@ -260,6 +261,9 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
 
 def run_stage(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Train one stage as `cfg` says; returns the served-format output folder."""
+    # before anything draws: LoRA adapters are initialised as the model is wrapped, before the
+    # Trainer would seed
+    set_seed(cfg.seed)
     model, processor, meta = _load_for_training(cfg)
     template = cfg.template or meta.template
     entries = read_conversations(cfg.data_path)
