@@ -422,6 +422,25 @@ def test_prompt_ids_tinyllava_single_turn_and_multi_turn_gap(shop: Workshop) -> 
     assert slow_legacy_false.convert_ids_to_tokens(want[eos + 1])[0] != "▁"
 
 
+@pytest.mark.parametrize(
+    "case", ["llava_mistral", "tiny_llava_llama", "tiny_llava_phi", "tiny_llava_stablelm"]
+)
+def test_training_ids_start_as_the_served_prompt(shop: Workshop, case: str) -> None:
+    """A training sample's prompt is tokenized as the server tokenizes a question: Llama's and
+    Mistral's start with BOS, Phi-2's and StableLM-2's with no special token (their BOS is
+    defined but never added, at inference nor in the original training)."""
+    from tinyllava_med.training.data import encode_conversation, num_image_tokens
+
+    orig, dst = shop.convert(case)
+    processor = AutoProcessor.from_pretrained(dst)
+    served = _served_inputs(processor, orig.template)["input_ids"][0].tolist()
+    ids, labels = encode_conversation(
+        processor.tokenizer, orig.template, [(QUESTION, "yes")], num_image_tokens(processor)
+    )
+    assert ids[: len(served)] == served
+    assert labels[: len(served)] == [-100] * len(served)  # the prompt is not supervised
+
+
 # ---------------------------------------------------------------------------------------------
 # The processor
 

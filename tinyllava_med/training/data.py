@@ -85,6 +85,18 @@ def group_by_image(
     return out
 
 
+def leading_ids(tokenizer: Any) -> list[int]:
+    """The special ids the tokenizer puts before a text, as the processor's call does at
+    inference: Llama's BOS; none for Phi-2's and StableLM-2's, whose BOS is defined but never
+    added (the original LLaVA / TinyLLaVA code trains without it too)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return list(full[:i])
+    return []
+
+
 def encode_conversation(
     tokenizer: Any,
     template: str,
@@ -93,7 +105,7 @@ def encode_conversation(
     max_length: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels (answers only) for one conversation with one image."""
-    ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids: list[int] = leading_ids(tokenizer)
     labels: list[int] = [IGNORE_INDEX] * len(ids)
     for text, is_answer in conversation_segments(template, list(turns)):
         text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens)
@@ -124,7 +136,7 @@ def encode_packed(
     image first, or when splitting changes the tokens (then train on separate samples).
     """
     marker = IMAGE_TOKEN + "\n"
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = leading_ids(tokenizer)
     prefix_ids: list[int] | None = None
     checked = False
     ids: list[int] = []
