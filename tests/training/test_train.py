@@ -391,3 +391,30 @@ def test_a_lora_stage_with_one_seed_gives_the_same_weights(tiny_model_dir, vqa_d
     base = load_model(str(tiny_model_dir), device="cpu").model.state_dict()
     assert not torch.equal(outs[0][key], base[key])  # it trained
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_a_lora_projector_gets_adapters_and_an_unmatched_one_is_refused(tiny_model_dir, vqa_dir):
+    """`projector.mode: lora` puts adapters on the projector's two layers (they sit right under
+    it); a target list that names none of a LoRA component's layers is an error, not a
+    component that silently trains nothing."""
+    cfg = _cfg(
+        "instruct",
+        tiny_model_dir,
+        vqa_dir,
+        "unused",
+        projector={"mode": "lora"},
+        language_model={"mode": "frozen"},
+        lora={"r": 4, "alpha": 8},
+    )
+    model, _processor, _meta = trainer_mod._load_for_training(cfg)
+    wrapped = trainer_mod._apply_modes(model, cfg)
+    trained = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trained and all("multi_modal_projector" in n and "lora_" in n for n in trained)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trained} == {"linear_1", "linear_2"}
+
+    only_attention = cfg.model_copy(
+        update={"lora": cfg.lora.model_copy(update={"target_modules": ["q_proj"]})}
+    )
+    model, _processor, _meta = trainer_mod._load_for_training(only_attention)
+    with pytest.raises(ValueError, match="projector.mode is lora.*linear_1, linear_2"):
+        trainer_mod._apply_modes(model, only_attention)

@@ -42,6 +42,8 @@ class LoraSettings(BaseModel):
             "fc2",
             "out_proj",
             "dense",
+            "linear_1",  # the projector's two layers (LLaVA's multi_modal_projector)
+            "linear_2",
         ]
     )
     qlora: bool = False  # 4-bit NF4 base (bitsandbytes) under the adapters

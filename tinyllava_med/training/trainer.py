@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -100,12 +101,20 @@ def _apply_modes(model: Any, cfg: TrainConfig) -> Any:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=cfg.gradient_checkpointing
             )
-        names = {
-            n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-        }
-        targets = sorted(set(cfg.lora.target_modules) & names)
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        targets = sorted(set(cfg.lora.target_modules) & {n.rsplit(".", 1)[-1] for n in linears})
         prefixes = "|".join(COMPONENT_PATHS[c].replace(".", r"\.") for c in lora_comps)
-        regex = rf"^(?:{prefixes})\..*\.(?:{'|'.join(targets)})$"
+        # the projector's layers sit right under it (multi_modal_projector.linear_1)
+        regex = rf"^(?:{prefixes})\.(?:.*\.)?(?:{'|'.join(targets)})$"
+        for component in lora_comps:  # a LoRA component whose layers no target names trains nothing
+            path = COMPONENT_PATHS[component] + "."
+            own = [n for n in linears if n.startswith(path)]
+            if not targets or not any(re.match(regex, n) for n in own):
+                layers = sorted({n.rsplit(".", 1)[-1] for n in own})
+                raise ValueError(
+                    f"{component}.mode is lora, but lora.target_modules names none of its linear "
+                    f"layers ({', '.join(layers)})"
+                )
         model = get_peft_model(
             model,
             LoraConfig(
