@@ -408,23 +408,49 @@ def test_pacs_check_names_what_answers_and_what_does_not(tmp_path):
 
     code, lines = pacs_check()
     assert code == 0 and lines[0].startswith("no PACS is configured")
-    with start_orthanc(tmp_path / "orthanc", orthanc_port, dicom_port=orthanc_dicom):
+    pacs = f"TLMPACS@127.0.0.1:{orthanc_dicom}"
+    # Orthanc checks a modality's host (it compares addresses, never resolves names): the AE
+    # title registered by name may echo but not query; the one registered by address may both
+    modalities = {
+        "by-name": ["TINYLLAVA_MED", "localhost", 11112],
+        "by-address": ["TLM_BY_IP", "127.0.0.1", 11112],
+    }
+    with start_orthanc(
+        tmp_path / "orthanc",
+        orthanc_port,
+        dicom_port=orthanc_dicom,
+        DicomCheckModalityHost=True,
+        DicomModalities=modalities,
+    ):
         code, lines = pacs_check(
             dicomweb_pull_url=f"http://127.0.0.1:{orthanc_port}/dicom-web",
             dicomweb_pull_headers='{"Authorization": "Basic dGxtOnNlY3JldA=="}',
-            dimse_push=f"TLMPACS@127.0.0.1:{orthanc_dicom}",
-            dimse_pull=f"TLMPACS@127.0.0.1:{closed}",
+            dimse_push=pacs,
+            dimse_pull=pacs,
             dimse_port="11112",
             dimse_peers='["TLMPACS"]',
         )
-    assert code == 1, lines
-    assert [ln.split(" (")[0] for ln in lines] == [
-        f"ok   dicomweb_pull_url http://127.0.0.1:{orthanc_port}/dicom-web: QIDO-RS answered",
-        f"ok   dimse_push TLMPACS@127.0.0.1:{orthanc_dicom}: C-ECHO answered",
-        f"FAIL dimse_pull TLMPACS@127.0.0.1:{closed}: NoAssociation: no DIMSE association with "
-        f"TLMPACS@127.0.0.1:{closed}",
-    ]
-    assert "dGxtOnNlY3JldA" not in "\n".join(lines)
+        assert code == 1, lines
+        assert [ln.split(" (")[0] for ln in lines[:2]] == [
+            f"ok   dicomweb_pull_url http://127.0.0.1:{orthanc_port}/dicom-web: QIDO-RS answered",
+            f"ok   dimse_push {pacs}: C-ECHO answered",
+        ]
+        assert lines[2].startswith(f"FAIL dimse_pull {pacs}: PacsError: the PACS's C-FIND failed")
+        assert "dGxtOnNlY3JldA" not in "\n".join(lines)
+        code, lines = pacs_check(
+            dimse_ae_title="TLM_BY_IP",
+            dimse_pull=pacs,
+            dimse_port="11112",
+            dimse_peers='["TLMPACS"]',
+        )
+        assert code == 0 and lines[0].startswith(f"ok   dimse_pull {pacs}: C-ECHO and C-FIND"), (
+            lines
+        )
+    code, lines = pacs_check(dimse_push=f"TLMPACS@127.0.0.1:{closed}")
+    assert code == 1 and lines[0].split(" (")[0] == (
+        f"FAIL dimse_push TLMPACS@127.0.0.1:{closed}: NoAssociation: no DIMSE association with "
+        f"TLMPACS@127.0.0.1:{closed}"
+    )
 
 
 def test_the_shipped_forward_script_sends_images_and_nothing_else(tmp_path, sqlite_url, tiny_lm):

@@ -4,7 +4,10 @@ configured target, before the first study depends on it:
 - `dicomweb_push_url` and `dicomweb_pull_url`: a QIDO-RS search for one study (with the
   configured headers), which both a STOW-RS and a WADO-RS origin of a PACS answer;
 - `dimse_push` and `dimse_pull`: a C-ECHO from this server's AE title (the PACS may refuse an AE
-  title it does not know, which is worth knowing too).
+  title it does not know, which is worth knowing too); for `dimse_pull` also a C-FIND for a
+  study that does not exist, since a PACS may answer every C-ECHO and still refuse this AE
+  title's queries (Orthanc does, for instance, when the caller's address is not the one it has
+  for the AE title).
 
 Nothing is stored or sent; the answers name no patient (a search's matches are not read).
 """
@@ -59,6 +62,21 @@ def _echo(target: str, settings: Settings) -> str:
     return "C-ECHO answered"
 
 
+def _echo_and_find(target: str, settings: Settings) -> str:
+    from pydicom.uid import generate_uid
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind as FIND,
+    )
+
+    from tinyllava_med.server.dimse import Target, associate
+    from tinyllava_med.server.pull import _find_on, _query
+
+    _echo(target, settings)
+    assoc = associate(Target.parse(target), settings, FIND, timeout_s=TIMEOUT_S)
+    _find_on(assoc, FIND, _query(None, generate_uid()))  # matches nothing: no patient read
+    return "C-ECHO and C-FIND answered"
+
+
 def check(settings: Settings) -> list[Check]:
     """Each configured PACS target, tried once; empty when none is configured."""
     tries: list[tuple[str, str, Callable[[], str]]] = []
@@ -68,9 +86,18 @@ def check(settings: Settings) -> list[Check]:
     ):
         if url:
             tries.append((name, url, partial(_dicomweb, url, headers)))
-    for name, target in (("dimse_push", settings.dimse_push), ("dimse_pull", settings.dimse_pull)):
-        if target:
-            tries.append((name, target, partial(_echo, target, settings)))
+    if settings.dimse_push:
+        tries.append(
+            ("dimse_push", settings.dimse_push, partial(_echo, settings.dimse_push, settings))
+        )
+    if settings.dimse_pull:
+        tries.append(
+            (
+                "dimse_pull",
+                settings.dimse_pull,
+                partial(_echo_and_find, settings.dimse_pull, settings),
+            )
+        )
     out = []
     for name, target, attempt in tries:
         start = time.perf_counter()
