@@ -450,6 +450,29 @@ def test_deleting_a_study_rejects_its_pushed_srs_with_an_iocm_note(tmp_path, dat
             assert len(s.scalars(select(Job).where(Job.kind == "push_rejection")).all()) == 1
 
 
+def test_an_image_without_series_uid_has_no_sr_and_no_push(tmp_path, database_url, tiny_lm):
+    """Series Instance UID is Type 1, but some CDs and converters leave it out: the image is
+    filed and answered about; its report's SR is a 409 (not a 500), and no push is queued to
+    fail until its attempts run out."""
+    ds = pydicom.dcmread(CT_SMALL)
+    del ds.SeriesInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    overrides = {"dicomweb_push_url": "http://127.0.0.1:9/dicom-web", "job_workers": 0}
+    for api in make_api(tmp_path, database_url, tiny_lm, **overrides):
+        r = upload(api, ("noseries.dcm", buf.getvalue(), "application/dicom"))
+        assert r.status_code == 201, r.text
+        report = ask(api, r.json()["id"])
+        r = api.get(f"/v1/reports/{report['id']}/sr", headers=api.h())
+        assert_error(r, 409, "no_dicom_source")
+        assert "Series Instance UID" in r.json()["error"]["message"]
+        assert api.get(f"/v1/reports/{report['id']}/fhir", headers=api.h()).status_code == 200
+        r = api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"status": "final"})
+        assert r.status_code == 200, r.text
+        with api.app.state.session_factory() as s:
+            assert s.scalars(select(Job).where(Job.kind == "push_sr")).all() == []
+
+
 def test_png_report_has_fhir_but_no_sr(api):
     api = api
     r = upload(api, ("x.png", png_bytes(), "image/png"))

@@ -370,6 +370,13 @@ def report_sr(
             "this report's image is not a DICOM instance, so there is no study to attach an "
             "SR to; use the FHIR or JSON form",
         )
+    if not image.SeriesInstanceUID:  # Type 1, yet some CDs and converters leave it out
+        raise APIError(
+            409,
+            "no_dicom_source",
+            "this report's image has no Series Instance UID, so an SR cannot reference it; "
+            "use the FHIR or JSON form",
+        )
     # a released image's file is gone; its header, kept for this, has all the SR copies
     held = image.sha256 if image.released_at is None else image.header_sha256
     if held is None:

@@ -116,8 +116,11 @@ def schedule_auto_report(session: Session, settings: Settings, study: Study) -> 
 def schedule_push(session: Session, settings: Settings, report: Report) -> Job | None:
     """Queue pushing the SR of `report` as it is now (its `updated_at` names the version: a
     later edit does not change what this job sends) when a push target is set and its image is
-    DICOM."""
-    if not settings.pushes_to_pacs or report.image is None or report.image.kind != "dicom":
+    DICOM with the UIDs an SR references (`report_sr` refuses the others)."""
+    image = report.image
+    if not settings.pushes_to_pacs or image is None or image.kind != "dicom":
+        return None
+    if not image.SeriesInstanceUID:
         return None
     return crud.enqueue_job(
         session,
