@@ -8,7 +8,7 @@ import io
 import re
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -20,8 +20,8 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom.uid import ComprehensiveSRStorage
 from sqlalchemy import event, select
 
-from tinyllava_med.server.db.models import AuditEvent, Job, Report
-from tinyllava_med.server.dicom_sr import report_sr
+from tinyllava_med.server.db.models import AuditEvent, Job, Report, utcnow
+from tinyllava_med.server.dicom_sr import report_sr, to_bytes
 from tinyllava_med.server.logs import quiet_libraries
 
 
@@ -564,16 +564,25 @@ def test_the_signed_sr_supersedes_the_draft_sent_to_the_pacs(tmp_path, database_
     """An automatic report pushes its preliminary SR; the signed SR names it in its Predecessor
     Documents Sequence (PS3.3: prior or provisional reports it includes), so the PACS links the
     two instead of showing the unedited AI draft as a report of its own. Before, only an
-    amendment named a predecessor. Versions never sent are not named."""
-    from tinyllava_med.server.jobs import schedule_push
+    amendment named a predecessor. Versions never queued for the PACS are not named.
+
+    The PACS is down meanwhile: the draft's push waits in a long backoff, and the signed SR's
+    may go first. The signed SR names the draft all the same (its instance UID fixes its
+    contents: the same bytes before and after the draft's push), and once the signed SR is sent
+    the draft's push is skipped, so the PACS never gets the draft after the report."""
+    from tinyllava_med.server import jobs
 
     overrides = {"dicomweb_push_url": "http://127.0.0.1:9/dicom-web", "job_workers": 0}
     for api in make_api(tmp_path, database_url, tiny_lm, **overrides):
+        sessions = api.app.state.session_factory
         rid = ask(api, upload_ct(api)["id"])["id"]
         draft = sr_of(api, rid)
         assert "PredecessorDocumentsSequence" not in draft
-        with api.app.state.session_factory.begin() as s:  # as the automatic report's push
-            schedule_push(s, api.app.state.settings, s.get(Report, rid)).status = "done"
+        with sessions.begin() as s:  # as the automatic report's push, in a long backoff
+            draft_push = jobs.schedule_push(s, api.app.state.settings, s.get(Report, rid))
+            draft_push.run_after = draft_push.created_at + timedelta(hours=1)
+            s.flush()
+            draft_push = draft_push.id
         path = f"/v1/reports/{rid}"
         r = api.patch(path, headers=api.h(), json={"text": "Edited, not sent."})
         assert r.status_code == 200, r.text
@@ -581,6 +590,30 @@ def test_the_signed_sr_supersedes_the_draft_sent_to_the_pacs(tmp_path, database_
         r = api.patch(path, headers=api.h(), json={"status": "final"})
         assert r.status_code == 200, r.text
         signed = sr_of(api, rid)
+
+        # the PACS is back: the signed SR's push is due first, and goes
+        runner = jobs.JobRunner(api.app, workers=0)
+        stowed = []
+        runner._deliver = stowed.append  # type: ignore[method-assign]
+        with sessions.begin() as s:
+            claimed = jobs.claim(s, "w1", lease_s=600)
+        assert claimed is not None and claimed.id != draft_push
+        runner.run(claimed)
+        assert [x.SOPInstanceUID for x in stowed] == [signed.SOPInstanceUID]
+        assert to_bytes(stowed[0]) == to_bytes(signed)
+        assert sr_of(api, rid).SOPInstanceUID == signed.SOPInstanceUID
+        with sessions.begin() as s:  # the draft's backoff ends
+            s.get(Job, draft_push).run_after = utcnow()
+        with sessions.begin() as s:
+            claimed = jobs.claim(s, "w1", lease_s=600)
+        assert claimed is not None and claimed.id == draft_push
+        runner.run(claimed)
+        assert len(stowed) == 1  # not sent after the report that supersedes it
+        with sessions() as s:
+            done = s.get(Job, draft_push)
+            assert done.status == "done"
+            assert done.payload["result"] == {"skipped": "a later version of the report was sent"}
+        assert to_bytes(sr_of(api, rid)) == to_bytes(signed)  # one UID, one content
 
         def named(sr):
             (item,) = sr.PredecessorDocumentsSequence
@@ -590,7 +623,7 @@ def test_the_signed_sr_supersedes_the_draft_sent_to_the_pacs(tmp_path, database_
             return [sop.ReferencedSOPInstanceUID for sop in series.ReferencedSOPSequence]
 
         assert named(edited) == [draft.SOPInstanceUID]
-        assert named(signed) == [draft.SOPInstanceUID]  # not the edited draft: never sent
+        assert named(signed) == [draft.SOPInstanceUID]  # not the edited draft: never queued
         r = api.patch(
             path, headers=api.h(), json={"text": "Amended.", "status": "amended", "reason": "x"}
         )

@@ -208,7 +208,7 @@ def build_sr(
 ) -> hd.sr.ComprehensiveSR:
     """The SR of `report` (at `version`, default the current one), whose image is the DICOM
     `source` (read without pixels is enough); `signer` is that version's; `sent`: the versions
-    whose SRs were sent to the PACS (`sent_versions`), which a later version supersedes."""
+    whose SRs were queued for the PACS (`pushed_versions`), which a later version supersedes."""
     version = version or version_at(report)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=["tinyllava-med device", report.model]),
@@ -317,20 +317,20 @@ def build_sr(
     return sr
 
 
-def sent_versions(session: Session, report: Report) -> list[datetime]:
-    """The versions of `report` whose SRs push jobs have sent (a running push may still fail)."""
+def pushed_versions(session: Session, report: Report, status: str | None = None) -> list[datetime]:
+    """The versions of `report` whose SRs were queued for the PACS (or only those whose push
+    has that `status`). An SR names every earlier version queued, sent yet or not: its instance
+    UID fixes its contents, so what it names cannot depend on how far the queue has got (a
+    draft's push in a long backoff may go after the signed SR's; the PACS links them when it
+    comes)."""
     from tinyllava_med.server.jobs import PUSH_SR
 
-    jobs = session.scalars(
-        select(Job).where(
-            Job.kind == PUSH_SR,
-            Job.study_id == report.study_id,
-            Job.status == "done",
-        )
-    )
+    query = select(Job).where(Job.kind == PUSH_SR, Job.study_id == report.study_id)
+    if status is not None:
+        query = query.where(Job.status == status)
     return [
         datetime.fromisoformat(job.payload["version"])
-        for job in jobs
+        for job in session.scalars(query)
         if job.payload.get("report_id") == report.id and job.payload.get("version")
     ]
 
@@ -390,7 +390,7 @@ def report_sr(
     version = version_at(report, at)
     name = key_name(session, version.signed_by)
     signer = Signer(name, institution) if name is not None else None
-    sent = sent_versions(session, report)
+    sent = pushed_versions(session, report)
     sr = build_sr(
         report, source, signer=signer, institution=institution, version=version, sent=sent
     )

@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tinyllava_med.model.generate import SamplingParams
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
-from tinyllava_med.server.dicom_sr import report_sr
+from tinyllava_med.server.dicom_sr import pushed_versions, report_sr
 from tinyllava_med.server.logs import error_text
 from tinyllava_med.server.serving import render, save_report, stored_image_key
 from tinyllava_med.server.settings import Settings
@@ -615,7 +615,12 @@ class JobRunner:
             # jobs queued before versions were recorded send the current version
             version = job.payload.get("version")
             at = datetime.fromisoformat(version) if version else None
-            data = report_sr(s, self.app.state.store, report, settings.institution_name, at)
+            data = None  # a later version reached the PACS first: this one stays out of it
+            if at is None or not any(v > at for v in pushed_versions(s, report, "done")):
+                data = report_sr(s, self.app.state.store, report, settings.institution_name, at)
+        if data is None:
+            with self.sessions.begin() as s:
+                return finish(s, job, {"skipped": "a later version of the report was sent"})
         return self._send(job, pydicom.dcmread(io.BytesIO(data)), "report", report_id)
 
     def _push_rejection(self, job: Claimed) -> str:
