@@ -63,7 +63,7 @@ def test_settings_prints_what_serve_would_use_with_secrets_hidden(tmp_path):
     """`tinyllava-med settings`: each setting as its variable and the value in effect (what
     reached a container), and no credential: the database's password, a PACS's header values
     and URL password, the remote engine's key."""
-    secrets = ["s3cret-db", "Basic b3J0aGFuYzpwdw==", "pacs-pw", "tlm_remote_key"]
+    secrets = ["s3cret/db+x==", "Basic b3J0aGFuYzpwdw==", "pacs-pw", "tlm_remote_key"]
     env = {
         "TINYLLAVA_MED_DATA_DIR": str(tmp_path),
         "TINYLLAVA_MED_DATABASE_URL": f"postgresql://tlm:{secrets[0]}@db:5432/tlm",

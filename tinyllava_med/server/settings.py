@@ -421,8 +421,9 @@ class Settings(BaseSettings):
         return self.data_dir / "images"
 
 
-# the password of a URL's user info (`postgresql://user:password@host/db`)
-_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
+# the password of a URL's user info (`postgresql://user:password@host/db`), up to its `@`
+# before any space: a password from `openssl rand -base64` may hold `/`, which SQLAlchemy takes
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^@\s]*@")
 HIDDEN = "***"
 
 
