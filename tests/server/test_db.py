@@ -69,11 +69,20 @@ def test_settings_environment_then_overrides(
         {"database_url": "mysql://u:p@h/db"},
         {"max_new_tokens": 64, "default_max_new_tokens": 128},
         {"prot": 8000},  # a misspelt override is an error, not ignored
+        {"auth_disabled": True, "host": "0.0.0.0"},  # every caller an admin, on the network
+        {"auth_disabled": True, "host": "10.0.0.5"},
     ],
 )
 def test_settings_refuse_bad_values(overrides: dict[str, object], tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         Settings(data_dir=tmp_path, **overrides)  # type: ignore[arg-type]
+
+
+def test_auth_disabled_is_for_this_machine_only(tmp_path: Path) -> None:
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert Settings(data_dir=tmp_path, auth_disabled=True, host=host).auth_disabled
+    with pytest.raises(ValueError, match="auth_disabled makes every caller an admin"):
+        Settings(data_dir=tmp_path, auth_disabled=True, host="0.0.0.0")
 
 
 def test_postgresql_urls_use_psycopg3() -> None:

@@ -390,6 +390,8 @@ def create_app(
         app.state.db_engine = db_engine
         app.state.session_factory = session_factory(db_engine)
         app.state.report_writer = ReportWriter(db_engine)
+        if settings.auth_disabled:
+            log.warning("auth_disabled: every caller is an admin without a key (local use only)")
         with app.state.session_factory.begin() as session:
             first_key = ensure_first_admin_key(session)
         if first_key is not None:

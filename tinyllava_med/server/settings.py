@@ -172,7 +172,11 @@ class Settings(BaseSettings):
         description="the longest /readyz waits for its probe before answering from the last "
         "evidence (keep it below the health check's timeout; a CPU model's probe takes longer)",
     )
-    auth_disabled: bool = Field(default=False, description="only for local experiments")
+    auth_disabled: bool = Field(
+        default=False,
+        description="every caller is an admin, without a key: only for local experiments, so "
+        "only with a loopback host (127.0.0.1, ::1, localhost)",
+    )
     api_key_days: int | None = Field(
         default=None,
         ge=1,
@@ -363,6 +367,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.auth_disabled and self.host not in LOOPBACK_HOSTS:
+            raise ValueError(
+                f"auth_disabled makes every caller an admin; it is refused with host {self.host} "
+                "(only 127.0.0.1, ::1 or localhost): create keys instead (`tinyllava-med apikey "
+                "create`)"
+            )
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'tinyllava_med.db'}"
         scheme = self.database_url.split(":", 1)[0].split("+", 1)[0]
@@ -420,6 +430,8 @@ class Settings(BaseSettings):
         """Where uploaded image files live, content-addressed by sha256."""
         return self.data_dir / "images"
 
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 # the password of a URL's user info (`postgresql://user:password@host/db`), up to its `@`
 # before any space: a password from `openssl rand -base64` may hold `/`, which SQLAlchemy takes
