@@ -72,9 +72,15 @@ def test_settings_prints_what_serve_would_use_with_secrets_hidden(tmp_path):
         "TINYLLAVA_MED_REMOTE_API_KEY": secrets[3],
         "TINYLLAVA_MED_MAX_QUEUE": "16",
         "TINYLLAVA_MED_AUTO_REPORT_PROMPTS": json.dumps({"CT": "Décrivez."}),
+        "TINYLLAVA_MED_REQUEST_TIMEOUT": "912",  # misspelt: ignored, but not in silence
+        "TINYLLAVA_MED_MODELS_DIR": "/srv/models",  # compose's, from docker/.env: no warning
     }
     out = cli("settings", env=env)
     assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        "tinyllava-med: warning: TINYLLAVA_MED_REQUEST_TIMEOUT is not a setting and is ignored "
+        "(did you mean TINYLLAVA_MED_REQUEST_TIMEOUT_S?); `tinyllava-med settings` lists them"
+    ]
     lines = dict(line.split("=", 1) for line in out.stdout.splitlines())
     assert lines["TINYLLAVA_MED_MAX_QUEUE"] == "16"
     assert lines["TINYLLAVA_MED_PORT"] == "8000" and lines["TINYLLAVA_MED_GRADIO"] == "false"

@@ -240,7 +240,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _server_settings(args: argparse.Namespace) -> Any:
-    from tinyllava_med.server.settings import Settings
+    from tinyllava_med.server.settings import Settings, unknown_variables
+
+    for warning in unknown_variables(os.environ):
+        print(f"tinyllava-med: warning: {warning}", file=sys.stderr)
 
     overrides: dict[str, Any] = {}
     for flag, field in [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -432,6 +433,46 @@ class Settings(BaseSettings):
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+PREFIX = "TINYLLAVA_MED_"
+# the project's variables of this prefix that are no server settings: docker/.env's for compose
+# (every line of it reaches the container), the dataset download's, the tests'
+OTHER_VARIABLES = frozenset(
+    PREFIX + name
+    for name in (
+        "CERTS_DIR",
+        "CPUS",
+        "DIMSE_HOST_PORT",
+        "HTTP_PORT",
+        "IMAGE",
+        "MODELS_DIR",
+        "REPLICAS",
+        "DATA_BASE_URL",
+        "DOCS_SCREENSHOTS",
+        "TEST_POSTGRES_URL",
+    )
+)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each `TINYLLAVA_MED_*` variable in `environ` that is no setting, naming the
+    closest one: pydantic-settings ignores it, so a misspelt retention or timeout would
+    otherwise leave its default in force without a word. Names only, never values."""
+    import difflib
+
+    settings = [PREFIX + name.upper() for name in Settings.model_fields]
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(PREFIX) or upper in settings or upper in OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(upper, settings, n=1, cutoff=0.6)
+        out.append(
+            f"{name} is not a setting and is ignored"
+            + (f" (did you mean {close[0]}?)" if close else "")
+            + "; `tinyllava-med settings` lists them"
+        )
+    return out
+
 
 # the password of a URL's user info (`postgresql://user:password@host/db`), up to its `@`
 # before any space: a password from `openssl rand -base64` may hold `/`, which SQLAlchemy takes
