@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from api_helpers import CT_SMALL, free_port, live_server, make_old, wait_for
 from orthanc_helpers import start_orthanc
-from pydicom.uid import generate_uid
+from pydicom.uid import RLELossless, generate_uid
 
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
@@ -315,6 +315,7 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
         ):
             first, second = pydicom.dcmread(CT_SMALL), pydicom.dcmread(CT_SMALL)
             second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            second.compress(RLELossless)  # it arrives as the PACS holds it, not decompressed
             for ds in (first, second):
                 ds.AccessionNumber = "ACC-42"
                 _put(orthanc, ds)
@@ -331,6 +332,13 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
             assert sorted(i["SOPInstanceUID"] for i in study["images"]) == sorted(
                 [first.SOPInstanceUID, second.SOPInstanceUID]
             )
+            syntaxes = {
+                i["SOPInstanceUID"]: pydicom.dcmread(
+                    app.state.store.path(i["sha256"]), stop_before_pixels=True
+                ).file_meta.TransferSyntaxUID
+                for i in study["images"]
+            }
+            assert syntaxes[second.SOPInstanceUID] == RLELossless, syntaxes
 
             def reported():  # the CT prompt's automatic report, as for a pushed study
                 jobs = httpx.get(f"{base}/v1/jobs", headers=h).json()["data"]
