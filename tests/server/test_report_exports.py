@@ -632,20 +632,49 @@ def test_the_signed_sr_supersedes_the_draft_sent_to_the_pacs(tmp_path, database_
         assert named(sr_of(api, rid)) == [draft.SOPInstanceUID, signed.SOPInstanceUID]
 
 
-def test_an_sr_says_when_it_was_signed_and_is_the_same_bytes_each_time(api):
+@pytest.mark.parametrize(
+    ("source_offset", "server_zone", "sr_offset"),
+    [
+        ("-0500", "Africa/Nairobi", "-0500"),
+        (None, "Africa/Nairobi", "+0300"),
+        (None, "UTC", "+0000"),
+    ],
+)
+def test_an_sr_says_when_it_was_signed_and_is_the_same_bytes_each_time(
+    api, monkeypatch, source_offset, server_zone, sr_offset
+):
     """The verification time is when the report was signed (highdicom wrote the time the SR
-    was built: hours late after a PACS outage's retries), every time is UTC and says so, and
-    the same version is the same bytes whenever it is built or pushed."""
-    rid = ask(api, upload_ct(api)["id"])["id"]
-    r = api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"status": "final"})
-    assert r.status_code == 200, r.text
-    signed_at = datetime.fromisoformat(r.json()["signed_at"])
-    first = api.get(f"/v1/reports/{rid}/sr", headers=api.h()).content
-    time.sleep(1.1)
-    assert api.get(f"/v1/reports/{rid}/sr", headers=api.h()).content == first
+    was built: hours late after a PACS outage's retries), and the same version is the same
+    bytes whenever it is built or pushed. Every time is in the zone of the Study Date and Time
+    the SR copies, as its TimezoneOffsetFromUTC says (DICOM: for every time in the instance):
+    the source's offset (CT_small's -0500), or without one the server's zone. Before, the SR
+    said +0000 and so moved the copied 07:27 study by five hours."""
+    monkeypatch.setenv("TZ", server_zone)
+    time.tzset()
+    try:
+        ds = pydicom.dcmread(CT_SMALL)
+        assert ds.TimezoneOffsetFromUTC == "-0500"
+        if source_offset is None:
+            del ds.TimezoneOffsetFromUTC
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        r = upload(api, ("ct.dcm", buf.getvalue(), "application/dicom"))
+        assert r.status_code == 201, r.text
+        rid = ask(api, r.json()["id"])["id"]
+        r = api.patch(f"/v1/reports/{rid}", headers=api.h(), json={"status": "final"})
+        assert r.status_code == 200, r.text
+        signed_at = datetime.fromisoformat(r.json()["signed_at"])
+        first = api.get(f"/v1/reports/{rid}/sr", headers=api.h()).content
+        time.sleep(1.1)
+        assert api.get(f"/v1/reports/{rid}/sr", headers=api.h()).content == first
+    finally:
+        monkeypatch.undo()
+        time.tzset()
     sr = pydicom.dcmread(io.BytesIO(first))
-    stamp = signed_at.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S")
-    assert sr.TimezoneOffsetFromUTC == "+0000"
+    hours = int(sr_offset[:3])
+    stamp = signed_at.astimezone(timezone(timedelta(hours=hours))).strftime("%Y%m%d%H%M%S")
+    assert sr.TimezoneOffsetFromUTC == sr_offset
+    assert (sr.StudyDate, sr.StudyTime) == (ds.StudyDate, ds.StudyTime)  # copied as they were
     assert sr.VerifyingObserverSequence[0].VerificationDateTime == stamp
     assert (
         sr.ContentDate + sr.ContentTime

@@ -16,7 +16,10 @@ attributes are empty, as DICOM allows for them (Type 2).
 A draft is PARTIAL / PRELIMINARY / UNVERIFIED; a signed report is COMPLETE / FINAL / VERIFIED
 with the signer as verifying observer. UIDs derive from the report id and its last change, so
 the same report state always gives the same SR instance (the same bytes: its times are the
-version's, in UTC, `TimezoneOffsetFromUTC` +0000) and every edit gives a new one. An
+version's) and every edit gives a new one. Its times are in the zone its copied Study Date and
+Time are in, which `TimezoneOffsetFromUTC` declares for every time in the SR: the source's
+offset, or without one this server's zone (a site's modalities and server keep one local time;
+a container without `TZ` is UTC). An
 amended report (corrected after signing) is signed by whoever amended it, says why in a comment,
 and names the SR instance of the version it replaced in its Predecessor Documents Sequence, so
 the PACS can tell the correction from the original.
@@ -35,9 +38,10 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 
 import highdicom as hd
 import pydicom
@@ -197,6 +201,22 @@ def _predecessor(
     return item
 
 
+_OFFSET = re.compile(r"([+-])(\d\d)(\d\d)")
+
+
+def _zone(source: pydicom.Dataset, when: datetime) -> tzinfo:
+    """The zone of the SR's times: the one its copied Study Date and Time are in. DICOM says
+    TimezoneOffsetFromUTC holds for every date and time of an instance: the source's, when it
+    has a valid one; else this server's zone at `when`."""
+    found = _OFFSET.fullmatch(str(source.get("TimezoneOffsetFromUTC", "") or "").strip())
+    if found and int(found[2]) <= 14 and int(found[3]) < 60:
+        delta = timedelta(hours=int(found[2]), minutes=int(found[3]))
+        return timezone(-delta if found[1] == "-" else delta)
+    local = when.astimezone().tzinfo
+    assert local is not None  # astimezone() always gives an aware time
+    return local
+
+
 def build_sr(
     report: Report,
     source: pydicom.Dataset,
@@ -279,6 +299,10 @@ def build_sr(
     root.ContentSequence.append(findings)
 
     signed = version.status in SIGNED_STATUSES and signer is not None
+    # every time is the version's own: the same version gives the same bytes whenever it is
+    # built or pushed, and a signed one says when it was signed (stored times come back aware,
+    # in UTC: `models.UTCDateTime`)
+    at = version.updated_at.astimezone(_zone(source, version.updated_at)).replace(microsecond=0)
     source = _evidence(source)
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
@@ -298,11 +322,7 @@ def build_sr(
     )
     sr.SeriesDescription = "AI report (TinyLLaVA-Med)"
     sr.SoftwareVersions = __version__
-    # every time is the version's own, in UTC and said to be: the same version gives the same
-    # bytes whenever it is built or pushed, and a signed one says when it was signed
-    # (stored times come back aware, in UTC: `models.UTCDateTime`)
-    at = version.updated_at.astimezone(timezone.utc).replace(microsecond=0)
-    sr.TimezoneOffsetFromUTC = "+0000"
+    sr.TimezoneOffsetFromUTC = at.strftime("%z")
     sr.ContentDate = sr.InstanceCreationDate = DA(at.date())
     sr.ContentTime = sr.InstanceCreationTime = TM(at.time())
     for item in (
