@@ -9,6 +9,7 @@ import json
 import re
 import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -245,3 +246,26 @@ def test_source_table_is_consistent():
             assert abs(file.size / scale - float(value)) < 0.006
     with pytest.raises(ValueError, match="unknown data group"):
         download_llava_med("everything", "/nonexistent")  # type: ignore[arg-type]
+
+
+def test_shipped_configs_read_where_download_and_convert_write():
+    """Following the README verbatim: `data download` (default `./data/llava_med`) writes the
+    upstream layout (`alignment/`, `instruct/`, `images/`), and the README converts VQA-RAD into
+    `./data/llava_med/vqa-rad` (`train.json`, `images/`); every shipped stage reads from there."""
+    import yaml
+
+    from tinyllava_med.training.config import CONFIG_DIR
+    from tinyllava_med.training.datasets.sources import FILES
+
+    root = "./data/llava_med/"
+    downloaded = {root + f.path for f in FILES.values()}
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert 'data convert --dataset vqa-rad "./VQA_RAD" ./data/llava_med/vqa-rad' in readme
+    converted = {root + "vqa-rad/train.json"}
+    configs = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert len(configs) == 6
+    for path in configs:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert cfg["data_path"] in downloaded | converted, (path.name, cfg["data_path"])
+        images = root + ("vqa-rad/images" if "downstream" in path.name else "images")
+        assert cfg["image_folder"] == images, path.name
