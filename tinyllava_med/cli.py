@@ -717,7 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="answers jsonl (resumed if it exists)")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--limit", type=int, default=None)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=1024,
+        help="as LLaVA-Med's model_vqa.py (1024); `eval score` lists the answers it cut",
+    )
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     sc = ev.add_parser("score", help="LLaVA-Med metrics (+ strict variants), paired by id")
@@ -748,7 +753,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out-dir", required=True)
     c.add_argument("--limit", type=int, default=None)
     c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--max-new-tokens", type=int, default=16)
+    c.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=16,
+        help="short answers, to compare variants with each other; each table row says how "
+        "many answers the limit cut",
+    )
     c.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
 
     p = verb("data", "download, convert or synthesise datasets", cmd_data)

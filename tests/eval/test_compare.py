@@ -25,6 +25,12 @@ def test_compare_writes_table_json_and_chart(tiny_model_dir, tmp_path):
         assert r["n_closed"] + r["n_open"] == n and r["missing"] == 0
         assert 0.0 <= r["closed_accuracy"] <= 1.0 and r["static_memory_bytes"] > 0
     assert rows[1]["static_memory_bytes"] < rows[0]["static_memory_bytes"]
+    # each row counts the answers its 3-token limit cut, as the answers file records them
+    for r in rows:
+        (answers,) = (tmp_path / "cmp").glob(f"*-{r['quantization']}.answers.jsonl")
+        lines = [json.loads(line) for line in answers.read_text().splitlines()]
+        cut = sum(line["metadata"]["finish_reason"] == "length" for line in lines)
+        assert r["cut_short"] == cut > 0, (r["variant"], answers.name)
     text = md.read_text()
     assert "cpu-int8" in text and text.count("\n") == 4
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000

@@ -23,7 +23,7 @@ GT = [
     _gt("c", "no", "CLOSED", "ABN"),
 ]
 PREDS = [
-    {"question_id": "a", "text": "yes"},
+    {"question_id": "a", "text": "yes", "metadata": {"finish_reason": "length"}},  # cut, scored
     {"question_id": "b", "text": "left lung", "metadata": {"failed": True}},
     {"question_id": "zz", "text": "no"},
 ]
@@ -33,6 +33,7 @@ def test_to_dict_and_markdown_list_everything(tmp_path: Path) -> None:
     report = score(GT, PREDS)
     data = report.to_dict()
     assert data["missing"] == ["c"] and data["extra"] == ["zz"] and data["failed"] == ["b"]
+    assert data["cut_short"] == ["a"]  # the token limit stopped it: a longer one may differ
     assert set(data["by_answer_type"]["CLOSED"]) == {"n", *CLOSED_METRICS}
     assert set(data["by_answer_type"]["OPEN"]) == {"n", *OPEN_METRICS}
     assert data["by_answer_type"]["CLOSED"] == {
@@ -49,6 +50,7 @@ def test_to_dict_and_markdown_list_everything(tmp_path: Path) -> None:
     assert "| accuracy (LLaVA-Med yes/no accuracy) | 100.00 |" in md
     assert "| open accuracy (candidate set) | - |" in md
     assert "**missing** (1): c" in md and "**extra** (1): zz" in md and "**failed** (1): b" in md
+    assert "**cut_short** (1): a" in md
     assert "| PRES | 1 | 100.00 | 100.00 |" in md
 
     write_report(report, tmp_path / "out" / "scores.json", tmp_path / "out" / "scores.md")

@@ -80,6 +80,7 @@ def compare_variants(
                 "n_open": by_type["OPEN"]["n"],
                 "missing": len(report["missing"]),
                 "failed": len(report["failed"]),
+                "cut_short": len(report["cut_short"]),  # answers the token limit stopped
                 "static_memory_bytes": static_bytes(lm),
                 "generate_seconds": round(seconds, 2),
             }
@@ -99,15 +100,15 @@ def _pct(v: float | None) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| variant | quantization | closed acc. % | closed strict % | open recall % | "
-        "open strict EM % | static memory MB | questions (closed/open) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "open strict EM % | static memory MB | questions (closed/open) | cut by the limit |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['quantization']} | {_pct(r['closed_accuracy'])} | "
             f"{_pct(r['closed_strict_accuracy'])} | {_pct(r['open_recall'])} | "
             f"{_pct(r['open_strict_exact_match'])} | {r['static_memory_bytes'] / 1e6:.2f} | "
-            f"{r['n_closed']}/{r['n_open']} |"
+            f"{r['n_closed']}/{r['n_open']} | {r.get('cut_short', '-')} |"
         )
     return "\n".join(lines) + "\n"
 

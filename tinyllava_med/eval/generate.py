@@ -76,7 +76,7 @@ def generate_answers(
     images_dir: str | Path,
     out_path: str | Path,
     *,
-    params: SamplingParams = SamplingParams(max_new_tokens=64),
+    params: SamplingParams = SamplingParams(max_new_tokens=1024),  # LLaVA-Med's model_vqa.py
     batch_size: int = 16,
     limit: int | None = None,
     progress: bool = True,

@@ -225,6 +225,12 @@ def _failed(pred: Mapping[str, Any]) -> bool:
     return isinstance(meta, Mapping) and bool(meta.get("failed"))
 
 
+def _cut(pred: Mapping[str, Any]) -> bool:
+    """Whether the answer stopped at its token limit (`eval generate` records why it stopped)."""
+    meta = pred.get("metadata")
+    return isinstance(meta, Mapping) and meta.get("finish_reason") == "length"
+
+
 def score(
     gt_entries: Sequence[Mapping[str, Any]],
     pred_entries: Iterable[Mapping[str, Any]],
@@ -232,14 +238,16 @@ def score(
 ) -> ScoreReport:
     """Score predictions against ground truth, paired by id (gt `id` <-> pred `question_id`,
     compared as strings). Ids only in gt are `missing`, only in predictions `extra`; a prediction
-    with `metadata.failed` scores 0 on every metric and is listed in `failed`. Averages are over
-    the paired questions. `candidates` enables `open_accuracy`."""
+    with `metadata.failed` scores 0 on every metric and is listed in `failed`; one whose answer
+    the token limit cut (`metadata.finish_reason` "length") is scored and listed in `cut_short`.
+    Averages are over the paired questions. `candidates` enables `open_accuracy`."""
     cands = candidates
     if cands is not None and not isinstance(cands, CandidateSet):
         cands = CandidateSet(cands)
     preds, duplicates = index_predictions(pred_entries)
     items: list[ItemScore] = []
     missing: list[str] = []
+    cut_short: list[str] = []
     gt_ids: set[str] = set()
     for entry in gt_entries:
         qid = str(entry.get("id"))
@@ -255,6 +263,8 @@ def score(
         ref_norm = normalize_word(answer.lower())
         pred_norm = normalize_word(str(pred.get("text") or "").lower())
         failed = _failed(pred)
+        if _cut(pred) and not failed:
+            cut_short.append(qid)
         scores = _score_item(pred_norm, ref_norm, kind, cands)
         if failed:
             scores = dict.fromkeys(scores, 0.0)
@@ -277,6 +287,7 @@ def score(
         extra=[q for q in preds if q not in gt_ids],
         duplicates=duplicates,
         has_candidates=cands is not None,
+        cut_short=cut_short,
     )
 
 

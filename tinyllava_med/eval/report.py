@@ -86,7 +86,9 @@ def _group(items: list[ItemScore], kind: AnswerType, has_candidates: bool) -> Gr
 @dataclass
 class ScoreReport:
     """What `metrics.score` found: per answer type, per question type, and every id that was
-    not scored normally (`missing`, `extra`, `failed`, `duplicates`, `unreadable_lines`)."""
+    not scored normally (`missing`, `extra`, `failed`, `duplicates`, `unreadable_lines`), or
+    whose answer the token limit cut (`cut_short`: scored as cut, but a longer limit may score
+    it differently)."""
 
     by_answer_type: dict[AnswerType, GroupScores]
     by_question_type: dict[str, dict[AnswerType, GroupScores]]
@@ -99,6 +101,7 @@ class ScoreReport:
     has_candidates: bool
     items: list[ItemScore] = field(default_factory=list, repr=False)
     unreadable_lines: list[int] = field(default_factory=list)
+    cut_short: list[str] = field(default_factory=list)
 
     def to_dict(self, include_items: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -116,6 +119,7 @@ class ScoreReport:
             "failed": self.failed,
             "duplicates": self.duplicates,
             "unreadable_lines": self.unreadable_lines,
+            "cut_short": self.cut_short,
         }
         if include_items:
             out["items"] = [asdict(i) for i in self.items]
@@ -127,7 +131,7 @@ class ScoreReport:
             "",
             f"Scored {len(self.items)} of {self.n_gt} ground-truth questions ({self.n_pred} predictions).",
         ]
-        for name in ("missing", "extra", "failed", "duplicates", "unreadable_lines"):
+        for name in ("missing", "extra", "failed", "duplicates", "unreadable_lines", "cut_short"):
             ids = getattr(self, name)
             if ids:
                 shown = ", ".join(str(i) for i in ids[:20]) + (" ..." if len(ids) > 20 else "")
@@ -173,6 +177,7 @@ def aggregate(
     extra: list[str],
     duplicates: list[str],
     has_candidates: bool,
+    cut_short: list[str] | None = None,
 ) -> ScoreReport:
     """Build the report from per-question scores."""
     kinds: tuple[AnswerType, AnswerType] = ("CLOSED", "OPEN")
@@ -192,6 +197,7 @@ def aggregate(
         duplicates=duplicates,
         has_candidates=has_candidates,
         items=items,
+        cut_short=cut_short or [],
     )
 
 
