@@ -258,6 +258,11 @@ def test_train_cli_overrides(tiny_model_dir, tmp_path):
     meta = json.loads((tmp_path / "out" / "tinyllava_med.json").read_text())
     assert meta["training"]["config"]["language_model"]["mode"] == "lora"
     assert meta["training"]["config"]["max_steps"] == 2
+    assert meta["training"]["stage"] == "instruct"
+    # the stage is only recorded: one that contradicts the config's is refused, before training
+    out = cli("train", "--stage", "downstream", "--config", str(cfg), "--max-steps", "2")
+    assert out.returncode == 2
+    assert "--stage downstream, but stage.yaml configures the instruct stage" in out.stderr
 
 
 def test_quantize_then_ask_and_memory(tiny_model_dir, tmp_path):

@@ -113,7 +113,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tinyllava_med.training.trainer import run_stage
 
     overrides = parse_overrides(args.set or [])
-    overrides["stage"] = args.stage
     for flag in (
         "model",
         "data_path",
@@ -125,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides[flag] = {"true": True, "false": False}.get(str(value).lower(), value)
-    cfg = TrainConfig.from_yaml(args.config, **overrides)
+    cfg = TrainConfig.from_yaml(args.config, stage=args.stage, **overrides)
     out = run_stage(cfg)
     print(f"stage {cfg.stage} done: served checkpoint at {out}")
     return 0

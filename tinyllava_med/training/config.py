@@ -98,12 +98,21 @@ class TrainConfig(BaseModel):
         return v
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Read a config file (or a shipped config by name, e.g. `tinyllava-1.5b-instruct`)."""
+    def from_yaml(cls, path: str | Path, stage: str | None = None, **overrides: Any) -> TrainConfig:
+        """Read a config file (or a shipped config by name, e.g. `tinyllava-1.5b-instruct`).
+        `stage` (`train --stage`) must be the one the file configures, if it names one: the
+        stage is only recorded, so a mismatch would label one stage's run as another's."""
         path = Path(path)
         if not path.is_file() and (CONFIG_DIR / f"{path.name}.yaml").is_file():
             path = CONFIG_DIR / f"{path.name}.yaml"
         data = yaml.safe_load(path.read_text()) or {}
+        if stage is not None:
+            if data.get("stage", stage) != stage:
+                raise ValueError(
+                    f"--stage {stage}, but {path.name} configures the {data['stage']} stage (its "
+                    "data, components and recipe): pick that stage's config"
+                )
+            data["stage"] = stage
         for key, value in overrides.items():
             _set_dotted(data, key, value)
         return cls.model_validate(data)
