@@ -243,6 +243,16 @@ def test_restore_on_postgresql_brings_back_the_image_files(tmp_path, postgres_ur
             (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "backup.restore"))
             assert event.outcome == "ok"
 
+        # a dump from before migration 0006 (no released_at): migrated, then its files back
+        from tinyllava_med.server.db import migrate
+
+        api.app.state.db_engine.dispose()  # no connection of ours in the way of the ALTERs
+        migrate.downgrade(postgres_url, "0005")
+        store.path(sha).unlink()
+        done = restore(settings, tmp_path / "backup", images_only=True)
+        assert (done.files_copied, done.missing) == (1, [])
+        assert migrate.current_revision(postgres_url) == migrate.head_revision()
+
 
 def test_a_backup_from_before_image_retention_is_accepted(tmp_path):
     """A backup taken before migration 0006 has no released_at or header columns: its files

@@ -207,8 +207,9 @@ def restore(settings: Settings, source: Path, *, images_only: bool = False) -> R
     """Put a backup back: the SQLite database `source` (a `backup` copy) and the image files it
     refers to from the `images` folder beside it; with `images_only` (PostgreSQL, restored by
     `pg_restore`), `source` is the backup folder and the files are those the live database
-    refers to. Refuses while another process holds the data directory. Audited in the restored
-    database as `backup.restore`."""
+    refers to, after migrating the restored database to this code's revision. Refuses while
+    another process holds the data directory. Audited in the restored database as
+    `backup.restore`."""
     url = normalize_database_url(settings.database_url)
     sqlite = url.get_backend_name() == "sqlite"
     if not images_only and not sqlite:
@@ -216,6 +217,9 @@ def restore(settings: Settings, source: Path, *, images_only: bool = False) -> R
     with sole_user(settings.data_dir):
         if images_only:
             result = Restored(None)
+            # a dump from before this code's migrations (0006 added the columns read below):
+            # brought up to date, as `serve` on PostgreSQL requires anyway
+            upgrade(settings.database_url)
             engine = make_engine(url)
             try:
                 with session_factory(engine)() as s:
