@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from pydicom.data import get_testdata_file
 
 CT_SMALL = get_testdata_file("CT_small.dcm", download=False)
@@ -287,3 +288,31 @@ def test_quantize_then_ask_and_memory(tiny_model_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     mem = json.loads(report.read_text())
     assert mem["static_bytes"] > 0 and mem["dynamic_bytes"] > 0
+
+
+def test_db_downgrade_and_a_schema_newer_than_the_code(tmp_path):
+    """Rolling a version back: `db downgrade REV` (run by the newer version) takes the schema to
+    the older version's revision. A schema a newer version migrated is refused, by `db upgrade`
+    and by `serve` alike, with what to do instead of alembic's "Can't locate revision"."""
+    import sqlite3
+
+    from tinyllava_med.server.db import migrate
+
+    db = tmp_path / "t.db"
+    env = {"TINYLLAVA_MED_DATA_DIR": str(tmp_path), "TINYLLAVA_MED_DATABASE_URL": f"sqlite:///{db}"}
+    assert cli("db", "upgrade", env=env).returncode == 0
+    out = cli("db", "downgrade", "0010", env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "database is at revision 0010", out
+    out = cli("db", "upgrade", env=env)
+    assert out.returncode == 0 and migrate.current_revision(f"sqlite:///{db}") == (
+        migrate.head_revision()
+    )
+
+    with sqlite3.connect(db) as conn:  # as a newer version would leave it
+        conn.execute("UPDATE alembic_version SET version_num = '0999'")
+    out = cli("db", "upgrade", env=env)
+    assert out.returncode == 1, out
+    assert "revision 0999, which this version does not know" in out.stderr
+    assert f"db downgrade {migrate.head_revision()}" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(migrate.MigrationError, match="a newer version of the server migrated it"):
+        migrate.require_head(f"sqlite:///{db}")

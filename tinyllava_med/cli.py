@@ -300,7 +300,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from tinyllava_med.server.db.migrate import upgrade
+    from tinyllava_med.server.db.migrate import MigrationError, current_revision, downgrade, upgrade
 
     settings = _server_settings(args)
     if args.db_cmd == "backup":
@@ -309,7 +309,17 @@ def cmd_db(args: argparse.Namespace) -> int:
         return _restore(settings, args.dest, args.images_only)
     if args.db_cmd == "release-images":
         return _release_images(settings, args.days, args.draft_days)
-    upgrade(settings.database_url)
+    try:
+        if args.db_cmd == "downgrade":
+            if not args.dest:
+                raise SystemExit("db downgrade needs the revision to go back to, e.g. 0010")
+            downgrade(settings.database_url, args.dest)
+            print(f"database is at revision {current_revision(settings.database_url)}")
+            return 0
+        upgrade(settings.database_url)
+    except MigrationError as e:
+        print(f"tinyllava-med db {args.db_cmd}: {e}", file=sys.stderr)
+        return 1
     print("database is at the latest revision")
     return 0
 
@@ -800,12 +810,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb(
         "db", "database migrations, backups and restores, and releasing old images now", cmd_db
     )
-    p.add_argument("db_cmd", choices=["upgrade", "backup", "restore", "release-images"])
+    p.add_argument(
+        "db_cmd", choices=["upgrade", "downgrade", "backup", "restore", "release-images"]
+    )
     p.add_argument(
         "dest",
         nargs="?",
         help="backup: the folder to back up into; restore: the backup's .db file (with "
-        "--images-only: its folder), with the server stopped",
+        "--images-only: its folder), with the server stopped; downgrade: the revision to go "
+        "back to (that of the version rolled back to; back the database up first)",
     )
     p.add_argument(
         "--images-only",

@@ -68,8 +68,29 @@ def _migration_connection(database_url: str | URL) -> Iterator[Connection]:
         engine.dispose()
 
 
+def _refuse_unknown(conn: Connection) -> None:
+    """MigrationError when the database is at a revision this code does not have: a newer
+    version migrated it (and this one was rolled back to), so neither upgrading nor serving
+    can work."""
+    current = MigrationContext.configure(conn).get_current_revision()
+    if current is None:
+        return
+    known = {
+        script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    }
+    if current not in known:
+        raise MigrationError(
+            f"the database schema is at revision {current}, which this version does not know "
+            f"(its newest is {head_revision()}): a newer version of the server migrated it. "
+            f"Run that version again, or go back with it first (`tinyllava-med db downgrade "
+            f"{head_revision()}`, run by the newer version), or restore the backup taken before "
+            "the upgrade"
+        )
+
+
 def upgrade(database_url: str | URL, revision: str = "head") -> None:
     with _migration_connection(database_url) as conn:
+        _refuse_unknown(conn)
         command.upgrade(alembic_config(conn), revision)
 
 
@@ -95,6 +116,12 @@ def current_revision(database_url: str | URL) -> str | None:
 def require_head(database_url: str | URL) -> None:
     """MigrationError unless the database is at the code's head revision: a server on an older
     schema would fail request by request (a missing column) instead of once, at start."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            _refuse_unknown(conn)
+    finally:
+        engine.dispose()
     current, head = current_revision(database_url), head_revision()
     if current != head:
         raise MigrationError(
