@@ -304,7 +304,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
     settings = _server_settings(args)
     if args.db_cmd == "backup":
-        return _backup(settings, args.dest)
+        return _backup(settings, args.dest, args.verify)
     if args.db_cmd == "restore":
         return _restore(settings, args.dest, args.images_only)
     if args.db_cmd == "release-images":
@@ -419,15 +419,20 @@ def _restore(settings: Any, source: str | None, images_only: bool) -> int:
     return 0
 
 
-def _backup(settings: Any, dest: str | None) -> int:
+def _backup(settings: Any, dest: str | None, verify: bool) -> int:
     from tinyllava_med.server.backup import backup
 
     if not dest:
         raise SystemExit("db backup needs a destination folder: tinyllava-med db backup DEST")
     try:
-        done = backup(settings, Path(dest))
+        done = backup(settings, Path(dest), verify=verify)
     except FileNotFoundError as e:
         raise SystemExit(f"db backup: {e}") from None
+    except PermissionError as e:
+        raise SystemExit(
+            f"db backup: {e.strerror}: {e.filename} (the containers run as uid 10001: "
+            f"`chown 10001 {dest}` on the host)"
+        ) from None
     if done.database is not None:
         print(f"database: {done.database}")
     else:
@@ -819,6 +824,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="backup: the folder to back up into; restore: the backup's .db file (with "
         "--images-only: its folder), with the server stopped; downgrade: the revision to go "
         "back to (that of the version rolled back to; back the database up first)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="backup: read every file an earlier run copied and replace a damaged one (a "
+        "copy of the right size is otherwise kept as it is)",
     )
     p.add_argument(
         "--images-only",

@@ -85,6 +85,15 @@ def test_backup_copies_a_consistent_database_and_checked_files(tmp_path, sqlite_
         assert (third.files_copied, third.files_present) == (1, 1) and third.complete
         assert hashlib.sha256(damaged.read_bytes()).hexdigest() == hashes[0]
 
+        # a byte flipped in place (the size unchanged): a plain run cannot see it, --verify
+        # reads every copy and replaces it
+        whole = damaged.read_bytes()
+        damaged.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0xFF]))
+        assert backup(settings, dest).files_present == 2
+        out = _cli(settings, sqlite_url, "backup", str(dest), "--verify")
+        assert out.returncode == 0 and "1 copied" in out.stdout, out.stdout + out.stderr
+        assert damaged.read_bytes() == whole
+
         # into a fresh folder, from a damaged store: reported, nothing wrong copied, exit 1
         store = api.app.state.store
         ct, png = hashes
@@ -102,9 +111,7 @@ def test_backup_copies_a_consistent_database_and_checked_files(tmp_path, sqlite_
             "ORDER BY id",
         )
         assert [(actor, outcome) for actor, outcome, _ in events] == [
-            ("cli", "ok"),
-            ("cli", "ok"),
-            ("cli", "ok"),
+            *[("cli", "ok")] * 5,
             ("cli", "error"),
         ]
 
@@ -252,6 +259,13 @@ def test_restore_on_postgresql_brings_back_the_image_files(tmp_path, postgres_ur
         done = restore(settings, tmp_path / "backup", images_only=True)
         assert (done.files_copied, done.missing) == (1, [])
         assert migrate.current_revision(postgres_url) == migrate.head_revision()
+
+        # a live file damaged in place (its size unchanged) is read through and replaced
+        whole = store.get(sha)
+        store.path(sha).write_bytes(whole[:-1] + bytes([whole[-1] ^ 0xFF]))
+        done = restore(settings, tmp_path / "backup", images_only=True)
+        assert (done.files_copied, done.files_present) == (1, 0)
+        assert store.get(sha) == whole
 
 
 def test_a_backup_from_before_image_retention_is_accepted(tmp_path):

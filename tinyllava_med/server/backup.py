@@ -99,24 +99,29 @@ def _same_size(a: ImageStore, b: ImageStore, sha: str) -> bool:
         return True
 
 
-def _copy_checked(source: ImageStore, dest: ImageStore, sha: str) -> tuple[str, int]:
-    """Copy the file `sha` from `source` to `dest` unless `dest` holds it whole (a copy of
-    another size is damaged): "present", "copied" (with its size), "missing" from `source`, or
-    "corrupt" (its content is not its name, so it is not copied)."""
-    if dest.exists(sha) and _same_size(dest, source, sha):
+def _copy_checked(
+    source: ImageStore, dest: ImageStore, sha: str, *, verify_dest: bool = False
+) -> tuple[str, int]:
+    """Copy the file `sha` from `source` to `dest` unless `dest` holds it whole: of the same
+    size, and with `verify_dest` also of the right content (a copy otherwise is damaged and
+    replaced). "present", "copied" (with its size), "missing" from `source`, or "corrupt" (its
+    content is not its name, so it is not copied)."""
+    there = dest.exists(sha) and _same_size(dest, source, sha)
+    if there and (not verify_dest or dest.whole(sha)):
         return "present", 0
     if not source.exists(sha):
         return "missing", 0
     data = source.get(sha)
     if hashlib.sha256(data).hexdigest() != sha:
         return "corrupt", 0
-    dest.put(data, sha)  # the store's own atomic, content-addressed write
+    dest.put(data, sha, replace=there)  # the store's own atomic, content-addressed write
     return "copied", len(data)
 
 
-def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
+def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool = False) -> Backup:
     """Back up the database (SQLite) and the image files into `dest`; audited as
-    `backup.create`."""
+    `backup.create`. A file copied by an earlier run is kept when it has the right size, or
+    with `verify` when its content is right too (a full read of the backup)."""
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     url = normalize_database_url(settings.database_url)
     engine = make_engine(url)
@@ -135,7 +140,7 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli") -> Backup:
                 hashes = sorted(set(s.scalars(text(_FILES_SQL))))
         store, copies = ImageStore(settings.images_dir), ImageStore(dest / "images")
         for sha in hashes:
-            outcome, size = _copy_checked(store, copies, sha)
+            outcome, size = _copy_checked(store, copies, sha, verify_dest=verify)
             if outcome == "present":
                 result.files_present += 1
             elif outcome == "copied":
@@ -194,7 +199,8 @@ def _checked(copy: Path) -> set[str]:
 
 def _restore_files(store: ImageStore, copies: ImageStore, hashes: set[str], out: Restored) -> None:
     for sha in sorted(hashes):
-        outcome, _ = _copy_checked(copies, store, sha)
+        # restoring is rare and is about damage: every file in place is read through
+        outcome, _ = _copy_checked(copies, store, sha, verify_dest=True)
         if outcome == "present":
             out.files_present += 1
         elif outcome == "copied":

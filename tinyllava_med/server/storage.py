@@ -140,13 +140,14 @@ class ImageStore:
             raise ValueError("not a sha256 hex digest")
         return self.root / sha256[:2] / sha256
 
-    def put(self, data: bytes, digest: str | None = None) -> str:
+    def put(self, data: bytes, digest: str | None = None, *, replace: bool = False) -> str:
         """Store `data` under its sha256 (`digest`, when the caller has just computed it from
-        these bytes); its name."""
+        these bytes); its name. A file already there of the same size is taken as this one,
+        unless `replace` (its content was found damaged)."""
         digest = digest or hashlib.sha256(data).hexdigest()
         dest = self.path(digest)
         try:
-            if dest.stat().st_size == len(data):
+            if not replace and dest.stat().st_size == len(data):
                 os.utime(dest)  # a deletion sweeping it now leaves it: it is in use again
                 return digest
         except FileNotFoundError:  # new, or a deletion has just moved it aside: write it
@@ -172,6 +173,14 @@ class ImageStore:
 
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
+
+    def whole(self, sha256: str) -> bool:
+        """Whether the file `sha256` is there and its content is its name (read through)."""
+        try:
+            with open(self.path(sha256), "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest() == sha256
+        except FileNotFoundError:
+            return False
 
     def remove_if_stale(self, sha256: str, grace_s: float) -> bool:
         """Delete the file (and its renderings) unless it was stored or touched in the last
