@@ -1031,3 +1031,25 @@ def test_readme_names_every_file():
         if f.is_file() and f.name != "README.md":
             rel = f.relative_to(DOCKER).as_posix()
             assert rel in text or f.name in text, f"docker/README.md does not mention {rel}"
+
+
+@pytest.mark.parametrize("name", ["compose.yml", "compose.cpu.yml", "compose.scale.yml"])
+def test_docker_env_sets_every_setting_but_the_four_compose_owns(name):
+    """docker/README: any setting can go in docker/.env. An `environment:` entry wins over
+    `env_file`, so every entry takes `${VAR:-default}` (the shell's, else .env's, value), but for
+    the four the compose files own and the README names (a fixed "600" had overridden .env's
+    REQUEST_TIMEOUT_S on the CPU stack)."""
+    owned = {"DATA_DIR", "DATABASE_URL", "PORT", "DEVICE"}
+    readme = (DOCKER / "README.md").read_text(encoding="utf-8")
+    assert all(f"`{field}`" in readme for field in owned)
+    compose = _compose(name)
+    envs = [compose.get("x-tinyllava-env") or {}]
+    envs += [svc.get("environment") or {} for svc in compose["services"].values()]
+    for env in envs:
+        if not isinstance(env, dict):
+            continue
+        for key, value in env.items():
+            field = key.removeprefix("TINYLLAVA_MED_")
+            if field == key or field in owned:
+                continue
+            assert str(value) == f"${{{key}:-{str(value).split(':-', 1)[-1][:-1]}}}", (key, value)
