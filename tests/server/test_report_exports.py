@@ -71,7 +71,16 @@ def test_sr_draft_then_signed(api):
         "PRELIMINARY",
     )
     t = texts(draft)
-    assert t["Finding"] == "Ödem — 2 cm" and t["Clinical information"] == report["question"]
+    assert t["Finding"] == "Ödem — 2 cm" and t["Request"] == report["question"]
+    # TID 2000's rows: the language first (mandatory), the observer context, then CID 7001
+    # sections: the question as the Request under Clinical Information, the answer under Findings
+    top = [(i.RelationshipType, i.ConceptNameCodeSequence[0]) for i in draft.ContentSequence]
+    assert (top[0][0], top[0][1].CodeValue) == ("HAS CONCEPT MOD", "121049")
+    assert draft.ContentSequence[0].ConceptCodeSequence[0].CodeValue == "en-US"
+    sections = [(code.CodeValue, code.CodingSchemeDesignator) for rel, code in top[-2:]]
+    assert sections == [("55752-0", "LN"), ("59776-5", "LN")]
+    request = draft.ContentSequence[-2].ContentSequence[0].ConceptNameCodeSequence[0]
+    assert (request.CodeValue, request.CodingSchemeDesignator) == ("55115-0", "LN")
     # the model is the observer device (highdicom parses the document back)
     parsed = hd.sr.ComprehensiveSR.from_dataset(draft)
     items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in parsed.ContentSequence}
@@ -175,7 +184,7 @@ def test_exports_of_a_report_stored_with_control_characters_are_valid(api):
 
     t = texts(sr_of(api, report["id"]))
     assert t["Finding"] == "Ödemline two[31m\tend\r\n"
-    assert t["Clinical information"] == "Size?"
+    assert t["Request"] == "Size?"
 
     r = api.get(f"/v1/reports/{report['id']}/fhir", headers=api.h("pacs"))
     assert r.status_code == 200, r.text

@@ -60,7 +60,8 @@ from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.storage import ImageStore
 
 MANUFACTURER = "TinyLLaVA-Med server"
-CLINICAL_INFORMATION = hd.sr.CodedConcept("55752-0", "LN", "Clinical information")
+# TID 2000 wants the report's language (row 2, mandatory): the model answers in English
+ENGLISH = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")
 SR_SERIES_NUMBER = 990  # high, so viewers list the AI series after the acquired ones
 
 
@@ -240,15 +241,27 @@ def build_sr(
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device
     )
+    # TID 2000: the language, the observer context, then sections headed from CID 7001 holding
+    # TID 2002 narrative (CID 7002): the question as the Request under Clinical Information,
+    # the answer as the Finding under Findings
     root = hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport, template_id="2000")
-    root.ContentSequence = Sequence(list(observer))
-    findings = hd.sr.ContainerContentItem(
-        name=codes.DCM.Findings, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    root.ContentSequence = Sequence(list(hd.sr.LanguageOfContentItemAndDescendants(ENGLISH)))
+    root.ContentSequence.extend(observer)
+    clinical = hd.sr.ContainerContentItem(
+        name=codes.LN.ClinicalInformation, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    question = hd.sr.TextContentItem(
-        name=CLINICAL_INFORMATION,
-        value=_text(report.question),
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    clinical.ContentSequence = Sequence(
+        [
+            hd.sr.TextContentItem(
+                name=codes.LN.Request,
+                value=_text(report.question),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+    )
+    root.ContentSequence.append(clinical)
+    findings = hd.sr.ContainerContentItem(
+        name=codes.LN.Findings, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
     finding = hd.sr.TextContentItem(
         name=codes.DCM.Finding,
@@ -271,7 +284,7 @@ def build_sr(
             )
         ]
     )
-    findings.ContentSequence = Sequence([question, finding])
+    findings.ContentSequence = Sequence([finding])
     if version.text != report.answer:
         findings.ContentSequence.append(
             hd.sr.TextContentItem(
