@@ -101,6 +101,8 @@ def test_sr_draft_then_signed(api):
     signed = sr_of(api, report["id"])
     assert signed.SOPInstanceUID != draft.SOPInstanceUID
     assert signed.SeriesInstanceUID == draft.SeriesInstanceUID
+    # the model's answer was 1, the edited draft 2, the signed report 3: listed in that order
+    assert (int(draft.InstanceNumber), int(signed.InstanceNumber)) == (2, 3)
     assert (signed.CompletionFlag, signed.VerificationFlag, signed.PreliminaryFlag) == (
         "COMPLETE",
         "VERIFIED",

@@ -176,6 +176,12 @@ def _instance_uid(report: Report, version: datetime) -> str:
     return str(generate_uid(entropy_srcs=["tinyllava-med sr", report.id, version.isoformat()]))
 
 
+def _instance_number(report: Report, version: Version) -> int:
+    """1 for the report's first version, then one more per change: a viewer lists a report's SRs
+    (one series) in the order they were made."""
+    return 1 + sum(1 for edit in report.edits if edit.edited_at <= version.updated_at)
+
+
 def _predecessor(
     report: Report, version: Version, study_uid: str, sent: Collection[datetime]
 ) -> pydicom.Dataset | None:
@@ -323,7 +329,7 @@ def build_sr(
         series_instance_uid=_series_uid(report),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=_instance_uid(report, version.updated_at),
-        instance_number=1,
+        instance_number=_instance_number(report, version),
         manufacturer=MANUFACTURER,
         is_complete=signed,
         is_final=signed,
