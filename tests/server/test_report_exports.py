@@ -110,6 +110,15 @@ def test_sr_draft_then_signed(api):
     )
     verifier = signed.VerifyingObserverSequence[0]
     assert verifier.VerifyingObserverName.family_name == "test radiologist"
+    # the Finding is the radiologist's wording: its observer is that person, not the device
+    finding = signed.ContentSequence[-1].ContentSequence[0]
+    context = {
+        i.ConceptNameCodeSequence[0].CodeMeaning: i
+        for i in finding.ContentSequence
+        if i.RelationshipType == "HAS OBS CONTEXT"
+    }
+    assert context["Observer Type"].ConceptCodeSequence[0].CodeMeaning == "Person"
+    assert context["Person Observer Name"].PersonName.family_name == "test radiologist"
     t = texts(signed)
     assert t["Finding"] == "CT of the chest. No acute finding."
     # the random tiny model's answer has control characters, which DICOM text may not carry

@@ -176,6 +176,19 @@ def _instance_uid(report: Report, version: datetime) -> str:
     return str(generate_uid(entropy_srcs=["tinyllava-med sr", report.id, version.isoformat()]))
 
 
+def text_author(report: Report, version: Version) -> str | None:
+    """The key that last changed the text of `version` (None while it is the model's answer)."""
+    if version.text == report.answer:
+        return None
+    author = None
+    for edit in report.edits:
+        if edit.edited_at > version.updated_at:
+            break
+        if edit.new_text != edit.previous_text:
+            author = edit.edited_by
+    return author
+
+
 def _instance_number(report: Report, version: Version) -> int:
     """1 for the report's first version, then one more per change: a viewer lists a report's SRs
     (one series) in the order they were made."""
@@ -232,10 +245,13 @@ def build_sr(
     institution: str | None = None,
     version: Version | None = None,
     sent: Collection[datetime] = (),
+    author: str | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The SR of `report` (at `version`, default the current one), whose image is the DICOM
     `source` (read without pixels is enough); `signer` is that version's; `sent`: the versions
-    whose SRs were queued for the PACS (`pushed_versions`), which a later version supersedes."""
+    whose SRs were queued for the PACS (`pushed_versions`), which a later version supersedes;
+    `author`: the display name of whoever wrote the text when it is not the model's answer (the
+    Finding then names that person as its observer, not the model's device)."""
     version = version or version_at(report)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(entropy_srcs=["tinyllava-med device", report.model]),
@@ -276,8 +292,19 @@ def build_sr(
     )
     frames = int(source.get("NumberOfFrames") or 1)
     frame = getattr(report, "frame", None)
+    written_by = []  # TID 1001: a person's words are not the device's
+    if author is not None and version.text != report.answer:
+        written_by = list(
+            hd.sr.ObserverContext(
+                observer_type=codes.DCM.Person,
+                observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+                    name=_person_name(author)
+                ),
+            )
+        )
     finding.ContentSequence = Sequence(
         [
+            *written_by,
             hd.sr.ImageContentItem(
                 name=codes.DCM.BestIllustrationOfFinding,
                 referenced_sop_class_uid=source.SOPClassUID,
@@ -287,7 +314,7 @@ def build_sr(
                 if frames > 1
                 else None,
                 relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
-            )
+            ),
         ]
     )
     findings.ContentSequence = Sequence([finding])
@@ -431,6 +458,12 @@ def report_sr(
     signer = Signer(name, institution) if name is not None else None
     sent = pushed_versions(session, report)
     sr = build_sr(
-        report, source, signer=signer, institution=institution, version=version, sent=sent
+        report,
+        source,
+        signer=signer,
+        institution=institution,
+        version=version,
+        sent=sent,
+        author=key_name(session, text_author(report, version)),
     )
     return to_bytes(sr)
