@@ -548,6 +548,12 @@ HEADERS = {  # what the SR must make of it: (Patient's Sex, birth date, accessio
         _set(PatientSex="f", PatientName="NAKAMURA", AccessionNumber="A77"),
         ("F", "", "A77", "NAKAMURA"),
     ),
+    "ACR-NEMA birth date, over-long name and accession number": (
+        # dates in the old dotted form become DICOM's; a name longer than PN allows is left
+        # empty; the accession number is kept as sent (the PACS holds the images under it)
+        _set(PatientBirthDate="1961.03.17", PatientName="N" * 70, AccessionNumber="R" * 20),
+        ("O", "19610317", "R" * 20, ""),
+    ),
     "ISO 2022 IR 87 (Japanese)": (
         _set(SpecificCharacterSet=["", "ISO 2022 IR 87"], PatientName="Yamada^Tarou=山田^太郎"),
         ("O", "", "", "Yamada^Tarou=山田^太郎"),

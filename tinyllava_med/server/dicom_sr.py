@@ -42,13 +42,16 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
+from typing import Any
 
 import highdicom as hd
 import pydicom
+from pydicom import config
+from pydicom.datadict import dictionary_VR
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
-from pydicom.valuerep import DA, DT, TM
+from pydicom.valuerep import DA, DT, TM, validate_value
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -81,18 +84,42 @@ def _text(value: str) -> str:
 
 
 # what highdicom reads from the source (all Type 2 in the SR: present, may be empty), with the
-# check its value must pass, if any
-_COPIED: dict[str, type | None] = {
-    "PatientID": None,
-    "PatientName": None,
-    "PatientBirthDate": DA,
-    "PatientSex": None,
-    "AccessionNumber": None,
-    "StudyID": None,
-    "StudyDate": DA,
-    "StudyTime": TM,
-    "ReferringPhysicianName": None,
-}
+# value, when DICOM allows it (`_valid`)
+_COPIED = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_PARSED: dict[str, type] = {"DA": DA, "TM": TM}
+# ACR-NEMA's dates and times, still written by old devices: the same values in DICOM's form
+_LEGACY = {"DA": re.compile(r"(\d{4})\.(\d\d)\.(\d\d)"), "TM": re.compile(r"(\d\d):(\d\d):(\d\d)")}
+
+
+def _valid(keyword: str, value: Any) -> str:
+    """`value` as DICOM allows it for `keyword`'s VR, or "" (the SR's Type 2 attributes may be
+    empty; a PACS may refuse an SR with an invalid one). The Accession Number is kept as the
+    source has it even when longer than SH's 16 characters: the PACS holds the images under it,
+    and a RIS matches the report by it."""
+    text = str(value).strip()
+    vr = dictionary_VR(keyword)
+    legacy = _LEGACY.get(vr)
+    if legacy is not None and (found := legacy.fullmatch(text)):
+        text = "".join(found.groups())
+    if keyword == "AccessionNumber" and text and "\\" not in text:
+        return text
+    try:
+        validate_value(vr, text, config.RAISE)  # characters and length
+        if vr in _PARSED:
+            _PARSED[vr](text)  # and a day and time that exist (not February 30th)
+    except ValueError:
+        return ""
+    return text
 
 
 def _evidence(source: pydicom.Dataset) -> pydicom.Dataset:
@@ -102,16 +129,11 @@ def _evidence(source: pydicom.Dataset) -> pydicom.Dataset:
     ds = copy.deepcopy(source)
     ds.decode()
     ds.SpecificCharacterSet = "ISO_IR 192"
-    for keyword, check in _COPIED.items():
+    for keyword in _COPIED:
         value = ds.get(keyword)
-        if value is None:
-            setattr(ds, keyword, "")
-        elif check is not None and value != "":
-            try:
-                check(value)
-            except ValueError:
-                setattr(ds, keyword, "")
-    sex = str(ds.PatientSex).strip().upper()
+        if keyword != "PatientSex":  # its own rule, below
+            setattr(ds, keyword, "" if value is None else _valid(keyword, value))
+    sex = str(ds.get("PatientSex") or "").strip().upper()
     ds.PatientSex = sex if sex in ("M", "F", "O") else ""
     return ds
 
