@@ -9,7 +9,9 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
   (`dimse_ae_title`) from a calling AE title in `dimse_peers` ("AET", "AET@host": from that
   host's addresses only, or "*"). A refusal is audited (`dimse.associate`, denied).
 - Each instance is received into a temporary file (never whole in memory), refused above
-  `max_upload_bytes` (0xA700), decoded with the server's image limits and filed by
+  `max_upload_bytes` (0xA700 within `_PDU_SLACK` over it; beyond, the connection is closed as
+  the data arrives, so the object never fills the disk: the sender sees an abort), decoded with
+  the server's image limits and filed by
   `ingest.file_instances` (its study found or created by Study Instance UID, the automatic
   report queued) in its own transaction before the success status goes back, so "stored"
   means durable. Failures answer
