@@ -60,6 +60,9 @@ def test_promtool_accepts_metrics(sqlite_api):
     # the queue's limit beside its depth: the saturation alert is relative to each server's own
     limit = api.app.state.settings.max_queue
     assert f"tinyllava_med_queue_limit {float(limit)}" in text
+    # and the request timeout beside the latency: the slow-answers alert is half of it
+    timeout = api.app.state.settings.request_timeout_s
+    assert f"tinyllava_med_request_timeout_seconds {float(timeout)}" in text
     # the upload decoded the image for the render cache; the question processed it once
     assert 'tinyllava_med_cache_hits_total{cache="rendered"} 1.0' in text
     assert 'tinyllava_med_cache_misses_total{cache="pixels"} 1.0' in text

@@ -482,6 +482,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.metrics.queue_limit.set(settings.max_queue)
+    app.state.metrics.request_timeout.set(settings.request_timeout_s)
     app.state.metrics.watch_data_dir(settings.data_dir)
     app.state.key_cache = KeyCache(settings.auth_cache_s)
     app.state.load_error = None

@@ -30,7 +30,8 @@ from tinyllava_med.server.lru import ByteLRU
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# up to a CPU server's request timeout (600 s in the CPU compose files)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 PREFIX = "tinyllava_med_"
 
 
@@ -259,6 +260,11 @@ class Metrics:
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens", registry=r)
         self.waiting = Gauge(
             PREFIX + "num_requests_waiting", "Requests queued or running in the engine", registry=r
+        )
+        self.request_timeout = Gauge(
+            PREFIX + "request_timeout_seconds",
+            "The server's request timeout (TINYLLAVA_MED_REQUEST_TIMEOUT_S): what slow means here",
+            registry=r,
         )
         self.queue_limit = Gauge(
             PREFIX + "queue_limit",
