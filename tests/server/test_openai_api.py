@@ -6,7 +6,7 @@ import base64
 
 import openai
 import pytest
-from api_helpers import CT_SMALL, png_bytes
+from api_helpers import CT_SMALL, make_api, png_bytes
 from sqlalchemy import select
 
 from tinyllava_med.server.db.models import AuditEvent, Report
@@ -170,3 +170,59 @@ def test_unknown_model_limits_and_keys(api, client):
     )
     with pytest.raises(openai.AuthenticationError):
         anonymous.models.list()
+
+
+def test_remote_image_urls_only_from_the_hosts_named(tmp_path, sqlite_url, tiny_lm):
+    """With allow_remote_image_urls the server fetches a chat image_url itself, from inside the
+    hospital network: only from `remote_image_hosts` (here an image server on this machine's
+    loopback), never from another address a caller names (the same server under another name
+    stands in for any internal host). On without a host list is a settings error."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tinyllava_med.server.settings import Settings
+
+    with pytest.raises(ValueError, match="allow_remote_image_urls needs remote_image_hosts"):
+        Settings(data_dir=tmp_path, allow_remote_image_urls=True)
+    fetched: list[str] = []
+    image = png_bytes()
+
+    class Images(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            fetched.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    port = httpd.server_address[1]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        overrides = {"allow_remote_image_urls": True, "remote_image_hosts": [f"127.0.0.1:{port}"]}
+        for api in make_api(tmp_path, sqlite_url, tiny_lm, **overrides):
+            client = openai.OpenAI(
+                base_url="http://testserver/v1",
+                api_key=api.keys["pacs"],
+                http_client=api.client,
+                max_retries=0,
+            )
+            model = client.models.list().data[0].id
+            url = f"http://127.0.0.1:{port}/wado/slice.png"
+            out = client.chat.completions.create(
+                model=model, messages=[user(QUESTION, url)], max_tokens=3
+            )
+            assert out.choices[0].message.content is not None and fetched == ["/wado/slice.png"]
+            for elsewhere in (f"http://localhost:{port}/x.png", f"http://127.0.0.1:{port + 1}/x"):
+                with pytest.raises(openai.BadRequestError) as refused:
+                    client.chat.completions.create(
+                        model=model, messages=[user(QUESTION, elsewhere)], max_tokens=3
+                    )
+                assert refused.value.body["code"] == "remote_image_refused"
+            assert fetched == ["/wado/slice.png"]  # nothing else was asked for
+    finally:
+        httpd.shutdown()

@@ -192,7 +192,15 @@ class Settings(BaseSettings):
         "stops working within it (0: look every request up)",
     )
     allow_remote_image_urls: bool = Field(
-        default=False, description="chat image_url: data URIs only"
+        default=False,
+        description="chat image_url may be an http(s) URL, of a host in remote_image_hosts "
+        "(off: data URIs only)",
+    )
+    remote_image_hosts: list[str] = Field(
+        default_factory=list,
+        description="with allow_remote_image_urls: the hosts (`host` or `host:port`) chat image "
+        "URLs may name; the server fetches them from inside the hospital network, so name the "
+        "image servers only (a PACS's WADO); `*` allows any host",
     )
     log_level: LogLevel = "INFO"
     log_format: Literal["text", "json"] = Field(
@@ -368,6 +376,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.allow_remote_image_urls and not self.remote_image_hosts:
+            raise ValueError(
+                "allow_remote_image_urls needs remote_image_hosts: the hosts whose images the "
+                "server may fetch (a URL naming any other address of the network is refused)"
+            )
         if self.auth_disabled and self.host not in LOOPBACK_HOSTS:
             raise ValueError(
                 f"auth_disabled makes every caller an admin; it is refused with host {self.host} "

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import APIRouter, Request
@@ -38,6 +39,16 @@ from tinyllava_med.server.settings import Settings
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
+def _allowed_host(url: str, hosts: list[str]) -> bool:
+    try:
+        parts = urlsplit(url)
+        host, port = (parts.hostname or "").lower(), parts.port
+    except ValueError:  # a port that is no number
+        return False
+    allowed = {h.lower() for h in hosts}
+    return "*" in allowed or host in allowed or (port is not None and f"{host}:{port}" in allowed)
+
+
 async def image_bytes(url: str, settings: Settings) -> bytes:
     if url.startswith("data:"):
         return decode_data_uri(url)
@@ -50,6 +61,12 @@ async def image_bytes(url: str, settings: Settings) -> bytes:
             400,
             "remote_image_refused",
             "image URLs are refused by this server's settings; send a data: URI",
+        )
+    if not _allowed_host(url, settings.remote_image_hosts):  # no fetching of just any address
+        raise APIError(
+            400,
+            "remote_image_refused",
+            "this image URL's host is not one of the server's remote_image_hosts; send a data: URI",
         )
     limit = settings.max_upload_bytes
     try:
