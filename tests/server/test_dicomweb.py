@@ -523,7 +523,8 @@ def test_a_retrieve_that_fails_halfway_audits_what_it_stored(api, monkeypatch):
     uid = generate_uid()
 
     class PacsThatDrops:  # the WADO-RS stream of a study's slices breaks after 20
-        def iter_study(self, study_uid):
+        def iter_study(self, study_uid, media_types=None):
+            assert media_types == (("application/dicom", "*"),)  # as the PACS stores them
             assert study_uid == uid
             for i in range(pull.BATCH + 4):
                 ds = pydicom.dcmread(CT_SMALL)
