@@ -26,8 +26,8 @@ class Component(BaseModel):
 
 class LoraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    r: int = 64
-    alpha: int = 16
+    r: int = 128  # LLaVA's LoRA recipe (lora_r 128, lora_alpha 256: a scale of 2)
+    alpha: int = 256
     dropout: float = 0.05
     target_modules: list[str] = Field(
         default_factory=lambda: [
