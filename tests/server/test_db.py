@@ -133,6 +133,13 @@ def test_0002_keeps_existing_reports(database_url: str) -> None:
         engine.dispose()
 
 
+# image 'i' of study 's', as the columns were before 0011
+_AN_IMAGE = text(
+    "INSERT INTO images (id, study_id, n, sha256, kind, size_bytes, rows, columns, n_frames, "
+    "safe_metadata, created_at) VALUES ('i', 's', 0, 'h', 'png', 1, 1, 1, 1, '{}', :t)"
+)
+
+
 def test_0008_widens_accession_numbers_and_keeps_every_study_child(database_url: str) -> None:
     """0008 rebuilds `studies` on SQLite (batch mode): a populated database keeps its studies,
     their images and reports (no cascade), and takes 64-character accession numbers; a
@@ -149,14 +156,7 @@ def test_0008_widens_accession_numbers_and_keeps_every_study_child(database_url:
                 ),
                 t,
             )
-            conn.execute(
-                text(
-                    "INSERT INTO images (id, study_id, n, sha256, kind, size_bytes, rows, "
-                    "columns, n_frames, safe_metadata, created_at) "
-                    "VALUES ('i', 's', 0, 'h', 'png', 1, 1, 1, 1, '{}', :t)"
-                ),
-                t,
-            )
+            conn.execute(_AN_IMAGE, t)
             conn.execute(
                 text(
                     "INSERT INTO reports (id, study_id, image_id, question, answer, text, status, "
@@ -195,14 +195,7 @@ def test_0011_counts_existing_images_stored_when_they_arrived(database_url: str)
                 text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'received')"),
                 t,
             )
-            conn.execute(
-                text(
-                    "INSERT INTO images (id, study_id, n, sha256, kind, size_bytes, rows, "
-                    "columns, n_frames, safe_metadata, created_at) "
-                    "VALUES ('i', 's', 0, 'h', 'png', 1, 1, 1, 1, '{}', :t)"
-                ),
-                t,
-            )
+            conn.execute(_AN_IMAGE, t)
         migrate.upgrade(database_url)
         with Session(engine) as session:
             image = session.get(Image, "i")
