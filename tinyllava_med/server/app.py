@@ -468,7 +468,8 @@ def create_app(
     # /docs and /redoc with Swagger UI and ReDoc served from the installed package, not a CDN
     # that a hospital network without internet cannot reach
     app = FastAPIOffline(
-        static_url="/docs-static",
+        static_url=web.DOCS_STATIC,
+        redoc_url=None,  # routes/web.py's, with a CSP that keeps ReDoc off its CDN
         title="TinyLLaVA-Med server",
         version=__version__,
         description="Questions about DICOM / PNG / JPEG studies, answered by small medical "

@@ -1,4 +1,5 @@
-"""The radiologist web client: `/` (the page) and `/static/{name}` (its script and style).
+"""The radiologist web client: `/` (the page) and `/static/{name}` (its script and style); and
+the API's ReDoc page (`/redoc`; Swagger UI at `/docs` is fastapi-offline's).
 
 The client is three plain files in `server/static/` (no build step, no CDN). Only those files
 are served, by name, so no path from the URL ever reaches the file system. Every response
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Request
+from fastapi.openapi.docs import get_redoc_html
+from fastapi.responses import FileResponse, HTMLResponse
 
 from tinyllava_med.server.errors import APIError
 
@@ -48,7 +50,41 @@ SECURITY_HEADERS: dict[str, str] = {
     "Cache-Control": "no-cache",
 }
 
+# Swagger UI's and ReDoc's files, from the fastapi-offline package (`create_app` mounts them)
+DOCS_STATIC = "/docs-static"
+# ReDoc's page: its bundle runs search in a blob: worker, styles inline, and its side menu asks
+# cdn.redoc.ly for a logo, which this keeps the browser from fetching (no call leaves the site)
+REDOC_CSP = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self' blob:",
+        "worker-src 'self' blob:",
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data: blob:",
+        "font-src 'self' data:",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
+
 router = APIRouter(tags=["web client"], include_in_schema=False)
+
+
+@router.get("/redoc")
+def redoc(request: Request) -> HTMLResponse:
+    """The API's ReDoc page, served from this server's own files."""
+    root = request.scope.get("root_path", "")
+    page = get_redoc_html(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title=f"{request.app.title} - ReDoc",
+        redoc_js_url=f"{root}{DOCS_STATIC}/redoc.standalone.js",
+        redoc_favicon_url=f"{root}{DOCS_STATIC}/favicon.png",
+        with_google_fonts=False,
+    )
+    page.headers.update({**SECURITY_HEADERS, "Content-Security-Policy": REDOC_CSP})
+    return page
 
 
 def _file(name: str, media_type: str) -> FileResponse:
