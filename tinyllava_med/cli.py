@@ -382,8 +382,8 @@ def _release_images(settings: Any, days: float | None, draft_days: float | None)
     if settings.image_retention_draft_days is not None:
         drafts += f" changed in the last {settings.image_retention_draft_days:g} days"
     print(
-        f"released {result['images']} images of {result['studies']} studies that arrived more "
-        f"than {settings.image_retention_days:g} days ago and have {drafts}; "
+        f"released {result['images']} images of {result['studies']} studies that received no "
+        f"image for {settings.image_retention_days:g} days and have {drafts}; "
         f"{result['files_removed']} files removed"
     )
     if result["headers_lost"]:
@@ -840,7 +840,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--days",
         type=_days,
         default=None,
-        help="release-images: studies older than this (default IMAGE_RETENTION_DAYS)",
+        help="release-images: studies that received no image for this long (default "
+        "IMAGE_RETENTION_DAYS)",
     )
     p.add_argument(
         "--draft-days",
