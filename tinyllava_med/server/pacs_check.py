@@ -69,11 +69,11 @@ def _echo_and_find(target: str, settings: Settings) -> str:
     )
 
     from tinyllava_med.server.dimse import Target, associate
-    from tinyllava_med.server.pull import _find_on, _query
+    from tinyllava_med.server.pull import find_on, study_query
 
     _echo(target, settings)
     assoc = associate(Target.parse(target), settings, FIND, timeout_s=TIMEOUT_S)
-    _find_on(assoc, FIND, _query(None, generate_uid()))  # matches nothing: no patient read
+    find_on(assoc, FIND, study_query(None, generate_uid()))  # matches nothing: no patient read
     return "C-ECHO and C-FIND answered"
 
 

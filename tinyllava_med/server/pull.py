@@ -197,7 +197,8 @@ def _associate(settings: Settings, sop_class: str) -> Any:
         raise PacsError(str(e)) from e
 
 
-def _query(accession_number: str | None, study_uid: str | None) -> pydicom.Dataset:
+def study_query(accession_number: str | None, study_uid: str | None) -> pydicom.Dataset:
+    """A STUDY-level C-FIND identifier matching either (an empty one matches any)."""
     ds = pydicom.Dataset()
     ds.QueryRetrieveLevel = "STUDY"
     ds.AccessionNumber = accession_number or ""
@@ -211,10 +212,12 @@ def _c_find(settings: Settings, accession_number: str | None, study_uid: str | N
     )
 
     with _as_pacs_error("C-FIND"):
-        return _find_on(_associate(settings, FIND), FIND, _query(accession_number, study_uid))
+        return find_on(_associate(settings, FIND), FIND, study_query(accession_number, study_uid))
 
 
-def _find_on(assoc: Any, sop_class: str, query: pydicom.Dataset) -> list[str]:
+def find_on(assoc: Any, sop_class: str, query: pydicom.Dataset) -> list[str]:
+    """The Study Instance UIDs a C-FIND on `assoc` matches (the association is released after);
+    PacsError when the PACS refuses or fails it (`pacs check` asks so too)."""
     uids: list[str] = []
     try:
         for status, found in assoc.send_c_find(query, sop_class):

@@ -31,12 +31,13 @@ DIMSE_TARGET = r"^[!-\[\]-~][ -\[\]-~]{0,15}@[^:@\s]+:\d{1,5}$"  # "AET@host:por
 _PEER = re.compile(r"^(\*|[ -\[\]-~]{1,16}(@[^@\s]+)?)$")
 
 
+PREFIX = "TINYLLAVA_MED_"  # every setting's environment variable begins so
 TURN_CHARS = 20  # what a conversation turn costs besides its text (`max_conversation_chars`)
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="TINYLLAVA_MED_",
+        env_prefix=PREFIX,
         extra="forbid",  # a misspelt override (`Settings(prot=1)`) is an error, not ignored
         validate_default=True,
     )
@@ -446,7 +447,6 @@ class Settings(BaseSettings):
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-PREFIX = "TINYLLAVA_MED_"
 # the project's variables of this prefix that are no server settings: docker/.env's for compose
 # (every line of it reaches the container), the dataset download's, the tests'
 OTHER_VARIABLES = frozenset(

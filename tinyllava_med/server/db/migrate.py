@@ -120,9 +120,10 @@ def require_head(database_url: str | URL) -> None:
     try:
         with engine.connect() as conn:
             _refuse_unknown(conn)
+            current = MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
-    current, head = current_revision(database_url), head_revision()
+    head = head_revision()
     if current != head:
         raise MigrationError(
             f"the database schema is at revision {current or 'none (empty database)'}, this "
