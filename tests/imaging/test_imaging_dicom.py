@@ -272,6 +272,25 @@ def test_deflated_file_loads_and_a_deflate_bomb_is_refused(ct_small: Dataset, di
     assert _code(data[:-100]) == "truncated"
 
 
+def test_deflate_bomb_is_refused_whatever_the_file_meta_looks_like(ct_small: Dataset, dicom_bytes):
+    """pydicom finds the deflated stream by reading the file meta element by element, so a file
+    without the meta group length, or with a long padded meta element, must be measured too."""
+    ct_small.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    data = dicom_bytes(ct_small)
+    assert data[132:136] == b"\x02\x00\x00\x00"  # (0002,0000) UL: 12 bytes
+    no_length = data[:132] + data[144:]
+    version = b"\x02\x00\x01\x00OB\x00\x00" + struct.pack("<I", 2) + b"\x00\x01"
+    long_version = version[:8] + struct.pack("<I", 4000) + b"\x00\x01" + b"\x00" * 3998
+    padded = no_length.replace(version, long_version, 1)  # the syntax UID moves past 4 kB
+    assert len(padded) == len(no_length) + 3998
+    small = ImageLimits(max_bytes_decoded=10_000)
+    for variant in (no_length, padded):
+        assert load_study_file(variant).metadata.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+        assert _code(variant, limits=small) == "decompression_bomb"
+    cut = padded[: len(padded) - len(no_length) + 1000]
+    assert _code(cut) == "truncated"
+
+
 def test_unknown_transfer_syntax_is_unsupported(ct_small: Dataset, dicom_bytes: Builder):
     ct_small.PixelData = encapsulate([ct_small.PixelData])
     ct_small.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder

@@ -685,6 +685,22 @@ def test_png_decompression_bomb_is_413(api):
     assert (event.outcome, event.status_code, event.resource_id) == ("invalid", 413, None)
 
 
+def test_deflated_dicom_bomb_is_413_under_max_decoded_bytes(tmp_path, sqlite_url, tiny_lm):
+    """A deflated data set is measured against `max_decoded_bytes` before pydicom inflates it,
+    with or without the file meta group length (pydicom needs none to find the stream)."""
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.PixelData = bytes(len(ds.PixelData))  # zeros deflate well: the file stays small
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    no_length = data[:132] + data[144:]  # (0002,0000) dropped
+    for api in make_api(tmp_path, sqlite_url, tiny_lm, max_decoded_bytes=20_000):
+        for body in (data, no_length):
+            r = upload(api, ("ct.dcm", body, "application/dicom"))
+            assert_error(r, 413, "decompression_bomb")
+
+
 def test_an_image_too_long_for_the_model_is_413_at_upload_and_when_asked_about(
     tmp_path, sqlite_url, tiny_lm
 ):

@@ -22,6 +22,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import (  # dcmread's first steps: where a deflated stream starts
+    _read_command_set_elements,
+    _read_file_meta_info,
+    read_preamble,
+)
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options, get_expected_length
 from pydicom.uid import (
@@ -135,14 +140,23 @@ def _load_frame(
 
 
 def _check_inflated_size(data: bytes, limits: ImageLimits) -> None:
-    """Refuse a deflated data set that inflates past `limits.max_bytes_decoded` or is cut."""
-    if DeflatedExplicitVRLittleEndian.encode() not in data[132:2048]:
+    """Refuse a deflated data set that inflates past `limits.max_bytes_decoded` or is cut.
+
+    The deflated stream starts where pydicom's own reader leaves it: after the preamble, the
+    file meta group read element by element (its group length may be absent or wrong, its
+    elements padded) and any command set elements, the steps `dcmread` takes before it inflates
+    the rest in one call."""
+    fp = BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        _read_command_set_elements(fp)
+    except Exception:
+        return  # dcmread reports the broken header the same way
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         return
-    if data[132:138] != b"\x02\x00\x00\x00UL":
-        return  # no group length to find the deflated stream; pydicom decides
-    start = 144 + int.from_bytes(data[140:144], "little")
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    pending, total = data[start:], 0
+    pending, total = data[fp.tell() :], 0
     try:
         while pending and not inflater.eof:
             total += len(inflater.decompress(pending, 1 << 20))
@@ -153,8 +167,10 @@ def _check_inflated_size(data: bytes, limits: ImageLimits) -> None:
                     f"{len(data)} bytes inflate past that",
                 )
             pending = inflater.unconsumed_tail
-    except zlib.error:
-        return  # pydicom reports the broken stream
+    except zlib.error as e:
+        raise ImagingError(
+            "decode_failed", "the deflated data set is not a valid deflate stream"
+        ) from e
     if not inflater.eof:
         raise ImagingError(
             "truncated", f"the deflated data set ends early ({len(data)} bytes received)"

@@ -44,7 +44,10 @@ _IMAGING_STATUS = {
 
 def limits_of(settings: Settings) -> ImageLimits:
     return ImageLimits(
-        max_pixels=settings.max_pixels, max_side=settings.max_side, max_frames=settings.max_frames
+        max_pixels=settings.max_pixels,
+        max_side=settings.max_side,
+        max_frames=settings.max_frames,
+        max_bytes_decoded=settings.max_decoded_bytes,
     )
 
 

@@ -95,6 +95,12 @@ class Settings(BaseSettings):
         description="the longer of rows and columns (the model pads images to a square on it)",
     )
     max_frames: int = Field(default=1024, gt=0, description="frames in one multi-frame DICOM")
+    max_decoded_bytes: int = Field(
+        default=1024 * MiB,
+        gt=0,
+        description="decoded bytes one file may declare (all frames), and a deflated DICOM's "
+        "inflated size",
+    )
     max_question_chars: int = Field(default=2000, gt=0)
     max_conversation_chars: int = Field(
         default=6000,
