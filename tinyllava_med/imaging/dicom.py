@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import (  # dcmread's first steps: where a deflated stream starts
@@ -139,6 +139,20 @@ def _load_frame(
     )
 
 
+def file_meta(data: bytes) -> tuple[FileMetaDataset, int] | None:
+    """The file meta group of Part 10 bytes and the offset of the data set after it, read as
+    `dcmread` reads them (preamble, group 0002 element by element, any command set), without
+    touching the data set; None where that header cannot be read."""
+    fp = BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        _read_command_set_elements(fp)
+    except Exception:  # noqa: BLE001 - pydicom raises many types on malformed headers
+        return None
+    return meta, fp.tell()
+
+
 def _check_inflated_size(data: bytes, limits: ImageLimits) -> None:
     """Refuse a deflated data set that inflates past `limits.max_bytes_decoded` or is cut.
 
@@ -146,17 +160,11 @@ def _check_inflated_size(data: bytes, limits: ImageLimits) -> None:
     file meta group read element by element (its group length may be absent or wrong, its
     elements padded) and any command set elements, the steps `dcmread` takes before it inflates
     the rest in one call."""
-    fp = BytesIO(data)
-    try:
-        read_preamble(fp, False)
-        meta = _read_file_meta_info(fp)
-        _read_command_set_elements(fp)
-    except Exception:
-        return  # dcmread reports the broken header the same way
-    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        return
+    found = file_meta(data)
+    if found is None or found[0].get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return  # not deflated, or a broken header dcmread reports the same way
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    pending, total = data[fp.tell() :], 0
+    pending, total = data[found[1] :], 0
     try:
         while pending and not inflater.eof:
             total += len(inflater.decompress(pending, 1 << 20))

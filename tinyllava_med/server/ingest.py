@@ -18,10 +18,12 @@ import threading
 from collections.abc import Callable
 
 import pydicom
+from pydicom.dataset import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tinyllava_med.imaging import ImagingError, load_study_file
+from tinyllava_med.imaging.dicom import file_meta
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Study, utcnow
 from tinyllava_med.server.jobs import schedule_auto_report
@@ -82,9 +84,16 @@ def failure_reason(e: ImagingError) -> int:
     return CANNOT_UNDERSTAND
 
 
-def _uids_of(data: bytes) -> tuple[str | None, str | None]:
+def _uids_of(data: bytes, e: ImagingError) -> tuple[str | None, str | None]:
     """The SOP Class and Instance UIDs of a part that could not be decoded, where its header
-    can be read, so the sender learns which instance failed."""
+    can be read, so the sender learns which instance failed. A deflate bomb's data set is not
+    inflated again: its UIDs come from the file meta."""
+    if e.code == "decompression_bomb":
+        found = file_meta(data)
+        ds: Dataset = found[0] if found is not None else Dataset()
+        return ds.get("MediaStorageSOPClassUID") or None, ds.get(
+            "MediaStorageSOPInstanceUID"
+        ) or None
     try:
         ds = pydicom.dcmread(
             io.BytesIO(data),
@@ -190,7 +199,7 @@ def store_instances(
     touched: dict[str, Study] = {}
     for part, d in zip(parts, decoded, strict=True):
         if isinstance(d, ImagingError):
-            result.failed.append((*_uids_of(part.data), failure_reason(d)))
+            result.failed.append((*_uids_of(part.data, d), failure_reason(d)))
             continue
         m = d.metadata
         sop_class, sop_instance, uid = m.SOPClassUID, m.SOPInstanceUID, m.StudyInstanceUID
