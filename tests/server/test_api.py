@@ -428,6 +428,39 @@ def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
     assert {e.detail["code"] for e in refused} == {"insufficient_storage"}
 
 
+def test_the_audit_names_what_list_pages_showed_and_finds_them_by_study(api):
+    """A privacy officer asking who saw one patient's study finds the list pages that showed
+    it (the worklist, a report list) beside the study's own events; a page that did not show
+    it is not found, and the audit holds this server's ids, never the filter values."""
+    seen, other = upload_ct(api), upload(api, ("b.png", png_bytes(), "image/png")).json()
+    r = api.post(f"/v1/studies/{seen['id']}/questions", headers=api.h(), json={"question": "?"})
+    assert r.status_code == 201, r.text
+    report_id = r.json()["id"]
+    for params in ({}, {"modality": "CT"}):
+        assert api.get("/v1/studies", headers=api.h(), params=params).status_code == 200
+    assert api.get("/v1/studies", headers=api.h(), params={"modality": "MR"}).status_code == 200
+    r = api.get("/v1/reports", headers=api.h(), params={"study_id": seen["id"]})
+    assert [x["id"] for x in r.json()["data"]] == [report_id]
+
+    def found(**params):
+        r = api.get("/v1/audit", headers=api.h("admin"), params={**params, "limit": 200})
+        assert r.status_code == 200, r.text
+        return [(e["action"], e["detail"].get("filters")) for e in r.json()["data"]]
+
+    lists = [e for e in found(resource_id=seen["id"]) if e[0].endswith(".list")]
+    assert lists == [
+        ("report.list", ["study_id"]),
+        ("study.list", ["modality"]),
+        ("study.list", []),
+    ]
+    assert ("question.ask", None) in found(resource_id=seen["id"])
+    assert found(resource_id=other["id"], action="study.list") == [
+        ("study.list", []),  # the worklist showed both; the CT filter did not show the PNG
+    ]
+    assert found(resource_id=report_id, resource_type="report")[0] == ("report.list", ["study_id"])
+    assert found(resource_id="%") == []  # LIKE's wildcards are matched as text
+
+
 def test_admin_reads_the_audit_log_and_lists_keys(api):
     admin = api.h("admin")
     created = api.post("/v1/apikeys", headers=admin, json={"role": "radiologist", "name": "Dr. A"})

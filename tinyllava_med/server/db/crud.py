@@ -14,12 +14,13 @@ API keys live in `tinyllava_med.server.auth` (creation, hashing, verification, r
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal, NamedTuple, NotRequired, TypedDict, Unpack
 
-from sqlalchemy import Select, bindparam, delete, func, insert, select, update
+from sqlalchemy import Select, Text, bindparam, cast, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, object_session, selectinload
 
@@ -750,7 +751,8 @@ def audit(db: Session | Connection, **event: Unpack[AuditFields]) -> None:
 
 class AuditQuery(TypedDict, total=False):
     """Which audit events to read: each given field must match; `since` (inclusive) and
-    `until` (exclusive) bound `at`."""
+    `until` (exclusive) bound `at`; `resource_id` also matches an event whose detail names it
+    among others (a list page's studies and reports, an import's studies)."""
 
     actor: str | None
     action: str | None
@@ -762,9 +764,13 @@ class AuditQuery(TypedDict, total=False):
 
 
 def _audit_filter(stmt: Select[Any], query: AuditQuery) -> Select[Any]:
-    for name in ("actor", "action", "resource_type", "resource_id", "outcome"):
+    for name in ("actor", "action", "resource_type", "outcome"):
         if (value := query.get(name)) is not None:
             stmt = stmt.where(getattr(AuditEvent, name) == value)
+    if (resource := query.get("resource_id")) is not None:
+        # the event about it, or one that names it among others (a list page, an import)
+        named = cast(AuditEvent.detail, Text).contains(json.dumps(resource), autoescape=True)
+        stmt = stmt.where(or_(AuditEvent.resource_id == resource, named))
     if (since := query.get("since")) is not None:
         stmt = stmt.where(AuditEvent.at >= since)
     if (until := query.get("until")) is not None:

@@ -38,7 +38,8 @@ def list_audit_events(
     offset: Offset = 0,
 ) -> AuditEventList:
     """Newest first. E.g. everything done to one report: `?resource_type=report&resource_id=`;
-    everything one key did: `?actor=<key id>`; refusals: `?outcome=denied`."""
+    who saw one study, its own events and the list pages that showed it: `?resource_id=<study
+    id>`; everything one key did: `?actor=<key id>`; refusals: `?outcome=denied`."""
     since, until = as_utc(since), as_utc(until)
     query: crud.AuditQuery = {
         "actor": actor,

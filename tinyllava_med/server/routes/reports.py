@@ -79,8 +79,14 @@ def list_reports(
         resource_id=None,
         outcome="ok",
         status_code=200,
-        # which filters were used, never their values
-        detail={"count": len(rows), "filters": where.used()},
+        # which filters were used, never their values; which reports (and whose studies) the
+        # page showed, by this server's ids
+        detail={
+            "count": len(rows),
+            "filters": where.used(),
+            "reports": [r.id for r in rows],
+            "studies": list(dict.fromkeys(r.study_id for r in rows)),
+        },
     )
     names = crud.key_names(session, (r.signed_by for r in rows))
     return ReportList(

@@ -226,8 +226,8 @@ def list_studies(
         outcome="ok",
         status_code=200,
         # which filters were used, never their values (an accession number names a patient's
-        # examination)
-        detail={"count": len(studies), "filters": where.used()},
+        # examination); which studies the page showed, by this server's ids
+        detail={"count": len(studies), "filters": where.used(), "studies": [s.id for s in studies]},
     )
     counts = crud.report_counts(session, [s.id for s in studies])
     return StudyList(
