@@ -24,7 +24,7 @@ from pydicom import Dataset
 from pydicom.encaps import encapsulate
 from sqlalchemy import select, update
 
-from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
+from tinyllava_med.server.db.models import AuditEvent, Image, Job, Report, Study, utcnow
 from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.jobs import claim
 
@@ -226,6 +226,16 @@ def test_stow_queues_an_automatic_report(jobs_api):
     assert stored.created_by == f"job:{job['id']}"
     assert_error(api.get("/v1/jobs/999999", headers=api.h()), 404, "job_not_found")
     assert api.get("/v1/jobs").status_code == 401
+    # a job shows its study and result: reading it is audited as a study read
+    reads = {e.action: e for e in rows(api, AuditEvent) if e.action.startswith("job.")}
+    assert reads["job.read"].resource_id == str(job["id"])
+    assert reads["job.read"].detail == {"studies": [jobs[0].study_id]}
+    assert reads["job.list"].detail == {
+        "studies": [jobs[0].study_id],
+        "count": 1,
+        "filters": ["status", "kind"],
+        "jobs": [job["id"]],
+    }
 
 
 def test_a_study_sent_in_pieces_gets_one_job(tmp_path, sqlite_url, tiny_lm):

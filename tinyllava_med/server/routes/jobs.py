@@ -55,10 +55,16 @@ def list_jobs(
         )
         if c is not None
     ]
-    rows = session.scalars(
-        select(Job).where(*where).order_by(Job.id.desc()).limit(limit).offset(offset)
+    rows = list(
+        session.scalars(
+            select(Job).where(*where).order_by(Job.id.desc()).limit(limit).offset(offset)
+        )
     )
     count = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    filters = {"status": status, "kind": kind, "study_id": study_id}
+    _audit_read(
+        session, principal.actor, "job.list", None, rows, [k for k, v in filters.items() if v]
+    )
     return JobList(data=[job_public(j) for j in rows], count=count)
 
 
@@ -67,7 +73,35 @@ def get_job(session: SessionDep, principal: StudyReader, job_id: JobId) -> JobPu
     job = session.get(Job, job_id)
     if job is None:
         raise APIError(404, "job_not_found", "no job with this id")
+    _audit_read(session, principal.actor, "job.read", str(job.id), [job], None)
     return job_public(job)
+
+
+def _audit_read(
+    session: Session,
+    actor: str,
+    action: str,
+    resource_id: str | None,
+    jobs: list[Job],
+    filters: list[str] | None,
+) -> None:
+    """A job shows its study's id, its error and its result (a retrieve's Study Instance UID):
+    reading one is an access to that study, audited as the study and report reads are."""
+    detail: dict[str, object] = {
+        "studies": list(dict.fromkeys(j.study_id for j in jobs if j.study_id))
+    }
+    if filters is not None:
+        detail |= {"count": len(jobs), "filters": filters, "jobs": [j.id for j in jobs]}
+    crud.audit(
+        session,
+        actor=actor,
+        action=action,
+        resource_type="job",
+        resource_id=resource_id,
+        outcome="ok",
+        status_code=200,
+        detail=detail,
+    )
 
 
 @router.post("/retry", response_model=JobsRetried)
