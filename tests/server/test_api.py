@@ -1126,15 +1126,28 @@ def test_a_failed_warm_up_leaves_the_server_not_ready_saying_why(
 
 
 def test_failed_accesses_are_audited(api):
-    api = api
-    assert_error(api.get("/v1/studies/nope", headers=api.h("pacs")), 404, "study_not_found")
-    assert_error(api.get("/v1/reports/nope", headers=api.h("pacs")), 404, "report_not_found")
+    """A failed access is audited with the id it asked for when that has the form of this
+    server's ids; other path text (a name typed where an id goes, a STOW URL's Study Instance
+    UID) is not written to the audit log."""
+    missing = "0b7f3c1e-2d4a-4e8b-9c6f-1a2b3c4d5e6f"
+    assert_error(api.get(f"/v1/studies/{missing}", headers=api.h("pacs")), 404, "study_not_found")
+    assert_error(api.get("/v1/reports/DOE^JOHN", headers=api.h("pacs")), 404, "report_not_found")
+    uid = "1.2.840.113619.2.55.3.604688119.971.1234567890.123"
+    wrong_type = {**api.h("pacs"), "Content-Type": "application/json"}
+    assert_error(api.post(f"/dicomweb/studies/{uid}", content=b"{}", headers=wrong_type), 415)
     with api.app.state.session_factory() as s:
-        rows = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "not_found")).all()
-        assert {(r.action, r.resource_type, r.resource_id) for r in rows} == {
-            ("study.read", "study", "nope"),
-            ("report.read", "report", "nope"),
+        rows = s.scalars(select(AuditEvent).where(AuditEvent.outcome != "ok")).all()
+        got = {
+            (r.action, r.resource_type, r.resource_id, r.detail.get("resource_id")) for r in rows
         }
+        assert got == {
+            ("study.read", "study", missing, None),
+            ("report.read", "report", None, "not an id of this server"),
+            ("study.stow", "study", None, "not an id of this server"),
+        }
+        assert "DOE" not in repr([r.detail for r in rows]) and uid not in repr(
+            [r.detail for r in rows]
+        )
 
 
 def test_questions_about_one_image_decode_and_process_it_once(sqlite_api):
@@ -1609,8 +1622,9 @@ def test_admin_deletes_a_study_sent_by_mistake(tmp_path, database_url, tiny_lm):
         assert not store.exists(png_sha) and (png_sha, None) not in engine.pixels
         with api.app.state.session_factory() as s:
             events = s.scalars(select(AuditEvent).where(AuditEvent.action == "study.delete"))
-            outcomes = sorted((e.resource_id, e.outcome) for e in events)
+            outcomes = {(e.resource_id, e.outcome) for e in events}
         assert (wrong["id"], "ok") in outcomes and (signed["id"], "invalid") in outcomes
+        assert (None, "not_found") in outcomes  # "nope": not an id of this server
         # the same file uploaded again is stored again
         again = upload_png(api)
         assert store.exists(png_sha) and again["images"][0]["sha256"] == png_sha

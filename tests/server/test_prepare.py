@@ -70,7 +70,7 @@ def test_prepare_refuses_what_it_cannot_prepare(sqlite_api):
     with api.app.state.session_factory() as s:
         rows = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "not_found")).all()
         assert {(r.action, r.resource_id) for r in rows} == {
-            ("image.prepare", "nope"),
+            ("image.prepare", None),  # "nope" is not an id of this server: not kept
             ("image.prepare", study["id"]),
         }
     assert prefills(api, "done") == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,9 @@ from tinyllava_med.server.db.crud import DomainError
 from tinyllava_med.server.db.models import Outcome
 
 log = logging.getLogger(__name__)
+
+# the forms of this server's ids (`models.new_id` UUIDs, job numbers)
+_OUR_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9]{1,19}")
 
 
 class APIError(Exception):
@@ -96,6 +100,11 @@ def _audit_failure(request: Request, status: int, code: str) -> None:
     if ctx is None:
         return
     actor, action, resource_type, resource_id = ctx
+    detail: dict[str, Any] = {"code": code}
+    if resource_id is not None and not _OUR_ID.fullmatch(resource_id):
+        # what a caller put in the path is kept only in this server's id forms: a STOW URL's
+        # Study Instance UID, or a name typed where an id goes, must not reach the audit log
+        resource_id, detail["resource_id"] = None, "not an id of this server"
     outcome: Outcome = {404: "not_found", 401: "denied", 403: "denied"}.get(  # type: ignore[assignment]
         status, "error" if status >= 500 else "invalid"
     )
@@ -111,7 +120,7 @@ def _audit_failure(request: Request, status: int, code: str) -> None:
                 resource_id=resource_id,
                 outcome=outcome,
                 status_code=status,
-                detail={"code": code},
+                detail=detail,
             )
     except Exception:  # the response still goes out; the failure to audit is logged
         log.exception("could not write the audit event for a failed %s", action)
