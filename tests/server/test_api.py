@@ -44,6 +44,11 @@ def test_health_ready_metrics_need_no_key(api):
     model = r.json()["model"]
     assert (model["model"], model["device"], model["dtype"]) == ("tiny-test", "cpu", "float32")
     assert "tinyllava_med_model_info" in api.get("/metrics").text
+    for method in ("ZZ0", "ZZ1", "PROPFIND"):  # h11 passes any method token on
+        assert api.request(method, "/healthz").status_code == 405
+    text = api.get("/metrics").text
+    assert "ZZ0" not in text and "PROPFIND" not in text
+    assert 'method="other",route="/healthz",status="405"} 3.0' in text
 
 
 def test_upload_ask_edit_sign_flow(api):

@@ -85,11 +85,14 @@ class Observe:
             await self.app(scope, receive, observed_send)
         finally:
             path = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in _METHODS else "other"
             self.metrics.requests.labels(method, path, str(status)).inc()
             self.metrics.request_seconds.labels(method, path).observe(time.perf_counter() - start)
 
 
+# the method label's values: anything else an HTTP parser lets through (h11 takes any token)
+# is "other", so a caller cannot add series to /metrics
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _QUESTION_ROUTE = re.compile(r"^/v1/(studies/[^/]+/questions|ask|chat/completions)$")
 
 
