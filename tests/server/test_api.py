@@ -564,6 +564,13 @@ def test_a_body_without_a_key_is_refused_before_it_is_read(tmp_path, sqlite_url,
             headers={"Authorization": f"Bearer {key}"},
         ).json()["data"]
         assert len(refused) == 5 and {e["status_code"] for e in refused} == {401}
+        # refused before routing, audited under the route it was for
+        assert {e["resource_id"] for e in refused} == {
+            "POST /v1/studies",
+            "POST /v1/studies/import",
+            "POST /dicomweb/studies",
+            "POST /v1/ask",
+        }
     for path, ops in app.openapi()["paths"].items():
         for method, op in ops.items():
             if method in ("post", "put", "patch") and path.startswith(("/v1/", "/dicomweb/")):

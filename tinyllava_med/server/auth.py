@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tinyllava_med.server.db.crud import audit
@@ -292,7 +293,10 @@ class KeyCache:
 def _audit_denied(
     request: Request, *, actor: str, action: str, status_code: int, detail: dict[str, str]
 ) -> None:
-    route = request.scope.get("route")
+    route = request.scope.get("route") or next(
+        (r for r in request.app.router.routes if r.matches(request.scope)[0] is Match.FULL),
+        None,  # `KeyBeforeBody` refuses a body before routing: find the route it was for
+    )
     path = getattr(route, "path", None) or "unmatched"
     with request.app.state.session_factory.begin() as session:
         audit(
