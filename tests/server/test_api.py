@@ -577,6 +577,28 @@ def test_a_body_without_a_key_is_refused_before_it_is_read(tmp_path, sqlite_url,
                 assert op.get("security"), f"{method} {path} takes a body without a key"
 
 
+def test_a_flood_of_keyless_requests_is_counted_not_written_row_by_row(api):
+    """Per client address, the first refusals of a minute are audited one row each; the rest
+    are counted and the next row says how many were left out. The 401s themselves go out."""
+    from tinyllava_med.server.auth import DenialLog
+
+    now = [0.0]
+    api.app.state.denial_log = DenialLog(burst=3, window_s=60, clock=lambda: now[0])
+    for _ in range(8):
+        assert_error(api.get("/v1/studies"), 401, "unauthorized")
+    now[0] = 61.0
+    assert_error(api.get("/v1/reports", headers={"X-API-Key": "tlm_x_y"}), 401)
+    with api.app.state.session_factory() as s:
+        rows = s.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.action == "auth.authenticate")
+            .order_by(AuditEvent.id)
+        ).all()
+    assert [r.detail for r in rows] == [{"reason": "missing API key"}] * 3 + [
+        {"reason": "invalid API key", "not_audited_before": 5}
+    ]
+
+
 def test_one_shot_ask_with_png(api):
     r = api.post(
         "/v1/ask",

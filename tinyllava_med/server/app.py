@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinyllava_med import __version__
 from tinyllava_med.model.load import LoadedModel
-from tinyllava_med.server.auth import KeyBeforeBody, KeyCache, ensure_first_admin_key
+from tinyllava_med.server.auth import DenialLog, KeyBeforeBody, KeyCache, ensure_first_admin_key
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
@@ -489,6 +489,7 @@ def create_app(
     app.state.metrics.request_timeout.set(settings.request_timeout_s)
     app.state.metrics.watch_data_dir(settings.data_dir)
     app.state.key_cache = KeyCache(settings.auth_cache_s)
+    app.state.denial_log = DenialLog()
     app.state.load_error = None
     app.state.shutting_down = False
     app.state.job_runner = None

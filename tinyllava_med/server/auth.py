@@ -290,8 +290,41 @@ class KeyCache:
                 del self._items[digest]
 
 
+class DenialLog:
+    """Which refused keys (401s) are audited one row each: per client address, the first
+    `burst` in each `window_s`; the rest of that window are counted, and the next row written
+    for that address says how many were left out (`detail["not_audited_before"]`). So a flood
+    of keyless requests is on the record without filling the audit table or queueing on
+    SQLite's one write lock ahead of report signing."""
+
+    def __init__(
+        self, burst: int = 20, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst, self.window_s, self.clock = burst, window_s, clock
+        # address -> [window start, rows written in it, refusals left out since the last row]
+        self._seen: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, address: str) -> int | None:
+        """None: leave this refusal out (it is counted); else audit it, noting how many were
+        left out before it."""
+        now = self.clock()
+        with self._lock:
+            if len(self._seen) > 10_000:  # a flood from many addresses: start over
+                self._seen.clear()
+            seen = self._seen.setdefault(address, [now, 0, 0])
+            if now - seen[0] >= self.window_s:
+                seen[0], seen[1] = now, 0
+            if seen[1] >= self.burst:
+                seen[2] += 1
+                return None
+            skipped = int(seen[2])
+            seen[1], seen[2] = seen[1] + 1, 0
+            return skipped
+
+
 def _audit_denied(
-    request: Request, *, actor: str, action: str, status_code: int, detail: dict[str, str]
+    request: Request, *, actor: str, action: str, status_code: int, detail: dict[str, str | int]
 ) -> None:
     route = request.scope.get("route") or next(
         (r for r in request.app.router.routes if r.matches(request.scope)[0] is Match.FULL),
@@ -339,14 +372,21 @@ async def authenticate(request: Request) -> Principal:
             return found
         expired_at = found
     reason = "missing" if not key else "expired" if expired_at else "invalid"
-    await run_in_threadpool(
-        _audit_denied,
-        request,
-        actor=ANONYMOUS,
-        action="auth.authenticate",
-        status_code=401,
-        detail={"reason": f"{reason} API key"},
-    )
+    denials: DenialLog | None = getattr(request.app.state, "denial_log", None)
+    address = request.client.host if request.client else "unknown"
+    skipped = denials.admit(address) if denials is not None else 0
+    if skipped is not None:
+        detail: dict[str, str | int] = {"reason": f"{reason} API key"}
+        if skipped:
+            detail["not_audited_before"] = skipped
+        await run_in_threadpool(
+            _audit_denied,
+            request,
+            actor=ANONYMOUS,
+            action="auth.authenticate",
+            status_code=401,
+            detail=detail,
+        )
     hint = "send `Authorization: Bearer tlm_...` or `X-API-Key: tlm_...`"
     if expired_at:
         hint = f"it expired at {expired_at:%Y-%m-%d %H:%M} UTC; ask an admin for a new key"
