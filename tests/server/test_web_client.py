@@ -63,9 +63,7 @@ def _serve(tmp: Path, lm: Any, **overrides: Any) -> Iterator[LiveServer]:
         data_dir=tmp / "data",
         database_url=url,
         model="tiny" if lm is not None else "no-such-model",  # None: loading fails
-        batch_window_ms=5,
-        default_max_new_tokens=24,
-        **overrides,
+        **{"batch_window_ms": 5, "default_max_new_tokens": 24, **overrides},
     )
     app = create_app(settings, model=lm)
     # ready_path None: with lm None the model never loads, and that page is under test too
@@ -473,6 +471,75 @@ def test_a_report_changed_by_someone_else_is_not_signed_unseen(page, tmp_path, t
         expect(page.locator("#report-final-text")).to_have_text("A: lungs clear.")
         signed = server.get(path).json()
         assert (signed["status"], signed["text"]) == ("final", "A: lungs clear.")
+
+
+def test_an_answer_arriving_while_signing_does_not_change_what_is_signed(page, tmp_path, tiny_lm):
+    """Dr A asks a second question and, while the model works, opens the first draft's Sign
+    dialog, which names that draft's question. The answer arrives behind the dialog: the first
+    draft stays open and is the one signed; the new one stays a draft. (The question is sent
+    after the dialog opens, by the form's own submit, so the answer surely arrives behind it.)"""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        study, report = _ct_with_report(server)
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        page.locator("#history button.history-item").first.click()
+        page.get_by_label("Question about the shown image").fill("Second question?")
+        page.get_by_role("button", name="Sign report…").click()
+        dialog = page.get_by_role("dialog", name="Sign this report?")
+        expect(dialog).to_contain_text("Question: Any fracture?")
+        page.evaluate("document.getElementById('ask-form').requestSubmit()")
+        expect(page.locator("#history button.history-item")).to_have_count(2)  # it arrived
+        expect(page.locator("#ask-status")).to_contain_text("stays open")
+        dialog.get_by_role("button", name="Sign report", exact=True).click()
+        expect(page.locator("#report-final")).to_be_visible()
+        expect(page.locator("#report-question")).to_have_text("Any fracture?")
+        listed = server.get(f"/v1/reports?study_id={study['id']}").json()["data"]
+        status = {r["question"]: r["status"] for r in listed}
+        assert status == {"Any fracture?": "final", "Second question?": "draft"}, status
+        assert _errors_from_4xx_are_expected(page.problems) == []
+
+
+def test_unsaved_text_survives_a_sign_out_and_a_colleagues_signature(page, tmp_path, tiny_lm):
+    """Text typed into a draft comes back after the reader signs out and in again (the button
+    asks first). When a colleague signs that draft meanwhile, the reader's Sign is refused
+    (412), the page shows the colleague's signed report, and the Amend dialog offers the text
+    the reader had typed."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        study, report = _ct_with_report(server)
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        editor = page.get_by_label("Report text (draft)")
+        editor.fill("A: small left effusion.")
+        page.once("dialog", lambda d: d.accept())  # "Sign out? Your unsaved report text ..."
+        page.get_by_role("button", name="Sign out").click()
+        _sign_in(page, server)
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        expect(editor).to_have_value("A: small left effusion.")
+        expect(page.locator("#report-status")).to_contain_text("restored")
+
+        b = httpx.patch(
+            f"{server.base}/v1/reports/{report['id']}",
+            headers={"Authorization": f"Bearer {server.key}"},
+            json={"text": "B: no effusion.", "status": "final"},
+        )
+        assert b.status_code == 200, b.text
+        page.get_by_role("button", name="Sign report…").click()
+        page.get_by_role("dialog", name="Sign this report?").get_by_role(
+            "button", name="Sign report", exact=True
+        ).click()
+        expect(page.locator("#alerts .error-code")).to_have_text("report_changed")
+        expect(page.locator("#report-badge")).to_have_text("Final")
+        expect(page.locator("#report-final-text")).to_have_text("B: no effusion.")
+        page.get_by_role("button", name="Amend report…").click()
+        expect(page.get_by_label("Corrected report text")).to_have_value("A: small left effusion.")
+        signed = server.get(f"/v1/reports/{report['id']}").json()
+        assert (signed["status"], signed["text"]) == ("final", "B: no effusion.")
 
 
 def test_each_role_is_offered_its_actions_and_an_admin_deletes_a_study(

@@ -5,6 +5,9 @@
 
 (() => {
   const KEY_STORAGE = "tinyllava_med.api_key";
+  // a draft's unsaved text when the reader is signed out (by the button or a refused key),
+  // given back once they are in again: {id, version, text}
+  const UNSAVED_STORAGE = "tinyllava_med.unsaved_report";
   const WINDOWS = [
     ["default", "Default"],
     ["soft-tissue", "Soft tissue"],
@@ -320,6 +323,11 @@
   }
 
   function signOut(message, code) {
+    if (isDirty()) {
+      const r = currentReport();
+      const kept = { id: r.id, version: r.version, text: $("report-text").value };
+      sessionStorage.setItem(UNSAVED_STORAGE, JSON.stringify(kept));
+    }
     if (state.streaming) state.streaming.abort();
     clearPrintSheet();
     sessionStorage.removeItem(KEY_STORAGE);
@@ -403,19 +411,26 @@
     return `/v1/studies?${params}`;
   }
 
+  // Each load is numbered: a slower reply to an earlier filter is dropped, and "Load more"
+  // waits for its page (a double click asked for the same rows twice)
   async function loadWorklist(append) {
     const nav = state.nav;
+    const seq = (state.worklistSeq = (state.worklistSeq || 0) + 1);
     $("worklist-table").setAttribute("aria-busy", "true");
+    $("worklist-more").disabled = true;
     try {
       const list = await api(worklistQuery(PAGE_SIZE, append ? state.studies.length : 0));
-      if (nav !== state.nav) return;
+      if (nav !== state.nav || seq !== state.worklistSeq) return;
       state.studies = append ? state.studies.concat(list.data) : list.data;
       state.studyCount = list.count;
       renderWorklist(list.data, append);
     } catch (err) {
       showError(err, "Loading the worklist");
     } finally {
-      $("worklist-table").setAttribute("aria-busy", "false");
+      if (seq === state.worklistSeq) {
+        $("worklist-table").setAttribute("aria-busy", "false");
+        $("worklist-more").disabled = false;
+      }
     }
   }
 
@@ -822,7 +837,7 @@
     const placeholder = $("viewer-placeholder");
     placeholder.hidden = false;
     placeholder.replaceChildren(
-      `This image was released on ${im.released_at.slice(0, 10)}, past this server's image ` +
+      `This image was released on ${when(im.released_at)}, past this server's image ` +
         "retention; the PACS keeps the study. ",
     );
     if (!$("retrieve-form").hidden && s.StudyInstanceUID) {
@@ -1056,6 +1071,18 @@
 
   const STREAM_STATUS = { queue_full: 503, model_not_ready: 503, timeout: 504 };
 
+  // A connection lost mid-answer is a TypeError from the reader: said as what it is
+  function streamError(err) {
+    if (err instanceof ApiError || !(err instanceof TypeError)) return err;
+    return new ApiError(0, "stream_interrupted",
+      "the connection to the server was lost while the answer was written; the report list " +
+      "shows whether it was stored", null);
+  }
+
+  function dialogOpen() {
+    return $("sign-dialog").open || $("amend-dialog").open;
+  }
+
   async function ask(event) {
     event.preventDefault();
     const s = state.study;
@@ -1128,21 +1155,24 @@
       $("question").value = "";
       state.reports = [report, ...state.reports.filter((x) => x.id !== report.id)];
       renderHistory();
-      if (isDirty()) {  // the draft being edited stays open: its typed text is not thrown away
+      if (isDirty() || dialogOpen()) {  // the report being edited or signed stays open
         setStatus("ask-status",
           "Answer stored as a draft report, listed in the history. The report you are " +
-          "editing stays open: save it, then open the new one.");
+          "working on stays open: finish it, then open the new one.");
       } else {
         selectReport(report.id);
       }
     } catch (err) {
       out.dataset.state = "error";
-      if (err && err.name === "AbortError") {
-        setStatus("ask-status", "Stopped. Nothing was stored.");
+      if (state.study !== s) {
+        // another study is open now: nothing to say there; its own answer box is empty
+      } else if (err && err.name === "AbortError") {
+        setStatus("ask-status", "Stopped. Anything shown above is incomplete.");
       } else {
         setStatus("ask-status", "");
-        showError(err, "Asking the model");
+        showError(streamError(err), "Asking the model");
       }
+      if (state.study === s) loadReports({ keep: true });  // stored after all? listed
     } finally {
       out.setAttribute("aria-busy", "false");
       state.streaming = null;
@@ -1153,16 +1183,22 @@
 
   // --- study: reports -------------------------------------------------------------------------
 
-  async function loadReports() {
+  // `keep`: the report open (and what is typed in it) stays; only the list is read again
+  async function loadReports({ keep = false } = {}) {
     const s = state.study;
     if (!s) return;
     try {
       const params = new URLSearchParams({ study_id: s.id, limit: "500" });
       const list = await api(`/v1/reports?${params}`);
       if (state.study !== s) return;
-      state.reports = list.data;
+      state.reports = keep
+        ? list.data.map((r) => (r.id === state.reportId ? currentReport() || r : r))
+        : list.data;
       renderHistory();
-      if (state.reports.length) selectReport(state.reports[0].id);
+      if (keep) return;
+      const pending = (unsavedReport() || {}).id;
+      const open = state.reports.some((r) => r.id === pending) ? pending : null;
+      if (state.reports.length) selectReport(open || state.reports[0].id);
     } catch (err) {
       showError(err, "Loading the reports");
     }
@@ -1207,6 +1243,29 @@
   function isDirty() {
     const r = currentReport();
     return !!r && r.status === "draft" && $("report-text").value !== r.text;
+  }
+
+  function unsavedReport() {
+    try {
+      return JSON.parse(sessionStorage.getItem(UNSAVED_STORAGE) || "null");
+    } catch (_) {
+      return null;
+    }
+  }
+
+  // The text typed into draft `r` before a sign-out, back in the editor: only onto the version
+  // it was typed over (a draft someone changed meanwhile is shown as it is now, and said so)
+  function restoreUnsaved(r) {
+    const kept = unsavedReport();
+    if (!kept || kept.id !== r.id) return;
+    sessionStorage.removeItem(UNSAVED_STORAGE);
+    if (kept.version === r.version) {
+      $("report-text").value = kept.text;
+      setStatus("report-status", "Unsaved changes (restored from before you were signed out)");
+    } else {
+      showError(new Error("the text you had not saved before you were signed out was not " +
+        "restored: this report was changed meanwhile"), "Restoring your text");
+    }
   }
 
   function selectReport(id) {
@@ -1259,6 +1318,7 @@
       loadVersions(r);
     } else {
       $("report-text").value = r.text;
+      restoreUnsaved(r);
     }
     const prov = [
       `Model ${r.model}`,
@@ -1319,12 +1379,25 @@
     try {
       return await api(path, { method: "PATCH", json, ifMatch: r.version });
     } catch (err) {
-      if (err.status === 412) {
+      if (err.status === 412 || (err.status === 409 && err.code === "report_changed")) {
         const fresh = await api(path).catch(() => null);
-        if (fresh) keepReport(fresh);
+        if (fresh) changedMeanwhile(fresh, json.text ?? $("report-text").value);
       }
       throw err;
     }
+  }
+
+  // Someone else changed report `fresh` while this page held an older version. A draft stays
+  // in the editor with what was typed (the list shows their version); a report they signed
+  // is shown signed, and what was typed here comes back in the amendment dialog.
+  function changedMeanwhile(fresh, typedText) {
+    keepReport(fresh);
+    if (state.reportId !== fresh.id || !SIGNED.has(fresh.status)) return;
+    const failedAmendment = state.amendDraft && state.amendDraft.id === fresh.id;
+    if (typedText !== fresh.text && !failedAmendment) {
+      state.amendDraft = { id: fresh.id, text: typedText, reason: "" };
+    }
+    selectReport(fresh.id);
   }
 
   // `updated` in the history list, in place of its earlier version
@@ -1333,26 +1406,41 @@
     renderHistory();
   }
 
-  function replaceReport(updated) {
+  // `updated`, as the server answered a change made from the editor holding `sent`: shown,
+  // unless another report was opened meanwhile; text typed while the request ran stays
+  function replaceReport(updated, sent) {
     keepReport(updated);
+    if (state.reportId !== updated.id) return;
+    const now = $("report-text").value;
     selectReport(updated.id);
+    if (updated.status === "draft" && now !== sent) {
+      $("report-text").value = now;
+      setStatus("report-status", "Unsaved changes");
+    }
+  }
+
+  // Save and Sign wait for each other: a second change would be refused as "someone else's"
+  function busy(on) {
+    $("report-save").disabled = on;
+    $("report-sign").disabled = on;
   }
 
   async function saveReport() {
     const r = currentReport();
     if (!r) return;
     clearError();
-    $("report-save").disabled = true;
+    busy(true);
     setStatus("report-status", "Saving…");
+    const sent = $("report-text").value;
     try {
       const updated = await patchReport(r, { text: typed("report-text") });
-      replaceReport(updated);
-      setStatus("report-status", "Draft saved.");
+      replaceReport(updated, sent);
+      if (!isDirty()) setStatus("report-status", "Draft saved.");
     } catch (err) {
       setStatus("report-status", "");
       showError(err, "Saving the report");
     } finally {
-      $("report-save").disabled = false;
+      busy(false);
     }
   }
 
@@ -1365,20 +1453,33 @@
       $("report-text").focus();
       return;
     }
+    state.signing = r.id;
+    $("sign-dialog-report").textContent = `Question: ${r.question}`;
     $("sign-dialog").returnValue = "";
     $("sign-dialog").showModal();
   }
 
-  async function signReport() {
+  // The report on screen, if it is still the one dialog `kind` was opened for
+  function stillShown(id, kind) {
     const r = currentReport();
+    if (r && r.id === id) return r;
+    showError(new Error(`another report is shown now than the one the ${kind} dialog was ` +
+      `opened for: nothing was ${kind === "sign" ? "signed" : "amended"}`), kind === "sign"
+      ? "Sign" : "Amend");
+    return null;
+  }
+
+  async function signReport() {
+    const r = stillShown(state.signing, "sign");
     if (!r) return;
-    $("report-sign").disabled = true;
+    busy(true);
     setStatus("report-status", "Signing…");
     try {
+      const sent = $("report-text").value;
       const text = typed("report-text");
       const json = text !== r.text ? { text, status: "final" } : { status: "final" };
       const updated = await patchReport(r, json);
-      replaceReport(updated);
+      replaceReport(updated, sent);
       setStatus("report-status", "");
       setStatus("ask-status", "Report signed.");
       $("report-title").focus();
@@ -1386,7 +1487,7 @@
       setStatus("report-status", "");
       showError(err, "Signing the report");
     } finally {
-      $("report-sign").disabled = false;
+      busy(false);
     }
   }
 
@@ -1398,12 +1499,13 @@
     const kept = state.amendDraft && state.amendDraft.id === r.id ? state.amendDraft : null;
     $("amend-text").value = kept ? kept.text : r.text;
     $("amend-reason").value = kept ? kept.reason : "";
+    state.amending = r.id;
     $("amend-dialog").returnValue = "";
     $("amend-dialog").showModal();
   }
 
   async function amendReport() {
-    const r = currentReport();
+    const r = stillShown(state.amending, "amend");
     if (!r) return;
     $("report-amend").disabled = true;
     setStatus("amend-status", "Signing the amendment…");
@@ -1412,7 +1514,7 @@
       const { text, reason } = state.amendDraft;
       const updated = await patchReport(r, { text, status: "amended", reason });
       state.amendDraft = null;
-      replaceReport(updated);
+      replaceReport(updated, updated.text);
       setStatus("ask-status", "Report amended.");
       $("report-title").focus();
     } catch (err) {
@@ -1448,6 +1550,7 @@
     add("Accession", s.AccessionNumber);
     add("Study UID", s.StudyInstanceUID);
     add("Image", r.image_index !== null && r.image_index !== undefined ? r.image_index + 1 : null);
+    add("Frame", r.frame !== null && r.frame !== undefined ? r.frame + 1 : null);
     add("Status", STATUS_TEXT[r.status]);
     $("print-question").textContent = r.question;
     $("print-text-title").textContent = r.status === "amended" ? "Report (amended)" : "Report";
@@ -1498,7 +1601,11 @@
   function wire() {
     wireViewer();
     $("signin-form").addEventListener("submit", signIn);
-    $("sign-out").addEventListener("click", () => signOut());
+    $("sign-out").addEventListener("click", () => {
+      // the typed text is kept for after the next sign-in in this tab, but said first
+      if (isDirty() && !window.confirm("Sign out? Your unsaved report text comes back when you sign in again in this tab.")) return;
+      signOut();
+    });
     $("upload-form").addEventListener("submit", upload);
     $("import-form").addEventListener("submit", importMedia);
     $("retrieve-form").addEventListener("submit", retrieve);
