@@ -470,12 +470,23 @@ def test_deleting_a_study_rejects_its_pushed_srs_with_an_iocm_note(tmp_path, dat
             assert len(s.scalars(select(Job).where(Job.kind == "push_rejection")).all()) == 1
 
 
-def test_an_image_without_series_uid_has_no_sr_and_no_push(tmp_path, database_url, tiny_lm):
-    """Series Instance UID is Type 1, but some CDs and converters leave it out: the image is
-    filed and answered about; its report's SR is a 409 (not a 500), and no push is queued to
-    fail until its attempts run out."""
+MISSING = {
+    "SeriesInstanceUID": "Series Instance UID",
+    "SOPInstanceUID": "SOP Instance UID",
+    "SOPClassUID": "SOP Class UID",
+    "StudyInstanceUID": "Study Instance UID",
+}
+
+
+@pytest.mark.parametrize("keyword", list(MISSING))
+def test_an_image_without_a_uid_the_sr_references_has_no_sr_and_no_push(
+    tmp_path, database_url, tiny_lm, keyword
+):
+    """These UIDs are Type 1, but some CDs and converters leave one out: the image is filed and
+    answered about; its report's SR is a 409 naming the UID (not a 500: highdicom raised a
+    KeyError), and no push is queued to fail until its attempts run out."""
     ds = pydicom.dcmread(CT_SMALL)
-    del ds.SeriesInstanceUID
+    delattr(ds, keyword)
     buf = io.BytesIO()
     ds.save_as(buf)
     overrides = {"dicomweb_push_url": "http://127.0.0.1:9/dicom-web", "job_workers": 0}
@@ -485,12 +496,52 @@ def test_an_image_without_series_uid_has_no_sr_and_no_push(tmp_path, database_ur
         report = ask(api, r.json()["id"])
         r = api.get(f"/v1/reports/{report['id']}/sr", headers=api.h())
         assert_error(r, 409, "no_dicom_source")
-        assert "Series Instance UID" in r.json()["error"]["message"]
+        assert MISSING[keyword] in r.json()["error"]["message"]
         assert api.get(f"/v1/reports/{report['id']}/fhir", headers=api.h()).status_code == 200
         r = api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"status": "final"})
         assert r.status_code == 200, r.text
         with api.app.state.session_factory() as s:
             assert s.scalars(select(Job).where(Job.kind == "push_sr")).all() == []
+
+
+@pytest.mark.parametrize(
+    "sop_class",
+    ["1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.5", "1.2.826.0.1.3680043.9.7.1"],
+    ids=["retired ultrasound", "retired nuclear medicine", "private"],
+)
+def test_an_image_of_a_class_highdicom_does_not_know_gets_an_sr(api, sop_class):
+    """Old ultrasound machines still send the retired US class; vendors send private ones.
+    highdicom finds the modules to copy by the class (a KeyError: a 500, and pushes that could
+    never succeed); the SR is built, and references the image under its own class."""
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    r = upload(api, ("old.dcm", buf.getvalue(), "application/dicom"))
+    assert r.status_code == 201, r.text
+    report = ask(api, r.json()["id"])
+    r = api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"status": "final"})
+    assert r.status_code == 200, r.text
+    sr = sr_of(api, report["id"])
+    (study,) = sr.CurrentRequestedProcedureEvidenceSequence
+    (item,) = study.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (
+        sop_class,
+        ds.SOPInstanceUID,
+    )
+    assert sr.PatientID == ds.PatientID and sr.StudyInstanceUID == ds.StudyInstanceUID
+
+    def items(seq):
+        for i in seq:
+            yield i
+            yield from items(i.get("ContentSequence", []))
+
+    referenced = [
+        i.ReferencedSOPSequence[0].ReferencedSOPClassUID
+        for i in items(sr.ContentSequence)
+        if i.ValueType == "IMAGE"
+    ]
+    assert referenced == [sop_class]
 
 
 def test_png_report_has_fhir_but_no_sr(api):

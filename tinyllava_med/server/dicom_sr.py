@@ -46,11 +46,12 @@ from typing import Any
 
 import highdicom as hd
 import pydicom
+from highdicom.base import get_sop_class_iod_map
 from pydicom import config
 from pydicom.datadict import dictionary_VR
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import ComprehensiveSRStorage, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
 from pydicom.valuerep import DA, DT, TM, validate_value
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -129,6 +130,11 @@ def _evidence(source: pydicom.Dataset) -> pydicom.Dataset:
     ds = copy.deepcopy(source)
     ds.decode()
     ds.SpecificCharacterSet = "ISO_IR 192"
+    if ds.SOPClassUID not in get_sop_class_iod_map():
+        # a retired (the old Ultrasound Image Storage) or private class: highdicom finds the
+        # Patient and Study modules to copy by the IOD, and those are the same in every image
+        # IOD; `build_sr` puts the real class back in the evidence it references
+        ds.SOPClassUID = SecondaryCaptureImageStorage
     for keyword in _COPIED:
         value = ds.get(keyword)
         if keyword != "PatientSex":  # its own rule, below
@@ -371,6 +377,7 @@ def build_sr(
     # built or pushed, and a signed one says when it was signed (stored times come back aware,
     # in UTC: `models.UTCDateTime`)
     at = version.updated_at.astimezone(_zone(source, version.updated_at)).replace(microsecond=0)
+    referenced_class = source.SOPClassUID
     source = _evidence(source)
     sr = hd.sr.ComprehensiveSR(
         evidence=[source],
@@ -388,6 +395,11 @@ def build_sr(
         verifying_organization=signer.organization if signed and signer else None,
         specific_character_set="ISO_IR 192",  # UTF-8: reports are not ASCII-only
     )
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in sr.get(keyword, []):
+            for series in study.ReferencedSeriesSequence:
+                for item in series.ReferencedSOPSequence:
+                    item.ReferencedSOPClassUID = referenced_class  # see `_evidence`
     sr.SeriesDescription = "AI report (TinyLLaVA-Med)"
     sr.SoftwareVersions = __version__
     sr.TimezoneOffsetFromUTC = at.strftime("%z")
@@ -441,6 +453,22 @@ def key_name(session: Session, key_id: str | None) -> str | None:
     return crud.key_names(session, [key_id]).get(key_id, key_id)
 
 
+def missing_uid(report: Report) -> str | None:
+    """The UID an SR of `report` references and its DICOM image lacks (Type 1, yet some CDs and
+    converters leave one out), else None."""
+    image = report.image
+    assert image is not None
+    for name, value in (
+        ("SOP Class UID", image.SOPClassUID),
+        ("SOP Instance UID", image.SOPInstanceUID),
+        ("Series Instance UID", image.SeriesInstanceUID),
+        ("Study Instance UID", report.study.StudyInstanceUID),
+    ):
+        if not value:
+            return name
+    return None
+
+
 def report_sr(
     session: Session,
     store: ImageStore,
@@ -458,12 +486,12 @@ def report_sr(
             "this report's image is not a DICOM instance, so there is no study to attach an "
             "SR to; use the FHIR or JSON form",
         )
-    if not image.SeriesInstanceUID:  # Type 1, yet some CDs and converters leave it out
+    if (missing := missing_uid(report)) is not None:
         raise APIError(
             409,
             "no_dicom_source",
-            "this report's image has no Series Instance UID, so an SR cannot reference it; "
-            "use the FHIR or JSON form",
+            f"this report's image has no {missing}, so an SR cannot reference it; use the "
+            "FHIR or JSON form",
         )
     # a released image's file is gone; its header, kept for this, has all the SR copies
     held = image.sha256 if image.released_at is None else image.header_sha256

@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tinyllava_med.model.generate import SamplingParams
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
-from tinyllava_med.server.dicom_sr import pushed_versions, report_sr
+from tinyllava_med.server.dicom_sr import missing_uid, pushed_versions, report_sr
 from tinyllava_med.server.logs import error_text
 from tinyllava_med.server.serving import render, save_report, stored_image_key
 from tinyllava_med.server.settings import Settings
@@ -120,7 +120,7 @@ def schedule_push(session: Session, settings: Settings, report: Report) -> Job |
     image = report.image
     if not settings.pushes_to_pacs or image is None or image.kind != "dicom":
         return None
-    if not image.SeriesInstanceUID:
+    if missing_uid(report) is not None:
         return None
     return crud.enqueue_job(
         session,
