@@ -369,6 +369,11 @@ def test_a_ris_finds_reports_by_accession_number_and_polls_for_new_signatures(ap
     assert listed(signed_since=poll.isoformat(), status="final") == ["c"]
     assert listed(status="draft", accession_number="ACC-77") == ["b"]
     assert_error(api.get("/v1/reports?signed_since=yesterday", headers=api.h()), 422)
+    for edge in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):  # past year 1/9999
+        r = api.get("/v1/reports", headers=api.h(), params={"signed_since": edge})
+        assert_error(r, 422, "invalid_request")
+        r = api.get("/v1/audit", headers=api.h("admin"), params={"until": edge})
+        assert_error(r, 422, "invalid_request")
     assert_error(api.get(f"/v1/reports?accession_number={'9' * 65}", headers=api.h()), 422)
 
     with api.app.state.session_factory() as s:

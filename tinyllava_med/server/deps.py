@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from tinyllava_med.server.auth import Principal, require
 from tinyllava_med.server.db.session import run_after_commit
 from tinyllava_med.server.engine import BatchingEngine
+from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.metrics import Metrics
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
@@ -73,9 +74,19 @@ StudyInstanceUid = Annotated[
 
 
 def as_utc(t: datetime | None) -> datetime | None:
-    """A time parameter without an offset is UTC, as the stored times are (the database layer
-    refuses naive times: they were a 500)."""
-    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
+    """A time parameter in UTC, as the stored times are; without an offset it is UTC (the
+    database layer refuses naive times: they were a 500). One whose offset takes it past year 1
+    or 9999 is a 422 (converting it was an OverflowError: a 500)."""
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        return t.replace(tzinfo=timezone.utc)
+    try:
+        return t.astimezone(timezone.utc)
+    except OverflowError as e:
+        raise APIError(
+            422, "invalid_request", "expected a time between the years 1 and 9999 in UTC"
+        ) from e
 
 
 Uploader = Annotated[Principal, Depends(require("study.upload"))]
