@@ -615,6 +615,41 @@ def test_one_shot_ask_with_png(api):
     body = r.json()
     assert body["study"]["images"][0]["kind"] == "png"
     assert body["report"]["study_id"] == body["study"]["id"]
+    two = [
+        ("file", ("x.png", png_bytes(), "image/png")),
+        ("file", ("y.png", png_bytes(color=1), "image/png")),
+    ]
+    r = api.post("/v1/ask", headers=api.h("pacs"), files=two, data={"question": "Fracture?"})
+    assert_error(r, 422, "invalid_request")  # the second file was dropped without a word
+    assert api.get("/v1/studies", headers=api.h()).json()["count"] == 1
+
+
+def test_a_one_shot_ask_that_fails_after_storing_names_the_study(api, monkeypatch):
+    """`/v1/ask` stores the study before the model answers. When the answer then fails, the
+    error names the stored study (detail and message), so the client asks again about it
+    rather than uploading the file again; the failure's audit names it too."""
+    from tinyllava_med.server.engine import EngineFailed
+
+    async def fail(*args, **kwargs):
+        raise EngineFailed("the model failed")
+
+    monkeypatch.setattr(api.app.state.engine, "generate", fail)
+    r = api.post(
+        "/v1/ask",
+        headers=api.h("pacs"),
+        files={"file": ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom")},
+        data={"question": "Is there a fracture?"},
+    )
+    assert_error(r, 502, "engine_failed")
+    study_id = r.json()["error"]["detail"]["study_id"]
+    assert f"POST /v1/studies/{study_id}/questions" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    r = api.post(f"/v1/studies/{study_id}/questions", headers=api.h(), json={"question": "?"})
+    assert r.status_code == 201, r.text
+    assert api.get("/v1/studies", headers=api.h()).json()["count"] == 1
+    with api.app.state.session_factory() as s:
+        failed = s.scalars(select(AuditEvent).where(AuditEvent.status_code == 502)).one()
+    assert (failed.action, failed.resource_id) == ("question.ask", study_id)
 
 
 def test_stream_sends_tokens_then_stores_report(api):

@@ -370,6 +370,13 @@ async def ask_one_shot(
 ) -> AskResponse:
     """Upload one file and ask one question: stores the study and the report."""
     request.state.audit = (principal.actor, "question.ask", "study", None)
+    if len((await request.form()).getlist("file")) > 1:  # parsed once: FastAPI's own form
+        raise APIError(
+            422,
+            "invalid_request",
+            "expected one file; for a study of several, upload it (POST /v1/studies) and ask "
+            "about each image (POST /v1/studies/{id}/questions with image_index)",
+        )
     params = sampling(QuestionCreate(question=question, max_new_tokens=max_new_tokens), settings)
     check_capacity(engine, settings, request)
     upload = Upload(file.filename or "file", await file.read())
@@ -380,17 +387,25 @@ async def ask_one_shot(
             return study.id, study.images[0].id, study.images[0].sha256
 
     study_id, image_id, sha256 = await run_in_threadpool(store_study)
+    # the study is stored now: a failure from here on names it, so the client asks again about
+    # it (POST /v1/studies/{id}/questions) instead of uploading the file again
+    request.state.audit = (principal.actor, "question.ask", "study", study_id)
     pil = await render_async(store, sha256, settings)
     start = time.perf_counter()
-    ans = await answer(
-        engine,
-        settings,
-        pil,
-        question,
-        params,
-        arrival=getattr(request.state, "arrival", None),
-        image_key=stored_image_key(sha256),
-    )
+    try:
+        ans = await answer(
+            engine,
+            settings,
+            pil,
+            question,
+            params,
+            arrival=getattr(request.state, "arrival", None),
+            image_key=stored_image_key(sha256),
+        )
+    except APIError as e:
+        e.detail = {**(e.detail or {}), "study_id": study_id}
+        e.message += f"; the study was stored: ask again with POST /v1/studies/{study_id}/questions"
+        raise
     report = await _store_answer(
         request,
         study_id=study_id,
