@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
-from starlette.routing import Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tinyllava_med.server.db.crud import audit
@@ -323,14 +323,28 @@ class DenialLog:
             return skipped
 
 
+def _route_of(request: Request) -> str | None:
+    """The route template a request is for, before routing (`KeyBeforeBody` refuses a body
+    first), from the API's own description of its routes (FastAPI's included routers do not
+    say which route they would pick until they run it)."""
+    table = getattr(request.app.state, "route_table", None)
+    if table is None:
+        table = [
+            (compile_path(path)[0], {method.upper() for method in ops}, path)
+            for path, ops in request.app.openapi().get("paths", {}).items()
+        ]
+        request.app.state.route_table = table
+    for regex, methods, path in table:
+        if request.method in methods and regex.match(request.url.path):
+            return str(path)
+    return None
+
+
 def _audit_denied(
     request: Request, *, actor: str, action: str, status_code: int, detail: dict[str, str | int]
 ) -> None:
-    route = request.scope.get("route") or next(
-        (r for r in request.app.router.routes if r.matches(request.scope)[0] is Match.FULL),
-        None,  # `KeyBeforeBody` refuses a body before routing: find the route it was for
-    )
-    path = getattr(route, "path", None) or "unmatched"
+    route = request.scope.get("route")
+    path = getattr(route, "path", None) or _route_of(request) or "unmatched"
     with request.app.state.session_factory.begin() as session:
         audit(
             session,
