@@ -385,6 +385,42 @@ def test_a_ris_finds_reports_by_accession_number_and_polls_for_new_signatures(ap
     assert ["accession_number", "signed_since"] in [e.detail["filters"] for e in listed_events]
 
 
+def test_files_of_an_upload_that_fails_part_way_are_swept(
+    tmp_path, sqlite_url, tiny_lm, monkeypatch
+):
+    """The first file of an upload is in the store when the second finds the disk full: the
+    request's transaction rolls back (507, no rows), and a sweep removes the file no row names.
+    A file another study holds is kept by that sweep."""
+    import errno
+
+    from tinyllava_med.server.storage import ImageStore
+
+    real_put = ImageStore.put
+    for api in make_api(tmp_path, sqlite_url, tiny_lm, image_sweep_grace_s=0):
+        held = upload(api, ("held.png", png_bytes(color=7), "image/png")).json()
+        held_sha = held["images"][0]["sha256"]
+        puts = []
+
+        def second_fails(self, data, digest=None, puts=puts, **kw):
+            puts.append(digest)
+            if len(puts) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_put(self, data, digest, **kw)
+
+        monkeypatch.setattr(ImageStore, "put", second_fails)
+        files = [(f"{c}.png", png_bytes(color=c), "image/png") for c in (7, 9, 11)]
+        assert_error(upload(api, *files), 507, "insufficient_storage")
+        monkeypatch.undo()
+        new_sha = puts[1]
+        store = api.app.state.store
+        assert store.exists(new_sha)  # written before the third file failed
+        assert api.get("/v1/studies", headers=api.h()).json()["count"] == 1
+        wait_for(lambda s=store, h=new_sha: not s.exists(h), timeout_s=30, what="the sweep")
+        assert store.exists(held_sha)  # the held study's file stays
+        r = api.get(f"/v1/studies/{held['id']}/images/0", headers=api.h())
+        assert r.status_code == 200
+
+
 def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
     """A write that fails for want of space (ENOSPC on the data volume, "database or disk is
     full" in the database) answers 507 in the error shape, never a 500, stores nothing of that

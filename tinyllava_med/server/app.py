@@ -37,7 +37,7 @@ from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
-from tinyllava_med.server.jobs import JobRunner
+from tinyllava_med.server.jobs import JobRunner, sweep_on_rollback
 from tinyllava_med.server.logs import quiet_libraries
 from tinyllava_med.server.metrics import Metrics
 from tinyllava_med.server.report_writer import ReportWriter
@@ -392,6 +392,7 @@ def create_app(
         db_engine = make_engine(settings.database_url)
         app.state.db_engine = db_engine
         app.state.session_factory = session_factory(db_engine)
+        sweep_on_rollback(app.state.session_factory, settings)
         app.state.report_writer = ReportWriter(db_engine)
         if settings.auth_disabled:
             log.warning("auth_disabled: every caller is an admin without a key (local use only)")

@@ -42,7 +42,7 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import pydicom
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, event, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tinyllava_med.model.generate import SamplingParams
@@ -50,7 +50,7 @@ from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Job, Report, Study, utcnow
 from tinyllava_med.server.dicom_sr import missing_uid, pushed_versions, report_sr
 from tinyllava_med.server.logs import error_text
-from tinyllava_med.server.serving import render, save_report, stored_image_key
+from tinyllava_med.server.serving import STORED_FILES, render, save_report, stored_image_key
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
 
@@ -170,6 +170,27 @@ def schedule_sweep(session: Session, settings: Settings, hashes: list[str]) -> J
     )
     job.run_after = utcnow() + timedelta(seconds=settings.image_sweep_grace_s)
     return job
+
+
+def sweep_on_rollback(sessions: sessionmaker[Session], settings: Settings) -> None:
+    """When a transaction that stored files rolls back (a later file of the upload failed, the
+    commit found the disk full), queue a sweep of them: no row names them, and without it they
+    stayed in the store for good. The sweep keeps any another upload took meanwhile."""
+
+    @event.listens_for(sessions, "after_commit")
+    def _kept(session: Session) -> None:
+        session.info.pop(STORED_FILES, None)
+
+    @event.listens_for(sessions, "after_soft_rollback")
+    def _dropped(session: Session, previous_transaction: Any) -> None:
+        stored = session.info.pop(STORED_FILES, None)
+        if not stored:
+            return
+        try:
+            with sessions.begin() as s:
+                schedule_sweep(s, settings, list(dict.fromkeys(stored)))
+        except Exception as e:  # the database itself failed: the files wait for a later sweep
+            log.error("could not queue the sweep of a failed upload's files: %s", type(e).__name__)
 
 
 def schedule_rejection(

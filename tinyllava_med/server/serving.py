@@ -181,6 +181,11 @@ def create_study_of(session: Session, m: SafeMetadata) -> Study:
     )
 
 
+# `Session.info` key: the files a transaction's uploads put in the store (`add_file`); a
+# rollback queues their sweep (`jobs.sweep_on_rollback`)
+STORED_FILES = "stored_files"
+
+
 def add_file(
     session: Session,
     store: ImageStore,
@@ -192,6 +197,7 @@ def add_file(
     image."""
     m = d.metadata
     sha256 = store.put(data, d.sha256)
+    session.info.setdefault(STORED_FILES, []).append(sha256)  # swept if this rolls back
     return crud.add_image(
         session,
         study=study,
