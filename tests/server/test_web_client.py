@@ -663,6 +663,53 @@ def test_the_worklist_shows_arrivals_and_new_drafts_without_a_click(page, tmp_pa
         assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
 
 
+def test_the_open_study_shows_a_colleagues_signature_without_a_click(page, tmp_path, tiny_lm):
+    """A draft open in the study view (nothing typed) turns Final within a refresh round once
+    a colleague signs it; while the reader has typed into a draft, that draft is not redrawn
+    under them, and their Save is refused (412) rather than overwrite the colleague's text."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        study, first = _ct_with_report(server)
+        page.clock.install()
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        expect(page.locator("#report-badge")).to_have_text("Draft")
+        auth = {"Authorization": f"Bearer {server.key}"}
+        path = f"{server.base}/v1/reports/{first['id']}"
+        r = httpx.patch(path, headers=auth, json={"text": "B: clear.", "status": "final"})
+        assert r.status_code == 200, r.text
+        page.clock.run_for(21_000)
+        expect(page.locator("#report-badge")).to_have_text("Final")
+        expect(page.locator("#report-final-text")).to_have_text("B: clear.")
+
+        second = httpx.post(
+            f"{server.base}/v1/studies/{study['id']}/questions",
+            headers=auth,
+            json={"question": "Effusion?"},
+            timeout=60,
+        ).json()
+        page.clock.run_for(21_000)
+        expect(page.locator("#history button.history-item")).to_have_count(2)
+        page.locator("#history button.history-item").first.click()
+        editor = page.get_by_label("Report text (draft)")
+        editor.fill("A: small effusion.")
+        r = httpx.patch(
+            f"{server.base}/v1/reports/{second['id']}", headers=auth, json={"text": "B: none."}
+        )
+        assert r.status_code == 200, r.text
+        page.clock.run_for(21_000)
+        page.wait_for_timeout(300)  # a real moment for a redraw that must not come
+        expect(editor).to_have_value("A: small effusion.")
+        # the page still holds the version A typed over: saving is refused, not B overwritten
+        page.get_by_role("button", name="Save draft").click()
+        expect(page.locator("#alerts .error-code")).to_have_text("report_changed")
+        expect(page.locator("#history .history-answer").first).to_have_text("B: none.")
+        expect(editor).to_have_value("A: small effusion.")
+        assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
+
+
 def test_reader_finds_a_study_by_accession_number_and_date(page, tmp_path, tiny_lm):
     """The accession number the RIS gives finds its study (Enter); clearing the field lists all
     again; study dates bound the list; a refresh round keeps the filters; an empty result says

@@ -462,10 +462,40 @@
     }
   }
 
+  // The open study's reports are read again on the same beat: a colleague's signature or an
+  // automatic draft shows without a click. The report open is redrawn only when it changed
+  // and nothing is typed or being signed in it; otherwise the list shows the new version.
+  function reportsSignature(reports) {
+    return reports.map((r) => `${r.id}:${r.version}`).join(",");
+  }
+
+  async function refreshReportsQuietly() {
+    const s = state.study;
+    if ($("view-study").hidden || document.visibilityState !== "visible" || !s) return;
+    if (state.streaming) return;  // the answer's own end reads them
+    try {
+      const params = new URLSearchParams({ study_id: s.id, limit: "500" });
+      const list = await api(`/v1/reports?${params}`);
+      if (state.study !== s || reportsSignature(list.data) === reportsSignature(state.reports)) {
+        return;
+      }
+      const shown = currentReport();
+      const fresh = list.data.find((r) => r.id === state.reportId);
+      const busyHere = isDirty() || dialogOpen();
+      state.reports = busyHere && shown ? list.data.map((r) => (r.id === shown.id ? shown : r))
+        : list.data;
+      renderHistory();
+      if (!busyHere && fresh && shown && fresh.version !== shown.version) selectReport(fresh.id);
+    } catch (_) {
+      // the next round tries again
+    }
+  }
+
   function scheduleWorklistRefresh() {
     clearTimeout(state.worklistTimer);
     state.worklistTimer = setTimeout(async () => {
       await refreshWorklistQuietly();
+      await refreshReportsQuietly();
       scheduleWorklistRefresh();
     }, WORKLIST_REFRESH_MS);
   }
