@@ -105,16 +105,22 @@ def test_stride_bug_without_the_fix_degrades_answers(
     not bnb.functional.has_avx512bf16(),
     reason="bitsandbytes' stride-ignoring 4-bit kernel only runs on CPUs with AVX-512-bf16",
 )
-def test_real_kernel_without_the_fix_degrades(peaked_model_dir: Path, reference) -> None:
-    from transformers import AutoModelForImageTextToText
+def test_real_kernel_reads_a_transposed_input_wrong_and_the_fix_mends_it() -> None:
+    """bitsandbytes' AVX-512-bf16 4-bit kernel on a 2-D input whose rows are not contiguous
+    (the projector's first linear gets such a transposed input): wrong without the fix, right
+    with it. A layer of a shape the kernel repacks (the tiny models' 32-wide ones it cannot)."""
+    from tinyllava_med.quantize.runtime import make_4bit_inputs_contiguous
 
-    from tinyllava_med.quantize.runtime import bnb_config
-
-    model = AutoModelForImageTextToText.from_pretrained(
-        peaked_model_dir,
-        dtype=torch.float32,
-        quantization_config=bnb_config("4bit", torch.device("cpu"), skip=["lm_head"]),
-    )
-    lm = load_model(str(peaked_model_dir), device="cpu")
-    lm.model = model.eval()  # no pre-hooks
-    assert cosine(answer_logits(lm), reference[0]) < 0.9
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 64)
+    layer = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to("cpu").eval()
+    x = torch.randn(128, 12).T  # (12, 128), column-major
+    with torch.no_grad():
+        right = layer(x.contiguous())
+        assert layer.weight.quant_state.packing_format_for_cpu  # the AVX-512-bf16 kernel ran
+        assert (layer(x) - right).abs().max() > 1.0  # the bug, in the real kernel
+        holder = torch.nn.Sequential(layer)
+        assert make_4bit_inputs_contiguous(holder) == 1
+        assert torch.equal(holder(x), right)

@@ -6,7 +6,11 @@ fp32 on CPU), buffers as built, and per quantized `nn.Linear` of n = out x in we
 
 - `4bit` (bitsandbytes nf4, double quant, blocksize 64): n/2 packed bytes + n/64 uint8 absmax
   + ceil(n/64/256) fp32 second-level absmax + 256 fp32 second-level code + 16 fp32 nf4 code
-  + 1 fp32 offset, bias in the 16-bit compute dtype (bitsandbytes casts it at the first call);
+  + 1 fp32 offset, bias in the 16-bit compute dtype (bitsandbytes casts it at the first call).
+  On a CPU with AVX-512-bf16 bitsandbytes repacks, at the first call, each 4-bit linear whose
+  shape its kernel takes (out a multiple of 32, in of 64): the double quantization is undone
+  into n/64 bf16 absmax, and the second-level state goes (`runtime.make_4bit_inputs_contiguous`
+  keeps the other shapes on the generic kernel);
 - `8bit` (LLM.int8): n int8 + out fp32 row scales (SCB), bias in the float dtype;
 - `cpu-int8`: n int8 + out float64 scales + out int64 zero points, bias fp32.
 
@@ -34,11 +38,25 @@ NF4_BLOCK = 64
 NESTED_BLOCK = 256
 
 
-def quantized_linear_bytes(out_features: int, in_features: int, quant: str) -> int:
-    """Bytes of one quantized linear's weight and quantization state (bias not included)."""
+def cpu_repacks_4bit() -> bool:
+    """Whether bitsandbytes repacks 4-bit weights for its AVX-512-bf16 kernel on this CPU."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return bool(bnb.functional.has_avx512bf16())
+
+
+def quantized_linear_bytes(
+    out_features: int, in_features: int, quant: str, *, cpu_repack: bool = False
+) -> int:
+    """Bytes of one quantized linear's weight and quantization state (bias not included);
+    `cpu_repack`: as bitsandbytes holds a 4-bit weight after repacking it for AVX-512-bf16."""
     n = out_features * in_features
     if quant == "4bit":
         blocks = math.ceil(n / NF4_BLOCK)
+        if cpu_repack and out_features % 32 == 0 and in_features % NF4_BLOCK == 0:
+            return (n + 1) // 2 + 2 * blocks + 4 * (16 + 1)
         return (n + 1) // 2 + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * (256 + 16 + 1)
     if quant == "8bit":
         return n + 4 * out_features
@@ -48,7 +66,12 @@ def quantized_linear_bytes(out_features: int, in_features: int, quant: str) -> i
 
 
 def static_breakdown(
-    model: nn.Module, quant: str, *, float_bytes: int, skip: Sequence[str] | None = None
+    model: nn.Module,
+    quant: str,
+    *,
+    float_bytes: int,
+    skip: Sequence[str] | None = None,
+    cpu_repack: bool = False,
 ) -> dict[str, int]:
     """Static bytes of `model` (any device, meta included) per top-level part and in total."""
     skip = skip_list(skip)
@@ -59,7 +82,7 @@ def static_breakdown(
         size = 0
         for pname, p in own:
             if quantized and pname == "weight":
-                size += quantized_linear_bytes(p.shape[0], p.shape[1], quant)
+                size += quantized_linear_bytes(p.shape[0], p.shape[1], quant, cpu_repack=cpu_repack)
             elif quantized and quant == "4bit":
                 size += p.numel() * 2
             elif quantized and quant == "cpu-int8":
@@ -120,7 +143,8 @@ def computed_memory(
     if quant == "cpu-int8" and cuda:
         raise ValueError("cpu-int8 runs on the CPU only")
     float_bytes = 2 if cuda else 4
-    parts = static_breakdown(model, quant, float_bytes=float_bytes, skip=skip)
+    repack = not cuda and quant == "4bit" and cpu_repacks_4bit()  # as on this machine's CPU
+    parts = static_breakdown(model, quant, float_bytes=float_bytes, skip=skip, cpu_repack=repack)
     config: Any = model.config
     vc = config.vision_config
     prompt = (vc.image_size // vc.patch_size) ** 2 + text_tokens

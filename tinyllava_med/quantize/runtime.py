@@ -4,7 +4,8 @@ Either the folder is stored quantized (`tinyllava_med.json` says `4bit` / `8bit`
 written by `quantize.export`) or an unquantized folder is quantized while loading, as the paper
 did. The vision tower, the projector and `lm_head` stay in higher precision by default
 (`quantize.skip`). On CPUs with AVX-512-bf16, bitsandbytes' 4-bit kernel ignores input strides,
-so every `Linear4bit` gets a pre-hook making its inputs contiguous. A stored 4-bit checkpoint
+so every `Linear4bit` gets a pre-hook making its inputs contiguous, and one whose shape that
+kernel's weight repacking cannot take keeps the generic kernel. A stored 4-bit checkpoint
 records fp16 compute; on the CPU its linears are switched to bf16 compute, as when quantizing
 while loading (fp16 matmuls on the CPU are slow and, for the tower, less accurate).
 """
@@ -56,18 +57,41 @@ def _contiguous_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, .
     return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
+# bitsandbytes' AVX-512-bf16 path repacks a 4-bit weight in blocks of 32 output rows and of its
+# quantization block along the input: a linear of other sizes (the tiny test models' 32-wide
+# layers) fails there with a reshape error, so it keeps the generic 4-bit path
+_PACK_ROWS = 32
+
+
 def make_4bit_inputs_contiguous(model: nn.Module) -> int:
-    """Register the stride fix on every bitsandbytes 4-bit linear; returns how many."""
+    """Register the stride fix on every bitsandbytes 4-bit linear, and keep those whose shape
+    the AVX-512-bf16 repacking cannot take on the generic kernel; returns how many linears."""
     try:
         import bitsandbytes as bnb
     except ImportError:
         return 0
+    keep_unpackable_on_generic_kernel(model)
     n = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and not getattr(module, "_tlm_contig", False):
             module.register_forward_pre_hook(_contiguous_inputs)
             module._tlm_contig = True  # type: ignore[assignment]
             n += 1
+    return n
+
+
+def keep_unpackable_on_generic_kernel(model: nn.Module) -> int:
+    """4-bit linears of a shape the AVX-512-bf16 repacking cannot take use the generic kernel;
+    returns how many."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            block = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+            if module.out_features % _PACK_ROWS or module.in_features % block:
+                module.support_avx512bf16_for_cpu = False
+                n += 1
     return n
 
 
