@@ -522,6 +522,23 @@ def test_unsaved_text_survives_a_sign_out_and_a_colleagues_signature(page, tmp_p
         page.goto(f"{server.base}/#/study/{study['id']}")
         expect(editor).to_have_value("A: small left effusion.")
         expect(page.locator("#report-status")).to_contain_text("restored")
+        # another reader signing in at this workstation does not get it
+        editor.fill("A: typed before the next reader.")
+        page.once("dialog", lambda d: d.accept())
+        page.get_by_role("button", name="Sign out").click()
+        other = httpx.post(
+            f"{server.base}/v1/apikeys",
+            headers={"Authorization": f"Bearer {server.key}"},
+            json={"role": "radiologist", "name": "Dr B"},
+        ).json()["key"]
+        _sign_in(page, server, other)
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        expect(editor).to_have_value(report["text"])
+        page.get_by_role("button", name="Sign out").click()
+        _sign_in(page, server)
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        expect(editor).to_have_value(report["text"])  # dropped, not kept for later
+        editor.fill("A: small left effusion.")
 
         b = httpx.patch(
             f"{server.base}/v1/reports/{report['id']}",

@@ -6,7 +6,7 @@
 (() => {
   const KEY_STORAGE = "tinyllava_med.api_key";
   // a draft's unsaved text when the reader is signed out (by the button or a refused key),
-  // given back once they are in again: {id, version, text}
+  // given back once they are in again with the same key: {id, version, text, key}
   const UNSAVED_STORAGE = "tinyllava_med.unsaved_report";
   const WINDOWS = [
     ["default", "Default"],
@@ -325,7 +325,7 @@
   function signOut(message, code) {
     if (isDirty()) {
       const r = currentReport();
-      const kept = { id: r.id, version: r.version, text: $("report-text").value };
+      const kept = { id: r.id, version: r.version, text: $("report-text").value, key: state.me.id };
       sessionStorage.setItem(UNSAVED_STORAGE, JSON.stringify(kept));
     }
     if (state.streaming) state.streaming.abort();
@@ -1226,7 +1226,8 @@
         : list.data;
       renderHistory();
       if (keep) return;
-      const pending = (unsavedReport() || {}).id;
+      const kept = unsavedReport();
+      const pending = kept && state.me && kept.key === state.me.id ? kept.id : null;
       const open = state.reports.some((r) => r.id === pending) ? pending : null;
       if (state.reports.length) selectReport(open || state.reports[0].id);
     } catch (err) {
@@ -1287,7 +1288,12 @@
   // it was typed over (a draft someone changed meanwhile is shown as it is now, and said so)
   function restoreUnsaved(r) {
     const kept = unsavedReport();
-    if (!kept || kept.id !== r.id) return;
+    if (!kept) return;
+    if (!state.me || kept.key !== state.me.id) {  // another reader at this workstation
+      sessionStorage.removeItem(UNSAVED_STORAGE);
+      return;
+    }
+    if (kept.id !== r.id) return;
     sessionStorage.removeItem(UNSAVED_STORAGE);
     if (kept.version === r.version) {
       $("report-text").value = kept.text;
@@ -1633,7 +1639,7 @@
     $("signin-form").addEventListener("submit", signIn);
     $("sign-out").addEventListener("click", () => {
       // the typed text is kept for after the next sign-in in this tab, but said first
-      if (isDirty() && !window.confirm("Sign out? Your unsaved report text comes back when you sign in again in this tab.")) return;
+      if (isDirty() && !window.confirm("Sign out? Your unsaved report text comes back when you sign in again with your key in this tab.")) return;
       signOut();
     });
     $("upload-form").addEventListener("submit", upload);
