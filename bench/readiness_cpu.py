@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -54,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             except httpx.HTTPError:
                 pass  # not listening yet
             time.sleep(2)
-        log_text = (data / "server.log").read_text()
-        key = re.findall(r"^(tlm_\S+)$", log_text, flags=re.M)[-1]
+        key = (data / "first-admin-key").read_text().strip()  # serve without a terminal
         h = {"Authorization": f"Bearer {key}"}
         ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
         files = [("files", ("ct.dcm", ct, "application/dicom"))]

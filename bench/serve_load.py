@@ -29,7 +29,6 @@ import asyncio
 import io
 import json
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -80,16 +79,16 @@ class Server:
         ]
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=self.log)
         self.key = ""
+        key_file = data_dir / "first-admin-key"  # where serve writes it without a terminal
         deadline = time.time() + 120
         while time.time() < deadline and not self.key:
             time.sleep(0.2)
             self._check_alive()
-            for line in self.log_path.read_text().splitlines():
-                if m := re.match(r"^(tlm_\S+)$", line.strip()):
-                    self.key = m.group(1)
+            if key_file.exists():
+                self.key = key_file.read_text().strip()
         if not self.key:
             self.stop()
-            raise RuntimeError("the server did not print its first admin key")
+            raise RuntimeError("the server wrote no first admin key")
         self.url = f"http://127.0.0.1:{self.port}"
         while time.time() < deadline:
             self._check_alive()

@@ -326,13 +326,17 @@ def _ct_with_report(server: LiveServer, **ask: Any) -> tuple[dict[str, Any], dic
         files=[("files", ("ct.dcm", CT_SMALL.read_bytes()))],
         timeout=30,
     ).json()
-    report = httpx.post(
-        f"{server.base}/v1/studies/{study['id']}/questions",
-        headers=auth,
-        json={"question": "Any fracture?", **ask},
+    return study, _ask(server, study["id"], **{"question": "Any fracture?", **ask})
+
+
+def _ask(server: LiveServer, study_id: str, **body: Any) -> dict[str, Any]:
+    """A question about a study, through the API (admin key): the stored report."""
+    return httpx.post(
+        f"{server.base}/v1/studies/{study_id}/questions",
+        headers={"Authorization": f"Bearer {server.key}"},
+        json=body,
         timeout=60,
     ).json()
-    return study, report
 
 
 def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_lm, shots):
@@ -701,12 +705,7 @@ def test_the_open_study_shows_a_colleagues_signature_without_a_click(page, tmp_p
         expect(page.locator("#report-badge")).to_have_text("Final")
         expect(page.locator("#report-final-text")).to_have_text("B: clear.")
 
-        second = httpx.post(
-            f"{server.base}/v1/studies/{study['id']}/questions",
-            headers=auth,
-            json={"question": "Effusion?"},
-            timeout=60,
-        ).json()
+        second = _ask(server, study["id"], question="Effusion?")
         page.clock.run_for(21_000)
         expect(page.locator("#history button.history-item")).to_have_count(2)
         page.locator("#history button.history-item").first.click()
