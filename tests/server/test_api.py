@@ -421,6 +421,29 @@ def test_files_of_an_upload_that_fails_part_way_are_swept(
         assert r.status_code == 200
 
 
+def test_only_a_transactions_own_rollback_queues_the_sweep_of_its_files(api):
+    """A savepoint rolled back inside the transaction leaves its files to the transaction (it
+    may still commit them, and a sweep written meanwhile would wait on its lock); the
+    transaction's own rollback queues one sweep of them."""
+    from tinyllava_med.server.serving import STORED_FILES
+
+    sessions = api.app.state.session_factory
+
+    def sweeps():
+        with sessions() as s:
+            return [j.payload["sha256"] for j in s.scalars(select(Job)) if j.kind == "sweep_images"]
+
+    session = sessions()
+    session.begin()
+    session.info[STORED_FILES] = ["a" * 64]
+    nested = session.begin_nested()
+    nested.rollback()
+    assert sweeps() == [] and session.info[STORED_FILES] == ["a" * 64]
+    session.rollback()
+    session.close()
+    assert sweeps() == [["a" * 64]]
+
+
 def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
     """A write that fails for want of space (ENOSPC on the data volume, "database or disk is
     full" in the database) answers 507 in the error shape, never a 500, stores nothing of that

@@ -183,6 +183,8 @@ def sweep_on_rollback(sessions: sessionmaker[Session], settings: Settings) -> No
 
     @event.listens_for(sessions, "after_soft_rollback")
     def _dropped(session: Session, previous_transaction: Any) -> None:
+        if session.in_transaction():  # a savepoint's: the transaction (and its locks) goes on
+            return
         stored = session.info.pop(STORED_FILES, None)
         if not stored:
             return
