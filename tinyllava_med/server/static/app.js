@@ -174,7 +174,18 @@
     close.className = "btn btn-small";
     close.textContent = "Dismiss";
     close.setAttribute("aria-label", "Dismiss the error message");
-    close.addEventListener("click", clearError);
+    // the keyboard goes back where it was (the button that failed), else to the view's heading,
+    // not to the top of the page with the removed button
+    const before = document.activeElement;
+    close.addEventListener("click", () => {
+      clearError();
+      const usable = before && before !== document.body && before.isConnected &&
+        !before.disabled && !before.closest("[hidden]");
+      const back = usable ? before : document.querySelector(".view:not([hidden]) h1");
+      if (!back) return;
+      if (!usable && !back.hasAttribute("tabindex")) back.tabIndex = -1;
+      back.focus();
+    });
     box.append(text, close);
     $("alerts").replaceChildren(box);
   }
