@@ -8,7 +8,7 @@ fp32 on CPU), buffers as built, and per quantized `nn.Linear` of n = out x in we
   + ceil(n/64/256) fp32 second-level absmax + 256 fp32 second-level code + 16 fp32 nf4 code
   + 1 fp32 offset, bias in the 16-bit compute dtype (bitsandbytes casts it at the first call).
   On a CPU with AVX-512-bf16 bitsandbytes repacks, at the first call, each 4-bit linear whose
-  shape its kernel takes (out a multiple of 32, in of 64): the double quantization is undone
+  shape its kernel takes (`runtime.cpu_repackable`): the double quantization is undone
   into n/64 bf16 absmax, and the second-level state goes (`runtime.make_4bit_inputs_contiguous`
   keeps the other shapes on the generic kernel);
 - `8bit` (LLM.int8): n int8 + out fp32 row scales (SCB), bias in the float dtype;
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from tinyllava_med.quantize.runtime import cpu_repackable
 from tinyllava_med.quantize.shapes import Arch, meta_model
 from tinyllava_med.quantize.skip import is_skipped, skip_list
 
@@ -55,7 +56,7 @@ def quantized_linear_bytes(
     n = out_features * in_features
     if quant == "4bit":
         blocks = math.ceil(n / NF4_BLOCK)
-        if cpu_repack and out_features % 32 == 0 and in_features % NF4_BLOCK == 0:
+        if cpu_repack and cpu_repackable(out_features, in_features, NF4_BLOCK):
             return (n + 1) // 2 + 2 * blocks + 4 * (16 + 1)
         return (n + 1) // 2 + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * (256 + 16 + 1)
     if quant == "8bit":

@@ -63,6 +63,11 @@ def _contiguous_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, .
 _PACK_ROWS = 32
 
 
+def cpu_repackable(out_features: int, in_features: int, block: int = 64) -> bool:
+    """Whether bitsandbytes' AVX-512-bf16 path can repack a 4-bit weight of this shape."""
+    return out_features % _PACK_ROWS == 0 and in_features % block == 0
+
+
 def make_4bit_inputs_contiguous(model: nn.Module) -> int:
     """Register the stride fix on every bitsandbytes 4-bit linear, and keep those whose shape
     the AVX-512-bf16 repacking cannot take on the generic kernel; returns how many linears."""
@@ -89,7 +94,7 @@ def keep_unpackable_on_generic_kernel(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             block = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
-            if module.out_features % _PACK_ROWS or module.in_features % block:
+            if not cpu_repackable(module.out_features, module.in_features, block):
                 module.support_avx512bf16_for_cpu = False
                 n += 1
     return n
