@@ -88,7 +88,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from tinyllava_med.quantize.commands import quantize_command
 
-    return quantize_command(args.src, args.dst, method=args.method, skip_modules=args.skip)
+    return quantize_command(
+        args.src,
+        args.dst,
+        method=args.method,
+        skip_modules=args.skip,
+        check_questions=args.check_questions,
+        check_images=args.check_images,
+        check_prompts=args.check_prompts,
+    )
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
@@ -680,7 +688,19 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=None,
         metavar="MODULE",
-        help="module paths kept in higher precision (default: vision tower, projector, lm_head)",
+        help="module paths kept in higher precision (default: vision tower, projector, lm_head; "
+        "cpu-int8 then also quantizes the tower and lm_head where the output check passes)",
+    )
+    p.add_argument(
+        "--check-questions",
+        default=None,
+        metavar="FILE",
+        help="cpu-int8 output check: a VQA question file (eval's formats) of your own images "
+        "(default: PhantomVQA phantoms)",
+    )
+    p.add_argument("--check-images", default=None, metavar="DIR", help="its images")
+    p.add_argument(
+        "--check-prompts", type=int, default=8, metavar="N", help="prompts the check runs (8)"
     )
 
     p = verb(

@@ -15,6 +15,7 @@ from tinyllava_med.model.load import load_model
 from tinyllava_med.model.meta import ServedMeta
 from tinyllava_med.quantize.cpu_int8 import CPU_INT8_FILE, quantize_cpu_int8
 from tinyllava_med.quantize.export import quantize_checkpoint
+from tinyllava_med.quantize.skip import DEFAULT_SKIP_MODULES
 
 STORED = {"nf4": "4bit", "int8": "8bit", "cpu-int8": "cpu-int8"}
 WEIGHTS = {"nf4": "model.safetensors", "int8": "model.safetensors", "cpu-int8": CPU_INT8_FILE}
@@ -62,7 +63,9 @@ def test_quantized_logits_and_answers_match_fp32(
 def test_cpu_int8_saved_equals_in_memory(peaked_model_dir: Path, tmp_path: Path) -> None:
     in_memory = load_model(str(peaked_model_dir), device="cpu")
     quantize_cpu_int8(in_memory.model)
-    dst = quantize_checkpoint(peaked_model_dir, tmp_path / "c8", method="cpu-int8")
+    dst = quantize_checkpoint(
+        peaked_model_dir, tmp_path / "c8", method="cpu-int8", skip_modules=DEFAULT_SKIP_MODULES
+    )
     loaded = load_model(str(dst), device="cpu")
     assert torch.equal(answer_logits(loaded), answer_logits(in_memory))
 
@@ -70,7 +73,9 @@ def test_cpu_int8_saved_equals_in_memory(peaked_model_dir: Path, tmp_path: Path)
 def test_cpu_int8_stores_int8_weights_and_no_fp32_copies(
     peaked_model_dir: Path, tmp_path: Path
 ) -> None:
-    dst = quantize_checkpoint(peaked_model_dir, tmp_path / "c8", method="cpu-int8")
+    dst = quantize_checkpoint(
+        peaked_model_dir, tmp_path / "c8", method="cpu-int8", skip_modules=DEFAULT_SKIP_MODULES
+    )
     with safe_open(str(dst / CPU_INT8_FILE), framework="pt") as f:
         quantized = json.loads(f.metadata()["quantized_modules"])
         keys = set(f.keys())

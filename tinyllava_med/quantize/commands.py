@@ -20,13 +20,42 @@ GIB = 1024**3
 
 
 def quantize_command(
-    src: str, dst: str, *, method: Method, skip_modules: Sequence[str] | None = None
+    src: str,
+    dst: str,
+    *,
+    method: Method,
+    skip_modules: Sequence[str] | None = None,
+    check_questions: str | None = None,
+    check_images: str | None = None,
+    check_prompts: int = 8,
 ) -> int:
+    from tinyllava_med.quantize.check import CHECK_FILE, file_prompts, phantom_prompts
+
     try:
-        out = quantize_checkpoint(src, dst, method=method, skip_modules=skip_modules)
-    except (ValueError, FileNotFoundError) as e:
+        if check_prompts < 1:
+            raise ValueError("--check-prompts must be at least 1")
+        if check_questions and check_images:
+            prompts = file_prompts(check_questions, check_images, check_prompts)
+            name = Path(check_questions).name
+        elif check_questions or check_images:
+            raise ValueError("--check-questions and --check-images go together")
+        else:
+            prompts, name = phantom_prompts(check_prompts), "PhantomVQA"
+        out = quantize_checkpoint(
+            src,
+            dst,
+            method=method,
+            skip_modules=skip_modules,
+            check_prompts=prompts,
+            check_prompts_name=name,
+        )
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if (out / CHECK_FILE).is_file():
+        report = json.loads((out / CHECK_FILE).read_text())
+        print(report["summary"])
+        print(f"int8 beyond the default: {', '.join(report['int8_extra']) or 'nothing'}")
     print(f"{method} checkpoint written to {out}")
     return 0
 

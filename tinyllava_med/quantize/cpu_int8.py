@@ -45,11 +45,6 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def quantized_linears(model: nn.Module) -> Iterator[tuple[str, DynamicLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, DynamicLinear):
@@ -65,7 +60,7 @@ def quantize_cpu_int8(model: Any, skip_modules: Sequence[str] | None = None) -> 
             if linear.weight.dtype != torch.float32:
                 linear.float()
             linear.qconfig = per_channel_dynamic_qconfig
-            _set_module(model, name, DynamicLinear.from_float(linear))
+            model.set_submodule(name, DynamicLinear.from_float(linear))
     model.cpu_int8_skip_modules = skip
     return model
 
@@ -186,7 +181,7 @@ def load_cpu_int8(folder: str | Path, *, attn_implementation: str = "sdpa") -> A
         with _quiet():
             for name in quantized:
                 parts = {s: f.get_tensor(f"{name}.{s}") for s in _PARTS if f"{name}.{s}" in keys}
-                _set_module(model, name, _new_linear(parts))
+                model.set_submodule(name, _new_linear(parts))
     on_meta = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if on_meta:
         raise ValueError(f"{path}: no values for {on_meta[:5]}")

@@ -11,10 +11,14 @@ quantization (`4bit`, `8bit`, `cpu-int8`) and the processor files are copied unc
 
 Modules in `skip_modules` (default `quantize.skip.DEFAULT_SKIP_MODULES`) keep 16-bit weights
 (fp32 for cpu-int8, which computes in fp32); a pattern that matches no module is an error.
+With the default list, `cpu-int8` also quantizes the vision tower and `lm_head` where the output
+check of `quantize.check` finds this checkpoint's answers unchanged, and writes the scores to
+`quantize_check.json`; an explicit `skip_modules` is used exactly as given.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -26,6 +30,13 @@ import torch
 from tinyllava_med import __version__
 from tinyllava_med.model.meta import META_FILE, ServedMeta
 from tinyllava_med.model.registry import VARIANTS
+from tinyllava_med.quantize.check import (
+    CHECK_FILE,
+    CheckReport,
+    Prompt,
+    phantom_prompts,
+    quantize_checked,
+)
 from tinyllava_med.quantize.cpu_int8 import CPU_INT8_FILE, quantize_cpu_int8, save_cpu_int8
 from tinyllava_med.quantize.runtime import bnb_config, quiet_bnb_warnings
 from tinyllava_med.quantize.skip import check_skip_patterns, skip_list
@@ -33,7 +44,7 @@ from tinyllava_med.quantize.skip import check_skip_patterns, skip_list
 Method = Literal["nf4", "int8", "cpu-int8"]
 STORED_QUANT: dict[str, str] = {"nf4": "4bit", "int8": "8bit", "cpu-int8": "cpu-int8"}
 # Written by the model's save_pretrained / our own format, never copied from the source.
-_WEIGHT_FILES = ("config.json", "generation_config.json", META_FILE, CPU_INT8_FILE)
+_WEIGHT_FILES = ("config.json", "generation_config.json", META_FILE, CPU_INT8_FILE, CHECK_FILE)
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt")
 
 
@@ -74,11 +85,16 @@ def quantize_checkpoint(
     *,
     method: Method,
     skip_modules: Sequence[str] | None = None,
+    check_prompts: Sequence[Prompt] | None = None,
+    check_prompts_name: str = "site",
 ) -> Path:
-    """Quantize the unquantized served checkpoint `src` (folder or variant name) into `dst`."""
+    """Quantize the unquantized served checkpoint `src` (folder or variant name) into `dst`.
+
+    `check_prompts`: the calibration prompts of the cpu-int8 output check (default: 8 PhantomVQA
+    phantoms); unused when `skip_modules` is given or for the bitsandbytes methods."""
     from transformers import AutoModelForImageTextToText
 
-    from tinyllava_med.model.load import resolve
+    from tinyllava_med.model.load import load_model, resolve
 
     if method not in STORED_QUANT:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(STORED_QUANT)}")
@@ -94,9 +110,17 @@ def quantize_checkpoint(
     dst_path.mkdir(parents=True, exist_ok=True)
     quant = STORED_QUANT[method]
 
+    report: CheckReport | None = None
     if method == "cpu-int8":
-        model = AutoModelForImageTextToText.from_pretrained(src_path, dtype=torch.float32)
-        quantize_cpu_int8(model, skip)
+        if skip_modules is None:  # the default list: the output check may quantize more
+            if check_prompts is None:
+                check_prompts, check_prompts_name = phantom_prompts(), "PhantomVQA"
+            lm = load_model(str(src_path), quant="none", device="cpu", dtype="fp32")
+            skip, report = quantize_checked(lm, skip, check_prompts, check_prompts_name)
+            model = lm.model
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(src_path, dtype=torch.float32)
+            quantize_cpu_int8(model, skip)
         model.config.save_pretrained(dst_path)
         model.generation_config.save_pretrained(dst_path)
         save_cpu_int8(model, dst_path)
@@ -110,6 +134,9 @@ def quantize_checkpoint(
 
     _copy_processor_files(src_path, dst_path)
     note = f"quantized by tinyllava-med ({method}; kept in higher precision: {', '.join(skip)})"
+    if report is not None:
+        (dst_path / CHECK_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        note = f"{note[:-1]}; {report.summary()})"
     out_meta = meta.model_copy(
         update={
             "quantization": quant,

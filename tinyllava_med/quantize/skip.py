@@ -19,8 +19,8 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 # -90% / -67%). The tower in nf4 too (`device_rows.TOWER_SKIP`) measures -93.5% / -71.4% but
 # costs the demo model 2 more PhantomVQA questions (bench/results/memory_table_cuda.md,
 # phantomvqa_cuda.md), so it is an opt-in `--skip`, not the default. On CPU, int8 for the tower
-# and `lm_head` as well is faster (bench/results/quant_speed_cpu.md); its quality is unmeasured
-# on real SigLIP weights.
+# and `lm_head` as well is faster (bench/results/quant_speed_cpu.md): `quantize --method
+# cpu-int8` adds each where its output check passes on the model at hand (`quantize.check`).
 DEFAULT_SKIP_MODULES: tuple[str, ...] = (
     "model.vision_tower",
     "model.multi_modal_projector",
