@@ -12,6 +12,7 @@ from tinyllava_med.model.load import load_model
 from tinyllava_med.quantize.estimate import computed_memory, quantized_linear_bytes
 from tinyllava_med.quantize.memory import measure_memory
 from tinyllava_med.quantize.table import (
+    CPU_TOWER_SKIP,
     PAPER_VARIANTS,
     cuda_specs,
     markdown,
@@ -48,6 +49,19 @@ def test_computed_static_equals_measured(tiny_model_dir: Path, measured, quant: 
     )
 
 
+def test_computed_equals_measured_with_the_tower_in_int8(tiny_model_dir: Path) -> None:
+    from tinyllava_med.quantize.cpu_int8 import quantize_cpu_int8
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    quantize_cpu_int8(lm.model, CPU_TOWER_SKIP)
+    lm.quantization = "cpu-int8"
+    got = measure_memory(lm, quant="cpu-int8", new_tokens=2)
+    want = computed_memory(lm.model.config, "cpu-int8", device="cpu", skip=CPU_TOWER_SKIP)
+    assert got["static_bytes"] == want["static_bytes"]
+    default = computed_memory(lm.model.config, "cpu-int8", device="cpu")
+    assert want["static_bytes"] < default["static_bytes"]
+
+
 def test_quantized_linear_bytes() -> None:
     n = 4096 * 14336
     assert quantized_linear_bytes(4096, 14336, "4bit") / n == pytest.approx(0.5 + 1 / 64, rel=1e-3)
@@ -63,6 +77,11 @@ def test_paper_table_rows(table) -> None:
     rows = {(r["variant"], r["quantization"], r["device"]): r for r in table["rows"]}
     assert {v for v, _, d in rows if d == "cuda"} == set(PAPER_VARIANTS)
     assert ("tinyllava-med-f", "cpu-int8", "cpu") in rows
+    cpu_tower = rows["tinyllava-med-f+tower", "cpu-int8", "cpu"]
+    assert cpu_tower["skip_modules"] == list(CPU_TOWER_SKIP)
+    # the tower (0.43 B parameters) and lm_head in int8 instead of fp32: about 1.4 GiB less
+    saved = rows["tinyllava-med-f", "cpu-int8", "cpu"]["static_bytes"] - cpu_tower["static_bytes"]
+    assert 1.2 < saved / 1024**3 < 1.6
     assert all(r["source"] == "computed" for r in rows.values())
     fq4 = rows["tinyllava-med-fq4", "4bit", "cuda"]
     q4 = rows["llava-med-q4", "4bit", "cuda"]

@@ -5,7 +5,9 @@ Without a GPU, rows for CUDA (fp16, bitsandbytes) are computed from shapes
 process (a random-weight model of the real shape, `measure_memory`), next to their computed
 values as a cross-check. With `device="cuda"` every CUDA row is measured on the GPU
 (`quantize.device_rows`), plus the `+tower` rows (the vision tower in nf4 too), each beside its
-computed value. Reductions are against LLaVA-Med fp16 (measured on the GPU, else computed), beside
+computed value. The CPU `cpu-int8+tower` row is what `quantize --method cpu-int8` writes when its
+output check accepts the tower and `lm_head` (`quantize.check`): only the projector in fp32.
+Reductions are against LLaVA-Med fp16 (measured on the GPU, else computed), beside
 the paper's (FQ4 -90% static / -89% dynamic; Q4 -67% / -65%). Output: a dict (JSON), a Markdown
 table and a PNG bar chart.
 
@@ -43,6 +45,9 @@ REFERENCE = "llava-med"
 CPU_VARIANT = {"none": "tinyllava-med-f", "8bit": "tinyllava-med-fq8", "4bit": "tinyllava-med-fq4"}
 # Ours: the 4-bit variants with the vision tower in nf4 as well (projector and lm_head fp16).
 TOWER_ROWS = {"tinyllava-med-fq4": "tinyllava-med-fq4+tower", "llava-med-q4": "llava-med-q4+tower"}
+# cpu-int8 with the tower and lm_head in int8 too, as the output check of `quantize` may choose.
+CPU_TOWER_ROW = "tinyllava-med-f+tower"
+CPU_TOWER_SKIP: tuple[str, ...] = ("model.multi_modal_projector",)
 GIB = 1024**3
 
 
@@ -67,8 +72,16 @@ def _row(variant: str, quant: str, device: str, source: str, mem: dict[str, Any]
     }
 
 
-def measure_real_shape(arch: Arch, quant: str, *, batch: int = 1, new_tokens: int = 32) -> dict:
-    """Measure one random-weight real-shape model on the CPU (call in a fresh process)."""
+def measure_real_shape(
+    arch: Arch,
+    quant: str,
+    *,
+    batch: int = 1,
+    new_tokens: int = 32,
+    skip: Sequence[str] | None = None,
+) -> dict:
+    """Measure one random-weight real-shape model on the CPU (call in a fresh process).
+    `skip`: the cpu-int8 skip list (default: the default list)."""
     from tinyllava_med.model.load import load_model
     from tinyllava_med.model.meta import ServedMeta
     from tinyllava_med.model.tiny import save_served
@@ -87,19 +100,22 @@ def measure_real_shape(arch: Arch, quant: str, *, batch: int = 1, new_tokens: in
             return measure_memory(loaded, quant=quant, batch=batch, new_tokens=new_tokens)
     lm = real_shape_lm(arch)
     if quant == "cpu-int8":
-        quantize_cpu_int8(lm.model)
+        quantize_cpu_int8(lm.model, skip)
         lm.quantization = "cpu-int8"
     return measure_memory(lm, quant=quant, batch=batch, new_tokens=new_tokens)
 
 
-def _measure_in_child(arch: Arch, quant: str, batch: int, new_tokens: int) -> dict[str, Any]:
+def _measure_in_child(
+    arch: Arch, quant: str, batch: int, new_tokens: int, skip: Sequence[str] | None = None
+) -> dict[str, Any]:
     code = (
         "import json, sys; from tinyllava_med.quantize.table import measure_real_shape as m; "
         "print(json.dumps(m(sys.argv[1], sys.argv[2], batch=int(sys.argv[3]), "
-        "new_tokens=int(sys.argv[4]))))"
+        "new_tokens=int(sys.argv[4]), skip=json.loads(sys.argv[5]))))"
     )
+    args = [arch, quant, str(batch), str(new_tokens), json.dumps(None if skip is None else skip)]
     out = subprocess.run(
-        [sys.executable, "-c", code, arch, quant, str(batch), str(new_tokens)],
+        [sys.executable, "-c", code, *args],
         check=True,
         capture_output=True,
         text=True,
@@ -179,18 +195,25 @@ def paper_table(
             rows.append(_row(name, v.quantization, "cuda", "computed", mem))
     ref = next(r for r in rows if r["variant"] == REFERENCE)
     cpu_quants = list(dict.fromkeys(["none", "cpu-int8", *measure_quants]))
-    for quant in cpu_quants:
-        variant = CPU_VARIANT.get(quant, "tinyllava-med-f")
-        arch = ARCH_OF_FAMILY[VARIANTS[variant].family]
-        computed = computed_memory(arch, quant, device="cpu", batch=batch, new_tokens=new_tokens)
+    cpu_rows: list[tuple[str, str, Sequence[str] | None]] = [
+        (CPU_VARIANT.get(q, "tinyllava-med-f"), q, None) for q in cpu_quants
+    ]
+    cpu_rows.insert(cpu_quants.index("cpu-int8") + 1, (CPU_TOWER_ROW, "cpu-int8", CPU_TOWER_SKIP))
+    for variant, quant, skip in cpu_rows:
+        arch = arch_of(variant)
+        computed = computed_memory(
+            arch, quant, device="cpu", batch=batch, new_tokens=new_tokens, skip=skip
+        )
         if measure and not on_gpu and quant in measure_quants:
-            measured = _measure_in_child(arch, quant, batch, new_tokens)
+            measured = _measure_in_child(arch, quant, batch, new_tokens, skip)
             row = _row(variant, quant, "cpu", "measured", measured)
             row["computed_static_bytes"] = computed["static_bytes"]
             row["computed_dynamic_bytes"] = computed["dynamic_bytes"]
             row["generate_seconds"] = measured.get("generate_seconds")
         else:
             row = _row(variant, quant, "cpu", "computed", computed)
+        if skip is not None:
+            row["skip_modules"] = list(skip)
         rows.append(row)
     for row in rows:
         for key in ("static", "dynamic"):
@@ -218,7 +241,8 @@ def paper_table(
                 else "CPU, one process per row"
             ),
             "skip_modules": "model.vision_tower, model.multi_modal_projector, lm_head; "
-            f"+tower rows: {', '.join(TOWER_SKIP)}",
+            f"+tower rows: {', '.join(TOWER_SKIP)} (4-bit), {', '.join(CPU_TOWER_SKIP)} "
+            "(cpu-int8)",
         },
     }
 
