@@ -141,6 +141,26 @@
 
   function clearError() {
     $("alerts").replaceChildren();
+    for (const f of document.querySelectorAll("[aria-invalid='true']")) unmarkField(f);
+  }
+
+  // An error about what was typed (or not) in a field: the field is marked invalid and
+  // described by the message, and gets the focus; typing in it again clears the mark.
+  function fieldError(err, context, field) {
+    showError(err, context);
+    field.setAttribute("aria-invalid", "true");
+    const ids = (field.getAttribute("aria-describedby") || "").split(" ").filter(Boolean);
+    if (!ids.includes("alerts")) field.setAttribute("aria-describedby", [...ids, "alerts"].join(" "));
+    field.addEventListener("input", () => unmarkField(field), { once: true });
+    field.focus();
+  }
+
+  function unmarkField(field) {
+    field.removeAttribute("aria-invalid");
+    const ids = (field.getAttribute("aria-describedby") || "").split(" ")
+      .filter((id) => id && id !== "alerts");
+    if (ids.length) field.setAttribute("aria-describedby", ids.join(" "));
+    else field.removeAttribute("aria-describedby");
   }
 
   // Show `err` (an ApiError or any Error) in the alert region; a 401 signs out.
@@ -188,6 +208,20 @@
     });
     box.append(text, close);
     $("alerts").replaceChildren(box);
+  }
+
+  // A focused button that disables or hides itself sends the keyboard focus to <body>, and a
+  // keyboard or screen-reader user loses their place. Where that happens, the focus goes to
+  // `target` once it is usable again, unless the user has put it somewhere else meanwhile.
+  function focusLost() {
+    const a = document.activeElement;
+    return !a || a === document.body;
+  }
+
+  function refocus(target) {
+    if (!focusLost() || !target || target.disabled || !target.isConnected) return;
+    if (target.closest("[hidden]") || (target.checkVisibility && !target.checkVisibility())) return;
+    target.focus();
   }
 
   function setStatus(id, text) {
@@ -300,8 +334,7 @@
     const key = $("api-key").value.trim();
     clearError();
     if (!key) {
-      showError(new Error("enter your API key"), "Sign in");
-      $("api-key").focus();
+      fieldError(new Error("enter your API key"), "Sign in", $("api-key"));
       return;
     }
     $("signin-submit").disabled = true;
@@ -432,15 +465,18 @@
     try {
       const list = await api(worklistQuery(PAGE_SIZE, append ? state.studies.length : 0));
       if (nav !== state.nav || seq !== state.worklistSeq) return;
+      const shownBefore = state.studies.length;
       state.studies = append ? state.studies.concat(list.data) : list.data;
       state.studyCount = list.count;
       renderWorklist(list.data, append);
+      if (append) refocus($("worklist-body").rows[shownBefore]?.querySelector("a"));
     } catch (err) {
       showError(err, "Loading the worklist");
     } finally {
       if (seq === state.worklistSeq) {
         $("worklist-table").setAttribute("aria-busy", "false");
         $("worklist-more").disabled = false;
+        if (append) refocus($("worklist-more"));
       }
     }
   }
@@ -456,9 +492,14 @@
     return `${count}|${studies.map((s) => `${s.id}:${s.report_status}:${s.reports}`).join(",")}`;
   }
 
+  // "Update automatically" (on by default) may be turned off: rows that move while a reader
+  // with a magnifier reads them are a barrier; Refresh still reads the list on demand.
+  const autoRefresh = () => $("worklist-auto").checked;
+
   async function refreshWorklistQuietly() {
     const nav = state.nav;
     if ($("view-worklist").hidden || document.visibilityState !== "visible" || !state.key) return;
+    if (!autoRefresh()) return;
     if ($("worklist-body").contains(document.activeElement)) return;
     try {
       const list = await api(worklistQuery(Math.max(PAGE_SIZE, state.studies.length), 0));
@@ -483,7 +524,7 @@
   async function refreshReportsQuietly() {
     const s = state.study;
     if ($("view-study").hidden || document.visibilityState !== "visible" || !s) return;
-    if (state.streaming) return;  // the answer's own end reads them
+    if (state.streaming || !autoRefresh()) return;  // the answer's own end reads them
     try {
       const params = new URLSearchParams({ study_id: s.id, limit: "500" });
       const list = await api(`/v1/reports?${params}`);
@@ -560,8 +601,7 @@
     clearError();
     const files = $("upload-files").files;
     if (!files || files.length === 0) {
-      showError(new Error("choose one or more DICOM, PNG or JPEG files first"), "Upload");
-      $("upload-files").focus();
+      fieldError(new Error("choose one or more DICOM, PNG or JPEG files first"), "Upload", $("upload-files"));
       return;
     }
     const form = new FormData();
@@ -584,6 +624,7 @@
       showError(err, "Upload failed");
     } finally {
       $("upload-submit").disabled = false;
+      refocus($("upload-submit"));
     }
   }
 
@@ -617,8 +658,7 @@
     clearError();
     const files = Array.from($("import-folder").files || []);
     if (files.length === 0) {
-      showError(new Error("choose the CD (its drive) or a folder first"), "Import");
-      $("import-folder").focus();
+      fieldError(new Error("choose the CD (its drive) or a folder first"), "Import", $("import-folder"));
       return;
     }
     $("import-submit").disabled = true;
@@ -665,6 +705,7 @@
       showError(err, `Import stopped after ${sent} of ${files.length} files`);
     } finally {
       $("import-submit").disabled = false;
+      refocus($("import-submit"));
     }
   }
 
@@ -687,8 +728,7 @@
     clearError();
     const accession = $("retrieve-accession").value.trim();
     if (!accession) {
-      showError(new Error("enter the accession number of a study the PACS holds"), "Retrieve");
-      $("retrieve-accession").focus();
+      fieldError(new Error("enter the accession number of a study the PACS holds"), "Retrieve", $("retrieve-accession"));
       return;
     }
     $("retrieve-submit").disabled = true;
@@ -732,6 +772,7 @@
       showError(err, "Retrieve failed");
     } finally {
       $("retrieve-submit").disabled = false;
+      refocus($("retrieve-submit"));
     }
   }
 
@@ -997,6 +1038,7 @@
     v.zoom = zoom;
     clampPan();
     applyView();
+    return k !== 1;
   }
 
   function panBy(dx, dy) {
@@ -1012,10 +1054,11 @@
       const r = stage.getBoundingClientRect();
       return [e.clientX - (r.left + r.width / 2), e.clientY - (r.top + r.height / 2)];
     };
+    // The wheel zooms the image while it can; at the image's limits it scrolls the page, and
+    // Ctrl+wheel stays the browser's zoom (a reader with low vision relies on it).
     stage.addEventListener("wheel", (e) => {
-      if ($("study-image").hidden) return;
-      e.preventDefault();
-      zoomBy(e.deltaY < 0 ? 1.25 : 0.8, ...fromCentre(e));
+      if ($("study-image").hidden || e.ctrlKey || e.metaKey) return;
+      if (zoomBy(e.deltaY < 0 ? 1.25 : 0.8, ...fromCentre(e))) e.preventDefault();
     }, { passive: false });
     let drag = null;
     stage.addEventListener("pointerdown", (e) => {
@@ -1131,8 +1174,7 @@
     const question = typed("question").trim();
     clearError();
     if (!question) {
-      showError(new Error("type a question first"), "Ask");
-      $("question").focus();
+      fieldError(new Error("type a question first"), "Ask", $("question"));
       return;
     }
     const im = currentImage();
@@ -1143,11 +1185,13 @@
     out.replaceChildren();
     out.dataset.state = "streaming";
     out.setAttribute("aria-busy", "true");
+    setStatus("answer-announce", "");
     setStatus("ask-status", "Waiting for the model…");
     const controller = new AbortController();
     state.streaming = controller;
     $("ask-submit").disabled = true;
     $("ask-stop").hidden = false;
+    refocus($("ask-stop"));
     let report = null;
     let tokens = 0;
     try {
@@ -1193,6 +1237,9 @@
       out.replaceChildren(report.answer);
       out.dataset.state = "done";
       setStatus("ask-status", "Answer stored as a draft report.");
+      // the answer box is not a live region (it would be read token by token): the whole answer
+      // is announced once it is complete
+      setStatus("answer-announce", `Answer: ${report.answer}`);
       $("question").value = "";
       state.reports = [report, ...state.reports.filter((x) => x.id !== report.id)];
       renderHistory();
@@ -1219,6 +1266,7 @@
       state.streaming = null;
       $("ask-submit").disabled = false;
       $("ask-stop").hidden = true;
+      refocus($("question"));
     }
   }
 
@@ -1246,8 +1294,12 @@
     }
   }
 
+  // Redrawn when reports arrive (also by the 20 s refresh): a reader tabbing through the list
+  // stays on the same report's entry.
   function renderHistory() {
     const list = $("history");
+    const focused = list.contains(document.activeElement)
+      ? document.activeElement.dataset.reportId : null;
     list.replaceChildren();
     $("history-empty").hidden = state.reports.length > 0;
     for (const r of state.reports) {
@@ -1262,8 +1314,6 @@
       const q = el("span", r.question, "history-question");
       const a = el("span", r.text, "history-answer");
       button.append(top, q, a);
-      button.setAttribute("aria-label",
-        `${STATUS_TEXT[r.status]} report, ${when(r.created_at)}: ${r.question}`);
       button.addEventListener("click", () => {
         if (isDirty() && !window.confirm(DISCARD_EDITS)) return;
         selectReport(r.id);
@@ -1273,6 +1323,7 @@
       });
       li.append(button);
       list.append(li);
+      if (r.id === focused) button.focus();
     }
   }
 
@@ -1468,8 +1519,10 @@
 
   // Save and Sign wait for each other: a second change would be refused as "someone else's"
   function busy(on) {
+    if (on) state.busyFocus = document.activeElement;
     $("report-save").disabled = on;
     $("report-sign").disabled = on;
+    if (!on) refocus(state.busyFocus);
   }
 
   async function saveReport() {
@@ -1496,8 +1549,7 @@
     if (!r) return;
     clearError();
     if (!$("report-text").value.trim()) {
-      showError(new Error("an empty report cannot be signed; write the report text first"), "Sign");
-      $("report-text").focus();
+      fieldError(new Error("an empty report cannot be signed; write the report text first"), "Sign", $("report-text"));
       return;
     }
     state.signing = r.id;
@@ -1545,10 +1597,18 @@
     // what a failed amendment of this report held comes back, not the signed text again
     const kept = state.amendDraft && state.amendDraft.id === r.id ? state.amendDraft : null;
     $("amend-text").value = kept ? kept.text : r.text;
+    checkAmendText();
     $("amend-reason").value = kept ? kept.reason : "";
     state.amending = r.id;
     $("amend-dialog").returnValue = "";
     $("amend-dialog").showModal();
+  }
+
+  // Blank text would be refused by the server after the dialog closed: the dialog says so and
+  // stays open (a text area has no `pattern`; the reason's input has one).
+  function checkAmendText() {
+    const blank = !$("amend-text").value.trim();
+    $("amend-text").setCustomValidity(blank ? "the corrected text cannot be empty" : "");
   }
 
   async function amendReport() {
@@ -1569,6 +1629,7 @@
       showError(err, "Amending the report");
     } finally {
       $("report-amend").disabled = false;
+      refocus($("report-amend"));
     }
   }
 
@@ -1698,6 +1759,7 @@
       setStatus("report-status", isDirty() ? "Unsaved changes" : "");
     });
     $("report-amend").addEventListener("click", askToAmend);
+    $("amend-text").addEventListener("input", checkAmendText);
     $("report-print").addEventListener("click", printReport);
     window.addEventListener("afterprint", clearPrintSheet);
     $("amend-dialog").addEventListener("close", () => {
