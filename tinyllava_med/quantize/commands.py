@@ -34,13 +34,21 @@ def quantize_command(
     try:
         if check_prompts < 1:
             raise ValueError("--check-prompts must be at least 1")
+        checked = method == "cpu-int8" and skip_modules is None
+        if (check_questions or check_images) and not checked:
+            raise ValueError(
+                "the output check (--check-questions, --check-images) runs only for "
+                "--method cpu-int8 with the default skip list (no --skip)"
+            )
         if check_questions and check_images:
             prompts = file_prompts(check_questions, check_images, check_prompts)
             name = Path(check_questions).name
         elif check_questions or check_images:
             raise ValueError("--check-questions and --check-images go together")
-        else:
+        elif checked:
             prompts, name = phantom_prompts(check_prompts), "PhantomVQA"
+        else:
+            prompts, name = None, ""
         out = quantize_checkpoint(
             src,
             dst,
@@ -52,10 +60,17 @@ def quantize_command(
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if (out / CHECK_FILE).is_file():
+    if (out / CHECK_FILE).is_file():  # written by this run (an earlier one's is removed)
         report = json.loads((out / CHECK_FILE).read_text())
         print(report["summary"])
         print(f"int8 beyond the default: {', '.join(report['int8_extra']) or 'nothing'}")
+        if not report["default_ok"]:
+            print(
+                "warning: the default cpu-int8 recipe itself changed answers of the check "
+                "(see the first score); compare this model with the unquantized one "
+                "(`eval compare`) before serving it",
+                file=sys.stderr,
+            )
     print(f"{method} checkpoint written to {out}")
     return 0
 

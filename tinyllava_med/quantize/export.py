@@ -79,6 +79,14 @@ def _umask_modes(folder: Path) -> None:
             item.chmod(0o666 & ~umask)
 
 
+def _new_folder(dst: Path) -> None:
+    """Create `dst` once the model is made (a failed check leaves nothing), without what an
+    earlier quantization into it left that this one may not write again."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (CHECK_FILE, CPU_INT8_FILE, "model.safetensors", "model.safetensors.index.json"):
+        (dst / name).unlink(missing_ok=True)
+
+
 def quantize_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -107,7 +115,6 @@ def quantize_checkpoint(
         raise ValueError(f"{src_path} is already quantized ({meta.quantization})")
     skip = skip_list(skip_modules)
     check_skip_patterns(_empty_model(src_path), skip)
-    dst_path.mkdir(parents=True, exist_ok=True)
     quant = STORED_QUANT[method]
 
     report: CheckReport | None = None
@@ -121,6 +128,7 @@ def quantize_checkpoint(
         else:
             model = AutoModelForImageTextToText.from_pretrained(src_path, dtype=torch.float32)
             quantize_cpu_int8(model, skip)
+        _new_folder(dst_path)
         model.config.save_pretrained(dst_path)
         model.generation_config.save_pretrained(dst_path)
         save_cpu_int8(model, dst_path)
@@ -130,6 +138,7 @@ def quantize_checkpoint(
         model = AutoModelForImageTextToText.from_pretrained(
             src_path, dtype=torch.float16, quantization_config=config
         )
+        _new_folder(dst_path)
         model.save_pretrained(dst_path)  # before any forward pass (see the module docstring)
 
     _copy_processor_files(src_path, dst_path)
