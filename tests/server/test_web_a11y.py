@@ -14,13 +14,23 @@ from typing import Any
 
 import httpx
 import test_web_client as web
-from test_web_client import _ct_with_report, _errors_from_4xx_are_expected, _serve, _sign_in
+from test_web_client import _ask, _ct_with_report, _errors_from_4xx_are_expected, _serve, _sign_in
 
 browser = web.browser  # the fixtures: one Chromium for this module, a fresh tab per test
 page = web.page
 
 FOCUSED = """() => { const a = document.activeElement;
     return a ? (a.id || a.dataset.reportId || a.tagName) : null; }"""
+
+
+def _patch_report(server: Any, report_id: str, body: dict[str, Any]) -> None:
+    """A colleague's change to a report, through the API (admin key)."""
+    r = httpx.patch(
+        f"{server.base}/v1/reports/{report_id}",
+        headers={"Authorization": f"Bearer {server.key}"},
+        json=body,
+    )
+    assert r.status_code == 200, r.text
 
 
 def _focused(page: Any) -> str | None:
@@ -68,12 +78,7 @@ def test_the_keyboard_focus_stays_where_the_reader_works(page, tmp_path, tiny_lm
         expect(entries).to_have_count(2)
         entries.nth(1).focus()
         assert _focused(page) == first["id"]
-        r = httpx.patch(
-            f"{server.base}/v1/reports/{first['id']}",
-            headers={"Authorization": f"Bearer {server.key}"},
-            json={"text": "Colleague: no fracture."},
-        )
-        assert r.status_code == 200, r.text
+        _patch_report(server, first["id"], {"text": "Colleague: no fracture."})
         page.clock.run_for(21_000)
         expect(page.locator("#history .history-answer").nth(1)).to_have_text(
             "Colleague: no fracture."
@@ -110,12 +115,7 @@ def test_an_error_about_a_field_marks_it_and_a_blank_reason_keeps_the_dialog(
 
     with _serve(tmp_path, tiny_lm) as server:
         study, report = _ct_with_report(server)
-        r = httpx.patch(
-            f"{server.base}/v1/reports/{report['id']}",
-            headers={"Authorization": f"Bearer {server.key}"},
-            json={"status": "final"},
-        )
-        assert r.status_code == 200, r.text
+        _patch_report(server, report["id"], {"status": "final"})
         _open_study(page, server, study["id"])
 
         question = page.get_by_label("Question about the shown image")
@@ -141,12 +141,11 @@ def test_an_error_about_a_field_marks_it_and_a_blank_reason_keeps_the_dialog(
         dialog.get_by_label("Corrected report text").fill("Corrected: no fracture.")
         # a colleague amends first: ours is refused (412), the keyboard is back on Amend, and
         # the dialog offers what was typed again
-        r = httpx.patch(
-            f"{server.base}/v1/reports/{report['id']}",
-            headers={"Authorization": f"Bearer {server.key}"},
-            json={"text": "Colleague's amendment.", "status": "amended", "reason": "theirs"},
+        _patch_report(
+            server,
+            report["id"],
+            {"text": "Colleague's amendment.", "status": "amended", "reason": "theirs"},
         )
-        assert r.status_code == 200, r.text
         dialog.get_by_role("button", name="Sign amendment").click()
         expect(page.locator("#alerts .error-code")).to_have_text("report_changed")
         expect(page.get_by_role("button", name="Amend report…")).to_be_focused()
@@ -196,7 +195,7 @@ def test_the_wheel_leaves_browser_zoom_and_page_scrolling_alone(page, tmp_path, 
 def test_forced_colours_show_the_chosen_window_and_the_open_report(page, tmp_path, tiny_lm):
     with _serve(tmp_path, tiny_lm) as server:
         study, report = _ct_with_report(server)
-        _ask(server, study["id"])
+        assert _ask(server, study["id"], question="Effusion?")["status"] == "draft"
         _open_study(page, server, study["id"])
         page.emulate_media(forced_colors="active")
         style = """(e) => { const s = getComputedStyle(e);
@@ -209,16 +208,6 @@ def test_forced_colours_show_the_chosen_window_and_the_open_report(page, tmp_pat
         assert entries.count() == 2 and current.count() == 1
         plain = page.locator("#history button.history-item:not([aria-current])")
         assert current.evaluate(style) != plain.evaluate(style)
-
-
-def _ask(server: Any, study_id: str) -> None:
-    r = httpx.post(
-        f"{server.base}/v1/studies/{study_id}/questions",
-        headers={"Authorization": f"Bearer {server.key}"},
-        json={"question": "Effusion?"},
-        timeout=60,
-    )
-    assert r.status_code == 201, r.text
 
 
 def test_the_page_reflows_at_400_percent_zoom(page, tmp_path, tiny_lm):
