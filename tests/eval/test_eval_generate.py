@@ -59,3 +59,39 @@ def test_shared_prefixes_change_no_answer(tiny_lm, phantom: Path, tmp_path: Path
     monkeypatch.setattr(eval_generate, "image_prefixes_pay", lambda lm: True)
     assert run("by_image") == plain
     assert sum(rows_seen) == len(images)
+
+
+def test_images_are_read_as_the_server_reads_uploads(tiny_lm, tmp_path: Path) -> None:
+    """A 16-bit PNG (a CT export) is stretched, not clipped white, so it gets the answer the
+    server gives the same file; a DICOM is read; a broken file fails alone."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from tinyllava_med.imaging import load_study_file
+    from tinyllava_med.model.generate import generate
+
+    images = tmp_path / "img"
+    images.mkdir()
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16 % 65536).astype(np.uint16)
+    Image.fromarray(ramp).save(images / "ct16.png")
+    ct = Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes()
+    (images / "ct.dcm").write_bytes(ct)
+    (images / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    questions = tmp_path / "q.jsonl"
+    rows = [("a", "ct16.png"), ("b", "ct.dcm"), ("c", "bad.png")]
+    questions.write_text(
+        "".join(
+            json.dumps({"question_id": q, "image": i, "text": "Organ?"}) + "\n" for q, i in rows
+        )
+    )
+    out = tmp_path / "answers.jsonl"
+    params = SamplingParams(max_new_tokens=4)
+    counts = generate_answers(tiny_lm, questions, images, out, params=params, progress=False)
+    assert (counts["answered"], counts["failed"]) == (2, 1)
+    served = [
+        load_study_file((images / name).read_bytes()).image for name in ("ct16.png", "ct.dcm")
+    ]
+    want = [a.text for a in generate(tiny_lm, served, ["Organ?"] * 2, params)]
+    got = _answers(out)
+    assert [got["a"], got["b"]] == want

@@ -3,7 +3,9 @@
 Reads LLaVA-Med / VQA-RAD conversation files (`conversations` or the misspelt `conversatons`,
 `<image>` anywhere in the question) and LLaVA-Med's `qa50` jsonl (`question_id`, `text`,
 `image`). Writes `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}` like
-LLaVA-Med. Batched, greedy by default, resumable; a failed item is written as failed.
+LLaVA-Med. Batched, greedy by default, resumable; a failed item is written as failed. Images
+are read as the server reads uploads (`imaging.load_image_file`: DICOM, 16-bit PNG stretched,
+the same pixel limits); 8-bit PNG and JPEG give the same pixels as a plain PIL conversion.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from tinyllava_med.imaging import ImagingError, load_image_file
 from tinyllava_med.model.generate import SamplingParams, generate
 from tinyllava_med.model.load import LoadedModel
 from tinyllava_med.model.prefixes import cache_bytes, image_prefixes_pay, prefix_cache_size_mb
@@ -103,10 +106,9 @@ def generate_answers(
             batch = todo[i : i + batch_size]
             images: list[Image.Image | None] = []
             for q in batch:
-                try:
-                    with Image.open(Path(images_dir) / q.image) as im:
-                        images.append(im.convert("RGB"))
-                except (OSError, ValueError) as e:
+                try:  # as the server reads uploads: DICOM, 16-bit PNG, pixel limits
+                    images.append(load_image_file(Path(images_dir) / q.image))
+                except (OSError, ValueError, ImagingError) as e:
                     log.warning("question %s: image unreadable: %s", q.question_id, e)
                     images.append(None)
             ok = [(q, im) for q, im in zip(batch, images, strict=True) if im is not None]

@@ -18,7 +18,7 @@ from tinyllava_med.imaging.deid import deidentify
 from tinyllava_med.imaging.dicom import read_dicom
 from tinyllava_med.imaging.errors import ErrorCode, ImagingError
 from tinyllava_med.imaging.limits import DEFAULT_LIMITS, ImageLimits
-from tinyllava_med.imaging.load import detect_kind, load_study_file, render
+from tinyllava_med.imaging.load import detect_kind, load_image_file, load_study_file, render
 from tinyllava_med.imaging.metadata import SafeMetadata, patient_identifiers
 from tinyllava_med.imaging.study import Kind, StudyFile
 from tinyllava_med.imaging.window import WINDOW_PRESETS, Window, WindowName, apply_window
@@ -37,6 +37,7 @@ __all__ = [
     "apply_window",
     "deidentify",
     "detect_kind",
+    "load_image_file",
     "load_study_file",
     "patient_identifiers",
     "read_dicom",

@@ -9,6 +9,8 @@ The kind is told by magic bytes alone (`detect_kind`), never by a file name or a
 
 from __future__ import annotations
 
+import os
+
 from PIL import Image
 
 from tinyllava_med.imaging.dicom import is_dicom, load_dicom
@@ -54,6 +56,17 @@ def load_study_file(
     if kind == "dicom":
         return load_dicom(data, frame=frame, window=window, limits=limits)
     return load_raster(data, kind, frame=frame, window=window, limits=limits)
+
+
+def load_image_file(
+    path: str | os.PathLike[str], limits: ImageLimits = DEFAULT_LIMITS
+) -> Image.Image:
+    """The model's RGB image of a DICOM, PNG or JPEG file, decoded as uploads are (16-bit data
+    stretched, DICOM with its own window, the same pixel limits): for the tools that read image
+    folders (`eval`, the quantize check). Raises `ImagingError`, or `OSError` for the file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return load_study_file(data, limits=limits).image.convert("RGB")
 
 
 def render(

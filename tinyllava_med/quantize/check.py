@@ -132,7 +132,7 @@ def file_prompts(questions: str | Path, images: str | Path, n: int) -> list[Prom
     """`n` questions of a VQA question file (the formats `eval` reads), spread evenly over it.
     Images are read as the server reads them (DICOM, 16-bit PNG, the same pixel limits)."""
     from tinyllava_med.eval.generate import read_questions
-    from tinyllava_med.imaging import ImagingError, load_study_file
+    from tinyllava_med.imaging import ImagingError, load_image_file
 
     try:
         listed = read_questions(questions)
@@ -144,10 +144,10 @@ def file_prompts(questions: str | Path, images: str | Path, n: int) -> list[Prom
     out = []
     for q in picked:
         try:
-            image = load_study_file((Path(images) / q.image).read_bytes()).image
+            image = load_image_file(Path(images) / q.image)
         except ImagingError as e:
             raise ValueError(f"{q.image}: {e}") from e
-        out.append(Prompt(image.convert("RGB"), q.text))
+        out.append(Prompt(image, q.text))
     return out
 
 
