@@ -119,15 +119,14 @@ def quantize_checkpoint(
 
     report: CheckReport | None = None
     if method == "cpu-int8":
+        lm = load_model(str(src_path), quant="none", device="cpu", dtype="fp32")
         if skip_modules is None:  # the default list: the output check may quantize more
             if check_prompts is None:
                 check_prompts, check_prompts_name = phantom_prompts(), "PhantomVQA"
-            lm = load_model(str(src_path), quant="none", device="cpu", dtype="fp32")
             skip, report = quantize_checked(lm, skip, check_prompts, check_prompts_name)
-            model = lm.model
         else:
-            model = AutoModelForImageTextToText.from_pretrained(src_path, dtype=torch.float32)
-            quantize_cpu_int8(model, skip)
+            quantize_cpu_int8(lm.model, skip)
+        model = lm.model
         _new_folder(dst_path)
         model.config.save_pretrained(dst_path)
         model.generation_config.save_pretrained(dst_path)
