@@ -31,6 +31,20 @@ def test_compare_writes_table_json_and_chart(tiny_model_dir, tmp_path):
         lines = [json.loads(line) for line in answers.read_text().splitlines()]
         cut = sum(line["metadata"]["finish_reason"] == "length" for line in lines)
         assert r["cut_short"] == cut > 0, (r["variant"], answers.name)
+    # the second row is paired with the first question by question, as its answer files say
+    assert rows[0]["against_reference"] is None
+    against = rows[1]["against_reference"]
+    texts = [
+        {
+            (line := json.loads(raw))["question_id"]: line["text"].strip().lower()
+            for raw in next((tmp_path / "cmp").glob(f"*-{q}.answers.jsonl")).read_text().split("\n")
+            if raw
+        }
+        for q in ("none", "cpu-int8")
+    ]
+    assert against["reference"] == str(tiny_model_dir) and against["n_paired"] == n
+    assert against["changed"] == sum(texts[0][q] != texts[1][q] for q in texts[0])
+    assert 0.0 < against["mcnemar_p"] <= 1.0
     text = md.read_text()
-    assert "cpu-int8" in text and text.count("\n") == 4
+    assert "cpu-int8" in text and "McNemar p" in text and text.count("\n") == 6
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000

@@ -2,7 +2,9 @@
 
 Each variant is `NAME_OR_PATH[:QUANT]` (e.g. `demo`, `demo:4bit`, `./q/demo-cpu-int8`). For each,
 answers are generated (resumable) and scored with LLaVA-Med's metrics; the table puts accuracy
-next to the model's static memory. Writes `compare.json`, `compare.md` and `compare.png`.
+next to the model's static memory, and each variant after the first is paired with the first,
+question by question (`paired`: answers changed, right to wrong, wrong to right, McNemar's exact
+p). Writes `compare.json`, `compare.md` and `compare.png`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from PIL import Image, ImageDraw
 
 from tinyllava_med.eval.generate import generate_answers
 from tinyllava_med.eval.metrics import score_files
+from tinyllava_med.eval.paired import paired
+from tinyllava_med.eval.report import ScoreReport
 from tinyllava_med.model.generate import SamplingParams
 from tinyllava_med.model.load import load_model
 
@@ -48,6 +52,7 @@ def compare_variants(
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    reference: ScoreReport | None = None
     for spec in variants:
         name, quant = _split(spec)
         lm = load_model(name, quant=quant, device=device)
@@ -65,7 +70,8 @@ def compare_variants(
             progress=False,
         )
         seconds = time.perf_counter() - t0
-        report = score_files(questions, answers).to_dict()
+        scored = score_files(questions, answers)
+        report = scored.to_dict()
         by_type = report["by_answer_type"]
         rows.append(
             {
@@ -83,8 +89,12 @@ def compare_variants(
                 "cut_short": len(report["cut_short"]),  # answers the token limit stopped
                 "static_memory_bytes": static_bytes(lm),
                 "generate_seconds": round(seconds, 2),
+                "against_reference": None
+                if reference is None
+                else paired(reference, scored, variants[0]).to_dict(),
             }
         )
+        reference = reference or scored
         del lm
     (out_dir / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
     md = out_dir / "compare.md"
@@ -97,19 +107,36 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _against(r: dict[str, Any]) -> str:
+    """The paired columns: answers changed, right -> wrong, wrong -> right, McNemar p."""
+    p = r.get("against_reference")
+    if not p:
+        return "- | - | - | -"
+    return f"{p['changed']} | {p['right_to_wrong']} | {p['wrong_to_right']} | {p['mcnemar_p']:.3g}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| variant | quantization | closed acc. % | closed strict % | open recall % | "
-        "open strict EM % | static memory MB | questions (closed/open) | cut by the limit |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "open strict EM % | static memory MB | questions (closed/open) | cut by the limit | "
+        "answers changed | right to wrong | wrong to right | McNemar p |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['quantization']} | {_pct(r['closed_accuracy'])} | "
             f"{_pct(r['closed_strict_accuracy'])} | {_pct(r['open_recall'])} | "
             f"{_pct(r['open_strict_exact_match'])} | {r['static_memory_bytes'] / 1e6:.2f} | "
-            f"{r['n_closed']}/{r['n_open']} | {r.get('cut_short', '-')} |"
+            f"{r['n_closed']}/{r['n_open']} | {r.get('cut_short', '-')} | {_against(r)} |"
         )
+    if len(rows) > 1:
+        lines += [
+            "",
+            f"Paired with `{rows[0]['variant']}` question by question: an answer is right when "
+            "its answer type's headline metric is full (closed accuracy 1, open recall 1); "
+            "McNemar p is the exact two-sided test on the right-to-wrong and wrong-to-right "
+            "counts.",
+        ]
     return "\n".join(lines) + "\n"
 
 
