@@ -806,3 +806,33 @@ def test_the_sr_names_the_frame_of_a_multi_frame_image_the_model_saw(api):
         assert _image_reference(sr_of(api, report["id"])).ReferencedFrameNumber == number
     single = ask(api, upload_ct(api)["id"])
     assert "ReferencedFrameNumber" not in _image_reference(sr_of(api, single["id"]))
+
+
+@pytest.mark.parametrize("blank", ["", "  \n\t"])
+def test_a_draft_without_text_still_exports(api, blank):
+    """A draft may hold no text: the model answered nothing at all, or a reader cleared it to
+    write anew (signing it is refused). Its FHIR export says the finding is not known yet
+    (FHIR strings may not be blank) and its SR still builds; nothing answers 500."""
+    study = upload_ct(api)
+    report = ask(api, study["id"])
+    r = api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"text": blank})
+    assert r.status_code == 200, r.text
+    r = api.get(f"/v1/reports/{report['id']}/fhir", headers=api.h("pacs"))
+    assert r.status_code == 200, r.text
+    dr = DiagnosticReport.model_validate_json(r.text)
+    assert dr.status == "preliminary" and dr.conclusion is None and dr.presentedForm is None
+    finding = next(c for c in dr.contained if c.id == "finding")
+    assert finding.valueString is None
+    assert finding.dataAbsentReason.coding[0].code == "temp-unknown"
+    assert {"text": f"Unedited model answer: {report['answer']}"} in r.json()["contained"][1][
+        "note"
+    ]
+    t = texts(sr_of(api, report["id"]))
+    assert t["Request"] == "What is the modality?"
+    # and once written and signed, it exports its text as any report does
+    done = {"text": "No acute finding.", "status": "final"}
+    assert api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json=done).is_success
+    dr = DiagnosticReport.model_validate_json(
+        api.get(f"/v1/reports/{report['id']}/fhir", headers=api.h()).text
+    )
+    assert dr.conclusion == "No acute finding." and dr.status == "final"

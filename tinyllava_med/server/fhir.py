@@ -5,7 +5,10 @@
 - `imagingStudy` references the study by its DICOM Study Instance UID (`urn:oid:...`), and
   `basedOn` the order by its accession number (identifier type ACSN), which most RIS match
   results on;
-- the text is the `conclusion`, a `presentedForm` (text/plain) and the narrative;
+- the text is the `conclusion`, a `presentedForm` (text/plain) and the narrative; a draft with
+  no text (the model answered nothing, or a reader cleared it; signing one is refused) has
+  neither, since FHIR strings may not be blank, and its finding's value is absent as
+  `temp-unknown`;
 - the model is a contained `Device` (name, variant, quantization and version as `version`s).
   R4's `DiagnosticReport.performer` may only point at people and organisations, so the device
   is attached where FHIR allows a device: a contained `Observation` holding the finding, with
@@ -30,6 +33,7 @@ from tinyllava_med.model.prompts import without_controls
 from tinyllava_med.server.db.models import CUT_SHORT_NOTE, SIGNED_STATUSES, Report
 
 # a draft is preliminary; a signed report final, and amended once corrected after signing
+DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 FHIR_STATUS = {"draft": "preliminary", "final": "final", "amended": "amended"}
 
 LOINC = "http://loinc.org"
@@ -79,10 +83,18 @@ def build_diagnostic_report(
                 }
             ]
         },
-        "valueString": text,
         "device": {"reference": "#model", "display": report.model},
         "note": [{"text": f"Question: {question}"}],
     }
+    if text.strip():
+        observation["valueString"] = text
+    else:
+        observation["dataAbsentReason"] = {
+            "coding": [
+                {"system": DATA_ABSENT, "code": "temp-unknown", "display": "Temporarily Unknown"}
+            ],
+            "text": "The draft has no text yet.",
+        }
     if studies:
         observation["derivedFrom"] = studies
     if report.text != report.answer:
@@ -126,15 +138,16 @@ def build_diagnostic_report(
         },
         "issued": report.updated_at.isoformat(),
         "result": [{"reference": "#finding"}],
-        "conclusion": text,
-        "presentedForm": [
+    }
+    if text.strip():
+        resource["conclusion"] = text
+        resource["presentedForm"] = [
             {
                 "contentType": "text/plain; charset=utf-8",
                 "data": base64.b64encode(text.encode()).decode(),
                 "title": f"AI report ({status}), server {__version__}",
             }
-        ],
-    }
+        ]
     if studies:
         resource["imagingStudy"] = studies
     if accession := without_controls(report.study.AccessionNumber or "").strip():
