@@ -155,3 +155,16 @@ def test_model_sees_the_image(tiny_lm):
         with torch.no_grad():
             logits.append(tiny_lm.model(**inputs).logits[0, -1])
     assert not torch.allclose(logits[0], logits[1])
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-6])
+def test_a_temperature_too_small_to_divide_by_decodes_greedily(tiny_lm, temperature):
+    """Logits divided by 1e-300 overflow to inf and sampling from them fails; temperatures
+    below MIN_TEMPERATURE decode greedily instead (as vLLM does), in the params themselves so a
+    report records what was done."""
+    qs = ["Is there a fracture?", "What is the modality of this image, please?"]
+    tiny = SamplingParams(max_new_tokens=6, temperature=temperature, top_p=1e-300)
+    assert tiny.temperature == 0.0 and tiny.key() == (0.0, 1e-300)
+    greedy = generate(tiny_lm, _images(), qs, SamplingParams(max_new_tokens=6))
+    assert [a.text for a in generate(tiny_lm, _images(), qs, tiny)] == [a.text for a in greedy]
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5  # the threshold itself samples

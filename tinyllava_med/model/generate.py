@@ -23,12 +23,20 @@ from tinyllava_med.model.prefixes import PrefixStore, with_prefixes
 from tinyllava_med.model.processor import batch_inputs, pixel_values
 from tinyllava_med.model.prompts import build_prompt, clean_answer, stop_strings
 
+# Temperatures below this sample as greedy decoding does (vLLM's `_SAMPLING_EPS`): dividing the
+# logits by 1e-300 overflows them to inf, and sampling from that fails.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy; so is anything below MIN_TEMPERATURE
     top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
 
     def key(self) -> tuple[float, float]:
         """Requests with the same key can share one `generate` call."""
