@@ -134,3 +134,27 @@ def test_no_generated_request_answers_a_server_error(server):
     assert statuses[200] + statuses[201] >= 50 and statuses[422] >= 50, statuses
     print(sorted(statuses.items()))
     assert not problems, sorted(set(problems))
+
+
+def test_the_documented_text_pattern_is_what_the_api_accepts():
+    """Report text, reasons, key names and questions document their refusal of control
+    characters as a JSON Schema pattern; it accepts exactly what the validator accepts."""
+    import re
+
+    from pydantic import ValidationError
+
+    from tinyllava_med.server.schemas import QuestionCreate, ReportUpdate
+
+    schema = ReportUpdate.model_json_schema()["properties"]["text"]["anyOf"][0]
+    question = QuestionCreate.model_json_schema()["properties"]["question"]
+    assert question["pattern"] == schema["pattern"]
+    pattern = re.compile(schema["pattern"])  # \\uXXXX reads the same in Python's re
+    for code in [*range(0x20), 0x7F, 0x80, 0x85, 0xA0, 0x2028]:
+        text = f"left{chr(code)}right"
+        try:
+            ReportUpdate(text=text)
+            accepted = True
+        except ValidationError:
+            accepted = False
+        assert bool(pattern.fullmatch(text)) == accepted, hex(code)
+    assert {"\t", "\n", "\r"} == {chr(c) for c in range(0x20) if pattern.fullmatch(chr(c))}

@@ -14,6 +14,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonDict
 
 from tinyllava_med.model.prompts import control_in
 
@@ -31,7 +32,9 @@ def _plain(value: str) -> str:
 # text that goes into reports and their exports (DICOM SR, FHIR, XML), which refuse control
 # characters other than tab and line breaks: so does this, with a 422 that names the character,
 # never the text
-PlainText = Annotated[str, AfterValidator(_plain)]
+# (the pattern, in JSON Schema's regex dialect, tells clients and API fuzzers so; `_plain` checks)
+PLAIN_PATTERN: JsonDict = {"pattern": "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f]*$"}
+PlainText = Annotated[str, AfterValidator(_plain), Field(json_schema_extra=PLAIN_PATTERN)]
 
 
 class ImagePublic(BaseModel):
@@ -130,11 +133,14 @@ class RetrieveQueued(BaseModel):
 
 class QuestionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    question: str = Field(min_length=1)
+    # control characters answer 422 in the route, which also applies the question length limit
+    question: str = Field(min_length=1, json_schema_extra=PLAIN_PATTERN)
     image_index: int = Field(default=0, ge=0, le=2**31 - 1)
     frame: int | None = Field(default=None, ge=0)
     max_new_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=2.0, description="0 (or below 1e-5): greedy decoding"
+    )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
