@@ -94,7 +94,8 @@ def compare_variants(
                 else paired(reference, scored, variants[0]).to_dict(),
             }
         )
-        reference = reference or scored
+        if reference is None:
+            reference = scored
         del lm
     (out_dir / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
     md = out_dir / "compare.md"

@@ -33,10 +33,10 @@ from tinyllava_med.model.prompts import without_controls
 from tinyllava_med.server.db.models import CUT_SHORT_NOTE, SIGNED_STATUSES, Report
 
 # a draft is preliminary; a signed report final, and amended once corrected after signing
-DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 FHIR_STATUS = {"draft": "preliminary", "final": "final", "amended": "amended"}
 
 LOINC = "http://loinc.org"
+DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 MEDIA_TYPE = "application/fhir+json"
 
 
