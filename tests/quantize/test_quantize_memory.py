@@ -11,6 +11,8 @@ from PIL import Image
 from tinyllava_med.model.load import load_model
 from tinyllava_med.quantize.estimate import computed_memory, quantized_linear_bytes
 from tinyllava_med.quantize.memory import measure_memory
+from tinyllava_med.quantize.shapes import meta_model
+from tinyllava_med.quantize.skip import DEFAULT_SKIP_MODULES, quantizable_linears
 from tinyllava_med.quantize.table import (
     CPU_TOWER_SKIP,
     PAPER_VARIANTS,
@@ -79,8 +81,19 @@ def test_paper_table_rows(table) -> None:
     assert ("tinyllava-med-f", "cpu-int8", "cpu") in rows
     cpu_tower = rows["tinyllava-med-f+tower", "cpu-int8", "cpu"]
     assert cpu_tower["skip_modules"] == list(CPU_TOWER_SKIP)
-    # the tower (0.43 B parameters) and lm_head in int8 instead of fp32: about 1.4 GiB less
+    # the tower's and lm_head's linears in int8 instead of fp32: each saves its 4 bytes per
+    # weight less the format's (1 byte per weight + 16 per output row), about 1.4 GiB in all
     saved = rows["tinyllava-med-f", "cpu-int8", "cpu"]["static_bytes"] - cpu_tower["static_bytes"]
+    model = meta_model("tinyllava-1.5b")
+    newly = set(quantizable_linears(model, CPU_TOWER_SKIP)) - set(
+        quantizable_linears(model, DEFAULT_SKIP_MODULES)
+    )
+    linears = dict(model.named_modules())
+    assert any(n.startswith("model.vision_tower") for n in newly) and "lm_head" in newly
+    assert saved == sum(
+        4 * m.weight.numel() - (m.weight.numel() + 16 * m.out_features)
+        for m in (linears[n] for n in newly)
+    )
     assert 1.2 < saved / 1024**3 < 1.6
     assert all(r["source"] == "computed" for r in rows.values())
     fq4 = rows["tinyllava-med-fq4", "4bit", "cuda"]

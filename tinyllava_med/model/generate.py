@@ -153,6 +153,17 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def eos_token_ids(lm: LoadedModel) -> set[int]:
+    """The ids that end an answer: the tokenizer's end of sequence and the generation
+    config's (one id or a list)."""
+    tok_eos = lm.processor.tokenizer.eos_token_id
+    gen_eos = lm.model.generation_config.eos_token_id
+    ids = {tok_eos} if tok_eos is not None else set()
+    return ids | set(
+        gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+    )
+
+
 def prepare_image(lm: LoadedModel, image: Image.Image) -> torch.Tensor:
     """`image` as `lm`'s vision tower sees it ([3, H, W], the model's dtype, on the CPU): the
     per-image work of `generate`, which callers may do ahead (and cache) and pass instead."""
@@ -206,11 +217,7 @@ def generate(
     inputs["pixel_values"] = inputs["pixel_values"].to(lm.model.dtype)
     prompt_lens = inputs["attention_mask"].sum(dim=1).tolist()
 
-    eos_ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    gen_eos = lm.model.generation_config.eos_token_id
-    eos_ids |= set(
-        gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
-    )
+    eos_ids = eos_token_ids(lm)
     stops = tuple(s for s in stop_strings(lm.template) if s not in (tok.eos_token,))
     kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tinyllava_med.model.generate import prepare_image
+from tinyllava_med.model.generate import eos_token_ids, prepare_image
 from tinyllava_med.model.load import LoadedModel
 from tinyllava_med.model.processor import batch_inputs
 from tinyllava_med.model.prompts import build_prompt
@@ -165,10 +165,7 @@ class Reference:
 
     def __init__(self, lm: LoadedModel, prompts: Sequence[Prompt]):
         self.lm = lm
-        eos = lm.model.generation_config.eos_token_id
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        if lm.processor.tokenizer.eos_token_id is not None:
-            eos_ids.add(lm.processor.tokenizer.eos_token_id)
+        eos_ids = eos_token_ids(lm)
         self.prompt_ids: list[list[int]] = []
         self.pixels: list[torch.Tensor] = []
         self.answers: list[list[int]] = []
@@ -269,11 +266,10 @@ def quantize_checked(
         }
         quantize_cpu_int8(lm.model, trial_skip)
         trial = reference.score(lm.model, [*extra, module])
-        if accepts(trial, before):
-            trial = Score(trial.int8_extra, trial.answers_kept, trial.min_cosine, True)
+        trial = replace(trial, accepted=accepts(trial, before))
+        if trial.accepted:
             skip, extra, before = trial_skip, [*extra, module], trial
         else:
-            trial = Score(trial.int8_extra, trial.answers_kept, trial.min_cosine, False)
             for name, linear in originals.items():  # the same objects (and tied weights) back
                 del linear.qconfig
                 lm.model.set_submodule(name, linear)
