@@ -425,7 +425,7 @@ def test_retrieve_needs_a_key_a_body_and_a_pacs(api):
     assert_error(api.post("/v1/studies/retrieve", json=body), 401)
     assert_error(api.post("/v1/studies/retrieve", json={}, headers=api.h("pacs")), 422)
     r = api.post("/v1/studies/retrieve", json=body, headers=api.h("pacs"))
-    assert_error(r, 503, "pacs_not_configured")
+    assert_error(r, 501, "pacs_not_configured")
     assert not rows(api, Job)
 
 

@@ -147,8 +147,8 @@ def retrieve_from_pacs(
     study here once it is stored."""
     request.state.audit = (principal.actor, "study.retrieve", "study", None)
     if not settings.pulls_from_pacs:
-        raise APIError(
-            503,
+        raise APIError(  # 501, not 503: nothing changes until the operator configures a PACS
+            501,
             "pacs_not_configured",
             "no PACS to retrieve from: set TINYLLAVA_MED_DICOMWEB_PULL_URL or _DIMSE_PULL",
         )
