@@ -5,8 +5,8 @@
 #   env.txt                      GPU, driver, torch, transformers, bitsandbytes versions
 # quant (the quantization issue), most important first:
 #   memory_table_cuda.{json,md,png}  the paper table with every CUDA row measured
-#   phantomvqa_cuda.{json,md}    PhantomVQA accuracy of the demo model and its quantized variants,
-#                                bitsandbytes' CUDA kernels (fp16 compute)
+#   phantomvqa_cuda.{json,md}    PhantomVQA accuracy of the demo model and its quantized variants
+#                                (nf4 with the tower in LLM.int8 last), bitsandbytes' CUDA kernels
 #   quant_speed_cpu_host.md      cpu-int8 vs fp32 on that machine's CPU (bonus; time-boxed)
 # serve (the server issue):
 #   metrics_cuda.txt             one question on the GPU, then the GPU series of /metrics
@@ -60,8 +60,11 @@ python3 -m tinyllava_med.cli quantize "$DATA/demo" $Q/demo-nf4-tower --method nf
     --skip model.multi_modal_projector lm_head &&
 python3 -m tinyllava_med.cli quantize "$DATA/demo" $Q/demo-int8-tower --method int8 \
     --skip model.multi_modal_projector lm_head &&
+python3 -m tinyllava_med.cli quantize "$DATA/demo" $Q/demo-nf4-tower8 --method nf4 \
+    --int8 model.vision_tower &&
 python3 -m tinyllava_med.cli eval compare --device cuda \
     --variants "$DATA/demo" "$DATA/demo:8bit" "$DATA/demo:4bit" $Q/demo-nf4-tower $Q/demo-int8-tower \
+    $Q/demo-nf4-tower8 \
     --questions "$DATA/ph/all.json" --images "$DATA/ph/images" --out-dir $Q/acc \
     --batch-size 64 --max-new-tokens 8 2>&1 | grep -v "Loading weights"
 cp $Q/acc/compare.json "$OUT/phantomvqa_cuda.json"

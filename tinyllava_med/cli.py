@@ -96,6 +96,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         check_questions=args.check_questions,
         check_images=args.check_images,
         check_prompts=args.check_prompts,
+        int8_modules=args.int8,
     )
 
 
@@ -690,6 +691,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help="module paths kept in higher precision (default: vision tower, projector, lm_head; "
         "cpu-int8 then also quantizes the tower and lm_head where the output check passes)",
+    )
+    p.add_argument(
+        "--int8",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="with --method nf4: module paths given LLM.int8 instead of nf4, e.g. "
+        "model.vision_tower (-92%% static memory against LLaVA-Med fp16 at the real shapes, "
+        "where all-nf4 costs answers); not with --skip's paths",
     )
     p.add_argument(
         "--check-questions",

@@ -109,6 +109,58 @@ def test_tower_in_nf4_stays_close_and_computes_in_bf16_on_cpu(
     assert answers(lm) == ref_answers
 
 
+def test_tower_in_int8_beside_an_nf4_language_model(
+    fp32_peaked, peaked_model_dir: Path, tmp_path: Path
+) -> None:
+    """`--int8 model.vision_tower`: stored in fp16 (one bitsandbytes scheme per checkpoint),
+    LLM.int8 once loaded with no flags, the language model in nf4, answers unchanged."""
+    import bitsandbytes as bnb
+
+    _, ref_logits, ref_answers = fp32_peaked
+    dst = quantize_checkpoint(
+        peaked_model_dir, tmp_path / "t8", method="nf4", int8_modules=["model.vision_tower"]
+    )
+    meta = ServedMeta.load(dst)
+    assert meta.quantization == "4bit" and meta.int8_modules == ["model.vision_tower"]
+    assert "LLM.int8 when loaded: model.vision_tower" in meta.notes
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
+        names = f.keys()  # noqa: SIM118 (safe_open is not iterable)
+        tower = [k for k in names if "vision_tower." in k and "_proj.weight" in k]
+        assert tower and {f.get_tensor(k).dtype for k in tower} == {torch.float16}
+    lm = load_model(str(dst), device="cpu")
+    kinds = {n: type(m) for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    tower_linears = {n: k for n, k in kinds.items() if n.startswith("model.vision_tower.")}
+    int8 = [n for n, k in tower_linears.items() if k is bnb.nn.Linear8bitLt]
+    assert len(int8) >= 8 and all(  # all but the pooling head's attention (used as weights)
+        k is bnb.nn.Linear8bitLt for n, k in tower_linears.items() if "head.attention" not in n
+    )
+    assert lm.model.get_submodule(int8[0]).weight.dtype == torch.int8
+    llm = [k for n, k in kinds.items() if n.startswith("model.language_model.")]
+    assert llm and set(llm) == {bnb.nn.Linear4bit}
+    assert kinds["lm_head"] is torch.nn.Linear
+    assert cosine(answer_logits(lm), ref_logits) >= 0.97
+    assert answers(lm) == ref_answers
+
+
+def test_int8_modules_are_checked(tiny_model_dir: Path, tmp_path: Path) -> None:
+    tower = ["model.vision_tower"]
+    with pytest.raises(ValueError, match="for --method nf4"):
+        quantize_checkpoint(tiny_model_dir, tmp_path / "a", method="int8", int8_modules=tower)
+    with pytest.raises(ValueError, match="and given int8 too"):
+        quantize_checkpoint(
+            tiny_model_dir,
+            tmp_path / "b",
+            method="nf4",
+            skip_modules=[*DEFAULT_SKIP_MODULES],
+            int8_modules=tower,
+        )
+    with pytest.raises(ValueError, match="match no module"):
+        quantize_checkpoint(
+            tiny_model_dir, tmp_path / "c", method="nf4", int8_modules=["vision_tower"]
+        )
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
 def test_skip_modules_are_a_parameter(peaked_model_dir: Path, tmp_path: Path) -> None:
     dst = quantize_checkpoint(
         peaked_model_dir, tmp_path / "c8", method="cpu-int8", skip_modules=["lm_head"]
@@ -145,3 +197,9 @@ def test_quantize_command(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
         str(tiny_model_dir), str(tmp_path / "x"), method="nf4", skip_modules=["projector"]
     )
     assert bad == 2 and "match no module" in capsys.readouterr().err
+    from tinyllava_med.cli import main
+
+    dst = tmp_path / "t8"
+    argv = ["quantize", str(tiny_model_dir), str(dst), "--method", "nf4", "--int8"]
+    assert main([*argv, "model.vision_tower"]) == 0
+    assert ServedMeta.load(dst).int8_modules == ["model.vision_tower"]

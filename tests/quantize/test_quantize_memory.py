@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from tinyllava_med.model.load import load_model
+from tinyllava_med.quantize.device_rows import TOWER_INT8, TOWER_SKIP
 from tinyllava_med.quantize.estimate import computed_memory, quantized_linear_bytes
 from tinyllava_med.quantize.memory import measure_memory
 from tinyllava_med.quantize.shapes import meta_model
@@ -77,7 +78,20 @@ def table() -> dict:
 
 def test_paper_table_rows(table) -> None:
     rows = {(r["variant"], r["quantization"], r["device"]): r for r in table["rows"]}
-    assert {v for v, _, d in rows if d == "cuda"} == set(PAPER_VARIANTS)
+    assert {v for v, _, d in rows if d == "cuda"} == {s.shown for s in cuda_specs()}
+    assert set(PAPER_VARIANTS) < {s.shown for s in cuda_specs()}
+    # fq4+tower8: the tower's linears in LLM.int8 (1 byte per weight + a fp32 scale per output
+    # row) instead of fp16 (2 bytes per weight); the issue's goal is -92% static or better
+    fq4, tower8 = (
+        rows[v, "4bit", "cuda"] for v in ("tinyllava-med-fq4", "tinyllava-med-fq4+tower8")
+    )
+    model = meta_model("tinyllava-1.5b")
+    tower = [m for n, m in model.named_modules() if n in quantizable_linears(model, TOWER_SKIP)]
+    tower = [m for m in tower if m in set(model.model.vision_tower.modules())]
+    assert len(tower) > 100 and fq4["static_bytes"] - tower8["static_bytes"] == sum(
+        m.weight.numel() - 4 * m.out_features for m in tower
+    )
+    assert tower8["static_reduction_pct"] >= 92 > fq4["static_reduction_pct"]
     assert ("tinyllava-med-f", "cpu-int8", "cpu") in rows
     cpu_tower = rows["tinyllava-med-f+tower", "cpu-int8", "cpu"]
     assert cpu_tower["skip_modules"] == list(CPU_TOWER_SKIP)
@@ -136,14 +150,15 @@ def test_memory_command(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_device_rows_measure_each_way_of_making_a_variant(tiny_model_dir: Path) -> None:
-    """The GPU table's code path, run on the CPU: one source, four rows, exact static bytes."""
-    from tinyllava_med.quantize.device_rows import TOWER_SKIP, RowSpec, measure_rows
+    """The GPU table's code path, run on the CPU: one source, five rows, exact static bytes."""
+    from tinyllava_med.quantize.device_rows import RowSpec, measure_rows
 
     specs = [
         RowSpec("tiny", "none"),
         RowSpec("tiny", "8bit"),
         RowSpec("tiny", "4bit"),
         RowSpec("tiny", "4bit", TOWER_SKIP, name="tiny+tower"),
+        RowSpec("tiny", "4bit", TOWER_SKIP, name="tiny+tower8", int8=TOWER_INT8),
     ]
     built: list[str] = []
 
@@ -159,27 +174,33 @@ def test_device_rows_measure_each_way_of_making_a_variant(tiny_model_dir: Path) 
         ("tiny", "8bit"),
         ("tiny", "4bit"),
         ("tiny+tower", "4bit"),
+        ("tiny+tower8", "4bit"),
     ]
     tower = by_name["tiny+tower", "4bit"]
     assert tower["how"] == f"quantize --method nf4 --skip {' '.join(TOWER_SKIP)}"
     assert tower["skip_modules"] == list(TOWER_SKIP)
     assert by_name["tiny", "4bit"]["how"] == "quantized while loading"
     config = load_model(str(tiny_model_dir), device="cpu").model.config
+    tower8 = by_name["tiny+tower8", "4bit"]
+    assert tower8["how"].endswith(" --int8 model.vision_tower")
     for (_, quant), r in by_name.items():
-        computed = computed_memory(config, quant, device="cpu", skip=r["skip_modules"])
+        computed = computed_memory(
+            config, quant, device="cpu", skip=r["skip_modules"], int8=r["int8_modules"]
+        )
         assert r["static_bytes"] == computed["static_bytes"], (r["variant"], quant)
         assert r["dynamic_bytes"] >= r["static_bytes"] and r["generated_tokens"] > 0
-    assert tower["static_bytes"] < by_name["tiny", "4bit"]["static_bytes"]
+    # the tower's int8 weights sit between its nf4 (+tower) and its fp32 (default) bytes
+    assert tower["static_bytes"] < tower8["static_bytes"] < by_name["tiny", "4bit"]["static_bytes"]
 
 
 def test_cuda_table_rows_are_the_paper_six_and_the_tower_rows() -> None:
-    from tinyllava_med.quantize.device_rows import TOWER_SKIP
-
     specs = cuda_specs()
     assert [s.variant for s in specs if s.skip is None] == list(PAPER_VARIANTS)
-    assert {s.shown: s.skip for s in specs if s.skip is not None} == {
-        "tinyllava-med-fq4+tower": TOWER_SKIP,
-        "llava-med-q4+tower": TOWER_SKIP,
+    assert {s.shown: (s.skip, s.int8) for s in specs if s.skip is not None} == {
+        "tinyllava-med-fq4+tower": (TOWER_SKIP, ()),
+        "llava-med-q4+tower": (TOWER_SKIP, ()),
+        "tinyllava-med-fq4+tower8": (TOWER_SKIP, TOWER_INT8),
+        "llava-med-q4+tower8": (TOWER_SKIP, TOWER_INT8),
     }
 
 
@@ -188,9 +209,12 @@ def test_computed_static_equals_the_h200_measurement() -> None:
     formulas this machine uses must give each measured row's static bytes exactly."""
     path = Path(__file__).parents[2] / "bench" / "results" / "memory_table_cuda.json"
     measured = [r for r in json.loads(path.read_text())["rows"] if r["source"] == "measured"]
-    assert {r["variant"] for r in measured} == {s.shown for s in cuda_specs()}
+    # the +tower8 rows came after that run: the next GPU run measures them
+    shown = {s.shown for s in cuda_specs()}
+    assert {r["variant"] for r in measured} == {v for v in shown if not v.endswith("+tower8")}
     for r in measured:
-        computed = computed_memory(r["arch"], r["quantization"], skip=r["skip_modules"])
+        int8 = r.get("int8_modules") or ()
+        computed = computed_memory(r["arch"], r["quantization"], skip=r["skip_modules"], int8=int8)
         assert computed["static_bytes"] == r["static_bytes"], r["variant"]
     tower = next(r for r in measured if r["variant"] == "tinyllava-med-fq4+tower")
     assert tower["static_reduction_pct"] >= 92  # the issue's goal, as measured

@@ -155,6 +155,7 @@ def load_model(
         device=dev,
         dtype=torch_dtype,
         attn_implementation=_attn_implementation(dev),
+        int8_modules=meta.int8_modules if stored_quant == "4bit" else (),
     )
     model.eval()
     name = variant.name if variant else (meta.name or meta.variant or Path(path).name)

@@ -24,6 +24,8 @@ class ServedMeta(BaseModel):
     name: str | None = None  # human name, e.g. "demo" or "tinyllava-med-f"
     variant: str | None = None  # registry name when this folder is a registry variant
     quantization: str = "none"  # none | 8bit | 4bit | cpu-int8 (as stored on disk)
+    # modules of a 4-bit folder stored in 16 bits and given LLM.int8 when loaded (the vision tower)
+    int8_modules: list[str] = Field(default_factory=list)
     source_format: str = "served"  # llava_mistral | llava | tiny_llava | tinyllava | served
     source_hash: str | None = None  # sha256 over the source checkpoint's files
     vision_weights: str | None = None  # "checkpoint" or "tower": where the vision tower came from

@@ -1,6 +1,7 @@
 """What the `quantize` and `memory` verbs of the CLI do: thin calls with printed results.
 
 tinyllava-med quantize ./data/models/tinyllava-med-f ./data/models/tinyllava-med-fq4 --method nf4
+tinyllava-med quantize tinyllava-med-f ./fq4-tower8 --method nf4 --int8 model.vision_tower
 tinyllava-med memory --model tinyllava-med-fq4 --json fq4.json
 tinyllava-med memory --paper-table --json t.json --markdown t.md --png t.png  # ~4 min (CPU)
 tinyllava-med memory --paper-table --device cuda --json t.json   # every CUDA row measured
@@ -28,6 +29,7 @@ def quantize_command(
     check_questions: str | None = None,
     check_images: str | None = None,
     check_prompts: int = 8,
+    int8_modules: Sequence[str] = (),
 ) -> int:
     from tinyllava_med.quantize.check import CHECK_FILE, file_prompts, phantom_prompts
 
@@ -56,6 +58,7 @@ def quantize_command(
             skip_modules=skip_modules,
             check_prompts=prompts,
             check_prompts_name=name,
+            int8_modules=int8_modules,
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,8 +4,8 @@ Per architecture, one random-weight fp16 checkpoint of the real shape is built o
 saved once; every row then loads it the way that row's variant is made and is measured by
 `measure_memory` (static: footprint + bitsandbytes state; dynamic: allocator peak in a warmed-up
 generate). Paper rows quantize while loading, as the paper did; `tower` rows go through
-`quantize_checkpoint` with the vision tower quantized too, then load the stored checkpoint, which
-is the `quantize` -> `serve` path.
+`quantize_checkpoint` with the vision tower quantized too (nf4, or LLM.int8 for `tower8`), then
+load the stored checkpoint, which is the `quantize` -> `serve` path.
 
 On CUDA the rows share one process: before each load the allocator must be back to (near) zero,
 and what is still allocated then is recorded and subtracted from the peak, so a leak shows in the
@@ -26,6 +26,8 @@ import torch
 
 # nf4 for the LLM and the tower; only the projector and `lm_head` stay fp16.
 TOWER_SKIP: tuple[str, ...] = ("model.multi_modal_projector", "lm_head")
+# ... and the tower in LLM.int8 instead (`quantize --method nf4 --int8 model.vision_tower`)
+TOWER_INT8: tuple[str, ...] = ("model.vision_tower",)
 METHOD_OF_QUANT = {"4bit": "nf4", "8bit": "int8", "cpu-int8": "cpu-int8"}
 
 
@@ -37,6 +39,7 @@ class RowSpec:
     quant: str  # none, 4bit, 8bit
     skip: tuple[str, ...] | None = None  # None: the default skip list, quantized while loading
     name: str = ""  # shown name; the variant's when empty
+    int8: tuple[str, ...] = ()  # 4-bit rows: modules in LLM.int8 instead (with `skip` only)
 
     @property
     def shown(self) -> str:
@@ -109,15 +112,20 @@ def measure_rows(
                 elif spec.skip is not None:
                     path = str(Path(tmp) / f"{arch}-{spec.quant}-{len(results)}")
                     method: Any = METHOD_OF_QUANT[spec.quant]
-                    quantize_checkpoint(source, path, method=method, skip_modules=spec.skip)
+                    quantize_checkpoint(
+                        source, path, method=method, skip_modules=spec.skip, int8_modules=spec.int8
+                    )
                     _free(device)
                     quant, how = None, f"quantize --method {method} --skip {' '.join(spec.skip)}"
+                    if spec.int8:
+                        how += f" --int8 {' '.join(spec.int8)}"
                 row = _measure(path, quant, device, batch=batch, new_tokens=new_tokens)
                 row.update(
                     variant=spec.shown,
                     arch=arch,
                     how=how,
                     skip_modules=list(spec.skip) if spec.skip is not None else None,
+                    int8_modules=list(spec.int8),
                     source_build_seconds=build_s,
                 )
                 results.append(row)

@@ -14,6 +14,8 @@ fp32 on CPU), buffers as built, and per quantized `nn.Linear` of n = out x in we
 - `8bit` (LLM.int8): n int8 + out fp32 row scales (SCB), bias in the float dtype;
 - `cpu-int8`: n int8 + out float64 scales + out int64 zero points, bias fp32.
 
+`int8` names modules of a 4-bit model given LLM.int8 instead (`quantize --int8`): `8bit` bytes.
+
 Dynamic bytes = static + KV cache (2 x layers x kv_heads x head_dim x tokens x batch x bytes)
 + an activation estimate for the prefill, the larger of the tower's and one decoder layer's
 working set, plus the prompt embeddings, fp32 last-token logits and, for bitsandbytes 4-bit on
@@ -73,20 +75,25 @@ def static_breakdown(
     float_bytes: int,
     skip: Sequence[str] | None = None,
     cpu_repack: bool = False,
+    int8: Sequence[str] = (),
 ) -> dict[str, int]:
     """Static bytes of `model` (any device, meta included) per top-level part and in total."""
     skip = skip_list(skip)
     parts: dict[str, int] = {}
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
-        quantized = quant != "none" and type(module) is nn.Linear and not is_skipped(name, skip)
+        linear = quant != "none" and type(module) is nn.Linear
+        scheme = "8bit" if linear and int8 and is_skipped(name, int8) else quant
+        quantized = linear and (scheme != quant or not is_skipped(name, skip))
         size = 0
         for pname, p in own:
             if quantized and pname == "weight":
-                size += quantized_linear_bytes(p.shape[0], p.shape[1], quant, cpu_repack=cpu_repack)
-            elif quantized and quant == "4bit":
+                size += quantized_linear_bytes(
+                    p.shape[0], p.shape[1], scheme, cpu_repack=cpu_repack
+                )
+            elif quantized and scheme == "4bit":
                 size += p.numel() * 2
-            elif quantized and quant == "cpu-int8":
+            elif quantized and scheme == "cpu-int8":
                 size += p.numel() * 4
             else:
                 size += p.numel() * float_bytes
@@ -137,6 +144,7 @@ def computed_memory(
     new_tokens: int = 32,
     text_tokens: int = TEXT_TOKENS,
     skip: Sequence[str] | None = None,
+    int8: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Static and dynamic bytes under `quant`, computed from shapes (meta device is enough)."""
     model = meta_model(arch_or_config)
@@ -145,7 +153,9 @@ def computed_memory(
         raise ValueError("cpu-int8 runs on the CPU only")
     float_bytes = 2 if cuda else 4
     repack = not cuda and quant == "4bit" and cpu_repacks_4bit()  # as on this machine's CPU
-    parts = static_breakdown(model, quant, float_bytes=float_bytes, skip=skip, cpu_repack=repack)
+    parts = static_breakdown(
+        model, quant, float_bytes=float_bytes, skip=skip, cpu_repack=repack, int8=int8
+    )
     config: Any = model.config
     vc = config.vision_config
     prompt = (vc.image_size // vc.patch_size) ** 2 + text_tokens

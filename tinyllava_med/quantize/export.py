@@ -7,6 +7,9 @@ quantization (`4bit`, `8bit`, `cpu-int8`) and the processor files are copied unc
   TinyLLaVA-Med-FQ4 / LLaVA-Med-Q4; on CPU bitsandbytes computes in bf16). Saved before any
   forward pass: a 4-bit model saved after one is corrupt unless double quantization is on.
 - `int8`: bitsandbytes LLM.int8 (FQ8 / Q8).
+- `nf4` with `int8_modules` (`--int8 model.vision_tower`): those modules get LLM.int8 instead of
+  nf4. transformers stores one bitsandbytes scheme per checkpoint, so they are stored in fp16
+  and quantized when loaded (`runtime.quantize_8bit_modules`); `tinyllava_med.json` names them.
 - `cpu-int8`: dynamic int8 linears for CPU-only sites, in the format of `quantize.cpu_int8`.
 
 Modules in `skip_modules` (default `quantize.skip.DEFAULT_SKIP_MODULES`) keep 16-bit weights
@@ -95,8 +98,11 @@ def quantize_checkpoint(
     skip_modules: Sequence[str] | None = None,
     check_prompts: Sequence[Prompt] | None = None,
     check_prompts_name: str = "site",
+    int8_modules: Sequence[str] = (),
 ) -> Path:
     """Quantize the unquantized served checkpoint `src` (folder or variant name) into `dst`.
+
+    `int8_modules` (nf4 only): module patterns given LLM.int8 instead of nf4.
 
     `check_prompts`: the calibration prompts of the cpu-int8 output check (default: 8 PhantomVQA
     phantoms); unused when `skip_modules` is given or for the bitsandbytes methods."""
@@ -113,8 +119,18 @@ def quantize_checkpoint(
     meta = ServedMeta.load(src_path) or ServedMeta(name=src_path.name)
     if meta.quantization != "none":
         raise ValueError(f"{src_path} is already quantized ({meta.quantization})")
+    int8 = list(int8_modules)
+    if int8 and method != "nf4":
+        raise ValueError("int8 modules are for --method nf4 (the others quantize one way)")
     skip = skip_list(skip_modules)
-    check_skip_patterns(_empty_model(src_path), skip)
+    if skip_modules is None:  # the default list keeps the tower in fp16: int8 replaces that
+        skip = [p for p in skip if p not in int8]
+    if overlap := [p for p in int8 if p in skip]:
+        raise ValueError(f"{overlap} cannot be kept in higher precision and given int8 too")
+    empty = _empty_model(src_path)
+    check_skip_patterns(empty, skip)
+    check_skip_patterns(empty, int8)
+    skip += int8  # stored in 16 bits, given int8 when loaded
     quant = STORED_QUANT[method]
 
     report: CheckReport | None = None
@@ -141,13 +157,17 @@ def quantize_checkpoint(
         model.save_pretrained(dst_path)  # before any forward pass (see the module docstring)
 
     _copy_processor_files(src_path, dst_path)
-    note = f"quantized by tinyllava-med ({method}; kept in higher precision: {', '.join(skip)})"
+    kept = [p for p in skip if p not in int8]
+    note = f"quantized by tinyllava-med ({method}; kept in higher precision: {', '.join(kept)})"
+    if int8:
+        note = f"{note[:-1]}; LLM.int8 when loaded: {', '.join(int8)})"
     if report is not None:
         (dst_path / CHECK_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         note = f"{note[:-1]}; {report.summary()})"
     out_meta = meta.model_copy(
         update={
             "quantization": quant,
+            "int8_modules": int8,
             "variant": _quantized_variant(meta, quant),
             "notes": f"{meta.notes}; {note}" if meta.notes else note,
             "version": __version__,

@@ -7,7 +7,10 @@ did. The vision tower, the projector and `lm_head` stay in higher precision by d
 so every `Linear4bit` gets a pre-hook making its inputs contiguous, and one whose shape that
 kernel's weight repacking cannot take keeps the generic kernel. A stored 4-bit checkpoint
 records fp16 compute; on the CPU its linears are switched to bf16 compute, as when quantizing
-while loading (fp16 matmuls on the CPU are slow and, for the tower, less accurate).
+while loading (fp16 matmuls on the CPU are slow and, for the tower, less accurate). A 4-bit
+folder may name modules stored in 16 bits that get LLM.int8 when loaded (`int8_modules`, the
+vision tower of `quantize --method nf4 --int8 model.vision_tower`): bitsandbytes quantizes an
+int8 weight from its 16-bit values, as it does for `--quant 8bit`, so the result is the same.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 
 from tinyllava_med.quantize.cpu_int8 import load_cpu_int8, quantize_cpu_int8
-from tinyllava_med.quantize.skip import DEFAULT_SKIP_MODULES, skip_list
+from tinyllava_med.quantize.skip import DEFAULT_SKIP_MODULES, is_skipped, skip_list
 
 __all__ = ["DEFAULT_SKIP_MODULES", "bnb_config", "load_weights", "make_4bit_inputs_contiguous"]
 
@@ -138,6 +141,36 @@ def set_4bit_compute_dtype(model: nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
+def quantize_8bit_modules(model: nn.Module, patterns: Sequence[str]) -> int:
+    """Give the plain linears that `patterns` match (as skip patterns match) bitsandbytes
+    LLM.int8 weights, quantized from their float values where they are, with the outlier threshold
+    of `--quant 8bit`; returns how many."""
+    import bitsandbytes as bnb
+
+    threshold = bnb_config("8bit").llm_int8_threshold
+    n = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or not is_skipped(name, patterns):
+            continue
+        device = module.weight.device
+        int8 = bnb.nn.Linear8bitLt(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            has_fp16_weights=False,
+            threshold=threshold,
+            device="meta",
+        )
+        # bitsandbytes quantizes a weight when it moves from the CPU to a device (the CPU too)
+        int8.weight = bnb.nn.Int8Params(
+            module.weight.data.cpu(), requires_grad=False, has_fp16_weights=False
+        )
+        int8.bias = module.bias
+        model.set_submodule(name, int8.to(device))
+        n += 1
+    return n
+
+
 def load_weights(
     path: str,
     *,
@@ -146,8 +179,10 @@ def load_weights(
     device: torch.device,
     dtype: torch.dtype,
     attn_implementation: str = "sdpa",
+    int8_modules: Sequence[str] = (),
 ) -> Any:
-    """Load the transformers model from `path` with the requested (or stored) quantization."""
+    """Load the transformers model from `path` with the requested (or stored) quantization;
+    `int8_modules` (4-bit only) get LLM.int8 once loaded."""
     from tinyllava_med.model.load import load_plain
 
     kwargs: dict[str, Any] = {"attn_implementation": attn_implementation}
@@ -161,6 +196,7 @@ def load_weights(
         make_4bit_inputs_contiguous(model)
         if quant == "4bit":
             set_4bit_compute_dtype(model, bnb_config(quant, device).bnb_4bit_compute_dtype)
+            quantize_8bit_modules(model, int8_modules)
         return model
     if quant == "cpu-int8":
         if device.type != "cpu":

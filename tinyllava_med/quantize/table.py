@@ -4,8 +4,9 @@ Without a GPU, rows for CUDA (fp16, bitsandbytes) are computed from shapes
 (`quantize.estimate`); rows this machine can hold are measured on the CPU, each in a fresh
 process (a random-weight model of the real shape, `measure_memory`), next to their computed
 values as a cross-check. With `device="cuda"` every CUDA row is measured on the GPU
-(`quantize.device_rows`), plus the `+tower` rows (the vision tower in nf4 too), each beside its
-computed value. The CPU `cpu-int8+tower` row is what `quantize --method cpu-int8` writes when its
+(`quantize.device_rows`), plus the `+tower` rows (the vision tower in nf4 too) and the
+`+tower8` rows (the tower in LLM.int8, the LLM in nf4), each beside its computed value; without a
+GPU those rows are computed like the paper's. The CPU `cpu-int8+tower` row is what `quantize --method cpu-int8` writes when its
 output check accepts the tower and `lm_head` (`quantize.check`): only the projector in fp32.
 Reductions are against LLaVA-Med fp16 (measured on the GPU, else computed), beside
 the paper's (FQ4 -90% static / -89% dynamic; Q4 -67% / -65%). Output: a dict (JSON), a Markdown
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyllava_med.model.registry import VARIANTS
-from tinyllava_med.quantize.device_rows import TOWER_SKIP, RowSpec
+from tinyllava_med.quantize.device_rows import TOWER_INT8, TOWER_SKIP, RowSpec
 from tinyllava_med.quantize.estimate import computed_memory
 from tinyllava_med.quantize.shapes import ARCH_OF_FAMILY, Arch
 
@@ -45,6 +46,11 @@ REFERENCE = "llava-med"
 CPU_VARIANT = {"none": "tinyllava-med-f", "8bit": "tinyllava-med-fq8", "4bit": "tinyllava-med-fq4"}
 # Ours: the 4-bit variants with the vision tower in nf4 as well (projector and lm_head fp16).
 TOWER_ROWS = {"tinyllava-med-fq4": "tinyllava-med-fq4+tower", "llava-med-q4": "llava-med-q4+tower"}
+# ... and with the tower in LLM.int8 instead: -92% static for TinyLLaVA, computed
+TOWER8_ROWS = {
+    "tinyllava-med-fq4": "tinyllava-med-fq4+tower8",
+    "llava-med-q4": "llava-med-q4+tower8",
+}
 # cpu-int8 with the tower and lm_head in int8 too, as the output check of `quantize` may choose.
 CPU_TOWER_ROW = "tinyllava-med-f+tower"
 CPU_TOWER_SKIP: tuple[str, ...] = ("model.multi_modal_projector",)
@@ -124,12 +130,17 @@ def _measure_in_child(
 
 
 def cuda_specs() -> list[RowSpec]:
-    """The six paper variants (quantized while loading) and the `+tower` rows, on the GPU.
+    """The six paper variants (quantized while loading), the `+tower` and `+tower8` rows.
 
-    `measure_rows` groups them by architecture: f, fq8, fq4, fq4+tower, then the LLaVA-Med rows.
+    `measure_rows` groups them by architecture: f, fq8, fq4, fq4+tower, fq4+tower8, then the
+    LLaVA-Med rows.
     """
     specs = [RowSpec(name, VARIANTS[name].quantization) for name in PAPER_VARIANTS]
-    return specs + [RowSpec(v, "4bit", TOWER_SKIP, name=shown) for v, shown in TOWER_ROWS.items()]
+    specs += [RowSpec(v, "4bit", TOWER_SKIP, name=shown) for v, shown in TOWER_ROWS.items()]
+    return specs + [
+        RowSpec(v, "4bit", TOWER_SKIP, name=shown, int8=TOWER_INT8)
+        for v, shown in TOWER8_ROWS.items()
+    ]
 
 
 def _cuda_rows(batch: int, new_tokens: int) -> list[dict[str, Any]]:
@@ -153,12 +164,14 @@ def _cuda_rows(batch: int, new_tokens: int) -> list[dict[str, Any]]:
             batch=batch,
             new_tokens=new_tokens,
             skip=m["skip_modules"],
+            int8=m.get("int8_modules") or (),
         )
         row["computed_static_bytes"] = computed["static_bytes"]
         row["computed_dynamic_bytes"] = computed["dynamic_bytes"]
         for key in (
             "how",
             "skip_modules",
+            "int8_modules",
             "generate_seconds",
             "generated_tokens",
             "load_seconds",
@@ -187,12 +200,18 @@ def paper_table(
     if on_gpu:
         rows = _cuda_rows(batch, new_tokens)
     else:
-        for name in PAPER_VARIANTS:
-            v = VARIANTS[name]
+        for spec in cuda_specs():
             mem = computed_memory(
-                ARCH_OF_FAMILY[v.family], v.quantization, batch=batch, new_tokens=new_tokens
+                arch_of(spec.variant),
+                spec.quant,
+                batch=batch,
+                new_tokens=new_tokens,
+                skip=spec.skip,
+                int8=spec.int8,
             )
-            rows.append(_row(name, v.quantization, "cuda", "computed", mem))
+            rows.append(_row(spec.shown, spec.quant, "cuda", "computed", mem))
+            if spec.skip is not None:
+                rows[-1].update(skip_modules=list(spec.skip), int8_modules=list(spec.int8))
     ref = next(r for r in rows if r["variant"] == REFERENCE)
     cpu_quants = list(dict.fromkeys(["none", "cpu-int8", *measure_quants]))
     cpu_rows: list[tuple[str, str, Sequence[str] | None]] = [
@@ -242,7 +261,7 @@ def paper_table(
             ),
             "skip_modules": "model.vision_tower, model.multi_modal_projector, lm_head; "
             f"+tower rows: {', '.join(TOWER_SKIP)} (4-bit), {', '.join(CPU_TOWER_SKIP)} "
-            "(cpu-int8)",
+            f"(cpu-int8); +tower8 rows: as +tower with {', '.join(TOWER_INT8)} in LLM.int8",
         },
     }
 
