@@ -25,34 +25,17 @@ from tinyllava_med.quantize.skip import quantizable_linears
 
 KEPT = ["model.multi_modal_projector", "lm_head"]
 INT8 = ["model.vision_tower"]
-CHUNK = 16
 
 
-def scores(ref: Reference, model: torch.nn.Module, pad: int) -> tuple[int, float, float, float]:
+def scores(ref: Reference, model: torch.nn.Module) -> tuple[int, float, float, float]:
     kept, cosines, kls = 0, [], []
-    for s in range(0, len(ref.answers), CHUNK):
-        answers, prompts = ref.answers[s : s + CHUNK], ref.prompt_ids[s : s + CHUNK]
-        rows = [p + a for p, a in zip(prompts, answers, strict=True)]
-        width, longest = max(map(len, rows)), max(map(len, answers))
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        with torch.inference_mode():
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                pixel_values=torch.stack(ref.pixels[s : s + CHUNK]),
-                logits_to_keep=longest + 1,
-                use_cache=False,
-            ).logits.float()
-        for row, answer in enumerate(answers):
-            got, want = logits[row, longest - len(answer) : longest], ref.logits[s + row]
-            kept += got.argmax(-1).tolist() == answer
-            cosines.append(_centred_cosines(got, want).min().item())
-            kl = torch.nn.functional.kl_div(
-                got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none"
-            )
-            kls.append(kl.sum(-1).max().item())
+    for got, want, answer in ref.forced(model):
+        kept += got.argmax(-1).tolist() == answer
+        cosines.append(_centred_cosines(got, want).min().item())
+        kl = torch.nn.functional.kl_div(
+            got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none"
+        )
+        kls.append(kl.sum(-1).max().item())
     return kept, min(cosines), sum(kls) / len(kls), max(kls)
 
 
@@ -63,7 +46,6 @@ def main() -> None:
     args = ap.parse_args()
     base = load_model(args.model, device="cpu")
     ref = Reference(base, phantom_prompts(args.prompts))
-    pad = base.processor.tokenizer.pad_token_id or 0
     print("| kept in fp16 | answers as fp32 | worst cosine | mean KL | worst KL |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for module in [None, *quantizable_linears(base.model, KEPT + INT8)]:
@@ -72,7 +54,7 @@ def main() -> None:
             dst = quantize_checkpoint(
                 args.model, f"{tmp}/q", method="nf4", skip_modules=skip, int8_modules=INT8
             )
-            kept, cos, mean_kl, max_kl = scores(ref, load_model(str(dst)).model, pad)
+            kept, cos, mean_kl, max_kl = scores(ref, load_model(str(dst)).model)
         name = module or "nothing more (paper recipe, tower int8)"
         print(f"| {name} | {kept}/{args.prompts} | {cos:.4f} | {mean_kl:.5f} | {max_kl:.4f} |")
 

@@ -27,7 +27,7 @@ near-equal logits), as they should.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -197,10 +197,18 @@ class Reference:
 
     def score(self, model: Any, int8_extra: list[str]) -> Score:
         """`model` on the reference's own sequences (prompt + fp32 answer), teacher forced."""
-        pad = self.lm.processor.tokenizer.pad_token_id
-        pad = pad if pad is not None else 0  # masked out: any id does
         kept: list[bool] = []
         cosines: list[float] = []
+        for got, ref, answer in self.forced(model):
+            kept.append(got.argmax(-1).tolist() == answer)
+            cosines.append(_centred_cosines(got, ref).min().item())
+        return Score(list(int8_extra), kept, float(np.min(cosines)))
+
+    def forced(self, model: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+        """Per prompt: `model`'s logits at each token of the fp32 answer (teacher forced), the
+        fp32 model's there, and the answer."""
+        pad = self.lm.processor.tokenizer.pad_token_id
+        pad = pad if pad is not None else 0  # masked out: any id does
         for start in range(0, len(self.answers), CHUNK):
             answers = self.answers[start : start + CHUNK]
             prompts = self.prompt_ids[start : start + CHUNK]
@@ -221,11 +229,7 @@ class Reference:
             for row, answer in enumerate(answers):
                 # the position before each answer token predicts it; the last position predicts
                 # nothing that was generated
-                got = logits[row, longest - len(answer) : longest]
-                kept.append(got.argmax(-1).tolist() == answer)
-                ref = self.logits[start + row]
-                cosines.append(_centred_cosines(got, ref).min().item())
-        return Score(list(int8_extra), kept, float(np.min(cosines)))
+                yield logits[row, longest - len(answer) : longest], self.logits[start + row], answer
 
 
 def accepts(trial: Score, before: Score) -> bool:
