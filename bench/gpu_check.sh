@@ -60,11 +60,12 @@ python3 -m tinyllava_med.cli quantize "$DATA/demo" $Q/demo-nf4-tower --method nf
     --skip model.multi_modal_projector lm_head &&
 python3 -m tinyllava_med.cli quantize "$DATA/demo" $Q/demo-int8-tower --method int8 \
     --skip model.multi_modal_projector lm_head &&
-python3 -m tinyllava_med.cli quantize "$DATA/demo" $Q/demo-nf4-tower8 --method nf4 \
-    --int8 model.vision_tower &&
+TOWER8=$Q/demo-nf4-tower8 &&  # new on 2026-11-28: a failure here must not cost the other rows
+{ python3 -m tinyllava_med.cli quantize "$DATA/demo" $TOWER8 --method nf4 \
+    --int8 model.vision_tower || TOWER8=; } &&
 python3 -m tinyllava_med.cli eval compare --device cuda \
     --variants "$DATA/demo" "$DATA/demo:8bit" "$DATA/demo:4bit" $Q/demo-nf4-tower $Q/demo-int8-tower \
-    $Q/demo-nf4-tower8 \
+    $TOWER8 \
     --questions "$DATA/ph/all.json" --images "$DATA/ph/images" --out-dir $Q/acc \
     --batch-size 64 --max-new-tokens 8 2>&1 | grep -v "Loading weights"
 cp $Q/acc/compare.json "$OUT/phantomvqa_cuda.json"

@@ -193,6 +193,53 @@ def test_device_rows_measure_each_way_of_making_a_variant(tiny_model_dir: Path) 
     assert tower["static_bytes"] < tower8["static_bytes"] < by_name["tiny", "4bit"]["static_bytes"]
 
 
+def test_a_row_that_fails_does_not_cost_the_others(tiny_model_dir: Path) -> None:
+    """A GPU run is rare: a row that cannot be made carries its error, the next is measured."""
+    from tinyllava_med.quantize.device_rows import RowSpec, measure_rows
+
+    specs = [
+        RowSpec("tiny", "4bit", TOWER_SKIP, name="tiny+bad", int8=("model.no_such_module",)),
+        RowSpec("tiny", "8bit"),
+    ]
+    rows = measure_rows(
+        specs,
+        lambda arch: load_model(str(tiny_model_dir), device="cpu", dtype="fp16"),
+        arch_of=lambda v: "tiny",
+        device="cpu",
+        new_tokens=2,
+    )
+    bad, good = rows
+    assert bad["variant"] == "tiny+bad" and "match no module" in bad["error"]
+    assert "static_bytes" not in bad
+    assert "error" not in good and good["static_bytes"] > 0
+
+
+def test_the_gpu_table_shows_a_failed_row_computed_with_its_error(monkeypatch) -> None:
+    import tinyllava_med.quantize.device_rows as device_rows
+
+    def fake_rows(specs, build, *, arch_of, device, batch, new_tokens):
+        rows = []
+        for s in specs:
+            row: dict = {"quantization": s.quant, "error": "RuntimeError: no kernel"}
+            if not s.int8:  # pretend the others were measured at their computed bytes
+                mem = computed_memory(arch_of(s.variant), s.quant, skip=s.skip)
+                row = {k: mem[k] for k in ("static_bytes", "dynamic_bytes")}
+                row["quantization"] = s.quant
+            row.update(variant=s.shown, arch=arch_of(s.variant), skip_modules=s.skip)
+            rows.append(row | {"int8_modules": list(s.int8)})
+        return rows
+
+    monkeypatch.setattr(device_rows, "measure_rows", fake_rows)
+    rows = {r["variant"]: r for r in paper_table(device="cuda")["rows"] if r["device"] == "cuda"}
+    tower8 = rows["tinyllava-med-fq4+tower8"]
+    assert (
+        tower8["source"] == "computed" and tower8["measurement_error"] == "RuntimeError: no kernel"
+    )
+    assert tower8["static_reduction_pct"] >= 92
+    assert rows["tinyllava-med-fq4"]["source"] == "measured"
+    assert "measurement_error" not in rows["tinyllava-med-fq4"]
+
+
 def test_cuda_table_rows_are_the_paper_six_and_the_tower_rows() -> None:
     specs = cuda_specs()
     assert [s.variant for s in specs if s.skip is None] == list(PAPER_VARIANTS)

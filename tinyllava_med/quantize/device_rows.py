@@ -3,7 +3,8 @@
 Per architecture, one random-weight fp16 checkpoint of the real shape is built on the device and
 saved once; every row then loads it the way that row's variant is made and is measured by
 `measure_memory` (static: footprint + bitsandbytes state; dynamic: allocator peak in a warmed-up
-generate). Paper rows quantize while loading, as the paper did; `tower` rows go through
+generate); a row whose making or measuring fails carries its `error` instead. Paper rows
+quantize while loading, as the paper did; `tower` rows go through
 `quantize_checkpoint` with the vision tower quantized too (nf4, or LLM.int8 for `tower8`), then
 load the stored checkpoint, which is the `quantize` -> `serve` path.
 
@@ -15,6 +16,7 @@ row instead of inflating it. On the CPU (tests, smoke runs) the same code measur
 from __future__ import annotations
 
 import gc
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # nf4 for the LLM and the tower; only the projector and `lm_head` stay fp16.
 TOWER_SKIP: tuple[str, ...] = ("model.multi_modal_projector", "lm_head")
@@ -107,19 +111,29 @@ def measure_rows(
             for spec in (s for s in specs if arch_of(s.variant) == arch):
                 path, how = str(source), "quantized while loading"
                 quant: str | None = spec.quant
+                method: Any = METHOD_OF_QUANT.get(spec.quant)
                 if spec.quant == "none":
                     how = "fp16 as loaded"
                 elif spec.skip is not None:
                     path = str(Path(tmp) / f"{arch}-{spec.quant}-{len(results)}")
-                    method: Any = METHOD_OF_QUANT[spec.quant]
-                    quantize_checkpoint(
-                        source, path, method=method, skip_modules=spec.skip, int8_modules=spec.int8
-                    )
-                    _free(device)
                     quant, how = None, f"quantize --method {method} --skip {' '.join(spec.skip)}"
                     if spec.int8:
                         how += f" --int8 {' '.join(spec.int8)}"
-                row = _measure(path, quant, device, batch=batch, new_tokens=new_tokens)
+                try:
+                    if quant is None:
+                        quantize_checkpoint(
+                            source,
+                            path,
+                            method=method,
+                            skip_modules=spec.skip,
+                            int8_modules=spec.int8,
+                        )
+                        _free(device)
+                    row = _measure(path, quant, device, batch=batch, new_tokens=new_tokens)
+                except Exception as e:  # a GPU run is rare: one failing row must not cost the rest
+                    log.exception("measuring %s failed", spec.shown)
+                    _free(device)
+                    row = {"quantization": spec.quant, "error": f"{type(e).__name__}: {e}"}
                 row.update(
                     variant=spec.shown,
                     arch=arch,

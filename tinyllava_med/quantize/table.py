@@ -157,15 +157,19 @@ def _cuda_rows(batch: int, new_tokens: int) -> list[dict[str, Any]]:
     )
     rows = []
     for m in measured:
-        row = _row(m["variant"], m["quantization"], "cuda", "measured", m)
         computed = computed_memory(
-            row["arch"],
+            m["arch"],
             m["quantization"],
             batch=batch,
             new_tokens=new_tokens,
             skip=m["skip_modules"],
             int8=m.get("int8_modules") or (),
         )
+        if "error" in m:  # the computed row, saying why it is not measured
+            row = _row(m["variant"], m["quantization"], "cuda", "computed", computed)
+            row["measurement_error"] = m["error"]
+        else:
+            row = _row(m["variant"], m["quantization"], "cuda", "measured", m)
         row["computed_static_bytes"] = computed["static_bytes"]
         row["computed_dynamic_bytes"] = computed["dynamic_bytes"]
         for key in (
