@@ -130,7 +130,6 @@ def quantize_checkpoint(
     empty = _empty_model(src_path)
     check_skip_patterns(empty, skip)
     check_skip_patterns(empty, int8)
-    skip += int8  # stored in 16 bits, given int8 when loaded
     quant = STORED_QUANT[method]
 
     report: CheckReport | None = None
@@ -149,7 +148,8 @@ def quantize_checkpoint(
         save_cpu_int8(model, dst_path)
     else:
         quiet_bnb_warnings()
-        config = bnb_config(quant, skip=skip, compute_dtype=torch.float16)
+        # int8 modules are stored in 16 bits, and given int8 when loaded
+        config = bnb_config(quant, skip=skip + int8, compute_dtype=torch.float16)
         model = AutoModelForImageTextToText.from_pretrained(
             src_path, dtype=torch.float16, quantization_config=config
         )
@@ -157,8 +157,7 @@ def quantize_checkpoint(
         model.save_pretrained(dst_path)  # before any forward pass (see the module docstring)
 
     _copy_processor_files(src_path, dst_path)
-    kept = [p for p in skip if p not in int8]
-    note = f"quantized by tinyllava-med ({method}; kept in higher precision: {', '.join(kept)})"
+    note = f"quantized by tinyllava-med ({method}; kept in higher precision: {', '.join(skip)})"
     if int8:
         note = f"{note[:-1]}; LLM.int8 when loaded: {', '.join(int8)})"
     if report is not None:

@@ -5,9 +5,10 @@ Without a GPU, rows for CUDA (fp16, bitsandbytes) are computed from shapes
 process (a random-weight model of the real shape, `measure_memory`), next to their computed
 values as a cross-check. With `device="cuda"` every CUDA row is measured on the GPU
 (`quantize.device_rows`), plus the `+tower` rows (the vision tower in nf4 too) and the
-`+tower8` rows (the tower in LLM.int8, the LLM in nf4), each beside its computed value; without a
-GPU those rows are computed like the paper's. The CPU `cpu-int8+tower` row is what `quantize --method cpu-int8` writes when its
-output check accepts the tower and `lm_head` (`quantize.check`): only the projector in fp32.
+`+tower8` rows (the tower in LLM.int8, the LLM in nf4), each beside its computed value; without
+a GPU those rows are computed like the paper's. The CPU `cpu-int8+tower` row is what
+`quantize --method cpu-int8` writes when its output check accepts the tower and `lm_head`
+(`quantize.check`): only the projector in fp32.
 Reductions are against LLaVA-Med fp16 (measured on the GPU, else computed), beside
 the paper's (FQ4 -90% static / -89% dynamic; Q4 -67% / -65%). Output: a dict (JSON), a Markdown
 table and a PNG bar chart.
