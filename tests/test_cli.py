@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydicom.data import get_testdata_file
@@ -42,6 +45,64 @@ def test_help_lists_every_verb():
     assert out.returncode == 0
     for verb in VERBS:
         assert verb in out.stdout, verb
+
+
+def readme_commands() -> list[str]:
+    """Every `tinyllava-med ...` command the README shows: code-block lines (joined across
+    trailing backslashes) and inline code spans."""
+    text = (Path(__file__).parents[1] / "README.md").read_text().replace("\\\n", " ")
+    spans = re.findall(r"`([^`\n]*tinyllava-med [^`\n]*)`", text)
+    lines = [ln for ln in text.splitlines() if ln.startswith("    ") and "tinyllava-med " in ln]
+    return [c for c in spans + lines if not c.lstrip().startswith("#")]
+
+
+def test_every_readme_command_parses():
+    """A newcomer copies the README's commands as written: each must be one the parser
+    accepts (it once rejected `data convert --dataset D SRC DST` and `db restore
+    --images-only DIR`: options before a positional that had a default)."""
+    from tinyllava_med.cli import build_parser
+
+    commands = readme_commands()
+    assert len(commands) > 25
+    parser = build_parser()
+    refused = []
+    for command in commands:
+        words = shlex.split(command, comments=True)
+        at = next(i for i, w in enumerate(words) if w.endswith("tinyllava-med"))
+        try:
+            parser.parse_args(words[at + 1 :])
+        except SystemExit:
+            refused.append(command)
+    assert not refused
+
+
+def test_options_and_positionals_in_any_order(tmp_path):
+    """Options may come before or after a step's positional arguments."""
+    from tinyllava_med.cli import build_parser
+
+    parse = build_parser().parse_args
+    for words in (
+        ["data", "convert", "--dataset", "slake", "in", "out", "--link"],
+        ["data", "convert", "in", "out", "--dataset", "slake", "--link"],
+    ):
+        args = parse(words)
+        assert (args.src, args.dst, args.dataset, args.link) == ("in", "out", "slake", True)
+    for words in (
+        ["db", "restore", "--images-only", "/b"],
+        ["db", "restore", "/b", "--images-only"],
+    ):
+        args = parse([*words, "--database-url", "sqlite:///x.db"])
+        assert (args.source, args.images_only, args.database_url) == ("/b", True, "sqlite:///x.db")
+    assert parse(["apikey", "revoke", "--database-url", "u", "k1"]).key_id == "k1"
+    assert parse(["db", "downgrade", "0010"]).revision == "0010"
+    for words in (
+        ["db", "restore"],
+        ["db", "downgrade"],
+        ["apikey", "create"],
+        ["data", "convert", "a"],
+    ):
+        with pytest.raises(SystemExit):
+            parse(words)
 
 
 def test_a_bad_setting_or_argument_says_what_is_wrong_without_a_traceback(tmp_path):

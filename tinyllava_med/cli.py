@@ -202,7 +202,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "phantom":
         from tinyllava_med.training.phantom import generate_phantom
 
-        summary = generate_phantom(Path(args.out or "./data/phantom"), n=args.n, seed=args.seed)
+        summary = generate_phantom(Path(args.out), n=args.n, seed=args.seed)
         print(json.dumps(summary.to_dict()))
         return 0
     from tinyllava_med.training.datasets import (
@@ -216,7 +216,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         try:
             report = download_llava_med(
                 args.what,
-                args.out or "./data/llava_med",
+                args.out,
                 base_url=args.base_url,
                 images=args.images,
                 verify=not args.no_verify,
@@ -226,17 +226,11 @@ def cmd_data(args: argparse.Namespace) -> int:
             return 1
         print(json.dumps(report.to_dict()))
         return 0
-    if len(args.paths) != 2 or not args.dataset:
-        print(
-            "usage: tinyllava-med data convert --dataset {vqa-rad,slake,pathvqa} SRC DST",
-            file=sys.stderr,
-        )
-        return 2
     try:
         converted = convert_dataset(
             args.dataset,
-            args.paths[0],
-            args.paths[1],
+            args.src,
+            args.dst,
             link=args.link,
             lang=None if args.lang == "all" else args.lang,
         )
@@ -315,14 +309,12 @@ def cmd_db(args: argparse.Namespace) -> int:
     if args.db_cmd == "backup":
         return _backup(settings, args.dest, args.verify)
     if args.db_cmd == "restore":
-        return _restore(settings, args.dest, args.images_only)
+        return _restore(settings, args.source, args.images_only)
     if args.db_cmd == "release-images":
         return _release_images(settings, args.days, args.draft_days)
     try:
         if args.db_cmd == "downgrade":
-            if not args.dest:
-                raise SystemExit("db downgrade needs the revision to go back to, e.g. 0010")
-            downgrade(settings.database_url, args.dest)
+            downgrade(settings.database_url, args.revision)
             print(f"database is at revision {current_revision(settings.database_url)}")
             return 0
         upgrade(settings.database_url)
@@ -401,15 +393,10 @@ def _release_images(settings: Any, days: float | None, draft_days: float | None)
     return 0
 
 
-def _restore(settings: Any, source: str | None, images_only: bool) -> int:
+def _restore(settings: Any, source: str, images_only: bool) -> int:
     from tinyllava_med.server.backup import restore
     from tinyllava_med.server.storage import DataDirInUse
 
-    if not source:
-        raise SystemExit(
-            "db restore needs the backup: tinyllava-med db restore DEST/tinyllava_med-<time>.db "
-            "(PostgreSQL: --images-only DEST, after pg_restore)"
-        )
     try:
         done = restore(settings, Path(source), images_only=images_only)
     except (FileNotFoundError, DataDirInUse, ValueError, RuntimeError) as e:
@@ -428,11 +415,9 @@ def _restore(settings: Any, source: str | None, images_only: bool) -> int:
     return 0
 
 
-def _backup(settings: Any, dest: str | None, verify: bool) -> int:
+def _backup(settings: Any, dest: str, verify: bool) -> int:
     from tinyllava_med.server.backup import backup
 
-    if not dest:
-        raise SystemExit("db backup needs a destination folder: tinyllava-med db backup DEST")
     try:
         done = backup(settings, Path(dest), verify=verify)
     except FileNotFoundError as e:
@@ -498,10 +483,6 @@ def cmd_apikey(args: argparse.Namespace) -> int:
     )
     from tinyllava_med.server.db import crud
 
-    if args.apikey_cmd == "create" and not args.role:
-        raise SystemExit("apikey create needs --role (pacs, radiologist or admin)")
-    if args.apikey_cmd == "revoke" and not args.key_id:
-        raise SystemExit("apikey revoke needs the key's id (see `tinyllava-med apikey list`)")
     key = None
     settings = _server_settings(args)
     with _console_db(settings) as sessions, sessions.begin() as session:
@@ -807,12 +788,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
 
     p = verb("data", "download, convert or synthesise datasets", cmd_data)
-    p.add_argument("data_cmd", choices=["download", "convert", "phantom"])
-    p.add_argument("paths", nargs="*", help="convert: SRC DST")
-    p.add_argument("--out", default=None, help="phantom / download folder")
-    p.add_argument("--n", type=int, default=6000, help="phantom: number of images")
-    p.add_argument("--seed", type=int, default=0, help="phantom: seed")
-    p.add_argument(
+    steps = p.add_subparsers(dest="data_cmd", required=True, metavar="STEP")
+    d = steps.add_parser("download", help="LLaVA-Med's data files (and, with --images, figures)")
+    d.add_argument("--out", default="./data/llava_med", help="folder (default: %(default)s)")
+    d.add_argument(
         "--what",
         nargs="+",
         default=["eval"],
@@ -826,12 +805,19 @@ def build_parser() -> argparse.ArgumentParser:
             "image-urls",
         ],
     )
-    p.add_argument("--images", action="store_true", help="download: also fetch PMC figures")
-    p.add_argument("--base-url", default=None)
-    p.add_argument("--no-verify", action="store_true", help="download: skip sha256")
-    p.add_argument("--dataset", choices=["vqa-rad", "slake", "pathvqa"], default=None)
-    p.add_argument("--link", action="store_true", help="convert: hard-link images")
-    p.add_argument("--lang", default="en", help="convert (SLAKE): en, zh or all")
+    d.add_argument("--images", action="store_true", help="also fetch PMC figures")
+    d.add_argument("--base-url", default=None)
+    d.add_argument("--no-verify", action="store_true", help="skip sha256")
+    c = steps.add_parser("convert", help="VQA-RAD, SLAKE or PathVQA into LLaVA-Med's format")
+    c.add_argument("src", help="the dataset as released")
+    c.add_argument("dst", help="the converted dataset's folder")
+    c.add_argument("--dataset", choices=["vqa-rad", "slake", "pathvqa"], required=True)
+    c.add_argument("--link", action="store_true", help="hard-link images")
+    c.add_argument("--lang", default="en", help="SLAKE: en, zh or all")
+    ph = steps.add_parser("phantom", help="synthesise PhantomVQA")
+    ph.add_argument("--out", default="./data/phantom", help="folder (default: %(default)s)")
+    ph.add_argument("--n", type=int, default=6000, help="number of images")
+    ph.add_argument("--seed", type=int, default=0)
 
     p = verb("demo-model", "train the bundled demo model on PhantomVQA", cmd_demo_model)
     p.add_argument("--out", default=None)
@@ -845,42 +831,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb(
         "db", "database migrations, backups and restores, and releasing old images now", cmd_db
     )
-    p.add_argument(
-        "db_cmd", choices=["upgrade", "downgrade", "backup", "restore", "release-images"]
+    steps = p.add_subparsers(dest="db_cmd", required=True, metavar="STEP")
+    steps.add_parser("upgrade", help="run the migrations")
+    d = steps.add_parser("downgrade", help="go back to an older version's revision")
+    d.add_argument(
+        "revision",
+        help="that of the version rolled back to, e.g. 0010 (back the database up first)",
     )
-    p.add_argument(
-        "dest",
-        nargs="?",
-        help="backup: the folder to back up into; restore: the backup's .db file (with "
-        "--images-only: its folder), with the server stopped; downgrade: the revision to go "
-        "back to (that of the version rolled back to; back the database up first)",
-    )
-    p.add_argument(
+    d = steps.add_parser("backup", help="copy the database and images (safe while serving)")
+    d.add_argument("dest", help="the folder to back up into")
+    d.add_argument(
         "--verify",
         action="store_true",
-        help="backup: read every file an earlier run copied and replace a damaged one (a "
-        "copy of the right size is otherwise kept as it is)",
+        help="read every file an earlier run copied and replace a damaged one (a copy of the "
+        "right size is otherwise kept as it is)",
     )
-    p.add_argument(
+    d = steps.add_parser("restore", help="restore a backup, with the server stopped")
+    d.add_argument("source", help="the backup's .db file (with --images-only: the backup's folder)")
+    d.add_argument(
         "--images-only",
         action="store_true",
-        help="restore: only the image files the database refers to (PostgreSQL, after pg_restore)",
+        help="only the image files the database refers to (PostgreSQL, after pg_restore)",
     )
-    p.add_argument(
+    d = steps.add_parser("release-images", help="release now what the hourly job would")
+    d.add_argument(
         "--days",
         type=_days,
         default=None,
-        help="release-images: studies that received no image for this long (default "
-        "IMAGE_RETENTION_DAYS)",
+        help="studies that received no image for this long (default IMAGE_RETENTION_DAYS)",
     )
-    p.add_argument(
+    d.add_argument(
         "--draft-days",
         type=_days,
         default=None,
-        help="release-images: also studies whose drafts nobody changed for this long "
+        help="also studies whose drafts nobody changed for this long "
         "(default IMAGE_RETENTION_DRAFT_DAYS; unset: a draft keeps its study)",
     )
-    p.add_argument("--database-url", default=None)
+    for d in steps.choices.values():
+        d.add_argument("--database-url", default=None)
 
     p = verb(
         "import",
@@ -903,17 +891,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object")
 
     p = verb("apikey", "manage API keys", cmd_apikey)
-    p.add_argument("apikey_cmd", choices=["create", "list", "revoke"])
-    p.add_argument("key_id", nargs="?", help="revoke: the key's id (from `apikey list`)")
-    p.add_argument("--role", choices=["pacs", "radiologist", "admin"], help="create: required")
-    p.add_argument("--name", default=None, help="a label for the key (default: the role)")
-    p.add_argument(
+    steps = p.add_subparsers(dest="apikey_cmd", required=True, metavar="STEP")
+    d = steps.add_parser("create", help="a new key, printed once")
+    d.add_argument("--role", choices=["pacs", "radiologist", "admin"], required=True)
+    d.add_argument("--name", default=None, help="a label for the key (default: the role)")
+    d.add_argument(
         "--expires-in-days",
         type=int,
         default=None,
-        help="create: the key is refused after this many days (default: API_KEY_DAYS, or never)",
+        help="the key is refused after this many days (default: API_KEY_DAYS, or never)",
     )
-    p.add_argument("--database-url", default=None)
+    steps.add_parser("list", help="every key (never the keys themselves)")
+    d = steps.add_parser("revoke", help="refuse a key from now on")
+    d.add_argument("key_id", help="the key's id (from `apikey list`)")
+    for d in steps.choices.values():
+        d.add_argument("--database-url", default=None)
     return parser
 
 
