@@ -128,6 +128,7 @@ def test_tower_in_int8_beside_an_nf4_language_model(
         tower = [k for k in names if "vision_tower." in k and "_proj.weight" in k]
         assert tower and {f.get_tensor(k).dtype for k in tower} == {torch.float16}
     lm = load_model(str(dst), device="cpu")
+    assert lm.info["quantization"] == "4bit+int8"  # what every report of it records
     kinds = {n: type(m) for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear)}
     tower_linears = {n: k for n, k in kinds.items() if n.startswith("model.vision_tower.")}
     int8 = [n for n, k in tower_linears.items() if k is bnb.nn.Linear8bitLt]

@@ -56,7 +56,7 @@ def compare_variants(
     for spec in variants:
         name, quant = _split(spec)
         lm = load_model(name, quant=quant, device=device)
-        slug = f"{Path(name).name}-{lm.quantization}".replace("/", "_")
+        slug = f"{Path(name).name}-{lm.quantization_label}".replace("/", "_")
         answers = out_dir / f"{slug}.answers.jsonl"
         t0 = time.perf_counter()
         generate_answers(
@@ -77,7 +77,7 @@ def compare_variants(
             {
                 "variant": spec,
                 "model": lm.name,
-                "quantization": lm.quantization,
+                "quantization": lm.quantization_label,
                 "closed_accuracy": by_type["CLOSED"]["accuracy"],
                 "closed_strict_accuracy": by_type["CLOSED"]["strict_accuracy"],
                 "open_recall": by_type["OPEN"]["recall"],

@@ -43,12 +43,20 @@ class LoadedModel:
     meta: ServedMeta = field(default_factory=ServedMeta)
 
     @property
+    def quantization_label(self) -> str:
+        """The quantization a reader is told: `4bit+int8` for nf4 with some modules in LLM.int8
+        (`quantize --int8`; which ones: the folder's `tinyllava_med.json`)."""
+        if self.quantization == "4bit" and self.meta.int8_modules:
+            return "4bit+int8"
+        return self.quantization
+
+    @property
     def info(self) -> dict[str, Any]:
         """What every stored answer records about the model that produced it."""
         return {
             "model": self.name,
             "variant": self.variant or self.name,
-            "quantization": self.quantization,
+            "quantization": self.quantization_label,
             "template": self.template,
             "model_version": self.meta.version,
             "server_version": __version__,

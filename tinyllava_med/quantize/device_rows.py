@@ -133,8 +133,9 @@ def measure_rows(
                 except Exception as e:  # a GPU run is rare: one failing row must not cost the rest
                     log.exception("measuring %s failed", spec.shown)
                     _free(device)
-                    row = {"quantization": spec.quant, "error": f"{type(e).__name__}: {e}"}
+                    row = {"error": f"{type(e).__name__}: {e}"}
                 row.update(
+                    quantization=spec.quant,  # as the table computes it (int8_modules beside)
                     variant=spec.shown,
                     arch=arch,
                     how=how,

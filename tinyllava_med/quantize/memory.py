@@ -135,7 +135,7 @@ def measure_memory(
     result: dict[str, Any] = {
         "variant": lm.variant or lm.name,
         "model": lm.name,
-        "quantization": lm.quantization,
+        "quantization": lm.quantization_label,
         "device": str(lm.device),
         "dtype": str(lm.model.dtype).removeprefix("torch."),
         "batch": batch,
