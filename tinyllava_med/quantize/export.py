@@ -42,7 +42,7 @@ from tinyllava_med.quantize.check import (
 )
 from tinyllava_med.quantize.cpu_int8 import CPU_INT8_FILE, quantize_cpu_int8, save_cpu_int8
 from tinyllava_med.quantize.runtime import bnb_config, quiet_bnb_warnings
-from tinyllava_med.quantize.skip import check_skip_patterns, skip_list
+from tinyllava_med.quantize.skip import check_skip_patterns, matched_by_both, skip_list
 
 Method = Literal["nf4", "int8", "cpu-int8"]
 STORED_QUANT: dict[str, str] = {"nf4": "4bit", "int8": "8bit", "cpu-int8": "cpu-int8"}
@@ -125,11 +125,14 @@ def quantize_checkpoint(
     skip = skip_list(skip_modules)
     if skip_modules is None:  # the default list keeps the tower in fp16: int8 replaces that
         skip = [p for p in skip if p not in int8]
-    if overlap := [p for p in int8 if p in skip]:
-        raise ValueError(f"{overlap} cannot be kept in higher precision and given int8 too")
     empty = _empty_model(src_path)
     check_skip_patterns(empty, skip)
     check_skip_patterns(empty, int8)
+    if skip_modules is not None and (both := matched_by_both(empty, skip, int8)):
+        raise ValueError(
+            f"{len(both)} linear layers (e.g. {both[0]}) would be kept in higher precision "
+            "(--skip) and given int8 too (--int8); name each module in one list only"
+        )
     quant = STORED_QUANT[method]
 
     report: CheckReport | None = None

@@ -66,3 +66,13 @@ def check_skip_patterns(model: nn.Module, skip: Sequence[str]) -> None:
             f"skip pattern(s) {bad} match no module of this model's linear layers; patterns are "
             f"transformers 5 module paths, e.g. {list(DEFAULT_SKIP_MODULES)}"
         )
+
+
+def matched_by_both(model: nn.Module, first: Sequence[str], second: Sequence[str]) -> list[str]:
+    """Paths of the linears of `model` that patterns of both lists match: `model.vision_tower`
+    and `model.vision_tower.encoder` overlap though neither names the other."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and is_skipped(name, first) and is_skipped(name, second)
+    ]
