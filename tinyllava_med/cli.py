@@ -680,7 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help="with --method nf4: module paths given LLM.int8 instead of nf4, e.g. "
         "model.vision_tower (-92%% static memory against LLaVA-Med fp16 at the real shapes, "
-        "where all-nf4 costs answers); they win over the default --skip list, and may not overlap a --skip given",
+        "where all-nf4 costs answers); they win over the default --skip list, and may not "
+        "overlap a --skip given",
     )
     p.add_argument(
         "--check-questions",
