@@ -243,8 +243,10 @@ def test_restore_on_postgresql_brings_back_the_image_files(tmp_path, postgres_ur
             assert "pg_restore" in str(e)
         else:
             raise AssertionError("a PostgreSQL database is not restored from a .db file")
-        done = restore(settings, tmp_path / "backup", images_only=True)
-        assert (done.database, done.files_copied, done.missing) == (None, 1, [])
+        # as the README writes it: the option before the folder
+        out = _cli(settings, postgres_url, "restore", "--images-only", str(tmp_path / "backup"))
+        assert out.returncode == 0, out.stderr
+        assert "files: 1 copied back, 0 in place" in out.stdout and "database:" not in out.stdout
         assert store.exists(sha)
         with api.app.state.session_factory() as s:
             (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "backup.restore"))

@@ -176,3 +176,16 @@ def test_layout_errors_say_what_was_expected(tmp_path):
     (rad / "VQA_RAD Dataset Public.json").write_text(json.dumps([{"question": "q"}]))
     with pytest.raises(DatasetLayoutError, match="record 0 lacks"):
         convert_dataset("vqa-rad", rad, tmp_path / "o")
+
+
+def test_the_data_convert_command(tmp_path, capsys):
+    """`tinyllava-med data convert` as the README writes it: options first, then SRC DST."""
+    from tinyllava_med.cli import main
+
+    src = make_vqa_rad(tmp_path / "VQA_RAD")
+    dst = tmp_path / "out"
+    assert main(["data", "convert", "--dataset", "vqa-rad", str(src), str(dst)]) == 0
+    assert json.loads(capsys.readouterr().out)["questions"] == {"train": 2, "test": 2}
+    assert len(read(dst / "test.json")) == 2
+    assert main(["data", "convert", str(tmp_path / "none"), str(dst), "--dataset", "slake"]) == 2
+    assert "error:" in capsys.readouterr().err
