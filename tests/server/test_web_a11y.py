@@ -5,7 +5,8 @@ the keyboard focus never drops to the page's body when a control disables or hid
 list is redrawn; errors about a field mark that field; the streamed answer is announced once,
 complete; the wheel leaves the browser's zoom and the page's scrolling alone where the image
 cannot zoom; forced colours still show the chosen window and the open report; the page reflows
-at 320 CSS px (400% zoom); the automatic refresh can be turned off.
+at 320 CSS px (400% zoom); the automatic refresh can be turned off. And axe-core, the
+automated WCAG checker, finds nothing in any view or dialog.
 """
 
 from __future__ import annotations
@@ -249,3 +250,59 @@ def test_the_automatic_refresh_can_be_turned_off(page, tmp_path, tiny_lm):
         _ct_with_report(server)
         page.clock.run_for(21_000)
         expect(rows).to_have_count(2)
+
+
+def _axe_violations(page: Any, view: str) -> list[str]:
+    """axe-core's violations of the page as it is now (every rule it runs by default: WCAG 2.x
+    A and AA, and its best practices), one line each."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    found = Axe().run(page).response["violations"]
+    return [f"{view}: {v['id']} ({v['impact']}) at {v['nodes'][0]['target']}" for v in found]
+
+
+def test_axe_finds_no_violation_in_any_view(page, tmp_path, tiny_lm):
+    """Sign-in (also with a refused key), the worklist, a study with its draft, an error
+    about a field, the sign dialog, the signed report and its amend dialog, and the study at
+    320 CSS px."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        study, report = _ct_with_report(server)
+        found: list[str] = []
+        page.goto(server.base + "/")
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        found += _axe_violations(page, "sign-in")
+        _sign_in(page, server, key="tlm_00000000_" + "x" * 43)
+        expect(page.locator("#alerts .error-code")).to_have_text("unauthorized")
+        found += _axe_violations(page, "refused key")
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        expect(page.locator("#worklist-body tr")).to_have_count(1)
+        found += _axe_violations(page, "worklist")
+
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        expect(page.locator("#study-image")).to_have_attribute("data-window", "default")
+        expect(page.get_by_label("Report text (draft)")).to_have_value(report["text"])
+        found += _axe_violations(page, "study")
+        page.get_by_role("button", name="Ask", exact=True).click()
+        expect(page.locator("#alerts")).to_contain_text("type a question first")
+        found += _axe_violations(page, "field error")
+        page.get_by_role("button", name="Sign report…").click()
+        dialog = page.get_by_role("dialog", name="Sign this report?")
+        expect(dialog).to_be_visible()
+        found += _axe_violations(page, "sign dialog")
+        dialog.get_by_role("button", name="Sign report", exact=True).click()
+        expect(page.locator("#report-badge")).to_have_text("Final")
+        found += _axe_violations(page, "signed report")
+        page.get_by_role("button", name="Amend report…").click()
+        expect(page.get_by_role("dialog", name="Amend this signed report")).to_be_visible()
+        found += _axe_violations(page, "amend dialog")
+        page.keyboard.press("Escape")
+
+        page.set_viewport_size({"width": 320, "height": 640})
+        page.reload()
+        expect(page.locator("#study-image")).to_have_attribute("data-window", "default")
+        found += _axe_violations(page, "study at 320 px")
+        assert found == []
+        assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
