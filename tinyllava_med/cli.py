@@ -814,7 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="the converted dataset's folder")
     c.add_argument("--dataset", choices=["vqa-rad", "slake", "pathvqa"], required=True)
     c.add_argument("--link", action="store_true", help="hard-link images")
-    c.add_argument("--lang", default="en", help="SLAKE: en, zh or all")
+    c.add_argument(
+        "--lang", default="en", choices=["en", "zh", "all"], help="SLAKE: one language, or all"
+    )
     ph = steps.add_parser("phantom", help="synthesise PhantomVQA")
     ph.add_argument("--out", default="./data/phantom", help="folder (default: %(default)s)")
     ph.add_argument("--n", type=int, default=6000, help="number of images")
