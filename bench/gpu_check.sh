@@ -19,8 +19,9 @@
 #                                            default on a GPU since 2026-11-27)
 #
 # Inputs (prepared on a machine with the project installed):
+# (`python bench/gpu_prepare.py` makes them all, into .gpu and .whl, and says their size):
 #   $DATA/demo      the trained demo model (`make serve` trains it: ./data/models/demo),
-#                   for `serve` also as $DATA/data/models/demo
+#                   copied here to $DATA/data/models/demo for `serve`
 #   $DATA/ph        PhantomVQA: tinyllava-med data phantom --out ph --n 500 --seed 98765,
 #                   train.json + test.json merged into all.json
 #   $DATA/site      python packages missing on the GPU image (bitsandbytes with its CUDA 13
@@ -31,7 +32,8 @@ STAGES=${*:-quant serve}
 DATA=${DATA:-.gpu}
 WHEELS=${WHEELS:-.whl}
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT" /tmp/site
+mkdir -p "$OUT" /tmp/site "$DATA/data/models"
+[ -d "$DATA/data/models/demo" ] || cp -r "$DATA/demo" "$DATA/data/models/demo"
 cp -r "$DATA"/site/* /tmp/site/
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$WHEELS"/*.whl || exit 1
