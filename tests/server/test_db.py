@@ -98,7 +98,7 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0011"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0012"
     assert migrate.check_models_match_migrations(database_url) == []
 
 

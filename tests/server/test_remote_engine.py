@@ -93,6 +93,7 @@ def test_gateway_forwards_to_a_second_server(tmp_path, tiny_lm):
                 direct["quantization"],
                 direct["model_version"],
             )
+            assert report["model_weights"] == direct["model_weights"] is not None
             assert report["tokens"]["completion"] == direct["tokens"]["completion"]
 
             r = api.post(

@@ -20,6 +20,7 @@ from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from pydicom.uid import ComprehensiveSRStorage
 from sqlalchemy import event, select
 
+from tinyllava_med.model.meta import weights_digest
 from tinyllava_med.server.db.models import AuditEvent, Job, Report, utcnow
 from tinyllava_med.server.dicom_sr import report_sr, to_bytes
 from tinyllava_med.server.logs import quiet_libraries
@@ -126,9 +127,12 @@ def test_sr_draft_then_signed(api):
     assert t["Comment"] == f"Unedited model answer: {answer}"
 
 
-def test_fhir_diagnostic_report(api):
+def test_fhir_diagnostic_report(api, tiny_model_dir):
     study = upload_ct(api)
     report = ask(api, study["id"])
+    # which weights answered: the digest of the served folder's weight files
+    assert report["model_weights"] == weights_digest(tiny_model_dir)
+    assert report["model_weights"].startswith("sha256:")
     r = api.get(f"/v1/reports/{report['id']}/fhir", headers=api.h("pacs"))
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/fhir+json")
@@ -145,7 +149,7 @@ def test_fhir_diagnostic_report(api):
     device, finding = contained["model"], contained["finding"]
     assert device.get_resource_type() == "Device"
     assert device.deviceName[0].name == report["model"]
-    assert {v.value for v in device.version} >= {report["quantization"]}
+    assert {v.value for v in device.version} >= {report["quantization"], report["model_weights"]}
     assert finding.device.reference == "#model" and dr.result[0].reference == "#finding"
     assert finding.valueString == report["text"]
     # the R4 reference rules: performer / resultsInterpreter never point at the device

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tinyllava_med import __version__
-from tinyllava_med.model.meta import ServedMeta
+from tinyllava_med.model.meta import ServedMeta, weights_digest
 from tinyllava_med.model.registry import QUANTS, VARIANTS, Variant, get_variant, is_variant_name
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     meta: ServedMeta = field(default_factory=ServedMeta)
+    weights: str | None = None  # sha256 of the weight files as loaded (`meta.weights_digest`)
 
     @property
     def quantization_label(self) -> str:
@@ -59,6 +60,7 @@ class LoadedModel:
             "quantization": self.quantization_label,
             "template": self.template,
             "model_version": self.meta.version,
+            "model_weights": self.weights,
             "server_version": __version__,
         }
 
@@ -138,6 +140,7 @@ def load_model(
     path, variant = resolve(name_or_path, data_dir)
     meta = ServedMeta.load(path) if Path(path).is_dir() else None
     meta = meta or ServedMeta()
+    weights = weights_digest(path) if Path(path).is_dir() else None
     if quant is None:
         quant = variant.quantization if variant else "none"
     if quant not in QUANTS:
@@ -179,6 +182,7 @@ def load_model(
         device=dev,
         dtype=torch_dtype,
         meta=meta,
+        weights=weights,
     )
 
 

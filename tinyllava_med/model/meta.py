@@ -7,6 +7,7 @@ stored answer can always say which model, variant, quantization and version prod
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -56,3 +57,31 @@ def hash_files(paths: list[Path]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return "sha256:" + h.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+DIGEST_CACHE = ".tinyllava_med_weights.json"
+
+
+def weights_digest(folder: str | Path) -> str | None:
+    """`hash_files` over the weight files of a checkpoint folder (`*.safetensors`, `*.bin`):
+    which weights answered, recorded with every report. Hashing a 7B checkpoint takes seconds,
+    so the digest is kept in `DIGEST_CACHE` beside them and reused while every weight file has
+    the same name, size and modification time (a folder that cannot be written is hashed on
+    each load). None when the folder holds no weight file."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    cache = folder / DIGEST_CACHE
+    try:
+        kept = json.loads(cache.read_text())
+        if kept.get("files") == stats and str(kept.get("digest", "")).startswith("sha256:"):
+            return str(kept["digest"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = hash_files(files)
+    with contextlib.suppress(OSError):  # a read-only models volume: hash again next time
+        cache.write_text(json.dumps({"files": stats, "digest": digest}) + "\n")
+    return digest

@@ -67,6 +67,7 @@ def build_diagnostic_report(
             {"type": {"text": "variant"}, "value": report.variant or report.model},
             {"type": {"text": "quantization"}, "value": report.quantization},
             {"type": {"text": "model version"}, "value": report.model_version or "unknown"},
+            {"type": {"text": "model weights"}, "value": report.model_weights or "unknown"},
             {"type": {"text": "server version"}, "value": report.server_version},
         ],
     }

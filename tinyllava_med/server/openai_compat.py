@@ -194,6 +194,7 @@ def model_card(info: dict[str, Any]) -> dict[str, Any]:
         "created": 0,
         "owned_by": "tinyllava-med",
         "tinyllava_med": {
-            k: info.get(k) for k in ("variant", "quantization", "model_version", "server_version")
+            k: info.get(k)
+            for k in ("variant", "quantization", "model_version", "model_weights", "server_version")
         },
     }

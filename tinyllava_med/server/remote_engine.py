@@ -48,6 +48,7 @@ class RemoteModel:
             "variant": ours.get("variant") or self.model_id,
             "quantization": ours.get("quantization") or "remote",
             "model_version": ours.get("model_version"),
+            "model_weights": ours.get("model_weights"),
             "engine": "remote",
             "remote_url": without_password(self.url),  # /readyz shows it to anyone
         }

@@ -169,6 +169,11 @@ class ReportPublic(BaseModel):
     variant: str | None
     quantization: str
     model_version: str | None = None
+    model_weights: str | None = Field(
+        None,
+        description="sha256 over the weight files of the checkpoint that answered: which "
+        "weights, where name and version say which model",
+    )
     server_version: str | None = None
     latency_ms: float
     tokens: Tokens

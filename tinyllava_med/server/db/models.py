@@ -213,6 +213,9 @@ class Report(Base):
     variant: Mapped[str | None] = mapped_column(String(64))
     quantization: Mapped[str] = mapped_column(String(16))
     model_version: Mapped[str | None] = mapped_column(String(128))
+    model_weights: Mapped[str | None] = mapped_column(
+        String(80), doc="sha256 of the weight files that answered (`model.meta.weights_digest`)"
+    )
     server_version: Mapped[str] = mapped_column(String(32))
     latency_ms: Mapped[float | None] = mapped_column(Float)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
