@@ -1,7 +1,8 @@
 """Load a served-format checkpoint (folder, registry variant or hub id) for inference.
 
 One entry point, `load_model`, returns a `LoadedModel`: the transformers model and processor
-plus everything a stored answer must record (name, variant, quantization, template, version).
+plus everything a stored answer must record (name, variant, quantization, template, version,
+and the digest of the weights).
 Quantization at load time (`8bit`, `4bit`, `cpu-int8`) is delegated to `tinyllava_med.quantize`.
 """
 
