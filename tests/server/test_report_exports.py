@@ -90,6 +90,9 @@ def test_sr_draft_then_signed(api):
     names = {k: getattr(i, "TextValue", None) for k, i in items.items()}
     assert names["Device Observer Name"] == report["model"]
     assert report["quantization"] in names["Device Observer Model Name"]
+    # which weights: the start of their digest (sha256: and 16 hex digits)
+    digest = report["model_weights"]
+    assert names["Device Observer Serial Number"] == f"{report['model_version']} {digest[:23]}"
     # the same report state gives the same instance
     assert sr_of(api, report["id"]).SOPInstanceUID == draft.SOPInstanceUID
 

@@ -281,12 +281,16 @@ def build_sr(
     `author`: the display name of whoever wrote the text when it is not the model's answer (the
     Finding then names that person as its observer, not the model's device)."""
     version = version or version_at(report)
+    # the weights that answered make the device: their own UID, and the digest's start in the
+    # serial number (reports stored before digests were recorded keep what they had)
+    weights = [report.model_weights] if report.model_weights else []
+    serial = " ".join([report.model_version or "unknown", *(w[:23] for w in weights)])
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(entropy_srcs=["tinyllava-med device", report.model]),
+        uid=generate_uid(entropy_srcs=["tinyllava-med device", report.model, *weights]),
         name=report.model[:64],
         manufacturer_name=MANUFACTURER,
         model_name=f"{report.variant or report.model} ({report.quantization})"[:64],
-        serial_number=(report.model_version or "unknown")[:64],
+        serial_number=serial[:64],
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device
