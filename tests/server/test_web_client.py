@@ -417,6 +417,7 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         expect(sheet).to_contain_text("Any fracture?")
         expect(sheet).to_contain_text("CT study")
         expect(sheet).to_contain_text(study["StudyInstanceUID"])  # no patient name: the UID
+        expect(sheet).to_contain_text(f"weights {report['model_weights'][:23]})")  # which model
         _shot(page, shots, "report-print")
         page.emulate_media(media="screen")
         # the sheet belongs to the report shown: the worklist prints as itself, not this report
@@ -1016,6 +1017,8 @@ def test_images_and_frames_of_a_multi_image_study(page, tmp_path, tiny_lm, shots
         expect(page.locator("#frame-value")).to_have_text("5 / 10")
         expect(image).to_have_attribute("data-frame", "4")
         expect(page.locator("#report-provenance")).to_contain_text("image 2 · frame 5")
+        weights = asked.json()["model_weights"]  # which weights answered: the digest's start
+        expect(page.locator("#report-provenance")).to_contain_text(f"weights {weights[:19]}…")
         assert page.problems == [], page.problems
 
 

@@ -1423,6 +1423,8 @@
       r.variant && r.variant !== r.model ? `variant ${r.variant}` : null,
       `quantization ${r.quantization}`,
       r.model_version ? `model version ${r.model_version}` : null,
+      // which weights: the digest's start (the API has all of it)
+      r.model_weights ? `weights ${r.model_weights.slice(0, 19)}…` : null,
       `${Math.round(r.latency_ms)} ms`,
       `${r.tokens.completion} token${r.tokens.completion === 1 ? "" : "s"}`,
       r.image_index !== null && r.image_index !== undefined ? `image ${r.image_index + 1}` : null,
@@ -1668,7 +1670,8 @@
       `${verb} by ${r.signed_by_name || `API key ${r.signed_by}`}, ${when(r.signed_at)}`;
     $("print-provenance").textContent =
       `Drafted by the model ${r.variant || r.model} (quantization ${r.quantization}` +
-      `${r.model_version ? `, version ${r.model_version}` : ""}) and reviewed by the ` +
+      `${r.model_version ? `, version ${r.model_version}` : ""}` +
+      `${r.model_weights ? `, weights ${r.model_weights.slice(0, 23)}` : ""}) and reviewed by the ` +
       `radiologist who signed it. Printed ${when(new Date().toISOString())}.`;
     // the server shows no patient names: the accession number (or study UID) links the sheet
     // to the patient's order
