@@ -159,10 +159,11 @@ def main() -> int:
         ["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True
     ).stdout.split(b"\0")
     tree = sum((ROOT / f.decode()).stat().st_size for f in tracked if f)
-    total = size(data) + size(wheels) + tree
+    data_size, wheels_size = size(data), size(wheels)
+    total = data_size + wheels_size + tree
     print(f"{len(carried)} wheels in {wheels}: {', '.join(sorted(carried))}")
     print(
-        f"{data} {size(data) / 2**20:.1f} MiB + {wheels} {size(wheels) / 2**20:.1f} MiB + the "
+        f"{data} {data_size / 2**20:.1f} MiB + {wheels} {wheels_size / 2**20:.1f} MiB + the "
         f"working tree {tree / 2**20:.1f} MiB = {total / 2**20:.1f} MiB (a device call carries 64)"
     )
     return 0 if total <= CARRY_LIMIT else 1

@@ -76,7 +76,7 @@ def test_every_readme_command_parses():
     assert not refused
 
 
-def test_options_and_positionals_in_any_order(tmp_path):
+def test_options_and_positionals_in_any_order():
     """Options may come before or after a step's positional arguments."""
     from tinyllava_med.cli import build_parser
 

@@ -283,10 +283,13 @@ def build_sr(
     version = version or version_at(report)
     # the weights that answered make the device: their own UID, and the digest's start in the
     # serial number (reports stored before digests were recorded keep what they had)
-    weights = [report.model_weights] if report.model_weights else []
-    serial = " ".join([report.model_version or "unknown", *(w[:23] for w in weights)])
+    entropy = ["tinyllava-med device", report.model]
+    serial = report.model_version or "unknown"
+    if report.model_weights:
+        entropy.append(report.model_weights)
+        serial = f"{serial} {report.model_weights[:23]}"
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(entropy_srcs=["tinyllava-med device", report.model, *weights]),
+        uid=generate_uid(entropy_srcs=entropy),
         name=report.model[:64],
         manufacturer_name=MANUFACTURER,
         model_name=f"{report.variant or report.model} ({report.quantization})"[:64],
