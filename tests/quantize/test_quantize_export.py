@@ -164,6 +164,31 @@ def test_int8_modules_are_checked(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
+def test_int8_inside_a_kept_module_is_named_as_its_exception(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The default list keeps the whole tower; `--int8 model.vision_tower.encoder` takes the
+    encoder from it, and the note says so instead of naming the encoder in both lists."""
+    import bitsandbytes as bnb
+
+    encoder = "model.vision_tower.encoder"
+    dst = quantize_checkpoint(tiny_model_dir, tmp_path / "e8", method="nf4", int8_modules=[encoder])
+    notes = ServedMeta.load(dst).notes
+    assert (
+        f"kept in higher precision: model.vision_tower except {encoder}, "
+        f"model.multi_modal_projector, lm_head; LLM.int8 when loaded: {encoder})"
+    ) in notes
+    lm = load_model(str(dst), device="cpu")
+    tower = {
+        n: type(m)
+        for n, m in lm.model.named_modules()
+        if n.startswith("model.vision_tower.") and isinstance(m, torch.nn.Linear)
+    }
+    assert {k for n, k in tower.items() if n.startswith(f"{encoder}.")} == {bnb.nn.Linear8bitLt}
+    outside = {k for n, k in tower.items() if not n.startswith(f"{encoder}.")}
+    assert outside and bnb.nn.Linear8bitLt not in outside  # the rest of the tower stays 16-bit
+
+
 def test_skip_modules_are_a_parameter(peaked_model_dir: Path, tmp_path: Path) -> None:
     dst = quantize_checkpoint(
         peaked_model_dir, tmp_path / "c8", method="cpu-int8", skip_modules=["lm_head"]

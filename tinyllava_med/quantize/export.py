@@ -42,7 +42,12 @@ from tinyllava_med.quantize.check import (
 )
 from tinyllava_med.quantize.cpu_int8 import CPU_INT8_FILE, quantize_cpu_int8, save_cpu_int8
 from tinyllava_med.quantize.runtime import bnb_config, quiet_bnb_warnings
-from tinyllava_med.quantize.skip import check_skip_patterns, matched_by_both, skip_list
+from tinyllava_med.quantize.skip import (
+    check_skip_patterns,
+    is_skipped,
+    matched_by_both,
+    skip_list,
+)
 
 Method = Literal["nf4", "int8", "cpu-int8"]
 STORED_QUANT: dict[str, str] = {"nf4": "4bit", "int8": "8bit", "cpu-int8": "cpu-int8"}
@@ -88,6 +93,18 @@ def _new_folder(dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in (CHECK_FILE, CPU_INT8_FILE, "model.safetensors", "model.safetensors.index.json"):
         (dst / name).unlink(missing_ok=True)
+
+
+def precision_note(skip: Sequence[str], int8: Sequence[str]) -> str:
+    """What the note says of the modules not in the method's own format. An int8 pattern inside
+    a kept one (the default `model.vision_tower` and `--int8 model.vision_tower.encoder`) is
+    named as its exception, so the note does not seem to keep it in 16 bits and in int8 both."""
+    kept = []
+    for p in skip:
+        inside = [i for i in int8 if i != p and is_skipped(i, [p])]
+        kept.append(f"{p} except {' and '.join(inside)}" if inside else p)
+    note = f"kept in higher precision: {', '.join(kept)}"
+    return f"{note}; LLM.int8 when loaded: {', '.join(int8)}" if int8 else note
 
 
 def quantize_checkpoint(
@@ -160,9 +177,7 @@ def quantize_checkpoint(
         model.save_pretrained(dst_path)  # before any forward pass (see the module docstring)
 
     _copy_processor_files(src_path, dst_path)
-    note = f"quantized by tinyllava-med ({method}; kept in higher precision: {', '.join(skip)})"
-    if int8:
-        note = f"{note[:-1]}; LLM.int8 when loaded: {', '.join(int8)})"
+    note = f"quantized by tinyllava-med ({method}; {precision_note(skip, int8)})"
     if report is not None:
         (dst_path / CHECK_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         note = f"{note[:-1]}; {report.summary()})"
