@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
+import torch
 from PIL import Image
 
 from tinyllava_med.model.generate import SamplingParams, generate
@@ -560,6 +561,103 @@ def test_a_failed_warm_up_names_the_batch_size(tiny_lm, monkeypatch):
     with pytest.raises(RuntimeError, match=r"warm-up batch of 4 failed .*lower max_batch_size"):
         eng.warm_up(tiny_lm, [1, 2, 4, 8])
     assert eng.last_done is None
+
+
+def _failing_model(monkeypatch, fail) -> list[int]:
+    """The engine's `generate` raises what `fail(questions, kwargs)` returns (None: answers).
+    Returns the sizes of the batches it was given."""
+    import tinyllava_med.server.engine as engine_mod
+
+    sizes: list[int] = []
+
+    def gen(lm, images, questions, *args, **kwargs):
+        sizes.append(len(questions))
+        if (error := fail(questions, kwargs)) is not None:
+            raise error
+        return generate(lm, images, questions, *args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "generate", gen)
+    return sizes
+
+
+def _one_batch(eng: BatchingEngine, questions: list[str], on_token=None) -> list:
+    """Submit `questions` (about images 10, 11, ...) so that they form one batch."""
+    params = SamplingParams(max_new_tokens=3)
+    with ExitStack() as stack:
+        arrivals = [stack.enter_context(eng.arriving()) for _ in questions]
+        return [
+            eng.submit(_img(10 + i), q, params, on_token if i == 0 else None, arrival=a)
+            for i, (q, a) in enumerate(zip(questions, arrivals, strict=True))
+        ]
+
+
+def _alone(lm, i: int, question: str) -> str:
+    return generate(lm, [_img(10 + i)], [question], SamplingParams(max_new_tokens=3))[0].text
+
+
+def test_a_request_that_breaks_the_model_fails_alone(tiny_lm, monkeypatch):
+    """A failed batch runs again in halves: the others in it are answered as alone."""
+    questions = ["Organ?", "Plane?", "POISON", "Fracture?"]
+    sizes = _failing_model(
+        monkeypatch, lambda qs, _: ValueError("a broken row") if "POISON" in qs else None
+    )
+    eng = BatchingEngine(max_batch_size=8, batch_window_ms=60_000)
+    eng.start(tiny_lm)
+    try:
+        reqs = _one_batch(eng, questions)
+        with pytest.raises(ValueError, match="a broken row"):
+            reqs[2].future.result(timeout=60)
+        for i in (0, 1, 3):
+            assert reqs[i].future.result(timeout=60).text == _alone(tiny_lm, i, questions[i])
+        assert sizes == [4, 2, 2, 1, 1]  # the whole, its halves, the bad half's halves
+    finally:
+        eng.shutdown()
+
+
+def test_a_batch_too_large_for_memory_is_answered_in_smaller_ones(tiny_lm, monkeypatch, caplog):
+    """Out of memory at 4 rows: answered as two batches of 2, and later batches take 2."""
+    sizes = _failing_model(
+        monkeypatch,
+        lambda qs, _: torch.OutOfMemoryError("CUDA out of memory") if len(qs) > 2 else None,
+    )
+    questions = ["Organ?", "Plane?", "Modality?", "Fracture?"]
+    eng = BatchingEngine(max_batch_size=8, batch_window_ms=60_000)
+    eng.start(tiny_lm)
+    try:
+        for _ in range(2):
+            reqs = _one_batch(eng, questions)
+            got = [r.future.result(timeout=60).text for r in reqs]
+            assert got == [_alone(tiny_lm, i, q) for i, q in enumerate(questions)]
+        assert sizes == [4, 2, 2, 2, 2]  # the second round never tried 4
+        assert "batches now take at most 2" in caplog.text
+    finally:
+        eng.shutdown()
+
+
+def test_a_request_that_streamed_tokens_is_not_run_again(tiny_lm, monkeypatch):
+    """A streaming client has shown its first tokens: a second run could not go on with them,
+    so it gets the error; the others in the batch run again and are answered."""
+    calls: list[int] = []
+
+    def fail_after_a_token(qs, kwargs):
+        calls.append(len(qs))
+        if len(calls) == 1:
+            kwargs["on_token"](0, "partial")
+            return RuntimeError("CUDA error: an illegal memory access was encountered")
+        return None
+
+    sizes = _failing_model(monkeypatch, fail_after_a_token)
+    seen: list[str] = []
+    eng = BatchingEngine(max_batch_size=8, batch_window_ms=60_000)
+    eng.start(tiny_lm)
+    try:
+        streamed, plain = _one_batch(eng, ["Organ?", "Plane?"], on_token=seen.append)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            streamed.future.result(timeout=60)
+        assert plain.future.result(timeout=60).text == _alone(tiny_lm, 1, "Plane?")
+        assert seen == ["partial"] and sizes == [2, 1]
+    finally:
+        eng.shutdown()
 
 
 def test_a_lone_follow_up_reuses_the_prompt_up_to_the_image(tiny_lm):

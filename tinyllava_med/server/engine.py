@@ -6,7 +6,8 @@ the batch does not wait for the image processor. Requests wait in a bounded queu
 thread collects up to `max_batch_size` requests that share sampling settings (fewer where rows
 cost so much that a full batch would outlast `max_batch_s`; waiting up to a short window for
 requests announced as on their way or expected back from the last batch, never for nobody),
-runs one left-padded `generate`, and resolves each request's future. Tokens reach
+runs one left-padded `generate`, and resolves each request's future (a failed batch runs again
+in halves, so one bad request or too large a batch fails no other). Tokens reach
 streaming callers through per-request callbacks; a cancelled request is dropped from its batch,
 and a batch whose requests are all cancelled stops generating. While idle, the engine can
 compute an image's prompt prefix ahead of its questions (`prefill`). It also keeps what
@@ -166,6 +167,8 @@ class BatchingEngine:
         # every request in it wait for all of them, past the request timeout
         self.max_batch_s = max_batch_s
         self._row_s = 0.0
+        # at most this many rows per batch once a larger one ran out of memory (`_failed`)
+        self._fit_rows: int | None = None
         self.batch_window_s = batch_window_ms / 1000.0
         self.max_queue = max_queue
         self.metrics = metrics
@@ -492,6 +495,8 @@ class BatchingEngine:
         limit = self.max_batch_size
         if self.max_batch_s is not None and self._row_s > 0:
             limit = max(1, min(limit, int(self.max_batch_s / self._row_s)))
+        if self._fit_rows is not None:
+            limit = min(limit, self._fit_rows)
         while len(batch) < limit:
             try:
                 nxt = self._queue.get_nowait()
@@ -604,6 +609,50 @@ class BatchingEngine:
             if isinstance(item, _Request) and not item.future.done():
                 item.future.set_exception(EngineNotReady("the server is shutting down"))
 
+    def _failed(self, live: list[_Request], error: Exception) -> None:
+        """A failed batch does not fail every request in it. The requests that have streamed
+        nothing run again, in two halves, so one request that breaks the model fails alone and
+        a batch too large for the memory is answered in smaller ones (and later batches are
+        capped below it: `_fit_rows`). A request that has streamed tokens gets the error: a
+        second run could not go on with the text it has shown."""
+        again = [
+            r for r in live if not r.future.done() and (r.on_token is None or not r.first_token)
+        ]
+        if len(live) == 1 or not again or self._stopping.is_set():
+            log.error("generation failed for a batch of %d", len(live), exc_info=error)
+            for r in live:
+                if not r.future.done():
+                    r.future.set_exception(error)
+            return
+        if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+            fit = max(1, len(live) // 2)
+            if self._fit_rows is None or fit < self._fit_rows:
+                self._fit_rows = fit
+                log.warning(
+                    "out of memory generating %d rows: batches now take at most %d until the "
+                    "server restarts (lower max_batch_size to keep it so)",
+                    len(live),
+                    fit,
+                )
+        log.warning(
+            "generation failed for a batch of %d (%s: %s); %d of its requests run again in "
+            "smaller batches",
+            len(live),
+            type(error).__name__,
+            error,
+            len(again),
+        )
+        # the traceback holds the failed batch's frames and tensors: free them first
+        error = error.with_traceback(None)
+        retried = {id(r) for r in again}
+        for r in live:
+            if id(r) not in retried and not r.future.done():
+                r.future.set_exception(error)
+        half = (len(again) + 1) // 2
+        for part in (again[:half], again[half:]):
+            if part:
+                self._run(part)
+
     def _run(self, live: list[_Request]) -> None:
         assert isinstance(self.lm, LoadedModel)
 
@@ -637,14 +686,15 @@ class BatchingEngine:
             if self.metrics:
                 self.metrics.on_cancel(len(live))
             return
-        except Exception as e:  # handed to each waiting request
-            log.exception("generation failed for a batch of %d", len(live))
-            for r in live:
-                if not r.future.done():
-                    r.future.set_exception(e)
-            return
+        except Exception as e:
+            failed: Exception | None = e
+        else:
+            failed = None
         finally:
             self._batch_started = None
+        if failed is not None:
+            self._failed(live, failed)
+            return
         self._last_batch_s = time.perf_counter() - start
         row_s = self._last_batch_s / len(live)
         self._row_s = row_s if self._row_s == 0 else (self._row_s + row_s) / 2
