@@ -230,6 +230,8 @@ def test_db_upgrade_and_apikey_create(tmp_path):
     revoked = cli("apikey", "revoke", key_id, env=env)
     assert revoked.returncode == 0, revoked.stderr
     assert "revoked" in cli("apikey", "list", env=env).stdout
+    again = cli("apikey", "revoke", key_id, env=env)
+    assert again.returncode == 0 and "was revoked already" in again.stdout
     assert cli("apikey", "revoke", "no-such-id", env=env).returncode != 0
     assert cli("apikey", "create", env=env).returncode != 0  # --role is required to create
     # both changes are in the audit log, made by the operator at the console
@@ -245,6 +247,16 @@ def test_db_upgrade_and_apikey_create(tmp_path):
     expiring = out.stdout.split()[3]
     line = next(ln for ln in cli("apikey", "list", env=env).stdout.splitlines() if expiring in ln)
     assert "expires 20" in line
+
+    # the last active admin key is kept (as the API keeps it: 409), unless forced
+    admin = cli("apikey", "create", "--role", "admin", env=env).stdout.split()[3]
+    refused = cli("apikey", "revoke", admin, env=env)
+    assert refused.returncode != 0 and "last active admin key" in refused.stderr
+    assert "active" in next(
+        ln for ln in cli("apikey", "list", env=env).stdout.splitlines() if admin in ln
+    )
+    forced = cli("apikey", "revoke", "--force", admin, env=env)
+    assert forced.returncode == 0 and f"revoked admin key {admin}" in forced.stdout
 
 
 def test_phantom_generate_score_round_trip(tiny_model_dir, tmp_path):

@@ -478,6 +478,7 @@ def cmd_apikey(args: argparse.Namespace) -> int:
     from tinyllava_med.server.auth import (
         create_api_key,
         get_api_key,
+        is_last_admin_key,
         list_api_keys,
         revoke_api_key,
     )
@@ -503,6 +504,18 @@ def cmd_apikey(args: argparse.Namespace) -> int:
             row = get_api_key(session, args.key_id)
             if row is None:
                 raise SystemExit(f"no API key with id {args.key_id}")
+            if row.revoked_at is not None:
+                print(
+                    f"{row.role} key {row.id} was revoked already ({row.revoked_at:%Y-%m-%d %H:%M})"
+                )
+                return 0
+            if is_last_admin_key(session, row) and not args.force:
+                raise SystemExit(
+                    f"{row.id} is the last active admin key: without it nobody can manage keys, "
+                    "read the audit log or delete studies through the API. Create another first "
+                    "(apikey create --role admin), or revoke it anyway with --force (a leaked "
+                    "key, say) and create one afterwards"
+                )
             revoke_api_key(session, row)
             action, status = "apikey.revoke", 204
             print(
@@ -907,6 +920,12 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_parser("list", help="every key (never the keys themselves)")
     d = steps.add_parser("revoke", help="refuse a key from now on")
     d.add_argument("key_id", help="the key's id (from `apikey list`)")
+    d.add_argument(
+        "--force",
+        action="store_true",
+        help="revoke even the last active admin key (the API then has no admin until one is "
+        "created here)",
+    )
     for d in steps.choices.values():
         d.add_argument("--database-url", default=None)
     return parser
