@@ -98,7 +98,7 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0012"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0013"
     assert migrate.check_models_match_migrations(database_url) == []
 
 
@@ -179,6 +179,41 @@ def test_0008_widens_accession_numbers_and_keeps_every_study_child(database_url:
                 == (long[:16])
             )
             assert conn.execute(text("SELECT count(*) FROM reports")).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def test_0013_a_signed_study_with_a_draft_awaits_a_signature(database_url: str) -> None:
+    """Before 0013 a study stayed `signed` when a later question added a draft; the upgrade
+    makes such a study `reported`, as the worklist lists it, and leaves the others."""
+    migrate.upgrade(database_url, "0012")
+    engine = make_engine(database_url)
+    t = {"t": "2026-01-01 00:00:00"}
+    report = text(
+        "INSERT INTO reports (id, study_id, question, answer, text, status, model, "
+        "quantization, server_version, created_at, updated_at) VALUES (:id, :s, 'q', 'a', 'a', "
+        ":status, 'm', 'none', '0.1.0', :t, :t)"
+    )
+    try:
+        with engine.begin() as conn:
+            for study in ("with-draft", "all-signed", "unsigned"):
+                status = "reported" if study == "unsigned" else "signed"
+                conn.execute(
+                    text("INSERT INTO studies (id, created_at, status) VALUES (:s, :t, :st)"),
+                    {**t, "s": study, "st": status},
+                )
+            for rid, study, status in (
+                ("r1", "with-draft", "final"),
+                ("r2", "with-draft", "draft"),
+                ("r3", "all-signed", "amended"),
+                ("r4", "unsigned", "draft"),
+            ):
+                conn.execute(report, {**t, "id": rid, "s": study, "status": status})
+        migrate.upgrade(database_url)
+        with engine.connect() as conn:
+            got = dict(conn.execute(text("SELECT id, status FROM studies")).all())
+        assert got == {"with-draft": "reported", "all-signed": "signed", "unsigned": "reported"}
+        migrate.downgrade(database_url, "0012")
     finally:
         engine.dispose()
 
@@ -441,6 +476,37 @@ def _report(s: Session) -> Report:
         completion_tokens=4,
         created_by="key-1",
     )
+
+
+M = {"model": "m", "quantization": "none"}
+
+
+def test_a_study_is_signed_while_no_draft_awaits_a_signature(db_engine: Engine) -> None:
+    """Signing one of two drafts leaves the study `reported`; signing the other makes it
+    `signed`; a new draft, by the ORM or by the answering hot path, takes it back."""
+    Session_ = session_factory(db_engine)
+    with Session_.begin() as s:
+        first = _report(s)
+        study = first.study
+        second = crud.create_report(
+            s, study=study, image=study.images[0], question="Any mass?", answer="No.", **M
+        )
+        crud.update_report(s, first, status="final", actor="rad-1")
+        assert study.status == "reported"
+        crud.update_report(s, second, status="final", actor="rad-1")
+        assert study.status == "signed"
+        crud.create_report(s, study=study, image=None, question="Size?", answer="-", **M)
+        assert study.status == "reported"
+        crud.update_report(s, study.reports[-1], status="final", actor="rad-1")
+        assert study.status == "signed"
+        study_id = study.id
+    row = crud.draft_report_row(
+        study_id=study_id, image_id=None, question="q", answer="a", model="m"
+    )
+    with db_engine.begin() as conn:
+        crud.insert_draft_reports(conn, [{**row, "quantization": "none"}])
+    with Session_() as s:
+        assert crud.get_study(s, study_id).status == "reported"
 
 
 def test_report_records_provenance(db_engine: Engine) -> None:

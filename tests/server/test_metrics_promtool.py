@@ -143,6 +143,24 @@ def test_metrics_show_what_waits_for_radiologists_and_jobs(tmp_path, database_ur
         assert got[p + "jobs_oldest_due_timestamp_seconds"] == job.run_after.timestamp()
         assert _samples(api, p + "database_up") == {p + "database_up": 1}
 
+        # a new question about the signed study: its draft awaits a signature, as the worklist
+        # says, until it is signed too
+        r = api.post(f"/v1/studies/{signed}/questions", headers=api.h(), json={"question": "?"})
+        assert r.status_code == 201, r.text
+        assert api.get(f"/v1/studies/{signed}", headers=api.h()).json()["report_status"] == "draft"
+        got = _samples(api, p + "studies")
+        assert (got[p + 'studies{status="reported"}'], got[p + 'studies{status="signed"}']) == (
+            2,
+            0,
+        )
+        r = api.patch(f"/v1/reports/{r.json()['id']}", headers=api.h(), json={"status": "final"})
+        assert r.status_code == 200, r.text
+        got = _samples(api, p + "studies")
+        assert (got[p + 'studies{status="reported"}'], got[p + 'studies{status="signed"}']) == (
+            1,
+            1,
+        )
+
         def unreachable():
             raise ConnectionRefusedError  # as a database that is down
 

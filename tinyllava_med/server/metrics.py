@@ -174,8 +174,8 @@ class BacklogCollector(Collector):
         yield _database_up(1)
         studies = GaugeMetricFamily(
             PREFIX + "studies",
-            "Studies here by status (received: no report yet; reported: answered, none signed; "
-            "signed)",
+            "Studies here by status (received: no report yet; reported: a draft awaits a "
+            "signature; signed: every report signed)",
             labels=["status"],
         )
         for status, n in backlog.studies.items():

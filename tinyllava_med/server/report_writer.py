@@ -36,14 +36,14 @@ class ReportWriter:
         self.group = group
         self._waiting: list[Item] = []
 
-    async def write(self, report: Row, audit: Row, *, received: bool = True) -> None:
+    async def write(self, report: Row, audit: Row, *, mark_reported: bool = True) -> None:
         """Store `report` (a `crud.draft_report_row`) and `audit` (a `crud.audit_row`) in one
         transaction, shared with the other reports written in this turn of the loop, and mark
-        the study reported unless it was seen reported already (`received=False`). Raises what
+        the study reported unless it was seen reported already (`mark_reported=False`). Raises what
         storing this report raised (IntegrityError for a deleted study)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        item = (report, audit, received, done)
+        item = (report, audit, mark_reported, done)
         if not self.group:
             self._start([item])
         else:

@@ -67,7 +67,7 @@ _IMAGE_REF = (
 )
 _MARK_REPORTED = (
     update(_studies)
-    .where(_studies.c.id == bindparam("study_id"), _studies.c.status == "received")
+    .where(_studies.c.id == bindparam("study_id"), _studies.c.status != "reported")
     .values(status="reported")
 )
 
@@ -432,7 +432,7 @@ def create_report(
             finish_reason=finish_reason,
         ),
     )
-    if study.status == "received":
+    if study.status != "reported":  # received, or signed until this draft is
         study.status = "reported"
     session.add(report)
     session.flush()
@@ -466,16 +466,15 @@ def draft_report_row(
 
 
 def insert_draft_reports(
-    db: Session | Connection, rows: list[dict[str, Any]], received: Iterable[str] | None = None
+    db: Session | Connection, rows: list[dict[str, Any]], mark: Iterable[str] | None = None
 ) -> None:
     """`create_report` for the answering hot path: one INSERT (of all `rows`) and one UPDATE
-    per study still `received` (all the rows' studies, or those in `received`: a study that
-    `image_ref` saw reported or signed stays so, statuses never go back), without loading
-    studies or images. A study deleted meanwhile fails the transaction with an IntegrityError
+    per study to mark `reported` (all the rows' studies, or those in `mark`: a study that
+    `image_ref` saw `reported` already needs no UPDATE), without loading studies or images. A study deleted meanwhile fails the transaction with an IntegrityError
     (foreign key)."""
     conn = _connection(db)
     conn.execute(_INSERT_REPORT, rows)
-    to_mark = dict.fromkeys(r["study_id"] for r in rows) if received is None else received
+    to_mark = dict.fromkeys(r["study_id"] for r in rows) if mark is None else mark
     if marks := [{"study_id": sid} for sid in dict.fromkeys(to_mark)]:
         conn.execute(_MARK_REPORTED, marks)
 
@@ -650,7 +649,10 @@ def update_report(
         report.status = new_status
         report.signed_by = actor
         report.signed_at = now
-        report.study.status = "signed"
+        others = select(Report.id).where(
+            Report.study_id == report.study_id, Report.status == "draft", Report.id != report.id
+        )
+        report.study.status = "reported" if session.scalar(others.exists().select()) else "signed"
     session.flush()
     return report
 

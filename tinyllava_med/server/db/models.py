@@ -38,6 +38,10 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+# received: no report yet; reported: a draft awaits a signature; signed: every report signed.
+# A new draft takes a signed study back to reported (`crud.create_report`, `_MARK_REPORTED`),
+# and signing its last draft makes it signed (`crud.update_report`): the worklist's
+# `report_status` (none / draft / signed) and /metrics' studies by status say the same.
 StudyStatus = Literal["received", "reported", "signed"]
 ImageKind = Literal["dicom", "png", "jpeg"]
 ReportStatus = Literal["draft", "final", "amended"]

@@ -194,13 +194,13 @@ async def _store_answer(
     actor: str,
     latency_ms: float,
     stream: bool = False,
-    received: bool = True,
+    mark_reported: bool = True,
     frame: int | None = None,
 ) -> ReportPublic:
     """Save the answer as a report, with its audit event, in one transaction shared with the
     answers that finished with it (`ReportWriter`: plain Core INSERTs, no ORM session).
-    `received`: the study was still `received` when the question came; if not, its status is
-    left alone (no UPDATE)."""
+    `mark_reported`: the study was not `reported` when the question came (received, or signed:
+    a new draft awaits a signature again); if it was, its status is left alone (no UPDATE)."""
     row = crud.draft_report_row(
         study_id=study_id,
         image_id=image_id,
@@ -218,7 +218,7 @@ async def _store_answer(
         detail={"report_id": row["id"], **({"stream": True} if stream else {})},
     )
     try:
-        await request.app.state.report_writer.write(row, event, received=received)
+        await request.app.state.report_writer.write(row, event, mark_reported=mark_reported)
     except IntegrityError as e:  # the study (or image) was deleted while the model answered
         raise APIError(404, "study_not_found", "the study was deleted while answering") from e
     return report_public(Report(**row), image_index)
@@ -268,7 +268,7 @@ async def ask_about_study(
                 actor=principal.actor,
                 latency_ms=(time.perf_counter() - start) * 1000,
                 stream=stream,
-                received=status == "received",
+                mark_reported=status != "reported",
                 frame=body.frame,
             )
 
