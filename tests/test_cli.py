@@ -145,6 +145,7 @@ def test_settings_prints_what_serve_would_use_with_secrets_hidden(tmp_path):
     ]
     lines = dict(line.split("=", 1) for line in out.stdout.splitlines())
     assert lines["TINYLLAVA_MED_MAX_QUEUE"] == "16"
+    assert lines["TINYLLAVA_MED_SHUTDOWN_GRACE_S"] == "130.0"  # request_timeout_s + 10
     assert lines["TINYLLAVA_MED_PORT"] == "8000" and lines["TINYLLAVA_MED_GRADIO"] == "false"
     assert lines["TINYLLAVA_MED_DATABASE_URL"] == "postgresql://tlm:***@db:5432/tlm"
     assert lines["TINYLLAVA_MED_DICOMWEB_PULL_URL"] == "https://ris:***@pacs/dicom-web"

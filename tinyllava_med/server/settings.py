@@ -507,10 +507,14 @@ def without_password(text: str) -> str:
 def shown(settings: Settings) -> dict[str, str]:
     """Each setting as its environment variable with the value in effect, as the variable
     would give it, secrets hidden: keys, the values of request headers (credentials), and a
-    URL's password (the database's, a PACS's)."""
+    URL's password (the database's, a PACS's). An unset setting whose default follows from
+    others shows that value (`shutdown_grace_s`); one that follows from the hardware the model
+    is loaded on (`prefix_cache_mb`) stays empty."""
     out: dict[str, str] = {}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
+        if name == "shutdown_grace_s":
+            value = settings.drain_s
         if isinstance(value, SecretStr):
             text = HIDDEN
         elif name.endswith("_headers"):
