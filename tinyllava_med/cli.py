@@ -405,7 +405,8 @@ def _restore(settings: Any, source: str, images_only: bool) -> int:
         print(f"database: {done.database} restored from {source}")
     for path in done.replaced:
         print(f"replaced, kept as {path}")
-    print(f"files: {done.files_copied} copied back, {done.files_present} in place")
+    repaired = f" ({done.files_repaired} over damaged files)" if done.files_repaired else ""
+    print(f"files: {done.files_copied} copied back{repaired}, {done.files_present} in place")
     if done.missing:
         print(
             f"{len(done.missing)} files the database refers to are in neither the store nor "
@@ -435,6 +436,11 @@ def _backup(settings: Any, dest: str, verify: bool) -> int:
         f"files: {done.files_copied} copied ({done.bytes_copied} bytes), "
         f"{done.files_present} already in the backup"
     )
+    if done.files_repaired:
+        print(
+            f"{done.files_repaired} damaged copies in the backup were replaced: check the "
+            "backup disk"
+        )
     for label, hashes in (("missing from the store", done.missing), ("corrupt", done.corrupt)):
         if hashes:
             print(f"{len(hashes)} image file(s) {label}: {', '.join(h[:12] for h in hashes)}")

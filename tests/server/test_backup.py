@@ -82,7 +82,8 @@ def test_backup_copies_a_consistent_database_and_checked_files(tmp_path, sqlite_
         damaged = dest / "images" / hashes[0][:2] / hashes[0]
         damaged.write_bytes(damaged.read_bytes()[:100])
         third = backup(settings, dest)
-        assert (third.files_copied, third.files_present) == (1, 1) and third.complete
+        assert (third.files_copied, third.files_present, third.files_repaired) == (1, 1, 1)
+        assert third.complete
         assert hashlib.sha256(damaged.read_bytes()).hexdigest() == hashes[0]
 
         # a byte flipped in place (the size unchanged): a plain run cannot see it, --verify
@@ -92,6 +93,7 @@ def test_backup_copies_a_consistent_database_and_checked_files(tmp_path, sqlite_
         assert backup(settings, dest).files_present == 2
         out = _cli(settings, sqlite_url, "backup", str(dest), "--verify")
         assert out.returncode == 0 and "1 copied" in out.stdout, out.stdout + out.stderr
+        assert "1 damaged copies in the backup were replaced" in out.stdout
         assert damaged.read_bytes() == whole
 
         # into a fresh folder, from a damaged store: reported, nothing wrong copied, exit 1

@@ -49,6 +49,7 @@ class Backup:
     database: Path | None  # None: PostgreSQL (pg_dump's job)
     files_copied: int = 0
     files_present: int = 0  # already in the backup from an earlier run
+    files_repaired: int = 0  # of the copied: a damaged copy (wrong size, or found by `verify`)
     bytes_copied: int = 0
     missing: list[str] = field(default_factory=list)  # sha256 of files not in the store
     corrupt: list[str] = field(default_factory=list)  # files whose content is not their name
@@ -104,9 +105,10 @@ def _copy_checked(
 ) -> tuple[str, int]:
     """Copy the file `sha` from `source` to `dest` unless `dest` holds it whole: of the same
     size, and with `verify_dest` also of the right content (a copy otherwise is damaged and
-    replaced). "present", "copied" (with its size), "missing" from `source`, or "corrupt" (its
-    content is not its name, so it is not copied)."""
-    there = dest.exists(sha) and _same_size(dest, source, sha)
+    replaced). "present", "copied" (with its size), "repaired" (copied over a damaged file),
+    "missing" from `source`, or "corrupt" (its content is not its name, so it is not copied)."""
+    existed = dest.exists(sha)
+    there = existed and _same_size(dest, source, sha)
     if there and (not verify_dest or dest.whole(sha)):
         return "present", 0
     if not source.exists(sha):
@@ -115,7 +117,7 @@ def _copy_checked(
     if hashlib.sha256(data).hexdigest() != sha:
         return "corrupt", 0
     dest.put(data, sha, replace=there)  # the store's own atomic, content-addressed write
-    return "copied", len(data)
+    return ("repaired" if existed else "copied"), len(data)
 
 
 def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool = False) -> Backup:
@@ -143,8 +145,9 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool =
             outcome, size = _copy_checked(store, copies, sha, verify_dest=verify)
             if outcome == "present":
                 result.files_present += 1
-            elif outcome == "copied":
+            elif outcome in ("copied", "repaired"):
                 result.files_copied += 1
+                result.files_repaired += outcome == "repaired"
                 result.bytes_copied += size
             else:
                 (result.missing if outcome == "missing" else result.corrupt).append(sha)
@@ -160,6 +163,7 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool =
                 detail={
                     "files_copied": result.files_copied,
                     "files_present": result.files_present,
+                    "files_repaired": result.files_repaired,
                     "missing": len(result.missing),
                     "corrupt": len(result.corrupt),
                 },
@@ -175,6 +179,7 @@ class Restored:
     replaced: list[Path] = field(default_factory=list)  # what it replaced, moved aside
     files_copied: int = 0
     files_present: int = 0
+    files_repaired: int = 0  # of the copied: a damaged file in the store replaced
     missing: list[str] = field(default_factory=list)  # in neither the store nor the backup
 
 
@@ -203,8 +208,9 @@ def _restore_files(store: ImageStore, copies: ImageStore, hashes: set[str], out:
         outcome, _ = _copy_checked(copies, store, sha, verify_dest=True)
         if outcome == "present":
             out.files_present += 1
-        elif outcome == "copied":
+        elif outcome in ("copied", "repaired"):
             out.files_copied += 1
+            out.files_repaired += outcome == "repaired"
         else:  # not in the backup, or not whole there
             out.missing.append(sha)
 
