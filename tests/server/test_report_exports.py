@@ -485,15 +485,21 @@ MISSING = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("malformed", [False, True], ids=["absent", "malformed"])
 @pytest.mark.parametrize("keyword", list(MISSING))
 def test_an_image_without_a_uid_the_sr_references_has_no_sr_and_no_push(
-    tmp_path, database_url, tiny_lm, keyword
+    tmp_path, database_url, tiny_lm, keyword, malformed
 ):
-    """These UIDs are Type 1, but some CDs and converters leave one out: the image is filed and
-    answered about; its report's SR is a 409 naming the UID (not a 500: highdicom raised a
-    KeyError), and no push is queued to fail until its attempts run out."""
+    """These UIDs are Type 1, but some CDs and converters leave one out or write one that is
+    no UID: the image is filed and answered about; its report's SR is a 409 naming the UID (not
+    a 500: highdicom raised a KeyError; nor an SR with the malformed UID, which a PACS refuses),
+    and no push is queued to fail until its attempts run out."""
     ds = pydicom.dcmread(CT_SMALL)
-    delattr(ds, keyword)
+    if malformed:
+        setattr(ds, keyword, "not a uid 1.2")
+    else:
+        delattr(ds, keyword)
     buf = io.BytesIO()
     ds.save_as(buf)
     overrides = {"dicomweb_push_url": "http://127.0.0.1:9/dicom-web", "job_workers": 0}

@@ -102,6 +102,12 @@ _PARSED: dict[str, type] = {"DA": DA, "TM": TM}
 _LEGACY = {"DA": re.compile(r"(\d{4})\.(\d\d)\.(\d\d)"), "TM": re.compile(r"(\d\d):(\d\d):(\d\d)")}
 
 
+# A UID an SR may reference: numbers joined by dots. Leading zeros in a component, which the
+# standard forbids but old devices write, pass: the PACS holds the images under those UIDs.
+# Letters (a converter's hex hashes), spaces or empty components do not: a PACS refuses the SR.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
 def _valid(keyword: str, value: Any) -> str:
     """`value` as DICOM allows it for `keyword`'s VR, or "" (the SR's Type 2 attributes may be
     empty; a PACS may refuse an SR with an invalid one). The Accession Number is kept as the
@@ -462,7 +468,8 @@ def key_name(session: Session, key_id: str | None) -> str | None:
 
 def missing_uid(report: Report) -> str | None:
     """The UID an SR of `report` references and its DICOM image lacks (Type 1, yet some CDs and
-    converters leave one out), else None."""
+    converters leave one out) or holds in a form that is no UID (`_UID`), else None. The image
+    itself is filed under whatever it holds, as a PACS may have filed it."""
     image = report.image
     assert image is not None
     for name, value in (
@@ -471,7 +478,7 @@ def missing_uid(report: Report) -> str | None:
         ("Series Instance UID", image.SeriesInstanceUID),
         ("Study Instance UID", report.study.StudyInstanceUID),
     ):
-        if not value:
+        if not value or not _UID.fullmatch(value):
             return name
     return None
 
@@ -497,7 +504,7 @@ def report_sr(
         raise APIError(
             409,
             "no_dicom_source",
-            f"this report's image has no {missing}, so an SR cannot reference it; use the "
+            f"this report's image has no valid {missing}, so an SR cannot reference it; use the "
             "FHIR or JSON form",
         )
     # a released image's file is gone; its header, kept for this, has all the SR copies
