@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from functools import partial
+from typing import get_args
 
 import httpx
 import pydicom
@@ -194,8 +195,11 @@ def _queue_failed_jobs_again(api):
 
     r = api.post(f"/v1/jobs/{ids['sweep']}/retry", headers=api.h("admin"))
     assert r.status_code == 200 and r.json() == {"data": [ids["sweep"]], "count": 1}, r.text
+    assert_error(api.post("/v1/jobs/retry?kind=push", headers=api.h("admin")), 422)
+    assert_error(api.get("/v1/jobs?kind=bogus", headers=api.h("admin")), 422)  # not an empty list
     r = api.post("/v1/jobs/retry?kind=push_sr", headers=api.h("admin"))
     assert r.json() == {"data": [ids["push"], ids["push2"]], "count": 2}, r.text
+    assert set(get_args(jobs.JobKind)) == {*jobs.NEEDS_NO_MODEL, jobs.AUTO_REPORT}
     assert api.post("/v1/jobs/retry", headers=api.h("admin")).json()["count"] == 0  # none left
 
     with sessions() as s:

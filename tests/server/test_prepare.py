@@ -66,6 +66,7 @@ def test_prepare_refuses_what_it_cannot_prepare(sqlite_api):
     assert_error(api.post("/v1/studies/nope/images/0/prepare", headers=api.h()), 404)
     assert_error(api.post(f"{url}/3/prepare", headers=api.h()), 404, "image_not_found")
     assert_error(api.post(f"{url}/0/prepare?frame=-1", headers=api.h()), 422)
+    assert_error(api.post(f"{url}/0/prepare?frame=1", headers=api.h()), 422, "bad_frame")
     assert_error(api.post(f"{url}/x/prepare", headers=api.h()), 422)
     with api.app.state.session_factory() as s:
         rows = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "not_found")).all()
@@ -82,4 +83,7 @@ def test_a_model_that_shares_no_prompts_by_image_needs_no_preparing(tmp_path, sq
         study = upload_ct(api)
         r = api.post(f"/v1/studies/{study['id']}/images/0/prepare", headers=api.h())
         assert r.status_code == 200 and r.json() == {"status": "not_needed"}
+        # a frame the image does not have is refused as a question about it would be
+        r = api.post(f"/v1/studies/{study['id']}/images/0/prepare?frame=1", headers=api.h())
+        assert_error(r, 422, "bad_frame")
         assert api.app.state.engine.prefixes.misses == 0

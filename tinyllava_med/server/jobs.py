@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import pydicom
 from sqlalchemy import and_, event, or_, select, update
@@ -62,6 +62,10 @@ SWEEP_IMAGES = "sweep_images"
 PUSH_REJECTION = "push_rejection"
 RETRIEVE_STUDY = "retrieve_study"
 RELEASE_IMAGES = "release_images"  # retention.py
+# every kind, for the API's `kind` filters (an unknown kind is a 422, not an empty list)
+JobKind = Literal[
+    "auto_report", "push_sr", "sweep_images", "push_rejection", "retrieve_study", "release_images"
+]
 # what runs while the model is loading, failed to load, or busy: only automatic reports ask it
 NEEDS_NO_MODEL = (PUSH_SR, SWEEP_IMAGES, PUSH_REJECTION, RETRIEVE_STUDY, RELEASE_IMAGES)
 SYSTEM_ACTOR = "system"

@@ -13,7 +13,7 @@ from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Job
 from tinyllava_med.server.deps import JobId, JobRetrier, Limit, Offset, SessionDep, StudyReader
 from tinyllava_med.server.errors import APIError
-from tinyllava_med.server.jobs import retry_failed
+from tinyllava_med.server.jobs import JobKind, retry_failed
 from tinyllava_med.server.schemas import JobList, JobPublic, JobsRetried
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -40,7 +40,7 @@ def list_jobs(
     session: SessionDep,
     principal: StudyReader,
     status: Literal["queued", "running", "done", "failed"] | None = None,
-    kind: str | None = None,
+    kind: JobKind | None = None,
     study_id: str | None = None,
     limit: Limit = 50,
     offset: Offset = 0,
@@ -105,7 +105,9 @@ def _audit_read(
 
 
 @router.post("/retry", response_model=JobsRetried)
-def retry_jobs(session: SessionDep, principal: JobRetrier, kind: str | None = None) -> JobsRetried:
+def retry_jobs(
+    session: SessionDep, principal: JobRetrier, kind: JobKind | None = None
+) -> JobsRetried:
     """Every failed job (of `kind`) queued again with all its attempts: after the PACS or the
     database it needed is back. Audited."""
     return _retry(session, principal.actor, kind=kind)

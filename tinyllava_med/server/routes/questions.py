@@ -334,6 +334,10 @@ def prepare_for_questions(
         request, session, "study", study_id, actor=principal.actor, action="image.prepare"
     )
     image = image_of(study, index)
+    if frame is not None and frame >= image.n_frames:  # as a question about it would say
+        raise APIError(
+            422, "bad_frame", f"expected a frame index in 0..{image.n_frames - 1}; got {frame}"
+        )
     status: Literal["queued", "not_needed"] = "not_needed"
     if engine.prefills:
         key = stored_image_key(image.sha256, frame)
