@@ -937,6 +937,14 @@ def test_request_validation(api):
         ),
         422,
     )
+    # a JSON route's body sent as text or a form: the content type is named, not the schema
+    for sent in (
+        {"content": b"question=q", "headers": {"Content-Type": "text/plain"}},
+        {"data": {"question": "q"}},
+    ):
+        r = api.post(url, **{**sent, "headers": {**api.h(), **sent.get("headers", {})}})
+        assert_error(r, 415, "unsupported_media_type")
+        assert "application/json" in r.json()["error"]["message"]
     assert_error(api.get("/v1/reports/nope", headers=api.h()), 404, "report_not_found")
     assert_error(upload(api), 422)
     assert_error(

@@ -192,6 +192,15 @@ async def stream_error(request: Request, exc: Exception) -> dict[str, Any]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        whole_body = any(list(e.get("loc", ())) == ["body"] for e in exc.errors())
+        if whole_body and ctype and ctype != "application/json" and not ctype.endswith("+json"):
+            # a JSON route's body sent as a form or text reads as "not a valid dictionary"
+            return _response(
+                415,
+                "unsupported_media_type",
+                f"this route takes a JSON body (Content-Type: application/json), not {ctype}",
+            )
         detail = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")}
             for e in exc.errors()
