@@ -290,6 +290,8 @@ def test_worklist_finds_a_study_by_accession_number_uid_and_date(api):
     assert found("study_date_to=2026-11-15") == ["b", "a"]
     assert found("study_date_from=2026-11-02&study_date_to=2026-11-29") == ["b"]
     assert found("study_date_from=2026-11-15&study_date_to=2026-11-15") == ["b"]
+    # DICOM's own form, as a PACS writes a Study Date
+    assert found("study_date_from=20261115&study_date_to=20261115") == ["b"]
     assert found("accession_number=ACC002&study_date_to=2026-11-20") == ["b"]
     assert found("accession_number=ACC002&modality=MR") == []
     assert found("accession_number=ACC002&report_status=none&limit=1") == ["c"]
@@ -300,6 +302,9 @@ def test_worklist_finds_a_study_by_accession_number_uid_and_date(api):
         "invalid_request",
     )
     assert_error(api.get("/v1/studies?study_date_from=yesterday", headers=api.h()), 422)
+    # other digits than DICOM's YYYYMMDD are no date (not seconds since 1970)
+    for bad in ("1731628800", "20261332"):
+        assert_error(api.get(f"/v1/studies?study_date_from={bad}", headers=api.h()), 422)
     r = api.get(f"/v1/studies?accession_number={'9' * 65}", headers=api.h())
     assert_error(r, 422, "invalid_request")
     assert "9" * 65 not in r.text  # a bad value is not echoed back
@@ -310,7 +315,7 @@ def test_worklist_finds_a_study_by_accession_number_uid_and_date(api):
             select(AuditEvent).where(AuditEvent.action == "study.list").order_by(AuditEvent.id)
         ).all()
         details = [e.detail for e in listed]
-    assert len(details) == 11 and "ACC00" not in json.dumps(details)
+    assert len(details) == 12 and "ACC00" not in json.dumps(details)
     assert details[-2]["filters"] == ["modality", "accession_number"]
     assert details[-1]["filters"] == ["report_state", "accession_number"]
 

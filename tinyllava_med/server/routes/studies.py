@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import io
 from datetime import date
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.deps import (
@@ -44,6 +45,17 @@ from tinyllava_med.server.serving import (
     render,
     study_public,
 )
+
+
+def _date_param(value: Any) -> Any:
+    """DICOM's YYYYMMDD (how a PACS writes a Study Date) as a date; other digits are refused,
+    not read as seconds since 1970 (pydantic's reading of a number)."""
+    if isinstance(value, str) and value.isdigit():
+        if len(value) != 8:
+            raise ValueError("a date is YYYY-MM-DD or YYYYMMDD")
+        return date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    return value
+
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
@@ -199,9 +211,13 @@ def list_studies(
     accession_number: AccessionNumber = None,
     study_instance_uid: StudyInstanceUid = None,
     study_date_from: Annotated[
-        date | None, Query(description="Study Date on or after (YYYY-MM-DD)")
+        date | None,
+        BeforeValidator(_date_param),
+        Query(description="Study Date on or after (YYYY-MM-DD, or DICOM's YYYYMMDD)"),
     ] = None,
-    study_date_to: Annotated[date | None, Query(description="Study Date on or before")] = None,
+    study_date_to: Annotated[
+        date | None, BeforeValidator(_date_param), Query(description="Study Date on or before")
+    ] = None,
 ) -> StudyList:
     """Newest first, each with its report counts and state; every filter given must match."""
     if study_date_from and study_date_to and study_date_from > study_date_to:
