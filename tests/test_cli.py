@@ -390,3 +390,22 @@ def test_db_downgrade_and_a_schema_newer_than_the_code(tmp_path):
     assert f"db downgrade {migrate.head_revision()}" in out.stderr and "Traceback" not in out.stderr
     with pytest.raises(migrate.MigrationError, match="a newer version of the server migrated it"):
         migrate.require_head(f"sqlite:///{db}")
+
+
+def test_bitsandbytes_advice_to_fetch_kernels_is_dropped(tmp_path, monkeypatch, caplog, capsys):
+    """bitsandbytes, imported on a CPU, asks to `pip install kernels` (fetched from the Hub at
+    run time) and falls back to its own code; every command drops that notice, and only it."""
+    import logging
+
+    from tinyllava_med.cli import main
+
+    monkeypatch.setenv("TINYLLAVA_MED_DATA_DIR", str(tmp_path))
+    assert main(["settings"]) == 0
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: No module named "
+            "'kernels'. Please make sure you already `pip install kernels`"
+        )
+        logger.warning("another notice")
+    assert [r.getMessage() for r in caplog.records if r.name == logger.name] == ["another notice"]

@@ -226,7 +226,7 @@ def ensure_first_admin_key(session: Session) -> str | None:
     if session.scalar(select(func.count()).select_from(ApiKey)):
         return None
     _, key = create_api_key(session, role="admin", name="first admin")
-    log.warning("created the first admin API key (prefix %s); it is shown once", key[4:12])
+    log.warning("created the first admin API key (prefix %s): the key is not logged", key[4:12])
     return key
 
 
