@@ -226,6 +226,15 @@ def test_db_upgrade_and_apikey_create(tmp_path):
     listed = cli("apikey", "list", env=env)
     assert listed.returncode == 0, listed.stderr
     assert key_id in listed.stdout and "active" in listed.stdout
+    assert listed.stdout.splitlines()[0].split() == [
+        "id",
+        "role",
+        "key",
+        "state",
+        "last",
+        "used",
+        "name",
+    ]
     assert key not in listed.stdout and key[20:] not in listed.stdout  # never the key
 
     revoked = cli("apikey", "revoke", key_id, env=env)

@@ -494,7 +494,12 @@ def cmd_apikey(args: argparse.Namespace) -> int:
     settings = _server_settings(args)
     with _console_db(settings) as sessions, sessions.begin() as session:
         if args.apikey_cmd == "list":
-            for k in list_api_keys(session, include_revoked=True):
+            keys = list_api_keys(session, include_revoked=True)
+            if keys:
+                print(
+                    f"{'id':<36}  {'role':<11}  {'key':<16}  {'state':<24}  {'last used':<16}  name"
+                )
+            for k in keys:
                 state = "active"
                 if k.revoked_at:
                     state = f"revoked {k.revoked_at:%Y-%m-%d %H:%M}"
@@ -503,7 +508,7 @@ def cmd_apikey(args: argparse.Namespace) -> int:
                     state = f"{verb} {k.expires_at:%Y-%m-%d %H:%M}"
                 used = f"{k.last_used_at:%Y-%m-%d %H:%M}" if k.last_used_at else "never"
                 print(
-                    f"{k.id}  {k.role:<11}  tlm_{k.prefix}_...  {state:<24}  used {used}  {k.name}"
+                    f"{k.id}  {k.role:<11}  tlm_{k.prefix}_...  {state:<24}  {used:<16}  {k.name}"
                 )
             return 0
         if args.apikey_cmd == "revoke":
@@ -578,9 +583,11 @@ def cmd_import(args: argparse.Namespace) -> int:
             )
         except APIError as e:
             raise SystemExit(f"import: {e.message}") from None
+    studies = len(summary.study_uids)
     print(
-        f"{len(sources)} files: {summary.stored} new images, {summary.already} already here, "
-        f"in {len(summary.study_uids)} studies; automatic reports queued: {len(summary.jobs)}"
+        f"{_n(len(sources), 'file')}: {_n(summary.stored, 'new image')}, {summary.already} "
+        f"already here, in {_n(studies, 'study', 'studies')}; automatic reports queued: "
+        f"{len(summary.jobs)}"
     )
     for label, counts in (("skipped", summary.skipped), ("failed", summary.failed)):
         if counts:
@@ -953,6 +960,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(_user_error(e), file=sys.stderr)
         return 2
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    """`count` and the word for that many: 1 file, 2 files, 1 study, 6 studies."""
+    return f"{count} {one if count == 1 else many or one + 's'}"
 
 
 def _no_kernels_notice(record: logging.LogRecord) -> bool:

@@ -178,7 +178,7 @@ def test_the_console_imports_a_mounted_cd(tmp_path, tiny_lm, monkeypatch, capsys
     archive = tmp_path / "cd.zip"
     archive.write_bytes(zipped(cd_files()))
     assert main(["import", str(archive)]) == 0
-    assert "1 files: 0 new images, 31 already here, in 6 studies" in capsys.readouterr().out
+    assert "1 file: 0 new images, 31 already here, in 6 studies" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no such file or folder"):
         main(["import", str(tmp_path / "nowhere")])
     assert main(["import", str(CD / "README.txt")]) == 1  # nothing to import
