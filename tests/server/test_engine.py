@@ -660,6 +660,27 @@ def test_a_request_that_streamed_tokens_is_not_run_again(tiny_lm, monkeypatch):
         eng.shutdown()
 
 
+def test_a_request_whose_client_went_away_is_not_run_again(tiny_lm, monkeypatch):
+    reqs: list = []
+
+    def fail_once(qs, _):
+        if len(qs) == 3:
+            reqs[1].cancelled.set()  # its client disconnected while the batch ran
+            return RuntimeError("CUDA error: an illegal memory access was encountered")
+        return None
+
+    sizes = _failing_model(monkeypatch, fail_once)
+    eng = BatchingEngine(max_batch_size=8, batch_window_ms=60_000)
+    eng.start(tiny_lm)
+    try:
+        reqs.extend(_one_batch(eng, ["Organ?", "Plane?", "Fracture?"]))
+        for i in (0, 2):
+            assert reqs[i].future.result(timeout=60).text == _alone(tiny_lm, i, reqs[i].question)
+        assert reqs[1].future.cancelled() and sizes == [3, 1, 1]
+    finally:
+        eng.shutdown()
+
+
 def test_a_lone_follow_up_reuses_the_prompt_up_to_the_image(tiny_lm):
     """The engine keeps the attention cache of each named image's prompt prefix: a second
     question about the image hits it and answers as without it. By default (on a CPU) only for

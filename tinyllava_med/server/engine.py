@@ -614,7 +614,11 @@ class BatchingEngine:
         nothing run again, in two halves, so one request that breaks the model fails alone and
         a batch too large for the memory is answered in smaller ones (and later batches are
         capped below it: `_fit_rows`). A request that has streamed tokens gets the error: a
-        second run could not go on with the text it has shown."""
+        second run could not go on with the text it has shown; one whose client went away is
+        cancelled, not run again."""
+        gone = [r for r in live if r.cancelled.is_set() and r.future.cancel()]
+        if gone and self.metrics:
+            self.metrics.on_cancel(len(gone))
         again = [
             r for r in live if not r.future.done() and (r.on_token is None or not r.first_token)
         ]
