@@ -470,8 +470,8 @@ def insert_draft_reports(
 ) -> None:
     """`create_report` for the answering hot path: one INSERT (of all `rows`) and one UPDATE
     per study to mark `reported` (all the rows' studies, or those in `mark`: a study that
-    `image_ref` saw `reported` already needs no UPDATE), without loading studies or images. A study deleted meanwhile fails the transaction with an IntegrityError
-    (foreign key)."""
+    `image_ref` saw `reported` already needs no UPDATE), without loading studies or images. A
+    study deleted meanwhile fails the transaction with an IntegrityError (foreign key)."""
     conn = _connection(db)
     conn.execute(_INSERT_REPORT, rows)
     to_mark = dict.fromkeys(r["study_id"] for r in rows) if mark is None else mark
