@@ -91,7 +91,9 @@ def read_dicom(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> FileData
         raise ImagingError("decode_failed", "the DICOM data set could not be parsed") from e
     if _ends_early(ds):
         raise ImagingError(
-            "truncated", f"the DICOM file ends inside an element ({len(data)} bytes received)"
+            "truncated",
+            f"the DICOM file ends inside an element ({len(data)} bytes received): it was cut "
+            "short, or an element's length points past its end",
         )
     return ds
 
