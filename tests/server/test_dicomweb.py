@@ -508,8 +508,10 @@ def test_jobs_that_need_no_model_run_while_it_cannot_answer(no_model_api):
     assert path.exists()
     assert api.delete(f"/v1/studies/{study}", headers=api.h("admin")).status_code == 204
     wait_for(lambda: not path.exists(), what="the sweep job to remove the file")
-    kinds = {j.kind: j.status for j in rows(api, Job)}
-    assert kinds == {jobs.SWEEP_IMAGES: "done"}  # the study's auto report went with it
+    # the job removes the file, then commits itself done: wait for that too (the study's auto
+    # report went with the study)
+    done = {jobs.SWEEP_IMAGES: "done"}
+    wait_for(lambda: {j.kind: j.status for j in rows(api, Job)} == done, what="the job done")
 
     assert stow(api, MR).status_code == 200  # a new study: its report waits for the model
     time.sleep(0.5)
