@@ -616,7 +616,9 @@ class BatchingEngine:
         capped below it: `_fit_rows`). A request that has streamed tokens gets the error: a
         second run could not go on with the text it has shown; one whose client went away is
         cancelled, not run again."""
-        gone = [r for r in live if r.cancelled.is_set() and r.future.cancel()]
+        gone = [r for r in live if r.cancelled.is_set() and not r.future.done()]
+        for r in gone:
+            r.future.cancel()
         if gone and self.metrics:
             self.metrics.on_cancel(len(gone))
         again = [

@@ -51,9 +51,9 @@ def _date_param(value: Any) -> Any:
     """DICOM's YYYYMMDD (how a PACS writes a Study Date) as a date; other digits are refused,
     not read as seconds since 1970 (pydantic's reading of a number)."""
     if isinstance(value, str) and value.isdigit():
-        if len(value) != 8:
+        if (parsed := crud.parse_dicom_date(value)) is None:
             raise ValueError("a date is YYYY-MM-DD or YYYYMMDD")
-        return date(int(value[:4]), int(value[4:6]), int(value[6:]))
+        return parsed
     return value
 
 
