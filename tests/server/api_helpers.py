@@ -17,6 +17,7 @@ import pydicom
 import uvicorn
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm", download=False))
 MR_SMALL = Path(get_testdata_file("MR_small.dcm", download=False))
@@ -46,8 +47,21 @@ def upload(api, *files, role="pacs"):
     )
 
 
-def upload_ct(api):
-    r = upload(api, ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom"))
+def ct_of_new_study() -> bytes:
+    """CT_small as the one image of a study never seen before (new Study, Series and SOP
+    Instance UIDs): an upload files DICOM by Study Instance UID, so CT_small itself goes to the
+    study that holds it already."""
+    return ct_with(
+        StudyInstanceUID=generate_uid(),
+        SeriesInstanceUID=generate_uid(),
+        SOPInstanceUID=generate_uid(),
+    )
+
+
+def upload_ct(api, *, new_study: bool = False):
+    """Upload CT_small (`new_study`: as a study of its own); the study. 201: its image is new."""
+    data = ct_of_new_study() if new_study else CT_SMALL.read_bytes()
+    r = upload(api, ("ct.dcm", data, "application/dicom"))
     assert r.status_code == 201, r.text
     return r.json()
 

@@ -235,7 +235,7 @@ def test_worklist_says_which_studies_await_a_signature(api):
         assert r.status_code == 201, r.text
         return r.json()["id"]
 
-    none, draft, signed, mixed = (upload_ct(api)["id"] for _ in range(4))
+    none, draft, signed, mixed = (upload_ct(api, new_study=True)["id"] for _ in range(4))
     ask(draft)
     r = api.patch(f"/v1/reports/{ask(signed)}", headers=api.h(), json={"status": "final"})
     assert r.status_code == 200, r.text
@@ -1719,12 +1719,13 @@ def test_edits_at_once_lose_nothing(api):
 
 def test_admin_deletes_a_study_sent_by_mistake(tmp_path, database_url, tiny_lm):
     """A study with draft reports only is deleted with them; one with a signed report stays.
-    The files go by a sweep job after the grace period, except those another study holds, and
-    so do the engine's cached pixel values of them."""
+    The files go by a sweep job after the grace period, except those another study holds (the
+    same PNG uploaded twice), and so do the engine's cached pixel values of them."""
     overrides = {"image_sweep_grace_s": 0, "job_poll_s": 0.05}
     for api in make_api(tmp_path, database_url, tiny_lm, **overrides):
         admin = api.h("admin")
-        wrong, kept, signed = upload_ct(api), upload_png(api), upload_ct(api)
+        wrong, kept = upload_ct(api, new_study=True), upload_png(api)
+        signed = upload_ct(api, new_study=True)
         report = api.post(
             f"/v1/studies/{wrong['id']}/questions", headers=api.h(), json={"question": "Organ?"}
         ).json()
@@ -1754,15 +1755,15 @@ def test_admin_deletes_a_study_sent_by_mistake(tmp_path, database_url, tiny_lm):
         assert api.delete(f"/v1/studies/{wrong['id']}", headers=admin).status_code == 204
         assert_error(api.get(f"/v1/studies/{wrong['id']}", headers=admin), 404)
         assert_error(api.get(f"/v1/reports/{report['id']}", headers=admin), 404)
-        # the signed study holds the same CT file: it stays
         assert api.get(f"/v1/studies/{signed['id']}/images/0", headers=admin).status_code == 200
         assert api.delete(f"/v1/studies/{png['id']}", headers=admin).status_code == 204
 
         store = api.app.state.store
 
         results = wait_for(partial(_done_sweeps, api, 2), timeout_s=30, what="the sweeps")
-        assert [r["kept"] for r in results] == [1, 1]  # CT: signed; PNG: kept
-        assert store.exists(ct_sha) and store.exists(png_sha)
+        # CT: nobody else holds it; PNG: `kept` does
+        assert [(r["removed"], r["kept"]) for r in results] == [(1, 0), (0, 1)]
+        assert not store.exists(ct_sha) and store.exists(png_sha)
         assert (png_sha, None) in engine.pixels  # `kept` still holds the file
 
         assert api.delete(f"/v1/studies/{kept['id']}", headers=admin).status_code == 204

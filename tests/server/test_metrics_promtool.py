@@ -114,7 +114,7 @@ def test_metrics_show_what_waits_for_radiologists_and_jobs(tmp_path, database_ur
             p + 'studies{status="signed"}': 0,
             **{f'{p}jobs_waiting{{kind="{k}"}}': 0 for k in (AUTO_REPORT, *NEEDS_NO_MODEL)},
         }, empty
-        unread, reported, signed = (upload_ct(api)["id"] for _ in range(3))
+        unread, reported, signed = (upload_ct(api, new_study=True)["id"] for _ in range(3))
         for study in (reported, signed):
             r = api.post(f"/v1/studies/{study}/questions", headers=api.h(), json={"question": "?"})
             assert r.status_code == 201, r.text

@@ -305,7 +305,7 @@ def test_a_signed_report_is_amended_with_a_reason_and_its_exports_say_so(api):
     assert "report.amend" in actions and "report.history" in actions
 
     # signed as the model wrote it, or changed first: a model-quality signal for operators
-    unchanged = ask(api, upload_ct(api)["id"])
+    unchanged = ask(api, upload_ct(api, new_study=True)["id"])
     r = api.patch(f"/v1/reports/{unchanged['id']}", headers=api.h(), json={"status": "final"})
     assert r.status_code == 200, r.text
     metrics = api.get("/metrics").text

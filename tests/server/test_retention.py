@@ -70,7 +70,7 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
         crud.enqueue_job(s, kind="auto_report", study_id=waiting["id"]).run_after = (
             utcnow() + timedelta(days=1)
         )
-    recent = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")  # same file
+    recent = _study(api, "x.png", png_bytes(), "image/png")  # the same file as `unread`
     old = utcnow() - timedelta(days=31)
     with sessions.begin() as s:
         ids = [signed["id"], drafted["id"], unread["id"], waiting["id"]]
@@ -78,8 +78,8 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
     ct_sha, png_sha = signed["images"][0]["sha256"], unread["images"][0]["sha256"]
 
     result = release_due(sessions, store, settings)
-    assert (result["studies"], result["images"], result["hashes"]) == (2, 2, [png_sha])
-    assert not store.exists(png_sha) and store.exists(ct_sha)  # the recent study holds it
+    assert (result["studies"], result["images"], result["hashes"]) == (2, 2, [ct_sha])
+    assert not store.exists(ct_sha) and store.exists(png_sha)  # the recent study holds it
     assert release_due(sessions, store, settings)["studies"] == 0  # nothing left to do
 
     for study in (signed, unread):
@@ -106,7 +106,7 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
     # the recent study, sent by mistake, is deleted: now nothing holds the file, and it goes
     r = api.delete(f"/v1/studies/{recent['id']}", headers=api.h("admin"))
     assert r.status_code in (200, 204), r.text
-    wait_for(lambda: not store.exists(ct_sha), what="the sweep of the released file")
+    wait_for(lambda: not store.exists(png_sha), what="the sweep of the released file")
 
     # a backup holds what the database refers to: held files (MR, the waiting PNG) and the header
     done = backup(settings, tmp_path / "backup", actor="test")
@@ -142,6 +142,37 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
     # and it stays for another retention period, though the study arrived long ago
     assert release_due(sessions, store, settings)["studies"] == 0
     assert api.get(f"/v1/studies/{signed['id']}/images/0", headers=api.h()).status_code == 200
+
+
+def test_a_released_study_uploaded_again_gets_its_image_back(api):
+    """Someone uploads the released study again (from a CD, a workstation): its image is back
+    under its row in the same study, where its report is; another patient's object under its
+    UIDs, or another class, is refused (409) and leaves it released."""
+    sessions, store = api.app.state.session_factory, api.app.state.store
+    study = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")
+    _ask(api, study["id"])
+    with sessions.begin() as s:
+        s.execute(update(Report).values(status="final"))
+        make_old(s, utcnow() - timedelta(days=31))
+    assert release_due(sessions, store, api.app.state.settings)["images"] == 1
+
+    other_patient = ct_with(PatientID="OTHER-PATIENT")
+    assert_error(
+        upload(api, ("x.dcm", other_patient, "application/dicom")), 409, "patient_mismatch"
+    )
+    other_class = ct_with(SOPClassUID="1.2.840.10008.5.1.4.1.1.4")
+    r = upload(api, ("x.dcm", other_class, "application/dicom"))
+    assert_error(r, 409, "instance_conflict")
+    assert "OTHER-PATIENT" not in r.text
+    assert_error(api.get(f"/v1/studies/{study['id']}/images/0", headers=api.h()), 410)
+
+    again = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")  # 201: restored
+    assert again["id"] == study["id"] and again["reports"] == 1
+    assert again["images"][0]["released_at"] is None
+    r = api.get(f"/v1/studies/{study['id']}/images/0", headers=api.h())
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    with sessions() as s:
+        assert s.query(Study).count() == 1 and s.query(Image).count() == 1
 
 
 def test_drafts_nobody_changes_release_their_study_with_draft_days(tmp_path, database_url, tiny_lm):

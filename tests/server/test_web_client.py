@@ -19,8 +19,17 @@ from typing import Any
 
 import httpx
 import pytest
-from api_helpers import MR_SMALL, ct_with, free_port, live_server, make_old, wait_for
+from api_helpers import (
+    MR_SMALL,
+    ct_of_new_study,
+    ct_with,
+    free_port,
+    live_server,
+    make_old,
+    wait_for,
+)
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from tinyllava_med.server.app import create_app
@@ -189,6 +198,11 @@ def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
     rows = page.locator("#worklist-body tr")
     expect(rows).to_have_count(1)
     expect(rows.first.locator(".badge")).to_have_text("None")
+    # the same file again is the study held (DICOM is filed by its study's UID), not a second
+    page.get_by_label("Upload a study").set_input_files(str(CT_SMALL))
+    page.get_by_role("button", name="Upload", exact=True).click()
+    expect(page.locator("#upload-status")).to_contain_text("Already on the server: CT")
+    expect(rows).to_have_count(1)
     page.get_by_label("Modality").select_option("MR")
     expect(rows).to_have_count(0)
     expect(page.locator("#worklist-empty")).to_be_visible()
@@ -306,24 +320,25 @@ def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
 
 
 def _as_study_of_mr_small(path: Any) -> bytes:
-    """The file, filed under MR_small's study (an upload is one study's files)."""
+    """The file, filed under MR_small's study and patient (an upload is one study's files)."""
     import pydicom
 
-    ds = pydicom.dcmread(path)
-    ds.StudyInstanceUID = pydicom.dcmread(MR_SMALL).StudyInstanceUID
+    ds, mr = pydicom.dcmread(path), pydicom.dcmread(MR_SMALL)
+    for name in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate"):
+        setattr(ds, name, mr.get(name, ""))
     buf = io.BytesIO()
     ds.save_as(buf)
     return buf.getvalue()
 
 
 def _ct_with_report(server: LiveServer, **ask: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """CT_small uploaded and asked about through the API (admin key; `ask`: more of the
-    question's fields): (study, report)."""
+    """CT_small, as a new study, uploaded and asked about through the API (admin key; `ask`:
+    more of the question's fields): (study, report)."""
     auth = {"Authorization": f"Bearer {server.key}"}
     study = httpx.post(
         server.base + "/v1/studies",
         headers=auth,
-        files=[("files", ("ct.dcm", CT_SMALL.read_bytes()))],
+        files=[("files", ("ct.dcm", ct_of_new_study()))],
         timeout=30,
     ).json()
     return study, _ask(server, study["id"], **{"question": "Any fracture?", **ask})
@@ -743,7 +758,19 @@ def test_reader_finds_a_study_by_accession_number_and_date(page, tmp_path, tiny_
             r = httpx.post(
                 server.base + "/v1/studies",
                 headers={"Authorization": f"Bearer {server.key}"},
-                files=[("files", ("ct.dcm", ct_with(AccessionNumber=accession, StudyDate=day)))],
+                files=[
+                    (
+                        "files",
+                        (
+                            "ct.dcm",
+                            ct_with(
+                                AccessionNumber=accession,
+                                StudyDate=day,
+                                StudyInstanceUID=generate_uid(),
+                            ),
+                        ),
+                    )
+                ],
                 timeout=30,
             )
             assert r.status_code == 201, r.text

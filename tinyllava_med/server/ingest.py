@@ -1,12 +1,19 @@
-"""Filing DICOM instances pushed by a PACS into studies, for STOW-RS (`routes/dicomweb.py`) and
-the DIMSE Storage SCP (`dimse.py`) alike.
+"""Filing DICOM instances into studies by their Study Instance UID: pushed by a PACS (STOW-RS,
+`routes/dicomweb.py`, and the DIMSE Storage SCP, `dimse.py`) and uploaded (`POST /v1/studies`,
+`POST /v1/ask`: `file_upload`).
 
 Each instance is decoded first (outside any lock or transaction, with the server's image
 limits), then filed under the study with the same Study Instance UID (created on first sight);
 an instance already stored is acknowledged again without a copy, and one whose pixels were
-released (`retention.py`) is filed under its row again. In the same transaction every
-study that got new instances has its automatic report queued (`auto_report_prompts`), so the
-instances and their jobs are durable before the sender hears "stored".
+released (`retention.py`) is filed under its row again. An instance naming a study held for
+another patient (a device that reused a UID) is refused: a report would otherwise sit beside
+another patient's images. For pushes, in the same transaction every study that got new
+instances has its automatic report queued (`auto_report_prompts`), so the instances and their
+jobs are durable before the sender hears "stored".
+
+An upload is one study: every file is decoded and validated before anything is stored, so a
+bad file rejects the whole upload and leaves the database and the image store as they were.
+PNG and JPEG images, which carry no UID, always make a new study.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import io
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -26,11 +35,14 @@ from tinyllava_med.imaging import ImagingError, load_study_file
 from tinyllava_med.imaging.dicom import file_meta
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Study, utcnow
+from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.jobs import schedule_auto_report
 from tinyllava_med.server.serving import (
     Decoded,
+    Upload,
     add_file,
     create_study_of,
+    decode_upload,
     limits_of,
     without_pixels,
 )
@@ -141,14 +153,59 @@ def _study_for(session: Session, uid: str, cache: dict[str, Study], d: Decoded) 
     return cache[uid]
 
 
+def _log_other_patient(study: Study) -> None:
+    log.warning(
+        "refused an instance whose Study Instance UID names study %s, held for another "
+        "patient (a sending device reused a UID?)",
+        study.id,
+    )
+
+
 def _stored(session: Session, study: Study, sop_instance: str) -> Image | None:
     return session.scalar(
         select(Image).where(Image.study_id == study.id, Image.SOPInstanceUID == sop_instance)
     )
 
 
-# who the instance is of: a re-sent instance must name the same patient as the one released
+# who an instance is of: a re-sent instance must name the same patient as the one released, and
+# a new instance the same patient as its study's images
 _PATIENT = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
+
+
+def _patient(source: bytes | Path) -> tuple[str, ...]:
+    """The patient a DICOM file (its bytes, or its path in the store) names; read from its
+    header only. Kept in memory, never logged."""
+    ds = pydicom.dcmread(
+        io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True
+    )
+    return tuple(str(ds.get(name, "")).strip() for name in _PATIENT)
+
+
+def _study_patient(store: ImageStore, study: Study) -> tuple[str, ...] | None:
+    """The patient `study`'s first DICOM image with a readable header names (its file, or the
+    header kept when its pixels were released); None when it has none."""
+    for image in study.images:
+        sha256 = image.header_sha256 if image.released_at is not None else image.sha256
+        if image.kind == "dicom" and sha256 and store.exists(sha256):
+            return _patient(store.path(sha256))
+    return None
+
+
+class _Patients:
+    """Whether an instance names the patient of the study it is filed under, reading each
+    study's patient once per filing (a study with no DICOM image yet takes any)."""
+
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+        self.known: dict[str, tuple[str, ...]] = {}
+
+    def match(self, study: Study, data: bytes) -> bool:
+        if study.id not in self.known:
+            held = _study_patient(self.store, study)
+            if held is None:
+                return True
+            self.known[study.id] = held
+        return self.known[study.id] == _patient(data)
 
 
 def _same_instance(store: ImageStore, image: Image, data: bytes, d: Decoded) -> bool:
@@ -168,11 +225,7 @@ def _same_instance(store: ImageStore, image: Image, data: bytes, d: Decoded) -> 
         return False
     if image.header_sha256 is None or not store.exists(image.header_sha256):
         return True  # no header kept (lost on a full disk): nothing more to compare
-    kept = pydicom.dcmread(io.BytesIO(store.get(image.header_sha256)), stop_before_pixels=True)
-    sent = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    return all(
-        str(kept.get(name, "")).strip() == str(sent.get(name, "")).strip() for name in _PATIENT
-    )
+    return _patient(store.path(image.header_sha256)) == _patient(data)
 
 
 def _restore(store: ImageStore, image: Image, data: bytes, d: Decoded) -> None:
@@ -197,6 +250,7 @@ def store_instances(
     _lock_studies(session, [uid for uid in uids if uid])
     studies: dict[str, Study] = {}
     touched: dict[str, Study] = {}
+    patients = _Patients(store)
     for part, d in zip(parts, decoded, strict=True):
         if isinstance(d, ImagingError):
             result.failed.append((*_uids_of(part.data, d), failure_reason(d)))
@@ -210,6 +264,10 @@ def store_instances(
             result.failed.append((sop_class, sop_instance, STUDY_MISMATCH))
             continue
         study = _study_for(session, uid, studies, d)
+        if not patients.match(study, part.data):
+            _log_other_patient(study)
+            result.failed.append((sop_class, sop_instance, PROCESSING_FAILURE))
+            continue
         held = _stored(session, study, sop_instance)
         if held is not None and held.released_at is not None:
             if not _same_instance(store, held, part.data, d):
@@ -280,3 +338,123 @@ def file_instances(
         if audit is not None:
             audit(session, result, ids, jobs)
     return result, ids, jobs
+
+
+@dataclass(frozen=True)
+class Filed:
+    """An upload as filed: its study, the image each file is (in the upload's order; new, or
+    held already), how many files were new to the server, and whether the study is new."""
+
+    study: Study
+    images: list[Image]
+    new: int
+    created: bool
+
+
+def file_upload(
+    session: Session, store: ImageStore, settings: Settings, uploads: list[Upload], *, actor: str
+) -> Filed:
+    """Decode every upload, then file them as one study, audited as `actor`'s upload.
+
+    The files must be one study's: DICOM instances of one Study Instance UID, or images
+    (PNG/JPEG), not both (422 `mixed_studies`): a report about one image is filed under the
+    study's UID and accession number. DICOM files go under the study held with their UID, as
+    pushes do; an instance held already is not stored again. 409 `patient_mismatch` when that
+    study (or another file of the upload) is another patient's; 409 `instance_conflict` when an
+    instance whose pixels were released comes back as another object."""
+    if not uploads:
+        raise APIError(422, "no_files", "send one or more files in the multipart field `files`")
+    if len(uploads) > settings.max_files_per_upload:
+        raise APIError(
+            413,
+            "too_many_files",
+            f"at most {settings.max_files_per_upload} files per upload, got {len(uploads)}",
+        )
+    limits = limits_of(settings)
+    files = [without_pixels(u.data, decode_upload(u, settings), store, limits) for u in uploads]
+    _one_study(files, uploads)
+    uid = files[0].metadata.StudyInstanceUID if files[0].kind == "dicom" else None
+    study = None
+    if uid:
+        _lock_studies(session, [uid])
+        study = crud.study_by_uid(session, uid)
+    created = study is None
+    if study is None:
+        study = create_study_of(session, files[0].metadata)
+    patients = _Patients(store)
+    images: list[Image] = []
+    new = 0
+    for upload, d in zip(uploads, files, strict=True):
+        image, is_new = _file_one(session, store, study, upload, d, patients)
+        images.append(image)
+        new += is_new
+    crud.audit(
+        session,
+        actor=actor,
+        action="study.upload",
+        resource_type="study",
+        resource_id=study.id,
+        outcome="ok",
+        status_code=201 if new else 200,
+        detail={"files": len(uploads), "new": new, "new_study": created},
+    )
+    session.flush()
+    session.refresh(study)
+    return Filed(study, images, new, created)
+
+
+def _file_one(
+    session: Session,
+    store: ImageStore,
+    study: Study,
+    upload: Upload,
+    d: Decoded,
+    patients: _Patients,
+) -> tuple[Image, bool]:
+    """One uploaded file filed under `study`: its image, and whether it is new here."""
+    if d.kind == "dicom" and not patients.match(study, upload.data):
+        _log_other_patient(study)
+        raise APIError(
+            409,
+            "patient_mismatch",
+            "the file's Study Instance UID names a study held here for another patient: the "
+            "sending device reused a UID; nothing was stored",
+            {"file": upload.filename, "study_id": study.id},
+        )
+    sop_instance = d.metadata.SOPInstanceUID if d.kind == "dicom" else None
+    held = _stored(session, study, sop_instance) if sop_instance else None
+    if held is None:
+        return add_file(session, store, study, upload.data, d), True
+    if held.released_at is None:
+        return held, False
+    if not _same_instance(store, held, upload.data, d):
+        raise APIError(
+            409,
+            "instance_conflict",
+            "the file's SOP Instance UID names an image whose pixels were released, and it is "
+            "another object (another patient, size or class); nothing was stored",
+            {"file": upload.filename, "study_id": study.id},
+        )
+    _restore(store, held, upload.data, d)
+    return held, True
+
+
+def _one_study(files: list[Decoded], uploads: list[Upload]) -> None:
+    first = files[0]
+    for f, upload in zip(files, uploads, strict=True):
+        if (f.kind == "dicom") != (first.kind == "dicom"):
+            raise APIError(
+                422,
+                "mixed_studies",
+                "DICOM files and PNG/JPEG images go in separate uploads (an image has no study "
+                "to share)",
+                {"file": upload.filename},
+            )
+        if f.metadata.StudyInstanceUID != first.metadata.StudyInstanceUID:
+            raise APIError(
+                422,
+                "mixed_studies",
+                "the files belong to different studies (Study Instance UID): upload each study "
+                "on its own, or send them by STOW-RS or a CD import, which file them by study",
+                {"file": upload.filename},
+            )

@@ -1,9 +1,8 @@
-"""What the routes do, without HTTP: ingest uploaded files, pick the image for a question,
-store answers as reports, and turn database rows into public schemas.
+"""What the routes do, without HTTP: decode uploaded files, add them to studies, pick the
+image for a question, store answers as reports, and turn database rows into public schemas.
+(Which study an upload is filed under is `ingest.py`'s.)
 
-Every uploaded file is decoded and validated before anything is stored, so a bad file in a
-multi-file upload rejects the whole upload and leaves the database and the image store as they
-were. Imaging errors become 4xx `APIError`s here, with messages free of patient data.
+Imaging errors become 4xx `APIError`s here, with messages free of patient data.
 """
 
 from __future__ import annotations
@@ -109,63 +108,6 @@ def without_pixels(data: bytes, d: StudyFile, store: ImageStore, limits: ImageLi
     sha256 = hashlib.sha256(data).hexdigest()  # the store's name for it (`ImageStore.put`)
     store.rendered.put(render_key(sha256, limits), d.image)
     return Decoded(sha256, d.kind, d.metadata, d.n_frames, d.image.width, d.image.height)
-
-
-def ingest(
-    session: Session, store: ImageStore, settings: Settings, uploads: list[Upload], *, actor: str
-) -> Study:
-    """Decode every upload, then store them as one new study, audited as `actor`'s upload.
-    The files must be one study's: DICOM instances of one Study Instance UID, or images
-    (PNG/JPEG), not both (422 `mixed_studies`): a report about one image is filed under the
-    study's UID and accession number."""
-    if not uploads:
-        raise APIError(422, "no_files", "send one or more files in the multipart field `files`")
-    if len(uploads) > settings.max_files_per_upload:
-        raise APIError(
-            413,
-            "too_many_files",
-            f"at most {settings.max_files_per_upload} files per upload, got {len(uploads)}",
-        )
-    limits = limits_of(settings)
-    files = [without_pixels(u.data, decode_upload(u, settings), store, limits) for u in uploads]
-    _one_study(files, uploads)
-    study = create_study_of(session, files[0].metadata)
-    for upload, d in zip(uploads, files, strict=True):
-        add_file(session, store, study, upload.data, d)
-    crud.audit(
-        session,
-        actor=actor,
-        action="study.upload",
-        resource_type="study",
-        resource_id=study.id,
-        outcome="ok",
-        status_code=201,
-        detail={"files": len(uploads)},
-    )
-    session.flush()
-    session.refresh(study)
-    return study
-
-
-def _one_study(files: list[Decoded], uploads: list[Upload]) -> None:
-    first = files[0]
-    for f, upload in zip(files, uploads, strict=True):
-        if (f.kind == "dicom") != (first.kind == "dicom"):
-            raise APIError(
-                422,
-                "mixed_studies",
-                "DICOM files and PNG/JPEG images go in separate uploads (an image has no study "
-                "to share)",
-                {"file": upload.filename},
-            )
-        if f.metadata.StudyInstanceUID != first.metadata.StudyInstanceUID:
-            raise APIError(
-                422,
-                "mixed_studies",
-                "the files belong to different studies (Study Instance UID): upload each study "
-                "on its own, or send them by STOW-RS or a CD import, which file them by study",
-                {"file": upload.filename},
-            )
 
 
 def create_study_of(session: Session, m: SafeMetadata) -> Study:

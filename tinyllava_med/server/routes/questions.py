@@ -34,12 +34,12 @@ from tinyllava_med.server.engine import (
     EngineNotReady,
 )
 from tinyllava_med.server.errors import APIError, stream_error
+from tinyllava_med.server.ingest import file_upload
 from tinyllava_med.server.schemas import AskResponse, Prepared, QuestionCreate, ReportPublic
 from tinyllava_med.server.serving import (
     Upload,
     answer_fields,
     image_of,
-    ingest,
     load_audited,
     render,
     render_async,
@@ -385,12 +385,13 @@ async def ask_one_shot(
     check_capacity(engine, settings, request)
     upload = Upload(file.filename or "file", await file.read())
 
-    def store_study() -> tuple[str, str, str]:  # in the thread pool: decoding is slow
+    def store_study() -> tuple[str, str, int, str]:  # in the thread pool: decoding is slow
         with request.app.state.session_factory.begin() as s:
-            study = ingest(s, store, settings, [upload], actor=principal.actor)
-            return study.id, study.images[0].id, study.images[0].sha256
+            filed = file_upload(s, store, settings, [upload], actor=principal.actor)
+            image = filed.images[0]  # new, or the instance held already in its study
+            return filed.study.id, image.id, image.n, image.sha256
 
-    study_id, image_id, sha256 = await run_in_threadpool(store_study)
+    study_id, image_id, image_index, sha256 = await run_in_threadpool(store_study)
     # the study is stored now: a failure from here on names it, so the client asks again about
     # it (POST /v1/studies/{id}/questions) instead of uploading the file again
     request.state.audit = (principal.actor, "question.ask", "study", study_id)
@@ -414,7 +415,7 @@ async def ask_one_shot(
         request,
         study_id=study_id,
         image_id=image_id,
-        image_index=0,
+        image_index=image_index,
         question=question,
         ans=ans,
         info=engine.lm.info if engine.lm else {},
@@ -423,5 +424,6 @@ async def ask_one_shot(
     )
     with request.app.state.session_factory() as s:
         stored = crud.get_study(s, study_id)
-        assert stored is not None
-        return AskResponse(study=study_public(stored, crud.ReportCounts(1, 1)), report=report)
+        assert stored is not None  # a study held already may have earlier reports
+        counts = crud.report_counts(s, [study_id])[study_id]
+        return AskResponse(study=study_public(stored, counts), report=report)

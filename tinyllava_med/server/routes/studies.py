@@ -26,6 +26,7 @@ from tinyllava_med.server.deps import (
     Uploader,
 )
 from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.ingest import file_upload
 from tinyllava_med.server.jobs import schedule_rejection, schedule_retrieve, schedule_sweep
 from tinyllava_med.server.media_import import import_media
 from tinyllava_med.server.pull import PacsError, find_studies
@@ -40,7 +41,6 @@ from tinyllava_med.server.schemas import (
 from tinyllava_med.server.serving import (
     Upload,
     image_of,
-    ingest,
     load_audited,
     render,
     study_public,
@@ -67,20 +67,32 @@ MAX_RETRIEVE_STUDIES = 10
 @router.post("", status_code=201, response_model=StudyPublic)
 async def upload_study(
     request: Request,
+    response: Response,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
     principal: Uploader,
     files: Annotated[list[UploadFile], File(description="DICOM Part 10, PNG or JPEG")],
 ) -> StudyPublic:
-    """Decoding and storing run in the thread pool: a large series must not stall the event
+    """Upload one study's files. DICOM files are filed under the study held with their Study
+    Instance UID, if there is one (as STOW-RS and imports file them): 201 when files were new,
+    200 when all were held already; an instance is never stored twice. Images make a new study.
+
+    Decoding and storing run in the thread pool: a large series must not stall the event
     loop (and with it every question being answered). A refused upload (a broken file, a full
     disk) is audited as such by the error handler."""
     request.state.audit = (principal.actor, "study.upload", "study", None)
     uploads = [Upload(f.filename or f"file{i}", await f.read()) for i, f in enumerate(files)]
 
     def store_study() -> StudyPublic:
-        return study_public(ingest(session, store, settings, uploads, actor=principal.actor))
+        filed = file_upload(session, store, settings, uploads, actor=principal.actor)
+        response.status_code = 201 if filed.new else 200
+        if filed.created:
+            return study_public(filed.study)
+        # a study held already may have reports
+        return study_public(
+            filed.study, crud.report_counts(session, [filed.study.id])[filed.study.id]
+        )
 
     return await run_in_threadpool(store_study)
 

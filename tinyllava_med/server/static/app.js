@@ -609,11 +609,16 @@
     $("upload-submit").disabled = true;
     setStatus("upload-status", `Uploading ${files.length} file${files.length === 1 ? "" : "s"}…`);
     try {
-      const study = await api("/v1/studies", { method: "POST", body: form });
+      const response = await api("/v1/studies", { method: "POST", body: form, raw: true });
+      const study = await response.json();
       $("upload-form").reset();
       const status = $("upload-status");
+      const images = `${study.images.length} image${study.images.length === 1 ? "" : "s"}`;
+      // 200: every file was here already (DICOM is filed by its study's UID)
       status.replaceChildren(
-        `Uploaded: ${studyLabel(study)} with ${study.images.length} image${study.images.length === 1 ? "" : "s"}. `,
+        response.status === 200
+          ? `Already on the server: ${studyLabel(study)} with ${images}. `
+          : `Uploaded: ${studyLabel(study)} with ${images}. `,
       );
       const open = el("a", "Open the study", "study-link");
       open.href = `#/study/${encodeURIComponent(study.id)}`;
