@@ -64,7 +64,12 @@ router = APIRouter(prefix="/v1/studies", tags=["studies"])
 MAX_RETRIEVE_STUDIES = 10
 
 
-@router.post("", status_code=201, response_model=StudyPublic)
+@router.post(
+    "",
+    status_code=201,
+    response_model=StudyPublic,
+    responses={200: {"model": StudyPublic, "description": "every file was held already"}},
+)
 async def upload_study(
     request: Request,
     response: Response,
@@ -97,7 +102,12 @@ async def upload_study(
     return await run_in_threadpool(store_study)
 
 
-@router.post("/import", response_model=ImportResult, status_code=201)
+@router.post(
+    "/import",
+    response_model=ImportResult,
+    status_code=201,
+    responses={200: {"model": ImportResult, "description": "every image was held already"}},
+)
 async def import_studies(
     request: Request,
     response: Response,
