@@ -268,10 +268,48 @@ def _server_settings(args: argparse.Namespace) -> Any:
     return Settings(**overrides)
 
 
+def _listen_socket(host: str, port: int, flag: str = "--port, TINYLLAVA_MED_PORT") -> Any:
+    """A socket bound to the port, before the model loads: a port in use (another server, a
+    second `serve`) is said at once, not after a minute of loading. None with the reason
+    printed when it cannot be bound."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = (
+            "is in use (another server, or a second serve?)"
+            if e.errno == errno.EADDRINUSE
+            else str(e)
+        )
+        print(
+            f"tinyllava-med serve: cannot listen on {host} port {port}: {why}; stop the other "
+            f"server or choose another port ({flag})",
+            file=sys.stderr,
+        )
+        return None
+    sock.set_inheritable(True)
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tinyllava_med.server.app import create_app, http_server
 
     settings = _server_settings(args)
+    sock = _listen_socket(settings.host, settings.port)
+    if sock is None:
+        return 1
+    if settings.dimse_port is not None:  # the Storage SCP binds it as the app starts
+        dimse = _listen_socket(settings.host, settings.dimse_port, "--dimse-port")
+        if dimse is None:
+            sock.close()
+            return 1
+        dimse.close()
     app = create_app(settings, own_process=True)
     base = settings.base_url
     print(
@@ -298,7 +336,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=settings.access_log,
         log_config=log_config,
     )
-    server.run()
+    server.run(sockets=[sock])
     return 0 if server.started else 3  # uvicorn's exit status when it could not start
 
 

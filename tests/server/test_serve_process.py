@@ -147,3 +147,45 @@ def test_the_first_admin_key_is_printed_only_to_a_terminal(tmp_path, monkeypatch
     app_mod._hand_over("tlm_abcd1234_secret", tmp_path)
     assert shown.getvalue().splitlines()[-1] == "tlm_abcd1234_secret"
     assert not (tmp_path / app_mod.FIRST_KEY_FILE).exists()
+
+
+def test_a_port_in_use_is_said_before_anything_loads(tmp_path, tiny_model_dir):
+    """A second `serve` on a port taken (another server): a clear message and exit status 1
+    before the model loads or the database is made; before, it loaded the model, made the
+    first admin key, then failed to bind."""
+    import socket
+    import subprocess
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    data = tmp_path / "data"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TINYLLAVA_MED_DATA_DIR": str(data)}
+    cmd = [sys.executable, "-m", "tinyllava_med.cli", "serve", "--model", str(tiny_model_dir)]
+    with taken:
+        done = subprocess.run(
+            [*cmd, "--port", str(port)], env=env, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot listen on 127.0.0.1 port {port}: is in use" in done.stderr
+    assert "Traceback" not in done.stderr and "serving on" not in done.stderr
+    assert not data.exists()  # no database, no key: nothing started
+
+    # the same for the DIMSE port (before, a traceback from inside the app's start)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    dimse_port = taken.getsockname()[1]
+    env["TINYLLAVA_MED_DIMSE_PEERS"] = '["*"]'
+    with taken:
+        done = subprocess.run(
+            [*cmd, "--port", str(free_port()), "--dimse-port", str(dimse_port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"port {dimse_port}: is in use" in done.stderr and "--dimse-port" in done.stderr
+    assert "Traceback" not in done.stderr and not data.exists()
