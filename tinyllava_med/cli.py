@@ -640,7 +640,23 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     out = build_demo_model(
         Path(args.out) if args.out else None, force=True, train_overrides=overrides
     )
-    print(f"demo model written to {out}")
+    from tinyllava_med.model.meta import ServedMeta
+
+    meta = ServedMeta.load(out)
+    run = ((meta.training if meta else None) or {}).get("run") or {}
+    scores = json.loads((out / "demo_eval.json").read_text())["summary"]
+    print(
+        f"demo model written to {out}: {run.get('steps', '?')} of {run.get('max_steps', '?')} "
+        f"training steps; PhantomVQA test split: closed accuracy "
+        f"{scores['closed_accuracy']:.1%}, open recall {scores['open_recall']:.1%}"
+    )
+    if run.get("stopped_by_time_limit"):
+        print(
+            "tinyllava-med: warning: this machine was too slow (or busy) to train every step "
+            "within the time budget, so the model is undertrained and will not be rebuilt the "
+            "same; `tinyllava-med demo-model --no-time-limit` trains all steps",
+            file=sys.stderr,
+        )
     return 0
 
 

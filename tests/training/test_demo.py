@@ -34,3 +34,41 @@ def test_build_and_ensure_demo_model(tmp_path, monkeypatch):
     # built again (the same code, data, seed and threads): the same weights, bit for bit
     again = demo.build_demo_model(tmp_path / "again", force=True, progress=False)
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_demo_model_replaces_only_a_demo_model(tmp_path, monkeypatch, capsys):
+    """`demo-model --out` over a folder that is not a demo model (`./data`, a folder of work) is
+    refused before any training, and nothing in it is touched; over an earlier demo model or an
+    empty folder it builds, with files the umask allows others to read (safetensors alone
+    would write 0600: a server running as another user could not load the weights). The
+    console says how many steps ran and the scores."""
+    import os
+
+    import pytest
+
+    from tinyllava_med.cli import main
+
+    monkeypatch.setattr(demo, "DEMO_IMAGES", 40)
+    monkeypatch.setitem(demo.DEMO_TRAIN, "max_steps", 2)
+    victim = tmp_path / "victim"
+    (victim / "keep").mkdir(parents=True)
+    (victim / "tinyllava_med.db").write_text("x")
+    with pytest.raises(ValueError, match="not a demo model folder"):
+        demo.build_demo_model(victim, force=True, progress=False)
+    assert main(["demo-model", "--out", str(victim)]) == 2
+    assert "not a demo model folder" in capsys.readouterr().err
+    assert (victim / "tinyllava_med.db").read_text() == "x" and (victim / "keep").is_dir()
+    assert not (tmp_path / ".demo-build").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    old = os.umask(0o022)
+    try:
+        assert main(["demo-model", "--out", str(empty)]) == 0
+        assert main(["demo-model", "--out", str(empty)]) == 0  # over its own build
+    finally:
+        os.umask(old)
+    out = capsys.readouterr().out
+    assert f"demo model written to {empty}: 2 of 2 training steps" in out
+    assert "closed accuracy" in out and "open recall" in out
+    assert (empty / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,9 @@ def test_three_stages_end_to_end(tiny_model_dir, vqa_dir, tmp_path):
     )
 
     c = run_stage(_cfg("downstream", b, vqa_dir, tmp_path / "c", vision_tower={"mode": "full"}))
+    umask = os.umask(0)
+    os.umask(umask)  # the weights are readable as the umask allows, not safetensors' 0600
+    assert (c / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     lm = load_model(str(c), device="cpu")
     meta = ServedMeta.load(c)
     assert meta.training["stage"] == "downstream"

@@ -15,7 +15,6 @@ and LLaVA on LLaMA), `tiny_llava` (legacy TinyLLaVA, TinyLLaVA-Med-F), `tinyllav
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +32,7 @@ from tinyllava_med.model.convert_formats import (
 )
 from tinyllava_med.model.convert_tokenizer import TOKENIZER_FILES, load_source_tokenizer
 from tinyllava_med.model.convert_weights import ConversionError
-from tinyllava_med.model.meta import ServedMeta, hash_files
+from tinyllava_med.model.meta import ServedMeta, hash_files, publish_modes
 from tinyllava_med.model.processor import add_image_token, build_processor, image_token_count
 from tinyllava_med.model.prompts import IMAGE_TOKEN
 
@@ -153,15 +152,6 @@ def _drop_zero_lm_head_bias(tensors: dict[str, torch.Tensor]) -> list[str]:
     return ["lm_head.bias (all zeros)"]
 
 
-def _publish(folder: Path) -> None:
-    """safetensors writes 0600 whatever the umask: make the served files readable as the umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-
-
 def convert_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -250,6 +240,6 @@ def convert_checkpoint(
         vision_weights=vision_source,
         notes="; ".join(notes),
     ).save(dst)
-    _publish(dst)
+    publish_modes(dst)
     log.info("converted %s (%s) -> %s: %s", src, fmt, dst, "; ".join(notes))
     return dst

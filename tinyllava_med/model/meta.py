@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,14 @@ def weights_digest(folder: str | Path) -> str | None:
     with contextlib.suppress(OSError):  # a read-only models volume: hash again next time
         cache.write_text(json.dumps({"files": stats, "digest": digest}) + "\n")
     return digest
+
+
+def publish_modes(folder: Path) -> None:
+    """Give every file of a written checkpoint folder the mode the umask allows: safetensors
+    writes 0600 whatever the umask, and a server running as another user could not read the
+    weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

@@ -22,7 +22,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from tinyllava_med.model.meta import ServedMeta
+from tinyllava_med.model.meta import ServedMeta, publish_modes
 from tinyllava_med.model.processor import build_processor
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -138,4 +138,5 @@ def save_served(
     model.save_pretrained(out)
     processor.save_pretrained(out)
     meta.save(out)
+    publish_modes(out)
     return out

@@ -22,7 +22,6 @@ check of `quantize.check` finds this checkpoint's answers unchanged, and writes 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from tinyllava_med import __version__
-from tinyllava_med.model.meta import META_FILE, ServedMeta
+from tinyllava_med.model.meta import META_FILE, ServedMeta, publish_modes
 from tinyllava_med.model.registry import VARIANTS
 from tinyllava_med.quantize.check import (
     CHECK_FILE,
@@ -76,15 +75,6 @@ def _quantized_variant(meta: ServedMeta, quant: str) -> str | None:
     base = VARIANTS[meta.variant].base if meta.variant in VARIANTS else None
     match = [v.name for v in VARIANTS.values() if v.base == base and v.quantization == quant]
     return match[0] if base and match else meta.variant
-
-
-def _umask_modes(folder: Path) -> None:
-    """safetensors writes 0600 whatever the umask; give every file the umask's mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for item in folder.iterdir():
-        if item.is_file():
-            item.chmod(0o666 & ~umask)
 
 
 def _new_folder(dst: Path) -> None:
@@ -191,5 +181,5 @@ def quantize_checkpoint(
         }
     )
     out_meta.save(dst_path)
-    _umask_modes(dst_path)
+    publish_modes(dst_path)
     return dst_path

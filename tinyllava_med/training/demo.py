@@ -101,6 +101,7 @@ def build_demo_model(
     out = out or variant_dir(get_variant("demo"))
     if out.is_dir() and not force:
         return out
+    _check_replaceable(out)
     work = work_dir or out.parent / ".demo-build"
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.monotonic()
@@ -161,6 +162,20 @@ def build_demo_model(
     shutil.move(str(trained), str(out))
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """The build replaces `out` at the end: only a demo model built before, or an empty folder,
+    may be there (`--out ./data` must not take the database with it)."""
+    if not out.exists():
+        return
+    meta = ServedMeta.load(out) if out.is_dir() else None
+    if out.is_dir() and (not any(out.iterdir()) or (meta is not None and meta.variant == "demo")):
+        return
+    raise ValueError(
+        f"{out} exists and is not a demo model folder; the build replaces its folder, so it "
+        "writes only to a new or empty folder or over an earlier demo model"
+    )
 
 
 def evaluate_demo(

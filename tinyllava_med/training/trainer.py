@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from tinyllava_med.model.load import resolve
-from tinyllava_med.model.meta import ServedMeta, hash_files
+from tinyllava_med.model.meta import ServedMeta, hash_files, publish_modes
 from tinyllava_med.training.config import COMPONENTS, TrainConfig
 from tinyllava_med.training.data import (
     Collator,
@@ -385,4 +385,5 @@ def save_stage_output(
         },
         notes=meta.notes,
     ).save(out)
+    publish_modes(out)
     return out
