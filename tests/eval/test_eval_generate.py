@@ -95,3 +95,31 @@ def test_images_are_read_as_the_server_reads_uploads(tiny_lm, tmp_path: Path) ->
     want = [a.text for a in generate(tiny_lm, served, ["Organ?"] * 2, params)]
     got = _answers(out)
     assert [got["a"], got["b"]] == want
+
+
+def test_a_file_resumes_only_its_own_model_and_decoding(tiny_lm, phantom: Path, tmp_path: Path):
+    """Run again into the same file: its answers are kept and the missing ones asked. Another
+    model (weights, quantization) or decoding would mix two models' answers in one file scored
+    under one name, so it is refused and the file is left as it was."""
+    import dataclasses
+
+    out = tmp_path / "answers.jsonl"
+    params = SamplingParams(max_new_tokens=4)
+
+    def run(lm=tiny_lm, p=params, limit=None):
+        return generate_answers(
+            lm, phantom / "test.json", phantom / "images", out, params=p, limit=limit,
+            progress=False,
+        )  # fmt: skip
+
+    n = len(read_questions(phantom / "test.json"))
+    assert run(limit=5)["answered"] == 5
+    assert run() == {"answered": n - 5, "failed": 0, "skipped": 5}
+    before = out.read_text()
+    with pytest.raises(ValueError, match=r"decoding .*max_new_tokens.* 4.* here"):
+        run(p=SamplingParams(max_new_tokens=1))
+    other = dataclasses.replace(tiny_lm, quantization="4bit", weights="sha256:other")
+    with pytest.raises(ValueError, match="model_weights") as refused:
+        run(lm=other)
+    assert "quantization" in str(refused.value) and str(out) in str(refused.value)
+    assert out.read_text() == before

@@ -6,6 +6,8 @@ Reads LLaVA-Med / VQA-RAD conversation files (`conversations` or the misspelt `c
 LLaVA-Med. Batched, greedy by default, resumable; a failed item is written as failed. Images
 are read as the server reads uploads (`imaging.load_image_file`: DICOM, 16-bit PNG stretched,
 the same pixel limits); 8-bit PNG and JPEG give the same pixels as a plain PIL conversion.
+A run resumes only a file of its own answers: the same weights, quantization, template and
+decoding (`RESUME_KEYS`).
 """
 
 from __future__ import annotations
@@ -58,8 +60,15 @@ def read_questions(path: str | Path) -> list[Question]:
     return out
 
 
-def answered_ids(out_path: Path) -> set[str]:
-    """Question ids already written (successfully) to `out_path`, for resuming."""
+# what an answer's metadata must share with this run's for the run to resume its file: the
+# same weights, quantization, prompt template and decoding (a code version alone may differ)
+RESUME_KEYS = ("model_weights", "quantization", "template", "decoding")
+
+
+def answered_ids(out_path: Path, run: dict[str, Any] | None = None) -> set[str]:
+    """Question ids already written (successfully) to `out_path`, for resuming. With `run`
+    (this run's answer metadata), a line written by another model or decoding is a ValueError:
+    resuming would mix two models' answers in one file under one name."""
     if not out_path.is_file():
         return set()
     done = set()
@@ -68,9 +77,25 @@ def answered_ids(out_path: Path) -> set[str]:
             item = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a crash; the question is asked again
-        if not item.get("metadata", {}).get("failed"):
+        meta = item.get("metadata", {})
+        if run is not None and (other := _differs(meta, run)):
+            raise ValueError(
+                f"{out_path} holds answers of another model or decoding ({other}); a run "
+                "resumes only its own answers: write to another file, or delete this one to "
+                "start over"
+            )
+        if not meta.get("failed"):
             done.add(str(item["question_id"]))
     return done
+
+
+def _differs(meta: dict[str, Any], run: dict[str, Any]) -> str:
+    """Which of `RESUME_KEYS` an answer's metadata has otherwise than this run ('' if none)."""
+    return "; ".join(
+        f"{key} {json.dumps(meta.get(key))} there, {json.dumps(run.get(key))} here"
+        for key in RESUME_KEYS
+        if meta.get(key) != run.get(key)
+    )
 
 
 def generate_answers(
@@ -94,10 +119,10 @@ def generate_answers(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     questions = read_questions(questions_path)[:limit]
-    done = answered_ids(out)
+    meta_base: dict[str, Any] = {**lm.info, "decoding": asdict(params)}
+    done = answered_ids(out, json.loads(json.dumps(meta_base)))  # as read back from a line
     todo = [q for q in questions if q.question_id not in done]
     counts = {"answered": 0, "failed": 0, "skipped": len(questions) - len(todo)}
-    meta_base: dict[str, Any] = {**lm.info, "decoding": asdict(params)}
     size_mb = prefix_cache_size_mb(lm, prefix_cache_mb)
     store = ByteLRU(size_mb * 1024 * 1024, cache_bytes) if size_mb else None
     by_image = store is not None and image_prefixes_pay(lm)
