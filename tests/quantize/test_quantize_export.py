@@ -231,3 +231,24 @@ def test_quantize_command(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     argv = ["quantize", str(tiny_model_dir), str(dst), "--method", "nf4", "--int8"]
     assert main([*argv, "model.vision_tower"]) == 0
     assert ServedMeta.load(dst).int8_modules == ["model.vision_tower"]
+
+
+def test_a_quantized_copy_does_not_carry_the_sources_scores(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The demo model's folder holds its own scores (`demo_eval.json`) and a card with them: a
+    quantized copy keeps neither as its own. The card stays, headed by what the copy is."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "demo_eval.json").write_text('{"summary": {"closed_accuracy": 0.99}}')
+    (src / "README.md").write_text("# Demo\n\nclosed accuracy 99.7\n")
+    dst = tmp_path / "q"
+    dst.mkdir()
+    (dst / "demo_eval.json").write_text("{}")  # left by an earlier build into this folder
+    quantize_checkpoint(src, dst, method="int8")
+    assert not (dst / "demo_eval.json").exists()
+    card = (dst / "README.md").read_text()
+    assert card.startswith("# Quantized copy") and "quantized by tinyllava-med (int8;" in card
+    assert "unquantized model's" in card and card.endswith("# Demo\n\nclosed accuracy 99.7\n")

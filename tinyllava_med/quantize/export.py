@@ -55,10 +55,28 @@ _WEIGHT_FILES = ("config.json", "generation_config.json", META_FILE, CPU_INT8_FI
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt")
 
 
-def _copy_processor_files(src: Path, dst: Path) -> None:
+# what the source folder measured of itself (the demo model's scores): not this copy's
+_SOURCE_RESULTS = ("demo_eval.json",)
+CARD = "README.md"
+
+
+def _copy_processor_files(src: Path, dst: Path, note: str) -> None:
+    """The source's tokenizer, processor and other files, without its weights and its own
+    scores; its model card, headed by what this copy is."""
+    for name in _SOURCE_RESULTS:
+        (dst / name).unlink(missing_ok=True)
     for item in src.iterdir():
         weights = item.name in _WEIGHT_FILES or item.name.endswith(_WEIGHT_SUFFIXES)
-        if item.is_file() and not weights:
+        if not item.is_file() or weights or item.name in _SOURCE_RESULTS:
+            continue
+        if item.name == CARD:
+            (dst / CARD).write_text(
+                f"# Quantized copy\n\nThis folder was {note}, from `{src.name}`. The card below "
+                "is the source model's: its scores and training times are the unquantized "
+                f"model's (this copy's output check, where made: `{CHECK_FILE}`).\n\n"
+                + item.read_text()
+            )
+        else:
             shutil.copy2(item, dst / item.name)
 
 
@@ -166,8 +184,8 @@ def quantize_checkpoint(
         _new_folder(dst_path)
         model.save_pretrained(dst_path)  # before any forward pass (see the module docstring)
 
-    _copy_processor_files(src_path, dst_path)
     note = f"quantized by tinyllava-med ({method}; {precision_note(skip, int8)})"
+    _copy_processor_files(src_path, dst_path, note)
     if report is not None:
         (dst_path / CHECK_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         note = f"{note[:-1]}; {report.summary()})"
