@@ -296,9 +296,11 @@ def test_phantom_generate_score_round_trip(tiny_model_dir, tmp_path):
     gt = json.loads((ph / "test.json").read_text())
     assert {x["question_id"] for x in lines} == {e["id"] for e in gt}
     assert all(x["metadata"]["quantization"] == "none" for x in lines)
-    # resumable: a second run answers nothing new
-    out = eval_generate()
+    # resumable: a second run answers nothing new; one with another limit is refused
+    out = eval_generate("--max-new-tokens", "3")
     assert json.loads(out.stdout.strip().splitlines()[-1])["skipped"] == len(gt)
+    out = eval_generate()
+    assert out.returncode == 2 and "answers of another model or decoding" in out.stderr
     # drop one answer: the scorer reports it missing instead of shifting the pairs
     answers.write_text("\n".join(json.dumps(x) for x in lines[1:]) + "\n")
     scores = tmp_path / "scores.json"
@@ -418,3 +420,91 @@ def test_bitsandbytes_advice_to_fetch_kernels_is_dropped(tmp_path, monkeypatch, 
         )
         logger.warning("another notice")
     assert [r.getMessage() for r in caplog.records if r.name == logger.name] == ["another notice"]
+
+
+def test_a_wrong_model_path_or_device_is_one_line_not_a_traceback(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    """What a user mistypes or a copy loses: a model that is not there, a folder that is no
+    checkpoint, a checkpoint missing or with a damaged file, a device this machine lacks, a
+    questions file or image folder that is not there, values no run can use, and Ctrl-C. Each
+    says what is wrong in one line (exit 2; 130 for Ctrl-C), before loading a model where it
+    can; `-v` keeps the traceback."""
+    import shutil
+
+    from tinyllava_med import cli as cli_module
+    from tinyllava_med.cli import main
+
+    monkeypatch.setenv("TINYLLAVA_MED_DATA_DIR", str(tmp_path / "data"))
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("L", (32, 32), 80).save(png)
+
+    def run(*args: str) -> str:
+        code = main(list(args))
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, (args, code, err)
+        return err
+
+    ask = ("ask", str(png), "Organ?")
+    assert "neither a folder nor a known variant" in run(*ask, "--model", "nosuch")
+    assert "is not a checkpoint folder (it has no config.json)" in run(
+        *ask, "--model", str(tmp_path)
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").unlink()
+    assert "a file is missing or damaged" in run(*ask, "--model", str(broken))
+    shutil.copy(tiny_model_dir / "model.safetensors", broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    assert "SafetensorError" in run(*ask, "--model", str(broken))
+    assert "unknown device 'tpu'" in run(*ask, "--model", str(tiny_model_dir), "--device", "tpu")
+    if not __import__("torch").cuda.is_available():
+        assert "no CUDA GPU" in run(*ask, "--model", str(tiny_model_dir), "--device", "cuda")
+
+    eval_args = ("eval", "generate", "--model", str(broken), "--out", str(tmp_path / "a.jsonl"))
+    err = run(*eval_args, "--questions", str(tmp_path / "nope.json"), "--images", str(tmp_path))
+    assert f"No such file or directory: {tmp_path / 'nope.json'}" in err  # before the model
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "image": "x.png", "text": "Q?"}) + "\n")
+    err = run(*eval_args, "--questions", str(questions), "--images", str(tmp_path / "nope"))
+    assert "Not a directory" in err
+    err = run(
+        "eval", "compare", "--variants", str(tiny_model_dir), f"{tiny_model_dir}:9bit",
+        "--questions", str(questions), "--images", str(tmp_path), "--out-dir", str(tmp_path / "c"),
+    )  # fmt: skip
+    assert "unknown quantization '9bit'" in err and not (tmp_path / "c").exists()
+    err = run("train", "--stage", "downstream", "--config", "nope.yaml")
+    assert "No such file or directory: nope.yaml" in err
+
+    for bad in (("--batch-size", "0"), ("--temperature", "-1"), ("--top-p", "2")):
+        with pytest.raises(SystemExit) as refused:
+            main(["eval", "generate", "--questions", "q", "--images", ".", "--out", "o", *bad])
+        assert refused.value.code == 2 and bad[0] in capsys.readouterr().err
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "cmd_ask", interrupted)  # the parser names it when built
+    assert main(list(ask)) == 130
+    assert capsys.readouterr().err.strip() == "tinyllava-med: interrupted"
+
+
+def test_train_refuses_step_counts_that_mean_something_else_and_finds_shipped_configs():
+    """transformers reads `max_steps` 0 as one step and -2 as no limit (an hour of training
+    for a typo); a shipped config is found by its name with or without `.yaml`, as its
+    comment writes it, and `deepspeed=zero3.json` names the shipped ZeRO-3 config."""
+    from pydantic import ValidationError
+
+    from tinyllava_med.training.config import CONFIG_DIR, TrainConfig
+
+    for steps in (0, -2):
+        with pytest.raises(ValidationError, match="max_steps"):
+            TrainConfig.from_yaml("tinyllava-1.5b-downstream", max_steps=steps)
+    assert TrainConfig.from_yaml("tinyllava-1.5b-downstream", max_steps=-1).max_steps == -1
+    by_file = TrainConfig.from_yaml("tinyllava-1.5b-downstream.yaml")
+    assert by_file == TrainConfig.from_yaml("tinyllava-1.5b-downstream")
+    zero3 = TrainConfig.from_yaml("tinyllava-1.5b-downstream", deepspeed="zero3.json")
+    assert zero3.deepspeed == str(CONFIG_DIR / "zero3.json")

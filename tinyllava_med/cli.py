@@ -141,9 +141,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.eval_cmd == "generate":
-        from tinyllava_med.eval.generate import generate_answers
+        from tinyllava_med.eval.generate import generate_answers, read_questions
         from tinyllava_med.model.generate import SamplingParams
 
+        read_questions(args.questions)  # a wrong path is said before the model loads
+        if not Path(args.images).is_dir():
+            raise NotADirectoryError(20, "Not a directory", args.images)
         lm = _load_model_for_cli(args)
         counts = generate_answers(
             lm,
@@ -663,6 +666,27 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------------------
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be 1 or more")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 (greedy) or more")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be above 0 and at most 1")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser, default_model: str | None = "demo") -> None:
     p.add_argument("--model", default=default_model, help="variant name, folder or hub id")
     p.add_argument(
@@ -717,8 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--frame", type=int, default=None, help="frame of a multi-frame DICOM")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=_temperature, default=0.0)
+    p.add_argument("--top-p", type=_top_p, default=1.0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = verb(
@@ -821,16 +845,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--questions", required=True, help="conversation json or qa50 jsonl")
     g.add_argument("--images", required=True, help="image folder")
     g.add_argument("--out", required=True, help="answers jsonl (resumed if it exists)")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--limit", type=int, default=None)
+    g.add_argument("--batch-size", type=_positive, default=16)
+    g.add_argument("--limit", type=_positive, default=None)
     g.add_argument(
         "--max-new-tokens",
         type=int,
         default=1024,
         help="as LLaVA-Med's model_vqa.py (1024); `eval score` lists the answers it cut",
     )
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=_temperature, default=0.0)
+    g.add_argument("--top-p", type=_top_p, default=1.0)
     sc = ev.add_parser("score", help="LLaVA-Med metrics (+ strict variants), paired by id")
     sc.add_argument("--gt", required=True)
     sc.add_argument("--pred", required=True)
@@ -857,8 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--questions", required=True)
     c.add_argument("--images", required=True)
     c.add_argument("--out-dir", required=True)
-    c.add_argument("--limit", type=int, default=None)
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--limit", type=_positive, default=None)
+    c.add_argument("--batch-size", type=_positive, default=32)
     c.add_argument(
         "--max-new-tokens",
         type=int,
@@ -1009,11 +1033,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_kernels_notice)
     try:
         return int(args.func(args) or 0)
-    except ValueError as e:  # a bad setting or argument: what is wrong, not a traceback
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        # a bad setting or argument, a path that is not there: what is wrong, not a traceback
         if args.verbose:
             raise
         print(_user_error(e), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written is whole (every command writes
+        # files by replacing them, and answers files line by line)
+        print("tinyllava-med: interrupted", file=sys.stderr)
+        return 130
 
 
 def _n(count: int, one: str, many: str | None = None) -> str:
@@ -1028,7 +1057,7 @@ def _no_kernels_notice(record: logging.LogRecord) -> bool:
     return "kernels-community" not in record.getMessage()
 
 
-def _user_error(e: ValueError) -> str:
+def _user_error(e: Exception) -> str:
     from pydantic import ValidationError
 
     if isinstance(e, ValidationError) and e.title == "Settings":  # the environment or flags
@@ -1038,6 +1067,8 @@ def _user_error(e: ValueError) -> str:
             for err in e.errors()
             for name in [".".join(str(part) for part in err["loc"])]
         )
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:  # open("nope.json")
+        return f"tinyllava-med: error: {e.strerror}: {e.filename}"
     return f"tinyllava-med: error: {e} (-v shows where)"
 
 

@@ -16,12 +16,13 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from tinyllava_med.eval.generate import generate_answers
+from tinyllava_med.eval.generate import generate_answers, read_questions
 from tinyllava_med.eval.metrics import score_files
 from tinyllava_med.eval.paired import paired
 from tinyllava_med.eval.report import ScoreReport
 from tinyllava_med.model.generate import SamplingParams
-from tinyllava_med.model.load import load_model
+from tinyllava_med.model.load import load_model, resolve
+from tinyllava_med.model.registry import QUANTS
 
 
 def _split(spec: str) -> tuple[str, str | None]:
@@ -50,6 +51,16 @@ def compare_variants(
     max_new_tokens: int = 16,
     device: str | None = "cpu",
 ) -> Path:
+    for spec in variants:  # every spec is checked before the first variant answers anything
+        name, quant = _split(spec)
+        if quant is not None and quant not in QUANTS:
+            raise ValueError(
+                f"variant {spec!r}: unknown quantization {quant!r}; known: {', '.join(QUANTS)}"
+            )
+        resolve(name)  # ModelNotFoundError for a name that is no model here
+    read_questions(questions)
+    if not Path(images).is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(images))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     reference: ScoreReport | None = None

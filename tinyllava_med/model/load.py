@@ -30,6 +30,10 @@ class ModelNotFoundError(FileNotFoundError):
     """The name is neither a folder, a known variant with a local checkpoint, nor reachable."""
 
 
+class CheckpointError(ValueError):
+    """The folder is a checkpoint that cannot be loaded: a file missing or damaged."""
+
+
 @dataclass
 class LoadedModel:
     model: Any  # LlavaForConditionalGeneration (possibly quantized)
@@ -76,9 +80,25 @@ def variant_dir(variant: Variant, data_dir: Path | None = None) -> Path:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    if device and device != "auto":
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` (auto: a CUDA GPU when there is one); ValueError for one torch does not know
+    or this machine does not have."""
+    if not device or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        picked = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
+    if picked.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {device!r}: this machine (or this torch build) has no CUDA GPU"
+            )
+        if picked.index is not None and picked.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA GPU(s)")
+    elif picked.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return picked
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -139,6 +159,11 @@ def load_model(
 ) -> LoadedModel:
     """Load model + processor. `quant=None` takes the variant's (or the folder's) own setting."""
     path, variant = resolve(name_or_path, data_dir)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise CheckpointError(
+            f"{path} is not a checkpoint folder (it has no config.json): name the model's own "
+            "folder, e.g. ./data/models/demo"
+        )
     meta = ServedMeta.load(path) if Path(path).is_dir() else None
     meta = meta or ServedMeta()
     weights = weights_digest(path) if Path(path).is_dir() else None
@@ -155,20 +180,33 @@ def load_model(
 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    processor = AutoProcessor.from_pretrained(path, backend="pil")  # PIL bicubic = the originals
-    processor.tokenizer.padding_side = "left"
+    from safetensors import SafetensorError
 
     from tinyllava_med.quantize.runtime import load_weights
 
-    model = load_weights(
-        path,
-        quant=effective_quant,
-        stored_quant=stored_quant,
-        device=dev,
-        dtype=torch_dtype,
-        attn_implementation=_attn_implementation(dev),
-        int8_modules=meta.int8_modules if stored_quant == "4bit" else (),
-    )
+    try:
+        processor = AutoProcessor.from_pretrained(path, backend="pil")  # PIL bicubic = originals
+        model = load_weights(
+            path,
+            quant=effective_quant,
+            stored_quant=stored_quant,
+            device=dev,
+            dtype=torch_dtype,
+            attn_implementation=_attn_implementation(dev),
+            int8_modules=meta.int8_modules if stored_quant == "4bit" else (),
+        )
+    except (OSError, SafetensorError) as e:  # a file missing or cut short
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"the checkpoint at {path} cannot be loaded, a file is missing or damaged "
+            f"({type(e).__name__}: {first}); convert, train or copy it again"
+        ) from e
+    if getattr(processor.tokenizer, "pad_token_id", None) is None:
+        raise CheckpointError(
+            f"the checkpoint at {path} has a tokenizer without a padding token (is "
+            "tokenizer_config.json missing?); convert, train or copy it again"
+        )
+    processor.tokenizer.padding_side = "left"
     model.eval()
     name = variant.name if variant else (meta.name or meta.variant or Path(path).name)
     log.info("loaded model %s (%s, %s) on %s", name, effective_quant, torch_dtype, dev)

@@ -92,9 +92,19 @@ class TrainConfig(BaseModel):
     @field_validator("deepspeed")
     @classmethod
     def _shipped_deepspeed(cls, v: str | None) -> str | None:
-        """`zero2` / `zero3` name the ZeRO configs shipped in `training/configs/`."""
-        if v in ("zero2", "zero3"):
-            return str(CONFIG_DIR / f"{v}.json")
+        """`zero2` / `zero3` (or `zero3.json`, as the configs' comments wrote it) name the ZeRO
+        configs shipped in `training/configs/`, unless a file of that name is here."""
+        if v is not None and not Path(v).is_file() and Path(v).stem in ("zero2", "zero3"):
+            return str(CONFIG_DIR / f"{Path(v).stem}.json")
+        return v
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        """-1 trains `num_train_epochs`; otherwise at least one step (transformers reads 0 as
+        one step and any other negative as no limit)."""
+        if v != -1 and v < 1:
+            raise ValueError("max_steps is a number of steps (1 or more), or -1 for the epochs")
         return v
 
     @classmethod
@@ -103,8 +113,9 @@ class TrainConfig(BaseModel):
         `stage` (`train --stage`) must be the one the file configures, if it names one: the
         stage is only recorded, so a mismatch would label one stage's run as another's."""
         path = Path(path)
-        if not path.is_file() and (CONFIG_DIR / f"{path.name}.yaml").is_file():
-            path = CONFIG_DIR / f"{path.name}.yaml"
+        shipped = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+        if not path.is_file() and shipped.is_file():  # `tinyllava-1.5b-instruct[.yaml]`
+            path = shipped
         data = yaml.safe_load(path.read_text()) or {}
         if stage is not None:
             if data.get("stage", stage) != stage:
