@@ -96,7 +96,9 @@ def pick_device(device: str | None = None) -> torch.device:
             )
         if picked.index is not None and picked.index >= count:
             raise ValueError(f"device {device!r}: this machine has {count} CUDA GPU(s)")
-    elif picked.type != "cpu":
+    elif picked.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: this machine has no Apple GPU (MPS)")
+    elif picked.type not in ("cpu", "mps"):
         raise ValueError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
     return picked
 
