@@ -155,9 +155,12 @@ def test_failed_prediction_counts_as_wrong() -> None:
 def test_retry_line_of_a_resumed_file_wins_over_the_failed_one() -> None:
     preds = [_pred("1", "", failed=True), *PREDS]
     report = score(GT, preds)
-    assert report.duplicates == ["1"]
+    assert report.duplicates == []  # a retried failure is not a duplicate answer
     assert report.failed == []
     assert _item_scores(report) == _item_scores(score(GT, PREDS))
+    # two answers to one question are: which one counts is a guess
+    twice = score(GT, [*PREDS, _pred("1", "something else")])
+    assert twice.duplicates == ["1"]
 
 
 def test_bad_input_is_refused_with_the_id() -> None:

@@ -207,17 +207,19 @@ def index_predictions(
     preds: Iterable[Mapping[str, Any]],
 ) -> tuple[dict[str, Mapping[str, Any]], list[str]]:
     """Predictions by id. A resumed answer file may repeat an id (a failed line, then the
-    retry): the last successful line wins, else the last line. Repeated ids are returned."""
+    retry): the last successful line wins, else the last line. The ids answered more than once
+    (two successful lines: which one counts is a guess) are returned; a retried failure is not
+    one of them."""
     by_id: dict[str, Mapping[str, Any]] = {}
-    seen: Counter[str] = Counter()
+    answered: Counter[str] = Counter()
     for p in preds:
         if "question_id" not in p:
             raise ValueError(f"prediction without question_id: keys {sorted(p)}")
         qid = str(p["question_id"])
-        seen[qid] += 1
+        answered[qid] += not _failed(p)
         if qid not in by_id or not _failed(p) or _failed(by_id[qid]):
             by_id[qid] = p
-    return by_id, [q for q, c in seen.items() if c > 1]
+    return by_id, [q for q, c in answered.items() if c > 1]
 
 
 def _failed(pred: Mapping[str, Any]) -> bool:
