@@ -267,3 +267,13 @@ def test_image_size_and_bad_arguments(tmp_path: Path) -> None:
         generate_phantom(tmp_path, 4, 0, test_fraction=1.0)
     with pytest.raises(ValueError, match="seed"):
         generate_phantom(tmp_path, 4, -1)
+
+
+def test_a_new_set_in_the_same_folder_leaves_no_old_images(tmp_path: Path) -> None:
+    """`data phantom --n 6` over an earlier `--n 40` (or another seed): the folder holds the new
+    set's images alone, and files that are not phantoms stay."""
+    generate_phantom(tmp_path, 40, 3)
+    (tmp_path / "images" / "mine.png").write_bytes(b"x")
+    generate_phantom(tmp_path, 6, 5)
+    names = {p.name for p in (tmp_path / "images").iterdir()}
+    assert names == {f"phantom-5-{i:05d}.png" for i in range(6)} | {"mine.png"}

@@ -764,6 +764,10 @@ def generate_phantom(
 
     for split, entries in splits.items():
         _write_json(out_dir / f"{split}.json", entries)
+    written = {f"phantom-{seed}-{index:05d}.png" for index in range(n)}
+    for stale in image_dir.glob("phantom-*.png"):  # an earlier set's, no question names them
+        if stale.name not in written:
+            stale.unlink()
 
     def count(entries: list[dict[str, Any]], key: str) -> dict[str, int]:
         return dict(sorted(Counter(e[key] for e in entries).items()))
