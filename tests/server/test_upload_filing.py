@@ -141,9 +141,15 @@ def test_a_uid_reused_for_another_patient_is_refused(api, caplog):
 
     assert "OTHER-PATIENT" not in caplog.text and "Other^Patient" not in caplog.text
     assert "held for another patient" in caplog.text
+
+    # the same patient ID with a corrected name (the PACS sends the rest of the study after a
+    # demographics fix): the same patient, it joins the study
+    corrected = ct_with(PatientName="Corrected^Name", SOPInstanceUID=pydicom.uid.generate_uid())
+    r = upload(api, ("c.dcm", corrected, DICOM))
+    assert r.status_code == 201 and r.json()["id"] == held["id"], r.text
     with api.app.state.session_factory() as s:
         details = [str(e.detail) for e in s.scalars(select(AuditEvent))]
-    assert not any("OTHER" in d for d in details)
+    assert not any("OTHER" in d or "Corrected" in d for d in details)
 
 
 def test_images_without_a_uid_make_a_study_each(api):

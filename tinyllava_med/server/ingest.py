@@ -167,33 +167,35 @@ def _stored(session: Session, study: Study, sop_instance: str) -> Image | None:
     )
 
 
-# who an instance is of: a re-sent instance must name the same patient as the one released, and
-# a new instance the same patient as its study's images
+# who an instance is of: a re-sent instance must name the same patient as the one released
 _PATIENT = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate")
+# and a new instance the same patient ID as its study's images (a name or birth date may have
+# been corrected since, and the PACS sends the rest of the study with the correction)
+_PATIENT_ID = _PATIENT[:2]
 
 
-def _patient(source: bytes | Path) -> tuple[str, ...]:
-    """The patient a DICOM file (its bytes, or its path in the store) names; read from its
-    header only. Kept in memory, never logged."""
+def _patient(source: bytes | Path, names: tuple[str, ...] = _PATIENT) -> tuple[str, ...]:
+    """The patient a DICOM file (its bytes, or its path in the store) names (`names`); read
+    from its header only. Kept in memory, never logged."""
     ds = pydicom.dcmread(
         io.BytesIO(source) if isinstance(source, bytes) else source, stop_before_pixels=True
     )
-    return tuple(str(ds.get(name, "")).strip() for name in _PATIENT)
+    return tuple(str(ds.get(name, "")).strip() for name in names)
 
 
 def _study_patient(store: ImageStore, study: Study) -> tuple[str, ...] | None:
-    """The patient `study`'s first DICOM image with a readable header names (its file, or the
-    header kept when its pixels were released); None when it has none."""
+    """The patient ID `study`'s first DICOM image with a readable header names (its file, or
+    the header kept when its pixels were released); None when it has none."""
     for image in study.images:
         sha256 = image.header_sha256 if image.released_at is not None else image.sha256
         if image.kind == "dicom" and sha256 and store.exists(sha256):
-            return _patient(store.path(sha256))
+            return _patient(store.path(sha256), _PATIENT_ID)
     return None
 
 
 class _Patients:
-    """Whether an instance names the patient of the study it is filed under, reading each
-    study's patient once per filing (a study with no DICOM image yet takes any)."""
+    """Whether an instance names the patient ID (and issuer) of the study it is filed under,
+    reading each study's once per filing (a study with no DICOM image yet takes any)."""
 
     def __init__(self, store: ImageStore) -> None:
         self.store = store
@@ -205,7 +207,7 @@ class _Patients:
             if held is None:
                 return True
             self.known[study.id] = held
-        return self.known[study.id] == _patient(data)
+        return self.known[study.id] == _patient(data, _PATIENT_ID)
 
 
 def _same_instance(store: ImageStore, image: Image, data: bytes, d: Decoded) -> bool:
