@@ -72,3 +72,19 @@ def test_demo_model_replaces_only_a_demo_model(tmp_path, monkeypatch, capsys):
     assert f"demo model written to {empty}: 2 of 2 training steps" in out
     assert "closed accuracy" in out and "open recall" in out
     assert (empty / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_build_the_time_budget_cuts_short_is_a_warning(tmp_path, monkeypatch, caplog):
+    """On a slow or busy machine the budget stops training early: the model is undertrained,
+    and whoever built it (`demo-model`, or `ask` / `serve` on first use) is told so."""
+    import logging
+
+    monkeypatch.setattr(demo, "DEMO_IMAGES", 40)
+    monkeypatch.setitem(demo.DEMO_TRAIN, "max_steps", 500)
+    monkeypatch.setitem(demo.DEMO_TRAIN, "max_time_s", 0.5)
+    caplog.set_level(logging.WARNING, logger="tinyllava_med.training.demo")
+    out = demo.build_demo_model(tmp_path / "demo", force=True, progress=False)
+    run = ServedMeta.load(out).training["run"]
+    assert run["stopped_by_time_limit"] and run["steps"] < 500
+    assert f"the demo model trained {run['steps']} of 500 steps" in caplog.text
+    assert "--no-time-limit" in caplog.text

@@ -139,6 +139,18 @@ def build_demo_model(
     scores = evaluate_demo(trained, phantom, progress=progress)
     meta = ServedMeta.load(trained)
     run = ((meta.training if meta else None) or {}).get("run") or {}
+    if run.get("stopped_by_time_limit"):  # every path that builds it says so: demo-model,
+        # and `ask` or `serve` building it on first use
+        log.warning(
+            "the demo model trained %s of %s steps: this machine was too slow (or busy) for "
+            "all of them within the %s s budget, so it is undertrained (PhantomVQA closed "
+            "accuracy %.1f%%) and a rebuild will differ; `tinyllava-med demo-model "
+            "--no-time-limit` trains every step",
+            run.get("steps"),
+            run.get("max_steps"),
+            settings.get("max_time_s"),
+            100 * scores["summary"]["closed_accuracy"],
+        )
     card = MODEL_CARD.format(
         **DEMO_SHAPE.__dict__,
         seconds=train_seconds,
