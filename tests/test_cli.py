@@ -448,6 +448,8 @@ def test_a_wrong_model_path_or_device_is_one_line_not_a_traceback(
         return err
 
     ask = ("ask", str(png), "Organ?")
+    assert "a folder, not a file" in run("ask", str(tmp_path), "Organ?")
+    assert "no such folder" in run("convert", str(tmp_path / "nope"), str(tmp_path / "out"))
     assert "neither a folder nor a known variant" in run(*ask, "--model", "nosuch")
     assert "is not a checkpoint folder (it has no config.json)" in run(
         *ask, "--model", str(tmp_path)

@@ -33,7 +33,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     if not path.is_file():
-        print(f"error: no such file: {path}", file=sys.stderr)
+        what = (
+            "a folder, not a file (ask about one image file)" if path.is_dir() else "no such file"
+        )
+        print(f"error: {path}: {what}", file=sys.stderr)
         return 2
     try:
         study = load_study_file(path.read_bytes(), frame=args.frame)

@@ -138,6 +138,8 @@ class SourcePlan:
 
 def read_config(src: Path) -> dict[str, Any]:
     path = src / "config.json"
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such folder (the downloaded checkpoint's folder)")
     if not path.is_file():
         raise ConversionError(f"{src} has no config.json: not a checkpoint folder")
     return json.loads(path.read_text())
