@@ -419,8 +419,9 @@ def _file_one(
         raise APIError(
             409,
             "patient_mismatch",
-            "the file's Study Instance UID names a study held here for another patient: the "
-            "sending device reused a UID; nothing was stored",
+            "the file's Study Instance UID names a study held here under another Patient ID (a "
+            "device that reused a UID, or a copy de-identified apart from the study held); "
+            "nothing was stored",
             {"file": upload.filename, "study_id": study.id},
         )
     sop_instance = d.metadata.SOPInstanceUID if d.kind == "dicom" else None
