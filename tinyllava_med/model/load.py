@@ -199,9 +199,13 @@ def load_model(
         )
     except (OSError, SafetensorError) as e:  # a file missing or cut short
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = (
+            "a file is missing or damaged; convert, train or copy it again"
+            if Path(path).is_dir()
+            else "a hub id needs the hub, or its files in the cache (HF_HUB_OFFLINE)"
+        )
         raise CheckpointError(
-            f"the checkpoint at {path} cannot be loaded, a file is missing or damaged "
-            f"({type(e).__name__}: {first}); convert, train or copy it again"
+            f"the checkpoint at {path} cannot be loaded ({type(e).__name__}: {first}): {why}"
         ) from e
     if getattr(processor.tokenizer, "pad_token_id", None) is None:
         raise CheckpointError(
