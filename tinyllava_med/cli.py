@@ -330,11 +330,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # uvicorn applies it as it starts, before the model loads
     log_config = text_log_config()
-    if settings.log_format == "json":
+    if settings.log_format == "json" or not sys.stderr.isatty():
+        # tqdm bars ("Loading weights") are not log records: a service's or container's log
+        # would keep each redraw
         from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
+    if settings.log_format == "json":
         log_config = json_log_config(settings.log_level)
-        hf_logging.disable_progress_bar()  # tqdm bars are not log records
     server = http_server(
         app,
         settings,

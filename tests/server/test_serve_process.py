@@ -116,6 +116,7 @@ def test_serve_https(tmp_path, tiny_model_dir):
         with pytest.raises(httpx.HTTPError):  # no clear-text HTTP on the port
             httpx.get(f"http://127.0.0.1:{port}/healthz")
     assert log.read_text().startswith(f"serving on {base} ")
+    assert "Loading weights" not in log.read_text()  # no progress bars in a service's log
     access = [ln for ln in log.read_text().splitlines() if '"GET /v1/studies HTTP/1.1" 200' in ln]
     assert len(access) == 1 and "ACC9" not in log.read_text()
 

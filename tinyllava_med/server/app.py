@@ -257,7 +257,8 @@ def _load_model(app: FastAPI, settings: Settings, own_process: bool) -> None:
         if settings.model == "demo":
             from tinyllava_med.training.demo import ensure_demo_model
 
-            ensure_demo_model(settings.data_dir)
+            # progress bars for a terminal only: a service's log would keep each redraw
+            ensure_demo_model(settings.data_dir, progress=sys.stderr.isatty())
         lm = load_model(
             settings.model,
             quant=settings.quant,
