@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -274,12 +275,13 @@ def _server_settings(args: argparse.Namespace) -> Any:
     return Settings(**overrides)
 
 
-def _listen_socket(host: str, port: int, flag: str = "--port, TINYLLAVA_MED_PORT") -> Any:
+def _listen_socket(
+    host: str, port: int, flag: str = "--port, TINYLLAVA_MED_PORT"
+) -> socket.socket | None:
     """A socket bound to the port, before the model loads: a port in use (another server, a
     second `serve`) is said at once, not after a minute of loading. None with the reason
     printed when it cannot be bound."""
     import errno
-    import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -21,8 +21,7 @@ from tinyllava_med.eval.metrics import score_files
 from tinyllava_med.eval.paired import paired
 from tinyllava_med.eval.report import ScoreReport
 from tinyllava_med.model.generate import SamplingParams
-from tinyllava_med.model.load import load_model, resolve
-from tinyllava_med.model.registry import QUANTS
+from tinyllava_med.model.load import check_quant, load_model, resolve
 
 
 def _split(spec: str) -> tuple[str, str | None]:
@@ -53,10 +52,8 @@ def compare_variants(
 ) -> Path:
     for spec in variants:  # every spec is checked before the first variant answers anything
         name, quant = _split(spec)
-        if quant is not None and quant not in QUANTS:
-            raise ValueError(
-                f"variant {spec!r}: unknown quantization {quant!r}; known: {', '.join(QUANTS)}"
-            )
+        if quant is not None:
+            check_quant(quant)
         resolve(name)  # ModelNotFoundError for a name that is no model here
     read_questions(questions)
     if not Path(images).is_dir():

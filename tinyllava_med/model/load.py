@@ -79,6 +79,12 @@ def variant_dir(variant: Variant, data_dir: Path | None = None) -> Path:
     return (data_dir or default_data_dir()) / "models" / variant.base
 
 
+def check_quant(quant: str) -> None:
+    """ValueError for a quantization this project does not know."""
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quantization {quant!r}; known: {', '.join(QUANTS)}")
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """`device` (auto: a CUDA GPU when there is one); ValueError for one torch does not know
     or this machine does not have."""
@@ -171,8 +177,7 @@ def load_model(
     weights = weights_digest(path) if Path(path).is_dir() else None
     if quant is None:
         quant = variant.quantization if variant else "none"
-    if quant not in QUANTS:
-        raise ValueError(f"unknown quantization {quant!r}; known: {', '.join(QUANTS)}")
+    check_quant(quant)
     stored_quant = meta.quantization
     if stored_quant != "none" and quant not in ("none", stored_quant):
         raise ValueError(

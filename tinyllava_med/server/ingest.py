@@ -183,13 +183,24 @@ def _patient(source: bytes | Path, names: tuple[str, ...] = _PATIENT) -> tuple[s
     return tuple(str(ds.get(name, "")).strip() for name in names)
 
 
-def _study_patient(store: ImageStore, study: Study) -> tuple[str, ...] | None:
+# the study's first DICOM images looked at for a readable header (the first one has it, unless
+# its file was lost): a study of thousands of images is not loaded for one instance
+_HEADERS_TRIED = 8
+
+
+def _study_patient(session: Session, store: ImageStore, study: Study) -> tuple[str, ...] | None:
     """The patient ID `study`'s first DICOM image with a readable header names (its file, or
     the header kept when its pixels were released); None when it has none."""
-    for image in study.images:
-        sha256 = image.header_sha256 if image.released_at is not None else image.sha256
-        if image.kind == "dicom" and sha256 and store.exists(sha256):
-            return _patient(store.path(sha256), _PATIENT_ID)
+    files = session.execute(
+        select(Image.sha256, Image.header_sha256, Image.released_at)
+        .where(Image.study_id == study.id, Image.kind == "dicom")
+        .order_by(Image.n)
+        .limit(_HEADERS_TRIED)
+    )
+    for sha256, header_sha256, released_at in files:
+        name = header_sha256 if released_at is not None else sha256
+        if name and store.exists(name):
+            return _patient(store.path(name), _PATIENT_ID)
     return None
 
 
@@ -197,13 +208,14 @@ class _Patients:
     """Whether an instance names the patient ID (and issuer) of the study it is filed under,
     reading each study's once per filing (a study with no DICOM image yet takes any)."""
 
-    def __init__(self, store: ImageStore) -> None:
+    def __init__(self, session: Session, store: ImageStore) -> None:
+        self.session = session
         self.store = store
         self.known: dict[str, tuple[str, ...]] = {}
 
     def match(self, study: Study, data: bytes) -> bool:
         if study.id not in self.known:
-            held = _study_patient(self.store, study)
+            held = _study_patient(self.session, self.store, study)
             if held is None:
                 return True
             self.known[study.id] = held
@@ -252,7 +264,7 @@ def store_instances(
     _lock_studies(session, [uid for uid in uids if uid])
     studies: dict[str, Study] = {}
     touched: dict[str, Study] = {}
-    patients = _Patients(store)
+    patients = _Patients(session, store)
     for part, d in zip(parts, decoded, strict=True):
         if isinstance(d, ImagingError):
             result.failed.append((*_uids_of(part.data, d), failure_reason(d)))
@@ -383,7 +395,7 @@ def file_upload(
     created = study is None
     if study is None:
         study = create_study_of(session, files[0].metadata)
-    patients = _Patients(store)
+    patients = _Patients(session, store)
     images: list[Image] = []
     new = 0
     for upload, d in zip(uploads, files, strict=True):
