@@ -80,7 +80,8 @@ def _drafts_in_use(study_id: Any, settings: Settings, now: datetime) -> Select[s
 
 def due_studies(session: Session, settings: Settings, now: datetime) -> list[str]:
     """Oldest first: studies with no image stored within retention, without a draft in use,
-    with an image still held."""
+    with a DICOM image still held. PNG and JPEG images are never released: no PACS holds them,
+    so nothing could bring them back."""
     assert settings.image_retention_days is not None
     cutoff = now - timedelta(days=settings.image_retention_days)
     a_draft = _drafts_in_use(Study.id, settings, now)
@@ -88,7 +89,9 @@ def due_studies(session: Session, settings: Settings, now: datetime) -> list[str
     a_report_coming = select(Job.id).where(
         Job.study_id == Study.id, Job.kind == AUTO_REPORT, Job.status.in_(("queued", "running"))
     )
-    held = select(Image.id).where(Image.study_id == Study.id, Image.released_at.is_(None))
+    held = select(Image.id).where(
+        Image.study_id == Study.id, Image.kind == "dicom", Image.released_at.is_(None)
+    )
     stored_lately = select(Image.id).where(Image.study_id == Study.id, Image.stored_at >= cutoff)
     return list(
         session.scalars(
@@ -128,10 +131,12 @@ def release_study(
     if session.scalar(_drafts_in_use(study_id, settings, now).limit(1)) is not None:
         return []
     images = session.scalars(
-        select(Image).where(Image.study_id == study_id, Image.released_at.is_(None))
+        select(Image).where(
+            Image.study_id == study_id, Image.kind == "dicom", Image.released_at.is_(None)
+        )
     ).all()
     for image in images:
-        if image.kind == "dicom" and image.header_sha256 is None:
+        if image.header_sha256 is None:
             try:
                 header = _header(store.get(image.sha256))
             except (OSError, pydicom.errors.InvalidDicomError) as e:  # file gone or unreadable
