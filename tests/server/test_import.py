@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from api_helpers import CT_SMALL, assert_error, make_api
+from api_helpers import CT_SMALL, assert_error, ct_of_new_study, ct_with, make_api, upload_ct
 from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
@@ -111,6 +111,36 @@ def test_a_zip_of_the_cd_and_a_broken_file_beside_it(api):
     assert (body["stored"], body["failed"]) == (31, {"truncated": 1})
     assert body["skipped"] == {"no_image": 58, "not_dicom": 2}
     assert len(body["studies"]) == 6
+
+
+def test_another_patients_image_under_a_held_study_is_refused_and_its_study_not_shown(api):
+    """A CD whose image carries the Study Instance UID of another patient's study here (a
+    device that reused a UID): refused as STOW-RS refuses it, and that study is neither in the
+    answer nor in the importer's audit (before, both named it: the importer appeared to have
+    read another patient's study); alone, the 422 says it was refused, not that it held no
+    image."""
+    held = upload_ct(api)
+    other = ct_with(PatientID="OTHER-PATIENT", SOPInstanceUID="1.2.3.4.5.6.7")
+    r = send(api, [("IM1", ct_of_new_study()), ("IM2", other)])
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert (body["stored"], body["failed"]) == (1, {"uid_conflict": 1})
+    assert [s["id"] for s in body["studies"]] != [held["id"]] and len(body["studies"]) == 1
+    assert "OTHER-PATIENT" not in r.text
+    with api.app.state.session_factory() as s:
+        shown = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "study.read").order_by(AuditEvent.id)
+        ).all()[-1]
+        assert shown.detail["studies"] == [body["studies"][0]["id"]]
+        assert [i.SOPInstanceUID for i in s.get(Study, held["id"]).images] == [
+            pydicom.dcmread(CT_SMALL).SOPInstanceUID
+        ]
+        assert s.query(Image).count() == 2
+
+    r = send(api, [("IM2", other)])
+    assert_error(r, 422, "no_images")
+    assert "could be imported" in r.json()["error"]["message"]
+    assert r.json()["error"]["detail"]["failed"] == {"uid_conflict": 1}
 
 
 def test_nothing_to_import_is_422_and_limits_are_413(tmp_path, tiny_lm):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
 from api_helpers import (
     MR_SMALL,
@@ -813,7 +814,8 @@ def test_reader_finds_a_study_by_accession_number_and_date(page, tmp_path, tiny_
 def test_reader_imports_a_patients_cd(page, tmp_path, tiny_lm):
     """The reader picks the CD's drive (here pydicom's DICOMDIR test tree: six studies of three
     patients among 91 files); it goes up in batches, each study lands in the worklist, and the
-    page says what was skipped. Picking it again copies nothing."""
+    page says what was skipped; an image naming one of those studies with another patient is
+    refused, and said so. Picking the CD again copies nothing."""
     from playwright.sync_api import expect
 
     cd = CT_SMALL.parent / "dicomdirtests"
@@ -827,6 +829,18 @@ def test_reader_imports_a_patients_cd(page, tmp_path, tiny_lm):
         )
         expect(status.locator("a")).to_have_count(6)
         expect(page.locator("#worklist-body tr")).to_have_count(6)
+        # a stick whose image names one of those studies but another patient: refused, said
+        ds = pydicom.dcmread(cd / "77654033" / "CR1" / "6154")
+        ds.PatientID, ds.SOPInstanceUID = "OTHER-PATIENT", "1.2.3.4.5.6.7"
+        (tmp_path / "stick").mkdir()
+        ds.save_as(tmp_path / "stick" / "IM1")
+        page.get_by_label("Import a CD or folder").set_input_files(tmp_path / "stick")
+        page.get_by_role("button", name="Import", exact=True).click()
+        expect(status).to_contain_text(
+            "Imported 0 studies: 0 new images; 1 refused: their study's UID names another "
+            "patient's study on the server.",
+            timeout=T,
+        )
         page.get_by_label("Import a CD or folder").set_input_files(cd)
         page.get_by_role("button", name="Import", exact=True).click()
         expect(status).to_contain_text(

@@ -36,10 +36,13 @@ from tinyllava_med.server.ingest import audit_as, decode, file_instances
 from tinyllava_med.server.serving import Decoded
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
-from tinyllava_med.server.stow import CANNOT_UNDERSTAND, Part
+from tinyllava_med.server.stow import CANNOT_UNDERSTAND, PROCESSING_FAILURE, Part
 
 CHUNK = 32  # files decoded and committed together
 # what a CD carries besides images, by the reason decoding gives
+# a refusal's name in the summary's `failed`: a file without the UIDs an image is filed by, and
+# one whose UIDs name a study (or a released image) here of another patient (`ingest`'s check)
+FAILURES = {CANNOT_UNDERSTAND: "missing_uids", PROCESSING_FAILURE: "uid_conflict"}
 SKIPPED = {"unsupported_format": "not_dicom", "not_dicom": "not_dicom", "no_pixel_data": "no_image"}
 _DICM_AT = slice(128, 132)
 
@@ -182,11 +185,19 @@ def _file_chunk(
     )
     summary.stored += len(result.stored) - result.already
     summary.already += result.already
-    uids = [d.metadata.StudyInstanceUID for d in keep if isinstance(d, Decoded)]
+    # the studies of the images filed (new or held), not of those refused: an image refused
+    # because its Study Instance UID names another patient's study here must not bring that
+    # study into the importer's answer (nor its audit)
+    filed = {sop for _, sop in result.stored}
+    uids = [
+        d.metadata.StudyInstanceUID
+        for d in keep
+        if isinstance(d, Decoded) and d.metadata.SOPInstanceUID in filed
+    ]
     summary.study_uids += [u for u in dict.fromkeys(uids) if u and u not in summary.study_uids]
     summary.jobs += jobs
     for _, _, reason in result.failed:
-        summary.failed["missing_uids" if reason == CANNOT_UNDERSTAND else f"{reason:#06x}"] += 1
+        summary.failed[FAILURES.get(reason, f"{reason:#06x}")] += 1
 
 
 def import_media(

@@ -130,10 +130,13 @@ async def import_studies(
             sessions, store, settings, [f.file for f in files], actor=principal.actor
         )
         if not (summary.stored or summary.already):
+            refused = sum(summary.failed.values())
             raise APIError(
                 422,
                 "no_images",
-                f"none of the {len(files)} files holds a DICOM image",
+                f"none of the {len(files)} files could be imported: see detail.failed"
+                if refused
+                else f"none of the {len(files)} files holds a DICOM image",
                 detail={"skipped": dict(summary.skipped), "failed": dict(summary.failed)},
             )
         # every study the images are in, new or held already; in a session of its own, which

@@ -667,7 +667,13 @@
       return;
     }
     $("import-submit").disabled = true;
-    const sum = { stored: 0, already: 0, skipped: 0, failed: 0 };
+    const sum = { stored: 0, already: 0, skipped: 0, failed: 0, refused: 0 };
+    const addFailed = (failed) => {
+      // a file whose UIDs name another patient's study here is refused, not unreadable
+      const refused = (failed && failed.uid_conflict) || 0;
+      sum.refused += refused;
+      sum.failed += total(failed) - refused;
+    };
     const studies = new Map();
     let sent = 0;
     try {
@@ -680,12 +686,12 @@
           sum.stored += r.stored;
           sum.already += r.already;
           sum.skipped += total(r.skipped);
-          sum.failed += total(r.failed);
+          addFailed(r.failed);
           for (const s of r.studies) studies.set(s.id, s);
         } catch (err) {
           if (!(err instanceof ApiError && err.code === "no_images")) throw err;
           sum.skipped += total(err.detail && err.detail.skipped); // a batch of non-images
-          sum.failed += total(err.detail && err.detail.failed);
+          addFailed(err.detail && err.detail.failed);
         }
         sent += batch.length;
       }
@@ -697,6 +703,9 @@
           (sum.already ? `, ${sum.already} already here` : "") +
           (sum.skipped ? `; ${sum.skipped} file${sum.skipped === 1 ? "" : "s"} skipped (not DICOM images)` : "") +
           (sum.failed ? `; ${sum.failed} not readable` : "") +
+          (sum.refused
+            ? `; ${sum.refused} refused: their study's UID names another patient's study on the server`
+            : "") +
           ". ",
       );
       for (const s of studies.values()) {
