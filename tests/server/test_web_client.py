@@ -1043,7 +1043,9 @@ def test_images_and_frames_of_a_multi_image_study(page, tmp_path, tiny_lm, shots
         wanted = [{"image": 0, "frame": None}, {"image": 1, "frame": 9}]
         wait_for(lambda: all(w in _prepared(server) for w in wanted), 20, "the prepares")
 
-        # a report about frame 5 of image 2, asked elsewhere: opening it shows that frame
+        # a report about frame 5 of image 2, asked elsewhere: opening the study shows the
+        # report beside that frame (before, beside image 1: read, or signed, as its report),
+        # and so does choosing it in the history after looking elsewhere
         asked = httpx.post(
             f"{server.base}/v1/studies/{study['id']}/questions",
             headers={"Authorization": f"Bearer {server.key}"},
@@ -1053,10 +1055,15 @@ def test_images_and_frames_of_a_multi_image_study(page, tmp_path, tiny_lm, shots
         assert asked.status_code == 201, asked.text
         select.select_option(index=0)
         page.reload()
-        page.locator("#history button.history-item").first.click()
-        expect(select).to_have_value("1")
-        expect(page.locator("#frame-value")).to_have_text("5 / 10")
-        expect(image).to_have_attribute("data-frame", "4")
+        for _ in range(2):
+            expect(page.locator("#report-question")).to_have_text("Any lesion?")
+            expect(select).to_have_value("1")
+            expect(page.locator("#frame-value")).to_have_text("5 / 10")
+            expect(image).to_have_attribute("data-frame", "4")
+            expect(image).to_have_attribute("alt", _contains("image 2 of 2, frame 5 of 10"))
+            select.select_option(index=0)
+            expect(page.locator("#frame-field")).to_be_hidden()
+            page.locator("#history button.history-item").first.click()
         expect(page.locator("#report-provenance")).to_contain_text("image 2 · frame 5")
         weights = asked.json()["model_weights"]  # which weights answered: the digest's start
         expect(page.locator("#report-provenance")).to_contain_text(f"weights {weights[:19]}…")

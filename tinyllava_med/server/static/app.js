@@ -1302,7 +1302,11 @@
       const kept = unsavedReport();
       const pending = kept && state.me && kept.key === state.me.id ? kept.id : null;
       const open = state.reports.some((r) => r.id === pending) ? pending : null;
-      if (state.reports.length) selectReport(open || state.reports[0].id);
+      if (!state.reports.length) return;
+      selectReport(open || state.reports[0].id);
+      // the viewer shows the image (and frame) the open report is about: a report beside
+      // another image than its own could be read, or signed, as that image's
+      showReportImage(currentReport());
     } catch (err) {
       showError(err, "Loading the reports");
     }
