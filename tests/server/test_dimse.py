@@ -443,15 +443,29 @@ def test_our_associations_send_without_nagle_delay(tmp_path, sqlite_url, tiny_lm
 def test_a_c_move_asks_by_study_uid_alone_and_moving_nothing_is_no_success(
     tmp_path, sqlite_url, tiny_lm, monkeypatch
 ):
-    """The C-MOVE identifier holds the level and the Study Instance UID only (an empty
-    Accession Number beside them made older Orthancs match on it and move nothing), and a PACS
+    """The C-MOVE identifier holds the level and the unique keys only (an empty Accession
+    Number beside them made older Orthancs match on it and move nothing): the study where the
+    PACS lists no series, else each series of images, not the series without pixels (the
+    Storage SCP refuses those, and a PACS ends the whole move at the first refusal). A PACS
     that answers success having moved nothing leaves the retrieve job failing, to be retried,
-    not done with nothing stored."""
+    not done with nothing stored; a study of reports only is done, with nothing to move."""
     from tinyllava_med.server import pull
 
     class Pacs:
-        def __init__(self, completed: int) -> None:
-            self.completed, self.asked = completed, []
+        def __init__(self, completed: int, series: dict[str, str]) -> None:
+            self.completed, self.series, self.asked = completed, series, []
+
+        def send_c_find(self, query, sop_class):
+            assert query.QueryRetrieveLevel == "SERIES" and query.StudyInstanceUID == "1.2.3.4"
+            for uid, modality in self.series.items():
+                found = pydicom.Dataset()
+                found.SeriesInstanceUID, found.Modality = uid, modality
+                pending = pydicom.Dataset()
+                pending.Status = 0xFF00
+                yield pending, found
+            done = pydicom.Dataset()
+            done.Status = 0x0000
+            yield done, None
 
         def send_c_move(self, query, destination, sop_class):
             self.asked.append(query)
@@ -466,15 +480,30 @@ def test_a_c_move_asks_by_study_uid_alone_and_moving_nothing_is_no_success(
 
     for api in make_api(tmp_path, sqlite_url, tiny_lm):  # the C-MOVE alone: no PACS needed
         settings, sessions = api.app.state.settings, api.app.state.session_factory
-        for completed in (0, 2):
-            pacs = Pacs(completed)
+        for completed, series in ((0, {}), (2, {}), (2, {"1.5": "CT", "1.6": "SR", "1.7": "CT"})):
+            pacs = Pacs(completed, series)
             monkeypatch.setattr(pull, "_associate", lambda settings, sop, pacs=pacs: pacs)
             if completed == 0:
                 with pytest.raises(pull.PacsError, match="sent no instance"):
                     pull._c_move(settings, sessions, "1.2.3.4")
             else:
                 result = pull._c_move(settings, sessions, "1.2.3.4")
-                assert (result["stored"], result["already"], result["failed"]) == (0, 2, 0)
-            (query,) = pacs.asked
-            assert sorted(el.keyword for el in query) == ["QueryRetrieveLevel", "StudyInstanceUID"]
-            assert query.StudyInstanceUID == "1.2.3.4"
+                assert (result["stored"], result["failed"]) == (0, 0)
+                assert result["skipped_series"] == (1 if series else 0)
+            if not series:
+                (query,) = pacs.asked
+                assert sorted(el.keyword for el in query) == [
+                    "QueryRetrieveLevel",
+                    "StudyInstanceUID",
+                ]
+                assert (query.QueryRetrieveLevel, query.StudyInstanceUID) == ("STUDY", "1.2.3.4")
+            else:
+                assert [(q.QueryRetrieveLevel, q.SeriesInstanceUID) for q in pacs.asked] == [
+                    ("SERIES", "1.5"),
+                    ("SERIES", "1.7"),
+                ]
+                assert result["already"] == 4  # two series, two instances each, all held
+        pacs = Pacs(0, {"1.6": "SR", "1.8": "KO"})
+        monkeypatch.setattr(pull, "_associate", lambda settings, sop, pacs=pacs: pacs)
+        result = pull._c_move(settings, sessions, "1.2.3.4")
+        assert (result["stored"], result["skipped_series"], pacs.asked) == (0, 2, [])

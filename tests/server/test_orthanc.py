@@ -23,6 +23,7 @@ import pytest
 from api_helpers import CT_SMALL, free_port, live_server, make_old, wait_for
 from orthanc_helpers import start_orthanc
 from pydicom.uid import RLELossless, generate_uid
+from pynetdicom.sop_class import XRayRadiationDoseSRStorage  # type: ignore[attr-defined]
 
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
@@ -316,17 +317,32 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
             first, second = pydicom.dcmread(CT_SMALL), pydicom.dcmread(CT_SMALL)
             second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             second.compress(RLELossless)  # it arrives as the PACS holds it, not decompressed
-            for ds in (first, second):
+            # and, in a series of its own, the CT's dose report, which has no pixels: over
+            # DIMSE it is not moved (it was: the Storage SCP refused it, and Orthanc ended the
+            # whole C-MOVE, so no CT study with a dose SR could be retrieved), over DICOMweb it
+            # is skipped (it counted as failed)
+            dose = pydicom.dcmread(CT_SMALL)
+            del dose.PixelData
+            dose.SOPClassUID = dose.file_meta.MediaStorageSOPClassUID = XRayRadiationDoseSRStorage
+            dose.SOPInstanceUID = dose.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            dose.SeriesInstanceUID, dose.Modality = generate_uid(), "SR"
+            for ds in (dose, first, second):
                 ds.AccessionNumber = "ACC-42"
                 _put(orthanc, ds)
 
-            r = retrieve(accession_number="ACC-42")
+            # an accession number is matched exactly (Orthanc ignores case: "acc-42" found
+            # this study), spaces around it aside
+            r = retrieve(accession_number="acc-42")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_in_pacs"
+            r = retrieve(accession_number=" ACC-42 ")
             assert r.status_code == 202, r.text
             assert r.json()["study_instance_uids"] == [first.StudyInstanceUID]
             (job_id,) = r.json()["jobs"]
             job = wait_for(lambda: _job_done(base, h, job_id), what="the retrieve job")
             result = job["result"]
             assert (result["stored"], result["already"], result["failed"]) == (2, 0, 0)
+            skipped = {"dicomweb": ("skipped", 1), "dimse": ("skipped_series", 1)}[transport]
+            assert result[skipped[0]] == skipped[1], result
             study = httpx.get(f"{base}/v1/studies/{result['study_id']}", headers=h).json()
             assert study["StudyInstanceUID"] == first.StudyInstanceUID
             assert sorted(i["SOPInstanceUID"] for i in study["images"]) == sorted(
@@ -379,7 +395,14 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
         events = httpx.get(
             f"{base}/v1/audit", params={"action": "study.retrieve"}, headers=admin
         ).json()["data"]
-        assert sorted(e["outcome"] for e in events) == ["error", "not_found", "ok", "ok", "ok"]
+        assert sorted(e["outcome"] for e in events) == [
+            "error",
+            "not_found",
+            "not_found",
+            "ok",
+            "ok",
+            "ok",
+        ]
         assert "ACC-42" not in json.dumps(events)  # accession numbers stay out of the audit log
         # ... and out of the logs even at DEBUG, with the patient's name and the PACS's
         # credentials (pynetdicom logs queries at INFO, dicomweb-client URLs and headers at DEBUG)

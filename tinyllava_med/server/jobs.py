@@ -592,6 +592,7 @@ class JobRunner:
                 detail={
                     "job_id": job.id,
                     **{k: result[k] for k in ("stored", "already", "failed")},
+                    **{k: result[k] for k in ("skipped", "skipped_series") if k in result},
                 },
             )
             return finish(s, job, result)

@@ -7,8 +7,16 @@ without a copy, automatic report queued).
 - DICOMweb (`dicomweb_pull_url`, `dicomweb_pull_headers`; dicomweb-client): QIDO-RS, then
   WADO-RS, streamed and filed `BATCH` instances at a time, so a large CT is never all in memory.
 - DIMSE (`dimse_pull` = "AET@host:port", for a PACS without DICOMweb; pynetdicom): C-FIND at
-  study level, then C-MOVE to this server's own AE title, whose Storage SCP (`dimse.py`) files
-  what arrives; the PACS must know this server as a DICOM modality and be in `dimse_peers`.
+  study level, then a C-FIND of the study's series and a C-MOVE of each series of images to
+  this server's own AE title, whose Storage SCP (`dimse.py`) files what arrives; the PACS must
+  know this server as a DICOM modality and be in `dimse_peers`. Series of objects without
+  pixels (a CT's dose report, key object notes, this server's own SRs pushed back) are not
+  moved: the Storage SCP refuses them, and a PACS ends a whole C-MOVE at its first refused
+  sub-operation.
+
+A PACS's matching is not trusted to be exact: a search by accession number keeps only the
+studies whose accession number is the one asked for (Orthanc, for one, matches regardless of
+case, so "acc1" found ACC1, another patient's order).
 
 A retry after a failure files only what is still missing.
 """
@@ -26,7 +34,7 @@ from sqlalchemy import func, select
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Study
 from tinyllava_med.server.ingest import Audit, decode, file_instances
-from tinyllava_med.server.stow import Part
+from tinyllava_med.server.stow import SOP_CLASS_NOT_SUPPORTED, Part
 
 if TYPE_CHECKING:
     from dicomweb_client.api import DICOMwebClient
@@ -39,6 +47,14 @@ BATCH = 16
 SEARCH_TIMEOUT_S = 10.0  # a reader waits on it
 FETCH_TIMEOUT_S = 120.0  # per HTTP read of the stream
 STUDY_UID = "0020000D"
+ACCESSION = "00080050"
+# Modalities of series that hold no images (every instance of a series has the series'
+# modality, PS3.3 C.7.3.1): structured reports, key objects, presentation states, documents,
+# registrations, fiducials, RT plans / structures / records, audio and waveforms, assessments
+NO_IMAGES = frozenset(
+    {"SR", "KO", "PR", "DOC", "REG", "FID", "RTPLAN", "RTSTRUCT", "RTRECORD", "PLAN"}
+    | {"AU", "ECG", "HD", "RESP", "EPS", "ASMT", "RWV"}
+)
 
 
 class PacsError(Exception):
@@ -75,8 +91,19 @@ def find_studies(
     )
     with _as_pacs_error("search"):
         found = client(settings, SEARCH_TIMEOUT_S).search_for_studies(search_filters=filters)
-        uids = [str(s[STUDY_UID]["Value"][0]) for s in found if s.get(STUDY_UID, {}).get("Value")]
+        uids = [
+            str(s[STUDY_UID]["Value"][0])
+            for s in found
+            if s.get(STUDY_UID, {}).get("Value")
+            and _same_accession(accession_number, (s.get(ACCESSION, {}).get("Value") or [""])[0])
+        ]
     return list(dict.fromkeys(uids))
+
+
+def _same_accession(asked: str | None, found: Any) -> bool:
+    """Whether a match's accession number is the one asked for (always, for a search by UID):
+    spaces around it are not significant, case is."""
+    return asked is None or str(found or "").strip(" ") == asked.strip(" ")
 
 
 @contextmanager
@@ -116,12 +143,12 @@ def retrieve_study(
     SCP audits what the PACS sends)."""
     if settings.dimse_pull:
         return _c_move(settings, session_factory, study_uid)
-    stored = already = failed = 0
+    stored = already = failed = skipped = 0
     studies: list[str] = []
     jobs: list[int] = []
 
     def file(batch: list[pydicom.Dataset]) -> None:
-        nonlocal stored, already, failed
+        nonlocal stored, already, failed, skipped
         parts = [Part("application/dicom", _part10(ds)) for ds in batch]
         result, got, queued = file_instances(
             session_factory,
@@ -134,7 +161,11 @@ def retrieve_study(
         )
         stored += len(result.stored) - result.already
         already += result.already
-        failed += len(result.failed)
+        # objects without pixels (a dose SR, this server's own SRs) are not stored: skipped,
+        # not failed, as the series a DIMSE retrieve does not move
+        no_pixels = sum(1 for *_, reason in result.failed if reason == SOP_CLASS_NOT_SUPPORTED)
+        skipped += no_pixels
+        failed += len(result.failed) - no_pixels
         studies.extend(s for s in got if s not in studies)
         jobs.extend(j for j in queued if j not in jobs)
 
@@ -155,6 +186,7 @@ def retrieve_study(
         "stored": stored,
         "already": already,
         "failed": failed,
+        "skipped": skipped,
         "jobs": jobs,
     }
 
@@ -212,19 +244,50 @@ def _c_find(settings: Settings, accession_number: str | None, study_uid: str | N
     )
 
     with _as_pacs_error("C-FIND"):
-        return find_on(_associate(settings, FIND), FIND, study_query(accession_number, study_uid))
+        found = find_on(_associate(settings, FIND), FIND, study_query(accession_number, study_uid))
+    uids = [
+        str(ds.StudyInstanceUID)
+        for ds in found
+        if ds.get("StudyInstanceUID")
+        and _same_accession(accession_number, ds.get("AccessionNumber"))
+    ]
+    return list(dict.fromkeys(uids))
 
 
-def find_on(assoc: Any, sop_class: str, query: pydicom.Dataset) -> list[str]:
-    """The Study Instance UIDs a C-FIND on `assoc` matches (the association is released after);
-    PacsError when the PACS refuses or fails it (`pacs check` asks so too)."""
-    uids: list[str] = []
+def _image_series(settings: Settings, study_uid: str) -> tuple[list[str], int]:
+    """The Series Instance UIDs of the study's series that may hold images, and how many
+    series hold none (`NO_IMAGES`), by a SERIES-level C-FIND. ([], 0) from a PACS that lists
+    no series: the study is then moved whole."""
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelFind as FIND,
+    )
+
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = ""
+    query.Modality = ""
+    with _as_pacs_error("C-FIND"):
+        found = find_on(_associate(settings, FIND), FIND, query)
+    series = {
+        str(ds.SeriesInstanceUID): str(ds.get("Modality") or "").strip().upper()
+        for ds in found
+        if ds.get("SeriesInstanceUID")
+    }
+    wanted = [uid for uid, modality in series.items() if modality not in NO_IMAGES]
+    return wanted, len(series) - len(wanted)
+
+
+def find_on(assoc: Any, sop_class: str, query: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """The matches of a C-FIND on `assoc` (the association is released after); PacsError when
+    the PACS refuses or fails it (`pacs check` asks so too)."""
+    matches: list[pydicom.Dataset] = []
     try:
         for status, found in assoc.send_c_find(query, sop_class):
             code = int(status.Status) if "Status" in status else None
             if code in (0xFF00, 0xFF01):  # pending: one match
-                if found is not None and found.get("StudyInstanceUID"):
-                    uids.append(str(found.StudyInstanceUID))
+                if found is not None:
+                    matches.append(found)
             elif code != 0x0000:
                 raise PacsError(
                     "the PACS's C-FIND failed"
@@ -232,7 +295,7 @@ def find_on(assoc: Any, sop_class: str, query: pydicom.Dataset) -> list[str]:
                 )
     finally:
         assoc.release()
-    return list(dict.fromkeys(uids))
+    return matches
 
 
 def _c_move(
@@ -242,29 +305,48 @@ def _c_move(
         StudyRootQueryRetrieveInformationModelMove as MOVE,
     )
 
-    before = _images_of(session_factory, study_uid)
-    assoc = _associate(settings, MOVE)
-    final = None
-    try:
-        # the level and the unique key only: an empty Accession Number beside it made older
-        # Orthancs match on it, and move nothing
+    series, skipped = _image_series(settings, study_uid)
+    if skipped and not series:  # reports only: nothing to move, which retrying cannot change
+        return {
+            "study_instance_uid": study_uid,
+            "study_id": _study_id(session_factory, study_uid),
+            "stored": 0,
+            "already": 0,
+            "failed": 0,
+            "skipped_series": skipped,
+            "jobs": [],
+        }
+    # the level and the unique keys only: an empty Accession Number beside them made older
+    # Orthancs match on it, and move nothing
+    queries = []
+    levels: list[str | None] = list(series) or [None]  # None: the whole study (no series listed)
+    for series_uid in levels:
         query = pydicom.Dataset()
-        query.QueryRetrieveLevel = "STUDY"
+        query.QueryRetrieveLevel = "STUDY" if series_uid is None else "SERIES"
         query.StudyInstanceUID = study_uid
-        for status, _ in assoc.send_c_move(query, settings.dimse_ae_title, MOVE):
-            final = status
+        if series_uid is not None:
+            query.SeriesInstanceUID = series_uid
+        queries.append(query)
+    before = _images_of(session_factory, study_uid)
+    completed = failed = warned = 0
+    assoc = _associate(settings, MOVE)
+    try:
+        for query in queries:
+            final = None
+            for status, _ in assoc.send_c_move(query, settings.dimse_ae_title, MOVE):
+                final = status
+            code = int(final.Status) if final is not None and "Status" in final else None
+            if code not in (0x0000, 0xB000):  # success; warning: some sub-operations failed
+                raise PacsError(
+                    "the PACS's C-MOVE failed"
+                    + (f" (status 0x{code:04X})" if code is not None else " (no answer)")
+                )
+            assert final is not None
+            completed += int(final.get("NumberOfCompletedSuboperations", 0))
+            failed += int(final.get("NumberOfFailedSuboperations", 0))
+            warned += int(final.get("NumberOfWarningSuboperations", 0))
     finally:
         assoc.release()
-    code = int(final.Status) if final is not None and "Status" in final else None
-    if code not in (0x0000, 0xB000):  # success; warning: some sub-operations failed
-        raise PacsError(
-            "the PACS's C-MOVE failed"
-            + (f" (status 0x{code:04X})" if code is not None else " (no answer)")
-        )
-    assert final is not None
-    completed = int(final.get("NumberOfCompletedSuboperations", 0))
-    failed = int(final.get("NumberOfFailedSuboperations", 0))
-    warned = int(final.get("NumberOfWarningSuboperations", 0))
     stored = _images_of(session_factory, study_uid) - before
     # "success" at moving nothing: the job is not done (the counts are optional on the final
     # response, so only when nothing arrived either)
@@ -279,5 +361,6 @@ def _c_move(
         "stored": stored,
         "already": max(completed - stored, 0),
         "failed": failed + warned,
+        "skipped_series": skipped,
         "jobs": [],  # the Storage SCP queued the automatic report as the instances arrived
     }

@@ -114,7 +114,8 @@ class RetrieveRequest(BaseModel):
                 "an accession number to retrieve by cannot be blank or hold *, ?, \\ or control "
                 "characters: the PACS would read them as wildcards and lists"
             )
-        return value
+        # leading and trailing spaces are not significant in SH (PS3.5 6.2): "ACC1 " is ACC1
+        return value.strip(" ") if value is not None else None
 
     @model_validator(mode="after")
     def _one(self) -> RetrieveRequest:
