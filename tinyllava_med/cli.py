@@ -364,7 +364,11 @@ def cmd_db(args: argparse.Namespace) -> int:
         return console.release_images(settings, args.days, args.draft_days)
     try:
         if args.db_cmd == "downgrade":
-            downgrade(settings.database_url, args.revision)
+            downgrade(
+                settings.database_url,
+                args.revision,
+                clear_long_accession_numbers=args.clear_long_accession_numbers,
+            )
             print(f"database is at revision {current_revision(settings.database_url)}")
             return 0
         upgrade(settings.database_url)
@@ -721,6 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "revision",
         help="that of the version rolled back to, e.g. 0010 (back the database up first)",
+    )
+    d.add_argument(
+        "--clear-long-accession-numbers",
+        action="store_true",
+        help="below 0008: empty accession numbers longer than 16 characters (else refused: "
+        "cut short, one could be another order's)",
     )
     d = steps.add_parser("backup", help="copy the database and images (safe while serving)")
     d.add_argument("dest", help="the folder to back up into")

@@ -98,7 +98,7 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0013"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0014"
     assert migrate.check_models_match_migrations(database_url) == []
 
 
@@ -143,7 +143,8 @@ _AN_IMAGE = text(
 def test_0008_widens_accession_numbers_and_keeps_every_study_child(database_url: str) -> None:
     """0008 rebuilds `studies` on SQLite (batch mode): a populated database keeps its studies,
     their images and reports (no cascade), and takes 64-character accession numbers; a
-    downgrade cuts longer ones to 16."""
+    downgrade refuses while a longer one is held (cut short, it could be another order's), or
+    empties them when told to."""
     migrate.upgrade(database_url, "0007")
     engine = make_engine(database_url)
     t = {"t": "2026-01-01 00:00:00"}
@@ -172,13 +173,17 @@ def test_0008_widens_accession_numbers_and_keeps_every_study_child(database_url:
             assert conn.execute(text("SELECT image_id FROM reports")).scalar_one() == "i"
             conn.execute(text("UPDATE studies SET accession_number = :a"), {"a": long})
         assert migrate.check_models_match_migrations(database_url) == []
-        migrate.downgrade(database_url, "0007")
+        with pytest.raises(migrate.MigrationError, match="1 studies hold accession numbers"):
+            migrate.downgrade(database_url, "0007")
+        assert migrate.current_revision(database_url) == migrate.head_revision()  # untouched
         with engine.connect() as conn:
-            assert (
-                conn.execute(text("SELECT accession_number FROM studies")).scalar_one()
-                == (long[:16])
-            )
+            assert conn.execute(text("SELECT accession_number FROM studies")).scalar_one() == long
+        migrate.downgrade(database_url, "0007", clear_long_accession_numbers=True)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT accession_number FROM studies")).scalar_one() is None
             assert conn.execute(text("SELECT count(*) FROM reports")).scalar_one() == 1
+        with pytest.raises(migrate.MigrationError, match="0099.*revisions here: 0001 to 00"):
+            migrate.downgrade(database_url, "0099")
     finally:
         engine.dispose()
 
@@ -280,6 +285,47 @@ def test_0003_allows_amended_reports_and_downgrades_them_to_final(database_url: 
             assert tuple(row) == ("final", "final")
         with pytest.raises(IntegrityError), engine.begin() as conn:
             conn.execute(text(report), {"id": "r4", "status": "amended", **t})
+    finally:
+        engine.dispose()
+
+
+def test_0014_job_ids_are_never_handed_out_again(database_url: str) -> None:
+    """A deleted study's jobs go with it (ON DELETE CASCADE). The next job must not get one of
+    their ids, which the audit log and a retrieve's answer still name: before 0014, SQLite's
+    INTEGER PRIMARY KEY gave it max(id) + 1. 0014 rebuilds the table with AUTOINCREMENT and
+    keeps the rows it copies; downgraded, the table is rebuilt without it, rows kept."""
+    migrate.upgrade(database_url, "0013")
+    engine = make_engine(database_url)
+    t = {"t": "2026-01-01 00:00:00"}
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'reported')"), t
+            )
+            for study in ("NULL", "'s'", "'s'"):
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (kind, study_id, payload, status, attempts, "
+                        f"max_attempts, run_after, created_at, updated_at) VALUES ('k', {study}, "
+                        "'{}', 'done', 1, 3, :t, :t, :t)"
+                    ),
+                    t,
+                )
+        migrate.upgrade(database_url)
+        with engine.begin() as conn:
+            ids = conn.execute(text("SELECT id FROM jobs ORDER BY id")).scalars().all()
+            assert len(ids) == 3
+            conn.execute(text("DELETE FROM studies WHERE id = 's'"))  # its two jobs go
+            assert conn.execute(text("SELECT id FROM jobs")).scalars().all() == ids[:1]
+        with session_factory(engine).begin() as session:
+            job = crud.enqueue_job(session, kind="sweep_images")
+            session.flush()
+            assert job.id > ids[-1]
+        migrate.downgrade(database_url, "0013")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 2
+        migrate.upgrade(database_url)
+        assert migrate.check_models_match_migrations(database_url) == []
     finally:
         engine.dispose()
 

@@ -23,6 +23,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util.exc import CommandError
 from sqlalchemy import CheckConstraint, inspect, text
 from sqlalchemy.engine import URL, Connection
 
@@ -88,15 +90,58 @@ def _refuse_unknown(conn: Connection) -> None:
         )
 
 
+@contextmanager
+def _said_plainly() -> Iterator[None]:
+    """Alembic's refusals (a revision it does not have: `db downgrade 0099`) as a
+    MigrationError, which the console prints as one line, not a traceback."""
+    try:
+        yield
+    except (CommandError, RevisionError) as e:
+        raise MigrationError(f"{e} (revisions here: 0001 to {head_revision()})") from None
+
+
 def upgrade(database_url: str | URL, revision: str = "head") -> None:
     with _migration_connection(database_url) as conn:
         _refuse_unknown(conn)
-        command.upgrade(alembic_config(conn), revision)
+        with _said_plainly():
+            command.upgrade(alembic_config(conn), revision)
 
 
-def downgrade(database_url: str | URL, revision: str = "base") -> None:
+def downgrade(
+    database_url: str | URL, revision: str = "base", *, clear_long_accession_numbers: bool = False
+) -> None:
+    """Go back to `revision`. Below 0008, studies with accession numbers longer than 16
+    characters refuse it unless `clear_long_accession_numbers` (then they are emptied)."""
     with _migration_connection(database_url) as conn:
-        command.downgrade(alembic_config(conn), revision)
+        cfg = alembic_config(conn)
+        cfg.attributes["clear_long_accession_numbers"] = clear_long_accession_numbers
+        with _said_plainly():
+            if not clear_long_accession_numbers:
+                _refuse_cutting_accession_numbers(conn, revision)
+            command.downgrade(cfg, revision)
+
+
+def _refuse_cutting_accession_numbers(conn: Connection, revision: str) -> None:
+    """0008's downgrade refuses studies with accession numbers over 16 characters; asked before
+    any revision runs, since SQLite does not roll DDL back: a later revision's table rebuilt, then
+    the refusal, left the database half downgraded."""
+    current = MigrationContext.configure(conn).get_current_revision()
+    if current is None:
+        return
+    script = ScriptDirectory.from_config(alembic_config())
+    passed = {s.revision for s in script.iterate_revisions(current, revision)}
+    if "0008" not in passed:
+        return
+    n = conn.execute(
+        text("SELECT count(*) FROM studies WHERE length(accession_number) > 16")
+    ).scalar_one()
+    if n:
+        raise MigrationError(
+            f"{n} studies hold accession numbers longer than 16 characters, which revision "
+            "0007 cannot: cut short, one could be another order's. Downgrade with "
+            "--clear-long-accession-numbers to empty them (the Study Instance UID still names "
+            "those studies), or stay on this version"
+        )
 
 
 def head_revision() -> str | None:

@@ -266,6 +266,7 @@ class ReportEdit(Base):
         _choice("previous_status", REPORT_STATUSES),
         _choice("new_status", REPORT_STATUSES),
         Index(None, "report_id"),
+        {"sqlite_autoincrement": True},  # ids never reused (0014)
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
@@ -341,6 +342,9 @@ class Job(Base):
         _choice("status", JOB_STATUSES),
         Index(None, "status", "run_after"),
         Index(None, "study_id"),
+        # a deleted study's jobs go with it; their ids must not name other jobs later (in the
+        # audit log, a retrieve's answer): 0014
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
