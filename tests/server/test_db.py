@@ -330,6 +330,33 @@ def test_0014_job_ids_are_never_handed_out_again(database_url: str) -> None:
         engine.dispose()
 
 
+def test_the_sqlite_database_is_its_owners_only(tmp_path: Path) -> None:
+    """The database holds every report: created 0600 whatever the umask, with its -wal and
+    -shm files (SQLite gives them its mode), also in a data folder that existed with 0755; one
+    left readable by others (an older version, a 022 umask) is closed to them at the next
+    start."""
+    import os
+    import sqlite3
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    old = os.umask(0o022)
+    try:
+        engine = make_engine(f"sqlite:///{data / 'new.db'}")
+        migrate.upgrade(f"sqlite:///{data / 'new.db'}")
+        with engine.begin() as conn:  # WAL mode: the -wal and -shm files exist while open
+            conn.execute(text("SELECT count(*) FROM studies"))
+            modes = {p.name: p.stat().st_mode & 0o777 for p in data.iterdir()}
+        engine.dispose()
+        assert modes == {"new.db": 0o600, "new.db-wal": 0o600, "new.db-shm": 0o600}, modes
+        sqlite3.connect(data / "older.db").execute("CREATE TABLE t (x)").connection.close()
+        (data / "older.db").chmod(0o644)
+        make_engine(f"sqlite:///{data / 'older.db'}").dispose()
+        assert (data / "older.db").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_downgrade_to_base_and_upgrade_round_trips(database_url: str) -> None:
     migrate.upgrade(database_url)
     migrate.downgrade(database_url, "base")

@@ -12,6 +12,8 @@ restarted database costs one retry, not a 500. `postgresql://` URLs use psycopg 
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from typing import Any
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
@@ -60,7 +64,9 @@ def _sqlite_engine(u: URL, *, foreign_keys: bool, echo: bool) -> Engine:
     memory = u.database in (None, "", ":memory:") or "mode=memory" in str(u.query)
     if not memory:
         # the owner's only: the database holds every report
-        Path(u.database or "").expanduser().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        db = Path(u.database or "").expanduser()
+        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _owner_only(db)
     engine = create_engine(
         u,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
@@ -83,6 +89,22 @@ def _sqlite_engine(u: URL, *, foreign_keys: bool, echo: bool) -> Engine:
             cursor.close()
 
     return engine
+
+
+def _owner_only(db: Path) -> None:
+    """The SQLite database and its write-ahead log and shared-memory files readable by their
+    owner only (SQLite gives those two the database file's mode): they hold every report. A new
+    database is created so, whatever the umask; one found open to others (made by an older
+    version, or in a folder that existed already: `mkdir`'s mode does not change it) is closed
+    to them."""
+    try:
+        if not db.exists():
+            os.close(os.open(db, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite starts an empty file
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            if path.exists() and path.stat().st_mode & 0o077:
+                path.chmod(path.stat().st_mode & 0o700)
+    except OSError as e:  # another user's file, a read-only volume: SQLite says what it can
+        log.warning("could not make the database file owner-only: %s: %s", e.strerror, e.filename)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
