@@ -13,12 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from api_helpers import make_api, png_bytes, upload, upload_ct
+from api_helpers import assert_error, make_api, png_bytes, upload, upload_ct
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from tinyllava_med.server.backup import _snapshot, backup, restore
-from tinyllava_med.server.db.models import AuditEvent
+from tinyllava_med.server.db.models import AuditEvent, Report
 
 
 def _rows(db: Path, sql: str) -> list[tuple]:
@@ -96,6 +96,18 @@ def test_backup_copies_a_consistent_database_and_checked_files(tmp_path, sqlite_
         assert "1 damaged copies in the backup were replaced" in out.stdout
         assert damaged.read_bytes() == whole
 
+        # a file damaged in the store after its backup (a byte flipped): a plain run cannot
+        # see it; --verify reads the store too, and says so (exit 1), keeping the good copy
+        # that `db restore` puts back (before, both runs passed)
+        in_store = api.app.state.store.path(hashes[0])
+        in_store.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0xFF]))
+        assert backup(settings, dest).complete
+        out = _cli(settings, sqlite_url, "backup", str(dest), "--verify")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"1 image file(s) corrupt: {hashes[0][:12]}" in out.stdout, out.stdout
+        assert damaged.read_bytes() == whole
+        in_store.write_bytes(whole)
+
         # into a fresh folder, from a damaged store: reported, nothing wrong copied, exit 1
         store = api.app.state.store
         ct, png = hashes
@@ -113,9 +125,32 @@ def test_backup_copies_a_consistent_database_and_checked_files(tmp_path, sqlite_
             "ORDER BY id",
         )
         assert [(actor, outcome) for actor, outcome, _ in events] == [
-            *[("cli", "ok")] * 5,
+            *[("cli", "ok")] * 6,
+            ("cli", "error"),
             ("cli", "error"),
         ]
+
+
+def test_a_damaged_image_file_is_refused_not_read(tmp_path, sqlite_url, tiny_lm):
+    """A stored file whose content is no longer its name (a disk error, a byte flipped) is
+    not rendered nor shown to the model: 410 image_damaged, which says how to get it back
+    (before, the damaged pixels were shown, and a draft report written on them)."""
+    for api in make_api(tmp_path, sqlite_url, tiny_lm):
+        study = upload_ct(api)
+        path = api.app.state.store.path(study["images"][0]["sha256"])
+        data = path.read_bytes()
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+        api.app.state.store.rendered.clear()  # as after a restart: the upload's rendering,
+        # of the good pixels, is not kept
+        r = api.get(f"/v1/studies/{study['id']}/images/0", headers=api.h())
+        assert_error(r, 410, "image_damaged")
+        assert "db restore" in r.json()["error"]["message"]
+        r = api.post(
+            f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "?"}
+        )
+        assert_error(r, 410, "image_damaged")
+        with api.app.state.session_factory() as s:
+            assert s.query(Report).count() == 0
 
 
 def test_backup_on_postgresql_copies_the_files_and_leaves_the_database_to_pg_dump(

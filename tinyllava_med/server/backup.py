@@ -101,15 +101,24 @@ def _same_size(a: ImageStore, b: ImageStore, sha: str) -> bool:
 
 
 def _copy_checked(
-    source: ImageStore, dest: ImageStore, sha: str, *, verify_dest: bool = False
+    source: ImageStore,
+    dest: ImageStore,
+    sha: str,
+    *,
+    verify_dest: bool = False,
+    verify_source: bool = False,
 ) -> tuple[str, int]:
     """Copy the file `sha` from `source` to `dest` unless `dest` holds it whole: of the same
     size, and with `verify_dest` also of the right content (a copy otherwise is damaged and
     replaced). "present", "copied" (with its size), "repaired" (copied over a damaged file),
-    "missing" from `source`, or "corrupt" (its content is not its name, so it is not copied)."""
+    "missing" from `source`, or "corrupt" (its content in `source` is not its name, so it is
+    not copied; with `verify_source` also found so when `dest` holds it already: damage done
+    to the store after its first backup, which `db restore` repairs from the copy)."""
     existed = dest.exists(sha)
     there = existed and _same_size(dest, source, sha)
     if there and (not verify_dest or dest.whole(sha)):
+        if verify_source and source.exists(sha) and not source.whole(sha):
+            return "corrupt", 0
         return "present", 0
     if not source.exists(sha):
         return "missing", 0
@@ -142,7 +151,9 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool =
                 hashes = sorted(set(s.scalars(text(_FILES_SQL))))
         store, copies = ImageStore(settings.images_dir), ImageStore(dest / "images")
         for sha in hashes:
-            outcome, size = _copy_checked(store, copies, sha, verify_dest=verify)
+            outcome, size = _copy_checked(
+                store, copies, sha, verify_dest=verify, verify_source=verify
+            )
             if outcome == "present":
                 result.files_present += 1
             elif outcome in ("copied", "repaired"):

@@ -212,7 +212,17 @@ def render(
     limits = limits_of(settings)
 
     def make() -> PILImage.Image:
-        return load_study_file(store.get(sha256), frame=frame, window=window, limits=limits).image
+        data = store.get(sha256)
+        if hashlib.sha256(data).hexdigest() != sha256:  # its content is its name: checked as
+            # it is decoded (renderings are cached), so damaged pixels reach no reader or model
+            log.error("stored image file %s… is damaged", sha256[:12])
+            raise APIError(
+                410,
+                "image_damaged",
+                "the stored image file is damaged: an admin restores it from a backup "
+                "(`tinyllava-med db restore`, with the server stopped)",
+            )
+        return load_study_file(data, frame=frame, window=window, limits=limits).image
 
     try:
         return store.rendered.get_or_make(render_key(sha256, limits, frame, window), make)
