@@ -114,6 +114,13 @@ def test_a_bad_setting_or_argument_says_what_is_wrong_without_a_traceback(tmp_pa
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "setting port (TINYLLAVA_MED_PORT" in out.stderr
     assert "setting max_queue (TINYLLAVA_MED_MAX_QUEUE" in out.stderr and "lots" not in out.stderr
+    # a check of several settings together names no one setting: its message alone (it was
+    # "setting  (TINYLLAVA_MED_, or its flag)")
+    pull = {"TINYLLAVA_MED_DATA_DIR": str(tmp_path), "TINYLLAVA_MED_DIMSE_PULL": "PACS@h:104"}
+    out = cli("pacs", "check", env=pull)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "tinyllava-med: settings: Value error, dimse_pull needs dimse_port" in out.stderr
+    assert "TINYLLAVA_MED_," not in out.stderr
     out = cli("data", "phantom", "--out", str(tmp_path / "p"), "--n", "0")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "n must be >= 1" in out.stderr

@@ -846,6 +846,8 @@ def _user_error(e: Exception) -> str:
         return "\n".join(
             f"tinyllava-med: setting {name} (TINYLLAVA_MED_{name.upper()}, or its flag): "
             f"{err['msg']}"
+            if name
+            else f"tinyllava-med: settings: {err['msg']}"  # a check of several together
             for err in e.errors()
             for name in [".".join(str(part) for part in err["loc"])]
         )
