@@ -195,6 +195,11 @@ def test_stow_partial_mismatch_and_bad_requests(api):
         (str(report.SOPClassUID), report.SOPInstanceUID, [0x0122]),
         (str(odd.SOPClassUID), odd.SOPInstanceUID, [0xC122]),
     ]
+    # to another study's URL, each is first of all not of that study (PS3.18: 0xA900; the
+    # object without pixels was 0x0122)
+    r = stow(api, *parts, path="/dicomweb/studies/1.2.3.4")
+    assert r.status_code == 409, r.text
+    assert [f[2] for f in sop_seq(r.json(), "00081198")] == [[0xA900], [0xA900]]
     body, ctype = multipart_related(CT)
     assert (
         api.post("/dicomweb/studies", content=body, headers={"Content-Type": ctype}).status_code

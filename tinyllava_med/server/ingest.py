@@ -96,25 +96,32 @@ def failure_reason(e: ImagingError) -> int:
     return CANNOT_UNDERSTAND
 
 
-def _uids_of(data: bytes, e: ImagingError) -> tuple[str | None, str | None]:
-    """The SOP Class and Instance UIDs of a part that could not be decoded, where its header
-    can be read, so the sender learns which instance failed. A deflate bomb's data set is not
-    inflated again: its UIDs come from the file meta."""
+def _uids_of(data: bytes, e: ImagingError) -> tuple[str | None, str | None, str | None]:
+    """The SOP Class, SOP Instance and Study Instance UIDs of a part that could not be decoded,
+    where its header can be read, so the sender learns which instance failed (and a STOW-RS
+    to a study's URL, that it was another study's). A deflate bomb's data set is not inflated
+    again: its UIDs come from the file meta, which names no study."""
     if e.code == "decompression_bomb":
         found = file_meta(data)
         ds: Dataset = found[0] if found is not None else Dataset()
-        return ds.get("MediaStorageSOPClassUID") or None, ds.get(
-            "MediaStorageSOPInstanceUID"
-        ) or None
+        return (
+            ds.get("MediaStorageSOPClassUID") or None,
+            ds.get("MediaStorageSOPInstanceUID") or None,
+            None,
+        )
     try:
         ds = pydicom.dcmread(
             io.BytesIO(data),
             stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID"],
+            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
         )
     except Exception:  # noqa: BLE001 - not DICOM at all: no UIDs to give
-        return None, None
-    return ds.get("SOPClassUID") or None, ds.get("SOPInstanceUID") or None
+        return None, None, None
+    return (
+        ds.get("SOPClassUID") or None,
+        ds.get("SOPInstanceUID") or None,
+        ds.get("StudyInstanceUID") or None,
+    )
 
 
 # Senders find or create their study by UID and number its images one at a time. A PACS may send
@@ -267,7 +274,11 @@ def store_instances(
     patients = _Patients(session, store)
     for part, d in zip(parts, decoded, strict=True):
         if isinstance(d, ImagingError):
-            result.failed.append((*_uids_of(part.data, d), failure_reason(d)))
+            sop_class, sop_instance, uid = _uids_of(part.data, d)
+            # not of the URL's study comes first (PS3.18 10.5.3), whatever else is wrong with it
+            other = url_study_uid is not None and uid is not None and uid != url_study_uid
+            reason = STUDY_MISMATCH if other else failure_reason(d)
+            result.failed.append((sop_class, sop_instance, reason))
             continue
         m = d.metadata
         sop_class, sop_instance, uid = m.SOPClassUID, m.SOPInstanceUID, m.StudyInstanceUID
