@@ -317,6 +317,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sock.close()
             return 1
         dimse.close()
+    if not settings.database_url.startswith("sqlite"):  # said here in one line, before
+        # "serving on": the app's start would refuse it with a traceback
+        from sqlalchemy.exc import OperationalError
+
+        from tinyllava_med.server.db.migrate import MigrationError, require_head
+
+        try:
+            require_head(settings.database_url)
+        except MigrationError as e:
+            print(f"tinyllava-med serve: {e}", file=sys.stderr)
+            return 1
+        except OperationalError as e:  # the message names host and port, never the password
+            print(f"tinyllava-med serve: cannot reach the database: {e.orig}", file=sys.stderr)
+            return 1
     app = create_app(settings, own_process=True)
     base = settings.base_url
     print(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -384,6 +385,25 @@ def test_serve_refuses_a_postgresql_schema_behind_the_code(
     from tinyllava_med.server.app import create_app
 
     migrate.upgrade(postgres_url, "0003")
+    import subprocess
+    import sys
+
+    from api_helpers import free_port
+
+    out = subprocess.run(  # `serve` says so in one line, before "serving on" or a traceback
+        [sys.executable, "-m", "tinyllava_med.cli", "serve", "--port", str(free_port())],
+        env={
+            **os.environ,
+            "TINYLLAVA_MED_DATA_DIR": str(tmp_path / "cli"),
+            "TINYLLAVA_MED_DATABASE_URL": postgres_url,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "tinyllava-med serve: the database schema is at revision 0003" in out.stderr
+    assert "Traceback" not in out.stderr and "serving on" not in out.stderr
     app = create_app(Settings(data_dir=tmp_path / "data", database_url=postgres_url), model=tiny_lm)
     with (
         pytest.raises(
