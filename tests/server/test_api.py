@@ -1331,7 +1331,8 @@ def test_questions_about_one_image_decode_and_process_it_once(sqlite_api):
 
 def test_revoked_keys_stop_working(tmp_path, sqlite_url, tiny_lm):
     """Verified keys are cached briefly; revoking through the API drops the key at once, and
-    with the cache off a revocation made elsewhere (another replica) is seen at once too."""
+    with the cache off a revocation made elsewhere (another replica) is seen at once too. The
+    401 says the key was revoked (as one for an expired key says it expired)."""
 
     from tinyllava_med.server.db.models import ApiKey, utcnow
 
@@ -1348,7 +1349,11 @@ def test_revoked_keys_stop_working(tmp_path, sqlite_url, tiny_lm):
             else:
                 with api.app.state.session_factory.begin() as s:
                     s.get(ApiKey, made["id"]).revoked_at = utcnow()
-            assert_error(api.get("/v1/studies", headers=h), 401, "unauthorized")
+            r = api.get("/v1/studies", headers=h)
+            assert_error(r, 401, "unauthorized")
+            # its holder is told it was revoked, not shown the header's syntax
+            assert r.json()["error"]["message"].startswith("revoked API key: it was revoked at ")
+            assert "ask an admin for a new key" in r.json()["error"]["message"]
 
 
 def test_the_last_admin_key_stays_and_key_names_are_checked(api):

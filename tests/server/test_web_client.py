@@ -29,6 +29,7 @@ from api_helpers import (
     make_old,
     wait_for,
 )
+from PIL import Image as PILImage
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -968,6 +969,17 @@ def test_errors_are_shown_with_message_and_code(page, demo_server, shots):
     # it ran, so it lost focus then; the view's heading takes it
     expect(page.get_by_role("heading", name="Worklist")).to_be_focused()
 
+    # An image of too many pixels (a 78 kB PNG of 40000 x 40000): said to be the image, not
+    # the upload's size ("send fewer or smaller files" was no help)
+    bomb = io.BytesIO()
+    PILImage.new("1", (40000, 40000)).save(bomb, format="PNG")
+    page.get_by_label("Upload a study").set_input_files(
+        files=[{"name": "big.png", "mimeType": "image/png", "buffer": bomb.getvalue()}]
+    )
+    page.get_by_role("button", name="Upload", exact=True).click()
+    expect(alert).to_contain_text("The image is larger (in pixels, frames or decoded size)")
+    expect(alert).not_to_contain_text("Send fewer or smaller files")
+
     # The key is revoked mid-session: the next call is a 401, back to sign-in with the reason.
     revoked = httpx.delete(
         f"{server.base}/v1/apikeys/{made['id']}",
@@ -978,9 +990,41 @@ def test_errors_are_shown_with_message_and_code(page, demo_server, shots):
     page.get_by_role("button", name="Refresh").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     expect(alert).to_contain_text("Sign in again")
+    expect(alert).to_contain_text("revoked API key: it was revoked at")  # not the header syntax
     expect(alert.locator(".error-code")).to_have_text("unauthorized")
     assert page.evaluate("sessionStorage.getItem('tinyllava_med.api_key')") is None
     assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
+
+
+def test_a_server_that_goes_away_is_said_so(page, tmp_path, tiny_lm):
+    """The server stops answering mid-session (a restart, the network; here every request is
+    cut): the model badge says so within half a minute (it stayed "Model ready"), and a
+    question that fails keeps its own error (the failed reload of the reports replaced it at
+    once). When the server answers again, so does the badge."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        study, _ = _ct_with_report(server)
+        page.clock.install()
+        _sign_in(page, server)
+        badge = page.locator("#model-state")
+        expect(badge).to_have_text(_starts_with("Model ready"))
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        expect(page.locator("#study-image")).to_have_attribute("src", _starts_with("blob:"))
+        page.route("**/v1/**", lambda route: route.abort())
+        page.route("**/readyz", lambda route: route.abort())
+        page.get_by_label("Question about the shown image").fill("Any fracture?")
+        page.get_by_role("button", name="Ask", exact=True).click()
+        alert = page.locator("#alerts")
+        expect(alert).to_contain_text("Asking the model")
+        page.wait_for_timeout(300)  # the reload of the reports has failed by now
+        expect(alert).to_contain_text("Asking the model")
+        expect(alert).not_to_contain_text("Loading the reports")
+        page.clock.run_for(31_000)
+        expect(badge).to_have_text("Server unreachable")
+        page.unroute_all()
+        page.clock.run_for(6_000)
+        expect(badge).to_have_text(_starts_with("Model ready"))
 
 
 def test_security_headers_and_static_files(demo_server):

@@ -372,7 +372,7 @@ async def authenticate(request: Request) -> Principal:
     if request.app.state.settings.auth_disabled:
         return Principal(key_id=ANONYMOUS, role="admin", name="authentication disabled")
     key = _key_of(request)
-    expired_at = None
+    refused = None
     if key:
         # the app factory sets the cache; an app assembled otherwise just looks keys up
         cache: KeyCache = getattr(request.app.state, "key_cache", None) or KeyCache(0)
@@ -384,8 +384,8 @@ async def authenticate(request: Request) -> Principal:
         if isinstance(found, Principal):
             cache.put(digest, found)
             return found
-        expired_at = found
-    reason = "missing" if not key else "expired" if expired_at else "invalid"
+        refused = found
+    reason = "missing" if not key else refused[0] if refused else "invalid"
     denials: DenialLog | None = getattr(request.app.state, "denial_log", None)
     address = request.client.host if request.client else "unknown"
     skipped = denials.admit(address) if denials is not None else 0
@@ -402,8 +402,8 @@ async def authenticate(request: Request) -> Principal:
             detail=detail,
         )
     hint = "send `Authorization: Bearer tlm_...` or `X-API-Key: tlm_...`"
-    if expired_at:
-        hint = f"it expired at {expired_at:%Y-%m-%d %H:%M} UTC; ask an admin for a new key"
+    if refused:
+        hint = f"it was {refused[0]} at {refused[1]:%Y-%m-%d %H:%M} UTC; ask an admin for a new key"
     raise APIError(
         401, "unauthorized", f"{reason} API key: {hint}", headers={"WWW-Authenticate": "Bearer"}
     )
@@ -455,14 +455,18 @@ class KeyBeforeBody:
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-def _look_up(request: Request, key: str) -> Principal | datetime | None:
-    """The caller's principal; for a real key that expired, when it did; else None."""
+def _look_up(request: Request, key: str) -> Principal | tuple[str, datetime] | None:
+    """The caller's principal; for a real key that was revoked or expired, which and when
+    (its holder is told, so the web client can say to ask for a new key); else None."""
     with request.app.state.session_factory.begin() as session:
         row = _matching_key(session, key)
-        if row is None or row.revoked_at is not None:
+        if row is None:
             return None
+        if row.revoked_at is not None:
+            return "revoked", row.revoked_at
         if row.expired:
-            return row.expires_at
+            assert row.expires_at is not None
+            return "expired", row.expires_at
         _touch(session, row)
         return Principal(row.id, row.role, row.name, row.expires_at)
 

@@ -16,6 +16,7 @@
     ["brain", "Brain"],
   ];
   const PAGE_SIZE = 50;
+  const READY_RECHECK_MS = 30_000; // /readyz again while the model is ready
 
   const $ = (id) => document.getElementById(id);
 
@@ -118,7 +119,9 @@
           "Read both, then save or sign again."
         );
       case 413:
-        return "The upload is too large for this server. Send fewer or smaller files.";
+        return err.detail && err.detail.imaging_code
+          ? "The image is larger (in pixels, frames or decoded size) than this server accepts."
+          : "The upload is too large for this server. Send fewer or smaller files.";
       case 415:
         return "Only DICOM Part 10, PNG and JPEG files are accepted.";
       case 503: {
@@ -422,13 +425,21 @@
     }
     const isDemo = !!info && (info.model === "demo" || info.variant === "demo");
     $("demo-warning").hidden = !isDemo;
-    badgeEl.dataset.state = ready ? "ready" : modelState === "failed" ? "failed" : "loading";
+    const unreachable = body === null;
+    badgeEl.dataset.state = ready
+      ? "ready"
+      : modelState === "failed" || unreachable
+        ? "failed"
+        : "loading";
     badgeEl.textContent = ready
       ? `Model ready${isDemo ? " (demo)" : ""}`
-      : modelState === "failed"
-        ? "Model failed to load"
-        : "Model loading…";
-    if (!ready) state.modelTimer = setTimeout(refreshModel, 5000);
+      : unreachable
+        ? "Server unreachable"
+        : modelState === "failed"
+          ? "Model failed to load"
+          : "Model loading…";
+    // checked again while ready too: a server that stopped or restarted is said so
+    state.modelTimer = setTimeout(refreshModel, ready ? READY_RECHECK_MS : 5000);
   }
 
   // --- worklist -------------------------------------------------------------------------------
@@ -1274,7 +1285,8 @@
         setStatus("ask-status", "");
         showError(streamError(err), "Asking the model");
       }
-      if (state.study === s) loadReports({ keep: true });  // stored after all? listed
+      // stored after all? listed; a failure to list says nothing over the question's error
+      if (state.study === s) loadReports({ keep: true, quiet: true });
     } finally {
       out.setAttribute("aria-busy", "false");
       state.streaming = null;
@@ -1287,7 +1299,7 @@
   // --- study: reports -------------------------------------------------------------------------
 
   // `keep`: the report open (and what is typed in it) stays; only the list is read again
-  async function loadReports({ keep = false } = {}) {
+  async function loadReports({ keep = false, quiet = false } = {}) {
     const s = state.study;
     if (!s) return;
     try {
@@ -1308,7 +1320,7 @@
       // another image than its own could be read, or signed, as that image's
       showReportImage(currentReport());
     } catch (err) {
-      showError(err, "Loading the reports");
+      if (!quiet) showError(err, "Loading the reports");
     }
   }
 
