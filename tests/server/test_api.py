@@ -22,6 +22,7 @@ from api_helpers import (
     CT_SMALL,
     MR_SMALL,
     assert_error,
+    ct_of_new_study,
     ct_with,
     make_api,
     multipart_related,
@@ -270,7 +271,12 @@ def test_worklist_finds_a_study_by_accession_number_uid_and_date(api):
         ("b", "ACC002", "20261115", "1.2.826.0.1.3680043.8.498.2"),
         ("c", "ACC002", "20261130", "1.2.826.0.1.3680043.8.498.3"),
     ):
-        data = ct_with(AccessionNumber=accession, StudyDate=day, StudyInstanceUID=uid)
+        data = ct_with(
+            AccessionNumber=accession,
+            StudyDate=day,
+            StudyInstanceUID=uid,
+            SOPInstanceUID=uid + ".1",
+        )
         r = upload(api, (f"{name}.dcm", data, "application/dicom"))
         assert r.status_code == 201, r.text
         ids[name] = r.json()["id"]
@@ -330,7 +336,11 @@ def test_a_ris_finds_reports_by_accession_number_and_polls_for_new_signatures(ap
             api,
             (
                 f"{name}.dcm",
-                ct_with(AccessionNumber=accession, StudyInstanceUID=generate_uid()),
+                ct_with(
+                    AccessionNumber=accession,
+                    StudyInstanceUID=generate_uid(),
+                    SOPInstanceUID=generate_uid(),
+                ),
                 "application/dicom",
             ),
         ).json()
@@ -472,7 +482,7 @@ def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(ImageStore, "put", no_space)
-        r = upload(api, ("ct.dcm", ct_with(StudyInstanceUID="1.2.3.4.5"), "application/dicom"))
+        r = upload(api, ("ct.dcm", ct_of_new_study(), "application/dicom"))
         assert_error(r, 507, "insufficient_storage")
         assert "storage is full" in r.json()["error"]["message"]
         ask = api.post(
@@ -482,7 +492,7 @@ def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
             data={"question": "Organ?"},
         )
         assert_error(ask, 507, "insufficient_storage")
-        body, ctype = multipart_related(ct_with(StudyInstanceUID="1.2.3.4.6"))
+        body, ctype = multipart_related(ct_of_new_study())
         stow = api.post(
             "/dicomweb/studies", content=body, headers={**api.h("pacs"), "Content-Type": ctype}
         )

@@ -152,6 +152,32 @@ def test_a_uid_reused_for_another_patient_is_refused(api, caplog):
     assert not any("OTHER" in d or "Corrected" in d for d in details)
 
 
+def test_an_instance_held_in_another_study_is_refused(api, caplog):
+    """One SOP Instance UID under another Study Instance UID (a device that reused it, a copy
+    edited apart from the original): refused by upload, one-shot question, STOW-RS and
+    import, and no empty study is left; before, the image was filed in a second study with
+    its own automatic report and SR."""
+    held = upload(api, ("ct.dcm", CT_SMALL.read_bytes(), DICOM)).json()
+    moved = ct_with(StudyInstanceUID=pydicom.uid.generate_uid())  # same SOP Instance UID
+    caplog.set_level(logging.WARNING)
+    r = upload(api, ("moved.dcm", moved, DICOM))
+    assert_error(r, 409, "instance_conflict")
+    assert r.json()["error"]["detail"]["study_id"] == held["id"]
+    assert_error(_ask(api, moved), 409, "instance_conflict")
+    body, ctype = multipart_related(moved)
+    r = api.post("/dicomweb/studies", content=body, headers={**api.h(), "Content-Type": ctype})
+    assert r.status_code == 409, r.text
+    assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0110]
+    r = api.post("/v1/studies/import", headers=api.h(), files=[("files", ("IM1", moved, DICOM))])
+    assert_error(r, 422, "no_images")
+    assert r.json()["error"]["detail"]["failed"] == {"uid_conflict": 1}
+    assert _count(api, Image) == 1 and _count(api, Study) == 1
+    assert f"held here in another study ({held['id']})" in caplog.text
+    # the instance itself sent again is still the one held (200), not a conflict
+    r = upload(api, ("ct.dcm", CT_SMALL.read_bytes(), DICOM))
+    assert r.status_code == 200 and r.json()["id"] == held["id"], r.text
+
+
 def test_images_without_a_uid_make_a_study_each(api):
     png = png_bytes()
     first = upload(api, ("a.png", png, "image/png"))

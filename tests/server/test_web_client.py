@@ -769,6 +769,7 @@ def test_reader_finds_a_study_by_accession_number_and_date(page, tmp_path, tiny_
                                 AccessionNumber=accession,
                                 StudyDate=day,
                                 StudyInstanceUID=generate_uid(),
+                                SOPInstanceUID=generate_uid(),
                             ),
                         ),
                     )
@@ -838,8 +839,8 @@ def test_reader_imports_a_patients_cd(page, tmp_path, tiny_lm):
         page.get_by_label("Import a CD or folder").set_input_files(tmp_path / "stick")
         page.get_by_role("button", name="Import", exact=True).click()
         expect(status).to_contain_text(
-            "Imported 0 studies: 0 new images; 1 refused: their study's UID names another "
-            "patient's study on the server.",
+            "Imported 0 studies: 0 new images; 1 refused: their UIDs conflict with images on "
+            "the server (another patient's study, or the same image in another study).",
             timeout=T,
         )
         page.get_by_label("Import a CD or folder").set_input_files(cd)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tinyllava_med.imaging import ImagingError, load_study_file
@@ -168,6 +168,35 @@ def _log_other_patient(study: Study) -> None:
     )
 
 
+def _held_elsewhere(session: Session, sop_instance: str, study_uid: str | None) -> str | None:
+    """The id of a study of another Study Instance UID that holds an image with this SOP
+    Instance UID. UIDs are unique the world over: the same one under two studies is a device's
+    error, or an object edited apart from its original, and filing it would give one image
+    two studies, each with its own reports and SRs. Asked before the instance's study is made,
+    so a refusal leaves no empty study. A file without a Study Instance UID makes a study of
+    its own each time, as an image does: not asked."""
+    if not study_uid:
+        return None
+    return session.scalar(
+        select(Image.study_id)
+        .join(Study, Image.study_id == Study.id)
+        .where(
+            Image.SOPInstanceUID == sop_instance,
+            # a database from before filing by UID may hold two studies of one UID: one study
+            or_(Study.StudyInstanceUID.is_(None), Study.StudyInstanceUID != study_uid),
+        )
+        .limit(1)
+    )
+
+
+def _log_held_elsewhere(study_id: str) -> None:
+    log.warning(
+        "refused an instance whose SOP Instance UID is held here in another study (%s): a "
+        "device that reused a UID, or a copy edited apart from the original",
+        study_id,
+    )
+
+
 def _stored(session: Session, study: Study, sop_instance: str) -> Image | None:
     return session.scalar(
         select(Image).where(Image.study_id == study.id, Image.SOPInstanceUID == sop_instance)
@@ -287,6 +316,11 @@ def store_instances(
             continue
         if url_study_uid is not None and uid != url_study_uid:
             result.failed.append((sop_class, sop_instance, STUDY_MISMATCH))
+            continue
+        held_by = _held_elsewhere(session, sop_instance, uid)
+        if held_by is not None:
+            _log_held_elsewhere(held_by)
+            result.failed.append((sop_class, sop_instance, PROCESSING_FAILURE))
             continue
         study = _study_for(session, uid, studies, d)
         if not patients.match(study, part.data):
@@ -448,6 +482,18 @@ def _file_one(
             {"file": upload.filename, "study_id": study.id},
         )
     sop_instance = d.metadata.SOPInstanceUID if d.kind == "dicom" else None
+    held_by = (
+        _held_elsewhere(session, sop_instance, study.StudyInstanceUID) if sop_instance else None
+    )
+    if held_by is not None:
+        _log_held_elsewhere(held_by)
+        raise APIError(
+            409,
+            "instance_conflict",
+            "the file's SOP Instance UID names an image held here in another study (a device "
+            "that reused a UID, or a copy edited apart from the original); nothing was stored",
+            {"file": upload.filename, "study_id": held_by},
+        )
     held = _stored(session, study, sop_instance) if sop_instance else None
     if held is None:
         return add_file(session, store, study, upload.data, d), True

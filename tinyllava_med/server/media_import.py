@@ -41,7 +41,8 @@ from tinyllava_med.server.stow import CANNOT_UNDERSTAND, PROCESSING_FAILURE, Par
 CHUNK = 32  # files decoded and committed together
 # what a CD carries besides images, by the reason decoding gives
 # a refusal's name in the summary's `failed`: a file without the UIDs an image is filed by, and
-# one whose UIDs name a study (or a released image) here of another patient (`ingest`'s check)
+# one whose UIDs conflict with what is held here (`ingest`'s checks): its study is another
+# patient's, or its SOP Instance UID is an image of another study or another released object
 FAILURES = {CANNOT_UNDERSTAND: "missing_uids", PROCESSING_FAILURE: "uid_conflict"}
 SKIPPED = {"unsupported_format": "not_dicom", "not_dicom": "not_dicom", "no_pixel_data": "no_image"}
 _DICM_AT = slice(128, 132)

@@ -715,7 +715,7 @@
           (sum.skipped ? `; ${sum.skipped} file${sum.skipped === 1 ? "" : "s"} skipped (not DICOM images)` : "") +
           (sum.failed ? `; ${sum.failed} not readable` : "") +
           (sum.refused
-            ? `; ${sum.refused} refused: their study's UID names another patient's study on the server`
+            ? `; ${sum.refused} refused: their UIDs conflict with images on the server (another patient's study, or the same image in another study)`
             : "") +
           ". ",
       );
