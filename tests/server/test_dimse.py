@@ -246,10 +246,17 @@ def test_who_may_associate(api, caplog):
     ok.release()
 
     denied = audits(api, "dimse.associate")
-    assert sorted(e["actor"] for e in denied) == ["dimse:FARAWAY", "dimse:STRANGER"]
+    assert sorted(e["actor"] for e in denied) == [
+        "dimse:FARAWAY",
+        "dimse:MODALITY",
+        "dimse:STRANGER",
+    ]
     assert {e["outcome"] for e in denied} == {"denied"}
     assert {e["detail"]["address"] for e in denied} == {"127.0.0.1"}
-    assert metric(api, "dimse_associations", "refused") == 2
+    # a wrong called AE title (a sender's setting) is audited too, saying so (it was not)
+    wrong = next(e for e in denied if e["actor"] == "dimse:MODALITY")
+    assert wrong["detail"]["reason"] == "called AE title 'SOMEONE_ELSE' is not this server's"
+    assert metric(api, "dimse_associations", "refused") == 3
     assert metric(api, "dimse_associations", "accepted") == 1
     assert "STRANGER" in caplog.text
 

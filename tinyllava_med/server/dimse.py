@@ -193,7 +193,7 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._server: Any = None
         ae = AE(ae_title=settings.dimse_ae_title)
-        ae.require_called_aet = True
+        ae.require_called_aet = False  # `_on_requested` checks it, so the refusal is audited
         ae.maximum_associations = settings.dimse_max_associations
         syntaxes = decodable_transfer_syntaxes()
         for context in AllStoragePresentationContexts:
@@ -240,12 +240,20 @@ class StorageSCP:
     def _on_requested(self, event: evt.Event) -> None:
         rq = event.assoc.requestor  # its ae_title is set after this event, from the request
         calling = str(rq.primitive.calling_ae_title if rq.primitive else "").strip()
+        called = str(rq.primitive.called_ae_title if rq.primitive else "").strip()
         address = str(rq.address)
-        if self.peers.allows(calling, address):
+        if called != self.settings.dimse_ae_title:  # meant for another AE (a wrong setting)
+            reason, diagnostic = f"called AE title {called!r} is not this server's", 0x07
+        elif not self.peers.allows(calling, address):
+            reason, diagnostic = "calling AE title not in dimse_peers", 0x03
+        else:
             return
         self.metrics.dimse_associations.labels("refused").inc()
-        log.warning("DIMSE association refused: calling AE title %r from %s", calling, address)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, user: calling AE unknown
+        log.warning(
+            "DIMSE association refused: calling AE title %r from %s: %s", calling, address, reason
+        )
+        # permanent, service user: 0x03 calling AE title not recognised, 0x07 called AE title
+        event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
         event.assoc.kill()  # as pynetdicom's own refusals: the reject goes out before the close
         with self.sessions.begin() as session:
             crud.audit(
@@ -256,7 +264,7 @@ class StorageSCP:
                 resource_id=None,
                 outcome="denied",
                 status_code=403,
-                detail={"address": address, "reason": "calling AE title not in dimse_peers"},
+                detail={"address": address, "reason": reason},
             )
 
     def _on_accepted(self, event: evt.Event) -> None:
