@@ -344,6 +344,44 @@ def test_a_signature_whose_commit_fails_is_not_counted(api):
     assert f'{line}changed="false",status="final"' in api.get("/metrics").text
 
 
+def test_a_pacs_that_never_answers_holds_a_push_once_for_its_timeout(
+    tmp_path, sqlite_url, tiny_lm, monkeypatch
+):
+    """A PACS that takes the connection and never answers: one push tries once, for at most
+    `PUSH_TIMEOUT_S` per read, and fails to the queue's backoff (dicomweb-client's own retries
+    held the only worker about 85 s)."""
+    import socket
+    import threading
+
+    from tinyllava_med.server import jobs
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+
+    def take() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])  # and never a byte back
+            except OSError:
+                return
+
+    threading.Thread(target=take, daemon=True).start()
+    monkeypatch.setattr(jobs, "PUSH_TIMEOUT_S", 0.5)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web"
+    try:
+        for api in make_api(tmp_path, sqlite_url, tiny_lm, dicomweb_push_url=url, job_workers=0):
+            runner = jobs.JobRunner(api.app, 0)
+            with pytest.raises(Exception, match="(?i)timed? ?out"):
+                runner._deliver(pydicom.dcmread(CT_SMALL))
+            assert len(accepted) == 1  # tried once
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
 def test_each_queued_push_sends_the_version_it_was_queued_for(tmp_path, database_url, tiny_lm):
     """Pushes wait in the queue (the PACS is down, say) while a draft is edited, signed and then
     amended: each push job names its version, and the SR rebuilt from the history for it is the

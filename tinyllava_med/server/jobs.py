@@ -69,6 +69,10 @@ JobKind = Literal[
 # what runs while the model is loading, failed to load, or busy: only automatic reports ask it
 NEEDS_NO_MODEL = (PUSH_SR, SWEEP_IMAGES, PUSH_REJECTION, RETRIEVE_STUDY, RELEASE_IMAGES)
 SYSTEM_ACTOR = "system"
+# one STOW-RS of an SR or rejection note: tried once, for at most this long per read (the
+# queue's backoff retries it): dicomweb-client's own retries held a worker ~85 s on a PACS that
+# took the connection and never answered
+PUSH_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -599,7 +603,7 @@ class JobRunner:
 
     def _deliver(self, ds: pydicom.Dataset) -> None:
         """Send `ds` to the configured PACS: C-STORE to `dimse_push`, else STOW-RS."""
-        from dicomweb_client.api import DICOMwebClient
+        from tinyllava_med.server.pull import one_try_client
 
         settings = self.settings
         if settings.dimse_push:
@@ -609,8 +613,8 @@ class JobRunner:
             return
         if not settings.dicomweb_push_url:
             raise RuntimeError("no dicomweb_push_url is configured")
-        client = DICOMwebClient(
-            url=settings.dicomweb_push_url, headers=dict(settings.dicomweb_push_headers)
+        client = one_try_client(
+            settings.dicomweb_push_url, settings.dicomweb_push_headers, PUSH_TIMEOUT_S
         )
         client.store_instances([ds])
 
