@@ -331,14 +331,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OperationalError as e:  # the message names host and port, never the password
             print(f"tinyllava-med serve: cannot reach the database: {e.orig}", file=sys.stderr)
             return 1
+    from tinyllava_med.server.logs import say
+
     app = create_app(settings, own_process=True)
     base = settings.base_url
-    print(
+    say(
         f"serving on {base} (model: {settings.model}, "
         f"database: {settings.database_url.split('://', 1)[0]})"
         + (f"; Gradio demo at {base}/demo" if settings.gradio else ""),
-        file=sys.stderr,
-        flush=True,
+        settings.log_format,
     )
     logging.getLogger().setLevel(settings.log_level)  # TINYLLAVA_MED_LOG_LEVEL
     from tinyllava_med.server.logs import json_log_config, text_log_config

@@ -51,17 +51,19 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     assert "ACC9" not in log.read_text()  # access lines name the path, not the query
     assert "3680043.99.7" not in log.read_text()  # nor a STOW path's Study Instance UID
     lines = log.read_text().splitlines()
-    # the lines printed for the operator, not logged: where it serves, and where the first key
-    # is: stderr is not a terminal here (a container's, a service's), so the key is in a file
-    # the owner alone reads, and nowhere in what a log collector keeps
-    printed = [ln for ln in lines if not ln.startswith("{")]
+    # every line is a JSON object, also those said for the operator: where it serves, and
+    # where the first key is (they were plain text among the JSON). stderr is not a terminal
+    # here (a container's, a service's), so the key is in a file the owner alone reads, and
+    # nowhere in what a log collector keeps
+    assert all(ln.startswith("{") for ln in lines), [ln for ln in lines if ln[:1] != "{"]
+    records = [json.loads(ln) for ln in lines]
+    said = [r["message"] for r in records if r["logger"] == "tinyllava_med"]
     key_file = tmp_path / "data" / "first-admin-key"
-    assert printed[0].startswith("serving on") and str(key_file) in printed[1], printed
-    assert len(printed) == 2, printed
+    assert said[0].startswith("serving on") and str(key_file) in said[1], said
+    assert len(said) == 2, said
     assert key_file.stat().st_mode & 0o777 == 0o600
     first = key_file.read_text().strip()
     assert first.startswith("tlm_") and first not in log.read_text()
-    records = [json.loads(ln) for ln in lines if ln.startswith("{")]
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records), records
     assert all(r["time"].endswith("Z") for r in records)
     assert not any("color_message" in r for r in records)  # uvicorn's ANSI-coloured copy

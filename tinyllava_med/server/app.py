@@ -38,7 +38,7 @@ from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
 from tinyllava_med.server.jobs import JobRunner, sweep_on_rollback
-from tinyllava_med.server.logs import quiet_libraries
+from tinyllava_med.server.logs import quiet_libraries, say
 from tinyllava_med.server.metrics import Metrics
 from tinyllava_med.server.report_writer import ReportWriter
 from tinyllava_med.server.retention import schedule_release
@@ -310,7 +310,7 @@ def _start_engine(app: FastAPI, lm: LoadedModel, settings: Settings) -> None:
 FIRST_KEY_FILE = "first-admin-key"
 
 
-def _hand_over(key: str, data_dir: Path) -> None:
+def _hand_over(key: str, data_dir: Path, log_format: str = "text") -> None:
     """Give the first admin key to whoever started the server: on a terminal, printed once; else
     (a container, a service: stderr goes to a log collector, which must not hold a key that
     never expires) written to `DATA_DIR/first-admin-key`, owner only, for them to read and
@@ -325,11 +325,10 @@ def _hand_over(key: str, data_dir: Path) -> None:
     os.fchmod(fd, 0o600)  # before writing: a file left by an emptied database keeps its mode
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
-    print(
+    say(
         f"Created the first admin API key, written to {path} (owner only): read it, store it, "
         "delete the file",
-        file=sys.stderr,
-        flush=True,
+        log_format,
     )
 
 
@@ -400,7 +399,7 @@ def create_app(
         with app.state.session_factory.begin() as session:
             first_key = ensure_first_admin_key(session)
         if first_key is not None:
-            _hand_over(first_key, settings.data_dir)
+            _hand_over(first_key, settings.data_dir, settings.log_format)
             app.state.first_admin_key = first_key
         app.state.store = ImageStore(settings.images_dir, settings.render_cache_mb * 1024 * 1024)
         if own_process:  # `serve`: what a crash left in the store goes

@@ -14,9 +14,11 @@ libraries that talk to the PACS from logging queries, identifiers and credential
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
+import sys
 import time
 import traceback
 import warnings
@@ -79,6 +81,17 @@ def text_log_config() -> dict[str, Any]:
     config.setdefault("filters", {})["access"] = {"()": NoQueryString}
     config["handlers"]["access"].setdefault("filters", []).append("access")
     return config
+
+
+def say(message: str, log_format: str = "text") -> None:
+    """A line for the operator on stderr (where `serve` listens, where the first key is): the
+    message alone, or with `LOG_FORMAT=json` a JSON object like the log records around it, so a
+    collector reading JSON lines does not trip over it."""
+    if log_format == "json":
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        line = {"time": now, "level": "INFO", "logger": "tinyllava_med", "message": message}
+        message = json.dumps(line, ensure_ascii=False)
+    print(message, file=sys.stderr, flush=True)
 
 
 def json_log_config(level: str) -> dict[str, Any]:
