@@ -343,6 +343,10 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
             assert (result["stored"], result["already"], result["failed"]) == (2, 0, 0)
             skipped = {"dicomweb": ("skipped", 1), "dimse": ("skipped_series", 1)}[transport]
             assert result[skipped[0]] == skipped[1], result
+            # the study lists the job that fetched it among its jobs
+            params = {"study_id": result["study_id"], "kind": "retrieve_study"}
+            listed = httpx.get(f"{base}/v1/jobs", params=params, headers=h).json()["data"]
+            assert [j["id"] for j in listed] == [job_id]
             study = httpx.get(f"{base}/v1/studies/{result['study_id']}", headers=h).json()
             assert study["StudyInstanceUID"] == first.StudyInstanceUID
             assert sorted(i["SOPInstanceUID"] for i in study["images"]) == sorted(

@@ -282,11 +282,16 @@ def _held(session: Session, claimed: Claimed) -> Job | None:
     return job
 
 
-def finish(session: Session, claimed: Claimed, result: dict[str, Any]) -> str:
-    """Record a job's result: `done`, or `gone` when the claim no longer holds the job."""
+def finish(
+    session: Session, claimed: Claimed, result: dict[str, Any], study_id: str | None = None
+) -> str:
+    """Record a job's result (and the study it made, for a job queued before there was one):
+    `done`, or `gone` when the claim no longer holds the job."""
     job = _held(session, claimed)
     if job is None:
         return "gone"
+    if study_id is not None and job.study_id is None:
+        job.study_id = study_id
     job.status = "done"
     job.payload = {**job.payload, "result": result}
     job.locked_by = job.locked_at = None
@@ -599,7 +604,8 @@ class JobRunner:
                     **{k: result[k] for k in ("skipped", "skipped_series") if k in result},
                 },
             )
-            return finish(s, job, result)
+            # the study it filed lists it (`GET /v1/jobs?study_id=`) beside its other jobs
+            return finish(s, job, result, study_id=result["study_id"])
 
     def _deliver(self, ds: pydicom.Dataset) -> None:
         """Send `ds` to the configured PACS: C-STORE to `dimse_push`, else STOW-RS."""
