@@ -399,6 +399,10 @@ def test_db_downgrade_and_a_schema_newer_than_the_code(tmp_path):
     assert out.returncode == 0 and migrate.current_revision(f"sqlite:///{db}") == (
         migrate.head_revision()
     )
+    head = migrate.head_revision()
+    assert out.stdout.strip() == f"database upgraded from revision 0010 to {head}, the latest"
+    out = cli("db", "upgrade", env=env)
+    assert out.stdout.strip() == f"database is at the latest revision ({head}) already"
 
     with sqlite3.connect(db) as conn:  # as a newer version would leave it
         conn.execute("UPDATE alembic_version SET version_num = '0999'")

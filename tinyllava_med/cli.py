@@ -386,11 +386,16 @@ def cmd_db(args: argparse.Namespace) -> int:
             )
             print(f"database is at revision {current_revision(settings.database_url)}")
             return 0
+        before = current_revision(settings.database_url)
         upgrade(settings.database_url)
+        after = current_revision(settings.database_url)
     except MigrationError as e:
         print(f"tinyllava-med db {args.db_cmd}: {e}", file=sys.stderr)
         return 1
-    print("database is at the latest revision")
+    if before == after:
+        print(f"database is at the latest revision ({after}) already")
+    else:  # what an operator checks before and after an update
+        print(f"database upgraded from revision {before or 'none (empty)'} to {after}, the latest")
     return 0
 
 
