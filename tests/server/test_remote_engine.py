@@ -27,6 +27,7 @@ from tinyllava_med.model.generate import SamplingParams, generate
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
 from tinyllava_med.server.db.models import AuditEvent, Report
+from tinyllava_med.server.routes import openai as openai_routes
 from tinyllava_med.server.settings import Settings
 
 QUESTION = "Which organ is shown?"
@@ -54,7 +55,7 @@ def ready_gateways(tmp_path: Path, tiny_lm, remote_url: str, **settings):
         yield api
 
 
-def test_gateway_forwards_to_a_second_server(tmp_path, tiny_lm):
+def test_gateway_forwards_to_a_second_server(tmp_path, tiny_lm, monkeypatch):
     backend_db = f"sqlite:///{tmp_path}/backend.db"
     upgrade(backend_db)
     backend = create_app(
@@ -114,6 +115,27 @@ def test_gateway_forwards_to_a_second_server(tmp_path, tiny_lm):
             with api.app.state.session_factory() as s:
                 assert len(s.scalars(select(Report)).all()) == 2
 
+            # the backend is restarted with another quantization: the next answer is not
+            # recorded under the old card (502, nothing stored: it was, with the old
+            # quantization); the one after is recorded as what answers it
+            with monkeypatch.context() as m:
+                m.setattr(
+                    openai_routes,
+                    "served_model",
+                    lambda engine: {**engine.lm.info, "quantization": "cpu-int8"},
+                )
+                ask = {"question": QUESTION, "max_new_tokens": 10}
+                path = f"/v1/studies/{study['id']}/questions"
+                r = api.post(path, headers=api.h(), json=ask)
+                assert_error(r, 502, "engine_failed")
+                assert "now serves another model" in r.json()["error"]["message"]
+                r = api.post(path, headers=api.h(), json=ask)
+                assert r.status_code == 201, r.text
+                assert r.json()["quantization"] == "cpu-int8"
+                assert api.get("/readyz").json()["model"]["quantization"] == "cpu-int8"
+            with api.app.state.session_factory() as s:
+                assert len(s.scalars(select(Report)).all()) == 3
+
         # the backend goes away: a clear 502, nothing stored
     for api in make_api(
         tmp_path / "gateway2",
@@ -155,6 +177,54 @@ def test_a_remote_that_fails_mid_service_gives_502(tmp_path, tiny_lm):
             assert r.json()["error"]["message"].startswith("remote engine answered 422")
             with api.app.state.session_factory() as s:
                 assert s.scalars(select(Report)).all() == []
+
+
+def test_an_answer_the_remote_did_not_finish_is_not_stored(tmp_path, tiny_lm):
+    """A remote whose stream ends without a finish reason or [DONE] (it crashed behind a
+    proxy, a proxy's read timeout), or that ends an answer for another reason than stop or
+    length (content_filter): 502, nothing stored. Before, the half sentence was stored as a
+    complete answer (finish_reason "stop")."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    remote = FastAPI()
+    ending = {"reason": "stop"}  # the gateway's readiness probe is answered
+
+    @remote.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": "stub", "object": "model"}]}
+
+    @remote.post("/v1/chat/completions")
+    def chat() -> StreamingResponse:
+        def events():
+            for text in ("No fracture.", " There is a 3"):
+                chunk = {"choices": [{"index": 0, "delta": {"content": text}}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if ending["reason"]:
+                last = {"choices": [{"index": 0, "delta": {}, "finish_reason": ending["reason"]}]}
+                yield f"data: {json.dumps(last)}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    with live_server(remote, ready_path="/v1/models") as base:
+        for api in ready_gateways(tmp_path, tiny_lm, f"{base}/v1"):
+            study = upload_ct(api)
+            for reason, says in ((None, "ended before it finished"), ("content_filter", "")):
+                ending["reason"] = reason
+                r = api.post(
+                    f"/v1/studies/{study['id']}/questions",
+                    headers=api.h(),
+                    json={"question": QUESTION},
+                )
+                assert_error(r, 502, "engine_failed")
+                assert says in r.json()["error"]["message"]
+            ending["reason"] = "stop"  # the same stream, finished: stored
+            r = api.post(
+                f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": QUESTION}
+            )
+            assert r.status_code == 201 and r.json()["answer"] == "No fracture. There is a 3"
+            with api.app.state.session_factory() as s:
+                assert len(s.scalars(select(Report)).all()) == 1
 
 
 def test_gateway_forwards_to_transformers_serve(tmp_path, tiny_model_dir, tiny_lm):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import re
 import time
 import uuid
@@ -147,14 +149,32 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+PROVENANCE = ("model", "variant", "quantization", "model_version", "model_weights")
+
+
+def fingerprint(info: dict[str, Any]) -> str:
+    """OpenAI's `system_fingerprint` for the model answering: it changes with the model, its
+    variant, quantization, version or weights. A gateway in front of this server compares it
+    with the card it records reports under (`remote_engine`)."""
+    served = json.dumps({k: info.get(k) for k in PROVENANCE}, sort_keys=True, default=str)
+    return "tlm_" + hashlib.sha256(served.encode()).hexdigest()[:16]
+
+
 def completion_body(
-    cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, new_tokens: int
+    cid: str,
+    model: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    new_tokens: int,
+    system_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     return {
         "id": cid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
+        "system_fingerprint": system_fingerprint,
         "choices": [
             {
                 "index": 0,
@@ -172,12 +192,14 @@ def chunk_body(
     delta: dict[str, Any],
     finish_reason: str | None = None,
     usage_: dict[str, int] | None = None,
+    system_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
+        "system_fingerprint": system_fingerprint,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
     }
     if usage_ is not None:
@@ -194,7 +216,11 @@ def model_card(info: dict[str, Any]) -> dict[str, Any]:
         "created": 0,
         "owned_by": "tinyllava-med",
         "tinyllava_med": {
-            k: info.get(k)
-            for k in ("variant", "quantization", "model_version", "model_weights", "server_version")
+            **{
+                k: info.get(k)
+                for k in ("variant", "quantization", "model_version", "model_weights")
+                + ("server_version",)
+            },
+            "system_fingerprint": fingerprint(info),
         },
     }

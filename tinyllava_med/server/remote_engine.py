@@ -112,12 +112,34 @@ class RemoteEngine(BatchingEngine):
         self.lm = remote
         return remote
 
+    def _model_changed(self) -> None:
+        """The remote now answers with another model, quantization or weights than the card
+        reports are recorded under (it restarted with others): read its card again, so the
+        next question is recorded as what answers it, and fail this one rather than record it
+        under the old card (the route took the card before asking)."""
+        try:
+            self.connect()
+        except Exception as e:  # the next question finds out again
+            log.warning(
+                "remote engine %s: could not read its models again: %s",
+                without_password(self.url),
+                type(e).__name__,
+            )
+        log.warning(
+            "remote engine %s now serves another model; its card was read again",
+            without_password(self.url),
+        )
+        raise EngineFailed(
+            "the remote engine now serves another model, quantization or weights than this "
+            "question was to be recorded under: ask again"
+        )
+
     def connect_until_ready(self, stop: threading.Event, retry_s: float = 5.0) -> RemoteModel:
         while True:
             try:
                 return self.connect()
             except Exception as e:
-                log.warning("remote engine %s not reachable yet: %s", self.url, e)
+                log.warning("remote engine %s not reachable yet: %s", without_password(self.url), e)
                 if stop.wait(retry_s):
                     raise EngineFailed("stopped before the remote engine answered") from e
 
@@ -165,9 +187,12 @@ class RemoteEngine(BatchingEngine):
         }
         if req.params.temperature > 0:
             body["top_p"] = req.params.top_p
+        # the model the reports are recorded under: another instance of this server says in
+        # each chunk which one answers (OpenAI's system_fingerprint)
+        recorded = (self.lm.card.get("tinyllava_med") or {}).get("system_fingerprint")
         start = time.perf_counter()
         text: list[str] = []
-        finish: Literal["stop", "length", "cancelled"] = "stop"
+        finish: Literal["stop", "length", "cancelled"] | None = None
         usage: dict[str, int] = {}
         with self._http.stream("POST", "/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -180,10 +205,14 @@ class RemoteEngine(BatchingEngine):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    finish = finish or "stop"  # a server that names no reason but ends well
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
                     raise EngineFailed(f"remote engine: {chunk['error'].get('message')}")
+                answering = chunk.get("system_fingerprint")
+                if recorded and answering and answering != recorded:
+                    self._model_changed()
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     delta = (choice.get("delta") or {}).get("content")
@@ -197,8 +226,14 @@ class RemoteEngine(BatchingEngine):
                         text.append(delta)
                         if req.on_token is not None:
                             req.on_token(delta)
-                    if choice.get("finish_reason") == "length":
-                        finish = "length"
+                    reason = choice.get("finish_reason")
+                    if reason in ("stop", "length"):
+                        finish = reason
+                    elif reason is not None:  # content_filter, tool_calls, ...: not an answer
+                        raise EngineFailed(f"remote engine ended its answer with {reason!r}")
+        if finish is None:  # the stream ended without saying how the answer did: a remote
+            # that crashed behind a proxy, a proxy's read timeout. Cut short: not an answer
+            raise EngineFailed("remote engine: the answer's stream ended before it finished")
         seconds = time.perf_counter() - start
         new_tokens = int(usage.get("completion_tokens") or len(text))
         prompt_tokens = int(usage.get("prompt_tokens") or 0)

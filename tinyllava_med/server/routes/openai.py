@@ -28,6 +28,7 @@ from tinyllava_med.server.openai_compat import (
     completion_id,
     conversation_of,
     decode_data_uri,
+    fingerprint,
     model_card,
     usage,
 )
@@ -129,7 +130,7 @@ async def chat_completions(
         return decode_upload(Upload("image_url", data), settings), unstored_image_key(data)
 
     decoded, image_key = await run_in_threadpool(decode)
-    cid, model = completion_id(), str(info.get("model"))
+    cid, model, fp = completion_id(), str(info.get("model")), fingerprint(info)
 
     def audited(ans: Answer) -> None:
         with request.app.state.session_factory.begin() as s:
@@ -161,14 +162,16 @@ async def chat_completions(
         )
         await run_in_threadpool(audited, ans)  # never a database write on the loop
         return completion_body(
-            cid, model, ans.text, ans.finish_reason, ans.prompt_tokens, ans.new_tokens
+            cid, model, ans.text, ans.finish_reason, ans.prompt_tokens, ans.new_tokens, fp
         )
 
     def sse(data: Any) -> bytes:
         return f"data: {json.dumps(data)}\n\n".encode()
 
     async def events() -> AsyncIterator[bytes]:
-        yield sse(chunk_body(cid, model, {"role": "assistant", "content": ""}))
+        yield sse(
+            chunk_body(cid, model, {"role": "assistant", "content": ""}, system_fingerprint=fp)
+        )
         ans: Answer | None = None
         try:
             stream = stream_answer(
@@ -184,7 +187,7 @@ async def chat_completions(
             async with aclosing(stream) as items:
                 async for item in items:
                     if isinstance(item, str):
-                        yield sse(chunk_body(cid, model, {"content": item}))
+                        yield sse(chunk_body(cid, model, {"content": item}, system_fingerprint=fp))
                     else:
                         ans = item
             assert ans is not None
@@ -192,9 +195,18 @@ async def chat_completions(
         except Exception as e:  # the status went out: the error goes in the stream, audited
             yield sse(await stream_error(request, e))
             return
-        yield sse(chunk_body(cid, model, {}, ans.finish_reason))
+        yield sse(chunk_body(cid, model, {}, ans.finish_reason, system_fingerprint=fp))
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield sse(chunk_body(cid, model, {}, None, usage(ans.prompt_tokens, ans.new_tokens)))
+            yield sse(
+                chunk_body(
+                    cid,
+                    model,
+                    {},
+                    None,
+                    usage(ans.prompt_tokens, ans.new_tokens),
+                    system_fingerprint=fp,
+                )
+            )
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(
