@@ -154,6 +154,38 @@ def test_bad_requests_are_4xx_in_the_error_shape(client, messages, error, code):
     assert body["message"] and (code is None or body["code"] == code)
 
 
+def test_what_would_be_ignored_is_refused_and_wrapped_base64_is_read(client):
+    """Stop sequences, tools, a JSON response format and log probabilities were accepted and
+    ignored (200, plain text): now 400 unsupported_parameter, naming them; their empty or
+    default values go through. base64 wrapped at 76 columns (MIME encoders) is read (it was
+    400 bad_image_url)."""
+    model = client.models.list().data[0].id
+    ask = {"model": model, "messages": [user(QUESTION, CT_URI)], "max_tokens": 2}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for extra, named in (
+        ({"stop": ["right"]}, ["stop"]),
+        ({"tools": [tool], "tool_choice": "required"}, ["tool_choice", "tools"]),
+        ({"response_format": {"type": "json_object"}}, ["response_format"]),
+        ({"logprobs": True}, ["logprobs"]),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**ask, **extra)
+        body = e.value.response.json()["error"]
+        assert body["code"] == "unsupported_parameter", body
+        assert body["detail"]["parameters"] == named
+    fine = client.chat.completions.create(
+        **ask, stop=None, tool_choice="none", response_format={"type": "text"}, logprobs=False
+    )
+    assert fine.choices[0].message.content is not None
+    wrapped = "data:application/dicom;base64," + base64.encodebytes(CT_SMALL.read_bytes()).decode()
+    assert "\n" in wrapped
+    got = client.chat.completions.create(
+        model=model, messages=[user(QUESTION, wrapped)], max_tokens=2
+    )
+    assert got.choices[0].finish_reason in ("stop", "length")
+    assert got.system_fingerprint and got.system_fingerprint.startswith("tlm_")
+
+
 def test_unknown_model_limits_and_keys(api, client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[user(QUESTION, CT_URI)])

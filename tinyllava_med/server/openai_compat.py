@@ -65,6 +65,33 @@ class ChatRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
 
 
+def refuse_unsupported(body: ChatRequest) -> None:
+    """400 `unsupported_parameter` for what a client asks that this server would otherwise
+    ignore, so nobody relies on it unaware (vLLM refuses what it does not support too): stop
+    sequences, tools and function calls, a JSON or schema response format, log probabilities.
+    Empty or default values (`stop: null`, `tool_choice: "none"`) are fine."""
+    extra = body.model_extra or {}
+    asked = []
+    for name in ("stop", "tools", "functions", "function_call", "logprobs", "top_logprobs"):
+        if extra.get(name) not in (None, False, [], "", "none"):
+            asked.append(name)
+    if extra.get("tool_choice") not in (None, "none", "auto") or (
+        extra.get("tool_choice") == "auto" and "tools" in asked
+    ):
+        asked.append("tool_choice")
+    response_format = extra.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        asked.append("response_format")
+    if asked:
+        raise APIError(
+            400,
+            "unsupported_parameter",
+            f"this server does not support {', '.join(sorted(set(asked)))}: the model answers "
+            "in plain text, without stop sequences, tools or log probabilities",
+            {"parameters": sorted(set(asked))},
+        )
+
+
 @dataclass
 class Conversation:
     image_url: str
@@ -129,7 +156,8 @@ def decode_data_uri(url: str) -> bytes:
     if m is None or ";base64" not in (m.group("params") or ""):
         raise APIError(400, "bad_image_url", "expected a base64 data URI: data:<type>;base64,...")
     try:
-        return base64.b64decode(m.group("data"), validate=True)
+        # line breaks as MIME encoders write them (base64.encodebytes: 76 columns) are not data
+        return base64.b64decode(re.sub(r"\s+", "", m.group("data")), validate=True)
     except (binascii.Error, ValueError) as e:
         raise APIError(400, "bad_image_url", "the data URI is not valid base64") from e
 

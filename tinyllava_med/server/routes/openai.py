@@ -30,6 +30,7 @@ from tinyllava_med.server.openai_compat import (
     decode_data_uri,
     fingerprint,
     model_card,
+    refuse_unsupported,
     usage,
 )
 from tinyllava_med.server.routes.questions import answer, check_capacity, sampling, stream_answer
@@ -106,6 +107,7 @@ async def chat_completions(
     principal: Asker,
 ) -> Any:
     request.state.audit = (principal.actor, "chat.completion", "chat", None)
+    refuse_unsupported(body)
     check_capacity(engine, settings, request)
     info = served_model(engine)
     if body.model not in {info.get("model"), info.get("variant")}:
