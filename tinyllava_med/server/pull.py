@@ -95,15 +95,21 @@ def find_studies(
             str(s[STUDY_UID]["Value"][0])
             for s in found
             if s.get(STUDY_UID, {}).get("Value")
-            and _same_accession(accession_number, (s.get(ACCESSION, {}).get("Value") or [""])[0])
+            and _same_accession(
+                accession_number,
+                (s[ACCESSION].get("Value") or [""])[0] if ACCESSION in s else None,
+            )
         ]
     return list(dict.fromkeys(uids))
 
 
 def _same_accession(asked: str | None, found: Any) -> bool:
     """Whether a match's accession number is the one asked for (always, for a search by UID):
-    spaces around it are not significant, case is."""
-    return asked is None or str(found or "").strip(" ") == asked.strip(" ")
+    spaces around it are not significant, case is. `found` None: the PACS did not return the
+    attribute (which it must), so its own match stands."""
+    if asked is None or found is None:
+        return True
+    return str(found).strip(" ") == asked.strip(" ")
 
 
 @contextmanager
