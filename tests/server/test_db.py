@@ -290,6 +290,43 @@ def test_0003_allows_amended_reports_and_downgrades_them_to_final(database_url: 
         engine.dispose()
 
 
+def test_a_migration_that_fails_halfway_leaves_sqlite_as_it_was(tmp_path: Path) -> None:
+    """A downgrade to 0007 that 0008 refuses, after 0014 to 0009 have run (alembic itself, not
+    `migrate.downgrade`, which asks first): the database is at the head as before, with 0014's
+    tables, and no half-built table left. Before, Python's sqlite3 ran each CREATE, DROP and
+    ALTER outside the transaction: 0014's rebuilds stayed, with a temporary table, so the next
+    migration failed on it."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'half.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO studies (id, created_at, status, accession_number) "
+                "VALUES ('s', '2026-01-01 00:00:00', 'reported', :a)"
+            ),
+            {"a": "A" * 20},
+        )
+
+    def schema() -> list[tuple[str, str]]:
+        with engine.connect() as conn:
+            return sorted(conn.execute(text("SELECT name, sql FROM sqlite_master")).all())
+
+    before = schema()
+    with (
+        pytest.raises(migrate.MigrationError, match="1 studies hold accession numbers"),
+        migrate._migration_connection(url) as conn,
+    ):
+        command.downgrade(migrate.alembic_config(conn), "0007")
+    assert migrate.current_revision(url) == migrate.head_revision()
+    assert schema() == before and not any("_alembic_tmp" in name for name, _ in before)
+    engine.dispose()
+    migrate.downgrade(url, "0007", clear_long_accession_numbers=True)  # and it still works
+    assert migrate.current_revision(url) == "0007"
+
+
 def test_0014_job_ids_are_never_handed_out_again(database_url: str) -> None:
     """A deleted study's jobs go with it (ON DELETE CASCADE). The next job must not get one of
     their ids, which the audit log and a retrieve's answer still name: before 0014, SQLite's

@@ -47,7 +47,10 @@ def make_engine(url: str | URL, *, sqlite_foreign_keys: bool = True, echo: bool 
     and DICOM values, and a database error's message reaches logs and a job's `last_error`.
 
     `sqlite_foreign_keys=False` is for migrations only: SQLite batch mode rebuilds a table by
-    dropping and renaming it, which with foreign keys ON would cascade-delete child rows.
+    dropping and renaming it, which with foreign keys ON would cascade-delete child rows. Such
+    an engine's transactions also hold their DDL: Python's sqlite3 runs CREATE, DROP and ALTER
+    outside any transaction unless one was begun explicitly, so a migration that failed halfway
+    (a refused downgrade, a full disk) left a half-rebuilt schema behind.
     """
     u = normalize_database_url(url)
     if u.get_backend_name() == "sqlite":
@@ -79,6 +82,8 @@ def _sqlite_engine(u: URL, *, foreign_keys: bool, echo: bool) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        if not foreign_keys:  # a migration's engine: SQLAlchemy's BEGIN below, not sqlite3's
+            dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
             if not memory:
@@ -87,6 +92,12 @@ def _sqlite_engine(u: URL, *, foreign_keys: bool, echo: bool) -> Engine:
             cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
         finally:
             cursor.close()
+
+    if not foreign_keys:
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN")
 
     return engine
 
