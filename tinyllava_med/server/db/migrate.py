@@ -123,8 +123,7 @@ def downgrade(
 
 def _refuse_cutting_accession_numbers(conn: Connection, revision: str) -> None:
     """0008's downgrade refuses studies with accession numbers over 16 characters; asked before
-    any revision runs, since SQLite does not roll DDL back: a later revision's table rebuilt, then
-    the refusal, left the database half downgraded."""
+    any revision runs, so no later revision's tables are rebuilt only to be rolled back."""
     current = MigrationContext.configure(conn).get_current_revision()
     if current is None:
         return
