@@ -75,20 +75,19 @@ def refuse_unsupported(body: ChatRequest) -> None:
     for name in ("stop", "tools", "functions", "function_call", "logprobs", "top_logprobs"):
         if extra.get(name) not in (None, False, [], "", "none"):
             asked.append(name)
-    if extra.get("tool_choice") not in (None, "none", "auto") or (
-        extra.get("tool_choice") == "auto" and "tools" in asked
-    ):
+    if extra.get("tool_choice") not in (None, "none", "auto"):
         asked.append("tool_choice")
     response_format = extra.get("response_format")
     if response_format not in (None, {"type": "text"}):
         asked.append("response_format")
     if asked:
+        asked = sorted(asked)
         raise APIError(
             400,
             "unsupported_parameter",
-            f"this server does not support {', '.join(sorted(set(asked)))}: the model answers "
+            f"this server does not support {', '.join(asked)}: the model answers "
             "in plain text, without stop sequences, tools or log probabilities",
-            {"parameters": sorted(set(asked))},
+            {"parameters": asked},
         )
 
 

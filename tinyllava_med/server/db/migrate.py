@@ -115,32 +115,8 @@ def downgrade(
     with _migration_connection(database_url) as conn:
         cfg = alembic_config(conn)
         cfg.attributes["clear_long_accession_numbers"] = clear_long_accession_numbers
-        with _said_plainly():
-            if not clear_long_accession_numbers:
-                _refuse_cutting_accession_numbers(conn, revision)
+        with _said_plainly():  # a refusal of 0008's rolls back every revision it passed
             command.downgrade(cfg, revision)
-
-
-def _refuse_cutting_accession_numbers(conn: Connection, revision: str) -> None:
-    """0008's downgrade refuses studies with accession numbers over 16 characters; asked before
-    any revision runs, so no later revision's tables are rebuilt only to be rolled back."""
-    current = MigrationContext.configure(conn).get_current_revision()
-    if current is None:
-        return
-    script = ScriptDirectory.from_config(alembic_config())
-    passed = {s.revision for s in script.iterate_revisions(current, revision)}
-    if "0008" not in passed:
-        return
-    n = conn.execute(
-        text("SELECT count(*) FROM studies WHERE length(accession_number) > 16")
-    ).scalar_one()
-    if n:
-        raise MigrationError(
-            f"{n} studies hold accession numbers longer than 16 characters, which revision "
-            "0007 cannot: cut short, one could be another order's. Downgrade with "
-            "--clear-long-accession-numbers to empty them (the Study Instance UID still names "
-            "those studies), or stay on this version"
-        )
 
 
 def head_revision() -> str | None:
