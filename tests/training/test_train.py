@@ -230,7 +230,9 @@ def test_shipped_configs_reproduce_the_recipe():
         ) == (2e-5, 32, 2)
         assert cfg.bf16 and cfg.gradient_checkpointing and cfg.lr_scheduler_type == "cosine"
         assert cfg.warmup_ratio == 0.03 and cfg.model_max_length == 2048
-        assert cfg.language_model.mode == cfg.vision_tower.mode == "full"
+        assert cfg.language_model.mode == cfg.projector.mode == "full"
+        # the original froze the tower in every stage (train_utils.unlock_vit, from layer 100)
+        assert cfg.vision_tower.mode == "frozen"
         assert Path(cfg.deepspeed) == CONFIG_DIR / "zero3.json"
         epochs[stage] = cfg.num_train_epochs
     assert epochs == {"alignment": 1, "instruct": 10, "downstream": 18}
