@@ -308,6 +308,14 @@ def test_phantom_generate_score_round_trip(tiny_model_dir, tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1])["skipped"] == len(gt)
     out = eval_generate()
     assert out.returncode == 2 and "answers of another model or decoding" in out.stderr
+    out = eval_generate("--max-new-tokens", "3", "--template", "llava_v1")
+    assert out.returncode == 2 and 'template "v1" there, "llava_v1" here' in out.stderr
+    other = tmp_path / "llava_v1.jsonl"
+    out = eval_generate("--max-new-tokens", "3", "--template", "llava_v1", "--out", str(other))
+    assert out.returncode == 0, out.stderr
+    assert {json.loads(x)["metadata"]["template"] for x in other.read_text().splitlines()} == {
+        "llava_v1"
+    }
     # drop one answer: the scorer reports it missing instead of shifting the pairs
     answers.write_text("\n".join(json.dumps(x) for x in lines[1:]) + "\n")
     scores = tmp_path / "scores.json"

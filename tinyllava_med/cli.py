@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyllava_med import __version__
+from tinyllava_med.model.prompts import TEMPLATES
 
 QUANT_CHOICES = ["none", "8bit", "4bit", "cpu-int8"]
 
@@ -151,6 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not Path(args.images).is_dir():
             raise NotADirectoryError(20, "Not a directory", args.images)
         lm = _load_model_for_cli(args)
+        lm.template = args.template or lm.template
         counts = generate_answers(
             lm,
             args.questions,
@@ -656,6 +658,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--temperature", type=_temperature, default=0.0)
     g.add_argument("--top-p", type=_top_p, default=1.0)
+    g.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default=None,
+        help="prompt template instead of the model's own: TinyLLaVA-Med-F's paper asked with "
+        "llava_v1 at --temperature 0.2 (its model_vqa_science.py defaults)",
+    )
     sc = ev.add_parser("score", help="LLaVA-Med metrics (+ strict variants), paired by id")
     sc.add_argument("--gt", required=True)
     sc.add_argument("--pred", required=True)

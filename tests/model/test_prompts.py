@@ -25,6 +25,16 @@ def test_v1_literal():
     assert build_prompt("v1", "Is there a fracture? <image>") == V1
 
 
+def test_llava_v1_literal():
+    """TinyLLaVA-Med-F's VQA scripts asked with LLaVA's `conv_llava_v1`: "human", not "user"."""
+    assert build_prompt("llava_v1", "Is there a fracture?") == V1.replace("user", "human")
+    assert build_prompt("llava_v1", "Which side?", [("Is there a nodule?", "yes")]).endswith(
+        "human's questions. USER: <image>\nIs there a nodule? ASSISTANT: yes</s>USER: Which side? "
+        "ASSISTANT:"
+    )
+    assert stop_strings("llava_v1") == ("</s>",)
+
+
 def test_mistral_instruct_literal():
     assert (
         build_prompt("mistral_instruct", "What modality?")

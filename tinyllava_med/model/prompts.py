@@ -11,7 +11,7 @@ import json
 import re
 from typing import Literal, get_args
 
-Template = Literal["v1", "phi", "mistral_instruct", "llava_v1_med", "plain"]
+Template = Literal["v1", "llava_v1", "phi", "mistral_instruct", "llava_v1_med", "plain"]
 TEMPLATES: tuple[str, ...] = get_args(Template)
 
 IMAGE_TOKEN = "<image>"
@@ -20,20 +20,22 @@ V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-# LLaVA-Med v1.0 (`llava` on LLaMA, `--conv-mode simple`): "human" in the system line, a fixed
-# example exchange, the image after the question wrapped in <im_start>/<im_end>, and a prompt
-# that ends with the separator: the model writes "Assistant:" itself.
-MED_V1_SYSTEM = (
+# "human" in the system line: LLaVA's `conv_llava_v1`, which TinyLLaVA-Med-F's VQA scripts
+# (`model_vqa_science.py`, `--conv-mode llava_v1` by default) asked with, although it trained with
+# `v1` ("user"); otherwise as `v1`. Also LLaVA-Med v1.0's system line.
+HUMAN_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-MED_V1_PREAMBLE = (
-    MED_V1_SYSTEM + "###Human: Hi!###Assistant: Hi there!  How can I help you today?\n"
-)
+# LLaVA-Med v1.0 (`llava` on LLaMA, `--conv-mode simple`): a fixed example exchange, the image
+# after the question wrapped in <im_start>/<im_end>, and a prompt that ends with the separator:
+# the model writes "Assistant:" itself.
+MED_V1_PREAMBLE = HUMAN_SYSTEM + "###Human: Hi!###Assistant: Hi there!  How can I help you today?\n"
 MED_V1_IMAGE = "<im_start>" + IMAGE_TOKEN + "<im_end>"
 
 _STOP: dict[str, tuple[str, ...]] = {
     "v1": ("</s>",),
+    "llava_v1": ("</s>",),
     "phi": ("<|endoftext|>",),
     "mistral_instruct": ("</s>",),
     "llava_v1_med": ("###",),
@@ -66,8 +68,8 @@ def conversation_segments(
     segs: list[tuple[str, bool]] = []
     for i, (q, a) in enumerate(turns):
         q = _turn_text(q) if i == 0 else q.replace(IMAGE_TOKEN, "").strip()
-        if template in ("v1", "phi"):
-            user = (V1_SYSTEM + " " if i == 0 else "") + f"USER: {q} ASSISTANT:"
+        if template in ("v1", "llava_v1", "phi"):
+            user = (_system(template) + " " if i == 0 else "") + f"USER: {q} ASSISTANT:"
             answer = f" {a}{_STOP[template][0]}"
         elif template == "mistral_instruct":
             user = f"[INST] {q} [/INST]"
@@ -85,6 +87,11 @@ def conversation_segments(
         elif i != len(turns) - 1:
             raise ValueError("only the last turn may be unanswered")
     return segs
+
+
+def _system(template: str) -> str:
+    """The system line of the `USER: ... ASSISTANT:` templates."""
+    return HUMAN_SYSTEM if template == "llava_v1" else V1_SYSTEM
 
 
 def build_prompt(template: str, question: str, history: list[tuple[str, str]] | None = None) -> str:
@@ -160,10 +167,10 @@ def _jinja_user(text_expr: str, image: str | None = None) -> str:
 
 def chat_template(template: str) -> str:
     """A Jinja chat template that renders `build_prompt`'s text from chat messages."""
-    if template in ("v1", "phi"):
+    if template in ("v1", "llava_v1", "phi"):
         eos = _STOP[template][0]
         return (
-            "{{- " + _lit(V1_SYSTEM + " ") + " -}}"
+            "{{- " + _lit(_system(template) + " ") + " -}}"
             "{%- for message in messages -%}"
             "{%- if message['role'] == 'user' -%}"
             + _jinja_user("{{- 'USER: ' + ns.text + ' ASSISTANT:' -}}")
