@@ -344,7 +344,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.log_format,
     )
     logging.getLogger().setLevel(settings.log_level)  # TINYLLAVA_MED_LOG_LEVEL
-    from tinyllava_med.server.logs import json_log_config, text_log_config
+    from tinyllava_med.server.logs import json_log_config, name_routes_of, text_log_config
+
+    name_routes_of(app)
 
     # uvicorn applies it as it starts, before the model loads
     log_config = text_log_config()

@@ -750,7 +750,11 @@ def test_the_load_balancer_logs_no_accession_number_or_study_uid(tmp_path):
         requests = [
             ("POST", f"/dicomweb/studies/{study_uid}", b"dicom"),
             ("GET", f"/v1/studies?accession_number={accession}", None),
-            ("GET", "/v1/reports/7f0c", None),
+            ("GET", "/v1/reports/7f0c64a2-86e4-4b47-9d6c-1f5d3e0e8a11", None),
+            ("GET", f"/v1/reports/{accession}", None),  # where an id goes
+            ("GET", f"/dicomweb/studies/{study_uid}/series/{study_uid}.1", None),
+            ("GET", "/v1/studies/1b4e28ba-2fa1-11d2-883f-0016d3cca427/images/2", None),
+            ("GET", "/v1/jobs/48", None),
         ]
         for method, path, body in requests:
             req = urllib.request.Request(base + path, data=body, method=method)
@@ -770,11 +774,15 @@ def test_the_load_balancer_logs_no_accession_number_or_study_uid(tmp_path):
         upstream.shutdown()
         upstream.server_close()
     lines = log.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 4, lines
-    assert '"GET /v1/studies HTTP/1.1" 502' in lines[3]
+    assert len(lines) == 8, lines
+    assert '"GET /v1/studies HTTP/1.1" 502' in lines[7]
     assert '"POST /dicomweb/studies/{study_uid} HTTP/1.1" 204' in lines[0]
     assert '"GET /v1/studies HTTP/1.1" 204' in lines[1]
-    assert '"GET /v1/reports/7f0c HTTP/1.1" 204' in lines[2]
+    assert '"GET /v1/reports/7f0c64a2-86e4-4b47-9d6c-1f5d3e0e8a11 HTTP/1.1" 204' in lines[2]
+    assert '"GET (masked) HTTP/1.1" 204' in lines[3] and '"GET (masked) HTTP/1.1"' in lines[4]
+    uuid_path = "/v1/studies/1b4e28ba-2fa1-11d2-883f-0016d3cca427/images/2"
+    assert f'"GET {uuid_path} HTTP/1.1" 204' in lines[5]
+    assert '"GET /v1/jobs/48 HTTP/1.1" 204' in lines[6]
     text = log.read_text(encoding="utf-8") + errors.read_text(encoding="utf-8")
     assert study_uid not in text and accession not in text
 

@@ -123,3 +123,38 @@ def test_libraries_stay_quiet_when_the_server_logs_more(server_level, log_format
             logging.getLogger(name).setLevel(level)
         logging.getLogger().setLevel(root_level)
         logging.getLogger().handlers[:] = root_handlers
+
+
+def test_access_lines_name_the_route_and_only_the_servers_ids(tmp_path):
+    """An access line names the route's template, keeping the server's ids (UUIDs, a job's
+    number) and nothing else a client put in the path: a DICOM UID, a name or an accession
+    number where an id goes, a path of no route."""
+    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.logs import NoQueryString, name_routes_of
+    from tinyllava_med.server.settings import Settings
+
+    app = create_app(
+        Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path}/x.db"),
+        model="unused",  # no lifespan runs: only the routes are read
+    )
+    name_routes_of(app)
+    study = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+    cases = {
+        ("GET", f"/v1/studies/{study}?x=ACC-1"): f"/v1/studies/{study}",
+        ("GET", "/v1/studies/DOE%5EJANE%20PID-4711"): "/v1/studies/{study_id}",
+        ("GET", "/v1/reports/ACC-4711-DOE"): "/v1/reports/{report_id}",
+        ("POST", "/dicomweb/studies/1.2.840.99.1"): "/dicomweb/studies/{study_uid}",
+        ("GET", "/dicomweb/studies/1.2.840.99.1/series/1.2.840.99.2"): "(no route)",
+        ("GET", "//dicomweb/studies/1.2.840.99.4"): "(no route)",
+        ("GET", "/v1/jobs/48"): "/v1/jobs/48",
+        ("GET", "/v1/jobs/ACC48"): "/v1/jobs/{job_id}",
+        ("GET", "/v1/studies?accession_number=ACC-1"): "/v1/studies",
+        ("GET", "/healthz"): "/healthz",
+    }
+    for (method, path), named in cases.items():
+        record = logging.LogRecord(
+            "uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d', None, None
+        )
+        record.args = ("127.0.0.1:5", method, path, "1.1", 200)
+        NoQueryString().filter(record)
+        assert record.args[2] == named, (path, record.args[2])

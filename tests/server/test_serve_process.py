@@ -48,7 +48,11 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
         assert httpx.get(f"{base}/v1/studies?accession_number=ACC9").status_code == 401
         stow = httpx.post(f"{base}/dicomweb/studies/1.2.826.0.1.3680043.99.7", content=b"x")
         assert stow.status_code == 401
-    assert "ACC9" not in log.read_text()  # access lines name the path, not the query
+        # a RIS that puts an accession number where a report's id goes
+        assert httpx.get(f"{base}/v1/reports/ACC-4711-DOE").status_code == 401
+    assert (
+        "ACC9" not in log.read_text() and "ACC-4711" not in log.read_text()
+    )  # access lines name the path, not the query
     assert "3680043.99.7" not in log.read_text()  # nor a STOW path's Study Instance UID
     lines = log.read_text().splitlines()
     # every line is a JSON object, also those said for the operator: where it serves, and
@@ -74,6 +78,7 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     assert ("GET", "/healthz", 200) in access and ("GET", "/v1/studies", 401) in access
     assert len([r for r in records if r.get("path") == "/v1/studies"]) == 2
     assert ("POST", "/dicomweb/studies/{study_uid}", 401) in access
+    assert ("GET", "/v1/reports/{report_id}", 401) in access
     assert any(r["logger"] == "uvicorn.error" and "startup" in r["message"] for r in records)
 
 

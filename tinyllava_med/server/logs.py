@@ -4,8 +4,8 @@ log collector (Loki, Elasticsearch, a cloud's logging) with `TINYLLAVA_MED_LOG_F
 In JSON, every record, the server's and uvicorn's (errors and, with `ACCESS_LOG`, one line per
 request), has `time` (ISO 8601, UTC), `level`, `logger` and `message`, plus `exc_info` for an
 exception; an access line also has `method`, `path`, `status` and `client` as fields, so a
-collector can filter on them without parsing text. Access lines, in either format, name the path
-without its query string. python-json-logger formats; uvicorn takes
+collector can filter on them without parsing text. Access lines, in either format, name the
+route (`access_path`): no query string, and only the server's own ids from the path. python-json-logger formats; uvicorn takes
 the same `logging.config` dictionary. What is logged never holds patient identifiers (URLs
 carry only the server's ids), in either format, also at DEBUG: `quiet_libraries` keeps the
 libraries that talk to the PACS from logging queries, identifiers and credentials.
@@ -43,20 +43,65 @@ class NoColour(logging.Filter):
         return True
 
 
-# the one path that carries a DICOM identifier rather than the server's ids: STOW-RS to a study
-_STOW_STUDY = re.compile(r"^(/dicomweb/studies/)[^/]+")
+# The server's own ids, which a path may name: studies, reports and keys are UUID4s
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# a segment of a path of no API route kept as it is: a word such as `static`, `app.js`, `docs`
+_WORD = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9]+)?$")
+NO_ROUTE = "(no route)"
+_served: list[Any] = []  # the app whose routes access lines name (`name_routes_of`)
+_routes: list[tuple[re.Pattern[str], str, frozenset[str]]] = []
+
+
+def name_routes_of(app: Any) -> None:
+    """Access lines name `app`'s routes (`serve` calls it with the app it serves)."""
+    _served[:] = [app]
+    _routes.clear()
+
+
+def _api_routes() -> list[tuple[re.Pattern[str], str, frozenset[str]]]:
+    """Each API path of the served app's OpenAPI: its pattern, its template and the names of its
+    integer parameters (built on first use: the schema is public, the router's insides not)."""
+    if not _routes and _served:
+        for template, operations in _served[0].openapi()["paths"].items():
+            ints = {
+                param["name"]
+                for op in operations.values()
+                for param in op.get("parameters", ())
+                if param.get("in") == "path" and param.get("schema", {}).get("type") == "integer"
+            }
+            pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
+            _routes.append((re.compile(f"^{pattern}$"), template, frozenset(ints)))
+    return _routes
+
+
+def access_path(path: str) -> str:
+    """What an access line names for a request's path: its API route's template, with the
+    server's ids (UUIDs, and integers where the route takes one) in place, and `{name}` for
+    anything else a client put there: a STOW-RS path's Study Instance UID, or a name or an
+    accession number a RIS put where an id goes. Another path is kept when it is made of plain
+    words (`/static/app.js`), else it is `(no route)` (`//dicomweb/studies/1.2...`)."""
+    path = path.split("?", 1)[0]
+    for pattern, template, ints in _api_routes():
+        if m := pattern.match(path):
+            for name, value in m.groupdict().items():
+                ours = _UUID.match(value) or (name in ints and value.isdigit())
+                template = template.replace(f"{{{name}}}", value if ours else f"{{{name}}}")
+            return template
+    if path == "/" or all(_WORD.match(seg) for seg in path.removeprefix("/").split("/")):
+        return path
+    return NO_ROUTE
 
 
 class NoQueryString(NoColour):
     """uvicorn's access record keeps its parts in `args` (client, method, path with the query
-    string, HTTP version, status). The query string goes: it can carry an identifier
-    (`/v1/studies?accession_number=...`); so does a STOW-RS path's Study Instance UID."""
+    string, HTTP version, status). The path becomes `access_path`'s: the query string can carry
+    an identifier (`/v1/studies?accession_number=...`), and so can the path itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         super().filter(record)
         args = record.args
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
-            path = _STOW_STUDY.sub(r"\1{study_uid}", args[2].split("?", 1)[0])
+            path = access_path(args[2])
             record.args = (args[0], args[1], path, args[3], args[4])
         return True
 
