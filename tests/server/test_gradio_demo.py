@@ -179,6 +179,9 @@ def test_a_chosen_file_is_prepared_before_the_question(live, tmp_path):
 
 @pytest.mark.parametrize(("key", "reason"), [(BAD_KEY, "Invalid"), ("", "Missing")])
 def test_demo_needs_a_valid_key(live, key, reason):
+    page = httpx.get(f"{live.base}/demo/", timeout=30)  # asks for a key: framed by no site
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     before = len(live.demo_audit())
     (preview, answer, status), _ = live.ask(CT_SMALL, key=key)
     assert preview is None and answer == ""

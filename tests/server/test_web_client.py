@@ -1044,6 +1044,13 @@ def test_security_headers_and_static_files(demo_server):
         assert e.status_code == 404 and e.json()["error"]["code"] == "not_found"
     html = r.text
     assert "<script>" not in html and " style=" not in html and "://" not in html.split("<body")[0]
+    # Swagger UI asks for a key: no other site may frame it; answers stay out of caches
+    docs = httpx.get(f"{demo_server.base}/docs", timeout=30)
+    assert docs.status_code == 200 and docs.headers["x-frame-options"] == "DENY"
+    assert docs.headers["content-security-policy"] == "frame-ancestors 'none'"
+    for path in ("/v1/studies", "/healthz", "/openapi.json"):
+        assert httpx.get(demo_server.base + path, timeout=30).headers["cache-control"] == "no-store"
+    assert r.headers["cache-control"] == "no-cache"  # the client's own files: revalidated
 
 
 def test_images_and_frames_of_a_multi_image_study(page, tmp_path, tiny_lm, shots):

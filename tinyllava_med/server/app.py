@@ -28,6 +28,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinyllava_med import __version__
@@ -179,6 +180,40 @@ class RefuseNul:
         message = f"{where} holds a NUL character (U+0000), which no field accepts"
         response = JSONResponse(error_body("invalid_request", message, None), status_code=422)
         await response(scope, receive, send)
+
+
+# Headers every response gets unless its route set its own: no other site may frame a page
+# of this origin (Swagger UI at /docs and the Gradio demo ask for a key), and no answer is kept
+# in a browser's or a proxy's cache unless its route says so (a report, a study list or an SR
+# left in a shared workstation's cache; the web client's own files and renders say so).
+DEFAULT_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class DefaultHeaders:
+    """`DEFAULT_HEADERS` on every HTTP response that does not set them itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in DEFAULT_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 class BodyLimit:
@@ -517,6 +552,7 @@ def create_app(
     app.add_middleware(KeyBeforeBody)  # no body taken in without a key
     app.add_middleware(Observe, metrics=app.state.metrics)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    app.add_middleware(DefaultHeaders)  # outermost: also on BodyLimit's 413
     if settings.gradio:  # imports Gradio only when the demo is asked for
         from tinyllava_med.server.gradio_demo import mount_demo
 
