@@ -171,6 +171,13 @@ def test_stow_partial_mismatch_and_bad_requests(api):
     assert_error(api.post("/dicomweb/studies", content=b"x", headers=no_boundary), 400)
     garbage = {**h, "Content-Type": "multipart/related; boundary=zz"}
     assert_error(api.post("/dicomweb/studies", content=b"no parts", headers=garbage), 400)
+    # more parts than max_files_per_upload (64): refused as the 65th begins, before the rest
+    # of the body is split (a malformed header after it would otherwise answer 400)
+    many = b"--b\r\n\r\n\r\n" * 65 + b"--b\r\n\x00bad\r\n\r\n"
+    ctype = {**h, "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
+    refused = api.post("/dicomweb/studies", content=many, headers=ctype)
+    assert_error(refused, 413, "too_many_files")
+    assert refused.json()["error"]["message"] == "at most 64 instances per request, got more"
     # a PNG is not a DICOM instance
     r = stow(api, png_bytes())
     assert r.status_code == 409 and [f[2] for f in sop_seq(r.json(), "00081198")] == [[0xC000]]

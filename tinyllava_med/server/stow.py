@@ -43,8 +43,12 @@ class Part:
     data: bytes
 
 
-def parse_multipart_related(content_type: str | None, body: bytes) -> list[Part]:
-    """The parts of a STOW-RS body; 415 unless `multipart/related; type="application/dicom"`."""
+def parse_multipart_related(
+    content_type: str | None, body: bytes, max_parts: int | None = None
+) -> list[Part]:
+    """The parts of a STOW-RS body; 415 unless `multipart/related; type="application/dicom"`,
+    413 as soon as a part past `max_parts` begins (a body of millions of empty parts is refused
+    before it is held as millions of parts)."""
     if not content_type:
         raise StowRequestError(415, "unsupported_media_type", "no Content-Type")
     media, params = parse_options_header(content_type)
@@ -73,6 +77,8 @@ def parse_multipart_related(content_type: str | None, body: bytes) -> list[Part]
     value: list[bytes] = []
 
     def on_part_begin() -> None:
+        if max_parts is not None and len(parts) >= max_parts:
+            raise _TooManyParts
         headers.clear()
         chunks.clear()
 
@@ -108,11 +114,19 @@ def parse_multipart_related(content_type: str | None, body: bytes) -> list[Part]
     try:
         parser.write(body)
         parser.finalize()
+    except _TooManyParts:
+        raise StowRequestError(
+            413, "too_many_files", f"at most {max_parts} instances per request, got more"
+        ) from None
     except Exception as e:  # python-multipart raises its own MultipartParseError
         raise StowRequestError(400, "bad_multipart", f"the multipart body is malformed: {e}") from e
     if not parts:
         raise StowRequestError(400, "bad_multipart", "the multipart body has no parts")
     return parts
+
+
+class _TooManyParts(Exception):
+    pass
 
 
 @dataclass

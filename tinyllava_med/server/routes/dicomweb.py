@@ -40,16 +40,15 @@ async def _stow(
 ) -> JSONResponse:
     request.state.audit = (actor, "study.stow", "study", url_study_uid)
     body = await request.body()
-    try:
-        parts = parse_multipart_related(request.headers.get("content-type"), body)
+    try:  # off the event loop: a body of up to max_upload_bytes takes a while to split
+        parts = await run_in_threadpool(
+            parse_multipart_related,
+            request.headers.get("content-type"),
+            body,
+            settings.max_files_per_upload,
+        )
     except StowRequestError as e:
         raise APIError(e.status, e.code, e.message) from e
-    if len(parts) > settings.max_files_per_upload:
-        raise APIError(
-            413,
-            "too_many_files",
-            f"at most {settings.max_files_per_upload} instances per request, got {len(parts)}",
-        )
     bad_type = [p.content_type for p in parts if p.content_type != "application/dicom"]
     if bad_type:
         raise APIError(
