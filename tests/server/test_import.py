@@ -184,6 +184,36 @@ def test_nothing_to_import_is_422_and_limits_are_413(tmp_path, tiny_lm):
         assert (r.json()["stored"], r.json()["failed"]) == (31, {"too_large": 1})
 
 
+def test_a_chunk_holds_at_most_one_uploads_worth(tmp_path, tiny_lm, monkeypatch):
+    """Files are filed in chunks of 32 files or `max_upload_bytes`, whichever comes first: a ZIP
+    of a few MB whose members inflate to 64 MiB each held 32 of them (2 GB) at once."""
+    from tinyllava_med.server import media_import
+    from tinyllava_med.server.storage import ImageStore
+
+    held: list[int] = []
+    file_chunk = media_import._file_chunk
+
+    def counted(sessions, store, settings, chunk, summary, actor):
+        held.append(sum(map(len, chunk)))
+        return file_chunk(sessions, store, settings, chunk, summary, actor)
+
+    monkeypatch.setattr(media_import, "_file_chunk", counted)
+    for api in make_api(tmp_path, f"sqlite:///{tmp_path}/db.db", tiny_lm):
+        settings = api.app.state.settings.model_copy(update={"max_upload_bytes": 16 * 1024})
+        summary = media_import.import_media(
+            api.app.state.session_factory,
+            ImageStore(settings.images_dir),
+            settings,
+            list(CD_FILES),
+            actor="cli",
+        )
+    assert summary.stored == 31
+    assert sum(held) == sum(p.stat().st_size for p in CD_FILES)  # every file, once
+    largest = max(p.stat().st_size for p in CD_FILES)
+    assert all(size < 16 * 1024 + largest for size in held), held
+    assert len(held) > 91 // 32 + 1  # by bytes, not by count alone
+
+
 def test_a_request_may_carry_more_files_than_starlettes_default(tmp_path, tiny_lm):
     """A PACS integrator's script posts a CD's files in one request: past the multipart
     parser's default of 1000 files, up to `max_import_files` (before, 400 "Too many files")."""

@@ -5,8 +5,9 @@ Every file is filed by its Study Instance UID, as STOW-RS files what a PACS push
 (`ingest.file_instances`): one import may hold several studies (a CD often carries a patient's
 earlier examinations), an instance already here is acknowledged without a copy, and each study
 that got new images has its automatic report queued. Files are decoded and committed in chunks
-of `CHUNK`, so a large CD never sits in memory whole; each chunk is audited (`study.import`)
-in the transaction that stores it.
+of `CHUNK` files or `max_upload_bytes` (what one request may hold), whichever comes first, so
+a large CD, or a small ZIP whose members inflate to gigabytes, never sits in memory whole; each
+chunk is audited (`study.import`) in the transaction that stores it.
 
 What is not an image is skipped, not refused: the DICOMDIR itself, DICOM objects without pixels
 (structured reports, presentation states, key objects), and what else a CD carries (its viewer
@@ -209,15 +210,18 @@ def import_media(
     *,
     actor: str,
 ) -> ImportSummary:
-    """File every DICOM image among `sources` (ZIPs expanded), `CHUNK` at a time, each chunk
-    committed with its audit event. Blocking: call it from a worker thread."""
+    """File every DICOM image among `sources` (ZIPs expanded), `CHUNK` files or
+    `max_upload_bytes` at a time, each chunk committed with its audit event. Blocking: call it
+    from a worker thread."""
     summary = ImportSummary()
     chunk: list[bytes] = []
+    held = 0
     for data in media_files(sources, settings, summary):
         chunk.append(data)
-        if len(chunk) == CHUNK:
+        held += len(data)
+        if len(chunk) == CHUNK or held >= settings.max_upload_bytes:
             _file_chunk(session_factory, store, settings, chunk, summary, actor)
-            chunk = []
+            chunk, held = [], 0
     if chunk:
         _file_chunk(session_factory, store, settings, chunk, summary, actor)
     return summary
