@@ -36,12 +36,12 @@ from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
-from starlette.routing import compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tinyllava_med.server.db.crud import audit
 from tinyllava_med.server.db.models import ROLES, ApiKey, Role, utcnow
 from tinyllava_med.server.errors import APIError, error_body
+from tinyllava_med.server.route_table import route_table
 
 log = logging.getLogger(__name__)
 
@@ -325,18 +325,10 @@ class DenialLog:
 
 def _route_of(request: Request) -> str | None:
     """The route template a request is for, before routing (`KeyBeforeBody` refuses a body
-    first), from the API's own description of its routes (FastAPI's included routers do not
-    say which route they would pick until they run it)."""
-    table = getattr(request.app.state, "route_table", None)
-    if table is None:
-        table = [
-            (compile_path(path)[0], {method.upper() for method in ops}, path)
-            for path, ops in request.app.openapi().get("paths", {}).items()
-        ]
-        request.app.state.route_table = table
-    for regex, methods, path in table:
-        if request.method in methods and regex.match(request.url.path):
-            return str(path)
+    first)."""
+    for route in route_table(request.app):
+        if request.method in route.methods and route.regex.match(request.url.path):
+            return route.template
     return None
 
 

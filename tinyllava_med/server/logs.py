@@ -49,29 +49,11 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 _WORD = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9]+)?$")
 NO_ROUTE = "(no route)"
 _served: list[Any] = []  # the app whose routes access lines name (`name_routes_of`)
-_routes: list[tuple[re.Pattern[str], str, frozenset[str]]] = []
 
 
 def name_routes_of(app: Any) -> None:
     """Access lines name `app`'s routes (`serve` calls it with the app it serves)."""
     _served[:] = [app]
-    _routes.clear()
-
-
-def _api_routes() -> list[tuple[re.Pattern[str], str, frozenset[str]]]:
-    """Each API path of the served app's OpenAPI: its pattern, its template and the names of its
-    integer parameters (built on first use: the schema is public, the router's insides not)."""
-    if not _routes and _served:
-        for template, operations in _served[0].openapi()["paths"].items():
-            ints = {
-                param["name"]
-                for op in operations.values()
-                for param in op.get("parameters", ())
-                if param.get("in") == "path" and param.get("schema", {}).get("type") == "integer"
-            }
-            pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
-            _routes.append((re.compile(f"^{pattern}$"), template, frozenset(ints)))
-    return _routes
 
 
 def access_path(path: str) -> str:
@@ -80,13 +62,16 @@ def access_path(path: str) -> str:
     anything else a client put there: a STOW-RS path's Study Instance UID, or a name or an
     accession number a RIS put where an id goes. Another path is kept when it is made of plain
     words (`/static/app.js`), else it is `(no route)` (`//dicomweb/studies/1.2...`)."""
+    from tinyllava_med.server.route_table import route_table
+
     path = path.split("?", 1)[0]
-    for pattern, template, ints in _api_routes():
-        if m := pattern.match(path):
+    for route in route_table(_served[0]) if _served else ():
+        if m := route.regex.match(path):
+            named = route.template
             for name, value in m.groupdict().items():
-                ours = _UUID.match(value) or (name in ints and value.isdigit())
-                template = template.replace(f"{{{name}}}", value if ours else f"{{{name}}}")
-            return template
+                ours = _UUID.match(value) or (name in route.int_params and value.isdigit())
+                named = named.replace(f"{{{name}}}", value if ours else f"{{{name}}}")
+            return named
     if path == "/" or all(_WORD.match(seg) for seg in path.removeprefix("/").split("/")):
         return path
     return NO_ROUTE
