@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 
@@ -261,6 +262,79 @@ def test_who_may_associate(api, caplog):
     assert "STRANGER" in caplog.text
 
 
+def idle_connection(api, source="127.0.0.2") -> socket.socket:
+    """A TCP connection to the DIMSE port that never asks for an association (from another
+    loopback address than the senders' 127.0.0.1)."""
+    return socket.create_connection(
+        ("127.0.0.1", api.dimse_port), timeout=10, source_address=(source, 0)
+    )
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_connections_do_not_keep_the_pacs_out(sqlite_api_dimse):
+    """Connections that send nothing counted towards dimse_max_associations (8) until the ARTIM
+    timer closed them (30 s), so 8 of them, reopened, kept every sender out. An address now
+    keeps at most two such connections; the rest are closed at once and audited."""
+    api = sqlite_api_dimse
+    idle = [idle_connection(api) for _ in range(10)]
+    try:
+        time.sleep(0.5)
+        assert [closed_by_server(sock) for sock in idle[2:]] == [True] * 8
+        ok = associate(api, calling="ROUTER")
+        assert ok.is_established
+        ok.release()
+    finally:
+        for sock in idle:
+            sock.close()
+    dropped = audits(api, "dimse.connect")
+    assert len(dropped) == 8 and {e["actor"] for e in dropped} == {"dimse"}
+    assert dropped[0]["detail"] == {
+        "address": "127.0.0.2",
+        "reason": "2 connections from it have not asked for an association",
+    }
+    assert metric(api, "dimse_associations", "dropped") == 8
+    # once they are closed, the address may connect again
+    wait_for(lambda: not closed_by_server_soon(api), what="the idle connections to be settled")
+
+
+def closed_by_server_soon(api) -> bool:
+    with idle_connection(api) as sock:
+        sock.settimeout(0.3)
+        try:
+            return closed_by_server(sock)
+        except TimeoutError:
+            return False  # held open: admitted
+
+
+def test_only_peers_addresses_may_connect_when_every_peer_names_its_host(
+    tmp_path, sqlite_url, tiny_lm
+):
+    for api in dimse_api(tmp_path, sqlite_url, tiny_lm, dimse_peers=["ROUTER@127.0.0.1"]):
+        with idle_connection(api) as stranger:
+            assert closed_by_server(stranger)
+        ok = associate(api, calling="ROUTER")
+        assert ok.is_established
+        ok.release()
+        [dropped] = audits(api, "dimse.connect")
+        assert dropped["detail"]["reason"] == "address not in dimse_peers"
+
+
+def test_refused_associations_are_audited_at_most_20_a_minute_per_address(sqlite_api_dimse):
+    """Each refused association wrote an audit row and a warning: a flood of them (710 in 20 s)
+    filled the audit table with actors of the sender's choosing."""
+    api = sqlite_api_dimse
+    for i in range(25):
+        assert associate(api, calling=f"X{i:03}").is_rejected
+    assert metric(api, "dimse_associations", "refused") == 25
+    assert len(audits(api, "dimse.associate")) == 20
+
+
 def _small_ct(rows_=32) -> pydicom.Dataset:
     ds = pydicom.dcmread(CT_SMALL)
     pixels = ds.pixel_array[:rows_, :rows_].copy()
@@ -337,6 +411,9 @@ def test_dicom_tls_both_ways(tmp_path, sqlite_url, tiny_lm):
 
     peers = ["MODALITY", AET]  # AET: pacs check below calls from our own AE title
     for api in dimse_api(tmp_path, sqlite_url, tiny_lm, dimse_peers=peers, **tls):
+        # a connection that never begins its handshake held pynetdicom's one accepting thread
+        # (the handshake ran there), and with it every sender
+        idle = idle_connection(api)
         assoc = sender(api.dimse_port, certificate=True)
         assert assoc.is_established
         assert assoc.send_c_store(pydicom.dcmread(CT_SMALL)).Status == 0x0000
@@ -352,6 +429,7 @@ def test_dicom_tls_both_ways(tmp_path, sqlite_url, tiny_lm):
         assert echo.ok, echo.line()
         (clear,) = check(ours.model_copy(update={"dimse_tls": False}))
         assert not clear.ok
+        idle.close()
 
 
 def test_settings():

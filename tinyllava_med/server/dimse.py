@@ -8,6 +8,15 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
 - DIMSE has no keys, so an association is accepted only when it calls our AE title
   (`dimse_ae_title`) from a calling AE title in `dimse_peers` ("AET", "AET@host": from that
   host's addresses only, or "*"). A refusal is audited (`dimse.associate`, denied).
+- Connections are checked before they get a thread (`_GuardedServer`): when every peer names
+  its host, other addresses are closed at once; and one address may hold at most
+  `PENDING_PER_ADDRESS` connections that have not yet asked for an association, so idle
+  connections, which count towards `dimse_max_associations` until the ARTIM timer (30 s)
+  closes them, cannot keep the PACS out. Such a refusal is audited (`dimse.connect`). Refusals
+  are audited as HTTP's refused keys are, the first 20 a minute per address (`DenialLog`), so
+  a flood of them neither fills the audit table nor holds up its writers.
+- With TLS, the handshake happens in each connection's own thread: pynetdicom's runs it in
+  the one accepting thread, where a connection that never began one stopped every sender.
 - Each instance is received into a temporary file (never whole in memory), refused above
   `max_upload_bytes` (0xA700 within `_PDU_SLACK` over it; beyond, the connection is closed as
   the data arrives, so the object never fills the disk: the sender sees an abort), decoded with
@@ -35,6 +44,7 @@ import logging
 import socket
 import ssl
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,8 +60,10 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from tinyllava_med.imaging import ImagingError
+from tinyllava_med.server.auth import DenialLog
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.errors import storage_full
 from tinyllava_med.server.ingest import decode, failure_reason, file_instances
@@ -126,6 +138,13 @@ class PeerList:
             elif hosts is not None:
                 hosts |= _addresses(peer.host)
 
+    def may_connect(self, address: str) -> bool:
+        """Whether a connection from `address` may ask for an association at all: always,
+        unless every peer names its host and none resolves to `address`."""
+        if self.anyone or any(hosts is None for hosts in self.peers.values()):
+            return True
+        return any(address in hosts for hosts in self.peers.values() if hosts is not None)
+
     def allows(self, ae_title: str, address: str) -> bool:
         if self.anyone:
             return True
@@ -163,6 +182,32 @@ def _drop_partial_dataset(assoc: Any) -> None:
     path.unlink(missing_ok=True)
 
 
+# connections from one address that have not yet asked for an association (a sender asks at
+# once; more than this from one address are idle or worse)
+PENDING_PER_ADDRESS = 2
+
+
+class _GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's server, with each connection checked (`admit`) before it gets a thread,
+    and the TLS handshake (`tls`) done in that thread instead of the accepting one."""
+
+    admit: Any = None  # (address) -> bool
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
+        sock, address = self.socket.accept()
+        if self.tls is not None:
+            # the handshake runs with the first read, in the connection's thread; a stalled
+            # one ends with the timeout pynetdicom gives the sockets it opens itself
+            sock.settimeout(self.ae.network_timeout)
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.admit is None or bool(self.admit(str(client_address[0])))
+
+
 def _status(code: int, comment: str | None = None) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -192,6 +237,9 @@ class StorageSCP:
         self._incoming: dict[int, int] = {}  # by association: bytes since its last dataset
         self._lock = threading.Lock()
         self._server: Any = None
+        self._pending: dict[str, int] = {}  # address -> connections that have not yet asked
+        self._settled: weakref.WeakSet[Any] = weakref.WeakSet()  # associations no longer so
+        self.denials = DenialLog()
         ae = AE(ae_title=settings.dimse_ae_title)
         ae.require_called_aet = False  # `_on_requested` checks it, so the refusal is audited
         ae.maximum_associations = settings.dimse_max_associations
@@ -216,12 +264,15 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_end),  # a dropped connection ends it too (once)
         ]
-        self._server = self.ae.start_server(
+        server: _GuardedServer = self.ae.make_server(  # type: ignore[assignment]
             (self.settings.host, self.settings.dimse_port),
-            block=False,
             evt_handlers=handlers,
-            ssl_context=server_tls(self.settings),
+            server_class=_GuardedServer,
         )
+        server.admit, server.tls = self._admit, server_tls(self.settings)
+        threading.Thread(target=server.serve_forever, name="dimse-accept", daemon=True).start()
+        self.ae._servers.append(server)  # as `start_server` does: `shutdown` takes it out
+        self._server = server
         log.info(
             "DIMSE Storage SCP %s on %s:%d%s",
             self.settings.dimse_ae_title,
@@ -237,7 +288,57 @@ class StorageSCP:
 
     # --- events (each association runs in its own thread) --------------------------------------
 
+    def _admit(self, address: str) -> bool:
+        """Whether a new connection from `address` gets a thread (`_GuardedServer`)."""
+        if not self.peers.may_connect(address):
+            reason = "address not in dimse_peers"
+        else:
+            with self._lock:
+                pending = self._pending.get(address, 0)
+                if pending < PENDING_PER_ADDRESS:
+                    self._pending[address] = pending + 1
+                    return True
+            reason = f"{PENDING_PER_ADDRESS} connections from it have not asked for an association"
+        self.metrics.dimse_associations.labels("dropped").inc()
+        self._audit_refusal("dimse", "dimse.connect", address, reason)
+        return False
+
+    def _settle(self, assoc: Any) -> None:
+        """The connection asked for an association, or closed: no longer pending (once)."""
+        with self._lock:
+            if assoc in self._settled:
+                return
+            self._settled.add(assoc)
+            address = str(assoc.requestor.address)
+            left = self._pending.get(address, 1) - 1
+            if left > 0:
+                self._pending[address] = left
+            else:
+                self._pending.pop(address, None)
+
+    def _audit_refusal(self, actor: str, action: str, address: str, reason: str) -> None:
+        """Log and audit a refusal, the first 20 a minute from each address (`DenialLog`)."""
+        skipped = self.denials.admit(address)
+        if skipped is None:
+            return
+        log.warning("DIMSE %s refused (%s from %s): %s", action[6:], actor, address, reason)
+        detail: dict[str, str | int] = {"address": address, "reason": reason}
+        if skipped:
+            detail["not_audited_before"] = skipped
+        with self.sessions.begin() as session:
+            crud.audit(
+                session,
+                actor=actor,
+                action=action,
+                resource_type="dimse",
+                resource_id=None,
+                outcome="denied",
+                status_code=403,
+                detail=detail,
+            )
+
     def _on_requested(self, event: evt.Event) -> None:
+        self._settle(event.assoc)
         rq = event.assoc.requestor  # its ae_title is set after this event, from the request
         calling = str(rq.primitive.calling_ae_title if rq.primitive else "").strip()
         called = str(rq.primitive.called_ae_title if rq.primitive else "").strip()
@@ -249,23 +350,10 @@ class StorageSCP:
         else:
             return
         self.metrics.dimse_associations.labels("refused").inc()
-        log.warning(
-            "DIMSE association refused: calling AE title %r from %s: %s", calling, address, reason
-        )
         # permanent, service user: 0x03 calling AE title not recognised, 0x07 called AE title
         event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
         event.assoc.kill()  # as pynetdicom's own refusals: the reject goes out before the close
-        with self.sessions.begin() as session:
-            crud.audit(
-                session,
-                actor=f"dimse:{calling}",
-                action="dimse.associate",
-                resource_type="dimse",
-                resource_id=None,
-                outcome="denied",
-                status_code=403,
-                detail={"address": address, "reason": reason},
-            )
+        self._audit_refusal(f"dimse:{calling}", "dimse.associate", address, reason)
 
     def _on_accepted(self, event: evt.Event) -> None:
         self.metrics.dimse_associations.labels("accepted").inc()
@@ -339,6 +427,7 @@ class StorageSCP:
         return _status(code, comment)
 
     def _on_end(self, event: evt.Event) -> None:
+        self._settle(event.assoc)
         _drop_partial_dataset(event.assoc)
         with self._lock:
             self._incoming.pop(id(event.assoc), None)

@@ -337,14 +337,15 @@ class Metrics:
         self.dimse_associations = Counter(
             PREFIX + "dimse_associations",
             "DIMSE associations asked for, by outcome (accepted; refused: calling AE title or "
-            "address not in dimse_peers)",
+            "address not in dimse_peers; dropped: a connection closed before it could ask, from "
+            "an address of no peer or one holding too many idle connections)",
             ["outcome"],
             registry=r,
         )
         self.rejected.labels("queue_full")  # from 0: a first burst counts in rate()
         for outcome in ("stored", "already", "failed"):
             self.dimse_instances.labels(outcome)
-        for outcome in ("accepted", "refused"):
+        for outcome in ("accepted", "refused", "dropped"):
             self.dimse_associations.labels(outcome)
 
     # EngineMetrics protocol
