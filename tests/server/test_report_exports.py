@@ -595,6 +595,22 @@ def test_an_image_of_a_class_highdicom_does_not_know_gets_an_sr(api, sop_class):
     assert referenced == [sop_class]
 
 
+def test_an_sr_of_a_missing_or_damaged_image_file_is_410_not_500(api):
+    """The SR copies its image's header from the stored file: a missing one answered 500."""
+    study = upload_ct(api)
+    report = ask(api, study["id"])
+    path = api.app.state.store.path(study["images"][0]["sha256"])
+    data = path.read_bytes()
+    path.unlink()
+    r = api.get(f"/v1/reports/{report['id']}/sr", headers=api.h())
+    assert_error(r, 410, "image_missing")
+    assert "db restore" in r.json()["error"]["message"]
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    assert_error(api.get(f"/v1/reports/{report['id']}/sr", headers=api.h()), 410, "image_damaged")
+    path.write_bytes(data)
+    assert sr_of(api, report["id"]).SOPClassUID == ComprehensiveSRStorage
+
+
 def test_png_report_has_fhir_but_no_sr(api):
     api = api
     r = upload(api, ("x.png", png_bytes(), "image/png"))

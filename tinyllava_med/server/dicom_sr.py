@@ -61,6 +61,7 @@ from tinyllava_med.model.prompts import without_controls
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import CUT_SHORT_NOTE, SIGNED_STATUSES, Job, Report
 from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.serving import stored_file
 from tinyllava_med.server.storage import ImageStore
 
 MANUFACTURER = "TinyLLaVA-Med server"
@@ -516,7 +517,7 @@ def report_sr(
             "this report's image was released without a readable DICOM header; retrieve the "
             "study from the PACS again to export its SR",
         )
-    source = pydicom.dcmread(store.path(held), stop_before_pixels=True)
+    source = pydicom.dcmread(io.BytesIO(stored_file(store, held)), stop_before_pixels=True)
     version = version_at(report, at)
     name = key_name(session, version.signed_by)
     signer = Signer(name, institution) if name is not None else None

@@ -200,6 +200,31 @@ def render_key(
     return (sha256, frame, window, limits)
 
 
+def stored_file(store: ImageStore, sha256: str) -> bytes:
+    """A stored file's bytes, checked against its name (its sha256): 410 `image_missing` or
+    `image_damaged` otherwise, which an admin mends from a backup."""
+    try:
+        data = store.get(sha256)
+    except FileNotFoundError as e:
+        log.error("stored image file %s… is missing", sha256[:12])
+        raise APIError(
+            410,
+            "image_missing",
+            "the stored image file is missing: an admin restores it from a backup "
+            "(`tinyllava-med db restore`, with the server stopped)",
+        ) from e
+    if hashlib.sha256(data).hexdigest() != sha256:  # checked as it is read (renderings are
+        # cached), so damaged pixels reach no reader, model or SR
+        log.error("stored image file %s… is damaged", sha256[:12])
+        raise APIError(
+            410,
+            "image_damaged",
+            "the stored image file is damaged: an admin restores it from a backup "
+            "(`tinyllava-med db restore`, with the server stopped)",
+        )
+    return data
+
+
 def render(
     store: ImageStore,
     sha256: str,
@@ -212,24 +237,13 @@ def render(
     limits = limits_of(settings)
 
     def make() -> PILImage.Image:
-        data = store.get(sha256)
-        if hashlib.sha256(data).hexdigest() != sha256:  # its content is its name: checked as
-            # it is decoded (renderings are cached), so damaged pixels reach no reader or model
-            log.error("stored image file %s… is damaged", sha256[:12])
-            raise APIError(
-                410,
-                "image_damaged",
-                "the stored image file is damaged: an admin restores it from a backup "
-                "(`tinyllava-med db restore`, with the server stopped)",
-            )
+        data = stored_file(store, sha256)
         return load_study_file(data, frame=frame, window=window, limits=limits).image
 
     try:
         return store.rendered.get_or_make(render_key(sha256, limits, frame, window), make)
     except ImagingError as e:
         raise imaging_error(e) from e
-    except FileNotFoundError as e:
-        raise APIError(410, "image_missing", "the stored image file is missing") from e
 
 
 async def render_async(
