@@ -463,6 +463,28 @@ def test_only_a_transactions_own_rollback_queues_the_sweep_of_its_files(api):
     assert sweeps() == [["a" * 64]]
 
 
+def test_files_no_row_names_are_swept_and_a_pending_rejection_note_is_kept(api):
+    """A crash between storing an upload's files and its commit left them in the store with no
+    row, and no rollback queued their sweep: `serve` queues one as it starts. Rejection notes
+    waiting for their push are named by their job, and stay."""
+    from tinyllava_med.server.db import crud
+    from tinyllava_med.server.jobs import remove_unused, sweep_unnamed_files
+
+    sessions, store = api.app.state.session_factory, api.app.state.store
+    held = upload_ct(api)["images"][0]["sha256"]
+    orphan, note = store.put(b"a crashed upload's file"), store.put(b"a rejection note")
+    with sessions.begin() as s:
+        crud.enqueue_job(s, kind="push_rejection", payload={"sha256": note}, max_attempts=3)
+    settings = api.app.state.settings
+    assert sweep_unnamed_files(sessions, settings, store, chunk=2) == 1
+    with sessions() as s:
+        sweeps = [j.payload["sha256"] for j in s.scalars(select(Job)) if j.kind == "sweep_images"]
+    assert sweeps == [[orphan]]
+    swept = remove_unused(sessions, store, [orphan, note, held], grace_s=0)
+    assert swept.removed == [orphan] and swept.in_use == {note, held}
+    assert store.exists(note) and store.exists(held)
+
+
 def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
     """A write that fails for want of space (ENOSPC on the data volume, "database or disk is
     full" in the database) answers 507 in the error shape, never a 500, stores nothing of that

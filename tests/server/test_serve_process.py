@@ -4,6 +4,7 @@ one JSON object per line, its own records and uvicorn's access lines alike, with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -37,6 +38,9 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     in_store.parent.mkdir(parents=True)
     in_store.write_bytes(b"DICM")
     os.utime(in_store, (time.time() - 7200, time.time() - 7200))
+    orphan = hashlib.sha256(b"a file whose upload never committed").hexdigest()
+    (tmp_path / "data" / "images" / orphan[:2]).mkdir()
+    (tmp_path / "data" / "images" / orphan[:2] / orphan).write_bytes(b"x")
     with running_process(
         [*cmd, "--port", str(port)], log, f"{base}/readyz", what="serve", timeout_s=120, env=env
     ):
@@ -80,6 +84,8 @@ def test_serve_logs_json_lines(tmp_path, tiny_model_dir):
     assert ("POST", "/dicomweb/studies/{study_uid}", 401) in access
     assert ("GET", "/v1/reports/{report_id}", 401) in access
     assert any(r["logger"] == "uvicorn.error" and "startup" in r["message"] for r in records)
+    swept = [r["message"] for r in records if r["logger"] == "tinyllava_med.server.jobs"]
+    assert swept == ["1 stored file(s) no image names (left by a crash): sweep queued"]
 
 
 def test_serve_https(tmp_path, tiny_model_dir):

@@ -38,7 +38,7 @@ from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
-from tinyllava_med.server.jobs import JobRunner, sweep_on_rollback
+from tinyllava_med.server.jobs import JobRunner, sweep_on_rollback, sweep_unnamed_files
 from tinyllava_med.server.logs import quiet_libraries, say
 from tinyllava_med.server.metrics import Metrics
 from tinyllava_med.server.report_writer import ReportWriter
@@ -439,6 +439,7 @@ def create_app(
         app.state.store = ImageStore(settings.images_dir, settings.render_cache_mb * 1024 * 1024)
         if own_process:  # `serve`: what a crash left in the store goes
             app.state.store.remove_leftovers()
+            sweep_unnamed_files(app.state.session_factory, settings, app.state.store)
         app.state.metrics.watch_cache("rendered", app.state.store.rendered)
         stop_connecting = threading.Event()
         if settings.engine == "remote":

@@ -180,6 +180,27 @@ def schedule_sweep(session: Session, settings: Settings, hashes: list[str]) -> J
     return job
 
 
+def sweep_unnamed_files(
+    sessions: sessionmaker[Session], settings: Settings, store: ImageStore, chunk: int = 1000
+) -> int:
+    """Queue a sweep of every stored file the database does not need (`crud.files_in_use`):
+    what a crash or a full disk left behind when an upload's transaction never ended, so no
+    rollback queued its sweep. `serve` calls it as it starts; the sweep keeps a file an upload
+    stored or touched within `image_sweep_grace_s` (another process's, in flight). How many."""
+    queued = 0
+    names = list(store.names())
+    for i in range(0, len(names), chunk):
+        part = names[i : i + chunk]
+        with sessions.begin() as s:
+            unnamed = [sha for sha in part if sha not in crud.files_in_use(s, part)]
+            if unnamed:
+                schedule_sweep(s, settings, unnamed)
+        queued += len(unnamed)
+    if queued:
+        log.warning("%d stored file(s) no image names (left by a crash): sweep queued", queued)
+    return queued
+
+
 def sweep_on_rollback(sessions: sessionmaker[Session], settings: Settings) -> None:
     """When a transaction that stored files rolls back (a later file of the upload failed, the
     commit found the disk full), queue a sweep of them: no row names them, and without it they

@@ -135,6 +135,14 @@ class ImageStore:
         may be writing its own now); how many."""
         return _remove_stale([*self.root.glob("*/.tmp-*"), *self.root.glob("*/.gone-*")])
 
+    def names(self) -> Iterator[str]:
+        """The sha256 of every file in the store."""
+        for shard in self.root.iterdir():
+            if shard.is_dir() and len(shard.name) == 2:
+                for entry in os.scandir(shard):
+                    if len(entry.name) == 64 and entry.name.startswith(shard.name):
+                        yield entry.name
+
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise ValueError("not a sha256 hex digest")

@@ -322,12 +322,19 @@ def delete_study(session: Session, study: Study) -> list[str]:
 
 
 def files_in_use(session: Session, hashes: Iterable[str]) -> set[str]:
-    """Those of `hashes` the database still needs: files of held images, and the headers kept
-    of released ones (`retention.py`). The others may leave the file store."""
+    """Those of `hashes` the database still needs: files of held images, the headers kept of
+    released ones (`retention.py`), and the rejection notes of pushes not yet done (their
+    job's payload names them). The others may leave the file store."""
     wanted = list(hashes)
     held = select(Image.sha256).where(Image.sha256.in_(wanted), Image.released_at.is_(None))
     headers = select(Image.header_sha256).where(Image.header_sha256.in_(wanted))
-    return set(session.scalars(held)) | {h for h in session.scalars(headers) if h}
+    pushes = select(Job.payload).where(Job.kind == "push_rejection", Job.status != "done")
+    notes = {str(payload.get("sha256")) for payload in session.scalars(pushes)}
+    return (
+        set(session.scalars(held))
+        | {h for h in session.scalars(headers) if h}
+        | (notes & set(wanted))
+    )
 
 
 def count_studies(session: Session, where: StudyFilter = ALL_STUDIES) -> int:
