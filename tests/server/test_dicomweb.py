@@ -322,6 +322,45 @@ def test_queued_jobs_survive_a_restart(tmp_path, sqlite_url, tiny_lm):
         assert job["result"]["report_id"]
 
 
+def test_jobs_a_stopped_server_left_running_are_due_when_serve_starts(migrated_url):
+    """A job whose server was killed mid-run stayed `running` for its lease (10 minutes) after
+    the restart. Those of a process of this host that no longer runs, or that had this very
+    pid (a restarted container's earlier self), are due at once; others wait for their lease."""
+    import os
+    import socket
+    import subprocess
+
+    from tinyllava_med.server.jobs import release_jobs_of_dead_processes
+
+    host = socket.gethostname()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    workers = {
+        "dead": f"{host}:{gone.pid}:0",
+        "earlier self": f"{host}:{os.getpid()}:1",
+        "alive": f"{host}:{os.getppid()}:0",
+        "other host": f"elsewhere:{gone.pid}:0",
+    }
+    engine = make_engine(migrated_url)
+    sessions = session_factory(engine)
+    with sessions.begin() as s:
+        jobs = {
+            name: Job(kind="noop", status="running", locked_by=w, locked_at=utcnow(), attempts=1)
+            for name, w in workers.items()
+        }
+        s.add_all(jobs.values())
+        s.flush()
+        ids = {name: job.id for name, job in jobs.items()}
+    with sessions.begin() as s:
+        released = release_jobs_of_dead_processes(s, lease_s=600)
+    assert sorted(released) == sorted([ids["dead"], ids["earlier self"]])
+    with sessions.begin() as s:
+        taken = [claim(s, "w-new", lease_s=600), claim(s, "w-new", lease_s=600)]
+        assert claim(s, "w-new", lease_s=600) is None  # the others: their lease runs on
+    assert sorted(c.id for c in taken if c) == sorted(released)
+    engine.dispose()
+
+
 def test_claim_takes_each_job_once_and_reclaims_dead_workers(migrated_url):
     engine = make_engine(migrated_url)
     sessions = session_factory(engine)

@@ -38,7 +38,12 @@ from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
-from tinyllava_med.server.jobs import JobRunner, sweep_on_rollback, sweep_unnamed_files
+from tinyllava_med.server.jobs import (
+    JobRunner,
+    release_jobs_of_dead_processes,
+    sweep_on_rollback,
+    sweep_unnamed_files,
+)
 from tinyllava_med.server.logs import quiet_libraries, say
 from tinyllava_med.server.metrics import Metrics
 from tinyllava_med.server.report_writer import ReportWriter
@@ -481,6 +486,11 @@ def create_app(
         )
         with app.state.session_factory.begin() as session:
             schedule_release(session, settings)  # with image_retention_days: the first run
+        if own_process:  # `serve`: jobs a killed server left running need not wait out a lease
+            with app.state.session_factory.begin() as session:
+                released = release_jobs_of_dead_processes(session, settings.job_lease_s)
+            if released:
+                log.warning("jobs %s were left running by a stopped server: due now", released)
         runner = app.state.job_runner = JobRunner(app, settings.job_workers)
         app.state.metrics.watch_backlog(
             partial(_read_backlog, app.state.session_factory), runner.handlers
