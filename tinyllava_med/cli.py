@@ -306,6 +306,59 @@ def _listen_socket(
     return sock
 
 
+# below this, `serve` does not start: SQLite cannot even open its database
+MIN_FREE_BYTES = 16 * 1024 * 1024
+
+
+def _start_problem(settings: Any) -> str | None:
+    """Why `serve` cannot start, in one line, or None: a data directory it cannot write or
+    whose disk is full, a database it cannot reach or at another schema (PostgreSQL: `db
+    upgrade` first; SQLite, which `serve` migrates itself: not while another server uses it,
+    which would go on writing by the older version's rules)."""
+    import shutil
+
+    from sqlalchemy.exc import OperationalError
+
+    from tinyllava_med.server.db.migrate import (
+        MigrationError,
+        current_revision,
+        head_revision,
+        require_head,
+    )
+    from tinyllava_med.server.storage import DataDirInUse, sole_user
+
+    data_dir = settings.data_dir
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot make the data directory {data_dir}: {e.strerror}"
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        return f"cannot write the data directory {data_dir} (read-only, or another owner's)"
+    free = shutil.disk_usage(data_dir).free
+    if free < MIN_FREE_BYTES:
+        return f"the disk of {data_dir} is full ({free // 1024} KiB free): free some space first"
+    try:
+        if not settings.database_url.startswith("sqlite"):
+            require_head(settings.database_url)
+            return None
+        revision, head = current_revision(settings.database_url), head_revision()
+    except MigrationError as e:
+        return str(e)
+    except OperationalError as e:  # the message names host and port, never the password
+        return f"cannot reach the database: {e.orig}"
+    if revision not in (None, head):
+        try:
+            with sole_user(data_dir):
+                pass
+        except DataDirInUse:
+            return (
+                f"the database is at revision {revision} and this version migrates it to "
+                f"{head}, but another server or command uses {data_dir}: stop it first (an "
+                "older server would go on writing by its own rules)"
+            )
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tinyllava_med.server.app import create_app, http_server
 
@@ -319,20 +372,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sock.close()
             return 1
         dimse.close()
-    if not settings.database_url.startswith("sqlite"):  # said here in one line, before
-        # "serving on": the app's start would refuse it with a traceback
-        from sqlalchemy.exc import OperationalError
-
-        from tinyllava_med.server.db.migrate import MigrationError, require_head
-
-        try:
-            require_head(settings.database_url)
-        except MigrationError as e:
-            print(f"tinyllava-med serve: {e}", file=sys.stderr)
-            return 1
-        except OperationalError as e:  # the message names host and port, never the password
-            print(f"tinyllava-med serve: cannot reach the database: {e.orig}", file=sys.stderr)
-            return 1
+    problem = _start_problem(settings)
+    if problem is not None:  # said here in one line, before "serving on": the app's start
+        # would fail with a traceback
+        print(f"tinyllava-med serve: {problem}", file=sys.stderr)
+        sock.close()
+        return 1
     from tinyllava_med.server.logs import say
 
     app = create_app(settings, own_process=True)

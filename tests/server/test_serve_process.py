@@ -203,3 +203,51 @@ def test_a_port_in_use_is_said_before_anything_loads(tmp_path, tiny_model_dir):
     assert done.returncode == 1, done.stderr
     assert f"port {dimse_port}: is in use" in done.stderr and "--dimse-port" in done.stderr
     assert "Traceback" not in done.stderr and not data.exists()
+
+
+def test_serve_does_not_migrate_under_another_server_and_says_why_it_cannot_start(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """SQLite: a new version's `serve` migrated the schema under an older server still running
+    on the same data directory, which went on writing by its own rules. It now refuses while
+    another process holds the directory. A full disk or a read-only directory is said in one
+    line too (before: a traceback, "disk I/O error")."""
+    import fcntl
+    import shutil
+    import subprocess
+
+    from tinyllava_med.cli import _start_problem
+    from tinyllava_med.server.db import migrate
+    from tinyllava_med.server.settings import Settings
+    from tinyllava_med.server.storage import IN_USE_LOCK
+
+    data = tmp_path / "data"
+    data.mkdir()
+    url = f"sqlite:///{data}/tinyllava_med.db"
+    migrate.upgrade(url, "0011")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TINYLLAVA_MED_DATA_DIR": str(data)}
+    cmd = [sys.executable, "-m", "tinyllava_med.cli", "serve", "--model", str(tiny_model_dir)]
+    held = os.open(data / IN_USE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_SH)  # as an older server holds it
+    try:
+        done = subprocess.run(
+            [*cmd, "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        os.close(held)
+    assert done.returncode == 1, done.stderr
+    assert "the database is at revision 0011 and this version migrates it to" in done.stderr
+    assert "Traceback" not in done.stderr and "serving on" not in done.stderr
+    assert migrate.current_revision(url) == "0011"  # untouched
+
+    settings = Settings(data_dir=data, database_url=url)
+    assert _start_problem(settings) is None  # alone now: serve migrates it as it starts
+    usage = shutil.disk_usage(data)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    assert (
+        _start_problem(settings)
+        == f"the disk of {data} is full (4 KiB free): free some space first"
+    )
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert "cannot write the data directory" in str(_start_problem(settings))
