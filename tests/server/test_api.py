@@ -527,6 +527,12 @@ def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
         m.setattr(crud, "create_study", database_full)
         r = upload(api, ("x.png", png_bytes(), "image/png"))
         assert_error(r, 507, "insufficient_storage")
+    with monkeypatch.context() as m:  # a read whose audit event cannot be written: refused,
+        # and said so (it read "nothing was stored")
+        m.setattr(crud, "insert_audit_rows", database_full)
+        r = api.get(f"/v1/studies/{before['id']}", headers=api.h())
+        assert_error(r, 507, "insufficient_storage")
+        assert "could not be recorded in the audit log" in r.json()["error"]["message"]
 
     listed = api.get("/v1/studies", headers=api.h()).json()
     assert [s["id"] for s in listed["data"]] == [before["id"]] and listed["count"] == 1

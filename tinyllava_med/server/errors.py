@@ -49,6 +49,11 @@ STORAGE_FULL = (
     "the server's storage is full: nothing was stored; an administrator must free space on "
     "its data volume or database"
 )
+# a read is refused when its audit event cannot be written: no access goes unrecorded
+STORAGE_FULL_READ = (
+    "the server's storage is full: this read could not be recorded in the audit log, so it is "
+    "refused; an administrator must free space on its data volume or database"
+)
 
 
 def storage_full(exc: BaseException) -> bool:
@@ -165,7 +170,8 @@ def failure(request: Request, exc: Exception) -> Failure:
         # not the client's fault, and no retry helps until someone frees space: 507, which
         # the alert on the data volume's free space should have announced
         log.error("storage full on %s: nothing stored", where(request))
-        return Failure(507, "insufficient_storage", STORAGE_FULL)
+        read = request.method in ("GET", "HEAD")
+        return Failure(507, "insufficient_storage", STORAGE_FULL_READ if read else STORAGE_FULL)
     if isinstance(exc, OperationalError):
         # the database could not do it now (locked past the busy timeout, connection lost,
         # server gone): nothing was stored, and the same request may succeed later
