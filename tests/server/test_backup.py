@@ -319,3 +319,67 @@ def test_a_backup_from_before_image_retention_is_accepted(tmp_path):
     db.commit()
     db.close()
     assert _checked(old) == {"abcd"}
+
+
+def test_a_backup_cut_short_never_looks_whole_and_an_unrecorded_one_is_said(
+    tmp_path, sqlite_url, tiny_lm, monkeypatch, capsys
+):
+    """A run killed while it copied the files had left a final-named database beside part of
+    its files (a restore from it lacked them); a full database made a finished backup end in a
+    traceback (its audit event could not be written); a full backup disk left a 0-byte part."""
+    import time
+    import types
+
+    import pytest
+    from sqlalchemy.exc import OperationalError as DatabaseError
+
+    from tinyllava_med.server import backup as backup_module
+    from tinyllava_med.server import console
+    from tinyllava_med.server.db import crud
+    from tinyllava_med.server.storage import ImageStore
+
+    for api in make_api(tmp_path, sqlite_url, tiny_lm):
+        settings = api.app.state.settings
+        upload_ct(api)
+        dest = tmp_path / "backup"
+
+        def killed(*args, **kwargs):
+            raise KeyboardInterrupt  # as a kill in the middle of the files
+
+        with monkeypatch.context() as m:
+            m.setattr(backup_module, "_copy_checked", killed)
+            with pytest.raises(KeyboardInterrupt):
+                backup(settings, dest)
+        assert not list(dest.glob("*.db")) and len(list(dest.glob("*.db.part"))) == 1
+        [part] = dest.glob("*.db.part")
+        os.utime(part, (time.time() - 7200, time.time() - 7200))
+
+        def database_full(*args, **kwargs):
+            raise DatabaseError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+
+        with monkeypatch.context() as m:
+            m.setattr(crud, "insert_audit_rows", database_full)
+            assert console.make_backup(settings, str(dest), verify=False) == 0
+        said = capsys.readouterr().out
+        assert "could not be recorded in the audit log: database or disk is full" in said
+        [db] = dest.glob("*.db")
+        assert not part.exists() and not list(dest.glob("*.db.part"))  # the stale one went
+        assert len(list(ImageStore(dest / "images").names())) == 1
+
+        class FullDisk:  # sqlite3, whose copy finds the backup's disk full
+            OperationalError = sqlite3.OperationalError
+
+            @staticmethod
+            def connect(*args, **kwargs):
+                real = sqlite3.connect(*args, **kwargs)
+
+                def backup(target):
+                    raise sqlite3.OperationalError("database or disk is full")
+
+                return types.SimpleNamespace(backup=backup, close=real.close)
+
+        with monkeypatch.context() as m:
+            m.setattr(backup_module, "sqlite3", FullDisk)
+            with pytest.raises(SystemExit, match="a disk is full: no database copy was kept"):
+                console.make_backup(settings, str(dest), verify=False)
+        assert list(dest.glob("*.db")) == [db] and not list(dest.glob("*.db.part"))

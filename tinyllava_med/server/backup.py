@@ -4,7 +4,9 @@ stored image files. `tinyllava-med db backup DEST`, safe to run while the server
 - SQLite (the default): sqlite3's online backup API copies the database into
   `DEST/tinyllava_med-<UTC time>.db` in one step, under one read transaction, so the copy is the
   database as committed at that moment while the server goes on writing (WAL). The copy is
-  checked with `PRAGMA integrity_check` before it takes its final name.
+  checked with `PRAGMA integrity_check`, and takes its final name only once the files it refers
+  to are copied too: a run cut short (killed, a full disk) leaves a `.db.part`, never a
+  backup that looks whole, and the next run removes it.
 - PostgreSQL: `pg_dump` is the tool for the database (not run here); the files are copied all
   the same.
 - Files: content-addressed, so a file already in `DEST/images` is the same file and each run
@@ -30,8 +32,10 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.migrate import upgrade
@@ -41,7 +45,7 @@ from tinyllava_med.server.db.session import (
     session_factory,
 )
 from tinyllava_med.server.settings import Settings
-from tinyllava_med.server.storage import ImageStore, sole_user
+from tinyllava_med.server.storage import ImageStore, remove_stale, sole_user
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Backup:
     bytes_copied: int = 0
     missing: list[str] = field(default_factory=list)  # sha256 of files not in the store
     corrupt: list[str] = field(default_factory=list)  # files whose content is not their name
+    not_audited: str | None = None  # why the audit event could not be written
 
     @property
     def complete(self) -> bool:
@@ -67,22 +72,25 @@ def _snapshot(source: Path, dest_dir: Path) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     final = dest_dir / f"tinyllava_med-{stamp}.db"
     part = final.with_name(final.name + ".part")
+    remove_stale(dest_dir.glob("tinyllava_med-*.db.part"))  # a run cut short
     part.touch(mode=0o600)  # every report's text: the owner's only, whatever the umask
-    src = sqlite3.connect(source, timeout=30)  # only read: the backup writes to `dst`
     try:
-        dst = sqlite3.connect(part)
+        src = sqlite3.connect(source, timeout=30)  # only read: the backup writes to `dst`
         try:
-            src.backup(dst)  # all pages in one step: one consistent read transaction
-            (check,) = dst.execute("PRAGMA integrity_check").fetchone()
+            dst = sqlite3.connect(part)
+            try:
+                src.backup(dst)  # all pages in one step: one consistent read transaction
+                (check,) = dst.execute("PRAGMA integrity_check").fetchone()
+            finally:
+                dst.close()
         finally:
-            dst.close()
-    finally:
-        src.close()
-    if check != "ok":
+            src.close()
+        if check != "ok":
+            raise RuntimeError(f"the database copy failed its integrity check: {check}")
+    except BaseException:
         part.unlink(missing_ok=True)
-        raise RuntimeError(f"the database copy failed its integrity check: {check}")
-    os.replace(part, final)
-    return final
+        raise
+    return part
 
 
 # the files the database refers to: held images, and the headers kept of released ones (their
@@ -137,9 +145,10 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool =
     url = normalize_database_url(settings.database_url)
     engine = make_engine(url)
     try:
+        snapshot = None
         if url.get_backend_name() == "sqlite":
             snapshot = _snapshot(Path(url.database or ""), dest)
-            result = Backup(snapshot)
+            result = Backup(snapshot.with_suffix(""))  # its name once the files are copied
             copy = sqlite3.connect(snapshot)  # the files the copy refers to
             try:
                 hashes = sorted({row[0] for row in copy.execute(_FILES_SQL)})
@@ -162,26 +171,37 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool =
                 result.bytes_copied += size
             else:
                 (result.missing if outcome == "missing" else result.corrupt).append(sha)
-        with session_factory(engine).begin() as s:
-            crud.audit(
-                s,
-                actor=actor,
-                action="backup.create",
-                resource_type="backup",
-                resource_id=result.database.name if result.database else None,
-                outcome="ok" if result.complete else "error",
-                status_code=201 if result.complete else 500,
-                detail={
-                    "files_copied": result.files_copied,
-                    "files_present": result.files_present,
-                    "files_repaired": result.files_repaired,
-                    "missing": len(result.missing),
-                    "corrupt": len(result.corrupt),
-                },
-            )
+        if snapshot is not None:
+            os.replace(snapshot, snapshot.with_suffix(""))
+        try:
+            _audit_backup(engine, actor, result)
+        except OperationalError as e:  # the server's own database is full or locked: the
+            # backup is made all the same, and the operator told
+            result.not_audited = str(e.orig).splitlines()[0] if str(e.orig) else "error"
     finally:
         engine.dispose()
     return result
+
+
+def _audit_backup(engine: Any, actor: str, result: Backup) -> None:
+    """The backup's audit event (`backup.create`)."""
+    with session_factory(engine).begin() as s:
+        crud.audit(
+            s,
+            actor=actor,
+            action="backup.create",
+            resource_type="backup",
+            resource_id=result.database.name if result.database else None,
+            outcome="ok" if result.complete else "error",
+            status_code=201 if result.complete else 500,
+            detail={
+                "files_copied": result.files_copied,
+                "files_present": result.files_present,
+                "files_repaired": result.files_repaired,
+                "missing": len(result.missing),
+                "corrupt": len(result.corrupt),
+            },
+        )
 
 
 @dataclass

@@ -6,6 +6,7 @@ returns the exit status; `cli.py` parses their arguments."""
 from __future__ import annotations
 
 import argparse
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from tinyllava_med.server.backup import backup, restore
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.migrate import upgrade
 from tinyllava_med.server.db.session import make_engine, session_factory
-from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.errors import APIError, storage_full
 from tinyllava_med.server.logs import quiet_libraries
 from tinyllava_med.server.media_import import Source, import_media
 from tinyllava_med.server.pacs_check import check
@@ -116,6 +117,13 @@ def make_backup(settings: Settings, dest: str, verify: bool) -> int:
             f"db backup: {e.strerror}: {e.filename} (the containers run as uid 10001: "
             f"`chown 10001 {dest}` on the host)"
         ) from None
+    except (OSError, sqlite3.OperationalError) as e:  # sqlite3's: writing the copy
+        if not (storage_full(e) or "database or disk is full" in str(e)):
+            raise
+        raise SystemExit(
+            "db backup: a disk is full: no database copy was kept of this run; free space "
+            f"where {dest} is, or back up to another disk"
+        ) from None
     if done.database is not None:
         print(f"database: {done.database}")
     else:
@@ -132,6 +140,8 @@ def make_backup(settings: Settings, dest: str, verify: bool) -> int:
     for label, hashes in (("missing from the store", done.missing), ("corrupt", done.corrupt)):
         if hashes:
             print(f"{len(hashes)} image file(s) {label}: {', '.join(h[:12] for h in hashes)}")
+    if done.not_audited:
+        print(f"the backup is made, but could not be recorded in the audit log: {done.not_audited}")
     return 0 if done.complete else 1
 
 

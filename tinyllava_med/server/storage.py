@@ -83,12 +83,12 @@ def private_tmp(data_dir: str | Path) -> Path:
     tmp = Path(data_dir) / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tmp.chmod(0o700)
-    _remove_stale(tmp.iterdir())
+    remove_stale(tmp.iterdir())
     tempfile.tempdir = str(tmp)
     return tmp
 
 
-def _remove_stale(leftovers: Iterable[Path]) -> int:
+def remove_stale(leftovers: Iterable[Path]) -> int:
     """Remove those of `leftovers` (a crashed run's files or folders) untouched for
     `STALE_TMP_S`: a younger one may be another process's, in use; how many went."""
     stale, removed = time.time() - STALE_TMP_S, 0
@@ -133,7 +133,7 @@ class ImageStore:
         """Remove what a crash left in the store: a `put`'s temporary file or a deletion's
         moved-aside file (`.tmp-*`, `.gone-*`), untouched for `STALE_TMP_S` (another process
         may be writing its own now); how many."""
-        return _remove_stale([*self.root.glob("*/.tmp-*"), *self.root.glob("*/.gone-*")])
+        return remove_stale([*self.root.glob("*/.tmp-*"), *self.root.glob("*/.gone-*")])
 
     def names(self) -> Iterator[str]:
         """The sha256 of every file in the store."""
