@@ -1984,3 +1984,32 @@ def test_only_the_claim_that_holds_a_job_finishes_or_fails_it(tmp_path, sqlite_u
             assert jobs.finish(s, second, {"ok": True}) == "done"
         with sessions() as s:
             assert s.get(Job, first.id).status == "done"
+
+
+def test_without_keys_the_server_answers_only_this_machines_own_names(tmp_path, tiny_lm):
+    """With auth_disabled every caller is an admin, on a loopback address only; but any web
+    page the user visits could post to it (no preflight for a form), and a name of an
+    attacker's resolving to 127.0.0.1 (DNS rebinding) read everything. Only loopback names are
+    answered now, as Host and as Origin."""
+    from fastapi.testclient import TestClient
+
+    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.db import migrate
+    from tinyllava_med.server.settings import Settings
+
+    url = f"sqlite:///{tmp_path}/db.db"
+    migrate.upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", database_url=url, auth_disabled=True)
+    app = create_app(settings, model=tiny_lm)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/v1/studies").status_code == 200
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1"):
+            assert client.get("/v1/studies", headers={"Host": host}).status_code == 200
+        rebound = client.get("/v1/studies", headers={"Host": "rebind.attacker.example:8000"})
+        assert_error(rebound, 403, "not_local")
+        page = {"Origin": "https://evil.example"}
+        posted = client.post("/v1/studies", headers=page, files={"files": ("x.png", png_bytes())})
+        assert_error(posted, 403, "not_local")
+        ours = client.get("/v1/studies", headers={"Origin": "http://localhost:8000"})
+        assert ours.status_code == 200
+        assert client.get("/v1/studies").json()["count"] == 0

@@ -33,7 +33,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinyllava_med import __version__
 from tinyllava_med.model.load import LoadedModel
-from tinyllava_med.server.auth import DenialLog, KeyBeforeBody, KeyCache, ensure_first_admin_key
+from tinyllava_med.server.auth import (
+    DenialLog,
+    KeyBeforeBody,
+    KeyCache,
+    LocalOnly,
+    ensure_first_admin_key,
+)
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.session import make_engine, session_factory
 from tinyllava_med.server.engine import BatchingEngine
@@ -563,6 +569,8 @@ def create_app(
     app.add_middleware(KeyBeforeBody)  # no body taken in without a key
     app.add_middleware(Observe, metrics=app.state.metrics)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes)
+    if settings.auth_disabled:
+        app.add_middleware(LocalOnly)
     app.add_middleware(DefaultHeaders)  # outermost: also on BodyLimit's 413
     if settings.gradio:  # imports Gradio only when the demo is asked for
         from tinyllava_med.server.gradio_demo import mount_demo

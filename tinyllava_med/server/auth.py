@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Literal, get_args
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -442,6 +443,38 @@ class KeyBeforeBody:
                 )
                 return
         await self.app(scope, receive, send)
+
+
+class LocalOnly:
+    """With `auth_disabled` (every caller an admin, on a loopback address only): answer only
+    requests addressed to this machine by a loopback name (`Host`) and, when they come from a
+    web page, from a page of such a name (`Origin`). Any web page the user visits could
+    otherwise post to the server (a form needs no preflight), and a name of the attacker's that
+    resolves to 127.0.0.1 (DNS rebinding) could read it all."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Request(scope).headers
+            origin = headers.get("origin")
+            names = [headers.get("host", "")] + ([urlsplit(origin).netloc] if origin else [])
+            if not all(_loopback(name) for name in names):
+                body = error_body(
+                    "not_local",
+                    "auth_disabled answers only requests to and from this machine by a "
+                    "loopback name (127.0.0.1, ::1, localhost)",
+                )
+                await JSONResponse(body, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _loopback(netloc: str) -> bool:
+    """Whether `netloc` (`host[:port]`, `[v6]:port`) names this machine's loopback."""
+    host = urlsplit(f"//{netloc}").hostname or ""
+    return host in ("127.0.0.1", "::1", "localhost")
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
