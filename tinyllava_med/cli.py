@@ -432,6 +432,7 @@ def cmd_db(args: argparse.Namespace) -> int:
                 settings.database_url,
                 args.revision,
                 clear_long_accession_numbers=args.clear_long_accession_numbers,
+                accept_data_loss=args.accept_data_loss,
             )
             print(f"database is at revision {current_revision(settings.database_url)}")
             return 0
@@ -807,6 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="below 0008: empty accession numbers longer than 16 characters (else refused: "
         "cut short, one could be another order's)",
+    )
+    d.add_argument(
+        "--accept-data-loss",
+        action="store_true",
+        help="drop what the older revision cannot hold (refused otherwise, naming it: "
+        "amendments, key expiry, released images' state, weights digests, ...)",
     )
     d = steps.add_parser("backup", help="copy the database and images (safe while serving)")
     d.add_argument("dest", help="the folder to back up into")

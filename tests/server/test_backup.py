@@ -293,7 +293,7 @@ def test_restore_on_postgresql_brings_back_the_image_files(tmp_path, postgres_ur
         from tinyllava_med.server.db import migrate
 
         api.app.state.db_engine.dispose()  # no connection of ours in the way of the ALTERs
-        migrate.downgrade(postgres_url, "0005")
+        migrate.downgrade(postgres_url, "0005", accept_data_loss=True)
         store.path(sha).unlink()
         done = restore(settings, tmp_path / "backup", images_only=True)
         assert (done.files_copied, done.missing) == (1, [])

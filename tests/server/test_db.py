@@ -127,7 +127,7 @@ def test_0002_keeps_existing_reports(database_url: str) -> None:
                 text("SELECT answer, finish_reason FROM reports WHERE id = 'r'")
             ).one()
         assert tuple(row) == ("a", None)
-        migrate.downgrade(database_url, "0001")
+        migrate.downgrade(database_url, "0001", accept_data_loss=True)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT answer FROM reports")).scalar_one() == "a"
     finally:
@@ -175,11 +175,13 @@ def test_0008_widens_accession_numbers_and_keeps_every_study_child(database_url:
             conn.execute(text("UPDATE studies SET accession_number = :a"), {"a": long})
         assert migrate.check_models_match_migrations(database_url) == []
         with pytest.raises(migrate.MigrationError, match="1 studies hold accession numbers"):
-            migrate.downgrade(database_url, "0007")
+            migrate.downgrade(database_url, "0007", accept_data_loss=True)
         assert migrate.current_revision(database_url) == migrate.head_revision()  # untouched
         with engine.connect() as conn:
             assert conn.execute(text("SELECT accession_number FROM studies")).scalar_one() == long
-        migrate.downgrade(database_url, "0007", clear_long_accession_numbers=True)
+        migrate.downgrade(
+            database_url, "0007", clear_long_accession_numbers=True, accept_data_loss=True
+        )
         with engine.connect() as conn:
             assert conn.execute(text("SELECT accession_number FROM studies")).scalar_one() is None
             assert conn.execute(text("SELECT count(*) FROM reports")).scalar_one() == 1
@@ -219,7 +221,44 @@ def test_0013_a_signed_study_with_a_draft_awaits_a_signature(database_url: str) 
         with engine.connect() as conn:
             got = dict(conn.execute(text("SELECT id, status FROM studies")).all())
         assert got == {"with-draft": "reported", "all-signed": "signed", "unsigned": "reported"}
-        migrate.downgrade(database_url, "0012")
+        migrate.downgrade(database_url, "0012", accept_data_loss=True)
+    finally:
+        engine.dispose()
+
+
+def test_a_downgrade_that_drops_data_for_good_is_refused_naming_it(database_url: str) -> None:
+    """`db downgrade` dropped amendments, key expiry, the release of images and weights digests
+    without a word, and an upgrade again did not bring them back: it now names what it would
+    drop and goes on only with `accept_data_loss`. A downgrade that drops nothing goes on."""
+    migrate.upgrade(database_url)
+    head = migrate.head_revision()
+    engine = make_engine(database_url)
+    t = {"t": "2026-01-01 00:00:00"}
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'signed')"), t
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO reports (id, study_id, question, answer, text, status, model, "
+                    "quantization, server_version, model_weights, created_at, updated_at) VALUES "
+                    "('r', 's', 'q', 'a', 'a', 'amended', 'm', 'none', '0.1.0', 'w', :t, :t)"
+                ),
+                t,
+            )
+        with pytest.raises(migrate.MigrationError) as refused:
+            migrate.downgrade(database_url, "0002")
+        said = str(refused.value)
+        assert "below 0012, the weights digest recorded with 1 reports" in said
+        assert "below 0003, 1 amendments" in said and "--accept-data-loss" in said
+        assert migrate.current_revision(database_url) == head  # nothing done
+        migrate.downgrade(database_url, "-1")  # 0014 -> 0013 drops nothing
+        assert migrate.current_revision(database_url) == "0013"
+        migrate.downgrade(database_url, "0011", accept_data_loss=True)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT status FROM reports")).scalar_one() == "amended"
+        assert migrate.current_revision(database_url) == "0011"
     finally:
         engine.dispose()
 
@@ -242,7 +281,7 @@ def test_0011_counts_existing_images_stored_when_they_arrived(database_url: str)
             image = session.get(Image, "i")
             assert image is not None and image.stored_at == image.created_at
             assert image.stored_at.replace(tzinfo=None) == datetime(2026, 1, 1)
-        migrate.downgrade(database_url, "0010")
+        migrate.downgrade(database_url, "0010", accept_data_loss=True)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM images")).scalar_one() == 1
     finally:
@@ -279,7 +318,7 @@ def test_0003_allows_amended_reports_and_downgrades_them_to_final(database_url: 
             conn.execute(text("UPDATE report_edits SET reason = 'typo'"))
         with pytest.raises(IntegrityError), engine.begin() as conn:
             conn.execute(text(report), {"id": "r3", "status": "signed", **t})
-        migrate.downgrade(database_url, "0002")
+        migrate.downgrade(database_url, "0002", accept_data_loss=True)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT status, text FROM reports")).one() == ("final", "b")
             row = conn.execute(text("SELECT previous_status, new_status FROM report_edits")).one()
@@ -323,7 +362,9 @@ def test_a_migration_that_fails_halfway_leaves_sqlite_as_it_was(tmp_path: Path) 
     assert migrate.current_revision(url) == migrate.head_revision()
     assert schema() == before and not any("_alembic_tmp" in name for name, _ in before)
     engine.dispose()
-    migrate.downgrade(url, "0007", clear_long_accession_numbers=True)  # and it still works
+    migrate.downgrade(
+        url, "0007", clear_long_accession_numbers=True, accept_data_loss=True
+    )  # and it still works
     assert migrate.current_revision(url) == "0007"
 
 
@@ -359,7 +400,7 @@ def test_0014_job_ids_are_never_handed_out_again(database_url: str) -> None:
             job = crud.enqueue_job(session, kind="sweep_images")
             session.flush()
             assert job.id > ids[-1]
-        migrate.downgrade(database_url, "0013")
+        migrate.downgrade(database_url, "0013", accept_data_loss=True)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 2
         migrate.upgrade(database_url)
@@ -397,7 +438,7 @@ def test_the_sqlite_database_is_its_owners_only(tmp_path: Path) -> None:
 
 def test_downgrade_to_base_and_upgrade_round_trips(database_url: str) -> None:
     migrate.upgrade(database_url)
-    migrate.downgrade(database_url, "base")
+    migrate.downgrade(database_url, "base", accept_data_loss=True)
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:

@@ -107,13 +107,87 @@ def upgrade(database_url: str | URL, revision: str = "head") -> None:
             command.upgrade(alembic_config(conn), revision)
 
 
+# What going below each revision drops for good (its downgrade removes the column, and an
+# upgrade again cannot bring it back), counted in the database as it is: (what, SQL).
+LOSSES: dict[str, tuple[str, str]] = {
+    "0012": (
+        "the weights digest recorded with {n} reports",
+        "SELECT count(*) FROM reports WHERE model_weights IS NOT NULL",
+    ),
+    "0011": (
+        "when {n} images were stored",
+        "SELECT count(*) FROM images WHERE stored_at IS NOT NULL",
+    ),
+    "0010": (
+        "which frame {n} reports were asked about",
+        "SELECT count(*) FROM reports WHERE frame IS NOT NULL",
+    ),
+    "0006": (
+        "that {n} images were released (their pixels are gone: they would read as missing, "
+        "and their SRs fail)",
+        "SELECT count(*) FROM images WHERE released_at IS NOT NULL",
+    ),
+    "0004": (
+        "the expiry of {n} API keys (they would never expire)",
+        "SELECT count(*) FROM api_keys WHERE expires_at IS NOT NULL",
+    ),
+    "0003": (
+        "{n} amendments (amended reports become final, and amendment reasons go)",
+        "SELECT (SELECT count(*) FROM reports WHERE status = 'amended') "
+        "+ (SELECT count(*) FROM report_edits WHERE reason IS NOT NULL)",
+    ),
+    "0002": (
+        "why {n} answers ended (cut short by the token limit, or not)",
+        "SELECT count(*) FROM reports WHERE finish_reason IS NOT NULL",
+    ),
+    "0001": (
+        "everything: {n} studies and API keys, with their images, reports and audit events",
+        "SELECT (SELECT count(*) FROM studies) + (SELECT count(*) FROM api_keys)",
+    ),
+}
+
+
+def _losses(conn: Connection, cfg: Config, target: str) -> list[str]:
+    """What a downgrade to `target` drops for good, revision by revision (none for a target
+    alembic does not know: it says so itself)."""
+    current = MigrationContext.configure(conn).get_current_revision()
+    if current is None:
+        return []
+    try:
+        passed = ScriptDirectory.from_config(cfg).iterate_revisions(current, target)
+        revisions = [script.revision for script in passed]
+    except (CommandError, RevisionError):
+        return []
+    lost = []
+    for rev in revisions:
+        if rev in LOSSES:
+            what, sql = LOSSES[rev]
+            n = conn.execute(text(sql)).scalar_one()
+            if n:
+                lost.append(f"below {rev}, " + what.format(n=n))
+    return lost
+
+
 def downgrade(
-    database_url: str | URL, revision: str = "base", *, clear_long_accession_numbers: bool = False
+    database_url: str | URL,
+    revision: str = "base",
+    *,
+    clear_long_accession_numbers: bool = False,
+    accept_data_loss: bool = False,
 ) -> None:
-    """Go back to `revision`. Below 0008, studies with accession numbers longer than 16
-    characters refuse it unless `clear_long_accession_numbers` (then they are emptied)."""
+    """Go back to `revision`. Refused when that drops data for good (`LOSSES`: a later upgrade
+    does not bring it back), naming it, unless `accept_data_loss`. Below 0008, studies with
+    accession numbers longer than 16 characters refuse it unless `clear_long_accession_numbers`
+    (then they are emptied)."""
     with _migration_connection(database_url) as conn:
         cfg = alembic_config(conn)
+        lost = _losses(conn, cfg, revision)
+        if lost and not accept_data_loss:
+            raise MigrationError(
+                f"going back to {revision} drops for good: " + "; ".join(lost) + ". Back the "
+                "database up first (`tinyllava-med db backup`), then downgrade with "
+                "--accept-data-loss, or stay on this version"
+            )
         cfg.attributes["clear_long_accession_numbers"] = clear_long_accession_numbers
         with _said_plainly():  # a refusal of 0008's rolls back every revision it passed
             command.downgrade(cfg, revision)
