@@ -228,3 +228,31 @@ def test_serve_flag_and_environment(monkeypatch):
     assert _server_settings(parse(["serve"])).gradio is False
     monkeypatch.setenv("TINYLLAVA_MED_GRADIO", "true")  # no flag: the environment decides
     assert _server_settings(parse(["serve"])).gradio is True
+
+
+def test_keyless_uploads_are_budgeted_per_address(live):
+    """Gradio's upload route takes files before any key (its page sends none): anyone could
+    fill the data volume through it, 130 MB/s, each file kept 30 minutes. An address now has a
+    budget per 30 minutes; beyond it, 429 with the file unread."""
+    from starlette.routing import Mount
+
+    from tinyllava_med.server.gradio_demo import UploadBudget
+
+    [mount] = [r for r in live.app.router.routes if isinstance(r, Mount) and r.path == "/demo"]
+    budget = mount.app.uploads
+    mount.app.uploads = UploadBudget(1000, 1800)
+    try:
+        url = f"{live.base}/demo/gradio_api/upload"
+        first = httpx.post(url, files={"files": ("a.dcm", b"x" * 300)}, timeout=30)
+        assert first.status_code == 200, first.text
+        refused = httpx.post(url, files={"files": ("b.dcm", b"x" * 900)}, timeout=30)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "600"
+        assert refused.json()["error"]["code"] == "too_many_uploads"
+    finally:
+        mount.app.uploads = budget
+
+    clock = [0.0]
+    window = UploadBudget(100, 60, clock=lambda: clock[0])
+    assert window.take("a", 60) and not window.take("a", 60) and window.take("b", 60)
+    clock[0] = 61  # a new window
+    assert window.take("a", 100)

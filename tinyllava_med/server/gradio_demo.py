@@ -23,9 +23,11 @@ Because the page sits next to a hospital's REST API, it is not a way around it:
   run history and analytics are off, and the theme uses system fonts, so the page asks nothing
   of any other server.
 
-Gradio's own upload route accepts a file (up to `max_upload_bytes`) before any key is checked,
-as any HTTP server reads a body before answering 401; nothing is decoded or answered without
-a key. To offer more loaded models, return them from `loaded_models`: the dropdown lists them.
+Gradio's own upload route accepts a file (up to `max_upload_bytes`) before any key is checked:
+the page sends the file as it is chosen, with no key (Gradio's browser client sends none). So
+that route is budgeted instead (`UploadBudget`): an address may upload `UPLOAD_BUDGET_FILES`
+files' worth (`max_upload_bytes` each) per `CACHE_MAX_AGE_S` (429 beyond, refused unread), so
+no one fills the data volume through it, and nothing is decoded or answered without a key. To offer more loaded models, return them from `loaded_models`: the dropdown lists them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -44,6 +47,7 @@ from typing import Any
 import gradio as gr
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from PIL import Image as PILImage
 from pydantic import ValidationError
 from starlette.routing import Mount
@@ -54,7 +58,7 @@ from tinyllava_med.server.auth import ANONYMOUS, Principal, verify_api_key
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Outcome
 from tinyllava_med.server.engine import BatchingEngine, EngineNotReady
-from tinyllava_med.server.errors import APIError
+from tinyllava_med.server.errors import APIError, error_body
 from tinyllava_med.server.routes.questions import check_capacity, sampling, stream_answer
 from tinyllava_med.server.schemas import QuestionCreate
 from tinyllava_med.server.serving import Upload, decode_upload, unstored_image_key
@@ -68,6 +72,7 @@ AUDIT_ACTION = "demo.ask"
 PREPARE_ACTION = "demo.prepare"
 CACHE_MAX_AGE_S = 1800  # uploads and previews leave Gradio's cache after 30 minutes
 CACHE_SWEEP_S = 600
+UPLOAD_BUDGET_FILES = 8  # per address and CACHE_MAX_AGE_S, of max_upload_bytes each
 
 INTRO = """\
 # TinyLLaVA-Med demo
@@ -461,18 +466,55 @@ def build_demo(app: FastAPI) -> gr.Blocks:
     return blocks
 
 
+class UploadBudget:
+    """Bytes each address may send to Gradio's keyless upload route per `window_s`."""
+
+    def __init__(self, budget: int, window_s: float, clock: Callable[[], float] = time.monotonic):
+        self.budget, self.window_s, self.clock = budget, window_s, clock
+        self._spent: dict[str, tuple[float, int]] = {}  # address -> (window start, bytes)
+        self._lock = threading.Lock()
+
+    def take(self, address: str, size: int) -> bool:
+        """Whether `address` may send `size` more bytes now (they are counted if so)."""
+        now = self.clock()
+        with self._lock:
+            if len(self._spent) > 10_000:  # a flood from many addresses: start over
+                self._spent.clear()
+            start, spent = self._spent.get(address, (now, 0))
+            if now - start >= self.window_s:
+                start, spent = now, 0
+            if spent + size > self.budget:
+                return False
+            self._spent[address] = (start, spent + size)
+            return True
+
+
 class _OwnScope:
     """Gradio's app writes itself into `scope["app"]` (and its routes into `scope["route"]`);
     the server's middleware reads both after the response (metrics by route, error handling).
     So Gradio gets a copy of the scope, and the server's scope names the `/demo` mount as its
-    route: one low-cardinality metrics label for all of the demo's requests."""
+    route: one low-cardinality metrics label for all of the demo's requests. Its keyless
+    upload route is budgeted per address (`UploadBudget`)."""
 
-    def __init__(self, app: ASGIApp, mount: Mount) -> None:
+    def __init__(self, app: ASGIApp, mount: Mount, uploads: UploadBudget, file_bytes: int):
         self.app = app
         self.mount = mount
+        self.uploads, self.file_bytes = uploads, file_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["route"] = self.mount
+        if scope["type"] == "http" and scope["path"].endswith("/gradio_api/upload"):
+            length = Request(scope).headers.get("content-length", "")
+            size = int(length) if length.isdigit() else self.file_bytes  # chunked: at most
+            address = scope["client"][0] if scope.get("client") else "unknown"
+            if not self.uploads.take(address, size):
+                message = (
+                    "this address has sent the demo all the files it may in 30 minutes; "
+                    "try again later"
+                )
+                body = error_body("too_many_uploads", message)
+                await JSONResponse(body, 429, {"Retry-After": "600"})(scope, receive, send)
+                return
         await self.app(dict(scope), receive, send)
 
 
@@ -502,5 +544,6 @@ def mount_demo(app: FastAPI) -> FastAPI:
     # an open page holds a heartbeat stream until Gradio's stop event: end it when the server
     # begins to stop, or the drain waits for every open page (`app.begin_shutdown`)
     app.state.on_stop.append(gradio_app.stop_event.set)
-    mounts[0].app = _OwnScope(gradio_app, mounts[0])
+    budget = UploadBudget(UPLOAD_BUDGET_FILES * settings.max_upload_bytes, CACHE_MAX_AGE_S)
+    mounts[0].app = _OwnScope(gradio_app, mounts[0], budget, settings.max_upload_bytes)
     return app
