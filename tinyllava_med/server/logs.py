@@ -5,8 +5,8 @@ In JSON, every record, the server's and uvicorn's (errors and, with `ACCESS_LOG`
 request), has `time` (ISO 8601, UTC), `level`, `logger` and `message`, plus `exc_info` for an
 exception; an access line also has `method`, `path`, `status` and `client` as fields, so a
 collector can filter on them without parsing text. Access lines, in either format, name the
-route (`access_path`): no query string, and only the server's own ids from the path. python-json-logger formats; uvicorn takes
-the same `logging.config` dictionary. What is logged never holds patient identifiers (URLs
+route (`access_path`): no query string, and only the server's own ids from the path.
+python-json-logger formats; uvicorn takes the same `logging.config` dictionary. What is logged never holds patient identifiers (URLs
 carry only the server's ids), in either format, also at DEBUG: `quiet_libraries` keeps the
 libraries that talk to the PACS from logging queries, identifiers and credentials.
 """
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
+
+from tinyllava_med.server.route_table import route_table
 
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -62,8 +64,6 @@ def access_path(path: str) -> str:
     anything else a client put there: a STOW-RS path's Study Instance UID, or a name or an
     accession number a RIS put where an id goes. Another path is kept when it is made of plain
     words (`/static/app.js`), else it is `(no route)` (`//dicomweb/studies/1.2...`)."""
-    from tinyllava_med.server.route_table import route_table
-
     path = path.split("?", 1)[0]
     for route in route_table(_served[0]) if _served else ():
         if m := route.regex.match(path):
