@@ -27,7 +27,8 @@ Gradio's own upload route accepts a file (up to `max_upload_bytes`) before any k
 the page sends the file as it is chosen, with no key (Gradio's browser client sends none). So
 that route is budgeted instead (`UploadBudget`): an address may upload `UPLOAD_BUDGET_FILES`
 files' worth (`max_upload_bytes` each) per `CACHE_MAX_AGE_S` (429 beyond, refused unread), so
-no one fills the data volume through it, and nothing is decoded or answered without a key. To offer more loaded models, return them from `loaded_models`: the dropdown lists them.
+no one fills the data volume through it, and nothing is decoded or answered without a key.
+To offer more loaded models, return them from `loaded_models`: the dropdown lists them.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ request), has `time` (ISO 8601, UTC), `level`, `logger` and `message`, plus `exc
 exception; an access line also has `method`, `path`, `status` and `client` as fields, so a
 collector can filter on them without parsing text. Access lines, in either format, name the
 route (`access_path`): no query string, and only the server's own ids from the path.
-python-json-logger formats; uvicorn takes the same `logging.config` dictionary. What is logged never holds patient identifiers (URLs
-carry only the server's ids), in either format, also at DEBUG: `quiet_libraries` keeps the
-libraries that talk to the PACS from logging queries, identifiers and credentials.
+python-json-logger formats; uvicorn takes the same `logging.config` dictionary. What is
+logged never holds patient identifiers (URLs carry only the server's ids), in either format,
+also at DEBUG: `quiet_libraries` keeps the libraries that talk to the PACS from logging
+queries, identifiers and credentials.
 """
 
 from __future__ import annotations
