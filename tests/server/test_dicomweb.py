@@ -447,7 +447,8 @@ def test_two_servers_share_one_postgres_queue(tmp_path, postgres_url, tiny_lm):
         create_app(Settings(data_dir=tmp_path / "shared", **common), model=tiny_lm)
         for _ in range(2)
     ]
-    with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
+    local = "http://127.0.0.1"  # auth_disabled answers loopback names only
+    with TestClient(apps[0], base_url=local) as a, TestClient(apps[1], base_url=local) as b:
         ds = pydicom.dcmread(CT_SMALL)
         for i in range(6):
             ds.StudyInstanceUID = pydicom.uid.generate_uid()
