@@ -23,6 +23,7 @@ from api_helpers import (
 from PIL import Image
 from sqlalchemy import select
 
+from tinyllava_med import __version__
 from tinyllava_med.model.generate import SamplingParams, generate
 from tinyllava_med.server.app import create_app
 from tinyllava_med.server.db.migrate import upgrade
@@ -78,6 +79,9 @@ def test_gateway_forwards_to_a_second_server(tmp_path, tiny_lm, monkeypatch):
             assert api.get("/readyz").json()["model"]["device"] == "remote"
             card = api.get("/v1/models", headers=api.h()).json()["data"][0]
             assert card["id"] == direct["model"]
+            assert card["tinyllava_med"]["server_version"] == __version__  # was null
+            ready = api.get("/readyz").json()["model"]
+            assert ready["remote_server_version"] == __version__  # the backend's, said
 
             study = upload_ct(api)
             r = api.post(

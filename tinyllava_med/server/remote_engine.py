@@ -27,6 +27,7 @@ from typing import Any, Literal
 import httpx
 from PIL import Image
 
+from tinyllava_med import __version__
 from tinyllava_med.model.generate import Answer
 from tinyllava_med.server.engine import BatchingEngine, EngineFailed, EngineMetrics, _Request
 from tinyllava_med.server.settings import without_password
@@ -49,6 +50,10 @@ class RemoteModel:
             "quantization": ours.get("quantization") or "remote",
             "model_version": ours.get("model_version"),
             "model_weights": ours.get("model_weights"),
+            # the gateway's own version (its card showed none): its reports record it too;
+            # another instance of this server as the remote says its own
+            "server_version": __version__,
+            "remote_server_version": ours.get("server_version"),
             "engine": "remote",
             "remote_url": without_password(self.url),  # /readyz shows it to anyone
         }
