@@ -464,6 +464,10 @@ def test_deleting_a_study_rejects_its_pushed_srs_with_an_iocm_note(tmp_path, dat
                 job.status = status
             if status != "queued":
                 sent.append(str(sr_of(api, rid).SOPInstanceUID))
+        # damaged pixels (the header intact) do not keep the study from going with its note
+        path = api.app.state.store.path(study["images"][0]["sha256"])
+        data = path.read_bytes()
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
 
         r = api.delete(f"/v1/studies/{study['id']}", headers=api.h("admin"))
         assert r.status_code == 204, r.text

@@ -490,9 +490,11 @@ def report_sr(
     report: Report,
     institution: str,
     at: datetime | None = None,
+    *,
+    checked: bool = True,
 ) -> bytes:
     """The SR of a stored report (as it was at `at`, default now) as Part 10 bytes; 409 when its
-    image is not DICOM."""
+    image is not DICOM, 410 when its file is missing or (`checked`) damaged."""
     image = report.image
     if image is None or image.kind != "dicom":
         raise APIError(
@@ -517,7 +519,8 @@ def report_sr(
             "this report's image was released without a readable DICOM header; retrieve the "
             "study from the PACS again to export its SR",
         )
-    source = pydicom.dcmread(io.BytesIO(stored_file(store, held)), stop_before_pixels=True)
+    data = stored_file(store, held, checked=checked)
+    source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     version = version_at(report, at)
     name = key_name(session, version.signed_by)
     signer = Signer(name, institution) if name is not None else None

@@ -18,6 +18,7 @@ that retries while the PACS is away and removes the file once it is sent.
 from __future__ import annotations
 
 import io
+import logging
 from datetime import datetime
 
 import highdicom as hd
@@ -29,8 +30,11 @@ from sqlalchemy.orm import Session
 
 from tinyllava_med.server.db.models import Job, Study
 from tinyllava_med.server.dicom_sr import MANUFACTURER, report_sr, to_bytes
+from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.jobs import PUSH_SR
 from tinyllava_med.server.storage import ImageStore
+
+log = logging.getLogger(__name__)
 
 REJECTED_FOR_PATIENT_SAFETY = codes.DCM.RejectedForPatientSafetyReasons
 KOS_SERIES_NUMBER = 991  # after the SR series (990)
@@ -53,7 +57,12 @@ def pushed_srs(
             continue
         version = job.payload.get("version")
         at = datetime.fromisoformat(version) if version else None
-        sr = pydicom.dcmread(io.BytesIO(report_sr(session, store, report, institution, at)))
+        try:  # the header is all it takes: damaged pixels do not keep the study from going
+            sr_bytes = report_sr(session, store, report, institution, at, checked=False)
+        except APIError as e:  # its image file is gone: that SR cannot be named again
+            log.warning("report %s: its SR cannot be rejected at the PACS: %s", report.id, e.code)
+            continue
+        sr = pydicom.dcmread(io.BytesIO(sr_bytes))
         srs.setdefault(str(sr.SOPInstanceUID), sr)
     return list(srs.values())
 
