@@ -78,6 +78,7 @@ def rows(api, model):
 
 
 def audits(api, action):
+    api.app.state.dimse.audited()  # the refusals so far are written
     r = api.get("/v1/audit", params={"action": action}, headers=api.h("admin"))
     assert r.status_code == 200, r.text
     return r.json()["data"]
@@ -279,13 +280,16 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 def test_idle_connections_do_not_keep_the_pacs_out(sqlite_api_dimse):
     """Connections that send nothing counted towards dimse_max_associations (8) until the ARTIM
-    timer closed them (30 s), so 8 of them, reopened, kept every sender out. An address now
-    keeps at most two such connections; the rest are closed at once and audited."""
+    timer closed them (30 s), so 8 of them, reopened, kept every sender out. They now hold no
+    place; an address keeps at most 16 of them, the rest closed at once and audited."""
+    from tinyllava_med.server.dimse import PENDING_PER_ADDRESS
+
     api = sqlite_api_dimse
-    idle = [idle_connection(api) for _ in range(10)]
+    idle = [idle_connection(api) for _ in range(PENDING_PER_ADDRESS + 3)]
     try:
         time.sleep(0.5)
-        assert [closed_by_server(sock) for sock in idle[2:]] == [True] * 8
+        closed = [closed_by_server(sock) for sock in idle[PENDING_PER_ADDRESS:]]
+        assert closed == [True] * 3
         ok = associate(api, calling="ROUTER")
         assert ok.is_established
         ok.release()
@@ -293,14 +297,69 @@ def test_idle_connections_do_not_keep_the_pacs_out(sqlite_api_dimse):
         for sock in idle:
             sock.close()
     dropped = audits(api, "dimse.connect")
-    assert len(dropped) == 8 and {e["actor"] for e in dropped} == {"dimse"}
+    assert len(dropped) == 3
+    assert {e["actor"] for e in dropped} == {"dimse"}
     assert dropped[0]["detail"] == {
         "address": "127.0.0.2",
-        "reason": "2 connections from it have not asked for an association",
+        "reason": f"{PENDING_PER_ADDRESS} connections from it have not asked for an association",
     }
-    assert metric(api, "dimse_associations", "dropped") == 8
+    assert metric(api, "dimse_associations", "dropped") == 3
     # once they are closed, the address may connect again
     wait_for(lambda: not closed_by_server_soon(api), what="the idle connections to be settled")
+
+
+def test_a_sender_may_open_its_associations_at_once_up_to_the_limit(sqlite_api_dimse):
+    """A PACS sends with parallel associations from one address: all are accepted, up to
+    dimse_max_associations (8) at once; one more is rejected as transient (local limit
+    exceeded), and once one ends the next is accepted."""
+    import threading
+
+    api = sqlite_api_dimse
+    held: list = [None] * 8
+
+    def open_one(i: int) -> None:
+        held[i] = associate(api, calling="ROUTER")
+
+    threads = [threading.Thread(target=open_one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert [a.is_established for a in held] == [True] * 8
+        extra = associate(api, calling="ROUTER")
+        assert extra.is_rejected
+        rejection = extra.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 2)
+        held.pop().release()
+        wait_for(
+            lambda: (a := associate(api, calling="ROUTER")).is_established and a.release() is None
+        )
+    finally:
+        for a in held:
+            a.release()
+    assert audits(api, "dimse.connect") == []  # none of them was dropped
+
+
+def test_a_refusal_the_database_cannot_record_closes_only_that_connection(
+    tmp_path, sqlite_url, tiny_lm, monkeypatch, caplog
+):
+    """The audit of a refused connection was written on the one accepting thread, where a
+    database error ended it: every sender then hung. It is written by a thread of its own."""
+    from tinyllava_med.server.db import crud
+
+    for api in dimse_api(tmp_path, sqlite_url, tiny_lm, dimse_peers=["ROUTER@127.0.0.1"]):
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("database gone")
+
+        monkeypatch.setattr(crud, "audit", broken)
+        with idle_connection(api) as stranger:
+            assert closed_by_server(stranger)
+        ok = associate(api, calling="ROUTER")
+        assert ok.is_established
+        ok.release()
+        wait_for(lambda: "a refusal could not be audited: RuntimeError" in caplog.text)
 
 
 def closed_by_server_soon(api) -> bool:

@@ -510,6 +510,7 @@ def create_app(
                 settings, app.state.session_factory, app.state.store, app.state.metrics
             )
             dimse.start()
+        app.state.dimse = dimse
         try:
             yield
         finally:

@@ -8,13 +8,18 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
 - DIMSE has no keys, so an association is accepted only when it calls our AE title
   (`dimse_ae_title`) from a calling AE title in `dimse_peers` ("AET", "AET@host": from that
   host's addresses only, or "*"). A refusal is audited (`dimse.associate`, denied).
+- `dimse_max_associations` counts associations asked for and accepted, not connections: one
+  that sends nothing (until the ARTIM timer, 30 s, closes it) holds no place a PACS needs.
+  Past the limit an association is rejected as transient (local limit exceeded), as
+  pynetdicom's own limit does.
 - Connections are checked before they get a thread (`_GuardedServer`): when every peer names
-  its host, other addresses are closed at once; and one address may hold at most
-  `PENDING_PER_ADDRESS` connections that have not yet asked for an association, so idle
-  connections, which count towards `dimse_max_associations` until the ARTIM timer (30 s)
-  closes them, cannot keep the PACS out. Such a refusal is audited (`dimse.connect`). Refusals
-  are audited as HTTP's refused keys are, the first 20 a minute per address (`DenialLog`), so
-  a flood of them neither fills the audit table nor holds up its writers.
+  its host, other addresses are closed at once; one address may hold `PENDING_PER_ADDRESS`
+  connections that have not yet asked for an association, and all addresses `PENDING_MAX`
+  (a sender asks at once; a PACS's parallel associations are far fewer). Such a refusal is
+  audited (`dimse.connect`). Refusals are audited as HTTP's refused keys are, the first 20 a
+  minute per address (`DenialLog`), written by a thread of their own, so a flood of them
+  neither fills the audit table nor holds up the accepting thread, and a database that cannot
+  take them costs only the rows.
 - With TLS, the handshake happens in each connection's own thread: pynetdicom's runs it in
   the one accepting thread, where a connection that never began one stopped every sender.
 - Each instance is received into a temporary file (never whole in memory), refused above
@@ -45,6 +50,7 @@ import socket
 import ssl
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,9 +188,10 @@ def _drop_partial_dataset(assoc: Any) -> None:
     path.unlink(missing_ok=True)
 
 
-# connections from one address that have not yet asked for an association (a sender asks at
-# once; more than this from one address are idle or worse)
-PENDING_PER_ADDRESS = 2
+# connections that have not yet asked for an association, from one address and from all (a
+# sender asks at once; more are idle or worse): they cost a thread each, not a place
+PENDING_PER_ADDRESS = 16
+PENDING_MAX = 64
 
 
 class _GuardedServer(ThreadedAssociationServer):
@@ -205,7 +212,11 @@ class _GuardedServer(ThreadedAssociationServer):
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        return self.admit is None or bool(self.admit(str(client_address[0])))
+        try:  # an exception here would end the accepting thread (socketserver lets it out)
+            return self.admit is None or bool(self.admit(str(client_address[0])))
+        except Exception:
+            log.exception("DIMSE: checking a new connection failed; it is closed")
+            return False
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:
@@ -239,10 +250,13 @@ class StorageSCP:
         self._server: Any = None
         self._pending: dict[str, int] = {}  # address -> connections that have not yet asked
         self._settled: weakref.WeakSet[Any] = weakref.WeakSet()  # associations no longer so
+        self._holding: weakref.WeakSet[Any] = weakref.WeakSet()  # accepted, not yet ended
         self.denials = DenialLog()
+        self._audits = ThreadPoolExecutor(1, thread_name_prefix="dimse-audit")
         ae = AE(ae_title=settings.dimse_ae_title)
         ae.require_called_aet = False  # `_on_requested` checks it, so the refusal is audited
-        ae.maximum_associations = settings.dimse_max_associations
+        # pynetdicom counts connections, idle ones too; `_on_requested` counts associations
+        ae.maximum_associations = settings.dimse_max_associations + PENDING_MAX
         syntaxes = decodable_transfer_syntaxes()
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None
@@ -285,6 +299,12 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self._audits.shutdown(wait=True)
+
+    def audited(self, timeout: float = 30) -> None:
+        """Wait until the refusals so far are in the audit log (they are written by a thread
+        of their own)."""
+        self._audits.submit(lambda: None).result(timeout)
 
     # --- events (each association runs in its own thread) --------------------------------------
 
@@ -295,10 +315,14 @@ class StorageSCP:
         else:
             with self._lock:
                 pending = self._pending.get(address, 0)
-                if pending < PENDING_PER_ADDRESS:
+                if pending < PENDING_PER_ADDRESS and sum(self._pending.values()) < PENDING_MAX:
                     self._pending[address] = pending + 1
                     return True
-            reason = f"{PENDING_PER_ADDRESS} connections from it have not asked for an association"
+            reason = (
+                f"{pending} connections from it have not asked for an association"
+                if pending >= PENDING_PER_ADDRESS
+                else f"{PENDING_MAX} connections have not asked for an association"
+            )
         self.metrics.dimse_associations.labels("dropped").inc()
         self._audit_refusal("dimse", "dimse.connect", address, reason)
         return False
@@ -325,17 +349,24 @@ class StorageSCP:
         detail: dict[str, str | int] = {"address": address, "reason": reason}
         if skipped:
             detail["not_audited_before"] = skipped
-        with self.sessions.begin() as session:
-            crud.audit(
-                session,
-                actor=actor,
-                action=action,
-                resource_type="dimse",
-                resource_id=None,
-                outcome="denied",
-                status_code=403,
-                detail=detail,
-            )
+
+        def write() -> None:
+            try:
+                with self.sessions.begin() as session:
+                    crud.audit(
+                        session,
+                        actor=actor,
+                        action=action,
+                        resource_type="dimse",
+                        resource_id=None,
+                        outcome="denied",
+                        status_code=403,
+                        detail=detail,
+                    )
+            except Exception as e:
+                log.error("DIMSE: a refusal could not be audited: %s", type(e).__name__)
+
+        self._audits.submit(write)
 
     def _on_requested(self, event: evt.Event) -> None:
         self._settle(event.assoc)
@@ -348,12 +379,29 @@ class StorageSCP:
         elif not self.peers.allows(calling, address):
             reason, diagnostic = "calling AE title not in dimse_peers", 0x03
         else:
+            self._hold(event)
             return
         self.metrics.dimse_associations.labels("refused").inc()
         # permanent, service user: 0x03 calling AE title not recognised, 0x07 called AE title
         event.assoc.acse.send_reject(0x01, 0x01, diagnostic)
         event.assoc.kill()  # as pynetdicom's own refusals: the reject goes out before the close
         self._audit_refusal(f"dimse:{calling}", "dimse.associate", address, reason)
+
+    def _hold(self, event: evt.Event) -> bool:
+        """Take one of `dimse_max_associations` places for an association asked for; False
+        (it is rejected as transient, local limit exceeded) when all are taken."""
+        with self._lock:
+            if len(self._holding) < self.settings.dimse_max_associations:
+                self._holding.add(event.assoc)
+                return True
+        self.metrics.dimse_associations.labels("refused").inc()
+        log.warning(
+            "DIMSE association refused: all %d places taken", self.settings.dimse_max_associations
+        )
+        # transient, service provider (presentation): 0x02 local limit exceeded
+        event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+        event.assoc.kill()
+        return False
 
     def _on_accepted(self, event: evt.Event) -> None:
         self.metrics.dimse_associations.labels("accepted").inc()
@@ -428,6 +476,8 @@ class StorageSCP:
 
     def _on_end(self, event: evt.Event) -> None:
         self._settle(event.assoc)
+        with self._lock:
+            self._holding.discard(event.assoc)
         _drop_partial_dataset(event.assoc)
         with self._lock:
             self._incoming.pop(id(event.assoc), None)
