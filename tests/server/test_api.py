@@ -463,7 +463,7 @@ def test_only_a_transactions_own_rollback_queues_the_sweep_of_its_files(api):
     assert sweeps() == [["a" * 64]]
 
 
-def test_files_no_row_names_are_swept_and_a_pending_rejection_note_is_kept(api):
+def test_files_no_row_names_are_swept_and_a_pending_rejection_note_is_kept(api, monkeypatch):
     """A crash between storing an upload's files and its commit left them in the store with no
     row, and no rollback queued their sweep: `serve` queues one as it starts. Rejection notes
     waiting for their push are named by their job, and stay."""
@@ -476,7 +476,11 @@ def test_files_no_row_names_are_swept_and_a_pending_rejection_note_is_kept(api):
     with sessions.begin() as s:
         crud.enqueue_job(s, kind="push_rejection", payload={"sha256": note}, max_attempts=3)
     settings = api.app.state.settings
+    asked = []
+    files_in_use = crud.files_in_use
+    monkeypatch.setattr(crud, "files_in_use", lambda s, h: asked.append(h) or files_in_use(s, h))
     assert sweep_unnamed_files(sessions, settings, store, chunk=2) == 1
+    assert len(asked) == 2  # a query per chunk of names, not per file (3 files)
     with sessions() as s:
         sweeps = [j.payload["sha256"] for j in s.scalars(select(Job)) if j.kind == "sweep_images"]
     assert sweeps == [[orphan]]

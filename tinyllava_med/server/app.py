@@ -450,7 +450,12 @@ def create_app(
         app.state.store = ImageStore(settings.images_dir, settings.render_cache_mb * 1024 * 1024)
         if own_process:  # `serve`: what a crash left in the store goes
             app.state.store.remove_leftovers()
-            sweep_unnamed_files(app.state.session_factory, settings, app.state.store)
+            threading.Thread(  # a large store takes a while to list: beside the start
+                target=sweep_unnamed_files,
+                args=(app.state.session_factory, settings, app.state.store),
+                name="sweep-unnamed",
+                daemon=True,
+            ).start()
         app.state.metrics.watch_cache("rendered", app.state.store.rendered)
         stop_connecting = threading.Event()
         if settings.engine == "remote":

@@ -186,16 +186,21 @@ def sweep_unnamed_files(
     """Queue a sweep of every stored file the database does not need (`crud.files_in_use`):
     what a crash or a full disk left behind when an upload's transaction never ended, so no
     rollback queued its sweep. `serve` calls it as it starts; the sweep keeps a file an upload
-    stored or touched within `image_sweep_grace_s` (another process's, in flight). How many."""
+    stored or touched within `image_sweep_grace_s` (another process's, in flight). How many;
+    an error is logged, not raised (it runs beside the server's start)."""
     queued = 0
-    names = list(store.names())
-    for i in range(0, len(names), chunk):
-        part = names[i : i + chunk]
-        with sessions.begin() as s:
-            unnamed = [sha for sha in part if sha not in crud.files_in_use(s, part)]
-            if unnamed:
-                schedule_sweep(s, settings, unnamed)
-        queued += len(unnamed)
+    try:
+        names = list(store.names())
+        for i in range(0, len(names), chunk):
+            part = names[i : i + chunk]
+            with sessions.begin() as s:
+                in_use = crud.files_in_use(s, part)
+                unnamed = [sha for sha in part if sha not in in_use]
+                if unnamed:
+                    schedule_sweep(s, settings, unnamed)
+            queued += len(unnamed)
+    except Exception as e:
+        log.error("the sweep of files no image names stopped: %s", type(e).__name__)
     if queued:
         log.warning("%d stored file(s) no image names (left by a crash): sweep queued", queued)
     return queued
