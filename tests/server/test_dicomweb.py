@@ -322,43 +322,57 @@ def test_queued_jobs_survive_a_restart(tmp_path, sqlite_url, tiny_lm):
         assert job["result"]["report_id"]
 
 
-def test_jobs_a_stopped_server_left_running_are_due_when_serve_starts(migrated_url):
+def test_jobs_a_stopped_server_left_running_are_due_when_serve_starts_alone(tmp_path, tiny_lm):
     """A job whose server was killed mid-run stayed `running` for its lease (10 minutes) after
-    the restart. Those of a process of this host that no longer runs, or that had this very
-    pid (a restarted container's earlier self), are due at once; others wait for their lease."""
+    the restart. A `serve` that starts alone on its SQLite database's data directory makes
+    every such job due at once; with another process on it, they wait for their lease."""
+    import fcntl
     import os
-    import socket
-    import subprocess
 
-    from tinyllava_med.server.jobs import release_jobs_of_dead_processes
+    from fastapi.testclient import TestClient
 
-    host = socket.gethostname()
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    workers = {
-        "dead": f"{host}:{gone.pid}:0",
-        "earlier self": f"{host}:{os.getpid()}:1",
-        "alive": f"{host}:{os.getppid()}:0",
-        "other host": f"elsewhere:{gone.pid}:0",
-    }
-    engine = make_engine(migrated_url)
-    sessions = session_factory(engine)
-    with sessions.begin() as s:
-        jobs = {
-            name: Job(kind="noop", status="running", locked_by=w, locked_at=utcnow(), attempts=1)
-            for name, w in workers.items()
-        }
-        s.add_all(jobs.values())
-        s.flush()
-        ids = {name: job.id for name, job in jobs.items()}
-    with sessions.begin() as s:
-        released = release_jobs_of_dead_processes(s, lease_s=600)
-    assert sorted(released) == sorted([ids["dead"], ids["earlier self"]])
-    with sessions.begin() as s:
-        taken = [claim(s, "w-new", lease_s=600), claim(s, "w-new", lease_s=600)]
-        assert claim(s, "w-new", lease_s=600) is None  # the others: their lease runs on
-    assert sorted(c.id for c in taken if c) == sorted(released)
-    engine.dispose()
+    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.db.migrate import upgrade
+    from tinyllava_med.server.settings import Settings
+    from tinyllava_med.server.storage import IN_USE_LOCK
+
+    def left_running(data) -> tuple[int, Settings]:
+        data.mkdir()
+        url = f"sqlite:///{data}/tinyllava_med.db"
+        upgrade(url)
+        engine = make_engine(url)
+        try:
+            with session_factory(engine).begin() as s:
+                job = Job(kind="noop", status="running", locked_by="h:1:0", locked_at=utcnow())
+                s.add(job)
+                s.flush()
+                job_id = job.id
+        finally:
+            engine.dispose()
+        return job_id, Settings(data_dir=data, database_url=url, job_workers=0)
+
+    def due(settings: Settings, job_id: int) -> bool:
+        engine = make_engine(settings.database_url)
+        try:
+            with session_factory(engine)() as s:
+                return s.get(Job, job_id).locked_at < utcnow() - timedelta(minutes=10)
+        finally:
+            engine.dispose()
+
+    job, settings = left_running(tmp_path / "alone")
+    with TestClient(create_app(settings, model=tiny_lm, own_process=True)):
+        pass
+    assert due(settings, job)
+
+    job, settings = left_running(tmp_path / "shared")
+    other = os.open(settings.data_dir / IN_USE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_SH)  # another server on the directory
+    try:
+        with TestClient(create_app(settings, model=tiny_lm, own_process=True)):
+            pass
+    finally:
+        os.close(other)
+    assert not due(settings, job)
 
 
 def test_claim_takes_each_job_once_and_reclaims_dead_workers(migrated_url):

@@ -46,7 +46,7 @@ from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
 from tinyllava_med.server.jobs import (
     JobRunner,
-    release_jobs_of_dead_processes,
+    release_running_jobs,
     sweep_on_rollback,
     sweep_unnamed_files,
 )
@@ -67,7 +67,7 @@ from tinyllava_med.server.routes import (
     web,
 )
 from tinyllava_med.server.settings import Settings
-from tinyllava_med.server.storage import ImageStore, hold_data_dir, private_tmp
+from tinyllava_med.server.storage import ImageStore, alone_on, hold_data_dir, private_tmp
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +422,8 @@ def create_app(
     (`storage.private_tmp`), and once the model is loaded it may tune
     the garbage collector for it (`settle_heap`)."""
     settings = settings or Settings()
+    # alone on the data directory of its SQLite database: no other server runs its jobs
+    alone = own_process and alone_on(settings.data_dir) and _sqlite_in(settings)
     if own_process:
         hold_data_dir(settings.data_dir)  # `db restore` refuses while this process runs
         private_tmp(settings.data_dir)
@@ -497,9 +499,9 @@ def create_app(
         )
         with app.state.session_factory.begin() as session:
             schedule_release(session, settings)  # with image_retention_days: the first run
-        if own_process:  # `serve`: jobs a killed server left running need not wait out a lease
+        if alone:  # jobs a stopped server left running need not wait out their lease
             with app.state.session_factory.begin() as session:
-                released = release_jobs_of_dead_processes(session, settings.job_lease_s)
+                released = release_running_jobs(session, settings.job_lease_s)
             if released:
                 log.warning("jobs %s were left running by a stopped server: due now", released)
         runner = app.state.job_runner = JobRunner(app, settings.job_workers)
@@ -583,6 +585,16 @@ def create_app(
 
         mount_demo(app)
     return app
+
+
+def _sqlite_in(settings: Settings) -> bool:
+    """Whether the database is an SQLite file under the data directory (the default)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return False
+    return Path(url.database).resolve().is_relative_to(Path(settings.data_dir).resolve())
 
 
 def begin_shutdown(app: FastAPI) -> None:

@@ -405,34 +405,15 @@ def remove_unused(
     return Swept(removed, in_use, fresh)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def release_jobs_of_dead_processes(session: Session, lease_s: float) -> list[int]:
-    """Make due at once the jobs left `running` by a process of this host that no longer runs
-    (killed, crashed; or a restarted container's earlier self, which had this very pid: the
-    caller is a server that has claimed nothing yet), instead of after their lease
-    (`job_lease_s`, 10 minutes). Another host's jobs wait for their lease: this one cannot tell
-    whether they still run. Their ids."""
-    host = socket.gethostname()
+def release_running_jobs(session: Session, lease_s: float) -> list[int]:
+    """Make due at once every job left `running`, instead of after its lease (`job_lease_s`,
+    10 minutes): for a server starting alone on its SQLite database's data directory, where
+    every such job is a stopped (killed, crashed) server's. Their ids."""
     expired = utcnow() - timedelta(seconds=lease_s + 1)
-    released = []
-    for job in session.scalars(select(Job).where(Job.status == "running")):
-        worker = (job.locked_by or "").rsplit(":", 2)  # host:pid:thread (`_loop`)
-        if len(worker) != 3 or worker[0] != host or not worker[1].isdigit():
-            continue
-        pid = int(worker[1])
-        if pid == os.getpid() or not _alive(pid):
-            job.locked_at = expired
-            released.append(job.id)
-    return released
+    jobs = list(session.scalars(select(Job).where(Job.status == "running")))
+    for job in jobs:
+        job.locked_at = expired
+    return [job.id for job in jobs]
 
 
 class JobRunner:

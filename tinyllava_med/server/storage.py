@@ -57,6 +57,15 @@ def hold_data_dir(data_dir: str | Path) -> None:
     _held.append(fd)
 
 
+def alone_on(data_dir: str | Path) -> bool:
+    """Whether no other process holds `data_dir` now (call it before holding it yourself)."""
+    try:
+        with sole_user(data_dir):
+            return True
+    except DataDirInUse:
+        return False
+
+
 @contextmanager
 def sole_user(data_dir: str | Path) -> Iterator[None]:
     """Hold `data_dir` alone for the block; `DataDirInUse` if a process holds it."""
