@@ -159,18 +159,23 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool =
             with session_factory(engine)() as s:
                 hashes = sorted(set(s.scalars(text(_FILES_SQL))))
         store, copies = ImageStore(settings.images_dir), ImageStore(dest / "images")
-        for sha in hashes:
-            outcome, size = _copy_checked(
-                store, copies, sha, verify_dest=verify, verify_source=verify
-            )
-            if outcome == "present":
-                result.files_present += 1
-            elif outcome in ("copied", "repaired"):
-                result.files_copied += 1
-                result.files_repaired += outcome == "repaired"
-                result.bytes_copied += size
-            else:
-                (result.missing if outcome == "missing" else result.corrupt).append(sha)
+        try:
+            for sha in hashes:
+                outcome, size = _copy_checked(
+                    store, copies, sha, verify_dest=verify, verify_source=verify
+                )
+                if outcome == "present":
+                    result.files_present += 1
+                elif outcome in ("copied", "repaired"):
+                    result.files_copied += 1
+                    result.files_repaired += outcome == "repaired"
+                    result.bytes_copied += size
+                else:
+                    (result.missing if outcome == "missing" else result.corrupt).append(sha)
+        except BaseException:  # a full disk, an interrupt: no copy of every report stays
+            if snapshot is not None:
+                snapshot.unlink(missing_ok=True)
+            raise
         if snapshot is not None:
             os.replace(snapshot, snapshot.with_suffix(""))
         try:
