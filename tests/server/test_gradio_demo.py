@@ -256,3 +256,12 @@ def test_keyless_uploads_are_budgeted_per_address(live):
     assert window.take("a", 60) and not window.take("a", 60) and window.take("b", 60)
     clock[0] = 61  # a new window
     assert window.take("a", 100)
+    # an IPv6 host has a /64: its addresses share one budget
+    assert window.take("2001:db8::1", 60) and not window.take("2001:db8::2", 60)
+    # many addresses fill the table: a new one takes the place of one whose window ended,
+    # else it waits; none starts over
+    window.MAX_ADDRESSES = 3
+    assert window.take("c", 1)  # b's window (from 0) ended
+    assert not window.take("d", 1) and not window.take("a", 1)  # full; a's budget spent
+    clock[0] = 200  # their windows ended
+    assert window.take("d", 1)

@@ -34,6 +34,7 @@ To offer more loaded models, return them from `loaded_models`: the dropdown list
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import shutil
 import tempfile
@@ -468,7 +469,11 @@ def build_demo(app: FastAPI) -> gr.Blocks:
 
 
 class UploadBudget:
-    """Bytes each address may send to Gradio's keyless upload route per `window_s`."""
+    """Bytes each address may send to Gradio's keyless upload route per `window_s` (an IPv6
+    address by its /64: one host has them all); at most `MAX_ADDRESSES` at once, so many
+    addresses do not start every budget over."""
+
+    MAX_ADDRESSES = 10_000
 
     def __init__(self, budget: int, window_s: float, clock: Callable[[], float] = time.monotonic):
         self.budget, self.window_s, self.clock = budget, window_s, clock
@@ -478,9 +483,14 @@ class UploadBudget:
     def take(self, address: str, size: int) -> bool:
         """Whether `address` may send `size` more bytes now (they are counted if so)."""
         now = self.clock()
+        if ":" in address:
+            address = str(ipaddress.ip_network(f"{address}/64", strict=False))
         with self._lock:
-            if len(self._spent) > 10_000:  # a flood from many addresses: start over
-                self._spent.clear()
+            if address not in self._spent and len(self._spent) >= self.MAX_ADDRESSES:
+                for old in [a for a, (t, _) in self._spent.items() if now - t >= self.window_s]:
+                    del self._spent[old]
+                if len(self._spent) >= self.MAX_ADDRESSES:
+                    return False  # a flood from many addresses: refused until windows end
             start, spent = self._spent.get(address, (now, 0))
             if now - start >= self.window_s:
                 start, spent = now, 0
