@@ -2016,4 +2016,7 @@ def test_without_keys_the_server_answers_only_this_machines_own_names(tmp_path, 
         assert_error(posted, 403, "not_local")
         ours = client.get("/v1/studies", headers={"Origin": "http://localhost:8000"})
         assert ours.status_code == 200
+        explorer = {"Origin": "http://localhost:8042"}  # another local web app: another origin
+        assert_error(client.get("/v1/studies", headers=explorer), 403, "not_local")
+        assert_error(client.get("/v1/studies", headers={"Host": "127.0.0.1:x"}), 403)
         assert client.get("/v1/studies").json()["count"] == 0

@@ -448,7 +448,8 @@ class KeyBeforeBody:
 class LocalOnly:
     """With `auth_disabled` (every caller an admin, on a loopback address only): answer only
     requests addressed to this machine by a loopback name (`Host`) and, when they come from a
-    web page, from a page of such a name (`Origin`). Any web page the user visits could
+    web page, from a page of such a name on the same port (`Origin`: another local web app,
+    Orthanc Explorer at :8042, is another origin). Any web page the user visits could
     otherwise post to the server (a form needs no preflight), and a name of the attacker's that
     resolves to 127.0.0.1 (DNS rebinding) could read it all."""
 
@@ -458,9 +459,9 @@ class LocalOnly:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = Request(scope).headers
+            host = _loopback(f"{scope.get('scheme', 'http')}://{headers.get('host', '')}")
             origin = headers.get("origin")
-            names = [headers.get("host", "")] + ([urlsplit(origin).netloc] if origin else [])
-            if not all(_loopback(name) for name in names):
+            if host is None or (origin is not None and _loopback(origin) != host):
                 body = error_body(
                     "not_local",
                     "auth_disabled answers only requests to and from this machine by a "
@@ -471,10 +472,14 @@ class LocalOnly:
         await self.app(scope, receive, send)
 
 
-def _loopback(netloc: str) -> bool:
-    """Whether `netloc` (`host[:port]`, `[v6]:port`) names this machine's loopback."""
-    host = urlsplit(f"//{netloc}").hostname or ""
-    return host in ("127.0.0.1", "::1", "localhost")
+def _loopback(url: str) -> int | None:
+    """The port of `url` (`scheme://host[:port]`) when its host is a loopback name, else None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:  # a port that is no number
+        return None
+    return port if parts.hostname in ("127.0.0.1", "::1", "localhost") else None
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
