@@ -323,6 +323,7 @@ def _start_problem(settings: Any) -> str | None:
         MigrationError,
         current_revision,
         head_revision,
+        refuse_unknown,
         require_head,
     )
     from tinyllava_med.server.storage import DataDirInUse, sole_user
@@ -341,6 +342,7 @@ def _start_problem(settings: Any) -> str | None:
         if not settings.database_url.startswith("sqlite"):
             require_head(settings.database_url)
             return None
+        refuse_unknown(settings.database_url)  # a newer version's schema: said as such
         revision, head = current_revision(settings.database_url), head_revision()
     except MigrationError as e:
         return str(e)

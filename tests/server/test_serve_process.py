@@ -214,6 +214,7 @@ def test_serve_does_not_migrate_under_another_server_and_says_why_it_cannot_star
     line too (before: a traceback, "disk I/O error")."""
     import fcntl
     import shutil
+    import sqlite3
     import subprocess
 
     from tinyllava_med.cli import _start_problem
@@ -242,6 +243,11 @@ def test_serve_does_not_migrate_under_another_server_and_says_why_it_cannot_star
 
     settings = Settings(data_dir=data, database_url=url)
     assert _start_problem(settings) is None  # alone now: serve migrates it as it starts
+    with sqlite3.connect(data / "tinyllava_med.db") as conn:  # as a newer version leaves it
+        conn.execute("UPDATE alembic_version SET version_num = '0999'")
+    assert "a newer version of the server migrated it" in str(_start_problem(settings))
+    with sqlite3.connect(data / "tinyllava_med.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0011'")
     usage = shutil.disk_usage(data)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=4096))
     assert (

@@ -90,6 +90,16 @@ def _refuse_unknown(conn: Connection) -> None:
         )
 
 
+def refuse_unknown(database_url: str | URL) -> None:
+    """`_refuse_unknown` for a database by its URL."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            _refuse_unknown(conn)
+    finally:
+        engine.dispose()
+
+
 @contextmanager
 def _said_plainly() -> Iterator[None]:
     """Alembic's refusals (a revision it does not have: `db downgrade 0099`) as a
