@@ -285,9 +285,15 @@ def test_idle_connections_do_not_keep_the_pacs_out(sqlite_api_dimse):
     from tinyllava_med.server.dimse import PENDING_PER_ADDRESS
 
     api = sqlite_api_dimse
-    idle = [idle_connection(api) for _ in range(PENDING_PER_ADDRESS + 3)]
+    scp = api.app.state.dimse
+
+    def waiting() -> int:  # connection threads from 127.0.0.2 (none of them asks)
+        return sum(a.requestor.address == "127.0.0.2" for a in scp._server.active_associations)
+
+    idle = [idle_connection(api) for _ in range(PENDING_PER_ADDRESS)]
     try:
-        time.sleep(0.5)
+        wait_for(lambda: waiting() == PENDING_PER_ADDRESS, what="the idle connections' threads")
+        idle += [idle_connection(api) for _ in range(3)]
         closed = [closed_by_server(sock) for sock in idle[PENDING_PER_ADDRESS:]]
         assert closed == [True] * 3
         ok = associate(api, calling="ROUTER")

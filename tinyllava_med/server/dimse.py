@@ -9,7 +9,8 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
   (`dimse_ae_title`) from a calling AE title in `dimse_peers` ("AET", "AET@host": from that
   host's addresses only, or "*"). A refusal is audited (`dimse.associate`, denied).
 - `dimse_max_associations` counts associations asked for and accepted, not connections: one
-  that sends nothing (until the ARTIM timer, 30 s, closes it) holds no place a PACS needs.
+  that sends nothing (until the ARTIM timer, `ACSE_TIMEOUT_S`, closes it) holds no place a
+  PACS needs.
   Past the limit an association is rejected as transient (local limit exceeded), as
   pynetdicom's own limit does.
 - Connections are checked before they get a thread (`_GuardedServer`): when every peer names
@@ -192,6 +193,7 @@ def _drop_partial_dataset(assoc: Any) -> None:
 # sender asks at once; more are idle or worse): they cost a thread each, not a place
 PENDING_PER_ADDRESS = 16
 PENDING_MAX = 64
+ACSE_TIMEOUT_S = 10
 
 
 class _GuardedServer(ThreadedAssociationServer):
@@ -204,10 +206,11 @@ class _GuardedServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
         sock, address = self.socket.accept()
-        if self.tls is not None:
-            # the handshake runs with the first read, in the connection's thread; a stalled
-            # one ends with the timeout pynetdicom gives the sockets it opens itself
-            sock.settimeout(self.ae.network_timeout)
+        # a read that stalls (half a PDU, half a TLS handshake) ends with the timeout pynetdicom
+        # gives the sockets it opens itself, not never
+        sock.settimeout(self.ae.network_timeout)
+        if self.tls is not None:  # the handshake runs with the first read, in the connection's
+            # own thread
             sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, address
 
@@ -248,8 +251,7 @@ class StorageSCP:
         self._incoming: dict[int, int] = {}  # by association: bytes since its last dataset
         self._lock = threading.Lock()
         self._server: Any = None
-        self._pending: dict[str, int] = {}  # address -> connections that have not yet asked
-        self._settled: weakref.WeakSet[Any] = weakref.WeakSet()  # associations no longer so
+        self._asked: weakref.WeakSet[Any] = weakref.WeakSet()  # associations that asked
         self._holding: weakref.WeakSet[Any] = weakref.WeakSet()  # accepted, not yet ended
         self.denials = DenialLog()
         self._audits = ThreadPoolExecutor(1, thread_name_prefix="dimse-audit")
@@ -257,6 +259,9 @@ class StorageSCP:
         ae.require_called_aet = False  # `_on_requested` checks it, so the refusal is audited
         # pynetdicom counts connections, idle ones too; `_on_requested` counts associations
         ae.maximum_associations = settings.dimse_max_associations + PENDING_MAX
+        # how long a connection may wait to ask (the ARTIM timer; pynetdicom's default, 30 s,
+        # also kept the thread of one its sender had closed): a sender asks at once
+        ae.acse_timeout = ACSE_TIMEOUT_S
         syntaxes = decodable_transfer_syntaxes()
         for context in AllStoragePresentationContexts:
             assert context.abstract_syntax is not None
@@ -313,11 +318,13 @@ class StorageSCP:
         if not self.peers.may_connect(address):
             reason = "address not in dimse_peers"
         else:
+            # the connections whose threads still run and that have not asked: counted from the
+            # threads themselves, so one that ended any way at all counts no more
             with self._lock:
-                pending = self._pending.get(address, 0)
-                if pending < PENDING_PER_ADDRESS and sum(self._pending.values()) < PENDING_MAX:
-                    self._pending[address] = pending + 1
-                    return True
+                waiting = [a for a in self._server.active_associations if a not in self._asked]
+            pending = sum(str(a.requestor.address) == address for a in waiting)
+            if pending < PENDING_PER_ADDRESS and len(waiting) < PENDING_MAX:
+                return True
             reason = (
                 f"{pending} connections from it have not asked for an association"
                 if pending >= PENDING_PER_ADDRESS
@@ -326,19 +333,6 @@ class StorageSCP:
         self.metrics.dimse_associations.labels("dropped").inc()
         self._audit_refusal("dimse", "dimse.connect", address, reason)
         return False
-
-    def _settle(self, assoc: Any) -> None:
-        """The connection asked for an association, or closed: no longer pending (once)."""
-        with self._lock:
-            if assoc in self._settled:
-                return
-            self._settled.add(assoc)
-            address = str(assoc.requestor.address)
-            left = self._pending.get(address, 1) - 1
-            if left > 0:
-                self._pending[address] = left
-            else:
-                self._pending.pop(address, None)
 
     def _audit_refusal(self, actor: str, action: str, address: str, reason: str) -> None:
         """Log and audit a refusal, the first 20 a minute from each address (`DenialLog`)."""
@@ -369,7 +363,8 @@ class StorageSCP:
         self._audits.submit(write)
 
     def _on_requested(self, event: evt.Event) -> None:
-        self._settle(event.assoc)
+        with self._lock:
+            self._asked.add(event.assoc)
         rq = event.assoc.requestor  # its ae_title is set after this event, from the request
         calling = str(rq.primitive.calling_ae_title if rq.primitive else "").strip()
         called = str(rq.primitive.called_ae_title if rq.primitive else "").strip()
@@ -475,7 +470,6 @@ class StorageSCP:
         return _status(code, comment)
 
     def _on_end(self, event: evt.Event) -> None:
-        self._settle(event.assoc)
         with self._lock:
             self._holding.discard(event.assoc)
         _drop_partial_dataset(event.assoc)
