@@ -10,9 +10,8 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
   host's addresses only, or "*"). A refusal is audited (`dimse.associate`, denied).
 - `dimse_max_associations` counts associations asked for and accepted, not connections: one
   that sends nothing (until the ARTIM timer, `ACSE_TIMEOUT_S`, closes it) holds no place a
-  PACS needs.
-  Past the limit an association is rejected as transient (local limit exceeded), as
-  pynetdicom's own limit does.
+  PACS needs. Past the limit an association is rejected as transient (local limit exceeded),
+  as pynetdicom's own limit does.
 - Connections are checked before they get a thread (`_GuardedServer`): when every peer names
   its host, other addresses are closed at once; one address may hold `PENDING_PER_ADDRESS`
   connections that have not yet asked for an association, and all addresses `PENDING_MAX`
