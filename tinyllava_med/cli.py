@@ -306,16 +306,11 @@ def _listen_socket(
     return sock
 
 
-# below this, `serve` does not start: SQLite cannot even open its database
-MIN_FREE_BYTES = 16 * 1024 * 1024
-
-
 def _start_problem(settings: Any) -> str | None:
     """Why `serve` cannot start, in one line, or None: a data directory it cannot write or
     whose disk is full, a database it cannot reach or at another schema (PostgreSQL: `db
     upgrade` first; SQLite, which `serve` migrates itself: not while another server uses it,
     which would go on writing by the older version's rules)."""
-    import shutil
 
     from sqlalchemy.exc import OperationalError
 
@@ -326,7 +321,12 @@ def _start_problem(settings: Any) -> str | None:
         refuse_unknown,
         require_head,
     )
-    from tinyllava_med.server.storage import DataDirInUse, sole_user
+    from tinyllava_med.server.storage import (
+        MIN_FREE_BYTES,
+        DataDirInUse,
+        sole_user,
+        storage_free,
+    )
 
     data_dir = settings.data_dir
     try:
@@ -335,7 +335,7 @@ def _start_problem(settings: Any) -> str | None:
         return f"cannot make the data directory {data_dir}: {e.strerror}"
     if not os.access(data_dir, os.W_OK | os.X_OK):
         return f"cannot write the data directory {data_dir} (read-only, or another owner's)"
-    free = shutil.disk_usage(data_dir).free
+    free = storage_free(data_dir)
     if free < MIN_FREE_BYTES:
         return f"the disk of {data_dir} is full ({free // 1024} KiB free): free some space first"
     try:

@@ -489,6 +489,20 @@ def test_files_no_row_names_are_swept_and_a_pending_rejection_note_is_kept(api, 
     assert store.exists(note) and store.exists(held)
 
 
+def test_readyz_says_when_the_data_volume_is_full(api, monkeypatch):
+    """With the data volume full nothing can be stored and no read audited (507s): /readyz
+    said ready all the same, so monitoring and load balancers saw a healthy server."""
+    import shutil
+
+    usage = shutil.disk_usage(api.app.state.settings.data_dir)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1024))
+    r = api.get("/readyz")
+    assert r.status_code == 503 and r.headers["Retry-After"]
+    assert r.json()["checks"] == {"model": "ok", "database": "ok", "storage": "full"}
+    monkeypatch.undo()
+    assert api.get("/readyz").status_code == 200
+
+
 def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
     """A write that fails for want of space (ENOSPC on the data volume, "database or disk is
     full" in the database) answers 507 in the error shape, never a 500, stores nothing of that

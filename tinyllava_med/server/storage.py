@@ -34,6 +34,17 @@ from tinyllava_med.server.lru import ByteLRU
 
 # Older than this, an entry in data/tmp is a crashed run's: one in use is written as it fills.
 STALE_TMP_S = 3600.0
+# below this free on the data volume the server cannot work: SQLite cannot even open its
+# database, and every read fails as its audit row cannot be written (`serve` does not start;
+# `/readyz` says `storage: full`)
+MIN_FREE_BYTES = 16 * 1024 * 1024
+
+
+def storage_free(data_dir: str | Path) -> int:
+    """Bytes free on the data volume."""
+    return shutil.disk_usage(data_dir).free
+
+
 # Every process that serves or writes a data directory holds this file's lock shared
 # (`hold_data_dir`); `db restore` takes it alone (`sole_user`), so it never replaces a database
 # under a running server.

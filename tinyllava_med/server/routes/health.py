@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tinyllava_med import __version__
 from tinyllava_med.server.db.session import ping
+from tinyllava_med.server.storage import MIN_FREE_BYTES, storage_free
 
 router = APIRouter(tags=["operations"])
 
@@ -42,7 +43,8 @@ def _model_info(lm: Any) -> dict[str, Any]:
 @router.get("/readyz", responses={503: {"description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
     """Ready when the model is loaded and answers (a recent answer, or a one-token probe when
-    idle: `BatchingEngine.model_check`), and the database answers."""
+    idle: `BatchingEngine.model_check`), the database answers, and the data volume has room
+    (`storage: full` below `MIN_FREE_BYTES`: no report can be stored, no read audited)."""
     state = request.app.state
     settings = state.settings
     engine = state.engine
@@ -58,7 +60,9 @@ async def readyz(request: Request) -> JSONResponse:
     if state.shutting_down:
         checks["model"] = "shutting_down"
     checks["database"] = "ok" if await run_in_threadpool(_db_ok, request) else "unreachable"
-    ready = checks["model"] == "ok" and checks["database"] == "ok"
+    if storage_free(settings.data_dir) < MIN_FREE_BYTES:  # nothing can be stored or audited
+        checks["storage"] = "full"
+    ready = checks["model"] == "ok" and checks["database"] == "ok" and "storage" not in checks
     state.last_probe_failed = checks["model"] == "probe_failed"  # stalls: the gauge reads them live
     body = {
         "status": "ready" if ready else "not_ready",
