@@ -99,7 +99,7 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0014"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0015"
     assert migrate.check_models_match_migrations(database_url) == []
 
 
@@ -253,7 +253,7 @@ def test_a_downgrade_that_drops_data_for_good_is_refused_naming_it(database_url:
         assert "below 0012, the weights digest recorded with 1 reports" in said
         assert "below 0003, 1 amendments" in said and "--accept-data-loss" in said
         assert migrate.current_revision(database_url) == head  # nothing done
-        migrate.downgrade(database_url, "-1")  # 0014 -> 0013 drops nothing
+        migrate.downgrade(database_url, "-2")  # 0015 -> 0013 drops nothing
         assert migrate.current_revision(database_url) == "0013"
         migrate.downgrade(database_url, "0011", accept_data_loss=True)
         with engine.connect() as conn:

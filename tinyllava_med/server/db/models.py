@@ -154,6 +154,7 @@ class Image(Base):
         CheckConstraint("n >= 0", name="n_nonnegative"),
         Index(None, "sha256"),
         Index(None, "sop_instance_uid"),
+        Index(None, "header_sha256"),  # which files are still needed (`crud.files_in_use`): 0015
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
