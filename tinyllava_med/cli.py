@@ -311,7 +311,6 @@ def _start_problem(settings: Any) -> str | None:
     whose disk is full, a database it cannot reach or at another schema (PostgreSQL: `db
     upgrade` first; SQLite, which `serve` migrates itself: not while another server uses it,
     which would go on writing by the older version's rules)."""
-
     from sqlalchemy.exc import OperationalError
 
     from tinyllava_med.server.db.migrate import (
@@ -321,12 +320,7 @@ def _start_problem(settings: Any) -> str | None:
         refuse_unknown,
         require_head,
     )
-    from tinyllava_med.server.storage import (
-        MIN_FREE_BYTES,
-        DataDirInUse,
-        sole_user,
-        storage_free,
-    )
+    from tinyllava_med.server.storage import MIN_FREE_BYTES, alone_on, storage_free
 
     data_dir = settings.data_dir
     try:
@@ -348,16 +342,12 @@ def _start_problem(settings: Any) -> str | None:
         return str(e)
     except OperationalError as e:  # the message names host and port, never the password
         return f"cannot reach the database: {e.orig}"
-    if revision not in (None, head):
-        try:
-            with sole_user(data_dir):
-                pass
-        except DataDirInUse:
-            return (
-                f"the database is at revision {revision} and this version migrates it to "
-                f"{head}, but another server or command uses {data_dir}: stop it first (an "
-                "older server would go on writing by its own rules)"
-            )
+    if revision not in (None, head) and not alone_on(data_dir):
+        return (
+            f"the database is at revision {revision} and this version migrates it to "
+            f"{head}, but another server or command uses {data_dir}: stop it first (an "
+            "older server would go on writing by its own rules)"
+        )
     return None
 
 
