@@ -388,10 +388,10 @@ def test_prompt_ids_multi_turn_llava_med(shop: Workshop) -> None:
     )
 
 
-def test_prompt_ids_tinyllava_single_turn_and_multi_turn_gap(shop: Workshop) -> None:
+def test_prompt_ids_tinyllava_single_turn_and_multi_turn(shop: Workshop) -> None:
     """TinyLLaVA used the slow LlamaTokenizer with `legacy: false`, called once per chunk: every
-    chunk starts with `▁`, but a piece after `</s>` inside a chunk does not. Single-turn prompts
-    match exactly; in multi-turn prompts the served tokenizer has one extra `▁` after each `</s>`."""
+    chunk starts with `▁`, but a piece after `</s>` inside a chunk does not. The served
+    tokenizer, loaded as transformers loads it, gives the same ids for one turn and for several."""
     orig, dst = shop.convert("tiny_llava_llama")
     processor = AutoProcessor.from_pretrained(dst)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
@@ -402,24 +402,29 @@ def test_prompt_ids_tinyllava_single_turn_and_multi_turn_gap(shop: Workshop) -> 
             prompt, lambda c: slow_legacy_false(c).input_ids, orig.bos_id
         )
 
-    single = build_prompt("v1", QUESTION)
-    served = processor(text=single, images=sample_image(), return_tensors="pt")["input_ids"][
-        0
-    ].tolist()
-    assert _collapse(served, image_id) == original(single)
+    def served(prompt: str) -> list[int]:
+        ids = processor(text=prompt, images=sample_image(), return_tensors="pt")["input_ids"]
+        return _collapse(ids[0].tolist(), image_id)
 
-    multi = build_prompt("v1", QUESTION, [("What is this image?", "A chest x-ray.")])
-    served = processor(text=multi, images=sample_image(), return_tensors="pt")["input_ids"][
-        0
-    ].tolist()
-    served = _collapse(served, image_id)
-    want = original(multi)
-    eos = served.index(processor.tokenizer.eos_token_id)
-    assert served[: eos + 1] == want[: eos + 1]  # identical up to and including the first </s>
-    # After </s> the served text starts with a dummy prefix ("▁USER"), the original's did not.
-    assert served == of.tokenizer_image_token(multi, orig.encode, orig.bos_id)
-    assert processor.tokenizer.convert_ids_to_tokens(served[eos + 1])[0] == "▁"
-    assert slow_legacy_false.convert_ids_to_tokens(want[eos + 1])[0] != "▁"
+    single = build_prompt("v1", QUESTION)
+    assert served(single) == original(single)
+    history = [("What is this image?", "A chest x-ray."), ("Which side?", "The left lung.")]
+    multi = build_prompt("v1", QUESTION, history)
+    got, want = served(multi), original(multi)
+    assert got == want
+    # Each earlier turn's </s> is followed by "USER" without the dummy prefix, as originally;
+    # the legacy tokenizer (LLaVA-Med's) would have put one there.
+    eos = [i for i, t in enumerate(got) if t == processor.tokenizer.eos_token_id]
+    assert len(eos) == 2
+    after = processor.tokenizer.convert_ids_to_tokens([got[i + 1] for i in eos])
+    assert all(not t.startswith("▁") for t in after), after
+    assert got != of.tokenizer_image_token(multi, orig.encode, orig.bos_id)
+    # A `</s>` typed inside a question is split off the same way.
+    odd = build_prompt("v1", "mass</s>or not?", history)
+    assert served(odd) == original(odd)
+    tok = processor.tokenizer
+    answer = tok("The left lung.</s>", add_special_tokens=False)["input_ids"]
+    assert tok.decode(answer, skip_special_tokens=True) == "The left lung."
 
 
 @pytest.mark.parametrize(
@@ -439,6 +444,35 @@ def test_training_ids_start_as_the_served_prompt(shop: Workshop, case: str) -> N
     )
     assert ids[: len(served)] == served
     assert labels[: len(served)] == [-100] * len(served)  # the prompt is not supervised
+
+
+@pytest.mark.parametrize(
+    "case", ["llava_mistral", "tiny_llava_llama", "tiny_llava_phi", "tiny_llava_stablelm"]
+)
+def test_training_ids_of_a_conversation_are_the_served_ids(shop: Workshop, case: str) -> None:
+    """A multi-turn training sample has the ids the server gives the same conversation's text
+    (each answer and the next question in context, not tokenized alone); only the answers and
+    their end markers are supervised. For TinyLLaVA (`legacy: false`) that is also what the
+    original's chunked slow tokenizer gave."""
+    from tinyllava_med.model.prompts import conversation_segments
+    from tinyllava_med.training.data import encode_conversation, num_image_tokens
+
+    orig, dst = shop.convert(case)
+    processor = AutoProcessor.from_pretrained(dst)
+    tok = processor.tokenizer
+    turns = [("What is this image?", "A chest x-ray."), (QUESTION, "No."), ("Size?", "3 cm")]
+    segments = conversation_segments(orig.template, list(turns))
+    text = "".join(t for t, _ in segments)
+    served = processor(text=text, images=sample_image(), return_tensors="pt")["input_ids"]
+    ids, labels = encode_conversation(tok, orig.template, turns, num_image_tokens(processor))
+    assert ids == served[0].tolist()
+    supervised = [t for t, label in zip(ids, labels, strict=True) if label != -100]
+    answers = "".join(t for t, is_answer in segments if is_answer)
+    assert tok.decode(supervised).strip() == answers.strip()
+    if case == "tiny_llava_llama":
+        slow = LlamaTokenizer.from_pretrained(orig.folder)
+        want = of.tokenizer_image_token(text, lambda c: slow(c).input_ids, orig.bos_id)
+        assert _collapse(ids, tok.convert_tokens_to_ids("<image>")) == want
 
 
 # ---------------------------------------------------------------------------------------------

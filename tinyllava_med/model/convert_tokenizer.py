@@ -7,22 +7,34 @@ Owns three things `convert` needs and transformers 5 does not do on its own:
   piece scores the way transformers' slow->fast converter did when the originals ran;
 - the dummy prefix: the originals tokenized the prompt in chunks split at `<image>`
   (`tokenizer_image_token`), so every chunk started with `▁`. The served tokenizer sees the whole
-  prompt at once, so sentencepiece-style tokenizers are switched to "prepend `▁` to every piece
-  between special tokens" (`legacy=True`, Metaspace `prepend_scheme="always"`);
+  prompt at once, so sentencepiece-style tokenizers are rebuilt to put `▁` where the original
+  did. A `legacy` original (LLaVA-Med) prepended it to every piece between special tokens:
+  Metaspace `prepend_scheme="always"`. A `legacy: false` slow tokenizer (TinyLLaVA, TinyLLaVA-Med-F)
+  prepended it once per chunk, so not after `</s>` inside one (a multi-turn prompt's
+  `</s>USER`): a normalizer prepends it before the special tokens other than `<image>` are
+  split off (they are "normalized" added tokens), and the tokenizer is saved as a plain
+  `TokenizersBackend`, whose `tokenizer.json` transformers loads as written (a `LlamaTokenizer`
+  rebuilds its pre-tokenizer from `legacy` on load);
 - a pad token where the original had none (LLaVA's choice: `<unk>`, else EOS).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, pre_tokenizers
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+from tokenizers import AddedToken, Tokenizer, pre_tokenizers
+from transformers import (
+    AutoTokenizer,
+    LlamaTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 # sentencepiece_model.proto: SentencePiece.Type and TrainerSpec.ModelType values
 SP_NORMAL, SP_UNKNOWN, SP_CONTROL, SP_USER_DEFINED, SP_UNUSED, SP_BYTE = 1, 2, 3, 4, 5, 6
@@ -223,37 +235,76 @@ def _tokenizer_from_sentencepiece(folder: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def use_dummy_prefix_per_chunk(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Make a sentencepiece-style tokenizer prepend `▁` after every special token, not only at the start.
+def source_is_legacy(folder: Path) -> bool:
+    """Whether the original sentencepiece tokenizer prepended `▁` after every special token:
+    `legacy` unless its config says `"legacy": false` (transformers' default, with a warning)."""
+    return _read_json(folder / "tokenizer_config.json").get("legacy") is not False
 
-    That is what the originals produced by tokenizing the prompt in chunks around `<image>`
-    (FIDELITY.md). Returns whether the tokenizer is sentencepiece-style (and was changed).
+
+def use_dummy_prefix_per_chunk(
+    tokenizer: PreTrainedTokenizerBase, *, legacy: bool = True
+) -> PreTrainedTokenizerBase:
+    """A sentencepiece-style `tokenizer` that puts `▁` where the original's chunked calls did.
+
+    `legacy`: after every special token, not only at the start (Metaspace "always"). Not
+    `legacy`: at the start of the text and after `<image>` (added later, not normalized), but not
+    after another special token such as `</s>` (FIDELITY.md). Byte-level BPE (Phi-2,
+    StableLM-2, Qwen) has no dummy prefix and is returned as it is.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return False
-    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+        return tokenizer
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") != "Metaspace":
-        return False  # byte-level BPE (Phi-2, StableLM-2, Qwen) has no dummy prefix
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement=pre.get("replacement", "▁"),
-        prepend_scheme="always",
-        split=bool(pre.get("split", False)),
+        return tokenizer
+    mark = pre.get("replacement", "▁")
+    if legacy:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=mark, prepend_scheme="always", split=bool(pre.get("split", False))
+        )
+        # LlamaTokenizer rebuilds its pre-tokenizer from these on reload: keep them in the config.
+        tokenizer.legacy = True  # type: ignore[attr-defined]
+        tokenizer.init_kwargs["legacy"] = True
+        tokenizer.init_kwargs["add_prefix_space"] = True
+        if hasattr(tokenizer, "add_prefix_space"):
+            tokenizer.add_prefix_space = True
+        return tokenizer
+    # The slow tokenizer prepended `▁` to the whole chunk, then split off the added tokens; a
+    # piece that starts the chunk with one loses the `▁` before it. Added tokens are matched after
+    # the normalizer, which also normalizes their own text, hence the last step.
+    added = [a["content"] for a in spec.get("added_tokens", [])]
+    steps: list[dict[str, Any]] = [
+        {"type": "Prepend", "prepend": mark},
+        {"type": "Replace", "pattern": {"String": " "}, "content": mark},
+    ]
+    if added:
+        ahead = "|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))
+        steps.append(
+            {"type": "Replace", "pattern": {"Regex": f"^{mark}(?={ahead})"}, "content": ""}
+        )
+    spec["normalizer"] = {"type": "Sequence", "normalizers": steps}
+    spec["pre_tokenizer"] = None
+    for token in spec.get("added_tokens", []):
+        token["normalized"] = True
+    rebuilt = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        unk_token=tokenizer.unk_token,
+        pad_token=tokenizer.pad_token,
+        model_max_length=tokenizer.model_max_length,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
     )
-    # LlamaTokenizer rebuilds its pre-tokenizer from these on reload: keep them in the saved config.
-    tokenizer.legacy = True  # type: ignore[attr-defined]
-    tokenizer.init_kwargs["legacy"] = True
-    tokenizer.init_kwargs["add_prefix_space"] = True
-    if hasattr(tokenizer, "add_prefix_space"):
-        tokenizer.add_prefix_space = True
-    return True
+    return rebuilt
 
 
 def load_source_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     """The original checkpoint's tokenizer as a tokenizers-backed transformers tokenizer.
 
     A `tokenizer.json` is loaded by transformers; a sentencepiece `tokenizer.model` alone is read
-    here. The result prepends the dummy prefix per chunk and has a pad token.
+    here. The result puts the dummy prefix where the original did and has a pad token.
     """
     folder = Path(folder)
     tokenizer: PreTrainedTokenizerBase
@@ -272,7 +323,7 @@ def load_source_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
             f"no tokenizer in {folder}: expected tokenizer.json or a sentencepiece tokenizer.model "
             "(TinyLLaVA_Factory folders may not carry one: pass the base LLM's folder as the tokenizer path)"
         )
-    use_dummy_prefix_per_chunk(tokenizer)
+    tokenizer = use_dummy_prefix_per_chunk(tokenizer, legacy=source_is_legacy(folder))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = (
             tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token

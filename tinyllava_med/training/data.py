@@ -97,6 +97,24 @@ def leading_ids(tokenizer: Any) -> list[int]:
     return []
 
 
+def split_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """The ids of `"".join(texts)` (no special tokens added), cut where each text ends.
+
+    The joined text is tokenized once, as the server tokenizes a prompt, so each piece has the
+    ids it has in context: tokenized alone, a piece after `</s>` or a space-led answer would get
+    a dummy prefix the whole text does not have. A token that spans two texts goes to the later.
+    """
+    whole: list[int] = tokenizer("".join(texts), add_special_tokens=False)["input_ids"]
+    cuts, text = [0], ""
+    for piece in texts[:-1]:
+        text += piece
+        upto = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = next((i for i, (a, b) in enumerate(zip(upto, whole, strict=False)) if a != b), None)
+        cuts.append(max(cuts[-1], len(upto) if n is None else n))
+    cuts.append(len(whole))
+    return [whole[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
 def encode_conversation(
     tokenizer: Any,
     template: str,
@@ -104,12 +122,13 @@ def encode_conversation(
     num_image_tokens: int,
     max_length: int | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels (answers only) for one conversation with one image."""
+    """Token ids and labels (answers only) for one conversation with one image: the ids are
+    the server's for the same text (`split_ids`)."""
     ids: list[int] = leading_ids(tokenizer)
     labels: list[int] = [IGNORE_INDEX] * len(ids)
-    for text, is_answer in conversation_segments(template, list(turns)):
-        text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens)
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+    segments = conversation_segments(template, list(turns))
+    texts = [text.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens) for text, _ in segments]
+    for piece, (_, is_answer) in zip(split_ids(tokenizer, texts), segments, strict=True):
         ids += piece
         labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
     if max_length is not None and len(ids) > max_length:
@@ -132,13 +151,13 @@ def encode_packed(
     question and answer as its own segment. Returns ids, labels, segment ids (0 = prefix, k =
     question k) and position ids (each segment restarts right after the prefix); the collator
     turns the segments into a block-diagonal causal mask, so a question sees the prefix and
-    itself only, exactly as at inference. Returns None when the template does not put the
-    image first, or when splitting changes the tokens (then train on separate samples).
+    itself only, exactly as at inference. Each question's ids are those of its own single-turn
+    prompt. Returns None when the template does not put the image first, or when a question's
+    prompt does not start with the same prefix ids (then train on separate samples).
     """
     marker = IMAGE_TOKEN + "\n"
     bos = leading_ids(tokenizer)
     prefix_ids: list[int] | None = None
-    checked = False
     ids: list[int] = []
     labels: list[int] = []
     segs: list[int] = []
@@ -150,17 +169,13 @@ def encode_packed(
             return None
         prefix, rest = user[: cut + len(marker)], user[cut + len(marker) :]
         expand = prefix.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens)
+        head, rest_ids, answer_ids = split_ids(tokenizer, [expand, rest, answer])
         if prefix_ids is None:
-            prefix_ids = bos + tokenizer(expand, add_special_tokens=False)["input_ids"]
+            prefix_ids = bos + head
             ids, labels = list(prefix_ids), [IGNORE_INDEX] * len(prefix_ids)
             segs, pos = [0] * len(prefix_ids), list(range(len(prefix_ids)))
-        rest_ids = tokenizer(rest, add_special_tokens=False)["input_ids"]
-        if not checked:  # the split must not change the tokens (checked once per sample)
-            whole = tokenizer(expand + rest, add_special_tokens=False)["input_ids"]
-            if bos + whole != prefix_ids + rest_ids:
-                return None
-            checked = True
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        elif bos + head != prefix_ids:
+            return None
         n = len(rest_ids) + len(answer_ids)
         ids += rest_ids + answer_ids
         labels += [IGNORE_INDEX] * len(rest_ids) + answer_ids
