@@ -310,7 +310,8 @@ def _start_problem(settings: Any) -> str | None:
     """Why `serve` cannot start, in one line, or None: a data directory it cannot write or
     whose disk is full, a database it cannot reach or at another schema (PostgreSQL: `db
     upgrade` first; SQLite, which `serve` migrates itself: not while another server uses it,
-    which would go on writing by the older version's rules)."""
+    which would go on writing by the older version's rules, nor while another program holds
+    its write lock)."""
     from sqlalchemy.exc import OperationalError
 
     from tinyllava_med.server.db.migrate import (
@@ -320,6 +321,7 @@ def _start_problem(settings: Any) -> str | None:
         refuse_unknown,
         require_head,
     )
+    from tinyllava_med.server.db.session import sqlite_write_held
     from tinyllava_med.server.storage import MIN_FREE_BYTES, alone_on, storage_free
 
     data_dir = settings.data_dir
@@ -347,6 +349,11 @@ def _start_problem(settings: Any) -> str | None:
             f"the database is at revision {revision} and this version migrates it to "
             f"{head}, but another server or command uses {data_dir}: stop it first (an "
             "older server would go on writing by its own rules)"
+        )
+    if sqlite_write_held(settings.database_url):
+        return (
+            "another program holds the SQLite database's write lock (a sqlite3 shell or a tool "
+            "with a transaction left open): every write would fail; end its transaction first"
         )
     return None
 

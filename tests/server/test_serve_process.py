@@ -210,8 +210,8 @@ def test_serve_does_not_migrate_under_another_server_and_says_why_it_cannot_star
 ):
     """SQLite: a new version's `serve` migrated the schema under an older server still running
     on the same data directory, which went on writing by its own rules. It now refuses while
-    another process holds the directory. A full disk or a read-only directory is said in one
-    line too (before: a traceback, "disk I/O error")."""
+    another process holds the directory. A full disk, a read-only directory or a write lock held
+    by another program is said in one line too (before: a traceback, "disk I/O error")."""
     import fcntl
     import shutil
     import sqlite3
@@ -248,6 +248,16 @@ def test_serve_does_not_migrate_under_another_server_and_says_why_it_cannot_star
     assert "a newer version of the server migrated it" in str(_start_problem(settings))
     with sqlite3.connect(data / "tinyllava_med.db") as conn:
         conn.execute("UPDATE alembic_version SET version_num = '0011'")
+    # A transaction left open elsewhere holds the write lock: the migration would have waited
+    # out the busy timeout and ended in a traceback (and with no migration, every write would).
+    holder = sqlite3.connect(data / "tinyllava_med.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert "holds the SQLite database's write lock" in str(_start_problem(settings))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert _start_problem(settings) is None
     usage = shutil.disk_usage(data)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=4096))
     assert (

@@ -118,6 +118,31 @@ def _owner_only(db: Path) -> None:
         log.warning("could not make the database file owner-only: %s: %s", e.strerror, e.filename)
 
 
+def sqlite_write_held(url: str | URL, wait_s: float = 5.0) -> bool:
+    """Whether another connection holds the SQLite file's write lock for longer than `wait_s`
+    (a `sqlite3` shell or a tool with a transaction left open): every write would wait out the
+    busy timeout and fail. A missing file, or another backend, holds none."""
+    import sqlite3
+
+    u = normalize_database_url(url)
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
+        return False
+    db = Path(u.database).expanduser()
+    if not db.is_file():
+        return False
+    conn = sqlite3.connect(db, timeout=wait_s, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            return True
+        raise
+    finally:
+        conn.close()
+    return False
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose objects stay readable after commit (responses are built after it)."""
     return sessionmaker(bind=engine, expire_on_commit=False)
