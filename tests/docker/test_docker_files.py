@@ -695,6 +695,11 @@ def test_compose_scale_replicas_behind_a_load_balancer():
     server_timeout = float(env["TINYLLAVA_MED_REQUEST_TIMEOUT_S"].split(":-")[1].rstrip("}"))
     (lb_timeout,) = re.findall(r"proxy_read_timeout (\d+)s;", text)
     assert float(lb_timeout) > server_timeout >= 600
+    # the replicas see each client's address (per-address limits): they trust the header
+    # `lb` sets, which it overwrites rather than appends to, as a client could forge it
+    assert env["FORWARDED_ALLOW_IPS"] == "*"
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in text
+    assert "$proxy_add_x_forwarded_for" not in text
     prom = _mounts(services["prometheus"])
     assert (DOCKER / prom["/etc/prometheus/prometheus.yml"]).resolve() == (
         PROM / "prometheus.scale.yml"
@@ -702,9 +707,13 @@ def test_compose_scale_replicas_behind_a_load_balancer():
 
 
 class _Upstream(http.server.BaseHTTPRequestHandler):
-    """A replica behind the load balancer: answers every request with 204."""
+    """A replica behind the load balancer: answers every request with 204, keeping the
+    X-Forwarded-For values it was sent."""
+
+    forwarded: list[str | None] = []
 
     def _answer(self) -> None:
+        self.forwarded.append(self.headers.get("X-Forwarded-For"))
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.send_response(204)
         self.end_headers()
@@ -718,7 +727,8 @@ class _Upstream(http.server.BaseHTTPRequestHandler):
 def test_the_load_balancer_logs_no_accession_number_or_study_uid(tmp_path):
     """The scale-out nginx, run with its own config (the upstream and paths pointed here): its
     access lines keep method, path and status, without the query string (a worklist lookup's
-    accession number) or a STOW-RS path's Study Instance UID, as the server's own lines do."""
+    accession number) or a STOW-RS path's Study Instance UID, as the server's own lines do; the
+    replica is told the client's address, not one the client wrote."""
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
     assert nginx, "nginx is required (Debian package `nginx-light`; .ci/run installs it)"
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
@@ -756,10 +766,14 @@ def test_the_load_balancer_logs_no_accession_number_or_study_uid(tmp_path):
             ("GET", "/v1/studies/1b4e28ba-2fa1-11d2-883f-0016d3cca427/images/2", None),
             ("GET", "/v1/jobs/48", None),
         ]
+        _Upstream.forwarded.clear()
         for method, path, body in requests:
-            req = urllib.request.Request(base + path, data=body, method=method)
+            # a forged address: the replica is told the client's real one
+            forged = {"X-Forwarded-For": "203.0.113.9"}
+            req = urllib.request.Request(base + path, data=body, method=method, headers=forged)
             with urllib.request.urlopen(req, timeout=10) as r:
                 assert r.status == 204
+        assert _Upstream.forwarded == ["127.0.0.1"] * len(requests)
         # the replica goes away (restarting): nginx answers 502, and its error line, which
         # quotes the request line and the upstream URL, must not be logged
         upstream.shutdown()
