@@ -454,10 +454,10 @@ def test_bad_instances_fail_with_reasons_and_keep_what_is_stored(
     assert PATIENT not in caplog.text
 
 
-def test_dicom_tls_both_ways(tmp_path, sqlite_url, tiny_lm):
+def test_dicom_tls_both_ways(tmp_path, sqlite_url, tiny_lm, caplog):
     """dimse_tls with a CA: a sender with a certificate it signed stores over TLS; one in clear
-    text, or over TLS without a certificate, gets no association. Our own C-ECHO (pacs check)
-    to a TLS peer checks its certificate and shows ours."""
+    text, or over TLS without a certificate, gets no association, and the log one line each.
+    Our own C-ECHO (pacs check) to a TLS peer checks its certificate and shows ours."""
     import ssl
 
     from tinyllava_med.server.pacs_check import check
@@ -484,8 +484,14 @@ def test_dicom_tls_both_ways(tmp_path, sqlite_url, tiny_lm):
         assert assoc.send_c_store(pydicom.dcmread(CT_SMALL)).Status == 0x0000
         assoc.release()
         assert len(rows(api, Image)) == 1
-        assert not associate(api).is_established  # clear text
-        assert not sender(api.dimse_port, certificate=False).is_established  # no certificate
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert not associate(api).is_established  # clear text
+            assert not sender(api.dimse_port, certificate=False).is_established  # no certificate
+            for reason in ("WRONG_VERSION_NUMBER", "PEER_DID_NOT_RETURN_A_CERTIFICATE"):
+                line = f"DIMSE: a TLS handshake failed ({reason})"
+                wait_for(lambda line=line: line in caplog.text, 10, line)
+        assert "Traceback" not in caplog.text and "entire PDU" not in caplog.text
 
         ours = Settings(
             **tls, dimse_push=f"{AET}@127.0.0.1:{api.dimse_port}", data_dir=tmp_path / "x"

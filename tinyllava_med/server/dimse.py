@@ -21,7 +21,8 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
   neither fills the audit table nor holds up the accepting thread, and a database that cannot
   take them costs only the rows.
 - With TLS, the handshake happens in each connection's own thread: pynetdicom's runs it in
-  the one accepting thread, where a connection that never began one stopped every sender.
+  the one accepting thread, where a connection that never began one stopped every sender. A
+  handshake that fails is one warning line (pynetdicom logged two errors and a traceback).
 - Each instance is received into a temporary file (never whole in memory), refused above
   `max_upload_bytes` (0xA700 within `_PDU_SLACK` over it; beyond, the connection is closed as
   the data arrives, so the object never fills the disk: the sender sees an abort), decoded with
@@ -48,6 +49,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import sys
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -221,6 +223,27 @@ class _GuardedServer(ThreadedAssociationServer):
             return False
 
 
+class _TlsFailureLine(logging.Filter):
+    """pynetdicom logs a failed TLS handshake (a sender in clear text, without a certificate, or
+    a port scan) as two errors and a traceback; this makes it one warning line. It runs as the
+    record is made, inside pynetdicom's `except`, so the exception being handled is the one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, ssl.SSLError):
+            return True
+        if record.msg is not exc:  # pynetdicom logs the exception itself as the message
+            return False  # "Connection closed before the entire PDU was received"
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        record.msg, record.args = "DIMSE: a TLS handshake failed (%s)", (reason,)
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+TLS_FAILURE_LINE = _TlsFailureLine()
+
+
 def _status(code: int, comment: str | None = None) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -288,6 +311,8 @@ class StorageSCP:
             server_class=_GuardedServer,
         )
         server.admit, server.tls = self._admit, server_tls(self.settings)
+        if server.tls is not None:
+            logging.getLogger("pynetdicom.dul").addFilter(TLS_FAILURE_LINE)  # once: a set
         threading.Thread(target=server.serve_forever, name="dimse-accept", daemon=True).start()
         self.ae._servers.append(server)  # as `start_server` does: `shutdown` takes it out
         self._server = server
