@@ -7,6 +7,7 @@ message, every question is audited as `demo.ask`, and without `gradio=True` ther
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import test_web_client as web
 from api_helpers import live_server
 from gradio_client import Client, handle_file
 from PIL import Image
@@ -100,8 +102,14 @@ def live(tmp_path_factory, tiny_lm) -> Iterator[Live]:
             timeout=30,
         )
         assert r.status_code == 201, r.text
-        client = Client(f"{base}/demo/", verbose=False, download_files=str(tmp / "downloads"))
-        yield Live(app, base, r.json()["key"], client)
+        key = r.json()["key"]
+        client = Client(
+            f"{base}/demo/",
+            verbose=False,
+            download_files=str(tmp / "downloads"),
+            headers={"Authorization": f"Bearer {key}"},  # for the upload route
+        )
+        yield Live(app, base, key, client)
 
 
 def _png(tmp: Path) -> Path:
@@ -230,22 +238,45 @@ def test_serve_flag_and_environment(monkeypatch):
     assert _server_settings(parse(["serve"])).gradio is True
 
 
-def test_keyless_uploads_are_budgeted_per_address(live):
-    """Gradio's upload route takes files before any key (its page sends none): anyone could
-    fill the data volume through it, 130 MB/s, each file kept 30 minutes. An address now has a
-    budget per 30 minutes; beyond it, 429 with the file unread."""
+def test_uploads_need_a_key_and_are_budgeted_per_address(live):
+    """Gradio's upload route takes files as they are chosen, before any question: anyone could
+    fill the data volume through it, 130 MB/s, each file kept 30 minutes. It now needs a key
+    with `question.ask` (the page's cookie, or a header as for the REST API), refusals audited
+    as the REST API's are, and a key's address has a budget per 30 minutes; beyond it, 429.
+    Each refusal leaves the file unread."""
     from starlette.routing import Mount
 
-    from tinyllava_med.server.gradio_demo import UploadBudget
+    from tinyllava_med.server.gradio_demo import KEY_COOKIE, UploadBudget
+
+    url = f"{live.base}/demo/gradio_api/upload"
+
+    def upload(size: int, **kwargs: Any) -> httpx.Response:
+        return httpx.post(url, files={"files": ("a.dcm", b"x" * size)}, timeout=30, **kwargs)
+
+    def refusals() -> list[Any]:
+        with live.app.state.session_factory() as s:
+            return crud.list_audit_events(s, action="auth.authenticate")
+
+    before = len(refusals())
+    keyless = upload(10)
+    assert keyless.status_code == 401
+    assert keyless.json()["error"]["code"] == "unauthorized"
+    assert "enter an API key" in keyless.json()["error"]["message"]
+    assert upload(10, cookies={KEY_COOKIE: BAD_KEY}).status_code == 401
+    assert upload(10, headers={"X-API-Key": BAD_KEY}).status_code == 401
+    events = refusals()
+    assert len(events) == before + 3
+    assert {e.detail["reason"] for e in events[:3]} == {"missing API key", "invalid API key"}
+    assert upload(10, cookies={KEY_COOKIE: live.pacs_key}).status_code == 200
+    assert upload(10, headers={"Authorization": f"Bearer {live.pacs_key}"}).status_code == 200
 
     [mount] = [r for r in live.app.router.routes if isinstance(r, Mount) and r.path == "/demo"]
     budget = mount.app.uploads
     mount.app.uploads = UploadBudget(1000, 1800)
     try:
-        url = f"{live.base}/demo/gradio_api/upload"
-        first = httpx.post(url, files={"files": ("a.dcm", b"x" * 300)}, timeout=30)
+        first = upload(300, cookies={KEY_COOKIE: live.pacs_key})
         assert first.status_code == 200, first.text
-        refused = httpx.post(url, files={"files": ("b.dcm", b"x" * 900)}, timeout=30)
+        refused = upload(900, cookies={KEY_COOKIE: live.pacs_key})
         assert refused.status_code == 429 and refused.headers["retry-after"] == "600"
         assert refused.json()["error"]["code"] == "too_many_uploads"
     finally:
@@ -265,3 +296,49 @@ def test_keyless_uploads_are_budgeted_per_address(live):
     assert not window.take("d", 1) and not window.take("a", 1)  # full; a's budget spent
     clock[0] = 200  # their windows ended
     assert window.take("d", 1)
+
+
+browser, page = web.browser, web.page  # Chromium fixtures: one for the module, a tab per test
+
+
+def test_the_page_uploads_with_the_typed_key_and_answers_in_a_browser(live, page, tmp_path):
+    """Real Chromium on the Gradio page: a file chosen before any key is refused (401, the
+    upload route's key check), and after the key is typed, choosing it uploads (the page keeps
+    the key in its cookie) and asking answers as the REST API does."""
+    from playwright.sync_api import expect
+
+    png = tmp_path / "page.png"
+    Image.linear_gradient("L").resize((40, 30)).convert("RGB").save(png)
+    uploads: list[int] = []
+    page.on(
+        "response",
+        lambda r: uploads.append(r.status) if r.url.split("?")[0].endswith("/upload") else None,
+    )
+    page.goto(f"{live.base}/demo/")
+    chooser = page.locator("input[type=file]")
+    chooser.set_input_files(str(png))
+    deadline = time.monotonic() + 20
+    while not uploads:
+        assert time.monotonic() < deadline, "the page sent no upload"
+        page.wait_for_timeout(100)
+    assert uploads == [401]
+    page.reload()
+    page.get_by_label("API key").fill(live.pacs_key)
+    page.get_by_label("Question").fill(QUESTION)
+    page.locator("input[type=file]").set_input_files(str(png))
+    deadline = time.monotonic() + 20
+    while len(uploads) < 2:
+        assert time.monotonic() < deadline, "the page sent no upload with the key"
+        page.wait_for_timeout(100)
+    assert uploads[1] == 200
+    page.get_by_role("button", name="Ask").click()
+    expect(page.get_by_label("Status")).to_have_value(re.compile("tokens in"), timeout=30_000)
+    r = httpx.post(  # the same file and question with the page's default parameters
+        f"{live.base}/v1/ask",
+        headers={"Authorization": f"Bearer {live.pacs_key}"},
+        files={"file": (png.name, png.read_bytes())},
+        data={"question": QUESTION},
+        timeout=60,
+    )
+    assert r.status_code == 201, r.text
+    assert page.get_by_label("Answer").input_value() == r.json()["report"]["answer"]

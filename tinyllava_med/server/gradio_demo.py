@@ -23,11 +23,14 @@ Because the page sits next to a hospital's REST API, it is not a way around it:
   run history and analytics are off, and the theme uses system fonts, so the page asks nothing
   of any other server.
 
-Gradio's own upload route accepts a file (up to `max_upload_bytes`) before any key is checked:
-the page sends the file as it is chosen, with no key (Gradio's browser client sends none). So
-that route is budgeted instead (`UploadBudget`): an address may upload `UPLOAD_BUDGET_FILES`
-files' worth (`max_upload_bytes` each) per `CACHE_MAX_AGE_S` (429 beyond, refused unread), so
-no one fills the data volume through it, and nothing is decoded or answered without a key.
+Gradio's own upload route takes the file as it is chosen, before any question, and Gradio's
+browser client sends no key with it. So the page keeps the key typed into its box in a cookie
+(`KEY_COOKIE`: this path only, same-site, gone when the browser closes), and the upload route
+checks it as the REST API checks keys (`auth.authenticate`: refusals audited, at most 20 a
+minute per address; a `gradio_client` sends `Authorization: Bearer` instead): a file from
+anyone without a key is refused unread (401). A key's uploads are budgeted too
+(`UploadBudget`): an address may upload `UPLOAD_BUDGET_FILES` files' worth (`max_upload_bytes`
+each) per `CACHE_MAX_AGE_S` (429 beyond, refused unread), so no one fills the data volume.
 To offer more loaded models, return them from `loaded_models`: the dropdown lists them.
 """
 
@@ -56,7 +59,7 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tinyllava_med.model.generate import SamplingParams
-from tinyllava_med.server.auth import ANONYMOUS, Principal, verify_api_key
+from tinyllava_med.server.auth import ANONYMOUS, Principal, authenticate, verify_api_key
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Outcome
 from tinyllava_med.server.engine import BatchingEngine, EngineNotReady
@@ -75,6 +78,14 @@ PREPARE_ACTION = "demo.prepare"
 CACHE_MAX_AGE_S = 1800  # uploads and previews leave Gradio's cache after 30 minutes
 CACHE_SWEEP_S = 600
 UPLOAD_BUDGET_FILES = 8  # per address and CACHE_MAX_AGE_S, of max_upload_bytes each
+KEY_COOKIE = "tlm_demo_key"
+# Runs in the page as the key box changes: the upload route reads the key from this cookie.
+KEY_COOKIE_JS = (
+    "(key) => { const k = (key || '').trim();"
+    f" document.cookie = '{KEY_COOKIE}=' + encodeURIComponent(k) + '; path={DEMO_PATH}"
+    "; samesite=strict' + (location.protocol === 'https:' ? '; secure' : '')"
+    " + (k ? '' : '; max-age=0'); }"
+)
 
 INTRO = """\
 # TinyLLaVA-Med demo
@@ -419,7 +430,12 @@ def build_demo(app: FastAPI) -> gr.Blocks:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1):
-                api_key = gr.Textbox(label="API key", type="password", placeholder="tlm_...")
+                api_key = gr.Textbox(
+                    label="API key",
+                    type="password",
+                    placeholder="tlm_...",
+                    info="first: a file is uploaded as it is chosen, with this key",
+                )
                 model = gr.Dropdown(
                     label="Model",
                     choices=[],
@@ -464,6 +480,7 @@ def build_demo(app: FastAPI) -> gr.Blocks:
             api_name="prepare",
             concurrency_limit=settings.max_queue,
         )
+        api_key.change(None, api_key, None, js=KEY_COOKIE_JS)  # in the page only
         blocks.load(list_models, None, model, api_visibility="private")
     return blocks
 
@@ -500,12 +517,33 @@ class UploadBudget:
             return True
 
 
+async def _upload_refused(scope: Scope) -> JSONResponse | None:
+    """Why Gradio's upload route refuses this request (no key, a key that is not valid or may
+    not ask questions), or None. The key comes as for the REST API, else from `KEY_COOKIE`."""
+    request = Request(scope)
+    key = request.cookies.get(KEY_COOKIE, "").strip()
+    if key and "authorization" not in request.headers and "x-api-key" not in request.headers:
+        headers = [*scope["headers"], (b"authorization", f"Bearer {key}".encode())]
+        request = Request({**scope, "headers": headers})
+    try:
+        principal = await authenticate(request)
+    except APIError as e:
+        message = e.message
+        if not key and "authorization" not in request.headers:
+            message = f"enter an API key with the {PERMISSION!r} permission first, then the file"
+        return JSONResponse(error_body(e.code, message), e.status, e.headers)
+    if principal.can(PERMISSION):
+        return None
+    message = f"this key's role {principal.role!r} does not grant {PERMISSION!r}"
+    return JSONResponse(error_body("forbidden", message), 403)
+
+
 class _OwnScope:
     """Gradio's app writes itself into `scope["app"]` (and its routes into `scope["route"]`);
     the server's middleware reads both after the response (metrics by route, error handling).
     So Gradio gets a copy of the scope, and the server's scope names the `/demo` mount as its
-    route: one low-cardinality metrics label for all of the demo's requests. Its keyless
-    upload route is budgeted per address (`UploadBudget`)."""
+    route: one low-cardinality metrics label for all of the demo's requests. Its upload route
+    needs a key (`_upload_refused`) and is budgeted per address (`UploadBudget`)."""
 
     def __init__(self, app: ASGIApp, mount: Mount, uploads: UploadBudget, file_bytes: int):
         self.app = app
@@ -515,6 +553,10 @@ class _OwnScope:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope["route"] = self.mount
         if scope["type"] == "http" and scope["path"].endswith("/gradio_api/upload"):
+            refused = await _upload_refused(scope)
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
             length = Request(scope).headers.get("content-length", "")
             size = int(length) if length.isdigit() else self.file_bytes  # chunked: at most
             address = scope["client"][0] if scope.get("client") else "unknown"
