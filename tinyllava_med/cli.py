@@ -163,6 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ),
             batch_size=args.batch_size,
             limit=args.limit,
+            grayscale_pad=args.grayscale_pad,
         )
         print(json.dumps(counts))
         return 1 if counts["failed"] else 0
@@ -711,6 +712,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prompt template instead of the model's own: TinyLLaVA-Med-F's paper asked with "
         "llava_v1 at --temperature 0.2 (its model_vqa_science.py defaults)",
+    )
+    g.add_argument(
+        "--grayscale-pad",
+        choices=("mean", "llava-med"),
+        default="mean",
+        help="the square a non-square grayscale image is padded to: the model's mean colour, "
+        "as trained and served (default), or llava-med: one gray, 114 for CLIP, as LLaVA-Med's "
+        "model_vqa.py padded when its published scores were made",
     )
     sc = ev.add_parser("score", help="LLaVA-Med metrics (+ strict variants), paired by id")
     sc.add_argument("--gt", required=True)

@@ -123,3 +123,59 @@ def test_a_file_resumes_only_its_own_model_and_decoding(tiny_lm, phantom: Path, 
         run(lm=other)
     assert "quantization" in str(refused.value) and str(out) in str(refused.value)
     assert out.read_text() == before
+
+
+def test_llava_med_grayscale_pad(tiny_lm, tmp_path: Path) -> None:
+    """`grayscale_pad="llava-med"` pads a non-square grayscale image with LLaVA-Med's one gray
+    (114 for CLIP's mean), as its model_vqa.py did; RGB and square images are as by default.
+    The run records it, and a file of one padding does not resume with the other."""
+    import copy
+    import dataclasses
+
+    from PIL import Image
+
+    from tinyllava_med.model.generate import generate
+    from tinyllava_med.model.processor import VISION_SPECS, pixel_values
+
+    mean = VISION_SPECS["clip"].image_mean
+    processor = copy.deepcopy(tiny_lm.processor)  # a CLIP tower's mean (LLaVA-Med's)
+    processor.image_processor.image_mean = list(mean)
+    lm = dataclasses.replace(tiny_lm, processor=processor)
+    assert eval_generate.llava_med_gray(lm) == 114  # LLaVA-Med's process_images, mode L
+    images = tmp_path / "img"
+    images.mkdir()
+    wide = Image.linear_gradient("L").resize((64, 40))
+    wide.save(images / "gray.png")
+    wide.convert("RGB").save(images / "rgb.png")
+    questions = tmp_path / "q.jsonl"
+    rows = [("g", "gray.png"), ("c", "rgb.png")]
+    questions.write_text(
+        "".join(
+            json.dumps({"question_id": q, "image": i, "text": "Organ?"}) + "\n" for q, i in rows
+        )
+    )
+    params = SamplingParams(max_new_tokens=4)
+    out = tmp_path / "llava-med.jsonl"
+    counts = generate_answers(
+        lm, questions, images, out, params=params, progress=False, grayscale_pad="llava-med"
+    )
+    assert counts["answered"] == 2
+    gray = 114
+    padded = Image.new("L", (64, 64), gray)
+    padded.paste(wide, (0, 12))
+    assert eval_generate.pad_grayscale(wide, gray).tobytes() == padded.tobytes()
+    default = pixel_values(processor, wide)
+    assert not torch_equal(pixel_values(processor, padded), default)  # another input
+    want = [a.text for a in generate(lm, [padded, wide.convert("RGB")], ["Organ?"] * 2, params)]
+    got = _answers(out)
+    assert [got["g"], got["c"]] == want
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {line["metadata"]["grayscale_pad"] for line in lines} == {gray}
+    with pytest.raises(ValueError, match="grayscale_pad"):
+        generate_answers(lm, questions, images, out, params=params, progress=False)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

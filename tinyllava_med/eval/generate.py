@@ -6,8 +6,13 @@ Reads LLaVA-Med / VQA-RAD conversation files (`conversations` or the misspelt `c
 LLaVA-Med. Batched, greedy by default, resumable; a failed item is written as failed. Images
 are read as the server reads uploads (`imaging.load_image_file`: DICOM, 16-bit PNG stretched,
 the same pixel limits); 8-bit PNG and JPEG give the same pixels as a plain PIL conversion.
-A run resumes only a file of its own answers: the same weights, quantization, template and
-decoding (`RESUME_KEYS`).
+A run resumes only a file of its own answers: the same weights, quantization, template,
+decoding and padding (`RESUME_KEYS`).
+
+`grayscale_pad="llava-med"` pads grayscale images as LLaVA-Med's `model_vqa.py` did when its
+published scores were made: `process_images` fills an `L` image's square with one gray,
+`int(255 * mean(image_mean))` (114 for CLIP), where its training, and the server, use the
+mean colour (122, 116, 104) on RGB. Its random one-pixel shift of the image is not copied.
 """
 
 from __future__ import annotations
@@ -62,7 +67,24 @@ def read_questions(path: str | Path) -> list[Question]:
 
 # what an answer's metadata must share with this run's for the run to resume its file: the
 # same weights, quantization, prompt template and decoding (a code version alone may differ)
-RESUME_KEYS = ("model_weights", "quantization", "template", "decoding")
+RESUME_KEYS = ("model_weights", "quantization", "template", "decoding", "grayscale_pad")
+GRAYSCALE_PADS = ("mean", "llava-med")
+
+
+def llava_med_gray(lm: LoadedModel) -> int:
+    """The gray LLaVA-Med's evaluation padded grayscale images with (`process_images`)."""
+    mean = list(lm.processor.image_processor.image_mean)
+    return int(255 * sum(mean) / len(mean))
+
+
+def pad_grayscale(image: Image.Image, gray: int) -> Image.Image:
+    """A grayscale `image` centred on a square of `gray`; any other image as it is."""
+    if image.mode != "L" or image.width == image.height:
+        return image
+    side = max(image.size)
+    canvas = Image.new("L", (side, side), gray)
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return canvas
 
 
 def answered_ids(out_path: Path, run: dict[str, Any] | None = None) -> set[str]:
@@ -109,8 +131,10 @@ def generate_answers(
     limit: int | None = None,
     progress: bool = True,
     prefix_cache_mb: int | None = None,
+    grayscale_pad: str = "mean",
 ) -> dict[str, int]:
     """Answer every question not yet in `out_path`; returns counts (answered, failed, skipped).
+    `grayscale_pad`: "mean" as the model's processor pads, or "llava-med" (module docstring).
 
     `prefix_cache_mb`: attention caches of prompt prefixes that questions share, as the server
     keeps them (None: `prefix_cache_size_mb`'s default): the template's opening, and each
@@ -119,7 +143,12 @@ def generate_answers(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     questions = read_questions(questions_path)[:limit]
+    if grayscale_pad not in GRAYSCALE_PADS:
+        raise ValueError(f"grayscale_pad {grayscale_pad!r}: expected one of {GRAYSCALE_PADS}")
     meta_base: dict[str, Any] = {**lm.info, "decoding": asdict(params)}
+    gray = llava_med_gray(lm) if grayscale_pad == "llava-med" else None
+    if gray is not None:  # absent otherwise, as in files written before the option
+        meta_base["grayscale_pad"] = gray
     done = answered_ids(out, json.loads(json.dumps(meta_base)))  # as read back from a line
     todo = [q for q in questions if q.question_id not in done]
     counts = {"answered": 0, "failed": 0, "skipped": len(questions) - len(todo)}
@@ -132,7 +161,8 @@ def generate_answers(
             images: list[Image.Image | None] = []
             for q in batch:
                 try:  # as the server reads uploads: DICOM, 16-bit PNG, pixel limits
-                    images.append(load_image_file(Path(images_dir) / q.image))
+                    image = load_image_file(Path(images_dir) / q.image)
+                    images.append(image if gray is None else pad_grayscale(image, gray))
                 except (OSError, ValueError, ImagingError) as e:
                     log.warning("question %s: image unreadable: %s", q.question_id, e)
                     images.append(None)
