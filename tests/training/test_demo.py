@@ -88,3 +88,20 @@ def test_a_build_the_time_budget_cuts_short_is_a_warning(tmp_path, monkeypatch, 
     assert run["stopped_by_time_limit"] and run["steps"] < 500
     assert f"the demo model trained {run['steps']} of 500 steps" in caplog.text
     assert "--no-time-limit" in caplog.text
+
+
+def test_finding_the_demo_does_not_import_the_trainer(tmp_path) -> None:
+    """`serve` imports this module on every start to find the demo model; the trainer's imports
+    (Trainer, peft, bitsandbytes, datasets) took 1.4 s of each start for a folder check."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tinyllava_med.training.demo import ensure_demo_model; "
+        "heavy = [m for m in ('tinyllava_med.training.trainer', 'peft', 'datasets') "
+        "if m in sys.modules]; assert not heavy, heavy"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr

@@ -26,7 +26,6 @@ from tinyllava_med.model.tiny import TinyShape, build_tiny_llava, save_served
 from tinyllava_med.training.config import Component, TrainConfig
 from tinyllava_med.training.data import read_conversations, turns_of
 from tinyllava_med.training.phantom import generate_phantom
-from tinyllava_med.training.trainer import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +131,10 @@ def build_demo_model(
         **settings,
     )
     t_train = time.monotonic()
+    # here, not at the top: `serve` imports this module to find the demo, and the trainer's
+    # imports (Trainer, peft, bitsandbytes, datasets) took 1.4 s of every start
+    from tinyllava_med.training.trainer import run_stage
+
     trained = run_stage(cfg)
     train_seconds = time.monotonic() - t_train
     shutil.rmtree(trained / "checkpoints", ignore_errors=True)
