@@ -270,6 +270,22 @@ def test_uploads_need_a_key_and_are_budgeted_per_address(live):
     assert upload(10, cookies={KEY_COOKIE: live.pacs_key}).status_code == 200
     assert upload(10, headers={"Authorization": f"Bearer {live.pacs_key}"}).status_code == 200
 
+    # Gradio's other ways in for a file: routes the demo does not use, files in a call's body,
+    # a file named by URL (Gradio would download it into its cache before any handler ran)
+    api = f"{live.base}/demo/gradio_api"
+    for route in ("process_recording", "component_server", "component_server/"):
+        r = httpx.post(f"{api}/{route}", files={"files": ("v.mp4", b"x" * 1000)}, timeout=30)
+        assert r.status_code == 404, (route, r.status_code)
+    r = httpx.post(f"{api}/run/ask", files={"files": ("a.dcm", b"x" * 1000)}, timeout=30)
+    assert r.status_code == 415
+    remote = {"path": "https://example.org/a.dcm", "meta": {"_type": "gradio.FileData"}}
+    call = {"data": [live.pacs_key, remote, QUESTION], "fn_index": 0, "session_hash": "x1"}
+    for route in ("queue/join", "run/ask", "call/ask"):
+        r = httpx.post(f"{api}/{route}", json=call, timeout=30)
+        assert r.status_code == 422 and "by URL" in r.json()["error"]["message"], route
+    r = httpx.post(f"{api}/queue/join", content=b"{" + b" " * (1 << 20) + b"}", timeout=30)
+    assert r.status_code == 413
+
     [mount] = [r for r in live.app.router.routes if isinstance(r, Mount) and r.path == "/demo"]
     budget = mount.app.uploads
     mount.app.uploads = UploadBudget(1000, 1800)
@@ -304,7 +320,8 @@ browser, page = web.browser, web.page  # Chromium fixtures: one for the module, 
 def test_the_page_uploads_with_the_typed_key_and_answers_in_a_browser(live, page, tmp_path):
     """Real Chromium on the Gradio page: a file chosen before any key is refused (401, the
     upload route's key check), and after the key is typed, choosing it uploads (the page keeps
-    the key in its cookie) and asking answers as the REST API does."""
+    the key in its cookie) and asking answers as the REST API does; after a reload the key is
+    forgotten."""
     from playwright.sync_api import expect
 
     png = tmp_path / "page.png"
@@ -342,3 +359,12 @@ def test_the_page_uploads_with_the_typed_key_and_answers_in_a_browser(live, page
     )
     assert r.status_code == 201, r.text
     assert page.get_by_label("Answer").input_value() == r.json()["report"]["answer"]
+    # a reloaded page has an empty key box, and forgets the key: a shared workstation's next
+    # user does not upload with it
+    page.reload()
+    page.locator("input[type=file]").set_input_files(str(png))
+    deadline = time.monotonic() + 20
+    while len(uploads) < 3:
+        assert time.monotonic() < deadline, "the page sent no upload after the reload"
+        page.wait_for_timeout(100)
+    assert uploads[2] == 401

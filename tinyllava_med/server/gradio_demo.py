@@ -25,10 +25,14 @@ Because the page sits next to a hospital's REST API, it is not a way around it:
 
 Gradio's own upload route takes the file as it is chosen, before any question, and Gradio's
 browser client sends no key with it. So the page keeps the key typed into its box in a cookie
-(`KEY_COOKIE`: this path only, same-site, gone when the browser closes), and the upload route
+(`KEY_COOKIE`: the page's path only, same-site, gone when the browser closes), and the upload route
 checks it as the REST API checks keys (`auth.authenticate`: refusals audited, at most 20 a
 minute per address; a `gradio_client` sends `Authorization: Bearer` instead): a file from
-anyone without a key is refused unread (401). A key's uploads are budgeted too
+anyone without a key is refused unread (401). Gradio's other ways in for a file are closed:
+the recording and component routes, which the demo does not use (404), a call whose body is
+not a small JSON object, and a call naming a file by URL, which Gradio would download into its
+cache before any handler saw the key (422). The page clears the cookie as it loads, as it
+does its key box. A key's uploads are budgeted too
 (`UploadBudget`): an address may upload `UPLOAD_BUDGET_FILES` files' worth (`max_upload_bytes`
 each) per `CACHE_MAX_AGE_S` (429 beyond, refused unread), so no one fills the data volume.
 To offer more loaded models, return them from `loaded_models`: the dropdown lists them.
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import shutil
 import tempfile
@@ -56,7 +61,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image as PILImage
 from pydantic import ValidationError
 from starlette.routing import Mount
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinyllava_med.model.generate import SamplingParams
 from tinyllava_med.server.auth import ANONYMOUS, Principal, authenticate, verify_api_key
@@ -80,12 +85,23 @@ CACHE_SWEEP_S = 600
 UPLOAD_BUDGET_FILES = 8  # per address and CACHE_MAX_AGE_S, of max_upload_bytes each
 KEY_COOKIE = "tlm_demo_key"
 # Runs in the page as the key box changes: the upload route reads the key from this cookie.
+# The cookie's path: the page's own folder (`/demo/`, or under a proxy's prefix).
+_COOKIE_PATH_JS = "(location.pathname.endsWith('/') ? location.pathname : location.pathname + '/')"
+# Runs in the page as the key box changes: the upload route reads the key from this cookie.
 KEY_COOKIE_JS = (
     "(key) => { const k = (key || '').trim();"
-    f" document.cookie = '{KEY_COOKIE}=' + encodeURIComponent(k) + '; path={DEMO_PATH}"
-    "; samesite=strict' + (location.protocol === 'https:' ? '; secure' : '')"
+    f" document.cookie = '{KEY_COOKIE}=' + encodeURIComponent(k) + '; path=' + {_COOKIE_PATH_JS}"
+    " + '; samesite=strict' + (location.protocol === 'https:' ? '; secure' : '')"
     " + (k ? '' : '; max-age=0'); }"
 )
+# Runs as the page loads: a reloaded page's key box is empty, so is the cookie (a shared
+# workstation's next user does not upload with the last one's key).
+CLEAR_KEY_COOKIE_JS = (
+    f"() => {{ document.cookie = '{KEY_COOKIE}=; path=' + {_COOKIE_PATH_JS} + '; max-age=0'; }}"
+)
+# Gradio routes the demo does not use that take files without a key: refused.
+UNUSED_FILE_ROUTES = ("/gradio_api/process_recording", "/gradio_api/component_server")
+MAX_CALL_BODY = 1 << 20  # a question's JSON: the file goes by upload, never in the body
 
 INTRO = """\
 # TinyLLaVA-Med demo
@@ -481,6 +497,7 @@ def build_demo(app: FastAPI) -> gr.Blocks:
             concurrency_limit=settings.max_queue,
         )
         api_key.change(None, api_key, None, js=KEY_COOKIE_JS)  # in the page only
+        blocks.load(None, None, None, js=CLEAR_KEY_COOKIE_JS)
         blocks.load(list_models, None, model, api_visibility="private")
     return blocks
 
@@ -538,6 +555,61 @@ async def _upload_refused(scope: Scope) -> JSONResponse | None:
     return JSONResponse(error_body("forbidden", message), 403)
 
 
+def _remote_file(value: Any) -> bool:
+    """Whether a call's JSON names a file by URL (`{"path": "https://..."}`), which Gradio
+    would download into its cache, keyless and unbounded, before any handler ran."""
+    if isinstance(value, dict):
+        path = value.get("path")
+        if isinstance(path, str) and path.lower().startswith(("http://", "https://")):
+            return True
+        return any(_remote_file(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_remote_file(v) for v in value)
+    return False
+
+
+async def _call_refused(scope: Scope, receive: Receive) -> tuple[JSONResponse | None, Receive]:
+    """Why a POST to Gradio's API other than the upload is refused (a file route the demo does
+    not use, a body that is not a small JSON object, a file named by URL), or None; and the
+    `receive` that replays the body read to check it."""
+    path = scope["path"].rstrip("/")
+    if path.endswith(UNUSED_FILE_ROUTES):
+        return JSONResponse(error_body("not_found", "not found"), 404), receive
+    chunks, size = [], 0
+    while True:
+        got = await receive()
+        if got["type"] != "http.request":
+            return JSONResponse(error_body("bad_request", "request not read"), 400), receive
+        chunks.append(got.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_CALL_BODY:
+            too_large = "a demo call's body is at most 1 MiB: files go by upload"
+            return JSONResponse(error_body("too_large", too_large), 413), receive
+        if not got.get("more_body"):
+            break
+    body = b"".join(chunks)
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if body and Request(scope).headers.get("content-type", "").startswith("multipart/"):
+        only = "files go to the demo by its upload route only"
+        return JSONResponse(error_body("unsupported_media_type", only), 415), receive
+    if _remote_file(data):
+        by_url = "the demo reads only files uploaded to it, not files named by URL"
+        return JSONResponse(error_body("invalid_request", by_url), 422), receive
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return None, replay
+
+
 class _OwnScope:
     """Gradio's app writes itself into `scope["app"]` (and its routes into `scope["route"]`);
     the server's middleware reads both after the response (metrics by route, error handling).
@@ -567,6 +639,11 @@ class _OwnScope:
                 )
                 body = error_body("too_many_uploads", message)
                 await JSONResponse(body, 429, {"Retry-After": "600"})(scope, receive, send)
+                return
+        elif scope["type"] == "http" and scope["method"] == "POST":
+            refused, receive = await _call_refused(scope, receive)
+            if refused is not None:
+                await refused(scope, receive, send)
                 return
         await self.app(dict(scope), receive, send)
 
