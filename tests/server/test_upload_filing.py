@@ -218,3 +218,45 @@ def test_parallel_uploads_of_one_new_study_make_one_study(api):
         studies = s.scalars(select(Study).where(Study.StudyInstanceUID == uid)).all()
         assert len(studies) == 1
         assert sorted(i.n for i in studies[0].images) == list(range(len(slices)))
+
+
+def test_filings_take_turns_and_always_let_go(api):
+    """On SQLite this process's filings queue on one thread lock before the database's write
+    lock (SQLite's busy handler slept up to 100 ms between tries). It is let go as the filing's
+    transaction ends, whether it commits or is refused: a lock kept would stop every upload."""
+    from tinyllava_med.server.ingest import _SQLITE_WRITER
+
+    held = upload(api, ("ct.dcm", ct_of_new_study(), DICOM))
+    assert held.status_code == 201 and not _SQLITE_WRITER.locked()
+    other = ct_with(
+        PatientID="OTHER-PATIENT-ID",
+        StudyInstanceUID=pydicom.dcmread(io.BytesIO(ct_of_new_study())).StudyInstanceUID,
+        SOPInstanceUID=pydicom.uid.generate_uid(),
+    )
+    assert upload(api, ("a.dcm", other, DICOM)).status_code == 201
+    refused = ct_with(
+        PatientID="A-THIRD-PATIENT",
+        StudyInstanceUID=pydicom.dcmread(io.BytesIO(other)).StudyInstanceUID,
+        SOPInstanceUID=pydicom.uid.generate_uid(),
+    )
+    assert_error(upload(api, ("b.dcm", refused, DICOM)), 409, "patient_mismatch")
+    assert not _SQLITE_WRITER.locked()
+    assert_error(_ask(api, refused), 409, "patient_mismatch")
+    assert not _SQLITE_WRITER.locked()
+
+    files = [("p.png", png_bytes(color=n), "image/png") for n in range(6)]
+    files += [("c.dcm", ct_of_new_study(), DICOM) for _ in range(6)]
+    start, statuses = threading.Barrier(len(files)), []
+
+    def send(f) -> None:
+        start.wait()
+        statuses.append(upload(api, f).status_code)
+
+    threads = [threading.Thread(target=send, args=(f,)) for f in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert statuses == [201] * len(files)
+    assert not _SQLITE_WRITER.locked()
