@@ -15,6 +15,7 @@ at the image position of the ids `tokenizer_image_token` made, then the LLM.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -179,6 +180,35 @@ def sentencepiece_fast_tokenizer(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
     return tok
+
+
+def slow_legacy_false_encoder(folder: Path) -> Callable[[str], list[int]]:
+    """What transformers 4.3x's slow `LlamaTokenizer` with `legacy: false` gave for one text (as
+    TinyLLaVA called it, chunk by chunk), step by step as its `tokenize` and `_tokenize` did:
+    `▁` prepended to the text once, the special tokens split off, each other piece
+    sentencepiece-encoded with no dummy prefix of its own, a `▁` before a special token that
+    starts the text dropped, BOS first. The pieces are encoded by `folder`'s own BPE."""
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    specials = {a["content"]: a["id"] for a in spec["added_tokens"] if a["special"]}
+    bare = dict(spec, added_tokens=[], pre_tokenizer=None, post_processor=None)
+    bare["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    model = Tokenizer.from_str(json.dumps(bare))
+    split = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
+    space = model.token_to_id("▁")
+
+    def encode(text: str) -> list[int]:
+        text = "▁" + text.replace("▁", " ")
+        ids: list[int] = []
+        for part in (p for p in split.split(text) if p):
+            if part in specials:
+                ids.append(specials[part])
+            else:
+                ids += model.encode(part, add_special_tokens=False).ids
+        if len(ids) > 1 and ids[0] == space and ids[1] in specials.values():
+            ids = ids[1:]
+        return [specials["<s>"], *ids]
+
+    return encode
 
 
 def write_sentencepiece_files(

@@ -395,12 +395,10 @@ def test_prompt_ids_tinyllava_single_turn_and_multi_turn(shop: Workshop) -> None
     orig, dst = shop.convert("tiny_llava_llama")
     processor = AutoProcessor.from_pretrained(dst)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    slow_legacy_false = LlamaTokenizer.from_pretrained(orig.folder)  # prepend_scheme "first"
+    slow_legacy_false = of.slow_legacy_false_encoder(orig.folder)
 
     def original(prompt: str) -> list[int]:
-        return of.tokenizer_image_token(
-            prompt, lambda c: slow_legacy_false(c).input_ids, orig.bos_id
-        )
+        return of.tokenizer_image_token(prompt, slow_legacy_false, orig.bos_id)
 
     def served(prompt: str) -> list[int]:
         ids = processor(text=prompt, images=sample_image(), return_tensors="pt")["input_ids"]
@@ -419,9 +417,16 @@ def test_prompt_ids_tinyllava_single_turn_and_multi_turn(shop: Workshop) -> None
     after = processor.tokenizer.convert_ids_to_tokens([got[i + 1] for i in eos])
     assert all(not t.startswith("▁") for t in after), after
     assert got != of.tokenizer_image_token(multi, orig.encode, orig.bos_id)
-    # A `</s>` typed inside a question is split off the same way.
+    # A `</s>` typed inside a question is split off the same way; and texts as they reach the
+    # tokenizer: led by spaces, by a special token, spaces around one
     odd = build_prompt("v1", "mass</s>or not?", history)
     assert served(odd) == original(odd)
+    for text in (" Hello</s> x", "  two  spaces", "</s>USER: a", "a </s> b", "x</s>", "<s>y"):
+        assert processor.tokenizer(text)["input_ids"] == slow_legacy_false(text), text
+    # transformers 5's own LlamaTokenizer(legacy=False) is not that: it gives no extra `▁` to a
+    # text led by a space
+    fast_legacy_false = LlamaTokenizer.from_pretrained(orig.folder)
+    assert fast_legacy_false(" Hello").input_ids != slow_legacy_false(" Hello")
     tok = processor.tokenizer
     answer = tok("The left lung.</s>", add_special_tokens=False)["input_ids"]
     assert tok.decode(answer, skip_special_tokens=True) == "The left lung."
@@ -470,8 +475,9 @@ def test_training_ids_of_a_conversation_are_the_served_ids(shop: Workshop, case:
     answers = "".join(t for t, is_answer in segments if is_answer)
     assert tok.decode(supervised).strip() == answers.strip()
     if case == "tiny_llava_llama":
-        slow = LlamaTokenizer.from_pretrained(orig.folder)
-        want = of.tokenizer_image_token(text, lambda c: slow(c).input_ids, orig.bos_id)
+        want = of.tokenizer_image_token(
+            text, of.slow_legacy_false_encoder(orig.folder), orig.bos_id
+        )
         assert _collapse(ids, tok.convert_tokens_to_ids("<image>")) == want
 
 

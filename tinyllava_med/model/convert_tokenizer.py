@@ -270,22 +270,27 @@ def use_dummy_prefix_per_chunk(
         if hasattr(tokenizer, "add_prefix_space"):
             tokenizer.add_prefix_space = True
         return tokenizer
-    # The slow tokenizer prepended `▁` to the whole chunk, then split off the added tokens; a
-    # piece that starts the chunk with one loses the `▁` before it. Added tokens are matched after
-    # the normalizer, which also normalizes their own text, hence the last step.
-    added = [a["content"] for a in spec.get("added_tokens", [])]
+    # The slow tokenizer prepended `▁` to the whole chunk, then split off the special tokens; a
+    # special token that starts the chunk loses the `▁` before it. Special tokens are matched
+    # after the normalizer here ("normalized"), which also normalizes their own text, hence the
+    # last step; one holding a space would no longer match, so it stays split off first, as do
+    # other added tokens (none in TinyLLaVA's): text after one of those starts with `▁`.
+    specials = [
+        a for a in spec.get("added_tokens", []) if a.get("special") and " " not in a["content"]
+    ]
     steps: list[dict[str, Any]] = [
         {"type": "Prepend", "prepend": mark},
         {"type": "Replace", "pattern": {"String": " "}, "content": mark},
     ]
-    if added:
-        ahead = "|".join(re.escape(a) for a in sorted(added, key=len, reverse=True))
+    if specials:
+        texts = sorted((a["content"] for a in specials), key=len, reverse=True)
+        ahead = "|".join(re.escape(t) for t in texts)
         steps.append(
             {"type": "Replace", "pattern": {"Regex": f"^{mark}(?={ahead})"}, "content": ""}
         )
     spec["normalizer"] = {"type": "Sequence", "normalizers": steps}
     spec["pre_tokenizer"] = None
-    for token in spec.get("added_tokens", []):
+    for token in specials:
         token["normalized"] = True
     rebuilt = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
