@@ -489,7 +489,7 @@ def test_dicom_tls_both_ways(tmp_path, sqlite_url, tiny_lm, caplog):
             assert not associate(api).is_established  # clear text
             assert not sender(api.dimse_port, certificate=False).is_established  # no certificate
             for reason in ("WRONG_VERSION_NUMBER", "PEER_DID_NOT_RETURN_A_CERTIFICATE"):
-                line = f"DIMSE: a TLS handshake failed ({reason})"
+                line = f"DIMSE: a TLS connection failed ({reason}) and was closed"
                 wait_for(lambda line=line: line in caplog.text, 10, line)
         assert "Traceback" not in caplog.text and "entire PDU" not in caplog.text
 
@@ -663,3 +663,31 @@ def test_a_c_move_asks_by_study_uid_alone_and_moving_nothing_is_no_success(
         monkeypatch.setattr(pull, "_associate", lambda settings, sop, pacs=pacs: pacs)
         result = pull._c_move(settings, sessions, "1.2.3.4")
         assert (result["stored"], result["skipped_series"], pacs.asked) == (0, 2, [])
+
+
+def test_the_tls_failure_line_leaves_other_records_alone():
+    """Only pynetdicom's two records for a failed TLS connection are turned into one line:
+    other records, also those made while an SSL error is handled, pass as they are."""
+    import ssl
+    import sys
+
+    from tinyllava_med.server.dimse import TLS_FAILURE_LINE
+
+    def record(msg, level=logging.ERROR):
+        return logging.LogRecord("pynetdicom.dul", level, "f", 1, msg, (), sys.exc_info())
+
+    plain = record("Exception in DUL.run(), aborting association")
+    assert TLS_FAILURE_LINE.filter(plain) and plain.levelno == logging.ERROR
+    try:
+        raise ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    except ssl.SSLError as exc:
+        closed = record(TLS_FAILURE_LINE.CLOSED)
+        assert not TLS_FAILURE_LINE.filter(closed)
+        other = record("Exception in DUL.run(), aborting association")
+        assert TLS_FAILURE_LINE.filter(other) and other.getMessage().startswith("Exception in")
+        info = record("something else", logging.INFO)
+        assert TLS_FAILURE_LINE.filter(info) and info.levelno == logging.INFO
+        line = record(exc)
+        assert TLS_FAILURE_LINE.filter(line)
+        assert line.levelno == logging.WARNING and line.exc_info is None
+        assert line.getMessage().startswith("DIMSE: a TLS connection failed (")

@@ -22,7 +22,7 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
   take them costs only the rows.
 - With TLS, the handshake happens in each connection's own thread: pynetdicom's runs it in
   the one accepting thread, where a connection that never began one stopped every sender. A
-  handshake that fails is one warning line (pynetdicom logged two errors and a traceback).
+  TLS failure is one warning line (pynetdicom logged two errors and a traceback).
 - Each instance is received into a temporary file (never whole in memory), refused above
   `max_upload_bytes` (0xA700 within `_PDU_SLACK` over it; beyond, the connection is closed as
   the data arrives, so the object never fills the disk: the sender sees an abort), decoded with
@@ -224,18 +224,23 @@ class _GuardedServer(ThreadedAssociationServer):
 
 
 class _TlsFailureLine(logging.Filter):
-    """pynetdicom logs a failed TLS handshake (a sender in clear text, without a certificate, or
-    a port scan) as two errors and a traceback; this makes it one warning line. It runs as the
-    record is made, inside pynetdicom's `except`, so the exception being handled is the one."""
+    """pynetdicom logs a TLS connection that fails (a sender in clear text, without a
+    certificate, a port scan) as two errors and a traceback; this makes it one warning line.
+    It runs as the record is made, inside pynetdicom's `except`, so the exception being handled
+    is the one; records other than those two pass as they are."""
+
+    CLOSED = "Connection closed before the entire PDU was received"
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = sys.exc_info()[1]
         if not isinstance(exc, ssl.SSLError):
             return True
+        if record.msg == self.CLOSED:
+            return False
         if record.msg is not exc:  # pynetdicom logs the exception itself as the message
-            return False  # "Connection closed before the entire PDU was received"
+            return True
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        record.msg, record.args = "DIMSE: a TLS handshake failed (%s)", (reason,)
+        record.msg, record.args = "DIMSE: a TLS connection failed (%s) and was closed", (reason,)
         record.exc_info, record.exc_text = None, None
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
