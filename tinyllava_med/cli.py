@@ -353,8 +353,9 @@ def _start_problem(settings: Any) -> str | None:
         )
     if sqlite_write_held(settings.database_url):
         return (
-            "another program holds the SQLite database's write lock (a sqlite3 shell or a tool "
-            "with a transaction left open): every write would fail; end its transaction first"
+            "another program held the SQLite database's write lock for 6 s (a sqlite3 shell or "
+            "a tool with a transaction left open, or one writing without a pause): every write "
+            "would fail; end its transaction first"
         )
     return None
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 
 import httpx
@@ -253,11 +254,30 @@ def test_serve_does_not_migrate_under_another_server_and_says_why_it_cannot_star
     holder = sqlite3.connect(data / "tinyllava_med.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
-        assert "holds the SQLite database's write lock" in str(_start_problem(settings))
+        assert "held the SQLite database's write lock" in str(_start_problem(settings))
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     assert _start_problem(settings) is None
+    # a busy writer (another server filing one upload after another, 20 ms each with a
+    # moment between) is not taken for one
+    stop = threading.Event()
+
+    def busy() -> None:
+        with sqlite3.connect(data / "tinyllava_med.db", isolation_level=None) as conn:
+            while not stop.is_set():
+                conn.execute("BEGIN IMMEDIATE")
+                time.sleep(0.02)
+                conn.execute("ROLLBACK")
+                time.sleep(0.002)
+
+    writer = threading.Thread(target=busy)
+    writer.start()
+    try:
+        assert _start_problem(settings) is None
+    finally:
+        stop.set()
+        writer.join()
     usage = shutil.disk_usage(data)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=4096))
     assert (

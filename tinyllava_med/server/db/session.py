@@ -118,11 +118,14 @@ def _owner_only(db: Path) -> None:
         log.warning("could not make the database file owner-only: %s: %s", e.strerror, e.filename)
 
 
-def sqlite_write_held(url: str | URL, wait_s: float = 5.0) -> bool:
-    """Whether another connection holds the SQLite file's write lock for longer than `wait_s`
-    (a `sqlite3` shell or a tool with a transaction left open): every write would wait out the
-    busy timeout and fail. A missing file, or another backend, holds none."""
+def sqlite_write_held(url: str | URL, wait_s: float = 2.0, tries: int = 3) -> bool:
+    """Whether another connection holds the SQLite file's write lock through `tries` waits of
+    `wait_s` (a `sqlite3` shell or a tool with a transaction left open): every write would wait
+    out the busy timeout and fail. Several tries, a moment apart: SQLite's busy handler polls,
+    and a busy writer's next transaction can take the lock before a poll sees it free. A
+    missing file, or another backend, holds none."""
     import sqlite3
+    import time
 
     u = normalize_database_url(url)
     if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
@@ -130,17 +133,20 @@ def sqlite_write_held(url: str | URL, wait_s: float = 5.0) -> bool:
     db = Path(u.database).expanduser()
     if not db.is_file():
         return False
-    conn = sqlite3.connect(db, timeout=wait_s, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-    except sqlite3.OperationalError as e:
-        if "locked" in str(e) or "busy" in str(e):
-            return True
-        raise
-    finally:
-        conn.close()
-    return False
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(0.2)
+        conn = sqlite3.connect(db, timeout=wait_s, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+        finally:
+            conn.close()
+    return True
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
