@@ -42,10 +42,12 @@ from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
+    GemmaConfig,
     LlamaConfig,
     MistralConfig,
     PhiConfig,
     PretrainedConfig,
+    Qwen2Config,
     SiglipVisionConfig,
     SiglipVisionModel,
     StableLmConfig,
@@ -756,16 +758,22 @@ def build_tiny_llava(root: Path, llm_family: str) -> Original:
     )
 
 
-def build_factory(root: Path) -> Original:
+# TinyLLaVA_Factory's LLM families besides TinyLlama: its templates (`qwen2_base`, `gemma`), the
+# hub id its config names, and the tokenizer class (a byte-level BPE stands in for each here)
+FACTORY_FAMILIES = {
+    "qwen2": ("phi", "Qwen/Qwen2-0.5B", "Qwen2Tokenizer"),
+    "gemma": ("gemma", "google/gemma-2b-it", "PreTrainedTokenizerFast"),
+}
+
+
+def build_factory(root: Path, llm_family: str = "llama") -> Original:
     """TinyLLaVA_Factory (`tinyllava`): configs embedded, tower by hub id, full tower (N layers and
-    head) in the checkpoint under `vision_tower._vision_tower`, connector `connector._connector`."""
-    pieces = train_sentencepiece_pieces()
-    folder = root / "tinyllava-factory"
-    write_sentencepiece_files(folder, pieces, legacy=False, with_tokenizer_json=True)
+    head) in the checkpoint under `vision_tower._vision_tower`, connector `connector._connector`.
+    `llm_family`: TinyLlama (a sentencepiece tokenizer, `legacy: false`), Qwen2 or Gemma."""
+    folder = root / f"tinyllava-factory-{llm_family}"
     tower_cfg = tiny_siglip_config(layers=3)
     vision = _random_vision_state(tower_cfg, seed=31)
-    text_cfg = LlamaConfig(
-        vocab_size=len(pieces),
+    shape = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -773,37 +781,58 @@ def build_factory(root: Path) -> Original:
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
     )
+    text_cfg: PretrainedConfig
+    if llm_family == "llama":
+        pieces = train_sentencepiece_pieces()
+        write_sentencepiece_files(folder, pieces, legacy=False, with_tokenizer_json=True)
+        vocab, template, hub = len(pieces), "v1", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+        encode, bos = _sp_encoder(pieces), 1
+        text_cfg = LlamaConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, **shape)
+        arch = "LlamaForCausalLM"
+    else:
+        template, hub, cls = FACTORY_FAMILIES[llm_family]
+        write_byte_level_tokenizer(folder, cls)
+        source_tok = AutoTokenizer.from_pretrained(folder)
+        vocab = len(source_tok) + 12  # embeddings padded beyond the tokenizer, as Qwen2's
+        encode, bos = (lambda text: source_tok(text).input_ids), None
+        eos = source_tok.eos_token_id
+        if llm_family == "qwen2":
+            text_cfg = Qwen2Config(vocab_size=vocab, bos_token_id=eos, eos_token_id=eos, **shape)
+            arch = "Qwen2ForCausalLM"
+        else:
+            text_cfg = GemmaConfig(
+                vocab_size=vocab, head_dim=8, bos_token_id=eos, eos_token_id=eos, **shape
+            )
+            arch = "GemmaForCausalLM"
     llm = _llm(text_cfg, seed=32)
     projector = _projector(32, 32, seed=33, linear=False)
     state = {f"language_model.{k}": v for k, v in llm.state_dict().items()}
     state |= {f"connector._connector.{k}": v for k, v in projector.items()}
     state |= {f"vision_tower._vision_tower.vision_model.{k}": v for k, v in vision.items()}
     save_weights(folder, state, kind="safetensors")
-    text = text_cfg.to_dict() | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    text = text_cfg.to_dict() | {"architectures": [arch]}
     vision_dict = tower_cfg.to_dict() | {"model_type": "siglip_vision_model"}
     config = {
         "model_type": "tinyllava",
         "architectures": ["TinyLlavaForConditionalGeneration"],
-        "llm_model_name_or_path": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-        "tokenizer_name_or_path": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        "llm_model_name_or_path": hub,
+        "tokenizer_name_or_path": hub,
         "vision_model_name_or_path": "google/siglip-so400m-patch14-384",
         "vision_model_name_or_path2": "",
         "connector_type": "mlp2x_gelu",
         "text_config": text,
         "vision_config": vision_dict,
         "hidden_size": 32,
-        "vocab_size": len(pieces),
+        "vocab_size": vocab,
         "vision_hidden_size": 32,
         "vision_feature_layer": -2,
         "vision_feature_select_strategy": "patch",
         "image_aspect_ratio": "pad",
         "image_token_index": -200,
         "ignore_index": -100,
-        "pad_token": "<unk>",
-        "pad_token_id": 0,
+        "pad_token": "<unk>" if llm_family == "llama" else "<|endoftext|>",
+        "pad_token_id": 0 if llm_family == "llama" else text_cfg.eos_token_id,
         "tokenizer_padding_side": "right",
         "tokenizer_model_max_length": 2048,
         "tokenizer_use_fast": False,
@@ -818,7 +847,7 @@ def build_factory(root: Path) -> Original:
     return Original(
         folder=folder,
         fmt="tinyllava",
-        template="v1",
+        template=template,
         llm=llm,
         vision_kind="siglip",
         vision_layers=2,
@@ -832,8 +861,8 @@ def build_factory(root: Path) -> Original:
         image_size=16,
         center_crop=False,
         pad=True,
-        encode=_sp_encoder(pieces),
-        bos_id=1,
+        encode=encode,
+        bos_id=bos,
         config=config,
     )
 

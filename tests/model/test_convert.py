@@ -45,6 +45,8 @@ BUILDERS = {
     "tiny_llava_phi": lambda root: of.build_tiny_llava(root, "phi"),
     "tiny_llava_stablelm": lambda root: of.build_tiny_llava(root, "stablelm"),
     "tinyllava": of.build_factory,
+    "tinyllava_qwen2": lambda root: of.build_factory(root, "qwen2"),
+    "tinyllava_gemma": lambda root: of.build_factory(root, "gemma"),
 }
 
 
@@ -114,7 +116,15 @@ def _collapse(ids: list[int], image_id: int, marker: int = of.IMAGE_TOKEN_INDEX)
 
 @pytest.mark.parametrize(
     "case",
-    ["llava_mistral", "tiny_llava_llama", "tiny_llava_phi", "tiny_llava_stablelm", "tinyllava"],
+    [
+        "llava_mistral",
+        "tiny_llava_llama",
+        "tiny_llava_phi",
+        "tiny_llava_stablelm",
+        "tinyllava",
+        "tinyllava_qwen2",
+        "tinyllava_gemma",
+    ],
 )
 def test_logits_match_original(shop: Workshop, case: str) -> None:
     orig, dst = shop.convert(case)
@@ -133,6 +143,32 @@ def test_logits_match_original(shop: Workshop, case: str) -> None:
     # The image matters: another image moves the logits far beyond the tolerance.
     other = of.original_logits(orig, ids, of.original_pixels(orig, sample_image(seed=1)))
     assert (other - reference).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("case", "template", "end"),
+    [("tinyllava_qwen2", "phi", "<|endoftext|>"), ("tinyllava_gemma", "gemma", "<eos>")],
+)
+def test_factory_qwen2_and_gemma_get_their_templates(shop, case, template, end) -> None:
+    """TinyLLaVA_Factory's `qwen2_base` template is Phi's text and end of turn, its `gemma` that
+    text ending each answer with `<eos>`: the converted folder names it and renders it."""
+    from tinyllava_med.model.prompts import conversation_segments, stop_strings
+
+    _, dst = shop.convert(case)
+    meta = ServedMeta.load(dst)
+    assert meta is not None and meta.template == template
+    processor = AutoProcessor.from_pretrained(dst)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A lung."}]},
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}]},
+    ]
+    prompt = build_prompt(template, QUESTION, [("What?", "A lung.")])
+    assert processor.apply_chat_template(messages, tokenize=False) == prompt
+    assert f"ASSISTANT: A lung.{end}USER: {QUESTION} ASSISTANT:" in prompt
+    assert stop_strings(template) == (end,)
+    segments = conversation_segments(template, [("What?", "A lung.")])
+    assert [t for t, answer in segments if answer] == [f" A lung.{end}"]
 
 
 def test_llava_med_v10_logits(shop: Workshop) -> None:

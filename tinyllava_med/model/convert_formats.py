@@ -108,7 +108,15 @@ TINY_LLAVA_LLMS = {
 CONFIG_RENAMES = {"rope_pct": "partial_rotary_factor", "norm_eps": "layer_norm_eps"}
 LEGACY_CONFIG_KEYS = {"rope_theta", "rope_scaling", "partial_rotary_factor"}
 # Prompt template per LLM family when the format does not fix it (TinyLLaVA / Factory).
-FAMILY_TEMPLATES = {"llama": "v1", "phi": "phi", "stablelm": "phi"}
+# TinyLLaVA_Factory's `qwen2_base` template is `phi`'s text and end of turn; its `gemma`, that text
+# with Gemma's `<eos>`.
+FAMILY_TEMPLATES = {
+    "llama": "v1",
+    "phi": "phi",
+    "stablelm": "phi",
+    "qwen2": "phi",
+    "gemma": "gemma",
+}
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
 
 

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Literal, get_args
 
-Template = Literal["v1", "llava_v1", "phi", "mistral_instruct", "llava_v1_med", "plain"]
+Template = Literal["v1", "llava_v1", "phi", "gemma", "mistral_instruct", "llava_v1_med", "plain"]
 TEMPLATES: tuple[str, ...] = get_args(Template)
 
 IMAGE_TOKEN = "<image>"
@@ -36,7 +36,8 @@ MED_V1_IMAGE = "<im_start>" + IMAGE_TOKEN + "<im_end>"
 _STOP: dict[str, tuple[str, ...]] = {
     "v1": ("</s>",),
     "llava_v1": ("</s>",),
-    "phi": ("<|endoftext|>",),
+    "phi": ("<|endoftext|>",),  # also TinyLLaVA_Factory's `qwen2_base`: the same text
+    "gemma": ("<eos>",),  # TinyLLaVA_Factory's `gemma`: `phi`'s text, Gemma's end of turn
     "mistral_instruct": ("</s>",),
     "llava_v1_med": ("###",),
     "plain": ("\n",),
@@ -68,7 +69,7 @@ def conversation_segments(
     segs: list[tuple[str, bool]] = []
     for i, (q, a) in enumerate(turns):
         q = _turn_text(q) if i == 0 else q.replace(IMAGE_TOKEN, "").strip()
-        if template in ("v1", "llava_v1", "phi"):
+        if template in ("v1", "llava_v1", "phi", "gemma"):
             user = (_system(template) + " " if i == 0 else "") + f"USER: {q} ASSISTANT:"
             answer = f" {a}{_STOP[template][0]}"
         elif template == "mistral_instruct":
@@ -167,7 +168,7 @@ def _jinja_user(text_expr: str, image: str | None = None) -> str:
 
 def chat_template(template: str) -> str:
     """A Jinja chat template that renders `build_prompt`'s text from chat messages."""
-    if template in ("v1", "llava_v1", "phi"):
+    if template in ("v1", "llava_v1", "phi", "gemma"):
         eos = _STOP[template][0]
         return (
             "{{- " + _lit(_system(template) + " ") + " -}}"
