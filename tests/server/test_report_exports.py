@@ -49,6 +49,29 @@ def texts(item) -> dict[str, str]:
     return out
 
 
+def test_a_blank_report_gives_a_valid_sr_and_a_blank_question_is_refused(api):
+    """A TEXT item's value is Type 1: a draft cleared to be rewritten (or a model's empty
+    answer) gave an SR with an empty Finding, which a PACS refuses (dciodvfy: empty Type 1C
+    TextValue). A question of spaces is refused before a report is made for it."""
+    study = upload_ct(api)
+    report = ask(api, study["id"])
+    for blank in ("", "   "):
+        r = api.patch(f"/v1/reports/{report['id']}", headers=api.h(), json={"text": blank})
+        assert r.status_code == 200, r.text
+        assert texts(sr_of(api, report["id"]))["Finding"] == "(no text)"
+    r = api.post(
+        f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "  \n "}
+    )
+    assert_error(r, 422, "invalid_request")
+    r = api.post(
+        "/v1/ask",
+        headers=api.h(),
+        files={"file": ("ct.dcm", CT_SMALL.read_bytes(), "application/dicom")},
+        data={"question": "   "},
+    )
+    assert_error(r, 422, "invalid_request")
+
+
 def test_sr_draft_then_signed(api):
     study = upload_ct(api)
     report = ask(api, study["id"])

@@ -78,11 +78,13 @@ class Signer:
     organization: str
 
 
-def _text(value: str) -> str:
+def _text(value: str, blank: str) -> str:
     """DICOM text values allow CR, LF, TAB and FF (and ESC for ISO 2022, unused with UTF-8);
     the project's one rule (`prompts.CONTROL`, as FHIR and XML) keeps the first three. The API
-    refuses the others; a report stored before it did may still hold one."""
-    return without_controls(value)
+    refuses the others; a report stored before it did may still hold one. A TEXT item's value is
+    Type 1: `blank` stands for an empty one (a model's empty answer, a draft cleared to rewrite)."""
+    text = without_controls(value)
+    return text if text.strip() else blank
 
 
 # what highdicom reads from the source (all Type 2 in the SR: present, may be empty), with the
@@ -318,7 +320,7 @@ def build_sr(
         [
             hd.sr.TextContentItem(
                 name=codes.LN.Request,
-                value=_text(report.question),
+                value=_text(report.question, "(no question)"),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         ]
@@ -329,7 +331,7 @@ def build_sr(
     )
     finding = hd.sr.TextContentItem(
         name=codes.DCM.Finding,
-        value=_text(version.text),
+        value=_text(version.text, "(no text)"),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     frames = int(source.get("NumberOfFrames") or 1)
@@ -364,7 +366,7 @@ def build_sr(
         findings.ContentSequence.append(
             hd.sr.TextContentItem(
                 name=codes.DCM.Comment,
-                value=_text(f"Unedited model answer: {report.answer}"),
+                value=_text(f"Unedited model answer: {report.answer}", ""),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
@@ -380,7 +382,7 @@ def build_sr(
         findings.ContentSequence.append(
             hd.sr.TextContentItem(
                 name=codes.DCM.Comment,
-                value=_text(f"Amended after signing: {version.reason}"),
+                value=_text(f"Amended after signing: {version.reason}", ""),
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )

@@ -90,6 +90,8 @@ def sampling(body: QuestionCreate, settings: Settings) -> SamplingParams:
             f"the question holds a control character ({found}); only tab and line breaks "
             "may be used",
         )
+    if not body.question.strip():  # a report (and its SR) would answer no question
+        raise APIError(422, "invalid_request", "the question is blank")
     if len(body.question) > settings.max_question_chars:
         raise APIError(
             422,
