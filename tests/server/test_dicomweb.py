@@ -73,6 +73,9 @@ def test_stow_two_studies_then_again(api):
         (ct.SOPClassUID, ct.SOPInstanceUID, None),
         (mr.SOPClassUID, mr.SOPInstanceUID, None),
     ]
+    # Retrieve URL is Type 2 (PS3.18 Table I.1-1): present, empty (no WADO-RS here)
+    assert r.json()["00081190"] == {"vr": "UR"}
+    assert [i["00081190"] for i in r.json()["00081199"]["Value"]] == [{"vr": "UR"}] * 2
     studies = {s.StudyInstanceUID: s for s in rows(api, Study)}
     assert set(studies) == {ct.StudyInstanceUID, mr.StudyInstanceUID}
     # the stored bytes are the sent bytes

@@ -144,9 +144,11 @@ class StoreResult:
         return 202 if self.failed else 200
 
     def to_json(self) -> dict[str, Any]:
-        # No Retrieve URL (0008,1190): this server is not a WADO-RS origin; reports are read
-        # through /v1/reports (JSON, FHIR, SR) or pushed back to the PACS.
+        # Retrieve URL (0008,1190) is Type 2 (PS3.18 Table I.1-1), at the top and in each stored
+        # instance's item: present and empty, as this server is not a WADO-RS origin (reports
+        # are read through /v1/reports: JSON, FHIR, SR, or pushed back to the PACS).
         ds = Dataset()
+        ds.RetrieveURL = None
         ds.FailedSOPSequence = Sequence()
         for sop_class, sop_instance, reason in self.failed:
             item = Dataset()
@@ -159,6 +161,7 @@ class StoreResult:
             item = Dataset()
             item.ReferencedSOPClassUID = sop_class
             item.ReferencedSOPInstanceUID = sop_instance
+            item.RetrieveURL = None
             ds.ReferencedSOPSequence.append(item)
         if not ds.FailedSOPSequence:
             del ds.FailedSOPSequence
