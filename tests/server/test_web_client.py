@@ -12,6 +12,7 @@ import dataclasses
 import io
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -541,8 +542,23 @@ def test_unsaved_text_survives_a_sign_out_and_a_colleagues_signature(page, tmp_p
         editor.fill("A: small left effusion.")
         page.once("dialog", lambda d: d.accept())  # "Sign out? Your unsaved report text ..."
         page.get_by_role("button", name="Sign out").click()
+        # the study's link is followed while the key is still being checked: the page it opens
+        # keeps what it restored when the check ends (the sign-in opened it again, and the
+        # text was lost)
+        held: list[Any] = []
+        page.route("**/v1/studies?limit=1", lambda route: held.append(route))
         _sign_in(page, server)
+        deadline = time.monotonic() + 20
+        while not held:
+            assert time.monotonic() < deadline, "the sign-in sent no key check"
+            page.wait_for_timeout(50)
         page.goto(f"{server.base}/#/study/{study['id']}")
+        expect(editor).to_have_value("A: small left effusion.")
+        expect(page.locator("#report-status")).to_contain_text("restored")
+        held[0].continue_()
+        page.unroute("**/v1/studies?limit=1")
+        expect(page.locator("#signin-status")).to_have_text("")
+        page.wait_for_timeout(500)  # the sign-in's end has run: nothing opened again
         expect(editor).to_have_value("A: small left effusion.")
         expect(page.locator("#report-status")).to_contain_text("restored")
         # another reader signing in at this workstation does not get it

@@ -343,12 +343,15 @@
     $("signin-submit").disabled = true;
     setStatus("signin-status", "Checking the key…");
     state.key = key;
+    const nav = state.nav;
     try {
       await api("/v1/studies?limit=1");
       sessionStorage.setItem(KEY_STORAGE, key);
       $("api-key").value = "";
       setStatus("signin-status", "");
-      await route();
+      // a link followed while the key was checked has opened its page already: opening it
+      // again would drop what that page restored (text typed before a sign-out)
+      if (nav === state.nav) await route();
     } catch (err) {
       state.key = null;
       setStatus("signin-status", "");
