@@ -517,6 +517,13 @@ def test_deleting_a_study_rejects_its_pushed_srs_with_an_iocm_note(tmp_path, dat
         evidence = kos.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
         assert {x.ReferencedSOPInstanceUID for x in evidence.ReferencedSOPSequence} == set(sent)
         hd.ko.KeyObjectSelectionDocument.from_dataset(kos)  # a document highdicom reads back
+        # its times are in the zone of the SRs it rejects (CT_small's -0500), and say so
+        assert kos.TimezoneOffsetFromUTC == source.TimezoneOffsetFromUTC == "-0500"
+        made = datetime.strptime(kos.ContentDate + kos.ContentTime[:6] + "-0500", "%Y%m%d%H%M%S%z")
+        assert abs((made - datetime.now(timezone.utc)).total_seconds()) < 120
+        assert (
+            kos.InstanceCreationDate + kos.InstanceCreationTime == kos.ContentDate + kos.ContentTime
+        )
 
         # the job sends it (here to a stand-in for the PACS) and removes the file
         runner = jobs.JobRunner(api.app, workers=0)

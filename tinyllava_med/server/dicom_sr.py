@@ -274,6 +274,19 @@ def _zone(source: pydicom.Dataset, when: datetime) -> tzinfo:
     return local
 
 
+def stamp_times(ds: pydicom.Dataset, at: datetime) -> None:
+    """`ds`'s content and creation date and time: `at` (aware), in its own zone, which
+    TimezoneOffsetFromUTC declares for every time in the instance."""
+    ds.TimezoneOffsetFromUTC = at.strftime("%z")
+    ds.ContentDate = ds.InstanceCreationDate = DA(at.date())
+    ds.ContentTime = ds.InstanceCreationTime = TM(at.time())
+
+
+def source_time(source: pydicom.Dataset, when: datetime) -> datetime:
+    """`when` (aware) in the zone of `source`'s times (`_zone`), to the second."""
+    return when.astimezone(_zone(source, when)).replace(microsecond=0)
+
+
 def build_sr(
     report: Report,
     source: pydicom.Dataset,
@@ -392,7 +405,7 @@ def build_sr(
     # every time is the version's own: the same version gives the same bytes whenever it is
     # built or pushed, and a signed one says when it was signed (stored times come back aware,
     # in UTC: `models.UTCDateTime`)
-    at = version.updated_at.astimezone(_zone(source, version.updated_at)).replace(microsecond=0)
+    at = source_time(source, version.updated_at)
     referenced_class = source.SOPClassUID
     source = _evidence(source)
     sr = hd.sr.ComprehensiveSR(
@@ -418,9 +431,7 @@ def build_sr(
                     item.ReferencedSOPClassUID = referenced_class  # see `_evidence`
     sr.SeriesDescription = "AI report (TinyLLaVA-Med)"
     sr.SoftwareVersions = __version__
-    sr.TimezoneOffsetFromUTC = at.strftime("%z")
-    sr.ContentDate = sr.InstanceCreationDate = DA(at.date())
-    sr.ContentTime = sr.InstanceCreationTime = TM(at.time())
+    stamp_times(sr, at)
     for item in (
         *sr.get("VerifyingObserverSequence", []),
         *sr.get("ContributingEquipmentSequence", []),

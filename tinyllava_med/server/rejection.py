@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 
 import highdicom as hd
 import pydicom
@@ -29,7 +29,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tinyllava_med.server.db.models import Job, Study
-from tinyllava_med.server.dicom_sr import MANUFACTURER, report_sr, to_bytes
+from tinyllava_med.server.dicom_sr import (
+    MANUFACTURER,
+    report_sr,
+    source_time,
+    stamp_times,
+    to_bytes,
+)
 from tinyllava_med.server.errors import APIError
 from tinyllava_med.server.jobs import PUSH_SR
 from tinyllava_med.server.storage import ImageStore
@@ -85,4 +91,7 @@ def rejection_note(srs: list[pydicom.Dataset], institution: str) -> bytes:
         manufacturer=MANUFACTURER,
         institution_name=institution,
     )
+    # its times in the zone of the SRs it rejects, which declare theirs (highdicom wrote the
+    # server's clock time with no offset: a PACS read it in the study's zone, hours off)
+    stamp_times(kos, source_time(srs[0], datetime.now(UTC)))
     return to_bytes(kos)
