@@ -334,20 +334,21 @@ def test_the_page_uploads_with_the_typed_key_and_answers_in_a_browser(live, page
     page.goto(f"{live.base}/demo/")
     chooser = page.locator("input[type=file]")
     chooser.set_input_files(str(png))
-    deadline = time.monotonic() + 20
-    while not uploads:
-        assert time.monotonic() < deadline, "the page sent no upload"
-        page.wait_for_timeout(100)
-    assert uploads == [401]
+
+    def upload_status(n: int) -> int:
+        """The status of the page's `n`th upload, once it is sent."""
+        deadline = time.monotonic() + 20
+        while len(uploads) < n:
+            assert time.monotonic() < deadline, f"the page sent no upload {n}"
+            page.wait_for_timeout(100)
+        return uploads[n - 1]
+
+    assert upload_status(1) == 401
     page.reload()
     page.get_by_label("API key").fill(live.pacs_key)
     page.get_by_label("Question").fill(QUESTION)
     page.locator("input[type=file]").set_input_files(str(png))
-    deadline = time.monotonic() + 20
-    while len(uploads) < 2:
-        assert time.monotonic() < deadline, "the page sent no upload with the key"
-        page.wait_for_timeout(100)
-    assert uploads[1] == 200
+    assert upload_status(2) == 200
     page.get_by_role("button", name="Ask").click()
     expect(page.get_by_label("Status")).to_have_value(re.compile("tokens in"), timeout=30_000)
     r = httpx.post(  # the same file and question with the page's default parameters
@@ -363,8 +364,4 @@ def test_the_page_uploads_with_the_typed_key_and_answers_in_a_browser(live, page
     # user does not upload with it
     page.reload()
     page.locator("input[type=file]").set_input_files(str(png))
-    deadline = time.monotonic() + 20
-    while len(uploads) < 3:
-        assert time.monotonic() < deadline, "the page sent no upload after the reload"
-        page.wait_for_timeout(100)
-    assert uploads[2] == 401
+    assert upload_status(3) == 401
