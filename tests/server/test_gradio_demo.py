@@ -278,11 +278,18 @@ def test_uploads_need_a_key_and_are_budgeted_per_address(live):
         assert r.status_code == 404, (route, r.status_code)
     r = httpx.post(f"{api}/run/ask", files={"files": ("a.dcm", b"x" * 1000)}, timeout=30)
     assert r.status_code == 415
-    remote = {"path": "https://example.org/a.dcm", "meta": {"_type": "gradio.FileData"}}
-    call = {"data": [live.pacs_key, remote, QUESTION], "fn_index": 0, "session_hash": "x1"}
-    for route in ("queue/join", "run/ask", "call/ask"):
-        r = httpx.post(f"{api}/{route}", json=call, timeout=30)
-        assert r.status_code == 422 and "by URL" in r.json()["error"]["message"], route
+    # named by URL (Gradio would download it) or by a path outside its upload folder (Gradio
+    # would copy it into its cache; mounted, it skips its allowed-paths check): the server's
+    # own files, with no key
+    outside = Path(tempfile.mkdtemp()) / "gradient.png"
+    outside.write_bytes(_png(outside.parent).read_bytes())
+    for path in ("https://example.org/a.dcm", str(outside), "/tmp/gradio/../../etc/hostname"):
+        named = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        call = {"data": [BAD_KEY, named, QUESTION], "fn_index": 0, "session_hash": "x1"}
+        for route in ("queue/join", "run/ask", "call/ask"):
+            r = httpx.post(f"{api}/{route}", json=call, timeout=30)
+            assert r.status_code == 422, (path, route, r.status_code)
+            assert "by URL or path" in r.json()["error"]["message"]
     r = httpx.post(f"{api}/queue/join", content=b"{" + b" " * (1 << 20) + b"}", timeout=30)
     assert r.status_code == 413
 

@@ -30,8 +30,9 @@ checks it as the REST API checks keys (`auth.authenticate`: refusals audited, at
 minute per address; a `gradio_client` sends `Authorization: Bearer` instead): a file from
 anyone without a key is refused unread (401). Gradio's other ways in for a file are closed:
 the recording and component routes, which the demo does not use (404), a call whose body is
-not a small JSON object, and a call naming a file by URL, which Gradio would download into its
-cache before any handler saw the key (422). The page clears the cookie as it loads, as it
+not a small JSON object, and a call naming a file by URL or by a path outside its upload
+folder, which Gradio would download or copy into its cache before any handler saw the key
+(422). The page clears the cookie as it loads, as it
 does its key box. A key's uploads are budgeted too
 (`UploadBudget`): an address may upload `UPLOAD_BUDGET_FILES` files' worth (`max_upload_bytes`
 each) per `CACHE_MAX_AGE_S` (429 beyond, refused unread), so no one fills the data volume.
@@ -97,7 +98,8 @@ KEY_COOKIE_JS = (
 # Runs as the page loads: a reloaded page's key box is empty, so is the cookie (a shared
 # workstation's next user does not upload with the last one's key).
 CLEAR_KEY_COOKIE_JS = (
-    f"() => {{ document.cookie = '{KEY_COOKIE}=; path=' + {_COOKIE_PATH_JS} + '; max-age=0'; }}"
+    "() => { for (const path of [" + _COOKIE_PATH_JS + ", location.pathname.replace(/\\/$/, '')])"
+    f" document.cookie = '{KEY_COOKIE}=; path=' + path + '; max-age=0'; }}"
 )
 # Gradio routes the demo does not use that take files without a key: refused.
 UNUSED_FILE_ROUTES = ("/gradio_api/process_recording", "/gradio_api/component_server")
@@ -555,16 +557,21 @@ async def _upload_refused(scope: Scope) -> JSONResponse | None:
     return JSONResponse(error_body("forbidden", message), 403)
 
 
-def _remote_file(value: Any) -> bool:
-    """Whether a call's JSON names a file by URL (`{"path": "https://..."}`), which Gradio
-    would download into its cache, keyless and unbounded, before any handler ran."""
+def _foreign_file(value: Any, uploads: Path) -> bool:
+    """Whether a call's JSON names a file other than one uploaded to the demo: by URL
+    (`{"path": "https://..."}`, which Gradio would download) or by a path outside its upload
+    folder (which Gradio would copy into its cache: mounted, it skips its own allowed-paths
+    check). Either happens before any handler sees the key."""
     if isinstance(value, dict):
         path = value.get("path")
-        if isinstance(path, str) and path.lower().startswith(("http://", "https://")):
-            return True
-        return any(_remote_file(v) for v in value.values())
+        if isinstance(path, str):
+            if path.lower().startswith(("http://", "https://")):
+                return True
+            if not Path(path).resolve().is_relative_to(uploads):
+                return True
+        return any(_foreign_file(v, uploads) for v in value.values())
     if isinstance(value, list):
-        return any(_remote_file(v) for v in value)
+        return any(_foreign_file(v, uploads) for v in value)
     return False
 
 
@@ -595,8 +602,8 @@ async def _call_refused(scope: Scope, receive: Receive) -> tuple[JSONResponse | 
     if body and Request(scope).headers.get("content-type", "").startswith("multipart/"):
         only = "files go to the demo by its upload route only"
         return JSONResponse(error_body("unsupported_media_type", only), 415), receive
-    if _remote_file(data):
-        by_url = "the demo reads only files uploaded to it, not files named by URL"
+    if _foreign_file(data, Path(gr.utils.get_upload_folder()).resolve()):
+        by_url = "the demo reads only files uploaded to it, not files named by URL or path"
         return JSONResponse(error_body("invalid_request", by_url), 422), receive
     sent = False
 
