@@ -77,12 +77,23 @@ def llava_med_gray(lm: LoadedModel) -> int:
     return int(255 * sum(mean) / len(mean))
 
 
+def stored_as_grayscale(path: Path) -> bool:
+    """Whether the file is a one-channel 8-bit image (PIL mode `L`), as LLaVA-Med's evaluation
+    saw it before its processor made it RGB; a DICOM file (not a PIL image) is not."""
+    try:
+        with Image.open(path) as f:
+            return f.mode == "L"
+    except (OSError, ValueError):
+        return False
+
+
 def pad_grayscale(image: Image.Image, gray: int) -> Image.Image:
-    """A grayscale `image` centred on a square of `gray`; any other image as it is."""
-    if image.mode != "L" or image.width == image.height:
+    """`image` centred on a square of `gray` (each channel); a square image as it is."""
+    if image.width == image.height:
         return image
     side = max(image.size)
-    canvas = Image.new("L", (side, side), gray)
+    fill: int | tuple[int, ...] = gray if image.mode == "L" else (gray,) * len(image.getbands())
+    canvas = Image.new(image.mode, (side, side), fill)
     canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     return canvas
 
@@ -161,8 +172,11 @@ def generate_answers(
             images: list[Image.Image | None] = []
             for q in batch:
                 try:  # as the server reads uploads: DICOM, 16-bit PNG, pixel limits
-                    image = load_image_file(Path(images_dir) / q.image)
-                    images.append(image if gray is None else pad_grayscale(image, gray))
+                    path = Path(images_dir) / q.image
+                    image = load_image_file(path)  # RGB, as the server gives the model
+                    if gray is not None and stored_as_grayscale(path):
+                        image = pad_grayscale(image, gray)
+                    images.append(image)
                 except (OSError, ValueError, ImagingError) as e:
                     log.warning("question %s: image unreadable: %s", q.question_id, e)
                     images.append(None)
