@@ -32,8 +32,8 @@ anyone without a key is refused unread (401). Gradio's other ways in for a file 
 the recording and component routes, which the demo does not use (404), a call whose body is
 not a small JSON object, and a call naming a file by URL or by a path outside its upload
 folder, which Gradio would download or copy into its cache before any handler saw the key
-(422). The page clears the cookie as it loads, as it
-does its key box. A key's uploads are budgeted too
+(422). The cookie follows the key box, also as the page loads (a reloaded page's box is
+empty). A key's uploads are budgeted too
 (`UploadBudget`): an address may upload `UPLOAD_BUDGET_FILES` files' worth (`max_upload_bytes`
 each) per `CACHE_MAX_AGE_S` (429 beyond, refused unread), so no one fills the data volume.
 To offer more loaded models, return them from `loaded_models`: the dropdown lists them.
@@ -88,18 +88,16 @@ KEY_COOKIE = "tlm_demo_key"
 # Runs in the page as the key box changes: the upload route reads the key from this cookie.
 # The cookie's path: the page's own folder (`/demo/`, or under a proxy's prefix).
 _COOKIE_PATH_JS = "(location.pathname.endsWith('/') ? location.pathname : location.pathname + '/')"
-# Runs in the page as the key box changes: the upload route reads the key from this cookie.
+# Runs in the page as it loads and as the key box changes: the cookie the upload route reads
+# holds what the box holds, so a reloaded page (its box empty) forgets the key, and a key typed
+# before the load event ran is kept. It also expires the cookie an earlier version set for the
+# page's path without its slash.
 KEY_COOKIE_JS = (
-    "(key) => { const k = (key || '').trim();"
-    f" document.cookie = '{KEY_COOKIE}=' + encodeURIComponent(k) + '; path=' + {_COOKIE_PATH_JS}"
+    "(key) => { const k = (key || '').trim(); const dir = " + _COOKIE_PATH_JS + ";"
+    f" document.cookie = '{KEY_COOKIE}=; path=' + dir.slice(0, -1) + '; max-age=0';"
+    f" document.cookie = '{KEY_COOKIE}=' + encodeURIComponent(k) + '; path=' + dir"
     " + '; samesite=strict' + (location.protocol === 'https:' ? '; secure' : '')"
     " + (k ? '' : '; max-age=0'); }"
-)
-# Runs as the page loads: a reloaded page's key box is empty, so is the cookie (a shared
-# workstation's next user does not upload with the last one's key).
-CLEAR_KEY_COOKIE_JS = (
-    "() => { for (const path of [" + _COOKIE_PATH_JS + ", location.pathname.replace(/\\/$/, '')])"
-    f" document.cookie = '{KEY_COOKIE}=; path=' + path + '; max-age=0'; }}"
 )
 # Gradio routes the demo does not use that take files without a key: refused.
 UNUSED_FILE_ROUTES = ("/gradio_api/process_recording", "/gradio_api/component_server")
@@ -499,7 +497,7 @@ def build_demo(app: FastAPI) -> gr.Blocks:
             concurrency_limit=settings.max_queue,
         )
         api_key.change(None, api_key, None, js=KEY_COOKIE_JS)  # in the page only
-        blocks.load(None, None, None, js=CLEAR_KEY_COOKIE_JS)
+        blocks.load(None, api_key, None, js=KEY_COOKIE_JS)
         blocks.load(list_models, None, model, api_visibility="private")
     return blocks
 
