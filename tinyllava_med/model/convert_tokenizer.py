@@ -292,7 +292,7 @@ def use_dummy_prefix_per_chunk(
     spec["pre_tokenizer"] = None
     for token in specials:
         token["normalized"] = True
-    rebuilt = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
@@ -302,7 +302,6 @@ def use_dummy_prefix_per_chunk(
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
-    return rebuilt
 
 
 def load_source_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:

@@ -25,17 +25,17 @@ Because the page sits next to a hospital's REST API, it is not a way around it:
 
 Gradio's own upload route takes the file as it is chosen, before any question, and Gradio's
 browser client sends no key with it. So the page keeps the key typed into its box in a cookie
-(`KEY_COOKIE`: the page's path only, same-site, gone when the browser closes), and the upload route
-checks it as the REST API checks keys (`auth.authenticate`: refusals audited, at most 20 a
+(`KEY_COOKIE`: the page's path only, same-site, gone when the browser closes), and the upload
+route checks it as the REST API checks keys (`auth.authenticate`: refusals audited, at most 20 a
 minute per address; a `gradio_client` sends `Authorization: Bearer` instead): a file from
 anyone without a key is refused unread (401). Gradio's other ways in for a file are closed:
 the recording and component routes, which the demo does not use (404), a call whose body is
 not a small JSON object, and a call naming a file by URL or by a path outside its upload
 folder, which Gradio would download or copy into its cache before any handler saw the key
 (422). The cookie follows the key box, also as the page loads (a reloaded page's box is
-empty). A key's uploads are budgeted too
-(`UploadBudget`): an address may upload `UPLOAD_BUDGET_FILES` files' worth (`max_upload_bytes`
-each) per `CACHE_MAX_AGE_S` (429 beyond, refused unread), so no one fills the data volume.
+empty). A key's uploads are budgeted too (`UploadBudget`): an address may upload
+`UPLOAD_BUDGET_FILES` files' worth (`max_upload_bytes` each) per `CACHE_MAX_AGE_S` (429 beyond,
+refused unread), so no one fills the data volume.
 To offer more loaded models, return them from `loaded_models`: the dropdown lists them.
 """
 
@@ -85,7 +85,6 @@ CACHE_MAX_AGE_S = 1800  # uploads and previews leave Gradio's cache after 30 min
 CACHE_SWEEP_S = 600
 UPLOAD_BUDGET_FILES = 8  # per address and CACHE_MAX_AGE_S, of max_upload_bytes each
 KEY_COOKIE = "tlm_demo_key"
-# Runs in the page as the key box changes: the upload route reads the key from this cookie.
 # The cookie's path: the page's own folder (`/demo/`, or under a proxy's prefix).
 _COOKIE_PATH_JS = "(location.pathname.endsWith('/') ? location.pathname : location.pathname + '/')"
 # Runs in the page as it loads and as the key box changes: the cookie the upload route reads
@@ -575,8 +574,8 @@ def _foreign_file(value: Any, uploads: Path) -> bool:
 
 async def _call_refused(scope: Scope, receive: Receive) -> tuple[JSONResponse | None, Receive]:
     """Why a POST to Gradio's API other than the upload is refused (a file route the demo does
-    not use, a body that is not a small JSON object, a file named by URL), or None; and the
-    `receive` that replays the body read to check it."""
+    not use, a body that is not a small JSON object, a file named by URL or by a path outside
+    the upload folder), or None; and the `receive` that replays the body read to check it."""
     path = scope["path"].rstrip("/")
     if path.endswith(UNUSED_FILE_ROUTES):
         return JSONResponse(error_body("not_found", "not found"), 404), receive
