@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,35 +152,71 @@ def test_three_stages_end_to_end(tiny_model_dir, vqa_dir, tmp_path):
     assert ans.new_tokens >= 1
 
 
-def test_resume_from_checkpoint(tiny_model_dir, vqa_dir, tmp_path):
-    out = tmp_path / "r"
-    run_stage(
-        _cfg(
-            "downstream",
-            tiny_model_dir,
-            vqa_dir,
-            out,
-            max_steps=2,
-            save_steps=2,
-            save_total_limit=None,
-        )
+@pytest.mark.parametrize(
+    "modes",
+    [
+        {},  # the stage's defaults: projector and language model in full
+        {"language_model": {"mode": "lora"}, "lora": {"r": 4, "alpha": 8}},  # projector full
+    ],
+    ids=["full", "lora-beside-full-projector"],
+)
+def test_resume_from_checkpoint_ends_on_the_same_weights(tiny_model_dir, vqa_dir, tmp_path, modes):
+    """A run stopped after its checkpoint and resumed ends where the uninterrupted run ends.
+
+    The resumed run gets the uninterrupted run's first checkpoint: its optimizer, schedule and
+    data order go on from there, and so must its weights (before, a full run went on from the
+    stage's starting weights, and a LoRA run lost the projector it trained beside the
+    adapters)."""
+    from safetensors.torch import load_file
+
+    def cfg(out, **kw):
+        return _cfg(
+            "downstream", tiny_model_dir, vqa_dir, out,
+            max_steps=4, save_steps=2, save_total_limit=None, **modes, **kw,
+        )  # fmt: skip
+
+    whole = run_stage(cfg(tmp_path / "whole"))
+    shutil.copytree(
+        whole / "checkpoints" / "checkpoint-2",
+        tmp_path / "resumed" / "checkpoints" / "checkpoint-2",
     )
-    assert (out / "checkpoints" / "checkpoint-2").is_dir()
-    run_stage(
-        _cfg(
-            "downstream",
-            tiny_model_dir,
-            vqa_dir,
-            out,
-            max_steps=4,
-            save_steps=2,
-            save_total_limit=None,
-            resume_from_checkpoint=True,
-        )
+    resumed = run_stage(cfg(tmp_path / "resumed", resume_from_checkpoint=True))
+
+    state = json.loads(
+        (resumed / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text()
     )
-    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
-    assert [h["step"] for h in state["log_history"] if "loss" in h][:2] == [1, 2]
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    start = load_file(tiny_model_dir / "model.safetensors")
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], start[k])]
+    assert any("multi_modal_projector" in k for k in changed)
+    assert any("language_model" in k for k in changed)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_refuses_a_lora_checkpoint_without_its_full_weights(
+    tiny_model_dir, vqa_dir, tmp_path
+):
+    modes = {"language_model": {"mode": "lora"}, "lora": {"r": 4, "alpha": 8}}
+    out = tmp_path / "r"
+    run_stage(_cfg("downstream", tiny_model_dir, vqa_dir, out, max_steps=2, save_steps=2, **modes))
+    (out / "checkpoints" / "checkpoint-2" / trainer_mod.BESIDE_ADAPTERS).unlink()
+    with pytest.raises(ValueError, match="cannot be resumed exactly"):
+        run_stage(
+            _cfg(
+                "downstream",
+                tiny_model_dir,
+                vqa_dir,
+                out,
+                max_steps=4,
+                save_steps=2,
+                resume_from_checkpoint=True,
+                **modes,
+            )  # fmt: skip
+        )
 
 
 def test_lora_merge_keeps_outputs(tiny_model_dir, vqa_dir):

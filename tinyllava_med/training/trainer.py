@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from transformers import (
     AutoModelForImageTextToText,
@@ -188,9 +189,21 @@ def budget_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# what a LoRA checkpoint holds beside its adapters: the weights of components trained in `full`
+# mode (the projector, the tower), which a PEFT adapter save leaves out
+BESIDE_ADAPTERS = "trained_beside_adapters.safetensors"
+
+
+def _trained_beside_adapters(model: Any) -> dict[str, torch.nn.Parameter]:
+    if not hasattr(model, "peft_config"):
+        return {}
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+
+
 class StageTrainer(Trainer):
-    """`Trainer` with one optimizer parameter group per component learning rate, and a
-    time-aware cosine schedule when the stage has a wall-clock budget."""
+    """`Trainer` with one optimizer parameter group per component learning rate, a
+    time-aware cosine schedule when the stage has a wall-clock budget, and checkpoints that
+    resume with the weights they saved (see `_load_from_checkpoint`)."""
 
     def __init__(
         self,
@@ -205,6 +218,57 @@ class StageTrainer(Trainer):
         self.budget_s = budget_s
         self.warmup_ratio = warmup_ratio
         self.clock: dict[str, bool | None] = {"led": None}  # did the wall clock set the rate
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        beside = _trained_beside_adapters(self.model)
+        # DeepSpeed and FSDP resume from their own states (and hold shards, not whole weights)
+        if (
+            beside
+            and self.args.should_save
+            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        ):
+            tensors = {n: p.detach().cpu().contiguous() for n, p in beside.items()}
+            out = Path(str(output_dir or self.args.output_dir)) / BESIDE_ADAPTERS
+            safetensors.torch.save_file(tensors, str(out))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Load a checkpoint's weights, all of them or refuse.
+
+        `Trainer` loads a full model's checkpoint with `load_state_dict(strict=False)`, but
+        `save_pretrained` wrote it under the original LLaVA key names (`language_model.model.*`),
+        so nothing matched and the run went on from the stage's starting weights with the saved
+        optimizer and schedule (transformers issue 43701). Here, but for FSDP, `from_pretrained` reads it,
+        renaming as it does for any checkpoint (a second copy in memory while resuming), and
+        every key must match. A LoRA checkpoint's adapters load as `Trainer` loads them, and the
+        components trained in `full` beside them from `BESIDE_ADAPTERS`."""
+        if self.is_fsdp_enabled:  # FSDP's own sharded states
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = model if model is not None else self.model
+        if not hasattr(model, "peft_config"):
+            dtype = next(model.parameters()).dtype
+            saved = type(model).from_pretrained(resume_from_checkpoint, dtype=dtype)
+            model.load_state_dict(saved.state_dict(), strict=True)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        wanted = _trained_beside_adapters(model)
+        if not wanted:
+            return
+        path = Path(resume_from_checkpoint) / BESIDE_ADAPTERS
+        if not path.is_file():
+            raise ValueError(
+                f"{resume_from_checkpoint} has the adapters but not the weights trained in full "
+                f"mode beside them ({BESIDE_ADAPTERS}); it cannot be resumed exactly"
+            )
+        saved_beside = safetensors.torch.load_file(str(path))
+        if set(saved_beside) != set(wanted):
+            raise ValueError(
+                f"{path} holds other weights than this run trains in full mode: "
+                f"{sorted(set(saved_beside) ^ set(wanted))[:5]}"
+            )
+        with torch.no_grad():
+            for name, param in wanted.items():
+                param.copy_(saved_beside[name])
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         if self.budget_s and self.lr_scheduler is None:
