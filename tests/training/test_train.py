@@ -141,6 +141,14 @@ def test_three_stages_end_to_end(tiny_model_dir, vqa_dir, tmp_path):
     assert meta.training["stage"] == "downstream"
     assert meta.training["previous"]["stage"] == "instruct"
     assert meta.training["data_hash"].startswith("sha256:")
+    # each stage's model is named for its folder (or `name`), not for the one it started from
+    assert (meta.name, meta.variant, meta.training["base"]) == ("c", None, "b")
+    assert ServedMeta.load(a).training["base"] == ServedMeta.load(tiny_model_dir).name
+    assert (lm.name, lm.variant) == ("c", None)
+    named = run_stage(
+        _cfg("downstream", c, vqa_dir, tmp_path / "d", max_steps=1, name="tinyllava-med-f")
+    )
+    assert (ServedMeta.load(named).name, ServedMeta.load(named).variant) == ("tinyllava-med-f",) * 2
     from tinyllava_med.model.generate import SamplingParams, generate
 
     ans = generate(

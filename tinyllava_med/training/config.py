@@ -56,6 +56,8 @@ class TrainConfig(BaseModel):
     data_path: str
     image_folder: str
     output_dir: str
+    # the trained model's name in answers, reports and metrics; default: output_dir's folder name
+    name: str | None = None
     template: str | None = None  # default: the model's own
     vision_tower: Component = Component(mode="frozen")
     projector: Component = Component(mode="full")

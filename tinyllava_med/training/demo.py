@@ -119,6 +119,7 @@ def build_demo_model(
     settings: dict[str, Any] = {**DEMO_TRAIN, **(train_overrides or {})}
     cfg = TrainConfig(
         stage="downstream",
+        name="demo",
         model=str(init),
         data_path=str(phantom / "train.json"),
         image_folder=str(phantom / "images"),

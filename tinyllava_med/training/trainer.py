@@ -27,6 +27,7 @@ from transformers import (
 
 from tinyllava_med.model.load import resolve
 from tinyllava_med.model.meta import ServedMeta, hash_files, publish_modes
+from tinyllava_med.model.registry import get_variant, is_variant_name
 from tinyllava_med.training.config import COMPONENTS, TrainConfig
 from tinyllava_med.training.data import (
     Collator,
@@ -433,15 +434,20 @@ def save_stage_output(
     model.save_pretrained(out)
     processor.save_pretrained(out)
     data_files = [Path(cfg.data_path)]
+    # named for what it now is, not for the model it started from (that is `training.base`); a
+    # registry variant's name (the demo, `tinyllava-med-f` trained here) is its variant too
+    name = cfg.name or out.resolve().name
+    variant = name if is_variant_name(name) and get_variant(name).quantization == "none" else None
     ServedMeta(
         template=template,
-        name=meta.name,
-        variant=meta.variant,
+        name=name,
+        variant=variant,
         source_format="served",
         source_hash=meta.source_hash,
         vision_weights=meta.vision_weights,
         training={
             "stage": cfg.stage,
+            "base": meta.variant or meta.name,
             "config": cfg.model_dump(mode="json"),
             "data_hash": hash_files(data_files),
             "run": run,
