@@ -266,6 +266,41 @@ def test_restore_puts_the_backup_back_over_a_crashed_servers_log(tmp_path, sqlit
     assert _rows(live, "SELECT text FROM reports") == [("Backed up.",)]
 
 
+def test_a_backup_this_version_cannot_read_is_refused_before_anything_is_replaced(
+    tmp_path, sqlite_url, tiny_lm
+):
+    """The code rolled back, then the newest backup restored: a newer version took it. The
+    restore used to move the live database aside and put the copy in its place, and only then
+    fail on its revision, leaving a database `serve` refuses."""
+    for api in make_api(tmp_path, sqlite_url, tiny_lm):
+        settings = api.app.state.settings
+        upload_ct(api)
+        done = backup(settings, tmp_path / "backup")
+        assert done.complete and done.database is not None
+        assert upload(api, ("x.png", png_bytes(), "image/png")).status_code == 201
+    newer = done.database.with_name("tinyllava_med-newer.db")
+    shutil.copyfile(done.database, newer)
+    con = sqlite3.connect(newer)
+    con.execute("UPDATE alembic_version SET version_num = '0099'")
+    con.commit()
+    con.close()
+    live = Path(make_url(sqlite_url).database or "")
+    before = sorted(p.name for p in live.parent.iterdir())
+
+    out = _cli(settings, sqlite_url, "restore", str(newer))
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert "nothing was replaced" in out.stderr and "0099" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert sorted(p.name for p in live.parent.iterdir()) == before  # no .part, nothing aside
+    assert _rows(live, "SELECT COUNT(*) FROM studies") == [(2,)]
+
+    out = _cli(settings, sqlite_url, "restore", str(done.database))  # the older one still works
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _rows(live, "SELECT COUNT(*) FROM studies") == [(1,)]
+    assert _rows(live, "PRAGMA integrity_check") == [("ok",)]
+    assert not live.with_name(live.name + ".part").exists()
+
+
 def test_restore_on_postgresql_brings_back_the_image_files(tmp_path, postgres_url, tiny_lm):
     """PostgreSQL's database is pg_restore's; the files its rows name come back from the
     backup folder (--images-only)."""

@@ -29,6 +29,7 @@ import hashlib
 import os
 import shutil
 import sqlite3
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +39,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.migrate import upgrade
+from tinyllava_med.server.db.migrate import MigrationError, upgrade
 from tinyllava_med.server.db.session import (
     make_engine,
     normalize_database_url,
@@ -251,6 +252,30 @@ def _restore_files(store: ImageStore, copies: ImageStore, hashes: set[str], out:
             out.missing.append(sha)
 
 
+def _migrated_copy(source: Path, part: Path, part_url: Any) -> None:
+    """Copy the backup to `part` and bring the copy to this code's revision (a backup from an
+    older version, as `serve` would at its start) before it replaces anything: a backup that a
+    newer version took, or one whose migration fails, leaves the live database where it was."""
+    part.touch(mode=0o600)
+    try:
+        shutil.copyfile(source, part)
+        try:
+            upgrade(part_url)
+        except MigrationError as e:
+            raise MigrationError(
+                f"{source.name} was not restored and nothing was replaced: {e}"
+            ) from None
+        with closing(sqlite3.connect(part)) as db:  # the log folded in: `part` alone is whole
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.execute("PRAGMA journal_mode=DELETE")
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            part.with_name(part.name + suffix).unlink(missing_ok=True)
+        raise
+
+
 def restore(settings: Settings, source: Path, *, images_only: bool = False) -> Restored:
     """Put a backup back: the SQLite database `source` (a `backup` copy) and the image files it
     refers to from the `images` folder beside it; with `images_only` (PostgreSQL, restored by
@@ -281,10 +306,7 @@ def restore(settings: Settings, source: Path, *, images_only: bool = False) -> R
             result = Restored(live)
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             part = live.with_name(live.name + ".part")
-            part.touch(mode=0o600)
-            shutil.copyfile(source, part)
-            with open(part, "rb") as f:
-                os.fsync(f.fileno())
+            _migrated_copy(source, part, url.set(database=str(part)))
             for suffix in ("", "-wal", "-shm"):  # never deleted: moved aside, for a second look
                 old = live.with_name(live.name + suffix)
                 if old.exists():
@@ -292,7 +314,6 @@ def restore(settings: Settings, source: Path, *, images_only: bool = False) -> R
                     os.replace(old, aside)
                     result.replaced.append(aside)
             os.replace(part, live)
-            upgrade(url)  # a backup from an older version: as `serve` would at its start
             folder = source.parent
         _restore_files(
             ImageStore(settings.images_dir), ImageStore(folder / "images"), hashes, result
