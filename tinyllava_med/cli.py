@@ -427,20 +427,24 @@ def cmd_db(args: argparse.Namespace) -> int:
         if args.db_cmd == "restore":
             return console.restore_backup(settings, args.source, args.images_only)
         return console.release_images(settings, args.days, args.draft_days)
+    from tinyllava_med.server.storage import DataDirInUse, sole_user
+
     try:
         if args.db_cmd == "downgrade":
-            downgrade(
-                settings.database_url,
-                args.revision,
-                clear_long_accession_numbers=args.clear_long_accession_numbers,
-                accept_data_loss=args.accept_data_loss,
-            )
+            # a server on the newer schema would fail request by request (missing columns)
+            with sole_user(settings.data_dir):
+                downgrade(
+                    settings.database_url,
+                    args.revision,
+                    clear_long_accession_numbers=args.clear_long_accession_numbers,
+                    accept_data_loss=args.accept_data_loss,
+                )
             print(f"database is at revision {current_revision(settings.database_url)}")
             return 0
         before = current_revision(settings.database_url)
         upgrade(settings.database_url)
         after = current_revision(settings.database_url)
-    except MigrationError as e:
+    except (MigrationError, DataDirInUse) as e:
         print(f"tinyllava-med db {args.db_cmd}: {e}", file=sys.stderr)
         return 1
     if before == after:

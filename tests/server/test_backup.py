@@ -1,7 +1,9 @@
 """`tinyllava-med db backup`: a consistent copy of the SQLite database taken while a writer is
 busy, the image files copied once each and checked against their names, missing and corrupt
 files reported (exit code 1), every backup audited. `db restore`: the copy back in place over a
-crashed server's write-ahead log, never while a process holds the data directory."""
+crashed server's write-ahead log, never while a process holds the data directory, and a
+backup a newer version took refused before anything is replaced. `db downgrade` refuses under a
+live process too."""
 
 from __future__ import annotations
 
@@ -299,6 +301,39 @@ def test_a_backup_this_version_cannot_read_is_refused_before_anything_is_replace
     assert _rows(live, "SELECT COUNT(*) FROM studies") == [(1,)]
     assert _rows(live, "PRAGMA integrity_check") == [("ok",)]
     assert not live.with_name(live.name + ".part").exists()
+
+
+def test_a_downgrade_under_a_server_is_refused_and_readyz_sees_the_schema_change(
+    tmp_path, database_url, tiny_lm
+):
+    """`db downgrade` ran under a live server, and every request then failed on a missing
+    column (500 on PostgreSQL) while `/readyz` said ready. It now refuses while a process holds
+    the data directory, as `db restore` does; a schema changed from elsewhere (a replica's host)
+    makes `/readyz` say so."""
+    from tinyllava_med.server.db import migrate
+
+    for api in make_api(tmp_path, database_url, tiny_lm):
+        settings = api.app.state.settings
+        assert api.get("/readyz").json()["checks"]["database"] == "ok"
+        head = migrate.current_revision(database_url)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", _HOLD, str(settings.data_dir)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            out = _cli(settings, database_url, "downgrade", "-1", "--accept-data-loss")
+            assert out.returncode == 1 and "stop it first" in out.stderr, out.stdout + out.stderr
+            assert "Traceback" not in out.stderr
+            assert migrate.current_revision(database_url) == head
+        finally:
+            holder.kill()
+            holder.wait(timeout=10)
+
+        migrate.downgrade(database_url, "-1", accept_data_loss=True)  # from another host
+        r = api.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["database"] == "schema_changed"
+        migrate.upgrade(database_url)
+        assert api.get("/readyz").json()["checks"]["database"] == "ok"
 
 
 def test_restore_on_postgresql_brings_back_the_image_files(tmp_path, postgres_url, tiny_lm):

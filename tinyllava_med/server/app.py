@@ -41,7 +41,7 @@ from tinyllava_med.server.auth import (
     ensure_first_admin_key,
 )
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.session import make_engine, session_factory
+from tinyllava_med.server.db.session import make_engine, ping, session_factory
 from tinyllava_med.server.engine import BatchingEngine
 from tinyllava_med.server.errors import error_body, install_error_handlers
 from tinyllava_med.server.jobs import (
@@ -439,6 +439,7 @@ def create_app(
             require_head(settings.database_url)  # on an older schema than this code's
         db_engine = make_engine(settings.database_url)
         app.state.db_engine = db_engine
+        app.state.schema_revision = ping(db_engine)  # `/readyz` says when it changes under us
         app.state.session_factory = session_factory(db_engine)
         sweep_on_rollback(app.state.session_factory, settings)
         app.state.report_writer = ReportWriter(db_engine)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -154,10 +154,13 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
-def ping(engine: Engine) -> None:
-    """Raise if the database cannot answer a trivial query (for `/readyz`)."""
+def ping(engine: Engine) -> str | None:
+    """The database's schema revision (None: never migrated); raises if it cannot answer (for
+    `/readyz`, which compares it with the revision the server started on)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
+        return MigrationContext.configure(conn).get_current_revision()
 
 
 def after_commit(session: Session, fn: Callable[[], None]) -> None:

@@ -21,12 +21,15 @@ def healthz() -> dict[str, str]:
     return {"status": "ok", "version": __version__}
 
 
-def _db_ok(request: Request) -> bool:
+def _db_state(request: Request) -> str:
+    """`ok`, `unreachable`, or `schema_changed`: its revision is no longer the one the server
+    started on (`db downgrade` or a restore under a server of another data directory), so
+    requests would fail on missing columns."""
     try:
-        ping(request.app.state.db_engine)
-        return True
+        revision = ping(request.app.state.db_engine)
     except Exception:
-        return False
+        return "unreachable"
+    return "ok" if revision == request.app.state.schema_revision else "schema_changed"
 
 
 def _model_info(lm: Any) -> dict[str, Any]:
@@ -43,7 +46,8 @@ def _model_info(lm: Any) -> dict[str, Any]:
 @router.get("/readyz", responses={503: {"description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
     """Ready when the model is loaded and answers (a recent answer, or a one-token probe when
-    idle: `BatchingEngine.model_check`), the database answers, and the data volume has room
+    idle: `BatchingEngine.model_check`), the database answers at the schema revision the server
+    started on, and the data volume has room
     (`storage: full` below `MIN_FREE_BYTES`: no report can be stored, no read audited)."""
     state = request.app.state
     settings = state.settings
@@ -59,7 +63,7 @@ async def readyz(request: Request) -> JSONResponse:
         )
     if state.shutting_down:
         checks["model"] = "shutting_down"
-    checks["database"] = "ok" if await run_in_threadpool(_db_ok, request) else "unreachable"
+    checks["database"] = await run_in_threadpool(_db_state, request)
     if storage_free(settings.data_dir) < MIN_FREE_BYTES:  # nothing can be stored or audited
         checks["storage"] = "full"
     ready = checks["model"] == "ok" and checks["database"] == "ok" and "storage" not in checks
