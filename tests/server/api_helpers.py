@@ -4,12 +4,14 @@ TestClient with one key per role (`make_api`), a live server."""
 from __future__ import annotations
 
 import io
+import os
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timezone
 from pathlib import Path
 
 import httpx
@@ -251,16 +253,23 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def make_old(session, when, study_ids=None) -> None:
+def make_old(session, when, study_ids=None, *, store) -> None:
     """Studies (all, or `study_ids`) as if they and their images had arrived at `when`, for
-    image retention (which counts from each image's `stored_at`)."""
-    from sqlalchemy import update
+    image retention (which counts from each image's `stored_at`, and leaves a study whose files
+    were touched lately: a question about it): their files' times too."""
+    from sqlalchemy import select, update
 
     from tinyllava_med.server.db.models import Image, Study
 
     studies, images = update(Study), update(Image)
+    files = select(Image.sha256)
     if study_ids is not None:
         studies = studies.where(Study.id.in_(study_ids))
         images = images.where(Image.study_id.in_(study_ids))
+        files = files.where(Image.study_id.in_(study_ids))
     session.execute(studies.values(created_at=when))
     session.execute(images.values(created_at=when, stored_at=when))
+    stamp = when.replace(tzinfo=when.tzinfo or timezone.utc).timestamp()
+    for sha in session.scalars(files):
+        if store.exists(sha):
+            os.utime(store.path(sha), (stamp, stamp))

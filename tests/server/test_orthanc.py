@@ -379,7 +379,7 @@ def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport,
             r = httpx.patch(f"{base}/v1/reports/{report_id}", json={"status": "final"}, headers=h)
             assert r.status_code == 200, r.text
             with app.state.session_factory.begin() as s:
-                make_old(s, utcnow() - timedelta(days=400))
+                make_old(s, utcnow() - timedelta(days=400), store=app.state.store)
             keep_a_year = app.state.settings.model_copy(update={"image_retention_days": 365.0})
             released = release_due(app.state.session_factory, app.state.store, keep_a_year)
             assert released["images"] == 2

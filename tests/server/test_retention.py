@@ -35,6 +35,7 @@ from tinyllava_med.server.retention import (
     release_due,
     release_study,
 )
+from tinyllava_med.server.storage import ImageStore
 
 
 @pytest.fixture
@@ -75,7 +76,12 @@ def test_old_studies_release_their_pixels_and_get_them_back(api, tmp_path):
     photo = _study(api, "x.png", png_bytes(), "image/png")
     old = utcnow() - timedelta(days=31)
     with sessions.begin() as s:
-        make_old(s, old, [signed["id"], drafted["id"], unread["id"], waiting["id"], photo["id"]])
+        make_old(
+            s,
+            old,
+            [signed["id"], drafted["id"], unread["id"], waiting["id"], photo["id"]],
+            store=api.app.state.store,
+        )
     ct_sha, unread_sha = signed["images"][0]["sha256"], unread["images"][0]["sha256"]
 
     result = release_due(sessions, store, settings)
@@ -152,7 +158,7 @@ def test_a_released_study_uploaded_again_gets_its_image_back(api):
     _ask(api, study["id"])
     with sessions.begin() as s:
         s.execute(update(Report).values(status="final"))
-        make_old(s, utcnow() - timedelta(days=31))
+        make_old(s, utcnow() - timedelta(days=31), store=api.app.state.store)
     assert release_due(sessions, store, api.app.state.settings)["images"] == 1
 
     other_patient = ct_with(PatientID="OTHER-PATIENT")
@@ -194,7 +200,7 @@ def test_drafts_nobody_changes_release_their_study_with_draft_days(tmp_path, dat
         drafts = {s["id"]: _ask(api, s["id"]) for s in (forgotten, read, racing)}
         now = utcnow()
         with sessions.begin() as s:
-            make_old(s, now - timedelta(days=60))
+            make_old(s, now - timedelta(days=60), store=api.app.state.store)
             for study, days in ((forgotten, 20), (read, 3), (racing, 20)):
                 s.execute(
                     update(Report)
@@ -258,7 +264,7 @@ def test_the_release_runs_as_a_job_and_queues_the_next(api):
     )
     assert r.status_code == 200, r.text
     with sessions.begin() as s:
-        make_old(s, utcnow() - timedelta(days=31), [study["id"]])
+        make_old(s, utcnow() - timedelta(days=31), [study["id"]], store=api.app.state.store)
         s.execute(update(Job).where(Job.id == following.id).values(run_after=utcnow()))
 
     def second_done():
@@ -305,7 +311,7 @@ def test_the_console_releases_now(tmp_path, monkeypatch, capsys):
     engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'tinyllava_med.db'}")
     sessions = session_factory(engine)
     with sessions.begin() as s:
-        make_old(s, utcnow() - timedelta(days=10))
+        make_old(s, utcnow() - timedelta(days=10), store=ImageStore(tmp_path / "data" / "images"))
     with pytest.raises(SystemExit, match="needs --days"):
         main(["db", "release-images"])
     for days in ("-1", "0", "nan", "soon"):  # a typo must not release what just arrived
@@ -329,6 +335,34 @@ def test_the_console_releases_now(tmp_path, monkeypatch, capsys):
     engine.dispose()
 
 
+def test_a_study_asked_about_while_the_release_runs_keeps_its_pixels(api, monkeypatch):
+    """The release ran while the model answered a question about a due study: it released the
+    study (no draft yet), then the draft was filed beside an image answering 410. A question
+    touches the image's file as it begins, and the release leaves a study touched lately."""
+    from tinyllava_med.server.routes import questions
+
+    study, _ = _signed_and_due(api)
+    sessions, store, settings = (
+        getattr(api.app.state, k) for k in ("session_factory", "store", "settings")
+    )
+    with sessions() as s:
+        assert due_studies(s, settings, utcnow()) == [study["id"]]
+    released: list[dict] = []
+    render = questions.render_async
+
+    async def release_meanwhile(*args, **kwargs):  # the hourly job, while the model works
+        released.append(release_due(sessions, store, settings))
+        return await render(*args, **kwargs)
+
+    monkeypatch.setattr(questions, "render_async", release_meanwhile)
+    _ask(api, study["id"])
+    assert released[0]["studies"] == 0
+    r = api.get(f"/v1/studies/{study['id']}/images/0", headers=api.h())
+    assert r.status_code == 200, r.text
+    with sessions() as s:  # and once the draft is in, it keeps the study
+        assert due_studies(s, settings, utcnow()) == []
+
+
 def _signed_and_due(api):
     """A DICOM study with a signed report, arrived 31 days ago: due for release."""
     study = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")
@@ -336,7 +370,7 @@ def _signed_and_due(api):
     r = api.patch(f"/v1/reports/{report}", headers=api.h(), json={"status": "final"})
     assert r.status_code == 200, r.text
     with api.app.state.session_factory.begin() as s:
-        make_old(s, utcnow() - timedelta(days=31))
+        make_old(s, utcnow() - timedelta(days=31), store=api.app.state.store)
     return study, report
 
 

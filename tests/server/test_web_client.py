@@ -917,7 +917,7 @@ def test_reader_retrieves_a_study_from_the_pacs(page, tmp_path, tiny_lm, shots):
 
         app = server.app
         with app.state.session_factory.begin() as s:
-            make_old(s, utcnow() - timedelta(days=400))
+            make_old(s, utcnow() - timedelta(days=400), store=app.state.store)
         released = release_due(
             app.state.session_factory,
             app.state.store,

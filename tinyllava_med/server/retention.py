@@ -126,7 +126,7 @@ def release_study(
 ) -> list[str]:
     """Mark the study's held images released, keeping DICOM headers; the hashes of their files
     (for `jobs.remove_unused`, once this is committed). A draft made or changed meanwhile keeps
-    the study. A header the store cannot write (a full disk) goes into `unwritten`, by its
+    the study, and so does a question being answered about it. A header the store cannot write (a full disk) goes into `unwritten`, by its
     hash, for the caller to write once files are removed."""
     if session.scalar(_drafts_in_use(study_id, settings, now).limit(1)) is not None:
         return []
@@ -135,6 +135,10 @@ def release_study(
             Image.study_id == study_id, Image.kind == "dicom", Image.released_at.is_(None)
         )
     ).all()
+    # a question about it is being answered (it touched the file as it began): its draft, once
+    # filed, keeps the study, which would otherwise have lost its pixels under it
+    if any(store.touched_within(i.sha256, settings.request_timeout_s) for i in images):
+        return []
     for image in images:
         if image.header_sha256 is None:
             try:

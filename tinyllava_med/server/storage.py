@@ -17,6 +17,7 @@ study decodes its DICOM once. Files never change under their sha256, so entries 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -198,6 +199,19 @@ class ImageStore:
 
     def get(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
+
+    def touch(self, sha256: str) -> None:
+        """Mark the file in use now (a question about it is being answered): the image
+        retention leaves its study for a while (`touched_within`), as a sweep leaves it."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path(sha256))
+
+    def touched_within(self, sha256: str, seconds: float) -> bool:
+        """Whether the file was stored or touched in the last `seconds`."""
+        try:
+            return not _untouched_for(self.path(sha256), seconds)
+        except FileNotFoundError:
+            return False
 
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()

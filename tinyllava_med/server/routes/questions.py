@@ -253,6 +253,7 @@ async def ask_about_study(
                 image_of(study, body.image_index)
         assert found is not None
         image_id, sha256, status = found
+        store.touch(sha256)  # in use: the image retention leaves the study until its draft is in
         pil = await render_async(store, sha256, settings, frame=body.frame)
         image_key = stored_image_key(sha256, body.frame)
         info = engine.lm.info if engine.lm is not None else {}
