@@ -363,6 +363,51 @@ def test_a_study_asked_about_while_the_release_runs_keeps_its_pixels(api, monkey
         assert due_studies(s, settings, utcnow()) == []
 
 
+@pytest.fixture
+def sqlite_api(tmp_path, sqlite_url, tiny_lm):
+    """`api` on SQLite only: its backups copy the database (PostgreSQL's is pg_dump's)."""
+    yield from make_api(
+        tmp_path, sqlite_url, tiny_lm, image_retention_days=30, image_sweep_grace_s=0
+    )
+
+
+def test_a_backup_taken_while_the_release_runs_is_whole(sqlite_api, tmp_path, monkeypatch):
+    """The release ran while a backup copied the files: the files of the images its snapshot
+    held were gone, so the backup was incomplete ("missing") and its restore asked for them. The
+    copy now takes the release as the live database has it, with the header kept."""
+    import sqlite3
+
+    from tinyllava_med.server import backup as backup_module
+
+    api = sqlite_api
+    study, _ = _signed_and_due(api)
+    settings, sessions, store = (
+        getattr(api.app.state, k) for k in ("settings", "session_factory", "store")
+    )
+    released: list[dict] = []
+    copy_file = backup_module._copy_checked
+
+    def release_first(*args, **kwargs):  # the hourly job, as the backup begins to copy
+        if not released:
+            released.append(release_due(sessions, store, settings))
+        return copy_file(*args, **kwargs)
+
+    monkeypatch.setattr(backup_module, "_copy_checked", release_first)
+    done = backup(settings, tmp_path / "backup")
+    assert released[0]["studies"] == 1 and released[0]["files_removed"] == 1
+    assert done.complete, (done.missing, done.corrupt)
+    con = sqlite3.connect(done.database)
+    try:
+        rows = con.execute("SELECT released_at, header_sha256 FROM images").fetchall()
+    finally:
+        con.close()
+    assert len(rows) == 1 and rows[0][0] is not None and rows[0][1] is not None
+    assert ImageStore(tmp_path / "backup" / "images").whole(rows[0][1])
+    with sessions() as s:
+        (image,) = s.scalars(select(Image).where(Image.study_id == study["id"]))
+        assert image.header_sha256 == rows[0][1]
+
+
 def _signed_and_due(api):
     """A DICOM study with a signed report, arrived 31 days ago: due for release."""
     study = _study(api, "ct.dcm", CT_SMALL.read_bytes(), "application/dicom")

@@ -13,7 +13,8 @@ stored image files. `tinyllava-med db backup DEST`, safe to run while the server
   copies only new ones (and again one whose size differs from the source's: a damaged copy).
   Every file the database's images refer to is copied and its sha256
   checked against its name: a missing or corrupt source file is reported, never copied. A
-  released image (`retention.py`) has only its header here, and that is what is copied.
+  released image (`retention.py`) has only its header here, and that is what is copied; an
+  image the retention releases while the files are copied is released in the copy too.
 
 Restore (SQLite): `tinyllava-med db restore DEST/tinyllava_med-<time>.db`, with the server
 stopped (it refuses while a `serve` or another command holds the data directory). It checks the
@@ -35,11 +36,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.migrate import MigrationError, upgrade
+from tinyllava_med.server.db.models import Image
 from tinyllava_med.server.db.session import (
     make_engine,
     normalize_database_url,
@@ -138,6 +140,48 @@ def _copy_checked(
     return ("repaired" if existed else "copied"), len(data)
 
 
+def _released_meanwhile(
+    engine: Any, snapshot: Path, store: ImageStore, copies: ImageStore, result: Backup
+) -> None:
+    """The files found missing because the image retention released their images after the
+    snapshot (the hourly job runs inside `serve`): the copy takes each such release as the live
+    database has it (`released_at`, the header kept, which is copied), so the backup is whole
+    and its restore asks for no file the store no longer holds. What is still missing stays so."""
+    if not result.missing:
+        return
+    with session_factory(engine)() as s:
+        rows = s.execute(
+            select(Image.id, Image.released_at, Image.header_sha256).where(
+                Image.sha256.in_(result.missing), Image.released_at.is_not(None)
+            )
+        ).all()
+    if not rows:
+        return
+    copy = create_engine(f"sqlite:///{snapshot}")  # no pragmas: the copy stays as it was made
+    try:
+        with copy.begin() as conn:
+            for image_id, released_at, header in rows:
+                conn.execute(
+                    update(Image)
+                    .where(Image.id == image_id, Image.released_at.is_(None))
+                    .values(released_at=released_at, header_sha256=header)
+                )
+            held = select(Image.sha256).where(
+                Image.sha256.in_(result.missing), Image.released_at.is_(None)
+            )
+            still = set(conn.scalars(held))
+    finally:
+        copy.dispose()
+    result.missing = [sha for sha in result.missing if sha in still]
+    for header in sorted({h for _, _, h in rows if h is not None}):
+        outcome, size = _copy_checked(store, copies, header)
+        if outcome in ("copied", "repaired"):
+            result.files_copied += 1
+            result.bytes_copied += size
+        elif outcome in ("missing", "corrupt"):
+            (result.missing if outcome == "missing" else result.corrupt).append(header)
+
+
 def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool = False) -> Backup:
     """Back up the database (SQLite) and the image files into `dest`; audited as
     `backup.create`. A file copied by an earlier run is kept when it has the right size, or
@@ -173,6 +217,8 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool =
                     result.bytes_copied += size
                 else:
                     (result.missing if outcome == "missing" else result.corrupt).append(sha)
+            if snapshot is not None:
+                _released_meanwhile(engine, snapshot, store, copies, result)
         except BaseException:  # a full disk, an interrupt: no copy of every report stays
             if snapshot is not None:
                 snapshot.unlink(missing_ok=True)
