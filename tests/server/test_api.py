@@ -562,6 +562,37 @@ def test_a_full_disk_answers_507_and_keeps_what_is_stored(api, monkeypatch):
     assert {e.detail["code"] for e in refused} == {"insufficient_storage"}
 
 
+def test_a_read_only_data_volume_answers_503_and_readyz_says_so(api, monkeypatch):
+    """A data volume mounted read-only (or closed to the server's user, or failing) answered
+    500 `internal_error` to every upload while `/readyz` said ready; a full one was handled."""
+    import errno
+    import os
+
+    from tinyllava_med.server.storage import ImageStore
+
+    before = upload_ct(api)
+    images_dir = str(api.app.state.settings.images_dir)
+    for code in (errno.EROFS, errno.EACCES, errno.EIO):
+
+        def refused(self, data, digest=None, *, replace=False, code=code):
+            raise OSError(code, os.strerror(code))
+
+        with monkeypatch.context() as m:
+            m.setattr(ImageStore, "put", refused)
+            r = upload(api, ("ct.dcm", ct_of_new_study(), "application/dicom"))
+            assert_error(r, 503, "storage_unavailable")
+            assert "refuses writes" in r.json()["error"]["message"]
+    access = os.access
+    with monkeypatch.context() as m:
+        m.setattr(os, "access", lambda f, mode: False if str(f) == images_dir else access(f, mode))
+        r = api.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["checks"] == {"model": "ok", "database": "ok", "storage": "read_only"}
+    assert api.get("/readyz").status_code == 200
+    listed = api.get("/v1/studies", headers=api.h()).json()
+    assert [s["id"] for s in listed["data"]] == [before["id"]]
+
+
 def test_the_audit_names_what_list_pages_showed_and_finds_them_by_study(api):
     """A privacy officer asking who saw one patient's study finds the list pages that showed
     it (the worklist, a report list) beside the study's own events; a page that did not show

@@ -67,6 +67,14 @@ def storage_full(exc: BaseException) -> bool:
     return getattr(orig, "sqlstate", None) == "53100" or "database or disk is full" in str(orig)
 
 
+# the data volume refuses writes: mounted read-only, its permissions, or failing (EIO)
+UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+STORAGE_UNWRITABLE = (
+    "the server's data volume refuses writes (read-only, permissions, or an I/O error); nothing "
+    "was stored; an administrator must fix the volume"
+)
+
+
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "detail": detail}}
 
@@ -172,6 +180,11 @@ def failure(request: Request, exc: Exception) -> Failure:
         log.error("storage full on %s: nothing stored", where(request))
         read = request.method in ("GET", "HEAD")
         return Failure(507, "insufficient_storage", STORAGE_FULL_READ if read else STORAGE_FULL)
+    if isinstance(exc, OSError) and exc.errno in UNWRITABLE_ERRNOS:
+        log.error(
+            "storage error on %s: %s", where(request), errno.errorcode.get(exc.errno or 0, "?")
+        )
+        return Failure(503, "storage_unavailable", STORAGE_UNWRITABLE)
     if isinstance(exc, OperationalError):
         # the database could not do it now (locked past the busy timeout, connection lost,
         # server gone): nothing was stored, and the same request may succeed later

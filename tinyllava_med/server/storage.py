@@ -46,6 +46,12 @@ def storage_free(data_dir: str | Path) -> int:
     return shutil.disk_usage(data_dir).free
 
 
+def writable(*folders: str | Path) -> bool:
+    """Whether each of `folders` takes new files (not on a volume mounted read-only, nor
+    closed to this process); one that does not exist yet counts (it is made when needed)."""
+    return all(os.access(f, os.W_OK) or not os.path.exists(f) for f in folders)
+
+
 # Every process that serves or writes a data directory holds this file's lock shared
 # (`hold_data_dir`); `db restore` takes it alone (`sole_user`), so it never replaces a database
 # under a running server.

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from tinyllava_med import __version__
 from tinyllava_med.server.db.session import ping
-from tinyllava_med.server.storage import MIN_FREE_BYTES, storage_free
+from tinyllava_med.server.storage import MIN_FREE_BYTES, storage_free, writable
 
 router = APIRouter(tags=["operations"])
 
@@ -48,7 +48,8 @@ async def readyz(request: Request) -> JSONResponse:
     """Ready when the model is loaded and answers (a recent answer, or a one-token probe when
     idle: `BatchingEngine.model_check`), the database answers at the schema revision the server
     started on, and the data volume has room
-    (`storage: full` below `MIN_FREE_BYTES`: no report can be stored, no read audited)."""
+    (`storage: full` below `MIN_FREE_BYTES`: no report can be stored, no read audited;
+    `read_only` when it refuses writes)."""
     state = request.app.state
     settings = state.settings
     engine = state.engine
@@ -66,6 +67,8 @@ async def readyz(request: Request) -> JSONResponse:
     checks["database"] = await run_in_threadpool(_db_state, request)
     if storage_free(settings.data_dir) < MIN_FREE_BYTES:  # nothing can be stored or audited
         checks["storage"] = "full"
+    elif not writable(settings.data_dir, settings.images_dir):
+        checks["storage"] = "read_only"
     ready = checks["model"] == "ok" and checks["database"] == "ok" and "storage" not in checks
     state.last_probe_failed = checks["model"] == "probe_failed"  # stalls: the gauge reads them live
     body = {
