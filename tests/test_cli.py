@@ -265,6 +265,11 @@ def test_db_upgrade_and_apikey_create(tmp_path):
     line = next(ln for ln in cli("apikey", "list", env=env).stdout.splitlines() if expiring in ln)
     assert "expires 20" in line
 
+    for days in ("0", "-5", "1.5"):  # 0 made a key that never expired
+        out = cli("apikey", "create", "--role", "pacs", "--expires-in-days", days, env=env)
+        assert out.returncode == 2 and "--expires-in-days" in out.stderr, out.stdout + out.stderr
+    assert cli("apikey", "list", env=env).stdout.count("pacs") == 2  # made neither
+
     # the last active admin key is kept (as the API keeps it: 409), unless forced
     admin = cli("apikey", "create", "--role", "admin", env=env).stdout.split()[3]
     refused = cli("apikey", "revoke", admin, env=env)

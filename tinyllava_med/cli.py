@@ -454,6 +454,17 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole_days(value: str) -> int:
+    """A key's lifetime: 1 day or more (0 was taken as "not given": a key that never expired)."""
+    try:
+        days = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {value!r}") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 day, got {value}")
+    return days
+
+
 def _days(value: str) -> float:
     """A positive number of days: `--days -1` would release what arrived a moment ago."""
     try:
@@ -887,7 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--name", default=None, help="a label for the key (default: the role)")
     d.add_argument(
         "--expires-in-days",
-        type=int,
+        type=_whole_days,
         default=None,
         help="the key is refused after this many days (default: API_KEY_DAYS, or never)",
     )

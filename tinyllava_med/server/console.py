@@ -206,7 +206,9 @@ def apikey(settings: Settings, args: argparse.Namespace) -> int:
                 f"within {settings.auth_cache_s:g} s"
             )
         else:
-            days = args.expires_in_days or settings.api_key_days
+            days = (
+                args.expires_in_days if args.expires_in_days is not None else settings.api_key_days
+            )
             row, key = create_api_key(
                 session,
                 role=args.role,
