@@ -281,6 +281,27 @@ def test_db_upgrade_and_apikey_create(tmp_path):
     assert forced.returncode == 0 and f"revoked admin key {admin}" in forced.stdout
 
 
+def test_console_commands_on_a_database_they_cannot_use_say_why_in_one_line(tmp_path):
+    """On a schema a newer version migrated, `apikey list`, `import` and `db release-images`
+    printed a MigrationError traceback (`serve` and `db upgrade` said it in a line)."""
+    import sqlite3
+
+    env = {"TINYLLAVA_MED_DATA_DIR": str(tmp_path)}
+    assert cli("db", "upgrade", env=env).returncode == 0
+    with sqlite3.connect(tmp_path / "tinyllava_med.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '0099'")
+    db.close()
+    for args in (
+        ("apikey", "list"),
+        ("apikey", "create", "--role", "pacs"),
+        ("import", str(CT_SMALL)),
+        ("db", "release-images", "--days", "30"),
+    ):
+        out = cli(*args, env=env)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr and "0099" in out.stderr, (args, out.stderr)
+
+
 def test_phantom_generate_score_round_trip(tiny_model_dir, tmp_path):
     ph = tmp_path / "ph"
     out = cli("data", "phantom", "--out", str(ph), "--n", "10", "--seed", "7")

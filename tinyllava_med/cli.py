@@ -937,6 +937,35 @@ def main(argv: list[str] | None = None) -> int:
         # files by replacing them, and answers files line by line)
         print("tinyllava-med: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        said = _operational_error(e)
+        if said is None or args.verbose:
+            raise
+        print(said, file=sys.stderr)
+        return 1
+
+
+def _operational_error(e: Exception) -> str | None:
+    """A database or data volume that refuses (a schema this version does not know, a locked or
+    read-only database, a volume refusing writes), in one line: the operator's to fix, not a
+    bug's traceback. None for anything else."""
+    import errno
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from tinyllava_med.server.db.migrate import MigrationError
+
+    if isinstance(e, MigrationError):
+        return f"tinyllava-med: {e}"
+    if isinstance(e, OperationalError | sqlite3.OperationalError):
+        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        return f"tinyllava-med: the database refused: {reason}"
+    if isinstance(e, OSError) and e.errno in (
+        errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EIO
+    ):  # fmt: skip
+        return f"tinyllava-med: {e.strerror}: {e.filename or 'the data directory'}"
+    return None
 
 
 def _no_kernels_notice(record: logging.LogRecord) -> bool:
