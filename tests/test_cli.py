@@ -355,8 +355,24 @@ def test_phantom_generate_score_round_trip(tiny_model_dir, tmp_path):
         "--json",
         str(scores),
     )
+    assert out.returncode == 1 and "1 questions have no answer" in out.stderr, out.stderr
+    scored = json.loads(scores.read_text())
+    assert scored["missing"] == [lines[0]["question_id"]]
+    # the report says which model answered (it did not: a file of another variant looked alike)
+    (who,) = scored["answered_by"]
+    assert who["model"] == lines[1]["metadata"]["model"] and who["answers"] == len(lines) - 1
+    assert who["model_weights"].startswith("sha256:") and who["quantization"] == "none"
+    assert f"answered by {who['model']}" in out.stdout
+    # a file of two models' answers is scored, and said to be mixed
+    other_lines = [json.loads(x) for x in other.read_text().splitlines()]
+    answers.write_text("\n".join(json.dumps(x) for x in lines[:3] + other_lines[3:]) + "\n")
+    out = cli("eval", "score", "--gt", str(ph / "test.json"), "--pred", str(answers))
+    assert out.returncode == 1 and "answers are of 2 models" in out.stderr, out.stderr
+    assert "answers of 2 models are mixed" in out.stdout
+    out = cli(
+        "eval", "score", "--gt", str(ph / "test.json"), "--pred", str(answers), "--allow-partial"
+    )
     assert out.returncode == 0, out.stderr
-    assert json.loads(scores.read_text())["missing"] == [lines[0]["question_id"]]
 
 
 def test_train_cli_overrides(tiny_model_dir, tmp_path):

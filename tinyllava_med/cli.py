@@ -174,6 +174,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = score_files(args.gt, args.pred, args.candidates)
         write_report(report, args.json, args.markdown)
         print(report.to_markdown())
+        # LLaVA-Med's run_eval.py asserts that every question has its answer
+        problems = [
+            *([f"{len(report.missing)} questions have no answer"] if report.missing else []),
+            *(
+                [f"the answers are of {len(report.answered_by)} models"]
+                if len(report.answered_by) > 1
+                else []
+            ),
+        ]
+        if problems and not args.allow_partial:
+            print(
+                f"tinyllava-med eval score: {'; '.join(problems)}: the scores do not stand for "
+                "one model on the whole set (--allow-partial to accept them)",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     if args.eval_cmd == "judge":
         from tinyllava_med.eval.judge import judge_markdown, run_judge
@@ -743,6 +759,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--candidates", default=None)
     sc.add_argument("--json", default=None)
     sc.add_argument("--markdown", default=None)
+    sc.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="exit 0 when questions have no answer or answers of several models are mixed",
+    )
     j = ev.add_parser("judge", help="LLaVA-Med GPT-4 protocol on an OpenAI-compatible endpoint")
     j.add_argument("--questions", required=True)
     j.add_argument("--answers", required=True)

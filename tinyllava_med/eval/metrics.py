@@ -341,4 +341,26 @@ def score_files(
     cands = load_candidates(candidates_path) if candidates_path is not None else None
     report = score(load_ground_truth(gt_path), preds, cands)
     report.unreadable_lines = bad_lines
+    report.answered_by = answered_by(preds)
     return report
+
+
+# what says which model answered, in each answer line's metadata (`eval generate`)
+PROVENANCE = ("model", "variant", "quantization", "model_weights", "template", "decoding")
+
+
+def answered_by(preds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The models that wrote the answers, each with how many it wrote, most first: one, unless
+    files of several were put together. A line without our metadata (LLaVA-Med's own answer
+    files) says its `model_id` only."""
+    seen: dict[str, dict[str, Any]] = {}
+    for row in preds:
+        meta = row.get("metadata")
+        who = (
+            {k: meta.get(k) for k in PROVENANCE if k in meta}
+            if isinstance(meta, dict)
+            else {"model": row.get("model_id")}
+        )
+        key = json.dumps(who, sort_keys=True, default=str)
+        seen.setdefault(key, {**who, "answers": 0})["answers"] += 1
+    return sorted(seen.values(), key=lambda w: -w["answers"])

@@ -102,6 +102,7 @@ class ScoreReport:
     items: list[ItemScore] = field(default_factory=list, repr=False)
     unreadable_lines: list[int] = field(default_factory=list)
     cut_short: list[str] = field(default_factory=list)
+    answered_by: list[dict[str, Any]] = field(default_factory=list)  # `metrics.answered_by`
 
     def to_dict(self, include_items: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -120,6 +121,7 @@ class ScoreReport:
             "duplicates": self.duplicates,
             "unreadable_lines": self.unreadable_lines,
             "cut_short": self.cut_short,
+            "answered_by": self.answered_by,
         }
         if include_items:
             out["items"] = [asdict(i) for i in self.items]
@@ -131,6 +133,9 @@ class ScoreReport:
             "",
             f"Scored {len(self.items)} of {self.n_gt} ground-truth questions ({self.n_pred} predictions).",
         ]
+        if len(self.answered_by) > 1:
+            lines.append(f"- **answers of {len(self.answered_by)} models are mixed**:")
+        lines += [f"- answered by {_who(w)}" for w in self.answered_by]
         for name in ("missing", "extra", "failed", "duplicates", "unreadable_lines", "cut_short"):
             ids = getattr(self, name)
             if ids:
@@ -142,6 +147,18 @@ class ScoreReport:
         if self.by_question_type:
             lines += _question_type_tables(self.by_question_type)
         return "\n".join(lines) + "\n"
+
+
+def _who(w: dict[str, Any]) -> str:
+    """One model of `answered_by`: `demo (variant demo, cpu-int8, weights sha256:7acec375...,
+    template v1): 41 answers`."""
+    details = [f"variant {w['variant']}" if w.get("variant") else ""]
+    details.append(str(w.get("quantization") or ""))
+    weights = str(w.get("model_weights") or "")
+    details.append(f"weights {weights[:15]}..." if weights else "")
+    details.append(f"template {w['template']}" if w.get("template") else "")
+    shown = ", ".join(d for d in details if d)
+    return f"{w.get('model')}" + (f" ({shown})" if shown else "") + f": {w['answers']} answers"
 
 
 def _pct(v: float | None) -> str:
