@@ -48,3 +48,26 @@ def test_compare_writes_table_json_and_chart(tiny_model_dir, tmp_path):
     text = md.read_text()
     assert "cpu-int8" in text and "McNemar p" in text and text.count("\n") == 6
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+
+
+def test_two_folders_of_one_name_are_compared_each_in_its_own_file(tiny_model_dir, tmp_path):
+    """`--variants runs/a/demo runs/b/demo` named both answer files `demo-none`: the second
+    stopped on the first's answers ("holds answers of another model")."""
+    import shutil
+
+    ph = tmp_path / "ph"
+    generate_phantom(ph, n=2, seed=3)
+    a, b = (tmp_path / run / tiny_model_dir.name for run in ("a", "b"))
+    shutil.copytree(tiny_model_dir, a)
+    shutil.copytree(tiny_model_dir, b)
+    compare_variants(
+        [str(a), str(b)],
+        questions=ph / "test.json",
+        images=ph / "images",
+        out_dir=tmp_path / "cmp",
+        max_new_tokens=2,
+    )
+    rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["variant"] for r in rows] == [str(a), str(b)]
+    files = sorted(p.name for p in (tmp_path / "cmp").glob("*.answers.jsonl"))
+    assert files == [f"{a.name}-none-2.answers.jsonl", f"{a.name}-none.answers.jsonl"]

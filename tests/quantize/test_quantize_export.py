@@ -32,7 +32,26 @@ def test_round_trip_on_tiny_model(tiny_model_dir: Path, tmp_path: Path, method: 
     dst = quantize_checkpoint(tiny_model_dir, tmp_path / method, method=method)
     lm = load_model(str(dst), device="cpu")  # no flags: the folder says how it is stored
     assert lm.quantization == STORED[method] == ServedMeta.load(dst).quantization
-    assert lm.info["quantization"] == STORED[method] and lm.template == "v1"
+    assert lm.template == "v1"
+    # what every answer records: the scheme, and what it quantized that the default recipe keeps
+    # in 16/32 bits (cpu-int8's output check put the tower and lm_head in int8 here; the label
+    # was `cpu-int8` as for `--quant cpu-int8`, which keeps them in fp32)
+    label = {"cpu-int8": "cpu-int8+tower+lm_head"}.get(method, STORED[method])
+    assert lm.info["quantization"] == label
+    if method == "cpu-int8":
+        assert load_model(str(tiny_model_dir), quant="cpu-int8").info["quantization"] == "cpu-int8"
+        kept = quantize_checkpoint(
+            tiny_model_dir, tmp_path / "kept", method=method, skip_modules=["lm_head"]
+        )
+        assert load_model(str(kept)).info["quantization"] == "cpu-int8+tower+projector"
+    if method == "nf4":  # FQ4 with the tower in nf4 too (the -93.5% recipe)
+        tower = quantize_checkpoint(
+            tiny_model_dir,
+            tmp_path / "tower",
+            method=method,
+            skip_modules=["model.multi_modal_projector", "lm_head"],
+        )
+        assert load_model(str(tower), device="cpu").info["quantization"] == "4bit+tower"
     out = generate(lm, case_images()[:2], ["Is there a fracture?"] * 2, SamplingParams(6))
     assert all(a.new_tokens > 0 for a in out)
     fp32_bytes = (tiny_model_dir / "model.safetensors").stat().st_size

@@ -61,10 +61,14 @@ def compare_variants(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     reference: ScoreReport | None = None
+    slugs: list[str] = []
     for spec in variants:
         name, quant = _split(spec)
         lm = load_model(name, quant=quant, device=device)
         slug = f"{Path(name).name}-{lm.quantization_label}".replace("/", "_")
+        # two folders of one name (runs/a/demo, runs/b/demo): each its own file, in list order
+        slug += f"-{slugs.count(slug) + 1}" if slug in slugs else ""
+        slugs.append(slug)
         answers = out_dir / f"{slug}.answers.jsonl"
         t0 = time.perf_counter()
         generate_answers(

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from tinyllava_med import __version__
@@ -34,6 +36,28 @@ class CheckpointError(ValueError):
     """The folder is a checkpoint that cannot be loaded: a file missing or damaged."""
 
 
+# the modules the default recipe keeps in 16/32 bits, by the name a quantization label gives
+# them when a checkpoint quantizes them too
+_KEPT_BY_DEFAULT = (
+    ("model.vision_tower", "tower"),
+    ("model.multi_modal_projector", "projector"),
+    ("lm_head", "lm_head"),
+)
+
+
+def _holds_quantized(model: nn.Module, path: str) -> bool:
+    """Whether the module at `path` is, or holds, a quantized linear layer (bitsandbytes', or
+    PyTorch's dynamic int8 of the cpu-int8 format)."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return False
+    return any(
+        type(m).__module__.startswith(("bitsandbytes", "torch.ao.nn.quantized"))
+        for m in module.modules()
+    )
+
+
 @dataclass
 class LoadedModel:
     model: Any  # LlavaForConditionalGeneration (possibly quantized)
@@ -48,13 +72,20 @@ class LoadedModel:
     meta: ServedMeta = field(default_factory=ServedMeta)
     weights: str | None = None  # sha256 of the weight files as loaded (`meta.weights_digest`)
 
-    @property
+    @cached_property
     def quantization_label(self) -> str:
-        """The quantization a reader is told: `4bit+int8` for nf4 with some modules in LLM.int8
+        """The quantization a reader is told: the scheme, and what it also quantized that the
+        default recipe keeps in 16/32 bits (`quantize.skip.DEFAULT_SKIP_MODULES`): `+tower`,
+        `+projector`, `+lm_head`. So `quantize --method cpu-int8` gives `cpu-int8+tower+lm_head`
+        where its output check put them in int8 (`--quant cpu-int8` at load time: `cpu-int8`),
+        and nf4 with the tower in nf4 `4bit+tower`. nf4 with modules in LLM.int8 is `4bit+int8`
         (`quantize --int8`; which ones: the folder's `tinyllava_med.json`)."""
         if self.quantization == "4bit" and self.meta.int8_modules:
             return "4bit+int8"
-        return self.quantization
+        if self.quantization == "none" or not isinstance(self.model, nn.Module):
+            return self.quantization
+        also = [short for path, short in _KEPT_BY_DEFAULT if _holds_quantized(self.model, path)]
+        return "+".join([self.quantization, *also])
 
     @property
     def info(self) -> dict[str, Any]:

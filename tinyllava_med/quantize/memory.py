@@ -135,7 +135,8 @@ def measure_memory(
     result: dict[str, Any] = {
         "variant": lm.variant or lm.name,
         "model": lm.name,
-        "quantization": lm.quantization_label,
+        "quantization": lm.quantization,  # the scheme, as the computed rows take it
+        "quantization_label": lm.quantization_label,
         "device": str(lm.device),
         "dtype": str(lm.model.dtype).removeprefix("torch."),
         "batch": batch,
