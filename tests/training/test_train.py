@@ -246,6 +246,17 @@ def test_lora_merge_keeps_outputs(tiny_model_dir, vqa_dir):
     assert torch.allclose(with_adapter, merged, atol=1e-5)
 
 
+def test_deepspeed_without_deepspeed_says_how_to_get_it(tiny_model_dir, vqa_dir, tmp_path):
+    """`--set deepspeed=zero3` (README's instruct example) ended in transformers'
+    PackageNotFoundError traceback where DeepSpeed is not installed."""
+    import importlib.util
+
+    assert importlib.util.find_spec("deepspeed") is None  # this machine has none to use
+    cfg = _cfg("instruct", tiny_model_dir, vqa_dir, tmp_path / "x", deepspeed="zero3")
+    with pytest.raises(ValueError, match=r"gpu-train extra .*accelerate launch"):
+        trainer_mod.training_arguments(cfg)
+
+
 def test_nothing_to_train_is_an_error(tiny_model_dir, vqa_dir, tmp_path):
     frozen = {"mode": "frozen"}
     with pytest.raises(ValueError, match="nothing to train"):

@@ -7,6 +7,7 @@ plain served checkpoint when the stage ends.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import re
@@ -304,6 +305,12 @@ class StageTrainer(Trainer):
 
 
 def training_arguments(cfg: TrainConfig) -> TrainingArguments:
+    if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(
+            f"deepspeed={cfg.deepspeed} needs DeepSpeed: install the gpu-train extra (`pip install "
+            "-e .[gpu-train]`, on a machine with CUDA) and start the stage under `accelerate "
+            "launch -m tinyllava_med.cli train ...` or `deepspeed`"
+        )
     use_cpu = cfg.use_cpu if cfg.use_cpu is not None else not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(Path(cfg.output_dir) / "checkpoints"),
