@@ -237,6 +237,16 @@ def cmd_data(args: argparse.Namespace) -> int:
         download_llava_med,
     )
 
+    if args.data_cmd == "merge":
+        from tinyllava_med.training.datasets.merge import merge_datasets
+
+        try:
+            print(json.dumps(merge_datasets(args.dst, args.sources)))
+        except DatasetLayoutError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+
     if args.data_cmd == "download":
         try:
             report = download_llava_med(
@@ -824,6 +834,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--lang", default="en", choices=["en", "zh", "all"], help="SLAKE: one language, or all"
     )
+    m = steps.add_parser(
+        "merge", help="converted VQA sets as one training set (TinyLLaVA-Med-F's downstream data)"
+    )
+    m.add_argument("dst", help="the merged set's folder (train.json, images/)")
+    m.add_argument("sources", nargs="+", help="folders `data convert` wrote")
     ph = steps.add_parser("phantom", help="synthesise PhantomVQA")
     ph.add_argument("--out", default="./data/phantom", help="folder (default: %(default)s)")
     ph.add_argument("--n", type=int, default=6000, help="number of images")

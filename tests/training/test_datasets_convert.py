@@ -189,3 +189,38 @@ def test_the_data_convert_command(tmp_path, capsys):
     assert len(read(dst / "test.json")) == 2
     assert main(["data", "convert", str(tmp_path / "none"), str(dst), "--dataset", "slake"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_data_merge_makes_the_downstream_set_of_the_three(tmp_path, capsys):
+    """TinyLLaVA-Med-F's downstream stage trains on VQA-RAD, SLAKE and PathVQA together; `data
+    convert` writes one folder each, and nothing put them together. `data merge` does: ids
+    prefixed by their set (both number from 0), images reached through links to each set's."""
+    from PIL import Image
+
+    from tinyllava_med.cli import main
+    from tinyllava_med.training.data import read_conversations
+
+    root = tmp_path / "llava_med"
+    convert_dataset("vqa-rad", make_vqa_rad(tmp_path / "VQA_RAD"), root / "vqa-rad")
+    convert_dataset("slake", make_slake(tmp_path / "Slake1.0"), root / "slake")
+    parts = [read(root / name / "train.json") for name in ("vqa-rad", "slake")]
+    out = root / "3vqa"
+    assert main(["data", "merge", str(out), str(root / "vqa-rad"), str(root / "slake")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    merged = read_conversations(out / "train.json")
+    assert summary["entries"] == len(merged) == sum(len(p) for p in parts)
+    assert [e["id"] for e in merged] == [f"vqa-rad-{e['id']}" for e in parts[0]] + [
+        f"slake-{e['id']}" for e in parts[1]
+    ]
+    assert [qa(e) for e in merged] == [qa(e) for p in parts for e in p]
+    for entry in merged:  # every image opens from the merged set's image folder
+        Image.open(out / "images" / entry["image"]).verify()
+    assert [p["entries"] for p in json.loads((out / "merge.json").read_text())["parts"]] == [
+        len(p) for p in parts
+    ]
+    # run again: the same set; a folder that is no converted set is refused
+    assert main(["data", "merge", str(out), str(root / "vqa-rad"), str(root / "slake")]) == 0
+    capsys.readouterr()
+    assert read_conversations(out / "train.json") == merged
+    assert main(["data", "merge", str(out), str(root / "vqa-rad"), str(tmp_path)]) == 2
+    assert "not a converted dataset" in capsys.readouterr().err

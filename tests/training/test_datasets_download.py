@@ -261,11 +261,14 @@ def test_shipped_configs_read_where_download_and_convert_write():
     downloaded = {root + f.path for f in FILES.values()}
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     assert 'data convert --dataset vqa-rad "./VQA_RAD" ./data/llava_med/vqa-rad' in readme
-    converted = {root + "vqa-rad/train.json"}
+    # TinyLLaVA-Med-F's downstream stage trains on the three sets merged
+    assert "data merge ./data/llava_med/3vqa ./data/llava_med/vqa-rad" in readme
+    converted = {root + "vqa-rad/train.json", root + "3vqa/train.json"}
     configs = sorted(CONFIG_DIR.glob("*.yaml"))
     assert len(configs) == 6
     for path in configs:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
         assert cfg["data_path"] in downloaded | converted, (path.name, cfg["data_path"])
-        images = root + ("vqa-rad/images" if "downstream" in path.name else "images")
+        folder = "3vqa" if path.name.startswith("tinyllava") else "vqa-rad"
+        images = root + (f"{folder}/images" if "downstream" in path.name else "images")
         assert cfg["image_folder"] == images, path.name

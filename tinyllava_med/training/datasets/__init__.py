@@ -3,6 +3,7 @@
 - `sources`: the LLaVA-Med file table (paths, sizes, sha256, download groups, base URL).
 - `download`: resumable, retried, verified downloads; PMC figure extraction (`--images`).
 - `convert`: VQA-RAD / SLAKE / PathVQA public releases -> `train.json`, `test.json`, `images/`.
+- `merge`: converted sets as one training set (TinyLLaVA-Med-F's downstream data).
 
     tinyllava-med data download --what instruct-60k-inline --out data/llava_med --images
     tinyllava-med data convert --dataset vqa-rad "./VQA_RAD" ./data/vqa_rad
