@@ -332,6 +332,9 @@ def test_the_console_releases_now(tmp_path, monkeypatch, capsys):
         assert all(i.released_at for i in s.scalars(select(Image)))
         events = s.scalars(select(AuditEvent).where(AuditEvent.action == "image.release")).all()
         assert [(e.actor, e.detail["images"]) for e in events] == [("cli", 1), ("cli", 1)]
+        # each in the history of its study (the event of a run named none)
+        studies = {i.study_id for i in s.scalars(select(Image))}
+        assert {e.resource_id for e in events} == studies and len(studies) == 2
     engine.dispose()
 
 

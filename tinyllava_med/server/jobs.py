@@ -615,7 +615,8 @@ class JobRunner:
             # more were due than one run takes: the next run follows at once
             delay_s = 0.0 if result["more"] and result["studies"] else RELEASE_EVERY_S
             following = schedule_release(s, self.settings, delay_s=delay_s, besides=job.id)
-            outcome = finish(s, job, {**result, "next": following.id if following else None})
+            counts = {k: v for k, v in result.items() if k != "released"}  # (audited above)
+            outcome = finish(s, job, {**counts, "next": following.id if following else None})
         self.app.state.metrics.images_released.inc(result["images"])
         return outcome
 

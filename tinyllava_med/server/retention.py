@@ -185,6 +185,7 @@ def release_due(
         due = due_studies(s, settings, now)
     studies = images = headers_lost = 0
     removed: list[str] = []
+    released: dict[str, int] = {}
     for study_id in due:
         unwritten: dict[str, bytes] = {}
         with sessions.begin() as s:
@@ -192,6 +193,7 @@ def release_due(
         if hashes:
             studies += 1
             images += len(hashes)
+            released[study_id] = len(hashes)
             removed += remove_unused(
                 sessions, store, sorted(set(hashes)), settings.image_sweep_grace_s
             ).removed
@@ -203,19 +205,21 @@ def release_due(
         "headers_lost": headers_lost,
         "more": len(due) == STUDIES_PER_RUN,
         "hashes": removed,
+        "released": released,  # images released, by study
     }
 
 
 def audit_release(session: Session, actor: str, result: dict[str, Any]) -> None:
-    """One `image.release` event for a run that released something (counts only)."""
-    if result["images"]:
+    """An `image.release` event for each study a run released pixels of (how many images), so
+    that the study's history says when its pixels went."""
+    for study_id, images in result["released"].items():
         crud.audit(
             session,
             actor=actor,
             action="image.release",
             resource_type="study",
-            resource_id=None,
+            resource_id=study_id,
             outcome="ok",
             status_code=200,
-            detail={k: v for k, v in result.items() if k != "hashes"},
+            detail={"images": images},
         )
