@@ -988,13 +988,18 @@ def _operational_error(e: Exception) -> str | None:
     import errno
     import sqlite3
 
-    from sqlalchemy.exc import OperationalError
+    database_errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+    try:  # the server extra: a command without it has no database to refuse
+        from sqlalchemy.exc import OperationalError
 
-    from tinyllava_med.server.db.migrate import MigrationError
-
-    if isinstance(e, MigrationError):
-        return f"tinyllava-med: {e}"
-    if isinstance(e, OperationalError | sqlite3.OperationalError):
+        from tinyllava_med.server.db.migrate import MigrationError
+    except ImportError:
+        pass
+    else:
+        if isinstance(e, MigrationError):
+            return f"tinyllava-med: {e}"
+        database_errors += (OperationalError,)
+    if isinstance(e, database_errors):
         reason = str(getattr(e, "orig", None) or e).splitlines()[0]
         return f"tinyllava-med: the database refused: {reason}"
     if isinstance(e, OSError) and e.errno in (

@@ -126,8 +126,9 @@ def release_study(
 ) -> list[str]:
     """Mark the study's held images released, keeping DICOM headers; the hashes of their files
     (for `jobs.remove_unused`, once this is committed). A draft made or changed meanwhile keeps
-    the study, and so does a question being answered about it. A header the store cannot write (a full disk) goes into `unwritten`, by its
-    hash, for the caller to write once files are removed."""
+    the study, and so does a question being answered about it. A header the store cannot write
+    (a full disk) goes into `unwritten`, by its hash, for the caller to write once files are
+    removed."""
     if session.scalar(_drafts_in_use(study_id, settings, now).limit(1)) is not None:
         return []
     images = session.scalars(

@@ -208,8 +208,9 @@ class ImageStore:
 
     def touch(self, sha256: str) -> None:
         """Mark the file in use now (a question about it is being answered): the image
-        retention leaves its study for a while (`touched_within`), as a sweep leaves it."""
-        with contextlib.suppress(FileNotFoundError):
+        retention leaves its study for a while (`touched_within`), as a sweep leaves it. Best
+        effort: on a volume mounted read-only the question goes on (it writes no file)."""
+        with contextlib.suppress(OSError):
             os.utime(self.path(sha256))
 
     def touched_within(self, sha256: str, seconds: float) -> bool:
