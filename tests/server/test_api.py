@@ -2065,3 +2065,24 @@ def test_without_keys_the_server_answers_only_this_machines_own_names(tmp_path, 
         assert_error(client.get("/v1/studies", headers=explorer), 403, "not_local")
         assert_error(client.get("/v1/studies", headers={"Host": "127.0.0.1:x"}), 403)
         assert client.get("/v1/studies").json()["count"] == 0
+
+
+def test_a_model_with_a_long_quantization_label_stores_its_answers(
+    tmp_path, database_url, tiny_model_dir
+):
+    """`quantize --method cpu-int8` gives `cpu-int8+tower+lm_head` (22 characters): PostgreSQL
+    refused every report of it (VARCHAR(16)) with a 500."""
+    from tinyllava_med.model.load import load_model
+    from tinyllava_med.quantize.export import quantize_checkpoint
+
+    lm = load_model(str(quantize_checkpoint(tiny_model_dir, tmp_path / "q", method="cpu-int8")))
+    assert lm.info["quantization"] == "cpu-int8+tower+lm_head"
+    for api in make_api(tmp_path, database_url, lm):
+        study = upload_ct(api)
+        r = api.post(
+            f"/v1/studies/{study['id']}/questions", headers=api.h(), json={"question": "Organ?"}
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["quantization"] == "cpu-int8+tower+lm_head"
+        r = api.get(f"/v1/reports/{r.json()['id']}", headers=api.h())
+        assert r.json()["quantization"] == "cpu-int8+tower+lm_head"

@@ -99,7 +99,7 @@ def test_postgresql_urls_use_psycopg3() -> None:
 def test_head_matches_models(database_url: str) -> None:
     assert migrate.current_revision(database_url) is None
     migrate.upgrade(database_url)
-    assert migrate.current_revision(database_url) == migrate.head_revision() == "0015"
+    assert migrate.current_revision(database_url) == migrate.head_revision() == "0016"
     assert migrate.check_models_match_migrations(database_url) == []
 
 
@@ -253,12 +253,45 @@ def test_a_downgrade_that_drops_data_for_good_is_refused_naming_it(database_url:
         assert "below 0012, the weights digest recorded with 1 reports" in said
         assert "below 0003, 1 amendments" in said and "--accept-data-loss" in said
         assert migrate.current_revision(database_url) == head  # nothing done
-        migrate.downgrade(database_url, "-2")  # 0015 -> 0013 drops nothing
+        migrate.downgrade(database_url, "-3")  # 0016 -> 0013 drops nothing
         assert migrate.current_revision(database_url) == "0013"
         migrate.downgrade(database_url, "0011", accept_data_loss=True)
         with engine.connect() as conn:
             assert conn.execute(text("SELECT status FROM reports")).scalar_one() == "amended"
         assert migrate.current_revision(database_url) == "0011"
+    finally:
+        engine.dispose()
+
+
+def test_0016_stores_long_quantization_labels_and_going_back_cuts_them_to_the_scheme(
+    database_url: str,
+) -> None:
+    """`cpu-int8+tower+lm_head` (22 characters) did not fit VARCHAR(16): PostgreSQL refused
+    every answer of such a model. Going back below 0016 says so, and cuts it to its scheme."""
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    t = {"t": "2026-01-01 00:00:00"}
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'reported')"),
+                t,
+            )
+            for rid, quant in (("a", "cpu-int8+tower+lm_head"), ("b", "4bit+tower+projector")):
+                conn.execute(
+                    text(
+                        "INSERT INTO reports (id, study_id, question, answer, text, status, "
+                        "model, quantization, server_version, created_at, updated_at) VALUES "
+                        "(:id, 's', 'q', 'a', 'a', 'draft', 'm', :q, '0.1.0', :t, :t)"
+                    ),
+                    {**t, "id": rid, "q": quant},
+                )
+        with pytest.raises(migrate.MigrationError, match="full quantization label of 2 reports"):
+            migrate.downgrade(database_url, "0015")
+        migrate.downgrade(database_url, "0015", accept_data_loss=True)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, quantization FROM reports ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [("a", "cpu-int8"), ("b", "4bit")]
     finally:
         engine.dispose()
 

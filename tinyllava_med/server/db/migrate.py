@@ -120,6 +120,11 @@ def upgrade(database_url: str | URL, revision: str = "head") -> None:
 # What going below each revision drops for good (its downgrade removes the column, and an
 # upgrade again cannot bring it back), counted in the database as it is: (what, SQL).
 LOSSES: dict[str, tuple[str, str]] = {
+    "0016": (
+        "the full quantization label of {n} reports (cut to the scheme: cpu-int8+tower+lm_head "
+        "becomes cpu-int8)",
+        "SELECT count(*) FROM reports WHERE length(quantization) > 16",
+    ),
     "0012": (
         "the weights digest recorded with {n} reports",
         "SELECT count(*) FROM reports WHERE model_weights IS NOT NULL",

@@ -216,7 +216,7 @@ class Report(Base):
     # provenance: every stored answer records what produced it
     model: Mapped[str] = mapped_column(String(256))
     variant: Mapped[str | None] = mapped_column(String(64))
-    quantization: Mapped[str] = mapped_column(String(16))
+    quantization: Mapped[str] = mapped_column(String(48))  # `cpu-int8+tower+lm_head`: 0016
     model_version: Mapped[str | None] = mapped_column(String(128))
     model_weights: Mapped[str | None] = mapped_column(
         String(80), doc="sha256 of the weight files that answered (`model.meta.weights_digest`)"
