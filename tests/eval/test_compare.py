@@ -57,17 +57,17 @@ def test_two_folders_of_one_name_are_compared_each_in_its_own_file(tiny_model_di
 
     ph = tmp_path / "ph"
     generate_phantom(ph, n=2, seed=3)
-    a, b = (tmp_path / run / tiny_model_dir.name for run in ("a", "b"))
-    shutil.copytree(tiny_model_dir, a)
-    shutil.copytree(tiny_model_dir, b)
+    a, b, c = (tmp_path / run / tiny_model_dir.name for run in ("a", "b", "c"))
+    for folder in (a, b, c):
+        shutil.copytree(tiny_model_dir, folder)
     compare_variants(
-        [str(a), str(b)],
+        [str(a), str(b), str(c)],
         questions=ph / "test.json",
         images=ph / "images",
         out_dir=tmp_path / "cmp",
         max_new_tokens=2,
     )
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert [r["variant"] for r in rows] == [str(a), str(b)]
+    assert [r["variant"] for r in rows] == [str(a), str(b), str(c)]
     files = sorted(p.name for p in (tmp_path / "cmp").glob("*.answers.jsonl"))
-    assert files == [f"{a.name}-none-2.answers.jsonl", f"{a.name}-none.answers.jsonl"]
+    assert files == [f"{a.name}-none{n}.answers.jsonl" for n in ("-2", "-3", "")]

@@ -582,6 +582,21 @@ def test_a_read_only_data_volume_answers_503_and_readyz_says_so(api, monkeypatch
             r = upload(api, ("ct.dcm", ct_of_new_study(), "application/dicom"))
             assert_error(r, 503, "storage_unavailable")
             assert "refuses writes" in r.json()["error"]["message"]
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from tinyllava_med.server.db import crud
+
+    def read_only_database(*args, **kwargs):  # SQLite's file on that volume
+        raise OperationalError(
+            "INSERT", {}, sqlite3.OperationalError("attempt to write a readonly database")
+        )
+
+    with monkeypatch.context() as m:
+        m.setattr(crud, "create_study", read_only_database)
+        r = upload(api, ("x.png", png_bytes(), "image/png"))
+        assert_error(r, 503, "storage_unavailable")  # not "try again" (database_unavailable)
     access = os.access
     with monkeypatch.context() as m:
         m.setattr(os, "access", lambda f, mode: False if str(f) == images_dir else access(f, mode))

@@ -149,6 +149,9 @@ def test_three_stages_end_to_end(tiny_model_dir, vqa_dir, tmp_path):
         _cfg("downstream", c, vqa_dir, tmp_path / "d", max_steps=1, name="tinyllava-med-f")
     )
     assert (ServedMeta.load(named).name, ServedMeta.load(named).variant) == ("tinyllava-med-f",) * 2
+    # a folder named like a variant is not that variant (`demo-model --force` would replace it)
+    folder = run_stage(_cfg("downstream", c, vqa_dir, tmp_path / "demo", max_steps=1))
+    assert (ServedMeta.load(folder).name, ServedMeta.load(folder).variant) == ("demo", None)
     from tinyllava_med.model.generate import SamplingParams, generate
 
     ans = generate(
@@ -246,7 +249,9 @@ def test_lora_merge_keeps_outputs(tiny_model_dir, vqa_dir):
     assert torch.allclose(with_adapter, merged, atol=1e-5)
 
 
-def test_deepspeed_without_deepspeed_says_how_to_get_it(tiny_model_dir, vqa_dir, tmp_path):
+def test_deepspeed_without_deepspeed_says_how_to_get_it(
+    tiny_model_dir, vqa_dir, tmp_path, monkeypatch
+):
     """`--set deepspeed=zero3` (README's instruct example) ended in transformers'
     PackageNotFoundError traceback where DeepSpeed is not installed."""
     import importlib.util
@@ -255,6 +260,11 @@ def test_deepspeed_without_deepspeed_says_how_to_get_it(tiny_model_dir, vqa_dir,
     cfg = _cfg("instruct", tiny_model_dir, vqa_dir, tmp_path / "x", deepspeed="zero3")
     with pytest.raises(ValueError, match=r"gpu-train extra .*accelerate launch"):
         trainer_mod.training_arguments(cfg)
+    loaded = []  # and before the model and the data load (minutes at the real size)
+    monkeypatch.setattr(trainer_mod, "_load_for_training", lambda cfg: loaded.append(cfg))
+    with pytest.raises(ValueError, match="gpu-train extra"):
+        run_stage(cfg)
+    assert loaded == []
 
 
 def test_nothing_to_train_is_an_error(tiny_model_dir, vqa_dir, tmp_path):

@@ -65,10 +65,10 @@ def compare_variants(
     for spec in variants:
         name, quant = _split(spec)
         lm = load_model(name, quant=quant, device=device)
-        slug = f"{Path(name).name}-{lm.quantization_label}".replace("/", "_")
-        # two folders of one name (runs/a/demo, runs/b/demo): each its own file, in list order
-        slug += f"-{slugs.count(slug) + 1}" if slug in slugs else ""
-        slugs.append(slug)
+        base = f"{Path(name).name}-{lm.quantization_label}".replace("/", "_")
+        # folders of one name (runs/a/demo, runs/b/demo): each its own file, in list order
+        slug = base + (f"-{slugs.count(base) + 1}" if base in slugs else "")
+        slugs.append(base)
         answers = out_dir / f"{slug}.answers.jsonl"
         t0 = time.perf_counter()
         generate_answers(

@@ -431,7 +431,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        from tinyllava_med.server.db.migrate import require_head, upgrade
+        from tinyllava_med.server.db.migrate import known_revisions, require_head, upgrade
 
         if settings.database_url.startswith("sqlite"):
             upgrade(settings.database_url)  # the embedded default migrates itself
@@ -439,7 +439,8 @@ def create_app(
             require_head(settings.database_url)  # on an older schema than this code's
         db_engine = make_engine(settings.database_url)
         app.state.db_engine = db_engine
-        app.state.schema_revision = ping(db_engine)  # `/readyz` says when it changes under us
+        app.state.schema_revision = ping(db_engine)  # `/readyz` says when it goes back
+        app.state.known_revisions = known_revisions()
         app.state.session_factory = session_factory(db_engine)
         sweep_on_rollback(app.state.session_factory, settings)
         app.state.report_writer = ReportWriter(db_engine)

@@ -185,6 +185,11 @@ def failure(request: Request, exc: Exception) -> Failure:
             "storage error on %s: %s", where(request), errno.errorcode.get(exc.errno or 0, "?")
         )
         return Failure(503, "storage_unavailable", STORAGE_UNWRITABLE)
+    if isinstance(exc, OperationalError) and any(
+        said in str(exc.orig) for said in ("readonly database", "disk I/O error")
+    ):  # SQLite's file on a volume refusing writes: no retry helps
+        log.error("storage error on %s: the database file refuses writes", where(request))
+        return Failure(503, "storage_unavailable", STORAGE_UNWRITABLE)
     if isinstance(exc, OperationalError):
         # the database could not do it now (locked past the busy timeout, connection lost,
         # server gone): nothing was stored, and the same request may succeed later

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 RELEASE_EVERY_S = 3600.0
 STUDIES_PER_RUN = 500  # the next run takes the rest
+# beyond the request timeout, for a question's rendering and the filing of its draft
+IN_USE_MARGIN_S = 120.0
 
 
 def schedule_release(
@@ -138,7 +140,8 @@ def release_study(
     ).all()
     # a question about it is being answered (it touched the file as it began): its draft, once
     # filed, keeps the study, which would otherwise have lost its pixels under it
-    if any(store.touched_within(i.sha256, settings.request_timeout_s) for i in images):
+    in_use_s = settings.request_timeout_s + IN_USE_MARGIN_S
+    if any(store.touched_within(i.sha256, in_use_s) for i in images):
         return []
     for image in images:
         if image.header_sha256 is None:

@@ -304,13 +304,18 @@ class StageTrainer(Trainer):
         return super().create_optimizer()
 
 
-def training_arguments(cfg: TrainConfig) -> TrainingArguments:
+def check_launch(cfg: TrainConfig) -> None:
+    """Refuse, before anything loads, a stage this machine cannot run as configured."""
     if cfg.deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise ValueError(
             f"deepspeed={cfg.deepspeed} needs DeepSpeed: install the gpu-train extra (`pip install "
             "-e .[gpu-train]`, on a machine with CUDA) and start the stage under `accelerate "
             "launch -m tinyllava_med.cli train ...` or `deepspeed`"
         )
+
+
+def training_arguments(cfg: TrainConfig) -> TrainingArguments:
+    check_launch(cfg)
     use_cpu = cfg.use_cpu if cfg.use_cpu is not None else not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(Path(cfg.output_dir) / "checkpoints"),
@@ -342,6 +347,7 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
 
 def run_stage(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Train one stage as `cfg` says; returns the served-format output folder."""
+    check_launch(cfg)
     # before anything draws: LoRA adapters are initialised as the model is wrapped, before the
     # Trainer would seed
     set_seed(cfg.seed)
@@ -442,9 +448,14 @@ def save_stage_output(
     processor.save_pretrained(out)
     data_files = [Path(cfg.data_path)]
     # named for what it now is, not for the model it started from (that is `training.base`); a
-    # registry variant's name (the demo, `tinyllava-med-f` trained here) is its variant too
+    # registry variant's name given as `name` (the demo's build) is its variant too, but not a
+    # folder that happens to be called so (`demo-model --force` replaces only the demo)
     name = cfg.name or out.resolve().name
-    variant = name if is_variant_name(name) and get_variant(name).quantization == "none" else None
+    variant = (
+        cfg.name
+        if cfg.name and is_variant_name(cfg.name) and get_variant(cfg.name).quantization == "none"
+        else None
+    )
     ServedMeta(
         template=template,
         name=name,

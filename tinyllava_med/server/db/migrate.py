@@ -77,10 +77,7 @@ def _refuse_unknown(conn: Connection) -> None:
     current = MigrationContext.configure(conn).get_current_revision()
     if current is None:
         return
-    known = {
-        script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
-    }
-    if current not in known:
+    if current not in known_revisions():
         raise MigrationError(
             f"the database schema is at revision {current}, which this version does not know "
             f"(its newest is {head_revision()}): a newer version of the server migrated it. "
@@ -88,6 +85,13 @@ def _refuse_unknown(conn: Connection) -> None:
             f"{head_revision()}`, run by the newer version), or restore the backup taken before "
             "the upgrade"
         )
+
+
+def known_revisions() -> set[str]:
+    """Every revision this code has (its head and those before it)."""
+    return {
+        script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    }
 
 
 def refuse_unknown(database_url: str | URL) -> None:

@@ -22,14 +22,19 @@ def healthz() -> dict[str, str]:
 
 
 def _db_state(request: Request) -> str:
-    """`ok`, `unreachable`, or `schema_changed`: its revision is no longer the one the server
-    started on (`db downgrade` or a restore under a server of another data directory), so
-    requests would fail on missing columns."""
+    """`ok`, `unreachable`, or `schema_changed`: the schema went back from the revision the
+    server started on (`db downgrade`, or a restore, from another host), so requests would fail
+    on missing columns. A newer revision, which this code does not know, is a rolling update's
+    `db upgrade`: its migrations add, and this server serves on until it is replaced."""
+    state = request.app.state
     try:
-        revision = ping(request.app.state.db_engine)
+        revision = ping(state.db_engine)
     except Exception:
         return "unreachable"
-    return "ok" if revision == request.app.state.schema_revision else "schema_changed"
+    went_back = revision != state.schema_revision and (
+        revision is None or revision in state.known_revisions
+    )
+    return "schema_changed" if went_back else "ok"
 
 
 def _model_info(lm: Any) -> dict[str, Any]:
