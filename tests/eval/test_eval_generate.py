@@ -123,6 +123,13 @@ def test_a_file_resumes_only_its_own_model_and_decoding(tiny_lm, phantom: Path, 
         run(lm=other)
     assert "quantization" in str(refused.value) and str(out) in str(refused.value)
     assert out.read_text() == before
+    # the same weights under another label of one scheme (an earlier version wrote `cpu-int8`
+    # where this one writes `cpu-int8+tower+lm_head`) are the same model: the file resumes
+    lines = [json.loads(x) for x in before.splitlines()]
+    for line in lines:
+        line["metadata"]["quantization"] += "+tower"
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert run()["skipped"] == n
 
 
 def test_llava_med_grayscale_pad(tiny_lm, tmp_path: Path, monkeypatch) -> None:

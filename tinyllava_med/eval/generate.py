@@ -123,11 +123,18 @@ def answered_ids(out_path: Path, run: dict[str, Any] | None = None) -> set[str]:
 
 
 def _differs(meta: dict[str, Any], run: dict[str, Any]) -> str:
-    """Which of `RESUME_KEYS` an answer's metadata has otherwise than this run ('' if none)."""
+    """Which of `RESUME_KEYS` an answer's metadata has otherwise than this run ('' if none).
+    Quantizations are compared by scheme: with the same weights that is the same model, and a
+    file an earlier version wrote says `cpu-int8` where this one says `cpu-int8+tower+lm_head`."""
+
+    def seen(answer: dict[str, Any], key: str) -> Any:
+        value = answer.get(key)
+        return value.split("+")[0] if key == "quantization" and isinstance(value, str) else value
+
     return "; ".join(
         f"{key} {json.dumps(meta.get(key))} there, {json.dumps(run.get(key))} here"
         for key in RESUME_KEYS
-        if meta.get(key) != run.get(key)
+        if seen(meta, key) != seen(run, key)
     )
 
 
