@@ -340,6 +340,37 @@ def test_a_downgrade_under_a_server_is_refused_and_readyz_sees_the_schema_change
         assert api.get("/readyz").json()["checks"]["database"] == "ok"
 
 
+def test_serve_copies_its_sqlite_database_before_it_migrates_it(tmp_path, sqlite_url, tiny_lm):
+    """The embedded default migrates itself as `serve` starts: an update that went wrong left
+    no copy of the database as it was to go back to (unless the site had taken a backup)."""
+    from fastapi.testclient import TestClient
+
+    from tinyllava_med.server.app import create_app
+    from tinyllava_med.server.db import migrate
+    from tinyllava_med.server.settings import Settings
+
+    migrate.upgrade(sqlite_url, "0015")
+    live = Path(make_url(sqlite_url).database or "")
+    con = sqlite3.connect(live)
+    con.execute(
+        "INSERT INTO studies (id, created_at, status) VALUES ('s', '2026-01-01 00:00:00', 'received')"
+    )
+    con.commit()
+    con.close()
+    settings = Settings(data_dir=tmp_path / "data", database_url=sqlite_url, model="tiny")
+    for _ in range(2):  # the second start has nothing to migrate, and copies nothing
+        with TestClient(create_app(settings, model=tiny_lm)) as client:
+            assert client.get("/readyz").status_code == 200
+    (copy,) = (tmp_path / "data" / "backups").glob("*.db")
+    assert copy.name.startswith("tinyllava_med-") and copy.name.endswith("-rev0015.db")
+    assert _rows(copy, "SELECT version_num FROM alembic_version") == [("0015",)]
+    assert _rows(copy, "SELECT id FROM studies") == [("s",)]
+    assert copy.stat().st_mode & 0o777 == 0o600
+    assert migrate.current_revision(sqlite_url) == migrate.head_revision()
+    out = _cli(settings, sqlite_url, "restore", str(copy))  # what it is for
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_restore_on_postgresql_brings_back_the_image_files(tmp_path, postgres_url, tiny_lm):
     """PostgreSQL's database is pg_restore's; the files its rows name come back from the
     backup folder (--images-only)."""

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import sqlite3
 import sys
 import threading
 import time
@@ -410,6 +411,24 @@ def _connect_remote(app: FastAPI, stop: threading.Event) -> None:
     log.info("remote engine ready: %s", remote.info)
 
 
+def _copy_before_upgrade(settings: Settings) -> None:
+    """A copy of the SQLite database before `serve` migrates it (`backup.copy_before_upgrade`);
+    one that cannot be made (a full disk) is said, and the migration goes on as it did."""
+    from tinyllava_med.server.backup import copy_before_upgrade
+
+    try:
+        copy = copy_before_upgrade(settings)
+    except (OSError, RuntimeError, sqlite3.Error) as e:
+        log.warning("no copy of the database before migrating it: %s", e)
+        return
+    if copy is not None:
+        log.warning(
+            "migrating the database to this version's schema; the database as it was is in %s "
+            "(`tinyllava-med db restore` it with the previous version if this one must go)",
+            copy,
+        )
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -434,6 +453,7 @@ def create_app(
         from tinyllava_med.server.db.migrate import known_revisions, require_head, upgrade
 
         if settings.database_url.startswith("sqlite"):
+            _copy_before_upgrade(settings)
             upgrade(settings.database_url)  # the embedded default migrates itself
         else:  # a shared database is migrated as its own step (`db upgrade`); refuse to start
             require_head(settings.database_url)  # on an older schema than this code's

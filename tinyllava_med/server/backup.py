@@ -40,7 +40,13 @@ from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import OperationalError
 
 from tinyllava_med.server.db import crud
-from tinyllava_med.server.db.migrate import MigrationError, upgrade
+from tinyllava_med.server.db.migrate import (
+    MigrationError,
+    current_revision,
+    head_revision,
+    known_revisions,
+    upgrade,
+)
 from tinyllava_med.server.db.models import Image
 from tinyllava_med.server.db.session import (
     make_engine,
@@ -65,6 +71,25 @@ class Backup:
     @property
     def complete(self) -> bool:
         return not self.missing and not self.corrupt
+
+
+def copy_before_upgrade(settings: Settings) -> Path | None:
+    """Before `serve` migrates its SQLite database to a newer revision: a checked copy of it as
+    it was, `data/backups/tinyllava_med-<time>-rev<revision>.db`, for `db restore` if the update
+    goes wrong (the image files are content-addressed, and no migration changes them). None when
+    there is nothing to migrate (no database yet, an empty one, one at this code's revision, or
+    one of a newer version, which `upgrade` refuses)."""
+    url = normalize_database_url(settings.database_url)
+    path = Path(url.database or "")
+    if url.get_backend_name() != "sqlite" or not path.is_file():
+        return None
+    current = current_revision(url)
+    if current is None or current == head_revision() or current not in known_revisions():
+        return None
+    part = _snapshot(path, settings.data_dir / "backups")
+    final = part.with_name(part.name.removesuffix(".db.part") + f"-rev{current}.db")
+    os.replace(part, final)
+    return final
 
 
 def _snapshot(source: Path, dest_dir: Path) -> Path:
