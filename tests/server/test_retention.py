@@ -464,6 +464,8 @@ def test_a_header_the_full_disk_never_takes_is_forgotten_not_left_dangling(api, 
     monkeypatch.setattr(store, "put", full)
     result = release_due(sessions, store, api.app.state.settings)
     assert (result["studies"], result["headers_lost"]) == (1, 1)
+    # and the study's audit event says so, as its history must
+    assert result["released"] == {study["id"]: {"images": 1, "files_removed": 1, "headers_lost": 1}}
     with sessions() as s:
         image = s.scalars(select(Image)).one()
         assert image.released_at and image.header_sha256 is None

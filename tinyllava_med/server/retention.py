@@ -189,7 +189,7 @@ def release_due(
         due = due_studies(s, settings, now)
     studies = images = headers_lost = 0
     removed: list[str] = []
-    released: dict[str, int] = {}
+    released: dict[str, dict[str, int]] = {}
     for study_id in due:
         unwritten: dict[str, bytes] = {}
         with sessions.begin() as s:
@@ -197,11 +197,15 @@ def release_due(
         if hashes:
             studies += 1
             images += len(hashes)
-            released[study_id] = len(hashes)
-            removed += remove_unused(
+            gone = remove_unused(
                 sessions, store, sorted(set(hashes)), settings.image_sweep_grace_s
             ).removed
-        headers_lost += _write_held(sessions, store, unwritten)
+            removed += gone
+            released[study_id] = {"images": len(hashes), "files_removed": len(gone)}
+        lost = _write_held(sessions, store, unwritten)
+        headers_lost += lost
+        if study_id in released:
+            released[study_id]["headers_lost"] = lost
     return {
         "studies": studies,
         "images": images,
@@ -209,14 +213,14 @@ def release_due(
         "headers_lost": headers_lost,
         "more": len(due) == STUDIES_PER_RUN,
         "hashes": removed,
-        "released": released,  # images released, by study
+        "released": released,  # by study: images released, files removed, headers lost
     }
 
 
 def audit_release(session: Session, actor: str, result: dict[str, Any]) -> None:
-    """An `image.release` event for each study a run released pixels of (how many images), so
-    that the study's history says when its pixels went."""
-    for study_id, images in result["released"].items():
+    """An `image.release` event for each study a run released pixels of (images released, files
+    removed, headers lost), so that the study's history says when its pixels went."""
+    for study_id, counts in result["released"].items():
         crud.audit(
             session,
             actor=actor,
@@ -225,5 +229,5 @@ def audit_release(session: Session, actor: str, result: dict[str, Any]) -> None:
             resource_id=study_id,
             outcome="ok",
             status_code=200,
-            detail={"images": images},
+            detail=counts,
         )
