@@ -1276,3 +1276,84 @@ def test_api_docs_render_without_internet(page, demo_server):
     assert [p for p in page.problems if p not in logo] == [], page.problems
     r = httpx.get(demo_server.base + "/redoc", timeout=30)
     assert "img-src 'self' data: blob:" in r.headers["content-security-policy"]
+
+
+def _png(shade: int) -> bytes:
+    out = io.BytesIO()
+    PILImage.new("L", (40, 40), shade).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_what_is_signed_is_what_is_seen_and_a_sign_out_reaches_every_tab(page, tmp_path, tiny_lm):
+    """A radiologist's audit found: a draft about image 1 could be signed with image 2 in the
+    viewer, the dialog naming the question only; Sign out in one tab left another tab of the
+    same browser working under the key (a shared reading-room PC); Enter on Ask lost the
+    keyboard focus; any 502 was said to be the PACS's; and Sign out threw when the key's
+    details could not be read as the page loaded."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        auth = {"Authorization": f"Bearer {server.key}"}
+        study = httpx.post(
+            server.base + "/v1/studies",
+            headers=auth,
+            files=[("files", ("a.png", _png(40))), ("files", ("b.png", _png(200)))],
+            timeout=30,
+        ).json()
+        assert len(study["images"]) == 2
+        _ask(server, study["id"], question="Any mass?", image_index=0)
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        select = page.get_by_role("combobox", name="Image")
+        expect(select).to_have_value("0")
+        select.select_option(index=1)  # the reader looks at the other image
+        page.get_by_label("Report text (draft)").fill("No mass.")
+        page.get_by_role("button", name="Sign report…").click()
+        dialog = page.get_by_role("dialog", name="Sign this report?")
+        expect(dialog).to_contain_text("Any mass? (about image 1)")
+        expect(select).to_have_value("0")  # the viewer shows the report's own image again
+        dialog.get_by_role("button", name="Cancel").click()
+
+        # Enter on Ask: the keyboard goes on to Stop while the model answers
+        held: list[Any] = []
+        page.route("**/questions?stream=true", lambda route: held.append(route))
+        page.get_by_label("Question").fill("Which organ?")
+        page.get_by_role("button", name="Ask", exact=True).focus()
+        page.keyboard.press("Enter")
+        expect(page.get_by_role("button", name="Stop")).to_be_focused()
+        while not held:
+            page.wait_for_timeout(20)
+        held[0].fulfill(
+            status=502,
+            content_type="application/json",
+            body='{"error": {"code": "engine_failed", "message": "the model failed", "detail": null}}',
+        )
+        expect(page.locator("#alerts")).to_contain_text("The model failed on this question")
+        expect(page.locator("#alerts")).not_to_contain_text("PACS")
+        page.unroute("**/questions?stream=true")
+
+        # a second tab of the same browser, signed in too; Sign out in the first signs it out
+        second = page.context.new_page()
+        _sign_in(second, server)
+        expect(second.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.once("dialog", lambda d: d.accept())  # the unsaved text
+        page.get_by_role("button", name="Sign out").click()
+        expect(second.get_by_role("heading", name="Sign in")).to_be_visible()
+        expect(second.locator("#alerts")).to_contain_text("signed out in another tab")
+
+        # the key's details unreadable as the page loads (a server restarting): Sign out works
+        _sign_in(second, server)
+        expect(second.get_by_role("heading", name="Worklist")).to_be_visible()
+        second.route("**/v1/apikeys/me", lambda route: route.abort())
+        second.goto(f"{server.base}/#/study/{study['id']}")
+        second.reload()
+        second.get_by_label("Report text (draft)").fill("Typed, then signed out.")
+        second.once("dialog", lambda d: d.accept())
+        errors: list[str] = []
+        second.on("pageerror", lambda e: errors.append(str(e)))
+        second.get_by_role("button", name="Sign out").click()
+        expect(second.get_by_role("heading", name="Sign in")).to_be_visible()
+        assert errors == []
+        second.close()
+    assert _errors_from_4xx_are_expected(page.problems) == []

@@ -8,6 +8,8 @@
   // a draft's unsaved text when the reader is signed out (by the button or a refused key),
   // given back once they are in again with the same key: {id, version, text, key}
   const UNSAVED_STORAGE = "tinyllava_med.unsaved_report";
+  // the page's tabs in this browser tell each other of a sign-out
+  const tabs = "BroadcastChannel" in window ? new BroadcastChannel("tinyllava_med") : null;
   const WINDOWS = [
     ["default", "Default"],
     ["soft-tissue", "Soft tissue"],
@@ -134,7 +136,15 @@
           : `The model is loading or unavailable. Retry${wait}.`;
       }
       case 502:
-        return "The PACS did not answer. Retry later, or ask IT to check the PACS connection.";
+        if (err.code === "engine_failed") {
+          return "The model failed on this question; the other questions are answered. Retry, or ask it differently.";
+        }
+        if (err.code === "stream_incomplete") {
+          return "The answer stopped before it was stored. Ask again.";
+        }
+        return /pacs|retrieve/.test(err.code || "")
+          ? "The PACS did not answer. Retry later, or ask IT to check the PACS connection."
+          : "The server behind this page did not answer. Retry later, or ask IT.";
       case 504:
         return "The model took too long. Retry, or ask a shorter question.";
       default:
@@ -221,8 +231,11 @@
     return !a || a === document.body;
   }
 
-  function refocus(target) {
-    if (!focusLost() || !target || target.disabled || !target.isConnected) return;
+  // `from`: a control about to be disabled or hidden, which holds the focus until the browser
+  // drops it (after this handler): the focus goes on from it too
+  function refocus(target, from) {
+    const leaving = from && document.activeElement === from;
+    if (!(leaving || focusLost()) || !target || target.disabled || !target.isConnected) return;
     if (target.closest("[hidden]") || (target.checkVisibility && !target.checkVisibility())) return;
     target.focus();
   }
@@ -375,7 +388,7 @@
   function signOut(message, code) {
     if (isDirty()) {
       const r = currentReport();
-      const kept = { id: r.id, version: r.version, text: $("report-text").value, key: state.me.id };
+      const kept = { id: r.id, version: r.version, text: $("report-text").value, key: state.me && state.me.id };
       sessionStorage.setItem(UNSAVED_STORAGE, JSON.stringify(kept));
     }
     if (state.streaming) state.streaming.abort();
@@ -1217,9 +1230,9 @@
     setStatus("ask-status", "Waiting for the model…");
     const controller = new AbortController();
     state.streaming = controller;
-    $("ask-submit").disabled = true;
     $("ask-stop").hidden = false;
-    refocus($("ask-stop"));
+    refocus($("ask-stop"), $("ask-submit")); // Enter on Ask: the keyboard goes on to Stop
+    $("ask-submit").disabled = true;
     let report = null;
     let tokens = 0;
     try {
@@ -1294,8 +1307,8 @@
       out.setAttribute("aria-busy", "false");
       state.streaming = null;
       $("ask-submit").disabled = false;
+      refocus($("question"), $("ask-stop"));
       $("ask-stop").hidden = true;
-      refocus($("question"));
     }
   }
 
@@ -1588,7 +1601,14 @@
       return;
     }
     state.signing = r.id;
-    $("sign-dialog-report").textContent = `Question: ${r.question}`;
+    // what is signed is what is seen: the viewer goes back to the report's own image and frame
+    // (another may have been picked since it was asked), and the dialog names them
+    showReportImage(r);
+    const where = [
+      r.image_index !== null && r.image_index !== undefined ? `image ${r.image_index + 1}` : null,
+      r.frame !== null && r.frame !== undefined ? `frame ${r.frame + 1}` : null,
+    ].filter(Boolean).join(", ");
+    $("sign-dialog-report").textContent = `Question: ${r.question}` + (where ? ` (about ${where})` : "");
     $("sign-dialog").returnValue = "";
     $("sign-dialog").showModal();
   }
@@ -1749,6 +1769,12 @@
       // the typed text is kept for after the next sign-in in this tab, but said first
       if (isDirty() && !window.confirm("Sign out? Your unsaved report text comes back when you sign in again with your key in this tab.")) return;
       signOut();
+      // every tab of this browser: on a shared reading-room PC the next reader must not go on
+      // under this one's key in a tab left open
+      if (tabs) tabs.postMessage({ signedOut: true });
+    });
+    if (tabs) tabs.addEventListener("message", (e) => {
+      if (e.data && e.data.signedOut && state.key) signOut("You signed out in another tab of this browser.");
     });
     $("upload-form").addEventListener("submit", upload);
     $("import-form").addEventListener("submit", importMedia);
