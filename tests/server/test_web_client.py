@@ -826,6 +826,12 @@ def test_reader_finds_a_study_by_accession_number_and_date(page, tmp_path, tiny_
         page.clock.run_for(21_000)
         page.wait_for_timeout(500)
         expect(rows).to_have_count(1)
+        # an end before the start: said at the field, and the list of the dates before goes
+        # (it stayed, under the API's wording)
+        page.get_by_label("Study date to").fill("2026-11-01")
+        expect(page.locator("#alerts")).to_contain_text("the end date is before the start date")
+        expect(page.get_by_label("Study date to")).to_have_attribute("aria-invalid", "true")
+        expect(rows).to_have_count(0)
         assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
 
 

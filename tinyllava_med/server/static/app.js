@@ -487,6 +487,15 @@
   async function loadWorklist(append) {
     const nav = state.nav;
     const seq = (state.worklistSeq = (state.worklistSeq || 0) + 1);
+    const from = $("filter-date-from").value;
+    const to = $("filter-date-to").value;
+    if (from && to && from > to) { // nothing can match: no list of the dates before
+      state.studies = [];
+      state.studyCount = 0;
+      renderWorklist([], false);
+      fieldError(new Error("the end date is before the start date"), "Study dates", $("filter-date-to"));
+      return;
+    }
     $("worklist-table").setAttribute("aria-busy", "true");
     $("worklist-more").disabled = true;
     try {
