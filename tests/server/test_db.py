@@ -38,6 +38,14 @@ SHA_B = hashlib.sha256(b"b").hexdigest()
 # --- settings ----------------------------------------------------------------------------------
 
 
+def _a_study(conn, status: str) -> None:
+    """Study `s`, made on 2026-01-01, in `status`."""
+    conn.execute(
+        text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, :status)"),
+        {"t": "2026-01-01 00:00:00", "status": status},
+    )
+
+
 def test_settings_defaults_are_local_and_secure(tmp_path: Path) -> None:
     s = Settings(data_dir=tmp_path)
     assert s.database_url == f"sqlite:///{tmp_path.resolve()}/tinyllava_med.db"
@@ -236,9 +244,7 @@ def test_a_downgrade_that_drops_data_for_good_is_refused_naming_it(database_url:
     t = {"t": "2026-01-01 00:00:00"}
     try:
         with engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'signed')"), t
-            )
+            _a_study(conn, "signed")
             conn.execute(
                 text(
                     "INSERT INTO reports (id, study_id, question, answer, text, status, model, "
@@ -273,10 +279,7 @@ def test_0016_stores_long_quantization_labels_and_going_back_cuts_them_to_the_sc
     t = {"t": "2026-01-01 00:00:00"}
     try:
         with engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'reported')"),
-                t,
-            )
+            _a_study(conn, "reported")
             for rid, quant in (("a", "cpu-int8+tower+lm_head"), ("b", "4bit+tower+projector")):
                 conn.execute(
                     text(
@@ -304,10 +307,7 @@ def test_0011_counts_existing_images_stored_when_they_arrived(database_url: str)
     t = {"t": "2026-01-01 00:00:00"}
     try:
         with engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'received')"),
-                t,
-            )
+            _a_study(conn, "received")
             conn.execute(_AN_IMAGE, t)
         migrate.upgrade(database_url)
         with Session(engine) as session:
@@ -338,9 +338,7 @@ def test_0003_allows_amended_reports_and_downgrades_them_to_final(database_url: 
     t = {"t": "2026-01-01 00:00:00"}
     try:
         with engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'signed')"), t
-            )
+            _a_study(conn, "signed")
             conn.execute(text(report), {"id": "r", "status": "final", **t})
         with pytest.raises(IntegrityError), engine.begin() as conn:
             conn.execute(text(report), {"id": "r2", "status": "amended", **t})
@@ -411,9 +409,7 @@ def test_0014_job_ids_are_never_handed_out_again(database_url: str) -> None:
     t = {"t": "2026-01-01 00:00:00"}
     try:
         with engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, 'reported')"), t
-            )
+            _a_study(conn, "reported")
             for study in ("NULL", "'s'", "'s'"):
                 conn.execute(
                     text(
