@@ -35,15 +35,15 @@ SHA_A = hashlib.sha256(b"a").hexdigest()
 SHA_B = hashlib.sha256(b"b").hexdigest()
 
 
-# --- settings ----------------------------------------------------------------------------------
-
-
 def _a_study(conn, status: str) -> None:
     """Study `s`, made on 2026-01-01, in `status`."""
     conn.execute(
         text("INSERT INTO studies (id, created_at, status) VALUES ('s', :t, :status)"),
         {"t": "2026-01-01 00:00:00", "status": status},
     )
+
+
+# --- settings ----------------------------------------------------------------------------------
 
 
 def test_settings_defaults_are_local_and_secure(tmp_path: Path) -> None:
