@@ -448,6 +448,76 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
 
 
+def test_a_cancelled_amendment_is_kept_until_the_reader_discards_it(page, tmp_path, tiny_lm):
+    """Escape or Cancel in the amendment dialog signs nothing but keeps what was typed: Amend
+    opens with it again, and leaving the study asks first (declined: it stays; accepted: it
+    is gone, and Amend starts again from the signed text)."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        study, report = _ct_with_report(server)
+        path = f"/v1/reports/{report['id']}"
+        signed = httpx.patch(
+            server.base + path,
+            headers={"Authorization": f"Bearer {server.key}"},
+            json={"text": "No fracture.", "status": "final"},
+        )
+        assert signed.status_code == 200, signed.text
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        page.locator("#history button.history-item").first.click()
+        dialog = page.get_by_role("dialog", name="Amend this signed report")
+        text, reason = (
+            dialog.get_by_label("Corrected report text"),
+            dialog.get_by_label("Reason for the amendment"),
+        )
+        page.get_by_role("button", name="Amend report…").click()
+        text.fill("Hairline fracture of the 5th rib.")
+        reason.fill("missed on first read")
+        page.keyboard.press("Escape")
+        expect(dialog).to_be_hidden()
+        expect(page.locator("#amend-status")).to_have_text(
+            "Amendment not signed: Amend opens with your text"
+        )
+        page.get_by_role("button", name="Amend report…").click()
+        expect(text).to_have_value("Hairline fracture of the 5th rib.")
+        expect(reason).to_have_value("missed on first read")
+        dialog.get_by_role("button", name="Cancel").click()
+        expect(dialog).to_be_hidden()
+        assert server.get(path).json()["status"] == "final"  # nothing was signed
+        # leaving asks; declined, the study stays open with the amendment kept
+        asked: list[str] = []
+
+        def decline(d: Any) -> None:
+            asked.append(d.message)
+            d.dismiss()
+
+        page.once("dialog", decline)
+        page.locator("#back-to-worklist").click()
+        expect(page).to_have_url(re.compile(re.escape(f"#/study/{study['id']}") + "$"))
+        assert asked == ["Discard the unsaved changes to this report?"]
+        page.get_by_role("button", name="Amend report…").click()
+        expect(text).to_have_value("Hairline fracture of the 5th rib.")
+        dialog.get_by_role("button", name="Cancel").click()
+        # accepted: gone
+        page.once("dialog", lambda d: d.accept())
+        page.locator("#back-to-worklist").click()
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        page.locator("#history button.history-item").first.click()
+        page.get_by_role("button", name="Amend report…").click()
+        expect(text).to_have_value("No fracture.")
+        expect(reason).to_have_value("")
+        dialog.get_by_role("button", name="Cancel").click()
+        expect(page.locator("#amend-status")).to_have_text("")  # nothing changed: nothing kept
+        page.once("dialog", lambda d: pytest.fail(f"asked {d.message!r} with nothing typed"))
+        page.locator("#back-to-worklist").click()
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        assert server.get(path).json()["text"] == "No fracture."
+        assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
+
+
 def test_a_report_changed_by_someone_else_is_not_signed_unseen(page, tmp_path, tiny_lm):
     """Dr A has a draft open (an answer cut at its token limit, which the page says); Dr B
     saves another text. A's Sign is refused (412, shown with what to do), the list shows B's
@@ -486,6 +556,7 @@ def test_a_report_changed_by_someone_else_is_not_signed_unseen(page, tmp_path, t
         alert = page.locator("#alerts")
         expect(alert.locator(".error-code")).to_have_text("report_changed")
         expect(alert).to_contain_text("Someone else changed this report")
+        expect(page.locator("#report-status")).to_have_text("Unsaved changes")
         now = server.get(path).json()
         assert (now["status"], now["text"]) == ("draft", "B: no acute finding.")
         expect(page.locator("#history .history-answer")).to_have_text(["B: no acute finding."])

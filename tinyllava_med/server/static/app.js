@@ -47,7 +47,7 @@
     reports: [],
     reportId: null,
     streaming: null, // AbortController while an answer streams
-    amendDraft: null, // {id, text, reason} of an amendment that failed, offered again
+    amendDraft: null, // {id, text, reason} of an amendment that failed or was cancelled, offered again
     modelTimer: null,
     worklistTimer: null,
     view: { zoom: 1, x: 0, y: 0 }, // the image's zoom and pan (pixels from the stage's centre)
@@ -393,6 +393,7 @@
     }
     if (state.streaming) state.streaming.abort();
     clearPrintSheet();
+    state.amendDraft = null;
     sessionStorage.removeItem(KEY_STORAGE);
     state.key = null;
     state.me = null;
@@ -1393,6 +1394,23 @@
     return !!r && r.status === "draft" && $("report-text").value !== r.text;
   }
 
+  // An amendment typed and then cancelled (Cancel, Escape) is kept for this report: Amend opens
+  // with it again, and leaving the study or the page asks first, as unsaved draft text does.
+  function keepCancelledAmendment() {
+    const r = currentReport();
+    if (!r || r.id !== state.amending) return;
+    const text = $("amend-text").value;
+    const reason = $("amend-reason").value;
+    const changed = text !== r.text || reason.trim() !== "";
+    state.amendDraft = changed ? { id: r.id, text, reason } : null;
+    setStatus("amend-status", changed ? "Amendment not signed: Amend opens with your text" : "");
+  }
+
+  // typed text that leaving the study (or the page) would lose: a draft's, or an amendment's
+  function hasUnsavedText() {
+    return isDirty() || !!state.amendDraft;
+  }
+
   function unsavedReport() {
     try {
       return JSON.parse(sessionStorage.getItem(UNSAVED_STORAGE) || "null");
@@ -1594,7 +1612,8 @@
       replaceReport(updated, sent);
       if (!isDirty()) setStatus("report-status", "Draft saved.");
     } catch (err) {
-      setStatus("report-status", "");
+      // what is typed stays in the editor (after a 412, beside the other reader's version)
+      setStatus("report-status", isDirty() ? "Unsaved changes" : "");
       showError(err, "Saving the report");
     } finally {
       busy(false);
@@ -1647,7 +1666,8 @@
       setStatus("ask-status", "Report signed.");
       $("report-title").focus();
     } catch (err) {
-      setStatus("report-status", "");
+      // what is typed stays in the editor (after a 412, beside the other reader's version)
+      setStatus("report-status", isDirty() ? "Unsaved changes" : "");
       showError(err, "Signing the report");
     } finally {
       busy(false);
@@ -1777,6 +1797,7 @@
     $("sign-out").addEventListener("click", () => {
       // the typed text is kept for after the next sign-in in this tab, but said first
       if (isDirty() && !window.confirm("Sign out? Your unsaved report text comes back when you sign in again with your key in this tab.")) return;
+      if (!isDirty() && state.amendDraft && !window.confirm("Sign out? Your unsigned amendment is discarded.")) return;
       signOut();
       // every tab of this browser: on a shared reading-room PC the next reader must not go on
       // under this one's key in a tab left open
@@ -1835,7 +1856,10 @@
     window.addEventListener("afterprint", clearPrintSheet);
     $("amend-dialog").addEventListener("close", () => {
       if ($("amend-dialog").returnValue === "confirm") amendReport();
-      else $("report-amend").focus();
+      else {
+        keepCancelledAmendment();
+        $("report-amend").focus();
+      }
     });
     $("study-delete").addEventListener("click", askToDelete);
     $("delete-dialog").addEventListener("close", () => {
@@ -1847,16 +1871,17 @@
     });
     let shownHash = location.hash;
     window.addEventListener("hashchange", () => {
-      if (isDirty() && !window.confirm(DISCARD_EDITS)) {
+      if (hasUnsavedText() && !window.confirm(DISCARD_EDITS)) {
         history.replaceState(null, "", shownHash || "#/"); // stay, with the text as typed
         return;
       }
+      state.amendDraft = null;
       shownHash = location.hash;
       if (state.streaming) state.streaming.abort();
       route();
     });
     window.addEventListener("beforeunload", (e) => {
-      if (isDirty()) e.preventDefault();
+      if (hasUnsavedText()) e.preventDefault();
     });
   }
 
