@@ -313,9 +313,9 @@ def test_radiologist_reads_asks_edits_and_signs(page, demo_server, shots):
     expect(page.locator("#history .history-item .badge")).to_have_text(["Final"])
     _shot(page, shots, "report-signed", full_page=True)
 
-    # Back in the worklist the study reads "Final"; signing out forgets the key.
+    # Back in the worklist the study reads "Signed"; signing out forgets the key.
     page.get_by_role("link", name="← Worklist").click()
-    expect(page.locator("#worklist-body tr .badge")).to_have_text(["Final"])
+    expect(page.locator("#worklist-body tr .badge")).to_have_text(["Signed"])
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('tinyllava_med.api_key')") is None
@@ -441,6 +441,7 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         # the sheet belongs to the report shown: the worklist prints as itself, not this report
         page.locator("#back-to-worklist").click()
         expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        expect(page.locator("#worklist-body tr .badge")).to_have_text(["Signed"])  # amended too
         page.emulate_media(media="print")
         expect(sheet).to_be_hidden()
         expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
@@ -712,12 +713,15 @@ def test_each_role_is_offered_its_actions_and_an_admin_deletes_a_study(
         _sign_in(page, server)
         expect(page.locator("#key-label")).to_contain_text("admin")
         rows = page.locator("#worklist-body tr")
-        expect(rows.locator(".badge")).to_have_text(["Final", "Draft"])  # newest first
+        expect(rows.locator(".badge")).to_have_text(["Signed", "Draft"])  # newest first
         # the worklist filters on what awaits a signature
         page.get_by_label("Report status").select_option(label="Awaiting signature")
         expect(rows).to_have_count(1)
         expect(rows.locator(".badge")).to_have_text(["Draft"])
         expect(page.locator("#worklist-count")).to_have_text("1 study · awaiting signature")
+        page.get_by_label("Report status").select_option(label="All reports signed")
+        expect(rows.locator(".badge")).to_have_text(["Signed"])
+        expect(page.locator("#worklist-count")).to_have_text("1 study · all reports signed")
         page.get_by_label("Report status").select_option(label="All")
         expect(rows).to_have_count(2)
         alert = page.locator("#alerts")
@@ -776,7 +780,7 @@ def test_the_worklist_shows_arrivals_and_new_drafts_without_a_click(page, tmp_pa
         )
         assert r.status_code == 200, r.text
         page.clock.run_for(21_000)
-        expect(rows.locator(".badge")).to_have_text(["Final"])
+        expect(rows.locator(".badge")).to_have_text(["Signed"])
 
         rows.first.locator("a").focus()  # the reader is in the table: no redraw under them
         _ct_with_report(server)

@@ -265,7 +265,11 @@
     return s.BodyPartExamined ? `${modality} · ${s.BodyPartExamined}` : modality;
   }
 
-  const STATUS_TEXT = { none: "None", draft: "Draft", final: "Final", amended: "Amended" };
+  // a report's status, and a study's in the worklist (signed: all its reports are, some perhaps
+  // amended; a study with a draft beside signed reports awaits a signature)
+  const STATUS_TEXT = {
+    none: "None", draft: "Draft", final: "Final", amended: "Amended", signed: "Signed",
+  };
   const SIGNED = new Set(["final", "amended"]);
 
   function badge(status) {
@@ -604,7 +608,7 @@
       const status = el("td", null, "status-cell");
       // a study with a draft still needs work; an older server sends only `reports`
       const reportState = s.report_status || (s.reports > 0 ? "unknown" : "none");
-      status.append(badge(reportState === "signed" ? "final" : reportState));
+      status.append(badge(reportState));
       tr.append(
         first,
         el("td", studyDate(s)),
