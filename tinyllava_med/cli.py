@@ -449,7 +449,7 @@ def cmd_db(args: argparse.Namespace) -> int:
         from tinyllava_med.server import console
 
         if args.db_cmd == "backup":
-            return console.make_backup(settings, args.dest, args.verify)
+            return console.make_backup(settings, args.dest, args.verify, args.keep)
         if args.db_cmd == "restore":
             return console.restore_backup(settings, args.source, args.images_only)
         return console.release_images(settings, args.days, args.draft_days)
@@ -882,6 +882,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read every file an earlier run copied and replace a damaged one (a copy of the "
         "right size is otherwise kept as it is)",
+    )
+    d.add_argument(
+        "--keep",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="SQLite: after a complete backup, remove all but the N newest in DEST, and the "
+        "image files none of those refers to (default: remove nothing)",
     )
     d = steps.add_parser("restore", help="restore a backup, with the server stopped")
     d.add_argument("source", help="the backup's .db file (with --images-only: the backup's folder)")

@@ -8,6 +8,7 @@ live process too."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sqlite3
@@ -19,7 +20,7 @@ from api_helpers import assert_error, make_api, png_bytes, upload, upload_ct
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from tinyllava_med.server.backup import _snapshot, backup, restore
+from tinyllava_med.server.backup import _snapshot, backup, checked_copy, restore
 from tinyllava_med.server.db.models import AuditEvent, Report
 
 
@@ -415,7 +416,7 @@ def test_restore_on_postgresql_brings_back_the_image_files(tmp_path, postgres_ur
 def test_a_backup_from_before_image_retention_is_accepted(tmp_path):
     """A backup taken before migration 0006 has no released_at or header columns: its files
     are read from the columns it has (restore then migrates it), not refused as not ours."""
-    from tinyllava_med.server.backup import _checked
+    from tinyllava_med.server.backup import checked_copy
 
     old = tmp_path / "tinyllava_med-old.db"
     db = sqlite3.connect(old)
@@ -423,7 +424,7 @@ def test_a_backup_from_before_image_retention_is_accepted(tmp_path):
     db.execute("INSERT INTO images VALUES ('i1', 'ab' || 'cd')")
     db.commit()
     db.close()
-    assert _checked(old) == {"abcd"}
+    assert checked_copy(old) == {"abcd"}
 
 
 def test_a_backup_cut_short_never_looks_whole_and_an_unrecorded_one_is_said(
@@ -489,3 +490,90 @@ def test_a_backup_cut_short_never_looks_whole_and_an_unrecorded_one_is_said(
             with pytest.raises(SystemExit, match="a disk is full: no database copy was kept"):
                 console.make_backup(settings, str(dest), verify=False)
         assert list(dest.glob("*.db")) == [db] and not list(dest.glob("*.db.part"))
+
+
+def test_backup_keep_removes_older_copies_and_the_files_only_they_list(
+    tmp_path, sqlite_url, tiny_lm
+):
+    """`db backup --keep N`: the N newest copies stay, with every file they list; a file goes
+    once no copy left lists it (a deleted study's; a released image's pixels, its header kept).
+    A copy that would be kept and cannot be read, a backup in progress, an incomplete backup
+    or PostgreSQL: nothing is removed."""
+    from datetime import timedelta
+
+    from api_helpers import make_old
+
+    from tinyllava_med.server.backup_keep import prune
+    from tinyllava_med.server.db.models import utcnow
+    from tinyllava_med.server.retention import release_due
+    from tinyllava_med.server.storage import ImageStore, shared_use
+
+    for api in make_api(
+        tmp_path, sqlite_url, tiny_lm, image_retention_days=30, image_sweep_grace_s=0
+    ):
+        settings, store = api.app.state.settings, api.app.state.store
+        dest = tmp_path / "backup"
+        photo = upload(api, ("gone.png", png_bytes(), "image/png")).json()
+        ct = upload_ct(api)
+        ct_sha = ct["images"][0]["sha256"]
+        first = backup(settings, dest)
+        assert first.complete
+        r = api.delete(f"/v1/studies/{photo['id']}", headers=api.h("admin"))
+        assert r.status_code == 204, r.text
+        sessions = api.app.state.session_factory
+        with sessions.begin() as s:
+            make_old(s, utcnow() - timedelta(days=31), [ct["id"]], store=store)
+        assert release_due(sessions, store, settings)["images"] == 1
+        header = _rows(
+            Path(make_url(sqlite_url).database or ""), "SELECT header_sha256 FROM images"
+        )
+        assert backup(settings, dest).complete  # lists the CT's header only
+
+        copies = ImageStore(dest / "images")
+        held = {photo["images"][0]["sha256"], ct_sha, header[0][0]}
+        out = _cli(settings, sqlite_url, "backup", str(dest), "--keep", "3")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "removed 0 older ones and 0 image files" in out.stdout, out.stdout
+        assert set(copies.names()) == held
+
+        # a copy that would be kept is damaged: the older ones may be all that is whole
+        newest = max(dest.glob("tinyllava_med-*.db"))
+        saved = newest.read_bytes()
+        newest.write_bytes(b"not a database")
+        pruned = prune(settings, dest, 1)
+        assert pruned.nothing_because and newest.name in pruned.nothing_because
+        assert len(list(dest.glob("tinyllava_med-*.db"))) == 3 and set(copies.names()) == held
+        newest.write_bytes(saved)
+        with shared_use(dest):  # another run copying into the folder
+            pruned = prune(settings, dest, 1)
+        assert pruned.nothing_because == f"another backup or restore is using {dest}"
+
+        out = _cli(settings, sqlite_url, "backup", str(dest), "--keep", "1")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "kept the 1 newest backups: removed 3 older ones and 2 image files" in out.stdout
+        (kept,) = dest.glob("tinyllava_med-*.db")
+        assert set(copies.names()) == {header[0][0]} == checked_copy(kept)
+        assert not (dest / "images" / ct_sha[:2] / ct_sha).exists()  # the pixels left too
+        events = _rows(
+            Path(make_url(sqlite_url).database or ""),
+            "SELECT detail FROM audit_events WHERE action = 'backup.prune'",
+        )
+        assert [json.loads(d) for (d,) in events] == [{"kept": 1, "removed": 3, "files": 2}]
+
+        # an incomplete backup removes nothing
+        lost = upload(api, ("lost.png", png_bytes(color=120), "image/png")).json()
+        store.path(lost["images"][0]["sha256"]).unlink()
+        out = _cli(settings, sqlite_url, "backup", str(dest), "--keep", "1")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "older backups kept: this one is incomplete" in out.stdout
+        assert len(list(dest.glob("tinyllava_med-*.db"))) == 2
+
+
+def test_backup_keep_is_refused_on_postgresql(tmp_path, postgres_url, tiny_lm):
+    for api in make_api(tmp_path, postgres_url, tiny_lm):
+        out = _cli(
+            api.app.state.settings, postgres_url, "backup", str(tmp_path / "b"), "--keep", "2"
+        )
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "--keep is for SQLite" in out.stderr
+        assert not (tmp_path / "b").exists()  # refused before anything is copied

@@ -54,7 +54,7 @@ from tinyllava_med.server.db.session import (
     session_factory,
 )
 from tinyllava_med.server.settings import Settings
-from tinyllava_med.server.storage import ImageStore, remove_stale, sole_user
+from tinyllava_med.server.storage import ImageStore, remove_stale, shared_use, sole_user
 
 
 @dataclass
@@ -212,6 +212,11 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool =
     `backup.create`. A file copied by an earlier run is kept when it has the right size, or
     with `verify` when its content is right too (a full read of the backup)."""
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with shared_use(dest):  # `--keep` prunes the folder only while no run copies into it
+        return _backup(settings, dest, actor, verify)
+
+
+def _backup(settings: Settings, dest: Path, actor: str, verify: bool) -> Backup:
     url = normalize_database_url(settings.database_url)
     engine = make_engine(url)
     try:
@@ -250,27 +255,12 @@ def backup(settings: Settings, dest: Path, *, actor: str = "cli", verify: bool =
             raise
         if snapshot is not None:
             os.replace(snapshot, snapshot.with_suffix(""))
-        try:
-            _audit_backup(engine, actor, result)
-        except OperationalError as e:  # the server's own database is full or locked: the
-            # backup is made all the same, and the operator told
-            result.not_audited = str(e.orig).splitlines()[0] if str(e.orig) else "error"
-    finally:
-        engine.dispose()
-    return result
-
-
-def _audit_backup(engine: Any, actor: str, result: Backup) -> None:
-    """The backup's audit event (`backup.create`)."""
-    with session_factory(engine).begin() as s:
-        crud.audit(
-            s,
-            actor=actor,
-            action="backup.create",
-            resource_type="backup",
-            resource_id=result.database.name if result.database else None,
-            outcome="ok" if result.complete else "error",
-            status_code=201 if result.complete else 500,
+        result.not_audited = audit_backup_event(
+            engine,
+            actor,
+            "backup.create",
+            result.database.name if result.database else None,
+            ok=result.complete,
             detail={
                 "files_copied": result.files_copied,
                 "files_present": result.files_present,
@@ -279,6 +269,31 @@ def _audit_backup(engine: Any, actor: str, result: Backup) -> None:
                 "corrupt": len(result.corrupt),
             },
         )
+    finally:
+        engine.dispose()
+    return result
+
+
+def audit_backup_event(
+    engine: Any, actor: str, action: str, name: str | None, *, ok: bool, detail: dict[str, int]
+) -> str | None:
+    """A backup's audit event (`backup.create`, `backup.prune`); None, or why it could not be
+    written: the server's own database is full or locked, and what was done stays done."""
+    try:
+        with session_factory(engine).begin() as s:
+            crud.audit(
+                s,
+                actor=actor,
+                action=action,
+                resource_type="backup",
+                resource_id=name,
+                outcome="ok" if ok else "error",
+                status_code=(201 if action == "backup.create" else 200) if ok else 500,
+                detail=detail,
+            )
+    except OperationalError as e:
+        return str(e.orig).splitlines()[0] if str(e.orig) else "error"
+    return None
 
 
 @dataclass
@@ -291,7 +306,7 @@ class Restored:
     missing: list[str] = field(default_factory=list)  # in neither the store nor the backup
 
 
-def _checked(copy: Path) -> set[str]:
+def checked_copy(copy: Path) -> set[str]:
     """The files a backup's database refers to, once it is found whole and ours."""
     if not copy.is_file():
         raise FileNotFoundError(f"no backup database at {copy}")
@@ -372,7 +387,7 @@ def restore(settings: Settings, source: Path, *, images_only: bool = False) -> R
                 engine.dispose()
             folder = source
         else:
-            hashes = _checked(source)
+            hashes = checked_copy(source)
             live = Path(url.database or "")
             result = Restored(live)
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -386,9 +401,10 @@ def restore(settings: Settings, source: Path, *, images_only: bool = False) -> R
                     result.replaced.append(aside)
             os.replace(part, live)
             folder = source.parent
-        _restore_files(
-            ImageStore(settings.images_dir), ImageStore(folder / "images"), hashes, result
-        )
+        with shared_use(folder):  # not pruned meanwhile (`db backup --keep`)
+            _restore_files(
+                ImageStore(settings.images_dir), ImageStore(folder / "images"), hashes, result
+            )
         engine = make_engine(url)
         try:
             with session_factory(engine).begin() as s:

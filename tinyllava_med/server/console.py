@@ -21,6 +21,7 @@ from tinyllava_med.server.auth import (
     revoke_api_key,
 )
 from tinyllava_med.server.backup import backup, restore
+from tinyllava_med.server.backup_keep import prune
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.migrate import upgrade
 from tinyllava_med.server.db.session import make_engine, session_factory
@@ -106,8 +107,13 @@ def restore_backup(settings: Settings, source: str, images_only: bool) -> int:
     return 0
 
 
-def make_backup(settings: Settings, dest: str, verify: bool) -> int:
+def make_backup(settings: Settings, dest: str, verify: bool, keep: int | None = None) -> int:
 
+    if keep is not None and not settings.database_url.startswith("sqlite"):
+        raise SystemExit(
+            "db backup: --keep is for SQLite: on PostgreSQL the database is backed up by "
+            "pg_dump, whose dumps may need any image file in the folder; rotate them together"
+        )
     try:
         done = backup(settings, Path(dest), verify=verify)
     except FileNotFoundError as e:
@@ -142,7 +148,25 @@ def make_backup(settings: Settings, dest: str, verify: bool) -> int:
             print(f"{len(hashes)} image file(s) {label}: {', '.join(h[:12] for h in hashes)}")
     if done.not_audited:
         print(f"the backup is made, but could not be recorded in the audit log: {done.not_audited}")
+    if keep is not None:
+        if done.complete:
+            _prune_backups(settings, Path(dest), keep)
+        else:
+            print("older backups kept: this one is incomplete")
     return 0 if done.complete else 1
+
+
+def _prune_backups(settings: Settings, dest: Path, keep: int) -> None:
+    pruned = prune(settings, dest, keep)
+    if pruned.nothing_because:
+        print(f"older backups kept: {pruned.nothing_because}")
+        return
+    print(
+        f"kept the {keep} newest backups: removed {len(pruned.databases)} older ones and "
+        f"{pruned.files} image files ({pruned.bytes} bytes) that no kept backup refers to"
+    )
+    if pruned.not_audited:
+        print(f"the removal could not be recorded in the audit log: {pruned.not_audited}")
 
 
 def pacs_check(settings: Settings) -> int:

@@ -100,6 +100,18 @@ def sole_user(data_dir: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
+@contextmanager
+def shared_use(folder: str | Path) -> Iterator[None]:
+    """Use `folder` for the block beside others who do the same (a shared lock): `sole_user`
+    refuses meanwhile, and this waits for a `sole_user` block to end."""
+    fd = _lock_file(folder)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
 def private_tmp(data_dir: str | Path) -> Path:
     """Make `data_dir/tmp` (owner only) this process's temporary directory, remove what crashed
     runs left there (untouched for `STALE_TMP_S`: other processes on the same data directory
