@@ -432,6 +432,7 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         expect(sheet.locator("#print-text")).to_have_text("Hairline fracture of the 5th rib.")
         expect(sheet).to_contain_text("Report (amended)")
         expect(sheet).to_contain_text("Amended and signed by first admin")
+        expect(sheet.locator("#print-fields")).to_contain_text("reason: missed on first read")
         expect(sheet).to_contain_text("Any fracture?")
         expect(sheet).to_contain_text("CT study")
         expect(sheet).to_contain_text(study["StudyInstanceUID"])  # no patient name: the UID

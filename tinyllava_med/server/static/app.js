@@ -48,6 +48,7 @@
     reportId: null,
     streaming: null, // AbortController while an answer streams
     amendDraft: null, // {id, text, reason} of an amendment that failed or was cancelled, offered again
+    amendments: null, // {id, entries}: the shown amended report's replaced signed texts
     modelTimer: null,
     worklistTimer: null,
     view: { zoom: 1, x: 0, y: 0 }, // the image's zoom and pan (pixels from the stage's centre)
@@ -1528,6 +1529,7 @@
     const list = $("report-versions-list");
     list.replaceChildren();
     const signed = history.data.filter((e) => SIGNED.has(e.previous_status));
+    state.amendments = { id: r.id, entries: signed.slice().reverse() }; // for the printout
     for (const e of signed.reverse()) {
       const li = el("li");
       li.append(
@@ -1731,10 +1733,15 @@
 
   // The signed report on a sheet of its own (study, question, text, who signed and when, the
   // model that drafted it), then the browser's print dialog; the page's CSS prints only it.
-  function printReport() {
+  async function printReport() {
     const r = currentReport();
     const s = state.study;
     if (!r || !s || !SIGNED.has(r.status)) return;
+    if (r.status === "amended" && !(state.amendments && state.amendments.id === r.id)) {
+      await loadVersions(r); // printed before the history was read: it is read first
+      const still = currentReport();
+      if (!still || still.id !== r.id || !(state.amendments && state.amendments.id === r.id)) return;
+    }
     const fields = $("print-fields");
     fields.replaceChildren();
     const add = (term, value) => {
@@ -1748,6 +1755,11 @@
     add("Image", r.image_index !== null && r.image_index !== undefined ? r.image_index + 1 : null);
     add("Frame", r.frame !== null && r.frame !== undefined ? r.frame + 1 : null);
     add("Status", STATUS_TEXT[r.status]);
+    // an amended report says when and why each signed text was replaced (newest first)
+    const amendments = state.amendments && state.amendments.id === r.id ? state.amendments.entries : [];
+    for (const e of amendments) {
+      add("Amended", `${when(e.edited_at)}${e.reason ? `, reason: ${e.reason}` : ""}`);
+    }
     $("print-question").textContent = r.question;
     $("print-text-title").textContent = r.status === "amended" ? "Report (amended)" : "Report";
     $("print-text").textContent = r.text;
