@@ -599,6 +599,42 @@ def test_an_answer_arriving_while_signing_does_not_change_what_is_signed(page, t
         assert _errors_from_4xx_are_expected(page.problems) == []
 
 
+def test_after_a_sign_out_only_the_same_key_comes_back_to_the_study(page, tmp_path, tiny_lm):
+    """Signing out of a study leaves its address: the next reader at this screen signs in to
+    the worklist (they landed in the study, the address kept), while the reader who signed out
+    comes back to it with the same key."""
+    from playwright.sync_api import expect
+
+    with _serve(tmp_path, tiny_lm) as server:
+        study, _ = _ct_with_report(server)
+        in_study = re.compile(re.escape(f"#/study/{study['id']}") + "$")
+        _sign_in(page, server)
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        expect(page.locator("#history button.history-item")).to_have_count(1)
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+        expect(page).not_to_have_url(in_study)
+        _sign_in(page, server)
+        expect(page).to_have_url(in_study)
+        expect(page.locator("#history button.history-item")).to_have_count(1)
+        page.get_by_role("button", name="Sign out").click()
+        other = httpx.post(
+            f"{server.base}/v1/apikeys",
+            headers={"Authorization": f"Bearer {server.key}"},
+            json={"role": "radiologist", "name": "Dr B"},
+        ).json()["key"]
+        expect(page).not_to_have_url(in_study)
+        # the next reader types their key into this screen as it was left
+        page.get_by_label("API key").fill(other)
+        page.get_by_role("button", name="Sign in", exact=True).click()
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+        expect(page).not_to_have_url(in_study)
+        page.get_by_role("button", name="Sign out").click()
+        _sign_in(page, server)  # the return was the next sign-in's only
+        expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+
+
 def test_unsaved_text_survives_a_sign_out_and_a_colleagues_signature(page, tmp_path, tiny_lm):
     """Text typed into a draft comes back after the reader signs out and in again (the button
     asks first). When a colleague signs that draft meanwhile, the reader's Sign is refused

@@ -8,6 +8,8 @@
   // a draft's unsaved text when the reader is signed out (by the button or a refused key),
   // given back once they are in again with the same key: {id, version, text, key}
   const UNSAVED_STORAGE = "tinyllava_med.unsaved_report";
+  // the study a reader was in when signed out: the page goes back to it only for the same key
+  const RETURN_STORAGE = "tinyllava_med.return_to";
   // the page's tabs in this browser tell each other of a sign-out
   const tabs = "BroadcastChannel" in window ? new BroadcastChannel("tinyllava_med") : null;
   const WINDOWS = [
@@ -49,6 +51,7 @@
     streaming: null, // AbortController while an answer streams
     amendDraft: null, // {id, text, reason} of an amendment that failed or was cancelled, offered again
     amendments: null, // {id, entries}: the shown amended report's replaced signed texts
+    shownHash: "", // the address of the view shown
     modelTimer: null,
     worklistTimer: null,
     view: { zoom: 1, x: 0, y: 0 }, // the image's zoom and pan (pixels from the stage's centre)
@@ -314,10 +317,28 @@
       return;
     }
     if (!state.me && !(await loadMe())) return;
+    returnAfterSignIn();
+    state.shownHash = location.hash; // what a declined "discard?" puts back
     $("key-label").textContent = keyLabel(state.key);
     const m = location.hash.match(/^#\/study\/([A-Za-z0-9_-]+)$/);
     if (m) await openStudy(m[1]);
     else await openWorklist();
+  }
+
+  // Signed in again with the key that was signed out of a study: back to that study (a link
+  // followed meanwhile wins); any other key starts at the worklist.
+  function returnAfterSignIn() {
+    let back = null;
+    try {
+      back = JSON.parse(sessionStorage.getItem(RETURN_STORAGE) || "null");
+    } catch (_) {
+      back = null;
+    }
+    sessionStorage.removeItem(RETURN_STORAGE);
+    const same = back && back.key && state.me && back.key === state.me.id;
+    if (same && (location.hash === "" || location.hash === "#/")) {
+      history.replaceState(null, "", back.hash);
+    }
   }
 
   function keyLabel(key) {
@@ -399,6 +420,12 @@
     if (state.streaming) state.streaming.abort();
     clearPrintSheet();
     state.amendDraft = null;
+    if (location.hash.startsWith("#/study/")) {
+      // the next reader at this screen signs in to the worklist, not into this study
+      const back = { hash: location.hash, key: state.me && state.me.id };
+      sessionStorage.setItem(RETURN_STORAGE, JSON.stringify(back));
+      history.replaceState(null, "", "#/");
+    }
     sessionStorage.removeItem(KEY_STORAGE);
     state.key = null;
     state.me = null;
@@ -1885,14 +1912,12 @@
       if ($("sign-dialog").returnValue === "confirm") signReport();
       else $("report-sign").focus();
     });
-    let shownHash = location.hash;
     window.addEventListener("hashchange", () => {
       if (hasUnsavedText() && !window.confirm(DISCARD_EDITS)) {
-        history.replaceState(null, "", shownHash || "#/"); // stay, with the text as typed
+        history.replaceState(null, "", state.shownHash || "#/"); // stay, with the text as typed
         return;
       }
       state.amendDraft = null;
-      shownHash = location.hash;
       if (state.streaming) state.streaming.abort();
       route();
     });
