@@ -95,3 +95,12 @@ def test_llava_med_v1_literal():
     assert clean_answer("llava_v1_med", "Assistant: a chest x-ray") == "a chest x-ray"
     # a byte-fallback token decodes to a control character, which no database text holds
     assert clean_answer("v1", "\x00no\x07 acute\tfinding\x7f\n\x1b.") == "no acute\tfinding\n."
+
+
+@pytest.mark.parametrize("template", [t for t in TEMPLATES if t != "plain"])
+def test_an_image_token_in_earlier_turns_leaves_one_image(template):
+    """A chat client sends earlier turns back as it got them: `<image>` in an earlier answer or
+    question (a pasted prompt) must not make a second image (the prompt was refused, a 500)."""
+    prompt = build_prompt(template, "<image> and now?", [("first <image>", "see <image> here")])
+    assert prompt.count("<image>") == 1
+    assert "see  here" in prompt  # the answer keeps its words

@@ -103,10 +103,21 @@ def test_models_and_a_completion_equal_to_the_rest_answer(api, client):
         max_tokens=4,
     )
     assert follow.usage.prompt_tokens > alone.usage.prompt_tokens
+    # an earlier turn sent back with the image token in it (it was a 500: two images)
+    echoed = client.chat.completions.create(
+        model=model,
+        messages=[
+            user(QUESTION, data_uri(png_bytes(), "image/png")),
+            assistant("<image>"),
+            user("<image> again?"),
+        ],
+        max_tokens=4,
+    )
+    assert echoed.choices[0].finish_reason in ("stop", "length")
 
     with api.app.state.session_factory() as s:
         events = s.scalars(select(AuditEvent).where(AuditEvent.action == "chat.completion")).all()
-        assert len(events) == 4 and all(e.outcome == "ok" for e in events)
+        assert len(events) == 5 and all(e.outcome == "ok" for e in events)
         assert len(s.scalars(select(Report)).all()) == 1  # only the REST ask stored a report
 
 

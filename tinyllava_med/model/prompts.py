@@ -69,6 +69,8 @@ def conversation_segments(
     segs: list[tuple[str, bool]] = []
     for i, (q, a) in enumerate(turns):
         q = _turn_text(q) if i == 0 else q.replace(IMAGE_TOKEN, "").strip()
+        if a is not None:  # an earlier answer a client sent back (chat): one image per prompt
+            a = a.replace(IMAGE_TOKEN, "")
         if template in ("v1", "llava_v1", "phi", "gemma"):
             user = (_system(template) + " " if i == 0 else "") + f"USER: {q} ASSISTANT:"
             answer = f" {a}{_STOP[template][0]}"
