@@ -174,6 +174,33 @@ def test_stow_partial_mismatch_and_bad_requests(api):
     assert_error(api.post("/dicomweb/studies", content=b"x", headers=no_boundary), 400)
     garbage = {**h, "Content-Type": "multipart/related; boundary=zz"}
     assert_error(api.post("/dicomweb/studies", content=b"no parts", headers=garbage), 400)
+    # Content-Types the multipart parser cannot take (they were 500s): a boundary over its
+    # 256 bytes, bytes that are not UTF-8 in a parameter or the media type
+    for bad in (
+        'multipart/related; type="application/dicom"; boundary=' + "b" * 257,
+        b'multipart/related; type="application/dicom"; boundary=\xff',
+    ):
+        r = api.post("/dicomweb/studies", content=b"--b--", headers={**h, "Content-Type": bad})
+        assert_error(r, 400, "bad_multipart")
+    odd_media = {**h, "Content-Type": b"multipart/related\xe9; boundary=b"}
+    assert_error(api.post("/dicomweb/studies", content=b"--b--", headers=odd_media), 415)
+    # the store response is JSON: a client asking for XML only is told so before the upload
+    body, ctype = multipart_related(CT)
+    for accept, status in (
+        ("application/dicom+xml", 406),
+        ("application/dicom+json;q=0, application/dicom+xml", 406),
+        ("application/dicom+xml, application/dicom+json;q=0.5", 200),
+        ("*/*", 200),
+    ):
+        r = api.post(
+            "/dicomweb/studies",
+            content=body,
+            headers={**h, "Content-Type": ctype, "Accept": accept},
+        )
+        if status == 406:
+            assert_error(r, 406, "not_acceptable")
+        else:
+            assert r.status_code == 200, (accept, r.text)
     # more parts than max_files_per_upload (64): refused as the 65th begins, before the rest
     # of the body is split (a malformed header after it would otherwise answer 400)
     many = b"--b\r\n\r\n\r\n" * 65 + b"--b\r\n\x00bad\r\n\r\n"

@@ -43,6 +43,27 @@ class Part:
     data: bytes
 
 
+# what a STOW-RS client may ask for that this server answers with (PS3.18 §10.5.2: the store
+# response is application/dicom+json or application/dicom+xml; the XML form is not offered)
+_ANSWERABLE = ("application/dicom+json", "application/json", "application/*", "*/*")
+
+
+def accepts_json(accept: str | None) -> bool:
+    """Whether an `Accept` header lets the store response be `application/dicom+json` (no
+    header, or an empty one, accepts anything)."""
+    if not accept or not accept.strip():
+        return True
+    for item in accept.split(","):
+        media, params = parse_options_header(item.strip())
+        try:
+            q = float(params.get(b"q", b"1").decode("latin-1"))
+        except ValueError:
+            q = 1.0
+        if q > 0 and media.decode("latin-1").lower() in _ANSWERABLE:
+            return True
+    return False
+
+
 def parse_multipart_related(
     content_type: str | None, body: bytes, max_parts: int | None = None
 ) -> list[Part]:
@@ -52,8 +73,9 @@ def parse_multipart_related(
     if not content_type:
         raise StowRequestError(415, "unsupported_media_type", "no Content-Type")
     media, params = parse_options_header(content_type)
-    p = {k.decode().lower(): v.decode() for k, v in params.items()}
-    if media.decode().lower() != "multipart/related":
+    # latin-1: a header's bytes as they came (UTF-8 would fail on some: a 500)
+    p = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in params.items()}
+    if media.decode("latin-1").lower() != "multipart/related":
         raise StowRequestError(
             415,
             "unsupported_media_type",
@@ -100,18 +122,16 @@ def parse_multipart_related(
         ctype = headers.get("content-type", "application/dicom")
         parts.append(Part(ctype.split(";")[0].strip().lower(), b"".join(chunks)))
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-        },
-    )
+    callbacks: Any = {
+        "on_part_begin": on_part_begin,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+    }
     try:
+        parser = MultipartParser(boundary, callbacks)  # refuses a boundary over 256 bytes
         parser.write(body)
         parser.finalize()
     except _TooManyParts:
