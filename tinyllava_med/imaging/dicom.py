@@ -37,6 +37,7 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
+from tinyllava_med.imaging.budget import DECODE_BUDGET, DICOM_BYTES_PER_SAMPLE
 from tinyllava_med.imaging.codestream import declared_size
 from tinyllava_med.imaging.dicom_pixels import gray_image, rgb_image
 from tinyllava_med.imaging.errors import ImagingError
@@ -72,15 +73,19 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def read_dicom(data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS) -> FileDataset:
-    """Parse DICOM Part 10 bytes into a dataset; the pixel data stays encoded."""
+def read_dicom(
+    data: bytes, *, limits: ImageLimits = DEFAULT_LIMITS, size_checked: bool = False
+) -> FileDataset:
+    """Parse DICOM Part 10 bytes into a dataset; the pixel data stays encoded. `size_checked`:
+    the caller has checked a deflated data set's inflated size."""
     if not is_dicom(data):
         raise ImagingError(
             "not_dicom",
             f"expected DICOM Part 10 (128-byte preamble, then 'DICM'); got {len(data)} bytes "
             "without that prefix",
         )
-    _check_inflated_size(data, limits)
+    if not size_checked:
+        _check_inflated_size(data, limits)
     try:
         ds = dcmread(BytesIO(data))
     except InvalidDicomError as e:
@@ -107,9 +112,12 @@ def load_dicom(
 ) -> StudyFile:
     """Decode one frame of a DICOM Part 10 file into a `StudyFile` (see module docstring)."""
     name = check_window_name(window)
-    ds = read_dicom(data, limits=limits)
+    # a deflated data set is inflated whole by the parse: its size is held from there on
+    inflated = _check_inflated_size(data, limits)
     try:
-        return _load_frame(ds, data, frame=frame, window=name, limits=limits)
+        with DECODE_BUDGET.reserve(2 * inflated):
+            ds = read_dicom(data, limits=limits, size_checked=True)
+            return _load_frame(ds, data, frame=frame, window=name, limits=limits)
     except ImagingError:
         raise
     except Exception as e:  # malformed attributes surface as many exception types
@@ -124,13 +132,16 @@ def _load_frame(
     header = _check_pixel_header(ds, data, limits)
     n_frames = header.frames
     index = _pick_frame(frame, n_frames)
-    arr, photometric = _decode_frame(ds, index, header)
-    if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        image = gray_image(arr, ds, index, window, invert=photometric == "MONOCHROME1")
-        applied: str | None = window
-    else:
-        image = rgb_image(arr, photometric, ds)
-        applied = None
+    samples = header.rows * header.columns * int(ds.get("SamplesPerPixel", 1) or 1)
+    with DECODE_BUDGET.reserve(samples * DICOM_BYTES_PER_SAMPLE):
+        arr, photometric = _decode_frame(ds, index, header)
+        if photometric in ("MONOCHROME1", "MONOCHROME2"):
+            image = gray_image(arr, ds, index, window, invert=photometric == "MONOCHROME1")
+            applied: str | None = window
+        else:
+            image = rgb_image(arr, photometric, ds)
+            applied = None
+        del arr
     return StudyFile(
         image=image,
         kind="dicom",
@@ -155,8 +166,9 @@ def file_meta(data: bytes) -> tuple[FileMetaDataset, int] | None:
     return meta, fp.tell()
 
 
-def _check_inflated_size(data: bytes, limits: ImageLimits) -> None:
-    """Refuse a deflated data set that inflates past `limits.max_bytes_decoded` or is cut.
+def _check_inflated_size(data: bytes, limits: ImageLimits) -> int:
+    """A deflated data set's inflated size (0: not deflated); refuse one that inflates past
+    `limits.max_bytes_decoded` or is cut.
 
     The deflated stream starts where pydicom's own reader leaves it: after the preamble, the
     file meta group read element by element (its group length may be absent or wrong, its
@@ -164,7 +176,7 @@ def _check_inflated_size(data: bytes, limits: ImageLimits) -> None:
     the rest in one call."""
     found = file_meta(data)
     if found is None or found[0].get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        return  # not deflated, or a broken header dcmread reports the same way
+        return 0  # not deflated, or a broken header dcmread reports the same way
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     pending, total = data[found[1] :], 0
     try:
@@ -185,6 +197,7 @@ def _check_inflated_size(data: bytes, limits: ImageLimits) -> None:
         raise ImagingError(
             "truncated", f"the deflated data set ends early ({len(data)} bytes received)"
         )
+    return total
 
 
 def _ends_early(ds: Dataset) -> bool:

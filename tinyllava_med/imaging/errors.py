@@ -23,6 +23,7 @@ ErrorCode = Literal[
     "decode_failed",  # the codec or pydicom could not decode the content
     "bad_frame",  # frame index outside 0..n_frames-1
     "bad_window",  # window name that is not "default" or a `WINDOW_PRESETS` key
+    "decode_busy",  # other large decodes hold the process's memory budget (`budget.py`): retry
 ]
 
 

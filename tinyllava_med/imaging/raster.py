@@ -14,6 +14,7 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tinyllava_med.imaging.budget import DECODE_BUDGET, RASTER_BYTES_PER_SAMPLE
 from tinyllava_med.imaging.errors import ImagingError
 from tinyllava_med.imaging.limits import DEFAULT_LIMITS, ImageLimits, check_side
 from tinyllava_med.imaging.metadata import SafeMetadata
@@ -46,8 +47,10 @@ def load_raster(
                     f"{width} x {height} = {width * height}",
                 )
             check_side(width, height, limits)
-            im.load()
-            image = _to_model_mode(ImageOps.exif_transpose(im) if kind == "jpeg" else im)
+            samples = width * height * len(im.getbands())
+            with DECODE_BUDGET.reserve(samples * RASTER_BYTES_PER_SAMPLE):
+                im.load()
+                image = _to_model_mode(ImageOps.exif_transpose(im) if kind == "jpeg" else im)
     except ImagingError:
         raise
     except Image.DecompressionBombError as e:

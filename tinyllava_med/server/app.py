@@ -33,6 +33,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tinyllava_med import __version__
+from tinyllava_med.imaging.budget import DECODE_BUDGET
 from tinyllava_med.model.load import LoadedModel
 from tinyllava_med.server.auth import (
     DenialLog,
@@ -441,6 +442,7 @@ def create_app(
     (`storage.private_tmp`), and once the model is loaded it may tune
     the garbage collector for it (`settle_heap`)."""
     settings = settings or Settings()
+    DECODE_BUDGET.resize(settings.decode_memory_mb * 1024 * 1024)  # one per process
     # alone on the data directory of its SQLite database: no other server runs its jobs
     alone = own_process and alone_on(settings.data_dir) and _sqlite_in(settings)
     if own_process:

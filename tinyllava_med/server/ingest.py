@@ -61,7 +61,8 @@ from tinyllava_med.server.stow import (
 
 log = logging.getLogger(__name__)
 
-_TOO_BIG = {"too_large", "decompression_bomb"}
+# 0xA700 out of resources: too large for this server's limits, or for its decoding memory now
+_TOO_BIG = {"too_large", "decompression_bomb", "decode_busy"}
 
 
 def decode(

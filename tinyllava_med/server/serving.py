@@ -38,6 +38,7 @@ _IMAGING_STATUS = {
     "decompression_bomb": 413,
     "bad_frame": 422,
     "bad_window": 422,
+    "decode_busy": 503,
 }
 
 
@@ -55,7 +56,8 @@ def imaging_error(e: ImagingError, filename: str | None = None) -> APIError:
     detail: dict[str, Any] = {"imaging_code": e.code}
     if filename is not None:
         detail["file"] = filename
-    return APIError(status, e.code, e.message, detail)
+    busy = {"Retry-After": "10"} if status == 503 else None
+    return APIError(status, e.code, e.message, detail, headers=busy)
 
 
 @dataclass

@@ -101,6 +101,13 @@ class Settings(BaseSettings):
         description="decoded bytes one file may declare (all frames), and a deflated DICOM's "
         "inflated size",
     )
+    decode_memory_mb: int = Field(
+        default=2048,
+        gt=0,
+        description="memory all image decodes at once may take (estimated per file before it "
+        "is decoded); a large image waits up to 30 s for its share, then 503 decode_busy "
+        "(DICOM: 0xA700). One file larger than this is decoded alone",
+    )
     max_question_chars: int = Field(default=2000, gt=0)
     max_conversation_chars: int = Field(
         default=6000,

@@ -135,6 +135,9 @@
           return "This server has no PACS to retrieve from; upload the files instead.";
         }
         const wait = err.retryAfter ? ` in ${err.retryAfter} s` : " in a few seconds";
+        if (err.code === "decode_busy") {
+          return `The server is decoding other large images. Retry${wait}.`;
+        }
         return err.code === "queue_full"
           ? `The server is busy. Retry${wait}.`
           : `The model is loading or unavailable. Retry${wait}.`;
