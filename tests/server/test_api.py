@@ -65,6 +65,7 @@ def test_upload_ask_edit_sign_flow(api):
 
     r = api.get(f"/v1/studies/{study['id']}/images/0", headers=api.h("pacs"))
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["cache-control"] == "no-store"  # a patient's image: in no browser cache
     lung = api.get(f"/v1/studies/{study['id']}/images/0?window=lung", headers=api.h("pacs"))
     assert lung.status_code == 200 and lung.content != r.content
 
@@ -833,6 +834,7 @@ def test_stream_sends_tokens_then_stores_report(api):
     ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-store"
         raw = "".join(r.iter_text())
     events = [b for b in raw.split("\n\n") if b.strip()]
     kinds = [e.split("\n")[0].removeprefix("event: ") for e in events]

@@ -198,7 +198,7 @@ class RefuseNul:
 # Headers every response gets unless its route set its own: no other site may frame a page
 # of this origin (Swagger UI at /docs and the Gradio demo ask for a key), and no answer is kept
 # in a browser's or a proxy's cache unless its route says so (a report, a study list or an SR
-# left in a shared workstation's cache; the web client's own files and renders say so).
+# left in a shared workstation's cache, an image render too; the web client's own files say so).
 DEFAULT_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",

@@ -305,7 +305,7 @@ async def ask_about_study(
         events(),
         media_type="text/event-stream",
         status_code=200,
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 

@@ -372,6 +372,6 @@ def get_image(
         status_code=200,
         detail={"image": index},
     )
-    return Response(
-        buf.getvalue(), media_type="image/png", headers={"Cache-Control": "private, max-age=300"}
-    )
+    # no-store, as every answer here (`DEFAULT_HEADERS`): a render kept in a browser's cache
+    # was shown again without a key, to anyone at that browser, and unaudited
+    return Response(buf.getvalue(), media_type="image/png")
