@@ -46,7 +46,7 @@ EXPECTED_ERRORS = {
     "emri_small_jpeg_2k_lossless_too_short.dcm": "truncated",
     "JPEG-lossy.dcm": "decode_failed",  # a scan header libjpeg rejects
     "JPEG2000-embedded-sequence-delimiter.dcm": "decompression_bomb",  # SIZ claims 3.7e9 columns
-    "badVR.dcm": "decode_failed",  # NumberOfFrames "1A"
+    "badVR.dcm": "no_pixel_data",  # an RT Dose grid (with NumberOfFrames "1A"): no image
     "no_meta.dcm": "unsupported_format",  # no preamble: not DICOM Part 10
     "rtplan.dcm": "no_pixel_data",
     "waveform_ecg.dcm": "no_pixel_data",

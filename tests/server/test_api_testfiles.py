@@ -59,6 +59,31 @@ def test_every_shipped_dicom_is_201_or_4xx(api):
     assert outcomes.get(201, 0) > len(files) * 0.7, (outcomes, codes)
 
 
+def test_pixels_that_are_not_an_image_are_refused(api):
+    """A segmentation (label masks) and an RT dose grid hold pixel data but are no image to read
+    or ask about: they were stored, and the model described a mask (a PACS integrator's
+    review). Refused as objects without pixels are, by upload and by STOW-RS (0x0122)."""
+    from api_helpers import assert_error, multipart_related
+    from pydicom.data import get_testdata_file
+
+    for name in ("liver.dcm", "rtdose.dcm"):
+        data = Path(get_testdata_file(name, download=False)).read_bytes()
+        r = api.post(
+            "/v1/studies",
+            headers=api.h("pacs"),
+            files=[("files", (name, data, "application/dicom"))],
+        )
+        assert_error(r, 400, "no_pixel_data")
+        assert "holds pixels that are not one" in r.json()["error"]["message"]
+        body, ctype = multipart_related(data)
+        stow = api.post(
+            "/dicomweb/studies", content=body, headers={**api.h("pacs"), "Content-Type": ctype}
+        )
+        assert stow.status_code == 409, stow.text
+        assert stow.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0122]
+    assert api.get("/v1/studies", headers=api.h()).json()["count"] == 0
+
+
 def test_values_longer_than_their_vr_allows_are_not_a_500(api):
     """An accession number past DICOM's 16 characters (some RIS issue them) is kept and found;
     a modality or body part past its length is dropped and the file stored; a UID past 64

@@ -232,8 +232,28 @@ class _PixelHeader(NamedTuple):
     frames: int
 
 
+# Objects whose pixels are not an image to read or to ask about: a segmentation's frames are
+# label masks (the model described a binary mask, and an SR cited it as the finding's best
+# illustration), a dose grid is Gray per voxel, a parametric map is values of a fit. Refused
+# as objects without pixels are (STOW-RS and DIMSE 0x0122, skipped by imports and retrieves).
+_NOT_IMAGES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.66.8": "Height Map Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose Storage",
+    "1.2.840.10008.5.1.4.1.1.30": "Parametric Map Storage",
+}
+
+
 def _check_pixel_header(ds: Dataset, data: bytes, limits: ImageLimits) -> _PixelHeader:
     """Validate the Image Pixel attributes against `limits` before any decoding."""
+    not_image = _NOT_IMAGES.get(str(ds.get("SOPClassUID", "")))
+    if not_image is not None:
+        raise ImagingError(
+            "no_pixel_data",
+            f"expected an image; this DICOM object ({not_image}) holds pixels that are not one "
+            "(labels, doses or fitted values), so it is not stored",
+        )
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         implicit = ds.original_encoding[0] and _PIXEL_DATA_IMPLICIT in data
         if implicit or any(start in data for start in _PIXEL_DATA_STARTS):
