@@ -446,11 +446,28 @@ def test_bad_instances_fail_with_reasons_and_keep_what_is_stored(
             "stored": 0,
             "already": 0,
             "failed": 4,
+            "not_kept": 0,
             "studies": [],
             "jobs": [],
             "address": "127.0.0.1",
         }
         assert metric(api, "dimse_instances", "failed") == 4
+
+        # an object that is no image (an SR in a study a PACS sends whole): received with a
+        # warning, not kept, so the PACS's send does not fail (the CT above without pixels is
+        # a broken image, and fails)
+        sr = pydicom.dcmread(CT_SMALL)
+        for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated"):
+            delattr(sr, keyword)
+        sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+        sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        sr.Modality = "SR"
+        (status,) = store_all(api, [sr], contexts=[(sr.SOPClassUID, None)])
+        assert status.Status == 0xB006 and status.ErrorComment == "not an image: received, not kept"
+        assert [i.SOPInstanceUID for i in rows(api, Image)] == [small.SOPInstanceUID]
+        assert metric(api, "dimse_instances", "not_kept") == 1
+        kept = [e for e in audits(api, "study.dimse_store") if e["detail"].get("not_kept")]
+        assert [(e["outcome"], e["detail"]["not_kept"]) for e in kept] == [("ok", 1)]
     assert PATIENT not in caplog.text
 
 

@@ -272,6 +272,24 @@ def test_orthanc_dimse_round_trip(tmp_path, sqlite_url, tiny_lm):
         assert [e["actor"] for e in events] == ["dimse:TLMPACS"]
         assert events[0]["detail"]["stored"] == 1
 
+        # the PACS sends the study whole again, our SR in it (a re-read, a routing rule): the
+        # SR is acknowledged with a warning and not kept, so the send succeeds (0x0122 failed
+        # Orthanc's job: HTTP 500, the images stored all the same)
+        r = httpx.post(
+            f"{orthanc}/modalities/tinyllava/store",
+            json={"Resources": [study], "Synchronous": True},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["FailedInstancesCount"] == 0 and r.json()["InstancesCount"] == 2
+        events = httpx.get(
+            f"{base}/v1/audit", params={"action": "study.dimse_store"}, headers=h
+        ).json()["data"]
+        detail = events[0]["detail"]  # newest first
+        assert (detail["stored"], detail["already"], detail["not_kept"]) == (0, 1, 1)
+        studies = httpx.get(f"{base}/v1/studies", headers=h).json()["data"]
+        assert [len(s["images"]) for s in studies] == [1]  # the SR is not an image of it
+
 
 @pytest.mark.parametrize("transport", ["dicomweb", "dimse"])
 def test_retrieve_a_study_from_orthanc(tmp_path, sqlite_url, tiny_lm, transport, caplog):

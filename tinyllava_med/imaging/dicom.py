@@ -253,6 +253,7 @@ def _check_pixel_header(ds: Dataset, data: bytes, limits: ImageLimits) -> _Pixel
             "no_pixel_data",
             f"expected an image; this DICOM object ({not_image}) holds pixels that are not one "
             "(labels, doses or fitted values), so it is not stored",
+            not_an_image=True,
         )
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         implicit = ds.original_encoding[0] and _PIXEL_DATA_IMPLICIT in data
@@ -272,6 +273,7 @@ def _check_pixel_header(ds: Dataset, data: bytes, limits: ImageLimits) -> _Pixel
         raise ImagingError(
             "no_pixel_data",
             f"expected an image with (7FE0,0010) Pixel Data; this DICOM object{what} has none{cut}",
+            not_an_image=not cut,
         )
     required = _IMAGE_PIXEL_KEYWORDS + (_INTEGER_PIXEL_KEYWORDS if "PixelData" in ds else ())
     missing = [keyword for keyword in required if keyword not in ds]

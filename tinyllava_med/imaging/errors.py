@@ -30,7 +30,10 @@ ErrorCode = Literal[
 class ImagingError(Exception):
     """Bad image input. `code` is one of `ErrorCode`; `message` is safe to show to a client."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, not_an_image: bool = False) -> None:
         super().__init__(f"{code}: {message}")
         self.code: ErrorCode = code
         self.message = message
+        # with "no_pixel_data": the object is no image at all (an SR, a PDF, a segmentation),
+        # not an image whose pixels are missing
+        self.not_an_image = not_an_image

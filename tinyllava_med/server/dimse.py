@@ -30,9 +30,10 @@ Receiving (`StorageSCP`, on `dimse_port` when set):
   `ingest.file_instances` (its study found or created by Study Instance UID, the automatic
   report queued) in its own transaction before the success status goes back, so "stored"
   means durable. Failures answer
-  the Storage Service Class statuses STOW-RS uses (0xC000 cannot understand, 0x0122 an object
-  without pixels this server does not store, 0xA700 out of resources, 0x0110 processing
-  failure) with an Error Comment that names no patient data.
+  the Storage Service Class statuses STOW-RS uses (0xC000 cannot understand, 0xA700 out of
+  resources, 0x0110 processing failure) with an Error Comment that names no patient data. An
+  object that is no image (an SR, a PDF, a segmentation; STOW-RS: 0x0122) is acknowledged with
+  the warning 0xB006 and not kept (`_not_kept`): a PACS sends a study whole.
 - One audit event per association that sent instances (`study.dimse_store`, actor
   `dimse:<calling AE title>`): stored, already held, failed, studies, jobs.
 
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
+ELEMENTS_DISCARDED = 0xB006  # a warning: received, some (here all) of its data not kept
 WARNINGS = {0x0001, 0xB000, 0xB006, 0xB007}  # stored, with a remark (PS3.4 B.2.3)
 UNCOMPRESSED = [
     ExplicitVRLittleEndian,
@@ -169,6 +171,7 @@ class _Received:
     stored: int = 0
     already: int = 0
     failed: int = 0
+    not_kept: int = 0  # objects without an image (an SR, a PDF), acknowledged with 0xB006
     studies: list[str] = field(default_factory=list)
     jobs: list[int] = field(default_factory=list)
 
@@ -468,6 +471,8 @@ class StorageSCP:
             return self._failed(got, 0xC000, f"cannot read the dataset ({type(e).__name__})")
         parts = [Part("application/dicom", data)]
         decoded = decode(parts, self.settings, self.store)
+        if isinstance(decoded[0], ImagingError) and decoded[0].not_an_image:
+            return self._not_kept(got)
         if isinstance(decoded[0], ImagingError):
             return self._failed(got, failure_reason(decoded[0]), decoded[0].message)
         try:
@@ -492,6 +497,17 @@ class StorageSCP:
         self.metrics.dimse_instances.labels("already" if result.already else "stored").inc()
         return _status(SUCCESS)
 
+    def _not_kept(self, got: _Received) -> Dataset:
+        """An object this server has no use for (no image: an SR, a PDF, a segmentation) in a
+        study a PACS sends whole, as it sends back a study holding this server's own SRs. A
+        failure status made the PACS fail the whole send (Orthanc: HTTP 500 for its job, the
+        images stored all the same); a warning tells it the object was received and its data
+        not kept (0xB006 Elements Discarded), which it counts as sent."""
+        with self._lock:
+            got.not_kept += 1
+        self.metrics.dimse_instances.labels("not_kept").inc()
+        return _status(ELEMENTS_DISCARDED, "not an image: received, not kept")
+
     def _failed(self, got: _Received, code: int, comment: str) -> Dataset:
         with self._lock:
             got.failed += 1
@@ -507,7 +523,7 @@ class StorageSCP:
             got = self._received.pop(id(event.assoc), None)
         if got is None:  # an echo, or nothing sent
             return
-        received = got.stored + got.already
+        received = got.stored + got.already + got.not_kept
         with self.sessions.begin() as session:
             crud.audit(
                 session,
@@ -521,6 +537,7 @@ class StorageSCP:
                     "stored": got.stored,
                     "already": got.already,
                     "failed": got.failed,
+                    "not_kept": got.not_kept,
                     "studies": got.studies,
                     "jobs": got.jobs,
                     "address": str(event.assoc.requestor.address),

@@ -330,7 +330,8 @@ class Metrics:
         self.dimse_instances = Counter(
             PREFIX + "dimse_instances",
             "Instances received over DIMSE C-STORE, by outcome (stored; already: held before, "
-            "acknowledged again; failed)",
+            "acknowledged again; not_kept: no image, an SR or a PDF, acknowledged with a "
+            "warning; failed)",
             ["outcome"],
             registry=r,
         )
@@ -343,7 +344,7 @@ class Metrics:
             registry=r,
         )
         self.rejected.labels("queue_full")  # from 0: a first burst counts in rate()
-        for outcome in ("stored", "already", "failed"):
+        for outcome in ("stored", "already", "not_kept", "failed"):
             self.dimse_instances.labels(outcome)
         for outcome in ("accepted", "refused", "dropped"):
             self.dimse_associations.labels(outcome)
