@@ -122,6 +122,15 @@ def test_a_uid_reused_for_another_patient_is_refused(api, caplog):
     assert r.json()["error"]["detail"]["study_id"] == held["id"]
     r = _ask(api, other)
     assert_error(r, 409, "patient_mismatch")
+    # both refusals are in the held study's history (they were audited with no study)
+    history = api.get(
+        "/v1/audit", params={"resource_id": held["id"]}, headers=api.h("admin")
+    ).json()["data"]
+    refused = [(e["action"], e["detail"]["code"]) for e in history if e["outcome"] == "invalid"]
+    assert sorted(refused) == [
+        ("question.ask", "patient_mismatch"),
+        ("study.upload", "patient_mismatch"),
+    ]
     body, ctype = multipart_related(other)
     r = api.post("/dicomweb/studies", content=body, headers={**api.h(), "Content-Type": ctype})
     assert r.status_code == 409, r.text

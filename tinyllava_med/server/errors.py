@@ -101,7 +101,7 @@ _HTTP_CODES = {
 }
 
 
-def _audit_failure(request: Request, status: int, code: str) -> None:
+def _audit_failure(request: Request, status: int, code: str, error_detail: Any = None) -> None:
     """Record a failed access in its own transaction (the route's own was rolled back), in a
     worker thread: on the event loop, a write waiting for another transaction's lock would
     stall the server (see `ReportWriter`).
@@ -114,6 +114,11 @@ def _audit_failure(request: Request, status: int, code: str) -> None:
         return
     actor, action, resource_type, resource_id = ctx
     detail: dict[str, Any] = {"code": code}
+    named = error_detail.get("study_id") if isinstance(error_detail, dict) else None
+    if resource_id is None and resource_type == "study" and isinstance(named, str):
+        # a refusal about a study held here (another patient's UID, an image of another
+        # study) is found in that study's history, as its accesses are
+        resource_id = named
     if resource_id is not None and not _OUR_ID.fullmatch(resource_id):
         # what a caller put in the path is kept only in this server's id forms: a STOW URL's
         # Study Instance UID, or a name typed where an id goes, must not reach the audit log
@@ -148,7 +153,7 @@ async def _audited(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """The error response, once its failure is audited (`_audit_failure`)."""
-    await run_in_threadpool(_audit_failure, request, status, code)
+    await run_in_threadpool(_audit_failure, request, status, code, detail)
     return _response(status, code, message, detail, headers)
 
 
