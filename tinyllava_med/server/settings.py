@@ -243,7 +243,11 @@ class Settings(BaseSettings):
         'other), e.g. {"CT": "Describe the findings."}; empty: no automatic reports',
     )
     auto_report_delay_s: float = Field(
-        default=2.0, ge=0, description="wait for more instances of a study before answering"
+        default=60.0,
+        ge=0,
+        description="answer a study once no instance of it arrived for this long (each one "
+        "postpones it): a series sent over a minute gets one report, not one per pause (2 s "
+        "made two drafts of one slow series)",
     )
     job_workers: int = Field(default=1, ge=0, description="job threads in this process (0: none)")
     job_max_attempts: int = Field(
