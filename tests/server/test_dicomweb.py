@@ -656,3 +656,24 @@ def test_a_retrieve_that_fails_halfway_audits_what_it_stored(api, monkeypatch):
     assert [(e.actor, e.resource_id, e.detail["stored"]) for e in events] == [
         ("system", study.id, pull.BATCH)
     ]
+
+
+def test_the_automatic_report_is_about_the_middle_of_the_largest_series():
+    """Not the middle of all images in arrival order: a CT's scout and dose screen are series
+    of their own, and a PACS may send them first (the middle of 1 + 1 + 3 was the axial's first
+    slice, or with more screens a screen)."""
+    from tinyllava_med.server.db.models import Image
+    from tinyllava_med.server.jobs import report_image
+
+    def image(n: int, series: str | None, kind: str = "dicom") -> Image:
+        return Image(n=n, kind=kind, SeriesInstanceUID=series)
+
+    scout, dose = image(0, "scout"), image(1, "dose")
+    axial = [image(i, "axial") for i in range(2, 5)]
+    screens = [image(i, f"screen{i}") for i in range(5, 8)]
+    assert report_image([scout, dose, *axial]) is axial[1]
+    assert report_image([*screens, scout, *axial[:2]]) is axial[1]  # 2 slices: the second
+    pngs = [image(i, None, "png") for i in range(3)]
+    assert report_image(pngs) is pngs[1]
+    with pytest.raises(LookupError):
+        report_image([])

@@ -121,6 +121,20 @@ def schedule_auto_report(session: Session, settings: Settings, study: Study) -> 
     return job
 
 
+def report_image(images: list[Image]) -> Image:
+    """The image an automatic report is about: the middle one of the study's largest series
+    (a CT's axial series, not its scout or its dose screen, which are series of their own and
+    may come first); the middle of all images when none is DICOM."""
+    if not images:
+        raise LookupError("the study has no images")
+    series: dict[str | None, list[Image]] = {}
+    for im in images:
+        if im.kind == "dicom":
+            series.setdefault(im.SeriesInstanceUID, []).append(im)
+    largest = max(series.values(), key=len, default=images)  # the first of equal ones
+    return largest[len(largest) // 2]
+
+
 def schedule_push(session: Session, settings: Settings, report: Report) -> Job | None:
     """Queue pushing the SR of `report` as it is now (its `updated_at` names the version: a
     later edit does not change what this job sends) when a push target is set and its image is
@@ -525,10 +539,7 @@ class JobRunner:
             study = crud.get_study(s, job.study_id or "")
             if study is None:
                 raise LookupError("the study no longer exists")
-            dicom = [im for im in study.images if im.kind == "dicom"] or list(study.images)
-            if not dicom:
-                raise LookupError("the study has no images")
-            image = dicom[len(dicom) // 2]
+            image = report_image(list(study.images))
             image_id, sha256 = image.id, image.sha256
         pil = render(store, sha256, settings)
         question = str(job.payload["question"])
