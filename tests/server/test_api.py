@@ -51,6 +51,16 @@ def test_health_ready_metrics_need_no_key(api):
     text = api.get("/metrics").text
     assert "ZZ0" not in text and "PROPFIND" not in text
     assert 'method="other",route="/healthz",status="405"} 3.0' in text
+    # Allow names every method of the path, not those of its first route (a PUT to
+    # /v1/studies was told "Allow: POST")
+    for path, allowed in (
+        ("/v1/studies", "GET, POST"),
+        ("/v1/reports/x", "GET, PATCH"),
+        ("/healthz", "GET"),
+    ):
+        r = api.request("PUT", path, headers=api.h("admin"))
+        assert r.status_code == 405 and r.headers["allow"] == allowed, (path, r.headers)
+        assert r.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_upload_ask_edit_sign_flow(api):

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from tinyllava_med.server.db.crud import DomainError
 from tinyllava_med.server.db.models import Outcome
@@ -244,7 +245,21 @@ def install_error_handlers(app: FastAPI) -> None:
             # the multipart parser's file count (the app's `form_limits`): too large, as an
             # import whose ZIPs hold too many files is
             return _response(413, "too_large", message)
-        return _response(exc.status_code, code, message, None, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only: GET and POST of
+            # /v1/studies are two routes, so a PUT was told "Allow: POST"
+            headers = {**(headers or {}), "Allow": _allowed(request)}
+        return _response(exc.status_code, code, message, None, headers)
+
+    def _allowed(request: Request) -> str:
+        """The methods some route takes at the request's path (the router asked per method)."""
+        routes = request.app.router.routes
+        return ", ".join(
+            method
+            for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+            if any(r.matches({**request.scope, "method": method})[0] == Match.FULL for r in routes)
+        )
 
     async def _failed(request: Request, exc: Exception) -> JSONResponse:
         f = failure(request, exc)
