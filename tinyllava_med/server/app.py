@@ -292,8 +292,10 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(BaseException):
+    """Raised out of a body's `receive` past the limit. Not an `Exception`: the form parser
+    catches those and answers 400 "error parsing the body" (a chunked upload over the limit
+    got 400, not 413)."""
 
 
 def _load_model(app: FastAPI, settings: Settings, own_process: bool) -> None:
