@@ -496,6 +496,9 @@ def test_files_no_row_names_are_swept_and_a_pending_rejection_note_is_kept(api, 
     with sessions() as s:
         sweeps = [j.payload["sha256"] for j in s.scalars(select(Job)) if j.kind == "sweep_images"]
     assert sweeps == [[orphan]]
+    # started again before that sweep ran (a restart within the grace period, as after a
+    # study's deletion): its files are not reported as a crash's again, nor swept twice
+    assert sweep_unnamed_files(sessions, settings, store, chunk=2) == 0
     swept = remove_unused(sessions, store, [orphan, note, held], grace_s=0)
     assert swept.removed == [orphan] and swept.in_use == {note, held}
     assert store.exists(note) and store.exists(held)

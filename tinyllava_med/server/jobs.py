@@ -199,12 +199,21 @@ def sweep_unnamed_files(
 ) -> int:
     """Queue a sweep of every stored file the database does not need (`crud.files_in_use`):
     what a crash or a full disk left behind when an upload's transaction never ended, so no
-    rollback queued its sweep. `serve` calls it as it starts; the sweep keeps a file an upload
+    rollback queued its sweep (not the files a queued sweep names already: a deleted study's,
+    which a restart before their grace period ended reported as a crash's, and swept twice).
+    `serve` calls it as it starts; the sweep keeps a file an upload
     stored or touched within `image_sweep_grace_s` (another process's, in flight). How many;
     an error is logged, not raised (it runs beside the server's start)."""
     queued = 0
     try:
-        names = list(store.names())
+        with sessions() as s:  # a deleted study's files, waiting for their sweep: no crash's
+            pending = s.scalars(
+                select(Job.payload).where(
+                    Job.kind == SWEEP_IMAGES, Job.status.in_(("queued", "running"))
+                )
+            ).all()
+        sweeping = {sha for payload in pending for sha in payload.get("sha256", [])}
+        names = [sha for sha in store.names() if sha not in sweeping]
         for i in range(0, len(names), chunk):
             part = names[i : i + chunk]
             with sessions.begin() as s:
