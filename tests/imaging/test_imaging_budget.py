@@ -73,3 +73,64 @@ def test_an_error_inside_gives_the_budget_back():
     assert budget.used == 0
     with budget.reserve(100 * MiB):
         pass
+
+
+def test_a_nested_reservation_waits_for_other_threads_only():
+    """A deflated file holds its inflated data set, then asks for its frame: it waits for what
+    other threads hold (eight such uploads each added 1.5 GB past a 2 GB budget), never for
+    itself."""
+    budget = DecodeBudget(1000 * MiB, wait_s=5.0)
+    other_holds, other_release, done = threading.Event(), threading.Event(), []
+
+    def other() -> None:
+        with budget.reserve(500 * MiB):
+            other_holds.set()
+            other_release.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert other_holds.wait(5)
+    with budget.reserve(300 * MiB):  # this thread's inflated data set: fits beside the other
+
+        def release_soon() -> None:
+            time.sleep(0.3)
+            done.append("released")
+            other_release.set()
+
+        threading.Thread(target=release_soon).start()
+        with budget.reserve(400 * MiB):  # its frame: 1200 MB with the other's, so it waits
+            assert done == ["released"]
+            assert budget.used == 700 * MiB
+    t.join(5)
+    assert budget.used == 0
+
+
+def test_decodes_past_the_waiting_limit_are_refused_at_once():
+    from tinyllava_med.imaging.budget import MAX_WAITING
+
+    budget = DecodeBudget(100 * MiB, wait_s=2.0)
+    outcomes: list[str] = []
+
+    def waiter() -> None:
+        try:
+            with budget.reserve(100 * MiB):
+                outcomes.append("ran")
+        except ImagingError as e:
+            outcomes.append(e.code)
+
+    with budget.reserve(100 * MiB):
+        waiters = [threading.Thread(target=waiter) for _ in range(MAX_WAITING)]
+        for w in waiters:
+            w.start()
+        deadline = time.monotonic() + 5
+        while budget.waiting < MAX_WAITING:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        started = time.monotonic()
+        one_more = threading.Thread(target=waiter)  # refused without waiting
+        one_more.start()
+        one_more.join(5)
+        assert outcomes == ["decode_busy"] and time.monotonic() - started < 0.5
+    for w in waiters:
+        w.join(10)
+    assert outcomes == ["decode_busy"] + ["ran"] * MAX_WAITING

@@ -52,4 +52,4 @@ def test_large_decodes_wait_for_the_memory_budget(tmp_path, sqlite_url, tiny_lm)
             assert r.status_code == 201, r.text
             assert r.json()["images"][0]["rows"] == 2048
         finally:
-            DECODE_BUDGET.resize(DECODE_BUDGET.total, wait_s=30.0)
+            DECODE_BUDGET.resize(DECODE_BUDGET.total, wait_s=5.0)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from tinyllava_med.imaging.budget import DECODE_BUDGET
 from tinyllava_med.server.auth import (
     create_api_key,
     get_api_key,
@@ -165,6 +166,8 @@ def _prune_backups(settings: Settings, dest: Path, keep: int) -> None:
         f"kept the {keep} newest backups: removed {len(pruned.databases)} older ones and "
         f"{pruned.files} image files ({pruned.bytes} bytes) that no kept backup refers to"
     )
+    if pruned.failed:
+        print(f"{pruned.failed} older copies or files could not be removed: check the backup disk")
     if pruned.not_audited:
         print(f"the removal could not be recorded in the audit log: {pruned.not_audited}")
 
@@ -261,6 +264,7 @@ def import_paths(settings: Settings, paths: list[str]) -> int:
     """File the DICOM images of a CD, USB stick, folder or ZIP on this machine into the server's
     database and file store (the server may be running); audited with actor `cli`."""
 
+    DECODE_BUDGET.resize(settings.decode_memory_mb * 1024 * 1024)  # as `serve` does
     sources: list[Source] = []
     for arg in paths:
         path = Path(arg)

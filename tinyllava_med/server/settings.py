@@ -105,8 +105,8 @@ class Settings(BaseSettings):
         default=2048,
         gt=0,
         description="memory all image decodes at once may take (estimated per file before it "
-        "is decoded); a large image waits up to 30 s for its share, then 503 decode_busy "
-        "(DICOM: 0xA700). One file larger than this is decoded alone",
+        "is decoded); a large image waits up to 5 s for its share (4 at most wait), then 503 "
+        "decode_busy (DICOM: 0xA700). One file larger than this is decoded alone",
     )
     max_question_chars: int = Field(default=2000, gt=0)
     max_conversation_chars: int = Field(
