@@ -558,7 +558,9 @@ def test_backup_keep_removes_older_copies_and_the_files_only_they_list(
             Path(make_url(sqlite_url).database or ""),
             "SELECT detail FROM audit_events WHERE action = 'backup.prune'",
         )
-        assert [json.loads(d) for (d,) in events] == [{"kept": 1, "removed": 3, "files": 2}]
+        assert [json.loads(d) for (d,) in events] == [
+            {"kept": 1, "removed": 3, "files": 2, "failed": 0}
+        ]
 
         # an incomplete backup removes nothing
         lost = upload(api, ("lost.png", png_bytes(color=120), "image/png")).json()

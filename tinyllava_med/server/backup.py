@@ -373,7 +373,8 @@ def restore(settings: Settings, source: Path, *, images_only: bool = False) -> R
     sqlite = url.get_backend_name() == "sqlite"
     if not images_only and not sqlite:
         raise ValueError("PostgreSQL: pg_restore the dump, then restore with --images-only DEST")
-    with sole_user(settings.data_dir):
+    # the backup folder is not pruned (`db backup --keep`) while its copy and files are read
+    with sole_user(settings.data_dir), shared_use(source if images_only else source.parent):
         if images_only:
             result = Restored(None)
             # a dump from before this code's migrations (0006 added the columns read below):
@@ -401,10 +402,9 @@ def restore(settings: Settings, source: Path, *, images_only: bool = False) -> R
                     result.replaced.append(aside)
             os.replace(part, live)
             folder = source.parent
-        with shared_use(folder):  # not pruned meanwhile (`db backup --keep`)
-            _restore_files(
-                ImageStore(settings.images_dir), ImageStore(folder / "images"), hashes, result
-            )
+        _restore_files(
+            ImageStore(settings.images_dir), ImageStore(folder / "images"), hashes, result
+        )
         engine = make_engine(url)
         try:
             with session_factory(engine).begin() as s:

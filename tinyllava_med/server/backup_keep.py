@@ -35,13 +35,15 @@ class Pruned:
     databases: list[Path] = field(default_factory=list)  # the copies removed, oldest first
     files: int = 0  # image files removed
     bytes: int = 0
+    failed: int = 0  # copies or files that could not be removed
     nothing_because: str | None = None  # why nothing was removed
     not_audited: str | None = None
 
 
 def prune(settings: Settings, dest: Path, keep: int, *, actor: str = "cli") -> Pruned:
     """Keep the `keep` newest database copies in `dest` and the image files they refer to;
-    remove the rest. Audited as `backup.prune` when something was removed."""
+    remove the rest. Audited as `backup.prune` when something was removed (also when a removal
+    failed partway: what is gone is recorded)."""
     if keep < 1:
         raise ValueError("keep at least one backup")
     out = Pruned()
@@ -57,29 +59,55 @@ def prune(settings: Settings, dest: Path, keep: int, *, actor: str = "cli") -> P
                 except (RuntimeError, OSError) as e:
                     out.nothing_because = f"{copy.name} could not be read: {e}"
                     return out
-            for copy in old:
-                copy.unlink()
-                out.databases.append(copy)
-            store = ImageStore(dest / "images")
-            for sha in [sha for sha in store.names() if sha not in referenced]:
-                path = store.path(sha)
-                out.bytes += path.stat().st_size
-                path.unlink()
-                out.files += 1
+            try:
+                _remove(out, old, ImageStore(dest / "images"), referenced)
+            finally:
+                _audit(settings, actor, out, len(kept))
     except DataDirInUse:
         out.nothing_because = f"another backup or restore is using {dest}"
-        return out
-    if out.databases or out.files:
-        engine = make_engine(normalize_database_url(settings.database_url))
-        try:
-            out.not_audited = audit_backup_event(
-                engine,
-                actor,
-                "backup.prune",
-                None,
-                ok=True,
-                detail={"kept": len(kept), "removed": len(out.databases), "files": out.files},
-            )
-        finally:
-            engine.dispose()
+    except OSError as e:  # no lock on this folder (a share without locks), or it is read-only
+        out.nothing_because = f"{dest} cannot be locked ({e.strerror or type(e).__name__})"
     return out
+
+
+def _remove(out: Pruned, old: list[Path], store: ImageStore, referenced: set[str]) -> None:
+    """Remove the `old` copies, then the files none left refers to; a removal that fails (a
+    file removed by hand meanwhile, a permission) is counted and the rest go on."""
+    for copy in old:
+        try:
+            copy.unlink()
+            out.databases.append(copy)
+        except OSError:
+            out.failed += 1
+    for sha in [sha for sha in store.names() if sha not in referenced]:
+        path = store.path(sha)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:
+            out.failed += 1
+            continue
+        out.bytes += size
+        out.files += 1
+
+
+def _audit(settings: Settings, actor: str, out: Pruned, kept: int) -> None:
+    if not (out.databases or out.files or out.failed):
+        return
+    engine = make_engine(normalize_database_url(settings.database_url))
+    try:
+        out.not_audited = audit_backup_event(
+            engine,
+            actor,
+            "backup.prune",
+            None,
+            ok=not out.failed,
+            detail={
+                "kept": kept,
+                "removed": len(out.databases),
+                "files": out.files,
+                "failed": out.failed,
+            },
+        )
+    finally:
+        engine.dispose()

@@ -103,13 +103,24 @@ def sole_user(data_dir: str | Path) -> Iterator[None]:
 @contextmanager
 def shared_use(folder: str | Path) -> Iterator[None]:
     """Use `folder` for the block beside others who do the same (a shared lock): `sole_user`
-    refuses meanwhile, and this waits for a `sole_user` block to end."""
-    fd = _lock_file(folder)
+    refuses meanwhile, and this waits for a `sole_user` block to end. Where no lock can be
+    taken (a folder mounted read-only, which nothing can prune either; a share without locks)
+    the block runs unlocked."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        fd = _lock_file(folder)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            os.close(fd)
+            fd = None
+    try:
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def private_tmp(data_dir: str | Path) -> Path:
