@@ -43,27 +43,6 @@ class Part:
     data: bytes
 
 
-# what a STOW-RS client may ask for that this server answers with (PS3.18 §10.5.2: the store
-# response is application/dicom+json or application/dicom+xml; the XML form is not offered)
-_ANSWERABLE = ("application/dicom+json", "application/json", "application/*", "*/*")
-
-
-def accepts_json(accept: str | None) -> bool:
-    """Whether an `Accept` header lets the store response be `application/dicom+json` (no
-    header, or an empty one, accepts anything)."""
-    if not accept or not accept.strip():
-        return True
-    for item in accept.split(","):
-        media, params = parse_options_header(item.strip())
-        try:
-            q = float(params.get(b"q", b"1").decode("latin-1"))
-        except ValueError:
-            q = 1.0
-        if q > 0 and media.decode("latin-1").lower() in _ANSWERABLE:
-            return True
-    return False
-
-
 def parse_multipart_related(
     content_type: str | None, body: bytes, max_parts: int | None = None
 ) -> list[Part]:

@@ -6,8 +6,9 @@ response is sent.
 
 Statuses (PS3.18 §10.5.3): 200 all stored, 202 some failed, 409 none stored (body: the
 `application/dicom+json` store response with per-instance Failure Reasons); 400 malformed
-multipart, 406 an Accept header that excludes JSON (asking for the XML form) and 415 wrong
-media type get the project's error shape.
+multipart and 415 wrong media type get the project's error shape. The response is JSON whatever
+the Accept header asks (RFC 9110 lets a server answer so): dcm4che's `stowrs` asks for XML by
+default, and refusing it (406) would lose the images over the reply's format.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from tinyllava_med.server.storage import ImageStore
 from tinyllava_med.server.stow import (
     MEDIA_TYPE,
     StowRequestError,
-    accepts_json,
     parse_multipart_related,
 )
 
@@ -41,13 +41,6 @@ async def _stow(
     url_study_uid: str | None,
 ) -> JSONResponse:
     request.state.audit = (actor, "study.stow", "study", url_study_uid)
-    if not accepts_json(request.headers.get("accept")):
-        raise APIError(
-            406,
-            "not_acceptable",
-            f"the store response is {MEDIA_TYPE} (the XML form is not offered); the request's "
-            "Accept header excludes it",
-        )
     body = await request.body()
     try:  # off the event loop: a body of up to max_upload_bytes takes a while to split
         parts = await run_in_threadpool(
