@@ -2134,3 +2134,6 @@ def test_a_body_over_the_limit_is_413_with_or_without_its_length(tmp_path, sqlit
         for body in (b"x" * 200_000, chunks()):
             r = api.post("/v1/studies", content=body, headers=ctype)
             assert_error(r, 413, "payload_too_large")
+        metrics = api.get("/metrics").text  # counted as what the client got, not as a 500
+        assert 'method="POST",route="/v1/studies",status="500"' not in metrics
+        assert 'method="POST",route="/v1/studies",status="413"} 1.0' in metrics

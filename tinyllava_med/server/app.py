@@ -97,6 +97,9 @@ class Observe:
 
         try:
             await self.app(scope, receive, observed_send)
+        except _TooLarge:  # `BodyLimit`, further out, answers it: 413
+            status = 413
+            raise
         finally:
             path = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"] if scope["method"] in _METHODS else "other"

@@ -246,10 +246,11 @@ def install_error_handlers(app: FastAPI) -> None:
             # import whose ZIPs hold too many files is
             return _response(413, "too_large", message)
         headers = getattr(exc, "headers", None)
-        if exc.status_code == 405:
+        if exc.status_code == 405 and (allowed := _allowed(request)):
             # Starlette names the methods of the first route on the path only: GET and POST of
-            # /v1/studies are two routes, so a PUT was told "Allow: POST"
-            headers = {**(headers or {}), "Allow": _allowed(request)}
+            # /v1/studies are two routes, so a PUT was told "Allow: POST" (inside a mount, as
+            # the docs' static files, the routes here do not see the path: Starlette's stays)
+            headers = {**(headers or {}), "Allow": allowed}
         return _response(exc.status_code, code, message, None, headers)
 
     def _allowed(request: Request) -> str:
