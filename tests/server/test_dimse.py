@@ -462,12 +462,19 @@ def test_bad_instances_fail_with_reasons_and_keep_what_is_stored(
         sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
         sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         sr.Modality = "SR"
-        (status,) = store_all(api, [sr], contexts=[(sr.SOPClassUID, None)])
+        stripped = pydicom.dcmread(CT_SMALL)  # a CT without pixels or their description:
+        for keyword in ("PixelData", "Rows", "Columns"):  # a broken image, still refused
+            delattr(stripped, keyword)
+        stripped.SOPInstanceUID = generate_uid()
+        status, broken = store_all(
+            api, [sr, stripped], contexts=[(sr.SOPClassUID, None), (stripped.SOPClassUID, None)]
+        )
         assert status.Status == 0xB006 and status.ErrorComment == "not an image: received, not kept"
+        assert broken.Status == 0x0122
         assert [i.SOPInstanceUID for i in rows(api, Image)] == [small.SOPInstanceUID]
         assert metric(api, "dimse_instances", "not_kept") == 1
         kept = [e for e in audits(api, "study.dimse_store") if e["detail"].get("not_kept")]
-        assert [(e["outcome"], e["detail"]["not_kept"]) for e in kept] == [("ok", 1)]
+        assert [(e["detail"]["not_kept"], e["detail"]["failed"]) for e in kept] == [(1, 1)]
     assert PATIENT not in caplog.text
 
 

@@ -245,6 +245,14 @@ _NOT_IMAGES = {
 }
 
 
+def _not_image_class(sop: UID) -> bool:
+    """Whether a known SOP class is no image (an SR, a PDF, a presentation state): every image
+    storage class's name says "Image Storage" (CT, Enhanced MR, Secondary Capture, Digital
+    X-Ray ... Image Storage); an image object without pixels is a broken image, not another
+    kind of object."""
+    return "Image Storage" not in sop.name
+
+
 def _check_pixel_header(ds: Dataset, data: bytes, limits: ImageLimits) -> _PixelHeader:
     """Validate the Image Pixel attributes against `limits` before any decoding."""
     not_image = _NOT_IMAGES.get(str(ds.get("SOPClassUID", "")))
@@ -273,7 +281,7 @@ def _check_pixel_header(ds: Dataset, data: bytes, limits: ImageLimits) -> _Pixel
         raise ImagingError(
             "no_pixel_data",
             f"expected an image with (7FE0,0010) Pixel Data; this DICOM object{what} has none{cut}",
-            not_an_image=not cut,
+            not_an_image=_not_image_class(sop) if sop.is_valid and sop.name != sop else not cut,
         )
     required = _IMAGE_PIXEL_KEYWORDS + (_INTEGER_PIXEL_KEYWORDS if "PixelData" in ds else ())
     missing = [keyword for keyword in required if keyword not in ds]
