@@ -447,6 +447,25 @@ def test_radiologist_amends_a_signed_report_with_a_reason(page, tmp_path, tiny_l
         expect(sheet).to_be_hidden()
         expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
         page.emulate_media(media="screen")
+        # printed before the report's history has come: the sheet waits for it, and says why
+        # the text was amended (it printed without it)
+        held: list[Any] = []
+        page.route("**/history", lambda route: held.append(route))
+        page.goto(f"{server.base}/#/study/{study['id']}")
+        page.locator("#history button.history-item").first.click()
+        page.get_by_role("button", name="Print report").click()
+        deadline = time.monotonic() + 20
+        while len(held) < 2:  # the report view's read, and the printout's
+            assert time.monotonic() < deadline, "the history was not read before printing"
+            page.wait_for_timeout(50)
+        assert page.evaluate("window.printed") == 1  # not yet
+        for route in held:
+            route.continue_()
+        page.unroute("**/history")
+        while page.evaluate("window.printed") != 2:  # (the page's CSP allows no eval)
+            assert time.monotonic() < deadline, "not printed once the history came"
+            page.wait_for_timeout(50)
+        expect(sheet.locator("#print-fields")).to_contain_text("reason: missed on first read")
         assert _errors_from_4xx_are_expected(page.problems) == [], page.problems
 
 

@@ -50,7 +50,7 @@
     reportId: null,
     streaming: null, // AbortController while an answer streams
     amendDraft: null, // {id, text, reason} of an amendment that failed or was cancelled, offered again
-    amendments: null, // {id, entries}: the shown amended report's replaced signed texts
+    amendments: null, // {id, version, entries}: the shown amended report's replaced texts
     shownHash: "", // the address of the view shown
     modelTimer: null,
     worklistTimer: null,
@@ -1547,6 +1547,7 @@
   // report signed once. A reply for a report no longer shown is dropped.
   async function loadVersions(r) {
     $("report-versions").hidden = true;
+    state.amendments = null; // what was read of another version does not print with this one
     if (r.status !== "amended") return;
     let history;
     try {
@@ -1559,7 +1560,8 @@
     const list = $("report-versions-list");
     list.replaceChildren();
     const signed = history.data.filter((e) => SIGNED.has(e.previous_status));
-    state.amendments = { id: r.id, entries: signed.slice().reverse() }; // for the printout
+    // for the printout: this version's replaced texts
+    state.amendments = { id: r.id, version: r.version, entries: signed.slice().reverse() };
     for (const e of signed.reverse()) {
       const li = el("li");
       li.append(
@@ -1767,10 +1769,12 @@
     const r = currentReport();
     const s = state.study;
     if (!r || !s || !SIGNED.has(r.status)) return;
-    if (r.status === "amended" && !(state.amendments && state.amendments.id === r.id)) {
+    const read = () => state.amendments && state.amendments.id === r.id &&
+      state.amendments.version === r.version;
+    if (r.status === "amended" && !read()) {
       await loadVersions(r); // printed before the history was read: it is read first
       const still = currentReport();
-      if (!still || still.id !== r.id || !(state.amendments && state.amendments.id === r.id)) return;
+      if (!still || still.id !== r.id || !read()) return; // not printed without it
     }
     const fields = $("print-fields");
     fields.replaceChildren();
@@ -1786,7 +1790,7 @@
     add("Frame", r.frame !== null && r.frame !== undefined ? r.frame + 1 : null);
     add("Status", STATUS_TEXT[r.status]);
     // an amended report says when and why each signed text was replaced (newest first)
-    const amendments = state.amendments && state.amendments.id === r.id ? state.amendments.entries : [];
+    const amendments = read() ? state.amendments.entries : [];
     for (const e of amendments) {
       add("Amended", `${when(e.edited_at)}${e.reason ? `, reason: ${e.reason}` : ""}`);
     }
