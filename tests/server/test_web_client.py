@@ -173,6 +173,17 @@ def _sign_in(page: Any, server: LiveServer, key: str | None = None) -> None:
     page.get_by_role("button", name="Sign in", exact=True).click()
 
 
+def _colleagues_key(server: LiveServer) -> str:
+    """A radiologist key of another reader, Dr B."""
+    r = httpx.post(
+        f"{server.base}/v1/apikeys",
+        headers={"Authorization": f"Bearer {server.key}"},
+        json={"role": "radiologist", "name": "Dr B"},
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["key"])
+
+
 def _errors_from_4xx_are_expected(problems: list[str]) -> list[str]:
     # Chromium logs every failed fetch ("Failed to load resource: ... 415"): those are the
     # errors the test provokes on purpose. Anything else (CSP violations, exceptions) is not.
@@ -638,11 +649,7 @@ def test_after_a_sign_out_only_the_same_key_comes_back_to_the_study(page, tmp_pa
         expect(page).to_have_url(in_study)
         expect(page.locator("#history button.history-item")).to_have_count(1)
         page.get_by_role("button", name="Sign out").click()
-        other = httpx.post(
-            f"{server.base}/v1/apikeys",
-            headers={"Authorization": f"Bearer {server.key}"},
-            json={"role": "radiologist", "name": "Dr B"},
-        ).json()["key"]
+        other = _colleagues_key(server)
         expect(page).not_to_have_url(in_study)
         # the next reader types their key into this screen as it was left
         page.get_by_label("API key").fill(other)
@@ -693,11 +700,7 @@ def test_unsaved_text_survives_a_sign_out_and_a_colleagues_signature(page, tmp_p
         editor.fill("A: typed before the next reader.")
         page.once("dialog", lambda d: d.accept())
         page.get_by_role("button", name="Sign out").click()
-        other = httpx.post(
-            f"{server.base}/v1/apikeys",
-            headers={"Authorization": f"Bearer {server.key}"},
-            json={"role": "radiologist", "name": "Dr B"},
-        ).json()["key"]
+        other = _colleagues_key(server)
         _sign_in(page, server, other)
         page.goto(f"{server.base}/#/study/{study['id']}")
         expect(editor).to_have_value(report["text"])
