@@ -269,3 +269,36 @@ def test_filings_take_turns_and_always_let_go(api):
     assert not any(t.is_alive() for t in threads)
     assert statuses == [201] * len(files)
     assert not _SQLITE_WRITER.locked()
+
+
+def test_an_instance_under_another_accession_number_is_filed_and_flagged(api, caplog):
+    """An instance of a study held here that names another accession number (an order merged
+    or corrected at the modality) is filed with its study, as its UID says, but no longer
+    silently: the audit counts it and a warning (naming no value) says so, since a RIS waiting
+    for a result under the other number will not find one."""
+    study_uid = pydicom.uid.generate_uid()
+
+    def instance(accession: str) -> bytes:
+        uid = pydicom.uid.generate_uid()
+        return ct_with(StudyInstanceUID=study_uid, SOPInstanceUID=uid, AccessionNumber=accession)
+
+    caplog.set_level(logging.WARNING)
+    first = upload(api, ("a.dcm", instance("ACC-1"), DICOM))
+    assert first.status_code == 201, first.text
+    second = upload(api, ("b.dcm", instance("ACC-2"), DICOM))
+    assert second.status_code == 201 and second.json()["id"] == first.json()["id"], second.text
+    body, ctype = multipart_related(instance("ACC-3"), instance("ACC-1"))
+    r = api.post("/dicomweb/studies", content=body, headers={**api.h(), "Content-Type": ctype})
+    assert r.status_code == 200, r.text
+    with api.app.state.session_factory() as s:
+        events = s.scalars(
+            select(AuditEvent)
+            .where(AuditEvent.action.in_(("study.upload", "study.stow")))
+            .order_by(AuditEvent.id)
+        ).all()
+        conflicts = [(e.action, e.detail.get("accession_conflicts")) for e in events]
+    assert conflicts == [("study.upload", None), ("study.upload", 1), ("study.stow", 1)]
+    assert caplog.text.count("names another accession number") == 2
+    assert "ACC-2" not in caplog.text and "ACC-3" not in caplog.text
+    listed = api.get("/v1/studies", params={"accession_number": "ACC-1"}, headers=api.h())
+    assert [len(s["images"]) for s in listed.json()["data"]] == [4]

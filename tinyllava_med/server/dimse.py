@@ -172,6 +172,7 @@ class _Received:
     already: int = 0
     failed: int = 0
     not_kept: int = 0  # objects without an image (an SR, a PDF), acknowledged with 0xB006
+    accession_conflicts: int = 0  # filed under a study of another accession number
     studies: list[str] = field(default_factory=list)
     jobs: list[int] = field(default_factory=list)
 
@@ -493,6 +494,7 @@ class StorageSCP:
             else:
                 got.stored += 1
             got.studies += [s for s in studies if s not in got.studies]
+            got.accession_conflicts += result.accession_conflicts
             got.jobs += [j for j in jobs if j not in got.jobs]
         self.metrics.dimse_instances.labels("already" if result.already else "stored").inc()
         return _status(SUCCESS)
@@ -538,6 +540,7 @@ class StorageSCP:
                     "already": got.already,
                     "failed": got.failed,
                     "not_kept": got.not_kept,
+                    **({"accession_conflicts": n} if (n := got.accession_conflicts) else {}),
                     "studies": got.studies,
                     "jobs": got.jobs,
                     "address": str(event.assoc.requestor.address),

@@ -177,6 +177,23 @@ def _study_for(session: Session, uid: str, cache: dict[str, Study], d: Decoded) 
     return cache[uid]
 
 
+def other_accession(study: Study, d: Decoded) -> bool:
+    """Whether an instance filed under `study` (by its Study Instance UID) names another
+    accession number than the study's. It is filed all the same (its UID is the study's), with
+    a warning naming no value: a RIS waiting for a result under the other number will not find
+    one, so the merge (an order merged or corrected at the modality) must be seen."""
+    theirs = (d.metadata.AccessionNumber or "").strip() if d.kind == "dicom" else ""
+    ours = (study.AccessionNumber or "").strip()
+    if not (theirs and ours and theirs != ours):
+        return False
+    log.warning(
+        "an instance filed in study %s names another accession number than the study's "
+        "(an order merged or corrected at the modality?): it is reported under the study's",
+        study.id,
+    )
+    return True
+
+
 def _log_other_patient(study: Study) -> None:
     log.warning(
         "refused an instance whose Study Instance UID names study %s, held for another "
@@ -361,12 +378,19 @@ def store_instances(
         else:
             add_file(session, store, study, part.data, d)
             touched[study.id] = study
+            result.accession_conflicts += other_accession(study, d)
         result.stored.append((sop_class, sop_instance))
     session.flush()
     return result, list(touched.values())
 
 
 Audit = Callable[[Session, StoreResult, list[str], list[int]], None]
+
+
+def _accession_conflicts(n: int) -> dict[str, int]:
+    """The audit detail of instances filed under another accession number (`other_accession`),
+    when there were any."""
+    return {"accession_conflicts": n} if n else {}
 
 
 def audit_as(actor: str, action: str) -> Audit:
@@ -388,6 +412,7 @@ def audit_as(actor: str, action: str) -> Audit:
                 "failed": len(result.failed),
                 "studies": studies,
                 "jobs": jobs,
+                **_accession_conflicts(result.accession_conflicts),
             },
         )
 
@@ -458,10 +483,12 @@ def file_upload(
     patients = _Patients(session, store)
     images: list[Image] = []
     new = 0
+    conflicts = 0
     for upload, d in zip(uploads, files, strict=True):
         image, is_new = _file_one(session, store, study, upload, d, patients)
         images.append(image)
         new += is_new
+        conflicts += is_new and other_accession(study, d)
     crud.audit(
         session,
         actor=actor,
@@ -470,7 +497,12 @@ def file_upload(
         resource_id=study.id,
         outcome="ok",
         status_code=201 if new else 200,
-        detail={"files": len(uploads), "new": new, "new_study": created},
+        detail={
+            "files": len(uploads),
+            "new": new,
+            "new_study": created,
+            **_accession_conflicts(conflicts),
+        },
     )
     session.flush()
     session.refresh(study)

@@ -135,6 +135,7 @@ class StoreResult:
     stored: list[tuple[str, str]] = field(default_factory=list)  # SOP class, SOP instance
     failed: list[tuple[str | None, str | None, int]] = field(default_factory=list)
     already: int = 0  # of `stored`, instances this server held before
+    accession_conflicts: int = 0  # of `stored`, new ones naming another accession number
 
     @property
     def status(self) -> int:
