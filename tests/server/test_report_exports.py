@@ -679,6 +679,17 @@ def _without(*keywords):
     return change
 
 
+def _raw(charset: str, **values: bytes):
+    """Values written as the bytes given, whatever the character set declares."""
+
+    def change(ds):
+        ds.SpecificCharacterSet = charset
+        for keyword, value in values.items():
+            ds[keyword].value = value
+
+    return change
+
+
 def _set(**values):
     def change(ds):
         for keyword, value in values.items():
@@ -709,6 +720,11 @@ HEADERS = {  # what the SR must make of it: (Patient's Sex, birth date, accessio
     "ISO 2022 IR 87 (Japanese)": (
         _set(SpecificCharacterSet=["", "ISO 2022 IR 87"], PatientName="Yamada^Tarou=山田^太郎"),
         ("O", "", "", "Yamada^Tarou=山田^太郎"),
+    ),
+    "Latin-1 bytes under a declared UTF-8": (
+        # they do not decode: the SR carried 'M\ufffdller^J\ufffdrgen' as the name; empty now
+        _raw("ISO_IR 192", PatientName=b"M\xfcller^J\xfcrgen"),
+        ("O", "", "", ""),
     ),
 }
 

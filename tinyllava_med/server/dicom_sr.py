@@ -49,6 +49,7 @@ import pydicom
 from highdicom.base import get_sop_class_iod_map
 from pydicom import config
 from pydicom.datadict import dictionary_VR
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
@@ -101,6 +102,8 @@ _COPIED = (
     "ReferringPhysicianName",
 )
 _PARSED: dict[str, type] = {"DA": DA, "TM": TM}
+# the VRs whose values are text in a character set (PS3.5 6.1.2.3)
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 # ACR-NEMA's dates and times, still written by old devices: the same values in DICOM's form
 _LEGACY = {"DA": re.compile(r"(\d{4})\.(\d\d)\.(\d\d)"), "TM": re.compile(r"(\d\d):(\d\d):(\d\d)")}
 
@@ -132,12 +135,23 @@ def _valid(keyword: str, value: Any) -> str:
     return text
 
 
+def _blank_undecodable(ds: pydicom.Dataset) -> None:
+    """Empty each text value that did not decode under the source's character set (bytes of
+    another one, Latin-1 under a declared UTF-8): pydicom puts U+FFFD in their place, and an SR
+    would carry 'M\ufffdller' as the patient's name. Empty is what DICOM allows for them."""
+    for elem in ds:
+        values = elem.value if isinstance(elem.value, list | MultiValue) else [elem.value]
+        if elem.VR in _TEXT_VRS and any("\ufffd" in str(v) for v in values if v is not None):
+            elem.value = ""
+
+
 def _evidence(source: pydicom.Dataset) -> pydicom.Dataset:
     """A copy of `source` (a header) that highdicom accepts: text decoded under the source's
     character set and marked UTF-8, every attribute it reads present, empty where missing or
     unreadable; Patient's Sex M, F or O (`U` and the like say nothing: empty)."""
     ds = copy.deepcopy(source)
     ds.decode()
+    _blank_undecodable(ds)
     ds.SpecificCharacterSet = "ISO_IR 192"
     if ds.SOPClassUID not in get_sop_class_iod_map():
         # a retired (the old Ultrasound Image Storage) or private class: highdicom finds the
