@@ -137,6 +137,11 @@ def test_sr_draft_then_signed(api):
     )
     verifier = signed.VerifyingObserverSequence[0]
     assert verifier.VerifyingObserverName.family_name == "test radiologist"
+    # the signer's key id identifies the observer: two keys may share a name (it was empty)
+    (code,) = verifier.VerifyingObserverIdentificationCodeSequence
+    signed_by = api.get(f"/v1/reports/{report['id']}", headers=api.h()).json()["signed_by"]
+    assert (code.get("CodeValue") or code.get("LongCodeValue")) == signed_by
+    assert (code.CodingSchemeDesignator, code.CodeMeaning) == ("99TLLVMED", "test radiologist")
     # the Finding is the radiologist's wording: its observer is that person, not the device
     finding = signed.ContentSequence[-1].ContentSequence[0]
     context = {

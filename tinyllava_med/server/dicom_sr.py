@@ -73,10 +73,12 @@ SR_SERIES_NUMBER = 990  # high, so viewers list the AI series after the acquired
 
 @dataclass(frozen=True)
 class Signer:
-    """Who signed: the key's display name (never a patient's)."""
+    """Who signed: the key's display name (never a patient's) and its id, which tells two keys
+    of one name apart (names need not be unique)."""
 
     name: str
     organization: str
+    key_id: str | None = None
 
 
 def _text(value: str, blank: str) -> str:
@@ -453,9 +455,31 @@ def build_sr(
         for keyword in ("VerificationDateTime", "ContributionDateTime"):  # highdicom's: now
             if keyword in item:
                 setattr(item, keyword, DT(at.replace(tzinfo=None)))
+    if signed and signer is not None and signer.key_id:
+        for observer in sr.get("VerifyingObserverSequence", []):
+            observer.VerifyingObserverIdentificationCodeSequence = [_signer_code(signer)]
     if (predecessor := _predecessor(report, version, sr.StudyInstanceUID, sent)) is not None:
         sr.PredecessorDocumentsSequence = [predecessor]
     return sr
+
+
+# the coding scheme of signers' key ids: private ("99" prefix, PS3.16 8.2), this server's own
+SIGNER_SCHEME = "99TLLVMED"
+
+
+def _signer_code(signer: Signer) -> pydicom.Dataset:
+    """The Verifying Observer Identification Code of `signer`: its API key's id, in this
+    server's own scheme. Two keys of one name (a name need not be unique) sign as different
+    observers; before, the sequence was empty and the name alone stood for the signer."""
+    item = pydicom.Dataset()
+    key = str(signer.key_id)
+    if len(key) <= 16:
+        item.CodeValue = key
+    else:
+        item.LongCodeValue = key
+    item.CodingSchemeDesignator = SIGNER_SCHEME
+    item.CodeMeaning = _person_name(signer.name).rstrip("^")[:64]
+    return item
 
 
 def pushed_versions(session: Session, report: Report, status: str | None = None) -> list[datetime]:
@@ -550,7 +574,7 @@ def report_sr(
     source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     version = version_at(report, at)
     name = key_name(session, version.signed_by)
-    signer = Signer(name, institution) if name is not None else None
+    signer = Signer(name, institution, version.signed_by) if name is not None else None
     sent = pushed_versions(session, report)
     sr = build_sr(
         report,
