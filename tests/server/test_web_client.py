@@ -781,6 +781,13 @@ def test_each_role_is_offered_its_actions_and_an_admin_deletes_a_study(
         page.get_by_label("Report status").select_option(label="All reports signed")
         expect(rows.locator(".badge")).to_have_text(["Signed"])
         expect(page.locator("#worklist-count")).to_have_text("1 study · all reports signed")
+        page.reload()  # the filter stays for this tab (it was back to All)
+        expect(page.get_by_label("Report status")).to_have_value("signed")
+        expect(page.locator("#worklist-count")).to_have_text("1 study · all reports signed")
+        page.get_by_role("button", name="Sign out").click()  # the next reader: the whole list
+        _sign_in(page, server)
+        expect(page.get_by_label("Report status")).to_have_value("")
+        expect(rows).to_have_count(2)
         page.get_by_label("Report status").select_option(label="All")
         expect(rows).to_have_count(2)
         alert = page.locator("#alerts")

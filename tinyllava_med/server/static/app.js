@@ -10,6 +10,26 @@
   const UNSAVED_STORAGE = "tinyllava_med.unsaved_report";
   // the study a reader was in when signed out: the page goes back to it only for the same key
   const RETURN_STORAGE = "tinyllava_med.return_to";
+  // the worklist's filters, kept over a reload of this tab (cleared at sign-out)
+  const FILTERS_STORAGE = "tinyllava_med.worklist_filters";
+  const FILTER_FIELDS = ["filter-modality", "filter-report", "filter-accession", "filter-date-from", "filter-date-to"];
+
+  function keepFilters() {
+    const values = Object.fromEntries(FILTER_FIELDS.map((id) => [id, $(id).value]));
+    sessionStorage.setItem(FILTERS_STORAGE, JSON.stringify(values));
+  }
+
+  function restoreFilters() {
+    let kept = null;
+    try {
+      kept = JSON.parse(sessionStorage.getItem(FILTERS_STORAGE) || "null");
+    } catch (_) {
+      kept = null;
+    }
+    for (const id of FILTER_FIELDS) {
+      if (kept && typeof kept[id] === "string") $(id).value = kept[id];
+    }
+  }
   // the page's tabs in this browser tell each other of a sign-out
   const tabs = "BroadcastChannel" in window ? new BroadcastChannel("tinyllava_med") : null;
   const WINDOWS = [
@@ -423,6 +443,8 @@
     if (state.streaming) state.streaming.abort();
     clearPrintSheet();
     state.amendDraft = null;
+    sessionStorage.removeItem(FILTERS_STORAGE); // the next reader starts with the whole list
+    for (const id of FILTER_FIELDS) $(id).value = "";
     if (location.hash.startsWith("#/study/")) {
       // the next reader at this screen signs in to the worklist, not into this study
       const back = { hash: location.hash, key: state.me && state.me.id };
@@ -521,6 +543,7 @@
   // Each load is numbered: a slower reply to an earlier filter is dropped, and "Load more"
   // waits for its page (a double click asked for the same rows twice)
   async function loadWorklist(append) {
+    keepFilters();
     const nav = state.nav;
     const seq = (state.worklistSeq = (state.worklistSeq || 0) + 1);
     const from = $("filter-date-from").value;
@@ -1934,6 +1957,7 @@
   }
 
   wire();
+  restoreFilters();
   refreshModel();
   route();
 })();
