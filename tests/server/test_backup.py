@@ -553,6 +553,9 @@ def test_backup_keep_removes_older_copies_and_the_files_only_they_list(
         assert "kept the 1 newest backups: removed 3 older ones and 2 image files" in out.stdout
         (kept,) = dest.glob("tinyllava_med-*.db")
         assert set(copies.names()) == {header[0][0]} == checked_copy(kept)
+        # each copy one file, whoever read it (a -wal and -shm stayed beside every copy, and
+        # beside the removed ones too)
+        assert sorted(p.name for p in dest.iterdir() if p.is_file()) == ["in-use.lock", kept.name]
         assert not (dest / "images" / ct_sha[:2] / ct_sha).exists()  # the pixels left too
         events = _rows(
             Path(make_url(sqlite_url).database or ""),

@@ -108,6 +108,10 @@ def _snapshot(source: Path, dest_dir: Path) -> Path:
             dst = sqlite3.connect(part)
             try:
                 src.backup(dst)  # all pages in one step: one consistent read transaction
+                # one self-contained file: the live database's WAL mode came with its pages, and
+                # every later reader of the copy left a -wal and -shm beside it (a read-only
+                # one cannot remove them), which a copy to another disk would leave behind
+                dst.execute("PRAGMA journal_mode=DELETE")
                 (check,) = dst.execute("PRAGMA integrity_check").fetchone()
             finally:
                 dst.close()

@@ -79,6 +79,9 @@ def _remove(out: Pruned, old: list[Path], store: ImageStore, referenced: set[str
             out.databases.append(copy)
         except OSError:
             out.failed += 1
+            continue
+        for suffix in ("-wal", "-shm", "-journal"):  # what readers of an older copy left
+            copy.with_name(copy.name + suffix).unlink(missing_ok=True)
     for sha in [sha for sha in store.names() if sha not in referenced]:
         path = store.path(sha)
         try:
