@@ -615,7 +615,7 @@ def test_a_retrieve_that_fails_halfway_audits_what_it_stored(api, monkeypatch):
 
     from tinyllava_med.server import pull
     from tinyllava_med.server.db.models import AuditEvent
-    from tinyllava_med.server.ingest import audit_as
+    from tinyllava_med.server.jobs import retrieve_audit
 
     settings = api.app.state.settings.model_copy(
         update={"dicomweb_pull_url": "http://pacs.invalid/dicom-web"}
@@ -630,24 +630,27 @@ def test_a_retrieve_that_fails_halfway_audits_what_it_stored(api, monkeypatch):
                 ds = pydicom.dcmread(CT_SMALL)
                 ds.StudyInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
                 ds.InstanceNumber = i + 1
+                if i == 3:  # a report in the study (a dose SR, this server's own): no image
+                    del ds.PixelData, ds.Rows, ds.Columns
+                    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
                 yield ds
             raise ConnectionError("the PACS went away")
 
     monkeypatch.setattr(pull, "client", lambda settings, timeout_s: PacsThatDrops())
     sessions, store = api.app.state.session_factory, api.app.state.store
     with pytest.raises(ConnectionError):
-        pull.retrieve_study(
-            settings, sessions, store, uid, audit_as("system", "study.retrieve_store")
-        )
+        pull.retrieve_study(settings, sessions, store, uid, retrieve_audit())
     with sessions() as s:
         study = s.scalars(select(Study).where(Study.StudyInstanceUID == uid)).one()
-        assert s.query(Image).filter(Image.study_id == study.id).count() == pull.BATCH
+        assert s.query(Image).filter(Image.study_id == study.id).count() == pull.BATCH - 1
         events = s.scalars(
             select(AuditEvent).where(AuditEvent.action == "study.retrieve_store")
         ).all()
-    assert [(e.actor, e.resource_id, e.detail["stored"]) for e in events] == [
-        ("system", study.id, pull.BATCH)
-    ]
+    # the SR is skipped, as the retrieve's result says, not counted as a failure
+    assert [
+        (e.actor, e.resource_id, e.detail["stored"], e.detail["failed"], e.detail["skipped"])
+        for e in events
+    ] == [("system", study.id, pull.BATCH - 1, 0, 1)]
 
 
 def test_the_automatic_report_is_about_the_middle_of_the_largest_series():

@@ -393,11 +393,16 @@ def _accession_conflicts(n: int) -> dict[str, int]:
     return {"accession_conflicts": n} if n else {}
 
 
-def audit_as(actor: str, action: str) -> Audit:
+def audit_as(actor: str, action: str, *, skips_non_images: bool = False) -> Audit:
     """The `audit` of `file_instances` for a sender's request: one event, the study when there
-    is one, the STOW-RS status, and counts (new, already held, failed), studies and jobs."""
+    is one, the STOW-RS status, and counts (new, already held, failed), studies and jobs.
+    `skips_non_images` (a retrieve, which takes a whole study and keeps its images): objects
+    that are no image (0x0122) are counted as `skipped`, not as `failed`."""
 
     def audit(session: Session, result: StoreResult, studies: list[str], jobs: list[int]) -> None:
+        skipped = 0
+        if skips_non_images:
+            skipped = sum(1 for *_, why in result.failed if why == SOP_CLASS_NOT_SUPPORTED)
         crud.audit(
             session,
             actor=actor,
@@ -409,7 +414,8 @@ def audit_as(actor: str, action: str) -> Audit:
             detail={
                 "stored": len(result.stored) - result.already,
                 "already": result.already,
-                "failed": len(result.failed),
+                "failed": len(result.failed) - skipped,
+                **({"skipped": skipped} if skips_non_images else {}),
                 "studies": studies,
                 "jobs": jobs,
                 **_accession_conflicts(result.accession_conflicts),

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import pydicom
 from sqlalchemy import and_, event, or_, select, update
@@ -53,6 +53,9 @@ from tinyllava_med.server.logs import error_text
 from tinyllava_med.server.serving import STORED_FILES, render, save_report, stored_image_key
 from tinyllava_med.server.settings import Settings
 from tinyllava_med.server.storage import ImageStore
+
+if TYPE_CHECKING:
+    from tinyllava_med.server.ingest import Audit
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,14 @@ def schedule_auto_report(session: Session, settings: Settings, study: Study) -> 
     )
     job.run_after = run_after
     return job
+
+
+def retrieve_audit() -> Audit:
+    """The audit of a retrieve's batches (`study.retrieve_store`, each as it commits): objects
+    that are no image are counted as skipped, as the job's result says, not as failed."""
+    from tinyllava_med.server.ingest import audit_as
+
+    return audit_as(SYSTEM_ACTOR, "study.retrieve_store", skips_non_images=True)
 
 
 def report_image(images: list[Image]) -> Image:
@@ -641,11 +652,10 @@ class JobRunner:
         return outcome
 
     def _retrieve_study(self, job: Claimed) -> str:
-        from tinyllava_med.server.ingest import audit_as
         from tinyllava_med.server.pull import retrieve_study
 
         uid = str(job.payload["study_instance_uid"])
-        stored = audit_as(SYSTEM_ACTOR, "study.retrieve_store")  # each batch, as it commits
+        stored = retrieve_audit()
         result = retrieve_study(self.settings, self.sessions, self.app.state.store, uid, stored)
         with self.sessions.begin() as s:
             crud.audit(
