@@ -303,6 +303,7 @@ def test_worklist_finds_a_study_by_accession_number_uid_and_date(api):
     assert found("accession_number=ACC001") == ["a"]
     assert found("accession_number=%20ACC002%20") == ["c", "b"]  # newest first, trimmed
     assert found("accession_number=ACC003") == []
+    assert found("accession_number=acc001") == ["a"]  # as a reader types it
     assert found("study_instance_uid=1.2.826.0.1.3680043.8.498.2") == ["b"]
     assert found("study_date_from=2026-11-15") == ["c", "b"]
     assert found("study_date_to=2026-11-15") == ["b", "a"]
@@ -333,7 +334,7 @@ def test_worklist_finds_a_study_by_accession_number_uid_and_date(api):
             select(AuditEvent).where(AuditEvent.action == "study.list").order_by(AuditEvent.id)
         ).all()
         details = [e.detail for e in listed]
-    assert len(details) == 12 and "ACC00" not in json.dumps(details)
+    assert len(details) == 13 and "ACC00" not in json.dumps(details).upper()
     assert details[-2]["filters"] == ["modality", "accession_number"]
     assert details[-1]["filters"] == ["report_state", "accession_number"]
 

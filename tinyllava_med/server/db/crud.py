@@ -235,7 +235,8 @@ class _Filter:
 
 @dataclass(frozen=True)
 class StudyFilter(_Filter):
-    """Which studies a worklist shows: each set field must match (exact values; `study_date_*`
+    """Which studies a worklist shows: each set field must match (exact values, the accession
+    number's letters in either case; `study_date_*`
     bound the DICOM Study Date, both ends included); `report_state` keeps the studies whose
     reports are in that state (see `ReportCounts.state`)."""
 
@@ -249,11 +250,12 @@ class StudyFilter(_Filter):
     def apply(self, stmt: Select[Any]) -> Select[Any]:
         for column, value in (
             (Study.Modality, self.modality),
-            (Study.AccessionNumber, self.accession_number),
             (Study.StudyInstanceUID, self.study_instance_uid),
         ):
             if value:
                 stmt = stmt.where(column == value)
+        if self.accession_number:  # typed by a reader: "ct123" finds the order CT123
+            stmt = stmt.where(func.upper(Study.AccessionNumber) == self.accession_number.upper())
         if self.study_date_from is not None:
             stmt = stmt.where(Study.StudyDate >= self.study_date_from)
         if self.study_date_to is not None:
