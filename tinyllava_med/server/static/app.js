@@ -19,13 +19,17 @@
     sessionStorage.setItem(FILTERS_STORAGE, JSON.stringify(values));
   }
 
-  function restoreFilters() {
-    let kept = null;
+  // what this tab keeps under `name` (null: nothing, or something unreadable)
+  function storedJson(name) {
     try {
-      kept = JSON.parse(sessionStorage.getItem(FILTERS_STORAGE) || "null");
+      return JSON.parse(sessionStorage.getItem(name) || "null");
     } catch (_) {
-      kept = null;
+      return null;
     }
+  }
+
+  function restoreFilters() {
+    const kept = storedJson(FILTERS_STORAGE);
     for (const id of FILTER_FIELDS) {
       if (kept && typeof kept[id] === "string") $(id).value = kept[id];
     }
@@ -351,12 +355,7 @@
   // Signed in again with the key that was signed out of a study: back to that study (a link
   // followed meanwhile wins); any other key starts at the worklist.
   function returnAfterSignIn() {
-    let back = null;
-    try {
-      back = JSON.parse(sessionStorage.getItem(RETURN_STORAGE) || "null");
-    } catch (_) {
-      back = null;
-    }
+    const back = storedJson(RETURN_STORAGE);
     sessionStorage.removeItem(RETURN_STORAGE);
     const same = back && back.key && state.me && back.key === state.me.id;
     if (same && (location.hash === "" || location.hash === "#/")) {
@@ -1470,11 +1469,7 @@
   }
 
   function unsavedReport() {
-    try {
-      return JSON.parse(sessionStorage.getItem(UNSAVED_STORAGE) || "null");
-    } catch (_) {
-      return null;
-    }
+    return storedJson(UNSAVED_STORAGE);
   }
 
   // The text typed into draft `r` before a sign-out, back in the editor: only onto the version
