@@ -75,7 +75,12 @@ from tinyllava_med.imaging import ImagingError
 from tinyllava_med.server.auth import DenialLog
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.errors import storage_full
-from tinyllava_med.server.ingest import decode, failure_reason, file_instances
+from tinyllava_med.server.ingest import (
+    accession_conflicts_detail,
+    decode,
+    failure_reason,
+    file_instances,
+)
 from tinyllava_med.server.stow import OUT_OF_RESOURCES, PROCESSING_FAILURE, Part
 
 if TYPE_CHECKING:
@@ -540,7 +545,7 @@ class StorageSCP:
                     "already": got.already,
                     "failed": got.failed,
                     "not_kept": got.not_kept,
-                    **({"accession_conflicts": n} if (n := got.accession_conflicts) else {}),
+                    **accession_conflicts_detail(got.accession_conflicts),
                     "studies": got.studies,
                     "jobs": got.jobs,
                     "address": str(event.assoc.requestor.address),

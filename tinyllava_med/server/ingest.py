@@ -387,7 +387,7 @@ def store_instances(
 Audit = Callable[[Session, StoreResult, list[str], list[int]], None]
 
 
-def _accession_conflicts(n: int) -> dict[str, int]:
+def accession_conflicts_detail(n: int) -> dict[str, int]:
     """The audit detail of instances filed under another accession number (`other_accession`),
     when there were any."""
     return {"accession_conflicts": n} if n else {}
@@ -400,9 +400,7 @@ def audit_as(actor: str, action: str, *, skips_non_images: bool = False) -> Audi
     that are no image (0x0122) are counted as `skipped`, not as `failed`."""
 
     def audit(session: Session, result: StoreResult, studies: list[str], jobs: list[int]) -> None:
-        skipped = 0
-        if skips_non_images:
-            skipped = sum(1 for *_, why in result.failed if why == SOP_CLASS_NOT_SUPPORTED)
+        skipped = result.not_images if skips_non_images else 0
         crud.audit(
             session,
             actor=actor,
@@ -418,7 +416,7 @@ def audit_as(actor: str, action: str, *, skips_non_images: bool = False) -> Audi
                 **({"skipped": skipped} if skips_non_images else {}),
                 "studies": studies,
                 "jobs": jobs,
-                **_accession_conflicts(result.accession_conflicts),
+                **accession_conflicts_detail(result.accession_conflicts),
             },
         )
 
@@ -507,7 +505,7 @@ def file_upload(
             "files": len(uploads),
             "new": new,
             "new_study": created,
-            **_accession_conflicts(conflicts),
+            **accession_conflicts_detail(conflicts),
         },
     )
     session.flush()

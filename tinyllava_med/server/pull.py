@@ -34,7 +34,7 @@ from sqlalchemy import func, select
 from tinyllava_med.server.db import crud
 from tinyllava_med.server.db.models import Image, Study
 from tinyllava_med.server.ingest import Audit, decode, file_instances
-from tinyllava_med.server.stow import SOP_CLASS_NOT_SUPPORTED, Part
+from tinyllava_med.server.stow import Part
 
 if TYPE_CHECKING:
     from dicomweb_client.api import DICOMwebClient
@@ -169,9 +169,8 @@ def retrieve_study(
         already += result.already
         # objects without pixels (a dose SR, this server's own SRs) are not stored: skipped,
         # not failed, as the series a DIMSE retrieve does not move
-        no_pixels = sum(1 for *_, reason in result.failed if reason == SOP_CLASS_NOT_SUPPORTED)
-        skipped += no_pixels
-        failed += len(result.failed) - no_pixels
+        skipped += result.not_images
+        failed += len(result.failed) - result.not_images
         studies.extend(s for s in got if s not in studies)
         jobs.extend(j for j in queued if j not in jobs)
 

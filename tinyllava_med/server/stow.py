@@ -138,6 +138,12 @@ class StoreResult:
     accession_conflicts: int = 0  # of `stored`, new ones naming another accession number
 
     @property
+    def not_images(self) -> int:
+        """Of `failed`, the objects that are no image (0x0122: an SR, a PDF), which a retrieve
+        of a whole study skips rather than fails."""
+        return sum(1 for *_, reason in self.failed if reason == SOP_CLASS_NOT_SUPPORTED)
+
+    @property
     def status(self) -> int:
         if self.failed and not self.stored:
             return 409
